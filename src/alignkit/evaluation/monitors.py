@@ -1,0 +1,354 @@
+"""Failure monitors that watch the logged metrics of a training run and warn or stop it.
+
+Each monitor reads the rows the training loop logs (``{"loss": ..., "kl": ..., ...}``), keeps a short
+window of the keys it needs, ignores rows without them, and returns an ``Event`` when its failure shows.
+``MonitorSet.on_log`` is the hook the loop calls; it returns "stop" when a monitor whose action is
+"stop" fires.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Literal, Protocol
+
+import numpy as np
+
+from alignkit.evaluation.metrics import pearson
+
+logger = logging.getLogger(__name__)
+
+Action = Literal["warn", "stop"]
+
+
+@dataclass
+class Event:
+    """One firing of a monitor: written to metrics.jsonl as ``{"event": monitor, ...}`` by ``to_row``."""
+
+    step: int
+    monitor: str
+    message: str
+    action: Action
+    values: dict
+
+    def to_row(self) -> dict:
+        return {
+            "event": self.monitor,
+            "step": self.step,
+            "action": self.action,
+            "message": self.message,
+            "values": self.values,
+        }
+
+
+class Monitor(Protocol):
+    """What ``MonitorSet`` needs of a monitor: a name, an action and ``update`` (None while healthy)."""
+
+    name: str
+    action: Action
+
+    def update(self, step: int, row: dict) -> Event | None: ...
+
+
+def _value(row: dict, key: str) -> float | None:
+    """The row's number under ``key``; None when absent, not a number, or NaN/inf (which would poison a
+    window's fit; non-finite steps are NonFiniteMonitor's concern)."""
+    v = row.get(key)
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return None
+    v = float(v)
+    return v if math.isfinite(v) else None
+
+
+def _slope(steps: list[float], values: list[float]) -> float:
+    """Least-squares slope of values against step, per step; 0.0 with fewer than two distinct steps."""
+    x, y = np.asarray(steps, dtype=np.float64), np.asarray(values, dtype=np.float64)
+    dx = x - x.mean()
+    denom = float((dx * dx).sum())
+    return float((dx * (y - y.mean())).sum() / denom) if denom > 0 else 0.0
+
+
+def _event(monitor: Monitor, step: int, message: str, **values: float) -> Event:
+    return Event(step, monitor.name, message, monitor.action, {k: float(v) for k, v in values.items()})
+
+
+@dataclass
+class RewardHackingMonitor:
+    """Reward rising for the wrong reason (Gao et al. 2022, "Scaling Laws for Reward Model
+    Overoptimization"; Singhal et al. 2023, "A Long Way to Go: Investigating Length Correlations in RLHF").
+
+    (a) "reward/mean" rises over the window while it moves with "len/mean" (Pearson over the window),
+        or with the mean of a per-step "reward_length_corr" when every row in the window provides one;
+    (b) the proxy "reward/mean" rises while a held-out "gold_reward/mean" falls over the gold window.
+    """
+
+    window: int = 20  # rows fitted for (a): fewer and a correlation of noise is often above 0.8
+    max_length_corr: float = 0.8  # reward and length moving this much in lockstep means length is paid
+    min_reward_slope: float = 0.0  # (a) and (b) need a reward that rises at all
+    gold_window: int = 5  # rows with a gold reward (eval steps) fitted for (b); they are logged rarely
+    min_gold_drop: float = 0.1  # fitted gold fall over the gold window; ignores jitter of a few hundredths
+    action: Action = "warn"  # a correlation is evidence, not proof: a person looks at the samples
+    name: str = "reward_hacking"
+    _rows: deque = field(init=False, repr=False)
+    _gold: deque = field(init=False, repr=False)
+
+    def __post_init__(self):
+        self._rows = deque(maxlen=self.window)  # (step, reward, length or nan, provided corr or nan)
+        self._gold = deque(maxlen=self.gold_window)  # (step, proxy reward, gold reward)
+
+    def update(self, step: int, row: dict) -> Event | None:
+        reward, length = _value(row, "reward/mean"), _value(row, "len/mean")
+        corr, gold = _value(row, "reward_length_corr"), _value(row, "gold_reward/mean")
+        if reward is None:
+            return None
+        if length is not None or corr is not None:
+            self._rows.append(
+                (step, reward, math.nan if length is None else length, math.nan if corr is None else corr)
+            )
+        if gold is not None:
+            self._gold.append((step, reward, gold))
+        return self._length_hacking(step) or self._gold_divergence(step)
+
+    def _length_hacking(self, step: int) -> Event | None:
+        if len(self._rows) < self.window:
+            return None
+        steps, rewards, lengths, corrs = (list(c) for c in zip(*self._rows))
+        slope = _slope(steps, rewards)
+        if slope <= self.min_reward_slope:
+            return None
+        if all(math.isfinite(c) for c in corrs):
+            corr = float(np.mean(corrs))
+        elif all(math.isfinite(n) for n in lengths):
+            corr = pearson(rewards, lengths)
+        else:
+            return None
+        if corr <= self.max_length_corr:
+            return None
+        msg = (
+            f"reward rising ({slope:+.4f}/step) in step with response length "
+            f"(correlation {corr:.2f} > {self.max_length_corr}) over the last {self.window} rows"
+        )
+        return _event(self, step, msg, reward_slope=slope, reward_length_corr=corr)
+
+    def _gold_divergence(self, step: int) -> Event | None:
+        if len(self._gold) < self.gold_window:
+            return None
+        steps, proxy, gold = (list(c) for c in zip(*self._gold))
+        proxy_slope, gold_slope = _slope(steps, proxy), _slope(steps, gold)
+        gold_drop = -gold_slope * (steps[-1] - steps[0])  # fitted fall across the window
+        if proxy_slope <= self.min_reward_slope or gold_drop < self.min_gold_drop:
+            return None
+        msg = f"proxy reward rising ({proxy_slope:+.4f}/step) while gold reward fell {gold_drop:.3f}"
+        return _event(self, step, msg, proxy_slope=proxy_slope, gold_slope=gold_slope, gold_drop=gold_drop)
+
+
+@dataclass
+class ModeCollapseMonitor:
+    """Samples losing their diversity: distinct-n (Li et al. 2016) or policy entropy falling below a
+    fraction of its starting value (the collapse RLHF and DPO policies show; Kirk et al. 2024,
+    "Understanding the Effects of RLHF on LLM Generalisation and Diversity")."""
+
+    keys: tuple[str, ...] = ("distinct_2", "entropy")  # each watched on its own
+    min_fraction: float = 0.5  # losing half the starting diversity is far beyond step-to-step noise
+    baseline_rows: int = 1  # the baseline is the mean of the first k observations of each key
+    action: Action = "warn"  # a narrower policy may be what the objective wants; a person decides
+    name: str = "mode_collapse"
+    _first: dict = field(init=False, repr=False)
+
+    def __post_init__(self):
+        self._first = {key: [] for key in self.keys}
+
+    def update(self, step: int, row: dict) -> Event | None:
+        for key in self.keys:
+            value = _value(row, key)
+            if value is None:
+                continue
+            first = self._first[key]
+            if len(first) < self.baseline_rows:
+                first.append(value)
+                continue
+            baseline = sum(first) / len(first)
+            if baseline > 0 and value < self.min_fraction * baseline:
+                msg = f"{key} fell to {value:.4g}, below {self.min_fraction} x its baseline {baseline:.4g}"
+                return _event(self, step, msg, value=value, baseline=baseline)
+        return None
+
+
+@dataclass
+class KLExplosionMonitor:
+    """The policy running away from the reference: "kl" above a limit, or growing too fast.
+
+    "kl" is read as logged by the stage; the PPO stage logs the mean per-sequence KL in nats (the sum of
+    log p - log q over a response's tokens, the quantity the KL penalty of Ziegler et al. 2019 charges).
+    """
+
+    max_kl: float = (
+        10.0  # per-sequence nats; healthy RLHF runs stay within a few, 10 means the text has drifted
+    )
+    window: int = 5  # rows the growth rate is fitted over
+    max_growth_per_step: float = 1.0  # nats per step; a run adding a nat each step reaches the limit in 10
+    action: Action = "stop"  # past this point updates rarely come back; stop and keep the checkpoint
+    name: str = "kl_explosion"
+    _rows: deque = field(init=False, repr=False)
+
+    def __post_init__(self):
+        self._rows = deque(maxlen=self.window)
+
+    def update(self, step: int, row: dict) -> Event | None:
+        kl = row.get("kl")
+        if isinstance(kl, bool) or not isinstance(kl, (int, float)):
+            return None
+        kl = float(kl)
+        if not kl <= self.max_kl:  # written so that NaN (which compares False) and inf both fire
+            return _event(self, step, f"kl {kl:.3f} above the limit {self.max_kl}", kl=kl)
+        self._rows.append((step, kl))
+        if len(self._rows) < self.window:
+            return None
+        growth = _slope(*(list(c) for c in zip(*self._rows)))
+        if growth > self.max_growth_per_step:
+            msg = f"kl growing {growth:.3f}/step over {self.window} rows (limit {self.max_growth_per_step})"
+            return _event(self, step, msg, kl=kl, growth_per_step=growth)
+        return None
+
+
+@dataclass
+class LikelihoodDisplacementMonitor:
+    """DPO pushing the chosen responses' likelihood down while the margin grows: the loss improves by
+    lowering both log-probs, moving mass to responses in neither set (Razin et al. 2024, "Unintentional
+    Unalignment: Likelihood Displacement in DPO"; Pal et al. 2024, "Smaug", on DPO's failure mode).
+
+    "logps/chosen" is read as logged: the DPO stage logs the per-sequence summed log-prob in nats.
+    """
+
+    window: int = 20  # rows the trends are fitted over, so one noisy batch does not count as a trend
+    margin_keys: tuple[str, ...] = ("margin", "rewards/margin")  # the first one present in a row is used
+    min_drop: float = 5.0  # fitted fall of chosen log-prob (nats) across the window; ~e^5 less likely
+    action: Action = "warn"  # the policy may still be fine on samples; check them before stopping
+    name: str = "likelihood_displacement"
+    _rows: deque = field(init=False, repr=False)
+
+    def __post_init__(self):
+        self._rows = deque(maxlen=self.window)
+
+    def update(self, step: int, row: dict) -> Event | None:
+        margin_key = next((k for k in self.margin_keys if k in row), self.margin_keys[0])
+        chosen, margin = _value(row, "logps/chosen"), _value(row, margin_key)
+        if chosen is None or margin is None:
+            return None
+        self._rows.append((step, chosen, margin))
+        if len(self._rows) < self.window:
+            return None
+        steps, chosens, margins = (list(c) for c in zip(*self._rows))
+        chosen_slope, margin_slope = _slope(steps, chosens), _slope(steps, margins)
+        drop = -chosen_slope * (steps[-1] - steps[0])
+        if drop <= self.min_drop or margin_slope <= 0:
+            return None
+        msg = (
+            f"chosen log-prob fell {drop:.2f} nats over {self.window} rows while the margin grew "
+            f"({margin_slope:+.4f}/step)"
+        )
+        return _event(self, step, msg, chosen_drop=drop, chosen_slope=chosen_slope, margin_slope=margin_slope)
+
+
+@dataclass
+class SampleDriftMonitor:
+    """Policy samples drifting from the data: a stage-provided "sample_drift" (e.g. the KL of policy
+    samples against the data distribution, in nats per sequence) above a limit."""
+
+    max_drift: float = 5.0  # nats per sequence; the samples are then e^5 less likely under the data model
+    action: Action = "warn"  # drift is expected to grow some; the limit marks where to look
+    name: str = "sample_drift"
+
+    def update(self, step: int, row: dict) -> Event | None:
+        drift = _value(row, "sample_drift")
+        if drift is None or drift <= self.max_drift:
+            return None
+        return _event(
+            self, step, f"sample_drift {drift:.3f} above the limit {self.max_drift}", sample_drift=drift
+        )
+
+
+@dataclass
+class NonFiniteMonitor:
+    """Steps skipped for a NaN/inf loss or gradient: "nonfinite_skipped" is the loop's cumulative count.
+
+    Fires when the total reaches ``max_nonfinite`` or a streak reaches ``max_consecutive``. A streak is the
+    count's growth over consecutive rows that each show growth; with rows logged every N steps it is an
+    upper bound on consecutive skipped steps. With both at 3 the total decides; raise ``max_nonfinite``
+    to tolerate scattered fp16 overflows while still stopping a run that keeps producing NaNs.
+    """
+
+    max_nonfinite: int = 3  # three NaN steps in a run of this size means diverged weights or data, not luck
+    max_consecutive: int = 3  # three in a row: the weights are likely already NaN
+    action: Action = "stop"  # further steps only waste compute on a broken state
+    name: str = "nonfinite"
+    _last: int = field(default=0, init=False, repr=False)
+    _streak: int = field(default=0, init=False, repr=False)
+
+    def update(self, step: int, row: dict) -> Event | None:
+        count = _value(row, "nonfinite_skipped")
+        if count is None:
+            return None
+        total, grew = int(count), int(count) - self._last
+        self._streak = self._streak + grew if grew > 0 else 0
+        self._last = total
+        if total >= self.max_nonfinite or self._streak >= self.max_consecutive:
+            msg = f"{total} non-finite steps skipped ({self._streak} in the latest streak)"
+            return _event(self, step, msg, nonfinite_skipped=total, streak=self._streak)
+        return None
+
+
+class MonitorSet:
+    """The monitors of one run behind the loop's ``on_log(step, row)`` hook.
+
+    Every monitor sees every row (so its window keeps filling); an event from one monitor is kept only
+    if that monitor has not fired within the last ``cooldown`` steps. Kept events go to ``events`` (and
+    ``last_events`` for the latest row) and are logged as warnings.
+    """
+
+    def __init__(self, monitors: list[Monitor], cooldown: int = 100):
+        self.monitors = list(monitors)
+        self.cooldown = cooldown
+        self.events: list[Event] = []
+        self.last_events: list[Event] = []
+        self._last_fired: dict[int, int] = {}  # monitor index -> step of its latest kept event
+
+    def on_log(self, step: int, row: dict) -> str | None:
+        """Feed one logged row to every monitor; "stop" when a monitor with action "stop" fired."""
+        self.last_events = []
+        for i, monitor in enumerate(self.monitors):
+            event = monitor.update(step, row)
+            if event is None:
+                continue
+            if i in self._last_fired and step - self._last_fired[i] < self.cooldown:
+                continue
+            self._last_fired[i] = step
+            self.last_events.append(event)
+            logger.warning("step %d: %s (%s): %s", step, event.monitor, event.action, event.message)
+        self.events.extend(self.last_events)
+        return "stop" if any(e.action == "stop" for e in self.last_events) else None
+
+
+def default_monitors(stage: str, cooldown: int = 100) -> MonitorSet:
+    """The monitors worth running for a stage: "sft", "rm", "dpo" (also "ipo", "kto", "orpo") or "ppo".
+
+    SFT watches only distinct-2: its token entropy falls by design as the loss falls.
+    """
+    if stage == "sft":
+        monitors = [NonFiniteMonitor(), ModeCollapseMonitor(keys=("distinct_2",))]
+    elif stage == "rm":
+        monitors = [NonFiniteMonitor()]
+    elif stage in ("dpo", "ipo", "kto", "orpo"):
+        monitors = [
+            NonFiniteMonitor(),
+            LikelihoodDisplacementMonitor(),
+            SampleDriftMonitor(),
+            ModeCollapseMonitor(keys=("distinct_2",)),
+        ]
+    elif stage == "ppo":
+        monitors = [NonFiniteMonitor(), KLExplosionMonitor(), RewardHackingMonitor(), ModeCollapseMonitor()]
+    else:
+        raise ValueError(f"no default monitors for stage {stage!r}; known: sft, rm, dpo, ipo, kto, orpo, ppo")
+    return MonitorSet(monitors, cooldown=cooldown)

@@ -1,0 +1,51 @@
+"""Run a causal LM and return completion log-probs, via the chunked head where the model allows it.
+
+The backbone gives final hidden states; the LM head is applied only at completion positions
+(`alignkit.losses.logprobs`). Models whose logits are not a plain linear map of the hidden state
+(soft-capped or scaled logits) fall back to full logits, which is exact but uses more memory.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from alignkit.losses.logprobs import SequenceLogprobs, completion_logprobs, naive_completion_logprobs
+
+
+def _base(model):
+    """The transformers model under a PEFT wrapper (LoRA layers stay active inside it)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def supports_chunked_head(model) -> bool:
+    cfg = _base(model).config
+    for name in ("final_logit_softcapping", "logit_scale", "output_multiplier_scale", "logits_scaling"):
+        value = getattr(cfg, name, None)
+        if value not in (None, 1, 1.0):
+            return False
+    return hasattr(_base(model), "get_decoder") and _base(model).get_output_embeddings() is not None
+
+
+def sequence_logprobs(
+    model,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    loss_mask: torch.Tensor,
+    chunk_size: int = 1024,
+) -> SequenceLogprobs:
+    """Completion log-probs of each row. input_ids, attention_mask, loss_mask: (B, T)."""
+    base = _base(model)
+    if not supports_chunked_head(model):
+        logits = model(
+            input_ids=input_ids, attention_mask=attention_mask, use_cache=False
+        ).logits  # (B, T, V)
+        total, mean = naive_completion_logprobs(logits, input_ids, loss_mask)
+        n_tokens = loss_mask[:, 1:].sum(1)
+        rows, cols = loss_mask[:, 1:].bool().nonzero(as_tuple=True)
+        logps = torch.log_softmax(logits[rows, cols].float(), -1).gather(1, input_ids[rows, cols + 1, None])
+        return SequenceLogprobs(total, mean, n_tokens, logps.squeeze(1), rows)
+    hidden = base.get_decoder()(
+        input_ids=input_ids, attention_mask=attention_mask, use_cache=False
+    ).last_hidden_state  # (B, T, H)
+    head = base.get_output_embeddings()
+    return completion_logprobs(hidden, head.weight, input_ids, loss_mask, chunk_size, head.bias)

@@ -1,0 +1,290 @@
+"""`alignkit dpo | ipo | orpo`: offline preference optimisation on chosen/rejected pairs.
+
+One loop for the three pairwise methods; the loss is picked by `loss` and each is its own pure
+function in `alignkit.losses.preference`. Chosen and rejected go through the model in one forward
+pass. The reference model (DPO, IPO) is a frozen copy, the same LoRA base with adapters disabled, or
+log-probs precomputed once before training so no second model stays in memory; ORPO needs none.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass
+from functools import partial
+from typing import Literal
+
+import torch
+
+from alignkit.config import TrainConfig, doc_field, save_config
+from alignkit.data.collate import collate_pairs
+from alignkit.data.schemas import load_preferences
+from alignkit.data.tokenize import encode_pair
+from alignkit.evaluation.metrics import mean_ci
+from alignkit.losses.preference import dpo_loss, ipo_loss, orpo_loss
+from alignkit.models.forward import sequence_logprobs
+from alignkit.models.loading import (
+    apply_lora,
+    count_parameters,
+    load_model,
+    load_tokenizer,
+    pick_device,
+    save_final,
+)
+from alignkit.training.loop import StepOutput, train
+from alignkit.training.run import RunDir
+
+
+@dataclass
+class DPOConfig(TrainConfig):
+    """Pairwise preference optimisation. Data: prompt/chosen/rejected, or HH-RLHF-style transcripts."""
+
+    loss: Literal["dpo", "ipo", "orpo"] = doc_field("dpo", "Which objective: DPO, IPO or ORPO.")
+    beta: float = doc_field(0.1, "DPO/IPO temperature on the log-ratios (KL strength).")
+    label_smoothing: float = doc_field(
+        0.0, "DPO only: assumed label-flip rate for noisy labels (conservative DPO)."
+    )
+    ipo_average_logps: bool = doc_field(
+        True,
+        "IPO on token-averaged log-ratios (as TRL's DPOTrainer); False uses sums as the IPO paper states.",
+    )
+    orpo_lambda: float = doc_field(0.1, "ORPO weight of the odds-ratio term next to the chosen NLL.")
+    reference: Literal["auto", "precomputed", "adapter", "copy"] = doc_field(
+        "auto",
+        "Reference log-probs: precomputed once before training; from the LoRA base with adapters disabled; "
+        "or a frozen copy. auto = precomputed.",
+    )
+    learning_rate: float = doc_field(5e-7, "Peak AdamW learning rate.")
+    batch_size: int = doc_field(8, "Pairs per optimizer step.")
+    micro_batch_size: int = doc_field(2, "Pairs per forward/backward pass.")
+    max_length: int = doc_field(512, "Longest prompt+completion in tokens; longer pairs are truncated.")
+    eval_batch_size: int = doc_field(8, "Pairs per forward pass when evaluating or precomputing.")
+
+
+@dataclass
+class IPOConfig(DPOConfig):
+    loss: Literal["dpo", "ipo", "orpo"] = doc_field("ipo", "Which objective: DPO, IPO or ORPO.")
+
+
+@dataclass
+class ORPOConfig(DPOConfig):
+    loss: Literal["dpo", "ipo", "orpo"] = doc_field("orpo", "Which objective: DPO, IPO or ORPO.")
+    learning_rate: float = doc_field(5e-6, "Peak AdamW learning rate.")
+
+
+CONFIG = DPOConfig
+
+
+@dataclass
+class PairExample:
+    """A tokenized pair with its reference log-probs (summed and token-averaged), when precomputed."""
+
+    encoded: object  # alignkit.data.tokenize.EncodedPair
+    ref: torch.Tensor | None = None  # (4,) chosen sum, rejected sum, chosen mean, rejected mean
+
+
+def collate(examples: list[PairExample], pad_id: int) -> dict:
+    batch = collate_pairs([ex.encoded for ex in examples], pad_id)  # chosen rows, then rejected rows
+    if examples[0].ref is not None:
+        batch["ref"] = torch.stack([ex.ref for ex in examples])  # (B, 4)
+    return batch
+
+
+def pair_logprobs(model, batch: dict, chunk_size: int):
+    """(chosen, rejected) SequenceLogprobs halves of one forward pass over 2B rows."""
+    lp = sequence_logprobs(model, batch["input_ids"], batch["attention_mask"], batch["loss_mask"], chunk_size)
+    B = batch["input_ids"].shape[0] // 2
+    return lp.sum[:B], lp.sum[B:], lp.mean[:B], lp.mean[B:], lp.n_tokens[:B]
+
+
+def reference_logprobs(cfg: DPOConfig, model, reference, batch: dict) -> torch.Tensor:
+    """(B, 4) reference chosen/rejected summed and mean log-probs, however the reference is held."""
+    if "ref" in batch:
+        return batch["ref"]
+    with torch.no_grad():
+        if reference is not None:
+            out = pair_logprobs(reference, batch, cfg.logprob_chunk_size)
+        else:  # LoRA: the same base with adapters disabled is the reference
+            with model.disable_adapter():
+                out = pair_logprobs(model, batch, cfg.logprob_chunk_size)
+    return torch.stack(out[:4], dim=1)
+
+
+def preference_losses(cfg: DPOConfig, policy, ref: torch.Tensor | None):
+    """Per-pair losses and implicit rewards for the configured objective. policy: pair_logprobs output."""
+    c_sum, r_sum, c_mean, r_mean, _ = policy
+    if cfg.loss == "orpo":
+        out = orpo_loss(c_mean, r_mean, chosen_nll=-c_mean, lam=cfg.orpo_lambda)
+        # ORPO has no reference; report beta-free log-odds as its "rewards".
+        return out.losses, c_mean.detach(), r_mean.detach()
+    if cfg.loss == "ipo" and cfg.ipo_average_logps:
+        out = ipo_loss(c_mean, r_mean, ref[:, 2], ref[:, 3], beta=cfg.beta)
+    elif cfg.loss == "ipo":
+        out = ipo_loss(c_sum, r_sum, ref[:, 0], ref[:, 1], beta=cfg.beta)
+    else:
+        out = dpo_loss(c_sum, r_sum, ref[:, 0], ref[:, 1], beta=cfg.beta, label_smoothing=cfg.label_smoothing)
+    return out.losses, out.chosen_rewards, out.rejected_rewards
+
+
+@dataclass
+class PairOutputs:
+    losses: torch.Tensor  # (B,) per-pair loss
+    chosen_rewards: torch.Tensor  # (B,) implicit rewards (ORPO: mean log-probs), detached
+    rejected_rewards: torch.Tensor  # (B,)
+    metrics: dict[str, float]  # sums over the pairs
+
+
+def pair_outputs(cfg: DPOConfig, model, reference, batch: dict) -> PairOutputs:
+    policy = pair_logprobs(model, batch, cfg.logprob_chunk_size)
+    ref = None if cfg.loss == "orpo" else reference_logprobs(cfg, model, reference, batch)
+    losses, chosen_r, rejected_r = preference_losses(cfg, policy, ref)
+    metrics = {
+        "rewards/accuracy": (chosen_r > rejected_r).float().sum().item(),
+        "rewards/margin": (chosen_r - rejected_r).sum().item(),
+        "rewards/chosen": chosen_r.sum().item(),
+        "rewards/rejected": rejected_r.sum().item(),
+        "logps/chosen": policy[0].detach().sum().item(),
+        "logps/rejected": policy[1].detach().sum().item(),
+    }
+    if ref is not None:
+        # Mean per-token log-ratio log pi/pi_ref on the pairs: a cheap, off-policy proxy for the KL to
+        # the reference (the on-policy estimate comes from `alignkit eval` on the policy's own samples).
+        logratio = (policy[2] - ref[:, 2]) + (policy[3] - ref[:, 3])
+        metrics["logratio/per_token"] = logratio.detach().sum().item() / 2
+    return PairOutputs(losses, chosen_r, rejected_r, metrics)
+
+
+def dpo_step(model, batch: dict, cfg: DPOConfig, reference) -> StepOutput:
+    out = pair_outputs(cfg, model, reference, batch)
+    return StepOutput(loss_sum=out.losses.sum(), metrics=out.metrics)
+
+
+@torch.no_grad()
+def evaluate(cfg: DPOConfig, model, reference, examples: list[PairExample], pad_id: int) -> tuple[dict, list]:
+    """Mean metrics over held-out pairs, and each pair's correctness (for the bootstrap interval)."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    sums: dict[str, float] = {}
+    correct: list[float] = []
+    for start in range(0, len(examples), cfg.eval_batch_size):
+        batch = collate(examples[start : start + cfg.eval_batch_size], pad_id)
+        batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+        out = pair_outputs(cfg, model, reference, batch)
+        for k, v in {"loss": out.losses.sum().item(), **out.metrics}.items():
+            sums[k] = sums.get(k, 0.0) + v
+        correct += (out.chosen_rewards > out.rejected_rewards).float().tolist()
+    model.train(was_training)
+    n = max(len(examples), 1)
+    return {k: v / n for k, v in sums.items()}, correct
+
+
+@torch.no_grad()
+def precompute_reference(cfg: DPOConfig, model, examples: list[PairExample], pad_id: int, desc: str) -> None:
+    """Fill ex.ref with the (frozen, initial) model's log-probs, once, before any update."""
+    from tqdm.auto import tqdm
+
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    for start in tqdm(range(0, len(examples), cfg.eval_batch_size), desc=desc, disable=not cfg.progress):
+        chunk = examples[start : start + cfg.eval_batch_size]
+        batch = collate_pairs([ex.encoded for ex in chunk], pad_id)
+        batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+        out = (
+            torch.stack(pair_logprobs(model, batch, cfg.logprob_chunk_size)[:4], dim=1).float().cpu()
+        )  # (b, 4)
+        for ex, row in zip(chunk, out):
+            ex.ref = row
+    model.train(was_training)
+
+
+def run(cfg: DPOConfig) -> dict:
+    started = time.time()
+    run_dir = RunDir.create(cfg.output_dir, cfg.loss, cfg.resume_from)
+    save_config(cfg, run_dir.config_path)
+    print(f"run folder: {run_dir.path}", file=sys.stderr)
+
+    # 1. Data: validated pairs, tokenized with the chat template; both completions share the prompt ids.
+    tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code)
+    enc = partial(encode_pair, tokenizer, max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length)
+    train_rows = load_preferences(
+        cfg.train_data, cfg.on_bad_row, split=cfg.train_split, rows=cfg.train_rows, limit=cfg.max_train_rows
+    )
+    print(f"train data: {train_rows.summary()}", file=sys.stderr)
+    train_examples = [PairExample(enc(p.prompt, p.chosen, p.rejected)) for p in train_rows.examples]
+    eval_examples: list[PairExample] = []
+    if cfg.eval_data:
+        eval_rows = load_preferences(
+            cfg.eval_data, cfg.on_bad_row, split=cfg.eval_split, rows=cfg.eval_rows, limit=cfg.max_eval_rows
+        )
+        print(f"eval data: {eval_rows.summary()}", file=sys.stderr)
+        eval_examples = [PairExample(enc(p.prompt, p.chosen, p.rejected)) for p in eval_rows.examples]
+    n_truncated = sum(ex.encoded.truncated for ex in train_examples)
+
+    # 2. Policy and reference.
+    model = load_model(cfg.model, cfg.dtype, cfg.trust_remote_code, device=pick_device())
+    pad_id = tokenizer.pad_token_id
+    mode = cfg.reference if cfg.reference != "auto" else "precomputed"
+    if cfg.loss == "orpo":
+        mode = "none"
+    if mode == "adapter" and not cfg.lora:
+        raise ValueError(
+            "reference=adapter needs lora=true (the reference is the base with adapters disabled)"
+        )
+    reference = None
+    if mode == "precomputed":
+        precompute_reference(cfg, model, train_examples, pad_id, "reference log-probs (train)")
+        precompute_reference(cfg, model, eval_examples, pad_id, "reference log-probs (eval)")
+    elif mode == "copy":
+        reference = load_model(cfg.model, cfg.dtype, cfg.trust_remote_code, device=pick_device()).eval()
+        reference.requires_grad_(False)
+    if cfg.lora:
+        model = apply_lora(model, cfg)
+    trainable, total = count_parameters(model)
+    model.train()
+
+    eval_before, _ = evaluate(cfg, model, reference, eval_examples, pad_id) if eval_examples else ({}, [])
+
+    # 3. Train with the shared loop.
+    result = train(
+        cfg,
+        model,
+        train_examples,
+        collate_fn=partial(collate, pad_id=pad_id),
+        step_fn=partial(dpo_step, cfg=cfg, reference=reference),
+        run=run_dir,
+        eval_fn=(lambda m: evaluate(cfg, m, reference, eval_examples, pad_id)[0]) if eval_examples else None,
+    )
+
+    # 4. Held-out accuracy with a bootstrap interval, the final model, the summary.
+    summary = {
+        "stage": cfg.loss,
+        "model": cfg.model,
+        "run_dir": str(run_dir.path),
+        "final_model": str(run_dir.final_dir),
+        "reference": mode,
+        "steps": result.steps,
+        "train_pairs": len(train_examples),
+        "skipped_rows": len(train_rows.skipped),
+        "truncated_pairs": n_truncated,
+        "trainable_parameters": trainable,
+        "total_parameters": total,
+        "final_metrics": result.metrics,
+        "train_seconds": result.elapsed_s,
+        "peak_rss_mb": result.peak_rss_mb,
+    }
+    if eval_examples:
+        eval_after, correct = evaluate(cfg, model, reference, eval_examples, pad_id)
+        acc = mean_ci(correct)
+        summary.update(
+            eval_pairs=len(eval_examples),
+            eval_before=eval_before,
+            eval_after=eval_after,
+            eval_accuracy=acc.value,
+            eval_accuracy_ci95=[acc.low, acc.high],
+        )
+    save_final(model, tokenizer, run_dir.final_dir, merge_lora=cfg.merge_lora)
+    summary["wall_seconds"] = time.time() - started
+    run_dir.write_summary(summary)
+    return summary

@@ -1,0 +1,333 @@
+"""The one training loop every stage calls: AdamW with warmup and a schedule, gradient accumulation that equals
+one big batch, clipping, non-finite step skipping, metrics.jsonl + TensorBoard, periodic evaluation, atomic
+checkpoints, exact resume, and SIGINT/SIGTERM -> checkpoint -> ``TrainingInterrupted``.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from alignkit.config import ConfigError, TrainConfig
+from alignkit.errors import TrainingInterrupted
+from alignkit.training.checkpoint import checkpoint_dir, load_checkpoint, prune_checkpoints, save_checkpoint
+from alignkit.training.run import RunDir, peak_rss_mb
+from alignkit.training.schedule import build_scheduler
+
+# More consecutive non-finite steps than this end the run: a few are a bad batch, a streak is divergence.
+MAX_CONSECUTIVE_NONFINITE = 5
+
+
+@dataclass
+class StepOutput:
+    loss_sum: torch.Tensor  # () loss summed over the micro-batch's items; requires grad
+    metrics: dict[str, float] = field(default_factory=dict)  # sums over the micro-batch's items
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    metrics: dict  # the last logged training row and the last evaluation
+    elapsed_s: float
+    peak_rss_mb: float
+    n_nonfinite_skipped: int
+    last_checkpoint: str | None
+
+
+LogCallback = Callable[[int, dict], "str | None"]
+
+
+def train(
+    cfg: TrainConfig,
+    model: torch.nn.Module,
+    examples: Sequence,
+    collate_fn: Callable[[list], dict],
+    step_fn: Callable[[torch.nn.Module, dict], StepOutput],
+    run: RunDir,
+    eval_fn: Callable[[torch.nn.Module], dict] | None = None,
+    on_log: LogCallback | Sequence[LogCallback] | None = None,
+) -> TrainResult:
+    """Train ``model`` (already on its device) on ``examples``; see docs/architecture.md for the contract.
+
+    ``collate_fn(examples) -> dict`` must hold ``n_items``, the loss normaliser of that micro-batch (and may
+    hold ``n_tokens`` for a tokens/s rate). ``step_fn(model, microbatch) -> StepOutput`` returns the loss
+    *summed* over the micro-batch's items. ``on_log(step, row)`` callbacks may return "stop" to end training
+    early (with the final evaluation and checkpoint).
+    """
+    callbacks = [on_log] if callable(on_log) else list(on_log or [])
+    if not examples:
+        raise ValueError("no training examples")
+
+    # 1. Seeding (python, numpy, torch) and CPU threads.
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
+    run.tensorboard = cfg.tensorboard
+    device = next(model.parameters()).device
+    model.train()
+
+    # 2. AdamW over the trainable parameters; warmup then the configured decay over the remaining steps.
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(
+        params,
+        lr=cfg.learning_rate,
+        betas=(cfg.adam_beta1, cfg.adam_beta2),
+        eps=cfg.adam_eps,
+        weight_decay=cfg.weight_decay,
+    )
+    n_examples = len(examples)
+    steps_per_epoch = math.ceil(n_examples / cfg.batch_size)
+    total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
+    scheduler = build_scheduler(optimizer, cfg.lr_scheduler, cfg.warmup_steps, total_steps)
+
+    # Resume: weights, optimizer, scheduler, RNG and counters; the data position follows from the step.
+    step, n_items_seen, n_nonfinite, elapsed_before = 0, 0.0, 0, 0.0
+    last_checkpoint = _resume_path(cfg.resume_from, run)
+    if last_checkpoint is not None:
+        state = load_checkpoint(last_checkpoint, model, optimizer, scheduler)
+        if (state["n_examples"], state["batch_size"]) != (n_examples, cfg.batch_size):
+            raise ConfigError(
+                f"resume_from: {last_checkpoint} was written for {state['n_examples']} examples in batches of "
+                f"{state['batch_size']}, not {n_examples} in batches of {cfg.batch_size}; an exact resume "
+                "needs the same data and batch_size"
+            )
+        step, n_items_seen = state["step"], state["n_items_seen"]
+        n_nonfinite, elapsed_before = state["n_nonfinite_skipped"], state["elapsed_s"]
+    run.truncate_metrics_after(step)
+
+    started = time.monotonic()
+    window = _Window(started)
+    last_row: dict = {}
+    last_eval: dict = {}
+    saved_step = step if last_checkpoint is not None else -1
+    consecutive_nonfinite = 0
+    stop_requested = False
+    epoch_order: tuple[int, list[int]] = (-1, [])
+
+    def elapsed() -> float:
+        return elapsed_before + time.monotonic() - started
+
+    def save() -> str:
+        state = {
+            "step": step,
+            "epoch": step // steps_per_epoch,
+            "position_in_epoch": step % steps_per_epoch,
+            "n_items_seen": n_items_seen,
+            "n_examples": n_examples,
+            "batch_size": cfg.batch_size,
+            "n_nonfinite_skipped": n_nonfinite,
+            "elapsed_s": elapsed(),
+        }
+        path = save_checkpoint(checkpoint_dir(run.checkpoints_dir, step), model, optimizer, scheduler, state)
+        prune_checkpoints(run.checkpoints_dir, cfg.keep_checkpoints)
+        return str(path)
+
+    bar = tqdm(total=total_steps, initial=step, disable=not cfg.progress, desc="train", unit="step")
+    try:
+        with _StopSignals() as signals:
+            while step < total_steps:
+                # 3. Data: this step's slice of the epoch's seeded permutation, cut into micro-batches.
+                epoch, position = divmod(step, steps_per_epoch)
+                if epoch_order[0] != epoch:
+                    generator = torch.Generator().manual_seed(cfg.seed + epoch)
+                    epoch_order = (epoch, torch.randperm(n_examples, generator=generator).tolist())
+                indices = epoch_order[1][position * cfg.batch_size : (position + 1) * cfg.batch_size]
+                batch = [examples[i] for i in indices]
+                microbatches = [
+                    collate_fn(batch[i : i + cfg.micro_batch_size])
+                    for i in range(0, len(batch), cfg.micro_batch_size)
+                ]
+                n_items = sum(float(mb["n_items"]) for mb in microbatches)
+                n_tokens = sum(float(mb.get("n_tokens", 0)) for mb in microbatches)
+
+                # 4. Forward/backward: every micro-batch's summed loss is divided by the n_items of the
+                #    whole batch, so accumulation equals one big batch (a mean of micro-batch means would not).
+                loss_sum = torch.zeros((), device=device)  # stays on the device: one sync per step
+                metric_sums: dict[str, float] = {}
+                for mb in microbatches:
+                    out = step_fn(model, _to_device(mb, device))
+                    (out.loss_sum / n_items).backward()
+                    loss_sum += out.loss_sum.detach().float()
+                    for key, value in out.metrics.items():
+                        metric_sums[key] = metric_sums.get(key, 0.0) + float(value)
+                loss = loss_sum.item() / n_items if n_items else math.nan
+
+                # 5./6. Gradient norm before clipping (clipped in the same call); a non-finite loss or
+                #       gradient skips the update, and a streak of them ends the run.
+                max_norm = cfg.max_grad_norm if cfg.max_grad_norm is not None else math.inf
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+                lr = optimizer.param_groups[0]["lr"]
+                if math.isfinite(loss) and math.isfinite(grad_norm):
+                    optimizer.step()
+                    consecutive_nonfinite = 0
+                    window.add(loss_sum.item(), n_items, n_tokens, metric_sums, grad_norm)
+                else:
+                    n_nonfinite += 1
+                    consecutive_nonfinite += 1
+                    run.log_metrics(
+                        {
+                            "event": "nonfinite",
+                            "step": step + 1,
+                            "loss": loss,
+                            "grad_norm": grad_norm,
+                            "consecutive": consecutive_nonfinite,
+                        }
+                    )
+                # The schedule advances on skipped steps too: it is a function of the step (data) position.
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+                n_items_seen += n_items
+                bar.update(1)
+                if consecutive_nonfinite > MAX_CONSECUTIVE_NONFINITE:
+                    # No new checkpoint: the last one was written after a good step (see 9.).
+                    raise TrainingInterrupted(
+                        checkpoint=last_checkpoint or "",
+                        reason=f"stopped after {consecutive_nonfinite} consecutive non-finite losses or "
+                        "gradients" + ("" if last_checkpoint else " (no checkpoint had been written)"),
+                    )
+
+                # 7. Log every log_every steps; callbacks may ask to stop.
+                if (step % cfg.log_every == 0 or step == total_steps) and window.n_steps:
+                    last_row = window.row(step, step / steps_per_epoch, lr, elapsed())
+                    window = _Window(time.monotonic())
+                    run.log_metrics(last_row)
+                    bar.set_postfix(loss=f"{last_row['loss']:.4f}")
+                    for callback in callbacks:
+                        stop_requested |= callback(step, last_row) == "stop"
+
+                # 8. Evaluate every eval_every steps (the final evaluation follows the loop).
+                if eval_fn and cfg.eval_every and step % cfg.eval_every == 0 and step < total_steps:
+                    last_eval = _evaluate(model, eval_fn, device)
+                    run.log_metrics({"step": step, **last_eval})
+
+                # 9. Checkpoint every save_every steps, but not inside a non-finite streak (the last good
+                #    checkpoint is the one to return to); and on SIGINT/SIGTERM before raising.
+                periodic = cfg.save_every and step % cfg.save_every == 0 and not consecutive_nonfinite
+                if periodic or signals.received:
+                    last_checkpoint, saved_step = save(), step
+                if signals.received:
+                    name = signal.Signals(signals.received).name
+                    raise TrainingInterrupted(checkpoint=last_checkpoint, reason=f"interrupted by {name}")
+                if stop_requested:
+                    break
+
+            # 8./9. At the end: evaluate and checkpoint.
+            if eval_fn:
+                last_eval = _evaluate(model, eval_fn, device)
+                run.log_metrics({"step": step, **last_eval})
+            if saved_step != step:
+                last_checkpoint, saved_step = save(), step
+    finally:
+        bar.close()
+        run.close()
+
+    return TrainResult(
+        steps=step,
+        metrics={**last_row, **last_eval},
+        elapsed_s=elapsed(),
+        peak_rss_mb=peak_rss_mb(),
+        n_nonfinite_skipped=n_nonfinite,
+        last_checkpoint=last_checkpoint,
+    )
+
+
+class _Window:
+    """Sums over the steps since the last log row; the row reports sum / n_items, like the loss."""
+
+    def __init__(self, started: float) -> None:
+        self.started = started
+        self.n_steps, self.loss_sum, self.n_items, self.n_tokens, self.grad_norm_sum = 0, 0.0, 0.0, 0.0, 0.0
+        self.metric_sums: dict[str, float] = {}
+
+    def add(self, loss_sum: float, n_items: float, n_tokens: float, metrics: dict, grad_norm: float) -> None:
+        self.n_steps += 1
+        self.loss_sum += loss_sum
+        self.n_items += n_items
+        self.n_tokens += n_tokens
+        self.grad_norm_sum += grad_norm
+        for key, value in metrics.items():
+            self.metric_sums[key] = self.metric_sums.get(key, 0.0) + value
+
+    def row(self, step: int, epoch: float, lr: float, elapsed_s: float) -> dict:
+        seconds = max(time.monotonic() - self.started, 1e-9)
+        row = {"step": step, "epoch": round(epoch, 4), "lr": lr, "loss": self.loss_sum / self.n_items}
+        row.update({key: value / self.n_items for key, value in self.metric_sums.items()})
+        row["grad_norm"] = self.grad_norm_sum / self.n_steps  # before clipping, mean over the window
+        row["items_per_s"] = self.n_items / seconds
+        if self.n_tokens:
+            row["tokens_per_s"] = self.n_tokens / seconds
+        row["elapsed_s"] = elapsed_s
+        return row
+
+
+class _StopSignals:
+    """SIGINT/SIGTERM set a flag the loop reads after each optimizer step, so the checkpoint it then writes
+    is consistent. A second signal raises KeyboardInterrupt at once; checkpoint writes are atomic, so that
+    cannot leave a corrupt one behind."""
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self._previous: dict[int, object] = {}
+
+    def __enter__(self) -> _StopSignals:
+        if threading.current_thread() is threading.main_thread():  # signal.signal works only there
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+
+    def _handle(self, signum: int, frame) -> None:
+        if self.received is not None:
+            raise KeyboardInterrupt
+        self.received = signum
+        print(
+            f"\n{signal.Signals(signum).name}: finishing this step, then saving a checkpoint "
+            "(send it again to stop at once)",
+            file=sys.stderr,
+        )
+
+
+def _resume_path(resume_from: str | None, run: RunDir) -> str | None:
+    """The checkpoint to resume from: the given directory, or for "latest" the newest complete one in the run
+    folder; None starts from scratch ("latest" with nothing saved yet too, so a restart script can always
+    pass it)."""
+    if resume_from == "latest":
+        latest = run.latest_checkpoint()
+        return str(latest) if latest is not None else None
+    return resume_from or None
+
+
+def _evaluate(model: torch.nn.Module, eval_fn: Callable, device: torch.device) -> dict:
+    """``eval_fn`` in eval mode without gradients, on forked RNG streams: evaluating (even sampling) must not
+    change the training run, or a run evaluated at other steps (or resumed) would not be the same run."""
+    py_state, np_state = random.getstate(), np.random.get_state()
+    devices = [device] if device.type == "cuda" else []
+    try:
+        with torch.random.fork_rng(devices=devices), torch.no_grad():
+            model.eval()
+            metrics = eval_fn(model)
+    finally:
+        model.train()
+        random.setstate(py_state)
+        np.random.set_state(np_state)
+    return {f"eval/{key}": float(value) for key, value in metrics.items()}
+
+
+def _to_device(microbatch: dict, device: torch.device) -> dict:
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in microbatch.items()}

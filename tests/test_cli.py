@@ -1,0 +1,238 @@
+"""The `alignkit` command line: stage help, config resolution, and the errors that become a message and an
+exit code (2 for config/data problems, 130 for an interrupted run) instead of a traceback."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import pickle
+import subprocess
+import sys
+from importlib.metadata import entry_points
+from pathlib import Path
+
+import _fake_stage
+import pytest
+
+from alignkit import __version__, cli
+from alignkit.errors import AlignkitError, TrainingInterrupted
+
+TESTS_DIR = Path(__file__).resolve().parent
+REPO = TESTS_DIR.parent
+
+# Runs `python -m alignkit` for real (runpy, as `-m` does) with the fake stage registered, so the exit code
+# and stderr are those a user sees.
+RUN_MAIN_WITH_FAKE = (
+    "import runpy, sys; import alignkit.cli as c; "
+    "c.STAGES['fake'] = ('_fake_stage', 'A stage for tests'); "
+    "sys.argv = ['alignkit', *sys.argv[1:]]; "
+    "runpy.run_module('alignkit', run_name='__main__', alter_sys=True)"
+)
+
+
+@pytest.fixture
+def fake(monkeypatch):
+    monkeypatch.setitem(cli.STAGES, "fake", ("_fake_stage", "A stage for tests"))
+    monkeypatch.setitem(
+        cli.STAGES, "fake-other", ("_fake_stage:OtherConfig", "The same stage, other defaults")
+    )
+    _fake_stage.LAST_CONFIG.clear()
+
+
+def python(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS_DIR), os.environ.get("PYTHONPATH", "")])}
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env, timeout=60)
+
+
+def test_registered_stages():
+    assert cli.STAGES["sft"] == ("alignkit.stages.sft", "Supervised fine-tuning on demonstrations")
+    assert cli.STAGES["prepare-model"] == (
+        "alignkit.stages.prepare_model",
+        "Prepare the embedded default model in the cache",
+    )
+    assert cli.STAGES["quickstart"] == (
+        "alignkit.pipelines.quickstart",
+        "The main job: a short alignment run on the embedded default model",
+    )
+
+
+def test_main_help_lists_every_stage_with_its_description(capsys):
+    assert cli.main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: alignkit <stage> [CONFIG.yaml] [key=value ...]\n")
+    width = max(len(name) for name in cli.STAGES)
+    for name, (_, doc) in cli.STAGES.items():
+        assert f"\n  {name:<{width}}  {doc}\n" in out + "\n"
+
+
+def test_no_arguments_prints_help_to_stderr_and_exits_2(capsys):
+    assert cli.main([]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err.startswith("usage: alignkit <stage>")
+
+
+def test_help_and_version_via_python_m_are_fast_and_do_not_import_torch():
+    """`alignkit --help` must not import a stage: no torch in sys.modules afterwards."""
+    probe = python(
+        "-c", "import sys; from alignkit.cli import main; main(['--help']); print('torch' in sys.modules)"
+    )
+    assert probe.returncode == 0, probe.stderr
+    assert probe.stdout.rstrip().endswith("False")
+    version = python("-m", "alignkit", "--version")
+    assert (version.returncode, version.stdout) == (0, f"alignkit {__version__}\n")
+
+
+def test_console_script_points_at_main():
+    # tomllib is 3.11+ and the project supports 3.10: look for the line itself.
+    scripts = (REPO / "pyproject.toml").read_text().split("[project.scripts]\n")[1].split("\n[")[0]
+    assert 'alignkit = "alignkit.cli:main"' in scripts.splitlines()
+    (script,) = entry_points(group="console_scripts", name="alignkit")
+    assert script.load() is cli.main
+
+
+def test_stage_help_lists_every_field_with_default_and_doc(fake, capsys):
+    assert cli.main(["fake", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: alignkit fake [CONFIG.yaml] [key=value ...]\n\nA stage for tests.\n")
+    assert "A stage that only reports its configuration." in out  # the config class docstring
+    flat = " ".join(out.split())
+    for f in dataclasses.fields(_fake_stage.FakeConfig):
+        assert f"\n  {f.name} " in out
+        assert " ".join(f.metadata["doc"].split()) in flat
+    lines = out.splitlines()
+    assert any(line.split() == ["beta", "float", "0.1"] for line in lines)
+    assert any(line.split() == ["train_data", "str", "required"] for line in lines)
+    assert any(line.split() == ["learning_rate", "float", "5e-06"] for line in lines)
+
+
+def test_stage_sharing_a_module_uses_the_named_config(fake, capsys):
+    """ "_fake_stage:OtherConfig" runs the same run() with OtherConfig (beta defaults to 0.5, not 0.1)."""
+    assert cli.main(["fake-other", "train_data=d"]) == 0
+    (cfg,) = _fake_stage.LAST_CONFIG
+    assert type(cfg) is _fake_stage.OtherConfig and cfg.beta == 0.5
+    assert json.loads(capsys.readouterr().out)["config"]["beta"] == 0.5
+
+
+def test_run_gets_yaml_then_overrides_and_prints_the_summary(fake, tmp_path, capsys):
+    """YAML: lr 3e-4, lora true, batch 4, beta 1. Overrides: lr 1e-5, target modules, eval_data null, beta 2.
+    Resolved: lr 1e-5 and beta 2.0 (overrides win), lora True and batch 4 (YAML), train_data from YAML."""
+    path = tmp_path / "fake.yaml"
+    path.write_text("train_data: a.jsonl\nlearning_rate: 3.0e-4\nlora: true\nbatch_size: 4\nbeta: 1\n")
+    argv = [
+        "fake",
+        str(path),
+        "learning_rate=1e-5",
+        "lora_target_modules=[q_proj,v_proj]",
+        "eval_data=null",
+        "beta=2",
+    ]
+    assert cli.main(argv) == 0
+    (cfg,) = _fake_stage.LAST_CONFIG
+    assert type(cfg) is _fake_stage.FakeConfig
+    assert (cfg.train_data, cfg.learning_rate, cfg.lora, cfg.batch_size) == ("a.jsonl", 1e-5, True, 4)
+    assert (cfg.lora_target_modules, cfg.eval_data, cfg.beta) == (["q_proj", "v_proj"], None, 2.0)
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["stage"] == "fake" and summary["config"]["learning_rate"] == 1e-5
+
+
+def test_first_argument_is_an_override_when_it_is_not_a_yaml_file():
+    assert cli.split_args(["lr=1", "seed=2"]) == (None, ["lr=1", "seed=2"])
+    assert cli.split_args(["c.yml", "seed=2"]) == ("c.yml", ["seed=2"])
+    assert cli.split_args(["seed", "x"]) == (None, ["seed", "x"])  # load_config reports 'seed' as malformed
+    assert cli.split_args([]) == (None, [])
+
+
+@pytest.mark.parametrize(
+    "argv, expected_err",
+    [
+        (
+            ["fake", "train_data=d", "learnig_rate=1"],
+            "error: unknown config key 'learnig_rate' for FakeConfig; did you mean 'learning_rate'? "
+            "(from the command line)\n(`alignkit fake --help` lists every setting)\n",
+        ),
+        (
+            ["fake", "beta=1"],
+            "error: missing required config field 'train_data' for FakeConfig: Training data: a "
+            ".jsonl/.json/.parquet/.csv file, a saved dataset dir or a hub id.\n"
+            "set it in the YAML file or on the command line, e.g. train_data=...\n"
+            "(`alignkit fake --help` lists every setting)\n",
+        ),
+        (
+            ["fake", "train_data=d", "lr"],
+            "error: expected an override of the form key=value (e.g. learning_rate=1e-5), got 'lr'\n"
+            "(`alignkit fake --help` lists every setting)\n",
+        ),
+        (
+            ["fake", "train_data=d", "mode=config_error"],
+            "error: micro_batch_size must divide batch_size\n(`alignkit fake --help` lists every setting)\n",
+        ),
+        (["fake", "train_data=d.jsonl", "mode=bad_row"], "error: d.jsonl: row 7: field 'chosen': missing\n"),
+        (["fake", "train_data=d.xyz", "mode=data_source_error"], "error: d.xyz: unsupported format\n"),
+        (["fake", "train_data=d.jsonl", "mode=file_not_found"], "error: data file not found: d.jsonl\n"),
+        (
+            ["fake", "train_data=d", "mode=alignkit_error"],
+            "error: checkpoint runs/x/checkpoints/step-3 is incomplete\n",
+        ),
+        (
+            ["fak", "train_data=d"],
+            "error: unknown stage 'fak'; did you mean 'fake'?\nstages: "
+            + ", ".join([*(s for s in cli.STAGES), "fake", "fake-other"])
+            + " (`alignkit --help` describes each)\n",
+        ),
+    ],
+)
+def test_user_errors_print_error_and_exit_2(fake, capsys, argv, expected_err):
+    assert cli.main(argv) == 2
+    captured = capsys.readouterr()
+    assert captured.err == expected_err
+    assert captured.out == ""
+
+
+def test_unknown_key_through_python_m_exits_2_without_traceback():
+    result = python("-c", RUN_MAIN_WITH_FAKE, "fake", "train_data=d", "learnig_rate=1")
+    assert result.returncode == 2
+    assert result.stderr.startswith(
+        "error: unknown config key 'learnig_rate' for FakeConfig; did you mean 'learning_rate'?"
+    )
+    assert "Traceback" not in result.stderr
+
+
+def test_missing_required_through_python_m_exits_2_without_traceback():
+    result = python("-c", RUN_MAIN_WITH_FAKE, "fake")
+    assert result.returncode == 2
+    assert result.stderr.startswith("error: missing required config field 'train_data' for FakeConfig")
+    assert "Traceback" not in result.stderr
+
+
+def test_interrupted_run_says_where_the_checkpoint_is_and_how_to_resume(fake, tmp_path, capsys):
+    """The resume command repeats the original arguments, drops the old resume_from, adds the checkpoint."""
+    path = tmp_path / "fake.yaml"
+    path.write_text("train_data: d\n")
+    argv = ["fake", str(path), "output_dir=runs/x", "resume_from=latest", "mode=interrupt"]
+    assert cli.main(argv) == 130
+    checkpoint = os.path.join("runs/x", "checkpoints", "step-3")
+    assert capsys.readouterr().err == (
+        f"training interrupted; checkpoint saved at {checkpoint}\n"
+        f"resume with: alignkit fake {path} output_dir=runs/x mode=interrupt resume_from={checkpoint}\n"
+    )
+
+
+def test_stop_without_a_checkpoint_offers_no_resume_command(fake, capsys):
+    assert cli.main(["fake", "train_data=d", "mode=diverged"]) == 130
+    assert capsys.readouterr().err == (
+        "training stopped after 3 consecutive non-finite steps; no checkpoint was written\n"
+    )
+
+
+def test_a_bug_is_not_dressed_up_as_a_user_error(fake):
+    """A plain ValueError from run() is a bug: it propagates with its traceback."""
+    with pytest.raises(ValueError, match="a bug, not a user error"):
+        cli.main(["fake", "train_data=d", "mode=value_error"])
+
+
+def test_training_interrupted_carries_its_checkpoint_through_pickle():
+    error = pickle.loads(pickle.dumps(TrainingInterrupted("runs/x/checkpoints/step-3")))
+    assert isinstance(error, AlignkitError)
+    assert error.checkpoint == "runs/x/checkpoints/step-3"
+    assert str(error) == "training interrupted; checkpoint saved at runs/x/checkpoints/step-3"
