@@ -29,6 +29,9 @@ STAGES: dict[str, tuple[str, str]] = {
     ),
     "prepare-model": ("alignkit.stages.prepare_model", "Prepare the embedded default model in the cache"),
     "sft": ("alignkit.stages.sft", "Supervised fine-tuning on demonstrations"),
+    "dpo": ("alignkit.stages.dpo", "Direct Preference Optimization on chosen/rejected pairs"),
+    "ipo": ("alignkit.stages.dpo:IPOConfig", "Identity Preference Optimization (squared loss) on pairs"),
+    "orpo": ("alignkit.stages.dpo:ORPOConfig", "Odds-Ratio Preference Optimization: SFT + preference, no reference"),
 }
 
 USAGE = "usage: alignkit <stage> [CONFIG.yaml] [key=value ...]"
