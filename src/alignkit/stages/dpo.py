@@ -31,7 +31,7 @@ from alignkit.models.loading import (
     pick_device,
     save_final,
 )
-from alignkit.training.loop import StepOutput, train
+from alignkit.training.loop import StepOutput, train, visited_indices
 from alignkit.training.run import RunDir
 
 
@@ -159,21 +159,33 @@ def dpo_step(model, batch: dict, cfg: DPOConfig, reference) -> StepOutput:
     return StepOutput(loss_sum=out.losses.sum(), metrics=out.metrics)
 
 
+def _pair_length(ex: PairExample) -> int:
+    e = ex.encoded
+    return len(e.prompt_ids) + max(len(e.chosen_ids), len(e.rejected_ids))
+
+
+def length_sorted_batches(examples: list[PairExample], batch_size: int) -> list[list[int]]:
+    """Index batches of similar length, so forward-only passes (evaluation, reference log-probs) pad little."""
+    order = sorted(range(len(examples)), key=lambda i: _pair_length(examples[i]))
+    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+
+
 @torch.no_grad()
 def evaluate(cfg: DPOConfig, model, reference, examples: list[PairExample], pad_id: int) -> tuple[dict, list]:
-    """Mean metrics over held-out pairs, and each pair's correctness (for the bootstrap interval)."""
+    """Mean metrics over held-out pairs, and each pair's correctness in input order (for the bootstrap)."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     sums: dict[str, float] = {}
-    correct: list[float] = []
-    for start in range(0, len(examples), cfg.eval_batch_size):
-        batch = collate(examples[start : start + cfg.eval_batch_size], pad_id)
+    correct = [0.0] * len(examples)
+    for idx in length_sorted_batches(examples, cfg.eval_batch_size):
+        batch = collate([examples[i] for i in idx], pad_id)
         batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
         out = pair_outputs(cfg, model, reference, batch)
         for k, v in {"loss": out.losses.sum().item(), **out.metrics}.items():
             sums[k] = sums.get(k, 0.0) + v
-        correct += (out.chosen_rewards > out.rejected_rewards).float().tolist()
+        for i, ok in zip(idx, (out.chosen_rewards > out.rejected_rewards).tolist()):
+            correct[i] = float(ok)
     model.train(was_training)
     n = max(len(examples), 1)
     return {k: v / n for k, v in sums.items()}, correct
@@ -187,15 +199,12 @@ def precompute_reference(cfg: DPOConfig, model, examples: list[PairExample], pad
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    for start in tqdm(range(0, len(examples), cfg.eval_batch_size), desc=desc, disable=not cfg.progress):
-        chunk = examples[start : start + cfg.eval_batch_size]
-        batch = collate_pairs([ex.encoded for ex in chunk], pad_id)
+    for idx in tqdm(length_sorted_batches(examples, cfg.eval_batch_size), desc=desc, disable=not cfg.progress):
+        batch = collate_pairs([examples[i].encoded for i in idx], pad_id)
         batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
-        out = (
-            torch.stack(pair_logprobs(model, batch, cfg.logprob_chunk_size)[:4], dim=1).float().cpu()
-        )  # (b, 4)
-        for ex, row in zip(chunk, out):
-            ex.ref = row
+        out = torch.stack(pair_logprobs(model, batch, cfg.logprob_chunk_size)[:4], dim=1).float().cpu()  # (b, 4)
+        for i, row in zip(idx, out):
+            examples[i].ref = row
     model.train(was_training)
 
 
@@ -234,7 +243,9 @@ def run(cfg: DPOConfig) -> dict:
         )
     reference = None
     if mode == "precomputed":
-        precompute_reference(cfg, model, train_examples, pad_id, "reference log-probs (train)")
+        # Only the pairs this run will visit (max_steps may end it inside the first epoch).
+        visited = [train_examples[i] for i in visited_indices(cfg, len(train_examples))]
+        precompute_reference(cfg, model, visited, pad_id, "reference log-probs (train)")
         precompute_reference(cfg, model, eval_examples, pad_id, "reference log-probs (eval)")
     elif mode == "copy":
         reference = load_model(cfg.model, cfg.dtype, cfg.trust_remote_code, device=pick_device()).eval()

@@ -47,6 +47,22 @@ class TrainResult:
 LogCallback = Callable[[int, dict], "str | None"]
 
 
+def epoch_permutation(seed: int, epoch: int, n_examples: int) -> list[int]:
+    """The order in which epoch `epoch` visits the examples (seeded, so a resumed run sees the same)."""
+    return torch.randperm(n_examples, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+
+
+def visited_indices(cfg: TrainConfig, n_examples: int) -> list[int]:
+    """Sorted indices of the examples a run with `cfg` trains on: all of them, unless max_steps ends the
+    run inside the first epoch. Lets a stage precompute per-example work (reference log-probs) only once
+    and only where it is needed."""
+    steps_per_epoch = math.ceil(n_examples / cfg.batch_size)
+    total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
+    if total_steps >= steps_per_epoch:
+        return list(range(n_examples))
+    return sorted(epoch_permutation(cfg.seed, 0, n_examples)[: total_steps * cfg.batch_size])
+
+
 def train(
     cfg: TrainConfig,
     model: torch.nn.Module,
@@ -141,8 +157,7 @@ def train(
                 # 3. Data: this step's slice of the epoch's seeded permutation, cut into micro-batches.
                 epoch, position = divmod(step, steps_per_epoch)
                 if epoch_order[0] != epoch:
-                    generator = torch.Generator().manual_seed(cfg.seed + epoch)
-                    epoch_order = (epoch, torch.randperm(n_examples, generator=generator).tolist())
+                    epoch_order = (epoch, epoch_permutation(cfg.seed, epoch, n_examples))
                 indices = epoch_order[1][position * cfg.batch_size : (position + 1) * cfg.batch_size]
                 batch = [examples[i] for i in indices]
                 microbatches = [
