@@ -408,3 +408,28 @@ def test_sigterm_checkpoints_and_resume_equals_uninterrupted(interrupted, tmp_pa
     _assert_same_weights(interrupted["reference"], tmp_path / "resumed.pt")
     steps = [r["step"] for r in _rows(RunDir(run_dir)) if "event" not in r]
     assert steps == list(range(1, MAX_STEPS + 1))
+
+
+# --- failure monitors ---------------------------------------------------------------------------------
+
+
+def test_monitors_see_each_row_log_events_and_can_stop(tmp_path):
+    """A monitor that fires "stop" when the logged step reaches 2 ends a 6-step run after step 2, its event
+    lands in metrics.jsonl after that step's row, and every row carries nonfinite_skipped = 0."""
+    from alignkit.evaluation.monitors import Event, MonitorSet
+
+    class StopAtTwo:
+        name, action = "stop_at_two", "stop"
+
+        def update(self, step, row):
+            return Event(step, self.name, "test", self.action, {}) if step >= 2 else None
+
+    monitors = MonitorSet([StopAtTwo()], cooldown=1)
+    cfg = toy_config(str(tmp_path / "mon"), max_steps=6)
+    run = RunDir.create(cfg.output_dir, "toy", None)
+    result = train(cfg, make_model(), make_examples(), toy_collate, toy_step, run, monitors=monitors)
+    rows = _rows(run)
+    assert result.steps == 2
+    assert [r.get("event") for r in rows] == [None, None, "stop_at_two"]
+    assert [r["nonfinite_skipped"] for r in rows if "loss" in r] == [0, 0]
+    assert len(monitors.events) == 1

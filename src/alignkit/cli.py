@@ -32,6 +32,9 @@ STAGES: dict[str, tuple[str, str]] = {
     "dpo": ("alignkit.stages.dpo", "Direct Preference Optimization on chosen/rejected pairs"),
     "ipo": ("alignkit.stages.dpo:IPOConfig", "Identity Preference Optimization (squared loss) on pairs"),
     "orpo": ("alignkit.stages.dpo:ORPOConfig", "Odds-Ratio Preference Optimization: SFT + preference, no reference"),
+    "kto": ("alignkit.stages.kto", "Kahneman-Tversky Optimization on unpaired good/bad feedback (or pairs)"),
+    "eval": ("alignkit.stages.eval", "Sample a model and a reference on prompts; scores, win rate, KL, lengths"),
+    "report": ("alignkit.stages.report", "One self-contained HTML page of a run: curves, events, summary, eval"),
 }
 
 USAGE = "usage: alignkit <stage> [CONFIG.yaml] [key=value ...]"
@@ -65,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     if "-h" in rest or "--help" in rest:
         print(stage_help(stage, config_cls))
         return 0
-    yaml_path, overrides = split_args(rest)
+    yaml_path, overrides = split_args(positional_to_override(module, rest))
 
     try:
         cfg = load_config(config_cls, yaml_path, overrides)
@@ -94,7 +97,8 @@ def main(argv: list[str] | None = None) -> int:
             return _fail(str(e))
         raise
 
-    if summary is not None:
+    # The summary as JSON on stdout (pipe it to jq), unless the stage prints its own results table.
+    if summary is not None and not getattr(module, "PRINTS_RESULTS", False):
         print(json.dumps(summary, indent=2, default=str))
     return 0
 
@@ -110,6 +114,17 @@ def split_args(args: list[str]) -> tuple[str | None, list[str]]:
         if first.endswith((".yaml", ".yml")) or Path(first).is_file():
             return first, args[1:]
     return None, list(args)
+
+
+def positional_to_override(module: ModuleType, args: list[str]) -> list[str]:
+    """``alignkit report runs/dpo-1`` -> ``run_dir=runs/dpo-1``: a stage whose module names a ``POSITIONAL``
+    field takes a bare first argument as that field, unless it is the YAML config file."""
+    field_name = getattr(module, "POSITIONAL", None)
+    if field_name and args and "=" not in args[0] and not args[0].startswith("-"):
+        first = args[0]
+        if not (first.endswith((".yaml", ".yml")) or Path(first).is_file()):
+            return [f"{field_name}={first}", *args[1:]]
+    return args
 
 
 def main_help() -> str:

@@ -38,6 +38,7 @@ class QuickstartConfig:
 
 
 CONFIG = QuickstartConfig
+PRINTS_RESULTS = True  # the CLI shows our table instead of the raw JSON summary
 
 
 def _say(msg: str) -> None:

@@ -22,6 +22,7 @@ from alignkit.data.schemas import load_preferences
 from alignkit.data.tokenize import encode_pair
 from alignkit.evaluation.metrics import mean_ci
 from alignkit.losses.preference import dpo_loss, ipo_loss, orpo_loss
+from alignkit.evaluation.monitors import default_monitors
 from alignkit.models.forward import sequence_logprobs
 from alignkit.models.loading import (
     apply_lora,
@@ -257,7 +258,8 @@ def run(cfg: DPOConfig) -> dict:
 
     eval_before, _ = evaluate(cfg, model, reference, eval_examples, pad_id) if eval_examples else ({}, [])
 
-    # 3. Train with the shared loop.
+    # 3. Train with the shared loop, watched by the failure monitors.
+    monitors = default_monitors(cfg.loss)
     result = train(
         cfg,
         model,
@@ -265,6 +267,7 @@ def run(cfg: DPOConfig) -> dict:
         collate_fn=partial(collate, pad_id=pad_id),
         step_fn=partial(dpo_step, cfg=cfg, reference=reference),
         run=run_dir,
+        monitors=monitors,
         eval_fn=(lambda m: evaluate(cfg, m, reference, eval_examples, pad_id)[0]) if eval_examples else None,
     )
 
@@ -284,6 +287,7 @@ def run(cfg: DPOConfig) -> dict:
         "final_metrics": result.metrics,
         "train_seconds": result.elapsed_s,
         "peak_rss_mb": result.peak_rss_mb,
+        "monitor_events": [e.to_row() for e in monitors.events],
     }
     if eval_examples:
         eval_after, correct = evaluate(cfg, model, reference, eval_examples, pad_id)

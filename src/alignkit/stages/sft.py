@@ -18,6 +18,7 @@ from alignkit.config import TrainConfig, doc_field, save_config
 from alignkit.data.collate import collate_sft
 from alignkit.data.schemas import load_sft
 from alignkit.data.tokenize import encode
+from alignkit.evaluation.monitors import default_monitors
 from alignkit.models.forward import sequence_logprobs
 from alignkit.models.loading import (
     apply_lora,
@@ -113,7 +114,8 @@ def run(cfg: SFTConfig) -> dict:
     train_loss_before = measure(model, train_encoded) if cfg.measure_train_loss and fresh else None
     eval_loss_before = measure(model, eval_encoded) if eval_encoded and fresh else None
 
-    # 3. Train with the shared loop.
+    # 3. Train with the shared loop, watched by the failure monitors.
+    monitors = default_monitors("sft")
     result = train(
         cfg,
         model,
@@ -121,6 +123,7 @@ def run(cfg: SFTConfig) -> dict:
         collate_fn=partial(collate_sft, pad_id=pad_id),
         step_fn=partial(sft_step, chunk_size=cfg.logprob_chunk_size),
         run=run_dir,
+        monitors=monitors,
         eval_fn=(lambda m: {"loss": measure(m, eval_encoded)}) if eval_encoded else None,
     )
 
@@ -145,6 +148,7 @@ def run(cfg: SFTConfig) -> dict:
         "train_seconds": result.elapsed_s,
         "wall_seconds": time.time() - started,
         "peak_rss_mb": result.peak_rss_mb,
+        "monitor_events": [e.to_row() for e in monitors.events],
     }
     if eval_encoded:
         summary["eval_loss_before"] = eval_loss_before

@@ -72,13 +72,15 @@ def train(
     run: RunDir,
     eval_fn: Callable[[torch.nn.Module], dict] | None = None,
     on_log: LogCallback | Sequence[LogCallback] | None = None,
+    monitors=None,
 ) -> TrainResult:
     """Train ``model`` (already on its device) on ``examples``; see docs/architecture.md for the contract.
 
     ``collate_fn(examples) -> dict`` must hold ``n_items``, the loss normaliser of that micro-batch (and may
     hold ``n_tokens`` for a tokens/s rate). ``step_fn(model, microbatch) -> StepOutput`` returns the loss
     *summed* over the micro-batch's items. ``on_log(step, row)`` callbacks may return "stop" to end training
-    early (with the final evaluation and checkpoint).
+    early (with the final evaluation and checkpoint). ``monitors`` (an ``alignkit.evaluation.monitors.MonitorSet``)
+    sees every logged row; its events are written to metrics.jsonl and a "stop" action ends the run.
     """
     callbacks = [on_log] if callable(on_log) else list(on_log or [])
     if not examples:
@@ -217,11 +219,16 @@ def train(
                 # 7. Log every log_every steps; callbacks may ask to stop.
                 if (step % cfg.log_every == 0 or step == total_steps) and window.n_steps:
                     last_row = window.row(step, step / steps_per_epoch, lr, elapsed())
+                    last_row["nonfinite_skipped"] = n_nonfinite
                     window = _Window(time.monotonic())
                     run.log_metrics(last_row)
                     bar.set_postfix(loss=f"{last_row['loss']:.4f}")
                     for callback in callbacks:
                         stop_requested |= callback(step, last_row) == "stop"
+                    if monitors is not None:  # failure monitors: their events go into metrics.jsonl too
+                        stop_requested |= monitors.on_log(step, last_row) == "stop"
+                        for event in monitors.last_events:
+                            run.log_metrics(event.to_row())
 
                 # 8. Evaluate every eval_every steps (the final evaluation follows the loop).
                 if eval_fn and cfg.eval_every and step % cfg.eval_every == 0 and step < total_steps:

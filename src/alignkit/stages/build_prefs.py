@@ -1,0 +1,561 @@
+"""`alignkit build-prefs`: build preference pairs from a prompt file. Sample N responses per prompt from a
+model, rank them (a reward model, an AI judge, or people via an exported file), and write chosen/rejected
+pairs that `alignkit dpo` (and rm) train on as they are.
+
+Each pair records its prompt row, scores, ranker and sampling settings. The run appends one prompt at a
+time and logs each finished prompt in ``<output>.progress.jsonl``, so a killed run resumes where it stopped
+and neither loses nor repeats a finished prompt.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from alignkit.config import ConfigError, config_to_dict, doc_field, required
+from alignkit.data.io import BadRow, BadRowError, read_rows
+from alignkit.data.schemas import load_prompts
+from alignkit.data.tokenize import encode_prompt
+from alignkit.models.generation import SamplingConfig, generate
+from alignkit.models.loading import load_model, load_tokenizer, pick_device
+from alignkit.models.reward import load_reward_model
+from alignkit.rankers import (
+    RANKING_HOWTO,
+    Ranker,
+    RewardModelRanker,
+    export_row,
+    is_scored,
+    judge_ranker,
+    read_ranked_row,
+)
+
+PairingRule = Literal["best_vs_worst", "best_vs_random", "all_pairs"]
+
+
+@dataclass
+class BuildPrefsConfig:
+    """Sample responses to prompts, rank them, and write chosen/rejected pairs (or a file for people to rank)."""
+
+    output: str = required(
+        "Output .jsonl: the pairs (or, with ranker=export, the file to rank); an existing one is resumed."
+    )
+    model: str = doc_field(
+        "smollm2-135m-instruct", "Model that samples the responses (embedded default, hub id or local dir)."
+    )
+    prompts: str | None = doc_field(
+        None, "Prompt file (a 'prompt' or 'messages' column); required unless ranker=human."
+    )
+    prompts_split: str | None = doc_field(None, "Split name when prompts is a hub id or a DatasetDict.")
+    prompt_rows: tuple[int, int] | None = doc_field(
+        None, "Use only prompt rows start <= row < stop, written [start, stop] (0-based)."
+    )
+    max_prompts: int | None = doc_field(None, "Use only the first N prompts (after prompt_rows).")
+    n_samples: int = doc_field(4, "Responses sampled per prompt.")
+    temperature: float = doc_field(
+        1.0, "Sampling temperature (0 is greedy, which makes every sample the same)."
+    )
+    top_p: float = doc_field(
+        1.0, "Nucleus sampling: keep the smallest set of tokens with this much probability."
+    )
+    max_new_tokens: int = doc_field(128, "Longest response in tokens.")
+    max_prompt_length: int | None = doc_field(
+        512, "Longest prompt in tokens (its end is kept); None: no limit."
+    )
+    seed: int = doc_field(
+        0, "Seed for sampling and for best_vs_random; a batch's seed comes from it and the batch."
+    )
+    prompts_per_batch: int = doc_field(
+        8,
+        "Prompts sampled together (prompts_per_batch * n_samples sequences per generation batch); "
+        "a killed run redoes at most this batch.",
+    )
+    ranker: Literal["reward_model", "judge", "human", "export"] = doc_field(
+        "reward_model",
+        "How responses are ranked: reward_model; judge (an AI judge, from the Constitutional AI stage); "
+        "export (write a file for people to rank, no pairs); human (read that file back, ranked).",
+    )
+    reward_model: str | None = doc_field(
+        None, "Reward model directory (an rm run's final/), for ranker=reward_model."
+    )
+    human_rankings: str | None = doc_field(
+        None, "The exported file with its 'ranking' fields filled in, for ranker=human."
+    )
+    pairing: PairingRule = doc_field(
+        "best_vs_worst",
+        "Which pairs to emit per prompt: best_vs_worst (one), best_vs_random (one, the rejected drawn at "
+        "random from the rest), all_pairs (every pair with different scores).",
+    )
+    score_batch_size: int = doc_field(16, "Responses per reward-model forward pass.")
+    save_dataset: str | None = doc_field(
+        None, "Also save the pairs as a Hugging Face Dataset (save_to_disk) in this directory."
+    )
+    on_bad_row: Literal["error", "skip"] = doc_field(
+        "error", "What to do with an invalid prompt or ranked row: stop with an error naming it, or skip it."
+    )
+    overwrite: bool = doc_field(False, "Start the output afresh instead of resuming it.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = doc_field(
+        "auto", "Model dtype; 'auto' picks bf16 only where the hardware runs it fast, else fp32."
+    )
+    trust_remote_code: bool = doc_field(False, "Allow code shipped with the model to run (off by default).")
+    num_threads: int | None = doc_field(None, "CPU threads for torch; None uses every core.")
+    progress: bool = doc_field(True, "Show a progress bar.")
+
+
+CONFIG = BuildPrefsConfig
+
+# The settings that decide what the output holds: resuming an output with other values would mix two runs.
+CONTENT_SETTINGS = (
+    "model",
+    "prompts",
+    "prompts_split",
+    "prompt_rows",
+    "max_prompts",
+    "n_samples",
+    "temperature",
+    "top_p",
+    "max_new_tokens",
+    "max_prompt_length",
+    "seed",
+    "prompts_per_batch",
+    "ranker",
+    "reward_model",
+    "human_rankings",
+    "pairing",
+)
+
+
+# ---------------------------------------------------------------------------------------------
+# Pairing rules (pure: responses and scores in, pair indices and counts out)
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Pairing:
+    pairs: list[tuple[int, int]]  # (chosen index, rejected index) into the prompt's responses
+    n_empty: int = 0  # responses left out: empty or whitespace only
+    n_duplicate: int = 0  # responses left out: the same text as an earlier response
+    n_unscored: int = 0  # responses left out: the ranker gave no score (NaN, or not in a human ranking)
+    n_ties: int = 0  # candidate pairs left out because both responses scored the same
+
+
+def usable_responses(responses: Sequence[str]) -> tuple[list[int], int, int]:
+    """Indices of the responses worth ranking, and how many were empty and how many repeated an earlier one.
+
+    A pair with an empty side or two identical sides teaches nothing (and the pair loaders refuse them).
+    """
+    kept, seen, n_empty, n_duplicate = [], set(), 0, 0
+    for i, text in enumerate(responses):
+        if not text.strip():
+            n_empty += 1
+        elif text in seen:
+            n_duplicate += 1
+        else:
+            seen.add(text)
+            kept.append(i)
+    return kept, n_empty, n_duplicate
+
+
+def make_pairs(
+    responses: Sequence[str],
+    scores: Sequence[float | None],
+    pairing: PairingRule,
+    rng: np.random.Generator | None = None,
+) -> Pairing:
+    """Pairs of one prompt's responses by ``pairing``; the chosen side always scored strictly higher.
+
+    Empty and repeated responses, and unscored ones (None/NaN), are left out first. Among equal best (or
+    worst) scores the earliest response is taken. A candidate pair whose scores are equal is a tie: it is
+    counted and left out. best_vs_random draws the rejected response uniformly from the other usable ones
+    with ``rng``.
+    """
+    kept, n_empty, n_duplicate = usable_responses(responses)
+    scored = [i for i in kept if is_scored(scores[i])]
+    out = Pairing([], n_empty, n_duplicate, len(kept) - len(scored))
+    if len(scored) < 2:
+        return out
+    if pairing == "all_pairs":
+        for a, i in enumerate(scored):
+            for j in scored[a + 1 :]:
+                if scores[i] == scores[j]:
+                    out.n_ties += 1
+                else:
+                    out.pairs.append((i, j) if scores[i] > scores[j] else (j, i))
+        return out
+    best = max(scored, key=lambda i: scores[i])  # the first of equal maxima
+    if pairing == "best_vs_worst":
+        other = min(scored, key=lambda i: scores[i])
+    elif pairing == "best_vs_random":
+        if rng is None:
+            raise ValueError("best_vs_random needs an rng")
+        rest = [i for i in scored if i != best]
+        other = rest[int(rng.integers(len(rest)))]
+    else:
+        raise ValueError(f"unknown pairing {pairing!r}")
+    if scores[best] == scores[other]:
+        out.n_ties += 1
+    else:
+        out.pairs.append((best, other))
+    return out
+
+
+def pair_rows(
+    prompt_row: int,
+    prompt,
+    responses: Sequence[str],
+    scores: Sequence[float | None],
+    pairing: Pairing,
+    ranker: str,
+    pairing_rule: str,
+    sampling: dict,
+) -> list[dict]:
+    """Output lines of one prompt: the pair columns dpo/rm read, plus what traces the pair to its origin."""
+    return [
+        {
+            "prompt": prompt,
+            "chosen": responses[c],
+            "rejected": responses[r],
+            "chosen_score": scores[c],
+            "rejected_score": scores[r],
+            "ranker": ranker,
+            "pairing": pairing_rule,
+            "prompt_row": prompt_row,
+            "chosen_index": c,
+            "rejected_index": r,
+            "sampling": sampling,
+        }
+        for c, r in pairing.pairs
+    ]
+
+
+# ---------------------------------------------------------------------------------------------
+# Output and progress files: append one prompt at a time; on restart keep finished prompts only
+# ---------------------------------------------------------------------------------------------
+
+
+def progress_path(output: Path) -> Path:
+    return output.with_suffix(".progress.jsonl")
+
+
+def summary_path(output: Path) -> Path:
+    return output.with_suffix(".summary.json")
+
+
+def _complete_lines(path: Path) -> list[str]:
+    """The newline-terminated lines of ``path``; a torn last line (a kill mid-write) is dropped."""
+    if not path.exists():
+        return []
+    text = path.read_text(encoding="utf-8")
+    return text[: text.rfind("\n") + 1].splitlines()
+
+
+def _rewrite(path: Path, lines: list[str]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def resume(output: Path, settings: dict) -> dict[int, dict]:
+    """Finished prompts of an earlier run of the same settings (prompt_row -> its counts), with the output
+    cut back to exactly their lines: lines of a prompt the run was writing when it stopped are dropped."""
+    ledger = progress_path(output)
+    if not ledger.exists():
+        if output.exists() and output.stat().st_size:
+            raise ConfigError(
+                f"output: {output} exists but has no {ledger.name} to resume from; use another output, "
+                "or overwrite=true to start it afresh"
+            )
+        return {}
+    entries = [json.loads(line) for line in _complete_lines(ledger)]
+    if not entries and not (output.exists() and output.stat().st_size):
+        ledger.unlink()  # killed before the first prompt finished: nothing to keep
+        return {}
+    if not entries or entries[0].get("settings") != settings:
+        old = entries[0].get("settings", {}) if entries else {}
+        changed = [k for k in settings if old.get(k) != settings[k]]
+        raise ConfigError(
+            f"output: {output} was started with other settings ({', '.join(changed) or 'unreadable'}: "
+            f"{[old.get(k) for k in changed]} then, {[settings[k] for k in changed]} now); resume with the "
+            "same settings, use another output, or overwrite=true"
+        )
+    done = {e["prompt_row"]: e for e in entries[1:]}
+    lines = _complete_lines(output)
+    kept = [line for line in lines if json.loads(line)["prompt_row"] in done]
+    written: dict[int, int] = {}
+    for line in kept:
+        row = json.loads(line)["prompt_row"]
+        written[row] = written.get(row, 0) + 1
+    broken = [r for r, e in done.items() if written.get(r, 0) != e["n_lines"]]
+    if broken:
+        raise ConfigError(
+            f"output: {output} does not hold the lines {ledger.name} records for prompt rows {broken[:5]}; "
+            "it was edited or truncated. Use another output, or overwrite=true"
+        )
+    # Rewritten with the kept lines only: drops the lines of an unfinished prompt and torn last lines.
+    _rewrite(output, kept)
+    _rewrite(ledger, [json.dumps(e) for e in entries])
+    return done
+
+
+class Writer:
+    """Appends one prompt's lines to the output, then its entry to the progress file, each synced to disk.
+
+    The entry goes last, so a kill between the two leaves lines of an unlisted prompt, which ``resume``
+    removes before that prompt is redone.
+    """
+
+    def __init__(self, output: Path, settings: dict, fresh: bool):
+        output.parent.mkdir(parents=True, exist_ok=True)
+        self.output = open(output, "a", encoding="utf-8")
+        self.ledger = open(progress_path(output), "a", encoding="utf-8")
+        if fresh:
+            self._append(self.ledger, [{"settings": settings}])
+
+    def add_prompt(self, prompt_row: int, lines: list[dict], counts: dict) -> None:
+        self._append(self.output, lines)
+        self._append(self.ledger, [{"prompt_row": prompt_row, "n_lines": len(lines), **counts}])
+
+    @staticmethod
+    def _append(f, rows: list[dict]) -> None:
+        if rows:
+            f.write("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+            f.flush()
+            os.fsync(f.fileno())
+
+    def close(self) -> None:
+        self.output.close()
+        self.ledger.close()
+
+
+def counts_of(pairing: Pairing, n_responses: int) -> dict:
+    return {
+        "n_responses": n_responses,
+        "n_pairs": len(pairing.pairs),
+        "n_empty": pairing.n_empty,
+        "n_duplicate": pairing.n_duplicate,
+        "n_unscored": pairing.n_unscored,
+        "n_ties": pairing.n_ties,
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# The stage
+# ---------------------------------------------------------------------------------------------
+
+
+def batch_seed(seed: int, batch_index: int) -> int:
+    """The sampling seed of one batch of prompts: fixed by (seed, batch), so a resumed run samples the
+    batch it redoes exactly as the interrupted run did."""
+    return int(np.random.SeedSequence([seed, batch_index]).generate_state(1)[0])
+
+
+def make_ranker(cfg: BuildPrefsConfig, device) -> Ranker | None:
+    """The ranker of ``cfg.ranker``; None for export (people rank later)."""
+    if cfg.ranker == "reward_model":
+        if not cfg.reward_model:
+            raise ConfigError("ranker=reward_model needs reward_model=<dir> (the final/ folder of an rm run)")
+        rm = load_reward_model(cfg.reward_model, cfg.dtype, device, cfg.trust_remote_code)
+        return RewardModelRanker(rm, cfg.score_batch_size)
+    if cfg.ranker == "judge":
+        return judge_ranker(cfg)
+    return None
+
+
+def sample_and_rank(cfg: BuildPrefsConfig, writer: Writer, done: dict[int, dict]) -> tuple[int, list[BadRow]]:
+    """Steps 2-5 for ranker=reward_model/judge/export; returns (prompt rows read, prompt rows skipped)."""
+    if not cfg.prompts:
+        raise ConfigError(f"ranker={cfg.ranker} needs prompts=<file> to sample responses for")
+    device = pick_device()
+    # 2. The ranker first (an unavailable judge fails before minutes of loading), then the policy.
+    ranker = make_ranker(cfg, device)
+    loaded = load_prompts(
+        cfg.prompts, cfg.on_bad_row, split=cfg.prompts_split, rows=cfg.prompt_rows, limit=cfg.max_prompts
+    )
+    print(f"prompts: {loaded.summary()}", file=sys.stderr)
+    tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code)
+    policy = load_model(cfg.model, cfg.dtype, cfg.trust_remote_code, device=device)
+    sampling = {
+        "model": cfg.model,
+        "n_samples": cfg.n_samples,
+        "temperature": cfg.temperature,
+        "top_p": cfg.top_p,
+        "max_new_tokens": cfg.max_new_tokens,
+        "max_prompt_length": cfg.max_prompt_length,
+        "seed": cfg.seed,
+        "prompts_per_batch": cfg.prompts_per_batch,
+    }
+    examples, n = loaded.examples, cfg.n_samples
+    bar = tqdm(
+        total=len(examples),
+        initial=sum(ex.ref.row in done for ex in examples),
+        desc="build-prefs",
+        unit="prompt",
+        disable=not cfg.progress,
+    )
+    # The batches are a fixed partition of the prompt list, so batch b has the same prompts and seed on
+    # every run; a batch whose prompts are all finished is not sampled again.
+    for b, start in enumerate(range(0, len(examples), cfg.prompts_per_batch)):
+        batch = examples[start : start + cfg.prompts_per_batch]
+        if all(ex.ref.row in done for ex in batch):
+            continue
+        # 3. Sample n responses per prompt, batched with the KV cache.
+        prompt_ids = [
+            encode_prompt(tokenizer, ex.prompt, cfg.max_prompt_length) for ex in batch for _ in range(n)
+        ]
+        generations = generate(
+            policy,
+            tokenizer,
+            prompt_ids,
+            SamplingConfig(cfg.max_new_tokens, cfg.temperature, cfg.top_p, batch_seed(cfg.seed, b)),
+            batch_size=len(prompt_ids),
+            progress=False,
+        )
+        for k, ex in enumerate(batch):
+            if ex.ref.row in done:
+                continue
+            texts = [g.text for g in generations[k * n : (k + 1) * n]]
+            if ranker is None:  # export: one line per prompt for people to rank
+                writer.add_prompt(
+                    ex.ref.row, [export_row(ex.ref.row, ex.prompt, texts, sampling)], {"n_responses": n}
+                )
+                bar.update(1)
+                continue
+            # 4. Rank the usable responses (empty and repeated ones are never sent to the ranker).
+            kept, _, _ = usable_responses(texts)
+            scores: list[float | None] = [None] * n
+            for i, s in zip(kept, ranker.score(ex.prompt, [texts[i] for i in kept]) if kept else []):
+                scores[i] = float(s)
+            # 5. Pair by the rule, and append the prompt's pairs and its progress entry.
+            pairing = make_pairs(texts, scores, cfg.pairing, np.random.default_rng([cfg.seed, ex.ref.row]))
+            lines = pair_rows(
+                ex.ref.row, ex.prompt, texts, scores, pairing, ranker.name, cfg.pairing, sampling
+            )
+            writer.add_prompt(ex.ref.row, lines, counts_of(pairing, n))
+            bar.update(1)
+    bar.close()
+    return loaded.n_rows, loaded.skipped
+
+
+def import_rankings(cfg: BuildPrefsConfig, writer: Writer, done: dict[int, dict]) -> tuple[int, list[BadRow]]:
+    """Steps 2-5 for ranker=human: pairs from a ranked export; returns (rows read, rows skipped)."""
+    if not cfg.human_rankings:
+        raise ConfigError("ranker=human needs human_rankings=<file> (the ranker=export output, ranked)")
+    skipped: list[BadRow] = []
+    seen: set[int] = set()
+    n_rows = 0
+    for item in read_rows(cfg.human_rankings):
+        n_rows += 1
+        try:
+            if isinstance(item, BadRow):
+                raise BadRowError(item.source, item.row, item.field, item.problem)
+            ranked = read_ranked_row(item)
+            if ranked.prompt_row in seen:
+                raise BadRowError(
+                    item.source, item.row, "prompt_row", f"prompt row {ranked.prompt_row} appears twice"
+                )
+        except BadRowError as err:
+            if cfg.on_bad_row == "error":
+                raise
+            skipped.append(err.bad_row)
+            continue
+        seen.add(ranked.prompt_row)
+        if ranked.prompt_row in done:
+            continue
+        rng = np.random.default_rng([cfg.seed, ranked.prompt_row])
+        pairing = make_pairs(ranked.responses, ranked.scores, cfg.pairing, rng)
+        lines = pair_rows(
+            ranked.prompt_row,
+            ranked.prompt,
+            ranked.responses,
+            ranked.scores,
+            pairing,
+            "human",
+            cfg.pairing,
+            ranked.sampling,
+        )
+        writer.add_prompt(ranked.prompt_row, lines, counts_of(pairing, len(ranked.responses)))
+    return n_rows, skipped
+
+
+def run(cfg: BuildPrefsConfig) -> dict:
+    started = time.time()
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
+    output = Path(cfg.output)
+    if output.suffix != ".jsonl":
+        raise ConfigError(
+            f"output must be a .jsonl file (it is appended to prompt by prompt), got {cfg.output}"
+        )
+    if cfg.n_samples < 2 and cfg.ranker != "human":
+        raise ConfigError(f"n_samples must be at least 2 to make a pair, got {cfg.n_samples}")
+    if cfg.prompts_per_batch < 1:
+        raise ConfigError(f"prompts_per_batch must be at least 1, got {cfg.prompts_per_batch}")
+
+    # 1. Resume: the prompts an earlier run of the same settings finished are kept and skipped.
+    settings = {k: v for k, v in config_to_dict(cfg).items() if k in CONTENT_SETTINGS}
+    if cfg.overwrite:
+        for path in (output, progress_path(output)):
+            path.unlink(missing_ok=True)
+    done = resume(output, settings)
+    if done:
+        print(f"build-prefs: resuming {output}: {len(done)} prompts already done", file=sys.stderr)
+
+    # 2.-5. Rank and pair each prompt's responses (sampled here, or ranked by people), appending as we go.
+    writer = Writer(output, settings, fresh=not progress_path(output).exists())
+    try:
+        if cfg.ranker == "human":
+            n_rows, skipped = import_rankings(cfg, writer, done)
+        else:
+            n_rows, skipped = sample_and_rank(cfg, writer, done)
+    finally:
+        writer.close()
+
+    # 6. Totals over every finished prompt (this run and earlier ones), the dataset copy, the summary.
+    entries = [json.loads(line) for line in _complete_lines(progress_path(output))[1:]]
+    total = {
+        key: sum(e.get(key, 0) for e in entries)
+        for key in ("n_responses", "n_pairs", "n_empty", "n_duplicate", "n_unscored", "n_ties")
+    }
+    summary = {
+        "stage": "build-prefs",
+        "output": str(output),
+        "ranker": cfg.ranker,
+        "pairing": cfg.pairing,
+        "rows_read": n_rows,
+        "skipped_rows": len(skipped),
+        "prompts_done": len(entries),
+        "prompts_this_run": len(entries) - len(done),
+        "responses": total["n_responses"],
+        "pairs": total["n_pairs"],
+        "skipped_empty_responses": total["n_empty"],
+        "skipped_duplicate_responses": total["n_duplicate"],
+        "skipped_unscored_responses": total["n_unscored"],
+        "skipped_tied_pairs": total["n_ties"],
+        "prompts_without_pairs": sum(e.get("n_pairs", 0) == 0 for e in entries)
+        if cfg.ranker != "export"
+        else None,
+        "settings": settings,
+    }
+    if cfg.ranker == "export":
+        summary["next"] = RANKING_HOWTO
+        print(RANKING_HOWTO, file=sys.stderr)
+    if cfg.save_dataset:
+        from datasets import Dataset
+
+        rows = [json.loads(line) for line in _complete_lines(output)]
+        Dataset.from_list(rows).save_to_disk(cfg.save_dataset)
+        summary["dataset"] = cfg.save_dataset
+    summary["wall_seconds"] = time.time() - started
+    tmp = summary_path(output).with_name(f".{summary_path(output).name}.tmp")
+    tmp.write_text(json.dumps(summary, indent=2) + "\n")
+    os.replace(tmp, summary_path(output))
+    return summary

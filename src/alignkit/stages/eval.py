@@ -1,0 +1,511 @@
+"""`alignkit eval`: sample a policy and a reference on the same prompts and compare them.
+
+Reward score and win rate (with a scorer), response lengths, distinct-n, the KL from the reference
+estimated on the policy's own samples, and the policy's token entropy; a console table and a JSON file
+with every sample, which `alignkit report` shows next to the training curves.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.resources
+import json
+import math
+import re
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, Protocol
+
+import torch
+
+from alignkit.config import doc_field, required
+from alignkit.data.collate import collate_sft
+from alignkit.data.schemas import Prompt, load_prompts
+from alignkit.data.tokenize import Encoded, encode_prompt
+from alignkit.evaluation.metrics import (
+    distinct_n,
+    entropy_from_logits,
+    kl_per_token,
+    length_stats,
+    mean_entropy,
+    win_rate,
+)
+from alignkit.models.forward import sequence_logprobs, supports_chunked_head
+from alignkit.models.generation import Generation, SamplingConfig, generate
+from alignkit.models.loading import load_final, load_model, load_tokenizer, pick_device
+
+DEFAULT_REFERENCE = "smollm2-135m-instruct"
+NO_REFERENCE = ("none", "null", "")
+
+
+@dataclass
+class EvalConfig:
+    """Sample the model and a reference on the same prompts; score, compare and write eval.json."""
+
+    # --- models ---
+    model: str = required(
+        "Model to evaluate: a run's final/ folder (a plain model or a LoRA adapter), a local model "
+        "directory, the embedded 'smollm2-135m-instruct', or a Hugging Face id."
+    )
+    reference: str | None = doc_field(
+        DEFAULT_REFERENCE,
+        "Model to compare against (the policy's starting point, usually); 'none' skips the win rate and KL.",
+    )
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = doc_field(
+        "auto", "Weights/compute dtype; 'auto' picks bf16 only where the hardware runs it fast, else fp32."
+    )
+    trust_remote_code: bool = doc_field(False, "Allow code shipped with the models to run (off by default).")
+    # --- prompts ---
+    prompts: str | None = doc_field(
+        None, "Prompt file/dataset (a 'prompt' or 'messages' column); None uses the 64 built-in prompts."
+    )
+    prompts_split: str | None = doc_field(None, "Split name when prompts is a hub id or a DatasetDict.")
+    max_prompts: int | None = doc_field(None, "Use only the first N prompts.")
+    on_bad_row: Literal["error", "skip"] = doc_field(
+        "error", "What to do with an invalid prompt row: stop with an error naming it, or skip it."
+    )
+    max_prompt_length: int | None = doc_field(
+        None, "Longest prompt in tokens (its end is kept); None keeps whole prompts."
+    )
+    # --- sampling ---
+    samples_per_prompt: int = doc_field(
+        1, "Responses sampled per prompt from each model; the win rate compares per-prompt mean scores."
+    )
+    temperature: float = doc_field(
+        0.7, "Sampling temperature (0 = greedy); the KL is exact on samples drawn at 1.0 with top_p=1.0."
+    )
+    top_p: float = doc_field(1.0, "Nucleus sampling: sample from the smallest token set with this mass.")
+    max_new_tokens: int = doc_field(96, "Longest response in tokens.")
+    seed: int = doc_field(0, "Sampling seed; the policy and the reference draw with the same one.")
+    batch_size: int = doc_field(8, "Sequences per generation batch and per scoring forward pass.")
+    logprob_chunk_size: int = doc_field(
+        1024, "Tokens per chunk when computing log-probs and entropies, so no (B, T, V) tensor is held."
+    )
+    # --- scoring ---
+    reward_model: str | None = doc_field(
+        None, "Reward model directory to score responses with (from `alignkit reward`)."
+    )
+    reward_fn: str | None = doc_field(
+        None,
+        "Programmatic scorer 'module:function', a function (prompt: str, response: str) -> float; "
+        "used when reward_model is unset.",
+    )
+    # --- output ---
+    output: str | None = doc_field(
+        None,
+        "JSON file to write; default <run>/eval.json for a run's final/ folder, <model dir>/eval.json "
+        "for another local model, else ./eval-<model name>.json.",
+    )
+    progress: bool = doc_field(True, "Show progress bars.")
+
+
+CONFIG = EvalConfig
+# `alignkit eval <model>`: the CLI may map a bare first argument to this field.
+POSITIONAL = "model"
+
+
+# ---------------------------------------------------------------------------------------------
+# Scorers
+# ---------------------------------------------------------------------------------------------
+
+
+class Scorer(Protocol):
+    """What eval needs of a reward: one score per (prompt, response); higher is better."""
+
+    name: str
+
+    def score(self, prompts: list[Prompt], responses: list[str]) -> list[float]: ...
+
+
+def prompt_text(prompt: Prompt) -> str:
+    """A prompt as one string: text as it is, chat messages as "role: content" lines."""
+    if isinstance(prompt, str):
+        return prompt
+    return "\n".join(f"{m['role']}: {m['content']}" for m in prompt)
+
+
+@dataclass
+class FunctionScorer:
+    """Scores with a plain function (prompt: str, response: str) -> float."""
+
+    fn: Callable[[str, str], float]
+    name: str
+
+    def score(self, prompts: list[Prompt], responses: list[str]) -> list[float]:
+        return [float(self.fn(prompt_text(p), r)) for p, r in zip(prompts, responses)]
+
+
+def load_function_scorer(spec: str) -> FunctionScorer:
+    """'package.module:function' -> a FunctionScorer; the module is imported from sys.path."""
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise ValueError(f"reward_fn must be written 'module:function', got '{spec}'")
+    module = importlib.import_module(module_name)
+    fn = getattr(module, attr, None)
+    if not callable(fn):
+        raise ValueError(f"reward_fn '{spec}': module {module_name} has no function {attr}")
+    return FunctionScorer(fn, spec)
+
+
+@dataclass
+class BatchScorer:
+    """Scores with a function over lists (prompts, responses) -> list of floats, e.g. a reward model's."""
+
+    fn: Callable[[list[Prompt], list[str]], list[float]]
+    name: str
+
+    def score(self, prompts: list[Prompt], responses: list[str]) -> list[float]:
+        return [float(s) for s in self.fn(prompts, responses)]
+
+
+def reward_model_scorer(path: str, cfg: EvalConfig) -> Scorer:
+    """ADAPTER to ``alignkit.models.reward``: a Scorer over a reward model saved by ``alignkit rm``.
+
+    Uses ``load_reward_model(path, dtype, device, trust_remote_code) -> RewardModel`` and
+    ``RewardModel.score(prompts, responses, batch_size, progress) -> list[float]``, which encodes each
+    (prompt, response) as the policy sees it. Imported lazily: eval with ``reward_fn`` does not load it,
+    and a change of that API is fixed here and nowhere else.
+    """
+    from alignkit.models.reward import load_reward_model
+
+    reward_model = load_reward_model(path, cfg.dtype, pick_device(), cfg.trust_remote_code)
+
+    def score_batch(prompts: list[Prompt], responses: list[str]) -> list[float]:
+        return reward_model.score(prompts, responses, batch_size=cfg.batch_size, progress=cfg.progress)
+
+    return BatchScorer(score_batch, f"reward model {path}")
+
+
+def make_scorer(cfg: EvalConfig) -> Scorer | None:
+    if cfg.reward_model:
+        return reward_model_scorer(cfg.reward_model, cfg)
+    if cfg.reward_fn:
+        return load_function_scorer(cfg.reward_fn)
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Scoring samples under a model
+# ---------------------------------------------------------------------------------------------
+
+
+def _sample_batches(samples: list[Generation], batch_size: int):
+    """(indices, batch) over the samples as prompt + response rows, sorted by length (little padding)."""
+    order = sorted(
+        range(len(samples)), key=lambda i: len(samples[i].prompt_ids) + len(samples[i].response_ids)
+    )
+    for start in range(0, len(order), batch_size):
+        idx = order[start : start + batch_size]
+        rows = [Encoded(samples[i].prompt_ids, samples[i].response_ids, False) for i in idx]
+        yield idx, collate_sft(rows, pad_id=0)  # padding is masked out, so any id pads
+
+
+@torch.no_grad()
+def response_token_logprobs(
+    model, samples: list[Generation], batch_size: int, chunk: int
+) -> list[torch.Tensor]:
+    """log p(y_t | x, y_<t) of every response token under ``model``: one (T_i,) float tensor per sample."""
+    device = next(model.parameters()).device
+    out: list[torch.Tensor] = [torch.zeros(0)] * len(samples)
+    for idx, batch in _sample_batches(samples, batch_size):
+        ids, attn, mask = (batch[k].to(device) for k in ("input_ids", "attention_mask", "loss_mask"))
+        lp = sequence_logprobs(model, ids, attn, mask, chunk)
+        rows = lp.token_rows.cpu()
+        token_logps = lp.token_logps.float().cpu()  # (N,) in (row, position) order
+        for row, i in enumerate(idx):
+            out[i] = token_logps[rows == row]
+    return out
+
+
+@torch.no_grad()
+def response_token_entropies(
+    model, samples: list[Generation], batch_size: int, chunk: int
+) -> list[torch.Tensor]:
+    """Entropy of the model's next-token distribution at each response position: one (T_i,) per sample.
+
+    The LM head is applied only at response positions, ``chunk`` of them at a time, so one (chunk, V)
+    block of logits is alive; models with scaled/capped logits take a plain forward instead.
+    """
+    device = next(model.parameters()).device
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    out: list[torch.Tensor] = [torch.zeros(0)] * len(samples)
+    for idx, batch in _sample_batches(samples, batch_size):
+        ids, attn, mask = (batch[k].to(device) for k in ("input_ids", "attention_mask", "loss_mask"))
+        # The token at t was sampled from the distribution computed at t - 1.
+        rows, cols = mask[:, 1:].bool().nonzero(as_tuple=True)  # (N,), (N,)
+        if supports_chunked_head(model):
+            hidden = base.get_decoder()(input_ids=ids, attention_mask=attn, use_cache=False).last_hidden_state
+            h = hidden[rows, cols]  # (N, H)
+            head = base.get_output_embeddings()
+            entropies = torch.cat(
+                [entropy_from_logits(head(h[s : s + chunk])) for s in range(0, h.shape[0], chunk)]
+            )  # (N,)
+        else:
+            logits = model(input_ids=ids, attention_mask=attn, use_cache=False).logits  # (B, T, V)
+            entropies = entropy_from_logits(logits[rows, cols])  # (N,)
+        rows, entropies = rows.cpu(), entropies.float().cpu()
+        for row, i in enumerate(idx):
+            out[i] = entropies[rows == row]
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Summaries of one model's samples
+# ---------------------------------------------------------------------------------------------
+
+
+def response_tokens(sample: Generation) -> int:
+    """Generated tokens, not counting the EOS that ended the response."""
+    return len(sample.response_ids) - int(sample.finished)
+
+
+def side_summary(
+    samples: list[Generation], scores: list[float] | None, entropies: list[torch.Tensor] | None
+) -> dict:
+    """Length, diversity, score and entropy statistics of one model's responses."""
+    texts = [s.text for s in samples]
+    tokens = length_stats([response_tokens(s) for s in samples])
+    words = length_stats([len(t.split()) for t in texts])
+    out = {
+        "length_tokens": {"mean": tokens.mean, "std": tokens.std},
+        "length_words": {"mean": words.mean, "std": words.std},
+        "distinct_1": distinct_n(texts, 1),
+        "distinct_2": distinct_n(texts, 2),
+        "finished_fraction": sum(s.finished for s in samples) / max(len(samples), 1),
+    }
+    if scores is not None:
+        stats = length_stats(scores)
+        out["score"] = {"mean": stats.mean, "std": stats.std}
+    if entropies is not None:
+        out["entropy"] = mean_entropy(entropies)
+    return out
+
+
+def per_prompt_means(scores: list[float], k: int) -> list[float]:
+    """Mean score of each prompt's k consecutive samples."""
+    return [sum(scores[i : i + k]) / k for i in range(0, len(scores), k)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Output
+# ---------------------------------------------------------------------------------------------
+
+
+def default_output(model: str) -> Path:
+    """Where eval.json goes when `output` is unset (see the field's doc)."""
+    path = Path(model).expanduser()
+    if path.is_dir():
+        run_dir = path.parent
+        if path.name == "final" and (run_dir / "config.yaml").is_file():
+            return run_dir / "eval.json"  # next to the run's metrics, where `alignkit report` finds it
+        return path / "eval.json"
+    return Path(f"eval-{re.sub(r'[^A-Za-z0-9._-]+', '_', model)}.json")
+
+
+def _fmt(value) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return "nan" if math.isnan(value) else f"{value:.4g}"
+    return str(value)
+
+
+def format_table(result: dict) -> str:
+    """Policy vs reference, one metric a line, as printed on the console."""
+    pol, ref = result["policy"], result.get("reference_stats") or {}
+    lines: list[tuple[str, str, str]] = []
+
+    def mean_std(d: dict | None) -> str:
+        return "-" if not d else f"{_fmt(d['mean'])} ± {_fmt(d['std'])}"
+
+    if "score" in pol:
+        lines.append(("score (mean ± std)", mean_std(pol["score"]), mean_std(ref.get("score"))))
+    if result.get("win_rate"):
+        w = result["win_rate"]
+        lines.append(
+            ("win rate vs reference [95% CI]", f"{w['value']:.3f} [{w['low']:.3f}, {w['high']:.3f}]", "")
+        )
+    lines.append(("length, tokens", mean_std(pol["length_tokens"]), mean_std(ref.get("length_tokens"))))
+    lines.append(("length, words", mean_std(pol["length_words"]), mean_std(ref.get("length_words"))))
+    lines.append(("distinct-1", _fmt(pol["distinct_1"]), _fmt(ref.get("distinct_1"))))
+    lines.append(("distinct-2", _fmt(pol["distinct_2"]), _fmt(ref.get("distinct_2"))))
+    lines.append(
+        ("finished (EOS) fraction", _fmt(pol["finished_fraction"]), _fmt(ref.get("finished_fraction")))
+    )
+    lines.append(("entropy, nats/token", _fmt(pol.get("entropy")), _fmt(ref.get("entropy"))))
+    if result.get("kl"):
+        kl = result["kl"]
+        lines.append(("KL k1, nats/token", _fmt(kl["k1_per_token"]), ""))
+        lines.append(("KL k3, nats/token", _fmt(kl["k3_per_token"]), ""))
+        lines.append(("KL k1, nats/sequence", _fmt(kl["k1_per_sequence"]), ""))
+    if not ref:  # reference=none: one column
+        lines = [(name, pol_cell, "") for name, pol_cell, _ in lines]
+    head = ("", "policy", "reference" if ref else "")
+    widths = [max(len(row[c]) for row in [head, *lines]) for c in range(3)]
+    out = [f"{head[0]:<{widths[0]}}  {head[1]:>{widths[1]}}  {head[2]:>{widths[2]}}".rstrip()]
+    out.append("-" * (sum(widths) + 4))
+    out += [f"{a:<{widths[0]}}  {b:>{widths[1]}}  {c:>{widths[2]}}".rstrip() for a, b, c in lines]
+    return "\n".join(out)
+
+
+# ---------------------------------------------------------------------------------------------
+# The stage
+# ---------------------------------------------------------------------------------------------
+
+
+def _load(name: str, cfg: EvalConfig, device):
+    # A run's final/ folder may hold a LoRA adapter only; load_final puts it on its recorded base.
+    if Path(name).expanduser().is_dir():
+        return load_final(Path(name).expanduser(), cfg.dtype, device, cfg.trust_remote_code).eval()
+    return load_model(name, cfg.dtype, cfg.trust_remote_code, device=device).eval()
+
+
+def _same_vocabulary(tok_a, tok_b) -> bool:
+    return tok_a.get_vocab() == tok_b.get_vocab()
+
+
+def run(cfg: EvalConfig) -> dict:
+    started = time.time()
+    if cfg.samples_per_prompt < 1:
+        raise ValueError(f"samples_per_prompt must be at least 1, got {cfg.samples_per_prompt}")
+    reference_name = (
+        None if cfg.reference is None or cfg.reference.strip().lower() in NO_REFERENCE else cfg.reference
+    )
+    scorer = make_scorer(cfg)
+
+    # 1. Prompts, rendered with the policy's chat template; each repeated samples_per_prompt times.
+    tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code)
+    if cfg.prompts:
+        loaded = load_prompts(cfg.prompts, cfg.on_bad_row, split=cfg.prompts_split, limit=cfg.max_prompts)
+        prompts_source = cfg.prompts
+    else:
+        with importlib.resources.as_file(
+            importlib.resources.files("alignkit") / "assets" / "prompts.jsonl"
+        ) as p:
+            loaded = load_prompts(str(p), cfg.on_bad_row, limit=cfg.max_prompts)
+        prompts_source = "built-in (alignkit/assets/prompts.jsonl)"
+    print(f"prompts: {loaded.summary()}", file=sys.stderr)
+    if not loaded.examples:
+        raise ValueError(f"no prompts to evaluate in {prompts_source}")
+    k = cfg.samples_per_prompt
+    prompts = [ex.prompt for ex in loaded.examples for _ in range(k)]
+    prompt_ids = [encode_prompt(tokenizer, p, cfg.max_prompt_length) for p in prompts]
+    sampling = SamplingConfig(cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.seed)
+
+    # 2. Policy samples (seeded), then the reference's with the same seed and settings.
+    device = pick_device()
+    policy = _load(cfg.model, cfg, device)
+    policy_samples = generate(policy, tokenizer, prompt_ids, sampling, cfg.batch_size, cfg.progress, "policy")
+    reference = reference_samples = None
+    if reference_name is not None:
+        if not _same_vocabulary(tokenizer, load_tokenizer(reference_name, cfg.trust_remote_code)):
+            raise ValueError(
+                f"reference '{reference_name}' has another vocabulary than '{cfg.model}'; per-token KL needs "
+                "both models to score the same tokens (pass reference=none to skip the comparison)"
+            )
+        # The same name is the same weights: reuse the loaded model rather than hold it twice.
+        reference = policy if reference_name == cfg.model else _load(reference_name, cfg, device)
+        reference_samples = generate(
+            reference, tokenizer, prompt_ids, sampling, cfg.batch_size, cfg.progress, "reference"
+        )
+
+    # 3. KL(policy || reference) on the policy's own samples: each response token scored under both
+    #    models; k1 = log p - log q and k3 = (r - 1) - log r with r = q / p (Schulman 2020).
+    chunk = cfg.logprob_chunk_size
+    kl = None
+    if reference is not None:
+        policy_logps = response_token_logprobs(policy, policy_samples, cfg.batch_size, chunk)
+        reference_logps = response_token_logprobs(reference, policy_samples, cfg.batch_size, chunk)
+        est = kl_per_token(policy_logps, reference_logps)
+        kl = {
+            "k1_per_token": est.k1,
+            "k3_per_token": est.k3,
+            "k1_per_sequence": float(est.per_sequence.mean()),
+            "n_tokens": est.n_tokens,
+        }
+        if cfg.temperature != 1.0 or cfg.top_p != 1.0:
+            kl["note"] = (
+                "KL of the models at temperature 1, estimated on samples drawn at "
+                f"temperature={cfg.temperature}, top_p={cfg.top_p}: approximate (exact in expectation at 1.0/1.0)"
+            )
+
+    # 4. Token entropy of each model on its own samples.
+    policy_entropies = response_token_entropies(policy, policy_samples, cfg.batch_size, chunk)
+    reference_entropies = (
+        response_token_entropies(reference, reference_samples, cfg.batch_size, chunk)
+        if reference is not None
+        else None
+    )
+
+    # 5. Scores and the win rate: per prompt, the policy's mean score against the reference's; ties half.
+    policy_scores = reference_scores = None
+    win = None
+    if scorer is not None:
+        policy_scores = scorer.score(prompts, [s.text for s in policy_samples])
+        if reference_samples is not None:
+            reference_scores = scorer.score(prompts, [s.text for s in reference_samples])
+            w = win_rate(
+                per_prompt_means(policy_scores, k), per_prompt_means(reference_scores, k), seed=cfg.seed
+            )
+            win = {"value": w.value, "low": w.low, "high": w.high, "n_prompts": w.n}
+
+    # 6. Write eval.json (summary + every sample) and print the table.
+    result = {
+        "model": cfg.model,
+        "reference": reference_name,
+        "prompts": prompts_source,
+        "n_prompts": len(loaded.examples),
+        "skipped_prompts": len(loaded.skipped),
+        "samples_per_prompt": k,
+        "sampling": {
+            "temperature": cfg.temperature,
+            "top_p": cfg.top_p,
+            "max_new_tokens": cfg.max_new_tokens,
+            "seed": cfg.seed,
+        },
+        "scorer": scorer.name if scorer else None,
+        "policy": side_summary(policy_samples, policy_scores, policy_entropies),
+        "reference_stats": (
+            side_summary(reference_samples, reference_scores, reference_entropies)
+            if reference_samples
+            else None
+        ),
+        "win_rate": win,
+        "kl": kl,
+    }
+    samples = []
+    for i, (prompt, pol) in enumerate(zip(prompts, policy_samples)):
+        row = {"prompt": prompt, "policy": pol.text, "policy_tokens": response_tokens(pol)}
+        if policy_scores is not None:
+            row["policy_score"] = policy_scores[i]
+        if reference_samples is not None:
+            row["reference"] = reference_samples[i].text
+            row["reference_tokens"] = response_tokens(reference_samples[i])
+            if reference_scores is not None:
+                row["reference_score"] = reference_scores[i]
+        samples.append(row)
+    result["seconds"] = time.time() - started
+    output = Path(cfg.output).expanduser() if cfg.output else default_output(cfg.model)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = output.with_name(output.name + ".tmp")
+    tmp.write_text(json.dumps(_json_ready({**result, "samples": samples}), indent=2) + "\n")
+    tmp.replace(output)
+    print(format_table(result), file=sys.stderr)
+    print(f"wrote {output}", file=sys.stderr)
+    return _json_ready({**result, "output": str(output)})
+
+
+def _json_ready(value):
+    """Plain JSON: tensors as lists, NaN/inf (an empty bucket's statistics) as null."""
+    if isinstance(value, dict):
+        return {k: _json_ready(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_ready(v) for v in value]
+    if isinstance(value, torch.Tensor):
+        return _json_ready(value.tolist())
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value

@@ -1,0 +1,448 @@
+"""`alignkit kto`: Kahneman-Tversky Optimization (Ethayarajh et al. 2024) on unpaired feedback.
+
+Each example is a prompt, a completion and a desirable/undesirable label; preference pairs are split into
+one desirable and one undesirable example. The loss is `alignkit.losses.kto.kto_loss`; its reference
+point z0 is estimated from mismatched prompt/completion pairs fixed once, before training (see
+`kl_partners`). The reference is held as in DPO: precomputed, the LoRA base, or a frozen copy.
+
+Logged per step (the loop divides every sum by the step's examples): loss; kl (z0, averaged over
+examples); count/desirable and count/undesirable (class fractions); rewards/desirable_sum,
+rewards/undesirable_sum, logps/desirable_sum, logps/undesirable_sum (each class's values summed, over
+all examples). A class mean is the ratio: rewards/desirable_sum / count/desirable (TRL logs sums and
+counts the same way), because a step's class mix varies and a per-step class mean cannot be made to
+survive the loop's division by the step's size. Evaluation reports true class means.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass
+from functools import partial
+from typing import Literal
+
+import torch
+
+from alignkit.config import ConfigError, TrainConfig, doc_field, save_config
+from alignkit.data.collate import collate_unpaired
+from alignkit.data.io import BadRow, read_rows
+from alignkit.data.schemas import load_preferences, load_unpaired, pairs_to_unpaired
+from alignkit.data.tokenize import EncodedUnpaired, encode_unpaired
+from alignkit.evaluation.metrics import mean_ci
+from alignkit.losses.kto import kto_loss, kto_weight_warning, mismatched_indices
+from alignkit.models.forward import sequence_logprobs
+from alignkit.models.loading import (
+    apply_lora,
+    count_parameters,
+    load_model,
+    load_tokenizer,
+    pick_device,
+    save_final,
+)
+from alignkit.training.loop import StepOutput, train
+from alignkit.training.run import RunDir
+
+
+@dataclass
+class KTOConfig(TrainConfig):
+    """KTO. Data: prompt/completion/label rows (unpaired feedback), or prompt/chosen/rejected pairs."""
+
+    beta: float = doc_field(0.1, "Temperature on the log-ratios (KL strength), as in DPO.")
+    desirable_weight: float = doc_field(
+        1.0, "lambda_D, weight of desirable examples; keep lambda_D*n_D / (lambda_U*n_U) in [1, 4/3]."
+    )
+    undesirable_weight: float = doc_field(1.0, "lambda_U, weight of undesirable examples.")
+    data_format: Literal["auto", "unpaired", "pairs"] = doc_field(
+        "auto",
+        "unpaired: prompt/completion/label rows; pairs: chosen/rejected pairs, each split into one desirable "
+        "and one undesirable example; auto: per file, 'label' column -> unpaired, 'chosen' -> pairs.",
+    )
+    reference: Literal["auto", "precomputed", "adapter", "copy"] = doc_field(
+        "auto",
+        "Reference log-probs: precomputed once before training; from the LoRA base with adapters disabled; "
+        "or a frozen copy. auto = precomputed.",
+    )
+    # Same default as DPO: both move the policy by beta-scaled log-ratios from the same reference, and one
+    # learning rate lets the two be compared on the same data (TRL's KTOConfig uses 1e-6).
+    learning_rate: float = doc_field(5e-7, "Peak AdamW learning rate.")
+    batch_size: int = doc_field(8, "Examples per optimizer step.")
+    micro_batch_size: int = doc_field(
+        2, "Examples per forward/backward pass, at least 2: z0 is estimated over each micro-batch."
+    )
+    max_length: int = doc_field(512, "Longest prompt+completion in tokens; longer examples are truncated.")
+    eval_batch_size: int = doc_field(8, "Examples per forward pass when evaluating or precomputing.")
+
+
+CONFIG = KTOConfig
+
+
+@dataclass
+class KTOExample:
+    """A tokenized example, its mismatched KL sequence, and its reference log-probs when precomputed."""
+
+    encoded: EncodedUnpaired
+    kl: EncodedUnpaired  # this example's prompt + its partner's completion (see kl_partners); label unused
+    pair: int | None  # the preference pair it came from (held-out accuracy); None for unpaired data
+    ref: torch.Tensor | None = None  # (2,) reference summed log-prob of the completion, of the KL sequence
+
+
+def kl_partners(n: int, seed: int) -> list[int]:
+    """partner[i]: the example whose completion follows prompt i in i's KL (mismatched) sequence.
+
+    Fixed once, at data preparation: a seeded shuffle of the n examples, then the rotation of
+    `mismatched_indices` along it, so no example is its own partner and every completion is used exactly
+    once. Fixing the pairs (rather than rotating each micro-batch as TRL did) is what lets a precomputed
+    reference score the KL sequences before training, so every reference mode computes the same z0; both
+    schemes give a batch estimate of the same KL. A partner may share the prompt by chance (e.g. the other
+    half of a preference pair); that only adds one matched sample to z0's estimate, as in TRL.
+    """
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))  # (n,)
+    partner = [0] * n
+    for position, source in zip(order.tolist(), order[mismatched_indices(n)].tolist()):
+        partner[position] = source
+    return partner
+
+
+def build_examples(encoded: list[EncodedUnpaired], pairs: list[int | None], max_length: int, seed: int):
+    """KTOExamples with their KL sequences: prompt i's ids + partner's completion ids, cut to max_length.
+
+    The prompt was already fitted with its own completion, so it leaves at least one token of room; the
+    partner's completion keeps its start, as `encode` would cut it.
+    """
+    if len(encoded) < 2:
+        raise ValueError(
+            f"KTO needs at least 2 examples (to mismatch prompts and completions), got {len(encoded)}"
+        )
+    examples = []
+    for i, j in enumerate(kl_partners(len(encoded), seed)):
+        own, other = encoded[i], encoded[j]
+        completion = other.completion_ids[: max_length - len(own.prompt_ids)]
+        kl = EncodedUnpaired(
+            own.prompt_ids, completion, own.label, len(completion) < len(other.completion_ids)
+        )
+        examples.append(KTOExample(own, kl, pairs[i]))
+    return examples
+
+
+def collate(examples: list[KTOExample], pad_id: int) -> dict:
+    """collate_unpaired's keys for the completions (B, T), the same as kl_* for the KL sequences (B, T'),
+    and ref (B, 2) when precomputed. n_items = B: the loss is per example."""
+    batch = collate_unpaired([ex.encoded for ex in examples], pad_id)
+    kl = collate_unpaired([ex.kl for ex in examples], pad_id)
+    batch.update(
+        kl_input_ids=kl["input_ids"], kl_attention_mask=kl["attention_mask"], kl_loss_mask=kl["loss_mask"]
+    )
+    batch["n_tokens"] += kl["n_tokens"]  # both are forwarded
+    if examples[0].ref is not None:
+        batch["ref"] = torch.stack([ex.ref for ex in examples])  # (B, 2)
+    return batch
+
+
+def completion_logps(model, batch: dict, chunk_size: int) -> torch.Tensor:
+    """(B,) summed log-probs of each example's own completion."""
+    return sequence_logprobs(
+        model, batch["input_ids"], batch["attention_mask"], batch["loss_mask"], chunk_size
+    ).sum
+
+
+def kl_logps(model, batch: dict, chunk_size: int) -> torch.Tensor:
+    """(B,) summed log-probs of the KL sequences' (mismatched) completions."""
+    lp = sequence_logprobs(
+        model, batch["kl_input_ids"], batch["kl_attention_mask"], batch["kl_loss_mask"], chunk_size
+    )
+    return lp.sum
+
+
+def reference_logprobs(cfg: KTOConfig, model, reference, batch: dict) -> torch.Tensor:
+    """(B, 2) reference summed log-probs of [completion, KL sequence], however the reference is held."""
+    if "ref" in batch:
+        return batch["ref"]
+    with torch.no_grad():
+        if reference is not None:
+            return torch.stack(
+                [
+                    completion_logps(reference, batch, cfg.logprob_chunk_size),
+                    kl_logps(reference, batch, cfg.logprob_chunk_size),
+                ],
+                dim=1,
+            )
+        with model.disable_adapter():  # LoRA: the same base with adapters disabled is the reference
+            return torch.stack(
+                [
+                    completion_logps(model, batch, cfg.logprob_chunk_size),
+                    kl_logps(model, batch, cfg.logprob_chunk_size),
+                ],
+                dim=1,
+            )
+
+
+@dataclass
+class KTOOutputs:
+    losses: torch.Tensor  # (B,) per-example loss
+    rewards: torch.Tensor  # (B,) beta * (policy - reference) log-prob, detached
+    labels: torch.Tensor  # (B,) bool, True: desirable
+    kl: float  # z0 of this batch
+    metrics: dict[str, float]  # sums over the examples (see the module docstring)
+
+
+def kto_outputs(cfg: KTOConfig, model, reference, batch: dict) -> KTOOutputs:
+    policy = completion_logps(model, batch, cfg.logprob_chunk_size)  # (B,) with grad
+    # z0 is detached in the loss, so the policy's KL sequences need no graph: a separate no-grad forward
+    # saves their activations (and in train mode draws its own dropout, as a second model call would).
+    with torch.no_grad():
+        policy_kl = kl_logps(model, batch, cfg.logprob_chunk_size)  # (B,)
+    ref = reference_logprobs(cfg, model, reference, batch)  # (B, 2)
+    labels = batch["labels"]
+    out = kto_loss(
+        policy, ref[:, 0], labels, policy_kl, ref[:, 1],
+        beta=cfg.beta, desirable_weight=cfg.desirable_weight, undesirable_weight=cfg.undesirable_weight,
+    )  # fmt: skip
+    desirable, undesirable = labels, ~labels
+    kl = out.kl.item()
+    metrics = {
+        "kl": kl * len(labels),  # z0 is one number per micro-batch; weighting it by its examples averages it
+        "count/desirable": desirable.sum().item(),
+        "count/undesirable": undesirable.sum().item(),
+        "rewards/desirable_sum": out.rewards[desirable].sum().item(),
+        "rewards/undesirable_sum": out.rewards[undesirable].sum().item(),
+        "logps/desirable_sum": policy.detach()[desirable].sum().item(),
+        "logps/undesirable_sum": policy.detach()[undesirable].sum().item(),
+    }
+    return KTOOutputs(out.losses, out.rewards, labels, kl, metrics)
+
+
+def kto_step(model, batch: dict, cfg: KTOConfig, reference) -> StepOutput:
+    out = kto_outputs(cfg, model, reference, batch)
+    return StepOutput(loss_sum=out.losses.sum(), metrics=out.metrics)
+
+
+def _to_device(batch: dict, device) -> dict:
+    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+@torch.no_grad()
+def evaluate(cfg: KTOConfig, model, reference, examples: list[KTOExample], pad_id: int) -> tuple[dict, list]:
+    """Held-out metrics and, for paired data, each pair's correctness (for the bootstrap interval).
+
+    loss and kl (z0 per eval batch) are means over examples; rewards/desirable and rewards/undesirable are
+    class means and rewards/gap their difference; accuracy (pairs only) is the fraction of pairs whose
+    chosen completion gets the higher implicit reward.
+    """
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    loss_sum = kl_sum = 0.0
+    rewards, labels = [], []
+    for start in range(0, len(examples), cfg.eval_batch_size):
+        batch = _to_device(collate(examples[start : start + cfg.eval_batch_size], pad_id), device)
+        out = kto_outputs(cfg, model, reference, batch)
+        loss_sum += out.losses.sum().item()
+        kl_sum += out.metrics["kl"]
+        rewards += out.rewards.float().tolist()
+        labels += out.labels.tolist()
+    model.train(was_training)
+    n = max(len(examples), 1)
+    desirable = [r for r, y in zip(rewards, labels) if y]
+    undesirable = [r for r, y in zip(rewards, labels) if not y]
+    metrics = {"loss": loss_sum / n, "kl": kl_sum / n}
+    if desirable:
+        metrics["rewards/desirable"] = sum(desirable) / len(desirable)
+    if undesirable:
+        metrics["rewards/undesirable"] = sum(undesirable) / len(undesirable)
+    if desirable and undesirable:
+        metrics["rewards/gap"] = metrics["rewards/desirable"] - metrics["rewards/undesirable"]
+    correct = pair_correctness(examples, rewards)
+    if correct:
+        metrics["accuracy"] = sum(correct) / len(correct)
+    return metrics, correct
+
+
+def pair_correctness(examples: list[KTOExample], rewards: list[float]) -> list[float]:
+    """1.0 for each held-out pair whose chosen (desirable) half has the higher reward, else 0.0 (ties too)."""
+    by_pair: dict[int, dict[bool, float]] = {}
+    for ex, reward in zip(examples, rewards):
+        if ex.pair is not None:
+            by_pair.setdefault(ex.pair, {})[ex.encoded.label] = reward
+    return [float(r[True] > r[False]) for r in by_pair.values() if len(r) == 2]
+
+
+@torch.no_grad()
+def precompute_reference(cfg: KTOConfig, model, examples: list[KTOExample], pad_id: int, desc: str) -> None:
+    """Fill ex.ref with the (frozen, initial) model's [completion, KL sequence] log-probs, once."""
+    from tqdm.auto import tqdm
+
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    for start in tqdm(range(0, len(examples), cfg.eval_batch_size), desc=desc, disable=not cfg.progress):
+        chunk = examples[start : start + cfg.eval_batch_size]
+        batch = _to_device(collate(chunk, pad_id), device)
+        out = torch.stack(
+            [
+                completion_logps(model, batch, cfg.logprob_chunk_size),
+                kl_logps(model, batch, cfg.logprob_chunk_size),
+            ],
+            dim=1,
+        )  # (b, 2)
+        for ex, row in zip(chunk, out.float().cpu()):
+            ex.ref = row
+    model.train(was_training)
+
+
+def resolve_format(data_format: str, source: str, split: str | None) -> str:
+    """ "unpaired" or "pairs"; "auto" looks at the first readable row of the file."""
+    if data_format != "auto":
+        return data_format
+    for item in read_rows(source, split):
+        if isinstance(item, BadRow):
+            continue
+        if "label" in item.data:
+            return "unpaired"
+        if "chosen" in item.data or "rejected" in item.data:
+            return "pairs"
+        raise ConfigError(
+            f"data_format=auto: {source} row {item.row} has neither a 'label' column (unpaired feedback) nor "
+            f"'chosen'/'rejected' (pairs); it has {sorted(item.data)}. Set data_format=unpaired or pairs."
+        )
+    return "unpaired"  # no readable row: the loader reports what is wrong
+
+
+def load_examples(cfg: KTOConfig, tokenizer, source, split, rows, limit, what: str):
+    """(KTOExamples, the loader's Loaded, the resolved format), with the class counts printed."""
+    fmt = resolve_format(cfg.data_format, source, split)
+    if fmt == "pairs":
+        loaded = load_preferences(source, cfg.on_bad_row, split=split, rows=rows, limit=limit)
+        unpaired = pairs_to_unpaired(loaded.examples)  # chosen (desirable), rejected (undesirable), ...
+        pairs = [k // 2 for k in range(len(unpaired))]
+    else:
+        loaded = load_unpaired(source, cfg.on_bad_row, split=split, rows=rows, limit=limit)
+        unpaired, pairs = loaded.examples, [None] * len(loaded.examples)
+    enc = partial(
+        encode_unpaired, tokenizer, max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length
+    )
+    encoded = [enc(u.prompt, u.completion, u.label) for u in unpaired]
+    if len(encoded) < 2:  # reported as a config problem, not a traceback
+        raise ConfigError(
+            f"{what}_data: KTO needs at least 2 examples to mismatch prompts and completions, {source} "
+            f"gave {len(encoded)}"
+        )
+    n_desirable = sum(e.label for e in encoded)
+    print(
+        f"{what} data ({fmt}): {loaded.summary()} -> {len(encoded)} examples, "
+        f"{n_desirable} desirable : {len(encoded) - n_desirable} undesirable",
+        file=sys.stderr,
+    )
+    return build_examples(encoded, pairs, cfg.max_length, cfg.seed), loaded, fmt
+
+
+def check_config(cfg: KTOConfig) -> None:
+    # z0 is a batch estimate over each micro-batch; from a single example it is one clamped sample, noisy
+    # and biased upward by the clamp at 0 (TRL refuses a per-device batch of 1 for the same estimate). The
+    # fixed partners keep the rare single-example micro-batch at an epoch's end well defined.
+    for name in ("micro_batch_size", "batch_size"):
+        if getattr(cfg, name) < 2:
+            raise ConfigError(
+                f"{name}={getattr(cfg, name)}: KTO estimates its reference point z0 from mismatched pairs "
+                f"of each micro-batch and needs at least 2 examples there; set {name}=2 or more"
+            )
+    if cfg.reference == "adapter" and not cfg.lora:
+        raise ConfigError(
+            "reference=adapter needs lora=true (the reference is the base with adapters disabled)"
+        )
+
+
+def run(cfg: KTOConfig) -> dict:
+    check_config(cfg)
+    started = time.time()
+    run_dir = RunDir.create(cfg.output_dir, "kto", cfg.resume_from)
+    save_config(cfg, run_dir.config_path)
+    print(f"run folder: {run_dir.path}", file=sys.stderr)
+
+    # 1. Data: unpaired examples (pairs split in two), each with its fixed mismatched KL sequence.
+    tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code)
+    train_examples, train_rows, train_format = load_examples(
+        cfg, tokenizer, cfg.train_data, cfg.train_split, cfg.train_rows, cfg.max_train_rows, "train"
+    )
+    eval_examples: list[KTOExample] = []
+    eval_format = None
+    if cfg.eval_data:
+        eval_examples, _, eval_format = load_examples(
+            cfg, tokenizer, cfg.eval_data, cfg.eval_split, cfg.eval_rows, cfg.max_eval_rows, "eval"
+        )
+    n_desirable = sum(ex.encoded.label for ex in train_examples)
+    n_undesirable = len(train_examples) - n_desirable
+    weight_warning = kto_weight_warning(
+        cfg.desirable_weight, cfg.undesirable_weight, n_desirable, n_undesirable
+    )
+    if weight_warning:
+        print(f"warning: {weight_warning}", file=sys.stderr)
+
+    # 2. Policy and reference.
+    model = load_model(cfg.model, cfg.dtype, cfg.trust_remote_code, device=pick_device())
+    pad_id = tokenizer.pad_token_id
+    mode = cfg.reference if cfg.reference != "auto" else "precomputed"
+    reference = None
+    if mode == "precomputed":
+        precompute_reference(cfg, model, train_examples, pad_id, "reference log-probs (train)")
+        precompute_reference(cfg, model, eval_examples, pad_id, "reference log-probs (eval)")
+    elif mode == "copy":
+        reference = load_model(cfg.model, cfg.dtype, cfg.trust_remote_code, device=pick_device()).eval()
+        reference.requires_grad_(False)
+    if cfg.lora:
+        model = apply_lora(model, cfg)
+    trainable, total = count_parameters(model)
+    model.train()
+
+    eval_before, _ = evaluate(cfg, model, reference, eval_examples, pad_id) if eval_examples else ({}, [])
+
+    # 3. Train with the shared loop.
+    result = train(
+        cfg,
+        model,
+        train_examples,
+        collate_fn=partial(collate, pad_id=pad_id),
+        step_fn=partial(kto_step, cfg=cfg, reference=reference),
+        run=run_dir,
+        eval_fn=(lambda m: evaluate(cfg, m, reference, eval_examples, pad_id)[0]) if eval_examples else None,
+    )
+
+    # 4. Held-out metrics (pair accuracy with a bootstrap interval), the final model, the summary.
+    summary = {
+        "stage": "kto",
+        "model": cfg.model,
+        "run_dir": str(run_dir.path),
+        "final_model": str(run_dir.final_dir),
+        "reference": mode,
+        "data_format": train_format,
+        "steps": result.steps,
+        "train_examples": len(train_examples),
+        "train_desirable": n_desirable,
+        "train_undesirable": n_undesirable,
+        "weight_warning": weight_warning,
+        "skipped_rows": len(train_rows.skipped),
+        "truncated_examples": sum(ex.encoded.truncated for ex in train_examples),
+        "trainable_parameters": trainable,
+        "total_parameters": total,
+        "final_metrics": result.metrics,
+        "train_seconds": result.elapsed_s,
+        "peak_rss_mb": result.peak_rss_mb,
+    }
+    if eval_examples:
+        eval_after, correct = evaluate(cfg, model, reference, eval_examples, pad_id)
+        summary.update(
+            eval_format=eval_format,
+            eval_examples=len(eval_examples),
+            eval_before=eval_before,
+            eval_after=eval_after,
+        )
+        if correct:  # paired held-out data: how often the chosen half out-scores the rejected one
+            acc = mean_ci(correct)
+            summary.update(
+                eval_pairs=len(correct), eval_accuracy=acc.value, eval_accuracy_ci95=[acc.low, acc.high]
+            )
+        if "rewards/gap" in eval_after:
+            summary["eval_reward_gap"] = eval_after["rewards/gap"]
+    save_final(model, tokenizer, run_dir.final_dir, merge_lora=cfg.merge_lora)
+    summary["wall_seconds"] = time.time() - started
+    run_dir.write_summary(summary)
+    return summary

@@ -1,0 +1,741 @@
+"""`alignkit ppo`: RLHF with PPO (Ziegler et al. 2019; Stiennon et al. 2020; Ouyang et al. 2022).
+
+Four roles: the policy being trained, a frozen reference it pays a KL penalty to, a reward (a function or a
+reward model from `alignkit rm`) and a value model. One iteration is one loop body in `run`, numbered:
+sample -> score -> KL-penalised per-token rewards -> values and GAE -> PPO epochs -> KL-coefficient update.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import json
+import math
+import random
+import re
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, Protocol
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from alignkit.config import ConfigError, TrainConfig, doc_field, required, save_config
+from alignkit.data.schemas import load_prompts
+from alignkit.data.tokenize import encode_prompt
+from alignkit.errors import TrainingInterrupted
+from alignkit.evaluation.metrics import distinct_n, length_stats, pearson
+from alignkit.evaluation.monitors import MonitorSet, default_monitors
+from alignkit.losses.logprobs import completion_logprobs
+from alignkit.losses.ppo import (
+    AdaptiveKLController,
+    FixedKLController,
+    entropy_from_logits,
+    explained_variance,
+    gae,
+    masked_mean,
+    per_token_rewards,
+    policy_loss,
+    value_loss,
+    whiten,
+)
+from alignkit.models.forward import supports_chunked_head
+from alignkit.models.generation import Generation, SamplingConfig, generate
+from alignkit.models.loading import (
+    apply_lora,
+    count_parameters,
+    load_model,
+    load_tokenizer,
+    pick_device,
+    save_final,
+)
+from alignkit.models.value import ValueModel, add_value_adapter, keep_trainable, remove_value_adapter
+from alignkit.training.checkpoint import checkpoint_dir, load_checkpoint, prune_checkpoints, save_checkpoint
+from alignkit.training.run import RunDir, peak_rss_mb
+from alignkit.training.schedule import build_scheduler
+
+DEFAULT_PROMPTS = Path(__file__).resolve().parents[1] / "assets" / "prompts.jsonl"
+
+# TrainConfig fields that mean nothing in PPO's loop, and what to set instead. check_config refuses a changed
+# value rather than silently ignoring it. (Without eval_data, the other eval_* fields are inert.)
+NOT_USED = {
+    "batch_size": "prompts_per_iteration (rollout batch) and minibatch_size (optimizer batch)",
+    "epochs": "iterations and ppo_epochs",
+    "max_steps": "iterations",
+    "max_length": "max_prompt_length and max_new_tokens",
+    "eval_data": "`alignkit eval` on the final model",
+    "eval_every": "`alignkit eval` on the final model",
+}
+
+
+def _not_used(name: str) -> str:
+    return f"Not used by ppo (an error if changed): see {NOT_USED[name]}."
+
+
+@dataclass
+class PPOConfig(TrainConfig):
+    """RLHF with PPO. Data: prompts (a `prompt` column, or `messages` ending with a user turn)."""
+
+    train_data: str | None = doc_field(
+        None, "Prompts to sample from; None uses the 64 prompts shipped with alignkit (assets/prompts.jsonl)."
+    )
+    reward: str = required(
+        "'module:function' with function(prompt: str, response: str) -> float (e.g. alignkit.rewards:politeness), "
+        "or a reward model directory written by `alignkit rm`."
+    )
+    reward_batch_size: int = doc_field(8, "Responses per forward pass of a reward model.")
+    # --- rollouts ---
+    iterations: int = doc_field(20, "PPO iterations; each samples, scores and updates once.")
+    prompts_per_iteration: int = doc_field(
+        16, "Prompts sampled per iteration (the rollout batch), one response each."
+    )
+    max_new_tokens: int = doc_field(
+        48, "Longest response in tokens; a response cut here counts as unfinished."
+    )
+    temperature: float = doc_field(
+        1.0,
+        "Sampling temperature (> 0); log-probs of policy and reference are taken at the same temperature.",
+    )
+    generation_batch_size: int = doc_field(16, "Prompts per batched generate() call.")
+    max_prompt_length: int | None = doc_field(256, "Longest prompt in tokens (its end is kept).")
+    # --- reward shaping ---
+    init_kl_coef: float = doc_field(
+        0.05, "beta at the start: weight of the per-token KL penalty to the reference."
+    )
+    kl_target: float | None = doc_field(
+        6.0,
+        "Adaptive KL control (Ziegler et al. 2019): steer beta so the mean per-response KL (nats) tracks this; "
+        "None keeps beta fixed at init_kl_coef.",
+    )
+    kl_horizon: int = doc_field(
+        10000,
+        "Adaptive KL horizon in responses: beta moves by at most 20% x responses / horizon per iteration.",
+    )
+    kl_estimator: Literal["k1", "k3"] = doc_field(
+        "k1",
+        "Per-token KL in the penalty: k1 = log p - log q (InstructGPT), k3 = (r - 1) - log r (never < 0).",
+    )
+    missing_eos_penalty: float | None = doc_field(
+        None,
+        "Subtract this from the score of a response that hit max_new_tokens without EOS; None: no penalty.",
+    )
+    whiten_rewards: bool = doc_field(
+        False, "Scale the per-token rewards to unit variance (mean kept) before GAE (Huang et al. 2024)."
+    )
+    # --- PPO update ---
+    ppo_epochs: int = doc_field(2, "Passes of minibatch updates over each iteration's samples.")
+    minibatch_size: int = doc_field(8, "Responses per optimizer step.")
+    micro_batch_size: int = doc_field(
+        8, "Responses per forward/backward pass; a minibatch is accumulated from these exactly."
+    )
+    clip_eps: float = doc_field(0.2, "PPO ratio clip: pi/pi_old is held within [1 - eps, 1 + eps].")
+    value_clip_eps: float = doc_field(
+        0.2, "Value clip: a new value moves at most this far from the rollout's."
+    )
+    vf_coef: float = doc_field(0.1, "Weight of the value loss next to the policy loss.")
+    ent_coef: float = doc_field(
+        0.0, "Weight of an entropy bonus; > 0 holds (N, vocab) logits for the backward pass."
+    )
+    gamma: float = doc_field(1.0, "Discount over response tokens.")
+    lam: float = doc_field(
+        0.95, "GAE lambda (Schulman et al. 2016): 1 = Monte-Carlo returns, 0 = one-step TD."
+    )
+    learning_rate: float = doc_field(1e-5, "Peak AdamW learning rate (LoRA usually wants ~1e-4).")
+    adam_eps: float = doc_field(1e-5, "AdamW epsilon; 1e-5 as in lm-human-preferences (Huang et al. 2024).")
+    lr_scheduler: Literal["constant", "linear", "cosine"] = doc_field(
+        "linear", "Learning-rate schedule over all optimizer steps (annealed to 0, as lm-human-preferences)."
+    )
+    log_every: int = doc_field(1, "Write metrics every N iterations.")
+    save_every: int | None = doc_field(None, "Write a checkpoint every N iterations (and at the end).")
+    # --- TrainConfig fields PPO does not use (same defaults) ---
+    batch_size: int = doc_field(8, _not_used("batch_size"))
+    epochs: int = doc_field(1, _not_used("epochs"))
+    max_steps: int | None = doc_field(None, _not_used("max_steps"))
+    max_length: int = doc_field(1024, _not_used("max_length"))
+    eval_data: str | None = doc_field(None, _not_used("eval_data"))
+    eval_every: int | None = doc_field(None, _not_used("eval_every"))
+
+
+CONFIG = PPOConfig
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The reward
+
+
+class Scorer(Protocol):
+    """Scores responses; prompts are given as in the data (text, or a list of chat messages)."""
+
+    def score(self, prompts: list, responses: list[str]) -> list[float]: ...
+
+
+def prompt_text(prompt) -> str:
+    """A text prompt as it is; chat messages as "role: content" lines."""
+    if isinstance(prompt, str):
+        return prompt
+    return "\n".join(f"{m['role']}: {m['content']}" for m in prompt)
+
+
+class FunctionScorer:
+    """A programmatic reward ``module:function``, called as function(prompt: str, response: str) -> float."""
+
+    def __init__(self, spec: str):
+        module_name, _, function_name = spec.partition(":")
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as e:
+            if e.name is None or not (module_name == e.name or module_name.startswith(e.name + ".")):
+                raise  # the module exists but one of its own imports is missing: show the real error
+            raise ConfigError(f"reward: no module named '{module_name}' (from reward={spec})") from None
+        function = getattr(module, function_name, None)
+        if not callable(function):
+            raise ConfigError(f"reward: module '{module_name}' has no function '{function_name}'")
+        self.spec, self.function = spec, function
+
+    def score(self, prompts: list, responses: list[str]) -> list[float]:
+        scores = []
+        for i, (prompt, response) in enumerate(zip(prompts, responses)):
+            value = self.function(prompt_text(prompt), response)
+            try:
+                value = float(value)
+            except (TypeError, ValueError):
+                value = math.nan
+            if not math.isfinite(value):
+                raise ValueError(
+                    f"reward {self.spec} returned {value!r} for response {i} ({response[:60]!r}); "
+                    "it must return a finite number"
+                )
+            scores.append(value)
+        return scores
+
+
+class RewardModelScorer:
+    """A reward model written by `alignkit rm` (``alignkit.models.reward``, imported only when one is used)."""
+
+    def __init__(self, path: str, cfg: PPOConfig, device: torch.device):
+        from alignkit.models.reward import load_reward_model
+
+        self.reward_model = load_reward_model(
+            path, dtype=cfg.dtype, device=device, trust_remote_code=cfg.trust_remote_code
+        )
+        self.batch_size = cfg.reward_batch_size
+
+    def score(self, prompts: list, responses: list[str]) -> list[float]:
+        return self.reward_model.score(prompts, responses, batch_size=self.batch_size)
+
+
+_FUNCTION_SPEC = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*")
+
+
+def make_scorer(cfg: PPOConfig, device: torch.device) -> Scorer:
+    spec = cfg.reward
+    if _FUNCTION_SPEC.fullmatch(spec) and not Path(spec).exists():
+        return FunctionScorer(spec)
+    if Path(spec).expanduser().is_dir():
+        return RewardModelScorer(str(Path(spec).expanduser()), cfg, device)
+    raise ConfigError(
+        f"reward: '{spec}' is neither 'module:function' (e.g. alignkit.rewards:politeness) "
+        "nor a reward model directory"
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Rollouts: samples in two layouts. "Sequence" tensors (B, T) hold prompt + response right-padded, the way
+# the models read them; "response" tensors (B, R) hold each row's response tokens from column 0, the way the
+# PPO losses read them. `loss_mask` (B, T) marks the response tokens in the first, `mask` (B, R) in the second.
+
+
+@dataclass
+class Rollout:
+    input_ids: torch.Tensor  # (B, T) prompt then response, right-padded
+    attention_mask: torch.Tensor  # (B, T)
+    loss_mask: torch.Tensor  # (B, T) 1 on response tokens
+    mask: torch.Tensor  # (B, R) 1 on response tokens
+    logps: torch.Tensor  # (B, R) log-probs of the sampled tokens under the policy that sampled them
+    values: torch.Tensor  # (B, R) V(s_t) of the value model before the update
+    advantages: torch.Tensor  # (B, R) GAE advantages, whitened
+    returns: torch.Tensor  # (B, R) advantages + values (unwhitened): the value target
+
+    def rows(self, index) -> Rollout:
+        return Rollout(**{f.name: getattr(self, f.name)[index] for f in dataclasses.fields(self)})
+
+
+def collate_samples(generations: list[Generation], pad_id: int, device: torch.device) -> dict:
+    """Sequence and response layouts of the samples (see above): input_ids, attention_mask, loss_mask, mask."""
+    B = len(generations)
+    T = max(len(g.prompt_ids) + len(g.response_ids) for g in generations)
+    R = max(len(g.response_ids) for g in generations)
+    input_ids = torch.full((B, T), pad_id, dtype=torch.long)  # (B, T)
+    attention_mask = torch.zeros((B, T), dtype=torch.long)
+    loss_mask = torch.zeros((B, T), dtype=torch.long)
+    mask = torch.zeros((B, R), dtype=torch.long)  # (B, R)
+    for i, g in enumerate(generations):
+        p, r = len(g.prompt_ids), len(g.response_ids)
+        input_ids[i, : p + r] = torch.tensor(g.prompt_ids + g.response_ids)
+        attention_mask[i, : p + r] = 1
+        loss_mask[i, p : p + r] = 1
+        mask[i, :r] = 1
+    batch = {"input_ids": input_ids, "attention_mask": attention_mask, "loss_mask": loss_mask, "mask": mask}
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def to_response_layout(flat: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(N,) per-token values in (row, position) order -> (B, R) response layout, 0 where mask is 0."""
+    return torch.zeros(mask.shape, dtype=flat.dtype, device=flat.device).masked_scatter(mask.bool(), flat)
+
+
+def _transformer(model):
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def policy_outputs(model, batch: dict, chunk_size: int, temperature: float = 1.0, with_entropy: bool = False):
+    """Log-probs (B, R) of the response tokens at ``temperature``, and their entropies (B, R) if asked.
+
+    Through the chunked LM head where the model allows it (no (B, T, V) tensor); the entropy needs each
+    response position's logits, computed chunk by chunk from the same hidden states.
+    """
+    input_ids, attention_mask, loss_mask = batch["input_ids"], batch["attention_mask"], batch["loss_mask"]
+    scored = loss_mask[:, 1:].bool()  # (B, T-1): positions whose next token is a response token
+    entropy = None
+    if supports_chunked_head(model):
+        base = _transformer(model)
+        hidden = base.get_decoder()(
+            input_ids=input_ids, attention_mask=attention_mask, use_cache=False
+        ).last_hidden_state  # (B, T, H)
+        head = base.get_output_embeddings()
+        # logits / tau = (h / tau) W^T + b / tau: the temperature is folded into the inputs of the chunked head.
+        bias = head.bias / temperature if head.bias is not None else None
+        hidden = hidden / temperature if temperature != 1.0 else hidden
+        flat = completion_logprobs(hidden, head.weight, input_ids, loss_mask, chunk_size, bias).token_logps
+        if with_entropy:
+            h = hidden[:, :-1][scored]  # (N, H)
+            chunks = [
+                entropy_from_logits(torch.nn.functional.linear(h[s : s + chunk_size], head.weight, bias))
+                for s in range(0, h.shape[0], chunk_size)
+            ]
+            entropy = to_response_layout(torch.cat(chunks), batch["mask"])
+    else:
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+        logits = logits[:, :-1][scored].float() / temperature  # (N, V)
+        flat = torch.log_softmax(logits, -1).gather(1, input_ids[:, 1:][scored][:, None]).squeeze(1)
+        if with_entropy:
+            entropy = to_response_layout(entropy_from_logits(logits), batch["mask"])
+    return to_response_layout(flat, batch["mask"]), entropy
+
+
+def response_values(value_model: ValueModel, batch: dict) -> torch.Tensor:
+    """V(s_t) for each response token t: the value at the position that predicts it. (B, R)"""
+    values = value_model(batch["input_ids"], batch["attention_mask"])  # (B, T)
+    return to_response_layout(values[:, :-1][batch["loss_mask"][:, 1:].bool()], batch["mask"])
+
+
+@torch.no_grad()
+def make_rollout(cfg: PPOConfig, policy, reference, value_model, batch: dict, scores, finished, beta: float):
+    """Steps 3-4 of an iteration: KL-penalised per-token rewards, values, GAE. Returns (Rollout, stats)."""
+    logps, entropy = policy_outputs(policy, batch, cfg.logprob_chunk_size, cfg.temperature, with_entropy=True)
+    if reference is None:  # LoRA: the frozen base with every adapter switched off is the reference
+        with keep_trainable(policy), policy.disable_adapter():
+            ref_logps, _ = policy_outputs(policy, batch, cfg.logprob_chunk_size, cfg.temperature)
+    else:
+        ref_logps, _ = policy_outputs(reference, batch, cfg.logprob_chunk_size, cfg.temperature)
+    values = response_values(value_model, batch)  # (B, R)
+    mask = batch["mask"]
+    # 3. r_t = -beta KL_t, plus the score (minus any missing-EOS penalty) on the last token.
+    shaped = per_token_rewards(
+        scores, logps, ref_logps, mask, beta, cfg.kl_estimator, finished, cfg.missing_eos_penalty
+    )
+    rewards = whiten(shaped.rewards, mask, shift_mean=False) if cfg.whiten_rewards else shaped.rewards
+    # 4. GAE on the rollout's values; advantages whitened over the batch's tokens (lm-human-preferences).
+    adv = gae(rewards, values, mask, cfg.gamma, cfg.lam)
+    sequences = (batch["input_ids"], batch["attention_mask"], batch["loss_mask"])
+    rollout = Rollout(*sequences, mask, logps, values, whiten(adv.advantages, mask), adv.returns)
+    per_response_kl = shaped.kl.sum(1)  # (B,) nats, the quantity the KL controller steers
+    stats = {
+        "kl": per_response_kl.mean().item(),
+        "kl/per_token": masked_mean(shaped.kl, mask).item(),
+        "rlhf_reward/mean": shaped.rewards.sum(1).mean().item(),
+        "entropy": masked_mean(entropy, mask).item(),
+        "explained_variance": explained_variance(values, adv.returns, mask).item(),
+        "value/mean": masked_mean(values, mask).item(),
+        "returns/mean": masked_mean(adv.returns, mask).item(),
+    }
+    return rollout, stats
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The PPO update
+
+
+def ppo_loss(
+    cfg: PPOConfig, policy, value_model, mb: Rollout
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Clipped surrogate + vf_coef * clipped value loss - ent_coef * entropy, each a token mean over ``mb``."""
+    batch = {k: getattr(mb, k) for k in ("input_ids", "attention_mask", "loss_mask", "mask")}
+    logps, entropy = policy_outputs(
+        policy, batch, cfg.logprob_chunk_size, cfg.temperature, with_entropy=cfg.ent_coef > 0
+    )
+    values = response_values(value_model, batch)
+    pg = policy_loss(logps, mb.logps, mb.advantages, mb.mask, cfg.clip_eps)
+    vf = value_loss(values, mb.values, mb.returns, mb.mask, cfg.value_clip_eps)
+    loss = pg.loss + cfg.vf_coef * vf.loss
+    stats = {
+        "policy_loss": pg.loss.detach(),
+        "value_loss": vf.loss.detach(),
+        "clip_frac": pg.clip_frac,
+        "approx_kl": pg.approx_kl,
+        "value_clip_frac": vf.clip_frac,
+    }
+    if entropy is not None:
+        mean_entropy = masked_mean(entropy, mb.mask)
+        loss = loss - cfg.ent_coef * mean_entropy
+        stats["update_entropy"] = mean_entropy.detach()
+    stats["loss"] = loss.detach()
+    return loss, stats
+
+
+def ppo_step(cfg: PPOConfig, policy, value_model, minibatch: Rollout, optimizer, scheduler, params) -> dict:
+    """One optimizer step on a minibatch, accumulated over micro-batches.
+
+    Each loss is a token mean; weighting a micro-batch's by its share of the minibatch's response tokens makes
+    the accumulated gradient that of one pass over the whole minibatch. A non-finite loss or gradient norm
+    skips the update (the schedule still advances, as in the shared loop).
+    """
+    n_tokens = minibatch.mask.sum()
+    sums: dict[str, float] = {}
+    for start in range(0, minibatch.mask.shape[0], cfg.micro_batch_size):
+        micro = minibatch.rows(slice(start, start + cfg.micro_batch_size))
+        weight = micro.mask.sum() / n_tokens
+        loss, stats = ppo_loss(cfg, policy, value_model, micro)
+        (loss * weight).backward()
+        for key, value in stats.items():
+            sums[key] = sums.get(key, 0.0) + float(value * weight)
+    max_norm = cfg.max_grad_norm if cfg.max_grad_norm is not None else math.inf
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+    finite = math.isfinite(sums["loss"]) and math.isfinite(grad_norm)
+    lr = optimizer.param_groups[0]["lr"]
+    if finite:
+        optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return {**sums, "grad_norm": grad_norm, "lr": lr, "nonfinite": float(not finite)}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Seeds, prompt order, stop signals
+
+
+def derived_seed(*parts: int) -> int:
+    """A 31-bit seed from (run seed, iteration, purpose): numpy's SeedSequence mixes them, so neighbouring
+    iterations draw unrelated streams and a resumed run draws exactly what the uninterrupted one did."""
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0]) & 0x7FFFFFFF
+
+
+def iteration_prompts(n_prompts: int, per_iteration: int, iteration: int, seed: int) -> list[int]:
+    """Prompt indices of an iteration: the next slice of a stream of seeded permutations (one per pass over
+    the prompts), so every prompt is used once per pass and the order depends only on (seed, iteration)."""
+    order: dict[int, list[int]] = {}
+    indices = []
+    for k in range(iteration * per_iteration, (iteration + 1) * per_iteration):
+        epoch, position = divmod(k, n_prompts)
+        if epoch not in order:
+            generator = torch.Generator().manual_seed(derived_seed(seed, epoch, 2))
+            order[epoch] = torch.randperm(n_prompts, generator=generator).tolist()
+        indices.append(order[epoch][position])
+    return indices
+
+
+class _StopSignals:
+    """SIGINT/SIGTERM set a flag read after each iteration, so the checkpoint then written is consistent; a
+    second signal stops at once. (The shared loop's handler, for PPO's own loop.)"""
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self._previous: dict = {}
+
+    def __enter__(self) -> _StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+
+    def _handle(self, signum: int, frame) -> None:
+        if self.received is not None:
+            raise KeyboardInterrupt
+        self.received = signum
+        print(
+            f"\n{signal.Signals(signum).name}: finishing this iteration, then saving a checkpoint",
+            file=sys.stderr,
+        )
+
+
+def _truncate_jsonl(path: Path, step: int) -> None:
+    """Drop rows with "step" > ``step`` (on resume, so each iteration's samples appear once)."""
+    if path.exists():
+        lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+        kept = [line for line in lines if line.endswith("\n") and json.loads(line)["step"] <= step]
+        path.write_text("".join(kept), encoding="utf-8")
+
+
+def check_config(cfg: PPOConfig) -> None:
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    for name, instead in NOT_USED.items():
+        if getattr(cfg, name) != defaults[name]:
+            raise ConfigError(f"config key '{name}' is not used by ppo; set {instead} instead")
+    if cfg.temperature <= 0:
+        raise ConfigError("temperature must be > 0: PPO's ratio and KL need the policy's own samples")
+    for name in ("iterations", "prompts_per_iteration", "minibatch_size", "micro_batch_size", "ppo_epochs"):
+        if getattr(cfg, name) < 1:
+            raise ConfigError(f"config key '{name}' must be at least 1, got {getattr(cfg, name)}")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The stage
+
+
+def run(cfg: PPOConfig, monitors: MonitorSet | None = None) -> dict:
+    """Train the policy with PPO; ``monitors`` replaces the default failure monitors (for tests)."""
+    started = time.time()
+    check_config(cfg)
+    run_dir = RunDir.create(cfg.output_dir, "ppo", cfg.resume_from, cfg.tensorboard)
+    save_config(cfg, run_dir.config_path)
+    print(f"run folder: {run_dir.path}", file=sys.stderr)
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)  # LoRA's A matrices are drawn from it
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
+    device = pick_device()
+
+    # Prompts, tokenized with the chat template.
+    tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code)
+    loaded = load_prompts(
+        cfg.train_data or str(DEFAULT_PROMPTS),
+        cfg.on_bad_row,
+        split=cfg.train_split,
+        rows=cfg.train_rows,
+        limit=cfg.max_train_rows,
+    )
+    print(f"prompts: {loaded.summary()}", file=sys.stderr)
+    prompts = [ex.prompt for ex in loaded.examples]
+    prompt_ids = [encode_prompt(tokenizer, p, cfg.max_prompt_length) for p in prompts]
+    if not prompts:
+        raise ConfigError("train_data holds no prompts")
+
+    # The four roles. LoRA: one frozen base serves all three networks (policy = adapter "default",
+    # reference = every adapter off, value = adapter "value" + head). Full fine-tuning: the reference is a
+    # frozen copy and the value model its own trained copy (separate policy and value networks, as Stiennon et
+    # al. 2020 and Huang et al. 2024, so value gradients never move the policy's features).
+    scorer = make_scorer(cfg, device)
+    policy = load_model(cfg.model, cfg.dtype, cfg.trust_remote_code, device=device)
+    if cfg.lora:
+        policy = apply_lora(policy, cfg)
+        reference = None
+        value_model = add_value_adapter(policy)
+    else:
+        reference = load_model(cfg.model, cfg.dtype, cfg.trust_remote_code, device=device).eval()
+        reference.requires_grad_(False)
+        value_model = ValueModel(load_model(cfg.model, cfg.dtype, cfg.trust_remote_code, device=device))
+    trained = torch.nn.ModuleDict({"policy": policy, "value": value_model})  # what checkpoints hold
+    trainable, total = count_parameters(trained)
+    params = [p for p in trained.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(
+        params,
+        lr=cfg.learning_rate,
+        betas=(cfg.adam_beta1, cfg.adam_beta2),
+        eps=cfg.adam_eps,
+        weight_decay=cfg.weight_decay,
+    )
+    steps_per_iteration = cfg.ppo_epochs * math.ceil(cfg.prompts_per_iteration / cfg.minibatch_size)
+    scheduler = build_scheduler(
+        optimizer, cfg.lr_scheduler, cfg.warmup_steps, cfg.iterations * steps_per_iteration
+    )
+    if cfg.kl_target is None:
+        kl_controller = FixedKLController(cfg.init_kl_coef)
+    else:
+        kl_controller = AdaptiveKLController(cfg.init_kl_coef, cfg.kl_target, cfg.kl_horizon)
+    monitors = monitors if monitors is not None else default_monitors("ppo")
+
+    # Resume: weights of policy and value, optimizer, schedule, RNG, KL controller, iteration.
+    start, n_nonfinite, elapsed_before = 0, 0, 0.0
+    resume = str(run_dir.latest_checkpoint() or "") if cfg.resume_from == "latest" else cfg.resume_from
+    if resume:
+        state = load_checkpoint(resume, trained, optimizer, scheduler)
+        if (state["n_prompts"], state["prompts_per_iteration"]) != (len(prompts), cfg.prompts_per_iteration):
+            raise ConfigError(
+                f"resume_from: {resume} was written for {state['n_prompts']} prompts, "
+                f"{state['prompts_per_iteration']} per iteration; an exact resume needs the same"
+            )
+        try:
+            kl_controller.load_state_dict(state["kl_controller"])
+        except ValueError as e:
+            raise ConfigError(f"resume_from: {e} (kl_target must not change between runs)") from None
+        start, n_nonfinite, elapsed_before = (
+            state["iteration"],
+            state["n_nonfinite_skipped"],
+            state["elapsed_s"],
+        )
+    run_dir.truncate_metrics_after(start)
+    samples_path = run_dir.path / "samples.jsonl"
+    _truncate_jsonl(samples_path, start)
+    loop_started = time.monotonic()
+    iteration, saved, last_checkpoint, last_row, stopped_by = start, start if resume else -1, resume, {}, None
+
+    def save() -> str:
+        # Checkpoints hold what requires grad; PEFT adapter switches toggle that flag, so set it once more.
+        for p in params:
+            p.requires_grad_(True)
+        state = {
+            "iteration": iteration,
+            "kl_controller": kl_controller.state_dict(),
+            "n_prompts": len(prompts),
+            "prompts_per_iteration": cfg.prompts_per_iteration,
+            "n_nonfinite_skipped": n_nonfinite,
+            "elapsed_s": elapsed_before + time.monotonic() - loop_started,
+        }
+        path = save_checkpoint(
+            checkpoint_dir(run_dir.checkpoints_dir, iteration), trained, optimizer, scheduler, state
+        )
+        prune_checkpoints(run_dir.checkpoints_dir, cfg.keep_checkpoints)
+        return str(path)
+
+    bar = tqdm(total=cfg.iterations, initial=start, disable=not cfg.progress, desc="ppo", unit="iter")
+    try:
+        with _StopSignals() as signals:
+            while iteration < cfg.iterations:
+                t0 = time.monotonic()
+                # 1. Sample one response per prompt from the current policy (batched, KV cache), with a seed
+                #    that depends only on (seed, iteration).
+                idx = iteration_prompts(len(prompts), cfg.prompts_per_iteration, iteration, cfg.seed)
+                sampling = SamplingConfig(
+                    cfg.max_new_tokens, cfg.temperature, 1.0, derived_seed(cfg.seed, iteration, 0)
+                )
+                trained.eval()
+                generations = generate(
+                    policy,
+                    tokenizer,
+                    [prompt_ids[i] for i in idx],
+                    sampling,
+                    cfg.generation_batch_size,
+                    progress=False,
+                )
+                texts = [g.text for g in generations]
+                # 2. Score each response with the reward.
+                scores = torch.tensor(scorer.score([prompts[i] for i in idx], texts), dtype=torch.float32)
+                finished = torch.tensor([g.finished for g in generations])
+                # 3.-4. Per-token rewards (score - beta KL), values, GAE advantages and returns.
+                batch = collate_samples(generations, tokenizer.pad_token_id, device)
+                beta = kl_controller.beta
+                rollout, rollout_stats = make_rollout(
+                    cfg, policy, reference, value_model, batch, scores.to(device), finished.to(device), beta
+                )
+                t1 = time.monotonic()
+                # 5. ppo_epochs passes of minibatch updates over the samples, in a seeded order.
+                trained.train()
+                generator = torch.Generator().manual_seed(derived_seed(cfg.seed, iteration, 1))
+                step_stats = []
+                for _ in range(cfg.ppo_epochs):
+                    order = torch.randperm(len(generations), generator=generator).to(device)
+                    for s in range(0, len(generations), cfg.minibatch_size):
+                        minibatch = rollout.rows(order[s : s + cfg.minibatch_size])
+                        step_stats.append(
+                            ppo_step(cfg, policy, value_model, minibatch, optimizer, scheduler, params)
+                        )
+                n_nonfinite += int(sum(s["nonfinite"] for s in step_stats))
+                # 6. Adapt beta toward the KL target from this batch's KL (Ziegler et al. 2019), or keep it.
+                kl_controller.update(rollout_stats["kl"], n_steps=len(generations))
+                iteration += 1
+                bar.update(1)
+
+                # 7. Log the health of the run, and let the failure monitors see it.
+                lengths = [len(g.response_ids) for g in generations]
+                length = length_stats(lengths)
+                row = {
+                    "step": iteration,
+                    "score/mean": scores.mean().item(),
+                    "score/std": scores.std().item() if len(scores) > 1 else 0.0,
+                    "reward/mean": scores.mean().item(),  # the key RewardHackingMonitor reads
+                    **rollout_stats,
+                    "beta": beta,
+                    **{
+                        k: float(np.mean([s[k] for s in step_stats]))
+                        for k in step_stats[0]
+                        if k != "nonfinite"
+                    },
+                    "len/mean": length.mean,
+                    "len/std": length.std,
+                    "eos_frac": finished.float().mean().item(),
+                    "distinct_2": distinct_n(texts, 2),
+                    "reward_length_corr": pearson(scores.tolist(), lengths),
+                    "nonfinite_skipped": n_nonfinite,
+                    "rollout_s": t1 - t0,
+                    "update_s": time.monotonic() - t1,
+                    "elapsed_s": elapsed_before + time.monotonic() - loop_started,
+                }
+                with open(samples_path, "a", encoding="utf-8") as f:
+                    for i, g, score in zip(idx, generations, scores.tolist()):
+                        sample = {"step": iteration, "prompt": prompts[i], "response": g.text, "score": score}
+                        f.write(json.dumps({**sample, "finished": g.finished}) + "\n")
+                if iteration % cfg.log_every == 0 or iteration == cfg.iterations:
+                    last_row = row
+                    run_dir.log_metrics(row)
+                    bar.set_postfix(score=f"{row['score/mean']:.3f}", kl=f"{row['kl']:.2f}")
+                    if monitors.on_log(iteration, row) == "stop":
+                        stopped_by = ", ".join(e.monitor for e in monitors.last_events if e.action == "stop")
+                    for event in monitors.last_events:
+                        run_dir.log_metrics(event.to_row())
+
+                # 8. Checkpoint every save_every iterations, and on SIGINT/SIGTERM before raising.
+                if (cfg.save_every and iteration % cfg.save_every == 0) or signals.received:
+                    last_checkpoint, saved = save(), iteration
+                if signals.received:
+                    name = signal.Signals(signals.received).name
+                    raise TrainingInterrupted(checkpoint=last_checkpoint, reason=f"interrupted by {name}")
+                if stopped_by:
+                    break
+            if saved != iteration:
+                last_checkpoint, saved = save(), iteration
+    finally:
+        bar.close()
+        run_dir.close()
+
+    # The final policy alone (the value adapter is not part of it).
+    if cfg.lora:
+        remove_value_adapter(policy)
+    save_final(policy, tokenizer, run_dir.final_dir, merge_lora=cfg.merge_lora)
+    rows = [json.loads(line) for line in run_dir.metrics_path.read_text().splitlines()]
+    summary = {
+        "stage": "ppo",
+        "model": cfg.model,
+        "reward": cfg.reward,
+        "run_dir": str(run_dir.path),
+        "final_model": str(run_dir.final_dir),
+        "iterations": iteration,
+        "stopped_by": stopped_by,
+        "prompts": len(prompts),
+        "skipped_rows": len(loaded.skipped),
+        "reference": "policy base with adapters disabled" if cfg.lora else "frozen copy",
+        "value_model": "second LoRA adapter on the policy's base + head"
+        if cfg.lora
+        else "separate copy + head",
+        "trainable_parameters": trainable,
+        "total_parameters": total,
+        "score_by_iteration": [r["score/mean"] for r in rows if "event" not in r and "score/mean" in r],
+        "kl_by_iteration": [r["kl"] for r in rows if "event" not in r and "kl" in r],
+        "events": [r for r in rows if "event" in r],
+        "final_metrics": last_row,
+        "last_checkpoint": last_checkpoint,
+        "train_seconds": elapsed_before + time.monotonic() - loop_started,
+        "wall_seconds": time.time() - started,
+        "peak_rss_mb": peak_rss_mb(),
+    }
+    run_dir.write_summary(summary)
+    return summary

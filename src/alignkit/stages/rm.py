@@ -1,0 +1,270 @@
+"""`alignkit rm`: train a scalar reward model on chosen/rejected pairs (stage 2 of the InstructGPT pipeline).
+
+The model is the policy's backbone with a one-output linear head (``models.reward``: a transformers
+sequence classifier, pooled at the response's EOS), trained with the Bradley-Terry loss
+(``losses.reward``), optionally with a per-pair margin and reward centering. Chosen and rejected go
+through the model in one forward pass. final/ loads with ``alignkit.models.reward.load_reward_model``.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from dataclasses import dataclass
+from functools import partial
+
+import numpy as np
+import torch
+
+from alignkit.config import ConfigError, TrainConfig, doc_field, save_config
+from alignkit.data.collate import collate_pairs
+from alignkit.data.io import BadRow, BadRowError, read_rows
+from alignkit.data.schemas import Loaded, load_preferences
+from alignkit.data.tokenize import EncodedPair, encode_pair
+from alignkit.evaluation.metrics import mean_ci
+from alignkit.evaluation.monitors import default_monitors
+from alignkit.losses.reward import bradley_terry_loss
+from alignkit.models.loading import count_parameters, load_tokenizer, pick_device
+from alignkit.models.reward import apply_reward_lora, build_reward_model, save_reward_model, sequence_rewards
+from alignkit.training.loop import StepOutput, train
+from alignkit.training.run import RunDir
+
+
+@dataclass
+class RMConfig(TrainConfig):
+    """Reward-model training. Data: prompt/chosen/rejected, or HH-RLHF-style transcripts; optional margin."""
+
+    margin_column: str | None = doc_field(
+        None,
+        "Column holding a per-pair margin m (a number >= 0, larger for clearer preferences); the loss becomes "
+        "-log sigmoid(r_c - r_r - m) as in Llama 2 (eval_data needs the column too). None: no margin.",
+    )
+    center_coef: float = doc_field(
+        0.0,
+        "Weight of the reward-centering term coef * (r_c + r_r)^2 that keeps rewards near zero "
+        "(Eisenstein et al. 2023 use 0.01); 0 disables it.",
+    )
+    learning_rate: float = doc_field(1e-5, "Peak AdamW learning rate.")
+    batch_size: int = doc_field(8, "Pairs per optimizer step.")
+    micro_batch_size: int = doc_field(2, "Pairs per forward/backward pass (2x as many sequences).")
+    max_length: int = doc_field(512, "Longest prompt+response in tokens; longer pairs are truncated.")
+    eval_batch_size: int = doc_field(8, "Pairs per forward pass when evaluating.")
+    train_eval_pairs: int = doc_field(
+        256, "Held-in pairs (the first N training pairs) measured before and after training; 0 skips."
+    )
+
+
+CONFIG = RMConfig
+
+
+@dataclass
+class RMExample:
+    encoded: EncodedPair
+    margin: float = 0.0
+
+
+def collate(examples: list[RMExample], pad_id: int) -> dict:
+    batch = collate_pairs([ex.encoded for ex in examples], pad_id)  # 2B rows: chosen, then rejected
+    batch["margin"] = torch.tensor([ex.margin for ex in examples], dtype=torch.float32)  # (B,)
+    return batch
+
+
+def pair_rewards(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """(chosen, rejected) rewards, each (B,), from one forward pass over the 2B rows."""
+    rewards = sequence_rewards(model, batch["input_ids"], batch["attention_mask"])  # (2B,)
+    B = rewards.shape[0] // 2
+    return rewards[:B], rewards[B:]
+
+
+def pair_losses(cfg: RMConfig, model, batch: dict):
+    """The Bradley-Terry loss of a batch and its per-pair rewards."""
+    chosen, rejected = pair_rewards(model, batch)
+    margin = batch["margin"] if cfg.margin_column else None
+    out = bradley_terry_loss(chosen, rejected, margin=margin, center_coef=cfg.center_coef)
+    metrics = {
+        "rewards/accuracy": out.accuracy.sum().item(),
+        "rewards/margin": out.margin.sum().item(),
+        "rewards/chosen": chosen.detach().sum().item(),
+        "rewards/rejected": rejected.detach().sum().item(),
+    }
+    return out, chosen.detach(), rejected.detach(), metrics
+
+
+def rm_step(model, batch: dict, cfg: RMConfig) -> StepOutput:
+    out, _, _, metrics = pair_losses(cfg, model, batch)
+    return StepOutput(loss_sum=out.losses.sum(), metrics=metrics)
+
+
+@torch.no_grad()
+def evaluate(
+    cfg: RMConfig, model, examples: list[RMExample], pad_id: int
+) -> tuple[dict, list[float], list[float]]:
+    """Mean loss/accuracy/margin over ``examples``, each pair's correctness (for the bootstrap interval),
+    and every reward given (chosen and rejected, for the reward statistics)."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    sums: dict[str, float] = {}
+    correct: list[float] = []
+    rewards: list[float] = []
+    for start in range(0, len(examples), cfg.eval_batch_size):
+        batch = collate(examples[start : start + cfg.eval_batch_size], pad_id)
+        batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+        out, chosen, rejected, metrics = pair_losses(cfg, model, batch)
+        for k, v in {"loss": out.losses.sum().item(), **metrics}.items():
+            sums[k] = sums.get(k, 0.0) + v
+        correct += out.accuracy.tolist()
+        rewards += chosen.tolist() + rejected.tolist()
+    model.train(was_training)
+    n = max(len(examples), 1)
+    return {k: v / n for k, v in sums.items()}, correct, rewards
+
+
+def read_margins(
+    loaded: Loaded, source: str, split: str | None, column: str, on_bad_row: str
+) -> list[float | None]:
+    """The ``column`` value of each loaded pair's row (None where it is unusable and on_bad_row=skip)."""
+    wanted = {ex.ref.row for ex in loaded.examples}
+    found: dict[int, float | None] = {}
+    for item in read_rows(source, split):
+        if isinstance(item, BadRow) or item.row not in wanted:
+            continue
+        value = item.data.get(column)
+        ok = (
+            isinstance(value, (int, float))
+            and not isinstance(value, bool)
+            and math.isfinite(value)
+            and value >= 0
+        )
+        if not ok:
+            err = BadRowError(source, item.row, column, f"margin must be a finite number >= 0, got {value!r}")
+            if on_bad_row == "error":
+                raise err
+            loaded.skipped.append(err.bad_row)
+        found[item.row] = float(value) if ok else None
+        if len(found) == len(wanted):
+            break
+    return [found.get(ex.ref.row) for ex in loaded.examples]
+
+
+def load_pairs(
+    cfg: RMConfig, tokenizer, source: str, split, rows, limit, name: str
+) -> tuple[Loaded, list[RMExample]]:
+    """Validated pairs of ``source``, tokenized like the policy sees them, with their margins."""
+    loaded = load_preferences(source, cfg.on_bad_row, split=split, rows=rows, limit=limit)
+    enc = partial(encode_pair, tokenizer, max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length)
+    margins: list[float | None] = [0.0] * len(loaded.examples)
+    if cfg.margin_column:
+        margins = read_margins(loaded, source, split, cfg.margin_column, cfg.on_bad_row)
+    examples = [
+        RMExample(enc(p.prompt, p.chosen, p.rejected), m)
+        for p, m in zip(loaded.examples, margins)
+        if m is not None
+    ]
+    print(f"{name} data: {loaded.summary()}", file=sys.stderr)
+    return loaded, examples
+
+
+def run(cfg: RMConfig) -> dict:
+    started = time.time()
+    if cfg.lora and not cfg.merge_lora:
+        raise ConfigError(
+            "merge_lora=false is not supported by rm: final/ is always a plain reward model (adapters merged), "
+            "which is what score, build-prefs and PPO load"
+        )
+    run_dir = RunDir.create(cfg.output_dir, "rm", cfg.resume_from)
+    save_config(cfg, run_dir.config_path)
+    print(f"run folder: {run_dir.path}", file=sys.stderr)
+
+    # 1. Data: validated pairs, tokenized with the chat template; both responses share the prompt ids.
+    tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code)
+    train_rows, train_examples = load_pairs(
+        cfg, tokenizer, cfg.train_data, cfg.train_split, cfg.train_rows, cfg.max_train_rows, "train"
+    )
+    eval_examples: list[RMExample] = []
+    if cfg.eval_data:
+        _, eval_examples = load_pairs(
+            cfg, tokenizer, cfg.eval_data, cfg.eval_split, cfg.eval_rows, cfg.max_eval_rows, "eval"
+        )
+    held_in = train_examples[: cfg.train_eval_pairs]
+    n_truncated = sum(ex.encoded.truncated for ex in train_examples)
+
+    # 2. Model: the backbone of cfg.model with a fresh one-output head (or a reward model to continue).
+    pad_id = tokenizer.pad_token_id
+    model = build_reward_model(cfg.model, pad_id, cfg.dtype, cfg.trust_remote_code, device=pick_device())
+    if cfg.lora:
+        model = apply_reward_lora(model, cfg)
+    trainable, total = count_parameters(model)
+    model.train()
+
+    fresh = not cfg.resume_from
+    train_before = evaluate(cfg, model, held_in, pad_id)[0] if held_in and fresh else None
+    eval_before = evaluate(cfg, model, eval_examples, pad_id)[0] if eval_examples and fresh else None
+
+    # 3. Train with the shared loop, watched by the failure monitors.
+    monitors = default_monitors("rm")
+    result = train(
+        cfg,
+        model,
+        train_examples,
+        collate_fn=partial(collate, pad_id=pad_id),
+        step_fn=partial(rm_step, cfg=cfg),
+        run=run_dir,
+        monitors=monitors,
+        eval_fn=(lambda m: evaluate(cfg, m, eval_examples, pad_id)[0]) if eval_examples else None,
+    )
+
+    # 4. Held-in and held-out loss/accuracy/margin, accuracy with a bootstrap interval, reward statistics.
+    summary = {
+        "stage": "rm",
+        "model": cfg.model,
+        "run_dir": str(run_dir.path),
+        "final_model": str(run_dir.final_dir),
+        "steps": result.steps,
+        "train_pairs": len(train_examples),
+        "skipped_rows": len(train_rows.skipped),
+        "truncated_pairs": n_truncated,
+        "trainable_parameters": trainable,
+        "total_parameters": total,
+        "final_metrics": result.metrics,
+        "train_seconds": result.elapsed_s,
+        "peak_rss_mb": result.peak_rss_mb,
+        "monitor_events": [e.to_row() for e in monitors.events],
+    }
+    reward_stats: dict = {}
+    if held_in:
+        train_after, _, held_in_rewards = evaluate(cfg, model, held_in, pad_id)
+        summary.update(train_eval_pairs=len(held_in), train_before=train_before, train_after=train_after)
+        reward_stats = {
+            "train_reward_mean": float(np.mean(held_in_rewards)),
+            "train_reward_std": float(np.std(held_in_rewards)),
+        }
+    if eval_examples:
+        eval_after, correct, eval_rewards = evaluate(cfg, model, eval_examples, pad_id)
+        acc = mean_ci(correct, seed=cfg.seed)
+        summary.update(
+            eval_pairs=len(eval_examples),
+            eval_before=eval_before,
+            eval_after=eval_after,
+            eval_accuracy=acc.value,
+            eval_accuracy_ci95=[acc.low, acc.high],
+        )
+        reward_stats.update(
+            eval_reward_mean=float(np.mean(eval_rewards)), eval_reward_std=float(np.std(eval_rewards))
+        )
+    summary.update(reward_stats)
+
+    # 5. The final reward model: plain transformers weights + ALIGNKIT_REWARD.json (lengths, statistics).
+    save_reward_model(
+        model,
+        tokenizer,
+        run_dir.final_dir,
+        cfg.max_length,
+        cfg.max_prompt_length,
+        base_model=cfg.model,
+        **reward_stats,
+    )
+    summary["wall_seconds"] = time.time() - started
+    run_dir.write_summary(summary)
+    return summary

@@ -1,0 +1,259 @@
+"""`alignkit score`: score a file of (prompt, response) rows, or of preference pairs, with a reward model and
+write every row back with its reward in new columns.
+
+The output is JSONL written append-only, one batch at a time, flushed to disk: a run killed half-way
+resumes by reading back which input rows are already in the output (each output row records its
+``input_row``) and scoring only the rest, so no row is scored twice and none is lost.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from alignkit.config import ConfigError, doc_field, required
+from alignkit.data.io import BadRow, BadRowError, Record, read_rows
+from alignkit.data.schemas import load_preferences, load_prompts
+from alignkit.models.loading import pick_device
+from alignkit.models.reward import load_reward_model
+
+INPUT_ROW = "input_row"
+
+
+@dataclass
+class ScoreConfig:
+    """Score rows with a reward model. Input: prompt + response rows, or pairs (prompt/chosen/rejected)."""
+
+    reward_model: str = required("Reward model directory (the final/ folder of an `alignkit rm` run).")
+    input: str = required("Rows to score: .jsonl/.json/.parquet/.csv, a saved dataset dir or a hub id.")
+    output: str = required(
+        "Output .jsonl: every input row with its reward column(s) and input_row; an existing file is resumed."
+    )
+    split: str | None = doc_field(None, "Split name when input is a hub id or a DatasetDict.")
+    rows: tuple[int, int] | None = doc_field(
+        None, "Score only input rows start <= row < stop, written [start, stop] (0-based)."
+    )
+    max_rows: int | None = doc_field(None, "Score only the first N rows (after rows).")
+    response_column: str = doc_field(
+        "response",
+        "Column of the response in (prompt, response) rows; 'completion' is read when this one is absent.",
+    )
+    score_column: str = doc_field(
+        "reward",
+        "Name of the new column: single rows get <score_column>, pairs chosen_<score_column> and "
+        "rejected_<score_column>.",
+    )
+    batch_size: int = doc_field(
+        16, "Rows per batch (a pair counts as one row of two sequences); written per batch."
+    )
+    max_length: int | None = doc_field(
+        None, "Longest prompt+response in tokens; None uses the max_length the reward model was trained with."
+    )
+    max_prompt_length: int | None = doc_field(
+        None, "Longest prompt in tokens (its end is kept); None uses the reward model's setting."
+    )
+    on_bad_row: Literal["error", "skip"] = doc_field(
+        "error", "What to do with an invalid row: stop with an error naming it, or skip it and count it."
+    )
+    overwrite: bool = doc_field(False, "Start the output afresh instead of resuming it.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = doc_field(
+        "auto", "Reward-model dtype; 'auto' picks bf16 only where the hardware runs it fast, else fp32."
+    )
+    trust_remote_code: bool = doc_field(False, "Allow code shipped with the model to run (off by default).")
+    num_threads: int | None = doc_field(None, "CPU threads for torch; None uses every core.")
+    progress: bool = doc_field(True, "Show a progress bar.")
+
+
+CONFIG = ScoreConfig
+
+
+@dataclass
+class Row:
+    """One input row to score: its raw columns, and the parsed prompt with one response or a pair."""
+
+    record: Record
+    prompt: object
+    responses: tuple[str, ...]  # (response,) or (chosen, rejected)
+
+
+def read_input(cfg: ScoreConfig) -> tuple[str, list[Row], list[BadRow], int]:
+    """(kind "rows" or "pairs", the rows to score, the rows skipped, rows read) of cfg.input."""
+    records: dict[int, Record] = {}
+    skipped: list[BadRow] = []
+    first = None
+    for item in read_rows(cfg.input, cfg.split):
+        if isinstance(item, Record):
+            records[item.row] = item
+            first = first or item
+    if first is None:
+        raise ConfigError(f"input: {cfg.input} holds no rows")
+    kind = "pairs" if {"chosen", "rejected"} <= set(first.data) else "rows"
+    if kind == "pairs":
+        loaded = load_preferences(
+            cfg.input, cfg.on_bad_row, split=cfg.split, rows=cfg.rows, limit=cfg.max_rows
+        )
+        rows = [Row(records[p.ref.row], p.prompt, (p.chosen, p.rejected)) for p in loaded.examples]
+        return kind, rows, loaded.skipped, loaded.n_rows
+
+    # (prompt, response) rows: the prompt parsed as generation prompts are (text or messages, optional
+    # system column), the response read from its column.
+    loaded = load_prompts(cfg.input, cfg.on_bad_row, split=cfg.split, rows=cfg.rows, limit=cfg.max_rows)
+    skipped = list(loaded.skipped)
+    rows = []
+    for example in loaded.examples:
+        record = records[example.ref.row]
+        column = cfg.response_column if cfg.response_column in record.data else "completion"
+        response = record.data.get(column)
+        if not isinstance(response, str):
+            err = BadRowError(
+                cfg.input,
+                record.row,
+                cfg.response_column,
+                f"expected the response as a string, got {response!r}",
+            )
+            if cfg.on_bad_row == "error":
+                raise err
+            skipped.append(err.bad_row)
+            continue
+        rows.append(Row(record, example.prompt, (response,)))
+    return kind, rows, skipped, loaded.n_rows
+
+
+def resume_output(path: Path, rows: list[Row], added: set[str]) -> set[int]:
+    """Input rows already scored in ``path``; a torn last line (a kill mid-write) is cut off first.
+
+    Each kept output row must match the input row it names, so an output written from another input
+    is refused rather than silently mixed.
+    """
+    data = path.read_bytes()
+    complete = data[: data.rfind(b"\n") + 1]
+    if len(complete) != len(data):
+        with open(path, "r+b") as f:
+            f.truncate(len(complete))
+    by_row = {row.record.row: row for row in rows}
+    done: set[int] = set()
+    for n, line in enumerate(complete.decode("utf-8").splitlines()):
+        scored = json.loads(line)
+        row = by_row.get(scored.get(INPUT_ROW))
+        original = {k: v for k, v in scored.items() if k not in added}
+        if row is None or original != _jsonable(row.record.data) or scored[INPUT_ROW] in done:
+            raise ConfigError(
+                f"output: line {n + 1} of {path} (input_row {scored.get(INPUT_ROW)!r}) is not a row of this "
+                f"input to score (or appears twice); was it written from another input? Use another output, "
+                "or overwrite=true to start it afresh"
+            )
+        done.add(scored[INPUT_ROW])
+    return done
+
+
+def _jsonable(data: dict) -> dict:
+    """``data`` as it reads back from JSON (tuples become lists, numpy scalars plain numbers)."""
+    return json.loads(json.dumps(data, default=_to_json))
+
+
+def _to_json(value):
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    raise TypeError(f"cannot write a {type(value).__name__} value to JSON")
+
+
+def run(cfg: ScoreConfig) -> dict:
+    started = time.time()
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
+    output = Path(cfg.output)
+    if output.suffix != ".jsonl":
+        raise ConfigError(
+            f"output must be a .jsonl file (it is appended to as rows are scored), got {cfg.output}"
+        )
+    if cfg.batch_size < 1:
+        raise ConfigError(f"batch_size must be at least 1, got {cfg.batch_size}")
+
+    # 1. Input rows, and which of them an earlier (interrupted) run already scored.
+    kind, rows, skipped, n_read = read_input(cfg)
+    columns = (
+        [cfg.score_column]
+        if kind == "rows"
+        else [f"chosen_{cfg.score_column}", f"rejected_{cfg.score_column}"]
+    )
+    if cfg.overwrite and output.exists():
+        output.unlink()
+    done = resume_output(output, rows, {*columns, INPUT_ROW}) if output.exists() else set()
+    todo = [row for row in rows if row.record.row not in done]
+    print(
+        f"score: {n_read} rows read ({kind}), {len(skipped)} skipped, {len(done)} already in {output}, "
+        f"{len(todo)} to score",
+        file=sys.stderr,
+    )
+
+    # 2. The reward model, with the lengths it was trained with unless overridden.
+    reward_model = load_reward_model(cfg.reward_model, cfg.dtype, pick_device(), cfg.trust_remote_code)
+    if cfg.max_length is not None:
+        reward_model.max_length = cfg.max_length
+    if cfg.max_prompt_length is not None:
+        reward_model.max_prompt_length = cfg.max_prompt_length
+
+    # 3. Score batch by batch; each batch is appended and flushed to disk before the next one starts.
+    output.parent.mkdir(parents=True, exist_ok=True)
+    with (
+        open(output, "a", encoding="utf-8") as f,
+        tqdm(total=len(rows), initial=len(done), desc="scoring", unit="row", disable=not cfg.progress) as bar,
+    ):
+        for start in range(0, len(todo), cfg.batch_size):
+            batch = todo[start : start + cfg.batch_size]
+            prompts = [row.prompt for row in batch]
+            if kind == "rows":
+                scores = [reward_model.score(prompts, [row.responses[0] for row in batch], len(batch))]
+            else:
+                scores = list(
+                    reward_model.score_pairs(
+                        prompts,
+                        [row.responses[0] for row in batch],
+                        [row.responses[1] for row in batch],
+                        2 * len(batch),
+                    )
+                )
+            lines = []
+            for k, row in enumerate(batch):
+                out = {**_jsonable(row.record.data), **{c: s[k] for c, s in zip(columns, scores)}}
+                out[INPUT_ROW] = row.record.row
+                lines.append(json.dumps(out, ensure_ascii=False) + "\n")
+            f.write("".join(lines))
+            f.flush()
+            os.fsync(f.fileno())
+            bar.update(len(batch))
+
+    # 4. Statistics over the whole output (this run and any earlier one).
+    scored = [json.loads(line) for line in output.read_text(encoding="utf-8").splitlines()]
+    summary = {
+        "stage": "score",
+        "reward_model": cfg.reward_model,
+        "input": cfg.input,
+        "output": str(output),
+        "kind": kind,
+        "rows_read": n_read,
+        "rows_scored": len(scored),
+        "scored_this_run": len(todo),
+        "already_scored": len(done),
+        "skipped_rows": len(skipped),
+        "skipped": [str(bad) for bad in skipped[:20]],
+    }
+    for column in columns:
+        values = np.array([row[column] for row in scored], dtype=float)
+        summary[f"{column}_mean"] = float(values.mean()) if len(values) else None
+        summary[f"{column}_std"] = float(values.std()) if len(values) else None
+    if kind == "pairs" and scored:
+        summary["accuracy"] = float(np.mean([row[columns[0]] > row[columns[1]] for row in scored]))
+    summary["wall_seconds"] = time.time() - started
+    return summary

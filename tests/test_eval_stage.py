@@ -1,0 +1,215 @@
+"""`alignkit eval` on tiny models: a model against itself (KL exactly 0, all ties, equal lengths), against
+a differently initialised model (KL > 0, the win rate recomputed from the written scores), the batched
+scoring paths against a plain per-sample forward, and where eval.json goes."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+
+import pytest
+import torch
+
+from alignkit import cli
+from alignkit.config import load_config
+from alignkit.data.tokenize import encode_prompt
+from alignkit.evaluation.metrics import entropy_from_logits
+from alignkit.models.generation import SamplingConfig, generate
+from alignkit.models.loading import load_model
+from alignkit.stages import eval as eval_stage
+from alignkit.stages.eval import EvalConfig, default_output, load_function_scorer
+
+from conftest import build_tiny_model
+
+PROMPTS = [
+    {"prompt": "what is the capital of france?"},
+    {"prompt": "please write a short poem"},
+    {"prompt": [{"role": "user", "content": "the quick brown fox"}]},
+    {"prompt": "i need help"},
+    {"prompt": "0 1 2 3"},
+]
+
+
+@pytest.fixture(scope="module")
+def prompt_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("prompts") / "prompts.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in PROMPTS))
+    return path
+
+
+@pytest.fixture(scope="module")
+def copy_dir(tiny_model_dir, tmp_path_factory):
+    """The tiny model's files under another path: the same weights, loaded as a separate model."""
+    dest = tmp_path_factory.mktemp("copy") / "model"
+    shutil.copytree(tiny_model_dir, dest)
+    return dest
+
+
+@pytest.fixture(scope="module")
+def other_dir(tiny_tokenizer, tmp_path_factory):
+    """A tiny model with the same tokenizer but weights from another seed."""
+    path = tmp_path_factory.mktemp("other")
+    build_tiny_model(len(tiny_tokenizer), seed=1).save_pretrained(path, safe_serialization=True)
+    tiny_tokenizer.save_pretrained(path)
+    return path
+
+
+def _eval(tmp_path, model, reference, *extra: str) -> dict:
+    out = tmp_path / "eval.json"
+    args = [
+        f"model={model}",
+        f"reference={reference}",
+        f"output={out}",
+        "max_new_tokens=10",
+        "temperature=1.0",
+        "batch_size=2",
+        "progress=false",
+        *extra,
+    ]
+    summary = eval_stage.run(load_config(EvalConfig, None, args))
+    assert summary["output"] == str(out)
+    return json.loads(out.read_text())
+
+
+def test_model_against_itself_kl_zero_all_ties(tiny_model_dir, copy_dir, tmp_path, capsys):
+    """Same weights loaded twice, same seed: identical samples and identical log-probs, so every per-token
+    log-ratio is 0.0 exactly (k1 = k3 = 0), every score comparison is a tie (win rate 0.5, and so is
+    every bootstrap resample), and the length statistics are equal. Built-in prompts, first 4."""
+    result = _eval(tmp_path, tiny_model_dir, copy_dir, "reward_fn=_scorers:length_score", "max_prompts=4")
+    assert result["n_prompts"] == 4 and result["prompts"].startswith("built-in")
+    assert result["samples"][0]["prompt"] == "How do I make a simple tomato sauce for pasta?"
+    assert result["kl"]["k1_per_token"] == 0.0
+    assert result["kl"]["k3_per_token"] == 0.0
+    assert result["kl"]["k1_per_sequence"] == 0.0
+    assert result["win_rate"] == {"value": 0.5, "low": 0.5, "high": 0.5, "n_prompts": 4}
+    pol, ref = result["policy"], result["reference_stats"]
+    assert pol["length_tokens"] == ref["length_tokens"] and pol["length_words"] == ref["length_words"]
+    assert pol["distinct_2"] == ref["distinct_2"] and pol["score"] == ref["score"]
+    assert pol["entropy"] == pytest.approx(ref["entropy"], abs=1e-6)
+    # a random 400-token model: near-uniform next-token distributions, entropy a little under ln 400
+    assert 0.9 * math.log(400) < pol["entropy"] <= math.log(400)
+    for s in result["samples"]:
+        assert s["policy"] == s["reference"] and s["policy_score"] == s["reference_score"] == len(s["policy"])
+    assert pol["length_tokens"]["mean"] == pytest.approx(
+        sum(s["policy_tokens"] for s in result["samples"]) / 4
+    )
+    # the KL counts every sampled token, the EOS that ended a response included
+    assert result["kl"]["n_tokens"] >= sum(s["policy_tokens"] for s in result["samples"])
+    err = capsys.readouterr().err
+    header = next(line for line in err.splitlines() if line.split()[:2] == ["policy", "reference"])
+    table = err[err.index(header) :]
+    assert "win rate vs reference [95% CI]  0.500 [0.500, 0.500]" in table
+    assert "KL k1, nats/token" in table
+
+
+def test_against_other_model_kl_positive_and_win_rate_from_scores(
+    tiny_model_dir, other_dir, prompt_file, tmp_path
+):
+    """Other weights: k3 = E[(r - 1) - log r] > 0 unless the models agree on every sampled token. The win
+    rate equals the per-prompt outcomes (1 / 0.5 / 0) recomputed from the scores written in eval.json,
+    with 2 samples per prompt compared through their mean."""
+    result = _eval(
+        tmp_path,
+        tiny_model_dir,
+        other_dir,
+        f"prompts={prompt_file}",
+        "reward_fn=_scorers:length_score",
+        "samples_per_prompt=2",
+        "temperature=1.0",
+    )
+    kl = result["kl"]
+    assert kl["k3_per_token"] > 1e-4
+    n_samples = len(result["samples"])
+    assert n_samples == 2 * len(PROMPTS)
+    # per-sequence mean = (sum over all tokens) / sequences = per-token mean * tokens / sequences
+    assert kl["k1_per_sequence"] == pytest.approx(kl["k1_per_token"] * kl["n_tokens"] / n_samples, rel=1e-5)
+    outcomes = []
+    for i in range(0, n_samples, 2):
+        pair = result["samples"][i : i + 2]
+        p = sum(s["policy_score"] for s in pair) / 2
+        r = sum(s["reference_score"] for s in pair) / 2
+        outcomes.append(1.0 if p > r else 0.5 if p == r else 0.0)
+    win = result["win_rate"]
+    assert win["value"] == pytest.approx(sum(outcomes) / len(outcomes))
+    assert win["low"] <= win["value"] <= win["high"] and win["n_prompts"] == len(PROMPTS)
+    assert result["samples"][2]["prompt"] == PROMPTS[1]["prompt"]  # prompts repeated in place, in order
+
+
+def test_no_reference_and_cli(tiny_model_dir, prompt_file, tmp_path, monkeypatch):
+    """reference=none: policy statistics only; run through the CLI with the stage registered."""
+    monkeypatch.setitem(cli.STAGES, "eval", ("alignkit.stages.eval", "Evaluate"))
+    out = tmp_path / "e.json"
+    code = cli.main(
+        ["eval", f"model={tiny_model_dir}", "reference=none", f"prompts={prompt_file}", f"output={out}",
+         "max_new_tokens=6", "progress=false"]
+    )  # fmt: skip
+    assert code == 0
+    result = json.loads(out.read_text())
+    assert result["reference"] is None and result["kl"] is None and result["win_rate"] is None
+    assert result["reference_stats"] is None and "reference" not in result["samples"][0]
+    assert result["scorer"] is None and "score" not in result["policy"]
+    assert result["sampling"] == {"temperature": 0.7, "top_p": 1.0, "max_new_tokens": 6, "seed": 0}
+    assert all(s["policy_tokens"] <= 6 for s in result["samples"])
+
+
+def test_batched_scoring_matches_per_sample_forward(tiny_model_dir, other_dir, tiny_tokenizer):
+    """Log-probs and entropies from the padded, length-sorted batches equal a plain full-logits forward of
+    each sample on its own (no padding), token by token."""
+    policy, reference = load_model(str(tiny_model_dir), "float32"), load_model(str(other_dir), "float32")
+    ids = [encode_prompt(tiny_tokenizer, p["prompt"]) for p in PROMPTS]
+    samples = generate(
+        policy, tiny_tokenizer, ids, SamplingConfig(8, 1.0, 1.0, 3), batch_size=2, progress=False
+    )
+    logps = eval_stage.response_token_logprobs(reference, samples, batch_size=3, chunk=5)
+    ents = eval_stage.response_token_entropies(policy, samples, batch_size=3, chunk=5)
+    for s, lp, ent in zip(samples, logps, ents):
+        seq = torch.tensor([s.prompt_ids + s.response_ids])
+        n_p = len(s.prompt_ids)
+        with torch.no_grad():
+            ref_logits = reference(input_ids=seq).logits[0, n_p - 1 : -1]  # (T_resp, V)
+            pol_logits = policy(input_ids=seq).logits[0, n_p - 1 : -1]
+        expected = torch.log_softmax(ref_logits, -1).gather(1, torch.tensor(s.response_ids)[:, None])[:, 0]
+        assert lp.shape == (len(s.response_ids),)
+        torch.testing.assert_close(lp, expected, atol=1e-5, rtol=0)
+        torch.testing.assert_close(ent, entropy_from_logits(pol_logits), atol=1e-5, rtol=0)
+
+
+def test_reward_model_scorer(tiny_model_dir, tiny_tokenizer, prompt_file, tmp_path):
+    """reward_model=<dir saved like `alignkit rm` saves>: the scores in eval.json are the reward model's
+    own scores of those (prompt, response) pairs, and the win rate follows from them."""
+    from alignkit.models.reward import build_reward_model, load_reward_model, save_reward_model
+
+    rm_dir = tmp_path / "rm"
+    rm = build_reward_model(str(tiny_model_dir), tiny_tokenizer.pad_token_id, "float32", device="cpu")
+    save_reward_model(rm, tiny_tokenizer, rm_dir, max_length=256, max_prompt_length=None)
+    result = _eval(tmp_path, tiny_model_dir, "none", f"prompts={prompt_file}", f"reward_model={rm_dir}")
+    assert result["scorer"] == f"reward model {rm_dir}"
+    prompts = [s["prompt"] for s in result["samples"]]
+    expected = load_reward_model(rm_dir, "float32", "cpu").score(
+        prompts, [s["policy"] for s in result["samples"]]
+    )
+    assert [s["policy_score"] for s in result["samples"]] == pytest.approx(expected, abs=1e-5)
+    assert len(set(expected)) > 1  # a random head still tells the responses apart
+
+
+def test_function_scorer_and_errors():
+    scorer = load_function_scorer("_scorers:length_score")
+    assert scorer.score(["hi", [{"role": "user", "content": "x"}]], ["abc", ""]) == [3.0, 0.0]
+    with pytest.raises(ValueError, match="module:function"):
+        load_function_scorer("_scorers.length_score")
+    with pytest.raises(ValueError, match="no function not_a_function"):
+        load_function_scorer("_scorers:not_a_function")
+
+
+def test_default_output(tmp_path):
+    run = tmp_path / "run"
+    (run / "final").mkdir(parents=True)
+    (run / "config.yaml").write_text("model: x\n")
+    assert default_output(str(run / "final")) == run / "eval.json"  # where `alignkit report` looks
+    (tmp_path / "plain").mkdir()
+    assert default_output(str(tmp_path / "plain")) == tmp_path / "plain" / "eval.json"
+    assert (
+        str(default_output("HuggingFaceTB/SmolLM2-135M-Instruct"))
+        == "eval-HuggingFaceTB_SmolLM2-135M-Instruct.json"
+    )

@@ -1,0 +1,326 @@
+"""`alignkit ppo` on a tiny model: the logged health signals, exact resume after SIGINT, monitors wired to the
+loop, one PPO step against a computation by hand, and the shipped reward functions."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from alignkit import cli
+from alignkit.config import ConfigError, load_config
+from alignkit.errors import TrainingInterrupted
+from alignkit.evaluation.monitors import Event, MonitorSet
+from alignkit.losses.ppo import policy_loss, value_loss
+from alignkit.models.generation import Generation
+from alignkit.models.loading import load_model
+from alignkit.models.value import ValueModel
+from alignkit.rewards import brevity, length, politeness
+from alignkit.stages import ppo
+
+PROMPTS = [
+    "what is the capital of france?",
+    "please write a short poem",
+    "the quick brown fox",
+    "i need help",
+]
+LOGGED = {
+    "step", "lr", "score/mean", "score/std", "reward/mean", "rlhf_reward/mean", "kl", "kl/per_token", "beta",
+    "entropy", "clip_frac", "approx_kl", "policy_loss", "value_loss", "value_clip_frac", "explained_variance",
+    "len/mean", "len/std", "eos_frac", "distinct_2", "reward_length_corr", "nonfinite_skipped", "grad_norm",
+}  # fmt: skip
+
+
+@pytest.fixture
+def prompt_file(tmp_path):
+    path = tmp_path / "prompts.jsonl"
+    path.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS))
+    return path
+
+
+def _args(model_dir, prompt_file, out, *extra: str) -> list[str]:
+    return [
+        f"model={model_dir}",
+        f"train_data={prompt_file}",
+        "reward=_ppo_rewards:length",
+        f"output_dir={out}",
+        "iterations=2",
+        "prompts_per_iteration=4",
+        "minibatch_size=2",
+        "micro_batch_size=1",
+        "max_new_tokens=6",
+        "learning_rate=1e-2",
+        "progress=false",
+        "tensorboard=false",
+        *extra,
+    ]
+
+
+def _rows(run_dir) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_ppo_end_to_end_logs_health_signals(tiny_model_dir, prompt_file, tmp_path, monkeypatch):
+    """Two iterations through the CLI. Before any update the policy is the reference, so the KL of iteration 1
+    is exactly 0; the value head starts at 0, so its explained variance is 1 - Var[R]/Var[R] = 0. Beta then
+    moves by the clipped error: 0.05 * (1 + (-0.2) * 4 responses / 10000) = 0.049996."""
+    monkeypatch.setitem(cli.STAGES, "ppo", ("alignkit.stages.ppo", "RLHF with PPO"))
+    out = tmp_path / "run"
+    assert cli.main(["ppo", *_args(tiny_model_dir, prompt_file, out, "kl_target=6", "kl_horizon=10000")]) == 0
+    rows = _rows(out)
+    assert [r["step"] for r in rows] == [1, 2]
+    for row in rows:
+        assert LOGGED <= set(row), LOGGED - set(row)
+        assert all(isinstance(v, (int, float)) for v in row.values())
+    first, second = rows
+    assert first["kl"] == pytest.approx(0.0, abs=1e-6) and first["kl/per_token"] == pytest.approx(
+        0.0, abs=1e-7
+    )
+    assert first["explained_variance"] == pytest.approx(0.0, abs=1e-6)
+    assert first["beta"] == 0.05 and second["beta"] == pytest.approx(0.05 * (1 - 0.2 * 4 / 10000), rel=1e-9)
+    assert second["kl"] != 0.0  # the policy moved off the reference
+    assert first["len/mean"] == 6.0 and first["eos_frac"] == 0.0  # a random tiny model never says EOS
+    # the logged score is the mean of the scores written next to each sample
+    samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert len(samples) == 8 and {s["prompt"] for s in samples} == set(PROMPTS)
+    scores = [s["score"] for s in samples if s["step"] == 1]
+    assert first["score/mean"] == pytest.approx(sum(scores) / 4, abs=1e-6)
+    assert scores == pytest.approx([len(s["response"]) / 10 for s in samples if s["step"] == 1], abs=1e-6)
+
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["iterations"] == 2 and summary["reference"] == "frozen copy"
+    assert summary["score_by_iteration"] == [first["score/mean"], second["score/mean"]]
+    final = load_model(str(out / "final"))
+    assert type(final).__name__ == "LlamaForCausalLM"
+    # the final policy is the checkpointed policy, not the value model's copy
+    ckpt = load_file(str(out / "checkpoints" / "step-000002" / "weights.safetensors"))
+    w = final.model.layers[0].mlp.up_proj.weight
+    torch.testing.assert_close(w, ckpt["policy.model.layers.0.mlp.up_proj.weight"], rtol=0, atol=0)
+    assert not torch.equal(w, ckpt["value.backbone.model.layers.0.mlp.up_proj.weight"])
+
+
+class _SignalAt:
+    """A 'monitor' that sends this process SIGINT when it sees ``step``, as a user's Ctrl-C would."""
+
+    name, action = "signal", "warn"
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def update(self, step: int, row: dict):
+        if step == self.step:
+            os.kill(os.getpid(), signal.SIGINT)
+        return None
+
+
+def test_lora_resume_after_sigint_is_exact(tiny_model_dir, prompt_file, tmp_path):
+    """LoRA: policy adapter, value adapter + head on one frozen base. SIGINT during iteration 1 -> checkpoint ->
+    TrainingInterrupted; resuming from it gives bit-identical weights and logs to an uninterrupted run, because
+    sampling and minibatch order are seeded per iteration and the checkpoint holds both adapters, the value head,
+    AdamW, the schedule and the KL controller."""
+    lora = ("lora=true", "lora_r=4", "kl_target=0.01", "kl_horizon=4")  # a beta that really moves
+    whole = tmp_path / "whole"
+    summary = ppo.run(load_config(ppo.PPOConfig, None, _args(tiny_model_dir, prompt_file, whole, *lora)))
+
+    cut = tmp_path / "cut"
+    cfg = load_config(ppo.PPOConfig, None, _args(tiny_model_dir, prompt_file, cut, *lora))
+    with pytest.raises(TrainingInterrupted) as info:
+        ppo.run(cfg, monitors=MonitorSet([_SignalAt(1)]))
+    assert info.value.checkpoint.endswith("step-000001")
+    assert [r["step"] for r in _rows(cut)] == [1]
+    resume = (*lora, f"resume_from={info.value.checkpoint}")
+    ppo.run(load_config(ppo.PPOConfig, None, _args(tiny_model_dir, prompt_file, cut, *resume)))
+
+    timing = {"rollout_s", "update_s", "elapsed_s"}
+    strip = [{k: v for k, v in r.items() if k not in timing} for r in _rows(whole)]
+    assert [{k: v for k, v in r.items() if k not in timing} for r in _rows(cut)] == strip
+    assert strip[1]["beta"] != strip[0]["beta"]
+    a = load_file(str(whole / "checkpoints" / "step-000002" / "weights.safetensors"))
+    b = load_file(str(cut / "checkpoints" / "step-000002" / "weights.safetensors"))
+    assert a.keys() == b.keys()
+    assert any(".value." in k for k in a) and "value.head.weight" in a  # the value adapter and head are saved
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    fa, fb = (
+        load_file(str(whole / "final" / "model.safetensors")),
+        load_file(str(cut / "final" / "model.safetensors")),
+    )
+    assert all(torch.equal(fa[k], fb[k]) for k in fa)
+    assert not any("lora" in k for k in fa)  # merged into a plain model, the value adapter left out
+
+    # one base for three networks: base + two small adapters + head, far below 2 x base
+    base = sum(p.numel() for p in load_model(str(tiny_model_dir)).parameters())
+    assert base < summary["total_parameters"] < 1.5 * base
+    assert summary["reference"] == "policy base with adapters disabled"
+
+
+class _Recorder:
+    """Records every row it is given and fires (warn) on each."""
+
+    name, action = "recorder", "warn"
+
+    def __init__(self):
+        self.rows = []
+
+    def update(self, step: int, row: dict):
+        self.rows.append(dict(row))
+        return Event(step, self.name, "always", self.action, {"kl": row["kl"]})
+
+
+class _StopAt:
+    name, action = "stopper", "stop"
+
+    def update(self, step: int, row: dict):
+        return Event(step, self.name, "stop here", self.action, {}) if step == 1 else None
+
+
+def test_monitors_see_each_row_and_their_events_are_logged(tiny_model_dir, prompt_file, tmp_path):
+    """The stage hands each logged row to the MonitorSet, writes every event as a row of metrics.jsonl, and a
+    'stop' event ends the run after that iteration with a checkpoint and the final model."""
+    recorder = _Recorder()
+    out = tmp_path / "run"
+    cfg = load_config(ppo.PPOConfig, None, _args(tiny_model_dir, prompt_file, out, "iterations=3"))
+    summary = ppo.run(cfg, monitors=MonitorSet([recorder, _StopAt()], cooldown=0))
+    rows = _rows(out)
+    metrics = [r for r in rows if "event" not in r]
+    events = [r for r in rows if "event" in r]
+    assert [r["step"] for r in metrics] == [1] and recorder.rows == metrics
+    assert [(e["event"], e["step"], e["action"]) for e in events] == [
+        ("recorder", 1, "warn"),
+        ("stopper", 1, "stop"),
+    ]
+    assert events[0]["values"] == {"kl": metrics[0]["kl"]}
+    assert summary["stopped_by"] == "stopper" and summary["iterations"] == 1
+    assert summary["events"] == events
+    assert (out / "checkpoints" / "step-000001" / "COMPLETE").is_file() and (out / "final").is_dir()
+
+
+def test_one_ppo_step_equals_the_losses_by_hand(tiny_model_dir):
+    """A hand-made rollout of three responses (lengths 3, 1, 2). By hand: log pi from full logits ->
+    log_softmax -> gather at the response positions; V from the last hidden state through the head. Then
+    loss = policy_loss + vf_coef * value_loss from alignkit.losses.ppo, with old log-probs and old values set
+    so both clips bind somewhere. With SGD at lr 1 and no grad clipping, ppo_step (two micro-batches of 2 and
+    1 rows) must move every parameter by exactly -d loss / d theta."""
+    torch.manual_seed(0)
+    policy = load_model(str(tiny_model_dir))
+    value_model = ValueModel(load_model(str(tiny_model_dir)))
+    torch.nn.init.normal_(value_model.head.weight, std=0.3)
+    gens = [
+        Generation([1, 10, 11, 12], [20, 21, 2], "", True),
+        Generation([1, 13], [22], "", False),
+        Generation([1, 10, 14], [23, 24], "", False),
+    ]
+    batch = ppo.collate_samples(gens, pad_id=0, device=torch.device("cpu"))
+    cfg = ppo.PPOConfig(reward="_ppo_rewards:length", vf_coef=0.5, micro_batch_size=2, max_grad_norm=None)
+    starts, lengths = [4, 2, 3], [3, 1, 2]
+    mask = torch.tensor([[1, 1, 1], [1, 0, 0], [1, 1, 0]])
+
+    def by_hand():
+        ids, attn = batch["input_ids"], batch["attention_mask"]
+        logp = torch.log_softmax(policy(input_ids=ids, attention_mask=attn).logits.float(), -1)
+        hidden = value_model.backbone(input_ids=ids, attention_mask=attn, output_hidden_states=True)
+        v_all = (hidden.hidden_states[-1] @ value_model.head.weight.T + value_model.head.bias).squeeze(-1)
+        logps, values = torch.zeros(3, 3), torch.zeros(3, 3)
+        for i, (s, n) in enumerate(zip(starts, lengths)):
+            for j in range(n):
+                logps[i, j] = logp[i, s + j - 1, ids[i, s + j]]
+                values[i, j] = v_all[i, s + j - 1]
+        return logps, values
+
+    with torch.no_grad():
+        logps0, values0 = by_hand()
+    old_logps = logps0 + torch.tensor([[-0.5, 0.3, 0.0], [0.4, 0, 0], [0.1, -0.6, 0]])  # ratios e^{0.5} ...
+    old_values = values0 + torch.tensor([[0.5, -0.05, 0.0], [-0.4, 0, 0], [0.0, 0.3, 0]])
+    advantages = torch.tensor([[1.0, -0.5, 0.2], [-1.2, 0, 0], [0.7, 0.9, 0]])
+    # token (0, 0): old value v + 0.5, return v - 1: the clipped value v + 0.3 is farther, so it is used
+    returns = values0 + torch.tensor([[-1.0, 0.5, 0.3], [1.2, 0, 0], [-0.4, 0.6, 0]])
+    rollout = ppo.Rollout(
+        batch["input_ids"], batch["attention_mask"], batch["loss_mask"], batch["mask"],
+        old_logps, old_values, advantages, returns,
+    )  # fmt: skip
+    assert torch.equal(batch["mask"], mask)
+
+    logps, values = by_hand()
+    pg = policy_loss(logps, old_logps, advantages, mask, clip_eps=0.2)
+    vf = value_loss(values, old_values, returns, mask, clip_eps=0.2)
+    assert pg.clip_frac > 0 and vf.clip_frac > 0  # both clips are exercised
+    loss = pg.loss + 0.5 * vf.loss
+    params = [p for m in (policy, value_model) for p in m.parameters() if p.requires_grad]
+    grads = torch.autograd.grad(loss, params, allow_unused=True)
+
+    before = [p.detach().clone() for p in params]
+    optimizer = torch.optim.SGD(params, lr=1.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    stats = ppo.ppo_step(cfg, policy, value_model, rollout, optimizer, scheduler, params)
+    assert stats["loss"] == pytest.approx(loss.item(), abs=1e-6)
+    assert stats["policy_loss"] == pytest.approx(pg.loss.item(), abs=1e-6)
+    assert stats["value_loss"] == pytest.approx(vf.loss.item(), abs=1e-6)
+    assert stats["clip_frac"] == pytest.approx(pg.clip_frac.item(), abs=1e-6)
+    for p, p0, g in zip(params, before, grads):
+        expected = p0 - (g if g is not None else torch.zeros_like(p0))
+        torch.testing.assert_close(p.detach(), expected, rtol=0, atol=2e-6)
+
+
+def test_shipped_rewards_hand_values():
+    """politeness: markers counted per occurrence, capped at 3, /3. brevity: exp(-|n - 20| / 20) for n words.
+    length: words / 50."""
+    assert politeness("", "Sure.") == 0.0
+    assert politeness("", "Thanks! Please see below.") == pytest.approx(2 / 3)
+    assert politeness("", "please please please please, sorry") == 1.0  # the cap
+    assert brevity("", " ".join(["w"] * 20)) == 1.0
+    assert brevity("", " ".join(["w"] * 30)) == pytest.approx(math.exp(-0.5))
+    assert brevity("", "") == pytest.approx(math.exp(-1))
+    assert length("", "one two three four five") == pytest.approx(0.1)
+
+
+def test_reward_specs_and_config_errors(tmp_path):
+    def cfg(**kw):
+        return ppo.PPOConfig(**{"reward": "_ppo_rewards:length", **kw})
+
+    cpu = torch.device("cpu")
+    scorer = ppo.make_scorer(cfg(), cpu)
+    chat = [{"role": "user", "content": "hi"}]
+    assert scorer.score(["p", chat], ["abcde", "ab"]) == pytest.approx([0.5, 0.2])
+    assert ppo.prompt_text(chat) == "user: hi"
+    with pytest.raises(ConfigError, match="no module named 'no_such_module'"):
+        ppo.make_scorer(cfg(reward="no_such_module:f"), cpu)
+    with pytest.raises(ConfigError, match="has no function 'nope'"):
+        ppo.make_scorer(cfg(reward="alignkit.rewards:nope"), cpu)
+    with pytest.raises(ConfigError, match="neither 'module:function'"):
+        ppo.make_scorer(cfg(reward=str(tmp_path / "missing")), cpu)
+    with pytest.raises(ValueError, match="_ppo_rewards:not_a_number returned"):
+        ppo.make_scorer(cfg(reward="_ppo_rewards:not_a_number"), cpu).score(["p"], ["r"])
+    with pytest.raises(ConfigError, match="'batch_size' is not used by ppo; set prompts_per_iteration"):
+        ppo.check_config(cfg(batch_size=4))
+    with pytest.raises(ConfigError, match="temperature must be > 0"):
+        ppo.check_config(cfg(temperature=0.0))
+
+
+def test_iteration_prompts_use_each_prompt_once_per_pass():
+    """5 prompts, 2 per iteration: iterations 0-4 cover 10 slots = two full passes, each a permutation;
+    the same (seed, iteration) always gives the same prompts."""
+    slots = [i for it in range(5) for i in ppo.iteration_prompts(5, 2, it, seed=3)]
+    assert sorted(slots[:5]) == list(range(5)) and sorted(slots[5:]) == list(range(5))
+    assert ppo.iteration_prompts(5, 2, 3, seed=3) == slots[6:8]
+    assert slots != [i for it in range(5) for i in ppo.iteration_prompts(5, 2, it, seed=4)]
+
+
+def test_reward_model_directory_scores_the_samples(tiny_model_dir, tiny_tokenizer, prompt_file, tmp_path):
+    """reward=<dir of `alignkit rm`>: the logged scores are that reward model's scores of the samples."""
+    from alignkit.models.reward import build_reward_model, load_reward_model, save_reward_model
+
+    rm = build_reward_model(str(tiny_model_dir), tiny_tokenizer.pad_token_id, "float32", device="cpu")
+    rm_dir = save_reward_model(rm, tiny_tokenizer, tmp_path / "rm", max_length=256, max_prompt_length=None)
+    out = tmp_path / "run"
+    args = _args(tiny_model_dir, prompt_file, out, "iterations=1", f"reward={rm_dir}")
+    ppo.run(load_config(ppo.PPOConfig, None, args))
+    samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    expected = load_reward_model(rm_dir, device="cpu").score(
+        [s["prompt"] for s in samples], [s["response"] for s in samples]
+    )
+    assert [s["score"] for s in samples] == pytest.approx(expected, abs=1e-5)
+    assert len(set(expected)) > 1  # the samples really were told apart
