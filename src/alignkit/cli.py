@@ -33,6 +33,9 @@ STAGES: dict[str, tuple[str, str]] = {
     "ipo": ("alignkit.stages.dpo:IPOConfig", "Identity Preference Optimization (squared loss) on pairs"),
     "orpo": ("alignkit.stages.dpo:ORPOConfig", "Odds-Ratio Preference Optimization: SFT + preference, no reference"),
     "kto": ("alignkit.stages.kto", "Kahneman-Tversky Optimization on unpaired good/bad feedback (or pairs)"),
+    "rm": ("alignkit.stages.rm", "Train a reward model (Bradley-Terry) on chosen/rejected pairs"),
+    "score": ("alignkit.stages.score", "Score (prompt, response) rows or pairs with a reward model, resumably"),
+    "build-prefs": ("alignkit.stages.build_prefs", "Sample responses, rank them, and write preference pairs"),
     "eval": ("alignkit.stages.eval", "Sample a model and a reference on prompts; scores, win rate, KL, lengths"),
     "report": ("alignkit.stages.report", "One self-contained HTML page of a run: curves, events, summary, eval"),
 }
