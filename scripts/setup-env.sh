@@ -22,14 +22,18 @@ if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
 fi
 
 # 1. torch first, so the package's own "torch>=..." is already satisfied and nothing upgrades it.
-#    Without a GPU take the CPU build: a wheel already on this machine's disk when pip knows one,
-#    else PyTorch's CPU index. With a GPU, PyPI's default (CUDA) build.
+#    With a GPU: PyPI's default (CUDA) build. Without one: the CPU build, from a wheel already on this
+#    machine when pip's find-links has one (torch alone, then its dependencies from the index; "==2.13.0"
+#    accepts the installed "2.13.0+cpu"), else from PyTorch's CPU index.
 if ! "$VENV/bin/python" -c "import torch, sys; sys.exit(0 if torch.__version__.split('+')[0] == '$TORCH_VERSION' else 1)" 2>/dev/null; then
   echo "[setup] installing torch $TORCH_VERSION into $VENV" >&2
   if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
     "${PIP[@]}" install "torch==$TORCH_VERSION"
-  elif ! "${PIP[@]}" install --no-index "torch==$TORCH_VERSION" 2>/dev/null; then
-    "${PIP[@]}" install "torch==$TORCH_VERSION" --index-url https://download.pytorch.org/whl/cpu
+  elif "${PIP[@]}" install --no-deps --no-index "torch==$TORCH_VERSION" 2>/dev/null; then
+    "${PIP[@]}" install "torch==$TORCH_VERSION" 2> >(grep -v "^WARNING: Location" >&2)
+  else
+    "${PIP[@]}" install "torch==$TORCH_VERSION" \
+      --index-url https://download.pytorch.org/whl/cpu --extra-index-url https://pypi.org/simple
   fi
 fi
 

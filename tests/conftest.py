@@ -87,3 +87,11 @@ def tiny_model_dir(tmp_path_factory, tiny_tokenizer) -> Path:
     model.save_pretrained(path, safe_serialization=True)
     tiny_tokenizer.save_pretrained(path)
     return path
+
+
+@pytest.fixture(autouse=True)
+def _private_cache(request, tmp_path_factory, monkeypatch):
+    """Tiny-model tests write caches (reference log-probs) to a temporary folder, not the user's; tests
+    marked `smollm` keep the real cache so the embedded model is prepared once."""
+    if "smollm" not in request.keywords:
+        monkeypatch.setenv("ALIGNKIT_CACHE", str(tmp_path_factory.getbasetemp() / "alignkit-cache"))

@@ -58,7 +58,8 @@ def test_dpo_first_step_is_log2_and_reference_paths_agree(tiny_model_dir, pair_d
     assert pre_rows[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
     assert [r["loss"] for r in pre_rows] == pytest.approx([r["loss"] for r in cpy_rows], abs=1e-5)
     # training on these pairs raises the margin and the accuracy on them
-    assert pre["eval_after"]["rewards/margin"] > pre["eval_before"]["rewards/margin"] + 0.05
+    # (before training every implicit reward is exactly 0, so the margin starts at 0)
+    assert pre["eval_after"]["rewards/margin"] > 0.05
     assert pre["eval_accuracy"] >= 0.75
     low, high = pre["eval_accuracy_ci95"]
     assert low <= pre["eval_accuracy"] <= high
@@ -86,3 +87,15 @@ def test_orpo_needs_no_reference_and_learns(tiny_model_dir, pair_data, tmp_path)
     summary, rows = _run("orpo", tmp_path, "orpo", tiny_model_dir, pair_data, "orpo_lambda=0.5")
     assert summary["reference"] == "none"
     assert rows[-1]["loss"] < rows[0]["loss"]
+
+
+def test_reference_logprobs_are_cached_and_reused(tiny_model_dir, pair_data, tmp_path, capsys):
+    """A second run on the same model and tokens takes the reference log-probs from the on-disk cache (no
+    second precompute) and trains identically; IPO on the same pairs shares the same entries."""
+    _, first = _run("dpo", tmp_path, "a", tiny_model_dir, pair_data)
+    assert "from the cache" not in capsys.readouterr().err
+    _, second = _run("dpo", tmp_path, "b", tiny_model_dir, pair_data)
+    assert "from the cache" in capsys.readouterr().err
+    assert [r["loss"] for r in first] == [r["loss"] for r in second]
+    _run("ipo", tmp_path, "c", tiny_model_dir, pair_data)
+    assert "from the cache" in capsys.readouterr().err

@@ -41,13 +41,35 @@ class RewardModelRanker:
 def judge_ranker(cfg: Any) -> Ranker:
     """The AI judge (RLAIF, Bai et al. 2022): a model comparing responses against principles.
 
-    Interface only for now: the Constitutional AI work replaces this body with its judge, built from fields
-    it adds to ``BuildPrefsConfig`` (``cfg``), and returns an object with ``name`` and ``score``.
+    Built from the ``judge_*`` fields of ``BuildPrefsConfig`` (``cfg``): the judge model and constitution
+    of `alignkit.cai`. Each response scores the mean, over every other response to the same prompt, of
+    the judge's probability that it is the better of the two (both orders asked, principles drawn per
+    comparison from ``cfg.seed`` and the prompt); see ``alignkit.cai.judge.JudgeRanker``.
     """
-    raise AlignkitError(
-        "ranker=judge: no AI judge is available yet (it comes with the Constitutional AI stage); "
-        "use ranker=reward_model, or ranker=export to have people rank"
+    from alignkit.cai.constitution import load_constitution
+    from alignkit.cai.judge import JudgeRanker, PairwiseJudge
+    from alignkit.models.loading import load_model, load_tokenizer, pick_device
+
+    if cfg.judge_principles_per_comparison < 1:
+        raise AlignkitError(
+            f"ranker=judge: judge_principles_per_comparison must be at least 1, got "
+            f"{cfg.judge_principles_per_comparison}"
+        )
+    constitution = load_constitution(cfg.judge_constitution).select(cfg.judge_principles)
+    tokenizer = load_tokenizer(cfg.judge_model, cfg.trust_remote_code)
+    model = load_model(cfg.judge_model, cfg.dtype, cfg.trust_remote_code, device=pick_device())
+    judge = PairwiseJudge(
+        model,
+        tokenizer,
+        constitution,
+        cfg.judge_principles_per_comparison,
+        cfg.judge_batch_size,
+        cfg.judge_max_context_tokens,
+        cfg.judge_max_response_tokens,
     )
+    subset = f"[{','.join(cfg.judge_principles)}]" if cfg.judge_principles else ""
+    name = f"judge:{cfg.judge_model}:{constitution.name}{subset}:k={cfg.judge_principles_per_comparison}"
+    return JudgeRanker(judge, cfg.seed, name)
 
 
 # ---------------------------------------------------------------------------------------------

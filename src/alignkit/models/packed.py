@@ -80,7 +80,9 @@ def shared_prompt_logprobs(
     """
     pairs = split_pairs(batch) if can_share_prompt(model) else None
     if pairs is None:
-        return sequence_logprobs(model, batch["input_ids"], batch["attention_mask"], batch["loss_mask"], chunk_size)
+        return sequence_logprobs(
+            model, batch["input_ids"], batch["attention_mask"], batch["loss_mask"], chunk_size
+        )
     base = _base(model)
     device = batch["input_ids"].device
     if pairs_per_call is None:

@@ -96,6 +96,25 @@ class BuildPrefsConfig:
         "random from the rest), all_pairs (every pair with different scores).",
     )
     score_batch_size: int = doc_field(16, "Responses per reward-model forward pass.")
+    judge_model: str = doc_field(
+        "smollm2-135m-instruct", "The AI judge for ranker=judge (embedded default, hub id or local dir)."
+    )
+    judge_constitution: str | None = doc_field(
+        None, "Constitution YAML the judge compares under, for ranker=judge; None: alignkit's default."
+    )
+    judge_principles: list[str] | None = doc_field(
+        None, "ranker=judge: use only these principle ids of the constitution; None: all of them."
+    )
+    judge_principles_per_comparison: int = doc_field(
+        2, "ranker=judge: principles drawn per comparison of two responses, combined by their priorities."
+    )
+    judge_batch_size: int = doc_field(8, "ranker=judge: judge questions per forward pass.")
+    judge_max_context_tokens: int | None = doc_field(
+        384, "ranker=judge: longest conversation shown to the judge, in tokens (its end is kept)."
+    )
+    judge_max_response_tokens: int | None = doc_field(
+        192, "ranker=judge: longest response shown to the judge, in tokens (its start is kept)."
+    )
     save_dataset: str | None = doc_field(
         None, "Also save the pairs as a Hugging Face Dataset (save_to_disk) in this directory."
     )

@@ -21,8 +21,9 @@ from alignkit.data.collate import collate_pairs
 from alignkit.data.schemas import load_preferences
 from alignkit.data.tokenize import encode_pair
 from alignkit.evaluation.metrics import mean_ci
-from alignkit.losses.preference import dpo_loss, ipo_loss, orpo_loss
 from alignkit.evaluation.monitors import default_monitors
+from alignkit.losses.preference import dpo_loss, ipo_loss, orpo_loss
+from alignkit.models import reference_cache
 from alignkit.models.forward import sequence_logprobs
 from alignkit.models.loading import (
     apply_lora,
@@ -30,8 +31,10 @@ from alignkit.models.loading import (
     load_model,
     load_tokenizer,
     pick_device,
+    resolve_model,
     save_final,
 )
+from alignkit.models.packed import shared_prompt_logprobs
 from alignkit.training.loop import StepOutput, train, visited_indices
 from alignkit.training.run import RunDir
 
@@ -60,6 +63,10 @@ class DPOConfig(TrainConfig):
     micro_batch_size: int = doc_field(2, "Pairs per forward/backward pass.")
     max_length: int = doc_field(512, "Longest prompt+completion in tokens; longer pairs are truncated.")
     eval_batch_size: int = doc_field(8, "Pairs per forward pass when evaluating or precomputing.")
+    share_prompt: bool = doc_field(
+        True,
+        "Run each pair's prompt once, [prompt | chosen | rejected] in one masked row: same log-probs, faster.",
+    )
 
 
 @dataclass
@@ -91,9 +98,15 @@ def collate(examples: list[PairExample], pad_id: int) -> dict:
     return batch
 
 
-def pair_logprobs(model, batch: dict, chunk_size: int):
-    """(chosen, rejected) SequenceLogprobs halves of one forward pass over 2B rows."""
-    lp = sequence_logprobs(model, batch["input_ids"], batch["attention_mask"], batch["loss_mask"], chunk_size)
+def pair_logprobs(model, batch: dict, chunk_size: int, share_prompt: bool = False):
+    """(chosen, rejected) SequenceLogprobs halves of one forward pass over 2B rows; with share_prompt, each
+    pair's prompt runs once (alignkit.models.packed): the same numbers, fewer tokens."""
+    if share_prompt:
+        lp = shared_prompt_logprobs(model, batch, chunk_size)
+    else:
+        lp = sequence_logprobs(
+            model, batch["input_ids"], batch["attention_mask"], batch["loss_mask"], chunk_size
+        )
     B = batch["input_ids"].shape[0] // 2
     return lp.sum[:B], lp.sum[B:], lp.mean[:B], lp.mean[B:], lp.n_tokens[:B]
 
@@ -104,10 +117,10 @@ def reference_logprobs(cfg: DPOConfig, model, reference, batch: dict) -> torch.T
         return batch["ref"]
     with torch.no_grad():
         if reference is not None:
-            out = pair_logprobs(reference, batch, cfg.logprob_chunk_size)
+            out = pair_logprobs(reference, batch, cfg.logprob_chunk_size, cfg.share_prompt)
         else:  # LoRA: the same base with adapters disabled is the reference
             with model.disable_adapter():
-                out = pair_logprobs(model, batch, cfg.logprob_chunk_size)
+                out = pair_logprobs(model, batch, cfg.logprob_chunk_size, cfg.share_prompt)
     return torch.stack(out[:4], dim=1)
 
 
@@ -136,7 +149,7 @@ class PairOutputs:
 
 
 def pair_outputs(cfg: DPOConfig, model, reference, batch: dict) -> PairOutputs:
-    policy = pair_logprobs(model, batch, cfg.logprob_chunk_size)
+    policy = pair_logprobs(model, batch, cfg.logprob_chunk_size, cfg.share_prompt)
     ref = None if cfg.loss == "orpo" else reference_logprobs(cfg, model, reference, batch)
     losses, chosen_r, rejected_r = preference_losses(cfg, policy, ref)
     metrics = {
@@ -200,13 +213,40 @@ def precompute_reference(cfg: DPOConfig, model, examples: list[PairExample], pad
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    for idx in tqdm(length_sorted_batches(examples, cfg.eval_batch_size), desc=desc, disable=not cfg.progress):
+    for idx in tqdm(
+        length_sorted_batches(examples, cfg.eval_batch_size), desc=desc, disable=not cfg.progress
+    ):
         batch = collate_pairs([examples[i].encoded for i in idx], pad_id)
         batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
-        out = torch.stack(pair_logprobs(model, batch, cfg.logprob_chunk_size)[:4], dim=1).float().cpu()  # (b, 4)
+        out = pair_logprobs(model, batch, cfg.logprob_chunk_size, cfg.share_prompt)
+        out = torch.stack(out[:4], dim=1).float().cpu()  # (b, 4)
         for i, row in zip(idx, out):
             examples[i].ref = row
     model.train(was_training)
+
+
+def attach_reference(
+    cfg: DPOConfig, model, model_path: str, examples: list[PairExample], needed, pad_id: int
+) -> None:
+    """Set ex.ref for the `needed` examples from the on-disk cache, computing (and caching) what is missing."""
+    dtype = str(next(model.parameters()).dtype)
+    key = reference_cache.cache_key(
+        model_path,
+        dtype,
+        [(e.encoded.prompt_ids, e.encoded.chosen_ids, e.encoded.rejected_ids) for e in examples],
+    )
+    values = reference_cache.load(key, len(examples), 4)  # (N, 4), NaN where not cached
+    missing = [i for i in needed if torch.isnan(values[i]).any()]
+    if missing:
+        todo = [examples[i] for i in missing]
+        precompute_reference(cfg, model, todo, pad_id, f"reference log-probs ({len(todo)} pairs)")
+        for i, ex in zip(missing, todo):
+            values[i] = ex.ref
+        reference_cache.save(key, values)
+    else:
+        print(f"reference log-probs: {len(list(needed))} pairs from the cache", file=sys.stderr)
+    for i in needed:
+        examples[i].ref = values[i]
 
 
 def run(cfg: DPOConfig) -> dict:
@@ -244,10 +284,12 @@ def run(cfg: DPOConfig) -> dict:
         )
     reference = None
     if mode == "precomputed":
-        # Only the pairs this run will visit (max_steps may end it inside the first epoch).
-        visited = [train_examples[i] for i in visited_indices(cfg, len(train_examples))]
-        precompute_reference(cfg, model, visited, pad_id, "reference log-probs (train)")
-        precompute_reference(cfg, model, eval_examples, pad_id, "reference log-probs (eval)")
+        # Only the pairs this run will visit (max_steps may end it inside the first epoch); cached on disk.
+        model_path = resolve_model(cfg.model)
+        attach_reference(
+            cfg, model, model_path, train_examples, visited_indices(cfg, len(train_examples)), pad_id
+        )
+        attach_reference(cfg, model, model_path, eval_examples, range(len(eval_examples)), pad_id)
     elif mode == "copy":
         reference = load_model(cfg.model, cfg.dtype, cfg.trust_remote_code, device=pick_device()).eval()
         reference.requires_grad_(False)
@@ -256,7 +298,13 @@ def run(cfg: DPOConfig) -> dict:
     trainable, total = count_parameters(model)
     model.train()
 
-    eval_before, _ = evaluate(cfg, model, reference, eval_examples, pad_id) if eval_examples else ({}, [])
+    # Before any update a reference-based objective sees policy == reference: every implicit reward is 0
+    # and the loss is known (DPO ln 2), so only ORPO's starting point is worth a pass over the eval set.
+    eval_before, _ = (
+        evaluate(cfg, model, reference, eval_examples, pad_id)
+        if eval_examples and mode == "none"
+        else ({}, [])
+    )
 
     # 3. Train with the shared loop, watched by the failure monitors.
     monitors = default_monitors(cfg.loss)

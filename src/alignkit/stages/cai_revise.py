@@ -1,0 +1,287 @@
+"""`alignkit cai-revise`: the supervised phase of Constitutional AI (Bai et al. 2022, sec. 3). The model
+answers each prompt, then for principles drawn from the constitution (seeded, one per round) critiques its
+own latest answer and rewrites it; the final revision becomes the SFT target.
+
+Output: one line per prompt with `prompt` + `completion` (the final revision), which `alignkit sft` trains
+on as it is, plus the initial answer and every critique and revision for inspection. The run appends one
+prompt at a time with a progress ledger, so a killed run resumes without losing or repeating a prompt.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from alignkit.cai.constitution import Constitution, Principle, load_constitution
+from alignkit.config import ConfigError, config_to_dict, doc_field, required
+from alignkit.data.schemas import Prompt, load_prompts
+from alignkit.data.tokenize import encode_prompt
+from alignkit.models.generation import SamplingConfig, generate
+from alignkit.models.loading import load_model, load_tokenizer, pick_device
+
+# The append-and-resume machinery of build-prefs (one ledger line per finished prompt). It belongs in a
+# shared module (stages should not import each other); until it moves, it is imported, not copied.
+from alignkit.stages.build_prefs import Writer, progress_path, resume, summary_path
+
+
+@dataclass
+class CAIReviseConfig:
+    """Answer prompts, then critique and revise each answer under constitution principles; write SFT data."""
+
+    prompts: str = required("Prompt file: a 'prompt' (text or messages) or 'messages' column.")
+    output: str = required(
+        "Output .jsonl (prompt, completion = final revision, critiques); resumed if it exists."
+    )
+    prompts_split: str | None = doc_field(None, "Split name when prompts is a hub id or a DatasetDict.")
+    prompt_rows: tuple[int, int] | None = doc_field(
+        None, "Use only prompt rows start <= row < stop, written [start, stop] (0-based)."
+    )
+    max_prompts: int | None = doc_field(None, "Use only the first N prompts (after prompt_rows).")
+    on_bad_row: Literal["error", "skip"] = doc_field(
+        "error",
+        "What to do with an invalid prompt row: stop with an error naming it, or skip it and count it.",
+    )
+    model: str = doc_field(
+        "smollm2-135m-instruct",
+        "Model that answers, critiques and revises (embedded default, Hugging Face id or local directory).",
+    )
+    constitution: str | None = doc_field(
+        None, "Constitution YAML (principles with critique and revision requests); None: alignkit's default."
+    )
+    principles: list[str] | None = doc_field(
+        None, "Use only these principle ids of the constitution; None: all of them."
+    )
+    n_rounds: int = doc_field(
+        1, "Critique -> revision rounds per prompt, each under its own principle (drawn without repeats)."
+    )
+    max_new_tokens: int = doc_field(128, "Longest answer, critique or revision, in tokens.")
+    temperature: float = doc_field(0.7, "Sampling temperature (0 is greedy).")
+    top_p: float = doc_field(
+        1.0, "Nucleus sampling: keep the smallest set of tokens with this much probability."
+    )
+    max_prompt_length: int | None = doc_field(
+        768, "Longest conversation fed to the model, in tokens (its end is kept); None: no limit."
+    )
+    seed: int = doc_field(
+        0, "Seed of the principle draws (per prompt) and the sampling (per batch and step)."
+    )
+    prompts_per_batch: int = doc_field(
+        8, "Prompts answered, critiqued and revised together; a killed run redoes at most this batch."
+    )
+    overwrite: bool = doc_field(False, "Start the output afresh instead of resuming it.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = doc_field(
+        "auto", "Model dtype; 'auto' picks bf16 only where the hardware runs it fast, else fp32."
+    )
+    trust_remote_code: bool = doc_field(False, "Allow code shipped with the model to run (off by default).")
+    num_threads: int | None = doc_field(None, "CPU threads for torch; None uses every core.")
+    progress: bool = doc_field(True, "Show a progress bar.")
+
+
+CONFIG = CAIReviseConfig
+
+# The settings that decide what the output holds: resuming an output with other values would mix two runs.
+CONTENT_SETTINGS = (
+    "prompts",
+    "prompts_split",
+    "prompt_rows",
+    "max_prompts",
+    "model",
+    "constitution",
+    "principles",
+    "n_rounds",
+    "max_new_tokens",
+    "temperature",
+    "top_p",
+    "max_prompt_length",
+    "seed",
+    "prompts_per_batch",
+)
+
+
+def draw_rounds(constitution: Constitution, n_rounds: int, rng: np.random.Generator) -> list[Principle]:
+    """The principle of each round: a random order of all principles, cycled when there are more rounds."""
+    order = constitution.sample(len(constitution.principles), rng)
+    return [order[r % len(order)] for r in range(n_rounds)]
+
+
+def step_seed(seed: int, batch_index: int, step: int) -> int:
+    """The sampling seed of one generation step (answer, critique 1, revision 1, ...) of one batch: fixed
+    by (seed, batch, step), so a resumed run redoes a batch exactly as the interrupted run did."""
+    return int(np.random.SeedSequence([seed, batch_index, step]).generate_state(1)[0])
+
+
+def as_messages(prompt: Prompt) -> list[dict]:
+    return [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+
+
+def run(cfg: CAIReviseConfig) -> dict:
+    started = time.time()
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
+    output = Path(cfg.output)
+    if output.suffix != ".jsonl":
+        raise ConfigError(
+            f"output must be a .jsonl file (it is appended to prompt by prompt), got {cfg.output}"
+        )
+    for name in ("n_rounds", "prompts_per_batch", "max_new_tokens"):
+        if getattr(cfg, name) < 1:
+            raise ConfigError(f"{name} must be at least 1, got {getattr(cfg, name)}")
+    constitution = load_constitution(cfg.constitution).select(cfg.principles)
+
+    # 1. Resume: the prompts an earlier run of the same settings (and constitution text) finished.
+    settings = {k: v for k, v in config_to_dict(cfg).items() if k in CONTENT_SETTINGS}
+    settings["constitution_crc32"] = zlib.crc32(repr(constitution.principles).encode("utf-8"))
+    if cfg.overwrite:
+        for path in (output, progress_path(output)):
+            path.unlink(missing_ok=True)
+    done = resume(output, settings)
+    loaded = load_prompts(
+        cfg.prompts, cfg.on_bad_row, split=cfg.prompts_split, rows=cfg.prompt_rows, limit=cfg.max_prompts
+    )
+    examples = loaded.examples
+    print(
+        f"cai-revise: prompts: {loaded.summary()}; {sum(ex.ref.row in done for ex in examples)} already done",
+        file=sys.stderr,
+    )
+
+    device = pick_device()
+    tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code)
+    model = load_model(cfg.model, cfg.dtype, cfg.trust_remote_code, device=device)
+
+    def sample(conversations: list[list[dict]], batch_index: int, step: int) -> list[str]:
+        ids = [encode_prompt(tokenizer, c, cfg.max_prompt_length) for c in conversations]
+        sampling = SamplingConfig(
+            cfg.max_new_tokens, cfg.temperature, cfg.top_p, step_seed(cfg.seed, batch_index, step)
+        )
+        return [
+            g.text for g in generate(model, tokenizer, ids, sampling, batch_size=len(ids), progress=False)
+        ]
+
+    writer = Writer(output, settings, fresh=not progress_path(output).exists())
+    bar = tqdm(
+        total=len(examples),
+        initial=sum(ex.ref.row in done for ex in examples),
+        desc="cai-revise",
+        unit="prompt",
+        disable=not cfg.progress,
+    )
+    try:
+        # The batches are a fixed partition of the prompt list, so batch b has the same prompts and seeds on
+        # every run; a batch whose prompts are all finished is not generated again.
+        for b, start in enumerate(range(0, len(examples), cfg.prompts_per_batch)):
+            batch = examples[start : start + cfg.prompts_per_batch]
+            if all(ex.ref.row in done for ex in batch):
+                continue
+            rounds = [
+                draw_rounds(constitution, cfg.n_rounds, np.random.default_rng([cfg.seed, ex.ref.row]))
+                for ex in batch
+            ]
+            conversations = [as_messages(ex.prompt) for ex in batch]
+            # 2. The model answers each prompt.
+            initial = sample(conversations, b, 0)
+            current = list(initial)
+            history: list[list[dict]] = [[] for _ in batch]
+            for r in range(cfg.n_rounds):
+                # 3. It critiques its latest answer under this round's principle ...
+                asked = [
+                    [
+                        *conv,
+                        {"role": "assistant", "content": cur},
+                        {"role": "user", "content": prs[r].critique_request},
+                    ]
+                    for conv, cur, prs in zip(conversations, current, rounds)
+                ]
+                critiques = sample(asked, b, 1 + 2 * r)
+                # 4. ... and rewrites it in the light of that critique.
+                asked = [
+                    [
+                        *a,
+                        {"role": "assistant", "content": crit},
+                        {"role": "user", "content": prs[r].revision_request},
+                    ]
+                    for a, crit, prs in zip(asked, critiques, rounds)
+                ]
+                revisions = sample(asked, b, 2 + 2 * r)
+                for k, prs in enumerate(rounds):
+                    history[k].append(
+                        {
+                            "round": r + 1,
+                            "principle": prs[r].id,
+                            "critique_request": prs[r].critique_request,
+                            "critique": critiques[k],
+                            "revision_request": prs[r].revision_request,
+                            "revision": revisions[k],
+                        }
+                    )
+                    # An empty revision is no answer: the next round (and the target) keep the last real one.
+                    if revisions[k].strip():
+                        current[k] = revisions[k]
+            # 5. Append each prompt's line (none when every answer came out empty) and its ledger entry.
+            for k, ex in enumerate(batch):
+                if ex.ref.row in done:
+                    continue
+                has_target = bool(current[k].strip())
+                line = {
+                    "prompt": ex.prompt,
+                    "completion": current[k],
+                    "initial_response": initial[k],
+                    "revisions": history[k],
+                    "model": cfg.model,
+                    "prompt_row": ex.ref.row,
+                }
+                counts = {
+                    "n_rounds": cfg.n_rounds,
+                    "empty_initial": not initial[k].strip(),
+                    "n_empty_revisions": sum(not h["revision"].strip() for h in history[k]),
+                    "n_empty_critiques": sum(not h["critique"].strip() for h in history[k]),
+                    "revised": has_target and current[k] != initial[k],
+                    "principles": [h["principle"] for h in history[k]],
+                }
+                writer.add_prompt(ex.ref.row, [line] if has_target else [], counts)
+                bar.update(1)
+    finally:
+        bar.close()
+        writer.close()
+
+    # 6. Totals over every finished prompt (this run and earlier ones), and the summary.
+    entries = [
+        json.loads(line) for line in progress_path(output).read_text(encoding="utf-8").splitlines()[1:]
+    ]
+    uses: dict[str, int] = {}
+    for e in entries:
+        for pid in e["principles"]:
+            uses[pid] = uses.get(pid, 0) + 1
+    summary = {
+        "stage": "cai-revise",
+        "output": str(output),
+        "model": cfg.model,
+        "constitution": constitution.source,
+        "rows_read": loaded.n_rows,
+        "skipped_rows": len(loaded.skipped),
+        "prompts_done": len(entries),
+        "prompts_this_run": len(entries) - len(done),
+        "examples_written": sum(e["n_lines"] for e in entries),
+        "prompts_without_answer": sum(e["n_lines"] == 0 for e in entries),
+        "prompts_revised": sum(e["revised"] for e in entries),
+        "empty_initial_answers": sum(e["empty_initial"] for e in entries),
+        "empty_critiques": sum(e["n_empty_critiques"] for e in entries),
+        "empty_revisions": sum(e["n_empty_revisions"] for e in entries),
+        "principle_uses": uses,
+        "settings": settings,
+        "next": f"alignkit sft train_data={output}",
+        "wall_seconds": time.time() - started,
+    }
+    tmp = summary_path(output).with_name(f".{summary_path(output).name}.tmp")
+    tmp.write_text(json.dumps(summary, indent=2) + "\n")
+    os.replace(tmp, summary_path(output))
+    return summary
