@@ -33,6 +33,7 @@ STAGES: dict[str, tuple[str, str]] = {
     "ipo": ("alignkit.stages.dpo:IPOConfig", "Identity Preference Optimization (squared loss) on pairs"),
     "orpo": ("alignkit.stages.dpo:ORPOConfig", "Odds-Ratio Preference Optimization: SFT + preference, no reference"),
     "kto": ("alignkit.stages.kto", "Kahneman-Tversky Optimization on unpaired good/bad feedback (or pairs)"),
+    "ppo": ("alignkit.stages.ppo", "RLHF with PPO: policy, reference, reward and value models"),
     "rm": ("alignkit.stages.rm", "Train a reward model (Bradley-Terry) on chosen/rejected pairs"),
     "score": ("alignkit.stages.score", "Score (prompt, response) rows or pairs with a reward model, resumably"),
     "build-prefs": ("alignkit.stages.build_prefs", "Sample responses, rank them, and write preference pairs"),

@@ -1,0 +1,54 @@
+"""Program checks of the checkable principles, the priority rule of the checks ranker, and the independent
+classifiers (VADER, alt-profanity-check) on hand-made text."""
+
+from __future__ import annotations
+
+import pytest
+
+from alignkit.cai.checks import ChecksRanker, concision, no_insults, politeness, sentence_count
+from alignkit.evaluation.classifiers import offensive, sentiment
+
+PRIOS = {"no_insults_or_toxicity": 9, "politeness": 3, "concision": 2}
+
+
+def test_checks_by_hand():
+    """'You are a stupid, lazy idiot.' has 3 insults -> -3. 'Thanks, glad to help! Please ask.' has 3 polite
+    markers, capped at 2 -> 2; one profane word costs 3: 'thanks, damn' -> 1 - 3 = -2.
+    61 words in one sentence -> concision -1; 4 short sentences -> -10; 3 -> 0."""
+    assert no_insults("", "You are a stupid, lazy idiot.") == -3.0
+    assert politeness("", "Thanks, glad to help! Please ask.") == 2.0
+    assert politeness("", "thanks, damn") == -2.0
+    assert concision("", " ".join(["word"] * 61) + ".") == -1.0
+    assert sentence_count("One. Two! Three? Four.") == 4
+    assert concision("", "One. Two! Three? Four.") == -10.0
+    assert concision("", "One. Two! Three?") == 0.0
+
+
+def test_ranker_priority_rule():
+    """The higher-priority principle decides; lower ones only break its ties:
+    a: polite but insulting (insults -1)  -> loses to every clean response;
+    b: clean, rude-free, long (4 sentences) -> beats a, loses to c (same insult/politeness, more concise);
+    c: clean, short; d: clean, short and polite -> d beats c on politeness (priority 3 > concision 2)."""
+    ranker = ChecksRanker(PRIOS)
+    a = "Thank you! You are an idiot."
+    b = "Sure. Here it is. Step one. Step two."
+    c = "Sure, here it is."
+    d = "Sure, here it is, thanks for asking."
+    s = ranker.score("q", [a, b, c, d])
+    assert s[0] < s[1] < s[2] < s[3]
+    assert ranker.score("q", [c, c]) == [0.0, 0.0]  # ties stay ties
+
+
+def test_ranker_from_constitution_uses_only_checkable_principles():
+    principles = [{"id": "avoid_harm", "priority": 10}, {"id": "concision", "priority": 2}]
+    assert ChecksRanker.from_constitution(principles).priorities == {"concision": 2}
+    with pytest.raises(ValueError, match="checkable"):
+        ChecksRanker.from_constitution([{"id": "avoid_harm", "priority": 10}])
+
+
+def test_independent_classifiers_separate_obvious_cases():
+    """VADER's compound for a warm reply is positive and for an insult negative; the offensive-language
+    model puts an insult near 1 and a courteous reply near 0 (values seen: 1.0 and 0.002)."""
+    warm, rude = "Thank you, I am happy to help!", "You are a stupid idiot."
+    assert sentiment("", warm) > 0.5 > -0.5 > sentiment("", rude)
+    assert offensive("", rude) > 0.9 and offensive("", warm) < 0.1
