@@ -18,7 +18,9 @@ import tempfile
 import time
 from pathlib import Path
 
-HH_RLHF = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "hh-rlhf" / "harmless-base-test.jsonl.gz"
+HH_RLHF = (
+    Path(__file__).resolve().parents[1].parent / "shared" / "data" / "hh-rlhf" / "harmless-base-test.jsonl.gz"
+)
 MODEL = "smollm2-135m-instruct"
 PAIRS_PER_STEP = 4
 MAX_LENGTH = 512
@@ -62,7 +64,9 @@ def prepare(args, workdir: Path) -> dict:
     for i in order:
         p, e = pairs[i], encoded[i]
         if not e.truncated:
-            trl_rows.append({"prompt": render_prompt(tokenizer, p.prompt), "chosen": p.chosen, "rejected": p.rejected})
+            trl_rows.append(
+                {"prompt": render_prompt(tokenizer, p.prompt), "chosen": p.chosen, "rejected": p.rejected}
+            )
         else:
             strip = lambda ids: ids[:-1] if ids and ids[-1] == tokenizer.eos_token_id else ids  # noqa: E731
             trl_rows.append(
@@ -80,7 +84,11 @@ def prepare(args, workdir: Path) -> dict:
         "micro_batch_size": args.micro_batch_size,
         "trl_rows": trl_rows,
         "alignkit_ids": [
-            {"prompt_ids": encoded[i].prompt_ids, "chosen_ids": encoded[i].chosen_ids, "rejected_ids": encoded[i].rejected_ids}
+            {
+                "prompt_ids": encoded[i].prompt_ids,
+                "chosen_ids": encoded[i].chosen_ids,
+                "rejected_ids": encoded[i].rejected_ids,
+            }
             for i in order
         ],
         "n_truncated": sum(e.truncated for e in encoded),
@@ -111,7 +119,11 @@ def flop_counts(spec: dict) -> dict:
         return statistics.fmean(fn(step) for step in steps)
 
     def padded_rows(pairs) -> int:  # 2B right-padded rows, as both plain paths build them
-        return 2 * len(pairs) * max(len(p["prompt_ids"]) + max(len(p["chosen_ids"]), len(p["rejected_ids"])) for p in pairs)
+        return (
+            2
+            * len(pairs)
+            * max(len(p["prompt_ids"]) + max(len(p["chosen_ids"]), len(p["rejected_ids"])) for p in pairs)
+        )
 
     def completions(pairs) -> int:
         return sum(len(p["chosen_ids"]) + len(p["rejected_ids"]) for p in pairs)
@@ -127,7 +139,9 @@ def flop_counts(spec: dict) -> dict:
 
     fwd = lambda dec, head: 2 * n_dec * dec + 2 * n_head * head  # noqa: E731
     # TRL 1.16 on CPU: its fused head scores every position of the padded batch (Triton-only compaction).
-    trl = per_step(lambda s: 4 * fwd(padded_rows(s), padded_rows(s)))  # policy fwd+bwd (3x) + reference fwd (1x)
+    trl = per_step(
+        lambda s: 4 * fwd(padded_rows(s), padded_rows(s))
+    )  # policy fwd+bwd (3x) + reference fwd (1x)
     no_pad = per_step(lambda s: 4 * fwd(unpadded(s), unpadded(s)))
     head_at_completions = per_step(lambda s: 4 * fwd(unpadded(s), completions(s)))
     shared = per_step(lambda s: 4 * fwd(packed(s), completions(s)))
@@ -223,7 +237,8 @@ def child_alignkit(spec: dict, share_prompt: bool) -> dict:
         tokenizer = load_tokenizer(cfg.model)
         rows = load_preferences(cfg.train_data, "error")
         examples = [
-            PairExample(encode_pair(tokenizer, p.prompt, p.chosen, p.rejected, cfg.max_length)) for p in rows.examples
+            PairExample(encode_pair(tokenizer, p.prompt, p.chosen, p.rejected, cfg.max_length))
+            for p in rows.examples
         ]
         model = load_model(cfg.model, cfg.dtype, device="cpu")
         pad_id = tokenizer.pad_token_id
@@ -341,7 +356,8 @@ def _check_ids(trainer, spec: dict) -> dict:
     for k, ours in enumerate(spec["alignkit_ids"]):
         p = ds[k]["prompt_ids"]
         same = p == ours["prompt_ids"] and all(
-            (p + ds[k][side])[:MAX_LENGTH] == ours["prompt_ids"] + ours[side] for side in ("chosen_ids", "rejected_ids")
+            (p + ds[k][side])[:MAX_LENGTH] == ours["prompt_ids"] + ours[side]
+            for side in ("chosen_ids", "rejected_ids")
         )
         if not same:
             mismatched.append(k)
@@ -354,7 +370,11 @@ def _check_ids(trainer, spec: dict) -> dict:
         and bool((batch["attention_mask"].cpu() == ours["attention_mask"]).all())
         and bool((batch["completion_mask"].cpu().bool() == ours["loss_mask"]).all())
     )
-    return {"pairs": len(spec["alignkit_ids"]), "mismatched_pairs": mismatched, "first_batch_identical": first_batch_same}
+    return {
+        "pairs": len(spec["alignkit_ids"]),
+        "mismatched_pairs": mismatched,
+        "first_batch_identical": first_batch_same,
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -362,11 +382,22 @@ def _check_ids(trainer, spec: dict) -> dict:
 # ---------------------------------------------------------------------------------------------
 
 
-def run_child(side: str, workdir: Path, round_: int) -> dict:
+def run_child(side: str, workdir: Path, round_: int, threads: int | None) -> dict:
     result = workdir / f"{side}-{round_}.json"
     log = workdir / f"{side}-{round_}.log"
-    cmd = [sys.executable, __file__, "--child", side, "--spec", str(workdir / "spec.json"), "--result", str(result)]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--child",
+        side,
+        "--spec",
+        str(workdir / "spec.json"),
+        "--result",
+        str(result),
+    ]
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+    if threads:
+        env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(threads)
     started = time.perf_counter()
     with log.open("w") as f:
         code = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env).returncode
@@ -396,7 +427,9 @@ def summarise(side: str, out: dict, flops: dict, rate_gflops: float) -> dict:
     }
     if side.startswith("alignkit"):
         step_flops = flops["alignkit_step"] if side == "alignkit" else flops["alignkit_plain_step"]
-        pre_flops = flops["alignkit_precompute_per_step"] if side == "alignkit" else flops["alignkit_plain"] / 4
+        pre_flops = (
+            flops["alignkit_precompute_per_step"] if side == "alignkit" else flops["alignkit_plain"] / 4
+        )
         per_pair_s = steps_s / (n_timed * PAIRS_PER_STEP) + out["precompute_s"] / out["precomputed_pairs"]
         row["precompute_s"] = out["precompute_s"]
         row["pairs_per_s"] = 1 / per_pair_s  # what the speedup uses: the reference's forward is counted
@@ -417,6 +450,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=None, help="optimiser steps per side (default 6; quick: 3)")
     ap.add_argument("--learning-rate", type=float, default=5e-6)
     ap.add_argument("--micro-batch-size", type=int, default=2, help="alignkit pairs per forward/backward")
+    ap.add_argument(
+        "--threads", type=int, default=None, help="torch threads, both sides (default: all cores)"
+    )
     ap.add_argument("--sides", default="alignkit,trl", help="comma list of alignkit, alignkit-plain, trl")
     ap.add_argument("--data", type=Path, default=HH_RLHF)
     ap.add_argument("--model", default=MODEL, help="embedded name or local model dir (both sides)")
@@ -428,6 +464,10 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.child:  # one side, in this fresh process
         spec = json.loads(args.spec.read_text())
+        if os.environ.get("OMP_NUM_THREADS"):
+            import torch
+
+            torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
         if args.child == "trl":
             out = child_trl(spec)
         else:
@@ -438,6 +478,10 @@ def main(argv: list[str] | None = None) -> int:
     args.rounds = args.rounds or (1 if args.quick else 3)
     args.steps = args.steps or (3 if args.quick else 6)
     sides = args.sides.split(",")
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)  # the matmul rate is measured with the children's thread count
     if args.steps < 2:
         raise SystemExit("--steps must be at least 2 (step 1 is the warm-up)")
     with tempfile.TemporaryDirectory(prefix="dpo-vs-trl-") as tmp:
@@ -456,7 +500,7 @@ def main(argv: list[str] | None = None) -> int:
             order = sides if r % 2 == 0 else sides[::-1]  # alternate who runs first
             for side in order:
                 rate = matmul_rate()
-                out = run_child(side, workdir, r)
+                out = run_child(side, workdir, r, args.threads)
                 row = summarise(side, out, flops, rate)
                 row["round"] = r
                 rows.append(row)
@@ -476,8 +520,10 @@ def report(rows: list[dict], flops: dict, sides: list[str]) -> int:
         return statistics.median(r[key] for r in rows if r["side"] == side)
 
     print("\nper side (median over rounds; pairs/s for alignkit includes the reference precompute per pair)")
-    print(f"{'side':15s} {'s/step':>8s} {'pairs/s':>8s} {'pairs/s steps':>13s} {'peak RSS MB':>12s} "
-          f"{'GFLOP/s':>8s} {'util':>5s} {'matmul':>7s}")
+    print(
+        f"{'side':15s} {'s/step':>8s} {'pairs/s':>8s} {'pairs/s steps':>13s} {'peak RSS MB':>12s} "
+        f"{'GFLOP/s':>8s} {'util':>5s} {'matmul':>7s}"
+    )
     for side in sides:
         print(
             f"{side:15s} {med(side, 's_per_step'):8.2f} {med(side, 'pairs_per_s'):8.3f} "

@@ -40,11 +40,15 @@ TOL = 1e-5
 
 
 def _batch(tokenizer, max_length: int = 256) -> dict:
-    return collate_pairs([encode_pair(tokenizer, *p, max_length=max_length) for p in PAIRS], tokenizer.pad_token_id)
+    return collate_pairs(
+        [encode_pair(tokenizer, *p, max_length=max_length) for p in PAIRS], tokenizer.pad_token_id
+    )
 
 
 def _plain(model, batch, chunk_size):
-    return sequence_logprobs(model, batch["input_ids"], batch["attention_mask"], batch["loss_mask"], chunk_size)
+    return sequence_logprobs(
+        model, batch["input_ids"], batch["attention_mask"], batch["loss_mask"], chunk_size
+    )
 
 
 def _values_and_grads(fn, model, batch, chunk_size):

@@ -15,7 +15,6 @@ import random
 import re
 import signal
 import sys
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,6 +57,7 @@ from alignkit.models.value import ValueModel, add_value_adapter, keep_trainable,
 from alignkit.training.checkpoint import checkpoint_dir, load_checkpoint, prune_checkpoints, save_checkpoint
 from alignkit.training.run import RunDir, peak_rss_mb
 from alignkit.training.schedule import build_scheduler
+from alignkit.training.signals import StopSignals
 
 DEFAULT_PROMPTS = Path(__file__).resolve().parents[1] / "assets" / "prompts.jsonl"
 
@@ -449,34 +449,6 @@ def iteration_prompts(n_prompts: int, per_iteration: int, iteration: int, seed: 
     return indices
 
 
-class _StopSignals:
-    """SIGINT/SIGTERM set a flag read after each iteration, so the checkpoint then written is consistent; a
-    second signal stops at once. (The shared loop's handler, for PPO's own loop.)"""
-
-    def __init__(self) -> None:
-        self.received: int | None = None
-        self._previous: dict = {}
-
-    def __enter__(self) -> _StopSignals:
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
-
-    def _handle(self, signum: int, frame) -> None:
-        if self.received is not None:
-            raise KeyboardInterrupt
-        self.received = signum
-        print(
-            f"\n{signal.Signals(signum).name}: finishing this iteration, then saving a checkpoint",
-            file=sys.stderr,
-        )
-
-
 def _truncate_jsonl(path: Path, step: int) -> None:
     """Drop rows with "step" > ``step`` (on resume, so each iteration's samples appear once)."""
     if path.exists():
@@ -609,7 +581,7 @@ def run(cfg: PPOConfig, monitors: MonitorSet | None = None) -> dict:
 
     bar = tqdm(total=cfg.iterations, initial=start, disable=not cfg.progress, desc="ppo", unit="iter")
     try:
-        with _StopSignals() as signals:
+        with StopSignals() as signals:
             while iteration < cfg.iterations:
                 t0 = time.monotonic()
                 # 1. Sample one response per prompt from the current policy (batched, KV cache), with a seed

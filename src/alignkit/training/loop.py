@@ -8,8 +8,6 @@ from __future__ import annotations
 import math
 import random
 import signal
-import sys
-import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -23,6 +21,7 @@ from alignkit.errors import TrainingInterrupted
 from alignkit.training.checkpoint import checkpoint_dir, load_checkpoint, prune_checkpoints, save_checkpoint
 from alignkit.training.run import RunDir, peak_rss_mb
 from alignkit.training.schedule import build_scheduler
+from alignkit.training.signals import StopSignals
 
 # More consecutive non-finite steps than this end the run: a few are a bad batch, a streak is divergence.
 MAX_CONSECUTIVE_NONFINITE = 5
@@ -154,7 +153,7 @@ def train(
 
     bar = tqdm(total=total_steps, initial=step, disable=not cfg.progress, desc="train", unit="step")
     try:
-        with _StopSignals() as signals:
+        with StopSignals() as signals:
             while step < total_steps:
                 # 3. Data: this step's slice of the epoch's seeded permutation, cut into micro-batches.
                 epoch, position = divmod(step, steps_per_epoch)
@@ -293,36 +292,6 @@ class _Window:
             row["tokens_per_s"] = self.n_tokens / seconds
         row["elapsed_s"] = elapsed_s
         return row
-
-
-class _StopSignals:
-    """SIGINT/SIGTERM set a flag the loop reads after each optimizer step, so the checkpoint it then writes
-    is consistent. A second signal raises KeyboardInterrupt at once; checkpoint writes are atomic, so that
-    cannot leave a corrupt one behind."""
-
-    def __init__(self) -> None:
-        self.received: int | None = None
-        self._previous: dict[int, object] = {}
-
-    def __enter__(self) -> _StopSignals:
-        if threading.current_thread() is threading.main_thread():  # signal.signal works only there
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
-
-    def _handle(self, signum: int, frame) -> None:
-        if self.received is not None:
-            raise KeyboardInterrupt
-        self.received = signum
-        print(
-            f"\n{signal.Signals(signum).name}: finishing this step, then saving a checkpoint "
-            "(send it again to stop at once)",
-            file=sys.stderr,
-        )
 
 
 def _resume_path(resume_from: str | None, run: RunDir) -> str | None:
