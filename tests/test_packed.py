@@ -160,8 +160,10 @@ def test_falls_back_to_plain_when_rows_do_not_pair(tiny_tokenizer):
 # ---------------------------------------------------------------------------------------------
 
 
-def _dpo_losses(tmp_path, name, model_dir, data, *extra):
+def _dpo_losses(tmp_path, monkeypatch, name, model_dir, data, *extra):
     out = tmp_path / name
+    # A cache per run, so each run computes its reference log-probs on its own path.
+    monkeypatch.setenv("ALIGNKIT_CACHE", str(tmp_path / f"cache-{name}"))
     args = [
         "dpo",
         f"model={model_dir}",
@@ -189,14 +191,14 @@ def _dpo_losses(tmp_path, name, model_dir, data, *extra):
     [("reference=precomputed",), ("lora=true", "lora_r=4", "reference=adapter", "learning_rate=1e-2")],
     ids=["full-precomputed", "lora-adapter"],
 )
-def test_dpo_share_prompt_on_and_off_give_the_same_losses(tiny_model_dir, tmp_path, extra):
+def test_dpo_share_prompt_on_and_off_give_the_same_losses(tiny_model_dir, tmp_path, monkeypatch, extra):
     """Step 1 is ln 2 (policy = reference) on both; the later steps follow updates made from the two paths'
     gradients, so equal losses there mean equal gradients too."""
     rows = [{"prompt": p, "chosen": c, "rejected": r} for p, c, r in PAIRS] * 3
     data = tmp_path / "pairs.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    on = _dpo_losses(tmp_path, "on", tiny_model_dir, data, "share_prompt=true", *extra)
-    off = _dpo_losses(tmp_path, "off", tiny_model_dir, data, "share_prompt=false", *extra)
+    on = _dpo_losses(tmp_path, monkeypatch, "on", tiny_model_dir, data, "share_prompt=true", *extra)
+    off = _dpo_losses(tmp_path, monkeypatch, "off", tiny_model_dir, data, "share_prompt=false", *extra)
     assert len(on) == len(off) == 4
     assert on[0] == pytest.approx(math.log(2), abs=1e-6)
     assert abs(on[-1] - on[0]) > 1e-3  # the weights moved, so the comparison below covers updated weights

@@ -12,7 +12,6 @@ import pytest
 
 from alignkit import cli
 from alignkit.config import ConfigError, load_config
-from alignkit.errors import AlignkitError
 from alignkit.rankers import read_ranked_row, scores_from_ranking
 from alignkit.stages import build_prefs, score
 from alignkit.stages.build_prefs import BuildPrefsConfig, make_pairs, usable_responses
@@ -343,14 +342,6 @@ def test_human_export_and_import_round_trip(tiny_model_dir, prompts_file, tmp_pa
         5,
     )
     assert imported["prompts_without_pairs"] == 1
-
-
-def test_judge_ranker_is_an_interface_for_now(tmp_path, prompts_file):
-    cfg = load_config(
-        BuildPrefsConfig, None, [f"output={tmp_path / 'x.jsonl'}", f"prompts={prompts_file}", "ranker=judge"]
-    )
-    with pytest.raises(AlignkitError, match="no AI judge is available yet"):
-        build_prefs.run(cfg)
 
 
 def test_build_prefs_saves_a_dataset(tiny_model_dir, tiny_rm_dir, prompts_file, tmp_path):

@@ -54,7 +54,9 @@ def test_sft_on_smollm_lowers_held_in_loss_and_final_model_generates(tmp_path):
 def test_quickstart_main_job(tmp_path, capsys):
     """The README's main job, shortened to one epoch: prints its table, writes its summary."""
     out = tmp_path / "qs"
-    assert main(["quickstart", f"output_dir={out}", "sft_epochs=1", "sample_prompts=1", "progress=false"]) == 0
+    assert (
+        main(["quickstart", f"output_dir={out}", "sft_epochs=1", "sample_prompts=1", "progress=false"]) == 0
+    )
     printed = capsys.readouterr().out
     assert "held-in loss (40 demos)" in printed and "run folder:" in printed
     summary = json.loads((out / "summary.json").read_text())

@@ -20,7 +20,12 @@ from alignkit.stages.sft import sft_step
 ROWS = [
     {"prompt": "what is the capital of france?", "completion": "the capital of france is paris."},
     {"prompt": "please write a short poem about the sea", "completion": "the sea and the sky are blue."},
-    {"messages": [{"role": "user", "content": "the quick brown fox"}, {"role": "assistant", "content": "jumps."}]},
+    {
+        "messages": [
+            {"role": "user", "content": "the quick brown fox"},
+            {"role": "assistant", "content": "jumps."},
+        ]
+    },
     {"prompt": "i need help", "completion": "here is a helpful and harmless answer."},
 ] * 4
 

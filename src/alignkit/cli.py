@@ -31,14 +31,34 @@ STAGES: dict[str, tuple[str, str]] = {
     "sft": ("alignkit.stages.sft", "Supervised fine-tuning on demonstrations"),
     "dpo": ("alignkit.stages.dpo", "Direct Preference Optimization on chosen/rejected pairs"),
     "ipo": ("alignkit.stages.dpo:IPOConfig", "Identity Preference Optimization (squared loss) on pairs"),
-    "orpo": ("alignkit.stages.dpo:ORPOConfig", "Odds-Ratio Preference Optimization: SFT + preference, no reference"),
+    "orpo": (
+        "alignkit.stages.dpo:ORPOConfig",
+        "Odds-Ratio Preference Optimization: SFT + preference, no reference",
+    ),
     "kto": ("alignkit.stages.kto", "Kahneman-Tversky Optimization on unpaired good/bad feedback (or pairs)"),
     "ppo": ("alignkit.stages.ppo", "RLHF with PPO: policy, reference, reward and value models"),
     "rm": ("alignkit.stages.rm", "Train a reward model (Bradley-Terry) on chosen/rejected pairs"),
-    "score": ("alignkit.stages.score", "Score (prompt, response) rows or pairs with a reward model, resumably"),
+    "score": (
+        "alignkit.stages.score",
+        "Score (prompt, response) rows or pairs with a reward model, resumably",
+    ),
     "build-prefs": ("alignkit.stages.build_prefs", "Sample responses, rank them, and write preference pairs"),
-    "eval": ("alignkit.stages.eval", "Sample a model and a reference on prompts; scores, win rate, KL, lengths"),
-    "report": ("alignkit.stages.report", "One self-contained HTML page of a run: curves, events, summary, eval"),
+    "cai-revise": (
+        "alignkit.stages.cai_revise",
+        "Constitutional AI: answer, critique and revise under principles; writes SFT data",
+    ),
+    "cai-label": (
+        "alignkit.stages.cai_label",
+        "RLAIF: an AI judge labels response pairs under a constitution; writes preference pairs",
+    ),
+    "eval": (
+        "alignkit.stages.eval",
+        "Sample a model and a reference on prompts; scores, win rate, KL, lengths",
+    ),
+    "report": (
+        "alignkit.stages.report",
+        "One self-contained HTML page of a run: curves, events, summary, eval",
+    ),
 }
 
 USAGE = "usage: alignkit <stage> [CONFIG.yaml] [key=value ...]"

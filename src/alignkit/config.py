@@ -63,7 +63,9 @@ class TrainConfig:
     )
     train_split: str | None = doc_field(None, "Split name when train_data is a hub id or a DatasetDict.")
     eval_split: str | None = doc_field(None, "Split name when eval_data is a hub id or a DatasetDict.")
-    max_train_rows: int | None = doc_field(None, "Use only the first N rows of train_data (after train_rows).")
+    max_train_rows: int | None = doc_field(
+        None, "Use only the first N rows of train_data (after train_rows)."
+    )
     max_eval_rows: int | None = doc_field(None, "Use only the first N rows of eval_data (after eval_rows).")
     train_rows: tuple[int, int] | None = doc_field(
         None, "Use only file rows start <= row < stop of train_data, written [start, stop] (0-based)."

@@ -23,7 +23,9 @@ INSULTS = frozenset(
     garbage coward cowards incompetent brainless clueless""".split()
 )
 # Profanity and slurs, reduced to stems that do not occur inside ordinary words.
-PROFANITY = frozenset("""damn damned hell crap shit shitty fuck fucking fucked bitch bastard ass asshole piss""".split())
+PROFANITY = frozenset(
+    """damn damned hell crap shit shitty fuck fucking fucked bitch bastard ass asshole piss""".split()
+)
 # Markers of a courteous register.
 POLITE = frozenset("""please thank thanks sorry glad happy kindly appreciate welcome respectfully""".split())
 

@@ -23,6 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from alignkit.config import ConfigError, config_to_dict, doc_field, required
+from alignkit.data.appendlog import Writer, complete_lines, progress_path, resume, summary_path
 from alignkit.data.io import BadRow, BadRowError, read_rows
 from alignkit.data.schemas import load_prompts
 from alignkit.data.tokenize import encode_prompt
@@ -150,6 +151,12 @@ CONTENT_SETTINGS = (
     "reward_model",
     "human_rankings",
     "pairing",
+    "judge_model",
+    "judge_constitution",
+    "judge_principles",
+    "judge_principles_per_comparison",
+    "judge_max_context_tokens",
+    "judge_max_response_tokens",
 )
 
 
@@ -254,105 +261,6 @@ def pair_rows(
         }
         for c, r in pairing.pairs
     ]
-
-
-# ---------------------------------------------------------------------------------------------
-# Output and progress files: append one prompt at a time; on restart keep finished prompts only
-# ---------------------------------------------------------------------------------------------
-
-
-def progress_path(output: Path) -> Path:
-    return output.with_suffix(".progress.jsonl")
-
-
-def summary_path(output: Path) -> Path:
-    return output.with_suffix(".summary.json")
-
-
-def _complete_lines(path: Path) -> list[str]:
-    """The newline-terminated lines of ``path``; a torn last line (a kill mid-write) is dropped."""
-    if not path.exists():
-        return []
-    text = path.read_text(encoding="utf-8")
-    return text[: text.rfind("\n") + 1].splitlines()
-
-
-def _rewrite(path: Path, lines: list[str]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def resume(output: Path, settings: dict) -> dict[int, dict]:
-    """Finished prompts of an earlier run of the same settings (prompt_row -> its counts), with the output
-    cut back to exactly their lines: lines of a prompt the run was writing when it stopped are dropped."""
-    ledger = progress_path(output)
-    if not ledger.exists():
-        if output.exists() and output.stat().st_size:
-            raise ConfigError(
-                f"output: {output} exists but has no {ledger.name} to resume from; use another output, "
-                "or overwrite=true to start it afresh"
-            )
-        return {}
-    entries = [json.loads(line) for line in _complete_lines(ledger)]
-    if not entries and not (output.exists() and output.stat().st_size):
-        ledger.unlink()  # killed before the first prompt finished: nothing to keep
-        return {}
-    if not entries or entries[0].get("settings") != settings:
-        old = entries[0].get("settings", {}) if entries else {}
-        changed = [k for k in settings if old.get(k) != settings[k]]
-        raise ConfigError(
-            f"output: {output} was started with other settings ({', '.join(changed) or 'unreadable'}: "
-            f"{[old.get(k) for k in changed]} then, {[settings[k] for k in changed]} now); resume with the "
-            "same settings, use another output, or overwrite=true"
-        )
-    done = {e["prompt_row"]: e for e in entries[1:]}
-    lines = _complete_lines(output)
-    kept = [line for line in lines if json.loads(line)["prompt_row"] in done]
-    written: dict[int, int] = {}
-    for line in kept:
-        row = json.loads(line)["prompt_row"]
-        written[row] = written.get(row, 0) + 1
-    broken = [r for r, e in done.items() if written.get(r, 0) != e["n_lines"]]
-    if broken:
-        raise ConfigError(
-            f"output: {output} does not hold the lines {ledger.name} records for prompt rows {broken[:5]}; "
-            "it was edited or truncated. Use another output, or overwrite=true"
-        )
-    # Rewritten with the kept lines only: drops the lines of an unfinished prompt and torn last lines.
-    _rewrite(output, kept)
-    _rewrite(ledger, [json.dumps(e) for e in entries])
-    return done
-
-
-class Writer:
-    """Appends one prompt's lines to the output, then its entry to the progress file, each synced to disk.
-
-    The entry goes last, so a kill between the two leaves lines of an unlisted prompt, which ``resume``
-    removes before that prompt is redone.
-    """
-
-    def __init__(self, output: Path, settings: dict, fresh: bool):
-        output.parent.mkdir(parents=True, exist_ok=True)
-        self.output = open(output, "a", encoding="utf-8")
-        self.ledger = open(progress_path(output), "a", encoding="utf-8")
-        if fresh:
-            self._append(self.ledger, [{"settings": settings}])
-
-    def add_prompt(self, prompt_row: int, lines: list[dict], counts: dict) -> None:
-        self._append(self.output, lines)
-        self._append(self.ledger, [{"prompt_row": prompt_row, "n_lines": len(lines), **counts}])
-
-    @staticmethod
-    def _append(f, rows: list[dict]) -> None:
-        if rows:
-            f.write("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
-            f.flush()
-            os.fsync(f.fileno())
-
-    def close(self) -> None:
-        self.output.close()
-        self.ledger.close()
 
 
 def counts_of(pairing: Pairing, n_responses: int) -> dict:
@@ -539,7 +447,7 @@ def run(cfg: BuildPrefsConfig) -> dict:
         writer.close()
 
     # 6. Totals over every finished prompt (this run and earlier ones), the dataset copy, the summary.
-    entries = [json.loads(line) for line in _complete_lines(progress_path(output))[1:]]
+    entries = [json.loads(line) for line in complete_lines(progress_path(output))[1:]]
     total = {
         key: sum(e.get(key, 0) for e in entries)
         for key in ("n_responses", "n_pairs", "n_empty", "n_duplicate", "n_unscored", "n_ties")
@@ -570,7 +478,7 @@ def run(cfg: BuildPrefsConfig) -> dict:
     if cfg.save_dataset:
         from datasets import Dataset
 
-        rows = [json.loads(line) for line in _complete_lines(output)]
+        rows = [json.loads(line) for line in complete_lines(output)]
         Dataset.from_list(rows).save_to_disk(cfg.save_dataset)
         summary["dataset"] = cfg.save_dataset
     summary["wall_seconds"] = time.time() - started

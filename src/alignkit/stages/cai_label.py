@@ -26,14 +26,11 @@ from tqdm.auto import tqdm
 from alignkit.cai.constitution import load_constitution
 from alignkit.cai.judge import Comparison, PairwiseJudge, hard_preference
 from alignkit.config import ConfigError, config_to_dict, doc_field, required
+from alignkit.data.appendlog import Writer, progress_path, resume, summary_path
 from alignkit.data.io import BadRow, BadRowError, Record, read_rows
 from alignkit.data.schemas import Prompt, load_preferences, load_prompts
 from alignkit.evaluation.metrics import mean_ci
 from alignkit.models.loading import load_model, load_tokenizer, pick_device
-
-# The append-and-resume machinery of build-prefs (one ledger line per finished input row). It belongs in a
-# shared module (stages should not import each other); until it moves, it is imported, not copied.
-from alignkit.stages.build_prefs import Writer, progress_path, resume, summary_path
 
 
 @dataclass

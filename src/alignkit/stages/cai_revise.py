@@ -24,14 +24,14 @@ from tqdm.auto import tqdm
 
 from alignkit.cai.constitution import Constitution, Principle, load_constitution
 from alignkit.config import ConfigError, config_to_dict, doc_field, required
+
+# The append-and-resume machinery of build-prefs (one ledger line per finished prompt). It belongs in a
+# shared module (stages should not import each other); until it moves, it is imported, not copied.
+from alignkit.data.appendlog import Writer, progress_path, resume, summary_path
 from alignkit.data.schemas import Prompt, load_prompts
 from alignkit.data.tokenize import encode_prompt
 from alignkit.models.generation import SamplingConfig, generate
 from alignkit.models.loading import load_model, load_tokenizer, pick_device
-
-# The append-and-resume machinery of build-prefs (one ledger line per finished prompt). It belongs in a
-# shared module (stages should not import each other); until it moves, it is imported, not copied.
-from alignkit.stages.build_prefs import Writer, progress_path, resume, summary_path
 
 
 @dataclass
