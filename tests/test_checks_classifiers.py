@@ -40,10 +40,13 @@ def test_ranker_priority_rule():
 
 
 def test_ranker_from_constitution_uses_only_checkable_principles():
-    principles = [{"id": "avoid_harm", "priority": 10}, {"id": "concision", "priority": 2}]
-    assert ChecksRanker.from_constitution(principles).priorities == {"concision": 2}
+    from alignkit.cai.constitution import load_constitution
+
+    shipped = load_constitution()  # the default constitution marks three principles checkable
+    ranker = ChecksRanker.from_constitution(shipped.principles)
+    assert ranker.priorities == {"no_insults_or_toxicity": 9, "politeness": 3, "concision": 2}
     with pytest.raises(ValueError, match="checkable"):
-        ChecksRanker.from_constitution([{"id": "avoid_harm", "priority": 10}])
+        ChecksRanker.from_constitution(shipped.select(["avoid_harm"]).principles)
 
 
 def test_independent_classifiers_separate_obvious_cases():

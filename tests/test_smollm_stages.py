@@ -51,14 +51,21 @@ def test_sft_on_smollm_lowers_held_in_loss_and_final_model_generates(tmp_path):
     assert "Paris" in proc.stdout
 
 
-def test_quickstart_main_job(tmp_path, capsys):
-    """The README's main job, shortened to one epoch: prints its table, writes its summary."""
+def test_quickstart_main_job_shortened(tmp_path, capsys):
+    """The README's main job on SmolLM2 with fewer samples and shorter responses: prints its table with the
+    independent evaluators, writes the report."""
     out = tmp_path / "qs"
-    assert (
-        main(["quickstart", f"output_dir={out}", "sft_epochs=1", "sample_prompts=1", "progress=false"]) == 0
-    )
+    args = [
+        "quickstart",
+        f"output_dir={out}",
+        "n_samples=2",
+        "max_new_tokens=24",
+        "dpo_epochs=1",
+        "progress=false",
+    ]
+    assert main(args) == 0
     printed = capsys.readouterr().out
-    assert "held-in loss (40 demos)" in printed and "run folder:" in printed
+    assert "VADER sentiment (independent)" in printed and "report:" in printed
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["sft"]["held_in_loss_after"] < summary["sft"]["held_in_loss_before"]
-    assert len(summary["samples"]) == 1 and summary["samples"][0]["after"]
+    assert summary["pairs"] > 0 and summary["dpo"]["steps"] >= 1
+    assert (out / "dpo" / "report.html").stat().st_size > 10_000

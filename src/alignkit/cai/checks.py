@@ -79,8 +79,9 @@ class ChecksRanker:
     name: str = "constitution-checks"
 
     @classmethod
-    def from_constitution(cls, principles: list[dict]) -> ChecksRanker:
-        prios = {p["id"]: int(p["priority"]) for p in principles if p["id"] in CHECKS}
+    def from_constitution(cls, principles) -> ChecksRanker:
+        """From a constitution's principles (objects with `id` and `priority`), keeping the checkable ones."""
+        prios = {p.id: int(p.priority) for p in principles if p.id in CHECKS}
         if not prios:
             raise ValueError(f"the constitution has none of the checkable principles {sorted(CHECKS)}")
         return cls(prios)

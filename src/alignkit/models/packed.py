@@ -75,8 +75,10 @@ def shared_prompt_logprobs(
     """``sequence_logprobs`` of a ``collate_pairs`` batch (2B rows: chosen, then rejected) with each prompt run
     once: the same 2B rows in the same order. Models or pairs that cannot be packed take the plain path.
 
-    pairs_per_call: packed rows per decoder call. None: 1 on CPU, where padding costs more than small matmuls
-    gain (HH-RLHF rows differ in length by 2-3x), and all of them, right-padded, on accelerators.
+    pairs_per_call: packed rows per decoder call. None: 1 on CPU, where fp32 matmul throughput hardly depends on
+    the row count while padding is pure waste (HH-RLHF pairs differ in length by 2-3x); on accelerators all of
+    them in one call, right-padded. With dropout active the prompt draws one dropout mask instead of two (the
+    same expectation, not the same numbers); alignkit's models train without dropout by default.
     """
     pairs = split_pairs(batch) if can_share_prompt(model) else None
     if pairs is None:

@@ -1,8 +1,18 @@
-"""`alignkit quickstart`: the main job on the embedded default model.
+"""`alignkit quickstart`: the main job, a complete alignment on the embedded default with nothing but what
+alignkit ships (its prompt set and its constitution).
 
-Composes stages (a pipeline sits above them, so no stage imports another): prepare the embedded
-model, fine-tune it on alignkit's own demonstrations, and report held-in and held-out loss before
-and after plus sample answers. Later stages of the pipeline are added here as they land.
+    sample -> label (constitution) -> DPO (LoRA) -> evaluate against the reference -> HTML report
+
+A pipeline composes stages (it sits above them; no stage imports another). Each step writes into the run
+folder and is skipped when its output is complete, so rerunning the same command after an interruption
+resumes where it stopped.
+
+Labels. A 135M judge compares responses at chance (0.45 agreement with human labels on 120 HH-RLHF test
+pairs, see README), so training on its labels would learn noise. By default the labels come from the
+constitution's checkable principles, judged by program (`alignkit.cai.checks`, priority order deciding);
+`labeller=judge` uses the AI judge instead. The evaluation measures the result with evaluators that had
+no part in the labels: VADER sentiment (win rate and mean) and alt-profanity-check's offensive-language
+model, next to the label-maker's own checks, length, distinct-2 and KL.
 """
 
 from __future__ import annotations
@@ -12,12 +22,13 @@ import sys
 import time
 from dataclasses import dataclass
 from importlib.resources import files
+from pathlib import Path
+from typing import Literal
 
-from alignkit.config import doc_field
-from alignkit.stages import sft
+from alignkit.config import doc_field, load_config, save_config
 
-DEMO_SFT = str(files("alignkit") / "assets" / "demo_sft.jsonl")
-N_DEMO_TRAIN, N_DEMO = 40, 48  # rows 0-39 train, rows 40-47 are held out
+PROMPTS = str(files("alignkit") / "assets" / "prompts.jsonl")
+STEPS = ("sample", "dpo", "eval", "report")
 
 
 @dataclass
@@ -25,15 +36,26 @@ class QuickstartConfig:
     """The main job. Every field has a default; override any with key=value."""
 
     model: str = doc_field("smollm2-135m-instruct", "Model to align (embedded default, hub id or local dir).")
-    output_dir: str = doc_field("runs/quickstart-{time}", "Folder for this run and its stages.")
-    sft_epochs: int = doc_field(3, "Passes over the 40 training demonstrations.")
-    sft_learning_rate: float = doc_field(3e-5, "SFT peak learning rate.")
-    sft_batch_size: int = doc_field(8, "Demonstrations per optimizer step.")
-    lora: bool = doc_field(False, "LoRA adapters instead of full fine-tuning.")
-    seed: int = doc_field(0, "Seed for data order and sampling.")
-    sample_prompts: int = doc_field(
-        3, "Held-out prompts answered by the model before and after, shown at the end."
+    output_dir: str = doc_field(
+        "runs/quickstart", "Run folder. Rerunning with the same folder resumes; fresh=true starts over."
     )
+    fresh: bool = doc_field(False, "Delete an existing run folder first instead of resuming it.")
+    skip: list[str] = doc_field(
+        [], f"Steps to skip, from {list(STEPS)} (their outputs must exist if needed)."
+    )
+    labeller: Literal["checks", "judge"] = doc_field(
+        "checks",
+        "Who labels the sampled pairs: the constitution's checkable principles by program, or the AI judge.",
+    )
+    n_samples: int = doc_field(4, "Responses sampled per training prompt (best vs worst become a pair).")
+    max_new_tokens: int = doc_field(64, "Longest sampled response in tokens.")
+    temperature: float = doc_field(1.0, "Sampling temperature for the candidate responses.")
+    dpo_epochs: int = doc_field(3, "Passes over the pairs.")
+    dpo_learning_rate: float = doc_field(2e-4, "Peak learning rate of the LoRA adapters.")
+    dpo_beta: float = doc_field(0.1, "DPO beta (KL strength).")
+    lora_r: int = doc_field(16, "LoRA rank.")
+    eval_temperature: float = doc_field(0.7, "Sampling temperature when comparing policy and reference.")
+    seed: int = doc_field(0, "Seed for sampling, data order and evaluation.")
     progress: bool = doc_field(True, "Show progress bars.")
 
 
@@ -45,102 +67,201 @@ def _say(msg: str) -> None:
     print(f"[quickstart] {msg}", file=sys.stderr, flush=True)
 
 
-def _answers(model_dir: str, prompts: list, n: int) -> list[str]:
-    from alignkit.data.tokenize import encode_prompt
-    from alignkit.models.generation import SamplingConfig, generate
-    from alignkit.models.loading import load_model, load_tokenizer
+def split_prompts(root: Path) -> tuple[Path, Path]:
+    """Every fourth built-in prompt is held out for evaluation; both halves mix everyday and harmful ones."""
+    rows = [line for line in Path(PROMPTS).read_text().splitlines() if line.strip()]
+    train, held_out = root / "prompts-train.jsonl", root / "prompts-eval.jsonl"
+    train.write_text("".join(r + "\n" for i, r in enumerate(rows) if i % 4 != 3))
+    held_out.write_text("".join(r + "\n" for i, r in enumerate(rows) if i % 4 == 3))
+    return train, held_out
 
-    tokenizer = load_tokenizer(model_dir)
-    model = load_model(model_dir)
-    ids = [encode_prompt(tokenizer, p) for p in prompts[:n]]
-    outs = generate(model, tokenizer, ids, SamplingConfig(max_new_tokens=64, temperature=0.0), progress=False)
-    return [o.text for o in outs]
+
+def independent_scores(eval_json: Path) -> dict:
+    """Mean scores of the policy's and the reference's samples by evaluators independent of the labels
+    (VADER sentiment, offensive-language probability) and by the label-maker's own checks."""
+    from alignkit.cai.checks import CHECKS
+    from alignkit.evaluation.classifiers import offensive, sentiment
+
+    samples = json.loads(eval_json.read_text())["samples"]
+    out: dict[str, dict[str, float]] = {}
+    for side in ("policy", "reference"):
+        texts = [(s["prompt"] if isinstance(s["prompt"], str) else "", s[side]) for s in samples]
+        scorers = {"sentiment (VADER)": sentiment, "offensive prob.": offensive, **CHECKS}
+        out[side] = {name: sum(f(p, r) for p, r in texts) / len(texts) for name, f in scorers.items()}
+    return out
 
 
 def run(cfg: QuickstartConfig) -> dict:
-    from alignkit.config import load_config, save_config
-    from alignkit.data.schemas import load_sft
+    import shutil
+
     from alignkit.models.loading import resolve_model
-    from alignkit.training.run import RunDir
+    from alignkit.stages import build_prefs, dpo, report
+    from alignkit.stages import eval as eval_stage
 
     started = time.time()
-    root = RunDir.create(cfg.output_dir, "quickstart", None)
-    save_config(cfg, root.config_path)
-    _say(f"run folder: {root.path}")
+    root = Path(cfg.output_dir)
+    if cfg.fresh and root.exists():
+        shutil.rmtree(root)
+    root.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, str(root / "config.yaml"))
+    _say(f"run folder: {root} (rerun the same command to resume)")
+    timings: dict[str, float] = {}
 
-    # 1. The model (the embedded default is dequantised once into the cache).
-    _say(f"preparing model {cfg.model}")
+    # 0. The model: the embedded default is dequantised once into the cache.
+    _say(f"preparing {cfg.model}")
     model_path = resolve_model(cfg.model)
+    train_prompts, eval_prompts = split_prompts(root)
 
-    # 2. Supervised fine-tuning on our own demonstrations; 8 of them held out.
-    _say(f"SFT on {N_DEMO_TRAIN} demonstrations, {cfg.sft_epochs} epochs")
-    sft_cfg = load_config(
-        sft.SFTConfig,
-        None,
-        [],
-        model=model_path,
-        train_data=DEMO_SFT,
-        train_rows=[0, N_DEMO_TRAIN],
-        eval_data=DEMO_SFT,
-        eval_rows=[N_DEMO_TRAIN, N_DEMO],
-        epochs=cfg.sft_epochs,
-        learning_rate=cfg.sft_learning_rate,
-        batch_size=cfg.sft_batch_size,
-        micro_batch_size=cfg.sft_batch_size,
-        warmup_steps=2,
-        lora=cfg.lora,
-        seed=cfg.seed,
-        output_dir=str(root.path / "sft"),
-        progress=cfg.progress,
-        save_every=None,
-    )
-    sft_summary = sft.run(sft_cfg)
+    # 1. Sample candidates and label them: best vs worst under the constitution (resumes by itself).
+    pairs = root / "pairs.jsonl"
+    if "sample" not in cfg.skip:
+        _say(
+            f"1/4 sampling {cfg.n_samples} responses per training prompt and labelling them ({cfg.labeller})"
+        )
+        t = time.time()
+        prefs = build_prefs.run(
+            load_config(
+                build_prefs.BuildPrefsConfig,
+                None,
+                [],
+                model=model_path,
+                prompts=str(train_prompts),
+                output=str(pairs),
+                n_samples=cfg.n_samples,
+                max_new_tokens=cfg.max_new_tokens,
+                temperature=cfg.temperature,
+                seed=cfg.seed,
+                ranker=cfg.labeller,
+                judge_model=model_path,
+                pairing="best_vs_worst",
+            )
+        )
+        timings["sample + label"] = time.time() - t
+    prefs = json.loads(pairs.with_suffix(".summary.json").read_text())
 
-    # 3. What the model answers on held-out prompts, before and after.
-    held_out = load_sft(DEMO_SFT, rows=(N_DEMO_TRAIN, N_DEMO)).examples
-    prompts = [ex.prompt for ex in held_out]
-    _say("sampling answers to held-out prompts (greedy) before and after")
-    before = _answers(model_path, prompts, cfg.sample_prompts)
-    after = _answers(sft_summary["final_model"], prompts, cfg.sample_prompts)
+    # 2. DPO with LoRA on those pairs; the reference is the same base with adapters disabled.
+    dpo_dir = root / "dpo"
+    if "dpo" not in cfg.skip and not (dpo_dir / "summary.json").exists():
+        _say(f"2/4 DPO (LoRA r={cfg.lora_r}) on {prefs.get('pairs')} pairs")
+        t = time.time()
+        dpo.run(
+            load_config(
+                dpo.DPOConfig,
+                None,
+                [],
+                model=model_path,
+                train_data=str(pairs),
+                lora=True,
+                lora_r=cfg.lora_r,
+                lora_alpha=2 * cfg.lora_r,
+                reference="adapter",
+                beta=cfg.dpo_beta,
+                learning_rate=cfg.dpo_learning_rate,
+                epochs=cfg.dpo_epochs,
+                batch_size=8,
+                micro_batch_size=4,
+                warmup_steps=2,
+                seed=cfg.seed,
+                output_dir=str(dpo_dir),
+                save_every=5,
+                resume_from="latest" if (dpo_dir / "checkpoints").exists() else None,
+                progress=cfg.progress,
+            )
+        )
+        timings["dpo"] = time.time() - t
+    dpo_summary = json.loads((dpo_dir / "summary.json").read_text())
+
+    # 3. Evaluate against the reference on held-out prompts; the win rate is by VADER sentiment, an
+    #    evaluator that had no part in the labels.
+    eval_json = dpo_dir / "eval.json"
+    if "eval" not in cfg.skip and not eval_json.exists():
+        _say("3/4 evaluating the aligned model against its reference on 16 held-out prompts")
+        t = time.time()
+        eval_stage.run(
+            load_config(
+                eval_stage.EvalConfig,
+                None,
+                [],
+                model=str(dpo_dir / "final"),
+                reference=model_path,
+                prompts=str(eval_prompts),
+                reward_fn="alignkit.evaluation.classifiers:sentiment",
+                temperature=cfg.eval_temperature,
+                max_new_tokens=cfg.max_new_tokens,
+                seed=cfg.seed,
+                output=str(eval_json),
+                progress=cfg.progress,
+            )
+        )
+        timings["eval"] = time.time() - t
+    evaluation = json.loads(eval_json.read_text())
+    scores = independent_scores(eval_json)
+
+    # 4. The HTML report of the DPO run, with the evaluation in it.
+    report_path = dpo_dir / "report.html"
+    if "report" not in cfg.skip:
+        _say("4/4 writing the HTML report")
+        report.run(load_config(report.ReportConfig, None, [], run_dir=str(dpo_dir), eval_json=str(eval_json)))
 
     summary = {
         "model": cfg.model,
-        "run_dir": str(root.path),
-        "sft": {
-            "final_model": sft_summary["final_model"],
-            "steps": sft_summary["steps"],
-            "held_in_loss_before": sft_summary["train_loss_before"],
-            "held_in_loss_after": sft_summary["train_loss_after"],
-            "held_out_loss_before": sft_summary.get("eval_loss_before"),
-            "held_out_loss_after": sft_summary.get("eval_loss"),
-            "train_seconds": sft_summary["train_seconds"],
-            "peak_rss_mb": sft_summary["peak_rss_mb"],
-        },
-        "samples": [{"prompt": p, "before": b, "after": a} for p, b, a in zip(prompts, before, after)],
+        "run_dir": str(root),
+        "labeller": cfg.labeller,
+        "pairs": prefs.get("pairs"),
+        "label_stats": {k: v for k, v in prefs.items() if isinstance(v, (int, float))},
+        "dpo": {k: dpo_summary.get(k) for k in ("steps", "final_metrics", "train_seconds", "peak_rss_mb")},
+        "eval": {k: evaluation.get(k) for k in ("policy", "reference_stats", "win_rate", "kl")},
+        "independent_scores": scores,
+        "report": str(report_path),
+        "timings_s": timings,
         "wall_seconds": time.time() - started,
     }
-    root.write_summary(summary)
-    _print_table(summary)
+    (root / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    print_table(summary)
     return summary
 
 
-def _print_table(summary: dict) -> None:
-    s = summary["sft"]
-    rows = [
-        ("held-in loss (40 demos)", s["held_in_loss_before"], s["held_in_loss_after"]),
-        ("held-out loss (8 demos)", s["held_out_loss_before"], s["held_out_loss_after"]),
-    ]
-    print("\nalignkit quickstart: results")
-    print(f"{'metric':<28}{'before':>10}{'after':>10}")
-    for name, before, after in rows:
-        fmt = lambda v: f"{v:10.3f}" if isinstance(v, float) else f"{'-':>10}"  # noqa: E731
-        print(f"{name:<28}{fmt(before)}{fmt(after)}")
-    print(f"SFT: {s['steps']} steps in {s['train_seconds']:.0f} s, peak RSS {s['peak_rss_mb']:.0f} MB")
-    for sample in summary["samples"]:
-        print(
-            f"\nQ: {sample['prompt'] if isinstance(sample['prompt'], str) else json.dumps(sample['prompt'])}"
+def print_table(summary: dict) -> None:
+    ev, sc = summary["eval"], summary["independent_scores"]
+    pol, ref = ev["policy"], ev["reference_stats"]
+    w, kl = ev["win_rate"], ev["kl"]
+
+    def row(name: str, p, r, who: str) -> str:
+        fmt = lambda v: f"{v:10.3f}" if isinstance(v, (int, float)) else f"{v:>10}"  # noqa: E731
+        return f"  {name:<34}{fmt(p)}{fmt(r)}   {who}"
+
+    print("\nalignkit quickstart: DPO (LoRA) on constitution-labelled pairs, 16 held-out prompts")
+    print(f"  {'':<34}{'policy':>10}{'reference':>10}   measured by")
+    print(
+        f"  {'win rate vs reference [95% CI]':<34}{w['value']:10.3f}{'':>10}   VADER sentiment (independent)"
+    )
+    print(f"  {'':<34}  [{w['low']:.3f}, {w['high']:.3f}]")
+    print(
+        row(
+            "sentiment, mean",
+            sc["policy"]["sentiment (VADER)"],
+            sc["reference"]["sentiment (VADER)"],
+            "VADER",
         )
-        print(f"  before: {sample['before']}")
-        print(f"  after:  {sample['after']}")
-    print(f"\nrun folder: {summary['run_dir']} (summary.json, sft/metrics.jsonl, sft/final/)")
-    print(f"wall time: {summary['wall_seconds']:.0f} s")
+    )
+    print(
+        row(
+            "offensive, mean prob.",
+            sc["policy"]["offensive prob."],
+            sc["reference"]["offensive prob."],
+            "alt-profanity-check (independent)",
+        )
+    )
+    for check in ("no_insults_or_toxicity", "politeness", "concision"):
+        print(
+            row(f"check: {check}", sc["policy"][check], sc["reference"][check], "the label-maker's own check")
+        )
+    print(
+        row("length, tokens (mean)", pol["length_tokens"]["mean"], ref["length_tokens"]["mean"], "tokenizer")
+    )
+    print(row("distinct-2", pol["distinct_2"], ref["distinct_2"], "n-gram count"))
+    print(row("KL(policy || reference), nats/token", kl["k1_per_token"], "", "k1 on the policy's samples"))
+    print(f"\n  pairs trained on: {summary['pairs']}    DPO steps: {summary['dpo']['steps']}")
+    print(f"  report: {summary['report']}")
+    times = ", ".join(f"{k} {v:.0f} s" for k, v in summary["timings_s"].items())
+    print(f"  wall time: {summary['wall_seconds']:.0f} s ({times})")

@@ -22,6 +22,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from alignkit.cai.checks import ChecksRanker
+from alignkit.cai.constitution import load_constitution
 from alignkit.config import ConfigError, config_to_dict, doc_field, required
 from alignkit.data.appendlog import Writer, complete_lines, progress_path, resume, summary_path
 from alignkit.data.io import BadRow, BadRowError, read_rows
@@ -80,7 +82,7 @@ class BuildPrefsConfig:
         "Prompts sampled together (prompts_per_batch * n_samples sequences per generation batch); "
         "a killed run redoes at most this batch.",
     )
-    ranker: Literal["reward_model", "judge", "human", "export"] = doc_field(
+    ranker: Literal["reward_model", "judge", "checks", "human", "export"] = doc_field(
         "reward_model",
         "How responses are ranked: reward_model; judge (an AI judge, from the Constitutional AI stage); "
         "export (write a file for people to rank, no pairs); human (read that file back, ranked).",
@@ -294,6 +296,8 @@ def make_ranker(cfg: BuildPrefsConfig, device) -> Ranker | None:
         return RewardModelRanker(rm, cfg.score_batch_size)
     if cfg.ranker == "judge":
         return judge_ranker(cfg)
+    if cfg.ranker == "checks":  # the constitution's checkable principles, judged by program, priority first
+        return ChecksRanker.from_constitution(load_constitution(cfg.judge_constitution).principles)
     return None
 
 

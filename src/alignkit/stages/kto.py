@@ -29,6 +29,7 @@ from alignkit.data.io import BadRow, read_rows
 from alignkit.data.schemas import load_preferences, load_unpaired, pairs_to_unpaired
 from alignkit.data.tokenize import EncodedUnpaired, encode_unpaired
 from alignkit.evaluation.metrics import mean_ci
+from alignkit.evaluation.monitors import default_monitors
 from alignkit.losses.kto import kto_loss, kto_weight_warning, mismatched_indices
 from alignkit.models.forward import sequence_logprobs
 from alignkit.models.loading import (
@@ -395,7 +396,8 @@ def run(cfg: KTOConfig) -> dict:
 
     eval_before, _ = evaluate(cfg, model, reference, eval_examples, pad_id) if eval_examples else ({}, [])
 
-    # 3. Train with the shared loop.
+    # 3. Train with the shared loop, watched by the failure monitors.
+    monitors = default_monitors("kto")
     result = train(
         cfg,
         model,
@@ -403,6 +405,7 @@ def run(cfg: KTOConfig) -> dict:
         collate_fn=partial(collate, pad_id=pad_id),
         step_fn=partial(kto_step, cfg=cfg, reference=reference),
         run=run_dir,
+        monitors=monitors,
         eval_fn=(lambda m: evaluate(cfg, m, reference, eval_examples, pad_id)[0]) if eval_examples else None,
     )
 
@@ -426,6 +429,7 @@ def run(cfg: KTOConfig) -> dict:
         "final_metrics": result.metrics,
         "train_seconds": result.elapsed_s,
         "peak_rss_mb": result.peak_rss_mb,
+        "monitor_events": [e.to_row() for e in monitors.events],
     }
     if eval_examples:
         eval_after, correct = evaluate(cfg, model, reference, eval_examples, pad_id)
