@@ -91,7 +91,12 @@ def test_orpo_needs_no_reference_and_learns(tiny_model_dir, pair_data, tmp_path)
 
 def test_reference_logprobs_are_cached_and_reused(tiny_model_dir, pair_data, tmp_path, capsys):
     """A second run on the same model and tokens takes the reference log-probs from the on-disk cache (no
-    second precompute) and trains identically; IPO on the same pairs shares the same entries."""
+    second precompute) and trains identically; IPO on the same pairs shares the same entries. (Its own
+    pairs file, so earlier tests in the session have not filled the cache for it.)"""
+    pair_data = tmp_path / "own-pairs.jsonl"
+    pair_data.write_text(
+        "".join(json.dumps({**r, "prompt": "own " + r.get("prompt", "")}) + "\n" for r in PAIRS[:3] * 4)
+    )
     _, first = _run("dpo", tmp_path, "a", tiny_model_dir, pair_data)
     assert "from the cache" not in capsys.readouterr().err
     _, second = _run("dpo", tmp_path, "b", tiny_model_dir, pair_data)

@@ -177,6 +177,8 @@ def apply_lora(model: nn.Module, cfg: Any):
     """
     from peft import LoraConfig, get_peft_model
 
+    # LoRA's A matrices are drawn at random: seed them so the same config gives the same adapters.
+    torch.manual_seed(getattr(cfg, "seed", 0))
     linear = _linear_module_names(model)
     targets = [t for t in cfg.lora_target_modules if t in linear]
     if not targets:
