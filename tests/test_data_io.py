@@ -304,6 +304,7 @@ def test_preference_bad_rows(tmp_path):
     assert skipped[5].problem == "missing: no 'prompt' column, and 'chosen' holds only the assistant's reply"
 
 
+@pytest.mark.skipif(not HH_RLHF.exists(), reason="HH-RLHF data (../shared/data) not present")
 def test_hh_rlhf_harmless_test_file():
     """2,312 rows; 9 are unusable, each checked by hand (zcat | sed -n '87p' etc.):
     - rows 86, 516, 925, 1103: the chosen transcript ends with "\\n\\nAssistant: " and nothing after it

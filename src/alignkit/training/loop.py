@@ -46,6 +46,12 @@ class TrainResult:
 LogCallback = Callable[[int, dict], "str | None"]
 
 
+def _fused_adamw_ok(params: list[torch.nn.Parameter]) -> bool:
+    """torch's fused AdamW takes floating-point parameters on CPU or CUDA, all on one device type."""
+    devices = {p.device.type for p in params}
+    return len(devices) == 1 and devices <= {"cpu", "cuda"} and all(p.is_floating_point() for p in params)
+
+
 def epoch_permutation(seed: int, epoch: int, n_examples: int) -> list[int]:
     """The order in which epoch `epoch` visits the examples (seeded, so a resumed run sees the same)."""
     return torch.randperm(n_examples, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
@@ -103,6 +109,9 @@ def train(
         betas=(cfg.adam_beta1, cfg.adam_beta2),
         eps=cfg.adam_eps,
         weight_decay=cfg.weight_decay,
+        # The same AdamW update in one pass over each tensor (CPU and CUDA): ~1 s less per step for a
+        # 135M model on 2 cores than the multi-pass implementation (as TRL/transformers' default).
+        fused=_fused_adamw_ok(params),
     )
     n_examples = len(examples)
     steps_per_epoch = math.ceil(n_examples / cfg.batch_size)
