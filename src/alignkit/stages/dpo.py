@@ -306,6 +306,13 @@ def run(cfg: DPOConfig) -> dict:
         else ({}, [])
     )
 
+    # The loop evaluates every eval_every steps and at the end; the last per-pair outcomes feed the interval.
+    last_eval: dict = {}
+
+    def eval_fn(m) -> dict:
+        last_eval["metrics"], last_eval["correct"] = evaluate(cfg, m, reference, eval_examples, pad_id)
+        return last_eval["metrics"]
+
     # 3. Train with the shared loop, watched by the failure monitors.
     monitors = default_monitors(cfg.loss)
     result = train(
@@ -316,7 +323,7 @@ def run(cfg: DPOConfig) -> dict:
         step_fn=partial(dpo_step, cfg=cfg, reference=reference),
         run=run_dir,
         monitors=monitors,
-        eval_fn=(lambda m: evaluate(cfg, m, reference, eval_examples, pad_id)[0]) if eval_examples else None,
+        eval_fn=eval_fn if eval_examples else None,
     )
 
     # 4. Held-out accuracy with a bootstrap interval, the final model, the summary.
@@ -338,7 +345,7 @@ def run(cfg: DPOConfig) -> dict:
         "monitor_events": [e.to_row() for e in monitors.events],
     }
     if eval_examples:
-        eval_after, correct = evaluate(cfg, model, reference, eval_examples, pad_id)
+        eval_after, correct = last_eval["metrics"], last_eval["correct"]  # from the loop's final evaluation
         acc = mean_ci(correct)
         summary.update(
             eval_pairs=len(eval_examples),
