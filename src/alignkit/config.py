@@ -42,6 +42,18 @@ def required(doc: str) -> Any:
 
 
 @dataclass
+class RuntimeConfig:
+    """How a model runs, for the stages that load one without training it (score, build-prefs, CAI)."""
+
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = doc_field(
+        "auto", "Model dtype; 'auto' picks bf16 only where the hardware runs it fast, else fp32."
+    )
+    trust_remote_code: bool = doc_field(False, "Allow code shipped with the model to run (off by default).")
+    num_threads: int | None = doc_field(None, "CPU threads for torch; None uses every core.")
+    progress: bool = doc_field(True, "Show a progress bar.")
+
+
+@dataclass
 class TrainConfig:
     """Fields shared by every training stage."""
 

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from alignkit.cai.checks import ChecksRanker
 from alignkit.cai.constitution import load_constitution
-from alignkit.config import ConfigError, config_to_dict, doc_field, required
+from alignkit.config import ConfigError, RuntimeConfig, config_to_dict, doc_field, required
 from alignkit.data.appendlog import Writer, complete_lines, progress_path, resume, summary_path
 from alignkit.data.io import BadRow, BadRowError, read_rows
 from alignkit.data.schemas import load_prompts
@@ -46,7 +46,7 @@ PairingRule = Literal["best_vs_worst", "best_vs_random", "all_pairs"]
 
 
 @dataclass
-class BuildPrefsConfig:
+class BuildPrefsConfig(RuntimeConfig):
     """Sample responses to prompts, rank them, and write chosen/rejected pairs (or a file for people to rank)."""
 
     output: str = required(
@@ -125,12 +125,6 @@ class BuildPrefsConfig:
         "error", "What to do with an invalid prompt or ranked row: stop with an error naming it, or skip it."
     )
     overwrite: bool = doc_field(False, "Start the output afresh instead of resuming it.")
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = doc_field(
-        "auto", "Model dtype; 'auto' picks bf16 only where the hardware runs it fast, else fp32."
-    )
-    trust_remote_code: bool = doc_field(False, "Allow code shipped with the model to run (off by default).")
-    num_threads: int | None = doc_field(None, "CPU threads for torch; None uses every core.")
-    progress: bool = doc_field(True, "Show a progress bar.")
 
 
 CONFIG = BuildPrefsConfig

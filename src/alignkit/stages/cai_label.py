@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from alignkit.cai.constitution import load_constitution
 from alignkit.cai.judge import Comparison, PairwiseJudge, hard_preference
-from alignkit.config import ConfigError, config_to_dict, doc_field, required
+from alignkit.config import ConfigError, RuntimeConfig, config_to_dict, doc_field, required
 from alignkit.data.appendlog import Writer, progress_path, resume, summary_path
 from alignkit.data.io import BadRow, BadRowError, Record, read_rows
 from alignkit.data.schemas import Prompt, load_preferences, load_prompts
@@ -34,7 +34,7 @@ from alignkit.models.loading import load_model, load_tokenizer, pick_device
 
 
 @dataclass
-class CAILabelConfig:
+class CAILabelConfig(RuntimeConfig):
     """Label response pairs with an AI judge under a constitution (RLAIF); write chosen/rejected pairs."""
 
     input: str = required(
@@ -79,12 +79,6 @@ class CAILabelConfig:
         16, "Pairs judged together before they are appended; a killed run redoes at most this many."
     )
     overwrite: bool = doc_field(False, "Start the output afresh instead of resuming it.")
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = doc_field(
-        "auto", "Judge dtype; 'auto' picks bf16 only where the hardware runs it fast, else fp32."
-    )
-    trust_remote_code: bool = doc_field(False, "Allow code shipped with the model to run (off by default).")
-    num_threads: int | None = doc_field(None, "CPU threads for torch; None uses every core.")
-    progress: bool = doc_field(True, "Show a progress bar.")
 
 
 CONFIG = CAILabelConfig

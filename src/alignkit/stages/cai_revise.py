@@ -23,7 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from alignkit.cai.constitution import Constitution, Principle, load_constitution
-from alignkit.config import ConfigError, config_to_dict, doc_field, required
+from alignkit.config import ConfigError, RuntimeConfig, config_to_dict, doc_field, required
 
 # The append-and-resume machinery of build-prefs (one ledger line per finished prompt). It belongs in a
 # shared module (stages should not import each other); until it moves, it is imported, not copied.
@@ -35,7 +35,7 @@ from alignkit.models.loading import load_model, load_tokenizer, pick_device
 
 
 @dataclass
-class CAIReviseConfig:
+class CAIReviseConfig(RuntimeConfig):
     """Answer prompts, then critique and revise each answer under constitution principles; write SFT data."""
 
     prompts: str = required("Prompt file: a 'prompt' (text or messages) or 'messages' column.")
@@ -79,12 +79,6 @@ class CAIReviseConfig:
         8, "Prompts answered, critiqued and revised together; a killed run redoes at most this batch."
     )
     overwrite: bool = doc_field(False, "Start the output afresh instead of resuming it.")
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = doc_field(
-        "auto", "Model dtype; 'auto' picks bf16 only where the hardware runs it fast, else fp32."
-    )
-    trust_remote_code: bool = doc_field(False, "Allow code shipped with the model to run (off by default).")
-    num_threads: int | None = doc_field(None, "CPU threads for torch; None uses every core.")
-    progress: bool = doc_field(True, "Show a progress bar.")
 
 
 CONFIG = CAIReviseConfig

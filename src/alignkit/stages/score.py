@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from alignkit.config import ConfigError, doc_field, required
+from alignkit.config import ConfigError, RuntimeConfig, doc_field, required
 from alignkit.data.io import BadRow, BadRowError, Record, read_rows
 from alignkit.data.schemas import load_preferences, load_prompts
 from alignkit.models.loading import pick_device
@@ -30,7 +30,7 @@ INPUT_ROW = "input_row"
 
 
 @dataclass
-class ScoreConfig:
+class ScoreConfig(RuntimeConfig):
     """Score rows with a reward model. Input: prompt + response rows, or pairs (prompt/chosen/rejected)."""
 
     reward_model: str = required("Reward model directory (the final/ folder of an `alignkit rm` run).")
@@ -65,12 +65,6 @@ class ScoreConfig:
         "error", "What to do with an invalid row: stop with an error naming it, or skip it and count it."
     )
     overwrite: bool = doc_field(False, "Start the output afresh instead of resuming it.")
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = doc_field(
-        "auto", "Reward-model dtype; 'auto' picks bf16 only where the hardware runs it fast, else fp32."
-    )
-    trust_remote_code: bool = doc_field(False, "Allow code shipped with the model to run (off by default).")
-    num_threads: int | None = doc_field(None, "CPU threads for torch; None uses every core.")
-    progress: bool = doc_field(True, "Show a progress bar.")
 
 
 CONFIG = ScoreConfig
