@@ -41,6 +41,13 @@ def collate_unpaired(batch: list[EncodedUnpaired], pad_id: int) -> dict:
     return out
 
 
+def length_sorted_batches(lengths: list[int], batch_size: int, indices=None) -> list[list[int]]:
+    """Index batches of similar length (from `indices`, default all), so forward-only passes such as
+    evaluation and reference log-probs pad little."""
+    order = sorted(range(len(lengths)) if indices is None else indices, key=lambda i: lengths[i])
+    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+
+
 def _pad_rows(rows: list[tuple[list[int], list[int]]], pad_id: int, n_items: int | None) -> dict:
     """Right-pad (prompt_ids, completion_ids) rows; ``n_items=None`` means "count completion tokens"."""
     if not rows:

@@ -17,7 +17,7 @@ from typing import Literal
 import torch
 
 from alignkit.config import TrainConfig, doc_field, save_config
-from alignkit.data.collate import collate_pairs
+from alignkit.data.collate import collate_pairs, length_sorted_batches
 from alignkit.data.schemas import load_preferences
 from alignkit.data.tokenize import encode_pair
 from alignkit.evaluation.metrics import mean_ci
@@ -178,12 +178,6 @@ def _pair_length(ex: PairExample) -> int:
     return len(e.prompt_ids) + max(len(e.chosen_ids), len(e.rejected_ids))
 
 
-def length_sorted_batches(examples: list[PairExample], batch_size: int) -> list[list[int]]:
-    """Index batches of similar length, so forward-only passes (evaluation, reference log-probs) pad little."""
-    order = sorted(range(len(examples)), key=lambda i: _pair_length(examples[i]))
-    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
-
-
 @torch.no_grad()
 def evaluate(cfg: DPOConfig, model, reference, examples: list[PairExample], pad_id: int) -> tuple[dict, list]:
     """Mean metrics over held-out pairs, and each pair's correctness in input order (for the bootstrap)."""
@@ -192,7 +186,7 @@ def evaluate(cfg: DPOConfig, model, reference, examples: list[PairExample], pad_
     device = next(model.parameters()).device
     sums: dict[str, float] = {}
     correct = [0.0] * len(examples)
-    for idx in length_sorted_batches(examples, cfg.eval_batch_size):
+    for idx in length_sorted_batches([_pair_length(ex) for ex in examples], cfg.eval_batch_size):
         batch = collate([examples[i] for i in idx], pad_id)
         batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
         out = pair_outputs(cfg, model, reference, batch)
@@ -214,7 +208,9 @@ def precompute_reference(cfg: DPOConfig, model, examples: list[PairExample], pad
     model.eval()
     device = next(model.parameters()).device
     for idx in tqdm(
-        length_sorted_batches(examples, cfg.eval_batch_size), desc=desc, disable=not cfg.progress
+        length_sorted_batches([_pair_length(ex) for ex in examples], cfg.eval_batch_size),
+        desc=desc,
+        disable=not cfg.progress,
     ):
         batch = collate_pairs([examples[i].encoded for i in idx], pad_id)
         batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}

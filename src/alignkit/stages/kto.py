@@ -24,7 +24,7 @@ from typing import Literal
 import torch
 
 from alignkit.config import ConfigError, TrainConfig, doc_field, save_config
-from alignkit.data.collate import collate_unpaired
+from alignkit.data.collate import collate_unpaired, length_sorted_batches
 from alignkit.data.io import BadRow, read_rows
 from alignkit.data.schemas import load_preferences, load_unpaired, pairs_to_unpaired
 from alignkit.data.tokenize import EncodedUnpaired, encode_unpaired
@@ -40,7 +40,7 @@ from alignkit.models.loading import (
     pick_device,
     save_final,
 )
-from alignkit.training.loop import StepOutput, train
+from alignkit.training.loop import StepOutput, train, visited_indices
 from alignkit.training.run import RunDir
 
 
@@ -217,6 +217,17 @@ def kto_step(model, batch: dict, cfg: KTOConfig, reference) -> StepOutput:
     return StepOutput(loss_sum=out.losses.sum(), metrics=out.metrics)
 
 
+def _lengths(examples: list[KTOExample]) -> list[int]:
+    """Padded width an example asks of a batch: its longer row (own sequence or KL sequence)."""
+    return [
+        max(
+            len(e.encoded.prompt_ids) + len(e.encoded.completion_ids),
+            len(e.kl.prompt_ids) + len(e.kl.completion_ids),
+        )
+        for e in examples
+    ]
+
+
 def _to_device(batch: dict, device) -> dict:
     return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
 
@@ -233,14 +244,15 @@ def evaluate(cfg: KTOConfig, model, reference, examples: list[KTOExample], pad_i
     model.eval()
     device = next(model.parameters()).device
     loss_sum = kl_sum = 0.0
-    rewards, labels = [], []
-    for start in range(0, len(examples), cfg.eval_batch_size):
-        batch = _to_device(collate(examples[start : start + cfg.eval_batch_size], pad_id), device)
+    rewards = [0.0] * len(examples)
+    labels = [ex.encoded.label for ex in examples]
+    for idx in length_sorted_batches(_lengths(examples), cfg.eval_batch_size):
+        batch = _to_device(collate([examples[i] for i in idx], pad_id), device)
         out = kto_outputs(cfg, model, reference, batch)
         loss_sum += out.losses.sum().item()
         kl_sum += out.metrics["kl"]
-        rewards += out.rewards.float().tolist()
-        labels += out.labels.tolist()
+        for i, r in zip(idx, out.rewards.float().tolist()):
+            rewards[i] = r
     model.train(was_training)
     n = max(len(examples), 1)
     desirable = [r for r, y in zip(rewards, labels) if y]
@@ -268,15 +280,19 @@ def pair_correctness(examples: list[KTOExample], rewards: list[float]) -> list[f
 
 
 @torch.no_grad()
-def precompute_reference(cfg: KTOConfig, model, examples: list[KTOExample], pad_id: int, desc: str) -> None:
-    """Fill ex.ref with the (frozen, initial) model's [completion, KL sequence] log-probs, once."""
+def precompute_reference(
+    cfg: KTOConfig, model, examples: list[KTOExample], pad_id: int, desc: str, indices=None
+) -> None:
+    """Fill ex.ref with the (frozen, initial) model's [completion, KL sequence] log-probs, once, for the
+    examples at `indices` (default all)."""
     from tqdm.auto import tqdm
 
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    for start in tqdm(range(0, len(examples), cfg.eval_batch_size), desc=desc, disable=not cfg.progress):
-        chunk = examples[start : start + cfg.eval_batch_size]
+    batches = length_sorted_batches(_lengths(examples), cfg.eval_batch_size, indices)
+    for idx in tqdm(batches, desc=desc, disable=not cfg.progress):
+        chunk = [examples[i] for i in idx]
         batch = _to_device(collate(chunk, pad_id), device)
         out = torch.stack(
             [
@@ -384,7 +400,9 @@ def run(cfg: KTOConfig) -> dict:
     mode = cfg.reference if cfg.reference != "auto" else "precomputed"
     reference = None
     if mode == "precomputed":
-        precompute_reference(cfg, model, train_examples, pad_id, "reference log-probs (train)")
+        # Only the examples this run will visit (max_steps may end it inside the first epoch).
+        needed = visited_indices(cfg, len(train_examples))
+        precompute_reference(cfg, model, train_examples, pad_id, "reference log-probs (train)", needed)
         precompute_reference(cfg, model, eval_examples, pad_id, "reference log-probs (eval)")
     elif mode == "copy":
         reference = load_model(cfg.model, cfg.dtype, cfg.trust_remote_code, device=pick_device()).eval()
@@ -394,7 +412,9 @@ def run(cfg: KTOConfig) -> dict:
     trainable, total = count_parameters(model)
     model.train()
 
-    eval_before, _ = evaluate(cfg, model, reference, eval_examples, pad_id) if eval_examples else ({}, [])
+    # No pass over the eval set before training: policy == reference, so every implicit reward and z0 are
+    # 0 and each example's loss is its weight times 1 - sigmoid(0) = 0.5.
+    eval_before: dict = {}
 
     # 3. Train with the shared loop, watched by the failure monitors.
     monitors = default_monitors("kto")
