@@ -348,7 +348,14 @@ def default_monitors(stage: str, cooldown: int = 100) -> MonitorSet:
             ModeCollapseMonitor(keys=("distinct_2",)),
         ]
     elif stage == "ppo":
-        monitors = [NonFiniteMonitor(), KLExplosionMonitor(), RewardHackingMonitor(), ModeCollapseMonitor()]
+        # A PPO row is a whole iteration (tens of seconds on a CPU), and each carries its own in-batch
+        # reward-length correlation, so a shorter window than a step-level stream needs is enough evidence.
+        monitors = [
+            NonFiniteMonitor(),
+            KLExplosionMonitor(),
+            RewardHackingMonitor(window=8),
+            ModeCollapseMonitor(),
+        ]
     else:
         raise ValueError(f"no default monitors for stage {stage!r}; known: sft, rm, dpo, ipo, kto, orpo, ppo")
     return MonitorSet(monitors, cooldown=cooldown)

@@ -416,6 +416,13 @@ def run(cfg: KTOConfig) -> dict:
     # 0 and each example's loss is its weight times 1 - sigmoid(0) = 0.5.
     eval_before: dict = {}
 
+    # The loop evaluates every eval_every steps and at the end; the last per-pair outcomes feed the interval.
+    last_eval: dict = {}
+
+    def eval_fn(m) -> dict:
+        last_eval["metrics"], last_eval["correct"] = evaluate(cfg, m, reference, eval_examples, pad_id)
+        return last_eval["metrics"]
+
     # 3. Train with the shared loop, watched by the failure monitors.
     monitors = default_monitors("kto")
     result = train(
@@ -426,7 +433,7 @@ def run(cfg: KTOConfig) -> dict:
         step_fn=partial(kto_step, cfg=cfg, reference=reference),
         run=run_dir,
         monitors=monitors,
-        eval_fn=(lambda m: evaluate(cfg, m, reference, eval_examples, pad_id)[0]) if eval_examples else None,
+        eval_fn=eval_fn if eval_examples else None,
     )
 
     # 4. Held-out metrics (pair accuracy with a bootstrap interval), the final model, the summary.
@@ -452,7 +459,7 @@ def run(cfg: KTOConfig) -> dict:
         "monitor_events": [e.to_row() for e in monitors.events],
     }
     if eval_examples:
-        eval_after, correct = evaluate(cfg, model, reference, eval_examples, pad_id)
+        eval_after, correct = last_eval["metrics"], last_eval["correct"]
         summary.update(
             eval_format=eval_format,
             eval_examples=len(eval_examples),

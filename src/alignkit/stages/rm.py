@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from alignkit.config import ConfigError, TrainConfig, doc_field, save_config
-from alignkit.data.collate import collate_pairs
+from alignkit.data.collate import collate_pairs, length_sorted_batches
 from alignkit.data.io import BadRow, BadRowError, read_rows
 from alignkit.data.schemas import Loaded, load_preferences
 from alignkit.data.tokenize import EncodedPair, encode_pair
@@ -106,16 +106,22 @@ def evaluate(
     model.eval()
     device = next(model.parameters()).device
     sums: dict[str, float] = {}
-    correct: list[float] = []
-    rewards: list[float] = []
-    for start in range(0, len(examples), cfg.eval_batch_size):
-        batch = collate(examples[start : start + cfg.eval_batch_size], pad_id)
+    correct = [0.0] * len(examples)
+    chosen_rewards = [0.0] * len(examples)
+    rejected_rewards = [0.0] * len(examples)
+    lengths = [
+        len(e.encoded.prompt_ids) + max(len(e.encoded.chosen_ids), len(e.encoded.rejected_ids))
+        for e in examples
+    ]
+    for idx in length_sorted_batches(lengths, cfg.eval_batch_size):
+        batch = collate([examples[i] for i in idx], pad_id)
         batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
         out, chosen, rejected, metrics = pair_losses(cfg, model, batch)
         for k, v in {"loss": out.losses.sum().item(), **metrics}.items():
             sums[k] = sums.get(k, 0.0) + v
-        correct += out.accuracy.tolist()
-        rewards += chosen.tolist() + rejected.tolist()
+        for i, ok, c, r in zip(idx, out.accuracy.tolist(), chosen.tolist(), rejected.tolist()):
+            correct[i], chosen_rewards[i], rejected_rewards[i] = ok, c, r
+    rewards = chosen_rewards + rejected_rewards
     model.train(was_training)
     n = max(len(examples), 1)
     return {k: v / n for k, v in sums.items()}, correct, rewards
@@ -202,6 +208,15 @@ def run(cfg: RMConfig) -> dict:
     train_before = evaluate(cfg, model, held_in, pad_id)[0] if held_in and fresh else None
     eval_before = evaluate(cfg, model, eval_examples, pad_id)[0] if eval_examples and fresh else None
 
+    # The loop evaluates every eval_every steps and at the end; the last outcomes feed the summary.
+    last_eval: dict = {}
+
+    def eval_fn(m) -> dict:
+        last_eval["metrics"], last_eval["correct"], last_eval["rewards"] = evaluate(
+            cfg, m, eval_examples, pad_id
+        )
+        return last_eval["metrics"]
+
     # 3. Train with the shared loop, watched by the failure monitors.
     monitors = default_monitors("rm")
     result = train(
@@ -212,7 +227,7 @@ def run(cfg: RMConfig) -> dict:
         step_fn=partial(rm_step, cfg=cfg),
         run=run_dir,
         monitors=monitors,
-        eval_fn=(lambda m: evaluate(cfg, m, eval_examples, pad_id)[0]) if eval_examples else None,
+        eval_fn=eval_fn if eval_examples else None,
     )
 
     # 4. Held-in and held-out loss/accuracy/margin, accuracy with a bootstrap interval, reward statistics.
@@ -241,7 +256,7 @@ def run(cfg: RMConfig) -> dict:
             "train_reward_std": float(np.std(held_in_rewards)),
         }
     if eval_examples:
-        eval_after, correct, eval_rewards = evaluate(cfg, model, eval_examples, pad_id)
+        eval_after, correct, eval_rewards = last_eval["metrics"], last_eval["correct"], last_eval["rewards"]
         acc = mean_ci(correct, seed=cfg.seed)
         summary.update(
             eval_pairs=len(eval_examples),
