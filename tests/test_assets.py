@@ -85,13 +85,13 @@ def test_demo_sft_completions_are_short():
 
 def test_prompts_schema_count_and_unique():
     rows = _jsonl("prompts.jsonl")
-    assert len(rows) == 64
+    assert len(rows) == 128
     for row in rows:
         assert set(row) == {"prompt"}, row
         assert _is_nonempty_str(row["prompt"]), row
         assert len(row["prompt"].split()) <= 25, row  # one short sentence
     prompts = [row["prompt"] for row in rows]
-    assert len(set(prompts)) == 64, "duplicate prompts"
+    assert len(set(prompts)) == 128, "duplicate prompts"
 
 
 def test_prompts_do_not_overlap_demo_sft():

@@ -27,7 +27,7 @@ def test_quickstart_tiny_end_to_end_and_resume(tiny_model_dir, tmp_path, capsys)
     assert summary["pairs"] == json.loads((out / "pairs.summary.json").read_text())["pairs"]
     assert (out / "dpo" / "report.html").is_file() and (out / "dpo" / "eval.json").is_file()
     n_eval = len(json.loads((out / "dpo" / "eval.json").read_text())["samples"])
-    assert n_eval == 16 * 2  # every fourth of the 64 built-in prompts is held out, 2 samples each
+    assert n_eval == 32 * 2  # every fourth of the 128 built-in prompts is held out, 2 samples each
     assert set(summary["timings_s"]) == {"sample + label", "dpo", "eval"}
     pairs = (out / "pairs.jsonl").read_text()
 

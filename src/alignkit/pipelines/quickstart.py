@@ -47,12 +47,16 @@ class QuickstartConfig:
         "checks",
         "Who labels the sampled pairs: the constitution's checkable principles by program, or the AI judge.",
     )
-    n_samples: int = doc_field(4, "Responses sampled per training prompt (best vs worst become a pair).")
+    n_samples: int = doc_field(
+        6,
+        "Responses sampled per training prompt (best vs worst become a pair); more samples make it likelier "
+        "that one of them shows a principle the others break.",
+    )
     max_new_tokens: int = doc_field(
-        96, "Longest sampled response in tokens (room to finish, so ending concisely can be learnt)."
+        64, "Longest response in tokens, when sampling candidates and evaluating."
     )
     temperature: float = doc_field(1.0, "Sampling temperature for the candidate responses.")
-    dpo_epochs: int = doc_field(4, "Passes over the pairs.")
+    dpo_epochs: int = doc_field(3, "Passes over the pairs.")
     dpo_learning_rate: float = doc_field(2e-4, "Peak learning rate of the LoRA adapters.")
     dpo_beta: float = doc_field(0.1, "DPO beta (KL strength).")
     lora_r: int = doc_field(16, "LoRA rank.")
@@ -80,17 +84,40 @@ def split_prompts(root: Path) -> tuple[Path, Path]:
 
 
 def independent_scores(eval_json: Path) -> dict:
-    """Mean scores of the policy's and the reference's samples by evaluators independent of the labels
-    (VADER sentiment, offensive-language probability) and by the label-maker's own checks."""
+    """Each scorer's mean over the policy's and the reference's samples, and the policy-minus-reference
+    difference of per-prompt means with a bootstrap 95% interval over prompts (the prompts are the
+    independent units; policy and reference draw with the same seeds, so the difference is paired).
+
+    Scorers: evaluators independent of the labels (VADER sentiment, alt-profanity-check's offensive
+    probability) and the label-maker's own checks, applied to fresh samples on held-out prompts.
+    """
     from alignkit.cai.checks import CHECKS
     from alignkit.evaluation.classifiers import offensive, sentiment
+    from alignkit.evaluation.metrics import mean_ci
 
     samples = json.loads(eval_json.read_text())["samples"]
-    out: dict[str, dict[str, float]] = {}
-    for side in ("policy", "reference"):
-        texts = [(s["prompt"] if isinstance(s["prompt"], str) else "", s[side]) for s in samples]
-        scorers = {"sentiment (VADER)": sentiment, "offensive prob.": offensive, **CHECKS}
-        out[side] = {name: sum(f(p, r) for p, r in texts) / len(texts) for name, f in scorers.items()}
+    scorers = {"sentiment (VADER)": sentiment, "offensive prob.": offensive, **CHECKS}
+    out: dict[str, dict] = {}
+    for name, f in scorers.items():
+        per_prompt: dict[str, dict[str, list[float]]] = {}
+        for s in samples:
+            prompt = s["prompt"] if isinstance(s["prompt"], str) else json.dumps(s["prompt"])
+            text = prompt if isinstance(s["prompt"], str) else ""
+            row = per_prompt.setdefault(prompt, {"policy": [], "reference": []})
+            for side in ("policy", "reference"):
+                row[side].append(f(text, s[side]))
+        means = {
+            side: [sum(r[side]) / len(r[side]) for r in per_prompt.values()]
+            for side in ("policy", "reference")
+        }
+        diff = mean_ci([p - r for p, r in zip(means["policy"], means["reference"])])
+        out[name] = {
+            "policy": sum(means["policy"]) / len(means["policy"]),
+            "reference": sum(means["reference"]) / len(means["reference"]),
+            "diff": diff.value,
+            "diff_ci95": [diff.low, diff.high],
+            "prompts": len(per_prompt),
+        }
     return out
 
 
@@ -157,7 +184,7 @@ def run(cfg: QuickstartConfig) -> dict:
                 lora=True,
                 lora_r=cfg.lora_r,
                 lora_alpha=2 * cfg.lora_r,
-                reference="adapter",
+                reference="auto",  # reference log-probs precomputed once (and cached), not each epoch
                 beta=cfg.dpo_beta,
                 learning_rate=cfg.dpo_learning_rate,
                 epochs=cfg.dpo_epochs,
@@ -178,8 +205,10 @@ def run(cfg: QuickstartConfig) -> dict:
     #    evaluator that had no part in the labels.
     eval_json = dpo_dir / "eval.json"
     if "eval" not in cfg.skip and not eval_json.exists():
+        n_held_out = sum(1 for line in eval_prompts.read_text().splitlines() if line.strip())
         _say(
-            f"3/4 evaluating against the reference: {cfg.eval_samples} samples on each of 16 held-out prompts"
+            f"3/4 evaluating against the reference: {cfg.eval_samples} samples on each of {n_held_out} "
+            "held-out prompts"
         )
         t = time.time()
         eval_stage.run(
@@ -233,47 +262,47 @@ def print_table(summary: dict) -> None:
     pol, ref = ev["policy"], ev["reference_stats"]
     w, kl = ev["win_rate"], ev["kl"]
 
-    def row(name: str, p, r, who: str) -> str:
-        fmt = lambda v: f"{v:10.3f}" if isinstance(v, (int, float)) else f"{v:>10}"  # noqa: E731
-        return f"  {name:<34}{fmt(p)}{fmt(r)}   {who}"
+    def num(v) -> str:
+        return f"{v:10.3f}" if isinstance(v, (int, float)) else f"{v:>10}"
 
-    n = summary["eval_samples"]
+    def row(name: str, p, r, diff: str, who: str) -> str:
+        return f"  {name:<30}{num(p)}{num(r)}  {diff:<26}{who}"
+
+    def scored(name: str, key: str, who: str) -> str:
+        s = sc[key]
+        lo, hi = s["diff_ci95"]
+        return row(name, s["policy"], s["reference"], f"{s['diff']:+.3f} [{lo:+.3f}, {hi:+.3f}]", who)
+
+    n_prompts = sc["sentiment (VADER)"]["prompts"]
     print(
-        f"\nalignkit quickstart: DPO (LoRA) on constitution-labelled pairs; 16 held-out prompts x {n} samples"
+        f"\nalignkit quickstart: DPO (LoRA) on {summary['pairs']} constitution-labelled pairs; "
+        f"{n_prompts} held-out prompts x {summary['eval_samples']} samples"
     )
-    print(f"  {'':<34}{'policy':>10}{'reference':>10}   measured by")
-    print(
-        f"  {'win rate vs reference [95% CI]':<34}{w['value']:10.3f}{'':>10}   VADER sentiment (independent)"
-    )
-    print(f"  {'':<34}  [{w['low']:.3f}, {w['high']:.3f}]")
-    print(
-        row(
-            "sentiment, mean",
-            sc["policy"]["sentiment (VADER)"],
-            sc["reference"]["sentiment (VADER)"],
-            "VADER",
-        )
-    )
+    print(f"  {'':<30}{'policy':>10}{'reference':>10}  {'policy - ref. [95% CI]':<26}measured by")
     print(
         row(
-            "offensive, mean prob.",
-            sc["policy"]["offensive prob."],
-            sc["reference"]["offensive prob."],
-            "alt-profanity-check (independent)",
+            "win rate vs reference", w["value"], "", f"[{w['low']:.3f}, {w['high']:.3f}]",
+            "VADER sentiment (independent)",
         )
-    )
+    )  # fmt: skip
+    print(scored("sentiment, mean", "sentiment (VADER)", "VADER (independent)"))
+    print(scored("offensive, mean prob.", "offensive prob.", "alt-profanity-check (independent)"))
     for check in ("no_insults_or_toxicity", "politeness", "concision"):
-        print(
-            row(f"check: {check}", sc["policy"][check], sc["reference"][check], "the label-maker's own check")
+        print(scored(f"check: {check}", check, "the label-maker's own check"))
+    print(
+        row(
+            "length, tokens (mean)",
+            pol["length_tokens"]["mean"],
+            ref["length_tokens"]["mean"],
+            "",
+            "tokenizer",
         )
-    print(
-        row("length, tokens (mean)", pol["length_tokens"]["mean"], ref["length_tokens"]["mean"], "tokenizer")
     )
-    print(row("distinct-2", pol["distinct_2"], ref["distinct_2"], "n-gram count"))
-    print(row("KL(policy || reference), nats/token", kl["k1_per_token"], "", "k1 on the policy's samples"))
+    print(row("distinct-2", pol["distinct_2"], ref["distinct_2"], "", "n-gram count"))
+    print(row("KL(policy || ref.), nats/token", kl["k1_per_token"], "", "", "k1 on the policy's samples"))
     print(
-        "  (VADER and alt-profanity-check had no part in the labels; VADER's lexicon does share a few words,\n"
-        "   such as 'thank' and 'glad', with the politeness check's markers)"
+        "  Intervals: bootstrap over held-out prompts. VADER and alt-profanity-check had no part in the labels;\n"
+        "  VADER's lexicon does share a few words, such as 'thank' and 'glad', with the politeness check."
     )
     print(f"\n  pairs trained on: {summary['pairs']}    DPO steps: {summary['dpo']['steps']}")
     print(f"  report: {summary['report']}")

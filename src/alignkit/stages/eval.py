@@ -60,7 +60,7 @@ class EvalConfig:
     trust_remote_code: bool = doc_field(False, "Allow code shipped with the models to run (off by default).")
     # --- prompts ---
     prompts: str | None = doc_field(
-        None, "Prompt file/dataset (a 'prompt' or 'messages' column); None uses the 64 built-in prompts."
+        None, "Prompt file/dataset (a 'prompt' or 'messages' column); None uses the 128 built-in prompts."
     )
     prompts_split: str | None = doc_field(None, "Split name when prompts is a hub id or a DatasetDict.")
     max_prompts: int | None = doc_field(None, "Use only the first N prompts.")

@@ -82,7 +82,7 @@ class PPOConfig(TrainConfig):
     """RLHF with PPO. Data: prompts (a `prompt` column, or `messages` ending with a user turn)."""
 
     train_data: str | None = doc_field(
-        None, "Prompts to sample from; None uses the 64 prompts shipped with alignkit (assets/prompts.jsonl)."
+        None, "Prompts to sample from; None uses the 128 prompts shipped with alignkit (assets/prompts.jsonl)."
     )
     reward: str = required(
         "'module:function' with function(prompt: str, response: str) -> float (e.g. alignkit.rewards:politeness), "
