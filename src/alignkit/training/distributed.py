@@ -20,12 +20,29 @@ from alignkit.config import ConfigError
 
 @functools.cache
 def accelerator():
-    """This process's Accelerator, made once: it starts the process group (gloo on CPU, NCCL on GPUs) when a
-    launcher started several processes, and holds the engine a DeepSpeed config asks for."""
+    """This process's Accelerator, made once (before any model is loaded): it starts the process group (gloo
+    on CPU, NCCL on GPUs) when a launcher started several processes, and holds the engine its config names.
+    A config alignkit cannot train under is refused here, before minutes of loading."""
     from accelerate import Accelerator
+    from accelerate.utils import DistributedType
 
     # On a machine without GPUs Accelerate only forms a process group when told the devices are CPUs.
-    return Accelerator(cpu=not torch.cuda.is_available())
+    made = Accelerator(cpu=not torch.cuda.is_available())
+    if made.distributed_type == DistributedType.FSDP:
+        raise ConfigError(
+            "the accelerate config asks for FSDP, which alignkit does not run: FSDP gathers a model's weights "
+            "in the forward of the module it wraps, while alignkit's log-prob passes read the LM head's weight "
+            "directly and its reference and evaluation passes run outside the training step. For sharded "
+            "training use DeepSpeed ZeRO-3 (configs/accelerate/zero3.yaml); for data parallel, "
+            "configs/accelerate/multi_gpu.yaml"
+        )
+    if made.distributed_type == DistributedType.DEEPSPEED and made.state.deepspeed_plugin.zero3_init_flag:
+        raise ConfigError(
+            "the DeepSpeed config sets zero3_init_flag: true, which splits the weights while the model loads; "
+            "alignkit runs its reference pass on the whole model before training, so set zero3_init_flag: "
+            "false (configs/accelerate/zero3.yaml does)"
+        )
+    return made
 
 
 def world_size() -> int:
@@ -92,21 +109,12 @@ def rank_microbatches(
 
 
 def engine() -> str:
-    """The training engine the launcher chose: "none" (one process), "ddp" or "deepspeed"; an FSDP config is
-    refused with the reason."""
+    """The training engine the launcher chose: "none" (one process), "ddp" or "deepspeed"."""
     from accelerate.utils import DistributedType
 
     kind = accelerator().distributed_type
     if kind == DistributedType.DEEPSPEED:
         return "deepspeed"
-    if kind == DistributedType.FSDP:
-        raise ConfigError(
-            "the accelerate config asks for FSDP, which alignkit does not run: FSDP gathers a model's weights "
-            "in the forward of the module it wraps, while alignkit's log-prob passes read the LM head's weight "
-            "directly and its reference and evaluation passes run outside the training step. For sharded "
-            "training use DeepSpeed ZeRO-3 (configs/accelerate/zero3.yaml); for data parallel, "
-            "configs/accelerate/multi_gpu.yaml"
-        )
     return "none" if kind == DistributedType.NO else "ddp"
 
 

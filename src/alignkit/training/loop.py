@@ -110,7 +110,7 @@ def train(
     if not examples:
         raise ValueError("no training examples")
     accelerator = distributed.accelerator()
-    engine = distributed.engine()  # "none" in one process; refuses FSDP
+    engine = distributed.engine()  # "none" (one process), "ddp" or "deepspeed"
     rank, world = accelerator.process_index, accelerator.num_processes
     main = accelerator.is_main_process
     if engine != "none":
