@@ -154,13 +154,13 @@ def train(
 
     # Resume: weights, optimizer, scheduler, RNG and counters; the data position follows from the step.
     step, n_items_seen, n_nonfinite, elapsed_before = 0, 0.0, 0, 0.0
-    last_checkpoint = _resume_path(cfg.resume_from, run)
+    last_checkpoint = distributed.broadcast_from_main(_resume_path(cfg.resume_from, run))  # one decision
     if last_checkpoint is not None:
         written_by = checkpoint_engine(last_checkpoint)
         if (written_by == "deepspeed") != (engine == "deepspeed"):
+            how = "under" if written_by == "deepspeed" else "without"
             raise ConfigError(
-                f"resume_from: {last_checkpoint} was written {'under' if written_by == 'deepspeed' else 'without'} "
-                "DeepSpeed; resume it the same way"
+                f"resume_from: {last_checkpoint} was written {how} DeepSpeed; resume it the same way"
             )
         if engine == "deepspeed":  # each rank restores its slices
             state = load_engine_checkpoint(last_checkpoint, accelerator, scheduler)
@@ -315,10 +315,10 @@ def train(
                 # 9. Checkpoint every save_every steps, but not inside a non-finite streak (the last good
                 #    checkpoint is the one to return to); and on SIGINT/SIGTERM before raising. The ranks
                 #    agree first: a signal or a stop request seen by any rank stops them all.
-                received = signals.received or 0
-                if world > 1:
-                    agreed = distributed.all_reduce([float(stop_requested), float(received)], op="max")
-                    stop_requested, received = bool(agreed[0]), int(agreed[1])
+                stop_flag, received = distributed.all_reduce(
+                    [float(stop_requested), float(signals.received or 0)], op="max"
+                )
+                stop_requested, received = bool(stop_flag), int(received)
                 periodic = cfg.save_every and step % cfg.save_every == 0 and not consecutive_nonfinite
                 if periodic or received:
                     last_checkpoint, saved_step = save(), step
