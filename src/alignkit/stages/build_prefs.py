@@ -54,7 +54,7 @@ PairingRule = Literal["best_vs_worst", "best_vs_random", "all_pairs"]
 
 
 @dataclass
-class BuildPrefsConfig(RuntimeConfig, GenerationBackendConfig):
+class BuildPrefsConfig(GenerationBackendConfig, RuntimeConfig):
     """Sample responses to prompts, rank them, and write chosen/rejected pairs (or a file for people to rank)."""
 
     output: str = required(

@@ -43,7 +43,7 @@ from alignkit.training.distributed import require_one_process
 
 
 @dataclass
-class CAIReviseConfig(RuntimeConfig, GenerationBackendConfig):
+class CAIReviseConfig(GenerationBackendConfig, RuntimeConfig):
     """Answer prompts, then critique and revise each answer under constitution principles; write SFT data."""
 
     prompts: str = required("Prompt file: a 'prompt' (text or messages) or 'messages' column.")

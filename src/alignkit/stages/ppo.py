@@ -89,7 +89,7 @@ def _not_used(name: str) -> str:
 
 
 @dataclass
-class PPOConfig(TrainConfig, GenerationBackendConfig):
+class PPOConfig(GenerationBackendConfig, TrainConfig):
     """RLHF with PPO. Data: prompts (a `prompt` column, or `messages` ending with a user turn)."""
 
     train_data: str | None = doc_field(
