@@ -4,9 +4,10 @@ Each launched test runs a real `alignkit <stage>` in 2 processes and the same co
 tiny model, and compares the final weights. Tolerance: atol 1e-6 after one step, 1e-5 after three (KTO), rtol
 0. A step moves the weights by ~learning_rate (1e-3 to 5e-3: Adam's first steps are nearly lr * sign(g)), so
 the tolerance is >= 100x smaller than a step; what remains is float32 summation order (gradients summed over
-ranks, batches padded to other widths), measured at ~1e-8 after one step and 1.5e-6 after three. The data give
-uneven shares (batch_size 5 over 2 ranks with micro-batches of 2: one rank gets 3 examples and a stand-in,
-the other 2), so a mean of per-rank means would not pass.
+ranks, batches padded to other widths), measured at 4e-9 (SFT) and 9e-9 (DPO) after one step, 2.4e-8 after
+the 3-step resume and 1.5e-6 after three KTO steps at lr 5e-3. The data give uneven shares (batch_size 5
+over 2 ranks with micro-batches of 2: one rank gets 3 examples and a stand-in, the other 2), so normalising
+per rank (a mean of per-rank means) would give other gradients.
 """
 
 from __future__ import annotations

@@ -49,10 +49,6 @@ def world_size() -> int:
     return accelerator().num_processes
 
 
-def rank() -> int:
-    return accelerator().process_index
-
-
 def is_main_process() -> bool:
     """The one process that writes the run folder, checkpoints and final model (rank 0)."""
     return accelerator().is_main_process
@@ -129,15 +125,18 @@ def configure_deepspeed(micro_batch_size: int, max_grad_norm: float | None, lora
     change alignkit's semantics: the loop marks the end of each global batch itself (so DeepSpeed's own
     gradient accumulation must be 1), and DeepSpeed clips where the loop would (so at max_grad_norm)."""
     ds = accelerator().state.deepspeed_plugin.deepspeed_config
-    clipping = max_grad_norm if max_grad_norm is not None else 0.0  # DeepSpeed: 0 turns clipping off
-    for key, value in (("gradient_accumulation_steps", 1), ("gradient_clipping", clipping)):
+    needed = {
+        "gradient_accumulation_steps": (1, "the loop accumulates each global batch itself"),
+        # DeepSpeed reads 0 as no clipping.
+        "gradient_clipping": (max_grad_norm if max_grad_norm is not None else 0.0, "the run's max_grad_norm"),
+    }
+    for key, (value, why) in needed.items():
         if ds.get(key, "auto") == "auto":
             ds[key] = value
         elif float(ds[key]) != float(value):
             raise ConfigError(
-                f"the DeepSpeed config sets {key}={ds[key]}, but alignkit needs {value} "
-                f"({'the loop accumulates each global batch itself' if key.startswith('gradient_acc') else 'max_grad_norm'}); "
-                f"set it to 'auto' in the DeepSpeed config"
+                f"the DeepSpeed config sets {key}={ds[key]}, but alignkit needs {value} ({why}); "
+                "leave it out of the DeepSpeed config or set it to 'auto'"
             )
     if ds.get("train_micro_batch_size_per_gpu", "auto") == "auto":
         ds["train_micro_batch_size_per_gpu"] = micro_batch_size  # DeepSpeed's bookkeeping; batches may vary
