@@ -144,17 +144,22 @@ def test_cai_revise_resumes_after_a_crash_without_losing_or_repeating(
     whole = tmp_path / "whole.jsonl"
     assert cli.main(_revise_args(tiny_model_dir, prompt_file, whole)) == 0
 
-    real_generate = cai_revise.generate
+    real_load_sampler = cai_revise.load_sampler
     calls = []
 
-    def crashing(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 4:
-            raise RuntimeError("simulated crash")
-        return real_generate(*args, **kwargs)
+    def crashing_sampler(*args, **kwargs):
+        sample = real_load_sampler(*args, **kwargs)
+
+        def crashing(prompt_ids, sampling):
+            calls.append(1)
+            if len(calls) == 4:
+                raise RuntimeError("simulated crash")
+            return sample(prompt_ids, sampling)
+
+        return crashing
 
     out = tmp_path / "resumed.jsonl"
-    monkeypatch.setattr(cai_revise, "generate", crashing)
+    monkeypatch.setattr(cai_revise, "load_sampler", crashing_sampler)
     with pytest.raises(RuntimeError, match="simulated crash"):
         cli.main(_revise_args(tiny_model_dir, prompt_file, out))
     assert [r["prompt_row"] for r in _lines(out)] == [0]

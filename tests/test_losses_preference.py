@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 
-from alignkit.losses.kto import kto_loss, kto_weight_warning, mismatched_indices
+from alignkit.losses.kto import kto_loss, kto_reference_point, kto_weight_warning, mismatched_indices
 from alignkit.losses.preference import dpo_loss, ipo_loss, log1mexp, orpo_loss
 
 
@@ -204,6 +204,11 @@ def test_orpo_averaged_and_summed_inputs_differ():
 POLICY, REFERENCE, LABELS = (-10.0, -12.0), (-11.0, -11.0), (True, False)
 
 
+def z0(kl_policy: torch.Tensor, kl_reference: torch.Tensor) -> torch.Tensor:
+    """z0 of one batch of mismatched pairs."""
+    return kto_reference_point((kl_policy - kl_reference).sum(), len(kl_policy))
+
+
 def test_kto_z0_clamped_at_zero_with_weights():
     """KL pairs: policy -5, -6; reference -4, -5; mean(policy - reference) = mean(-1, -1) = -1 -> z0 = 0.
 
@@ -211,7 +216,9 @@ def test_kto_z0_clamped_at_zero_with_weights():
     undesirable (r = -1): 1 - sigmoid(0.1 * (0 - (-1))) = 1 - sigmoid(0.1) = 0.4750208125
     Weights lambda_D 2, lambda_U 0.5: 0.9500416250 and 0.2375104063. Rewards beta r = 0.1, -0.1.
     """
-    out = kto_loss(t(*POLICY), t(*REFERENCE), torch.tensor(LABELS), t(-5.0, -6.0), t(-4.0, -5.0), beta=0.1)
+    out = kto_loss(
+        t(*POLICY), t(*REFERENCE), torch.tensor(LABELS), z0(t(-5.0, -6.0), t(-4.0, -5.0)), beta=0.1
+    )
     close(out.kl, 0.0)
     close(out.losses, [0.4750208125, 0.4750208125])
     close(out.rewards, [0.1, -0.1])
@@ -219,8 +226,7 @@ def test_kto_z0_clamped_at_zero_with_weights():
         t(*POLICY),
         t(*REFERENCE),
         torch.tensor(LABELS),
-        t(-5.0, -6.0),
-        t(-4.0, -5.0),
+        z0(t(-5.0, -6.0), t(-4.0, -5.0)),
         beta=0.1,
         desirable_weight=2.0,
         undesirable_weight=0.5,
@@ -240,7 +246,7 @@ def test_kto_positive_z0_and_gradients():
     """
     policy = t(*POLICY).requires_grad_()
     kl_policy = t(-3.0, -4.0).requires_grad_()
-    out = kto_loss(policy, t(*REFERENCE), torch.tensor(LABELS), kl_policy, t(-5.0, -4.0), beta=0.1)
+    out = kto_loss(policy, t(*REFERENCE), torch.tensor(LABELS), z0(kl_policy, t(-5.0, -4.0)), beta=0.1)
     close(out.kl, 1.0)
     close(out.losses, [0.5, 0.4501660027])
     assert not out.kl.requires_grad and not out.rewards.requires_grad
@@ -253,8 +259,20 @@ def test_kto_labels_accept_integers_and_keep_batch_order():
     """Labels 0/1 work like bools, and losses stay in batch order. Swapping the labels of the z0 = 1 case:
     first, undesirable with r = 1:  1 - sigmoid(0.1 * (1 - 1))  = 1 - 0.5 = 0.5;
     second, desirable with r = -1:  1 - sigmoid(0.1 * (-1 - 1)) = 1 - sigmoid(-0.2) = 0.5498339973."""
-    out = kto_loss(t(*POLICY), t(*REFERENCE), torch.tensor([0, 1]), t(-3.0, -4.0), t(-5.0, -4.0), beta=0.1)
+    out = kto_loss(
+        t(*POLICY), t(*REFERENCE), torch.tensor([0, 1]), z0(t(-3.0, -4.0), t(-5.0, -4.0)), beta=0.1
+    )
     close(out.losses, [0.5, 0.5498339973])
+
+
+def test_kto_reference_point_is_the_mean_over_all_pairs_not_of_per_rank_means():
+    """Two ranks' mismatched pairs: rank A's log-ratios sum to 3 over 3 pairs (mean 1), rank B's to -2 over 1
+    pair (mean -2). Over all 4 pairs z0 = (3 - 2) / 4 = 0.25; a mean of the ranks' means, (1 - 2) / 2 = -0.5,
+    would clamp to 0. A negative mean clamps: -2 / 1 -> 0. z0 carries no gradient."""
+    rank_a, rank_b = torch.tensor(3.0, requires_grad=True), torch.tensor(-2.0)  # () each
+    close(kto_reference_point(rank_a + rank_b, 3 + 1), 0.25)
+    close(kto_reference_point(rank_b, 1), 0.0)
+    assert not kto_reference_point(rank_a, 3).requires_grad
 
 
 def test_mismatched_indices_is_a_derangement():

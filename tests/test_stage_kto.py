@@ -11,7 +11,7 @@ import torch
 
 from alignkit.config import ConfigError, load_config
 from alignkit.data.tokenize import EncodedUnpaired
-from alignkit.losses.kto import kto_loss
+from alignkit.losses.kto import kto_loss, kto_reference_point
 from alignkit.models.forward import sequence_logprobs
 from alignkit.stages.kto import KTOConfig, build_examples, collate, kl_partners, kto_outputs, run
 
@@ -218,8 +218,13 @@ def test_step_uses_mismatched_sequences_and_reference(tiny_tokenizer):
             torch.stack([score(policy, *s) for s in own]),
             torch.stack([score(reference, *s) for s in own]),
             torch.tensor([y for _, _, y in texts]),
-            torch.stack([score(policy, *s) for s in kl]),
-            torch.stack([score(reference, *s) for s in kl]),
+            kto_reference_point(
+                (
+                    torch.stack([score(policy, *s) for s in kl])
+                    - torch.stack([score(reference, *s) for s in kl])
+                ).sum(),
+                len(kl),
+            ),
             beta=0.5,
             undesirable_weight=1.3,
         )

@@ -43,7 +43,7 @@ from trl.experimental.orpo import ORPOTrainer  # noqa: E402
 from trl.experimental.orpo.orpo_trainer import log1mexp as trl_log1mexp  # noqa: E402
 from trl.trainer.utils import FusedCausalLMOutput, add_fused_lm_head  # noqa: E402
 
-from alignkit.losses.kto import kto_loss, mismatched_indices  # noqa: E402
+from alignkit.losses.kto import kto_loss, kto_reference_point, mismatched_indices  # noqa: E402
 from alignkit.losses.preference import dpo_loss, ipo_loss, orpo_loss  # noqa: E402
 
 from conftest import build_tiny_model  # noqa: E402
@@ -476,8 +476,7 @@ def test_kto_matches_trl(kl_policy, z0, weights):
         policy,
         torch.tensor(KTO_REFERENCE),
         torch.tensor(KTO_LABELS),
-        kl_policy_logps,
-        torch.tensor(KL_REFERENCE),
+        kto_reference_point((kl_policy_logps - torch.tensor(KL_REFERENCE)).sum(), len(KL_REFERENCE)),
         beta=0.1,
         desirable_weight=desirable_weight,
         undesirable_weight=undesirable_weight,

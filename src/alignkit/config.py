@@ -54,6 +54,22 @@ class RuntimeConfig:
 
 
 @dataclass
+class GenerationBackendConfig:
+    """Which engine samples responses, for the stages that generate while they run (ppo, build-prefs, cai-revise)."""
+
+    generation_backend: Literal["hf", "vllm"] = doc_field(
+        "hf",
+        "Sampling engine: hf (transformers generate, left-padded batches with the KV cache) or vllm (an optional "
+        "extra, pip install 'alignkit[vllm]', on a CUDA GPU).",
+    )
+    vllm_gpu_memory_utilization: float = doc_field(
+        0.5,
+        "generation_backend=vllm: share of the GPU's memory vLLM takes (its weights and KV cache); the rest is "
+        "left to the models alignkit runs beside it.",
+    )
+
+
+@dataclass
 class TrainConfig:
     """Fields shared by every training stage."""
 

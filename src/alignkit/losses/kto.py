@@ -19,12 +19,25 @@ class KtoLoss:
     kl: torch.Tensor  # () z0 = max(0, KL estimate), detached
 
 
+def kto_reference_point(kl_logratio_sum: torch.Tensor, kl_count: torch.Tensor | float) -> torch.Tensor:
+    """KTO's reference point z0 from the sum and count of log-ratios log pi(y'|x) - log pi_ref(y'|x) over
+    MISMATCHED pairs (each prompt x with another example's completion y', see ``mismatched_indices``).
+
+    Given as a sum and a count, not the samples, so a data-parallel trainer can sum both over its ranks first
+    and get the mean over the whole batch's pairs (a mean of per-rank means would weight ranks, not pairs).
+    Returns a detached () tensor.
+    """
+    # z0 (Ethayarajh et al. 2024, eq. 8 and the text after it): a biased but low-variance estimate of
+    # KL(policy || reference) from mismatched pairs, clamped at 0 (a KL cannot be negative), and not
+    # back-propagated through: the paper treats it as a fixed reference point, for stable training.
+    return (kl_logratio_sum / kl_count).clamp(min=0).detach()
+
+
 def kto_loss(
     policy_logps: torch.Tensor,
     reference_logps: torch.Tensor,
     labels: torch.Tensor,
-    kl_policy_logps: torch.Tensor,
-    kl_reference_logps: torch.Tensor,
+    z0: torch.Tensor,
     beta: float = 0.1,
     desirable_weight: float = 1.0,
     undesirable_weight: float = 1.0,
@@ -33,24 +46,18 @@ def kto_loss(
 
     policy_logps, reference_logps: (B,) summed log-probs of each example's own completion.
     labels: (B,) bool (or 0/1), True where the completion is desirable.
-    kl_policy_logps, kl_reference_logps: (M,) summed log-probs of MISMATCHED pairs, each prompt with another
-    example's completion (see ``mismatched_indices``); they only set z0, so the policy ones may come from a
-    no-grad forward.
+    z0: () the reference point, from ``kto_reference_point``.
 
     Returns ``KtoLoss(losses (B,), rewards (B,), kl ())``.
     """
-    # z0 (Ethayarajh et al. 2024, eq. 8 and the text after it): a biased but low-variance estimate of
-    # KL(policy || reference) from mismatched pairs, clamped at 0 (a KL cannot be negative), and not
-    # back-propagated through: the paper treats it as a fixed reference point, for stable training.
-    kl = (kl_policy_logps - kl_reference_logps).mean().clamp(min=0).detach()  # ()
     logratios = policy_logps - reference_logps  # (B,) r_theta(x, y)
     desirable = labels.bool()  # (B,)
     # Ethayarajh et al. 2024, eq. 8: L = lambda_y - v(x, y), with
     #   v = lambda_D * sigmoid(beta * (r - z0)) for desirable y,  lambda_U * sigmoid(beta * (z0 - r)) otherwise.
-    desirable_losses = desirable_weight * (1 - torch.sigmoid(beta * (logratios - kl)))  # (B,)
-    undesirable_losses = undesirable_weight * (1 - torch.sigmoid(beta * (kl - logratios)))  # (B,)
+    desirable_losses = desirable_weight * (1 - torch.sigmoid(beta * (logratios - z0)))  # (B,)
+    undesirable_losses = undesirable_weight * (1 - torch.sigmoid(beta * (z0 - logratios)))  # (B,)
     losses = torch.where(desirable, desirable_losses, undesirable_losses)  # (B,)
-    return KtoLoss(losses, beta * logratios.detach(), kl)
+    return KtoLoss(losses, beta * logratios.detach(), z0.detach())
 
 
 def mismatched_indices(batch_size: int) -> torch.Tensor:

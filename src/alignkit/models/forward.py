@@ -23,7 +23,11 @@ def supports_chunked_head(model) -> bool:
         value = getattr(cfg, name, None)
         if value not in (None, 1, 1.0):
             return False
-    return hasattr(_base(model), "get_decoder") and _base(model).get_output_embeddings() is not None
+    head = _base(model).get_output_embeddings() if hasattr(_base(model), "get_decoder") else None
+    # DeepSpeed ZeRO-3 splits every weight across the processes and gathers a module's weights only in
+    # that module's own forward (its weights carry a `ds_id`); the chunked head reads the head's weight
+    # outside it, so such a model takes the plain path, through every module's forward.
+    return head is not None and not hasattr(head.weight, "ds_id")
 
 
 def sequence_logprobs(

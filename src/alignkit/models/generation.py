@@ -1,14 +1,21 @@
 """Batched sampling from a causal LM: left padding, the KV cache, seeded, with a progress bar.
 
-Shared by every stage that generates (quickstart, build-prefs, PPO, CAI, eval).
+Shared by every stage that generates (quickstart, build-prefs, PPO, CAI, eval). PPO, build-prefs and
+cai-revise can sample with vLLM instead (``generation_backend=vllm``, ``alignkit.models.vllm_engine``); both
+backends are a ``Sampler``.
 """
 
 from __future__ import annotations
 
+import importlib.util
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
+
+from alignkit.config import ConfigError
+from alignkit.models.loading import load_model, pick_dtype, resolve_model
 
 
 @dataclass
@@ -29,6 +36,59 @@ class Generation:
     finished: bool  # True when the model emitted EOS before max_new_tokens
 
 
+# One response per prompt (token ids), in input order.
+Sampler = Callable[[list[list[int]], SamplingConfig], list[Generation]]
+
+
+def hf_sampler(model, tokenizer, batch_size: int | None = None) -> Sampler:
+    """``generate`` on a transformers model: batch_size prompts per batch (None: all of a call's prompts)."""
+    return lambda prompt_ids, sampling: generate(
+        model, tokenizer, prompt_ids, sampling, batch_size or len(prompt_ids), progress=False
+    )
+
+
+def load_sampler(
+    backend: str,
+    model_name: str,
+    tokenizer,
+    *,
+    dtype: str,
+    trust_remote_code: bool,
+    device: torch.device,
+    gpu_memory_utilization: float,
+    seed: int,
+) -> Sampler:
+    """The sampler of ``generation_backend``: transformers' generate on the model loaded onto ``device``, or a
+    vLLM engine on its directory (``gpu_memory_utilization`` and ``seed`` are vLLM's)."""
+    if backend == "vllm":
+        from alignkit.models.vllm_engine import VLLMSampler
+
+        return VLLMSampler(
+            resolve_model(model_name),
+            tokenizer,
+            pick_dtype(dtype, device),
+            gpu_memory_utilization,
+            seed,
+            trust_remote_code,
+        )
+    return hf_sampler(load_model(model_name, dtype, trust_remote_code, device=device), tokenizer)
+
+
+def check_generation_backend(backend: str) -> None:
+    """Refuse generation_backend=vllm where it cannot run, before any model is loaded."""
+    if backend != "vllm":
+        return
+    if importlib.util.find_spec("vllm") is None:
+        raise ConfigError(
+            "generation_backend=vllm needs the vllm package, an optional extra: pip install 'alignkit[vllm]' "
+            "(on a machine with a CUDA GPU); or set generation_backend=hf"
+        )
+    if not torch.cuda.is_available():
+        raise ConfigError(
+            "generation_backend=vllm needs a CUDA GPU and none is visible; set generation_backend=hf"
+        )
+
+
 @torch.no_grad()
 def generate(
     model,
@@ -43,7 +103,7 @@ def generate(
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    eos_ids = _eos_ids(model, tokenizer)
+    eos_ids = eos_token_ids(getattr(model, "generation_config", None), tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
     generator_seed = torch.Generator().manual_seed(sampling.seed)
     # Sort by length so batches need little padding; results are returned in input order.
@@ -75,22 +135,25 @@ def generate(
             use_cache=True,
         )
         for row, i in enumerate(idx):
-            response = seqs[row, width:].tolist()
-            cut = next((k for k, t in enumerate(response) if t in eos_ids), None)
-            finished = cut is not None
-            response = response[: cut + 1] if finished else response
-            text = tokenizer.decode(response, skip_special_tokens=True).strip()
-            results[i] = Generation(list(prompt_ids[i]), response, text, finished)
+            results[i] = to_generation(prompt_ids[i], seqs[row, width:].tolist(), eos_ids, tokenizer)
         bar.update(len(idx))
     bar.close()
     model.train(was_training)
     return [results[i] for i in range(len(prompt_ids))]
 
 
-def _eos_ids(model, tokenizer) -> list[int]:
+def to_generation(prompt_ids: list[int], tokens: list[int], eos_ids: list[int], tokenizer) -> Generation:
+    """The Generation of sampled ``tokens``: cut after the first EOS (finished), else kept whole."""
+    cut = next((k for k, t in enumerate(tokens) if t in eos_ids), None)
+    response = tokens[: cut + 1] if cut is not None else tokens
+    text = tokenizer.decode(response, skip_special_tokens=True).strip()
+    return Generation(list(prompt_ids), response, text, cut is not None)
+
+
+def eos_token_ids(generation_config, tokenizer) -> list[int]:
+    """The tokens that end a response: the model's generation config's EOS ids and the tokenizer's."""
     ids = set()
-    gen_cfg = getattr(model, "generation_config", None)
-    eos = getattr(gen_cfg, "eos_token_id", None) if gen_cfg is not None else None
+    eos = getattr(generation_config, "eos_token_id", None) if generation_config is not None else None
     for value in (eos, tokenizer.eos_token_id):
         if isinstance(value, int):
             ids.add(value)

@@ -58,8 +58,12 @@ def resolve_model(name: str) -> str:
 
 
 def pick_device() -> torch.device:
-    """CUDA when available, else CPU."""
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """CUDA when available, else CPU; in a process started by torchrun or accelerate launch, the GPU of its
+    local rank (LOCAL_RANK), so each process trains on its own device."""
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    local_rank = os.environ.get("LOCAL_RANK")
+    return torch.device(f"cuda:{int(local_rank)}" if local_rank is not None else "cuda")
 
 
 def _cpu_flags() -> set[str]:

@@ -127,7 +127,9 @@ def run(cfg: QuickstartConfig) -> dict:
     from alignkit.models.loading import resolve_model
     from alignkit.stages import build_prefs, dpo, report
     from alignkit.stages import eval as eval_stage
+    from alignkit.training.distributed import require_one_process
 
+    require_one_process("quickstart")
     started = time.time()
     root = Path(cfg.output_dir)
     if cfg.fresh and root.exists():

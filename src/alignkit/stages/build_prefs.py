@@ -24,13 +24,20 @@ from tqdm.auto import tqdm
 
 from alignkit.cai.checks import ChecksRanker
 from alignkit.cai.constitution import load_constitution
-from alignkit.config import ConfigError, RuntimeConfig, config_to_dict, doc_field, required
+from alignkit.config import (
+    ConfigError,
+    GenerationBackendConfig,
+    RuntimeConfig,
+    config_to_dict,
+    doc_field,
+    required,
+)
 from alignkit.data.appendlog import Writer, complete_lines, progress_path, resume, summary_path
 from alignkit.data.io import BadRow, BadRowError, read_rows
 from alignkit.data.schemas import load_prompts
 from alignkit.data.tokenize import encode_prompt
-from alignkit.models.generation import SamplingConfig, generate
-from alignkit.models.loading import load_model, load_tokenizer, pick_device
+from alignkit.models.generation import SamplingConfig, check_generation_backend, load_sampler
+from alignkit.models.loading import load_tokenizer, pick_device
 from alignkit.models.reward import load_reward_model
 from alignkit.rankers import (
     RANKING_HOWTO,
@@ -41,12 +48,13 @@ from alignkit.rankers import (
     judge_ranker,
     read_ranked_row,
 )
+from alignkit.training.distributed import require_one_process
 
 PairingRule = Literal["best_vs_worst", "best_vs_random", "all_pairs"]
 
 
 @dataclass
-class BuildPrefsConfig(RuntimeConfig):
+class BuildPrefsConfig(GenerationBackendConfig, RuntimeConfig):
     """Sample responses to prompts, rank them, and write chosen/rejected pairs (or a file for people to rank)."""
 
     output: str = required(
@@ -307,7 +315,16 @@ def sample_and_rank(cfg: BuildPrefsConfig, writer: Writer, done: dict[int, dict]
     )
     print(f"prompts: {loaded.summary()}", file=sys.stderr)
     tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code)
-    policy = load_model(cfg.model, cfg.dtype, cfg.trust_remote_code, device=device)
+    sample = load_sampler(
+        cfg.generation_backend,
+        cfg.model,
+        tokenizer,
+        dtype=cfg.dtype,
+        trust_remote_code=cfg.trust_remote_code,
+        device=device,
+        gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
+        seed=cfg.seed,
+    )
     sampling = {
         "model": cfg.model,
         "n_samples": cfg.n_samples,
@@ -332,17 +349,13 @@ def sample_and_rank(cfg: BuildPrefsConfig, writer: Writer, done: dict[int, dict]
         batch = examples[start : start + cfg.prompts_per_batch]
         if all(ex.ref.row in done for ex in batch):
             continue
-        # 3. Sample n responses per prompt, batched with the KV cache.
+        # 3. Sample n responses per prompt, all in one batch (hf: with the KV cache; vllm: prompts cached).
         prompt_ids = [
             encode_prompt(tokenizer, ex.prompt, cfg.max_prompt_length) for ex in batch for _ in range(n)
         ]
-        generations = generate(
-            policy,
-            tokenizer,
+        generations = sample(
             prompt_ids,
             SamplingConfig(cfg.max_new_tokens, cfg.temperature, cfg.top_p, batch_seed(cfg.seed, b)),
-            batch_size=len(prompt_ids),
-            progress=False,
         )
         for k, ex in enumerate(batch):
             if ex.ref.row in done:
@@ -412,6 +425,7 @@ def import_rankings(cfg: BuildPrefsConfig, writer: Writer, done: dict[int, dict]
 
 
 def run(cfg: BuildPrefsConfig) -> dict:
+    require_one_process("build-prefs")
     started = time.time()
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
@@ -424,9 +438,13 @@ def run(cfg: BuildPrefsConfig) -> dict:
         raise ConfigError(f"n_samples must be at least 2 to make a pair, got {cfg.n_samples}")
     if cfg.prompts_per_batch < 1:
         raise ConfigError(f"prompts_per_batch must be at least 1, got {cfg.prompts_per_batch}")
+    if cfg.ranker != "human":
+        check_generation_backend(cfg.generation_backend)
 
     # 1. Resume: the prompts an earlier run of the same settings finished are kept and skipped.
     settings = {k: v for k, v in config_to_dict(cfg).items() if k in CONTENT_SETTINGS}
+    if cfg.generation_backend != "hf":  # vLLM draws other samples; hf outputs keep their earlier settings
+        settings["generation_backend"] = cfg.generation_backend
     if cfg.overwrite:
         for path in (output, progress_path(output)):
             path.unlink(missing_ok=True)

@@ -31,6 +31,7 @@ from alignkit.data.io import BadRow, BadRowError, Record, read_rows
 from alignkit.data.schemas import Prompt, load_preferences, load_prompts
 from alignkit.evaluation.metrics import mean_ci
 from alignkit.models.loading import load_model, load_tokenizer, pick_device
+from alignkit.training.distributed import require_one_process
 
 
 @dataclass
@@ -210,6 +211,7 @@ def label_row(pair: InputPair, comparison: Comparison, cfg: CAILabelConfig) -> t
 
 
 def run(cfg: CAILabelConfig) -> dict:
+    require_one_process("cai-label")
     started = time.time()
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)

@@ -23,19 +23,27 @@ import torch
 from tqdm.auto import tqdm
 
 from alignkit.cai.constitution import Constitution, Principle, load_constitution
-from alignkit.config import ConfigError, RuntimeConfig, config_to_dict, doc_field, required
+from alignkit.config import (
+    ConfigError,
+    GenerationBackendConfig,
+    RuntimeConfig,
+    config_to_dict,
+    doc_field,
+    required,
+)
 
 # The append-and-resume machinery of build-prefs (one ledger line per finished prompt). It belongs in a
 # shared module (stages should not import each other); until it moves, it is imported, not copied.
 from alignkit.data.appendlog import Writer, progress_path, resume, summary_path
 from alignkit.data.schemas import Prompt, load_prompts
 from alignkit.data.tokenize import encode_prompt
-from alignkit.models.generation import SamplingConfig, generate
-from alignkit.models.loading import load_model, load_tokenizer, pick_device
+from alignkit.models.generation import SamplingConfig, check_generation_backend, load_sampler
+from alignkit.models.loading import load_tokenizer, pick_device
+from alignkit.training.distributed import require_one_process
 
 
 @dataclass
-class CAIReviseConfig(RuntimeConfig):
+class CAIReviseConfig(GenerationBackendConfig, RuntimeConfig):
     """Answer prompts, then critique and revise each answer under constitution principles; write SFT data."""
 
     prompts: str = required("Prompt file: a 'prompt' (text or messages) or 'messages' column.")
@@ -119,6 +127,7 @@ def as_messages(prompt: Prompt) -> list[dict]:
 
 
 def run(cfg: CAIReviseConfig) -> dict:
+    require_one_process("cai-revise")
     started = time.time()
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
@@ -130,11 +139,14 @@ def run(cfg: CAIReviseConfig) -> dict:
     for name in ("n_rounds", "prompts_per_batch", "max_new_tokens"):
         if getattr(cfg, name) < 1:
             raise ConfigError(f"{name} must be at least 1, got {getattr(cfg, name)}")
+    check_generation_backend(cfg.generation_backend)
     constitution = load_constitution(cfg.constitution).select(cfg.principles)
 
     # 1. Resume: the prompts an earlier run of the same settings (and constitution text) finished.
     settings = {k: v for k, v in config_to_dict(cfg).items() if k in CONTENT_SETTINGS}
     settings["constitution_crc32"] = zlib.crc32(repr(constitution.principles).encode("utf-8"))
+    if cfg.generation_backend != "hf":  # vLLM draws other samples; hf outputs keep their earlier settings
+        settings["generation_backend"] = cfg.generation_backend
     if cfg.overwrite:
         for path in (output, progress_path(output)):
             path.unlink(missing_ok=True)
@@ -150,16 +162,23 @@ def run(cfg: CAIReviseConfig) -> dict:
 
     device = pick_device()
     tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code)
-    model = load_model(cfg.model, cfg.dtype, cfg.trust_remote_code, device=device)
+    sampler = load_sampler(
+        cfg.generation_backend,
+        cfg.model,
+        tokenizer,
+        dtype=cfg.dtype,
+        trust_remote_code=cfg.trust_remote_code,
+        device=device,
+        gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
+        seed=cfg.seed,
+    )
 
     def sample(conversations: list[list[dict]], batch_index: int, step: int) -> list[str]:
         ids = [encode_prompt(tokenizer, c, cfg.max_prompt_length) for c in conversations]
         sampling = SamplingConfig(
             cfg.max_new_tokens, cfg.temperature, cfg.top_p, step_seed(cfg.seed, batch_index, step)
         )
-        return [
-            g.text for g in generate(model, tokenizer, ids, sampling, batch_size=len(ids), progress=False)
-        ]
+        return [g.text for g in sampler(ids, sampling)]
 
     writer = Writer(output, settings, fresh=not progress_path(output).exists())
     bar = tqdm(

@@ -16,7 +16,7 @@ from typing import Literal
 
 import torch
 
-from alignkit.config import TrainConfig, doc_field, save_config
+from alignkit.config import TrainConfig, doc_field
 from alignkit.data.collate import collate_pairs, length_sorted_batches
 from alignkit.data.schemas import load_preferences
 from alignkit.data.tokenize import encode_pair
@@ -35,6 +35,7 @@ from alignkit.models.loading import (
     save_final,
 )
 from alignkit.models.packed import shared_prompt_logprobs
+from alignkit.training import distributed
 from alignkit.training.loop import StepOutput, train, visited_indices
 from alignkit.training.run import RunDir
 
@@ -248,7 +249,7 @@ def attach_reference(
 def run(cfg: DPOConfig) -> dict:
     started = time.time()
     run_dir = RunDir.create(cfg.output_dir, cfg.loss, cfg.resume_from)
-    save_config(cfg, run_dir.config_path)
+    run_dir.write_config(cfg)
     print(f"run folder: {run_dir.path}", file=sys.stderr)
 
     # 1. Data: validated pairs, tokenized with the chat template; both completions share the prompt ids.
@@ -350,7 +351,9 @@ def run(cfg: DPOConfig) -> dict:
             eval_accuracy=acc.value,
             eval_accuracy_ci95=[acc.low, acc.high],
         )
-    save_final(model, tokenizer, run_dir.final_dir, merge_lora=cfg.merge_lora)
+    distributed.save_from_main(
+        model, lambda: save_final(model, tokenizer, run_dir.final_dir, merge_lora=cfg.merge_lora)
+    )
     summary["wall_seconds"] = time.time() - started
     run_dir.write_summary(summary)
     return summary

@@ -36,6 +36,7 @@ from alignkit.evaluation.metrics import (
 from alignkit.models.forward import sequence_logprobs, supports_chunked_head
 from alignkit.models.generation import Generation, SamplingConfig, generate
 from alignkit.models.loading import load_final, load_model, load_tokenizer, pick_device
+from alignkit.training.distributed import require_one_process
 
 DEFAULT_REFERENCE = "smollm2-135m-instruct"
 NO_REFERENCE = ("none", "null", "")
@@ -368,6 +369,7 @@ def _same_vocabulary(tok_a, tok_b) -> bool:
 
 
 def run(cfg: EvalConfig) -> dict:
+    require_one_process("eval")
     started = time.time()
     if cfg.samples_per_prompt < 1:
         raise ValueError(f"samples_per_prompt must be at least 1, got {cfg.samples_per_prompt}")

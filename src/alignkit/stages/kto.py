@@ -23,14 +23,14 @@ from typing import Literal
 
 import torch
 
-from alignkit.config import ConfigError, TrainConfig, doc_field, save_config
+from alignkit.config import ConfigError, TrainConfig, doc_field
 from alignkit.data.collate import collate_unpaired, length_sorted_batches
 from alignkit.data.io import BadRow, read_rows
 from alignkit.data.schemas import load_preferences, load_unpaired, pairs_to_unpaired
 from alignkit.data.tokenize import EncodedUnpaired, encode_unpaired
 from alignkit.evaluation.metrics import mean_ci
 from alignkit.evaluation.monitors import default_monitors
-from alignkit.losses.kto import kto_loss, kto_weight_warning, mismatched_indices
+from alignkit.losses.kto import kto_loss, kto_reference_point, kto_weight_warning, mismatched_indices
 from alignkit.models.forward import sequence_logprobs
 from alignkit.models.loading import (
     apply_lora,
@@ -40,6 +40,7 @@ from alignkit.models.loading import (
     pick_device,
     save_final,
 )
+from alignkit.training import distributed
 from alignkit.training.loop import StepOutput, train, visited_indices
 from alignkit.training.run import RunDir
 
@@ -68,7 +69,9 @@ class KTOConfig(TrainConfig):
     learning_rate: float = doc_field(5e-7, "Peak AdamW learning rate.")
     batch_size: int = doc_field(8, "Examples per optimizer step.")
     micro_batch_size: int = doc_field(
-        2, "Examples per forward/backward pass, at least 2: z0 is estimated over each micro-batch."
+        2,
+        "Examples per forward/backward pass (per process), at least 2: z0 is estimated over each micro-step "
+        "(the micro-batches of all processes at that step).",
     )
     max_length: int = doc_field(512, "Longest prompt+completion in tokens; longer examples are truncated.")
     eval_batch_size: int = doc_field(8, "Examples per forward pass when evaluating or precomputing.")
@@ -186,7 +189,9 @@ class KTOOutputs:
     metrics: dict[str, float]  # sums over the examples (see the module docstring)
 
 
-def kto_outputs(cfg: KTOConfig, model, reference, batch: dict) -> KTOOutputs:
+def kto_outputs(cfg: KTOConfig, model, reference, batch: dict, across_ranks: bool = False) -> KTOOutputs:
+    """Losses, rewards, z0 and metric sums of one batch. ``across_ranks`` (training): z0 is estimated over
+    this micro-step's KL pairs on every rank, as one process would over their union."""
     policy = completion_logps(model, batch, cfg.logprob_chunk_size)  # (B,) with grad
     # z0 is detached in the loss, so the policy's KL sequences need no graph: a separate no-grad forward
     # saves their activations (and in train mode draws its own dropout, as a second model call would).
@@ -194,8 +199,15 @@ def kto_outputs(cfg: KTOConfig, model, reference, batch: dict) -> KTOOutputs:
         policy_kl = kl_logps(model, batch, cfg.logprob_chunk_size)  # (B,)
     ref = reference_logprobs(cfg, model, reference, batch)  # (B, 2)
     labels = batch["labels"]
+    kl_sum, kl_count = (policy_kl - ref[:, 1]).sum(), float(len(labels))  # over the mismatched pairs
+    if across_ranks and distributed.world_size() > 1:
+        # Sums and counts of all ranks, not a mean of their means; a stand-in micro-batch (n_items 0, see
+        # alignkit.training.loop.train) counts nothing.
+        own = [kl_sum.item(), kl_count] if batch["n_items"] else [0.0, 0.0]
+        total, kl_count = distributed.all_reduce(own)
+        kl_sum = torch.tensor(total, dtype=kl_sum.dtype, device=kl_sum.device)
     out = kto_loss(
-        policy, ref[:, 0], labels, policy_kl, ref[:, 1],
+        policy, ref[:, 0], labels, kto_reference_point(kl_sum, kl_count),
         beta=cfg.beta, desirable_weight=cfg.desirable_weight, undesirable_weight=cfg.undesirable_weight,
     )  # fmt: skip
     desirable, undesirable = labels, ~labels
@@ -213,7 +225,7 @@ def kto_outputs(cfg: KTOConfig, model, reference, batch: dict) -> KTOOutputs:
 
 
 def kto_step(model, batch: dict, cfg: KTOConfig, reference) -> StepOutput:
-    out = kto_outputs(cfg, model, reference, batch)
+    out = kto_outputs(cfg, model, reference, batch, across_ranks=True)
     return StepOutput(loss_sum=out.losses.sum(), metrics=out.metrics)
 
 
@@ -372,7 +384,7 @@ def run(cfg: KTOConfig) -> dict:
     check_config(cfg)
     started = time.time()
     run_dir = RunDir.create(cfg.output_dir, "kto", cfg.resume_from)
-    save_config(cfg, run_dir.config_path)
+    run_dir.write_config(cfg)
     print(f"run folder: {run_dir.path}", file=sys.stderr)
 
     # 1. Data: unpaired examples (pairs split in two), each with its fixed mismatched KL sequence.
@@ -473,7 +485,9 @@ def run(cfg: KTOConfig) -> dict:
             )
         if "rewards/gap" in eval_after:
             summary["eval_reward_gap"] = eval_after["rewards/gap"]
-    save_final(model, tokenizer, run_dir.final_dir, merge_lora=cfg.merge_lora)
+    distributed.save_from_main(
+        model, lambda: save_final(model, tokenizer, run_dir.final_dir, merge_lora=cfg.merge_lora)
+    )
     summary["wall_seconds"] = time.time() - started
     run_dir.write_summary(summary)
     return summary

@@ -24,7 +24,14 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from alignkit.config import ConfigError, TrainConfig, doc_field, required, save_config
+from alignkit.config import (
+    ConfigError,
+    GenerationBackendConfig,
+    TrainConfig,
+    doc_field,
+    required,
+    save_config,
+)
 from alignkit.data.schemas import load_prompts
 from alignkit.data.tokenize import encode_prompt
 from alignkit.errors import TrainingInterrupted
@@ -44,17 +51,21 @@ from alignkit.losses.ppo import (
     whiten,
 )
 from alignkit.models.forward import supports_chunked_head
-from alignkit.models.generation import Generation, SamplingConfig, generate
+from alignkit.models.generation import Generation, SamplingConfig, check_generation_backend, hf_sampler
 from alignkit.models.loading import (
     apply_lora,
     count_parameters,
     load_model,
     load_tokenizer,
     pick_device,
+    pick_dtype,
+    resolve_model,
     save_final,
 )
 from alignkit.models.value import ValueModel, add_value_adapter, keep_trainable, remove_value_adapter
+from alignkit.models.vllm_engine import VLLMSampler
 from alignkit.training.checkpoint import checkpoint_dir, load_checkpoint, prune_checkpoints, save_checkpoint
+from alignkit.training.distributed import require_one_process
 from alignkit.training.run import RunDir, peak_rss_mb
 from alignkit.training.schedule import build_scheduler
 from alignkit.training.signals import StopSignals
@@ -78,11 +89,12 @@ def _not_used(name: str) -> str:
 
 
 @dataclass
-class PPOConfig(TrainConfig):
+class PPOConfig(GenerationBackendConfig, TrainConfig):
     """RLHF with PPO. Data: prompts (a `prompt` column, or `messages` ending with a user turn)."""
 
     train_data: str | None = doc_field(
-        None, "Prompts to sample from; None uses the 128 prompts shipped with alignkit (assets/prompts.jsonl)."
+        None,
+        "Prompts to sample from; None uses the 128 prompts shipped with alignkit (assets/prompts.jsonl).",
     )
     reward: str = required(
         "'module:function' with function(prompt: str, response: str) -> float (e.g. alignkit.rewards:politeness), "
@@ -101,7 +113,9 @@ class PPOConfig(TrainConfig):
         1.0,
         "Sampling temperature (> 0); log-probs of policy and reference are taken at the same temperature.",
     )
-    generation_batch_size: int = doc_field(16, "Prompts per batched generate() call.")
+    generation_batch_size: int = doc_field(
+        16, "Prompts per batched generate() call (generation_backend=hf; vLLM batches by itself)."
+    )
     max_prompt_length: int | None = doc_field(256, "Longest prompt in tokens (its end is kept).")
     # --- reward shaping ---
     init_kl_coef: float = doc_field(
@@ -464,6 +478,13 @@ def check_config(cfg: PPOConfig) -> None:
             raise ConfigError(f"config key '{name}' is not used by ppo; set {instead} instead")
     if cfg.temperature <= 0:
         raise ConfigError("temperature must be > 0: PPO's ratio and KL need the policy's own samples")
+    check_generation_backend(cfg.generation_backend)
+    if cfg.generation_backend == "vllm" and cfg.lora:
+        raise ConfigError(
+            "generation_backend=vllm with lora=true is not supported: the engine takes a plain model's weights, "
+            "and merging the adapter into them every iteration is not implemented; use lora=false or "
+            "generation_backend=hf"
+        )
     for name in ("iterations", "prompts_per_iteration", "minibatch_size", "micro_batch_size", "ppo_epochs"):
         if getattr(cfg, name) < 1:
             raise ConfigError(f"config key '{name}' must be at least 1, got {getattr(cfg, name)}")
@@ -475,6 +496,7 @@ def check_config(cfg: PPOConfig) -> None:
 
 def run(cfg: PPOConfig, monitors: MonitorSet | None = None) -> dict:
     """Train the policy with PPO; ``monitors`` replaces the default failure monitors (for tests)."""
+    require_one_process("ppo")
     started = time.time()
     check_config(cfg)
     run_dir = RunDir.create(cfg.output_dir, "ppo", cfg.resume_from, cfg.tensorboard)
@@ -535,6 +557,17 @@ def run(cfg: PPOConfig, monitors: MonitorSet | None = None) -> dict:
     else:
         kl_controller = AdaptiveKLController(cfg.init_kl_coef, cfg.kl_target, cfg.kl_horizon)
     monitors = monitors if monitors is not None else default_monitors("ppo")
+    if cfg.generation_backend == "vllm":  # a vLLM engine on the starting weights, updated every iteration
+        sampler = VLLMSampler(
+            resolve_model(cfg.model),
+            tokenizer,
+            pick_dtype(cfg.dtype, device),
+            cfg.vllm_gpu_memory_utilization,
+            cfg.seed,
+            cfg.trust_remote_code,
+        )
+    else:
+        sampler = hf_sampler(policy, tokenizer, cfg.generation_batch_size)
 
     # Resume: weights of policy and value, optimizer, schedule, RNG, KL controller, iteration.
     start, n_nonfinite, elapsed_before = 0, 0, 0.0
@@ -585,20 +618,16 @@ def run(cfg: PPOConfig, monitors: MonitorSet | None = None) -> dict:
             while iteration < cfg.iterations:
                 t0 = time.monotonic()
                 # 1. Sample one response per prompt from the current policy (batched, KV cache), with a seed
-                #    that depends only on (seed, iteration).
+                #    that depends only on (seed, iteration). A vLLM engine first takes the policy's weights
+                #    unless it already holds them (a fresh run's first iteration).
                 idx = iteration_prompts(len(prompts), cfg.prompts_per_iteration, iteration, cfg.seed)
                 sampling = SamplingConfig(
                     cfg.max_new_tokens, cfg.temperature, 1.0, derived_seed(cfg.seed, iteration, 0)
                 )
                 trained.eval()
-                generations = generate(
-                    policy,
-                    tokenizer,
-                    [prompt_ids[i] for i in idx],
-                    sampling,
-                    cfg.generation_batch_size,
-                    progress=False,
-                )
+                if cfg.generation_backend == "vllm" and (iteration > start or resume):
+                    sampler.update_weights(policy)
+                generations = sampler([prompt_ids[i] for i in idx], sampling)
                 texts = [g.text for g in generations]
                 # 2. Score each response with the reward.
                 scores = torch.tensor(scorer.score([prompts[i] for i in idx], texts), dtype=torch.float32)

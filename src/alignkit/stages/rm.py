@@ -17,7 +17,7 @@ from functools import partial
 import numpy as np
 import torch
 
-from alignkit.config import ConfigError, TrainConfig, doc_field, save_config
+from alignkit.config import ConfigError, TrainConfig, doc_field
 from alignkit.data.collate import collate_pairs, length_sorted_batches
 from alignkit.data.io import BadRow, BadRowError, read_rows
 from alignkit.data.schemas import Loaded, load_preferences
@@ -27,6 +27,7 @@ from alignkit.evaluation.monitors import default_monitors
 from alignkit.losses.reward import bradley_terry_loss
 from alignkit.models.loading import count_parameters, load_tokenizer, pick_device
 from alignkit.models.reward import apply_reward_lora, build_reward_model, save_reward_model, sequence_rewards
+from alignkit.training import distributed
 from alignkit.training.loop import StepOutput, train
 from alignkit.training.run import RunDir
 
@@ -180,7 +181,7 @@ def run(cfg: RMConfig) -> dict:
             "which is what score, build-prefs and PPO load"
         )
     run_dir = RunDir.create(cfg.output_dir, "rm", cfg.resume_from)
-    save_config(cfg, run_dir.config_path)
+    run_dir.write_config(cfg)
     print(f"run folder: {run_dir.path}", file=sys.stderr)
 
     # 1. Data: validated pairs, tokenized with the chat template; both responses share the prompt ids.
@@ -271,14 +272,17 @@ def run(cfg: RMConfig) -> dict:
     summary.update(reward_stats)
 
     # 5. The final reward model: plain transformers weights + ALIGNKIT_REWARD.json (lengths, statistics).
-    save_reward_model(
+    distributed.save_from_main(
         model,
-        tokenizer,
-        run_dir.final_dir,
-        cfg.max_length,
-        cfg.max_prompt_length,
-        base_model=cfg.model,
-        **reward_stats,
+        lambda: save_reward_model(
+            model,
+            tokenizer,
+            run_dir.final_dir,
+            cfg.max_length,
+            cfg.max_prompt_length,
+            base_model=cfg.model,
+            **reward_stats,
+        ),
     )
     summary["wall_seconds"] = time.time() - started
     run_dir.write_summary(summary)

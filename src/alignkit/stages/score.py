@@ -25,6 +25,7 @@ from alignkit.data.io import BadRow, BadRowError, Record, read_rows
 from alignkit.data.schemas import load_preferences, load_prompts
 from alignkit.models.loading import pick_device
 from alignkit.models.reward import load_reward_model
+from alignkit.training.distributed import require_one_process
 
 INPUT_ROW = "input_row"
 
@@ -163,6 +164,7 @@ def _to_json(value):
 
 
 def run(cfg: ScoreConfig) -> dict:
+    require_one_process("score")
     started = time.time()
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)

@@ -14,7 +14,7 @@ from functools import partial
 
 import torch
 
-from alignkit.config import TrainConfig, doc_field, save_config
+from alignkit.config import TrainConfig, doc_field
 from alignkit.data.collate import collate_sft
 from alignkit.data.schemas import load_sft
 from alignkit.data.tokenize import encode
@@ -28,6 +28,7 @@ from alignkit.models.loading import (
     pick_device,
     save_final,
 )
+from alignkit.training import distributed
 from alignkit.training.loop import StepOutput, train
 from alignkit.training.run import RunDir
 
@@ -74,7 +75,7 @@ def mean_nll(model, encoded: list, pad_id: int, batch_size: int, chunk_size: int
 def run(cfg: SFTConfig) -> dict:
     started = time.time()
     run_dir = RunDir.create(cfg.output_dir, "sft", cfg.resume_from)
-    save_config(cfg, run_dir.config_path)
+    run_dir.write_config(cfg)
     print(f"run folder: {run_dir.path}", file=sys.stderr)
 
     # 1. Data: validate rows, then tokenize with the model's chat template (loss on completions only).
@@ -129,7 +130,9 @@ def run(cfg: SFTConfig) -> dict:
 
     # 4. Measure, save the final model, write the summary.
     train_loss_after = measure(model, train_encoded) if cfg.measure_train_loss else None
-    save_final(model, tokenizer, run_dir.final_dir, merge_lora=cfg.merge_lora)
+    distributed.save_from_main(
+        model, lambda: save_final(model, tokenizer, run_dir.final_dir, merge_lora=cfg.merge_lora)
+    )
     summary = {
         "stage": "sft",
         "model": cfg.model,

@@ -2,7 +2,10 @@
 the data position, so a resumed run continues exactly where the interrupted one stopped.
 
 Layout of ``checkpoints/step-000123/``: ``weights.safetensors``, ``optimizer.pt``, ``scheduler.pt``,
-``rng.pt``, ``state.json`` and ``COMPLETE`` (written last; a directory without it is never used).
+``rng.pt``, ``state.json`` and ``COMPLETE`` (written last; a directory without it is never used). It holds
+nothing per process, so a run checkpointed by N data-parallel processes resumes in any number. Under DeepSpeed,
+whose ranks each hold a slice of the optimizer state, the engine writes its own files instead
+(``save_engine_checkpoint``).
 """
 
 from __future__ import annotations
@@ -65,6 +68,12 @@ def save_checkpoint(path: Path, model, optimizer, scheduler, state: dict) -> Pat
     }
     (tmp / "state.json").write_text(json.dumps(state))
     # 4. Durable, then marked complete, then visible under its real name.
+    _publish(tmp, path)
+    return path
+
+
+def _publish(tmp: Path, path: Path) -> None:
+    """Make the finished checkpoint ``tmp`` durable, mark it complete and rename it to ``path``."""
     for file in tmp.iterdir():
         _fsync(file)
     (tmp / COMPLETE_MARKER).write_text("")
@@ -80,7 +89,52 @@ def save_checkpoint(path: Path, model, optimizer, scheduler, state: dict) -> Pat
     else:
         os.replace(tmp, path)
     _fsync(path.parent)
+
+
+def save_engine_checkpoint(path: Path, accelerator, scheduler, state: dict) -> Path:
+    """A DeepSpeed checkpoint at ``path``: every rank writes its slices of the weights and optimizer state and
+    its RNG (Accelerate's ``save_state``); the main process adds the scheduler and state.json, then publishes
+    it as ``save_checkpoint`` does. Every rank must call. It resumes in the same number of processes
+    (DeepSpeed's universal checkpoint converts it for another)."""
+    path = Path(path)
+    tmp = path.with_name(f"{path.name}.tmp-engine")  # one name for all ranks
+    if accelerator.is_main_process and tmp.exists():
+        shutil.rmtree(tmp)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        state = {**state, "engine": "deepspeed", "world_size": accelerator.num_processes}
+        (tmp / "state.json").write_text(json.dumps(state))
+        _publish(tmp, path)
+    accelerator.wait_for_everyone()
     return path
+
+
+def load_engine_checkpoint(path: Path, accelerator, scheduler) -> dict:
+    """Restore a ``save_engine_checkpoint`` into the prepared engine (each rank its slices and RNG) and the
+    scheduler; returns its state.json. Every rank must call."""
+    path = Path(path)
+    if not (path / COMPLETE_MARKER).is_file():
+        raise CheckpointError(f"{path} is not a complete checkpoint (no {COMPLETE_MARKER} marker)")
+    state = json.loads((path / "state.json").read_text())
+    if state["world_size"] != accelerator.num_processes:
+        raise CheckpointError(
+            f"{path} was written by DeepSpeed in {state['world_size']} processes; resume it in as many (or "
+            "convert it with DeepSpeed's universal checkpoint)"
+        )
+    accelerator.load_state(str(path))
+    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True, map_location="cpu"))
+    return state
+
+
+def checkpoint_engine(path: Path) -> str:
+    """Who wrote the checkpoint at ``path``: "deepspeed" (``save_engine_checkpoint``) or "torch"."""
+    path = Path(path)
+    if not (path / COMPLETE_MARKER).is_file():
+        raise CheckpointError(f"{path} is not a complete checkpoint (no {COMPLETE_MARKER} marker)")
+    return json.loads((path / "state.json").read_text()).get("engine", "torch")
 
 
 def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:

@@ -1,10 +1,14 @@
 """The one training loop every stage calls: AdamW with warmup and a schedule, gradient accumulation that equals
 one big batch, clipping, non-finite step skipping, metrics.jsonl + TensorBoard, periodic evaluation, atomic
 checkpoints, exact resume, and SIGINT/SIGTERM -> checkpoint -> ``TrainingInterrupted``.
+
+Launched in several processes (``torchrun``, ``accelerate launch``), the same loop runs data parallel (DDP) or
+under DeepSpeed ZeRO, with the single-process semantics: see docs/architecture.md, "Scaling out".
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 import signal
@@ -18,7 +22,16 @@ from tqdm import tqdm
 
 from alignkit.config import ConfigError, TrainConfig
 from alignkit.errors import TrainingInterrupted
-from alignkit.training.checkpoint import checkpoint_dir, load_checkpoint, prune_checkpoints, save_checkpoint
+from alignkit.training import distributed
+from alignkit.training.checkpoint import (
+    checkpoint_dir,
+    checkpoint_engine,
+    load_checkpoint,
+    load_engine_checkpoint,
+    prune_checkpoints,
+    save_checkpoint,
+    save_engine_checkpoint,
+)
 from alignkit.training.run import RunDir, peak_rss_mb
 from alignkit.training.schedule import build_scheduler
 from alignkit.training.signals import StopSignals
@@ -83,13 +96,27 @@ def train(
 
     ``collate_fn(examples) -> dict`` must hold ``n_items``, the loss normaliser of that micro-batch (and may
     hold ``n_tokens`` for a tokens/s rate). ``step_fn(model, microbatch) -> StepOutput`` returns the loss
-    *summed* over the micro-batch's items. ``on_log(step, row)`` callbacks may return "stop" to end training
-    early (with the final evaluation and checkpoint). ``monitors`` (an ``alignkit.evaluation.monitors.MonitorSet``)
-    sees every logged row; its events are written to metrics.jsonl and a "stop" action ends the run.
+    *summed* over the micro-batch's items, and the same metric keys for every micro-batch. ``on_log(step, row)``
+    callbacks may return "stop" to end training early (with the final evaluation and checkpoint). ``monitors``
+    (an ``alignkit.evaluation.monitors.MonitorSet``) sees every logged row; its events are written to
+    metrics.jsonl and a "stop" action ends the run.
+
+    In several processes each rank trains on its share of every global batch (``rank_microbatches``). A rank
+    whose share of a micro-step is empty runs a stand-in instead: the batch's first example with ``n_items``
+    0, whose loss is multiplied by 0 and whose metrics are dropped; it keeps the ranks' collectives in step and
+    adds nothing (a ``step_fn`` that sums across ranks itself, like KTO's z0, must count nothing from it).
     """
     callbacks = [on_log] if callable(on_log) else list(on_log or [])
     if not examples:
         raise ValueError("no training examples")
+    accelerator = distributed.accelerator()
+    engine = distributed.engine()  # "none" (one process), "ddp" or "deepspeed"
+    rank, world = accelerator.process_index, accelerator.num_processes
+    main = accelerator.is_main_process
+    if engine != "none":
+        accelerator.free_memory()  # what an earlier train() in this process handed to the engine
+    if engine == "deepspeed":
+        distributed.configure_deepspeed(cfg.micro_batch_size, cfg.max_grad_norm, cfg.lora)
 
     # 1. Seeding (python, numpy, torch) and CPU threads.
     random.seed(cfg.seed)
@@ -118,11 +145,27 @@ def train(
     total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
     scheduler = build_scheduler(optimizer, cfg.lr_scheduler, cfg.warmup_steps, total_steps)
 
+    # The engine: DDP and DeepSpeed wrap a module and act in its forward (DDP arms its gradient sync there),
+    # while a step may call into the model below its forward (the chunked LM head, KTO's second pass); so
+    # the model and the stage's step go in as one module, and the engine wraps the whole step.
+    stepper = _StepModule(model, step_fn)
+    if engine != "none":
+        stepper, optimizer = accelerator.prepare(stepper, optimizer)
+
     # Resume: weights, optimizer, scheduler, RNG and counters; the data position follows from the step.
     step, n_items_seen, n_nonfinite, elapsed_before = 0, 0.0, 0, 0.0
-    last_checkpoint = _resume_path(cfg.resume_from, run)
+    last_checkpoint = distributed.broadcast_from_main(_resume_path(cfg.resume_from, run))  # one decision
     if last_checkpoint is not None:
-        state = load_checkpoint(last_checkpoint, model, optimizer, scheduler)
+        written_by = checkpoint_engine(last_checkpoint)
+        if (written_by == "deepspeed") != (engine == "deepspeed"):
+            how = "under" if written_by == "deepspeed" else "without"
+            raise ConfigError(
+                f"resume_from: {last_checkpoint} was written {how} DeepSpeed; resume it the same way"
+            )
+        if engine == "deepspeed":  # each rank restores its slices
+            state = load_engine_checkpoint(last_checkpoint, accelerator, scheduler)
+        else:  # one file set, whatever the number of processes that wrote it
+            state = load_checkpoint(last_checkpoint, model, optimizer, scheduler)
         if (state["n_examples"], state["batch_size"]) != (n_examples, cfg.batch_size):
             raise ConfigError(
                 f"resume_from: {last_checkpoint} was written for {state['n_examples']} examples in batches of "
@@ -156,48 +199,74 @@ def train(
             "n_nonfinite_skipped": n_nonfinite,
             "elapsed_s": elapsed(),
         }
-        path = save_checkpoint(checkpoint_dir(run.checkpoints_dir, step), model, optimizer, scheduler, state)
-        prune_checkpoints(run.checkpoints_dir, cfg.keep_checkpoints)
+        path = checkpoint_dir(run.checkpoints_dir, step)
+        if engine == "deepspeed":  # every rank writes its slices of the weights and optimizer state
+            save_engine_checkpoint(path, accelerator, scheduler, state)
+        elif main:  # every rank holds the same full state: the main process writes it
+            save_checkpoint(path, model, optimizer, scheduler, state)
+        if main:
+            prune_checkpoints(run.checkpoints_dir, cfg.keep_checkpoints)
+        accelerator.wait_for_everyone()
         return str(path)
 
-    bar = tqdm(total=total_steps, initial=step, disable=not cfg.progress, desc="train", unit="step")
+    bar = tqdm(
+        total=total_steps, initial=step, disable=not cfg.progress or not main, desc="train", unit="step"
+    )
     try:
         with StopSignals() as signals:
             while step < total_steps:
-                # 3. Data: this step's slice of the epoch's seeded permutation, cut into micro-batches.
+                # 3. Data: this step's slice of the epoch's seeded permutation (the global batch, the same for
+                #    any number of processes), and this rank's micro-batches of it; stand-ins where it has none.
                 epoch, position = divmod(step, steps_per_epoch)
                 if epoch_order[0] != epoch:
                     epoch_order = (epoch, epoch_permutation(cfg.seed, epoch, n_examples))
                 indices = epoch_order[1][position * cfg.batch_size : (position + 1) * cfg.batch_size]
-                batch = [examples[i] for i in indices]
                 microbatches = [
-                    collate_fn(batch[i : i + cfg.micro_batch_size])
-                    for i in range(0, len(batch), cfg.micro_batch_size)
+                    collate_fn([examples[i] for i in share])
+                    if share
+                    else {**collate_fn([examples[indices[0]]]), "n_items": 0}
+                    for share in distributed.rank_microbatches(indices, cfg.micro_batch_size, rank, world)
                 ]
-                n_items = sum(float(mb["n_items"]) for mb in microbatches)
-                n_tokens = sum(float(mb.get("n_tokens", 0)) for mb in microbatches)
+                # The normaliser is the whole global batch's n_items, summed over the ranks.
+                n_items, n_tokens = distributed.all_reduce(
+                    [
+                        sum(float(mb["n_items"]) for mb in microbatches),
+                        sum(float(mb.get("n_tokens", 0)) for mb in microbatches if mb["n_items"]),
+                    ]
+                )
 
                 # 4. Forward/backward: every micro-batch's summed loss is divided by the n_items of the
-                #    whole batch, so accumulation equals one big batch (a mean of micro-batch means would not).
+                #    whole batch, so accumulation equals one big batch (a mean of micro-batch means would not),
+                #    and so do several ranks (a mean of per-rank means would not). Gradients are synced once,
+                #    in the last micro-step.
                 loss_sum = torch.zeros((), device=device)  # stays on the device: one sync per step
                 metric_sums: dict[str, float] = {}
-                for mb in microbatches:
-                    out = step_fn(model, _to_device(mb, device))
-                    (out.loss_sum / n_items).backward()
-                    loss_sum += out.loss_sum.detach().float()
+                for j, mb in enumerate(microbatches):
+                    stand_in = not mb["n_items"]
+                    with _sync_gradients(accelerator, stepper, last=j == len(microbatches) - 1):
+                        out = stepper(_to_device(mb, device))
+                        scaled = out.loss_sum / n_items
+                        if world > 1:  # the engine averages gradients over the ranks: undo it
+                            scaled = scaled * world
+                        accelerator.backward(scaled * 0.0 if stand_in else scaled)
+                    if not stand_in:
+                        loss_sum += out.loss_sum.detach().float()
                     for key, value in out.metrics.items():
-                        metric_sums[key] = metric_sums.get(key, 0.0) + float(value)
-                loss = loss_sum.item() / n_items if n_items else math.nan
+                        metric_sums[key] = metric_sums.get(key, 0.0) + (0.0 if stand_in else float(value))
+                loss_total, *metric_totals = distributed.all_reduce([loss_sum.item(), *metric_sums.values()])
+                metric_sums = dict(zip(metric_sums, metric_totals))
+                loss = loss_total / n_items if n_items else math.nan
 
                 # 5./6. Gradient norm before clipping (clipped in the same call); a non-finite loss or
-                #       gradient skips the update, and a streak of them ends the run.
+                #       gradient skips the update, and a streak of them ends the run. (Under DeepSpeed the
+                #       engine has already clipped and stepped at the end of step 4.)
                 max_norm = cfg.max_grad_norm if cfg.max_grad_norm is not None else math.inf
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+                grad_norm = float(accelerator.clip_grad_norm_(params, max_norm))
                 lr = optimizer.param_groups[0]["lr"]
                 if math.isfinite(loss) and math.isfinite(grad_norm):
                     optimizer.step()
                     consecutive_nonfinite = 0
-                    window.add(loss_sum.item(), n_items, n_tokens, metric_sums, grad_norm)
+                    window.add(loss_total, n_items, n_tokens, metric_sums, grad_norm)
                 else:
                     n_nonfinite += 1
                     consecutive_nonfinite += 1
@@ -244,12 +313,17 @@ def train(
                     run.log_metrics({"step": step, **last_eval})
 
                 # 9. Checkpoint every save_every steps, but not inside a non-finite streak (the last good
-                #    checkpoint is the one to return to); and on SIGINT/SIGTERM before raising.
+                #    checkpoint is the one to return to); and on SIGINT/SIGTERM before raising. The ranks
+                #    agree first: a signal or a stop request seen by any rank stops them all.
+                stop_flag, received = distributed.all_reduce(
+                    [float(stop_requested), float(signals.received or 0)], op="max"
+                )
+                stop_requested, received = bool(stop_flag), int(received)
                 periodic = cfg.save_every and step % cfg.save_every == 0 and not consecutive_nonfinite
-                if periodic or signals.received:
+                if periodic or received:
                     last_checkpoint, saved_step = save(), step
-                if signals.received:
-                    name = signal.Signals(signals.received).name
+                if received:
+                    name = signal.Signals(received).name
                     raise TrainingInterrupted(checkpoint=last_checkpoint, reason=f"interrupted by {name}")
                 if stop_requested:
                     break
@@ -272,6 +346,26 @@ def train(
         n_nonfinite_skipped=n_nonfinite,
         last_checkpoint=last_checkpoint,
     )
+
+
+class _StepModule(torch.nn.Module):
+    """The model and a stage's step as one module, for the engine to wrap (see "The engine" in ``train``)."""
+
+    def __init__(self, model: torch.nn.Module, step_fn: Callable[[torch.nn.Module, dict], StepOutput]):
+        super().__init__()
+        self.model = model
+        self.step_fn = step_fn
+
+    def forward(self, microbatch: dict) -> StepOutput:
+        return self.step_fn(self.model, microbatch)
+
+
+def _sync_gradients(accelerator, stepper: torch.nn.Module, last: bool):
+    """The context of one micro-step: gradients are reduced across ranks only in the last one of a step.
+    DDP skips its all-reduce inside ``no_sync``; DeepSpeed reads ``sync_gradients`` as the end of a step.
+    One process: nothing."""
+    accelerator.sync_gradients = last
+    return contextlib.nullcontext() if last else accelerator.no_sync(stepper)
 
 
 class _Window:

@@ -1,5 +1,8 @@
 """The run folder every training stage writes: config.yaml, metrics.jsonl, summary.json, checkpoints/,
 final/ and tensorboard/. ``RunDir`` creates it (or finds it again on resume) and appends the metrics.
+
+In a run launched in several processes, the main process picks the folder and is the only one that writes
+these files; on the others the writing methods do nothing.
 """
 
 from __future__ import annotations
@@ -14,7 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from alignkit.config import ConfigError
+from alignkit.config import ConfigError, save_config
+from alignkit.training import distributed
 from alignkit.training.checkpoint import latest_checkpoint
 
 
@@ -22,6 +26,7 @@ from alignkit.training.checkpoint import latest_checkpoint
 class RunDir:
     path: Path
     tensorboard: bool = True
+    writes: bool = True  # False on every process but the main one of a launched run
     _writer: Any = field(default=None, init=False, repr=False)
     # TensorBoard events at or after this step are dropped when the writer opens (set on resume).
     _purge_step: int | None = field(default=None, init=False, repr=False)
@@ -35,27 +40,40 @@ class RunDir:
         Resuming from ``<run>/checkpoints/step-N`` reuses ``<run>``. ``resume_from="latest"`` with a
         ``{time}`` template reuses the newest existing run folder matching it (or starts a new one when
         there is none). A fresh run refuses a folder that already holds metrics or checkpoints, so two
-        runs never interleave their logs.
+        runs never interleave their logs. In several processes the main process decides, for all of them.
         """
+        found, error = None, None
+        if distributed.is_main_process():
+            try:
+                found = str(cls._find_or_make(output_dir_template, stage, resume_from))
+            except ConfigError as e:
+                error = str(e)
+        found, error = distributed.broadcast_from_main((found, error))
+        if error is not None:
+            raise ConfigError(error)
+        return cls(Path(found), tensorboard, writes=distributed.is_main_process())
+
+    @staticmethod
+    def _find_or_make(output_dir_template: str, stage: str, resume_from: str | None) -> Path:
         if resume_from and resume_from != "latest":
             checkpoint = Path(resume_from)
             if checkpoint.parent.name == "checkpoints":
-                return cls(checkpoint.parent.parent, tensorboard)
+                return checkpoint.parent.parent
         template = output_dir_template.replace("{stage}", stage)
         if resume_from == "latest" and "{time}" in template:
             pattern = Path(template.replace("{time}", "*"))
             candidates = sorted(pattern.parent.glob(pattern.name)) if pattern.parent.is_dir() else []
             candidates = [c for c in candidates if latest_checkpoint(c / "checkpoints") is not None]
             if candidates:
-                return cls(candidates[-1], tensorboard)
-        run = cls(Path(template.replace("{time}", time.strftime("%Y%m%d-%H%M%S"))), tensorboard)
-        if not resume_from and (run.metrics_path.exists() or latest_checkpoint(run.checkpoints_dir)):
+                return candidates[-1]
+        path = Path(template.replace("{time}", time.strftime("%Y%m%d-%H%M%S")))
+        if not resume_from and ((path / "metrics.jsonl").exists() or latest_checkpoint(path / "checkpoints")):
             raise ConfigError(
-                f"output_dir: {run.path} already holds a run; pass resume_from=latest to continue it "
+                f"output_dir: {path} already holds a run; pass resume_from=latest to continue it "
                 "or choose another output_dir"
             )
-        run.path.mkdir(parents=True, exist_ok=True)
-        return run
+        path.mkdir(parents=True, exist_ok=True)
+        return path
 
     @property
     def config_path(self) -> Path:
@@ -81,8 +99,15 @@ class RunDir:
     def tensorboard_dir(self) -> Path:
         return self.path / "tensorboard"
 
+    def write_config(self, cfg: Any) -> None:
+        """config.yaml: the run's full configuration (``alignkit.config.save_config``)."""
+        if self.writes:
+            save_config(cfg, self.config_path)
+
     def log_metrics(self, row: dict) -> None:
         """Append one JSON object to metrics.jsonl (flushed at once) and its numbers to TensorBoard."""
+        if not self.writes:
+            return
         row = {k: _json_safe(v) for k, v in row.items()}
         with open(self.metrics_path, "a", encoding="utf-8") as f:
             f.write(json.dumps(row) + "\n")
@@ -96,6 +121,8 @@ class RunDir:
 
     def write_summary(self, summary: dict) -> None:
         """Write summary.json atomically: a reader sees the old file or the new one, never half of one."""
+        if not self.writes:
+            return
         tmp = self.summary_path.with_name(f"{self.summary_path.name}.tmp-{os.getpid()}")
         tmp.write_text(json.dumps({k: _json_safe(v) for k, v in summary.items()}, indent=2) + "\n")
         os.replace(tmp, self.summary_path)
@@ -103,7 +130,7 @@ class RunDir:
     def truncate_metrics_after(self, step: int) -> None:
         """Drop metrics rows logged after ``step`` (on resume, so each step appears exactly once)."""
         self._purge_step = step + 1
-        if not self.metrics_path.exists():
+        if not self.writes or not self.metrics_path.exists():
             return
         lines = self.metrics_path.read_text(encoding="utf-8").splitlines(keepends=True)
         # A run killed mid-write can leave a last line without its newline; it is dropped with the rest.

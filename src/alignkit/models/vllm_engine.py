@@ -1,0 +1,93 @@
+"""Sampling with vLLM (``generation_backend=vllm``: the optional extra ``pip install 'alignkit[vllm]'``, on a
+CUDA GPU). ``VLLMSampler`` returns the same ``Generation`` records as transformers' generate, and for PPO takes
+the policy's new weights between iterations. vllm itself is imported only when an engine is built.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from alignkit.models.generation import (
+    Generation,
+    SamplingConfig,
+    check_generation_backend,
+    eos_token_ids,
+    to_generation,
+)
+
+
+class WeightLoader:
+    """Added to vLLM's worker class (``worker_extension_cls``), so ``LLM.collective_rpc`` can run
+    ``load_policy_weights`` in the process that holds the engine's copy of the model, whichever worker class
+    the installed vLLM uses."""
+
+    def load_policy_weights(self, weights: list[tuple[str, torch.Tensor]]) -> None:
+        # A vLLM model's load_weights takes Hugging Face parameter names and maps them onto its own layout
+        # (fused qkv and gate/up projections, a tied head skipped).
+        self.model_runner.model.load_weights(weights=weights)
+
+
+class VLLMSampler:
+    """A vLLM engine on the model directory ``model_path``; called like a ``Sampler``."""
+
+    def __init__(
+        self,
+        model_path: str,
+        tokenizer,
+        dtype: torch.dtype,
+        gpu_memory_utilization: float,
+        seed: int,
+        trust_remote_code: bool = False,
+    ):
+        check_generation_backend("vllm")
+        from transformers import GenerationConfig
+        from vllm import LLM
+
+        self.tokenizer = tokenizer
+        self.llm = LLM(
+            model=model_path,
+            dtype=str(dtype).removeprefix("torch."),
+            seed=seed,
+            gpu_memory_utilization=gpu_memory_utilization,
+            trust_remote_code=trust_remote_code,
+            # build-prefs samples several responses per prompt: each prompt's KV cache is computed once.
+            enable_prefix_caching=True,
+            worker_extension_cls=f"{__name__}.WeightLoader",
+        )
+        has_generation_config = (Path(model_path) / "generation_config.json").is_file()
+        generation_config = GenerationConfig.from_pretrained(model_path) if has_generation_config else None
+        self.eos_ids = eos_token_ids(generation_config, tokenizer)
+
+    def __call__(self, prompt_ids: list[list[int]], sampling: SamplingConfig) -> list[Generation]:
+        from vllm import SamplingParams
+
+        greedy = sampling.temperature <= 0
+        params = [
+            SamplingParams(
+                n=1,
+                temperature=0.0 if greedy else sampling.temperature,
+                top_p=1.0 if greedy else sampling.top_p,
+                max_tokens=sampling.max_new_tokens,
+                # A seed per prompt, from the call's: a prompt repeated for several samples draws different
+                # responses, and a rerun (a resumed run) draws the same ones.
+                seed=int(np.random.SeedSequence([sampling.seed, i]).generate_state(1)[0]) & 0x7FFFFFFF,
+                stop_token_ids=self.eos_ids,
+            )
+            for i in range(len(prompt_ids))
+        ]
+        requests = [{"prompt_token_ids": list(ids)} for ids in prompt_ids]
+        outputs = self.llm.generate(requests, params, use_tqdm=False)  # in input order
+        return [
+            to_generation(ids, list(out.outputs[0].token_ids), self.eos_ids, self.tokenizer)
+            for ids, out in zip(prompt_ids, outputs)
+        ]
+
+    def update_weights(self, model: torch.nn.Module) -> None:
+        """Load ``model``'s current weights into the engine (a transformers model of the engine's architecture,
+        e.g. PPO's policy after an update). They travel through host memory, one copy per call: simple, and
+        slower than a GPU-to-GPU transfer for large models."""
+        weights = [(name, tensor.detach().to("cpu")) for name, tensor in model.state_dict().items()]
+        self.llm.collective_rpc("load_policy_weights", args=(weights,))

@@ -1,0 +1,179 @@
+"""Several processes training one model, on torch.distributed through Hugging Face Accelerate.
+
+`torchrun` or `accelerate launch` starts one process (a rank) per device; `accelerator()` joins them and reads
+the launcher's settings: data parallel (DDP) by default, DeepSpeed ZeRO when the accelerate config names it.
+What the ranks must agree on lives here: which rank writes the run folder, sums across ranks, each rank's share
+of a global batch, and the engine checks. In a plain single process every function is the identity.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+from collections.abc import Callable
+
+import torch
+
+from alignkit.config import ConfigError
+
+
+@functools.cache
+def accelerator():
+    """This process's Accelerator, made once (before any model is loaded): it starts the process group (gloo
+    on CPU, NCCL on GPUs) when a launcher started several processes, and holds the engine its config names.
+    A config alignkit cannot train under is refused here, before minutes of loading."""
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedType
+
+    # On a machine without GPUs Accelerate only forms a process group when told the devices are CPUs.
+    made = Accelerator(cpu=not torch.cuda.is_available())
+    if made.distributed_type == DistributedType.FSDP:
+        raise ConfigError(
+            "the accelerate config asks for FSDP, which alignkit does not run: FSDP gathers a model's weights "
+            "in the forward of the module it wraps, while alignkit's log-prob passes read the LM head's weight "
+            "directly and its reference and evaluation passes run outside the training step. For sharded "
+            "training use DeepSpeed ZeRO-3 (configs/accelerate/zero3.yaml); for data parallel, "
+            "configs/accelerate/multi_gpu.yaml"
+        )
+    if made.distributed_type == DistributedType.DEEPSPEED and made.state.deepspeed_plugin.zero3_init_flag:
+        raise ConfigError(
+            "the DeepSpeed config sets zero3_init_flag: true, which splits the weights while the model loads; "
+            "alignkit runs its reference pass on the whole model before training, so set zero3_init_flag: "
+            "false (configs/accelerate/zero3.yaml does)"
+        )
+    return made
+
+
+def world_size() -> int:
+    return accelerator().num_processes
+
+
+def is_main_process() -> bool:
+    """The one process that writes the run folder, checkpoints and final model (rank 0)."""
+    return accelerator().is_main_process
+
+
+def barrier() -> None:
+    """Wait until every rank gets here (after the main process wrote something the others will read)."""
+    accelerator().wait_for_everyone()
+
+
+def all_reduce(values: list[float], op: str = "sum") -> list[float]:
+    """``values`` summed (op="sum") or maximised (op="max") elementwise over the ranks; every rank must call
+    with the same number of values. One process: ``values`` unchanged."""
+    if world_size() == 1:
+        return values
+    import torch.distributed as dist
+
+    # float64: counts and sums of a global batch stay exact far beyond any batch size.
+    tensor = torch.tensor(values, dtype=torch.float64, device=accelerator().device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
+    return tensor.tolist()
+
+
+def broadcast_from_main(value):
+    """The main process's ``value`` (any picklable object), on every rank."""
+    if world_size() == 1:
+        return value
+    import torch.distributed as dist
+
+    box = [value if is_main_process() else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def rank_microbatches(
+    indices: list[int], micro_batch_size: int, rank: int, world_size: int
+) -> list[list[int]]:
+    """This rank's micro-batches (example indices) of one global batch ``indices``.
+
+    The batch is cut into micro-steps of micro_batch_size * world_size examples, and each micro-step into
+    world_size contiguous shares, as even as possible, one per rank. Every rank thus runs the same number of
+    micro-steps (the engine's collectives and KTO's z0 pair them up), and one process gets the plain
+    micro-batches of micro_batch_size. A share is empty only when a micro-step holds fewer examples than there
+    are ranks (the end of a batch); the loop runs a stand-in there (see ``alignkit.training.loop.train``).
+    """
+    span = micro_batch_size * world_size
+    shares = []
+    for start in range(0, len(indices), span):
+        step = indices[start : start + span]
+        base, extra = divmod(len(step), world_size)
+        first = rank * base + min(rank, extra)
+        shares.append(step[first : first + base + (rank < extra)])
+    return shares
+
+
+def engine() -> str:
+    """The training engine the launcher chose: "none" (one process), "ddp" or "deepspeed"."""
+    from accelerate.utils import DistributedType
+
+    kind = accelerator().distributed_type
+    if kind == DistributedType.DEEPSPEED:
+        return "deepspeed"
+    return "none" if kind == DistributedType.NO else "ddp"
+
+
+def zero_stage() -> int:
+    """DeepSpeed's ZeRO stage (3: every weight is split across the ranks); 0 without DeepSpeed."""
+    plugin = accelerator().state.deepspeed_plugin
+    return int(plugin.zero_stage) if engine() == "deepspeed" and plugin is not None else 0
+
+
+def configure_deepspeed(micro_batch_size: int, max_grad_norm: float | None, lora: bool) -> None:
+    """Fill the DeepSpeed config's "auto" values from the training config, and refuse values that would
+    change alignkit's semantics: the loop marks the end of each global batch itself (so DeepSpeed's own
+    gradient accumulation must be 1), and DeepSpeed clips where the loop would (so at max_grad_norm)."""
+    ds = accelerator().state.deepspeed_plugin.deepspeed_config
+    needed = {
+        "gradient_accumulation_steps": (1, "the loop accumulates each global batch itself"),
+        # DeepSpeed reads 0 as no clipping.
+        "gradient_clipping": (max_grad_norm if max_grad_norm is not None else 0.0, "the run's max_grad_norm"),
+    }
+    for key, (value, why) in needed.items():
+        if ds.get(key, "auto") == "auto":
+            ds[key] = value
+        elif float(ds[key]) != float(value):
+            raise ConfigError(
+                f"the DeepSpeed config sets {key}={ds[key]}, but alignkit needs {value} ({why}); "
+                "leave it out of the DeepSpeed config or set it to 'auto'"
+            )
+    if ds.get("train_micro_batch_size_per_gpu", "auto") == "auto":
+        ds["train_micro_batch_size_per_gpu"] = micro_batch_size  # DeepSpeed's bookkeeping; batches may vary
+    if lora and zero_stage() == 3:
+        raise ConfigError(
+            "lora=true under DeepSpeed ZeRO-3 is not supported: LoRA trains few weights and runs data parallel "
+            "(configs/accelerate/multi_gpu.yaml), while ZeRO-3 is for full fine-tuning"
+        )
+
+
+@contextlib.contextmanager
+def full_weights(model: torch.nn.Module):
+    """Inside, every rank holds all of ``model``'s weights: under ZeRO-3 each rank otherwise holds a slice of
+    each (every rank must enter). Elsewhere a rank always holds them all."""
+    if zero_stage() == 3:
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(model.parameters())):
+            yield
+    else:
+        yield
+
+
+def save_from_main(model: torch.nn.Module, save: Callable[[], object]) -> None:
+    """``save()`` (writing the final model) on the main process, with all of ``model``'s weights in place
+    (``full_weights``); the other ranks wait until it is written. One process: just ``save()``."""
+    with full_weights(model):
+        if is_main_process():
+            save()
+    barrier()
+
+
+def require_one_process(stage: str) -> None:
+    """Refuse to run ``stage`` in several processes: it would write its outputs once per rank."""
+    n = int(os.environ.get("WORLD_SIZE", "1"))
+    if n > 1:
+        raise ConfigError(
+            f"{stage} runs in one process, but it was launched in {n} (WORLD_SIZE={n}); run it with plain "
+            f"`alignkit {stage} ...`. The training stages sft, rm, dpo, ipo, orpo and kto run data parallel."
+        )

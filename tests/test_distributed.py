@@ -1,0 +1,270 @@
+"""Data parallel training: 2 CPU processes (torchrun, gloo) against 1 process on the same global batch.
+
+Each launched test runs a real `alignkit <stage>` in 2 processes and the same command in this process, on a
+tiny model, and compares the final weights. Tolerance: atol 1e-6 after one step, 1e-5 after three (KTO), rtol
+0. A step moves the weights by ~learning_rate (1e-3 to 5e-3: Adam's first steps are nearly lr * sign(g)), so
+the tolerance is >= 100x smaller than a step; what remains is float32 summation order (gradients summed over
+ranks, batches padded to other widths), measured at 4e-9 (SFT) and 9e-9 (DPO) after one step, 2.4e-8 after
+the 3-step resume and 1.5e-6 after three KTO steps at lr 5e-3. The data give uneven shares (batch_size 5
+over 2 ranks with micro-batches of 2: one rank gets 3 examples and a stand-in, the other 2), so normalising
+per rank (a mean of per-rank means) would give other gradients.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import alignkit
+from alignkit.cli import main
+from alignkit.config import ConfigError, load_config
+from alignkit.models.generation import check_generation_backend
+from alignkit.stages import build_prefs, cai_revise, ppo
+from alignkit.training.distributed import rank_microbatches
+
+SRC = Path(alignkit.__file__).resolve().parents[1]
+
+SFT_ROWS = [  # completions of very different lengths, so the token normaliser matters
+    {"prompt": "what is the capital of france?", "completion": "paris."},
+    {
+        "prompt": "please write a short poem",
+        "completion": "the sea and the sky and the quick brown fox jumps.",
+    },
+    {"prompt": "the quick brown fox", "completion": "jumps."},
+    {"prompt": "i need help", "completion": "here is a helpful and harmless answer to your question"},
+    {"prompt": "hello", "completion": "i am sorry, but i cannot help with that request."},
+    {"prompt": "user", "completion": "0 1 2 3 4 5 6 7 8 9"},
+    {"prompt": "assistant system human", "completion": "?"},
+]
+PAIRS = [
+    {"prompt": "what is the capital of france?", "chosen": "paris.", "rejected": "i cannot help."},
+    {"prompt": "please write a short poem", "chosen": "the sea and the sky.", "rejected": "no."},
+    {"prompt": "the quick brown fox", "chosen": "jumps over the lazy dog.", "rejected": "0 1 2 3"},
+    {"prompt": "i need help", "chosen": "here is a helpful answer.", "rejected": "i am sorry."},
+    {"prompt": "hello", "chosen": "the capital of france is paris.", "rejected": "!"},
+    {"prompt": "user", "chosen": "here is a short poem about the sea", "rejected": "0"},
+]
+UNPAIRED = [
+    {"prompt": "what is the capital of france?", "completion": "paris.", "label": True},
+    {"prompt": "please write a short poem", "completion": "the sea and the sky.", "label": True},
+    {"prompt": "the quick brown fox", "completion": "jumps over the lazy dog.", "label": True},
+    {"prompt": "i need help", "completion": "here is a helpful answer.", "label": True},
+    {"prompt": "i need help", "completion": "i cannot help.", "label": False},
+    {"prompt": "the quick brown fox", "completion": "0 1 2 3", "label": False},
+    {"prompt": "hello", "completion": "i am sorry, but i cannot help with that request.", "label": False},
+    {"prompt": "please write a short poem", "completion": "no.", "label": False},
+]
+
+
+def _write(tmp_path: Path, name: str, rows: list[dict]) -> Path:
+    path = tmp_path / name
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _launch(stage: str, args: list[str], nproc: int = 2) -> None:
+    """`alignkit <stage> args` in ``nproc`` CPU processes under torchrun (gloo), one torch thread each."""
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": os.pathsep.join(p for p in (str(SRC), os.environ.get("PYTHONPATH")) if p),
+    }
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc)]
+    command += ["--master_port", str(_free_port()), "-m", "alignkit", stage, *args, "num_threads=1"]
+    proc = subprocess.Popen(
+        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
+    try:
+        output, _ = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # torchrun and its workers
+        output, _ = proc.communicate()
+        pytest.fail(f"{nproc}-process {stage} timed out:\n{output[-4000:]}")
+    assert proc.returncode == 0, output[-4000:]
+
+
+def _common(model: Path, data: Path, out: Path) -> list[str]:
+    return [
+        f"model={model}",
+        f"train_data={data}",
+        f"output_dir={out}",
+        "lr_scheduler=constant",
+        "progress=false",
+        "tensorboard=false",
+    ]
+
+
+def _weights(run: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(run / "final" / "model.safetensors"))
+
+
+def _rows(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def _assert_same_weights(two: Path, one: Path, start_dir: Path, atol: float = 1e-6) -> None:
+    a, b = _weights(two), _weights(one)
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], atol=atol, rtol=0, msg=name)
+    # The comparison means something: training moved the weights by far more than the tolerance.
+    start = load_file(str(start_dir / "model.safetensors"))
+    assert max((b[k] - start[k]).abs().max().item() for k in b) > 100 * atol
+
+
+# --- launched: 2 processes against 1 ----------------------------------------------------------------------
+
+
+def test_sft_step_in_two_processes_equals_one(tiny_model_dir, tmp_path):
+    """One SFT step on a global batch of 5 (micro-batches of 2): the completion-token NLL summed by both
+    ranks, divided by the whole batch's completion tokens, gives one process's weights, loss and gradient
+    norm; the main process alone writes the run folder (each step once in metrics.jsonl)."""
+    data = _write(tmp_path, "sft.jsonl", SFT_ROWS)
+    args = [
+        "batch_size=5",
+        "micro_batch_size=2",
+        "max_steps=1",
+        "learning_rate=1e-3",
+        "measure_train_loss=false",
+    ]
+    _launch("sft", [*_common(tiny_model_dir, data, tmp_path / "two"), *args])
+    assert main(["sft", *_common(tiny_model_dir, data, tmp_path / "one"), *args]) == 0
+
+    _assert_same_weights(tmp_path / "two", tmp_path / "one", tiny_model_dir)
+    (two,), (one,) = _rows(tmp_path / "two"), _rows(tmp_path / "one")
+    assert two["loss"] == pytest.approx(one["loss"], rel=1e-6)
+    assert two["grad_norm"] == pytest.approx(one["grad_norm"], rel=1e-5)
+    assert json.loads((tmp_path / "two" / "summary.json").read_text())["steps"] == 1
+
+
+def test_dpo_step_in_two_processes_equals_one(tiny_model_dir, tmp_path):
+    """One DPO step (reference log-probs precomputed by each rank) on a global batch of 5 pairs: the same
+    weights as one process. The loss is ln 2 in both (policy = reference before the update)."""
+    data = _write(tmp_path, "pairs.jsonl", PAIRS)
+    args = ["batch_size=5", "micro_batch_size=2", "max_steps=1", "learning_rate=1e-3"]
+    _launch("dpo", [*_common(tiny_model_dir, data, tmp_path / "two"), *args])
+    assert main(["dpo", *_common(tiny_model_dir, data, tmp_path / "one"), *args]) == 0
+
+    _assert_same_weights(tmp_path / "two", tmp_path / "one", tiny_model_dir)
+    (two,), (one,) = _rows(tmp_path / "two"), _rows(tmp_path / "one")
+    assert two["loss"] == pytest.approx(one["loss"], rel=1e-6)
+    assert two["rewards/accuracy"] == one["rewards/accuracy"]
+
+
+def test_kto_reference_point_is_gathered_across_processes(tiny_model_dir, tmp_path):
+    """KTO's z0 is a mean over a micro-step's mismatched pairs. With 2 ranks of micro-batches of 2 each
+    micro-step holds 4 examples, the micro-batch of 4 of one process: summing the KL log-ratios and their count
+    over the ranks gives that process's z0, hence its weights, losses and kl over 3 steps (8 examples per
+    step), to 1.5e-6. Each rank's own z0 (one process with micro-batches of 2) lands 4e-3 away. z0 leaves 0
+    after the first update, so the gathered path is used."""
+    data = _write(tmp_path, "unpaired.jsonl", UNPAIRED)
+    args = ["batch_size=8", "max_steps=3", "learning_rate=5e-3"]
+    _launch("kto", [*_common(tiny_model_dir, data, tmp_path / "two"), *args, "micro_batch_size=2"])
+    assert main(["kto", *_common(tiny_model_dir, data, tmp_path / "one"), *args, "micro_batch_size=4"]) == 0
+
+    _assert_same_weights(tmp_path / "two", tmp_path / "one", tiny_model_dir, atol=1e-5)
+    two, one = _rows(tmp_path / "two"), _rows(tmp_path / "one")
+    assert [r["loss"] for r in two] == pytest.approx([r["loss"] for r in one], rel=1e-5)
+    assert [r["kl"] for r in two] == pytest.approx([r["kl"] for r in one], rel=1e-4, abs=1e-7)
+    assert max(r["kl"] for r in one) > 1e-4
+
+
+def test_checkpoint_of_two_processes_resumes_in_one(tiny_model_dir, tmp_path):
+    """2 processes train SFT for 2 steps (one epoch of 5 examples in batches of 3; the end-of-run checkpoint
+    at step 2); one process resumes that folder to step 3. The result equals 3 uninterrupted steps in one
+    process, and every step is logged once. The checkpoint holds nothing per process: weights, AdamW state,
+    schedule, RNG and the global step."""
+    data = _write(tmp_path, "sft.jsonl", SFT_ROWS[:5])
+    args = ["batch_size=3", "micro_batch_size=1", "learning_rate=1e-3", "measure_train_loss=false"]
+    _launch("sft", [*_common(tiny_model_dir, data, tmp_path / "resumed"), *args, "max_steps=2"])
+    assert (tmp_path / "resumed" / "checkpoints" / "step-000002" / "COMPLETE").is_file()
+    resumed = [
+        *_common(tiny_model_dir, data, tmp_path / "resumed"),
+        *args,
+        "max_steps=3",
+        "resume_from=latest",
+    ]
+    assert main(["sft", *resumed]) == 0
+    assert main(["sft", *_common(tiny_model_dir, data, tmp_path / "straight"), *args, "max_steps=3"]) == 0
+
+    _assert_same_weights(tmp_path / "resumed", tmp_path / "straight", tiny_model_dir)
+    resumed_rows, straight_rows = _rows(tmp_path / "resumed"), _rows(tmp_path / "straight")
+    assert [r["step"] for r in resumed_rows] == [1, 2, 3]
+    assert [r["loss"] for r in resumed_rows] == pytest.approx([r["loss"] for r in straight_rows], rel=1e-5)
+
+
+# --- in process ---------------------------------------------------------------------------------------
+
+
+def test_rank_microbatches_split_each_micro_step_across_ranks():
+    """7 examples, micro-batches of 2, 2 ranks: micro-steps of 4 then 3 examples, each split in contiguous
+    shares (the first rank takes the odd one). 3 ranks, micro-batches of 1, 5 examples: the last micro-step
+    has 2 examples for 3 ranks, so the third rank's share is empty (the loop runs a stand-in). Every example
+    is in exactly one share, every rank has as many micro-steps, and 1 rank gets the plain micro-batches."""
+    indices = [10, 11, 12, 13, 14, 15, 16]
+    assert rank_microbatches(indices, 2, rank=0, world_size=2) == [[10, 11], [14, 15]]
+    assert rank_microbatches(indices, 2, rank=1, world_size=2) == [[12, 13], [16]]
+    assert [rank_microbatches(indices[:5], 1, r, 3) for r in range(3)] == [
+        [[10], [13]],
+        [[11], [14]],
+        [[12], []],
+    ]
+    assert rank_microbatches(indices, 2, rank=0, world_size=1) == [[10, 11], [12, 13], [14, 15], [16]]
+    for world in (1, 2, 3, 4):
+        shares = [rank_microbatches(indices, 3, r, world) for r in range(world)]
+        assert len({len(s) for s in shares}) == 1
+        assert sorted(i for s in shares for mb in s for i in mb) == indices
+
+
+def test_stages_that_write_once_refuse_several_processes(monkeypatch):
+    """PPO (its own loop) and the generating stages would write their outputs once per rank: refused, naming
+    the number of processes, before anything is loaded."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    cfg = load_config(ppo.PPOConfig, None, ["reward=alignkit.rewards:politeness"])
+    with pytest.raises(ConfigError, match="ppo runs in one process, but it was launched in 2"):
+        ppo.run(cfg)
+
+
+def test_hf_is_the_default_generation_backend():
+    for cls, required in (
+        (ppo.PPOConfig, ["reward=alignkit.rewards:politeness"]),
+        (build_prefs.BuildPrefsConfig, ["output=x.jsonl"]),
+        (cai_revise.CAIReviseConfig, ["prompts=p.jsonl", "output=x.jsonl"]),
+    ):
+        assert load_config(cls, None, required).generation_backend == "hf"
+
+
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="vllm is installed here")
+def test_vllm_backend_without_vllm_is_a_config_error_naming_the_field(tmp_path):
+    """Asked for where vllm is not installed, generation_backend=vllm stops before any model loads, naming
+    the field and the install command; ppo and build-prefs check it first."""
+    with pytest.raises(
+        ConfigError, match=r"generation_backend=vllm needs the vllm package.*alignkit\[vllm\]"
+    ):
+        check_generation_backend("vllm")
+    check_generation_backend("hf")
+    cfg = load_config(ppo.PPOConfig, None, ["reward=alignkit.rewards:politeness", "generation_backend=vllm"])
+    with pytest.raises(ConfigError, match="generation_backend=vllm"):
+        ppo.run(cfg)
+    cfg = load_config(
+        build_prefs.BuildPrefsConfig, None, [f"output={tmp_path / 'p.jsonl'}", "generation_backend=vllm"]
+    )
+    with pytest.raises(ConfigError, match="generation_backend=vllm"):
+        build_prefs.run(cfg)
+    assert not (tmp_path / "p.jsonl").exists()
