@@ -51,6 +51,9 @@ class RMConfig(TrainConfig):
     micro_batch_size: int = doc_field(2, "Pairs per forward/backward pass (2x as many sequences).")
     max_length: int = doc_field(512, "Longest prompt+response in tokens; longer pairs are truncated.")
     eval_batch_size: int = doc_field(8, "Pairs per forward pass when evaluating.")
+    eval_before: bool = doc_field(
+        True, "Also measure the held-out pairs before training (the untrained head's accuracy, near 0.5)."
+    )
     train_eval_pairs: int = doc_field(
         256, "Held-in pairs (the first N training pairs) measured before and after training; 0 skips."
     )
@@ -207,7 +210,9 @@ def run(cfg: RMConfig) -> dict:
 
     fresh = not cfg.resume_from
     train_before = evaluate(cfg, model, held_in, pad_id)[0] if held_in and fresh else None
-    eval_before = evaluate(cfg, model, eval_examples, pad_id)[0] if eval_examples and fresh else None
+    eval_before = (
+        evaluate(cfg, model, eval_examples, pad_id)[0] if eval_examples and fresh and cfg.eval_before else None
+    )
 
     # The loop evaluates every eval_every steps and at the end; the last outcomes feed the summary.
     last_eval: dict = {}
