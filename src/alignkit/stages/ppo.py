@@ -119,7 +119,9 @@ class PPOConfig(GenerationBackendConfig, TrainConfig):
         "Sampling temperature (> 0); log-probs of policy and reference are taken at the same temperature.",
     )
     generation_batch_size: int = doc_field(
-        16, "Prompts per batched generate() call (generation_backend=hf; vLLM batches by itself)."
+        16,
+        "Prompts per batched generate() call (generation_backend=hf; vLLM batches by itself). In N processes "
+        "each samples every N-th batch: at most prompts_per_iteration / N keeps them all sampling.",
     )
     max_prompt_length: int | None = doc_field(256, "Longest prompt in tokens (its end is kept).")
     # --- reward shaping ---
@@ -364,6 +366,16 @@ def rollout_passes(cfg: PPOConfig, policy, reference, value_model, batch: dict) 
         ref_logps, _ = policy_outputs(reference, batch, cfg.logprob_chunk_size, cfg.temperature)
     values = response_values(value_model, batch)  # (B, R)
     return {"logps": logps, "ref_logps": ref_logps, "entropy": entropy, "values": values}
+
+
+def shared_rollout_passes(cfg: PPOConfig, policy, reference, value_model, batch: dict, rank: int, world: int):
+    """``rollout_passes`` over the whole ``batch``, each of ``world`` processes running a contiguous share of
+    its rows and gathering the others' (one process: all of them)."""
+    counts = [len(distributed.rank_share(range(len(batch["mask"])), r, world)) for r in range(world)]
+    first = sum(counts[:rank])
+    share = {k: v[first : first + counts[rank]] for k, v in batch.items()}
+    passes = rollout_passes(cfg, policy, reference, value_model, share)
+    return {k: distributed.gather_rows(v, counts) for k, v in passes.items()}
 
 
 @torch.no_grad()
@@ -705,30 +717,20 @@ def run(cfg: PPOConfig, monitors: MonitorSet | None = None) -> dict:
                     mine = generate_share(
                         policy, tokenizer, [prompt_ids[i] for i in idx], sampling, batch_size, rank, world
                     )
+                # 2. Score each response with the reward (each process its own samples), then gather every
+                #    process's samples and scores: every process holds the whole batch from here on.
                 mine = dict(sorted(mine.items()))  # by position in the iteration's prompts
-                # 2. Score each response with the reward (each process its own), then gather every process's
-                #    samples and scores in prompt order: every process holds the whole batch from here on.
-                texts = [g.text for g in mine.values()]
-                my_scores = scorer.score([prompts[idx[k]] for k in mine], texts) if mine else []
-                gathered = sorted(
-                    row
-                    for share in distributed.all_gather_objects(list(zip(mine, mine.values(), my_scores)))
-                    for row in share
-                )
-                generations, texts = [g for _, g, _ in gathered], [g.text for _, g, _ in gathered]
-                scores = torch.tensor([score for _, _, score in gathered], dtype=torch.float32)
+                my_texts = [g.text for g in mine.values()]  # none where a process got no generation batch
+                my_scores = scorer.score([prompts[idx[k]] for k in mine], my_texts) if mine else []
+                gathered = distributed.gather_dicts(dict(zip(mine, zip(mine.values(), my_scores))))
+                generations, texts = [g for g, _ in gathered.values()], [g.text for g, _ in gathered.values()]
+                scores = torch.tensor([score for _, score in gathered.values()], dtype=torch.float32)
                 finished = torch.tensor([g.finished for g in generations])
-                # 3.-4. The forward passes (policy, reference and value model) over each process's share of
-                #    the samples, gathered; then per-token rewards (score - beta KL), GAE advantages and
-                #    returns, and whitening, over the whole batch in every process.
+                # 3.-4. The forward passes (policy, reference and value model; each process its share of the
+                #    samples, gathered), then per-token rewards (score - beta KL), GAE advantages and returns,
+                #    and whitening, over the whole batch in every process.
                 batch = collate_samples(generations, tokenizer.pad_token_id, device)
-                rows = distributed.rank_share(range(len(generations)), rank, world)
-                counts = [
-                    len(distributed.rank_share(range(len(generations)), r, world)) for r in range(world)
-                ]
-                share = {k: v[rows.start : rows.stop] for k, v in batch.items()}
-                passes = rollout_passes(cfg, policy, reference, value_model, share)
-                passes = {k: distributed.gather_rows(v, counts) for k, v in passes.items()}
+                passes = shared_rollout_passes(cfg, policy, reference, value_model, batch, rank, world)
                 beta = kl_controller.beta
                 rollout, rollout_stats = make_rollout(
                     cfg, batch, passes, scores.to(device), finished.to(device), beta

@@ -95,6 +95,13 @@ def all_gather_objects(value) -> list:
     return gathered
 
 
+def gather_dicts(share: dict) -> dict:
+    """The union of every rank's ``share`` (their keys disjoint), sorted by key, on every rank."""
+    return dict(
+        sorted(((k, v) for one in all_gather_objects(share) for k, v in one.items()), key=lambda kv: kv[0])
+    )
+
+
 def gather_rows(rows: torch.Tensor, counts: list[int]) -> torch.Tensor:
     """Every rank's ``rows`` (n_r, ...) concatenated in rank order, on every rank; ``counts`` holds each rank's
     n_r (all ranks' rows have the same trailing shape). One process: ``rows``."""
