@@ -8,6 +8,13 @@ ranks, batches padded to other widths), measured at 4e-9 (SFT) and 9e-9 (DPO) af
 the 3-step resume and 1.5e-6 after three KTO steps at lr 5e-3. The data give uneven shares (batch_size 5
 over 2 ranks with micro-batches of 2: one rank gets 3 examples and a stand-in, the other 2), so normalising
 per rank (a mean of per-rank means) would give other gradients.
+
+PPO (its own loop) is checked the same way over 2 iterations of 2 PPO epochs (8 optimizer steps at lr 3e-3,
+which move the weights by 2.3e-2 (full fine-tuning) and 8.8e-2 (LoRA, merged)): the samples are identical and
+the weights agree to atol 1e-5, measured 4.5e-8 (LoRA) and 1.8e-7 (full; 1e-2 would leave 4.4e-6, Adam
+magnifying the rounding of near-zero gradients). Its minibatches of 3 rows over 2 ranks give shares of 2 and 1
+rows (the second micro-step of rank 1 is a stand-in), so a mean of per-rank token means weights rank 1's row
+twice: that (DDP's plain averaging of per-rank losses) lands 3e-2 away and changes iteration 2's samples.
 """
 
 from __future__ import annotations
@@ -28,9 +35,15 @@ from safetensors.torch import load_file
 import alignkit
 from alignkit.cli import main
 from alignkit.config import ConfigError, load_config
-from alignkit.models.generation import check_generation_backend
+from alignkit.models.generation import (
+    SamplingConfig,
+    check_generation_backend,
+    generate,
+    generate_share,
+)
+from alignkit.models.loading import load_model
 from alignkit.stages import build_prefs, cai_revise, ppo
-from alignkit.training.distributed import rank_microbatches
+from alignkit.training.distributed import rank_microbatches, rank_share
 
 SRC = Path(alignkit.__file__).resolve().parents[1]
 
@@ -53,6 +66,13 @@ PAIRS = [
     {"prompt": "i need help", "chosen": "here is a helpful answer.", "rejected": "i am sorry."},
     {"prompt": "hello", "chosen": "the capital of france is paris.", "rejected": "!"},
     {"prompt": "user", "chosen": "here is a short poem about the sea", "rejected": "0"},
+]
+PROMPTS = [
+    {"prompt": "what is the capital of france?"},
+    {"prompt": "please write a short poem"},
+    {"prompt": "the quick brown fox"},
+    {"prompt": "i need help"},
+    {"prompt": "hello"},
 ]
 UNPAIRED = [
     {"prompt": "what is the capital of france?", "completion": "paris.", "label": True},
@@ -209,6 +229,80 @@ def test_checkpoint_of_two_processes_resumes_in_one(tiny_model_dir, tmp_path):
     assert [r["loss"] for r in resumed_rows] == pytest.approx([r["loss"] for r in straight_rows], rel=1e-5)
 
 
+def _ppo_args(model: Path, prompts: Path, out: Path, *extra: str) -> list[str]:
+    """5 prompts per iteration, generated in batches of 2 (rank 0 samples batches 0 and 2, rank 1 batch 1),
+    minibatches of 3 and 2 rows in micro-batches of 1; whitened rewards and a beta that moves, so every global
+    statistic is used."""
+    return [
+        *_common(model, prompts, out),
+        "reward=alignkit.rewards:length",
+        "prompts_per_iteration=5",
+        "generation_batch_size=2",
+        "minibatch_size=3",
+        "micro_batch_size=1",
+        "max_new_tokens=6",
+        "learning_rate=3e-3",
+        "whiten_rewards=true",
+        "kl_target=0.01",
+        "kl_horizon=4",
+        *extra,
+    ]
+
+
+def _samples(run: Path) -> str:
+    return (run / "samples.jsonl").read_text()
+
+
+PPO_LOGGED = ("score/mean", "kl", "beta", "policy_loss", "value_loss", "explained_variance", "grad_norm")
+
+
+def test_ppo_in_two_processes_equals_one(tiny_model_dir, tmp_path):
+    """Two PPO iterations with LoRA (policy and value adapters on one base, both trained through one DDP
+    module) in 2 processes and in 1: the same samples (each generation batch is sampled by one rank from its own
+    seed), the same whitened advantages and beta (every rank holds the gathered batch) and, with each rank's
+    loss divided by the whole minibatch's tokens, the same policy, value adapter and head (atol 1e-5; see the
+    module docstring) and logged numbers. The main process alone writes: each iteration once."""
+    data = _write(tmp_path, "prompts.jsonl", PROMPTS)
+    args = ["iterations=2", "lora=true", "lora_r=4"]
+    _launch("ppo", _ppo_args(tiny_model_dir, data, tmp_path / "two", *args))
+    assert main(["ppo", *_ppo_args(tiny_model_dir, data, tmp_path / "one", *args)]) == 0
+
+    assert _samples(tmp_path / "two") == _samples(tmp_path / "one")
+    _assert_same_weights(tmp_path / "two", tmp_path / "one", tiny_model_dir, atol=1e-5)
+    checkpoint = Path("checkpoints", "step-000002", "weights.safetensors")
+    a, b = load_file(str(tmp_path / "two" / checkpoint)), load_file(str(tmp_path / "one" / checkpoint))
+    assert a.keys() == b.keys() and "value.head.weight" in a and any(".value." in k for k in a)
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], atol=1e-5, rtol=0, msg=name)
+    two, one = _rows(tmp_path / "two"), _rows(tmp_path / "one")
+    assert [r["step"] for r in two] == [1, 2]
+    for key in PPO_LOGGED:
+        assert [r[key] for r in two] == pytest.approx([r[key] for r in one], rel=1e-4, abs=1e-6), key
+    assert two[1]["beta"] != two[0]["beta"] and two[1]["kl"] > 1e-3
+
+
+def test_ppo_checkpoint_of_two_processes_resumes_in_one(tiny_model_dir, tmp_path):
+    """Full fine-tuning (separate reference and value copies): 2 processes run iteration 1 and checkpoint;
+    1 process resumes the folder for iteration 2. Samples, weights (atol 1e-5) and logs equal 2 uninterrupted
+    iterations in 1 process: the checkpoint (policy, value model, AdamW, schedule, KL controller, iteration)
+    holds nothing per process."""
+    data = _write(tmp_path, "prompts.jsonl", PROMPTS)
+    _launch("ppo", _ppo_args(tiny_model_dir, data, tmp_path / "resumed", "iterations=1"))
+    assert (tmp_path / "resumed" / "checkpoints" / "step-000001" / "COMPLETE").is_file()
+    resumed = _ppo_args(tiny_model_dir, data, tmp_path / "resumed", "iterations=2", "resume_from=latest")
+    assert main(["ppo", *resumed]) == 0
+    assert main(["ppo", *_ppo_args(tiny_model_dir, data, tmp_path / "straight", "iterations=2")]) == 0
+
+    assert _samples(tmp_path / "resumed") == _samples(tmp_path / "straight")
+    _assert_same_weights(tmp_path / "resumed", tmp_path / "straight", tiny_model_dir, atol=1e-5)
+    resumed_rows, straight_rows = _rows(tmp_path / "resumed"), _rows(tmp_path / "straight")
+    assert [r["step"] for r in resumed_rows] == [1, 2]
+    for key in PPO_LOGGED:
+        assert [r[key] for r in resumed_rows] == pytest.approx(
+            [r[key] for r in straight_rows], rel=1e-4, abs=1e-6
+        ), key
+
+
 # --- in process ---------------------------------------------------------------------------------------
 
 
@@ -232,13 +326,29 @@ def test_rank_microbatches_split_each_micro_step_across_ranks():
         assert sorted(i for s in shares for mb in s for i in mb) == indices
 
 
-def test_stages_that_write_once_refuse_several_processes(monkeypatch):
-    """PPO (its own loop) and the generating stages would write their outputs once per rank: refused, naming
-    the number of processes, before anything is loaded."""
+def test_generation_split_by_batches_is_the_one_process_generation(tiny_model_dir, tiny_tokenizer):
+    """7 prompts of different lengths in generation batches of 2: the shares of 1, 2 and 3 processes (every
+    world-th batch from the rank-th) together hold exactly generate()'s responses, token for token, each
+    prompt in exactly one share."""
+    model = load_model(str(tiny_model_dir))
+    prompts = [tiny_tokenizer(r["prompt"])["input_ids"] for r in PAIRS[:6]] + [[5]]
+    sampling = SamplingConfig(max_new_tokens=5, temperature=1.0, seed=11)
+    expected = generate(model, tiny_tokenizer, prompts, sampling, batch_size=2, progress=False)
+    for world in (1, 2, 3):
+        shares = [generate_share(model, tiny_tokenizer, prompts, sampling, 2, r, world) for r in range(world)]
+        assert sorted(i for share in shares for i in share) == list(range(len(prompts)))
+        merged = {i: g for share in shares for i, g in share.items()}
+        assert [merged[i].response_ids for i in range(len(prompts))] == [g.response_ids for g in expected]
+    assert rank_share(range(5), 0, 2) == range(0, 3) and rank_share(range(5), 1, 2) == range(3, 5)
+
+
+def test_stages_that_write_once_refuse_several_processes(monkeypatch, tmp_path):
+    """The generating stages would write their outputs once per rank: refused, naming the number of
+    processes, before anything is loaded."""
     monkeypatch.setenv("WORLD_SIZE", "2")
-    cfg = load_config(ppo.PPOConfig, None, ["reward=alignkit.rewards:politeness"])
-    with pytest.raises(ConfigError, match="ppo runs in one process, but it was launched in 2"):
-        ppo.run(cfg)
+    cfg = load_config(build_prefs.BuildPrefsConfig, None, [f"output={tmp_path / 'p.jsonl'}"])
+    with pytest.raises(ConfigError, match="build-prefs runs in one process, but it was launched in 2"):
+        build_prefs.run(cfg)
 
 
 def test_hf_is_the_default_generation_backend():

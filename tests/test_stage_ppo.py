@@ -3,6 +3,7 @@ loop, one PPO step against a computation by hand, and the shipped reward functio
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -255,7 +256,8 @@ def test_one_ppo_step_equals_the_losses_by_hand(tiny_model_dir):
     before = [p.detach().clone() for p in params]
     optimizer = torch.optim.SGD(params, lr=1.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-    stats = ppo.ppo_step(cfg, policy, value_model, rollout, optimizer, scheduler, params)
+    loss_fn = functools.partial(ppo.ppo_loss, cfg, policy, value_model)
+    stats = ppo.ppo_step(cfg, loss_fn, rollout, optimizer, scheduler, params)
     assert stats["loss"] == pytest.approx(loss.item(), abs=1e-6)
     assert stats["policy_loss"] == pytest.approx(pg.loss.item(), abs=1e-6)
     assert stats["value_loss"] == pytest.approx(vf.loss.item(), abs=1e-6)

@@ -89,6 +89,26 @@ def check_generation_backend(backend: str) -> None:
         )
 
 
+@dataclass
+class GenerationBatch:
+    indices: list[int]  # positions in the call's prompt list, sampled together in one generate() batch
+    seed: int  # the torch seed this batch samples from
+
+
+def generation_batches(prompt_ids: list[list[int]], batch_size: int, seed: int) -> list[GenerationBatch]:
+    """How ``generate`` cuts a call: prompts sorted by length (so batches need little padding), batch_size at a
+    time, each batch with a seed drawn from ``seed``. They depend on nothing else, so several processes can
+    each sample some of the batches and get the responses one process would (PPO's data parallel rollouts)."""
+    generator = torch.Generator().manual_seed(seed)
+    order = sorted(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]))
+    return [
+        GenerationBatch(
+            order[s : s + batch_size], int(torch.randint(0, 2**31 - 1, (1,), generator=generator))
+        )
+        for s in range(0, len(order), batch_size)
+    ]
+
+
 @torch.no_grad()
 def generate(
     model,
@@ -100,46 +120,70 @@ def generate(
     desc: str = "generating",
 ) -> list[Generation]:
     """Sample one response per prompt (prompts given as token ids, e.g. from `encode_prompt`)."""
+    results: dict[int, Generation] = {}
+    bar = tqdm(total=len(prompt_ids), desc=desc, disable=not progress, unit="prompt")
+    for batch in generation_batches(prompt_ids, batch_size, sampling.seed):
+        prompts = [prompt_ids[i] for i in batch.indices]
+        results.update(zip(batch.indices, sample_batch(model, tokenizer, prompts, sampling, batch.seed)))
+        bar.update(len(batch.indices))
+    bar.close()
+    return [results[i] for i in range(len(prompt_ids))]
+
+
+def generate_share(
+    model,
+    tokenizer,
+    prompt_ids: list[list[int]],
+    sampling: SamplingConfig,
+    batch_size: int,
+    rank: int,
+    world: int,
+) -> dict[int, Generation]:
+    """Process ``rank``'s part of ``generate(model, tokenizer, prompt_ids, sampling, batch_size)`` among
+    ``world``: every world-th of its batches, from the rank-th, each with its own seed. The responses, by
+    position in ``prompt_ids``, are the ones one process samples (up to the float rounding of the model)."""
+    share: dict[int, Generation] = {}
+    for batch in generation_batches(prompt_ids, batch_size, sampling.seed)[rank::world]:
+        prompts = [prompt_ids[i] for i in batch.indices]
+        share.update(zip(batch.indices, sample_batch(model, tokenizer, prompts, sampling, batch.seed)))
+    return share
+
+
+@torch.no_grad()
+def sample_batch(
+    model, tokenizer, prompt_ids: list[list[int]], sampling: SamplingConfig, seed: int
+) -> list[Generation]:
+    """One left-padded batch through ``model.generate``, sampling from torch seed ``seed``; in input order."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     eos_ids = eos_token_ids(getattr(model, "generation_config", None), tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
-    generator_seed = torch.Generator().manual_seed(sampling.seed)
-    # Sort by length so batches need little padding; results are returned in input order.
-    order = sorted(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]))
-    results: dict[int, Generation] = {}
-    bar = tqdm(total=len(order), desc=desc, disable=not progress, unit="prompt")
-    for start in range(0, len(order), batch_size):
-        idx = order[start : start + batch_size]
-        width = max(len(prompt_ids[i]) for i in idx)
-        ids = torch.full((len(idx), width), pad_id, dtype=torch.long)  # (b, T) left-padded
-        attn = torch.zeros((len(idx), width), dtype=torch.long)
-        for row, i in enumerate(idx):
-            p = prompt_ids[i]
-            ids[row, width - len(p) :] = torch.tensor(p)
-            attn[row, width - len(p) :] = 1
-        # Each batch draws from a seed derived from the run seed, so results do not depend on timing.
-        torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=generator_seed)))
-        greedy = sampling.temperature <= 0
-        seqs = model.generate(
-            input_ids=ids.to(device),
-            attention_mask=attn.to(device),
-            max_new_tokens=sampling.max_new_tokens,
-            do_sample=not greedy,
-            temperature=None if greedy else sampling.temperature,
-            top_p=None if greedy else sampling.top_p,
-            top_k=None if greedy else 0,
-            eos_token_id=eos_ids,
-            pad_token_id=pad_id,
-            use_cache=True,
-        )
-        for row, i in enumerate(idx):
-            results[i] = to_generation(prompt_ids[i], seqs[row, width:].tolist(), eos_ids, tokenizer)
-        bar.update(len(idx))
-    bar.close()
+    width = max(len(p) for p in prompt_ids)
+    ids = torch.full((len(prompt_ids), width), pad_id, dtype=torch.long)  # (b, T) left-padded
+    attn = torch.zeros((len(prompt_ids), width), dtype=torch.long)
+    for row, p in enumerate(prompt_ids):
+        ids[row, width - len(p) :] = torch.tensor(p)
+        attn[row, width - len(p) :] = 1
+    # Each batch draws from a seed derived from the run seed, so results do not depend on timing.
+    torch.manual_seed(seed)
+    greedy = sampling.temperature <= 0
+    seqs = model.generate(
+        input_ids=ids.to(device),
+        attention_mask=attn.to(device),
+        max_new_tokens=sampling.max_new_tokens,
+        do_sample=not greedy,
+        temperature=None if greedy else sampling.temperature,
+        top_p=None if greedy else sampling.top_p,
+        top_k=None if greedy else 0,
+        eos_token_id=eos_ids,
+        pad_token_id=pad_id,
+        use_cache=True,
+    )
     model.train(was_training)
-    return [results[i] for i in range(len(prompt_ids))]
+    return [
+        to_generation(p, seqs[row, width:].tolist(), eos_ids, tokenizer) for row, p in enumerate(prompt_ids)
+    ]
 
 
 def to_generation(prompt_ids: list[int], tokens: list[int], eos_ids: list[int], tokenizer) -> Generation:

@@ -3,11 +3,17 @@
 Four roles: the policy being trained, a frozen reference it pays a KL penalty to, a reward (a function or a
 reward model from `alignkit rm`) and a value model. One iteration is one loop body in `run`, numbered:
 sample -> score -> KL-penalised per-token rewards -> values and GAE -> PPO epochs -> KL-coefficient update.
+
+Launched in several processes (torchrun, accelerate launch) it runs data parallel (DDP) with the numbers of one
+process: each rank samples, scores and runs the rollout's forward passes for its share of the iteration's
+prompts, the shares are gathered (so whitening, GAE and every logged statistic see the whole batch), and each
+rank trains on its share of every minibatch, its loss normalised by the whole minibatch's tokens.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib
 import json
 import math
@@ -30,7 +36,6 @@ from alignkit.config import (
     TrainConfig,
     doc_field,
     required,
-    save_config,
 )
 from alignkit.data.schemas import load_prompts
 from alignkit.data.tokenize import encode_prompt
@@ -51,7 +56,7 @@ from alignkit.losses.ppo import (
     whiten,
 )
 from alignkit.models.forward import supports_chunked_head
-from alignkit.models.generation import Generation, SamplingConfig, check_generation_backend, hf_sampler
+from alignkit.models.generation import Generation, SamplingConfig, check_generation_backend, generate_share
 from alignkit.models.loading import (
     apply_lora,
     count_parameters,
@@ -64,8 +69,8 @@ from alignkit.models.loading import (
 )
 from alignkit.models.value import ValueModel, add_value_adapter, keep_trainable, remove_value_adapter
 from alignkit.models.vllm_engine import VLLMSampler
+from alignkit.training import distributed
 from alignkit.training.checkpoint import checkpoint_dir, load_checkpoint, prune_checkpoints, save_checkpoint
-from alignkit.training.distributed import require_one_process
 from alignkit.training.run import RunDir, peak_rss_mb
 from alignkit.training.schedule import build_scheduler
 from alignkit.training.signals import StopSignals
@@ -114,7 +119,9 @@ class PPOConfig(GenerationBackendConfig, TrainConfig):
         "Sampling temperature (> 0); log-probs of policy and reference are taken at the same temperature.",
     )
     generation_batch_size: int = doc_field(
-        16, "Prompts per batched generate() call (generation_backend=hf; vLLM batches by itself)."
+        16,
+        "Prompts per batched generate() call (generation_backend=hf; vLLM batches by itself). In N processes "
+        "each samples every N-th batch: at most prompts_per_iteration / N keeps them all sampling.",
     )
     max_prompt_length: int | None = doc_field(256, "Longest prompt in tokens (its end is kept).")
     # --- reward shaping ---
@@ -349,8 +356,8 @@ def response_values(value_model: ValueModel, batch: dict) -> torch.Tensor:
 
 
 @torch.no_grad()
-def make_rollout(cfg: PPOConfig, policy, reference, value_model, batch: dict, scores, finished, beta: float):
-    """Steps 3-4 of an iteration: KL-penalised per-token rewards, values, GAE. Returns (Rollout, stats)."""
+def rollout_passes(cfg: PPOConfig, policy, reference, value_model, batch: dict) -> dict[str, torch.Tensor]:
+    """The forward passes of a rollout: "logps", "ref_logps", "entropy" and "values", each (B, R)."""
     logps, entropy = policy_outputs(policy, batch, cfg.logprob_chunk_size, cfg.temperature, with_entropy=True)
     if reference is None:  # LoRA: the frozen base with every adapter switched off is the reference
         with keep_trainable(policy), policy.disable_adapter():
@@ -358,6 +365,24 @@ def make_rollout(cfg: PPOConfig, policy, reference, value_model, batch: dict, sc
     else:
         ref_logps, _ = policy_outputs(reference, batch, cfg.logprob_chunk_size, cfg.temperature)
     values = response_values(value_model, batch)  # (B, R)
+    return {"logps": logps, "ref_logps": ref_logps, "entropy": entropy, "values": values}
+
+
+def shared_rollout_passes(cfg: PPOConfig, policy, reference, value_model, batch: dict, rank: int, world: int):
+    """``rollout_passes`` over the whole ``batch``, each of ``world`` processes running a contiguous share of
+    its rows and gathering the others' (one process: all of them)."""
+    counts = [len(distributed.rank_share(range(len(batch["mask"])), r, world)) for r in range(world)]
+    first = sum(counts[:rank])
+    share = {k: v[first : first + counts[rank]] for k, v in batch.items()}
+    passes = rollout_passes(cfg, policy, reference, value_model, share)
+    return {k: distributed.gather_rows(v, counts) for k, v in passes.items()}
+
+
+@torch.no_grad()
+def make_rollout(cfg: PPOConfig, batch: dict, passes: dict, scores, finished, beta: float):
+    """Steps 3-4 of an iteration, from ``rollout_passes`` over the whole ``batch``: KL-penalised per-token
+    rewards, GAE, and whitening over the batch's tokens. Returns (Rollout, stats)."""
+    logps, ref_logps, entropy, values = (passes[k] for k in ("logps", "ref_logps", "entropy", "values"))
     mask = batch["mask"]
     # 3. r_t = -beta KL_t, plus the score (minus any missing-EOS penalty) on the last token.
     shaped = per_token_rewards(
@@ -412,22 +437,42 @@ def ppo_loss(
     return loss, stats
 
 
-def ppo_step(cfg: PPOConfig, policy, value_model, minibatch: Rollout, optimizer, scheduler, params) -> dict:
-    """One optimizer step on a minibatch, accumulated over micro-batches.
+def _ppo_loss_of(cfg: PPOConfig, trained: torch.nn.ModuleDict, mb: Rollout):
+    """``ppo_loss`` on the {"policy", "value"} modules ``trained`` (the forward of the module DDP wraps)."""
+    return ppo_loss(cfg, trained["policy"], trained["value"], mb)
+
+
+def ppo_step(
+    cfg: PPOConfig, loss_fn, minibatch: Rollout, optimizer, scheduler, params, rank: int = 0, world: int = 1
+) -> dict:
+    """One optimizer step on a minibatch, accumulated over micro-batches. ``loss_fn(micro) -> (loss, stats)``
+    is ``ppo_loss`` on the policy and value model (in several processes, wrapped in DDP).
 
     Each loss is a token mean; weighting a micro-batch's by its share of the minibatch's response tokens makes
-    the accumulated gradient that of one pass over the whole minibatch. A non-finite loss or gradient norm
-    skips the update (the schedule still advances, as in the shared loop).
+    the accumulated gradient that of one pass over the whole minibatch. In several processes each rank runs
+    its share of the minibatch's rows (``rank_microbatches``) with the same weights (every rank holds the whole
+    rollout, so it counts the whole minibatch's tokens itself), and the gradients summed over the ranks are
+    those of one process: a mean over the minibatch's tokens, not a mean of per-rank means. A non-finite loss
+    or gradient norm skips the update (the schedule still advances, as in the shared loop).
     """
     n_tokens = minibatch.mask.sum()
+    rows = list(range(minibatch.mask.shape[0]))
+    shares = distributed.rank_microbatches(rows, cfg.micro_batch_size, rank, world)
     sums: dict[str, float] = {}
-    for start in range(0, minibatch.mask.shape[0], cfg.micro_batch_size):
-        micro = minibatch.rows(slice(start, start + cfg.micro_batch_size))
-        weight = micro.mask.sum() / n_tokens
-        loss, stats = ppo_loss(cfg, policy, value_model, micro)
-        (loss * weight).backward()
+    for j, share in enumerate(shares):
+        # An empty share (fewer rows left in the minibatch than ranks) runs a stand-in that counts for nothing:
+        # DDP needs every rank's backward to sync the gradients.
+        micro = minibatch.rows(share or [0])
+        weight = micro.mask.sum() / n_tokens if share else 0.0
+        with distributed.gradient_sync(loss_fn, last=j == len(shares) - 1):
+            loss, stats = loss_fn(micro)
+            scaled = loss * weight
+            if world > 1:  # DDP averages the gradients over the ranks: undo it
+                scaled = scaled * world
+            scaled.backward()
         for key, value in stats.items():
-            sums[key] = sums.get(key, 0.0) + float(value * weight)
+            sums[key] = sums.get(key, 0.0) + (float(value * weight) if share else 0.0)
+    sums = dict(zip(sums, distributed.all_reduce(list(sums.values()))))  # each rank holds its rows' part
     max_norm = cfg.max_grad_norm if cfg.max_grad_norm is not None else math.inf
     grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
     finite = math.isfinite(sums["loss"]) and math.isfinite(grad_norm)
@@ -471,6 +516,26 @@ def _truncate_jsonl(path: Path, step: int) -> None:
         path.write_text("".join(kept), encoding="utf-8")
 
 
+def check_launch(cfg: PPOConfig) -> None:
+    """Refuse what PPO cannot do in the processes it was launched in (after the process group is up)."""
+    world = distributed.world_size()
+    if distributed.engine() == "deepspeed":
+        raise ConfigError(
+            "ppo runs data parallel (DDP), not under DeepSpeed: launch it with configs/accelerate/multi_gpu.yaml "
+            "or plain torchrun"
+        )
+    if world > 1 and cfg.generation_backend == "vllm":
+        raise ConfigError(
+            f"generation_backend=vllm in {world} processes is not supported by ppo (one vLLM engine per "
+            "process is not implemented); use generation_backend=hf, or run in one process"
+        )
+    if cfg.prompts_per_iteration < world:
+        raise ConfigError(
+            f"prompts_per_iteration={cfg.prompts_per_iteration} is fewer than the {world} processes; each "
+            "process needs at least one sample"
+        )
+
+
 def check_config(cfg: PPOConfig) -> None:
     defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
     for name, instead in NOT_USED.items():
@@ -496,11 +561,12 @@ def check_config(cfg: PPOConfig) -> None:
 
 def run(cfg: PPOConfig, monitors: MonitorSet | None = None) -> dict:
     """Train the policy with PPO; ``monitors`` replaces the default failure monitors (for tests)."""
-    require_one_process("ppo")
     started = time.time()
     check_config(cfg)
-    run_dir = RunDir.create(cfg.output_dir, "ppo", cfg.resume_from, cfg.tensorboard)
-    save_config(cfg, run_dir.config_path)
+    run_dir = RunDir.create(cfg.output_dir, "ppo", cfg.resume_from, cfg.tensorboard)  # joins the processes
+    check_launch(cfg)
+    rank, world, main = distributed.accelerator().process_index, distributed.world_size(), run_dir.writes
+    run_dir.write_config(cfg)
     print(f"run folder: {run_dir.path}", file=sys.stderr)
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
@@ -523,6 +589,14 @@ def run(cfg: PPOConfig, monitors: MonitorSet | None = None) -> dict:
     prompt_ids = [encode_prompt(tokenizer, p, cfg.max_prompt_length) for p in prompts]
     if not prompts:
         raise ConfigError("train_data holds no prompts")
+    n_generation_batches = math.ceil(cfg.prompts_per_iteration / cfg.generation_batch_size)
+    if main and cfg.generation_backend == "hf" and n_generation_batches < world:
+        print(
+            f"note: {world} processes share {n_generation_batches} generation batch(es) per iteration, so "
+            f"{world - n_generation_batches} sample nothing; generation_batch_size <= prompts_per_iteration / "
+            f"{world} lets every process sample",
+            file=sys.stderr,
+        )
 
     # The four roles. LoRA: one frozen base serves all three networks (policy = adapter "default",
     # reference = every adapter off, value = adapter "value" + head). Full fine-tuning: the reference is a
@@ -566,12 +640,12 @@ def run(cfg: PPOConfig, monitors: MonitorSet | None = None) -> dict:
             cfg.seed,
             cfg.trust_remote_code,
         )
-    else:
-        sampler = hf_sampler(policy, tokenizer, cfg.generation_batch_size)
 
-    # Resume: weights of policy and value, optimizer, schedule, RNG, KL controller, iteration.
+    # Resume: weights of policy and value, optimizer, schedule, RNG, KL controller, iteration. Nothing in a
+    # checkpoint depends on the number of processes; the main process picks it, every process reads it.
     start, n_nonfinite, elapsed_before = 0, 0, 0.0
     resume = str(run_dir.latest_checkpoint() or "") if cfg.resume_from == "latest" else cfg.resume_from
+    resume = distributed.broadcast_from_main(resume)
     if resume:
         state = load_checkpoint(resume, trained, optimizer, scheduler)
         if (state["n_prompts"], state["prompts_per_iteration"]) != (len(prompts), cfg.prompts_per_iteration):
@@ -590,7 +664,11 @@ def run(cfg: PPOConfig, monitors: MonitorSet | None = None) -> dict:
         )
     run_dir.truncate_metrics_after(start)
     samples_path = run_dir.path / "samples.jsonl"
-    _truncate_jsonl(samples_path, start)
+    if main:
+        _truncate_jsonl(samples_path, start)
+    # The update's forward pass: policy and value model as one module, for DDP to sync both (one process:
+    # the module itself). Wrapping broadcasts rank 0's weights, which every rank already holds.
+    stepper = distributed.data_parallel(distributed.StepModule(trained, functools.partial(_ppo_loss_of, cfg)))
     loop_started = time.monotonic()
     iteration, saved, last_checkpoint, last_row, stopped_by = start, start if resume else -1, resume, {}, None
 
@@ -606,40 +684,60 @@ def run(cfg: PPOConfig, monitors: MonitorSet | None = None) -> dict:
             "n_nonfinite_skipped": n_nonfinite,
             "elapsed_s": elapsed_before + time.monotonic() - loop_started,
         }
-        path = save_checkpoint(
-            checkpoint_dir(run_dir.checkpoints_dir, iteration), trained, optimizer, scheduler, state
-        )
-        prune_checkpoints(run_dir.checkpoints_dir, cfg.keep_checkpoints)
+        path = checkpoint_dir(run_dir.checkpoints_dir, iteration)
+        if main:  # every rank holds the same weights and optimizer state
+            save_checkpoint(path, trained, optimizer, scheduler, state)
+            prune_checkpoints(run_dir.checkpoints_dir, cfg.keep_checkpoints)
+        distributed.barrier()
         return str(path)
 
-    bar = tqdm(total=cfg.iterations, initial=start, disable=not cfg.progress, desc="ppo", unit="iter")
+    bar = tqdm(
+        total=cfg.iterations, initial=start, disable=not cfg.progress or not main, desc="ppo", unit="iter"
+    )
     try:
         with StopSignals() as signals:
             while iteration < cfg.iterations:
                 t0 = time.monotonic()
                 # 1. Sample one response per prompt from the current policy (batched, KV cache), with a seed
-                #    that depends only on (seed, iteration). A vLLM engine first takes the policy's weights
-                #    unless it already holds them (a fresh run's first iteration).
+                #    that depends only on (seed, iteration). Each process samples its share of the generation
+                #    batches, each batch from its own seed, so the samples do not depend on the number of
+                #    processes. A vLLM engine (one process) first takes the policy's weights unless it already
+                #    holds them (a fresh run's first iteration).
                 idx = iteration_prompts(len(prompts), cfg.prompts_per_iteration, iteration, cfg.seed)
                 sampling = SamplingConfig(
                     cfg.max_new_tokens, cfg.temperature, 1.0, derived_seed(cfg.seed, iteration, 0)
                 )
                 trained.eval()
-                if cfg.generation_backend == "vllm" and (iteration > start or resume):
-                    sampler.update_weights(policy)
-                generations = sampler([prompt_ids[i] for i in idx], sampling)
-                texts = [g.text for g in generations]
-                # 2. Score each response with the reward.
-                scores = torch.tensor(scorer.score([prompts[i] for i in idx], texts), dtype=torch.float32)
+                if cfg.generation_backend == "vllm":
+                    if iteration > start or resume:
+                        sampler.update_weights(policy)
+                    mine = dict(enumerate(sampler([prompt_ids[i] for i in idx], sampling)))
+                else:
+                    batch_size = cfg.generation_batch_size
+                    mine = generate_share(
+                        policy, tokenizer, [prompt_ids[i] for i in idx], sampling, batch_size, rank, world
+                    )
+                # 2. Score each response with the reward (each process its own samples), then gather every
+                #    process's samples and scores: every process holds the whole batch from here on.
+                mine = dict(sorted(mine.items()))  # by position in the iteration's prompts
+                my_texts = [g.text for g in mine.values()]  # none where a process got no generation batch
+                my_scores = scorer.score([prompts[idx[k]] for k in mine], my_texts) if mine else []
+                gathered = distributed.gather_dicts(dict(zip(mine, zip(mine.values(), my_scores))))
+                generations, texts = [g for g, _ in gathered.values()], [g.text for g, _ in gathered.values()]
+                scores = torch.tensor([score for _, score in gathered.values()], dtype=torch.float32)
                 finished = torch.tensor([g.finished for g in generations])
-                # 3.-4. Per-token rewards (score - beta KL), values, GAE advantages and returns.
+                # 3.-4. The forward passes (policy, reference and value model; each process its share of the
+                #    samples, gathered), then per-token rewards (score - beta KL), GAE advantages and returns,
+                #    and whitening, over the whole batch in every process.
                 batch = collate_samples(generations, tokenizer.pad_token_id, device)
+                passes = shared_rollout_passes(cfg, policy, reference, value_model, batch, rank, world)
                 beta = kl_controller.beta
                 rollout, rollout_stats = make_rollout(
-                    cfg, policy, reference, value_model, batch, scores.to(device), finished.to(device), beta
+                    cfg, batch, passes, scores.to(device), finished.to(device), beta
                 )
                 t1 = time.monotonic()
-                # 5. ppo_epochs passes of minibatch updates over the samples, in a seeded order.
+                # 5. ppo_epochs passes of minibatch updates over the samples, in a seeded order (the same in
+                #    every process); each process trains on its share of every minibatch.
                 trained.train()
                 generator = torch.Generator().manual_seed(derived_seed(cfg.seed, iteration, 1))
                 step_stats = []
@@ -648,7 +746,7 @@ def run(cfg: PPOConfig, monitors: MonitorSet | None = None) -> dict:
                     for s in range(0, len(generations), cfg.minibatch_size):
                         minibatch = rollout.rows(order[s : s + cfg.minibatch_size])
                         step_stats.append(
-                            ppo_step(cfg, policy, value_model, minibatch, optimizer, scheduler, params)
+                            ppo_step(cfg, stepper, minibatch, optimizer, scheduler, params, rank, world)
                         )
                 n_nonfinite += int(sum(s["nonfinite"] for s in step_stats))
                 # 6. Adapt beta toward the KL target from this batch's KL (Ziegler et al. 2019), or keep it.
@@ -681,10 +779,16 @@ def run(cfg: PPOConfig, monitors: MonitorSet | None = None) -> dict:
                     "update_s": time.monotonic() - t1,
                     "elapsed_s": elapsed_before + time.monotonic() - loop_started,
                 }
-                with open(samples_path, "a", encoding="utf-8") as f:
-                    for i, g, score in zip(idx, generations, scores.tolist()):
-                        sample = {"step": iteration, "prompt": prompts[i], "response": g.text, "score": score}
-                        f.write(json.dumps({**sample, "finished": g.finished}) + "\n")
+                if main:
+                    with open(samples_path, "a", encoding="utf-8") as f:
+                        for i, g, score in zip(idx, generations, scores.tolist()):
+                            sample = {
+                                "step": iteration,
+                                "prompt": prompts[i],
+                                "response": g.text,
+                                "score": score,
+                            }
+                            f.write(json.dumps({**sample, "finished": g.finished}) + "\n")
                 if iteration % cfg.log_every == 0 or iteration == cfg.iterations:
                     last_row = row
                     run_dir.log_metrics(row)
@@ -694,11 +798,16 @@ def run(cfg: PPOConfig, monitors: MonitorSet | None = None) -> dict:
                     for event in monitors.last_events:
                         run_dir.log_metrics(event.to_row())
 
-                # 8. Checkpoint every save_every iterations, and on SIGINT/SIGTERM before raising.
-                if (cfg.save_every and iteration % cfg.save_every == 0) or signals.received:
+                # 8. Checkpoint every save_every iterations, and on SIGINT/SIGTERM before raising. The processes
+                #    agree first: a signal or a stop seen by any of them stops them all.
+                stop_flag, received = distributed.all_reduce(
+                    [float(bool(stopped_by)), float(signals.received or 0)], op="max"
+                )
+                stopped_by = stopped_by or ("a monitor in another process" if stop_flag else None)
+                if (cfg.save_every and iteration % cfg.save_every == 0) or received:
                     last_checkpoint, saved = save(), iteration
-                if signals.received:
-                    name = signal.Signals(signals.received).name
+                if received:
+                    name = signal.Signals(int(received)).name
                     raise TrainingInterrupted(checkpoint=last_checkpoint, reason=f"interrupted by {name}")
                 if stopped_by:
                     break
@@ -708,11 +817,13 @@ def run(cfg: PPOConfig, monitors: MonitorSet | None = None) -> dict:
         bar.close()
         run_dir.close()
 
-    # The final policy alone (the value adapter is not part of it).
+    # The final policy alone (the value adapter is not part of it), written by the main process.
     if cfg.lora:
         remove_value_adapter(policy)
-    save_final(policy, tokenizer, run_dir.final_dir, merge_lora=cfg.merge_lora)
-    rows = [json.loads(line) for line in run_dir.metrics_path.read_text().splitlines()]
+    distributed.save_from_main(
+        policy, lambda: save_final(policy, tokenizer, run_dir.final_dir, merge_lora=cfg.merge_lora)
+    )
+    rows = [json.loads(line) for line in run_dir.metrics_path.read_text().splitlines()] if main else []
     summary = {
         "stage": "ppo",
         "model": cfg.model,

@@ -2,8 +2,9 @@
 
 `torchrun` or `accelerate launch` starts one process (a rank) per device; `accelerator()` joins them and reads
 the launcher's settings: data parallel (DDP) by default, DeepSpeed ZeRO when the accelerate config names it.
-What the ranks must agree on lives here: which rank writes the run folder, sums across ranks, each rank's share
-of a global batch, and the engine checks. In a plain single process every function is the identity.
+What the ranks must agree on lives here: which rank writes the run folder, sums and gathers across ranks, each
+rank's share of a global batch, the engine's wrapping and the engine checks. In a plain single process every
+function is the identity.
 """
 
 from __future__ import annotations
@@ -83,6 +84,47 @@ def broadcast_from_main(value):
     return box[0]
 
 
+def all_gather_objects(value) -> list:
+    """Every rank's ``value`` (any picklable object), in rank order, on every rank. One process: [value]."""
+    if world_size() == 1:
+        return [value]
+    import torch.distributed as dist
+
+    gathered = [None] * world_size()
+    dist.all_gather_object(gathered, value)
+    return gathered
+
+
+def gather_dicts(share: dict) -> dict:
+    """The union of every rank's ``share`` (their keys disjoint), sorted by key, on every rank."""
+    return dict(
+        sorted(((k, v) for one in all_gather_objects(share) for k, v in one.items()), key=lambda kv: kv[0])
+    )
+
+
+def gather_rows(rows: torch.Tensor, counts: list[int]) -> torch.Tensor:
+    """Every rank's ``rows`` (n_r, ...) concatenated in rank order, on every rank; ``counts`` holds each rank's
+    n_r (all ranks' rows have the same trailing shape). One process: ``rows``."""
+    if world_size() == 1:
+        return rows
+    import torch.distributed as dist
+
+    # all_gather moves equal shapes: pad every rank's rows to the longest share, then cut the padding off.
+    padded = rows.new_zeros((max(counts), *rows.shape[1:]))
+    padded[: rows.shape[0]] = rows
+    gathered = [torch.empty_like(padded) for _ in counts]
+    dist.all_gather(gathered, padded)
+    return torch.cat([g[:n] for g, n in zip(gathered, counts)])
+
+
+def rank_share(items: list, rank: int, world_size: int) -> list:
+    """This rank's contiguous share of ``items``, as even as possible (the first len % world_size ranks take
+    one more); the shares of ranks 0, 1, ... concatenate to ``items``."""
+    base, extra = divmod(len(items), world_size)
+    first = rank * base + min(rank, extra)
+    return items[first : first + base + (rank < extra)]
+
+
 def rank_microbatches(
     indices: list[int], micro_batch_size: int, rank: int, world_size: int
 ) -> list[list[int]]:
@@ -95,13 +137,45 @@ def rank_microbatches(
     are ranks (the end of a batch); the loop runs a stand-in there (see ``alignkit.training.loop.train``).
     """
     span = micro_batch_size * world_size
-    shares = []
-    for start in range(0, len(indices), span):
-        step = indices[start : start + span]
-        base, extra = divmod(len(step), world_size)
-        first = rank * base + min(rank, extra)
-        shares.append(step[first : first + base + (rank < extra)])
-    return shares
+    return [rank_share(indices[s : s + span], rank, world_size) for s in range(0, len(indices), span)]
+
+
+class StepModule(torch.nn.Module):
+    """A model and a training step over it as one module, for the engine to wrap: DDP and DeepSpeed act in the
+    forward of the module they wrap (DDP arms its gradient sync there), while a step may call into the model
+    below its forward (the chunked LM head, KTO's second pass, PPO's value model on the policy's base)."""
+
+    def __init__(self, model: torch.nn.Module, step_fn: Callable):
+        super().__init__()
+        self.model = model
+        self.step_fn = step_fn
+
+    def forward(self, batch):
+        return self.step_fn(self.model, batch)
+
+
+def data_parallel(module: torch.nn.Module) -> torch.nn.Module:
+    """``module`` wrapped in DDP when several processes run (its weights broadcast from rank 0 now, gradients
+    averaged over the ranks in each backward outside ``gradient_sync(..., last=False)``); one process: ``module``.
+
+    For a loop that is not ``alignkit.training.loop.train`` (PPO's), which refuses DeepSpeed. Unused parameters
+    are looked for (``find_unused_parameters``): a trainable weight may get no gradient in a step (a full
+    fine-tune's value model never runs its untied LM head), and DDP would otherwise wait for it forever."""
+    if world_size() == 1:
+        return module
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(module, find_unused_parameters=True)
+
+
+def gradient_sync(module: torch.nn.Module, last: bool):
+    """The context of one micro-step of a ``data_parallel`` module: gradients are reduced across the ranks only
+    in the last one of an optimizer step (DDP's ``no_sync`` before it). One process: nothing."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    if last or not isinstance(module, DistributedDataParallel):
+        return contextlib.nullcontext()
+    return module.no_sync()
 
 
 def engine() -> str:
@@ -175,5 +249,5 @@ def require_one_process(stage: str) -> None:
     if n > 1:
         raise ConfigError(
             f"{stage} runs in one process, but it was launched in {n} (WORLD_SIZE={n}); run it with plain "
-            f"`alignkit {stage} ...`. The training stages sft, rm, dpo, ipo, orpo and kto run data parallel."
+            f"`alignkit {stage} ...`. The training stages sft, rm, dpo, ipo, orpo, kto and ppo run data parallel."
         )

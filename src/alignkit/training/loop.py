@@ -148,7 +148,7 @@ def train(
     # The engine: DDP and DeepSpeed wrap a module and act in its forward (DDP arms its gradient sync there),
     # while a step may call into the model below its forward (the chunked LM head, KTO's second pass); so
     # the model and the stage's step go in as one module, and the engine wraps the whole step.
-    stepper = _StepModule(model, step_fn)
+    stepper = distributed.StepModule(model, step_fn)
     if engine != "none":
         stepper, optimizer = accelerator.prepare(stepper, optimizer)
 
@@ -346,18 +346,6 @@ def train(
         n_nonfinite_skipped=n_nonfinite,
         last_checkpoint=last_checkpoint,
     )
-
-
-class _StepModule(torch.nn.Module):
-    """The model and a stage's step as one module, for the engine to wrap (see "The engine" in ``train``)."""
-
-    def __init__(self, model: torch.nn.Module, step_fn: Callable[[torch.nn.Module, dict], StepOutput]):
-        super().__init__()
-        self.model = model
-        self.step_fn = step_fn
-
-    def forward(self, microbatch: dict) -> StepOutput:
-        return self.step_fn(self.model, microbatch)
 
 
 def _sync_gradients(accelerator, stepper: torch.nn.Module, last: bool):
