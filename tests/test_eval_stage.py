@@ -17,8 +17,9 @@ from alignkit.data.tokenize import encode_prompt
 from alignkit.evaluation.metrics import entropy_from_logits
 from alignkit.models.generation import SamplingConfig, generate
 from alignkit.models.loading import load_model
+from alignkit.scoring import FunctionScorer
 from alignkit.stages import eval as eval_stage
-from alignkit.stages.eval import EvalConfig, default_output, load_function_scorer
+from alignkit.stages.eval import EvalConfig, default_output
 
 from conftest import build_tiny_model
 
@@ -194,12 +195,12 @@ def test_reward_model_scorer(tiny_model_dir, tiny_tokenizer, prompt_file, tmp_pa
 
 
 def test_function_scorer_and_errors():
-    scorer = load_function_scorer("_scorers:length_score")
+    scorer = FunctionScorer("_scorers:length_score", "reward_fn")
     assert scorer.score(["hi", [{"role": "user", "content": "x"}]], ["abc", ""]) == [3.0, 0.0]
     with pytest.raises(ValueError, match="module:function"):
-        load_function_scorer("_scorers.length_score")
-    with pytest.raises(ValueError, match="no function not_a_function"):
-        load_function_scorer("_scorers:not_a_function")
+        FunctionScorer("_scorers.length_score", "reward_fn")
+    with pytest.raises(ValueError, match="reward_fn: module '_scorers' has no function 'not_a_function'"):
+        FunctionScorer("_scorers:not_a_function", "reward_fn")
 
 
 def test_default_output(tmp_path):

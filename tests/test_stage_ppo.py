@@ -22,6 +22,7 @@ from alignkit.models.generation import Generation
 from alignkit.models.loading import load_model
 from alignkit.models.value import ValueModel
 from alignkit.rewards import brevity, length, politeness
+from alignkit.scoring import prompt_text
 from alignkit.stages import ppo
 
 PROMPTS = [
@@ -287,7 +288,7 @@ def test_reward_specs_and_config_errors(tmp_path):
     scorer = ppo.make_scorer(cfg(), cpu)
     chat = [{"role": "user", "content": "hi"}]
     assert scorer.score(["p", chat], ["abcde", "ab"]) == pytest.approx([0.5, 0.2])
-    assert ppo.prompt_text(chat) == "user: hi"
+    assert prompt_text(chat) == "user: hi"
     with pytest.raises(ConfigError, match="no module named 'no_such_module'"):
         ppo.make_scorer(cfg(reward="no_such_module:f"), cpu)
     with pytest.raises(ConfigError, match="has no function 'nope'"):

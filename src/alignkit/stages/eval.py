@@ -7,23 +7,21 @@ with every sample, which `alignkit report` shows next to the training curves.
 
 from __future__ import annotations
 
-import importlib
 import importlib.resources
 import json
 import math
 import re
 import sys
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Protocol
+from typing import Literal
 
 import torch
 
 from alignkit.config import doc_field, required
 from alignkit.data.collate import collate_sft
-from alignkit.data.schemas import Prompt, load_prompts
+from alignkit.data.schemas import load_prompts
 from alignkit.data.tokenize import Encoded, encode_prompt
 from alignkit.evaluation.metrics import (
     distinct_n,
@@ -36,6 +34,7 @@ from alignkit.evaluation.metrics import (
 from alignkit.models.forward import sequence_logprobs, supports_chunked_head
 from alignkit.models.generation import Generation, SamplingConfig, generate
 from alignkit.models.loading import load_final, load_model, load_tokenizer, pick_device
+from alignkit.scoring import FunctionScorer, RewardModelScorer, Scorer
 from alignkit.training.distributed import require_one_process
 
 DEFAULT_REFERENCE = "smollm2-135m-instruct"
@@ -108,83 +107,19 @@ CONFIG = EvalConfig
 POSITIONAL = "model"
 
 
-# ---------------------------------------------------------------------------------------------
-# Scorers
-# ---------------------------------------------------------------------------------------------
-
-
-class Scorer(Protocol):
-    """What eval needs of a reward: one score per (prompt, response); higher is better."""
-
-    name: str
-
-    def score(self, prompts: list[Prompt], responses: list[str]) -> list[float]: ...
-
-
-def prompt_text(prompt: Prompt) -> str:
-    """A prompt as one string: text as it is, chat messages as "role: content" lines."""
-    if isinstance(prompt, str):
-        return prompt
-    return "\n".join(f"{m['role']}: {m['content']}" for m in prompt)
-
-
-@dataclass
-class FunctionScorer:
-    """Scores with a plain function (prompt: str, response: str) -> float."""
-
-    fn: Callable[[str, str], float]
-    name: str
-
-    def score(self, prompts: list[Prompt], responses: list[str]) -> list[float]:
-        return [float(self.fn(prompt_text(p), r)) for p, r in zip(prompts, responses)]
-
-
-def load_function_scorer(spec: str) -> FunctionScorer:
-    """'package.module:function' -> a FunctionScorer; the module is imported from sys.path."""
-    module_name, sep, attr = spec.partition(":")
-    if not sep or not module_name or not attr:
-        raise ValueError(f"reward_fn must be written 'module:function', got '{spec}'")
-    module = importlib.import_module(module_name)
-    fn = getattr(module, attr, None)
-    if not callable(fn):
-        raise ValueError(f"reward_fn '{spec}': module {module_name} has no function {attr}")
-    return FunctionScorer(fn, spec)
-
-
-@dataclass
-class BatchScorer:
-    """Scores with a function over lists (prompts, responses) -> list of floats, e.g. a reward model's."""
-
-    fn: Callable[[list[Prompt], list[str]], list[float]]
-    name: str
-
-    def score(self, prompts: list[Prompt], responses: list[str]) -> list[float]:
-        return [float(s) for s in self.fn(prompts, responses)]
-
-
-def reward_model_scorer(path: str, cfg: EvalConfig) -> Scorer:
-    """ADAPTER to ``alignkit.models.reward``: a Scorer over a reward model saved by ``alignkit rm``.
-
-    Uses ``load_reward_model(path, dtype, device, trust_remote_code) -> RewardModel`` and
-    ``RewardModel.score(prompts, responses, batch_size, progress) -> list[float]``, which encodes each
-    (prompt, response) as the policy sees it. Imported lazily: eval with ``reward_fn`` does not load it,
-    and a change of that API is fixed here and nowhere else.
-    """
-    from alignkit.models.reward import load_reward_model
-
-    reward_model = load_reward_model(path, cfg.dtype, pick_device(), cfg.trust_remote_code)
-
-    def score_batch(prompts: list[Prompt], responses: list[str]) -> list[float]:
-        return reward_model.score(prompts, responses, batch_size=cfg.batch_size, progress=cfg.progress)
-
-    return BatchScorer(score_batch, f"reward model {path}")
-
-
 def make_scorer(cfg: EvalConfig) -> Scorer | None:
+    """The reward_model's scorer, else reward_fn's (alignkit.scoring), else None (no scores, no win rate)."""
     if cfg.reward_model:
-        return reward_model_scorer(cfg.reward_model, cfg)
+        return RewardModelScorer(
+            cfg.reward_model,
+            dtype=cfg.dtype,
+            device=pick_device(),
+            trust_remote_code=cfg.trust_remote_code,
+            batch_size=cfg.batch_size,
+            progress=cfg.progress,
+        )
     if cfg.reward_fn:
-        return load_function_scorer(cfg.reward_fn)
+        return FunctionScorer(cfg.reward_fn, "reward_fn")
     return None
 
 

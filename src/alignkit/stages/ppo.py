@@ -14,17 +14,15 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import importlib
 import json
 import math
 import random
-import re
 import signal
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Protocol
+from typing import Literal
 
 import numpy as np
 import torch
@@ -69,6 +67,7 @@ from alignkit.models.loading import (
 )
 from alignkit.models.value import ValueModel, add_value_adapter, keep_trainable, remove_value_adapter
 from alignkit.models.vllm_engine import VLLMSampler
+from alignkit.scoring import Scorer, load_scorer
 from alignkit.training import distributed
 from alignkit.training.checkpoint import checkpoint_dir, load_checkpoint, prune_checkpoints, save_checkpoint
 from alignkit.training.run import RunDir, peak_rss_mb
@@ -186,82 +185,17 @@ CONFIG = PPOConfig
 
 
 # ---------------------------------------------------------------------------------------------------------
-# The reward
-
-
-class Scorer(Protocol):
-    """Scores responses; prompts are given as in the data (text, or a list of chat messages)."""
-
-    def score(self, prompts: list, responses: list[str]) -> list[float]: ...
-
-
-def prompt_text(prompt) -> str:
-    """A text prompt as it is; chat messages as "role: content" lines."""
-    if isinstance(prompt, str):
-        return prompt
-    return "\n".join(f"{m['role']}: {m['content']}" for m in prompt)
-
-
-class FunctionScorer:
-    """A programmatic reward ``module:function``, called as function(prompt: str, response: str) -> float."""
-
-    def __init__(self, spec: str):
-        module_name, _, function_name = spec.partition(":")
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as e:
-            if e.name is None or not (module_name == e.name or module_name.startswith(e.name + ".")):
-                raise  # the module exists but one of its own imports is missing: show the real error
-            raise ConfigError(f"reward: no module named '{module_name}' (from reward={spec})") from None
-        function = getattr(module, function_name, None)
-        if not callable(function):
-            raise ConfigError(f"reward: module '{module_name}' has no function '{function_name}'")
-        self.spec, self.function = spec, function
-
-    def score(self, prompts: list, responses: list[str]) -> list[float]:
-        scores = []
-        for i, (prompt, response) in enumerate(zip(prompts, responses)):
-            value = self.function(prompt_text(prompt), response)
-            try:
-                value = float(value)
-            except (TypeError, ValueError):
-                value = math.nan
-            if not math.isfinite(value):
-                raise ValueError(
-                    f"reward {self.spec} returned {value!r} for response {i} ({response[:60]!r}); "
-                    "it must return a finite number"
-                )
-            scores.append(value)
-        return scores
-
-
-class RewardModelScorer:
-    """A reward model written by `alignkit rm` (``alignkit.models.reward``, imported only when one is used)."""
-
-    def __init__(self, path: str, cfg: PPOConfig, device: torch.device):
-        from alignkit.models.reward import load_reward_model
-
-        self.reward_model = load_reward_model(
-            path, dtype=cfg.dtype, device=device, trust_remote_code=cfg.trust_remote_code
-        )
-        self.batch_size = cfg.reward_batch_size
-
-    def score(self, prompts: list, responses: list[str]) -> list[float]:
-        return self.reward_model.score(prompts, responses, batch_size=self.batch_size)
-
-
-_FUNCTION_SPEC = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*")
+# The reward: a function 'module:function' or a reward model directory (alignkit.scoring)
 
 
 def make_scorer(cfg: PPOConfig, device: torch.device) -> Scorer:
-    spec = cfg.reward
-    if _FUNCTION_SPEC.fullmatch(spec) and not Path(spec).exists():
-        return FunctionScorer(spec)
-    if Path(spec).expanduser().is_dir():
-        return RewardModelScorer(str(Path(spec).expanduser()), cfg, device)
-    raise ConfigError(
-        f"reward: '{spec}' is neither 'module:function' (e.g. alignkit.rewards:politeness) "
-        "nor a reward model directory"
+    return load_scorer(
+        cfg.reward,
+        "reward",
+        dtype=cfg.dtype,
+        device=device,
+        trust_remote_code=cfg.trust_remote_code,
+        batch_size=cfg.reward_batch_size,
     )
 
 

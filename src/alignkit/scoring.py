@@ -1,0 +1,118 @@
+"""Reward scorers: one score per (prompt, response), from a function ``module:function`` or a reward model
+written by `alignkit rm`. `alignkit ppo` trains on these scores and `alignkit eval` compares models with them;
+each stage names its own config field, so every error here says which field to fix.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+import re
+from pathlib import Path
+from typing import Any, Protocol
+
+from alignkit.config import ConfigError
+from alignkit.data.schemas import Prompt
+
+
+class Scorer(Protocol):
+    """Scores responses; higher is better. Prompts are given as in the data (text, or chat messages)."""
+
+    name: str
+
+    def score(self, prompts: list[Prompt], responses: list[str]) -> list[float]: ...
+
+
+def prompt_text(prompt: Prompt) -> str:
+    """A prompt as one string: text as it is, chat messages as "role: content" lines."""
+    if isinstance(prompt, str):
+        return prompt
+    return "\n".join(f"{m['role']}: {m['content']}" for m in prompt)
+
+
+class FunctionScorer:
+    """A programmatic reward ``module:function``, called as function(prompt: str, response: str) -> float.
+
+    ``field`` is the config field the spec came from (ppo's ``reward``, eval's ``reward_fn``); the module is
+    imported from sys.path.
+    """
+
+    def __init__(self, spec: str, field: str):
+        module_name, sep, function_name = spec.partition(":")
+        if not sep or not module_name or not function_name:
+            raise ConfigError(f"{field} must be written 'module:function', got '{spec}'")
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as e:
+            if e.name is None or not (module_name == e.name or module_name.startswith(e.name + ".")):
+                raise  # the module exists but one of its own imports is missing: show the real error
+            raise ConfigError(f"{field}: no module named '{module_name}' (from {field}={spec})") from None
+        function = getattr(module, function_name, None)
+        if not callable(function):
+            what = "" if function is None else f" ({function_name} = {function!r} is not callable)"
+            raise ConfigError(f"{field}: module '{module_name}' has no function '{function_name}'{what}")
+        self.name, self.field, self.function = spec, field, function
+
+    def score(self, prompts: list[Prompt], responses: list[str]) -> list[float]:
+        scores = []
+        for i, (prompt, response) in enumerate(zip(prompts, responses)):
+            returned = self.function(prompt_text(prompt), response)
+            try:
+                value = float(returned)
+            except (TypeError, ValueError):
+                value = math.nan
+            if not math.isfinite(value):
+                raise ValueError(
+                    f"{self.field} {self.name} returned {returned!r} for response {i} ({response[:60]!r}); "
+                    "it must return a finite number"
+                )
+            scores.append(value)
+        return scores
+
+
+class RewardModelScorer:
+    """A reward model written by `alignkit rm`; ``alignkit.models.reward`` is imported only when one is used.
+
+    Each (prompt, response) is encoded as the policy sees it (``RewardModel.score``); ``batch_size`` responses
+    go through one forward pass.
+    """
+
+    def __init__(
+        self,
+        path: str,
+        *,
+        dtype: str,
+        device: Any,
+        trust_remote_code: bool,
+        batch_size: int,
+        progress: bool = False,
+    ):
+        from alignkit.models.reward import load_reward_model
+
+        self.reward_model = load_reward_model(
+            path, dtype=dtype, device=device, trust_remote_code=trust_remote_code
+        )
+        self.name = f"reward model {path}"
+        self.batch_size, self.progress = batch_size, progress
+
+    def score(self, prompts: list[Prompt], responses: list[str]) -> list[float]:
+        return self.reward_model.score(prompts, responses, batch_size=self.batch_size, progress=self.progress)
+
+
+_FUNCTION_SPEC = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*")
+
+
+def load_scorer(spec: str, field: str, **reward_model: Any) -> Scorer:
+    """One config value that is either ``module:function`` or a reward model directory -> its Scorer.
+
+    ``reward_model`` holds RewardModelScorer's keywords (dtype, device, trust_remote_code, batch_size,
+    progress), used only when ``spec`` is a directory. A path that exists is never taken for a function.
+    """
+    if _FUNCTION_SPEC.fullmatch(spec) and not Path(spec).exists():
+        return FunctionScorer(spec, field)
+    if Path(spec).expanduser().is_dir():
+        return RewardModelScorer(str(Path(spec).expanduser()), **reward_model)
+    raise ConfigError(
+        f"{field}: '{spec}' is neither 'module:function' (e.g. alignkit.rewards:politeness) "
+        "nor a reward model directory"
+    )
