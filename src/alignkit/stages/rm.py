@@ -211,7 +211,9 @@ def run(cfg: RMConfig) -> dict:
     fresh = not cfg.resume_from
     train_before = evaluate(cfg, model, held_in, pad_id)[0] if held_in and fresh else None
     eval_before = (
-        evaluate(cfg, model, eval_examples, pad_id)[0] if eval_examples and fresh and cfg.eval_before else None
+        evaluate(cfg, model, eval_examples, pad_id)[0]
+        if eval_examples and fresh and cfg.eval_before
+        else None
     )
 
     # The loop evaluates every eval_every steps and at the end; the last outcomes feed the summary.
