@@ -337,14 +337,16 @@ def interrupted(tmp_path_factory):
     procs = [reference, killed, terminated]
     try:
         metrics = tmp / "terminated" / "metrics.jsonl"
-        deadline = time.monotonic() + 90
-        while killed.poll() is None or terminated.returncode is None:
+        deadline = time.monotonic() + 120
+        term_sent = False
+        # Poll without blocking on either victim: waiting for one to exit could let the other run to its end.
+        while killed.poll() is None or terminated.poll() is None:
             assert time.monotonic() < deadline, "timed out waiting for the workers"
             if killed.poll() is None and (tmp / "killed/checkpoints/step-000002/COMPLETE").exists():
                 killed.kill()
-            if terminated.poll() is None and metrics.exists() and len(metrics.read_text().splitlines()) >= 3:
+            if not term_sent and metrics.exists() and len(metrics.read_text().splitlines()) >= 3:
                 terminated.send_signal(signal.SIGTERM)
-                terminated.wait(timeout=60)
+                term_sent = True
             time.sleep(0.01)
         killed.communicate()
         term_stdout, term_stderr = terminated.communicate()
