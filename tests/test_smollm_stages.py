@@ -61,6 +61,7 @@ def test_quickstart_main_job_shortened(tmp_path, capsys):
         "n_samples=2",
         "max_new_tokens=24",
         "dpo_epochs=1",
+        "eval_samples=2",
         "progress=false",
     ]
     assert main(args) == 0

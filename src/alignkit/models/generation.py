@@ -47,31 +47,27 @@ def hf_sampler(model, tokenizer, batch_size: int | None = None) -> Sampler:
     )
 
 
-def load_sampler(
-    backend: str,
-    model_name: str,
-    tokenizer,
-    *,
-    dtype: str,
-    trust_remote_code: bool,
-    device: torch.device,
-    gpu_memory_utilization: float,
-    seed: int,
-) -> Sampler:
-    """The sampler of ``generation_backend``: transformers' generate on the model loaded onto ``device``, or a
-    vLLM engine on its directory (``gpu_memory_utilization`` and ``seed`` are vLLM's)."""
-    if backend == "vllm":
-        from alignkit.models.vllm_engine import VLLMSampler
+def load_sampler(cfg, tokenizer, device: torch.device) -> Sampler:
+    """The sampler of ``cfg.generation_backend`` for ``cfg.model`` (a stage config with the generation
+    fields of ``config.GenerationBackendConfig``): transformers' generate on the model loaded onto ``device``,
+    or a vLLM engine on its directory (``vllm_gpu_memory_utilization`` and ``seed`` are vLLM's)."""
+    if cfg.generation_backend == "vllm":
+        return vllm_sampler(cfg, tokenizer, device)
+    return hf_sampler(load_model(cfg.model, cfg.dtype, cfg.trust_remote_code, device=device), tokenizer)
 
-        return VLLMSampler(
-            resolve_model(model_name),
-            tokenizer,
-            pick_dtype(dtype, device),
-            gpu_memory_utilization,
-            seed,
-            trust_remote_code,
-        )
-    return hf_sampler(load_model(model_name, dtype, trust_remote_code, device=device), tokenizer)
+
+def vllm_sampler(cfg, tokenizer, device: torch.device):
+    """A vLLM engine on ``cfg.model``'s directory (imported only when asked for)."""
+    from alignkit.models.vllm_engine import VLLMSampler
+
+    return VLLMSampler(
+        resolve_model(cfg.model),
+        tokenizer,
+        pick_dtype(cfg.dtype, device),
+        cfg.vllm_gpu_memory_utilization,
+        cfg.seed,
+        cfg.trust_remote_code,
+    )
 
 
 def check_generation_backend(backend: str) -> None:

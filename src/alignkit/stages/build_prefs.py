@@ -315,16 +315,7 @@ def sample_and_rank(cfg: BuildPrefsConfig, writer: Writer, done: dict[int, dict]
     )
     print(f"prompts: {loaded.summary()}", file=sys.stderr)
     tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code)
-    sample = load_sampler(
-        cfg.generation_backend,
-        cfg.model,
-        tokenizer,
-        dtype=cfg.dtype,
-        trust_remote_code=cfg.trust_remote_code,
-        device=device,
-        gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
-        seed=cfg.seed,
-    )
+    sample = load_sampler(cfg, tokenizer, device)
     sampling = {
         "model": cfg.model,
         "n_samples": cfg.n_samples,

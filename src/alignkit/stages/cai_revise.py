@@ -162,16 +162,7 @@ def run(cfg: CAIReviseConfig) -> dict:
 
     device = pick_device()
     tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code)
-    sampler = load_sampler(
-        cfg.generation_backend,
-        cfg.model,
-        tokenizer,
-        dtype=cfg.dtype,
-        trust_remote_code=cfg.trust_remote_code,
-        device=device,
-        gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
-        seed=cfg.seed,
-    )
+    sampler = load_sampler(cfg, tokenizer, device)
 
     def sample(conversations: list[list[dict]], batch_index: int, step: int) -> list[str]:
         ids = [encode_prompt(tokenizer, c, cfg.max_prompt_length) for c in conversations]

@@ -54,19 +54,22 @@ from alignkit.losses.ppo import (
     whiten,
 )
 from alignkit.models.forward import supports_chunked_head
-from alignkit.models.generation import Generation, SamplingConfig, check_generation_backend, generate_share
+from alignkit.models.generation import (
+    Generation,
+    SamplingConfig,
+    check_generation_backend,
+    generate_share,
+    vllm_sampler,
+)
 from alignkit.models.loading import (
     apply_lora,
     count_parameters,
     load_model,
     load_tokenizer,
     pick_device,
-    pick_dtype,
-    resolve_model,
     save_final,
 )
 from alignkit.models.value import ValueModel, add_value_adapter, keep_trainable, remove_value_adapter
-from alignkit.models.vllm_engine import VLLMSampler
 from alignkit.scoring import Scorer, load_scorer
 from alignkit.training import distributed
 from alignkit.training.checkpoint import checkpoint_dir, load_checkpoint, prune_checkpoints, save_checkpoint
@@ -566,14 +569,7 @@ def run(cfg: PPOConfig, monitors: MonitorSet | None = None) -> dict:
         kl_controller = AdaptiveKLController(cfg.init_kl_coef, cfg.kl_target, cfg.kl_horizon)
     monitors = monitors if monitors is not None else default_monitors("ppo")
     if cfg.generation_backend == "vllm":  # a vLLM engine on the starting weights, updated every iteration
-        sampler = VLLMSampler(
-            resolve_model(cfg.model),
-            tokenizer,
-            pick_dtype(cfg.dtype, device),
-            cfg.vllm_gpu_memory_utilization,
-            cfg.seed,
-            cfg.trust_remote_code,
-        )
+        sampler = vllm_sampler(cfg, tokenizer, device)
 
     # Resume: weights of policy and value, optimizer, schedule, RNG, KL controller, iteration. Nothing in a
     # checkpoint depends on the number of processes; the main process picks it, every process reads it.
