@@ -41,6 +41,11 @@ def collate_unpaired(batch: list[EncodedUnpaired], pad_id: int) -> dict:
     return out
 
 
+def pair_length(pair: EncodedPair) -> int:
+    """The padded width a pair asks of a batch: its prompt and its longer reply."""
+    return len(pair.prompt_ids) + max(len(pair.chosen_ids), len(pair.rejected_ids))
+
+
 def length_sorted_batches(lengths: list[int], batch_size: int, indices=None) -> list[list[int]]:
     """Index batches of similar length (from `indices`, default all), so forward-only passes such as
     evaluation and reference log-probs pad little."""

@@ -94,20 +94,16 @@ def independent_scores(eval_json: Path) -> dict:
     from alignkit.cai.checks import CHECKS
     from alignkit.evaluation.classifiers import offensive, sentiment
     from alignkit.evaluation.metrics import mean_ci
+    from alignkit.scoring import prompt_text
+    from alignkit.stages.eval import per_prompt_means
 
-    samples = json.loads(eval_json.read_text())["samples"]
+    evaluation = json.loads(eval_json.read_text())
+    samples, k = evaluation["samples"], evaluation["samples_per_prompt"]  # k consecutive samples per prompt
     scorers = {"sentiment (VADER)": sentiment, "offensive prob.": offensive, **CHECKS}
     out: dict[str, dict] = {}
     for name, f in scorers.items():
-        per_prompt: dict[str, dict[str, list[float]]] = {}
-        for s in samples:
-            prompt = s["prompt"] if isinstance(s["prompt"], str) else json.dumps(s["prompt"])
-            text = prompt if isinstance(s["prompt"], str) else ""
-            row = per_prompt.setdefault(prompt, {"policy": [], "reference": []})
-            for side in ("policy", "reference"):
-                row[side].append(f(text, s[side]))
         means = {
-            side: [sum(r[side]) / len(r[side]) for r in per_prompt.values()]
+            side: per_prompt_means([f(prompt_text(s["prompt"]), s[side]) for s in samples], k)
             for side in ("policy", "reference")
         }
         diff = mean_ci([p - r for p, r in zip(means["policy"], means["reference"])])
@@ -116,7 +112,7 @@ def independent_scores(eval_json: Path) -> dict:
             "reference": sum(means["reference"]) / len(means["reference"]),
             "diff": diff.value,
             "diff_ci95": [diff.low, diff.high],
-            "prompts": len(per_prompt),
+            "prompts": len(means["policy"]),
         }
     return out
 

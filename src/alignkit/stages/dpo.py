@@ -17,7 +17,7 @@ from typing import Literal
 import torch
 
 from alignkit.config import TrainConfig, doc_field
-from alignkit.data.collate import collate_pairs, length_sorted_batches
+from alignkit.data.collate import collate_pairs, length_sorted_batches, pair_length
 from alignkit.data.schemas import load_preferences
 from alignkit.data.tokenize import encode_pair
 from alignkit.evaluation.metrics import mean_ci
@@ -174,11 +174,6 @@ def dpo_step(model, batch: dict, cfg: DPOConfig, reference) -> StepOutput:
     return StepOutput(loss_sum=out.losses.sum(), metrics=out.metrics)
 
 
-def _pair_length(ex: PairExample) -> int:
-    e = ex.encoded
-    return len(e.prompt_ids) + max(len(e.chosen_ids), len(e.rejected_ids))
-
-
 @torch.no_grad()
 def evaluate(cfg: DPOConfig, model, reference, examples: list[PairExample], pad_id: int) -> tuple[dict, list]:
     """Mean metrics over held-out pairs, and each pair's correctness in input order (for the bootstrap)."""
@@ -187,7 +182,7 @@ def evaluate(cfg: DPOConfig, model, reference, examples: list[PairExample], pad_
     device = next(model.parameters()).device
     sums: dict[str, float] = {}
     correct = [0.0] * len(examples)
-    for idx in length_sorted_batches([_pair_length(ex) for ex in examples], cfg.eval_batch_size):
+    for idx in length_sorted_batches([pair_length(ex.encoded) for ex in examples], cfg.eval_batch_size):
         batch = collate([examples[i] for i in idx], pad_id)
         batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
         out = pair_outputs(cfg, model, reference, batch)
@@ -209,7 +204,7 @@ def precompute_reference(cfg: DPOConfig, model, examples: list[PairExample], pad
     model.eval()
     device = next(model.parameters()).device
     for idx in tqdm(
-        length_sorted_batches([_pair_length(ex) for ex in examples], cfg.eval_batch_size),
+        length_sorted_batches([pair_length(ex.encoded) for ex in examples], cfg.eval_batch_size),
         desc=desc,
         disable=not cfg.progress,
     ):

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from alignkit.config import ConfigError, TrainConfig, doc_field
-from alignkit.data.collate import collate_pairs, length_sorted_batches
+from alignkit.data.collate import collate_pairs, length_sorted_batches, pair_length
 from alignkit.data.io import BadRow, BadRowError, read_rows
 from alignkit.data.schemas import Loaded, load_preferences
 from alignkit.data.tokenize import EncodedPair, encode_pair
@@ -113,10 +113,7 @@ def evaluate(
     correct = [0.0] * len(examples)
     chosen_rewards = [0.0] * len(examples)
     rejected_rewards = [0.0] * len(examples)
-    lengths = [
-        len(e.encoded.prompt_ids) + max(len(e.encoded.chosen_ids), len(e.encoded.rejected_ids))
-        for e in examples
-    ]
+    lengths = [pair_length(e.encoded) for e in examples]
     for idx in length_sorted_batches(lengths, cfg.eval_batch_size):
         batch = collate([examples[i] for i in idx], pad_id)
         batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
