@@ -268,6 +268,37 @@ def test_one_ppo_step_equals_the_losses_by_hand(tiny_model_dir):
         torch.testing.assert_close(p.detach(), expected, rtol=0, atol=2e-6)
 
 
+def test_rollout_passes_in_trimmed_microbatches_equal_one_padded_pass(tiny_model_dir):
+    """rollout_passes runs micro-batches of rows of similar length, each cut to its longest row. On responses
+    of lengths 1 to 5 in 2-row micro-batches, its log-probs (policy and reference), entropies and values
+    must equal those of the whole right-padded batch in one pass, and be 0 past each response's end."""
+    torch.manual_seed(0)
+    policy = load_model(str(tiny_model_dir))
+    reference = load_model(str(tiny_model_dir))
+    value_model = ValueModel(load_model(str(tiny_model_dir)))
+    torch.nn.init.normal_(value_model.head.weight, std=0.3)
+    with torch.no_grad():
+        for p in reference.parameters():
+            p.add_(0.01 * torch.randn_like(p))  # a reference that differs from the policy
+    gens = [
+        Generation([1, 10, 11], [20, 21, 22, 23, 24], "", False),
+        Generation([1, 13], [22], "", True),
+        Generation([1, 10, 14, 15], [23, 24], "", False),
+        Generation([1], [25, 26, 27], "", False),
+        Generation([1, 12], [28, 29, 30, 31], "", False),
+    ]
+    batch = ppo.collate_samples(gens, pad_id=0, device=torch.device("cpu"))
+    one_pass = ppo._rollout_passes(ppo.PPOConfig(reward="x:y"), policy, reference, value_model, batch)
+    cfg = ppo.PPOConfig(reward="x:y", micro_batch_size=2)
+    passes = ppo.rollout_passes(cfg, policy, reference, value_model, batch)
+    assert set(passes) == {"logps", "ref_logps", "entropy", "values"}
+    for key, value in passes.items():
+        assert value.shape == (5, 5)
+        torch.testing.assert_close(value, one_pass[key] * batch["mask"], rtol=0, atol=1e-5)
+        assert torch.all(value[batch["mask"] == 0] == 0)
+    assert not torch.allclose(passes["logps"], passes["ref_logps"])
+
+
 def test_shipped_rewards_hand_values():
     """politeness: markers counted per occurrence, capped at 3, /3. brevity: exp(-|n - 20| / 20) for n words.
     length: words / 50."""

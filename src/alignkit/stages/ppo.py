@@ -220,7 +220,19 @@ class Rollout:
     returns: torch.Tensor  # (B, R) advantages + values (unwhitened): the value target
 
     def rows(self, index) -> Rollout:
-        return Rollout(**{f.name: getattr(self, f.name)[index] for f in dataclasses.fields(self)})
+        """The rows ``index``, without the padding columns they all share (see ``trim_padding``)."""
+        return Rollout(**trim_padding({f.name: getattr(self, f.name)[index] for f in dataclasses.fields(self)}))
+
+
+def trim_padding(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``batch`` cut to its longest row: sequence-layout tensors (B, T) to the longest prompt + response,
+    response-layout tensors (B, R) to the longest response. The rows are right-padded, and a causal model's
+    outputs at a position do not depend on later ones, so the cut changes no number, only the cost: a
+    micro-batch of short responses no longer pays for the longest response of the whole rollout."""
+    t = int(batch["attention_mask"].sum(1).max())
+    r = int(batch["mask"].sum(1).max())
+    sequence_keys = ("input_ids", "attention_mask", "loss_mask")
+    return {k: v[:, :t] if k in sequence_keys else v[:, :r] for k, v in batch.items()}
 
 
 def collate_samples(generations: list[Generation], pad_id: int, device: torch.device) -> dict:
@@ -294,7 +306,25 @@ def response_values(value_model: ValueModel, batch: dict) -> torch.Tensor:
 
 @torch.no_grad()
 def rollout_passes(cfg: PPOConfig, policy, reference, value_model, batch: dict) -> dict[str, torch.Tensor]:
-    """The forward passes of a rollout: "logps", "ref_logps", "entropy" and "values", each (B, R)."""
+    """The forward passes of a rollout: "logps", "ref_logps", "entropy" and "values", each (B, R).
+
+    micro_batch_size rows at a time, rows of similar length together and each micro-batch cut to its longest
+    row (``trim_padding``): replies of a few tokens do not pay for the longest one, and memory stays that of
+    one micro-batch."""
+    B, R = batch["mask"].shape
+    order = sorted(range(B), key=lambda i: int(batch["attention_mask"][i].sum()))
+    passes: dict[str, torch.Tensor] = {}
+    for start in range(0, B, cfg.micro_batch_size):
+        rows = torch.tensor(order[start : start + cfg.micro_batch_size], device=batch["mask"].device)
+        micro = trim_padding({k: v[rows] for k, v in batch.items()})
+        for key, value in _rollout_passes(cfg, policy, reference, value_model, micro).items():
+            if key not in passes:
+                passes[key] = value.new_zeros((B, R))
+            passes[key][rows, : value.shape[1]] = value
+    return passes
+
+
+def _rollout_passes(cfg: PPOConfig, policy, reference, value_model, batch: dict) -> dict[str, torch.Tensor]:
     logps, entropy = policy_outputs(policy, batch, cfg.logprob_chunk_size, cfg.temperature, with_entropy=True)
     if reference is None:  # LoRA: the frozen base with every adapter switched off is the reference
         with keep_trainable(policy), policy.disable_adapter():
