@@ -20,9 +20,8 @@ from typing import Literal
 import torch
 
 from alignkit.config import doc_field, required
-from alignkit.data.collate import collate_sft
 from alignkit.data.schemas import load_prompts
-from alignkit.data.tokenize import Encoded, encode_prompt
+from alignkit.data.tokenize import encode_prompt
 from alignkit.evaluation.metrics import (
     distinct_n,
     entropy_from_logits,
@@ -31,7 +30,7 @@ from alignkit.evaluation.metrics import (
     mean_entropy,
     win_rate,
 )
-from alignkit.models.forward import sequence_logprobs, supports_chunked_head
+from alignkit.models.forward import response_token_logprobs, sample_batches, supports_chunked_head
 from alignkit.models.generation import Generation, SamplingConfig, generate
 from alignkit.models.loading import load_final, load_model, load_tokenizer, pick_device
 from alignkit.scoring import FunctionScorer, RewardModelScorer, Scorer
@@ -128,34 +127,6 @@ def make_scorer(cfg: EvalConfig) -> Scorer | None:
 # ---------------------------------------------------------------------------------------------
 
 
-def _sample_batches(samples: list[Generation], batch_size: int):
-    """(indices, batch) over the samples as prompt + response rows, sorted by length (little padding)."""
-    order = sorted(
-        range(len(samples)), key=lambda i: len(samples[i].prompt_ids) + len(samples[i].response_ids)
-    )
-    for start in range(0, len(order), batch_size):
-        idx = order[start : start + batch_size]
-        rows = [Encoded(samples[i].prompt_ids, samples[i].response_ids, False) for i in idx]
-        yield idx, collate_sft(rows, pad_id=0)  # padding is masked out, so any id pads
-
-
-@torch.no_grad()
-def response_token_logprobs(
-    model, samples: list[Generation], batch_size: int, chunk: int
-) -> list[torch.Tensor]:
-    """log p(y_t | x, y_<t) of every response token under ``model``: one (T_i,) float tensor per sample."""
-    device = next(model.parameters()).device
-    out: list[torch.Tensor] = [torch.zeros(0)] * len(samples)
-    for idx, batch in _sample_batches(samples, batch_size):
-        ids, attn, mask = (batch[k].to(device) for k in ("input_ids", "attention_mask", "loss_mask"))
-        lp = sequence_logprobs(model, ids, attn, mask, chunk)
-        rows = lp.token_rows.cpu()
-        token_logps = lp.token_logps.float().cpu()  # (N,) in (row, position) order
-        for row, i in enumerate(idx):
-            out[i] = token_logps[rows == row]
-    return out
-
-
 @torch.no_grad()
 def response_token_entropies(
     model, samples: list[Generation], batch_size: int, chunk: int
@@ -168,7 +139,7 @@ def response_token_entropies(
     device = next(model.parameters()).device
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     out: list[torch.Tensor] = [torch.zeros(0)] * len(samples)
-    for idx, batch in _sample_batches(samples, batch_size):
+    for idx, batch in sample_batches(samples, batch_size):
         ids, attn, mask = (batch[k].to(device) for k in ("input_ids", "attention_mask", "loss_mask"))
         # The token at t was sampled from the distribution computed at t - 1.
         rows, cols = mask[:, 1:].bool().nonzero(as_tuple=True)  # (N,), (N,)
