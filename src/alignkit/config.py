@@ -55,7 +55,8 @@ class RuntimeConfig:
 
 @dataclass
 class GenerationBackendConfig:
-    """Which engine samples responses, for the stages that generate while they run (ppo, build-prefs, cai-revise)."""
+    """Which engine samples responses, for the stages that generate (ppo, online-dpo, build-prefs, cai-revise,
+    eval)."""
 
     generation_backend: Literal["hf", "vllm"] = doc_field(
         "hf",

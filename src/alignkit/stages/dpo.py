@@ -34,7 +34,8 @@ from alignkit.models.loading import (
 )
 from alignkit.training import distributed
 from alignkit.training.loop import StepOutput, train, visited_indices
-from alignkit.training.preference import pair_logprobs, pair_outputs
+from alignkit.training.preference import PairExample, pair_logprobs, pair_outputs
+from alignkit.training.preference import collate_pair_examples as collate
 from alignkit.training.run import RunDir
 
 
@@ -80,21 +81,6 @@ class ORPOConfig(DPOConfig):
 
 
 CONFIG = DPOConfig
-
-
-@dataclass
-class PairExample:
-    """A tokenized pair with its reference log-probs (summed and token-averaged), when precomputed."""
-
-    encoded: object  # alignkit.data.tokenize.EncodedPair
-    ref: torch.Tensor | None = None  # (4,) chosen sum, rejected sum, chosen mean, rejected mean
-
-
-def collate(examples: list[PairExample], pad_id: int) -> dict:
-    batch = collate_pairs([ex.encoded for ex in examples], pad_id)  # chosen rows, then rejected rows
-    if examples[0].ref is not None:
-        batch["ref"] = torch.stack([ex.ref for ex in examples])  # (B, 4)
-    return batch
 
 
 def dpo_step(model, batch: dict, cfg: DPOConfig, reference) -> StepOutput:

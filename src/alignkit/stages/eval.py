@@ -19,7 +19,7 @@ from typing import Literal
 
 import torch
 
-from alignkit.config import doc_field, required
+from alignkit.config import ConfigError, GenerationBackendConfig, doc_field, required
 from alignkit.data.schemas import load_prompts
 from alignkit.data.tokenize import encode_prompt
 from alignkit.evaluation.metrics import (
@@ -31,8 +31,8 @@ from alignkit.evaluation.metrics import (
     win_rate,
 )
 from alignkit.models.forward import response_token_logprobs, sample_batches, supports_chunked_head
-from alignkit.models.generation import Generation, SamplingConfig, generate
-from alignkit.models.loading import load_final, load_model, load_tokenizer, pick_device
+from alignkit.models.generation import Generation, SamplingConfig, check_generation_backend, load_sampler
+from alignkit.models.loading import ADAPTER_RECORD, load_final, load_model, load_tokenizer, pick_device
 from alignkit.scoring import FunctionScorer, RewardModelScorer, Scorer
 from alignkit.training.distributed import require_one_process
 
@@ -41,7 +41,7 @@ NO_REFERENCE = ("none", "null", "")
 
 
 @dataclass
-class EvalConfig:
+class EvalConfig(GenerationBackendConfig):
     """Sample the model and a reference on the same prompts; score, compare and write eval.json."""
 
     # --- models ---
@@ -270,6 +270,26 @@ def _load(name: str, cfg: EvalConfig, device):
     return load_model(name, cfg.dtype, cfg.trust_remote_code, device=device).eval()
 
 
+def check_vllm_models(cfg: EvalConfig) -> None:
+    """generation_backend=vllm: refuse, before loading anything, what one engine cannot sample. The engine
+    loads the policy's directory and then the reference's weights, so both must be plain models (a LoRA
+    adapter saved alone is not; a reference of another architecture is refused once it is loaded)."""
+    check_generation_backend(cfg.generation_backend)
+    if cfg.generation_backend != "vllm":
+        return
+    for field_name in ("model", "reference"):
+        name = getattr(cfg, field_name)
+        if name and (Path(name).expanduser() / ADAPTER_RECORD).is_file():
+            raise ConfigError(
+                f"generation_backend=vllm needs plain models, but {field_name}={name} is a LoRA adapter; save it "
+                "merged (merge_lora=true) or use generation_backend=hf"
+            )
+
+
+def _shapes(model) -> dict:
+    return {name: tuple(t.shape) for name, t in model.state_dict().items()}
+
+
 def _same_vocabulary(tok_a, tok_b) -> bool:
     return tok_a.get_vocab() == tok_b.get_vocab()
 
@@ -277,6 +297,7 @@ def _same_vocabulary(tok_a, tok_b) -> bool:
 def run(cfg: EvalConfig) -> dict:
     require_one_process("eval")
     started = time.time()
+    check_vllm_models(cfg)
     if cfg.samples_per_prompt < 1:
         raise ValueError(f"samples_per_prompt must be at least 1, got {cfg.samples_per_prompt}")
     reference_name = (
@@ -303,10 +324,12 @@ def run(cfg: EvalConfig) -> dict:
     prompt_ids = [encode_prompt(tokenizer, p, cfg.max_prompt_length) for p in prompts]
     sampling = SamplingConfig(cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.seed)
 
-    # 2. Policy samples (seeded), then the reference's with the same seed and settings.
+    # 2. Policy samples (seeded), then the reference's with the same seed and settings. hf: generate on the
+    #    loaded models. vLLM: one engine on the policy's directory, which then takes the reference's weights.
     device = pick_device()
     policy = _load(cfg.model, cfg, device)
-    policy_samples = generate(policy, tokenizer, prompt_ids, sampling, cfg.batch_size, cfg.progress, "policy")
+    sample = load_sampler(cfg, tokenizer, device, policy, cfg.batch_size, cfg.progress, "policy")
+    policy_samples = sample(prompt_ids, sampling)
     reference = reference_samples = None
     if reference_name is not None:
         if not _same_vocabulary(tokenizer, load_tokenizer(reference_name, cfg.trust_remote_code)):
@@ -316,9 +339,20 @@ def run(cfg: EvalConfig) -> dict:
             )
         # The same name is the same weights: reuse the loaded model rather than hold it twice.
         reference = policy if reference_name == cfg.model else _load(reference_name, cfg, device)
-        reference_samples = generate(
-            reference, tokenizer, prompt_ids, sampling, cfg.batch_size, cfg.progress, "reference"
-        )
+        if cfg.generation_backend == "vllm":
+            if reference is not policy:
+                if _shapes(reference) != _shapes(policy):
+                    raise ConfigError(
+                        f"generation_backend=vllm samples the reference with the policy's engine, but "
+                        f"reference={reference_name} is not a model of the same architecture and size; use "
+                        "generation_backend=hf"
+                    )
+                sample.update_weights(reference)
+        else:
+            sample = load_sampler(
+                cfg, tokenizer, device, reference, cfg.batch_size, cfg.progress, "reference"
+            )
+        reference_samples = sample(prompt_ids, sampling)
 
     # 3. KL(policy || reference) on the policy's own samples: each response token scored under both
     #    models; k1 = log p - log q and k3 = (r - 1) - log r with r = q / p (Schulman 2020).
@@ -373,6 +407,7 @@ def run(cfg: EvalConfig) -> dict:
             "top_p": cfg.top_p,
             "max_new_tokens": cfg.max_new_tokens,
             "seed": cfg.seed,
+            "generation_backend": cfg.generation_backend,
         },
         "scorer": scorer.name if scorer else None,
         "policy": side_summary(policy_samples, policy_scores, policy_entropies),

@@ -13,9 +13,27 @@ from dataclasses import dataclass
 
 import torch
 
+from alignkit.data.collate import collate_pairs
+from alignkit.data.tokenize import EncodedPair
 from alignkit.losses.preference import dpo_loss, ipo_loss, orpo_loss
 from alignkit.models.forward import sequence_logprobs
 from alignkit.models.packed import shared_prompt_logprobs
+
+
+@dataclass
+class PairExample:
+    """A tokenized pair with its reference log-probs (summed and token-averaged), when precomputed."""
+
+    encoded: EncodedPair
+    ref: torch.Tensor | None = None  # (4,) chosen sum, rejected sum, chosen mean, rejected mean
+
+
+def collate_pair_examples(examples: list[PairExample], pad_id: int) -> dict:
+    """``collate_pairs`` of the examples, with their reference log-probs as "ref" (B, 4) when they carry them."""
+    batch = collate_pairs([ex.encoded for ex in examples], pad_id)  # chosen rows, then rejected rows
+    if examples[0].ref is not None:
+        batch["ref"] = torch.stack([ex.ref for ex in examples])  # (B, 4)
+    return batch
 
 
 def pair_logprobs(model, batch: dict, chunk_size: int, share_prompt: bool = False):
