@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from alignkit import cli
-from alignkit.config import load_config
+from alignkit.config import ConfigError, load_config
 from alignkit.data.tokenize import EncodedPair
 from alignkit.errors import TrainingInterrupted
 from alignkit.evaluation.monitors import MonitorSet
@@ -277,3 +277,13 @@ def test_config_errors_name_the_field(extra, field, tiny_model_dir, prompt_file,
 def test_missing_reward_is_named(tiny_model_dir, capsys):
     assert cli.main(["online-dpo", f"model={tiny_model_dir}"]) == 2
     assert "missing required config field 'reward'" in capsys.readouterr().err
+
+
+def test_several_processes_are_refused(tiny_model_dir, prompt_file, tmp_path, monkeypatch):
+    """Not data parallel yet: a launch in several processes stops before the run folder is made."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    out = tmp_path / "run"
+    cfg = load_config(online_dpo.OnlineDPOConfig, None, _args(tiny_model_dir, prompt_file, out))
+    with pytest.raises(ConfigError, match="online-dpo runs in one process, but it was launched in 2"):
+        online_dpo.run(cfg)
+    assert not out.exists()

@@ -81,9 +81,9 @@ def _not_used(name: str) -> str:
 
 @dataclass
 class OnlineDPOConfig(GenerationBackendConfig, TrainConfig):
-    """Online DPO: each round samples the current policy, scores the samples with a reward and trains with DPO
-    on each prompt's best-vs-worst pair. Data: prompts (a `prompt` column, or `messages` ending with a user
-    turn)."""
+    """A round: samples_per_prompt responses to each of prompts_per_round prompts from the current policy,
+    scored by `reward`, each prompt's best against its worst, dpo_epochs of DPO steps on those pairs against
+    the starting model. Data: prompts (a `prompt` column, or `messages` ending with a user turn)."""
 
     train_data: str | None = doc_field(
         None,
