@@ -42,7 +42,8 @@ from alignkit.models.generation import (
     generate_share,
 )
 from alignkit.models.loading import load_model
-from alignkit.stages import build_prefs, cai_revise, ppo
+from alignkit.stages import build_prefs, cai_revise, online_dpo, ppo
+from alignkit.stages import eval as eval_stage
 from alignkit.training.distributed import rank_microbatches, rank_share
 
 SRC = Path(alignkit.__file__).resolve().parents[1]
@@ -356,6 +357,8 @@ def test_hf_is_the_default_generation_backend():
         (ppo.PPOConfig, ["reward=alignkit.rewards:politeness"]),
         (build_prefs.BuildPrefsConfig, ["output=x.jsonl"]),
         (cai_revise.CAIReviseConfig, ["prompts=p.jsonl", "output=x.jsonl"]),
+        (online_dpo.OnlineDPOConfig, ["reward=alignkit.rewards:politeness"]),
+        (eval_stage.EvalConfig, ["model=m"]),
     ):
         assert load_config(cls, None, required).generation_backend == "hf"
 

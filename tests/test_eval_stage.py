@@ -4,6 +4,7 @@ scoring paths against a plain per-sample forward, and where eval.json goes."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import shutil
@@ -16,7 +17,7 @@ from alignkit.config import load_config
 from alignkit.data.tokenize import encode_prompt
 from alignkit.evaluation.metrics import entropy_from_logits
 from alignkit.models.generation import SamplingConfig, generate
-from alignkit.models.loading import load_model
+from alignkit.models.loading import ADAPTER_RECORD, load_model
 from alignkit.scoring import FunctionScorer
 from alignkit.stages import eval as eval_stage
 from alignkit.stages.eval import EvalConfig, default_output
@@ -150,7 +151,13 @@ def test_no_reference_and_cli(tiny_model_dir, prompt_file, tmp_path, monkeypatch
     assert result["reference"] is None and result["kl"] is None and result["win_rate"] is None
     assert result["reference_stats"] is None and "reference" not in result["samples"][0]
     assert result["scorer"] is None and "score" not in result["policy"]
-    assert result["sampling"] == {"temperature": 0.7, "top_p": 1.0, "max_new_tokens": 6, "seed": 0}
+    assert result["sampling"] == {
+        "temperature": 0.7,
+        "top_p": 1.0,
+        "max_new_tokens": 6,
+        "seed": 0,
+        "generation_backend": "hf",
+    }
     assert all(s["policy_tokens"] <= 6 for s in result["samples"])
 
 
@@ -214,3 +221,36 @@ def test_default_output(tmp_path):
         str(default_output("HuggingFaceTB/SmolLM2-135M-Instruct"))
         == "eval-HuggingFaceTB_SmolLM2-135M-Instruct.json"
     )
+
+
+def test_hf_backend_samples_as_generate_did(other_dir, tiny_model_dir, tiny_tokenizer, prompt_file, tmp_path):
+    """generation_backend=hf (the default) samples as eval did before it took the backend: generate() on each
+    model with the run's seed, batch_size prompts per batch, each prompt repeated samples_per_prompt times;
+    the policy and the reference draw with the same seed (their samples differ because their weights do)."""
+    result = _eval(
+        tmp_path, other_dir, tiny_model_dir, f"prompts={prompt_file}", "seed=3", "samples_per_prompt=2"
+    )
+    ids = [encode_prompt(tiny_tokenizer, row["prompt"], None) for row in PROMPTS for _ in range(2)]
+    sampling = SamplingConfig(max_new_tokens=10, temperature=1.0, top_p=1.0, seed=3)
+    for model_dir, side in ((other_dir, "policy"), (tiny_model_dir, "reference")):
+        expected = generate(load_model(str(model_dir)), tiny_tokenizer, ids, sampling, 2, progress=False)
+        assert [s[side] for s in result["samples"]] == [g.text for g in expected]
+    assert [s["policy"] for s in result["samples"]] != [s["reference"] for s in result["samples"]]
+
+
+def test_vllm_backend_errors_name_the_field(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    """generation_backend=vllm where vllm is not installed (or no GPU): an error naming the field, before any
+    model loads. Where it could run, a LoRA adapter saved alone is refused, naming the field that holds it."""
+    args = ["eval", f"model={tiny_model_dir}", "generation_backend=vllm", f"output={tmp_path / 'e.json'}"]
+    if importlib.util.find_spec("vllm") is None or not torch.cuda.is_available():
+        assert cli.main(args) == 2
+        err = capsys.readouterr().err
+        assert "generation_backend=vllm needs" in err and "generation_backend=hf" in err
+        assert not (tmp_path / "e.json").exists()
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / ADAPTER_RECORD).write_text("{}")
+    monkeypatch.setattr(eval_stage, "check_generation_backend", lambda backend: None)
+    assert cli.main([*args[:-1], f"reference={adapter}", f"output={tmp_path / 'e.json'}"]) == 2
+    err = capsys.readouterr().err
+    assert f"reference={adapter} is a LoRA adapter" in err and "generation_backend=hf" in err

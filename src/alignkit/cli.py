@@ -37,6 +37,10 @@ STAGES: dict[str, tuple[str, str]] = {
     ),
     "kto": ("alignkit.stages.kto", "Kahneman-Tversky Optimization on unpaired good/bad feedback (or pairs)"),
     "ppo": ("alignkit.stages.ppo", "RLHF with PPO: policy, reference, reward and value models"),
+    "online-dpo": (
+        "alignkit.stages.online_dpo",
+        "Online DPO: each round samples the policy, scores with a reward, trains on best-vs-worst pairs",
+    ),
     "rm": ("alignkit.stages.rm", "Train a reward model (Bradley-Terry) on chosen/rejected pairs"),
     "score": (
         "alignkit.stages.score",

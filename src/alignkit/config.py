@@ -55,7 +55,8 @@ class RuntimeConfig:
 
 @dataclass
 class GenerationBackendConfig:
-    """Which engine samples responses, for the stages that generate while they run (ppo, build-prefs, cai-revise)."""
+    """Which engine samples responses, for the stages that generate (ppo, online-dpo, build-prefs, cai-revise,
+    eval)."""
 
     generation_backend: Literal["hf", "vllm"] = doc_field(
         "hf",
@@ -158,6 +159,20 @@ class TrainConfig:
     )
     tensorboard: bool = doc_field(True, "Also write TensorBoard logs under <run>/tensorboard.")
     progress: bool = doc_field(True, "Show a progress bar with ETA.")
+
+
+def not_used_doc(stage: str, instead: str) -> str:
+    """The doc of a TrainConfig field that ``stage`` does not use (``instead``: what to set in its place)."""
+    return f"Not used by {stage} (an error if changed): see {instead}."
+
+
+def refuse_unused(cfg: Any, not_used: dict[str, str], stage: str) -> None:
+    """Refuse the TrainConfig fields ``stage`` does not use (``not_used``: name -> what to set instead) when
+    ``cfg`` changed them from TrainConfig's default: a value that would be silently ignored is an error."""
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    for name, instead in not_used.items():
+        if getattr(cfg, name) != defaults[name]:
+            raise ConfigError(f"config key '{name}' is not used by {stage}; set {instead} instead")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -5,7 +5,6 @@ preference pairs: a reward model, an AI judge (the Constitutional AI work suppli
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -157,8 +156,3 @@ def scores_from_ranking(ranking: Any, n_responses: int) -> list[float | None]:
                 raise ValueError(f"response {number} appears twice in the ranking")
             scores[number - 1] = float(len(ranking) - k)
     return scores
-
-
-def is_scored(value: float | None) -> bool:
-    """A usable score: not None (left out of a human ranking) and not NaN (a ranker's "no opinion")."""
-    return value is not None and not math.isnan(value)

@@ -332,7 +332,8 @@ class MonitorSet:
 
 
 def default_monitors(stage: str, cooldown: int = 100) -> MonitorSet:
-    """The monitors worth running for a stage: "sft", "rm", "dpo" (also "ipo", "kto", "orpo") or "ppo".
+    """The monitors worth running for a stage: "sft", "rm", "dpo" (also "ipo", "kto", "orpo"), "ppo" or
+    "online-dpo".
 
     SFT watches only distinct-2: its token entropy falls by design as the loss falls.
     """
@@ -356,6 +357,19 @@ def default_monitors(stage: str, cooldown: int = 100) -> MonitorSet:
             RewardHackingMonitor(window=8),
             ModeCollapseMonitor(),
         ]
+    elif stage == "online-dpo":
+        # A row is a round: its own samples (KL to the reference, score, length, distinct-2, as PPO's) and the
+        # DPO updates on their pairs (the chosen side's log-prob and the margin, as offline DPO's). Samples
+        # drifting from the data is not a failure here: the policy's own samples are the data.
+        monitors = [
+            NonFiniteMonitor(),
+            KLExplosionMonitor(),
+            RewardHackingMonitor(window=8),
+            LikelihoodDisplacementMonitor(window=8),
+            ModeCollapseMonitor(keys=("distinct_2",)),
+        ]
     else:
-        raise ValueError(f"no default monitors for stage {stage!r}; known: sft, rm, dpo, ipo, kto, orpo, ppo")
+        raise ValueError(
+            f"no default monitors for stage {stage!r}; known: sft, rm, dpo, ipo, kto, orpo, ppo, online-dpo"
+        )
     return MonitorSet(monitors, cooldown=cooldown)

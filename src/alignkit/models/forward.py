@@ -7,9 +7,16 @@ The backbone gives final hidden states; the LM head is applied only at completio
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
+from alignkit.data.collate import collate_sft
+from alignkit.data.tokenize import Encoded
 from alignkit.losses.logprobs import SequenceLogprobs, completion_logprobs, naive_completion_logprobs
+
+if TYPE_CHECKING:
+    from alignkit.models.generation import Generation
 
 
 def _base(model):
@@ -53,3 +60,32 @@ def sequence_logprobs(
     ).last_hidden_state  # (B, T, H)
     head = base.get_output_embeddings()
     return completion_logprobs(hidden, head.weight, input_ids, loss_mask, chunk_size, head.bias)
+
+
+def sample_batches(samples: list[Generation], batch_size: int):
+    """(indices, batch) over sampled responses (``Generation``s, or anything with ``prompt_ids`` and
+    ``response_ids``) as prompt + response rows of ``collate_sft``, sorted by length (little padding)."""
+    order = sorted(
+        range(len(samples)), key=lambda i: len(samples[i].prompt_ids) + len(samples[i].response_ids)
+    )
+    for start in range(0, len(order), batch_size):
+        idx = order[start : start + batch_size]
+        rows = [Encoded(samples[i].prompt_ids, samples[i].response_ids, False) for i in idx]
+        yield idx, collate_sft(rows, pad_id=0)  # padding is masked out, so any id pads
+
+
+@torch.no_grad()
+def response_token_logprobs(
+    model, samples: list[Generation], batch_size: int, chunk: int
+) -> list[torch.Tensor]:
+    """log p(y_t | x, y_<t) of every response token under ``model``: one (T_i,) float tensor per sample."""
+    device = next(model.parameters()).device
+    out: list[torch.Tensor] = [torch.zeros(0)] * len(samples)
+    for idx, batch in sample_batches(samples, batch_size):
+        ids, attn, mask = (batch[k].to(device) for k in ("input_ids", "attention_mask", "loss_mask"))
+        lp = sequence_logprobs(model, ids, attn, mask, chunk)
+        rows = lp.token_rows.cpu()
+        token_logps = lp.token_logps.float().cpu()  # (N,) in (row, position) order
+        for row, i in enumerate(idx):
+            out[i] = token_logps[rows == row]
+    return out

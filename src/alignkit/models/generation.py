@@ -1,8 +1,8 @@
 """Batched sampling from a causal LM: left padding, the KV cache, seeded, with a progress bar.
 
-Shared by every stage that generates (quickstart, build-prefs, PPO, CAI, eval). PPO, build-prefs and
-cai-revise can sample with vLLM instead (``generation_backend=vllm``, ``alignkit.models.vllm_engine``); both
-backends are a ``Sampler``.
+Shared by every stage that generates (quickstart, build-prefs, PPO, online DPO, CAI, eval). PPO, online DPO,
+build-prefs, cai-revise and eval can sample with vLLM instead (``generation_backend=vllm``,
+``alignkit.models.vllm_engine``); both backends are a ``Sampler``.
 """
 
 from __future__ import annotations
@@ -40,20 +40,35 @@ class Generation:
 Sampler = Callable[[list[list[int]], SamplingConfig], list[Generation]]
 
 
-def hf_sampler(model, tokenizer, batch_size: int | None = None) -> Sampler:
+def hf_sampler(
+    model, tokenizer, batch_size: int | None = None, progress: bool = False, desc: str = "generating"
+) -> Sampler:
     """``generate`` on a transformers model: batch_size prompts per batch (None: all of a call's prompts)."""
     return lambda prompt_ids, sampling: generate(
-        model, tokenizer, prompt_ids, sampling, batch_size or len(prompt_ids), progress=False
+        model, tokenizer, prompt_ids, sampling, batch_size or len(prompt_ids), progress, desc
     )
 
 
-def load_sampler(cfg, tokenizer, device: torch.device) -> Sampler:
+def load_sampler(
+    cfg,
+    tokenizer,
+    device: torch.device,
+    model=None,
+    batch_size: int | None = None,
+    progress: bool = False,
+    desc: str = "generating",
+) -> Sampler:
     """The sampler of ``cfg.generation_backend`` for ``cfg.model`` (a stage config with the generation
-    fields of ``config.GenerationBackendConfig``): transformers' generate on the model loaded onto ``device``,
-    or a vLLM engine on its directory (``vllm_gpu_memory_utilization`` and ``seed`` are vLLM's)."""
+    fields of ``config.GenerationBackendConfig``): transformers' generate, on ``model`` when one is given (a
+    policy being trained, a model the stage also scores with) or else on ``cfg.model`` loaded onto ``device``,
+    ``batch_size`` prompts per batch; or a vLLM engine on ``cfg.model``'s directory
+    (``vllm_gpu_memory_utilization`` and ``seed`` are vLLM's; it batches by itself). ``progress`` and
+    ``desc``: a progress bar (hf only)."""
     if cfg.generation_backend == "vllm":
         return vllm_sampler(cfg, tokenizer, device)
-    return hf_sampler(load_model(cfg.model, cfg.dtype, cfg.trust_remote_code, device=device), tokenizer)
+    if model is None:
+        model = load_model(cfg.model, cfg.dtype, cfg.trust_remote_code, device=device)
+    return hf_sampler(model, tokenizer, batch_size, progress, desc)
 
 
 def vllm_sampler(cfg, tokenizer, device: torch.device):

@@ -19,10 +19,9 @@ from typing import Literal
 
 import torch
 
-from alignkit.config import doc_field, required
-from alignkit.data.collate import collate_sft
+from alignkit.config import ConfigError, GenerationBackendConfig, doc_field, required
 from alignkit.data.schemas import load_prompts
-from alignkit.data.tokenize import Encoded, encode_prompt
+from alignkit.data.tokenize import encode_prompt
 from alignkit.evaluation.metrics import (
     distinct_n,
     entropy_from_logits,
@@ -31,9 +30,9 @@ from alignkit.evaluation.metrics import (
     mean_entropy,
     win_rate,
 )
-from alignkit.models.forward import sequence_logprobs, supports_chunked_head
-from alignkit.models.generation import Generation, SamplingConfig, generate
-from alignkit.models.loading import load_final, load_model, load_tokenizer, pick_device
+from alignkit.models.forward import response_token_logprobs, sample_batches, supports_chunked_head
+from alignkit.models.generation import Generation, SamplingConfig, check_generation_backend, load_sampler
+from alignkit.models.loading import ADAPTER_RECORD, load_final, load_model, load_tokenizer, pick_device
 from alignkit.scoring import FunctionScorer, RewardModelScorer, Scorer
 from alignkit.training.distributed import require_one_process
 
@@ -42,7 +41,7 @@ NO_REFERENCE = ("none", "null", "")
 
 
 @dataclass
-class EvalConfig:
+class EvalConfig(GenerationBackendConfig):
     """Sample the model and a reference on the same prompts; score, compare and write eval.json."""
 
     # --- models ---
@@ -128,34 +127,6 @@ def make_scorer(cfg: EvalConfig) -> Scorer | None:
 # ---------------------------------------------------------------------------------------------
 
 
-def _sample_batches(samples: list[Generation], batch_size: int):
-    """(indices, batch) over the samples as prompt + response rows, sorted by length (little padding)."""
-    order = sorted(
-        range(len(samples)), key=lambda i: len(samples[i].prompt_ids) + len(samples[i].response_ids)
-    )
-    for start in range(0, len(order), batch_size):
-        idx = order[start : start + batch_size]
-        rows = [Encoded(samples[i].prompt_ids, samples[i].response_ids, False) for i in idx]
-        yield idx, collate_sft(rows, pad_id=0)  # padding is masked out, so any id pads
-
-
-@torch.no_grad()
-def response_token_logprobs(
-    model, samples: list[Generation], batch_size: int, chunk: int
-) -> list[torch.Tensor]:
-    """log p(y_t | x, y_<t) of every response token under ``model``: one (T_i,) float tensor per sample."""
-    device = next(model.parameters()).device
-    out: list[torch.Tensor] = [torch.zeros(0)] * len(samples)
-    for idx, batch in _sample_batches(samples, batch_size):
-        ids, attn, mask = (batch[k].to(device) for k in ("input_ids", "attention_mask", "loss_mask"))
-        lp = sequence_logprobs(model, ids, attn, mask, chunk)
-        rows = lp.token_rows.cpu()
-        token_logps = lp.token_logps.float().cpu()  # (N,) in (row, position) order
-        for row, i in enumerate(idx):
-            out[i] = token_logps[rows == row]
-    return out
-
-
 @torch.no_grad()
 def response_token_entropies(
     model, samples: list[Generation], batch_size: int, chunk: int
@@ -168,7 +139,7 @@ def response_token_entropies(
     device = next(model.parameters()).device
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     out: list[torch.Tensor] = [torch.zeros(0)] * len(samples)
-    for idx, batch in _sample_batches(samples, batch_size):
+    for idx, batch in sample_batches(samples, batch_size):
         ids, attn, mask = (batch[k].to(device) for k in ("input_ids", "attention_mask", "loss_mask"))
         # The token at t was sampled from the distribution computed at t - 1.
         rows, cols = mask[:, 1:].bool().nonzero(as_tuple=True)  # (N,), (N,)
@@ -299,6 +270,26 @@ def _load(name: str, cfg: EvalConfig, device):
     return load_model(name, cfg.dtype, cfg.trust_remote_code, device=device).eval()
 
 
+def check_vllm_models(cfg: EvalConfig) -> None:
+    """generation_backend=vllm: refuse, before loading anything, what one engine cannot sample. The engine
+    loads the policy's directory and then the reference's weights, so both must be plain models (a LoRA
+    adapter saved alone is not; a reference of another architecture is refused once it is loaded)."""
+    check_generation_backend(cfg.generation_backend)
+    if cfg.generation_backend != "vllm":
+        return
+    for field_name in ("model", "reference"):
+        name = getattr(cfg, field_name)
+        if name and (Path(name).expanduser() / ADAPTER_RECORD).is_file():
+            raise ConfigError(
+                f"generation_backend=vllm needs plain models, but {field_name}={name} is a LoRA adapter; save it "
+                "merged (merge_lora=true) or use generation_backend=hf"
+            )
+
+
+def _shapes(model) -> dict:
+    return {name: tuple(t.shape) for name, t in model.state_dict().items()}
+
+
 def _same_vocabulary(tok_a, tok_b) -> bool:
     return tok_a.get_vocab() == tok_b.get_vocab()
 
@@ -306,6 +297,7 @@ def _same_vocabulary(tok_a, tok_b) -> bool:
 def run(cfg: EvalConfig) -> dict:
     require_one_process("eval")
     started = time.time()
+    check_vllm_models(cfg)
     if cfg.samples_per_prompt < 1:
         raise ValueError(f"samples_per_prompt must be at least 1, got {cfg.samples_per_prompt}")
     reference_name = (
@@ -332,10 +324,12 @@ def run(cfg: EvalConfig) -> dict:
     prompt_ids = [encode_prompt(tokenizer, p, cfg.max_prompt_length) for p in prompts]
     sampling = SamplingConfig(cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.seed)
 
-    # 2. Policy samples (seeded), then the reference's with the same seed and settings.
+    # 2. Policy samples (seeded), then the reference's with the same seed and settings. hf: generate on the
+    #    loaded models. vLLM: one engine on the policy's directory, which then takes the reference's weights.
     device = pick_device()
     policy = _load(cfg.model, cfg, device)
-    policy_samples = generate(policy, tokenizer, prompt_ids, sampling, cfg.batch_size, cfg.progress, "policy")
+    sample = load_sampler(cfg, tokenizer, device, policy, cfg.batch_size, cfg.progress, "policy")
+    policy_samples = sample(prompt_ids, sampling)
     reference = reference_samples = None
     if reference_name is not None:
         if not _same_vocabulary(tokenizer, load_tokenizer(reference_name, cfg.trust_remote_code)):
@@ -345,9 +339,20 @@ def run(cfg: EvalConfig) -> dict:
             )
         # The same name is the same weights: reuse the loaded model rather than hold it twice.
         reference = policy if reference_name == cfg.model else _load(reference_name, cfg, device)
-        reference_samples = generate(
-            reference, tokenizer, prompt_ids, sampling, cfg.batch_size, cfg.progress, "reference"
-        )
+        if cfg.generation_backend == "vllm":
+            if reference is not policy:
+                if _shapes(reference) != _shapes(policy):
+                    raise ConfigError(
+                        f"generation_backend=vllm samples the reference with the policy's engine, but "
+                        f"reference={reference_name} is not a model of the same architecture and size; use "
+                        "generation_backend=hf"
+                    )
+                sample.update_weights(reference)
+        else:
+            sample = load_sampler(
+                cfg, tokenizer, device, reference, cfg.batch_size, cfg.progress, "reference"
+            )
+        reference_samples = sample(prompt_ids, sampling)
 
     # 3. KL(policy || reference) on the policy's own samples: each response token scored under both
     #    models; k1 = log p - log q and k3 = (r - 1) - log r with r = q / p (Schulman 2020).
@@ -402,6 +407,7 @@ def run(cfg: EvalConfig) -> dict:
             "top_p": cfg.top_p,
             "max_new_tokens": cfg.max_new_tokens,
             "seed": cfg.seed,
+            "generation_backend": cfg.generation_backend,
         },
         "scorer": scorer.name if scorer else None,
         "policy": side_summary(policy_samples, policy_scores, policy_entropies),

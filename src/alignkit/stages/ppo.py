@@ -33,6 +33,8 @@ from alignkit.config import (
     GenerationBackendConfig,
     TrainConfig,
     doc_field,
+    not_used_doc,
+    refuse_unused,
     required,
 )
 from alignkit.data.schemas import load_prompts
@@ -73,6 +75,7 @@ from alignkit.models.value import ValueModel, add_value_adapter, keep_trainable,
 from alignkit.scoring import Scorer, load_scorer
 from alignkit.training import distributed
 from alignkit.training.checkpoint import checkpoint_dir, load_checkpoint, prune_checkpoints, save_checkpoint
+from alignkit.training.online import derived_seed, iteration_prompts, optimizer_step, truncate_jsonl
 from alignkit.training.run import RunDir, peak_rss_mb
 from alignkit.training.schedule import build_scheduler
 from alignkit.training.signals import StopSignals
@@ -92,7 +95,7 @@ NOT_USED = {
 
 
 def _not_used(name: str) -> str:
-    return f"Not used by ppo (an error if changed): see {NOT_USED[name]}."
+    return not_used_doc("ppo", NOT_USED[name])
 
 
 @dataclass
@@ -440,47 +443,11 @@ def ppo_step(
         for key, value in stats.items():
             sums[key] = sums.get(key, 0.0) + (float(value * weight) if share else 0.0)
     sums = dict(zip(sums, distributed.all_reduce(list(sums.values()))))  # each rank holds its rows' part
-    max_norm = cfg.max_grad_norm if cfg.max_grad_norm is not None else math.inf
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
-    finite = math.isfinite(sums["loss"]) and math.isfinite(grad_norm)
-    lr = optimizer.param_groups[0]["lr"]
-    if finite:
-        optimizer.step()
-    scheduler.step()
-    optimizer.zero_grad(set_to_none=True)
-    return {**sums, "grad_norm": grad_norm, "lr": lr, "nonfinite": float(not finite)}
+    return {**sums, **optimizer_step(optimizer, scheduler, params, cfg.max_grad_norm, sums["loss"])}
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Seeds, prompt order, stop signals
-
-
-def derived_seed(*parts: int) -> int:
-    """A 31-bit seed from (run seed, iteration, purpose): numpy's SeedSequence mixes them, so neighbouring
-    iterations draw unrelated streams and a resumed run draws exactly what the uninterrupted one did."""
-    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0]) & 0x7FFFFFFF
-
-
-def iteration_prompts(n_prompts: int, per_iteration: int, iteration: int, seed: int) -> list[int]:
-    """Prompt indices of an iteration: the next slice of a stream of seeded permutations (one per pass over
-    the prompts), so every prompt is used once per pass and the order depends only on (seed, iteration)."""
-    order: dict[int, list[int]] = {}
-    indices = []
-    for k in range(iteration * per_iteration, (iteration + 1) * per_iteration):
-        epoch, position = divmod(k, n_prompts)
-        if epoch not in order:
-            generator = torch.Generator().manual_seed(derived_seed(seed, epoch, 2))
-            order[epoch] = torch.randperm(n_prompts, generator=generator).tolist()
-        indices.append(order[epoch][position])
-    return indices
-
-
-def _truncate_jsonl(path: Path, step: int) -> None:
-    """Drop rows with "step" > ``step`` (on resume, so each iteration's samples appear once)."""
-    if path.exists():
-        lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
-        kept = [line for line in lines if line.endswith("\n") and json.loads(line)["step"] <= step]
-        path.write_text("".join(kept), encoding="utf-8")
+# Launch and configuration checks
 
 
 def check_launch(cfg: PPOConfig) -> None:
@@ -504,10 +471,7 @@ def check_launch(cfg: PPOConfig) -> None:
 
 
 def check_config(cfg: PPOConfig) -> None:
-    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
-    for name, instead in NOT_USED.items():
-        if getattr(cfg, name) != defaults[name]:
-            raise ConfigError(f"config key '{name}' is not used by ppo; set {instead} instead")
+    refuse_unused(cfg, NOT_USED, "ppo")
     if cfg.temperature <= 0:
         raise ConfigError("temperature must be > 0: PPO's ratio and KL need the policy's own samples")
     check_generation_backend(cfg.generation_backend)
@@ -625,7 +589,7 @@ def run(cfg: PPOConfig, monitors: MonitorSet | None = None) -> dict:
     run_dir.truncate_metrics_after(start)
     samples_path = run_dir.path / "samples.jsonl"
     if main:
-        _truncate_jsonl(samples_path, start)
+        truncate_jsonl(samples_path, start)
     # The update's forward pass: policy and value model as one module, for DDP to sync both (one process:
     # the module itself). Wrapping broadcasts rank 0's weights, which every rank already holds.
     stepper = distributed.data_parallel(distributed.StepModule(trained, functools.partial(_ppo_loss_of, cfg)))

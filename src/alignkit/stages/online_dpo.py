@@ -1,0 +1,483 @@
+"""`alignkit online-dpo`: online (iterative) DPO, pairs sampled from the policy being trained, every round.
+
+Offline DPO learns from pairs another policy wrote, and says less about the policy's own responses the further
+it moves from that one (distribution shift). Online DPO samples fresh pairs from the current policy each round
+and ranks them with a reward (Xu et al. 2023, "Some things are more CRINGE than others", pairwise iterative
+training; Guo et al. 2024, "Direct Language Model Alignment from Online AI Feedback"; Xiong et al. 2024,
+"Iterative Preference Learning from Human Feedback"). One round is one loop body in `run`, numbered:
+sample -> score -> pair best vs worst -> reference log-probs -> DPO epochs -> log.
+
+It reuses what the other stages use: the sampler (`models.generation`), the reward (`scoring`), build-prefs'
+pairing rule (`data.pairing`), DPO's pair log-probs and loss (`training.preference`, `losses.preference`) and
+PPO's seeded per-iteration bookkeeping (`training.online`). One process only.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from alignkit.config import (
+    ConfigError,
+    GenerationBackendConfig,
+    TrainConfig,
+    doc_field,
+    not_used_doc,
+    refuse_unused,
+    required,
+)
+from alignkit.data.pairing import make_pairs
+from alignkit.data.schemas import load_prompts
+from alignkit.data.tokenize import EncodedPair, encode_prompt
+from alignkit.errors import TrainingInterrupted
+from alignkit.evaluation.metrics import distinct_n, kl_per_token, length_stats, pearson
+from alignkit.evaluation.monitors import MonitorSet, default_monitors
+from alignkit.models.forward import response_token_logprobs
+from alignkit.models.generation import Generation, SamplingConfig, check_generation_backend, load_sampler
+from alignkit.models.loading import (
+    apply_lora,
+    count_parameters,
+    load_model,
+    load_tokenizer,
+    pick_device,
+    save_final,
+)
+from alignkit.scoring import load_scorer
+from alignkit.training.checkpoint import checkpoint_dir, load_checkpoint, prune_checkpoints, save_checkpoint
+from alignkit.training.distributed import require_one_process
+from alignkit.training.online import derived_seed, iteration_prompts, optimizer_step, truncate_jsonl
+from alignkit.training.preference import PairExample, collate_pair_examples, pair_outputs
+from alignkit.training.run import RunDir, peak_rss_mb
+from alignkit.training.schedule import build_scheduler
+from alignkit.training.signals import StopSignals
+
+DEFAULT_PROMPTS = Path(__file__).resolve().parents[1] / "assets" / "prompts.jsonl"
+
+# TrainConfig fields that mean nothing in a round's loop, and what to set instead (a changed one is an error).
+NOT_USED = {
+    "batch_size": "prompts_per_round (samples) and minibatch_size (pairs per optimizer step)",
+    "epochs": "rounds and dpo_epochs",
+    "max_steps": "rounds",
+    "max_length": "max_prompt_length and max_new_tokens",
+    "eval_data": "`alignkit eval` on the final model",
+    "eval_every": "`alignkit eval` on the final model",
+}
+
+
+def _not_used(name: str) -> str:
+    return not_used_doc("online-dpo", NOT_USED[name])
+
+
+@dataclass
+class OnlineDPOConfig(GenerationBackendConfig, TrainConfig):
+    """A round: samples_per_prompt responses to each of prompts_per_round prompts from the current policy,
+    scored by `reward`, each prompt's best against its worst, dpo_epochs of DPO steps on those pairs against
+    the starting model. Data: prompts (a `prompt` column, or `messages` ending with a user turn)."""
+
+    train_data: str | None = doc_field(
+        None,
+        "Prompts to sample from; None uses the prompts shipped with alignkit (assets/prompts.jsonl).",
+    )
+    reward: str = required(
+        "'module:function' with function(prompt: str, response: str) -> float (e.g. "
+        "alignkit.evaluation.classifiers:sentiment), or a reward model directory written by `alignkit rm`."
+    )
+    reward_batch_size: int = doc_field(8, "Responses per forward pass of a reward model.")
+    # --- rounds ---
+    rounds: int = doc_field(10, "Rounds; each samples, scores, pairs and updates once.")
+    prompts_per_round: int = doc_field(8, "Prompts per round; each makes at most one pair.")
+    samples_per_prompt: int = doc_field(
+        4, "Responses sampled per prompt (at least 2); the best and the worst by the reward make its pair."
+    )
+    max_new_tokens: int = doc_field(48, "Longest response in tokens.")
+    temperature: float = doc_field(
+        1.0, "Sampling temperature (> 0: the samples of one prompt must differ to make a pair)."
+    )
+    top_p: float = doc_field(1.0, "Nucleus sampling: sample from the smallest token set with this mass.")
+    generation_batch_size: int = doc_field(
+        16, "Sequences per batched generate() call (generation_backend=hf; vLLM batches by itself)."
+    )
+    max_prompt_length: int | None = doc_field(256, "Longest prompt in tokens (its end is kept).")
+    forward_batch_size: int = doc_field(
+        16, "Samples per no-grad forward pass (the reference's and the policy's log-probs of the samples)."
+    )
+    # --- objective ---
+    loss: Literal["dpo", "ipo"] = doc_field("dpo", "Which objective on the pairs: DPO or IPO.")
+    beta: float = doc_field(0.1, "DPO/IPO temperature on the log-ratios (KL strength).")
+    label_smoothing: float = doc_field(0.0, "DPO only: assumed label-flip rate (conservative DPO).")
+    ipo_average_logps: bool = doc_field(
+        True, "IPO on token-averaged log-ratios (as TRL's DPOTrainer); False uses sums as the IPO paper."
+    )
+    share_prompt: bool = doc_field(
+        True, "Run each pair's prompt once, [prompt | chosen | rejected] in one masked row: same log-probs."
+    )
+    # --- update ---
+    dpo_epochs: int = doc_field(1, "Passes of minibatch DPO updates over each round's pairs.")
+    minibatch_size: int = doc_field(8, "Pairs per optimizer step.")
+    micro_batch_size: int = doc_field(
+        2, "Pairs per forward/backward pass; a minibatch is accumulated from these exactly."
+    )
+    learning_rate: float = doc_field(1e-6, "Peak AdamW learning rate (LoRA usually wants ~1e-4).")
+    lr_scheduler: Literal["constant", "linear", "cosine"] = doc_field(
+        "constant",
+        "Learning-rate schedule over all rounds; each round counts as dpo_epochs * ceil(prompts_per_round / "
+        "minibatch_size) steps, whatever number of pairs it made, so the schedule is fixed in advance.",
+    )
+    log_every: int = doc_field(1, "Write metrics every N rounds.")
+    save_every: int | None = doc_field(None, "Write a checkpoint every N rounds (and at the end).")
+    # --- TrainConfig fields online-dpo does not use (same defaults) ---
+    batch_size: int = doc_field(8, _not_used("batch_size"))
+    epochs: int = doc_field(1, _not_used("epochs"))
+    max_steps: int | None = doc_field(None, _not_used("max_steps"))
+    max_length: int = doc_field(1024, _not_used("max_length"))
+    eval_data: str | None = doc_field(None, _not_used("eval_data"))
+    eval_every: int | None = doc_field(None, _not_used("eval_every"))
+
+
+CONFIG = OnlineDPOConfig
+
+
+def check_config(cfg: OnlineDPOConfig) -> None:
+    refuse_unused(cfg, NOT_USED, "online-dpo")
+    if cfg.samples_per_prompt < 2:
+        raise ConfigError(
+            f"config key 'samples_per_prompt' must be at least 2 to make a pair, got {cfg.samples_per_prompt}"
+        )
+    if cfg.temperature <= 0:
+        raise ConfigError("config key 'temperature' must be > 0: greedy samples of a prompt are all the same")
+    for name in ("rounds", "prompts_per_round", "dpo_epochs", "minibatch_size", "micro_batch_size"):
+        if getattr(cfg, name) < 1:
+            raise ConfigError(f"config key '{name}' must be at least 1, got {getattr(cfg, name)}")
+    check_generation_backend(cfg.generation_backend)
+    if cfg.generation_backend == "vllm" and cfg.lora:
+        raise ConfigError(
+            "generation_backend=vllm with lora=true is not supported: the engine takes a plain model's weights "
+            "each round, and merging the adapter into them is not implemented; use lora=false or "
+            "generation_backend=hf"
+        )
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Steps 3-5 of a round
+
+
+@dataclass
+class RoundPairs:
+    pairs: list[tuple[int, int]]  # (chosen, rejected) indices into the round's samples
+    n_ties: int  # prompts whose best and worst usable responses scored the same: no pair
+    n_left_out: int  # responses left out before pairing: empty or repeating another of the same prompt
+
+
+def pair_samples(texts: list[str], scores: list[float], samples_per_prompt: int) -> RoundPairs:
+    """Best vs worst of each prompt's ``samples_per_prompt`` consecutive samples, by build-prefs' rule
+    (``data.pairing.make_pairs``: empty and repeated responses left out, a tie makes no pair)."""
+    k = samples_per_prompt
+    pairs, n_ties, n_left_out = [], 0, 0
+    for first in range(0, len(texts), k):
+        pairing = make_pairs(texts[first : first + k], scores[first : first + k], "best_vs_worst")
+        pairs += [(first + c, first + r) for c, r in pairing.pairs]
+        n_ties += pairing.n_ties
+        n_left_out += pairing.n_empty + pairing.n_duplicate
+    return RoundPairs(pairs, n_ties, n_left_out)
+
+
+def pair_examples(
+    generations: list[Generation], ref_logps: list[torch.Tensor], pairs: list[tuple[int, int]]
+) -> list[PairExample]:
+    """The round's pairs as DPO examples, each with its reference log-probs (sum and mean of the response
+    tokens, taken from the per-sample ones): chosen and rejected are sampled token ids, never re-tokenized."""
+    examples = []
+    for c, r in pairs:
+        encoded = EncodedPair(
+            generations[c].prompt_ids, generations[c].response_ids, generations[r].response_ids, False
+        )
+        chosen, rejected = ref_logps[c], ref_logps[r]  # (T_c,), (T_r,)
+        ref = torch.stack([chosen.sum(), rejected.sum(), chosen.mean(), rejected.mean()]).float()  # (4,)
+        examples.append(PairExample(encoded, ref))
+    return examples
+
+
+def dpo_update(
+    cfg: OnlineDPOConfig, policy, minibatch: list[PairExample], optimizer, scheduler, params, pad_id: int
+):
+    """One optimizer step on a minibatch of pairs with the DPO/IPO loss of ``training.preference``, accumulated
+    over micro-batches: each micro-batch's summed loss is divided by the minibatch's pairs, so the gradient is
+    that of the mean loss over the minibatch. Returns the minibatch's mean loss and pair metrics, and the
+    step's grad_norm, lr and nonfinite flag (a non-finite step is skipped)."""
+    device = next(policy.parameters()).device
+    n_pairs = len(minibatch)
+    sums: dict[str, float] = {}
+    for s in range(0, n_pairs, cfg.micro_batch_size):
+        batch = collate_pair_examples(minibatch[s : s + cfg.micro_batch_size], pad_id)
+        batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+        out = pair_outputs(cfg, policy, None, batch)  # the reference's log-probs ride in batch["ref"]
+        (out.losses.sum() / n_pairs).backward()
+        for key, value in {"loss": out.losses.sum().item(), **out.metrics}.items():
+            sums[key] = sums.get(key, 0.0) + value / n_pairs
+    return {**sums, **optimizer_step(optimizer, scheduler, params, cfg.max_grad_norm, sums["loss"])}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The stage
+
+
+def run(cfg: OnlineDPOConfig, monitors: MonitorSet | None = None) -> dict:
+    """Train the policy with online DPO; ``monitors`` replaces the default failure monitors (for tests)."""
+    started = time.time()
+    check_config(cfg)
+    require_one_process("online-dpo")  # one sampler and one writer; see the README's "Online DPO"
+    run_dir = RunDir.create(cfg.output_dir, "online-dpo", cfg.resume_from, cfg.tensorboard)
+    run_dir.write_config(cfg)
+    print(f"run folder: {run_dir.path}", file=sys.stderr)
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)  # LoRA's A matrices are drawn from it
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
+    device = pick_device()
+
+    # Prompts, tokenized with the chat template.
+    tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code)
+    loaded = load_prompts(
+        cfg.train_data or str(DEFAULT_PROMPTS),
+        cfg.on_bad_row,
+        split=cfg.train_split,
+        rows=cfg.train_rows,
+        limit=cfg.max_train_rows,
+    )
+    print(f"prompts: {loaded.summary()}", file=sys.stderr)
+    prompts = [ex.prompt for ex in loaded.examples]
+    if not prompts:
+        raise ConfigError("train_data holds no prompts")
+    prompt_ids = [encode_prompt(tokenizer, p, cfg.max_prompt_length) for p in prompts]
+
+    # The roles: the policy; the frozen reference it starts as (LoRA: the same base with the adapters off, as
+    # DPO's reference=adapter; full fine-tuning: a frozen copy); the reward; the sampler (hf: generate on the
+    # policy itself; vLLM: an engine that takes the policy's weights each round).
+    scorer = load_scorer(
+        cfg.reward,
+        "reward",
+        dtype=cfg.dtype,
+        device=device,
+        trust_remote_code=cfg.trust_remote_code,
+        batch_size=cfg.reward_batch_size,
+    )
+    policy = load_model(cfg.model, cfg.dtype, cfg.trust_remote_code, device=device)
+    if cfg.lora:
+        policy = apply_lora(policy, cfg)
+        reference = None
+    else:
+        reference = load_model(cfg.model, cfg.dtype, cfg.trust_remote_code, device=device).eval()
+        reference.requires_grad_(False)
+    trainable, total = count_parameters(policy)
+    params = [p for p in policy.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(
+        params,
+        lr=cfg.learning_rate,
+        betas=(cfg.adam_beta1, cfg.adam_beta2),
+        eps=cfg.adam_eps,
+        weight_decay=cfg.weight_decay,
+    )
+    steps_per_round = cfg.dpo_epochs * math.ceil(cfg.prompts_per_round / cfg.minibatch_size)
+    scheduler = build_scheduler(optimizer, cfg.lr_scheduler, cfg.warmup_steps, cfg.rounds * steps_per_round)
+    sampler = load_sampler(cfg, tokenizer, device, model=policy, batch_size=cfg.generation_batch_size)
+    monitors = monitors if monitors is not None else default_monitors("online-dpo")
+
+    # Resume: policy weights (LoRA: the adapters), optimizer, schedule, RNG and the round counter.
+    start, n_nonfinite, elapsed_before = 0, 0, 0.0
+    resume = str(run_dir.latest_checkpoint() or "") if cfg.resume_from == "latest" else cfg.resume_from
+    if resume:
+        state = load_checkpoint(resume, policy, optimizer, scheduler)
+        if (state["n_prompts"], state["prompts_per_round"]) != (len(prompts), cfg.prompts_per_round):
+            raise ConfigError(
+                f"resume_from: {resume} was written for {state['n_prompts']} prompts, "
+                f"{state['prompts_per_round']} per round; an exact resume needs the same"
+            )
+        start, n_nonfinite, elapsed_before = state["round"], state["n_nonfinite_skipped"], state["elapsed_s"]
+    run_dir.truncate_metrics_after(start)
+    samples_path = run_dir.path / "samples.jsonl"
+    truncate_jsonl(samples_path, start)
+    loop_started = time.monotonic()
+    round_no, saved, last_checkpoint, last_row, stopped_by = start, start if resume else -1, resume, {}, None
+
+    def reference_logps(generations: list[Generation]) -> list[torch.Tensor]:
+        if reference is not None:
+            return response_token_logprobs(
+                reference, generations, cfg.forward_batch_size, cfg.logprob_chunk_size
+            )
+        with policy.disable_adapter():
+            return response_token_logprobs(
+                policy, generations, cfg.forward_batch_size, cfg.logprob_chunk_size
+            )
+
+    def save() -> str:
+        for p in params:  # checkpoints hold what requires grad; make sure PEFT's switches left it so
+            p.requires_grad_(True)
+        state = {
+            "round": round_no,
+            "n_prompts": len(prompts),
+            "prompts_per_round": cfg.prompts_per_round,
+            "n_nonfinite_skipped": n_nonfinite,
+            "elapsed_s": elapsed_before + time.monotonic() - loop_started,
+        }
+        path = checkpoint_dir(run_dir.checkpoints_dir, round_no)
+        save_checkpoint(path, policy, optimizer, scheduler, state)
+        prune_checkpoints(run_dir.checkpoints_dir, cfg.keep_checkpoints)
+        return str(path)
+
+    k = cfg.samples_per_prompt
+    bar = tqdm(total=cfg.rounds, initial=start, disable=not cfg.progress, desc="online-dpo", unit="round")
+    try:
+        with StopSignals() as signals:
+            while round_no < cfg.rounds:
+                t0 = time.monotonic()
+                # 1. Sample k responses to each of the round's prompts from the current policy, with a seed that
+                #    depends only on (seed, round). A vLLM engine first takes the policy's weights, unless it
+                #    holds them already (a fresh run's first round).
+                idx = iteration_prompts(len(prompts), cfg.prompts_per_round, round_no, cfg.seed)
+                round_prompts = [
+                    prompts[i] for i in idx for _ in range(k)
+                ]  # prompt j's samples: j*k .. j*k+k-1
+                sampling = SamplingConfig(
+                    cfg.max_new_tokens, cfg.temperature, cfg.top_p, derived_seed(cfg.seed, round_no, 0)
+                )
+                policy.eval()
+                if cfg.generation_backend == "vllm" and (round_no > start or resume):
+                    sampler.update_weights(policy)
+                generations = sampler([prompt_ids[i] for i in idx for _ in range(k)], sampling)
+                texts = [g.text for g in generations]
+                # 2. Score every response with the reward.
+                scores = scorer.score(round_prompts, texts)
+                # 3. Pair each prompt's best response against its worst; a tie makes no pair.
+                paired = pair_samples(texts, scores, k)
+                # 4. Log-probs of every sample under the frozen reference and the current policy: the reference's
+                #    anchor the pairs' DPO loss, and both give the KL to the reference on the policy's own
+                #    samples (k1 = log p - log q per token; Schulman 2020).
+                ref_logps = reference_logps(generations)
+                policy_logps = response_token_logprobs(
+                    policy, generations, cfg.forward_batch_size, cfg.logprob_chunk_size
+                )
+                kl = kl_per_token(policy_logps, ref_logps)
+                examples = pair_examples(generations, ref_logps, paired.pairs)
+                t1 = time.monotonic()
+                # 5. dpo_epochs passes of minibatch DPO updates over the pairs, in a seeded order. The schedule
+                #    advances steps_per_round steps a round whatever number of pairs the round made.
+                policy.train()
+                lr = optimizer.param_groups[0]["lr"]
+                generator = torch.Generator().manual_seed(derived_seed(cfg.seed, round_no, 1))
+                step_stats = []
+                for _ in range(cfg.dpo_epochs):
+                    order = torch.randperm(len(examples), generator=generator).tolist()
+                    for s in range(0, len(order), cfg.minibatch_size):
+                        minibatch = [examples[i] for i in order[s : s + cfg.minibatch_size]]
+                        step_stats.append(
+                            dpo_update(
+                                cfg, policy, minibatch, optimizer, scheduler, params, tokenizer.pad_token_id
+                            )
+                        )
+                for _ in range(steps_per_round - len(step_stats)):
+                    scheduler.step()
+                n_nonfinite += int(sum(s["nonfinite"] for s in step_stats))
+                round_no += 1
+                bar.update(1)
+
+                # 6. Log the round's health and let the failure monitors see it.
+                lengths = [len(g.response_ids) for g in generations]
+                length = length_stats(lengths)
+                margins = [scores[c] - scores[r] for c, r in paired.pairs]
+                # loss, rewards/*, logps/*, grad_norm: means over the round's steps (none: no prompt made a pair)
+                update_keys = [
+                    key for key in (step_stats[0] if step_stats else {}) if key not in ("nonfinite", "lr")
+                ]
+                update_means = {key: float(np.mean([s[key] for s in step_stats])) for key in update_keys}
+                row = {
+                    "step": round_no,
+                    "score/mean": float(np.mean(scores)),
+                    "score/std": float(np.std(scores, ddof=1)),
+                    "reward/mean": float(np.mean(scores)),  # the key RewardHackingMonitor reads
+                    "reward_length_corr": pearson(scores, lengths),
+                    "pairs": len(paired.pairs),
+                    "ties": paired.n_ties,
+                    "left_out": paired.n_left_out,
+                    **({"pairs/score_margin": float(np.mean(margins))} if margins else {}),
+                    **update_means,
+                    "lr": lr,
+                    "kl": float(kl.per_sequence.mean()),  # nats per response, as PPO's
+                    "kl/per_token": kl.k1,
+                    "len/mean": length.mean,
+                    "len/std": length.std,
+                    "eos_frac": float(np.mean([g.finished for g in generations])),
+                    "distinct_2": distinct_n(texts, 2),
+                    "nonfinite_skipped": n_nonfinite,
+                    "rollout_s": t1 - t0,
+                    "update_s": time.monotonic() - t1,
+                    "elapsed_s": elapsed_before + time.monotonic() - loop_started,
+                }
+                roles = {c: "chosen" for c, _ in paired.pairs} | {r: "rejected" for _, r in paired.pairs}
+                with open(samples_path, "a", encoding="utf-8") as f:
+                    for i, (prompt, g, score) in enumerate(zip(round_prompts, generations, scores)):
+                        sample = {"step": round_no, "prompt": prompt, "response": g.text, "score": score}
+                        f.write(json.dumps({**sample, "finished": g.finished, "pair": roles.get(i)}) + "\n")
+                if round_no % cfg.log_every == 0 or round_no == cfg.rounds:
+                    last_row = row
+                    run_dir.log_metrics(row)
+                    bar.set_postfix(score=f"{row['score/mean']:.3f}", kl=f"{row['kl']:.2f}")
+                    if monitors.on_log(round_no, row) == "stop":
+                        stopped_by = ", ".join(e.monitor for e in monitors.last_events if e.action == "stop")
+                    for event in monitors.last_events:
+                        run_dir.log_metrics(event.to_row())
+
+                # 7. Checkpoint every save_every rounds, and on SIGINT/SIGTERM before raising.
+                if (cfg.save_every and round_no % cfg.save_every == 0) or signals.received:
+                    last_checkpoint, saved = save(), round_no
+                if signals.received:
+                    name = signal.Signals(signals.received).name
+                    raise TrainingInterrupted(checkpoint=last_checkpoint, reason=f"interrupted by {name}")
+                if stopped_by:
+                    break
+            if saved != round_no:
+                last_checkpoint, saved = save(), round_no
+    finally:
+        bar.close()
+        run_dir.close()
+
+    save_final(policy, tokenizer, run_dir.final_dir, merge_lora=cfg.merge_lora)
+    rows = [json.loads(line) for line in run_dir.metrics_path.read_text().splitlines()]
+    metric_rows = [r for r in rows if "event" not in r]
+    summary = {
+        "stage": "online-dpo",
+        "model": cfg.model,
+        "reward": cfg.reward,
+        "loss": cfg.loss,
+        "run_dir": str(run_dir.path),
+        "final_model": str(run_dir.final_dir),
+        "rounds": round_no,
+        "stopped_by": stopped_by,
+        "prompts": len(prompts),
+        "skipped_rows": len(loaded.skipped),
+        "reference": "policy base with adapters disabled" if cfg.lora else "frozen copy",
+        "trainable_parameters": trainable,
+        "total_parameters": total,
+        "pairs_by_round": [r["pairs"] for r in metric_rows],
+        "score_by_round": [r["score/mean"] for r in metric_rows],
+        "kl_by_round": [r["kl"] for r in metric_rows],
+        "events": [r for r in rows if "event" in r],
+        "final_metrics": last_row,
+        "last_checkpoint": last_checkpoint,
+        "train_seconds": elapsed_before + time.monotonic() - loop_started,
+        "wall_seconds": time.time() - started,
+        "peak_rss_mb": peak_rss_mb(),
+    }
+    run_dir.write_summary(summary)
+    return summary

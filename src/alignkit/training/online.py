@@ -1,0 +1,56 @@
+"""Bookkeeping of the stages that train on their own samples, iteration by iteration (ppo, online-dpo): seeds
+and prompts that depend only on (seed, iteration), so a resumed run redoes exactly what the interrupted one did;
+the samples file; and the end of one optimizer step (clip, skip a non-finite step, advance the schedule).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def derived_seed(*parts: int) -> int:
+    """A 31-bit seed from (run seed, iteration, purpose): numpy's SeedSequence mixes them, so neighbouring
+    iterations draw unrelated streams and a resumed run draws exactly what the uninterrupted one did."""
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0]) & 0x7FFFFFFF
+
+
+def iteration_prompts(n_prompts: int, per_iteration: int, iteration: int, seed: int) -> list[int]:
+    """Prompt indices of an iteration: the next slice of a stream of seeded permutations (one per pass over
+    the prompts), so every prompt is used once per pass and the order depends only on (seed, iteration)."""
+    order: dict[int, list[int]] = {}
+    indices = []
+    for k in range(iteration * per_iteration, (iteration + 1) * per_iteration):
+        epoch, position = divmod(k, n_prompts)
+        if epoch not in order:
+            generator = torch.Generator().manual_seed(derived_seed(seed, epoch, 2))
+            order[epoch] = torch.randperm(n_prompts, generator=generator).tolist()
+        indices.append(order[epoch][position])
+    return indices
+
+
+def truncate_jsonl(path: Path, step: int) -> None:
+    """Drop rows with "step" > ``step`` from a JSONL file (on resume, so each iteration's samples appear once)."""
+    if path.exists():
+        lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+        kept = [line for line in lines if line.endswith("\n") and json.loads(line)["step"] <= step]
+        path.write_text("".join(kept), encoding="utf-8")
+
+
+def optimizer_step(optimizer, scheduler, params, max_grad_norm: float | None, loss: float) -> dict:
+    """Clip the accumulated gradients (``max_grad_norm``; None: no clipping) and step, unless the loss or the
+    gradient norm is not finite: that update is skipped, and the schedule advances anyway (as in the shared
+    loop). Returns {"grad_norm", "lr" (the rate this step used), "nonfinite" (1.0 when skipped)}."""
+    max_norm = max_grad_norm if max_grad_norm is not None else math.inf
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+    finite = math.isfinite(loss) and math.isfinite(grad_norm)
+    lr = optimizer.param_groups[0]["lr"]
+    if finite:
+        optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return {"grad_norm": grad_norm, "lr": lr, "nonfinite": float(not finite)}
