@@ -426,7 +426,9 @@ def ppo_step(
     or gradient norm skips the update (the schedule still advances, as in the shared loop).
     """
     n_tokens = minibatch.mask.sum()
-    rows = list(range(minibatch.mask.shape[0]))
+    # Rows of similar length share a micro-batch, so each is cut to little padding (Rollout.rows).
+    lengths = minibatch.attention_mask.sum(1).tolist()
+    rows = sorted(range(len(lengths)), key=lambda i: lengths[i])
     shares = distributed.rank_microbatches(rows, cfg.micro_batch_size, rank, world)
     sums: dict[str, float] = {}
     for j, share in enumerate(shares):
