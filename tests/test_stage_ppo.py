@@ -9,6 +9,7 @@ import math
 import os
 import signal
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -97,6 +98,11 @@ def test_ppo_end_to_end_logs_health_signals(tiny_model_dir, prompt_file, tmp_pat
     summary = json.loads((out / "summary.json").read_text())
     assert summary["iterations"] == 2 and summary["reference"] == "frozen copy"
     assert summary["score_by_iteration"] == [first["score/mean"], second["score/mean"]]
+    change = summary["score_change"]  # 2 iterations: the first against the last, one each
+    assert change["iterations_per_group"] == 1
+    assert change["change"] == pytest.approx(second["score/mean"] - first["score/mean"], abs=1e-6)
+    low, high = change["change_ci95"]
+    assert low <= change["change"] <= high
     final = load_model(str(out / "final"))
     assert type(final).__name__ == "LlamaForCausalLM"
     # the final policy is the checkpointed policy, not the value model's copy
@@ -297,6 +303,20 @@ def test_rollout_passes_in_trimmed_microbatches_equal_one_padded_pass(tiny_model
         torch.testing.assert_close(value, one_pass[key] * batch["mask"], rtol=0, atol=1e-5)
         assert torch.all(value[batch["mask"] == 0] == 0)
     assert not torch.allclose(passes["logps"], passes["ref_logps"])
+
+
+def test_mean_difference_interval_by_hand():
+    """Groups with no spread: every bootstrap resample has the same means, so the interval is the point.
+    With spread, the interval holds the point and widens as the groups shrink."""
+    from alignkit.evaluation.metrics import mean_difference
+
+    est = mean_difference([1.0, 1.0], [3.0, 3.0, 3.0])
+    assert (est.value, est.low, est.high, est.n) == (2.0, 2.0, 2.0, 5)
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(0.0, 1.0, 400), rng.normal(0.5, 1.0, 400)
+    wide, narrow = mean_difference(a[:20], b[:20]), mean_difference(a, b)
+    assert narrow.low < narrow.value < narrow.high and narrow.low > 0.3  # 0.5 +- 2 x 0.07
+    assert narrow.high - narrow.low < wide.high - wide.low
 
 
 def test_shipped_rewards_hand_values():

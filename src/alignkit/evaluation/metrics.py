@@ -110,6 +110,20 @@ def mean_ci(values: Sequence[float], n_boot: int = 2000, alpha: float = 0.05, se
     return Estimate(float(np.mean(values)), low, high, len(values))
 
 
+def mean_difference(
+    before: Sequence[float], after: Sequence[float], n_boot: int = 2000, alpha: float = 0.05, seed: int = 0
+) -> Estimate:
+    """mean(after) - mean(before) of two independent samples, with a percentile-bootstrap interval that
+    resamples each group on its own (e.g. the rewards of a run's first iterations against its last)."""
+    a, b = np.asarray(before, dtype=np.float64), np.asarray(after, dtype=np.float64)
+    if a.size == 0 or b.size == 0:
+        raise ValueError("mean_difference needs at least one value in each group")
+    rng = np.random.default_rng(seed)
+    diffs = b[rng.integers(0, b.size, (n_boot, b.size))].mean(1) - a[rng.integers(0, a.size, (n_boot, a.size))].mean(1)
+    low, high = np.quantile(diffs, [alpha / 2, 1 - alpha / 2])
+    return Estimate(float(b.mean() - a.mean()), float(low), float(high), int(a.size + b.size))
+
+
 def win_rate_from_outcomes(
     outcomes: Sequence[float], n_boot: int = 2000, alpha: float = 0.05, seed: int = 0
 ) -> Estimate:

@@ -40,7 +40,7 @@ from alignkit.config import (
 from alignkit.data.schemas import load_prompts
 from alignkit.data.tokenize import encode_prompt
 from alignkit.errors import TrainingInterrupted
-from alignkit.evaluation.metrics import distinct_n, length_stats, pearson
+from alignkit.evaluation.metrics import distinct_n, length_stats, mean_difference, pearson
 from alignkit.evaluation.monitors import MonitorSet, default_monitors
 from alignkit.losses.logprobs import completion_logprobs
 from alignkit.losses.ppo import (
@@ -452,6 +452,29 @@ def ppo_step(
 # Launch and configuration checks
 
 
+def score_change(samples_path: Path, iterations: int) -> dict | None:
+    """The mean score of the run's last quarter of iterations minus its first quarter's (at least one
+    iteration each), with a bootstrap interval over their samples: did the run raise its score by more than the
+    noise of one batch of samples? None before two iterations."""
+    if iterations < 2:
+        return None
+    k = max(1, iterations // 4)
+    scores: dict[int, list[float]] = {}
+    for line in samples_path.read_text(encoding="utf-8").splitlines():
+        row = json.loads(line)
+        scores.setdefault(row["step"], []).append(row["score"])
+    first = [x for step in range(1, k + 1) for x in scores.get(step, [])]
+    last = [x for step in range(iterations - k + 1, iterations + 1) for x in scores.get(step, [])]
+    change = mean_difference(first, last)
+    return {
+        "iterations_per_group": k,
+        "first_mean": float(np.mean(first)),
+        "last_mean": float(np.mean(last)),
+        "change": change.value,
+        "change_ci95": [change.low, change.high],
+    }
+
+
 def check_launch(cfg: PPOConfig) -> None:
     """Refuse what PPO cannot do in the processes it was launched in (after the process group is up)."""
     world = distributed.world_size()
@@ -767,6 +790,7 @@ def run(cfg: PPOConfig, monitors: MonitorSet | None = None) -> dict:
         "trainable_parameters": trainable,
         "total_parameters": total,
         "score_by_iteration": [r["score/mean"] for r in rows if "event" not in r and "score/mean" in r],
+        "score_change": score_change(samples_path, iteration) if main else None,
         "kl_by_iteration": [r["kl"] for r in rows if "event" not in r and "kl" in r],
         "events": [r for r in rows if "event" in r],
         "final_metrics": last_row,
