@@ -23,6 +23,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from alignkit.errors import AlignkitError
+from alignkit.training.distributed import reshard
 
 COMPLETE_MARKER = "COMPLETE"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -166,6 +167,7 @@ def gather_full_state(model, optimizer) -> tuple[dict, dict]:
     call; the others get empty dicts."""
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
+    reshard(model)  # the shards, not the gathered weights an evaluation pass may have left in place
     names = [name for name, p in model.named_parameters() if p.requires_grad]
     weights = get_model_state_dict(model, options=_full_options())
     by_name = get_optimizer_state_dict(model, optimizer, options=_full_options())

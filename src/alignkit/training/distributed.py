@@ -243,6 +243,7 @@ def shard(model: torch.nn.Module, lora: bool = False) -> None:
     from torch.distributed.fsdp import FSDPModule, fully_shard
 
     if isinstance(model, FSDPModule):
+        reshard(model)
         return
     if lora:
         raise ConfigError(
@@ -256,14 +257,26 @@ def shard(model: torch.nn.Module, lora: bool = False) -> None:
     with torch.no_grad():
         for tensor in model.state_dict().values():
             dist.broadcast(tensor, src=0)
-    reshard = os.environ.get("FSDP_RESHARD_AFTER_FORWARD", "true").lower() != "false"
+    after_forward = os.environ.get("FSDP_RESHARD_AFTER_FORWARD", "true").lower() != "false"
     blocks = set(getattr(model, "_no_split_modules", None) or [])
     for module in model.modules():
         if type(module).__name__ in blocks:
-            fully_shard(module, reshard_after_forward=reshard)
+            fully_shard(module, reshard_after_forward=after_forward)
     # The root keeps its weights from the forward to the backward (torch's default for a root): the reward pass
     # reads the score head's output on the way through the forward, a path FSDP's backward hooks do not see.
     fully_shard(model)
+
+
+def reshard(model: torch.nn.Module) -> None:
+    """Free the gathered weights of every FSDP group of ``model`` and register its shards again. The root group
+    keeps its gathered weights after a forward until the backward, and a forward without one (an evaluation or
+    reference pass) leaves them registered in place of the shards, where the optimizer and the state-dict
+    functions must see the shards. Nothing for a model that is not sharded."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
 
 
 def as_float(value) -> float:
@@ -334,6 +347,7 @@ def save_from_main(model: torch.nn.Module, save: Callable[[dict | None], object]
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
         options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        reshard(model)
         state_dict = get_model_state_dict(model, options=options)
         # Tied weights (lm_head = embed_tokens) come back as separate copies; one tensor again, so
         # transformers saves them once, as it does for a model in one process.

@@ -132,7 +132,8 @@ def train(
     distributed.shard(
         model, cfg.lora
     )  # FSDP, unless the stage did: before the optimizer takes the parameters
-    local_fraction = distributed.local_fraction(model)  # ~1/N under FSDP: logged as params/local_fraction
+    # The largest share of the parameters' elements any rank holds: ~1/N under FSDP (logged there).
+    (rank_share,) = distributed.all_reduce([distributed.local_fraction(model)], op="max")
 
     # 2. AdamW over the trainable parameters; warmup then the configured decay over the remaining steps.
     params = [p for p in model.parameters() if p.requires_grad]
@@ -309,7 +310,7 @@ def train(
                     last_row = window.row(step, step / steps_per_epoch, lr, elapsed())
                     last_row["nonfinite_skipped"] = n_nonfinite
                     if engine == "fsdp":
-                        last_row["params/local_fraction"] = local_fraction
+                        last_row["params/rank_share"] = rank_share
                     window = _Window(time.monotonic())
                     run.log_metrics(last_row)
                     bar.set_postfix(loss=f"{last_row['loss']:.4f}")
