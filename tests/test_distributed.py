@@ -39,6 +39,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
 import alignkit
@@ -52,6 +53,7 @@ from alignkit.models.generation import (
 )
 from alignkit.models.loading import load_model
 from alignkit.stages import build_prefs, cai_revise, ppo
+from alignkit.training import distributed
 from alignkit.training.distributed import rank_microbatches, rank_share
 
 SRC = Path(alignkit.__file__).resolve().parents[1]
@@ -466,3 +468,36 @@ def test_vllm_backend_without_vllm_is_a_config_error_naming_the_field(tmp_path):
     with pytest.raises(ConfigError, match="generation_backend=vllm"):
         build_prefs.run(cfg)
     assert not (tmp_path / "p.jsonl").exists()
+
+
+def test_fsdp_settings_alignkit_does_not_run_are_refused_naming_the_field(monkeypatch, tiny_model_dir):
+    """Under FSDP, lora=true is refused before anything is sharded, and ppo refuses FSDP. `accelerate launch`
+    passes the FSDP config as environment variables: FSDP1, parameter offload and mixed_precision are refused
+    naming their field of the accelerate config; the shipped config's values pass."""
+    monkeypatch.setattr(distributed, "engine", lambda: "fsdp")
+    with pytest.raises(ConfigError, match="lora=true under FSDP"):
+        distributed.shard(load_model(str(tiny_model_dir)), lora=True)
+    cfg = load_config(ppo.PPOConfig, None, ["reward=alignkit.rewards:politeness"])
+    with pytest.raises(ConfigError, match="ppo runs data parallel .DDP., not under FSDP"):
+        ppo.check_launch(cfg)
+
+    for name, value in _fsdp_env(FSDP_CONFIG).items():
+        monkeypatch.setenv(name, value)
+    distributed.check_fsdp_settings("no")
+    with pytest.raises(ConfigError, match="mixed_precision: bf16"):
+        distributed.check_fsdp_settings("bf16")
+    monkeypatch.setenv("FSDP_OFFLOAD_PARAMS", "true")
+    with pytest.raises(ConfigError, match="fsdp_offload_params: true"):
+        distributed.check_fsdp_settings("no")
+    monkeypatch.setenv("FSDP_VERSION", "1")
+    with pytest.raises(ConfigError, match="fsdp_version: 1"):
+        distributed.check_fsdp_settings("no")
+
+
+def _fsdp_env(path: Path) -> dict[str, str]:
+    """The FSDP environment variables `accelerate launch` sets from the accelerate config at ``path``."""
+    fsdp = yaml.safe_load(path.read_text())["fsdp_config"]
+    return {
+        "ACCELERATE_USE_FSDP": "true",
+        **{key.upper(): str(value).lower() for key, value in fsdp.items()},
+    }

@@ -31,7 +31,7 @@ def accelerator():
     # On a machine without GPUs Accelerate only forms a process group when told the devices are CPUs.
     made = Accelerator(cpu=not torch.cuda.is_available())
     if fsdp_requested():
-        _check_fsdp_settings(made.mixed_precision)
+        check_fsdp_settings(made.mixed_precision)
     if made.distributed_type == DistributedType.DEEPSPEED and made.state.deepspeed_plugin.zero3_init_flag:
         raise ConfigError(
             "the DeepSpeed config sets zero3_init_flag: true, which splits the weights while the model loads; "
@@ -205,7 +205,7 @@ _FSDP_UNSUPPORTED = {
 }
 
 
-def _check_fsdp_settings(mixed_precision: str) -> None:
+def check_fsdp_settings(mixed_precision: str) -> None:
     """Refuse FSDP settings alignkit does not run, naming the field of the accelerate config."""
     version = os.environ.get("FSDP_VERSION", "1")
     if version != "2":
