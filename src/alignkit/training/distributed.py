@@ -226,9 +226,9 @@ def check_fsdp_settings(mixed_precision: str) -> None:
 
 
 def shard(model: torch.nn.Module, lora: bool = False) -> None:
-    """Under FSDP, shard ``model`` in place with FSDP2 (torch's ``fully_shard``) over all ranks; elsewhere, or
-    when it is sharded already, nothing. Stages with a reference pass call it right after loading, so the pass
-    runs on the shards; ``train`` calls it for the others.
+    """Under FSDP, shard ``model`` in place with FSDP2 (torch's ``fully_shard``) over all ranks; elsewhere
+    nothing. Stages with a reference pass call it right after loading, so the pass runs on the shards; ``train``
+    calls it for the others, and for a model sharded already it registers the shards again (``reshard``).
 
     Each block transformers keeps whole (``_no_split_modules``: the decoder layers) is one group and the model
     itself, with the embeddings, final norm and head, the root group. Every rank keeps 1/N of each weight (and

@@ -129,9 +129,8 @@ def train(
     run.tensorboard = cfg.tensorboard
     device = next(model.parameters()).device
     model.train()
-    distributed.shard(
-        model, cfg.lora
-    )  # FSDP, unless the stage did: before the optimizer takes the parameters
+    # Under FSDP, shard (unless the stage did) before the optimizer takes the parameters.
+    distributed.shard(model, cfg.lora)
     # The largest share of the parameters' elements any rank holds: ~1/N under FSDP (logged there).
     (rank_share,) = distributed.all_reduce([distributed.local_fraction(model)], op="max")
 
