@@ -34,7 +34,12 @@ def test_example_config_loads_for_its_stage(path):
 
 
 def test_there_are_accelerate_configs():
-    assert {p.name for p in ACCELERATE_CONFIGS} == {"multi_gpu.yaml", "multi_node.yaml", "zero3.yaml"}
+    assert {p.name for p in ACCELERATE_CONFIGS} == {
+        "fsdp.yaml",
+        "multi_gpu.yaml",
+        "multi_node.yaml",
+        "zero3.yaml",
+    }
 
 
 @pytest.mark.parametrize("path", ACCELERATE_CONFIGS, ids=lambda p: p.name)

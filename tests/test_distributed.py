@@ -15,6 +15,15 @@ the weights agree to atol 1e-5, measured 4.5e-8 (LoRA) and 1.8e-7 (full; 1e-2 wo
 magnifying the rounding of near-zero gradients). Its minibatches of 3 rows over 2 ranks give shares of 2 and 1
 rows (the second micro-step of rank 1 is a stand-in), so a mean of per-rank token means weights rank 1's row
 twice: that (DDP's plain averaging of per-rank losses) lands 3e-2 away and changes iteration 2's samples.
+
+FSDP (`accelerate launch --config_file configs/accelerate/fsdp.yaml --num_processes 2`, alignkit sharding with
+torch's FSDP2 on gloo) is checked the same way. A sharded model computes its log-probs from full logits (the
+chunked head would read a sharded weight), one process through the chunked head: the two agree to ~1e-7 in a
+log-prob, and after one step to 7.8e-8 (SFT) and 4.9e-6 (DPO). DPO's 4.9e-6 sits in the tied embedding/LM
+head, on vocabulary rows whose gradients are ~1e-9, the size of Adam's eps, where Adam turns a tiny change of
+the gradient into a visible change of the step; every other tensor agrees within 6e-8, and one process forced
+onto the full-logits path gave the 2-process FSDP weights bit for bit (measured while writing this). Hence
+atol 1e-5 for that step's weights and 1e-6 for all but the embedding.
 """
 
 from __future__ import annotations
@@ -30,6 +39,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
 import alignkit
@@ -42,11 +52,14 @@ from alignkit.models.generation import (
     generate_share,
 )
 from alignkit.models.loading import load_model
+from alignkit.models.reward import build_reward_model
 from alignkit.stages import build_prefs, cai_revise, online_dpo, ppo
 from alignkit.stages import eval as eval_stage
+from alignkit.training import distributed
 from alignkit.training.distributed import rank_microbatches, rank_share
 
 SRC = Path(alignkit.__file__).resolve().parents[1]
+FSDP_CONFIG = SRC.parent / "configs" / "accelerate" / "fsdp.yaml"
 
 SFT_ROWS = [  # completions of very different lengths, so the token normaliser matters
     {"prompt": "what is the capital of france?", "completion": "paris."},
@@ -99,15 +112,21 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _launch(stage: str, args: list[str], nproc: int = 2) -> None:
-    """`alignkit <stage> args` in ``nproc`` CPU processes under torchrun (gloo), one torch thread each."""
+def _launch(stage: str, args: list[str], nproc: int = 2, fsdp: bool = False) -> None:
+    """`alignkit <stage> args` in ``nproc`` CPU processes under torchrun (gloo), one torch thread each; with
+    ``fsdp``, under `accelerate launch` with configs/accelerate/fsdp.yaml, as a user would run it."""
     env = {
         **os.environ,
         "OMP_NUM_THREADS": "1",
         "PYTHONPATH": os.pathsep.join(p for p in (str(SRC), os.environ.get("PYTHONPATH")) if p),
     }
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc)]
-    command += ["--master_port", str(_free_port()), "-m", "alignkit", stage, *args, "num_threads=1"]
+    if fsdp:
+        command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(FSDP_CONFIG)]
+        command += ["--num_processes", str(nproc), "--main_process_port", str(_free_port())]
+    else:
+        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc)]
+        command += ["--master_port", str(_free_port())]
+    command += ["-m", "alignkit", stage, *args, "num_threads=1"]
     proc = subprocess.Popen(
         command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
     )
@@ -228,6 +247,115 @@ def test_checkpoint_of_two_processes_resumes_in_one(tiny_model_dir, tmp_path):
     resumed_rows, straight_rows = _rows(tmp_path / "resumed"), _rows(tmp_path / "straight")
     assert [r["step"] for r in resumed_rows] == [1, 2, 3]
     assert [r["loss"] for r in resumed_rows] == pytest.approx([r["loss"] for r in straight_rows], rel=1e-5)
+
+
+# --- launched: FSDP in 2 processes against 1 ----------------------------------------------------------------
+
+
+def test_fsdp_sft_step_in_two_processes_equals_one(tiny_model_dir, tmp_path):
+    """One SFT step as in the data-parallel test, sharded by FSDP2 over 2 processes: one process's weights
+    (atol 1e-6, measured 7.8e-8), loss and gradient norm. The loop logs params/rank_share, the largest share of
+    the parameters' elements a rank holds while training: half (each rank keeps its half of every weight, the
+    tied embedding/LM head once), where data parallel holds all of them."""
+    data = _write(tmp_path, "sft.jsonl", SFT_ROWS)
+    args = [
+        "batch_size=5",
+        "micro_batch_size=2",
+        "max_steps=1",
+        "learning_rate=1e-3",
+        "measure_train_loss=false",
+    ]
+    _launch("sft", [*_common(tiny_model_dir, data, tmp_path / "two"), *args], fsdp=True)
+    assert main(["sft", *_common(tiny_model_dir, data, tmp_path / "one"), *args]) == 0
+
+    _assert_same_weights(tmp_path / "two", tmp_path / "one", tiny_model_dir)
+    (two,), (one,) = _rows(tmp_path / "two"), _rows(tmp_path / "one")
+    assert two["loss"] == pytest.approx(one["loss"], rel=1e-6)
+    assert two["grad_norm"] == pytest.approx(one["grad_norm"], rel=1e-5)
+    assert two["params/rank_share"] == pytest.approx(0.5, abs=0.01)
+    assert "params/rank_share" not in one
+
+
+def test_fsdp_dpo_step_in_two_processes_equals_one(tiny_model_dir, tmp_path):
+    """One DPO step sharded by FSDP2 over 2 processes, its reference log-probs precomputed on the shards (every
+    rank runs every batch, so their forwards, each a collective, stay paired): one process's weights, within
+    1e-6 for every tensor but the tied embedding, 1e-5 for that (measured 4.9e-6; see the module docstring).
+    The loss is ln 2 in both (policy = reference before the update)."""
+    data = _write(tmp_path, "pairs.jsonl", PAIRS)
+    args = ["batch_size=5", "micro_batch_size=2", "max_steps=1", "learning_rate=1e-3"]
+    _launch("dpo", [*_common(tiny_model_dir, data, tmp_path / "two"), *args], fsdp=True)
+    assert main(["dpo", *_common(tiny_model_dir, data, tmp_path / "one"), *args]) == 0
+
+    _assert_same_weights(tmp_path / "two", tmp_path / "one", tiny_model_dir, atol=1e-5)
+    a, b = _weights(tmp_path / "two"), _weights(tmp_path / "one")
+    for name in a.keys() - {"model.embed_tokens.weight"}:
+        torch.testing.assert_close(a[name], b[name], atol=1e-6, rtol=0, msg=name)
+    (two,), (one,) = _rows(tmp_path / "two"), _rows(tmp_path / "one")
+    assert two["loss"] == pytest.approx(one["loss"], rel=1e-6)
+    assert two["params/rank_share"] == pytest.approx(0.5, abs=0.01)
+
+
+def test_fsdp_reward_model_steps_in_two_processes_equal_one(tiny_model_dir, tiny_tokenizer, tmp_path):
+    """Two RM steps and the evaluation after them, sharded by FSDP2 over 2 processes: the reward pass runs the
+    sharded model's whole forward and takes the score head's output at every position from the way through
+    (the head's weight is a shard outside it). One process's weights (atol 1e-6, measured 1.2e-8) and
+    evaluation. The model starts from a saved head: the one transformers initialises at load differs from
+    run to run."""
+    start = tmp_path / "start"
+    torch.manual_seed(0)
+    build_reward_model(str(tiny_model_dir), tiny_tokenizer.pad_token_id).save_pretrained(start)
+    tiny_tokenizer.save_pretrained(start)
+    data = _write(tmp_path, "pairs.jsonl", PAIRS)
+    args = ["batch_size=5", "micro_batch_size=2", "max_steps=2", "learning_rate=1e-3", f"eval_data={data}"]
+    _launch("rm", [*_common(start, data, tmp_path / "two"), *args], fsdp=True)
+    assert main(["rm", *_common(start, data, tmp_path / "one"), *args]) == 0
+
+    _assert_same_weights(tmp_path / "two", tmp_path / "one", start)
+    two, one = _rows(tmp_path / "two"), _rows(tmp_path / "one")
+    assert [r["loss"] for r in two if "loss" in r] == pytest.approx([r["loss"] for r in one if "loss" in r])
+    assert two[-1]["eval/loss"] == pytest.approx(one[-1]["eval/loss"], rel=1e-6)
+
+
+def test_fsdp_kto_steps_in_two_processes_equal_one(tiny_model_dir, tmp_path):
+    """Three KTO steps sharded by FSDP2 over 2 processes, as in the data-parallel KTO test (z0 gathered over the
+    ranks; 2 ranks of micro-batches of 2 against 1 process of micro-batches of 4). Each step runs the sharded
+    model twice, with and without gradients, so FSDP sees a forward with no backward inside every step. One
+    process's weights (atol 1e-5, measured 4.5e-6) and losses."""
+    data = _write(tmp_path, "unpaired.jsonl", UNPAIRED)
+    args = ["batch_size=8", "max_steps=3", "learning_rate=5e-3"]
+    _launch("kto", [*_common(tiny_model_dir, data, tmp_path / "two"), *args, "micro_batch_size=2"], fsdp=True)
+    assert main(["kto", *_common(tiny_model_dir, data, tmp_path / "one"), *args, "micro_batch_size=4"]) == 0
+
+    _assert_same_weights(tmp_path / "two", tmp_path / "one", tiny_model_dir, atol=1e-5)
+    two, one = _rows(tmp_path / "two"), _rows(tmp_path / "one")
+    assert [r["loss"] for r in two] == pytest.approx([r["loss"] for r in one], rel=1e-5)
+    assert [r["params/rank_share"] for r in two] == pytest.approx([0.5] * 3, abs=0.01)
+
+
+def test_fsdp_checkpoint_resumes_in_another_number_of_processes(tiny_model_dir, tmp_path):
+    """FSDP checkpoints hold the gathered, unsharded state in one process's layout. 2 FSDP processes train SFT
+    for 2 steps, 1 process resumes to step 3; 1 process trains 2 steps, 2 FSDP processes resume to step 3. Both
+    end with the weights (atol 1e-6; measured 1.9e-7 and 3.7e-9) and losses of 3 uninterrupted steps in one
+    process. Without the AdamW state (moments and step counts) the third step would move ~lr = 1e-3 apart."""
+    data = _write(tmp_path, "sft.jsonl", SFT_ROWS[:5])
+    args = ["batch_size=3", "micro_batch_size=1", "learning_rate=1e-3", "measure_train_loss=false"]
+
+    def run(out: str, *extra: str) -> list[str]:
+        return [*_common(tiny_model_dir, data, tmp_path / out), *args, *extra]
+
+    _launch("sft", run("two_then_one", "max_steps=2"), fsdp=True)
+    assert (tmp_path / "two_then_one" / "checkpoints" / "step-000002" / "COMPLETE").is_file()
+    assert main(["sft", *run("two_then_one", "max_steps=3", "resume_from=latest")]) == 0
+    assert main(["sft", *run("one_then_two", "max_steps=2")]) == 0
+    _launch("sft", run("one_then_two", "max_steps=3", "resume_from=latest"), fsdp=True)
+    assert main(["sft", *run("straight", "max_steps=3")]) == 0
+
+    straight_losses = [r["loss"] for r in _rows(tmp_path / "straight")]
+    for resumed in ("two_then_one", "one_then_two"):
+        _assert_same_weights(tmp_path / resumed, tmp_path / "straight", tiny_model_dir)
+        rows = _rows(tmp_path / resumed)
+        assert [r["step"] for r in rows] == [1, 2, 3]
+        assert [r["loss"] for r in rows] == pytest.approx(straight_losses, rel=1e-5)
 
 
 def _ppo_args(model: Path, prompts: Path, out: Path, *extra: str) -> list[str]:
@@ -381,3 +509,36 @@ def test_vllm_backend_without_vllm_is_a_config_error_naming_the_field(tmp_path):
     with pytest.raises(ConfigError, match="generation_backend=vllm"):
         build_prefs.run(cfg)
     assert not (tmp_path / "p.jsonl").exists()
+
+
+def test_fsdp_settings_alignkit_does_not_run_are_refused_naming_the_field(monkeypatch, tiny_model_dir):
+    """Under FSDP, lora=true is refused before anything is sharded, and ppo refuses FSDP. `accelerate launch`
+    passes the FSDP config as environment variables: FSDP1, parameter offload and mixed_precision are refused
+    naming their field of the accelerate config; the shipped config's values pass."""
+    monkeypatch.setattr(distributed, "engine", lambda: "fsdp")
+    with pytest.raises(ConfigError, match="lora=true under FSDP"):
+        distributed.shard(load_model(str(tiny_model_dir)), lora=True)
+    cfg = load_config(ppo.PPOConfig, None, ["reward=alignkit.rewards:politeness"])
+    with pytest.raises(ConfigError, match="ppo runs data parallel .DDP., not under FSDP"):
+        ppo.check_launch(cfg)
+
+    for name, value in _fsdp_env(FSDP_CONFIG).items():
+        monkeypatch.setenv(name, value)
+    distributed.check_fsdp_settings("no")
+    with pytest.raises(ConfigError, match="mixed_precision: bf16"):
+        distributed.check_fsdp_settings("bf16")
+    monkeypatch.setenv("FSDP_OFFLOAD_PARAMS", "true")
+    with pytest.raises(ConfigError, match="fsdp_offload_params: true"):
+        distributed.check_fsdp_settings("no")
+    monkeypatch.setenv("FSDP_VERSION", "1")
+    with pytest.raises(ConfigError, match="fsdp_version: 1"):
+        distributed.check_fsdp_settings("no")
+
+
+def _fsdp_env(path: Path) -> dict[str, str]:
+    """The FSDP environment variables `accelerate launch` sets from the accelerate config at ``path``."""
+    fsdp = yaml.safe_load(path.read_text())["fsdp_config"]
+    return {
+        "ACCELERATE_USE_FSDP": "true",
+        **{key.upper(): str(value).lower() for key, value in fsdp.items()},
+    }

@@ -24,6 +24,19 @@ def _base(model):
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
+def sharded_outside_forward(weight: torch.Tensor) -> bool:
+    """Whether ``weight`` holds only this rank's slice outside its module's forward: DeepSpeed ZeRO-3 (its
+    weights carry a ``ds_id``) and FSDP2 (a sharded DTensor) gather a module's weights only in that module's own
+    forward, so code that reads the weight directly must run the module instead."""
+    if hasattr(weight, "ds_id"):
+        return True
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(weight, DTensor)
+
+
 def supports_chunked_head(model) -> bool:
     cfg = _base(model).config
     for name in ("final_logit_softcapping", "logit_scale", "output_multiplier_scale", "logits_scaling"):
@@ -31,10 +44,9 @@ def supports_chunked_head(model) -> bool:
         if value not in (None, 1, 1.0):
             return False
     head = _base(model).get_output_embeddings() if hasattr(_base(model), "get_decoder") else None
-    # DeepSpeed ZeRO-3 splits every weight across the processes and gathers a module's weights only in
-    # that module's own forward (its weights carry a `ds_id`); the chunked head reads the head's weight
-    # outside it, so such a model takes the plain path, through every module's forward.
-    return head is not None and not hasattr(head.weight, "ds_id")
+    # The chunked head reads the head's weight outside the head's forward: a weight sharded across the
+    # processes (ZeRO-3, FSDP) is incomplete there, so such a model takes the plain path, through its forward.
+    return head is not None and not sharded_outside_forward(head.weight)
 
 
 def sequence_logprobs(

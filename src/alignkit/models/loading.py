@@ -250,6 +250,7 @@ def save_final(
     path: str | os.PathLike,
     merge_lora: bool = True,
     base_model: str | None = None,
+    state_dict: dict | None = None,
 ) -> Path:
     """Save the final model and its tokenizer to ``path`` (safetensors), replacing what is there.
 
@@ -257,7 +258,9 @@ def save_final(
     wrapper afterwards computes the same function with the adapters folded in, so call this at the end);
     else only the adapter is saved, with ``ALIGNKIT_ADAPTER.json``/``.md`` recording the base model
     (``base_model``, default: the one PEFT recorded) and how to load it. Written into a temp dir that then
-    replaces ``path``, so a crash never leaves a half-written final model.
+    replaces ``path``, so a crash never leaves a half-written final model. ``state_dict``, when given, holds
+    the weights to write instead of the model's own (a sharded model's, gathered whole: see
+    ``alignkit.training.distributed.save_from_main``).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -283,7 +286,7 @@ def save_final(
             (tmp / ADAPTER_README).write_text(_adapter_readme(base))
         else:
             plain = model.merge_and_unload() if _is_peft(model) else model
-            plain.save_pretrained(tmp)  # transformers 5 writes safetensors only
+            plain.save_pretrained(tmp, state_dict=state_dict)  # transformers 5 writes safetensors only
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         _replace_dir(tmp, path)

@@ -2,8 +2,8 @@
 
 A frozen reference gives the same log-probs for the same tokens every time, so DPO and IPO runs (and a
 resumed run) on the same data share one precomputation. The key covers everything the numbers depend
-on: the weight files (name, size, mtime), the dtype, and every example's token ids; rows not computed
-yet are NaN.
+on: the weight files (name, size, mtime), the dtype and how the head is applied (``how``), and every
+example's token ids; rows not computed yet are NaN.
 """
 
 from __future__ import annotations
@@ -31,10 +31,10 @@ def model_fingerprint(model_path: str) -> str:
     return "|".join(parts)
 
 
-def cache_key(model_path: str, dtype: str, sequences: list[tuple[list[int], ...]]) -> str:
+def cache_key(model_path: str, how: str, sequences: list[tuple[list[int], ...]]) -> str:
     h = hashlib.sha256()
     h.update(model_fingerprint(model_path).encode())
-    h.update(dtype.encode())
+    h.update(how.encode())
     for seq in sequences:
         for ids in seq:
             h.update(len(ids).to_bytes(4, "little"))

@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 from alignkit.data.collate import collate_sft
 from alignkit.data.schemas import Prompt
 from alignkit.data.tokenize import Encoded, encode, encode_pair
+from alignkit.models.forward import sharded_outside_forward
 from alignkit.models.loading import (
     ModelLoadError,
     load_tokenizer,
@@ -119,14 +120,25 @@ def sequence_rewards(model, input_ids: torch.Tensor, attention_mask: torch.Tenso
     Returns (B,) float32.
     """
     base = _unwrap(model)
+    positions = torch.arange(input_ids.shape[1], device=input_ids.device)  # (T,)
+    # The largest position with attention 1; with right padding that is the EOS closing the response.
+    last = (positions * attention_mask).argmax(-1)  # (B,)
+    rows = torch.arange(input_ids.shape[0], device=input_ids.device)  # (B,)
+    if sharded_outside_forward(base.score.weight):
+        # FSDP gathers the weights only in the model's own forward: run it whole and keep the score head's
+        # output at every position (B, T, 1) from the way through; transformers' own pooling is not used.
+        scores = []
+        hook = base.score.register_forward_hook(lambda _module, _inputs, output: scores.append(output))
+        try:
+            base(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        finally:
+            hook.remove()
+        return scores[0][rows, last].squeeze(-1).float()  # (B,)
     backbone = getattr(base, base.base_model_prefix)
     hidden = backbone(
         input_ids=input_ids, attention_mask=attention_mask, use_cache=False
     ).last_hidden_state  # (B, T, H)
-    positions = torch.arange(input_ids.shape[1], device=input_ids.device)  # (T,)
-    # The largest position with attention 1; with right padding that is the EOS closing the response.
-    last = (positions * attention_mask).argmax(-1)  # (B,)
-    pooled = hidden[torch.arange(input_ids.shape[0], device=hidden.device), last]  # (B, H)
+    pooled = hidden[rows, last]  # (B, H)
     return base.score(pooled).squeeze(-1).float()  # (B,)
 
 
@@ -136,11 +148,18 @@ def sequence_rewards(model, input_ids: torch.Tensor, attention_mask: torch.Tenso
 
 
 def save_reward_model(
-    model, tokenizer, path: str | os.PathLike, max_length: int, max_prompt_length: int | None, **extra: Any
+    model,
+    tokenizer,
+    path: str | os.PathLike,
+    max_length: int,
+    max_prompt_length: int | None,
+    state_dict: dict | None = None,
+    **extra: Any,
 ) -> Path:
     """Save a (LoRA-merged) reward model, its tokenizer and ``ALIGNKIT_REWARD.json`` (how its rewards are
-    computed, the lengths it was trained with, and ``extra`` facts such as reward statistics)."""
-    path = save_final(model, tokenizer, path, merge_lora=True)
+    computed, the lengths it was trained with, and ``extra`` facts such as reward statistics). ``state_dict``:
+    see ``save_final``."""
+    path = save_final(model, tokenizer, path, merge_lora=True, state_dict=state_dict)
     record = {
         "format": "AutoModelForSequenceClassification, num_labels=1",
         "pooling": POOLING,

@@ -23,6 +23,7 @@ from alignkit.data.tokenize import encode_pair
 from alignkit.evaluation.metrics import mean_ci
 from alignkit.evaluation.monitors import default_monitors
 from alignkit.models import reference_cache
+from alignkit.models.forward import supports_chunked_head
 from alignkit.models.loading import (
     apply_lora,
     count_parameters,
@@ -135,10 +136,11 @@ def attach_reference(
     cfg: DPOConfig, model, model_path: str, examples: list[PairExample], needed, pad_id: int
 ) -> None:
     """Set ex.ref for the `needed` examples from the on-disk cache, computing (and caching) what is missing."""
-    dtype = str(next(model.parameters()).dtype)
+    # The head's path is in the key: chunked and full logits agree to ~1e-7, not bit for bit.
+    how = f"{next(model.parameters()).dtype}:{'chunked' if supports_chunked_head(model) else 'full-logits'}"
     key = reference_cache.cache_key(
         model_path,
-        dtype,
+        how,
         [(e.encoded.prompt_ids, e.encoded.chosen_ids, e.encoded.rejected_ids) for e in examples],
     )
     values = reference_cache.load(key, len(examples), 4)  # (N, 4), NaN where not cached
@@ -180,6 +182,7 @@ def run(cfg: DPOConfig) -> dict:
 
     # 2. Policy and reference.
     model = load_model(cfg.model, cfg.dtype, cfg.trust_remote_code, device=pick_device())
+    distributed.shard(model, cfg.lora)  # under FSDP: the reference pass below runs on the shards
     pad_id = tokenizer.pad_token_id
     mode = cfg.reference if cfg.reference != "auto" else "precomputed"
     if cfg.loss == "orpo":
@@ -199,6 +202,7 @@ def run(cfg: DPOConfig) -> dict:
     elif mode == "copy":
         reference = load_model(cfg.model, cfg.dtype, cfg.trust_remote_code, device=pick_device()).eval()
         reference.requires_grad_(False)
+        distributed.shard(reference)
     if cfg.lora:
         model = apply_lora(model, cfg)
     trainable, total = count_parameters(model)
@@ -261,7 +265,10 @@ def run(cfg: DPOConfig) -> dict:
             eval_accuracy_ci95=[acc.low, acc.high],
         )
     distributed.save_from_main(
-        model, lambda: save_final(model, tokenizer, run_dir.final_dir, merge_lora=cfg.merge_lora)
+        model,
+        lambda state_dict: save_final(
+            model, tokenizer, run_dir.final_dir, merge_lora=cfg.merge_lora, state_dict=state_dict
+        ),
     )
     summary["wall_seconds"] = time.time() - started
     run_dir.write_summary(summary)

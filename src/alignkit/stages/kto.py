@@ -408,6 +408,7 @@ def run(cfg: KTOConfig) -> dict:
 
     # 2. Policy and reference.
     model = load_model(cfg.model, cfg.dtype, cfg.trust_remote_code, device=pick_device())
+    distributed.shard(model, cfg.lora)  # under FSDP: the reference pass below runs on the shards
     pad_id = tokenizer.pad_token_id
     mode = cfg.reference if cfg.reference != "auto" else "precomputed"
     reference = None
@@ -419,6 +420,7 @@ def run(cfg: KTOConfig) -> dict:
     elif mode == "copy":
         reference = load_model(cfg.model, cfg.dtype, cfg.trust_remote_code, device=pick_device()).eval()
         reference.requires_grad_(False)
+        distributed.shard(reference)
     if cfg.lora:
         model = apply_lora(model, cfg)
     trainable, total = count_parameters(model)
@@ -486,7 +488,10 @@ def run(cfg: KTOConfig) -> dict:
         if "rewards/gap" in eval_after:
             summary["eval_reward_gap"] = eval_after["rewards/gap"]
     distributed.save_from_main(
-        model, lambda: save_final(model, tokenizer, run_dir.final_dir, merge_lora=cfg.merge_lora)
+        model,
+        lambda state_dict: save_final(
+            model, tokenizer, run_dir.final_dir, merge_lora=cfg.merge_lora, state_dict=state_dict
+        ),
     )
     summary["wall_seconds"] = time.time() - started
     run_dir.write_summary(summary)

@@ -478,9 +478,10 @@ def score_change(samples_path: Path, iterations: int) -> dict | None:
 def check_launch(cfg: PPOConfig) -> None:
     """Refuse what PPO cannot do in the processes it was launched in (after the process group is up)."""
     world = distributed.world_size()
-    if distributed.engine() == "deepspeed":
+    if distributed.engine() in ("deepspeed", "fsdp"):
+        engine = "DeepSpeed" if distributed.engine() == "deepspeed" else "FSDP"
         raise ConfigError(
-            "ppo runs data parallel (DDP), not under DeepSpeed: launch it with configs/accelerate/multi_gpu.yaml "
+            f"ppo runs data parallel (DDP), not under {engine}: launch it with configs/accelerate/multi_gpu.yaml "
             "or plain torchrun"
         )
     if world > 1 and cfg.generation_backend == "vllm":
@@ -770,7 +771,10 @@ def run(cfg: PPOConfig, monitors: MonitorSet | None = None) -> dict:
     if cfg.lora:
         remove_value_adapter(policy)
     distributed.save_from_main(
-        policy, lambda: save_final(policy, tokenizer, run_dir.final_dir, merge_lora=cfg.merge_lora)
+        policy,
+        lambda state_dict: save_final(
+            policy, tokenizer, run_dir.final_dir, merge_lora=cfg.merge_lora, state_dict=state_dict
+        ),
     )
     rows = [json.loads(line) for line in run_dir.metrics_path.read_text().splitlines()] if main else []
     summary = {

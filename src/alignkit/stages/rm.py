@@ -278,12 +278,13 @@ def run(cfg: RMConfig) -> dict:
     # 5. The final reward model: plain transformers weights + ALIGNKIT_REWARD.json (lengths, statistics).
     distributed.save_from_main(
         model,
-        lambda: save_reward_model(
+        lambda state_dict: save_reward_model(
             model,
             tokenizer,
             run_dir.final_dir,
             cfg.max_length,
             cfg.max_prompt_length,
+            state_dict=state_dict,
             base_model=cfg.model,
             **reward_stats,
         ),

@@ -131,7 +131,10 @@ def run(cfg: SFTConfig) -> dict:
     # 4. Measure, save the final model, write the summary.
     train_loss_after = measure(model, train_encoded) if cfg.measure_train_loss else None
     distributed.save_from_main(
-        model, lambda: save_final(model, tokenizer, run_dir.final_dir, merge_lora=cfg.merge_lora)
+        model,
+        lambda state_dict: save_final(
+            model, tokenizer, run_dir.final_dir, merge_lora=cfg.merge_lora, state_dict=state_dict
+        ),
     )
     summary = {
         "stage": "sft",

@@ -3,9 +3,10 @@ the data position, so a resumed run continues exactly where the interrupted one 
 
 Layout of ``checkpoints/step-000123/``: ``weights.safetensors``, ``optimizer.pt``, ``scheduler.pt``,
 ``rng.pt``, ``state.json`` and ``COMPLETE`` (written last; a directory without it is never used). It holds
-nothing per process, so a run checkpointed by N data-parallel processes resumes in any number. Under DeepSpeed,
-whose ranks each hold a slice of the optimizer state, the engine writes its own files instead
-(``save_engine_checkpoint``).
+nothing per process, so a run checkpointed by N data-parallel processes resumes in any number. Under FSDP, whose
+ranks each hold a shard of every weight and of the AdamW state, the full tensors are gathered first
+(``gather_full_state``) and written in the same layout, so an FSDP checkpoint resumes in any number of processes,
+under FSDP or not. Under DeepSpeed the engine writes its own files instead (``save_engine_checkpoint``).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from alignkit.errors import AlignkitError
+from alignkit.training.distributed import reshard
 
 COMPLETE_MARKER = "COMPLETE"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -35,12 +37,13 @@ def checkpoint_dir(checkpoints_dir: Path, step: int) -> Path:
     return Path(checkpoints_dir) / f"step-{step:06d}"
 
 
-def save_checkpoint(path: Path, model, optimizer, scheduler, state: dict) -> Path:
+def save_checkpoint(path: Path, model, optimizer, scheduler, state: dict, full_state=None) -> Path:
     """Write a checkpoint to ``path`` atomically and return ``path``.
 
     Everything goes into ``<path>.tmp-<pid>/`` first, is fsynced, gets its COMPLETE marker and is then
     renamed into place, so a kill at any moment leaves either the whole checkpoint or an ignored tmp dir.
-    ``state`` (step, epoch, data position, counters) must be JSON; the RNG states are added here.
+    ``state`` (step, epoch, data position, counters) must be JSON; the RNG states are added here. A sharded
+    (FSDP) model's weights and optimizer state come gathered in ``full_state`` (``gather_full_state``).
     """
     path = Path(path)
     tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
@@ -49,10 +52,15 @@ def save_checkpoint(path: Path, model, optimizer, scheduler, state: dict) -> Pat
     tmp.mkdir(parents=True)
 
     # 1. Trainable weights only: the adapter of a LoRA model, every weight of a full fine-tune.
-    weights = {name: p.detach().to("cpu").contiguous() for name, p in _trainable_parameters(model).items()}
-    save_file(weights, str(tmp / "weights.safetensors"))
+    if full_state is None:
+        weights = {name: p.detach() for name, p in _trainable_parameters(model).items()}
+        full_state = (weights, optimizer.state_dict())
+    weights, optimizer_state = full_state
+    save_file(
+        {name: w.to("cpu").contiguous() for name, w in weights.items()}, str(tmp / "weights.safetensors")
+    )
     # 2. Optimizer and scheduler: plain tensors and numbers, so they load with weights_only=True.
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    torch.save(optimizer_state, tmp / "optimizer.pt")
     torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
     # 3. RNG: torch's as tensors, python's and numpy's as JSON next to the data position.
     torch_rng = {"cpu": torch.get_rng_state()}
@@ -137,6 +145,70 @@ def checkpoint_engine(path: Path) -> str:
     return json.loads((path / "state.json").read_text()).get("engine", "torch")
 
 
+def _is_sharded(model) -> bool:
+    """Whether ``model``'s weights are FSDP shards (DTensors)."""
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in model.parameters())
+
+
+def _full_options():
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+def gather_full_state(model, optimizer) -> tuple[dict, dict]:
+    """A sharded (FSDP) model's trainable weights by name and its optimizer's state, gathered whole onto the main
+    process in one process's layout: the weights as ``_trainable_parameters`` names them, the optimizer state as
+    ``optimizer.state_dict()`` writes it (parameters numbered in the order of its param groups). Every rank must
+    call; the others get empty dicts."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    reshard(model)  # the shards, not the gathered weights an evaluation pass may have left in place
+    names = [name for name, p in model.named_parameters() if p.requires_grad]
+    weights = get_model_state_dict(model, options=_full_options())
+    by_name = get_optimizer_state_dict(model, optimizer, options=_full_options())
+    if not weights:  # not the main process
+        return {}, {}
+    # torch.distributed.checkpoint keys the optimizer state by parameter name; torch.optim by position.
+    order = [name for group in by_name["param_groups"] for name in group["params"]]
+    position = {name: i for i, name in enumerate(order)}
+    optimizer_state = {
+        "state": {position[name]: value for name, value in by_name["state"].items()},
+        "param_groups": [
+            {**group, "params": [position[name] for name in group["params"]]}
+            for group in by_name["param_groups"]
+        ],
+    }
+    return {name: weights[name] for name in names}, optimizer_state
+
+
+def _load_sharded(model, optimizer, weights: dict, optimizer_state: dict) -> None:
+    """Load full (one-process layout) weights and optimizer state into a sharded (FSDP) model: each rank keeps
+    its shard of every tensor. Every rank must call, each with the full tensors."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    options = StateDictOptions(full_state_dict=True, strict=False)  # strict=False: trainable weights only
+    set_model_state_dict(model, weights, options=options)
+    name_of = {p: name for name, p in model.named_parameters()}
+    order = [name_of[p] for group in optimizer.param_groups for p in group["params"]]
+    by_name = {
+        "state": {order[i]: value for i, value in optimizer_state["state"].items()},
+        "param_groups": [
+            {**group, "params": [order[i] for i in group["params"]]}
+            for group in optimizer_state["param_groups"]
+        ],
+    }
+    set_optimizer_state_dict(model, optimizer, by_name, options=options)
+
+
 def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
     """Restore weights (in place, so tied weights stay tied), optimizer, scheduler and RNG from ``path``.
 
@@ -145,7 +217,12 @@ def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
     path = Path(path)
     if not (path / COMPLETE_MARKER).is_file():
         raise CheckpointError(f"{path} is not a complete checkpoint (no {COMPLETE_MARKER} marker)")
-    params = _trainable_parameters(model)
+    sharded = _is_sharded(model)
+    params = (
+        {name: p for name, p in model.named_parameters() if p.requires_grad}
+        if sharded
+        else _trainable_parameters(model)
+    )
     weights = load_file(str(path / "weights.safetensors"))
     missing, unexpected = sorted(set(params) - set(weights)), sorted(set(weights) - set(params))
     if missing or unexpected:
@@ -154,10 +231,14 @@ def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
             f"(missing {missing[:3]}..., unexpected {unexpected[:3]}...); was it trained with other "
             "LoRA settings or another model?"
         )
-    with torch.no_grad():
-        for name, p in params.items():
-            p.copy_(weights[name])
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu"))
+    optimizer_state = torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu")
+    if sharded:
+        _load_sharded(model, optimizer, weights, optimizer_state)
+    else:
+        with torch.no_grad():
+            for name, p in params.items():
+                p.copy_(weights[name])
+        optimizer.load_state_dict(optimizer_state)
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True, map_location="cpu"))
 
     state = json.loads((path / "state.json").read_text())

@@ -1,7 +1,8 @@
 """Several processes training one model, on torch.distributed through Hugging Face Accelerate.
 
 `torchrun` or `accelerate launch` starts one process (a rank) per device; `accelerator()` joins them and reads
-the launcher's settings: data parallel (DDP) by default, DeepSpeed ZeRO when the accelerate config names it.
+the launcher's settings: data parallel (DDP) by default, DeepSpeed ZeRO or FSDP2 when the accelerate config names
+it.
 What the ranks must agree on lives here: which rank writes the run folder, sums and gathers across ranks, each
 rank's share of a global batch, the engine's wrapping and the engine checks. In a plain single process every
 function is the identity.
@@ -29,14 +30,8 @@ def accelerator():
 
     # On a machine without GPUs Accelerate only forms a process group when told the devices are CPUs.
     made = Accelerator(cpu=not torch.cuda.is_available())
-    if made.distributed_type == DistributedType.FSDP:
-        raise ConfigError(
-            "the accelerate config asks for FSDP, which alignkit does not run: FSDP gathers a model's weights "
-            "in the forward of the module it wraps, while alignkit's log-prob passes read the LM head's weight "
-            "directly and its reference and evaluation passes run outside the training step. For sharded "
-            "training use DeepSpeed ZeRO-3 (configs/accelerate/zero3.yaml); for data parallel, "
-            "configs/accelerate/multi_gpu.yaml"
-        )
+    if fsdp_requested():
+        check_fsdp_settings(made.mixed_precision)
     if made.distributed_type == DistributedType.DEEPSPEED and made.state.deepspeed_plugin.zero3_init_flag:
         raise ConfigError(
             "the DeepSpeed config sets zero3_init_flag: true, which splits the weights while the model loads; "
@@ -179,13 +174,121 @@ def gradient_sync(module: torch.nn.Module, last: bool):
 
 
 def engine() -> str:
-    """The training engine the launcher chose: "none" (one process), "ddp" or "deepspeed"."""
+    """The training engine the launcher chose: "none" (one process), "ddp", "deepspeed" or "fsdp"."""
     from accelerate.utils import DistributedType
 
     kind = accelerator().distributed_type
     if kind == DistributedType.DEEPSPEED:
         return "deepspeed"
-    return "none" if kind == DistributedType.NO else "ddp"
+    if kind == DistributedType.NO:
+        return "none"
+    return "fsdp" if fsdp_requested() else "ddp"
+
+
+def fsdp_requested() -> bool:
+    """Whether the launcher asked for FSDP: `accelerate launch` with an FSDP config sets ACCELERATE_USE_FSDP in
+    every rank. Accelerate (1.15) builds its FSDP engine on GPUs only; on CPUs it quietly runs DDP instead, so
+    alignkit reads the variable itself and shards the model with torch's FSDP2 on either (``shard``)."""
+    return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+
+
+# Accelerate's FSDP settings (the environment variables `accelerate launch` sets from fsdp_config) that alignkit
+# does not implement, with the value it needs and why.
+_FSDP_UNSUPPORTED = {
+    "fsdp_offload_params": ("FSDP_OFFLOAD_PARAMS", "false", "the shards stay on the device"),
+    "fsdp_activation_checkpointing": ("FSDP_ACTIVATION_CHECKPOINTING", "false", "not implemented"),
+    "fsdp_cpu_ram_efficient_loading": (
+        "FSDP_CPU_RAM_EFFICIENT_LOADING",
+        "false",
+        "every rank loads the whole model, then keeps its shard",
+    ),
+}
+
+
+def check_fsdp_settings(mixed_precision: str) -> None:
+    """Refuse FSDP settings alignkit does not run, naming the field of the accelerate config."""
+    version = os.environ.get("FSDP_VERSION", "1")
+    if version != "2":
+        raise ConfigError(
+            f"the accelerate config sets fsdp_version: {version}; alignkit shards with FSDP2 (torch's "
+            "fully_shard): set fsdp_version: 2 (configs/accelerate/fsdp.yaml does)"
+        )
+    for field_name, (variable, needed, why) in _FSDP_UNSUPPORTED.items():
+        if os.environ.get(variable, needed).lower() != needed:
+            raise ConfigError(
+                f"the accelerate config sets {field_name}: true; alignkit needs {needed} ({why})"
+            )
+    if mixed_precision != "no":
+        raise ConfigError(
+            f'the accelerate config sets mixed_precision: {mixed_precision} with FSDP; set it to "no": '
+            "alignkit's own `dtype` setting decides the precision"
+        )
+
+
+def shard(model: torch.nn.Module, lora: bool = False) -> None:
+    """Under FSDP, shard ``model`` in place with FSDP2 (torch's ``fully_shard``) over all ranks; elsewhere
+    nothing. Stages with a reference pass call it right after loading, so the pass runs on the shards; ``train``
+    calls it for the others, and for a model sharded already it registers the shards again (``reshard``).
+
+    Each block transformers keeps whole (``_no_split_modules``: the decoder layers) is one group and the model
+    itself, with the embeddings, final norm and head, the root group. Every rank keeps 1/N of each weight (and
+    so of its gradient and AdamW state) as a DTensor, and gathers a group's full weights in that group's forward
+    and again in the backward, freeing them after (FULL_SHARD; fsdp_reshard_after_forward: false keeps them to
+    the backward). The model is the root, so any call of its forward (the training step, reference and
+    evaluation passes) gathers what it needs, while code that reads a weight outside a forward sees a shard: the
+    log-prob and reward passes take their plain path then (``alignkit.models.forward.sharded_outside_forward``).
+    Every forward is a collective, so every rank must run as many."""
+    if engine() != "fsdp":
+        return
+    from torch.distributed.fsdp import FSDPModule, fully_shard
+
+    if isinstance(model, FSDPModule):
+        reshard(model)
+        return
+    if lora:
+        raise ConfigError(
+            "lora=true under FSDP is not supported: LoRA trains few weights and runs data parallel "
+            "(configs/accelerate/multi_gpu.yaml), while FSDP is for full fine-tuning"
+        )
+    import torch.distributed as dist
+
+    # Every rank shards its own copy: start them all from rank 0's (a head initialised at random at load, the
+    # reward model's score, would otherwise differ), as DDP does when it wraps a model.
+    with torch.no_grad():
+        for tensor in model.state_dict().values():
+            dist.broadcast(tensor, src=0)
+    after_forward = os.environ.get("FSDP_RESHARD_AFTER_FORWARD", "true").lower() != "false"
+    blocks = set(getattr(model, "_no_split_modules", None) or [])
+    for module in model.modules():
+        if type(module).__name__ in blocks:
+            fully_shard(module, reshard_after_forward=after_forward)
+    # The root keeps its weights from the forward to the backward (torch's default for a root): the reward pass
+    # reads the score head's output on the way through the forward, a path FSDP's backward hooks do not see.
+    fully_shard(model)
+
+
+def reshard(model: torch.nn.Module) -> None:
+    """Free the gathered weights of every FSDP group of ``model`` and register its shards again. The root group
+    keeps its gathered weights after a forward until the backward, and a forward without one (an evaluation or
+    reference pass) leaves them registered in place of the shards, where the optimizer and the state-dict
+    functions must see the shards. Nothing for a model that is not sharded."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
+
+
+def as_float(value) -> float:
+    """A scalar tensor as a float; a DTensor (FSDP's gradient norm) is made whole first (every rank must call)."""
+    return float(value.full_tensor() if hasattr(value, "full_tensor") else value)
+
+
+def local_fraction(model: torch.nn.Module) -> float:
+    """The share of ``model``'s parameter elements this rank holds: 1 unsharded, about 1/N under FSDP."""
+    params = list(model.parameters())
+    local = sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel() for p in params)
+    return local / max(sum(p.numel() for p in params), 1)
 
 
 def zero_stage() -> int:
@@ -224,7 +327,7 @@ def configure_deepspeed(micro_batch_size: int, max_grad_norm: float | None, lora
 @contextlib.contextmanager
 def full_weights(model: torch.nn.Module):
     """Inside, every rank holds all of ``model``'s weights: under ZeRO-3 each rank otherwise holds a slice of
-    each (every rank must enter). Elsewhere a rank always holds them all."""
+    each (every rank must enter). Elsewhere a rank always holds them all (under FSDP, see ``save_from_main``)."""
     if zero_stage() == 3:
         import deepspeed
 
@@ -234,12 +337,28 @@ def full_weights(model: torch.nn.Module):
         yield
 
 
-def save_from_main(model: torch.nn.Module, save: Callable[[], object]) -> None:
-    """``save()`` (writing the final model) on the main process, with all of ``model``'s weights in place
-    (``full_weights``); the other ranks wait until it is written. One process: just ``save()``."""
+def save_from_main(model: torch.nn.Module, save: Callable[[dict | None], object]) -> None:
+    """``save(state_dict)`` (writing the final model) on the main process; the other ranks wait until it is
+    written. Under FSDP ``state_dict`` holds the model's full weights, gathered onto the main process's CPU
+    memory (the model's own state_dict would hold each rank's shards); elsewhere it is None, and the weights
+    are read from the model, all in place (``full_weights``). One process: just ``save(None)``."""
+    state_dict = None
+    if engine() == "fsdp":
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        reshard(model)
+        state_dict = get_model_state_dict(model, options=options)
+        # Tied weights (lm_head = embed_tokens) come back as separate copies; one tensor again, so
+        # transformers saves them once, as it does for a model in one process.
+        first_name: dict[int, str] = {}
+        for name, p in model.named_parameters(remove_duplicate=False):
+            first = first_name.setdefault(id(p), name)
+            if state_dict and first != name:
+                state_dict[name] = state_dict[first]
     with full_weights(model):
         if is_main_process():
-            save()
+            save(state_dict)
     barrier()
 
 

@@ -2,8 +2,9 @@
 one big batch, clipping, non-finite step skipping, metrics.jsonl + TensorBoard, periodic evaluation, atomic
 checkpoints, exact resume, and SIGINT/SIGTERM -> checkpoint -> ``TrainingInterrupted``.
 
-Launched in several processes (``torchrun``, ``accelerate launch``), the same loop runs data parallel (DDP) or
-under DeepSpeed ZeRO, with the single-process semantics: see docs/architecture.md, "Scaling out".
+Launched in several processes (``torchrun``, ``accelerate launch``), the same loop runs data parallel (DDP),
+under DeepSpeed ZeRO or sharded by FSDP2, with the single-process semantics: see docs/architecture.md, "Scaling
+out".
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from alignkit.training import distributed
 from alignkit.training.checkpoint import (
     checkpoint_dir,
     checkpoint_engine,
+    gather_full_state,
     load_checkpoint,
     load_engine_checkpoint,
     prune_checkpoints,
@@ -110,7 +112,7 @@ def train(
     if not examples:
         raise ValueError("no training examples")
     accelerator = distributed.accelerator()
-    engine = distributed.engine()  # "none" (one process), "ddp" or "deepspeed"
+    engine = distributed.engine()  # "none" (one process), "ddp", "deepspeed" or "fsdp"
     rank, world = accelerator.process_index, accelerator.num_processes
     main = accelerator.is_main_process
     if engine != "none":
@@ -127,6 +129,10 @@ def train(
     run.tensorboard = cfg.tensorboard
     device = next(model.parameters()).device
     model.train()
+    # Under FSDP, shard (unless the stage did) before the optimizer takes the parameters.
+    distributed.shard(model, cfg.lora)
+    # The largest share of the parameters' elements any rank holds: ~1/N under FSDP (logged there).
+    (rank_share,) = distributed.all_reduce([distributed.local_fraction(model)], op="max")
 
     # 2. AdamW over the trainable parameters; warmup then the configured decay over the remaining steps.
     params = [p for p in model.parameters() if p.requires_grad]
@@ -147,9 +153,10 @@ def train(
 
     # The engine: DDP and DeepSpeed wrap a module and act in its forward (DDP arms its gradient sync there),
     # while a step may call into the model below its forward (the chunked LM head, KTO's second pass); so
-    # the model and the stage's step go in as one module, and the engine wraps the whole step.
+    # the model and the stage's step go in as one module, and the engine wraps the whole step. (FSDP has
+    # sharded the model itself above, and reduce-scatters its gradients in every backward.)
     stepper = distributed.StepModule(model, step_fn)
-    if engine != "none":
+    if engine in ("ddp", "deepspeed"):
         stepper, optimizer = accelerator.prepare(stepper, optimizer)
 
     # Resume: weights, optimizer, scheduler, RNG and counters; the data position follows from the step.
@@ -202,6 +209,10 @@ def train(
         path = checkpoint_dir(run.checkpoints_dir, step)
         if engine == "deepspeed":  # every rank writes its slices of the weights and optimizer state
             save_engine_checkpoint(path, accelerator, scheduler, state)
+        elif engine == "fsdp":  # gathered whole onto the main process, which writes one process's layout
+            full_state = gather_full_state(model, optimizer)
+            if main:
+                save_checkpoint(path, model, optimizer, scheduler, state, full_state)
         elif main:  # every rank holds the same full state: the main process writes it
             save_checkpoint(path, model, optimizer, scheduler, state)
         if main:
@@ -261,7 +272,7 @@ def train(
                 #       gradient skips the update, and a streak of them ends the run. (Under DeepSpeed the
                 #       engine has already clipped and stepped at the end of step 4.)
                 max_norm = cfg.max_grad_norm if cfg.max_grad_norm is not None else math.inf
-                grad_norm = float(accelerator.clip_grad_norm_(params, max_norm))
+                grad_norm = distributed.as_float(accelerator.clip_grad_norm_(params, max_norm))
                 lr = optimizer.param_groups[0]["lr"]
                 if math.isfinite(loss) and math.isfinite(grad_norm):
                     optimizer.step()
@@ -297,6 +308,8 @@ def train(
                 if (step % cfg.log_every == 0 or step == total_steps) and window.n_steps:
                     last_row = window.row(step, step / steps_per_epoch, lr, elapsed())
                     last_row["nonfinite_skipped"] = n_nonfinite
+                    if engine == "fsdp":
+                        last_row["params/rank_share"] = rank_share
                     window = _Window(time.monotonic())
                     run.log_metrics(last_row)
                     bar.set_postfix(loss=f"{last_row['loss']:.4f}")
