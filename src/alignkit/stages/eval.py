@@ -85,7 +85,7 @@ class EvalConfig(GenerationBackendConfig):
     )
     # --- scoring ---
     reward_model: str | None = doc_field(
-        None, "Reward model directory to score responses with (from `alignkit reward`)."
+        None, "Reward model directory to score responses with (from `alignkit rm`)."
     )
     reward_fn: str | None = doc_field(
         None,
