@@ -154,6 +154,20 @@ def test_kl_growth_fires():
     assert events[0].values["growth_per_step"] == pytest.approx(1.5)
 
 
+def test_kl_growth_up_to_the_ppo_target_is_allowed():
+    """PPO's kl_target is a KL the run is meant to reach. The rows of test_kl_growth_fires (0.5 x 5, then
+    +3/step) with kl_target 12: at step 6 (KL 6.5) and 7 (9.5) the growth is 1.5 and 2.4/step but the KL is
+    below the target, so quiet; at step 8 (12.5 > 12, slope 3.0) it fires. The limit becomes 2 x 12 = 24."""
+    rows = [{"kl": 0.5}] * 5 + [{"kl": 0.5 + 3 * k} for k in range(1, 6)]
+    monitors = default_monitors("ppo", kl_target=12.0)
+    kl_monitor = next(m for m in monitors.monitors if isinstance(m, KLExplosionMonitor))
+    assert kl_monitor.max_kl == 24.0 and kl_monitor.allowed_kl == 12.0
+    events = _feed(kl_monitor, rows)
+    assert events[0].step == 8 and events[0].values["growth_per_step"] == pytest.approx(3.0)
+    default = next(m for m in default_monitors("ppo").monitors if isinstance(m, KLExplosionMonitor))
+    assert (default.max_kl, default.allowed_kl) == (10.0, 0.0)  # fixed beta: the plain limits
+
+
 def test_kl_limit_and_nan_fire():
     """9.5, 9.8, 10.1: the limit 10 is crossed at step 2 (growth 0.3/step is within its limit). NaN fires."""
     events = _feed(KLExplosionMonitor(), [{"kl": 9.5}, {"kl": 9.8}, {"kl": 10.1}])

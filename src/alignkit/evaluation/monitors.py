@@ -189,6 +189,7 @@ class KLExplosionMonitor:
     )
     window: int = 5  # rows the growth rate is fitted over
     max_growth_per_step: float = 1.0  # nats per step; a run adding a nat each step reaches the limit in 10
+    allowed_kl: float = 0.0  # a KL the run was told to reach (PPO's kl_target): growth up to it is not alarming
     action: Action = "stop"  # past this point updates rarely come back; stop and keep the checkpoint
     name: str = "kl_explosion"
     _rows: deque = field(init=False, repr=False)
@@ -207,7 +208,7 @@ class KLExplosionMonitor:
         if len(self._rows) < self.window:
             return None
         growth = _slope(*(list(c) for c in zip(*self._rows)))
-        if growth > self.max_growth_per_step:
+        if growth > self.max_growth_per_step and kl > self.allowed_kl:
             msg = f"kl growing {growth:.3f}/step over {self.window} rows (limit {self.max_growth_per_step})"
             return _event(self, step, msg, kl=kl, growth_per_step=growth)
         return None
@@ -331,12 +332,17 @@ class MonitorSet:
         return "stop" if any(e.action == "stop" for e in self.last_events) else None
 
 
-def default_monitors(stage: str, cooldown: int = 100) -> MonitorSet:
+def default_monitors(stage: str, cooldown: int = 100, kl_target: float | None = None) -> MonitorSet:
     """The monitors worth running for a stage: "sft", "rm", "dpo" (also "ipo", "kto", "orpo"), "ppo" or
     "online-dpo".
 
-    SFT watches only distinct-2: its token entropy falls by design as the loss falls.
+    SFT watches only distinct-2: its token entropy falls by design as the loss falls. ``kl_target`` (PPO's
+    adaptive KL control, nats per response) is a KL the run is meant to reach: the KL monitor lets it climb
+    there at any speed, and its limit is at least twice the target.
     """
+    kl_monitor = KLExplosionMonitor()
+    if kl_target is not None:
+        kl_monitor = KLExplosionMonitor(max_kl=max(kl_monitor.max_kl, 2 * kl_target), allowed_kl=kl_target)
     if stage == "sft":
         monitors = [NonFiniteMonitor(), ModeCollapseMonitor(keys=("distinct_2",))]
     elif stage == "rm":
@@ -353,7 +359,7 @@ def default_monitors(stage: str, cooldown: int = 100) -> MonitorSet:
         # reward-length correlation, so a shorter window than a step-level stream needs is enough evidence.
         monitors = [
             NonFiniteMonitor(),
-            KLExplosionMonitor(),
+            kl_monitor,
             RewardHackingMonitor(window=8),
             ModeCollapseMonitor(),
         ]

@@ -587,7 +587,7 @@ def run(cfg: PPOConfig, monitors: MonitorSet | None = None) -> dict:
         kl_controller = FixedKLController(cfg.init_kl_coef)
     else:
         kl_controller = AdaptiveKLController(cfg.init_kl_coef, cfg.kl_target, cfg.kl_horizon)
-    monitors = monitors if monitors is not None else default_monitors("ppo")
+    monitors = monitors if monitors is not None else default_monitors("ppo", kl_target=cfg.kl_target)
     if cfg.generation_backend == "vllm":  # a vLLM engine on the starting weights, updated every iteration
         sampler = vllm_sampler(cfg, tokenizer, device)
 
