@@ -168,6 +168,38 @@ def test_kl_growth_up_to_the_ppo_target_is_allowed():
     assert (default.max_kl, default.allowed_kl) == (10.0, 0.0)  # fixed beta: the plain limits
 
 
+def test_replay_puts_a_resumed_run_where_the_uninterrupted_one_was():
+    """Reward rising with length (window 3, cooldown 100). Uninterrupted: one event, at step 3. A run resumed
+    after step 5 that replays its metrics.jsonl (training rows, an evaluation row without "lr" that must not
+    enter a window, the event row) logs the same: nothing more. Without the replay its monitors would start
+    empty and fire again at step 8, once 3 new rows had filled the window."""
+    rows = [{"step": s, "lr": 1e-3, "reward/mean": 0.1 * s, "len/mean": 50.0 + 5 * s} for s in range(1, 11)]
+
+    def run(set_, rows):
+        logged = []
+        for row in rows:
+            logged.append(row)
+            set_.on_log(row["step"], row)
+            logged.extend(event.to_row() for event in set_.last_events)
+        return logged
+
+    def monitors():
+        return MonitorSet([RewardHackingMonitor(window=3)], cooldown=100)
+
+    uninterrupted = monitors()
+    run(uninterrupted, rows)
+    assert [e.step for e in uninterrupted.events] == [3]
+    first_part = run(monitors(), rows[:5])
+    first_part.insert(3, {"step": 3, "eval/loss": 9.0, "reward/mean": -100.0, "len/mean": 0.0})
+    resumed = monitors()
+    resumed.replay(first_part)
+    run(resumed, rows[5:])
+    assert resumed.events == []
+    fresh = monitors()
+    run(fresh, rows[5:])
+    assert [e.step for e in fresh.events] == [8]
+
+
 def test_kl_limit_and_nan_fire():
     """9.5, 9.8, 10.1: the limit 10 is crossed at step 2 (growth 0.3/step is within its limit). NaN fires."""
     events = _feed(KLExplosionMonitor(), [{"kl": 9.5}, {"kl": 9.8}, {"kl": 10.1}])

@@ -316,6 +316,20 @@ class MonitorSet:
         self.last_events: list[Event] = []
         self._last_fired: dict[int, int] = {}  # monitor index -> step of its latest kept event
 
+    def replay(self, rows: list[dict]) -> None:
+        """Feed a resumed run's monitors the rows it logged up to its checkpoint (its metrics.jsonl), so every
+        window and cooldown is where the uninterrupted run's was and they fire at the same steps. The monitored
+        rows are the training rows (they carry "lr"; evaluation rows do not); a monitor's event rows (they carry
+        "action") restore its cooldown. Nothing is logged or fired again."""
+        index = {monitor.name: i for i, monitor in enumerate(self.monitors)}
+        for row in rows:
+            if "event" in row:
+                if "action" in row and row["event"] in index:
+                    self._last_fired[index[row["event"]]] = row["step"]
+            elif "lr" in row:
+                for monitor in self.monitors:
+                    monitor.update(row["step"], row)
+
     def on_log(self, step: int, row: dict) -> str | None:
         """Feed one logged row to every monitor; "stop" when a monitor with action "stop" fired."""
         self.last_events = []

@@ -306,6 +306,8 @@ def run(cfg: OnlineDPOConfig, monitors: MonitorSet | None = None) -> dict:
             )
         start, n_nonfinite, elapsed_before = state["round"], state["n_nonfinite_skipped"], state["elapsed_s"]
     run_dir.truncate_metrics_after(start)
+    if resume:
+        monitors.replay(run_dir.logged_rows())  # their windows as the uninterrupted run had them
     samples_path = run_dir.path / "samples.jsonl"
     truncate_jsonl(samples_path, start)
     loop_started = time.monotonic()

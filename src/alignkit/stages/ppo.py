@@ -613,6 +613,8 @@ def run(cfg: PPOConfig, monitors: MonitorSet | None = None) -> dict:
             state["elapsed_s"],
         )
     run_dir.truncate_metrics_after(start)
+    if resume:
+        monitors.replay(run_dir.logged_rows())  # their windows as the uninterrupted run had them
     samples_path = run_dir.path / "samples.jsonl"
     if main:
         truncate_jsonl(samples_path, start)

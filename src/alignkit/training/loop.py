@@ -182,6 +182,8 @@ def train(
         step, n_items_seen = state["step"], state["n_items_seen"]
         n_nonfinite, elapsed_before = state["n_nonfinite_skipped"], state["elapsed_s"]
     run.truncate_metrics_after(step)
+    if monitors is not None and last_checkpoint is not None:
+        monitors.replay(run.logged_rows())  # their windows as the uninterrupted run had them
 
     started = time.monotonic()
     window = _Window(started)

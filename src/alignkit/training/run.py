@@ -139,6 +139,14 @@ class RunDir:
         tmp.write_text("".join(kept), encoding="utf-8")
         os.replace(tmp, self.metrics_path)
 
+    def logged_rows(self) -> list[dict]:
+        """Every row of metrics.jsonl, on every rank (read by the main process): what a resumed run logged."""
+        rows = None
+        if self.writes:
+            text = self.metrics_path.read_text(encoding="utf-8") if self.metrics_path.exists() else ""
+            rows = [json.loads(line) for line in text.splitlines()]
+        return distributed.broadcast_from_main(rows)
+
     def latest_checkpoint(self) -> Path | None:
         """The newest complete checkpoint in checkpoints/, or None."""
         return latest_checkpoint(self.checkpoints_dir)
