@@ -369,12 +369,13 @@ def default_monitors(stage: str, cooldown: int = 100, kl_target: float | None = 
             ModeCollapseMonitor(keys=("distinct_2",)),
         ]
     elif stage == "ppo":
-        # A PPO row is a whole iteration (tens of seconds on a CPU), and each carries its own in-batch
-        # reward-length correlation, so a shorter window than a step-level stream needs is enough evidence.
+        # A PPO row is a whole iteration (minutes on a CPU) and carries its own in-batch reward-length
+        # correlation over the iteration's samples: 5 rows of 32 samples whose correlations average above 0.8
+        # (noise gives ~0 +- 1/sqrt(31) per row) are evidence enough, as soon as the KL monitor's 5 rows are.
         monitors = [
             NonFiniteMonitor(),
             kl_monitor,
-            RewardHackingMonitor(window=8),
+            RewardHackingMonitor(window=5),
             ModeCollapseMonitor(),
         ]
     elif stage == "online-dpo":
@@ -384,7 +385,7 @@ def default_monitors(stage: str, cooldown: int = 100, kl_target: float | None = 
         monitors = [
             NonFiniteMonitor(),
             KLExplosionMonitor(),
-            RewardHackingMonitor(window=8),
+            RewardHackingMonitor(window=5),  # a round's row carries its samples' correlation, as PPO's
             LikelihoodDisplacementMonitor(window=8),
             ModeCollapseMonitor(keys=("distinct_2",)),
         ]
