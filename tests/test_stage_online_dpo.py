@@ -8,11 +8,10 @@ import copy
 import importlib.util
 import json
 import math
-import os
-import signal
 
 import pytest
 import torch
+from _signal_monitor import SignalAt
 from safetensors.torch import load_file
 
 from alignkit import cli
@@ -201,20 +200,6 @@ def test_update_is_a_step_on_the_dpo_loss(tiny_tokenizer):
     )
 
 
-class _SignalAt:
-    """A 'monitor' that sends this process SIGINT when it sees ``step``, as a user's Ctrl-C would."""
-
-    name, action = "signal", "warn"
-
-    def __init__(self, step: int):
-        self.step = step
-
-    def update(self, step: int, row: dict):
-        if step == self.step:
-            os.kill(os.getpid(), signal.SIGINT)
-        return None
-
-
 def test_lora_resume_after_sigint_equals_uninterrupted_run(tiny_model_dir, prompt_file, tmp_path):
     """LoRA (the reference is the base with the adapters off), 3 rounds. SIGINT during round 2 -> checkpoint
     -> TrainingInterrupted; resuming from it gives the metrics and bit-identical final weights of a run that
@@ -229,7 +214,7 @@ def test_lora_resume_after_sigint_equals_uninterrupted_run(tiny_model_dir, promp
     cut = tmp_path / "cut"
     cfg = load_config(online_dpo.OnlineDPOConfig, None, _args(tiny_model_dir, prompt_file, cut, *lora))
     with pytest.raises(TrainingInterrupted) as info:
-        online_dpo.run(cfg, monitors=MonitorSet([_SignalAt(2)]))
+        online_dpo.run(cfg, monitors=MonitorSet([SignalAt(2)]))
     assert info.value.checkpoint.endswith("step-000002")
     assert [r["step"] for r in _rows(cut)] == [1, 2]
     resume = (*lora, f"resume_from={info.value.checkpoint}")

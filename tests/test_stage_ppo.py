@@ -6,12 +6,11 @@ from __future__ import annotations
 import functools
 import json
 import math
-import os
-import signal
 
 import numpy as np
 import pytest
 import torch
+from _signal_monitor import SignalAt
 from safetensors.torch import load_file
 
 from alignkit import cli
@@ -112,20 +111,6 @@ def test_ppo_end_to_end_logs_health_signals(tiny_model_dir, prompt_file, tmp_pat
     assert not torch.equal(w, ckpt["value.backbone.model.layers.0.mlp.up_proj.weight"])
 
 
-class _SignalAt:
-    """A 'monitor' that sends this process SIGINT when it sees ``step``, as a user's Ctrl-C would."""
-
-    name, action = "signal", "warn"
-
-    def __init__(self, step: int):
-        self.step = step
-
-    def update(self, step: int, row: dict):
-        if step == self.step:
-            os.kill(os.getpid(), signal.SIGINT)
-        return None
-
-
 def test_lora_resume_after_sigint_is_exact(tiny_model_dir, prompt_file, tmp_path):
     """LoRA: policy adapter, value adapter + head on one frozen base. SIGINT during iteration 1 -> checkpoint ->
     TrainingInterrupted; resuming from it gives bit-identical weights and logs to an uninterrupted run, because
@@ -138,7 +123,7 @@ def test_lora_resume_after_sigint_is_exact(tiny_model_dir, prompt_file, tmp_path
     cut = tmp_path / "cut"
     cfg = load_config(ppo.PPOConfig, None, _args(tiny_model_dir, prompt_file, cut, *lora))
     with pytest.raises(TrainingInterrupted) as info:
-        ppo.run(cfg, monitors=MonitorSet([_SignalAt(1)]))
+        ppo.run(cfg, monitors=MonitorSet([SignalAt(1)]))
     assert info.value.checkpoint.endswith("step-000001")
     assert [r["step"] for r in _rows(cut)] == [1]
     resume = (*lora, f"resume_from={info.value.checkpoint}")

@@ -59,7 +59,7 @@ from alignkit.training.distributed import require_one_process
 from alignkit.training.online import derived_seed, iteration_prompts, optimizer_step, truncate_jsonl
 from alignkit.training.preference import PairExample, collate_pair_examples, pair_outputs
 from alignkit.training.run import RunDir, peak_rss_mb
-from alignkit.training.schedule import build_scheduler
+from alignkit.training.schedule import build_optimizer, build_scheduler
 from alignkit.training.signals import StopSignals
 
 DEFAULT_PROMPTS = Path(__file__).resolve().parents[1] / "assets" / "prompts.jsonl"
@@ -282,13 +282,7 @@ def run(cfg: OnlineDPOConfig, monitors: MonitorSet | None = None) -> dict:
         reference.requires_grad_(False)
     trainable, total = count_parameters(policy)
     params = [p for p in policy.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(
-        params,
-        lr=cfg.learning_rate,
-        betas=(cfg.adam_beta1, cfg.adam_beta2),
-        eps=cfg.adam_eps,
-        weight_decay=cfg.weight_decay,
-    )
+    optimizer = build_optimizer(params, cfg)
     steps_per_round = cfg.dpo_epochs * math.ceil(cfg.prompts_per_round / cfg.minibatch_size)
     scheduler = build_scheduler(optimizer, cfg.lr_scheduler, cfg.warmup_steps, cfg.rounds * steps_per_round)
     sampler = load_sampler(cfg, tokenizer, device, model=policy, batch_size=cfg.generation_batch_size)

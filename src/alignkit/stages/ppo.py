@@ -77,7 +77,7 @@ from alignkit.training import distributed
 from alignkit.training.checkpoint import checkpoint_dir, load_checkpoint, prune_checkpoints, save_checkpoint
 from alignkit.training.online import derived_seed, iteration_prompts, optimizer_step, truncate_jsonl
 from alignkit.training.run import RunDir, peak_rss_mb
-from alignkit.training.schedule import build_scheduler
+from alignkit.training.schedule import build_optimizer, build_scheduler
 from alignkit.training.signals import StopSignals
 
 DEFAULT_PROMPTS = Path(__file__).resolve().parents[1] / "assets" / "prompts.jsonl"
@@ -572,13 +572,7 @@ def run(cfg: PPOConfig, monitors: MonitorSet | None = None) -> dict:
     trained = torch.nn.ModuleDict({"policy": policy, "value": value_model})  # what checkpoints hold
     trainable, total = count_parameters(trained)
     params = [p for p in trained.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(
-        params,
-        lr=cfg.learning_rate,
-        betas=(cfg.adam_beta1, cfg.adam_beta2),
-        eps=cfg.adam_eps,
-        weight_decay=cfg.weight_decay,
-    )
+    optimizer = build_optimizer(params, cfg)
     steps_per_iteration = cfg.ppo_epochs * math.ceil(cfg.prompts_per_iteration / cfg.minibatch_size)
     scheduler = build_scheduler(
         optimizer, cfg.lr_scheduler, cfg.warmup_steps, cfg.iterations * steps_per_iteration
