@@ -169,7 +169,10 @@ class PPOConfig(GenerationBackendConfig, TrainConfig):
     )
     gamma: float = doc_field(1.0, "Discount over response tokens.")
     lam: float = doc_field(
-        0.95, "GAE lambda (Schulman et al. 2016): 1 = Monte-Carlo returns, 0 = one-step TD."
+        0.95,
+        "GAE lambda (Schulman et al. 2016): 1 = Monte-Carlo returns, 0 = one-step TD. Below 1, a value model "
+        "that has not learned yet gives a response's last tokens most of the credit for its score, and so "
+        "rewards ending early whatever the score; 1 avoids that (configs/ppo_sentiment.yaml).",
     )
     learning_rate: float = doc_field(1e-5, "Peak AdamW learning rate (LoRA usually wants ~1e-4).")
     adam_eps: float = doc_field(1e-5, "AdamW epsilon; 1e-5 as in lm-human-preferences (Huang et al. 2024).")
