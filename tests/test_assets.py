@@ -101,6 +101,17 @@ def test_prompts_do_not_overlap_demo_sft():
     assert demo & sampled == set()
 
 
+def test_short_prompts_schema_and_disjoint_from_the_others():
+    """64 prompts asking for one-line answers (PPO's rollouts): unique, short, none also in prompts.jsonl."""
+    rows = _jsonl("short_prompts.jsonl")
+    assert len(rows) == 64
+    assert all(set(row) == {"prompt"} and _is_nonempty_str(row["prompt"]) for row in rows)
+    assert all(len(row["prompt"].split()) <= 20 for row in rows)
+    short = {" ".join(_words(row["prompt"])) for row in rows}
+    assert len(short) == 64, "duplicate prompts"
+    assert short & {" ".join(_words(row["prompt"])) for row in _jsonl("prompts.jsonl")} == set()
+
+
 # --- constitution.yaml ------------------------------------------------------------------------
 
 
@@ -148,7 +159,7 @@ def _asset_ngrams() -> dict[tuple[str, ...], str]:
     """Every 8-gram of every asset's text, mapped to the file it came from (per string, so no
     n-gram spans two records)."""
     texts: list[tuple[str, str]] = []
-    for name in ("demo_sft.jsonl", "prompts.jsonl"):
+    for name in ("demo_sft.jsonl", "prompts.jsonl", "short_prompts.jsonl"):
         texts += [(name, s) for row in _jsonl(name) for s in _strings(row)]
     texts += [("constitution.yaml", s) for s in _strings(_constitution())]
     texts.append(("README.md", _asset_text("README.md")))
