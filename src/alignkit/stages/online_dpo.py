@@ -16,12 +16,10 @@ from __future__ import annotations
 
 import json
 import math
-import random
 import signal
 import sys
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Literal
 
 import numpy as np
@@ -38,7 +36,6 @@ from alignkit.config import (
     required,
 )
 from alignkit.data.pairing import make_pairs
-from alignkit.data.schemas import load_prompts
 from alignkit.data.tokenize import EncodedPair, encode_prompt
 from alignkit.errors import TrainingInterrupted
 from alignkit.evaluation.metrics import distinct_n, kl_per_token, length_stats, pearson
@@ -56,13 +53,18 @@ from alignkit.models.loading import (
 from alignkit.scoring import load_scorer
 from alignkit.training.checkpoint import checkpoint_dir, load_checkpoint, prune_checkpoints, save_checkpoint
 from alignkit.training.distributed import require_one_process
-from alignkit.training.online import derived_seed, iteration_prompts, optimizer_step, truncate_jsonl
+from alignkit.training.online import (
+    derived_seed,
+    iteration_prompts,
+    optimizer_step,
+    seed_and_threads,
+    training_prompts,
+    truncate_jsonl,
+)
 from alignkit.training.preference import PairExample, collate_pair_examples, pair_outputs
 from alignkit.training.run import RunDir, peak_rss_mb
 from alignkit.training.schedule import build_optimizer, build_scheduler
 from alignkit.training.signals import StopSignals
-
-DEFAULT_PROMPTS = Path(__file__).resolve().parents[1] / "assets" / "prompts.jsonl"
 
 # TrainConfig fields that mean nothing in a round's loop, and what to set instead (a changed one is an error).
 NOT_USED = {
@@ -240,26 +242,12 @@ def run(cfg: OnlineDPOConfig, monitors: MonitorSet | None = None) -> dict:
     run_dir = RunDir.create(cfg.output_dir, "online-dpo", cfg.resume_from, cfg.tensorboard)
     run_dir.write_config(cfg)
     print(f"run folder: {run_dir.path}", file=sys.stderr)
-    random.seed(cfg.seed)
-    np.random.seed(cfg.seed)
-    torch.manual_seed(cfg.seed)  # LoRA's A matrices are drawn from it
-    if cfg.num_threads:
-        torch.set_num_threads(cfg.num_threads)
+    seed_and_threads(cfg)
     device = pick_device()
 
     # Prompts, tokenized with the chat template.
     tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code)
-    loaded = load_prompts(
-        cfg.train_data or str(DEFAULT_PROMPTS),
-        cfg.on_bad_row,
-        split=cfg.train_split,
-        rows=cfg.train_rows,
-        limit=cfg.max_train_rows,
-    )
-    print(f"prompts: {loaded.summary()}", file=sys.stderr)
-    prompts = [ex.prompt for ex in loaded.examples]
-    if not prompts:
-        raise ConfigError("train_data holds no prompts")
+    prompts, n_skipped = training_prompts(cfg)
     prompt_ids = [encode_prompt(tokenizer, p, cfg.max_prompt_length) for p in prompts]
 
     # The roles: the policy; the frozen reference it starts as (LoRA: the same base with the adapters off, as
@@ -461,7 +449,7 @@ def run(cfg: OnlineDPOConfig, monitors: MonitorSet | None = None) -> dict:
         "rounds": round_no,
         "stopped_by": stopped_by,
         "prompts": len(prompts),
-        "skipped_rows": len(loaded.skipped),
+        "skipped_rows": n_skipped,
         "reference": "policy base with adapters disabled" if cfg.lora else "frozen copy",
         "trainable_parameters": trainable,
         "total_parameters": total,

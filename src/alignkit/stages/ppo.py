@@ -16,7 +16,6 @@ import dataclasses
 import functools
 import json
 import math
-import random
 import signal
 import sys
 import time
@@ -37,7 +36,6 @@ from alignkit.config import (
     refuse_unused,
     required,
 )
-from alignkit.data.schemas import load_prompts
 from alignkit.data.tokenize import encode_prompt
 from alignkit.errors import TrainingInterrupted
 from alignkit.evaluation.metrics import distinct_n, length_stats, mean_difference, pearson
@@ -75,12 +73,17 @@ from alignkit.models.value import ValueModel, add_value_adapter, keep_trainable,
 from alignkit.scoring import Scorer, load_scorer
 from alignkit.training import distributed
 from alignkit.training.checkpoint import checkpoint_dir, load_checkpoint, prune_checkpoints, save_checkpoint
-from alignkit.training.online import derived_seed, iteration_prompts, optimizer_step, truncate_jsonl
+from alignkit.training.online import (
+    derived_seed,
+    iteration_prompts,
+    optimizer_step,
+    seed_and_threads,
+    training_prompts,
+    truncate_jsonl,
+)
 from alignkit.training.run import RunDir, peak_rss_mb
 from alignkit.training.schedule import build_optimizer, build_scheduler
 from alignkit.training.signals import StopSignals
-
-DEFAULT_PROMPTS = Path(__file__).resolve().parents[1] / "assets" / "prompts.jsonl"
 
 # TrainConfig fields that mean nothing in PPO's loop, and what to set instead. check_config refuses a changed
 # value rather than silently ignoring it. (Without eval_data, the other eval_* fields are inert.)
@@ -227,7 +230,9 @@ class Rollout:
 
     def rows(self, index) -> Rollout:
         """The rows ``index``, without the padding columns they all share (see ``trim_padding``)."""
-        return Rollout(**trim_padding({f.name: getattr(self, f.name)[index] for f in dataclasses.fields(self)}))
+        return Rollout(
+            **trim_padding({f.name: getattr(self, f.name)[index] for f in dataclasses.fields(self)})
+        )
 
 
 def trim_padding(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -528,27 +533,13 @@ def run(cfg: PPOConfig, monitors: MonitorSet | None = None) -> dict:
     rank, world, main = distributed.accelerator().process_index, distributed.world_size(), run_dir.writes
     run_dir.write_config(cfg)
     print(f"run folder: {run_dir.path}", file=sys.stderr)
-    random.seed(cfg.seed)
-    np.random.seed(cfg.seed)
-    torch.manual_seed(cfg.seed)  # LoRA's A matrices are drawn from it
-    if cfg.num_threads:
-        torch.set_num_threads(cfg.num_threads)
+    seed_and_threads(cfg)
     device = pick_device()
 
     # Prompts, tokenized with the chat template.
     tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code)
-    loaded = load_prompts(
-        cfg.train_data or str(DEFAULT_PROMPTS),
-        cfg.on_bad_row,
-        split=cfg.train_split,
-        rows=cfg.train_rows,
-        limit=cfg.max_train_rows,
-    )
-    print(f"prompts: {loaded.summary()}", file=sys.stderr)
-    prompts = [ex.prompt for ex in loaded.examples]
+    prompts, n_skipped = training_prompts(cfg)
     prompt_ids = [encode_prompt(tokenizer, p, cfg.max_prompt_length) for p in prompts]
-    if not prompts:
-        raise ConfigError("train_data holds no prompts")
     n_generation_batches = math.ceil(cfg.prompts_per_iteration / cfg.generation_batch_size)
     if main and cfg.generation_backend == "hf" and n_generation_batches < world:
         print(
@@ -785,7 +776,7 @@ def run(cfg: PPOConfig, monitors: MonitorSet | None = None) -> dict:
         "iterations": iteration,
         "stopped_by": stopped_by,
         "prompts": len(prompts),
-        "skipped_rows": len(loaded.skipped),
+        "skipped_rows": n_skipped,
         "reference": "policy base with adapters disabled" if cfg.lora else "frozen copy",
         "value_model": "second LoRA adapter on the policy's base + head"
         if cfg.lora

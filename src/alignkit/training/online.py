@@ -7,10 +7,43 @@ from __future__ import annotations
 
 import json
 import math
+import random
+import sys
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from alignkit.config import ConfigError
+from alignkit.data.schemas import load_prompts
+
+DEFAULT_PROMPTS = Path(__file__).resolve().parents[1] / "assets" / "prompts.jsonl"
+
+
+def seed_and_threads(cfg) -> None:
+    """Seed python, numpy and torch from ``cfg.seed`` (LoRA's A matrices are drawn from torch's) and set the
+    CPU threads to ``cfg.num_threads`` if given."""
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
+
+
+def training_prompts(cfg) -> tuple[list, int]:
+    """The prompts of ``cfg.train_data`` (the built-in set when None), with the row selection and bad-row
+    policy of the config, and how many rows were skipped; an error when no prompt is left."""
+    loaded = load_prompts(
+        cfg.train_data or str(DEFAULT_PROMPTS),
+        cfg.on_bad_row,
+        split=cfg.train_split,
+        rows=cfg.train_rows,
+        limit=cfg.max_train_rows,
+    )
+    print(f"prompts: {loaded.summary()}", file=sys.stderr)
+    if not loaded.examples:
+        raise ConfigError("train_data holds no prompts")
+    return [ex.prompt for ex in loaded.examples], len(loaded.skipped)
 
 
 def derived_seed(*parts: int) -> int:
