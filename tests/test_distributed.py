@@ -59,6 +59,14 @@ from alignkit.training import distributed
 from alignkit.training.distributed import rank_microbatches, rank_share
 
 SRC = Path(alignkit.__file__).resolve().parents[1]
+# One SFT step on a global batch of 5 in micro-batches of 2 (uneven shares over 2 ranks).
+SFT_STEP_ARGS = [
+    "batch_size=5",
+    "micro_batch_size=2",
+    "max_steps=1",
+    "learning_rate=1e-3",
+    "measure_train_loss=false",
+]
 FSDP_CONFIG = SRC.parent / "configs" / "accelerate" / "fsdp.yaml"
 
 SFT_ROWS = [  # completions of very different lengths, so the token normaliser matters
@@ -176,13 +184,7 @@ def test_sft_step_in_two_processes_equals_one(tiny_model_dir, tmp_path):
     ranks, divided by the whole batch's completion tokens, gives one process's weights, loss and gradient
     norm; the main process alone writes the run folder (each step once in metrics.jsonl)."""
     data = _write(tmp_path, "sft.jsonl", SFT_ROWS)
-    args = [
-        "batch_size=5",
-        "micro_batch_size=2",
-        "max_steps=1",
-        "learning_rate=1e-3",
-        "measure_train_loss=false",
-    ]
+    args = SFT_STEP_ARGS
     _launch("sft", [*_common(tiny_model_dir, data, tmp_path / "two"), *args])
     assert main(["sft", *_common(tiny_model_dir, data, tmp_path / "one"), *args]) == 0
 
@@ -258,13 +260,7 @@ def test_fsdp_sft_step_in_two_processes_equals_one(tiny_model_dir, tmp_path):
     the parameters' elements a rank holds while training: half (each rank keeps its half of every weight, the
     tied embedding/LM head once), where data parallel holds all of them."""
     data = _write(tmp_path, "sft.jsonl", SFT_ROWS)
-    args = [
-        "batch_size=5",
-        "micro_batch_size=2",
-        "max_steps=1",
-        "learning_rate=1e-3",
-        "measure_train_loss=false",
-    ]
+    args = SFT_STEP_ARGS
     _launch("sft", [*_common(tiny_model_dir, data, tmp_path / "two"), *args], fsdp=True)
     assert main(["sft", *_common(tiny_model_dir, data, tmp_path / "one"), *args]) == 0
 

@@ -53,11 +53,11 @@ from alignkit.models.loading import (
 from alignkit.scoring import load_scorer
 from alignkit.training.checkpoint import checkpoint_dir, load_checkpoint, prune_checkpoints, save_checkpoint
 from alignkit.training.distributed import require_one_process
+from alignkit.training.loop import seed_and_threads
 from alignkit.training.online import (
     derived_seed,
     iteration_prompts,
     optimizer_step,
-    seed_and_threads,
     training_prompts,
     truncate_jsonl,
 )

@@ -73,11 +73,11 @@ from alignkit.models.value import ValueModel, add_value_adapter, keep_trainable,
 from alignkit.scoring import Scorer, load_scorer
 from alignkit.training import distributed
 from alignkit.training.checkpoint import checkpoint_dir, load_checkpoint, prune_checkpoints, save_checkpoint
+from alignkit.training.loop import seed_and_threads
 from alignkit.training.online import (
     derived_seed,
     iteration_prompts,
     optimizer_step,
-    seed_and_threads,
     training_prompts,
     truncate_jsonl,
 )

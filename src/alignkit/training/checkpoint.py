@@ -23,7 +23,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from alignkit.errors import AlignkitError
-from alignkit.training.distributed import reshard
+from alignkit.training.distributed import full_state_options, is_sharded, reshard
 
 COMPLETE_MARKER = "COMPLETE"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -145,21 +145,6 @@ def checkpoint_engine(path: Path) -> str:
     return json.loads((path / "state.json").read_text()).get("engine", "torch")
 
 
-def _is_sharded(model) -> bool:
-    """Whether ``model``'s weights are FSDP shards (DTensors)."""
-    if not torch.distributed.is_available():
-        return False
-    from torch.distributed.tensor import DTensor
-
-    return any(isinstance(p, DTensor) for p in model.parameters())
-
-
-def _full_options():
-    from torch.distributed.checkpoint.state_dict import StateDictOptions
-
-    return StateDictOptions(full_state_dict=True, cpu_offload=True)
-
-
 def gather_full_state(model, optimizer) -> tuple[dict, dict]:
     """A sharded (FSDP) model's trainable weights by name and its optimizer's state, gathered whole onto the main
     process in one process's layout: the weights as ``_trainable_parameters`` names them, the optimizer state as
@@ -169,8 +154,8 @@ def gather_full_state(model, optimizer) -> tuple[dict, dict]:
 
     reshard(model)  # the shards, not the gathered weights an evaluation pass may have left in place
     names = [name for name, p in model.named_parameters() if p.requires_grad]
-    weights = get_model_state_dict(model, options=_full_options())
-    by_name = get_optimizer_state_dict(model, optimizer, options=_full_options())
+    weights = get_model_state_dict(model, options=full_state_options())
+    by_name = get_optimizer_state_dict(model, optimizer, options=full_state_options())
     if not weights:  # not the main process
         return {}, {}
     # torch.distributed.checkpoint keys the optimizer state by parameter name; torch.optim by position.
@@ -217,7 +202,7 @@ def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
     path = Path(path)
     if not (path / COMPLETE_MARKER).is_file():
         raise CheckpointError(f"{path} is not a complete checkpoint (no {COMPLETE_MARKER} marker)")
-    sharded = _is_sharded(model)
+    sharded = is_sharded(model)
     params = (
         {name: p for name, p in model.named_parameters() if p.requires_grad}
         if sharded

@@ -267,6 +267,23 @@ def shard(model: torch.nn.Module, lora: bool = False) -> None:
     fully_shard(model)
 
 
+def is_sharded(model: torch.nn.Module) -> bool:
+    """Whether ``model``'s weights are FSDP shards (``shard`` made them DTensors)."""
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+def full_state_options():
+    """torch.distributed.checkpoint's options for a sharded model's whole tensors, gathered onto the main
+    process's CPU memory (the other ranks get empty dicts)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
 def reshard(model: torch.nn.Module) -> None:
     """Free the gathered weights of every FSDP group of ``model`` and register its shards again. The root group
     keeps its gathered weights after a forward until the backward, and a forward without one (an evaluation or
@@ -344,11 +361,10 @@ def save_from_main(model: torch.nn.Module, save: Callable[[dict | None], object]
     are read from the model, all in place (``full_weights``). One process: just ``save(None)``."""
     state_dict = None
     if engine() == "fsdp":
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
-        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
         reshard(model)
-        state_dict = get_model_state_dict(model, options=options)
+        state_dict = get_model_state_dict(model, options=full_state_options())
         # Tied weights (lm_head = embed_tokens) come back as separate copies; one tensor again, so
         # transformers saves them once, as it does for a model in one process.
         first_name: dict[int, str] = {}

@@ -61,6 +61,16 @@ class TrainResult:
 LogCallback = Callable[[int, dict], "str | None"]
 
 
+def seed_and_threads(cfg) -> None:
+    """Seed python, numpy and torch from ``cfg.seed`` (LoRA's A matrices are drawn from torch's) and set the
+    CPU threads to ``cfg.num_threads`` if given."""
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
+
+
 def epoch_permutation(seed: int, epoch: int, n_examples: int) -> list[int]:
     """The order in which epoch `epoch` visits the examples (seeded, so a resumed run sees the same)."""
     return torch.randperm(n_examples, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
@@ -115,11 +125,7 @@ def train(
         distributed.configure_deepspeed(cfg.micro_batch_size, cfg.max_grad_norm, cfg.lora)
 
     # 1. Seeding (python, numpy, torch) and CPU threads.
-    random.seed(cfg.seed)
-    np.random.seed(cfg.seed)
-    torch.manual_seed(cfg.seed)
-    if cfg.num_threads:
-        torch.set_num_threads(cfg.num_threads)
+    seed_and_threads(cfg)
     run.tensorboard = cfg.tensorboard
     device = next(model.parameters()).device
     model.train()

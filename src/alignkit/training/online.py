@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import math
-import random
 import sys
 from pathlib import Path
 
@@ -18,16 +17,6 @@ from alignkit.config import ConfigError
 from alignkit.data.schemas import load_prompts
 
 DEFAULT_PROMPTS = Path(__file__).resolve().parents[1] / "assets" / "prompts.jsonl"
-
-
-def seed_and_threads(cfg) -> None:
-    """Seed python, numpy and torch from ``cfg.seed`` (LoRA's A matrices are drawn from torch's) and set the
-    CPU threads to ``cfg.num_threads`` if given."""
-    random.seed(cfg.seed)
-    np.random.seed(cfg.seed)
-    torch.manual_seed(cfg.seed)
-    if cfg.num_threads:
-        torch.set_num_threads(cfg.num_threads)
 
 
 def training_prompts(cfg) -> tuple[list, int]:
