@@ -123,6 +123,11 @@ def _free_port() -> int:
 def _launch(stage: str, args: list[str], nproc: int = 2, fsdp: bool = False) -> None:
     """`alignkit <stage> args` in ``nproc`` CPU processes under torchrun (gloo), one torch thread each; with
     ``fsdp``, under `accelerate launch` with configs/accelerate/fsdp.yaml, as a user would run it."""
+    _launch_program(["-m", "alignkit", stage, *args, "num_threads=1"], nproc, fsdp)
+
+
+def _launch_program(program: list[str], nproc: int = 2, fsdp: bool = False) -> None:
+    """``program`` (``-m module args`` or ``script args``) in ``nproc`` CPU processes, as ``_launch``."""
     env = {
         **os.environ,
         "OMP_NUM_THREADS": "1",
@@ -134,7 +139,7 @@ def _launch(stage: str, args: list[str], nproc: int = 2, fsdp: bool = False) -> 
     else:
         command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc)]
         command += ["--master_port", str(_free_port())]
-    command += ["-m", "alignkit", stage, *args, "num_threads=1"]
+    command += program
     proc = subprocess.Popen(
         command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
     )
@@ -143,7 +148,7 @@ def _launch(stage: str, args: list[str], nproc: int = 2, fsdp: bool = False) -> 
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)  # torchrun and its workers
         output, _ = proc.communicate()
-        pytest.fail(f"{nproc}-process {stage} timed out:\n{output[-4000:]}")
+        pytest.fail(f"{nproc}-process {' '.join(program)} timed out:\n{output[-4000:]}")
     assert proc.returncode == 0, output[-4000:]
 
 
@@ -326,6 +331,24 @@ def test_fsdp_kto_steps_in_two_processes_equal_one(tiny_model_dir, tmp_path):
     two, one = _rows(tmp_path / "two"), _rows(tmp_path / "one")
     assert [r["loss"] for r in two] == pytest.approx([r["loss"] for r in one], rel=1e-5)
     assert [r["params/rank_share"] for r in two] == pytest.approx([0.5] * 3, abs=0.01)
+
+
+def test_fsdp_load_reads_the_weights_in_the_main_process_only(tiny_model_dir, tmp_path):
+    """Under FSDP the main process reads the model into CPU memory and the other rank builds it without weights
+    (meta device); after sharding, every rank's model is the model on disk: each weight gathered whole, every
+    buffer (the rotary tables are in no state dict) and the logits of a forward pass."""
+    worker = Path(__file__).resolve().parent / "_fsdp_load_worker.py"
+    _launch_program([str(worker), str(tiny_model_dir), str(tmp_path)], fsdp=True)
+    main_rank, other = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert (main_rank["load_on"], other["load_on"]) == ("cpu", "meta")
+    assert main_rank["weight_bytes_before_shard"] > 0 and main_rank["meta_parameters_before_shard"] == 0
+    assert other["weight_bytes_before_shard"] == 0
+    assert other["meta_parameters_before_shard"] == other["parameters"] > 0
+    for rank in (main_rank, other):
+        assert rank["max_weight_difference"] == 0.0
+        assert rank["n_buffers"] > 0 and rank["max_buffer_difference"] == 0.0
+        assert rank["logits_difference"] < 1e-5
+        assert rank["rank_share"] == pytest.approx(0.5, abs=0.01)
 
 
 def test_fsdp_checkpoint_resumes_in_another_number_of_processes(tiny_model_dir, tmp_path):

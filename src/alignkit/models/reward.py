@@ -30,6 +30,7 @@ from alignkit.data.tokenize import Encoded, encode, encode_pair
 from alignkit.models.forward import sharded_outside_forward
 from alignkit.models.loading import (
     ModelLoadError,
+    empty_model,
     load_tokenizer,
     pick_device,
     pick_dtype,
@@ -52,8 +53,10 @@ def build_reward_model(
     dtype: str = "auto",
     trust_remote_code: bool = False,
     device: torch.device | str | None = None,
+    load_on: str | None = None,
 ):
-    """A sequence classifier with one output on the backbone of ``name`` (a causal LM or a reward model).
+    """A sequence classifier with one output on the backbone of ``name`` (a causal LM or a reward model), on
+    ``device``, or first on ``load_on`` as ``alignkit.models.loading.load_model`` places it.
 
     From a causal LM, transformers keeps the backbone and initialises the ``score`` head (normal, std
     initializer_range) and reports it as newly initialised, as expected. From a reward model saved by
@@ -63,20 +66,30 @@ def build_reward_model(
     from transformers import AutoModelForSequenceClassification
 
     device = torch.device(device) if device is not None else pick_device()
-    model = AutoModelForSequenceClassification.from_pretrained(
-        resolve_model(name),
-        num_labels=1,
-        dtype=pick_dtype(dtype, device),
-        trust_remote_code=trust_remote_code,
-        use_safetensors=True,
-    )
+    load_device = torch.device(load_on) if load_on is not None else device
+    if load_device.type == "meta":
+        model = empty_model(
+            AutoModelForSequenceClassification,
+            resolve_model(name),
+            pick_dtype(dtype, device),
+            trust_remote_code,
+            num_labels=1,
+        )
+    else:
+        model = AutoModelForSequenceClassification.from_pretrained(
+            resolve_model(name),
+            num_labels=1,
+            dtype=pick_dtype(dtype, device),
+            trust_remote_code=trust_remote_code,
+            use_safetensors=True,
+        )
     model.config.pad_token_id = pad_token_id
     if not isinstance(getattr(_unwrap(model), "score", None), nn.Module):
         raise ModelLoadError(
             f"{type(model).__name__} has no 'score' head; alignkit reward models need a decoder model "
             "whose sequence classifier is transformers' generic one (Llama, Mistral, Qwen2, SmolLM2, ...)"
         )
-    return model.to(device)
+    return model.to(load_device)
 
 
 def apply_reward_lora(model, cfg: Any):

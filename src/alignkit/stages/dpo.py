@@ -181,7 +181,7 @@ def run(cfg: DPOConfig) -> dict:
     n_truncated = sum(ex.encoded.truncated for ex in train_examples)
 
     # 2. Policy and reference.
-    model = load_model(cfg.model, cfg.dtype, cfg.trust_remote_code, device=pick_device())
+    model = load_model(cfg.model, cfg.dtype, cfg.trust_remote_code, pick_device(), distributed.load_on())
     distributed.shard(model, cfg.lora)  # under FSDP: the reference pass below runs on the shards
     pad_id = tokenizer.pad_token_id
     mode = cfg.reference if cfg.reference != "auto" else "precomputed"
@@ -200,7 +200,9 @@ def run(cfg: DPOConfig) -> dict:
         )
         attach_reference(cfg, model, model_path, eval_examples, range(len(eval_examples)), pad_id)
     elif mode == "copy":
-        reference = load_model(cfg.model, cfg.dtype, cfg.trust_remote_code, device=pick_device()).eval()
+        reference = load_model(
+            cfg.model, cfg.dtype, cfg.trust_remote_code, pick_device(), distributed.load_on()
+        ).eval()
         reference.requires_grad_(False)
         distributed.shard(reference)
     if cfg.lora:

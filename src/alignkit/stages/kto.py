@@ -407,7 +407,7 @@ def run(cfg: KTOConfig) -> dict:
         print(f"warning: {weight_warning}", file=sys.stderr)
 
     # 2. Policy and reference.
-    model = load_model(cfg.model, cfg.dtype, cfg.trust_remote_code, device=pick_device())
+    model = load_model(cfg.model, cfg.dtype, cfg.trust_remote_code, pick_device(), distributed.load_on())
     distributed.shard(model, cfg.lora)  # under FSDP: the reference pass below runs on the shards
     pad_id = tokenizer.pad_token_id
     mode = cfg.reference if cfg.reference != "auto" else "precomputed"
@@ -418,7 +418,9 @@ def run(cfg: KTOConfig) -> dict:
         precompute_reference(cfg, model, train_examples, pad_id, "reference log-probs (train)", needed)
         precompute_reference(cfg, model, eval_examples, pad_id, "reference log-probs (eval)")
     elif mode == "copy":
-        reference = load_model(cfg.model, cfg.dtype, cfg.trust_remote_code, device=pick_device()).eval()
+        reference = load_model(
+            cfg.model, cfg.dtype, cfg.trust_remote_code, pick_device(), distributed.load_on()
+        ).eval()
         reference.requires_grad_(False)
         distributed.shard(reference)
     if cfg.lora:

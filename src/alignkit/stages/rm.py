@@ -199,7 +199,10 @@ def run(cfg: RMConfig) -> dict:
 
     # 2. Model: the backbone of cfg.model with a fresh one-output head (or a reward model to continue).
     pad_id = tokenizer.pad_token_id
-    model = build_reward_model(cfg.model, pad_id, cfg.dtype, cfg.trust_remote_code, device=pick_device())
+    model = build_reward_model(
+        cfg.model, pad_id, cfg.dtype, cfg.trust_remote_code, pick_device(), distributed.load_on()
+    )
+    distributed.shard(model, cfg.lora)  # under FSDP: the accuracy measured before training runs on the shards
     if cfg.lora:
         model = apply_reward_lora(model, cfg)
     trainable, total = count_parameters(model)

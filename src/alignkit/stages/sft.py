@@ -101,7 +101,8 @@ def run(cfg: SFTConfig) -> dict:
         )
 
     # 2. Model: full weights or LoRA adapters on the same base.
-    model = load_model(cfg.model, cfg.dtype, cfg.trust_remote_code, device=pick_device())
+    model = load_model(cfg.model, cfg.dtype, cfg.trust_remote_code, pick_device(), distributed.load_on())
+    distributed.shard(model, cfg.lora)  # under FSDP: the loss measured before training runs on the shards
     if cfg.lora:
         model = apply_lora(model, cfg)
     trainable, total = count_parameters(model)

@@ -23,7 +23,13 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from alignkit.errors import AlignkitError
-from alignkit.training.distributed import full_state_options, is_sharded, reshard
+from alignkit.training.distributed import (
+    broadcast_from_main,
+    full_state_options,
+    is_main_process,
+    is_sharded,
+    reshard,
+)
 
 COMPLETE_MARKER = "COMPLETE"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -173,29 +179,34 @@ def gather_full_state(model, optimizer) -> tuple[dict, dict]:
 
 def _load_sharded(model, optimizer, weights: dict, optimizer_state: dict) -> None:
     """Load full (one-process layout) weights and optimizer state into a sharded (FSDP) model: each rank keeps
-    its shard of every tensor. Every rank must call, each with the full tensors."""
+    its shard of every tensor. Every rank must call; the main process holds the full tensors and sends each
+    rank its shards (the others pass empty dicts), so one process reads the checkpoint."""
     from torch.distributed.checkpoint.state_dict import (
         StateDictOptions,
         set_model_state_dict,
         set_optimizer_state_dict,
     )
 
-    options = StateDictOptions(full_state_dict=True, strict=False)  # strict=False: trainable weights only
+    # strict=False: trainable weights only
+    options = StateDictOptions(full_state_dict=True, strict=False, broadcast_from_rank0=True)
     set_model_state_dict(model, weights, options=options)
-    name_of = {p: name for name, p in model.named_parameters()}
-    order = [name_of[p] for group in optimizer.param_groups for p in group["params"]]
-    by_name = {
-        "state": {order[i]: value for i, value in optimizer_state["state"].items()},
-        "param_groups": [
-            {**group, "params": [order[i] for i in group["params"]]}
-            for group in optimizer_state["param_groups"]
-        ],
-    }
+    by_name = {}
+    if optimizer_state:
+        name_of = {p: name for name, p in model.named_parameters()}
+        order = [name_of[p] for group in optimizer.param_groups for p in group["params"]]
+        by_name = {
+            "state": {order[i]: value for i, value in optimizer_state["state"].items()},
+            "param_groups": [
+                {**group, "params": [order[i] for i in group["params"]]}
+                for group in optimizer_state["param_groups"]
+            ],
+        }
     set_optimizer_state_dict(model, optimizer, by_name, options=options)
 
 
 def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
     """Restore weights (in place, so tied weights stay tied), optimizer, scheduler and RNG from ``path``.
+    A sharded model's weights and optimizer state are read by the main process alone (``_load_sharded``).
 
     Returns the ``state`` dict given to ``save_checkpoint`` (without the RNG states).
     """
@@ -208,15 +219,23 @@ def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
         if sharded
         else _trainable_parameters(model)
     )
-    weights = load_file(str(path / "weights.safetensors"))
+    reads = not sharded or is_main_process()
+    weights = load_file(str(path / "weights.safetensors")) if reads else {}
     missing, unexpected = sorted(set(params) - set(weights)), sorted(set(weights) - set(params))
-    if missing or unexpected:
-        raise CheckpointError(
+    mismatch = None
+    if reads and (missing or unexpected):
+        mismatch = (
             f"{path} does not match the trainable parameters of this model "
             f"(missing {missing[:3]}..., unexpected {unexpected[:3]}...); was it trained with other "
             "LoRA settings or another model?"
         )
-    optimizer_state = torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu")
+    if sharded:
+        mismatch = broadcast_from_main(mismatch)  # every rank stops, not the main process alone
+    if mismatch:
+        raise CheckpointError(mismatch)
+    optimizer_state = (
+        torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu") if reads else {}
+    )
     if sharded:
         _load_sharded(model, optimizer, weights, optimizer_state)
     else:

@@ -197,11 +197,6 @@ def fsdp_requested() -> bool:
 _FSDP_UNSUPPORTED = {
     "fsdp_offload_params": ("FSDP_OFFLOAD_PARAMS", "false", "the shards stay on the device"),
     "fsdp_activation_checkpointing": ("FSDP_ACTIVATION_CHECKPOINTING", "false", "not implemented"),
-    "fsdp_cpu_ram_efficient_loading": (
-        "FSDP_CPU_RAM_EFFICIENT_LOADING",
-        "false",
-        "every rank loads the whole model, then keeps its shard",
-    ),
 }
 
 
@@ -251,12 +246,13 @@ def shard(model: torch.nn.Module, lora: bool = False) -> None:
             "(configs/accelerate/multi_gpu.yaml), while FSDP is for full fine-tuning"
         )
     import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
-    # Every rank shards its own copy: start them all from rank 0's (a head initialised at random at load, the
-    # reward model's score, would otherwise differ), as DDP does when it wraps a model.
-    with torch.no_grad():
-        for tensor in model.state_dict().values():
-            dist.broadcast(tensor, src=0)
+    from alignkit.models.loading import pick_device
+
+    # Every rank starts from the main process's weights, which the others need not hold (``load_on``): a head
+    # initialised at random at load, the reward model's score, would otherwise differ, as DDP does on wrapping.
+    whole = model.state_dict() if is_main_process() else {}
     after_forward = os.environ.get("FSDP_RESHARD_AFTER_FORWARD", "true").lower() != "false"
     blocks = set(getattr(model, "_no_split_modules", None) or [])
     for module in model.modules():
@@ -265,6 +261,26 @@ def shard(model: torch.nn.Module, lora: bool = False) -> None:
     # The root keeps its weights from the forward to the backward (torch's default for a root): the reward pass
     # reads the score head's output on the way through the forward, a path FSDP's backward hooks do not see.
     fully_shard(model)
+    # A model built without weights gets memory for its shard (and buffers) alone; then each rank copies its
+    # shard of every weight the main process sends, and every buffer (the rotary tables are in no state dict).
+    if any(t.device.type == "meta" for t in [*model.parameters(), *model.buffers()]):
+        model.to_empty(device=pick_device())
+    whole_from_main = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+    set_model_state_dict(model, whole, options=whole_from_main)
+    with torch.no_grad():
+        for buffer in model.buffers():
+            dist.broadcast(buffer, src=0)
+    del whole
+
+
+def load_on() -> str | None:
+    """Where a stage loads a model that it will ``shard``: under FSDP, the main process reads the weights into
+    CPU memory and every other rank builds the model on the meta device, without weights; ``shard`` then sends
+    each rank its shard of the main process's weights. So one process reads the model, and no device ever
+    holds all of it: models whose weights fit no single device train. Elsewhere None (the training device)."""
+    if engine() != "fsdp":
+        return None
+    return "cpu" if is_main_process() else "meta"
 
 
 def is_sharded(model: torch.nn.Module) -> bool:
