@@ -4,6 +4,7 @@ model, and the one-time atomic preparation of the embedded SmolLM2 (real model t
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import subprocess
@@ -25,6 +26,7 @@ from alignkit.models.loading import (
     load_final,
     load_model,
     pick_dtype,
+    plain_weights,
     resolve_model,
     save_final,
 )
@@ -206,6 +208,81 @@ def test_save_final_adapter_only_and_load_final(tiny_model_dir, tiny_tokenizer, 
     save_final(loaded, tiny_tokenizer, tmp_path / "merged", merge_lora=True)
     plain = load_final(tmp_path / "merged", dtype="float32", device="cpu")
     torch.testing.assert_close(_logits(plain, ids), peft_logits, atol=1e-5, rtol=0)
+
+
+def _tiny_gpt2():
+    """GPT-2's attention and MLP are Conv1D layers (weights stored in x out): PEFT's fan_in_fan_out case."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    return GPT2LMHeadModel(GPT2Config(vocab_size=64, n_positions=32, n_embd=16, n_layer=1, n_head=2))
+
+
+@pytest.mark.parametrize("arch, dtype", [("llama", "float32"), ("llama", "bfloat16"), ("gpt2", "float32")])
+def test_plain_weights_merge_the_adapter_into_copies(arch, dtype, tiny_model_dir):
+    """plain_weights of a LoRA model has exactly the base model's names, each LoRA weight W + (alpha/r) B A
+    as merge_and_unload computes it (measured max difference 0, in float32 and in bfloat16 with PEFT's float32
+    adapters: the same operations, rounded once), and leaves the model bit for bit as it was. A fresh adapter
+    (B = 0) gives the base weights exactly, which is why a vLLM engine built on the base model needs no push
+    before the first iteration. lora_dropout (only in the training forward) and GPT-2's transposed Conv1D
+    weights are PEFT's get_delta_weight's business."""
+    if arch == "llama":
+        base = load_model(str(tiny_model_dir), dtype=dtype, device="cpu")
+        targets = TrainConfig().lora_target_modules
+        layer_name = "model.layers.0.self_attn.q_proj"
+    else:
+        base, targets, layer_name = _tiny_gpt2(), ["c_attn", "c_proj"], "transformer.h.0.attn.c_attn"
+    base_weights = {k: v.clone() for k, v in base.state_dict().items()}
+    cfg = TrainConfig(lora=True, lora_r=4, lora_alpha=8, lora_dropout=0.1, lora_target_modules=targets)
+    peft_model = apply_lora(base, cfg).train()
+
+    fresh = dict(plain_weights(peft_model))
+    assert fresh.keys() == base_weights.keys()
+    assert all(torch.equal(fresh[k], base_weights[k]) for k in base_weights)
+
+    _randomise_lora_b(peft_model)
+    before = {k: v.clone() for k, v in peft_model.state_dict().items()}
+    merged = dict(plain_weights(peft_model))
+    expected = copy.deepcopy(peft_model).merge_and_unload().state_dict()
+    assert list(merged) == list(expected) == list(base_weights)  # same names, same order
+    for k in expected:
+        torch.testing.assert_close(merged[k], expected[k], atol=1e-6, rtol=0)
+        assert not merged[k].requires_grad
+    # One layer by hand: scaling alpha / r = 8 / 4 = 2; Conv1D keeps its weight as (in, out), so (B A)^T.
+    layer = peft_model.get_base_model().get_submodule(layer_name)
+    delta = 2.0 * layer.lora_B["default"].weight @ layer.lora_A["default"].weight  # (out, in)
+    delta = delta.T if arch == "gpt2" else delta
+    by_hand = (base_weights[f"{layer_name}.weight"] + delta).to(merged[f"{layer_name}.weight"].dtype)
+    torch.testing.assert_close(merged[f"{layer_name}.weight"], by_hand, atol=1e-6, rtol=0)
+    assert delta.abs().max() > 1e-3  # the adapter really changes the weights
+    after = peft_model.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_plain_weights_leave_out_the_value_adapter(tiny_model_dir):
+    """PPO with LoRA: adapter "default" is the policy, adapter "value" (+ a head, outside the PEFT model) the
+    value model, on one base. Both adapters nonzero; plain_weights is the policy alone merged, nothing of the
+    value adapter: the merge of a copy whose value adapter was deleted, and not the merge of both."""
+    from alignkit.models.value import VALUE_ADAPTER, add_value_adapter, use_adapter
+
+    policy = apply_lora(load_model(str(tiny_model_dir), dtype="float32", device="cpu"), _lora_cfg())
+    value_model = add_value_adapter(policy)
+    _randomise_lora_b(policy)  # both adapters' B, with different draws
+    with torch.no_grad(), use_adapter(policy, VALUE_ADAPTER):  # the value pass switches adapters and back
+        value_model(torch.tensor([[5, 6, 7]]), torch.ones(1, 3, dtype=torch.long))
+    merged = dict(plain_weights(policy))
+
+    policy_only = copy.deepcopy(policy)
+    policy_only.delete_adapter(VALUE_ADAPTER)
+    expected = policy_only.merge_and_unload().state_dict()
+    assert list(merged) == list(expected)
+    for k in expected:
+        torch.testing.assert_close(merged[k], expected[k], atol=1e-6, rtol=0)
+    both = copy.deepcopy(policy)
+    both.base_model.set_adapter(["default", VALUE_ADAPTER])
+    with_value = both.merge_and_unload().state_dict()
+    q = "model.layers.0.self_attn.q_proj.weight"
+    assert (with_value[q] - merged[q]).abs().max() > 1e-3
 
 
 # ---------------------------------------------------------------------------------------------

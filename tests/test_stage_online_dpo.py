@@ -11,6 +11,7 @@ import math
 
 import pytest
 import torch
+from _fake_vllm import FakeVLLMSampler
 from _signal_monitor import SignalAt
 from safetensors.torch import load_file
 
@@ -20,6 +21,7 @@ from alignkit.data.tokenize import EncodedPair
 from alignkit.errors import TrainingInterrupted
 from alignkit.evaluation.monitors import MonitorSet
 from alignkit.losses.preference import dpo_loss
+from alignkit.models import generation
 from alignkit.models.forward import sequence_logprobs
 from alignkit.models.loading import load_model
 from alignkit.stages import online_dpo
@@ -235,6 +237,55 @@ def test_lora_resume_after_sigint_equals_uninterrupted_run(tiny_model_dir, promp
         a["model.layers.0.self_attn.q_proj.weight"], base["model.layers.0.self_attn.q_proj.weight"]
     )
     assert summary["reference"] == "policy base with adapters disabled"
+
+
+def test_vllm_with_lora_is_refused_only_where_vllm_cannot_run(monkeypatch):
+    """lora=true with generation_backend=vllm passes check_config where vllm can run (here faked); where it
+    is not installed, the backend check still refuses it, naming the field."""
+    cfg = online_dpo.OnlineDPOConfig(reward="_ppo_rewards:length", lora=True, generation_backend="vllm")
+    if importlib.util.find_spec("vllm") is None:
+        with pytest.raises(ConfigError, match="generation_backend=vllm needs the vllm package"):
+            online_dpo.check_config(cfg)
+    monkeypatch.setattr(online_dpo, "check_generation_backend", lambda backend: None)
+    online_dpo.check_config(cfg)
+
+
+def test_vllm_backend_with_lora_samples_what_hf_samples(tiny_model_dir, prompt_file, tmp_path, monkeypatch):
+    """lora=true, generation_backend=vllm, the engine faked (tests/_fake_vllm.py: a plain model built from the
+    model directory, as vLLM builds it, taking the policy's weights through the real update_weights with the
+    adapter merged). Interrupted after round 1 and resumed, it logs and samples what generation_backend=hf
+    does, to the bit, and saves the same final model. The first engine takes no weights (the fresh adapter is
+    the base it was built on); the resumed run's engine, on the base again, takes the checkpoint's policy
+    before its first round and the updated one before the next."""
+    lora = ("lora=true", "lora_r=4", "rounds=3")
+    hf = tmp_path / "hf"
+    online_dpo.run(
+        load_config(online_dpo.OnlineDPOConfig, None, _args(tiny_model_dir, prompt_file, hf, *lora))
+    )
+
+    monkeypatch.setattr(online_dpo, "check_generation_backend", lambda backend: None)  # vllm is not here
+    monkeypatch.setattr(generation, "vllm_sampler", FakeVLLMSampler)
+    monkeypatch.setattr(FakeVLLMSampler, "built", [])
+    vllm = tmp_path / "vllm"
+    args = _args(tiny_model_dir, prompt_file, vllm, *lora, "generation_backend=vllm")
+    with pytest.raises(TrainingInterrupted) as info:
+        online_dpo.run(
+            load_config(online_dpo.OnlineDPOConfig, None, args), monitors=MonitorSet([SignalAt(1)])
+        )
+    online_dpo.run(
+        load_config(online_dpo.OnlineDPOConfig, None, [*args, f"resume_from={info.value.checkpoint}"])
+    )
+
+    assert [len(engine.llm.calls) for engine in FakeVLLMSampler.built] == [0, 2]
+    strip = [{k: v for k, v in r.items() if k not in TIMING} for r in _rows(hf)]
+    assert [{k: v for k, v in r.items() if k not in TIMING} for r in _rows(vllm)] == strip
+    assert len(strip) == 3
+    assert (vllm / "samples.jsonl").read_text() == (hf / "samples.jsonl").read_text()
+    a, b = (
+        load_file(str(hf / "final" / "model.safetensors")),
+        load_file(str(vllm / "final" / "model.safetensors")),
+    )
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 @pytest.mark.parametrize(

@@ -4,12 +4,14 @@ loop, one PPO step against a computation by hand, and the shipped reward functio
 from __future__ import annotations
 
 import functools
+import importlib.util
 import json
 import math
 
 import numpy as np
 import pytest
 import torch
+from _fake_vllm import FakeVLLMSampler
 from _signal_monitor import SignalAt
 from safetensors.torch import load_file
 
@@ -149,6 +151,51 @@ def test_lora_resume_after_sigint_is_exact(tiny_model_dir, prompt_file, tmp_path
     base = sum(p.numel() for p in load_model(str(tiny_model_dir)).parameters())
     assert base < summary["total_parameters"] < 1.5 * base
     assert summary["reference"] == "policy base with adapters disabled"
+
+
+def test_vllm_with_lora_is_refused_only_where_vllm_cannot_run(monkeypatch):
+    """lora=true with generation_backend=vllm passes check_config where vllm can run (here faked); where it
+    is not installed, the backend check still refuses it, naming the field."""
+    cfg = ppo.PPOConfig(reward="_ppo_rewards:length", lora=True, generation_backend="vllm")
+    if importlib.util.find_spec("vllm") is None:
+        with pytest.raises(ConfigError, match="generation_backend=vllm needs the vllm package"):
+            ppo.check_config(cfg)
+    monkeypatch.setattr(ppo, "check_generation_backend", lambda backend: None)
+    ppo.check_config(cfg)
+
+
+def test_vllm_backend_with_lora_samples_what_hf_samples(tiny_model_dir, prompt_file, tmp_path, monkeypatch):
+    """lora=true, generation_backend=vllm, the engine faked (tests/_fake_vllm.py: a plain model built from the
+    model directory, as vLLM builds it, taking the policy's weights through the real update_weights: adapter
+    merged, value adapter left out). Interrupted after iteration 1 and resumed, it logs and samples what
+    generation_backend=hf does, to the bit, and saves the same final model: the engine held the policy's
+    weights at every iteration. The first engine takes none (the fresh adapter is the base it was built on);
+    the resumed run's engine, on the base again, takes the checkpoint's policy before its first iteration and
+    the updated one before the next."""
+    lora = ("lora=true", "lora_r=4", "iterations=3")
+    hf = tmp_path / "hf"
+    ppo.run(load_config(ppo.PPOConfig, None, _args(tiny_model_dir, prompt_file, hf, *lora)))
+
+    monkeypatch.setattr(ppo, "check_generation_backend", lambda backend: None)  # vllm is not installed here
+    monkeypatch.setattr(ppo, "vllm_sampler", FakeVLLMSampler)
+    monkeypatch.setattr(FakeVLLMSampler, "built", [])
+    vllm = tmp_path / "vllm"
+    args = _args(tiny_model_dir, prompt_file, vllm, *lora, "generation_backend=vllm")
+    with pytest.raises(TrainingInterrupted) as info:
+        ppo.run(load_config(ppo.PPOConfig, None, args), monitors=MonitorSet([SignalAt(1)]))
+    ppo.run(load_config(ppo.PPOConfig, None, [*args, f"resume_from={info.value.checkpoint}"]))
+
+    assert [len(engine.llm.calls) for engine in FakeVLLMSampler.built] == [0, 2]
+    timing = {"rollout_s", "update_s", "elapsed_s"}
+    strip = [{k: v for k, v in r.items() if k not in timing} for r in _rows(hf)]
+    assert [{k: v for k, v in r.items() if k not in timing} for r in _rows(vllm)] == strip
+    assert len(strip) == 3 and strip[2]["kl"] != 0.0
+    assert (vllm / "samples.jsonl").read_text() == (hf / "samples.jsonl").read_text()
+    a, b = (
+        load_file(str(hf / "final" / "model.safetensors")),
+        load_file(str(vllm / "final" / "model.safetensors")),
+    )
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 class _Recorder:

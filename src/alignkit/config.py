@@ -61,7 +61,8 @@ class GenerationBackendConfig:
     generation_backend: Literal["hf", "vllm"] = doc_field(
         "hf",
         "Sampling engine: hf (transformers generate, left-padded batches with the KV cache) or vllm (an optional "
-        "extra, pip install 'alignkit[vllm]', on a CUDA GPU).",
+        "extra, pip install 'alignkit[vllm]', on a CUDA GPU; ppo and online-dpo push the policy's weights into it "
+        "each iteration, with lora=true the adapter merged in).",
     )
     vllm_gpu_memory_utilization: float = doc_field(
         0.5,

@@ -9,6 +9,7 @@ import json
 import os
 import secrets
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -218,6 +219,71 @@ def apply_lora(model: nn.Module, cfg: Any):
         task_type="CAUSAL_LM",
     )
     return get_peft_model(model, lora_config)
+
+
+def plain_weights(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """``model``'s weights as a plain transformers model's state dict, one (name, tensor) at a time: what a
+    vLLM engine on the base model's directory takes (``VLLMSampler.update_weights``).
+
+    A PEFT model yields its base model's names (no ``base_model.model.``, ``base_layer`` or ``lora_*``), each
+    LoRA layer's weight with the active adapter folded in as ``merge_and_unload`` folds it, W + PEFT's own
+    ``get_delta_weight`` (its scaling and fan_in_fan_out), but into new tensors: the model is not touched
+    (merging and unmerging in place would not give the weights back bit for bit). Other adapters, such as
+    PPO's value adapter, are left out. Any other model yields its state dict as it is.
+    """
+    if not _is_peft(model):
+        yield from model.state_dict().items()
+        return
+    from peft.tuners.lora import LoraLayer
+
+    adapter = model.active_adapter
+    for name, config in model.peft_config.items():
+        if getattr(config, "modules_to_save", None) or getattr(config, "trainable_token_indices", None):
+            raise ModelLoadError(
+                f"adapter '{name}' trains whole modules or tokens; only LoRA layers are merged"
+            )
+    base = model.get_base_model()
+    lora_layers = {name: m for name, m in base.named_modules() if isinstance(m, LoraLayer)}
+    for key, tensor in base.state_dict().items():
+        layer_name = _lora_layer_of(key, lora_layers)
+        if layer_name is None:
+            yield key, tensor
+            continue
+        rest = key[len(layer_name) + 1 :]
+        if not rest.startswith("base_layer."):
+            continue  # an adapter's own A, B (of any adapter)
+        if rest == "base_layer.weight":
+            tensor = _with_lora_delta(lora_layers[layer_name], adapter, tensor)
+        yield f"{layer_name}.{rest.removeprefix('base_layer.')}", tensor
+
+
+def _lora_layer_of(key: str, lora_layers: dict[str, nn.Module]) -> str | None:
+    """The name of the LoRA layer that holds state-dict entry ``key``, or None."""
+    parts = key.split(".")
+    for end in range(len(parts) - 1, 0, -1):
+        if ".".join(parts[:end]) in lora_layers:
+            return ".".join(parts[:end])
+    return None
+
+
+@torch.no_grad()
+def _with_lora_delta(layer, adapter: str, weight: torch.Tensor) -> torch.Tensor:
+    """The LoRA ``layer``'s base ``weight`` with ``adapter``'s delta added (a new tensor), as the layer's
+    forward applies it: unchanged where the layer lacks that adapter or its adapters are switched off."""
+    if layer.merged:
+        raise ModelLoadError("a LoRA adapter is merged into the base weights already; unmerge it first")
+    if adapter not in layer.lora_A and adapter not in getattr(layer, "lora_embedding_A", {}):
+        return weight
+    if layer.disable_adapters:
+        return weight
+    if adapter in getattr(layer, "lora_variant", {}) or layer.lora_bias.get(adapter, False):
+        raise ModelLoadError(
+            f"adapter '{adapter}' is not plain LoRA (DoRA, a LoRA bias, ...); it cannot be merged here"
+        )
+    # Added as merge_and_unload adds it (in place, W += delta: in the wider of the two dtypes, rounded once to
+    # W's; PEFT keeps a bf16 model's adapters in float32), so the engine holds the weights the final merged
+    # model will have, bit for bit.
+    return (weight + layer.get_delta_weight(adapter)).to(weight.dtype)
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:

@@ -1,6 +1,7 @@
 """Sampling with vLLM (``generation_backend=vllm``: the optional extra ``pip install 'alignkit[vllm]'``, on a
-CUDA GPU). ``VLLMSampler`` returns the same ``Generation`` records as transformers' generate, and for PPO takes
-the policy's new weights between iterations. vllm itself is imported only when an engine is built.
+CUDA GPU). ``VLLMSampler`` returns the same ``Generation`` records as transformers' generate, and for PPO and
+online DPO takes the policy's new weights between iterations (a LoRA policy's with its adapter merged in). vllm
+itself is imported only when an engine is built.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from alignkit.models.generation import (
     eos_token_ids,
     to_generation,
 )
+from alignkit.models.loading import plain_weights
 
 
 class WeightLoader:
@@ -86,8 +88,10 @@ class VLLMSampler:
         ]
 
     def update_weights(self, model: torch.nn.Module) -> None:
-        """Load ``model``'s current weights into the engine (a transformers model of the engine's architecture,
-        e.g. PPO's policy after an update). They travel through host memory, one copy per call: simple, and
-        slower than a GPU-to-GPU transfer for large models."""
-        weights = [(name, tensor.detach().to("cpu")) for name, tensor in model.state_dict().items()]
+        """Load ``model``'s current weights into the engine: a transformers model of the engine's architecture
+        (e.g. PPO's policy after an update), or a LoRA policy on it, whose active adapter is merged into a copy
+        of the weights (``plain_weights``; the model is not changed, other adapters are left out). They travel
+        through host memory, one copy per call: simple, and slower than a GPU-to-GPU transfer for large
+        models."""
+        weights = [(name, tensor.detach().to("cpu")) for name, tensor in plain_weights(model)]
         self.llm.collective_rpc("load_policy_weights", args=(weights,))

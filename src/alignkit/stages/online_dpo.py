@@ -162,12 +162,6 @@ def check_config(cfg: OnlineDPOConfig) -> None:
         if getattr(cfg, name) < 1:
             raise ConfigError(f"config key '{name}' must be at least 1, got {getattr(cfg, name)}")
     check_generation_backend(cfg.generation_backend)
-    if cfg.generation_backend == "vllm" and cfg.lora:
-        raise ConfigError(
-            "generation_backend=vllm with lora=true is not supported: the engine takes a plain model's weights "
-            "each round, and merging the adapter into them is not implemented; use lora=false or "
-            "generation_backend=hf"
-        )
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -252,7 +246,7 @@ def run(cfg: OnlineDPOConfig, monitors: MonitorSet | None = None) -> dict:
 
     # The roles: the policy; the frozen reference it starts as (LoRA: the same base with the adapters off, as
     # DPO's reference=adapter; full fine-tuning: a frozen copy); the reward; the sampler (hf: generate on the
-    # policy itself; vLLM: an engine that takes the policy's weights each round).
+    # policy itself; vLLM: an engine on cfg.model that takes the policy's weights, LoRA merged in, each round).
     scorer = load_scorer(
         cfg.reward,
         "reward",
@@ -327,8 +321,9 @@ def run(cfg: OnlineDPOConfig, monitors: MonitorSet | None = None) -> dict:
             while round_no < cfg.rounds:
                 t0 = time.monotonic()
                 # 1. Sample k responses to each of the round's prompts from the current policy, with a seed that
-                #    depends only on (seed, round). A vLLM engine first takes the policy's weights, unless it
-                #    holds them already (a fresh run's first round).
+                #    depends only on (seed, round). A vLLM engine first takes the policy's weights (LoRA: the
+                #    adapter merged in), unless it holds them already: a fresh run's first round, whose policy is
+                #    the model the engine was built on (a new LoRA adapter has B = 0).
                 idx = iteration_prompts(len(prompts), cfg.prompts_per_round, round_no, cfg.seed)
                 round_prompts = [
                     prompts[i] for i in idx for _ in range(k)

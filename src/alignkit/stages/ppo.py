@@ -509,12 +509,6 @@ def check_config(cfg: PPOConfig) -> None:
     if cfg.temperature <= 0:
         raise ConfigError("temperature must be > 0: PPO's ratio and KL need the policy's own samples")
     check_generation_backend(cfg.generation_backend)
-    if cfg.generation_backend == "vllm" and cfg.lora:
-        raise ConfigError(
-            "generation_backend=vllm with lora=true is not supported: the engine takes a plain model's weights, "
-            "and merging the adapter into them every iteration is not implemented; use lora=false or "
-            "generation_backend=hf"
-        )
     for name in ("iterations", "prompts_per_iteration", "minibatch_size", "micro_batch_size", "ppo_epochs"):
         if getattr(cfg, name) < 1:
             raise ConfigError(f"config key '{name}' must be at least 1, got {getattr(cfg, name)}")
@@ -641,8 +635,9 @@ def run(cfg: PPOConfig, monitors: MonitorSet | None = None) -> dict:
                 # 1. Sample one response per prompt from the current policy (batched, KV cache), with a seed
                 #    that depends only on (seed, iteration). Each process samples its share of the generation
                 #    batches, each batch from its own seed, so the samples do not depend on the number of
-                #    processes. A vLLM engine (one process) first takes the policy's weights unless it already
-                #    holds them (a fresh run's first iteration).
+                #    processes. A vLLM engine (one process) first takes the policy's weights (LoRA: the policy's
+                #    adapter merged in) unless it already holds them: a fresh run's first iteration, whose policy
+                #    is the model the engine was built on (a new LoRA adapter has B = 0).
                 idx = iteration_prompts(len(prompts), cfg.prompts_per_iteration, iteration, cfg.seed)
                 sampling = SamplingConfig(
                     cfg.max_new_tokens, cfg.temperature, 1.0, derived_seed(cfg.seed, iteration, 0)
