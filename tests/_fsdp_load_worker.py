@@ -39,7 +39,20 @@ def main(model_dir: str, out_dir: str) -> None:
     with torch.no_grad():
         logits_difference = (model(input_ids=ids).logits - plain(input_ids=ids).logits).abs().max().item()
     distributed.reshard(model)
+    # Generation inside whole_weights: each rank runs its own number of forwards (no collective in them), and
+    # samples what the whole model samples; afterwards the shards run a collective forward again.
+    prompt = torch.randint(0, plain.config.vocab_size, (1, 5))
+    n_new = 3 + 4 * rank
+    with distributed.whole_weights(model), torch.no_grad():
+        generated = model.generate(prompt, max_new_tokens=n_new, min_new_tokens=n_new, do_sample=False)
+    expected = plain.generate(prompt, max_new_tokens=n_new, min_new_tokens=n_new, do_sample=False)
+    with torch.no_grad():
+        after = (model(input_ids=ids).logits - plain(input_ids=ids).logits).abs().max().item()
+    distributed.reshard(model)
     result = {
+        "generated_as_whole_model": generated.tolist() == expected.tolist(),
+        "new_tokens": generated.shape[1] - prompt.shape[1],
+        "logits_difference_after_generation": after,
         "load_on": distributed.load_on(),
         "weight_bytes_before_shard": weight_bytes,
         "meta_parameters_before_shard": n_meta,

@@ -333,10 +333,13 @@ def test_fsdp_kto_steps_in_two_processes_equal_one(tiny_model_dir, tmp_path):
     assert [r["params/rank_share"] for r in two] == pytest.approx([0.5] * 3, abs=0.01)
 
 
-def test_fsdp_load_reads_the_weights_in_the_main_process_only(tiny_model_dir, tmp_path):
+def test_fsdp_load_reads_the_weights_in_the_main_process_only_and_generation_gathers_them(
+    tiny_model_dir, tmp_path
+):
     """Under FSDP the main process reads the model into CPU memory and the other rank builds it without weights
     (meta device); after sharding, every rank's model is the model on disk: each weight gathered whole, every
-    buffer (the rotary tables are in no state dict) and the logits of a forward pass."""
+    buffer (the rotary tables are in no state dict) and the logits of a forward pass. Inside whole_weights each
+    rank generates as many tokens as it likes, as the whole model would, and the shards work again after."""
     worker = Path(__file__).resolve().parent / "_fsdp_load_worker.py"
     _launch_program([str(worker), str(tiny_model_dir), str(tmp_path)], fsdp=True)
     main_rank, other = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
@@ -349,6 +352,9 @@ def test_fsdp_load_reads_the_weights_in_the_main_process_only(tiny_model_dir, tm
         assert rank["n_buffers"] > 0 and rank["max_buffer_difference"] == 0.0
         assert rank["logits_difference"] < 1e-5
         assert rank["rank_share"] == pytest.approx(0.5, abs=0.01)
+        assert rank["generated_as_whole_model"]
+        assert rank["logits_difference_after_generation"] < 1e-5
+    assert (main_rank["new_tokens"], other["new_tokens"]) == (3, 7)  # no rank waited for the other's forwards
 
 
 def test_fsdp_checkpoint_resumes_in_another_number_of_processes(tiny_model_dir, tmp_path):

@@ -254,7 +254,8 @@ def shard(model: torch.nn.Module, lora: bool = False) -> None:
     # initialised at random at load, the reward model's score, would otherwise differ, as DDP does on wrapping.
     whole = model.state_dict() if is_main_process() else {}
     after_forward = os.environ.get("FSDP_RESHARD_AFTER_FORWARD", "true").lower() != "false"
-    blocks = set(getattr(model, "_no_split_modules", None) or [])
+    # Found on any module inside (PPO's value model wraps a transformers model).
+    blocks = {name for module in model.modules() for name in getattr(module, "_no_split_modules", None) or []}
     for module in model.modules():
         if type(module).__name__ in blocks:
             fully_shard(module, reshard_after_forward=after_forward)
@@ -284,12 +285,46 @@ def load_on() -> str | None:
 
 
 def is_sharded(model: torch.nn.Module) -> bool:
-    """Whether ``model``'s weights are FSDP shards (``shard`` made them DTensors)."""
+    """Whether ``model``'s weights, or those of a module in it (PPO's policy and value model in one
+    ModuleDict), are FSDP shards (``shard`` made them DTensors)."""
     if not torch.distributed.is_available():
         return False
     from torch.distributed.fsdp import FSDPModule
 
-    return isinstance(model, FSDPModule)
+    return any(isinstance(module, FSDPModule) for module in model.modules())
+
+
+@contextlib.contextmanager
+def whole_weights(model: torch.nn.Module):
+    """Inside, every rank holds all of a sharded ``model``'s weights, gathered once on entry and kept through
+    any number of forwards, which then need no other rank: generation, where each rank runs as many forwards
+    as its own samples take, cannot run on the shards (each forward there is a collective). Each device holds
+    the whole model meanwhile (as TRL and OpenRLHF gather it to generate); on exit each rank keeps its shards
+    again. A model that is not sharded: nothing (every rank must enter)."""
+    if not is_sharded(model):
+        yield
+        return
+    from torch.distributed.fsdp import FSDPModule
+
+    groups = [module for module in model.modules() if isinstance(module, FSDPModule)]
+    # Each group's resharding setting as it is (and the root's pending default, applied at its first forward:
+    # keep the weights to the backward; see ``shard``), put back on exit. torch has no getter for them.
+    states = [group._get_fsdp_state() for group in groups]
+    settings = [
+        (state._auto_reshard_after_forward, [g.post_forward_mesh_info for g in state._fsdp_param_groups])
+        for state in states
+    ]
+    for group in groups:
+        group.set_reshard_after_forward(False, recurse=False)
+        group.unshard()
+    try:
+        yield
+    finally:
+        for group, state, (auto, mesh_infos) in zip(groups, states, settings):
+            group.reshard()
+            state._auto_reshard_after_forward = auto
+            for param_group, mesh_info in zip(state._fsdp_param_groups, mesh_infos):
+                param_group.post_forward_mesh_info = mesh_info
 
 
 def full_state_options():
