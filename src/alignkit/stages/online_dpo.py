@@ -122,7 +122,8 @@ class OnlineDPOConfig(GenerationBackendConfig, TrainConfig):
     generation_batch_size: int = doc_field(
         16,
         "Sequences per batched generate() call (generation_backend=hf; vLLM batches by itself). In N processes "
-        "each samples every N-th batch: at most prompts_per_round * samples_per_prompt / N keeps them all sampling.",
+        "each samples every N-th batch: at most prompts_per_round * samples_per_prompt / N keeps them all "
+        "sampling.",
     )
     max_prompt_length: int | None = doc_field(256, "Longest prompt in tokens (its end is kept).")
     forward_batch_size: int = doc_field(
