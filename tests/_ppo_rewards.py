@@ -1,4 +1,5 @@
-"""Reward functions for the PPO stage tests, importable as ``_ppo_rewards:NAME`` (tests/ is on sys.path)."""
+"""Reward functions for the PPO and online-dpo tests, importable as ``_ppo_rewards:NAME`` (tests/ is on
+sys.path, also in the processes tests/test_distributed.py launches)."""
 
 from __future__ import annotations
 
@@ -11,3 +12,9 @@ def length(prompt: str, response: str) -> float:
 def not_a_number(prompt: str, response: str) -> str:
     """A broken reward: returns text, which the stage must refuse with a message naming the reward."""
     return "high"
+
+
+def length_of_hello(prompt: str, response: str) -> float:
+    """``length`` for responses to the prompt "hello", 0 for every other prompt: only that prompt's samples can
+    make an online-dpo pair (the others all tie), so a round without it makes none."""
+    return len(response) / 10 if prompt == "hello" else 0.0

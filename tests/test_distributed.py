@@ -16,6 +16,13 @@ magnifying the rounding of near-zero gradients). Its minibatches of 3 rows over 
 rows (the second micro-step of rank 1 is a stand-in), so a mean of per-rank token means weights rank 1's row
 twice: that (DDP's plain averaging of per-rank losses) lands 3e-2 away and changes iteration 2's samples.
 
+Online DPO (its own loop too) is checked over 2 rounds of 2 DPO epochs at lr 3e-3 (up to 6 optimizer steps, which
+move the weights by 7.2e-2 (LoRA, merged) and 2.4e-2 (full fine-tuning)): the samples are identical and the
+weights agree to atol 1e-5, measured 9.7e-8 (LoRA) and 1.2e-7 (full, resumed in 1 process). Its minibatches of 3
+pairs over 2 ranks give shares of 2 and 1 pairs (the second micro-step of rank 1 is a stand-in); a mean of
+per-rank pair means lands 5.3e-2 away and changes round 2's samples. Rounds with 1 pair and with none agree
+exactly (the one pair runs on rank 0, as in one process).
+
 FSDP (`accelerate launch --config_file configs/accelerate/fsdp.yaml --num_processes 2`, alignkit sharding with
 torch's FSDP2 on gloo) is checked the same way. A sharded model computes its log-probs from full logits (the
 chunked head would read a sharded weight), one process through the chunked head: the two agree to ~1e-7 in a
@@ -57,8 +64,10 @@ from alignkit.stages import build_prefs, cai_revise, online_dpo, ppo
 from alignkit.stages import eval as eval_stage
 from alignkit.training import distributed
 from alignkit.training.distributed import rank_microbatches, rank_share
+from alignkit.training.online import iteration_prompts
 
 SRC = Path(alignkit.__file__).resolve().parents[1]
+TESTS = Path(__file__).resolve().parent  # for the launched processes: rewards in _ppo_rewards
 # One SFT step on a global batch of 5 in micro-batches of 2 (uneven shares over 2 ranks).
 SFT_STEP_ARGS = [
     "batch_size=5",
@@ -131,7 +140,7 @@ def _launch_program(program: list[str], nproc: int = 2, fsdp: bool = False) -> N
     env = {
         **os.environ,
         "OMP_NUM_THREADS": "1",
-        "PYTHONPATH": os.pathsep.join(p for p in (str(SRC), os.environ.get("PYTHONPATH")) if p),
+        "PYTHONPATH": os.pathsep.join(p for p in (str(SRC), str(TESTS), os.environ.get("PYTHONPATH")) if p),
     }
     if fsdp:
         command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(FSDP_CONFIG)]
@@ -455,6 +464,96 @@ def test_ppo_checkpoint_of_two_processes_resumes_in_one(tiny_model_dir, tmp_path
         assert [r[key] for r in resumed_rows] == pytest.approx(
             [r[key] for r in straight_rows], rel=1e-4, abs=1e-6
         ), key
+
+
+def _online_dpo_args(model: Path, prompts: Path, out: Path, *extra: str) -> list[str]:
+    """5 prompts a round, 3 samples each: 15 samples in generation batches of 4 (rank 0 samples batches 0 and
+    2, rank 1 batches 1 and 3, so a prompt's samples may come from both ranks) and log-prob batches of 4 (each
+    rank its 8 or 7 samples); 2 epochs of minibatches of 3 pairs in micro-batches of 1, so a minibatch of 3
+    has a second micro-step of 1 pair and a stand-in."""
+    return [
+        *_common(model, prompts, out),
+        "reward=alignkit.rewards:length",
+        "prompts_per_round=5",
+        "samples_per_prompt=3",
+        "generation_batch_size=4",
+        "forward_batch_size=4",
+        "dpo_epochs=2",
+        "minibatch_size=3",
+        "micro_batch_size=1",
+        "max_new_tokens=6",
+        "learning_rate=3e-3",
+        *extra,
+    ]
+
+
+ONLINE_DPO_LOGGED = ("score/mean", "pairs", "kl", "kl/per_token", "loss", "rewards/margin", "grad_norm")
+
+
+def test_online_dpo_in_two_processes_equals_one(tiny_model_dir, tmp_path):
+    """Two rounds of online DPO with LoRA (the reference is the base with the adapters off) in 2 processes and
+    in 1: the same samples and pairs (each generation batch sampled by one rank from its own seed, every rank
+    pairing the gathered round), and, with each rank's loss divided by the whole minibatch's pairs, the same
+    adapters (atol 1e-5) and logged numbers. The main process alone writes: each round once."""
+    data = _write(tmp_path, "prompts.jsonl", PROMPTS)
+    args = ["rounds=2", "lora=true", "lora_r=4"]
+    _launch("online-dpo", _online_dpo_args(tiny_model_dir, data, tmp_path / "two", *args))
+    assert main(["online-dpo", *_online_dpo_args(tiny_model_dir, data, tmp_path / "one", *args)]) == 0
+
+    assert _samples(tmp_path / "two") == _samples(tmp_path / "one")
+    _assert_same_weights(tmp_path / "two", tmp_path / "one", tiny_model_dir, atol=1e-5)
+    two, one = _rows(tmp_path / "two"), _rows(tmp_path / "one")
+    assert [r["step"] for r in two] == [1, 2]
+    for key in ONLINE_DPO_LOGGED:
+        assert [r[key] for r in two] == pytest.approx([r[key] for r in one], rel=1e-4, abs=1e-6), key
+    # Each round has a minibatch of 3 pairs: micro-steps of 2 pairs and 1, where rank 1 runs a stand-in.
+    assert min(r["pairs"] for r in one) >= 3
+    assert one[1]["kl"] > 1e-3
+
+
+def test_online_dpo_checkpoint_of_two_processes_resumes_in_one(tiny_model_dir, tmp_path):
+    """Full fine-tuning (a frozen copy as the reference): 2 processes run round 1 and checkpoint; 1 process
+    resumes the folder for round 2. Samples, weights (atol 1e-5) and logs equal 2 uninterrupted rounds in 1
+    process: the checkpoint (policy, AdamW, schedule, RNG, round) holds nothing per process."""
+    data = _write(tmp_path, "prompts.jsonl", PROMPTS)
+    _launch("online-dpo", _online_dpo_args(tiny_model_dir, data, tmp_path / "resumed", "rounds=1"))
+    assert (tmp_path / "resumed" / "checkpoints" / "step-000001" / "COMPLETE").is_file()
+    resumed = _online_dpo_args(tiny_model_dir, data, tmp_path / "resumed", "rounds=2", "resume_from=latest")
+    assert main(["online-dpo", *resumed]) == 0
+    straight = _online_dpo_args(tiny_model_dir, data, tmp_path / "straight", "rounds=2")
+    assert main(["online-dpo", *straight]) == 0
+
+    assert _samples(tmp_path / "resumed") == _samples(tmp_path / "straight")
+    _assert_same_weights(tmp_path / "resumed", tmp_path / "straight", tiny_model_dir, atol=1e-5)
+    resumed_rows, straight_rows = _rows(tmp_path / "resumed"), _rows(tmp_path / "straight")
+    assert [r["step"] for r in resumed_rows] == [1, 2]
+    for key in ONLINE_DPO_LOGGED:
+        assert [r[key] for r in resumed_rows] == pytest.approx(
+            [r[key] for r in straight_rows], rel=1e-4, abs=1e-6
+        ), key
+
+
+def test_online_dpo_rounds_with_one_pair_and_none_in_two_processes_equal_one(tiny_model_dir, tmp_path):
+    """A reward that only the prompt "hello" can make a pair with (_ppo_rewards:length_of_hello), placed in the
+    data so that round 1 holds it and round 2 does not (2 of the 5 prompts a round): round 1 makes 1 pair, so
+    rank 1 has no pair in the round and runs a stand-in; round 2 makes none, so no process steps (the schedule
+    advances all the same). Samples, logs and weights (atol 1e-6) equal one process's."""
+    seed = load_config(online_dpo.OnlineDPOConfig, None, ["reward=x"]).seed
+    prompts = [r for r in PROMPTS if r["prompt"] != "hello"]
+    prompts.insert(iteration_prompts(len(PROMPTS), 2, 0, seed)[0], {"prompt": "hello"})
+    data = _write(tmp_path, "prompts.jsonl", prompts)
+    args = ["rounds=2", "prompts_per_round=2", "reward=_ppo_rewards:length_of_hello", "lr_scheduler=linear"]
+    _launch("online-dpo", _online_dpo_args(tiny_model_dir, data, tmp_path / "two", *args))
+    assert main(["online-dpo", *_online_dpo_args(tiny_model_dir, data, tmp_path / "one", *args)]) == 0
+
+    assert _samples(tmp_path / "two") == _samples(tmp_path / "one")
+    _assert_same_weights(tmp_path / "two", tmp_path / "one", tiny_model_dir)
+    two, one = _rows(tmp_path / "two"), _rows(tmp_path / "one")
+    assert [r["pairs"] for r in two] == [r["pairs"] for r in one] == [1, 0]
+    assert "loss" in two[0] and "loss" not in two[1]
+    assert [r["lr"] for r in two] == [r["lr"] for r in one]
+    for key in ("score/mean", "kl", "loss", "grad_norm"):
+        assert two[0][key] == pytest.approx(one[0][key], rel=1e-5, abs=1e-7), key
 
 
 # --- in process ---------------------------------------------------------------------------------------

@@ -5,6 +5,7 @@ losses/preference.py, exact resume after SIGINT, and configuration errors that n
 from __future__ import annotations
 
 import copy
+import functools
 import importlib.util
 import json
 import math
@@ -25,6 +26,8 @@ from alignkit.models import generation
 from alignkit.models.forward import sequence_logprobs
 from alignkit.models.loading import load_model
 from alignkit.stages import online_dpo
+from alignkit.training import distributed
+from alignkit.training.distributed import StepModule
 from alignkit.training.preference import PairExample
 
 from conftest import build_tiny_model
@@ -175,7 +178,8 @@ def test_update_is_a_step_on_the_dpo_loss(tiny_tokenizer):
 
     optimizer, scheduler = sgd(model)
     params = [p for p in model.parameters() if p.requires_grad]
-    stats = online_dpo.dpo_update(cfg, model, examples, optimizer, scheduler, params, pad_id=0)
+    stepper = StepModule(model, functools.partial(online_dpo.pair_losses, cfg))
+    stats = online_dpo.dpo_update(cfg, stepper, examples, optimizer, scheduler, params, pad_id=0)
 
     def side(rows):  # summed log-probs of the completions, one plain right-padded row each
         width = max(len(p) + len(c) for p, c in rows)
@@ -315,11 +319,19 @@ def test_missing_reward_is_named(tiny_model_dir, capsys):
     assert "missing required config field 'reward'" in capsys.readouterr().err
 
 
-def test_several_processes_are_refused(tiny_model_dir, prompt_file, tmp_path, monkeypatch):
-    """Not data parallel yet: a launch in several processes stops before the run folder is made."""
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    out = tmp_path / "run"
-    cfg = load_config(online_dpo.OnlineDPOConfig, None, _args(tiny_model_dir, prompt_file, out))
-    with pytest.raises(ConfigError, match="online-dpo runs in one process, but it was launched in 2"):
-        online_dpo.run(cfg)
-    assert not out.exists()
+def test_launch_refuses_sharded_engines_and_vllm_in_several_processes(monkeypatch):
+    """online-dpo runs data parallel (DDP) in several processes (tests/test_distributed.py): DeepSpeed and FSDP
+    are refused, and so is a vLLM engine in several processes, each with a message naming what to do; one
+    process passes."""
+    cfg = load_config(online_dpo.OnlineDPOConfig, None, ["reward=_ppo_rewards:length"])
+    online_dpo.check_launch(cfg)
+    for engine, name in (("fsdp", "FSDP"), ("deepspeed", "DeepSpeed")):
+        monkeypatch.setattr(distributed, "engine", lambda engine=engine: engine)
+        with pytest.raises(ConfigError, match=f"online-dpo runs data parallel .DDP., not under {name}"):
+            online_dpo.check_launch(cfg)
+    monkeypatch.setattr(distributed, "engine", lambda: "ddp")
+    monkeypatch.setattr(distributed, "world_size", lambda: 2)
+    online_dpo.check_launch(cfg)
+    cfg.generation_backend = "vllm"
+    with pytest.raises(ConfigError, match="generation_backend=vllm in 2 processes is not supported"):
+        online_dpo.check_launch(cfg)

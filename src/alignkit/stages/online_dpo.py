@@ -9,11 +9,17 @@ sample -> score -> pair best vs worst -> reference log-probs -> DPO epochs -> lo
 
 It reuses what the other stages use: the sampler (`models.generation`), the reward (`scoring`), build-prefs'
 pairing rule (`data.pairing`), DPO's pair log-probs and loss (`training.preference`, `losses.preference`) and
-PPO's seeded per-iteration bookkeeping (`training.online`). One process only.
+PPO's seeded per-iteration bookkeeping (`training.online`).
+
+Launched in several processes (torchrun, accelerate launch) it runs data parallel (DDP) with the numbers of one
+process, as PPO does: each rank samples and scores its share of the round's generation batches and takes the
+log-probs of its share of the samples, the shares are gathered (so every rank pairs the whole round alike), and
+each rank trains on its share of every minibatch's pairs, its loss divided by the whole minibatch's pairs.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import signal
@@ -41,7 +47,13 @@ from alignkit.errors import TrainingInterrupted
 from alignkit.evaluation.metrics import distinct_n, kl_per_token, length_stats, pearson
 from alignkit.evaluation.monitors import MonitorSet, default_monitors
 from alignkit.models.forward import response_token_logprobs
-from alignkit.models.generation import Generation, SamplingConfig, check_generation_backend, load_sampler
+from alignkit.models.generation import (
+    Generation,
+    SamplingConfig,
+    check_generation_backend,
+    generate_share,
+    vllm_sampler,
+)
 from alignkit.models.loading import (
     apply_lora,
     count_parameters,
@@ -51,8 +63,8 @@ from alignkit.models.loading import (
     save_final,
 )
 from alignkit.scoring import load_scorer
+from alignkit.training import distributed
 from alignkit.training.checkpoint import checkpoint_dir, load_checkpoint, prune_checkpoints, save_checkpoint
-from alignkit.training.distributed import require_one_process
 from alignkit.training.loop import seed_and_threads
 from alignkit.training.online import (
     derived_seed,
@@ -108,7 +120,10 @@ class OnlineDPOConfig(GenerationBackendConfig, TrainConfig):
     )
     top_p: float = doc_field(1.0, "Nucleus sampling: sample from the smallest token set with this mass.")
     generation_batch_size: int = doc_field(
-        16, "Sequences per batched generate() call (generation_backend=hf; vLLM batches by itself)."
+        16,
+        "Sequences per batched generate() call (generation_backend=hf; vLLM batches by itself). In N processes "
+        "each samples every N-th batch: at most prompts_per_round * samples_per_prompt / N keeps them all "
+        "sampling.",
     )
     max_prompt_length: int | None = doc_field(256, "Longest prompt in tokens (its end is kept).")
     forward_batch_size: int = doc_field(
@@ -164,6 +179,22 @@ def check_config(cfg: OnlineDPOConfig) -> None:
     check_generation_backend(cfg.generation_backend)
 
 
+def check_launch(cfg: OnlineDPOConfig) -> None:
+    """Refuse what online DPO cannot do in the processes it was launched in (after the process group is up)."""
+    if distributed.engine() in ("deepspeed", "fsdp"):
+        engine = "DeepSpeed" if distributed.engine() == "deepspeed" else "FSDP"
+        raise ConfigError(
+            f"online-dpo runs data parallel (DDP), not under {engine}: launch it with "
+            "configs/accelerate/multi_gpu.yaml or plain torchrun"
+        )
+    world = distributed.world_size()
+    if world > 1 and cfg.generation_backend == "vllm":
+        raise ConfigError(
+            f"generation_backend=vllm in {world} processes is not supported by online-dpo (one vLLM engine per "
+            "process is not implemented); use generation_backend=hf, or run in one process"
+        )
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Steps 3-5 of a round
 
@@ -188,6 +219,39 @@ def pair_samples(texts: list[str], scores: list[float], samples_per_prompt: int)
     return RoundPairs(pairs, n_ties, n_left_out)
 
 
+def sample_logprobs(
+    cfg: OnlineDPOConfig, policy, reference, generations: list[Generation], rank: int = 0, world: int = 1
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Log-probs of every sample's response tokens under the reference and under the policy: two lists of one
+    (T_i,) tensor per sample. Each of ``world`` processes runs its contiguous share of the samples, and the
+    shares are gathered (``distributed.shared_rows``) as rows (B, R) zero-padded to the longest response, then
+    cut back to each response's length. The reference is a frozen copy, or (LoRA, ``reference`` None) the
+    policy's base with the adapters off."""
+    device = next(policy.parameters()).device
+    lengths = [len(g.response_ids) for g in generations]
+    width = max(1, *lengths)  # R
+
+    def logprobs(model, share: list[Generation]) -> torch.Tensor:
+        rows = response_token_logprobs(model, share, cfg.forward_batch_size, cfg.logprob_chunk_size)
+        padded = torch.zeros((len(share), width), device=device)  # (b, R) for gather_rows
+        for i, row in enumerate(rows):
+            padded[i, : len(row)] = row
+        return padded
+
+    def passes(rows: slice) -> dict[str, torch.Tensor]:
+        share = generations[rows]
+        if reference is not None:
+            ref = logprobs(reference, share)
+        else:
+            with policy.disable_adapter():
+                ref = logprobs(policy, share)
+        return {"ref": ref, "policy": logprobs(policy, share)}
+
+    gathered = distributed.shared_rows(passes, len(generations), rank, world)
+    ref, logps = gathered["ref"].cpu(), gathered["policy"].cpu()  # (B, R)
+    return [r[:n] for r, n in zip(ref, lengths)], [r[:n] for r, n in zip(logps, lengths)]
+
+
 def pair_examples(
     generations: list[Generation], ref_logps: list[torch.Tensor], pairs: list[tuple[int, int]]
 ) -> list[PairExample]:
@@ -204,23 +268,50 @@ def pair_examples(
     return examples
 
 
+def pair_losses(cfg: OnlineDPOConfig, policy, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
+    """Per-pair losses (B,) and summed pair metrics of ``training.preference.pair_outputs`` on ``policy`` (the
+    reference's log-probs ride in batch["ref"]): the forward of the module DDP wraps."""
+    out = pair_outputs(cfg, policy, None, batch)
+    return out.losses, out.metrics
+
+
 def dpo_update(
-    cfg: OnlineDPOConfig, policy, minibatch: list[PairExample], optimizer, scheduler, params, pad_id: int
-):
-    """One optimizer step on a minibatch of pairs with the DPO/IPO loss of ``training.preference``, accumulated
-    over micro-batches: each micro-batch's summed loss is divided by the minibatch's pairs, so the gradient is
-    that of the mean loss over the minibatch. Returns the minibatch's mean loss and pair metrics, and the
-    step's grad_norm, lr and nonfinite flag (a non-finite step is skipped)."""
-    device = next(policy.parameters()).device
+    cfg: OnlineDPOConfig,
+    loss_fn,
+    minibatch: list[PairExample],
+    optimizer,
+    scheduler,
+    params,
+    pad_id: int,
+    rank: int = 0,
+    world: int = 1,
+) -> dict:
+    """One optimizer step on a minibatch of pairs, accumulated over micro-batches. ``loss_fn(batch) -> (losses,
+    metrics)`` is ``pair_losses`` on the policy as a ``distributed.StepModule`` (in several processes wrapped in
+    DDP).
+
+    Each micro-batch's summed loss is divided by the minibatch's pairs, so the gradient is that of the mean loss
+    over the minibatch. In several processes each rank runs its share of the minibatch's pairs
+    (``rank_microbatches``), still divided by the whole minibatch's pairs (every rank holds the whole round), and
+    the gradients summed over the ranks are one process's: a mean over the minibatch's pairs, not a mean of
+    per-rank means. Returns the minibatch's mean loss and pair metrics, and the step's grad_norm, lr and
+    nonfinite flag (a non-finite step is skipped)."""
+    device = next(loss_fn.parameters()).device
     n_pairs = len(minibatch)
+    shares = distributed.rank_microbatches(list(range(n_pairs)), cfg.micro_batch_size, rank, world)
     sums: dict[str, float] = {}
-    for s in range(0, n_pairs, cfg.micro_batch_size):
-        batch = collate_pair_examples(minibatch[s : s + cfg.micro_batch_size], pad_id)
+    for j, share in enumerate(shares):
+        # An empty share (fewer pairs left in the minibatch than ranks) runs a stand-in that counts for nothing:
+        # DDP needs every rank's backward to sync the gradients.
+        batch = collate_pair_examples([minibatch[i] for i in share or [0]], pad_id)
         batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
-        out = pair_outputs(cfg, policy, None, batch)  # the reference's log-probs ride in batch["ref"]
-        (out.losses.sum() / n_pairs).backward()
-        for key, value in {"loss": out.losses.sum().item(), **out.metrics}.items():
-            sums[key] = sums.get(key, 0.0) + value / n_pairs
+        scale = world if share else 0  # x world: DDP averages the gradients over the ranks, undo it
+        with distributed.gradient_sync(loss_fn, last=j == len(shares) - 1):
+            losses, metrics = loss_fn(batch)
+            (losses.sum() / n_pairs * scale).backward()
+        for key, value in {"loss": losses.sum().item(), **metrics}.items():
+            sums[key] = sums.get(key, 0.0) + (value / n_pairs if share else 0.0)
+    sums = dict(zip(sums, distributed.all_reduce(list(sums.values()))))  # each rank holds its pairs' part
     return {**sums, **optimizer_step(optimizer, scheduler, params, cfg.max_grad_norm, sums["loss"])}
 
 
@@ -232,8 +323,9 @@ def run(cfg: OnlineDPOConfig, monitors: MonitorSet | None = None) -> dict:
     """Train the policy with online DPO; ``monitors`` replaces the default failure monitors (for tests)."""
     started = time.time()
     check_config(cfg)
-    require_one_process("online-dpo")  # one sampler and one writer; see the README's "Online DPO"
-    run_dir = RunDir.create(cfg.output_dir, "online-dpo", cfg.resume_from, cfg.tensorboard)
+    run_dir = RunDir.create(cfg.output_dir, "online-dpo", cfg.resume_from, cfg.tensorboard)  # joins processes
+    check_launch(cfg)
+    rank, world, main = distributed.accelerator().process_index, distributed.world_size(), run_dir.writes
     run_dir.write_config(cfg)
     print(f"run folder: {run_dir.path}", file=sys.stderr)
     seed_and_threads(cfg)
@@ -243,10 +335,20 @@ def run(cfg: OnlineDPOConfig, monitors: MonitorSet | None = None) -> dict:
     tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code)
     prompts, n_skipped = training_prompts(cfg)
     prompt_ids = [encode_prompt(tokenizer, p, cfg.max_prompt_length) for p in prompts]
+    k = cfg.samples_per_prompt
+    n_generation_batches = math.ceil(cfg.prompts_per_round * k / cfg.generation_batch_size)
+    if main and cfg.generation_backend == "hf" and n_generation_batches < world:
+        print(
+            f"note: {world} processes share {n_generation_batches} generation batch(es) per round, so "
+            f"{world - n_generation_batches} sample nothing; generation_batch_size <= prompts_per_round * "
+            f"samples_per_prompt / {world} lets every process sample",
+            file=sys.stderr,
+        )
 
     # The roles: the policy; the frozen reference it starts as (LoRA: the same base with the adapters off, as
     # DPO's reference=adapter; full fine-tuning: a frozen copy); the reward; the sampler (hf: generate on the
-    # policy itself; vLLM: an engine on cfg.model that takes the policy's weights, LoRA merged in, each round).
+    # policy itself, each process its share of the batches; vLLM, one process: an engine on cfg.model that takes
+    # the policy's weights, LoRA merged in, each round).
     scorer = load_scorer(
         cfg.reward,
         "reward",
@@ -267,12 +369,15 @@ def run(cfg: OnlineDPOConfig, monitors: MonitorSet | None = None) -> dict:
     optimizer = build_optimizer(params, cfg)
     steps_per_round = cfg.dpo_epochs * math.ceil(cfg.prompts_per_round / cfg.minibatch_size)
     scheduler = build_scheduler(optimizer, cfg.lr_scheduler, cfg.warmup_steps, cfg.rounds * steps_per_round)
-    sampler = load_sampler(cfg, tokenizer, device, model=policy, batch_size=cfg.generation_batch_size)
+    if cfg.generation_backend == "vllm":
+        sampler = vllm_sampler(cfg, tokenizer, device)
     monitors = monitors if monitors is not None else default_monitors("online-dpo")
 
-    # Resume: policy weights (LoRA: the adapters), optimizer, schedule, RNG and the round counter.
+    # Resume: policy weights (LoRA: the adapters), optimizer, schedule, RNG and the round counter. Nothing in a
+    # checkpoint depends on the number of processes; the main process picks it, every process reads it.
     start, n_nonfinite, elapsed_before = 0, 0, 0.0
     resume = str(run_dir.latest_checkpoint() or "") if cfg.resume_from == "latest" else cfg.resume_from
+    resume = distributed.broadcast_from_main(resume)
     if resume:
         state = load_checkpoint(resume, policy, optimizer, scheduler)
         if (state["n_prompts"], state["prompts_per_round"]) != (len(prompts), cfg.prompts_per_round):
@@ -285,19 +390,13 @@ def run(cfg: OnlineDPOConfig, monitors: MonitorSet | None = None) -> dict:
     if resume:
         monitors.replay(run_dir.logged_rows())  # their windows as the uninterrupted run had them
     samples_path = run_dir.path / "samples.jsonl"
-    truncate_jsonl(samples_path, start)
+    if main:
+        truncate_jsonl(samples_path, start)
+    # The update's forward pass: the policy and the DPO loss as one module, for DDP to sync (one process: the
+    # module itself). Wrapping broadcasts rank 0's weights, which every rank already holds.
+    stepper = distributed.data_parallel(distributed.StepModule(policy, functools.partial(pair_losses, cfg)))
     loop_started = time.monotonic()
     round_no, saved, last_checkpoint, last_row, stopped_by = start, start if resume else -1, resume, {}, None
-
-    def reference_logps(generations: list[Generation]) -> list[torch.Tensor]:
-        if reference is not None:
-            return response_token_logprobs(
-                reference, generations, cfg.forward_batch_size, cfg.logprob_chunk_size
-            )
-        with policy.disable_adapter():
-            return response_token_logprobs(
-                policy, generations, cfg.forward_batch_size, cfg.logprob_chunk_size
-            )
 
     def save() -> str:
         for p in params:  # checkpoints hold what requires grad; make sure PEFT's switches left it so
@@ -310,48 +409,64 @@ def run(cfg: OnlineDPOConfig, monitors: MonitorSet | None = None) -> dict:
             "elapsed_s": elapsed_before + time.monotonic() - loop_started,
         }
         path = checkpoint_dir(run_dir.checkpoints_dir, round_no)
-        save_checkpoint(path, policy, optimizer, scheduler, state)
-        prune_checkpoints(run_dir.checkpoints_dir, cfg.keep_checkpoints)
+        if main:  # every rank holds the same weights and optimizer state
+            save_checkpoint(path, policy, optimizer, scheduler, state)
+            prune_checkpoints(run_dir.checkpoints_dir, cfg.keep_checkpoints)
+        distributed.barrier()
         return str(path)
 
-    k = cfg.samples_per_prompt
-    bar = tqdm(total=cfg.rounds, initial=start, disable=not cfg.progress, desc="online-dpo", unit="round")
+    bar = tqdm(
+        total=cfg.rounds, initial=start, disable=not cfg.progress or not main, desc="online-dpo", unit="round"
+    )
     try:
         with StopSignals() as signals:
             while round_no < cfg.rounds:
                 t0 = time.monotonic()
                 # 1. Sample k responses to each of the round's prompts from the current policy, with a seed that
-                #    depends only on (seed, round). A vLLM engine first takes the policy's weights (LoRA: the
-                #    adapter merged in), unless it holds them already: a fresh run's first round, whose policy is
-                #    the model the engine was built on (a new LoRA adapter has B = 0).
+                #    depends only on (seed, round). Each process samples its share of the generation batches,
+                #    each batch from its own seed, so the samples do not depend on the number of processes. A
+                #    vLLM engine (one process) first takes the policy's weights (LoRA: the adapter merged in),
+                #    unless it holds them already: a fresh run's first round, whose policy is the model the
+                #    engine was built on (a new LoRA adapter has B = 0).
                 idx = iteration_prompts(len(prompts), cfg.prompts_per_round, round_no, cfg.seed)
-                round_prompts = [
-                    prompts[i] for i in idx for _ in range(k)
-                ]  # prompt j's samples: j*k .. j*k+k-1
+                # Prompt j's samples are j*k .. j*k+k-1.
+                round_prompts = [prompts[i] for i in idx for _ in range(k)]
+                round_prompt_ids = [prompt_ids[i] for i in idx for _ in range(k)]
                 sampling = SamplingConfig(
                     cfg.max_new_tokens, cfg.temperature, cfg.top_p, derived_seed(cfg.seed, round_no, 0)
                 )
                 policy.eval()
-                if cfg.generation_backend == "vllm" and (round_no > start or resume):
-                    sampler.update_weights(policy)
-                generations = sampler([prompt_ids[i] for i in idx for _ in range(k)], sampling)
+                if cfg.generation_backend == "vllm":
+                    if round_no > start or resume:
+                        sampler.update_weights(policy)
+                    mine = dict(enumerate(sampler(round_prompt_ids, sampling)))
+                else:
+                    mine = generate_share(
+                        policy, tokenizer, round_prompt_ids, sampling, cfg.generation_batch_size, rank, world
+                    )
+                # 2. Score each response with the reward (each process its own samples), then gather every
+                #    process's samples and scores: every process holds the whole round from here on.
+                mine = dict(sorted(mine.items()))  # by position in the round's samples
+                my_texts = [g.text for g in mine.values()]  # none where a process got no generation batch
+                my_scores = scorer.score([round_prompts[i] for i in mine], my_texts) if mine else []
+                gathered = distributed.gather_dicts(dict(zip(mine, zip(mine.values(), my_scores))))
+                generations = [g for g, _ in gathered.values()]
+                scores = [score for _, score in gathered.values()]
                 texts = [g.text for g in generations]
-                # 2. Score every response with the reward.
-                scores = scorer.score(round_prompts, texts)
-                # 3. Pair each prompt's best response against its worst; a tie makes no pair.
+                # 3. Pair each prompt's best response against its worst; a tie makes no pair. The same pairs in
+                #    every process: each pairs the whole round.
                 paired = pair_samples(texts, scores, k)
-                # 4. Log-probs of every sample under the frozen reference and the current policy: the reference's
-                #    anchor the pairs' DPO loss, and both give the KL to the reference on the policy's own
-                #    samples (k1 = log p - log q per token; Schulman 2020).
-                ref_logps = reference_logps(generations)
-                policy_logps = response_token_logprobs(
-                    policy, generations, cfg.forward_batch_size, cfg.logprob_chunk_size
-                )
+                # 4. Log-probs of every sample under the frozen reference and the current policy (each process
+                #    its share of the samples, gathered): the reference's anchor the pairs' DPO loss, and both
+                #    give the KL to the reference on the policy's own samples (k1 = log p - log q per token;
+                #    Schulman 2020).
+                ref_logps, policy_logps = sample_logprobs(cfg, policy, reference, generations, rank, world)
                 kl = kl_per_token(policy_logps, ref_logps)
                 examples = pair_examples(generations, ref_logps, paired.pairs)
                 t1 = time.monotonic()
-                # 5. dpo_epochs passes of minibatch DPO updates over the pairs, in a seeded order. The schedule
-                #    advances steps_per_round steps a round whatever number of pairs the round made.
+                # 5. dpo_epochs passes of minibatch DPO updates over the pairs, in a seeded order (the same in
+                #    every process); each process trains on its share of every minibatch. The schedule advances
+                #    steps_per_round steps a round whatever number of pairs the round made (none: no step).
                 policy.train()
                 lr = optimizer.param_groups[0]["lr"]
                 generator = torch.Generator().manual_seed(derived_seed(cfg.seed, round_no, 1))
@@ -362,7 +477,15 @@ def run(cfg: OnlineDPOConfig, monitors: MonitorSet | None = None) -> dict:
                         minibatch = [examples[i] for i in order[s : s + cfg.minibatch_size]]
                         step_stats.append(
                             dpo_update(
-                                cfg, policy, minibatch, optimizer, scheduler, params, tokenizer.pad_token_id
+                                cfg,
+                                stepper,
+                                minibatch,
+                                optimizer,
+                                scheduler,
+                                params,
+                                tokenizer.pad_token_id,
+                                rank,
+                                world,
                             )
                         )
                 for _ in range(steps_per_round - len(step_stats)):
@@ -404,10 +527,12 @@ def run(cfg: OnlineDPOConfig, monitors: MonitorSet | None = None) -> dict:
                     "elapsed_s": elapsed_before + time.monotonic() - loop_started,
                 }
                 roles = {c: "chosen" for c, _ in paired.pairs} | {r: "rejected" for _, r in paired.pairs}
-                with open(samples_path, "a", encoding="utf-8") as f:
-                    for i, (prompt, g, score) in enumerate(zip(round_prompts, generations, scores)):
-                        sample = {"step": round_no, "prompt": prompt, "response": g.text, "score": score}
-                        f.write(json.dumps({**sample, "finished": g.finished, "pair": roles.get(i)}) + "\n")
+                if main:
+                    with open(samples_path, "a", encoding="utf-8") as f:
+                        for i, (prompt, g, score) in enumerate(zip(round_prompts, generations, scores)):
+                            sample = {"step": round_no, "prompt": prompt, "response": g.text, "score": score}
+                            sample |= {"finished": g.finished, "pair": roles.get(i)}
+                            f.write(json.dumps(sample) + "\n")
                 if round_no % cfg.log_every == 0 or round_no == cfg.rounds:
                     last_row = row
                     run_dir.log_metrics(row)
@@ -417,11 +542,14 @@ def run(cfg: OnlineDPOConfig, monitors: MonitorSet | None = None) -> dict:
                     for event in monitors.last_events:
                         run_dir.log_metrics(event.to_row())
 
-                # 7. Checkpoint every save_every rounds, and on SIGINT/SIGTERM before raising.
-                if (cfg.save_every and round_no % cfg.save_every == 0) or signals.received:
+                # 7. Checkpoint every save_every rounds, and on SIGINT/SIGTERM before raising. The processes agree
+                #    first: a signal or a stop seen by any of them stops them all.
+                stop_flag, received = distributed.agree_to_stop(bool(stopped_by), signals.received)
+                stopped_by = stopped_by or ("a monitor in another process" if stop_flag else None)
+                if (cfg.save_every and round_no % cfg.save_every == 0) or received:
                     last_checkpoint, saved = save(), round_no
-                if signals.received:
-                    name = signal.Signals(signals.received).name
+                if received:
+                    name = signal.Signals(received).name
                     raise TrainingInterrupted(checkpoint=last_checkpoint, reason=f"interrupted by {name}")
                 if stopped_by:
                     break
@@ -431,8 +559,14 @@ def run(cfg: OnlineDPOConfig, monitors: MonitorSet | None = None) -> dict:
         bar.close()
         run_dir.close()
 
-    save_final(policy, tokenizer, run_dir.final_dir, merge_lora=cfg.merge_lora)
-    rows = [json.loads(line) for line in run_dir.metrics_path.read_text().splitlines()]
+    # The final policy, written by the main process.
+    distributed.save_from_main(
+        policy,
+        lambda state_dict: save_final(
+            policy, tokenizer, run_dir.final_dir, merge_lora=cfg.merge_lora, state_dict=state_dict
+        ),
+    )
+    rows = [json.loads(line) for line in run_dir.metrics_path.read_text().splitlines()] if main else []
     metric_rows = [r for r in rows if "event" not in r]
     summary = {
         "stage": "online-dpo",

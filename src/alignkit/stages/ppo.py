@@ -348,12 +348,12 @@ def _rollout_passes(cfg: PPOConfig, policy, reference, value_model, batch: dict)
 
 def shared_rollout_passes(cfg: PPOConfig, policy, reference, value_model, batch: dict, rank: int, world: int):
     """``rollout_passes`` over the whole ``batch``, each of ``world`` processes running a contiguous share of
-    its rows and gathering the others' (one process: all of them)."""
-    counts = [len(distributed.rank_share(range(len(batch["mask"])), r, world)) for r in range(world)]
-    first = sum(counts[:rank])
-    share = {k: v[first : first + counts[rank]] for k, v in batch.items()}
-    passes = rollout_passes(cfg, policy, reference, value_model, share)
-    return {k: distributed.gather_rows(v, counts) for k, v in passes.items()}
+    its rows and gathering the others' (one process: all of them). Every share holds a row (check_launch)."""
+
+    def passes(rows: slice) -> dict[str, torch.Tensor]:
+        return rollout_passes(cfg, policy, reference, value_model, {k: v[rows] for k, v in batch.items()})
+
+    return distributed.shared_rows(passes, len(batch["mask"]), rank, world)
 
 
 @torch.no_grad()
@@ -735,9 +735,7 @@ def run(cfg: PPOConfig, monitors: MonitorSet | None = None) -> dict:
 
                 # 8. Checkpoint every save_every iterations, and on SIGINT/SIGTERM before raising. The processes
                 #    agree first: a signal or a stop seen by any of them stops them all.
-                stop_flag, received = distributed.all_reduce(
-                    [float(bool(stopped_by)), float(signals.received or 0)], op="max"
-                )
+                stop_flag, received = distributed.agree_to_stop(bool(stopped_by), signals.received)
                 stopped_by = stopped_by or ("a monitor in another process" if stop_flag else None)
                 if (cfg.save_every and iteration % cfg.save_every == 0) or received:
                     last_checkpoint, saved = save(), iteration

@@ -120,6 +120,28 @@ def rank_share(items: list, rank: int, world_size: int) -> list:
     return items[first : first + base + (rank < extra)]
 
 
+def shared_rows(
+    passes: Callable[[slice], dict[str, torch.Tensor]], n_rows: int, rank: int, world_size: int
+) -> dict[str, torch.Tensor]:
+    """``passes`` over rows 0 .. n_rows - 1 of a batch every rank holds, each rank running it on its contiguous
+    share (``rank_share``) and gathering the others' (``gather_rows``): every rank gets every row, in order.
+
+    ``passes(rows)`` takes a slice and returns tensors (on the device the ranks gather on) with one row per row
+    of it, of the same keys and trailing shape on every rank, also for an empty share. The forward passes of the
+    stages that train on their own samples (ppo, online-dpo). One process: ``passes(slice(0, n_rows))``."""
+    counts = [len(rank_share(range(n_rows), r, world_size)) for r in range(world_size)]
+    first = sum(counts[:rank])
+    out = passes(slice(first, first + counts[rank]))
+    return {key: gather_rows(value, counts) for key, value in out.items()}
+
+
+def agree_to_stop(stop: bool, received: int | None) -> tuple[bool, int]:
+    """A stop request (a failure monitor) and a signal number (SIGINT/SIGTERM; 0 or None: none) seen by any
+    rank, on every rank, so the ranks checkpoint and stop together. One process: the same values."""
+    stop_flag, signal_number = all_reduce([float(stop), float(received or 0)], op="max")
+    return bool(stop_flag), int(signal_number)
+
+
 def rank_microbatches(
     indices: list[int], micro_batch_size: int, rank: int, world_size: int
 ) -> list[list[int]]:
@@ -435,5 +457,6 @@ def require_one_process(stage: str) -> None:
     if n > 1:
         raise ConfigError(
             f"{stage} runs in one process, but it was launched in {n} (WORLD_SIZE={n}); run it with plain "
-            f"`alignkit {stage} ...`. The training stages sft, rm, dpo, ipo, orpo, kto and ppo run data parallel."
+            f"`alignkit {stage} ...`. The training stages sft, rm, dpo, ipo, orpo, kto, ppo and online-dpo run "
+            "data parallel."
         )
