@@ -22,7 +22,6 @@ from alignkit.data.tokenize import EncodedPair
 from alignkit.errors import TrainingInterrupted
 from alignkit.evaluation.monitors import MonitorSet
 from alignkit.losses.preference import dpo_loss
-from alignkit.models import generation
 from alignkit.models.forward import sequence_logprobs
 from alignkit.models.loading import load_model
 from alignkit.stages import online_dpo
@@ -268,7 +267,7 @@ def test_vllm_backend_with_lora_samples_what_hf_samples(tiny_model_dir, prompt_f
     )
 
     monkeypatch.setattr(online_dpo, "check_generation_backend", lambda backend: None)  # vllm is not here
-    monkeypatch.setattr(generation, "vllm_sampler", FakeVLLMSampler)
+    monkeypatch.setattr(online_dpo, "vllm_sampler", FakeVLLMSampler)
     monkeypatch.setattr(FakeVLLMSampler, "built", [])
     vllm = tmp_path / "vllm"
     args = _args(tiny_model_dir, prompt_file, vllm, *lora, "generation_backend=vllm")
