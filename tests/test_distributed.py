@@ -38,6 +38,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -466,6 +467,41 @@ def test_ppo_checkpoint_of_two_processes_resumes_in_one(tiny_model_dir, tmp_path
         ), key
 
 
+def test_fsdp_ppo_in_two_processes_equals_one_and_resumes_in_one(tiny_model_dir, tmp_path):
+    """PPO with full fine-tuning under FSDP in 2 processes: policy, reference and value model each sharded
+    (half of every weight per rank), generation on the policy's weights gathered whole, the rollout's forward
+    passes on the shards with stand-ins where a rank has fewer micro-batches. Two iterations give one plain
+    process's samples, logged numbers and weights (atol 1e-5); its checkpoint of iteration 1, gathered whole,
+    resumes in 1 process to the same iteration 2."""
+    data = _write(tmp_path, "prompts.jsonl", PROMPTS)
+    args = ("iterations=2", "save_every=1", "keep_checkpoints=2")
+    _launch("ppo", _ppo_args(tiny_model_dir, data, tmp_path / "fsdp", *args), fsdp=True)
+    assert main(["ppo", *_ppo_args(tiny_model_dir, data, tmp_path / "one", *args)]) == 0
+
+    assert _samples(tmp_path / "fsdp") == _samples(tmp_path / "one")
+    _assert_same_weights(tmp_path / "fsdp", tmp_path / "one", tiny_model_dir, atol=1e-5)
+    checkpoint = Path("checkpoints", "step-000002", "weights.safetensors")
+    a, b = load_file(str(tmp_path / "fsdp" / checkpoint)), load_file(str(tmp_path / "one" / checkpoint))
+    assert a.keys() == b.keys() and "value.head.weight" in a
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], atol=1e-5, rtol=0, msg=name)
+    fsdp, one = _rows(tmp_path / "fsdp"), _rows(tmp_path / "one")
+    for key in PPO_LOGGED:
+        assert [r[key] for r in fsdp] == pytest.approx([r[key] for r in one], rel=1e-4, abs=1e-6), key
+    assert fsdp[1]["beta"] != fsdp[0]["beta"] and abs(fsdp[1]["kl"]) > 1e-3  # k1 may be < 0 in a batch
+    summary = json.loads((tmp_path / "fsdp" / "summary.json").read_text())
+    assert summary["params_rank_share"] == pytest.approx(0.5, abs=0.01)  # sharded, not data parallel
+
+    # Resume iteration 2 in one process from the 2-process FSDP checkpoint of iteration 1.
+    resumed = tmp_path / "resumed"
+    shutil.copytree(tmp_path / "fsdp", resumed)
+    shutil.rmtree(resumed / "checkpoints" / "step-000002")
+    shutil.rmtree(resumed / "final")
+    assert main(["ppo", *_ppo_args(tiny_model_dir, data, resumed, *args, "resume_from=latest")]) == 0
+    assert _samples(resumed) == _samples(tmp_path / "one")
+    _assert_same_weights(resumed, tmp_path / "one", tiny_model_dir, atol=1e-5)
+
+
 def _online_dpo_args(model: Path, prompts: Path, out: Path, *extra: str) -> list[str]:
     """5 prompts a round, 3 samples each: 15 samples in generation batches of 4 (rank 0 samples batches 0 and
     2, rank 1 batches 1 and 3, so a prompt's samples may come from both ranks) and log-prob batches of 4 (each
@@ -636,15 +672,20 @@ def test_vllm_backend_without_vllm_is_a_config_error_naming_the_field(tmp_path):
 
 
 def test_fsdp_settings_alignkit_does_not_run_are_refused_naming_the_field(monkeypatch, tiny_model_dir):
-    """Under FSDP, lora=true is refused before anything is sharded, and ppo refuses FSDP. `accelerate launch`
+    """Under FSDP, lora=true is refused before anything is sharded, and ppo refuses DeepSpeed. `accelerate launch`
     passes the FSDP config as environment variables: FSDP1, parameter offload and mixed_precision are refused
     naming their field of the accelerate config; the shipped config's values pass."""
     monkeypatch.setattr(distributed, "engine", lambda: "fsdp")
     with pytest.raises(ConfigError, match="lora=true under FSDP"):
         distributed.shard(load_model(str(tiny_model_dir)), lora=True)
     cfg = load_config(ppo.PPOConfig, None, ["reward=alignkit.rewards:politeness"])
-    with pytest.raises(ConfigError, match="ppo runs data parallel .DDP., not under FSDP"):
+    ppo.check_launch(cfg)  # ppo runs under FSDP (full fine-tuning; its lora=true is refused as above)
+    monkeypatch.setattr(distributed, "engine", lambda: "deepspeed")
+    with pytest.raises(
+        ConfigError, match="ppo runs data parallel .DDP. or sharded under FSDP, not under DeepSpeed"
+    ):
         ppo.check_launch(cfg)
+    monkeypatch.setattr(distributed, "engine", lambda: "fsdp")
 
     for name, value in _fsdp_env(FSDP_CONFIG).items():
         monkeypatch.setenv(name, value)

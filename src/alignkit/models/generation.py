@@ -190,6 +190,9 @@ def sample_batch(
         eos_token_id=eos_ids,
         pad_token_id=pad_id,
         use_cache=True,
+        # transformers would step every process in lockstep for a sharded (FSDP) model; alignkit generates on
+        # one whose weights are gathered whole (training.distributed.whole_weights), at each process's own pace.
+        synced_gpus=False,
     )
     model.train(was_training)
     return [

@@ -7,7 +7,9 @@ sample -> score -> KL-penalised per-token rewards -> values and GAE -> PPO epoch
 Launched in several processes (torchrun, accelerate launch) it runs data parallel (DDP) with the numbers of one
 process: each rank samples, scores and runs the rollout's forward passes for its share of the iteration's
 prompts, the shares are gathered (so whitening, GAE and every logged statistic see the whole batch), and each
-rank trains on its share of every minibatch, its loss normalised by the whole minibatch's tokens.
+rank trains on its share of every minibatch, its loss normalised by the whole minibatch's tokens. Under FSDP
+(full fine-tuning) the three networks are sharded as well: generation runs on the policy's weights gathered
+whole (``distributed.whole_weights``), and the rollout passes on the shards, every rank running as many.
 """
 
 from __future__ import annotations
@@ -72,7 +74,13 @@ from alignkit.models.loading import (
 from alignkit.models.value import ValueModel, add_value_adapter, keep_trainable, remove_value_adapter
 from alignkit.scoring import Scorer, load_scorer
 from alignkit.training import distributed
-from alignkit.training.checkpoint import checkpoint_dir, load_checkpoint, prune_checkpoints, save_checkpoint
+from alignkit.training.checkpoint import (
+    checkpoint_dir,
+    gather_full_state,
+    load_checkpoint,
+    prune_checkpoints,
+    save_checkpoint,
+)
 from alignkit.training.loop import seed_and_threads
 from alignkit.training.online import (
     derived_seed,
@@ -348,12 +356,28 @@ def _rollout_passes(cfg: PPOConfig, policy, reference, value_model, batch: dict)
 
 def shared_rollout_passes(cfg: PPOConfig, policy, reference, value_model, batch: dict, rank: int, world: int):
     """``rollout_passes`` over the whole ``batch``, each of ``world`` processes running a contiguous share of
-    its rows and gathering the others' (one process: all of them). Every share holds a row (check_launch)."""
+    its rows and gathering the others' (one process: all of them). Every share holds a row (check_launch).
+
+    Under FSDP every forward on the shards is a collective, so a rank with fewer micro-batches than another
+    runs stand-ins (a row of the batch, its outputs dropped) until they all ran as many; after, each network
+    holds its shards alone again (``distributed.reshard``)."""
+    n_rows = len(batch["mask"])
+    shares = [len(distributed.rank_share(range(n_rows), r, world)) for r in range(world)]
+    n_micro = [math.ceil(n / cfg.micro_batch_size) for n in shares]
 
     def passes(rows: slice) -> dict[str, torch.Tensor]:
-        return rollout_passes(cfg, policy, reference, value_model, {k: v[rows] for k, v in batch.items()})
+        out = rollout_passes(cfg, policy, reference, value_model, {k: v[rows] for k, v in batch.items()})
+        if distributed.is_sharded(policy):
+            stand_in = trim_padding({k: v[:1] for k, v in batch.items()})
+            for _ in range(max(n_micro) - n_micro[rank]):
+                _rollout_passes(cfg, policy, reference, value_model, stand_in)
+        return out
 
-    return distributed.shared_rows(passes, len(batch["mask"]), rank, world)
+    out = distributed.shared_rows(passes, n_rows, rank, world)
+    for network in (policy, reference, value_model):
+        if network is not None and distributed.is_sharded(network):
+            distributed.reshard(network)
+    return out
 
 
 @torch.no_grad()
@@ -486,11 +510,10 @@ def score_change(samples_path: Path, iterations: int) -> dict | None:
 def check_launch(cfg: PPOConfig) -> None:
     """Refuse what PPO cannot do in the processes it was launched in (after the process group is up)."""
     world = distributed.world_size()
-    if distributed.engine() in ("deepspeed", "fsdp"):
-        engine = "DeepSpeed" if distributed.engine() == "deepspeed" else "FSDP"
+    if distributed.engine() == "deepspeed":
         raise ConfigError(
-            f"ppo runs data parallel (DDP), not under {engine}: launch it with configs/accelerate/multi_gpu.yaml "
-            "or plain torchrun"
+            "ppo runs data parallel (DDP) or sharded under FSDP, not under DeepSpeed: launch it with "
+            "configs/accelerate/multi_gpu.yaml, plain torchrun, or configs/accelerate/fsdp.yaml (full fine-tuning)"
         )
     if world > 1 and cfg.generation_backend == "vllm":
         raise ConfigError(
@@ -547,17 +570,28 @@ def run(cfg: PPOConfig, monitors: MonitorSet | None = None) -> dict:
     # reference = every adapter off, value = adapter "value" + head). Full fine-tuning: the reference is a
     # frozen copy and the value model its own trained copy (separate policy and value networks, as Stiennon et
     # al. 2020 and Huang et al. 2024, so value gradients never move the policy's features).
+    # Under FSDP (full fine-tuning) each of the three networks is sharded as it is loaded (``distributed.shard``;
+    # the main process alone reads the weights), and the reward is whole in every process.
     scorer = make_scorer(cfg, device)
-    policy = load_model(cfg.model, cfg.dtype, cfg.trust_remote_code, device=device)
+    load = functools.partial(
+        load_model, cfg.model, cfg.dtype, cfg.trust_remote_code, device, distributed.load_on()
+    )
+    policy = load()
+    distributed.shard(policy, cfg.lora)
     if cfg.lora:
         policy = apply_lora(policy, cfg)
         reference = None
         value_model = add_value_adapter(policy)
     else:
-        reference = load_model(cfg.model, cfg.dtype, cfg.trust_remote_code, device=device).eval()
+        reference = load().eval()
         reference.requires_grad_(False)
-        value_model = ValueModel(load_model(cfg.model, cfg.dtype, cfg.trust_remote_code, device=device))
+        distributed.shard(reference)
+        value_model = ValueModel(load())
+        distributed.shard(value_model)
     trained = torch.nn.ModuleDict({"policy": policy, "value": value_model})  # what checkpoints hold
+    sharded = distributed.is_sharded(trained)
+    # The largest share of the trained weights' elements a process holds: 1, or about 1/N under FSDP.
+    (rank_share,) = distributed.all_reduce([distributed.local_fraction(trained)], op="max")
     trainable, total = count_parameters(trained)
     params = [p for p in trained.parameters() if p.requires_grad]
     optimizer = build_optimizer(params, cfg)
@@ -619,8 +653,10 @@ def run(cfg: PPOConfig, monitors: MonitorSet | None = None) -> dict:
             "elapsed_s": elapsed_before + time.monotonic() - loop_started,
         }
         path = checkpoint_dir(run_dir.checkpoints_dir, iteration)
-        if main:  # every rank holds the same weights and optimizer state
-            save_checkpoint(path, trained, optimizer, scheduler, state)
+        # Under FSDP gathered whole onto the main process; otherwise every rank holds the same weights and state.
+        full_state = gather_full_state(trained, optimizer) if sharded else None
+        if main:
+            save_checkpoint(path, trained, optimizer, scheduler, state, full_state)
             prune_checkpoints(run_dir.checkpoints_dir, cfg.keep_checkpoints)
         distributed.barrier()
         return str(path)
@@ -647,11 +683,12 @@ def run(cfg: PPOConfig, monitors: MonitorSet | None = None) -> dict:
                     if iteration > start or resume:
                         sampler.update_weights(policy)
                     mine = dict(enumerate(sampler([prompt_ids[i] for i in idx], sampling)))
-                else:
+                else:  # under FSDP on the policy's weights gathered whole: each rank samples at its own pace
                     batch_size = cfg.generation_batch_size
-                    mine = generate_share(
-                        policy, tokenizer, [prompt_ids[i] for i in idx], sampling, batch_size, rank, world
-                    )
+                    with distributed.whole_weights(policy):
+                        mine = generate_share(
+                            policy, tokenizer, [prompt_ids[i] for i in idx], sampling, batch_size, rank, world
+                        )
                 # 2. Score each response with the reward (each process its own samples), then gather every
                 #    process's samples and scores: every process holds the whole batch from here on.
                 mine = dict(sorted(mine.items()))  # by position in the iteration's prompts
@@ -776,6 +813,7 @@ def run(cfg: PPOConfig, monitors: MonitorSet | None = None) -> dict:
         else "separate copy + head",
         "trainable_parameters": trainable,
         "total_parameters": total,
+        "params_rank_share": rank_share,
         "score_by_iteration": [r["score/mean"] for r in rows if "event" not in r and "score/mean" in r],
         "score_change": score_change(samples_path, iteration) if main else None,
         "kl_by_iteration": [r["kl"] for r in rows if "event" not in r and "kl" in r],

@@ -177,8 +177,10 @@ def data_parallel(module: torch.nn.Module) -> torch.nn.Module:
 
     For a loop that is not ``alignkit.training.loop.train`` (PPO's), which refuses DeepSpeed. Unused parameters
     are looked for (``find_unused_parameters``): a trainable weight may get no gradient in a step (a full
-    fine-tune's value model never runs its untied LM head), and DDP would otherwise wait for it forever."""
-    if world_size() == 1:
+    fine-tune's value model never runs its untied LM head), and DDP would otherwise wait for it forever. A module
+    holding FSDP shards is returned as it is: FSDP reduce-scatters its gradients in every backward, averaged
+    over the ranks as DDP's are."""
+    if world_size() == 1 or is_sharded(module):  # FSDP reduces the shards' gradients itself
         return module
     from torch.nn.parallel import DistributedDataParallel
 

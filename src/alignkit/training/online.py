@@ -15,6 +15,7 @@ import torch
 
 from alignkit.config import ConfigError
 from alignkit.data.schemas import load_prompts
+from alignkit.training import distributed
 
 DEFAULT_PROMPTS = Path(__file__).resolve().parents[1] / "assets" / "prompts.jsonl"
 
@@ -68,7 +69,7 @@ def optimizer_step(optimizer, scheduler, params, max_grad_norm: float | None, lo
     gradient norm is not finite: that update is skipped, and the schedule advances anyway (as in the shared
     loop). Returns {"grad_norm", "lr" (the rate this step used), "nonfinite" (1.0 when skipped)}."""
     max_norm = max_grad_norm if max_grad_norm is not None else math.inf
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+    grad_norm = distributed.as_float(torch.nn.utils.clip_grad_norm_(params, max_norm))  # whole under FSDP
     finite = math.isfinite(loss) and math.isfinite(grad_norm)
     lr = optimizer.param_groups[0]["lr"]
     if finite:
