@@ -569,6 +569,37 @@ def test_online_dpo_checkpoint_of_two_processes_resumes_in_one(tiny_model_dir, t
         ), key
 
 
+def test_fsdp_online_dpo_in_two_processes_equals_one_and_resumes_in_one(tiny_model_dir, tmp_path):
+    """Online DPO with full fine-tuning under FSDP in 2 processes: policy and reference sharded, generation on
+    the policy gathered whole, log-probs on the shards in forward batches of 7 (rank 0 runs 2 for its 8 samples,
+    rank 1 one for its 7 and a stand-in). Two rounds give one plain process's samples, logs and weights (atol
+    1e-5); the checkpoint of round 1, gathered whole, resumes in 1 process to the same round 2."""
+    data = _write(tmp_path, "prompts.jsonl", PROMPTS)
+    args = ("rounds=2", "save_every=1", "keep_checkpoints=2", "forward_batch_size=7")
+    _launch("online-dpo", _online_dpo_args(tiny_model_dir, data, tmp_path / "fsdp", *args), fsdp=True)
+    assert main(["online-dpo", *_online_dpo_args(tiny_model_dir, data, tmp_path / "one", *args)]) == 0
+
+    assert _samples(tmp_path / "fsdp") == _samples(tmp_path / "one")
+    _assert_same_weights(tmp_path / "fsdp", tmp_path / "one", tiny_model_dir, atol=1e-5)
+    fsdp, one = _rows(tmp_path / "fsdp"), _rows(tmp_path / "one")
+    assert [r["step"] for r in fsdp] == [1, 2] and all(r["pairs"] > 0 for r in fsdp)
+    for key in ONLINE_DPO_LOGGED:
+        assert [r[key] for r in fsdp] == pytest.approx([r[key] for r in one], rel=1e-4, abs=1e-6), key
+    summary = json.loads((tmp_path / "fsdp" / "summary.json").read_text())
+    assert summary["params_rank_share"] == pytest.approx(0.5, abs=0.01)  # sharded, not data parallel
+
+    resumed = tmp_path / "resumed"
+    shutil.copytree(tmp_path / "fsdp", resumed)
+    shutil.rmtree(resumed / "checkpoints" / "step-000002")
+    shutil.rmtree(resumed / "final")
+    assert (
+        main(["online-dpo", *_online_dpo_args(tiny_model_dir, data, resumed, *args, "resume_from=latest")])
+        == 0
+    )
+    assert _samples(resumed) == _samples(tmp_path / "one")
+    _assert_same_weights(resumed, tmp_path / "one", tiny_model_dir, atol=1e-5)
+
+
 def test_online_dpo_rounds_with_one_pair_and_none_in_two_processes_equal_one(tiny_model_dir, tmp_path):
     """A reward that only the prompt "hello" can make a pair with (_ppo_rewards:length_of_hello), placed in the
     data so that round 1 holds it and round 2 does not (2 of the 5 prompts a round): round 1 makes 1 pair, so

@@ -318,16 +318,19 @@ def test_missing_reward_is_named(tiny_model_dir, capsys):
     assert "missing required config field 'reward'" in capsys.readouterr().err
 
 
-def test_launch_refuses_sharded_engines_and_vllm_in_several_processes(monkeypatch):
-    """online-dpo runs data parallel (DDP) in several processes (tests/test_distributed.py): DeepSpeed and FSDP
-    are refused, and so is a vLLM engine in several processes, each with a message naming what to do; one
-    process passes."""
+def test_launch_refuses_deepspeed_and_vllm_in_several_processes(monkeypatch):
+    """online-dpo runs data parallel (DDP) or under FSDP in several processes (tests/test_distributed.py):
+    DeepSpeed is refused, and so is a vLLM engine in several processes, each with a message naming what to do;
+    one process passes."""
     cfg = load_config(online_dpo.OnlineDPOConfig, None, ["reward=_ppo_rewards:length"])
     online_dpo.check_launch(cfg)
-    for engine, name in (("fsdp", "FSDP"), ("deepspeed", "DeepSpeed")):
-        monkeypatch.setattr(distributed, "engine", lambda engine=engine: engine)
-        with pytest.raises(ConfigError, match=f"online-dpo runs data parallel .DDP., not under {name}"):
-            online_dpo.check_launch(cfg)
+    monkeypatch.setattr(distributed, "engine", lambda: "fsdp")
+    online_dpo.check_launch(cfg)
+    monkeypatch.setattr(distributed, "engine", lambda: "deepspeed")
+    with pytest.raises(
+        ConfigError, match="online-dpo runs data parallel .DDP. or sharded under FSDP, not under DeepSpeed"
+    ):
+        online_dpo.check_launch(cfg)
     monkeypatch.setattr(distributed, "engine", lambda: "ddp")
     monkeypatch.setattr(distributed, "world_size", lambda: 2)
     online_dpo.check_launch(cfg)

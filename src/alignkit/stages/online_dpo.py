@@ -15,6 +15,8 @@ Launched in several processes (torchrun, accelerate launch) it runs data paralle
 process, as PPO does: each rank samples and scores its share of the round's generation batches and takes the
 log-probs of its share of the samples, the shares are gathered (so every rank pairs the whole round alike), and
 each rank trains on its share of every minibatch's pairs, its loss divided by the whole minibatch's pairs.
+Under FSDP (full fine-tuning) policy and reference are sharded as well: generation runs on the policy's weights
+gathered whole (``distributed.whole_weights``), and the log-prob passes on the shards, every rank running as many.
 """
 
 from __future__ import annotations
@@ -64,7 +66,13 @@ from alignkit.models.loading import (
 )
 from alignkit.scoring import load_scorer
 from alignkit.training import distributed
-from alignkit.training.checkpoint import checkpoint_dir, load_checkpoint, prune_checkpoints, save_checkpoint
+from alignkit.training.checkpoint import (
+    checkpoint_dir,
+    gather_full_state,
+    load_checkpoint,
+    prune_checkpoints,
+    save_checkpoint,
+)
 from alignkit.training.loop import seed_and_threads
 from alignkit.training.online import (
     derived_seed,
@@ -181,11 +189,10 @@ def check_config(cfg: OnlineDPOConfig) -> None:
 
 def check_launch(cfg: OnlineDPOConfig) -> None:
     """Refuse what online DPO cannot do in the processes it was launched in (after the process group is up)."""
-    if distributed.engine() in ("deepspeed", "fsdp"):
-        engine = "DeepSpeed" if distributed.engine() == "deepspeed" else "FSDP"
+    if distributed.engine() == "deepspeed":
         raise ConfigError(
-            f"online-dpo runs data parallel (DDP), not under {engine}: launch it with "
-            "configs/accelerate/multi_gpu.yaml or plain torchrun"
+            "online-dpo runs data parallel (DDP) or sharded under FSDP, not under DeepSpeed: launch it with "
+            "configs/accelerate/multi_gpu.yaml, plain torchrun, or configs/accelerate/fsdp.yaml (full fine-tuning)"
         )
     world = distributed.world_size()
     if world > 1 and cfg.generation_backend == "vllm":
@@ -226,13 +233,22 @@ def sample_logprobs(
     (T_i,) tensor per sample. Each of ``world`` processes runs its contiguous share of the samples, and the
     shares are gathered (``distributed.shared_rows``) as rows (B, R) zero-padded to the longest response, then
     cut back to each response's length. The reference is a frozen copy, or (LoRA, ``reference`` None) the
-    policy's base with the adapters off."""
+    policy's base with the adapters off.
+
+    Under FSDP every forward on the shards is a collective: a process with fewer forward batches than another
+    runs stand-ins (one sample, its log-probs dropped) until they all ran as many; after, both models hold their
+    shards alone again."""
     device = next(policy.parameters()).device
     lengths = [len(g.response_ids) for g in generations]
     width = max(1, *lengths)  # R
+    sharded = distributed.is_sharded(policy)
+    counts = [len(distributed.rank_share(generations, r, world)) for r in range(world)]
+    n_batches = [math.ceil(n / cfg.forward_batch_size) for n in counts]  # sample_batches' count
 
     def logprobs(model, share: list[Generation]) -> torch.Tensor:
         rows = response_token_logprobs(model, share, cfg.forward_batch_size, cfg.logprob_chunk_size)
+        for _ in range(max(n_batches) - n_batches[rank] if sharded else 0):
+            response_token_logprobs(model, generations[:1], 1, cfg.logprob_chunk_size)  # a stand-in
         padded = torch.zeros((len(share), width), device=device)  # (b, R) for gather_rows
         for i, row in enumerate(rows):
             padded[i, : len(row)] = row
@@ -248,6 +264,9 @@ def sample_logprobs(
         return {"ref": ref, "policy": logprobs(policy, share)}
 
     gathered = distributed.shared_rows(passes, len(generations), rank, world)
+    for model in (policy, reference):
+        if model is not None and sharded:
+            distributed.reshard(model)
     ref, logps = gathered["ref"].cpu(), gathered["policy"].cpu()  # (B, R)
     return [r[:n] for r, n in zip(ref, lengths)], [r[:n] for r, n in zip(logps, lengths)]
 
@@ -357,13 +376,23 @@ def run(cfg: OnlineDPOConfig, monitors: MonitorSet | None = None) -> dict:
         trust_remote_code=cfg.trust_remote_code,
         batch_size=cfg.reward_batch_size,
     )
-    policy = load_model(cfg.model, cfg.dtype, cfg.trust_remote_code, device=device)
+    # Under FSDP (full fine-tuning) policy and reference are sharded as they are loaded (``distributed.shard``;
+    # the main process alone reads the weights), and the reward is whole in every process.
+    load = functools.partial(
+        load_model, cfg.model, cfg.dtype, cfg.trust_remote_code, device, distributed.load_on()
+    )
+    policy = load()
+    distributed.shard(policy, cfg.lora)
     if cfg.lora:
         policy = apply_lora(policy, cfg)
         reference = None
     else:
-        reference = load_model(cfg.model, cfg.dtype, cfg.trust_remote_code, device=device).eval()
+        reference = load().eval()
         reference.requires_grad_(False)
+        distributed.shard(reference)
+    sharded = distributed.is_sharded(policy)
+    # The largest share of the policy's weights' elements a process holds: 1, or about 1/N under FSDP.
+    (rank_share,) = distributed.all_reduce([distributed.local_fraction(policy)], op="max")
     trainable, total = count_parameters(policy)
     params = [p for p in policy.parameters() if p.requires_grad]
     optimizer = build_optimizer(params, cfg)
@@ -409,8 +438,10 @@ def run(cfg: OnlineDPOConfig, monitors: MonitorSet | None = None) -> dict:
             "elapsed_s": elapsed_before + time.monotonic() - loop_started,
         }
         path = checkpoint_dir(run_dir.checkpoints_dir, round_no)
-        if main:  # every rank holds the same weights and optimizer state
-            save_checkpoint(path, policy, optimizer, scheduler, state)
+        # Under FSDP gathered whole onto the main process; otherwise every rank holds the same weights and state.
+        full_state = gather_full_state(policy, optimizer) if sharded else None
+        if main:
+            save_checkpoint(path, policy, optimizer, scheduler, state, full_state)
             prune_checkpoints(run_dir.checkpoints_dir, cfg.keep_checkpoints)
         distributed.barrier()
         return str(path)
@@ -440,10 +471,17 @@ def run(cfg: OnlineDPOConfig, monitors: MonitorSet | None = None) -> dict:
                     if round_no > start or resume:
                         sampler.update_weights(policy)
                     mine = dict(enumerate(sampler(round_prompt_ids, sampling)))
-                else:
-                    mine = generate_share(
-                        policy, tokenizer, round_prompt_ids, sampling, cfg.generation_batch_size, rank, world
-                    )
+                else:  # under FSDP on the policy's weights gathered whole: each rank samples at its own pace
+                    with distributed.whole_weights(policy):
+                        mine = generate_share(
+                            policy,
+                            tokenizer,
+                            round_prompt_ids,
+                            sampling,
+                            cfg.generation_batch_size,
+                            rank,
+                            world,
+                        )
                 # 2. Score each response with the reward (each process its own samples), then gather every
                 #    process's samples and scores: every process holds the whole round from here on.
                 mine = dict(sorted(mine.items()))  # by position in the round's samples
@@ -582,6 +620,7 @@ def run(cfg: OnlineDPOConfig, monitors: MonitorSet | None = None) -> dict:
         "reference": "policy base with adapters disabled" if cfg.lora else "frozen copy",
         "trainable_parameters": trainable,
         "total_parameters": total,
+        "params_rank_share": rank_share,
         "pairs_by_round": [r["pairs"] for r in metric_rows],
         "score_by_round": [r["score/mean"] for r in metric_rows],
         "kl_by_round": [r["kl"] for r in metric_rows],
