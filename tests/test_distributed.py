@@ -130,13 +130,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _launch(stage: str, args: list[str], nproc: int = 2, fsdp: bool = False) -> None:
+def _launch(stage: str, args: list[str], nproc: int = 2, fsdp: bool = False) -> str:
     """`alignkit <stage> args` in ``nproc`` CPU processes under torchrun (gloo), one torch thread each; with
-    ``fsdp``, under `accelerate launch` with configs/accelerate/fsdp.yaml, as a user would run it."""
-    _launch_program(["-m", "alignkit", stage, *args, "num_threads=1"], nproc, fsdp)
+    ``fsdp``, under `accelerate launch` with configs/accelerate/fsdp.yaml, as a user would run it. Returns what
+    they printed (stdout and stderr)."""
+    return _launch_program(["-m", "alignkit", stage, *args, "num_threads=1"], nproc, fsdp)
 
 
-def _launch_program(program: list[str], nproc: int = 2, fsdp: bool = False) -> None:
+def _launch_program(program: list[str], nproc: int = 2, fsdp: bool = False) -> str:
     """``program`` (``-m module args`` or ``script args``) in ``nproc`` CPU processes, as ``_launch``."""
     env = {
         **os.environ,
@@ -160,6 +161,7 @@ def _launch_program(program: list[str], nproc: int = 2, fsdp: bool = False) -> N
         output, _ = proc.communicate()
         pytest.fail(f"{nproc}-process {' '.join(program)} timed out:\n{output[-4000:]}")
     assert proc.returncode == 0, output[-4000:]
+    return output
 
 
 def _common(model: Path, data: Path, out: Path) -> list[str]:
@@ -475,7 +477,8 @@ def test_fsdp_ppo_in_two_processes_equals_one_and_resumes_in_one(tiny_model_dir,
     resumes in 1 process to the same iteration 2."""
     data = _write(tmp_path, "prompts.jsonl", PROMPTS)
     args = ("iterations=2", "save_every=1", "keep_checkpoints=2")
-    _launch("ppo", _ppo_args(tiny_model_dir, data, tmp_path / "fsdp", *args), fsdp=True)
+    output = _launch("ppo", _ppo_args(tiny_model_dir, data, tmp_path / "fsdp", *args), fsdp=True)
+    assert output.count('"stage": "ppo"') == 1  # the summary, printed by the main process alone
     assert main(["ppo", *_ppo_args(tiny_model_dir, data, tmp_path / "one", *args)]) == 0
 
     assert _samples(tmp_path / "fsdp") == _samples(tmp_path / "one")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import difflib
 import importlib
 import json
+import os
 import shlex
 import sys
 from pathlib import Path
@@ -125,8 +126,10 @@ def main(argv: list[str] | None = None) -> int:
             return _fail(str(e))
         raise
 
-    # The summary as JSON on stdout (pipe it to jq), unless the stage prints its own results table.
-    if summary is not None and not getattr(module, "PRINTS_RESULTS", False):
+    # The summary as JSON on stdout (pipe it to jq), unless the stage prints its own results table; in a
+    # multi-process launch once, by the main process (rank 0), which wrote the run folder it describes.
+    main_process = int(os.environ.get("RANK", "0")) == 0
+    if summary is not None and main_process and not getattr(module, "PRINTS_RESULTS", False):
         print(json.dumps(summary, indent=2, default=str))
     return 0
 
