@@ -65,7 +65,7 @@ from alignkit.stages import build_prefs, cai_revise, online_dpo, ppo
 from alignkit.stages import eval as eval_stage
 from alignkit.training import distributed
 from alignkit.training.distributed import rank_microbatches, rank_share
-from alignkit.training.online import iteration_prompts
+from alignkit.training.online import iteration_prompts, note_idle_processes
 
 SRC = Path(alignkit.__file__).resolve().parents[1]
 TESTS = Path(__file__).resolve().parent  # for the launched processes: rewards in _ppo_rewards
@@ -191,6 +191,40 @@ def _assert_same_weights(two: Path, one: Path, start_dir: Path, atol: float = 1e
     # The comparison means something: training moved the weights by far more than the tolerance.
     start = load_file(str(start_dir / "model.safetensors"))
     assert max((b[k] - start[k]).abs().max().item() for k in b) > 100 * atol
+
+
+def _assert_same_run(run: Path, reference: Path, model_dir: Path, logged: tuple[str, ...]) -> list[dict]:
+    """``run`` (a ppo or online-dpo run folder) sampled, logged and trained as ``reference``: the same
+    samples.jsonl, steps and ``logged`` numbers (rel 1e-4) and final weights (atol 1e-5). Returns its rows."""
+    assert _samples(run) == _samples(reference)
+    _assert_same_weights(run, reference, model_dir, atol=1e-5)
+    rows, reference_rows = _rows(run), _rows(reference)
+    assert [r["step"] for r in rows] == [r["step"] for r in reference_rows]
+    for key in logged:
+        assert [r[key] for r in rows] == pytest.approx(
+            [r[key] for r in reference_rows], rel=1e-4, abs=1e-6
+        ), key
+    return rows
+
+
+def _assert_same_checkpoint(run: Path, reference: Path, step: int) -> dict[str, torch.Tensor]:
+    """PPO checkpoint ``step`` of ``run`` holds ``reference``'s tensors (atol 1e-5), the value head among them."""
+    checkpoint = Path("checkpoints", f"step-{step:06d}", "weights.safetensors")
+    a, b = load_file(str(run / checkpoint)), load_file(str(reference / checkpoint))
+    assert a.keys() == b.keys() and "value.head.weight" in a
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], atol=1e-5, rtol=0, msg=name)
+    return a
+
+
+def _without_last_checkpoint(run: Path, tmp_path: Path) -> Path:
+    """A copy of the finished 2-checkpoint ``run`` as if stopped after its first checkpoint (step 2 and final/
+    gone), to resume."""
+    copy = tmp_path / f"{run.name}-stopped"
+    shutil.copytree(run, copy)
+    shutil.rmtree(copy / "checkpoints" / "step-000002")
+    shutil.rmtree(copy / "final")
+    return copy
 
 
 # --- launched: 2 processes against 1 ----------------------------------------------------------------------
@@ -433,17 +467,10 @@ def test_ppo_in_two_processes_equals_one(tiny_model_dir, tmp_path):
     _launch("ppo", _ppo_args(tiny_model_dir, data, tmp_path / "two", *args))
     assert main(["ppo", *_ppo_args(tiny_model_dir, data, tmp_path / "one", *args)]) == 0
 
-    assert _samples(tmp_path / "two") == _samples(tmp_path / "one")
-    _assert_same_weights(tmp_path / "two", tmp_path / "one", tiny_model_dir, atol=1e-5)
-    checkpoint = Path("checkpoints", "step-000002", "weights.safetensors")
-    a, b = load_file(str(tmp_path / "two" / checkpoint)), load_file(str(tmp_path / "one" / checkpoint))
-    assert a.keys() == b.keys() and "value.head.weight" in a and any(".value." in k for k in a)
-    for name in a:
-        torch.testing.assert_close(a[name], b[name], atol=1e-5, rtol=0, msg=name)
-    two, one = _rows(tmp_path / "two"), _rows(tmp_path / "one")
+    two = _assert_same_run(tmp_path / "two", tmp_path / "one", tiny_model_dir, PPO_LOGGED)
+    weights = _assert_same_checkpoint(tmp_path / "two", tmp_path / "one", 2)
+    assert any(".value." in k for k in weights)  # the value adapter, trained and checkpointed
     assert [r["step"] for r in two] == [1, 2]
-    for key in PPO_LOGGED:
-        assert [r[key] for r in two] == pytest.approx([r[key] for r in one], rel=1e-4, abs=1e-6), key
     assert two[1]["beta"] != two[0]["beta"] and two[1]["kl"] > 1e-3
 
 
@@ -459,14 +486,8 @@ def test_ppo_checkpoint_of_two_processes_resumes_in_one(tiny_model_dir, tmp_path
     assert main(["ppo", *resumed]) == 0
     assert main(["ppo", *_ppo_args(tiny_model_dir, data, tmp_path / "straight", "iterations=2")]) == 0
 
-    assert _samples(tmp_path / "resumed") == _samples(tmp_path / "straight")
-    _assert_same_weights(tmp_path / "resumed", tmp_path / "straight", tiny_model_dir, atol=1e-5)
-    resumed_rows, straight_rows = _rows(tmp_path / "resumed"), _rows(tmp_path / "straight")
-    assert [r["step"] for r in resumed_rows] == [1, 2]
-    for key in PPO_LOGGED:
-        assert [r[key] for r in resumed_rows] == pytest.approx(
-            [r[key] for r in straight_rows], rel=1e-4, abs=1e-6
-        ), key
+    rows = _assert_same_run(tmp_path / "resumed", tmp_path / "straight", tiny_model_dir, PPO_LOGGED)
+    assert [r["step"] for r in rows] == [1, 2]
 
 
 def test_fsdp_ppo_in_two_processes_equals_one_and_resumes_in_one(tiny_model_dir, tmp_path):
@@ -481,28 +502,16 @@ def test_fsdp_ppo_in_two_processes_equals_one_and_resumes_in_one(tiny_model_dir,
     assert output.count('"stage": "ppo"') == 1  # the summary, printed by the main process alone
     assert main(["ppo", *_ppo_args(tiny_model_dir, data, tmp_path / "one", *args)]) == 0
 
-    assert _samples(tmp_path / "fsdp") == _samples(tmp_path / "one")
-    _assert_same_weights(tmp_path / "fsdp", tmp_path / "one", tiny_model_dir, atol=1e-5)
-    checkpoint = Path("checkpoints", "step-000002", "weights.safetensors")
-    a, b = load_file(str(tmp_path / "fsdp" / checkpoint)), load_file(str(tmp_path / "one" / checkpoint))
-    assert a.keys() == b.keys() and "value.head.weight" in a
-    for name in a:
-        torch.testing.assert_close(a[name], b[name], atol=1e-5, rtol=0, msg=name)
-    fsdp, one = _rows(tmp_path / "fsdp"), _rows(tmp_path / "one")
-    for key in PPO_LOGGED:
-        assert [r[key] for r in fsdp] == pytest.approx([r[key] for r in one], rel=1e-4, abs=1e-6), key
+    fsdp = _assert_same_run(tmp_path / "fsdp", tmp_path / "one", tiny_model_dir, PPO_LOGGED)
+    _assert_same_checkpoint(tmp_path / "fsdp", tmp_path / "one", 2)
     assert fsdp[1]["beta"] != fsdp[0]["beta"] and abs(fsdp[1]["kl"]) > 1e-3  # k1 may be < 0 in a batch
     summary = json.loads((tmp_path / "fsdp" / "summary.json").read_text())
     assert summary["params_rank_share"] == pytest.approx(0.5, abs=0.01)  # sharded, not data parallel
 
     # Resume iteration 2 in one process from the 2-process FSDP checkpoint of iteration 1.
-    resumed = tmp_path / "resumed"
-    shutil.copytree(tmp_path / "fsdp", resumed)
-    shutil.rmtree(resumed / "checkpoints" / "step-000002")
-    shutil.rmtree(resumed / "final")
+    resumed = _without_last_checkpoint(tmp_path / "fsdp", tmp_path)
     assert main(["ppo", *_ppo_args(tiny_model_dir, data, resumed, *args, "resume_from=latest")]) == 0
-    assert _samples(resumed) == _samples(tmp_path / "one")
-    _assert_same_weights(resumed, tmp_path / "one", tiny_model_dir, atol=1e-5)
+    _assert_same_run(resumed, tmp_path / "one", tiny_model_dir, PPO_LOGGED)
 
 
 def _online_dpo_args(model: Path, prompts: Path, out: Path, *extra: str) -> list[str]:
@@ -539,12 +548,9 @@ def test_online_dpo_in_two_processes_equals_one(tiny_model_dir, tmp_path):
     _launch("online-dpo", _online_dpo_args(tiny_model_dir, data, tmp_path / "two", *args))
     assert main(["online-dpo", *_online_dpo_args(tiny_model_dir, data, tmp_path / "one", *args)]) == 0
 
-    assert _samples(tmp_path / "two") == _samples(tmp_path / "one")
-    _assert_same_weights(tmp_path / "two", tmp_path / "one", tiny_model_dir, atol=1e-5)
-    two, one = _rows(tmp_path / "two"), _rows(tmp_path / "one")
+    two = _assert_same_run(tmp_path / "two", tmp_path / "one", tiny_model_dir, ONLINE_DPO_LOGGED)
+    one = _rows(tmp_path / "one")
     assert [r["step"] for r in two] == [1, 2]
-    for key in ONLINE_DPO_LOGGED:
-        assert [r[key] for r in two] == pytest.approx([r[key] for r in one], rel=1e-4, abs=1e-6), key
     # Each round has a minibatch of 3 pairs: micro-steps of 2 pairs and 1, where rank 1 runs a stand-in.
     assert min(r["pairs"] for r in one) >= 3
     assert one[1]["kl"] > 1e-3
@@ -562,14 +568,8 @@ def test_online_dpo_checkpoint_of_two_processes_resumes_in_one(tiny_model_dir, t
     straight = _online_dpo_args(tiny_model_dir, data, tmp_path / "straight", "rounds=2")
     assert main(["online-dpo", *straight]) == 0
 
-    assert _samples(tmp_path / "resumed") == _samples(tmp_path / "straight")
-    _assert_same_weights(tmp_path / "resumed", tmp_path / "straight", tiny_model_dir, atol=1e-5)
-    resumed_rows, straight_rows = _rows(tmp_path / "resumed"), _rows(tmp_path / "straight")
-    assert [r["step"] for r in resumed_rows] == [1, 2]
-    for key in ONLINE_DPO_LOGGED:
-        assert [r[key] for r in resumed_rows] == pytest.approx(
-            [r[key] for r in straight_rows], rel=1e-4, abs=1e-6
-        ), key
+    rows = _assert_same_run(tmp_path / "resumed", tmp_path / "straight", tiny_model_dir, ONLINE_DPO_LOGGED)
+    assert [r["step"] for r in rows] == [1, 2]
 
 
 def test_fsdp_online_dpo_in_two_processes_equals_one_and_resumes_in_one(tiny_model_dir, tmp_path):
@@ -582,25 +582,15 @@ def test_fsdp_online_dpo_in_two_processes_equals_one_and_resumes_in_one(tiny_mod
     _launch("online-dpo", _online_dpo_args(tiny_model_dir, data, tmp_path / "fsdp", *args), fsdp=True)
     assert main(["online-dpo", *_online_dpo_args(tiny_model_dir, data, tmp_path / "one", *args)]) == 0
 
-    assert _samples(tmp_path / "fsdp") == _samples(tmp_path / "one")
-    _assert_same_weights(tmp_path / "fsdp", tmp_path / "one", tiny_model_dir, atol=1e-5)
-    fsdp, one = _rows(tmp_path / "fsdp"), _rows(tmp_path / "one")
+    fsdp = _assert_same_run(tmp_path / "fsdp", tmp_path / "one", tiny_model_dir, ONLINE_DPO_LOGGED)
     assert [r["step"] for r in fsdp] == [1, 2] and all(r["pairs"] > 0 for r in fsdp)
-    for key in ONLINE_DPO_LOGGED:
-        assert [r[key] for r in fsdp] == pytest.approx([r[key] for r in one], rel=1e-4, abs=1e-6), key
     summary = json.loads((tmp_path / "fsdp" / "summary.json").read_text())
     assert summary["params_rank_share"] == pytest.approx(0.5, abs=0.01)  # sharded, not data parallel
 
-    resumed = tmp_path / "resumed"
-    shutil.copytree(tmp_path / "fsdp", resumed)
-    shutil.rmtree(resumed / "checkpoints" / "step-000002")
-    shutil.rmtree(resumed / "final")
-    assert (
-        main(["online-dpo", *_online_dpo_args(tiny_model_dir, data, resumed, *args, "resume_from=latest")])
-        == 0
-    )
-    assert _samples(resumed) == _samples(tmp_path / "one")
-    _assert_same_weights(resumed, tmp_path / "one", tiny_model_dir, atol=1e-5)
+    resumed = _without_last_checkpoint(tmp_path / "fsdp", tmp_path)
+    resume_args = _online_dpo_args(tiny_model_dir, data, resumed, *args, "resume_from=latest")
+    assert main(["online-dpo", *resume_args]) == 0
+    _assert_same_run(resumed, tmp_path / "one", tiny_model_dir, ONLINE_DPO_LOGGED)
 
 
 def test_online_dpo_rounds_with_one_pair_and_none_in_two_processes_equal_one(tiny_model_dir, tmp_path):
@@ -672,6 +662,22 @@ def test_stages_that_write_once_refuse_several_processes(monkeypatch, tmp_path):
     cfg = load_config(build_prefs.BuildPrefsConfig, None, [f"output={tmp_path / 'p.jsonl'}"])
     with pytest.raises(ConfigError, match="build-prefs runs in one process, but it was launched in 2"):
         build_prefs.run(cfg)
+
+
+def test_a_process_left_without_a_generation_batch_is_named(monkeypatch, capsys):
+    """5 samples in generation batches of 4 make 2 batches: in 3 processes one samples nothing, and the main
+    process says so once, with the batch size that keeps them all sampling; in 2 processes nothing is said."""
+    cfg = load_config(ppo.PPOConfig, None, ["reward=x", "prompts_per_iteration=5", "generation_batch_size=4"])
+    monkeypatch.setattr(distributed, "is_main_process", lambda: True)
+    monkeypatch.setattr(distributed, "world_size", lambda: 3)
+    note_idle_processes(cfg, 5, "iteration", "prompts_per_iteration")
+    assert (
+        "3 processes share 2 generation batch(es) per iteration, so 1 sample nothing"
+        in capsys.readouterr().err
+    )
+    monkeypatch.setattr(distributed, "world_size", lambda: 2)
+    note_idle_processes(cfg, 5, "iteration", "prompts_per_iteration")
+    assert capsys.readouterr().err == ""
 
 
 def test_hf_is_the_default_generation_backend():

@@ -242,17 +242,6 @@ def test_lora_resume_after_sigint_equals_uninterrupted_run(tiny_model_dir, promp
     assert summary["reference"] == "policy base with adapters disabled"
 
 
-def test_vllm_with_lora_is_refused_only_where_vllm_cannot_run(monkeypatch):
-    """lora=true with generation_backend=vllm passes check_config where vllm can run (here faked); where it
-    is not installed, the backend check still refuses it, naming the field."""
-    cfg = online_dpo.OnlineDPOConfig(reward="_ppo_rewards:length", lora=True, generation_backend="vllm")
-    if importlib.util.find_spec("vllm") is None:
-        with pytest.raises(ConfigError, match="generation_backend=vllm needs the vllm package"):
-            online_dpo.check_config(cfg)
-    monkeypatch.setattr(online_dpo, "check_generation_backend", lambda backend: None)
-    online_dpo.check_config(cfg)
-
-
 def test_vllm_backend_with_lora_samples_what_hf_samples(tiny_model_dir, prompt_file, tmp_path, monkeypatch):
     """lora=true, generation_backend=vllm, the engine faked (tests/_fake_vllm.py: a plain model built from the
     model directory, as vLLM builds it, taking the policy's weights through the real update_weights with the

@@ -4,15 +4,17 @@
 from __future__ import annotations
 
 import copy
+import importlib.util
 
 import pytest
 import torch
 from _fake_vllm import FakeLLM
 
-from alignkit.config import TrainConfig
+from alignkit.config import ConfigError, TrainConfig
 from alignkit.models.loading import apply_lora, load_model
 from alignkit.models.value import VALUE_ADAPTER, add_value_adapter
 from alignkit.models.vllm_engine import VLLMSampler
+from alignkit.stages import online_dpo, ppo
 
 
 def _logits(model, ids: torch.Tensor) -> torch.Tensor:
@@ -60,3 +62,15 @@ def test_update_weights_gives_the_engine_the_policy(lora, tiny_model_dir):
     torch.testing.assert_close(_logits(engine, ids), _logits(policy, ids), atol=1e-5, rtol=0)
     after = policy.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+@pytest.mark.parametrize("stage", [ppo, online_dpo], ids=["ppo", "online-dpo"])
+def test_vllm_with_lora_is_refused_only_where_vllm_cannot_run(stage, monkeypatch):
+    """lora=true with generation_backend=vllm passes check_config where vllm can run (here faked); where it
+    is not installed, the backend check still refuses it, naming the field."""
+    cfg = stage.CONFIG(reward="_ppo_rewards:length", lora=True, generation_backend="vllm")
+    if importlib.util.find_spec("vllm") is None:
+        with pytest.raises(ConfigError, match="generation_backend=vllm needs the vllm package"):
+            stage.check_config(cfg)
+    monkeypatch.setattr(stage, "check_generation_backend", lambda backend: None)
+    stage.check_config(cfg)

@@ -77,6 +77,7 @@ from alignkit.training.loop import seed_and_threads
 from alignkit.training.online import (
     derived_seed,
     iteration_prompts,
+    note_idle_processes,
     optimizer_step,
     training_prompts,
     truncate_jsonl,
@@ -355,14 +356,7 @@ def run(cfg: OnlineDPOConfig, monitors: MonitorSet | None = None) -> dict:
     prompts, n_skipped = training_prompts(cfg)
     prompt_ids = [encode_prompt(tokenizer, p, cfg.max_prompt_length) for p in prompts]
     k = cfg.samples_per_prompt
-    n_generation_batches = math.ceil(cfg.prompts_per_round * k / cfg.generation_batch_size)
-    if main and cfg.generation_backend == "hf" and n_generation_batches < world:
-        print(
-            f"note: {world} processes share {n_generation_batches} generation batch(es) per round, so "
-            f"{world - n_generation_batches} sample nothing; generation_batch_size <= prompts_per_round * "
-            f"samples_per_prompt / {world} lets every process sample",
-            file=sys.stderr,
-        )
+    note_idle_processes(cfg, cfg.prompts_per_round * k, "round", "prompts_per_round * samples_per_prompt")
 
     # The roles: the policy; the frozen reference it starts as (LoRA: the same base with the adapters off, as
     # DPO's reference=adapter; full fine-tuning: a frozen copy); the reward; the sampler (hf: generate on the

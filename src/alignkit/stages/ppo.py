@@ -85,6 +85,7 @@ from alignkit.training.loop import seed_and_threads
 from alignkit.training.online import (
     derived_seed,
     iteration_prompts,
+    note_idle_processes,
     optimizer_step,
     training_prompts,
     truncate_jsonl,
@@ -557,14 +558,7 @@ def run(cfg: PPOConfig, monitors: MonitorSet | None = None) -> dict:
     tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code)
     prompts, n_skipped = training_prompts(cfg)
     prompt_ids = [encode_prompt(tokenizer, p, cfg.max_prompt_length) for p in prompts]
-    n_generation_batches = math.ceil(cfg.prompts_per_iteration / cfg.generation_batch_size)
-    if main and cfg.generation_backend == "hf" and n_generation_batches < world:
-        print(
-            f"note: {world} processes share {n_generation_batches} generation batch(es) per iteration, so "
-            f"{world - n_generation_batches} sample nothing; generation_batch_size <= prompts_per_iteration / "
-            f"{world} lets every process sample",
-            file=sys.stderr,
-        )
+    note_idle_processes(cfg, cfg.prompts_per_iteration, "iteration", "prompts_per_iteration")
 
     # The four roles. LoRA: one frozen base serves all three networks (policy = adapter "default",
     # reference = every adapter off, value = adapter "value" + head). Full fine-tuning: the reference is a

@@ -36,6 +36,19 @@ def training_prompts(cfg) -> tuple[list, int]:
     return [ex.prompt for ex in loaded.examples], len(loaded.skipped)
 
 
+def note_idle_processes(cfg, n_samples: int, per: str, samples_doc: str) -> None:
+    """Tell the user (the main process, once) when ``n_samples`` samples per ``per`` cut into generation
+    batches of ``cfg.generation_batch_size`` leave some of the processes nothing to sample (hf backend)."""
+    world = distributed.world_size()
+    n_batches = math.ceil(n_samples / cfg.generation_batch_size)
+    if distributed.is_main_process() and cfg.generation_backend == "hf" and n_batches < world:
+        print(
+            f"note: {world} processes share {n_batches} generation batch(es) per {per}, so {world - n_batches} "
+            f"sample nothing; generation_batch_size <= {samples_doc} / {world} lets every process sample",
+            file=sys.stderr,
+        )
+
+
 def derived_seed(*parts: int) -> int:
     """A 31-bit seed from (run seed, iteration, purpose): numpy's SeedSequence mixes them, so neighbouring
     iterations draw unrelated streams and a resumed run draws exactly what the uninterrupted one did."""
