@@ -309,10 +309,12 @@ def test_fsdp_sft_step_in_two_processes_equals_one(tiny_model_dir, tmp_path):
     """One SFT step as in the data-parallel test, sharded by FSDP2 over 2 processes: one process's weights
     (atol 1e-6, measured 7.8e-8), loss and gradient norm. The loop logs params/rank_share, the largest share of
     the parameters' elements a rank holds while training: half (each rank keeps its half of every weight, the
-    tied embedding/LM head once), where data parallel holds all of them."""
+    tied embedding/LM head once), where data parallel holds all of them. The sharded run also recomputes its
+    layers in the backward (gradient_checkpointing=true: FSDP gathers each layer's shards again for it)."""
     data = _write(tmp_path, "sft.jsonl", SFT_ROWS)
     args = SFT_STEP_ARGS
-    _launch("sft", [*_common(tiny_model_dir, data, tmp_path / "two"), *args], fsdp=True)
+    sharded = [*_common(tiny_model_dir, data, tmp_path / "two"), *args, "gradient_checkpointing=true"]
+    _launch("sft", sharded, fsdp=True)
     assert main(["sft", *_common(tiny_model_dir, data, tmp_path / "one"), *args]) == 0
 
     _assert_same_weights(tmp_path / "two", tmp_path / "one", tiny_model_dir)

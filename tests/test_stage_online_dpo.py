@@ -242,6 +242,33 @@ def test_lora_resume_after_sigint_equals_uninterrupted_run(tiny_model_dir, promp
     assert summary["reference"] == "policy base with adapters disabled"
 
 
+def test_gradient_checkpointing_with_lora_gives_the_same_run(tiny_model_dir, prompt_file, tmp_path):
+    """gradient_checkpointing=true with LoRA (the reference passes, adapters off, run without gradients, so only
+    the policy's adapter is ever recomputed): the same samples, logs and final policy (atol 1e-6)."""
+    runs = {}
+    for checkpointing in ("false", "true"):
+        out = tmp_path / checkpointing
+        args = _args(
+            tiny_model_dir,
+            prompt_file,
+            out,
+            "lora=true",
+            "lora_r=4",
+            f"gradient_checkpointing={checkpointing}",
+        )
+        online_dpo.run(load_config(online_dpo.OnlineDPOConfig, None, args))
+        runs[checkpointing] = out
+    plain, checkpointed = runs["false"], runs["true"]
+    assert (checkpointed / "samples.jsonl").read_text() == (plain / "samples.jsonl").read_text()
+    assert [r["loss"] for r in _rows(checkpointed)] == pytest.approx(
+        [r["loss"] for r in _rows(plain)], abs=1e-6
+    )
+    a = load_file(str(plain / "final" / "model.safetensors"))
+    b = load_file(str(checkpointed / "final" / "model.safetensors"))
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], atol=1e-6, rtol=0, msg=name)
+
+
 def test_vllm_backend_with_lora_samples_what_hf_samples(tiny_model_dir, prompt_file, tmp_path, monkeypatch):
     """lora=true, generation_backend=vllm, the engine faked (tests/_fake_vllm.py: a plain model built from the
     model directory, as vLLM builds it, taking the policy's weights through the real update_weights with the

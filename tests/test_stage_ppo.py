@@ -206,6 +206,45 @@ class _StopAt:
         return Event(step, self.name, "stop here", self.action, {}) if step == 1 else None
 
 
+def test_gradient_checkpointing_gives_the_same_run(tiny_model_dir, prompt_file, tmp_path, monkeypatch):
+    """gradient_checkpointing=true recomputes the policy's and the value model's layers in the update's backward
+    and changes no number: the same samples and checkpointed policy and value model (atol 1e-6) as a run
+    without it. With LoRA it is refused: the value adapter is switched on only during the value model's forward,
+    so a recomputation in the backward would run the policy's adapter (measured before the refusal: the adapters
+    came out different)."""
+    from transformers.models.llama.modeling_llama import LlamaMLP
+
+    calls = {"n": 0}
+    forward = LlamaMLP.forward
+
+    def counted(self, *args, **kwargs):
+        calls["n"] += 1
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(LlamaMLP, "forward", counted)
+    runs, n_calls = {}, {}
+    for checkpointing in ("false", "true"):
+        out = tmp_path / checkpointing
+        args = _args(tiny_model_dir, prompt_file, out, f"gradient_checkpointing={checkpointing}")
+        calls["n"] = 0
+        ppo.run(load_config(ppo.PPOConfig, None, args))
+        runs[checkpointing], n_calls[checkpointing] = out, calls["n"]
+    # Each update micro-batch runs 2 networks x 2 layers, recomputed once: 2 iterations x 2 epochs x 4 rows.
+    assert n_calls["true"] - n_calls["false"] == 2 * 2 * 4 * 2 * 2
+    plain, checkpointed = runs["false"], runs["true"]
+    assert (checkpointed / "samples.jsonl").read_text() == (plain / "samples.jsonl").read_text()
+    a = load_file(str(plain / "checkpoints" / "step-000002" / "weights.safetensors"))
+    b = load_file(str(checkpointed / "checkpoints" / "step-000002" / "weights.safetensors"))
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], atol=1e-6, rtol=0, msg=name)
+    lora = load_config(ppo.PPOConfig, None, ["reward=x", "lora=true", "gradient_checkpointing=true"])
+    with pytest.raises(
+        ConfigError, match="gradient_checkpointing=true with lora=true is not supported by ppo"
+    ):
+        ppo.check_config(lora)
+
+
 def test_monitors_see_each_row_and_their_events_are_logged(tiny_model_dir, prompt_file, tmp_path):
     """The stage hands each logged row to the MonitorSet, writes every event as a row of metrics.jsonl, and a
     'stop' event ends the run after that iteration with a checkpoint and the final model."""

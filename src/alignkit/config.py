@@ -135,6 +135,11 @@ class TrainConfig:
     logprob_chunk_size: int = doc_field(
         1024, "Tokens per chunk when computing log-probs, so no (batch, time, vocab) tensor is held."
     )
+    gradient_checkpointing: bool = doc_field(
+        False,
+        "Keep only each decoder layer's input in the forward and recompute the layer in the backward: less "
+        "activation memory for one more forward of compute (the same gradients).",
+    )
     # --- LoRA ---
     lora: bool = doc_field(False, "Train LoRA adapters (PEFT) instead of all weights.")
     lora_r: int = doc_field(16, "LoRA rank.")

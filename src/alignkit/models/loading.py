@@ -180,6 +180,34 @@ def empty_model(
     return model.eval()
 
 
+def enable_gradient_checkpointing(model: nn.Module) -> int:
+    """Recompute each decoder layer in the backward instead of keeping its activations (transformers' own
+    checkpointing, non-reentrant: a LoRA model needs no input that requires grad, and FSDP's shards are
+    gathered again for the recomputation). Only in training mode; generation and evaluation passes keep their
+    usual cost. Applied to every outermost transformers model inside ``model`` (a PEFT model's base, PPO's
+    value model's backbone). Returns how many; an error names the setting where there is none."""
+    n = _checkpoint_layers(model)
+    if n == 0:
+        raise ModelLoadError(
+            f"gradient_checkpointing=true, but {type(model).__name__} holds no transformers model whose layers "
+            "alignkit can checkpoint; set gradient_checkpointing=false"
+        )
+    return n
+
+
+def _checkpoint_layers(model: nn.Module) -> int:
+    from transformers import PreTrainedModel
+
+    if isinstance(model, PreTrainedModel):
+        kwargs = {"use_reentrant": False}
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers 5 (the older name is deprecated)
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        return 1
+    return sum(_checkpoint_layers(child) for child in model.children())
+
+
 # ---------------------------------------------------------------------------------------------
 # LoRA
 # ---------------------------------------------------------------------------------------------

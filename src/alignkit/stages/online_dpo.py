@@ -59,6 +59,7 @@ from alignkit.models.generation import (
 from alignkit.models.loading import (
     apply_lora,
     count_parameters,
+    enable_gradient_checkpointing,
     load_model,
     load_tokenizer,
     pick_device,
@@ -384,6 +385,8 @@ def run(cfg: OnlineDPOConfig, monitors: MonitorSet | None = None) -> dict:
         reference = load().eval()
         reference.requires_grad_(False)
         distributed.shard(reference)
+    if cfg.gradient_checkpointing:  # the update's passes recompute each layer in the backward
+        enable_gradient_checkpointing(policy)
     sharded = distributed.is_sharded(policy)
     # The largest share of the policy's weights' elements a process holds: 1, or about 1/N under FSDP.
     (rank_share,) = distributed.all_reduce([distributed.local_fraction(policy)], op="max")

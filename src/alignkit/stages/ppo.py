@@ -66,6 +66,7 @@ from alignkit.models.generation import (
 from alignkit.models.loading import (
     apply_lora,
     count_parameters,
+    enable_gradient_checkpointing,
     load_model,
     load_tokenizer,
     pick_device,
@@ -533,6 +534,13 @@ def check_config(cfg: PPOConfig) -> None:
     if cfg.temperature <= 0:
         raise ConfigError("temperature must be > 0: PPO's ratio and KL need the policy's own samples")
     check_generation_backend(cfg.generation_backend)
+    if cfg.gradient_checkpointing and cfg.lora:
+        raise ConfigError(
+            "gradient_checkpointing=true with lora=true is not supported by ppo: the value model runs the shared "
+            "base with its own adapter switched on, and the backward would recompute those layers with the "
+            "policy's adapter instead; use lora=false (separate policy and value networks) or "
+            "gradient_checkpointing=false"
+        )
     for name in ("iterations", "prompts_per_iteration", "minibatch_size", "micro_batch_size", "ppo_epochs"):
         if getattr(cfg, name) < 1:
             raise ConfigError(f"config key '{name}' must be at least 1, got {getattr(cfg, name)}")
@@ -583,6 +591,8 @@ def run(cfg: PPOConfig, monitors: MonitorSet | None = None) -> dict:
         value_model = ValueModel(load())
         distributed.shard(value_model)
     trained = torch.nn.ModuleDict({"policy": policy, "value": value_model})  # what checkpoints hold
+    if cfg.gradient_checkpointing:  # the update's passes recompute each layer in the backward
+        enable_gradient_checkpointing(trained)
     sharded = distributed.is_sharded(trained)
     # The largest share of the trained weights' elements a process holds: 1, or about 1/N under FSDP.
     (rank_share,) = distributed.all_reduce([distributed.local_fraction(trained)], op="max")

@@ -220,7 +220,11 @@ def fsdp_requested() -> bool:
 # does not implement, with the value it needs and why.
 _FSDP_UNSUPPORTED = {
     "fsdp_offload_params": ("FSDP_OFFLOAD_PARAMS", "false", "the shards stay on the device"),
-    "fsdp_activation_checkpointing": ("FSDP_ACTIVATION_CHECKPOINTING", "false", "not implemented"),
+    "fsdp_activation_checkpointing": (
+        "FSDP_ACTIVATION_CHECKPOINTING",
+        "false",
+        "set gradient_checkpointing=true in the alignkit config instead, which works under every engine",
+    ),
 }
 
 

@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 from alignkit.config import ConfigError, TrainConfig
 from alignkit.errors import TrainingInterrupted
+from alignkit.models.loading import enable_gradient_checkpointing
 from alignkit.training import distributed
 from alignkit.training.checkpoint import (
     checkpoint_dir,
@@ -131,6 +132,8 @@ def train(
     model.train()
     # Under FSDP, shard (unless the stage did) before the optimizer takes the parameters.
     distributed.shard(model, cfg.lora)
+    if cfg.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
     # The largest share of the parameters' elements any rank holds: ~1/N under FSDP (logged there).
     (rank_share,) = distributed.all_reduce([distributed.local_fraction(model)], op="max")
 
