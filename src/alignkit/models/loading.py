@@ -180,13 +180,15 @@ def empty_model(
     return model.eval()
 
 
-def enable_gradient_checkpointing(model: nn.Module) -> int:
+def enable_gradient_checkpointing(model: nn.Module, context_fn=None) -> int:
     """Recompute each decoder layer in the backward instead of keeping its activations (transformers' own
     checkpointing, non-reentrant: a LoRA model needs no input that requires grad, and FSDP's shards are
     gathered again for the recomputation). Only in training mode; generation and evaluation passes keep their
     usual cost. Applied to every outermost transformers model inside ``model`` (a PEFT model's base, PPO's
-    value model's backbone). Returns how many; an error names the setting where there is none."""
-    n = _checkpoint_layers(model)
+    value model's backbone). ``context_fn`` goes to torch's checkpoint (``value.recompute_with_active_adapter``).
+    Returns how many; an error names the setting where there is none."""
+    kwargs = {"use_reentrant": False, **({"context_fn": context_fn} if context_fn is not None else {})}
+    n = _checkpoint_layers(model, kwargs)
     if n == 0:
         raise ModelLoadError(
             f"gradient_checkpointing=true, but {type(model).__name__} holds no transformers model whose layers "
@@ -195,17 +197,16 @@ def enable_gradient_checkpointing(model: nn.Module) -> int:
     return n
 
 
-def _checkpoint_layers(model: nn.Module) -> int:
+def _checkpoint_layers(model: nn.Module, kwargs: dict) -> int:
     from transformers import PreTrainedModel
 
     if isinstance(model, PreTrainedModel):
-        kwargs = {"use_reentrant": False}
         if hasattr(model, "activation_checkpointing_enable"):  # transformers 5 (the older name is deprecated)
             model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
         return 1
-    return sum(_checkpoint_layers(child) for child in model.children())
+    return sum(_checkpoint_layers(child, kwargs) for child in model.children())
 
 
 # ---------------------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ policy's frozen base (``add_value_adapter``), so policy, reference and value sha
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from contextlib import contextmanager
 
@@ -79,6 +80,14 @@ def use_adapter(model: nn.Module, name: str | None):
             yield
         finally:
             model.set_adapter(previous)
+
+
+def recompute_with_active_adapter(model: nn.Module):
+    """torch's checkpoint ``context_fn`` for a PEFT ``model`` with several adapters: called in each checkpointed
+    forward, it notes the adapter active there, and the backward's recomputation of that layer runs with the
+    same one (PPO's value model switches to its adapter only inside its own forward, and the backward comes
+    after). Returns (forward context, recomputation context)."""
+    return contextlib.nullcontext(), use_adapter(model, model.active_adapter)
 
 
 def add_value_adapter(policy: nn.Module) -> ValueModel:

@@ -72,7 +72,13 @@ from alignkit.models.loading import (
     pick_device,
     save_final,
 )
-from alignkit.models.value import ValueModel, add_value_adapter, keep_trainable, remove_value_adapter
+from alignkit.models.value import (
+    ValueModel,
+    add_value_adapter,
+    keep_trainable,
+    recompute_with_active_adapter,
+    remove_value_adapter,
+)
 from alignkit.scoring import Scorer, load_scorer
 from alignkit.training import distributed
 from alignkit.training.checkpoint import (
@@ -534,13 +540,6 @@ def check_config(cfg: PPOConfig) -> None:
     if cfg.temperature <= 0:
         raise ConfigError("temperature must be > 0: PPO's ratio and KL need the policy's own samples")
     check_generation_backend(cfg.generation_backend)
-    if cfg.gradient_checkpointing and cfg.lora:
-        raise ConfigError(
-            "gradient_checkpointing=true with lora=true is not supported by ppo: the value model runs the shared "
-            "base with its own adapter switched on, and the backward would recompute those layers with the "
-            "policy's adapter instead; use lora=false (separate policy and value networks) or "
-            "gradient_checkpointing=false"
-        )
     for name in ("iterations", "prompts_per_iteration", "minibatch_size", "micro_batch_size", "ppo_epochs"):
         if getattr(cfg, name) < 1:
             raise ConfigError(f"config key '{name}' must be at least 1, got {getattr(cfg, name)}")
@@ -592,7 +591,9 @@ def run(cfg: PPOConfig, monitors: MonitorSet | None = None) -> dict:
         distributed.shard(value_model)
     trained = torch.nn.ModuleDict({"policy": policy, "value": value_model})  # what checkpoints hold
     if cfg.gradient_checkpointing:  # the update's passes recompute each layer in the backward
-        enable_gradient_checkpointing(trained)
+        # LoRA: the value model's layers are recomputed with its adapter, as they ran (not the policy's).
+        adapter = functools.partial(recompute_with_active_adapter, policy) if cfg.lora else None
+        enable_gradient_checkpointing(trained, context_fn=adapter)
     sharded = distributed.is_sharded(trained)
     # The largest share of the trained weights' elements a process holds: 1, or about 1/N under FSDP.
     (rank_share,) = distributed.all_reduce([distributed.local_fraction(trained)], op="max")
