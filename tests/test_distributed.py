@@ -575,13 +575,22 @@ def test_online_dpo_checkpoint_of_two_processes_resumes_in_one(tiny_model_dir, t
 
 
 def test_fsdp_online_dpo_in_two_processes_equals_one_and_resumes_in_one(tiny_model_dir, tmp_path):
-    """Online DPO with full fine-tuning under FSDP in 2 processes: policy and reference sharded, generation on
-    the policy gathered whole, log-probs on the shards in forward batches of 7 (rank 0 runs 2 for its 8 samples,
-    rank 1 one for its 7 and a stand-in). Two rounds give one plain process's samples, logs and weights (atol
-    1e-5); the checkpoint of round 1, gathered whole, resumes in 1 process to the same round 2."""
+    """Online DPO with full fine-tuning under FSDP in 2 processes: policy and reference sharded; generation on
+    the shards (fsdp_generation=shards: the processes step together, and rank 1, with 1 of the 3 generation
+    batches of 5, samples a stand-in batch while rank 0 samples its second); log-probs on the shards in forward
+    batches of 7 (rank 0 runs 2 for its 8 samples, rank 1 one for its 7 and a stand-in). Two rounds give one
+    plain process's samples, logs and weights (atol 1e-5); the checkpoint of round 1, gathered whole, resumes
+    in 1 process to the same round 2. (PPO's FSDP test samples on the weights gathered whole.)"""
     data = _write(tmp_path, "prompts.jsonl", PROMPTS)
-    args = ("rounds=2", "save_every=1", "keep_checkpoints=2", "forward_batch_size=7")
-    _launch("online-dpo", _online_dpo_args(tiny_model_dir, data, tmp_path / "fsdp", *args), fsdp=True)
+    args = (
+        "rounds=2",
+        "save_every=1",
+        "keep_checkpoints=2",
+        "forward_batch_size=7",
+        "generation_batch_size=5",
+    )
+    sharded = _online_dpo_args(tiny_model_dir, data, tmp_path / "fsdp", *args, "fsdp_generation=shards")
+    _launch("online-dpo", sharded, fsdp=True)
     assert main(["online-dpo", *_online_dpo_args(tiny_model_dir, data, tmp_path / "one", *args)]) == 0
 
     fsdp = _assert_same_run(tmp_path / "fsdp", tmp_path / "one", tiny_model_dir, ONLINE_DPO_LOGGED)

@@ -64,6 +64,13 @@ class GenerationBackendConfig:
         "extra, pip install 'alignkit[vllm]', on a CUDA GPU; ppo and online-dpo push the policy's weights into it "
         "each iteration, with lora=true the adapter merged in).",
     )
+    fsdp_generation: Literal["gather", "shards"] = doc_field(
+        "gather",
+        "ppo and online-dpo under FSDP, generation_backend=hf: 'gather' samples on the policy's weights gathered "
+        "whole in each process (fast; the whole policy must fit one device while it samples), 'shards' on the "
+        "shards, the processes stepping together (no device holds the whole policy; every generated token "
+        "gathers each layer's weights again). Elsewhere not used.",
+    )
     vllm_gpu_memory_utilization: float = doc_field(
         0.5,
         "generation_backend=vllm: share of the GPU's memory vLLM takes (its weights and KV cache); the rest is "

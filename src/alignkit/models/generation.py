@@ -8,6 +8,7 @@ build-prefs, cai-revise and eval can sample with vLLM instead (``generation_back
 from __future__ import annotations
 
 import importlib.util
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -149,22 +150,35 @@ def generate_share(
     batch_size: int,
     rank: int,
     world: int,
+    synced: bool = False,
 ) -> dict[int, Generation]:
     """Process ``rank``'s part of ``generate(model, tokenizer, prompt_ids, sampling, batch_size)`` among
     ``world``: every world-th of its batches, from the rank-th, each with its own seed. The responses, by
-    position in ``prompt_ids``, are the ones one process samples (up to the float rounding of the model)."""
+    position in ``prompt_ids``, are the ones one process samples (up to the float rounding of the model).
+
+    ``synced``: the model is sharded (FSDP) and every forward is a collective, so the processes step together
+    (transformers' ``synced_gpus``: one that is done keeps running forwards until all are), and a process with
+    fewer batches than another samples a stand-in batch (the first, its responses dropped) as often."""
     share: dict[int, Generation] = {}
-    for batch in generation_batches(prompt_ids, batch_size, sampling.seed)[rank::world]:
+    batches = generation_batches(prompt_ids, batch_size, sampling.seed)
+    mine = batches[rank::world]
+    for batch in mine:
         prompts = [prompt_ids[i] for i in batch.indices]
-        share.update(zip(batch.indices, sample_batch(model, tokenizer, prompts, sampling, batch.seed)))
+        share.update(
+            zip(batch.indices, sample_batch(model, tokenizer, prompts, sampling, batch.seed, synced))
+        )
+    for _ in range(math.ceil(len(batches) / world) - len(mine) if synced else 0):
+        stand_in = [prompt_ids[i] for i in batches[0].indices]
+        sample_batch(model, tokenizer, stand_in, sampling, batches[0].seed, synced)
     return share
 
 
 @torch.no_grad()
 def sample_batch(
-    model, tokenizer, prompt_ids: list[list[int]], sampling: SamplingConfig, seed: int
+    model, tokenizer, prompt_ids: list[list[int]], sampling: SamplingConfig, seed: int, synced: bool = False
 ) -> list[Generation]:
-    """One left-padded batch through ``model.generate``, sampling from torch seed ``seed``; in input order."""
+    """One left-padded batch through ``model.generate``, sampling from torch seed ``seed``; in input order.
+    ``synced``: step in lockstep with the other processes (a sharded model; see ``generate_share``)."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -190,9 +204,9 @@ def sample_batch(
         eos_token_id=eos_ids,
         pad_token_id=pad_id,
         use_cache=True,
-        # transformers would step every process in lockstep for a sharded (FSDP) model; alignkit generates on
-        # one whose weights are gathered whole (training.distributed.whole_weights), at each process's own pace.
-        synced_gpus=False,
+        # Set, not left to transformers (which steps every process of a sharded model in lockstep): a policy
+        # gathered whole (training.distributed.whole_weights) samples at each process's own pace.
+        synced_gpus=synced,
     )
     model.train(was_training)
     return [

@@ -77,8 +77,10 @@ from alignkit.training.checkpoint import (
 from alignkit.training.loop import seed_and_threads
 from alignkit.training.online import (
     derived_seed,
+    gathered_for_generation,
     iteration_prompts,
     note_idle_processes,
+    on_shards,
     optimizer_step,
     training_prompts,
     truncate_jsonl,
@@ -468,8 +470,8 @@ def run(cfg: OnlineDPOConfig, monitors: MonitorSet | None = None) -> dict:
                     if round_no > start or resume:
                         sampler.update_weights(policy)
                     mine = dict(enumerate(sampler(round_prompt_ids, sampling)))
-                else:  # under FSDP on the policy's weights gathered whole: each rank samples at its own pace
-                    with distributed.whole_weights(policy):
+                else:  # under FSDP on the weights gathered whole, or on the shards in lockstep (fsdp_generation)
+                    with gathered_for_generation(cfg, policy):
                         mine = generate_share(
                             policy,
                             tokenizer,
@@ -478,6 +480,7 @@ def run(cfg: OnlineDPOConfig, monitors: MonitorSet | None = None) -> dict:
                             cfg.generation_batch_size,
                             rank,
                             world,
+                            synced=on_shards(cfg, policy),
                         )
                 # 2. Score each response with the reward (each process its own samples), then gather every
                 #    process's samples and scores: every process holds the whole round from here on.

@@ -91,8 +91,10 @@ from alignkit.training.checkpoint import (
 from alignkit.training.loop import seed_and_threads
 from alignkit.training.online import (
     derived_seed,
+    gathered_for_generation,
     iteration_prompts,
     note_idle_processes,
+    on_shards,
     optimizer_step,
     training_prompts,
     truncate_jsonl,
@@ -688,11 +690,18 @@ def run(cfg: PPOConfig, monitors: MonitorSet | None = None) -> dict:
                     if iteration > start or resume:
                         sampler.update_weights(policy)
                     mine = dict(enumerate(sampler([prompt_ids[i] for i in idx], sampling)))
-                else:  # under FSDP on the policy's weights gathered whole: each rank samples at its own pace
+                else:  # under FSDP on the weights gathered whole, or on the shards in lockstep (fsdp_generation)
                     batch_size = cfg.generation_batch_size
-                    with distributed.whole_weights(policy):
+                    with gathered_for_generation(cfg, policy):
                         mine = generate_share(
-                            policy, tokenizer, [prompt_ids[i] for i in idx], sampling, batch_size, rank, world
+                            policy,
+                            tokenizer,
+                            [prompt_ids[i] for i in idx],
+                            sampling,
+                            batch_size,
+                            rank,
+                            world,
+                            synced=on_shards(cfg, policy),
                         )
                 # 2. Score each response with the reward (each process its own samples), then gather every
                 #    process's samples and scores: every process holds the whole batch from here on.

@@ -5,6 +5,7 @@ the samples file; and the end of one optimizer step (clip, skip a non-finite ste
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import sys
@@ -47,6 +48,17 @@ def note_idle_processes(cfg, n_samples: int, per: str, samples_doc: str) -> None
             f"sample nothing; generation_batch_size <= {samples_doc} / {world} lets every process sample",
             file=sys.stderr,
         )
+
+
+def on_shards(cfg, policy) -> bool:
+    """Whether the policy samples on its FSDP shards, every process stepping together (fsdp_generation=shards)."""
+    return cfg.fsdp_generation == "shards" and distributed.is_sharded(policy)
+
+
+def gathered_for_generation(cfg, policy):
+    """The context the policy samples in: its weights gathered whole under FSDP (``distributed.whole_weights``),
+    unless it samples on its shards (``on_shards``); nothing for a policy that is not sharded."""
+    return contextlib.nullcontext() if on_shards(cfg, policy) else distributed.whole_weights(policy)
 
 
 def derived_seed(*parts: int) -> int:
