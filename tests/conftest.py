@@ -95,3 +95,20 @@ def _private_cache(request, tmp_path_factory, monkeypatch):
     marked `smollm` keep the real cache so the embedded model is prepared once."""
     if "smollm" not in request.keywords:
         monkeypatch.setenv("ALIGNKIT_CACHE", str(tmp_path_factory.getbasetemp() / "alignkit-cache"))
+
+
+@pytest.fixture
+def mlp_calls(monkeypatch) -> dict:
+    """Counts the forwards of every Llama MLP (the tiny model's layers) in ``["n"]``: a layer recomputed in the
+    backward (gradient checkpointing) runs its MLP again."""
+    from transformers.models.llama.modeling_llama import LlamaMLP
+
+    calls = {"n": 0}
+    forward = LlamaMLP.forward
+
+    def counted(self, *args, **kwargs):
+        calls["n"] += 1
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(LlamaMLP, "forward", counted)
+    return calls

@@ -207,22 +207,13 @@ class _StopAt:
 
 
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
-def test_gradient_checkpointing_gives_the_same_run(tiny_model_dir, prompt_file, tmp_path, monkeypatch, lora):
+def test_gradient_checkpointing_gives_the_same_run(tiny_model_dir, prompt_file, tmp_path, mlp_calls, lora):
     """gradient_checkpointing=true recomputes the policy's and the value model's layers in the update's backward
     (counted) and changes no number: the same samples and checkpointed policy and value model (atol 1e-6) as a
     run without it. With LoRA the value model's layers are recomputed with the value adapter they ran with
     (``recompute_with_active_adapter``); without that, the policy's adapter ran in their recomputation and the
     adapters came out different."""
-    from transformers.models.llama.modeling_llama import LlamaMLP
-
-    calls = {"n": 0}
-    forward = LlamaMLP.forward
-
-    def counted(self, *args, **kwargs):
-        calls["n"] += 1
-        return forward(self, *args, **kwargs)
-
-    monkeypatch.setattr(LlamaMLP, "forward", counted)
+    calls = mlp_calls
     extra = ("lora=true", "lora_r=4") if lora else ()
     runs, n_calls = {}, {}
     for checkpointing in ("false", "true"):

@@ -130,21 +130,12 @@ def test_sft_loss_covers_completion_tokens_only(tiny_tokenizer, tiny_model_dir):
 
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
 def test_gradient_checkpointing_recomputes_layers_and_gives_the_same_weights(
-    tiny_model_dir, sft_data, tmp_path, monkeypatch, lora
+    tiny_model_dir, sft_data, tmp_path, mlp_calls, lora
 ):
     """gradient_checkpointing=true: each decoder layer runs again in the backward (its MLP's forwards counted),
     and 3 steps end at the weights of a run without it (atol 1e-6). With LoRA too (non-reentrant checkpointing
     needs no input that requires grad)."""
-    from transformers.models.llama.modeling_llama import LlamaMLP
-
-    calls = {"n": 0}
-    forward = LlamaMLP.forward
-
-    def counted(self, *args, **kwargs):
-        calls["n"] += 1
-        return forward(self, *args, **kwargs)
-
-    monkeypatch.setattr(LlamaMLP, "forward", counted)
+    calls = mlp_calls
     extra = ["lora=true", "lora_r=4"] if lora else []
     weights, n_calls = {}, {}
     for checkpointing in ("false", "true"):
