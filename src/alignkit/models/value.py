@@ -49,7 +49,8 @@ class ValueModel(nn.Module):
                 .get_decoder()(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
                 .last_hidden_state
             )  # (B, T, H)
-        return self.head(hidden.to(self.head.weight.dtype)).squeeze(-1)  # (B, T)
+        # A copy, not a view of the head's (B, T, 1) output: FSDP warns about a module that returns a view.
+        return self.head(hidden.to(self.head.weight.dtype)).squeeze(-1).clone()  # (B, T)
 
 
 @contextmanager
