@@ -25,6 +25,7 @@ from alignkit.models.value import ValueModel
 from alignkit.rewards import brevity, length, politeness
 from alignkit.scoring import prompt_text
 from alignkit.stages import ppo
+from alignkit.training import rollout as rollouts
 
 PROMPTS = [
     "what is the capital of france?",
@@ -269,7 +270,7 @@ def test_one_ppo_step_equals_the_losses_by_hand(tiny_model_dir):
         Generation([1, 13], [22], "", False),
         Generation([1, 10, 14], [23, 24], "", False),
     ]
-    batch = ppo.collate_samples(gens, pad_id=0, device=torch.device("cpu"))
+    batch = rollouts.collate_samples(gens, pad_id=0, device=torch.device("cpu"))
     cfg = ppo.PPOConfig(reward="_ppo_rewards:length", vf_coef=0.5, micro_batch_size=2, max_grad_norm=None)
     starts, lengths = [4, 2, 3], [3, 1, 2]
     mask = torch.tensor([[1, 1, 1], [1, 0, 0], [1, 1, 0]])
@@ -293,7 +294,7 @@ def test_one_ppo_step_equals_the_losses_by_hand(tiny_model_dir):
     advantages = torch.tensor([[1.0, -0.5, 0.2], [-1.2, 0, 0], [0.7, 0.9, 0]])
     # token (0, 0): old value v + 0.5, return v - 1: the clipped value v + 0.3 is farther, so it is used
     returns = values0 + torch.tensor([[-1.0, 0.5, 0.3], [1.2, 0, 0], [-0.4, 0.6, 0]])
-    rollout = ppo.Rollout(
+    rollout = rollouts.Rollout(
         batch["input_ids"], batch["attention_mask"], batch["loss_mask"], batch["mask"],
         old_logps, old_values, advantages, returns,
     )  # fmt: skip
@@ -340,10 +341,10 @@ def test_rollout_passes_in_trimmed_microbatches_equal_one_padded_pass(tiny_model
         Generation([1], [25, 26, 27], "", False),
         Generation([1, 12], [28, 29, 30, 31], "", False),
     ]
-    batch = ppo.collate_samples(gens, pad_id=0, device=torch.device("cpu"))
-    one_pass = ppo._rollout_passes(ppo.PPOConfig(reward="x:y"), policy, reference, value_model, batch)
+    batch = rollouts.collate_samples(gens, pad_id=0, device=torch.device("cpu"))
+    one_pass = rollouts._rollout_passes(ppo.PPOConfig(reward="x:y"), policy, reference, value_model, batch)
     cfg = ppo.PPOConfig(reward="x:y", micro_batch_size=2)
-    passes = ppo.rollout_passes(cfg, policy, reference, value_model, batch)
+    passes = rollouts.rollout_passes(cfg, policy, reference, value_model, batch)
     assert set(passes) == {"logps", "ref_logps", "entropy", "values"}
     for key, value in passes.items():
         assert value.shape == (5, 5)

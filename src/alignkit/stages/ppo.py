@@ -14,7 +14,6 @@ whole (``distributed.whole_weights``), and the rollout passes on the shards, eve
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import json
 import math
@@ -42,11 +41,9 @@ from alignkit.data.tokenize import encode_prompt
 from alignkit.errors import TrainingInterrupted
 from alignkit.evaluation.metrics import distinct_n, length_stats, mean_difference, pearson
 from alignkit.evaluation.monitors import MonitorSet, default_monitors
-from alignkit.losses.logprobs import completion_logprobs
 from alignkit.losses.ppo import (
     AdaptiveKLController,
     FixedKLController,
-    entropy_from_logits,
     explained_variance,
     gae,
     masked_mean,
@@ -55,9 +52,7 @@ from alignkit.losses.ppo import (
     value_loss,
     whiten,
 )
-from alignkit.models.forward import supports_chunked_head
 from alignkit.models.generation import (
-    Generation,
     SamplingConfig,
     check_generation_backend,
     generate_share,
@@ -75,7 +70,6 @@ from alignkit.models.loading import (
 from alignkit.models.value import (
     ValueModel,
     add_value_adapter,
-    keep_trainable,
     recompute_with_active_adapter,
     remove_value_adapter,
 )
@@ -98,6 +92,13 @@ from alignkit.training.online import (
     optimizer_step,
     training_prompts,
     truncate_jsonl,
+)
+from alignkit.training.rollout import (
+    Rollout,
+    collate_samples,
+    policy_outputs,
+    response_values,
+    shared_rollout_passes,
 )
 from alignkit.training.run import RunDir, peak_rss_mb
 from alignkit.training.schedule import build_optimizer, build_scheduler
@@ -227,167 +228,6 @@ def make_scorer(cfg: PPOConfig, device: torch.device) -> Scorer:
         trust_remote_code=cfg.trust_remote_code,
         batch_size=cfg.reward_batch_size,
     )
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Rollouts: samples in two layouts. "Sequence" tensors (B, T) hold prompt + response right-padded, the way
-# the models read them; "response" tensors (B, R) hold each row's response tokens from column 0, the way the
-# PPO losses read them. `loss_mask` (B, T) marks the response tokens in the first, `mask` (B, R) in the second.
-
-
-@dataclass
-class Rollout:
-    input_ids: torch.Tensor  # (B, T) prompt then response, right-padded
-    attention_mask: torch.Tensor  # (B, T)
-    loss_mask: torch.Tensor  # (B, T) 1 on response tokens
-    mask: torch.Tensor  # (B, R) 1 on response tokens
-    logps: torch.Tensor  # (B, R) log-probs of the sampled tokens under the policy that sampled them
-    values: torch.Tensor  # (B, R) V(s_t) of the value model before the update
-    advantages: torch.Tensor  # (B, R) GAE advantages, whitened
-    returns: torch.Tensor  # (B, R) advantages + values (unwhitened): the value target
-
-    def rows(self, index) -> Rollout:
-        """The rows ``index``, without the padding columns they all share (see ``trim_padding``)."""
-        return Rollout(
-            **trim_padding({f.name: getattr(self, f.name)[index] for f in dataclasses.fields(self)})
-        )
-
-
-def trim_padding(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """``batch`` cut to its longest row: sequence-layout tensors (B, T) to the longest prompt + response,
-    response-layout tensors (B, R) to the longest response. The rows are right-padded, and a causal model's
-    outputs at a position do not depend on later ones, so the cut changes no number, only the cost: a
-    micro-batch of short responses no longer pays for the longest response of the whole rollout."""
-    t = int(batch["attention_mask"].sum(1).max())
-    r = int(batch["mask"].sum(1).max())
-    sequence_keys = ("input_ids", "attention_mask", "loss_mask")
-    return {k: v[:, :t] if k in sequence_keys else v[:, :r] for k, v in batch.items()}
-
-
-def collate_samples(generations: list[Generation], pad_id: int, device: torch.device) -> dict:
-    """Sequence and response layouts of the samples (see above): input_ids, attention_mask, loss_mask, mask."""
-    B = len(generations)
-    T = max(len(g.prompt_ids) + len(g.response_ids) for g in generations)
-    R = max(len(g.response_ids) for g in generations)
-    input_ids = torch.full((B, T), pad_id, dtype=torch.long)  # (B, T)
-    attention_mask = torch.zeros((B, T), dtype=torch.long)
-    loss_mask = torch.zeros((B, T), dtype=torch.long)
-    mask = torch.zeros((B, R), dtype=torch.long)  # (B, R)
-    for i, g in enumerate(generations):
-        p, r = len(g.prompt_ids), len(g.response_ids)
-        input_ids[i, : p + r] = torch.tensor(g.prompt_ids + g.response_ids)
-        attention_mask[i, : p + r] = 1
-        loss_mask[i, p : p + r] = 1
-        mask[i, :r] = 1
-    batch = {"input_ids": input_ids, "attention_mask": attention_mask, "loss_mask": loss_mask, "mask": mask}
-    return {k: v.to(device) for k, v in batch.items()}
-
-
-def to_response_layout(flat: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """(N,) per-token values in (row, position) order -> (B, R) response layout, 0 where mask is 0."""
-    return torch.zeros(mask.shape, dtype=flat.dtype, device=flat.device).masked_scatter(mask.bool(), flat)
-
-
-def _transformer(model):
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
-def policy_outputs(model, batch: dict, chunk_size: int, temperature: float = 1.0, with_entropy: bool = False):
-    """Log-probs (B, R) of the response tokens at ``temperature``, and their entropies (B, R) if asked.
-
-    Through the chunked LM head where the model allows it (no (B, T, V) tensor); the entropy needs each
-    response position's logits, computed chunk by chunk from the same hidden states.
-    """
-    input_ids, attention_mask, loss_mask = batch["input_ids"], batch["attention_mask"], batch["loss_mask"]
-    scored = loss_mask[:, 1:].bool()  # (B, T-1): positions whose next token is a response token
-    entropy = None
-    if supports_chunked_head(model):
-        base = _transformer(model)
-        hidden = base.get_decoder()(
-            input_ids=input_ids, attention_mask=attention_mask, use_cache=False
-        ).last_hidden_state  # (B, T, H)
-        head = base.get_output_embeddings()
-        # logits / tau = (h / tau) W^T + b / tau: the temperature is folded into the inputs of the chunked head.
-        bias = head.bias / temperature if head.bias is not None else None
-        hidden = hidden / temperature if temperature != 1.0 else hidden
-        flat = completion_logprobs(hidden, head.weight, input_ids, loss_mask, chunk_size, bias).token_logps
-        if with_entropy:
-            h = hidden[:, :-1][scored]  # (N, H)
-            chunks = [
-                entropy_from_logits(torch.nn.functional.linear(h[s : s + chunk_size], head.weight, bias))
-                for s in range(0, h.shape[0], chunk_size)
-            ]
-            entropy = to_response_layout(torch.cat(chunks), batch["mask"])
-    else:
-        logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
-        logits = logits[:, :-1][scored].float() / temperature  # (N, V)
-        flat = torch.log_softmax(logits, -1).gather(1, input_ids[:, 1:][scored][:, None]).squeeze(1)
-        if with_entropy:
-            entropy = to_response_layout(entropy_from_logits(logits), batch["mask"])
-    return to_response_layout(flat, batch["mask"]), entropy
-
-
-def response_values(value_model: ValueModel, batch: dict) -> torch.Tensor:
-    """V(s_t) for each response token t: the value at the position that predicts it. (B, R)"""
-    values = value_model(batch["input_ids"], batch["attention_mask"])  # (B, T)
-    return to_response_layout(values[:, :-1][batch["loss_mask"][:, 1:].bool()], batch["mask"])
-
-
-@torch.no_grad()
-def rollout_passes(cfg: PPOConfig, policy, reference, value_model, batch: dict) -> dict[str, torch.Tensor]:
-    """The forward passes of a rollout: "logps", "ref_logps", "entropy" and "values", each (B, R).
-
-    micro_batch_size rows at a time, rows of similar length together and each micro-batch cut to its longest
-    row (``trim_padding``): replies of a few tokens do not pay for the longest one, and memory stays that of
-    one micro-batch."""
-    B, R = batch["mask"].shape
-    order = sorted(range(B), key=lambda i: int(batch["attention_mask"][i].sum()))
-    passes: dict[str, torch.Tensor] = {}
-    for start in range(0, B, cfg.micro_batch_size):
-        rows = torch.tensor(order[start : start + cfg.micro_batch_size], device=batch["mask"].device)
-        micro = trim_padding({k: v[rows] for k, v in batch.items()})
-        for key, value in _rollout_passes(cfg, policy, reference, value_model, micro).items():
-            if key not in passes:
-                passes[key] = value.new_zeros((B, R))
-            passes[key][rows, : value.shape[1]] = value
-    return passes
-
-
-def _rollout_passes(cfg: PPOConfig, policy, reference, value_model, batch: dict) -> dict[str, torch.Tensor]:
-    logps, entropy = policy_outputs(policy, batch, cfg.logprob_chunk_size, cfg.temperature, with_entropy=True)
-    if reference is None:  # LoRA: the frozen base with every adapter switched off is the reference
-        with keep_trainable(policy), policy.disable_adapter():
-            ref_logps, _ = policy_outputs(policy, batch, cfg.logprob_chunk_size, cfg.temperature)
-    else:
-        ref_logps, _ = policy_outputs(reference, batch, cfg.logprob_chunk_size, cfg.temperature)
-    values = response_values(value_model, batch)  # (B, R)
-    return {"logps": logps, "ref_logps": ref_logps, "entropy": entropy, "values": values}
-
-
-def shared_rollout_passes(cfg: PPOConfig, policy, reference, value_model, batch: dict, rank: int, world: int):
-    """``rollout_passes`` over the whole ``batch``, each of ``world`` processes running a contiguous share of
-    its rows and gathering the others' (one process: all of them). Every share holds a row (check_launch).
-
-    Under FSDP every forward on the shards is a collective, so a rank with fewer micro-batches than another
-    runs stand-ins (a row of the batch, its outputs dropped) until they all ran as many; after, each network
-    holds its shards alone again (``distributed.reshard``)."""
-    n_rows = len(batch["mask"])
-    shares = [len(distributed.rank_share(range(n_rows), r, world)) for r in range(world)]
-    n_micro = [math.ceil(n / cfg.micro_batch_size) for n in shares]
-
-    def passes(rows: slice) -> dict[str, torch.Tensor]:
-        out = rollout_passes(cfg, policy, reference, value_model, {k: v[rows] for k, v in batch.items()})
-        if distributed.is_sharded(policy):
-            stand_in = trim_padding({k: v[:1] for k, v in batch.items()})
-            for _ in range(max(n_micro) - n_micro[rank]):
-                _rollout_passes(cfg, policy, reference, value_model, stand_in)
-        return out
-
-    out = distributed.shared_rows(passes, n_rows, rank, world)
-    for network in (policy, reference, value_model):
-        if network is not None and distributed.is_sharded(network):
-            distributed.reshard(network)
-    return out
 
 
 @torch.no_grad()
