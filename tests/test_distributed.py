@@ -675,6 +675,15 @@ def test_stages_that_write_once_refuse_several_processes(monkeypatch, tmp_path):
         build_prefs.run(cfg)
 
 
+def test_stand_ins_make_every_rank_run_as_many_calls():
+    """Shares of 3 and 2 rows in calls of 1: rank 1 adds one stand-in; 8 and 7 samples in calls of 7: rank 1 adds
+    one; in calls of 4 both make 2 calls; one process never adds any."""
+    assert [distributed.stand_ins_needed(5, 1, r, 2) for r in (0, 1)] == [0, 1]
+    assert [distributed.stand_ins_needed(15, 7, r, 2) for r in (0, 1)] == [0, 1]
+    assert [distributed.stand_ins_needed(15, 4, r, 2) for r in (0, 1)] == [0, 0]
+    assert distributed.stand_ins_needed(15, 4, 0, 1) == 0
+
+
 def test_a_process_left_without_a_generation_batch_is_named(monkeypatch, capsys):
     """5 samples in generation batches of 4 make 2 batches: in 3 processes one samples nothing, and the main
     process says so once, with the batch size that keeps them all sampling; in 2 processes nothing is said."""

@@ -119,9 +119,9 @@ def mean_difference(
     if a.size == 0 or b.size == 0:
         raise ValueError("mean_difference needs at least one value in each group")
     rng = np.random.default_rng(seed)
-    diffs = b[rng.integers(0, b.size, (n_boot, b.size))].mean(1) - a[
-        rng.integers(0, a.size, (n_boot, a.size))
-    ].mean(1)
+    boot_b = b[rng.integers(0, b.size, (n_boot, b.size))].mean(1)  # (n_boot,); drawn first, as always
+    boot_a = a[rng.integers(0, a.size, (n_boot, a.size))].mean(1)
+    diffs = boot_b - boot_a
     low, high = np.quantile(diffs, [alpha / 2, 1 - alpha / 2])
     return Estimate(float(b.mean() - a.mean()), float(low), float(high), int(a.size + b.size))
 

@@ -189,9 +189,8 @@ class KLExplosionMonitor:
     )
     window: int = 5  # rows the growth rate is fitted over
     max_growth_per_step: float = 1.0  # nats per step; a run adding a nat each step reaches the limit in 10
-    allowed_kl: float = (
-        0.0  # a KL the run was told to reach (PPO's kl_target): growth up to it is not alarming
-    )
+    # A KL the run was told to reach (PPO's kl_target): growth up to it is not alarming.
+    allowed_kl: float = 0.0
     action: Action = "stop"  # past this point updates rarely come back; stop and keep the checkpoint
     name: str = "kl_explosion"
     _rows: deque = field(init=False, repr=False)

@@ -144,11 +144,30 @@ def load_model(
 ):
     """A causal LM from an embedded name, local dir or hub id, in ``pick_dtype(dtype)`` for ``device``, on
     ``device``; or first on ``load_on`` where that is given: "cpu", or "meta" for the modules without weights
-    (``empty_model``). Sharded training loads this way (``alignkit.training.distributed.load_on``).
+    (``load_pretrained``). Sharded training loads this way (``alignkit.training.distributed.load_on``).
 
     Returned in eval mode (as ``from_pretrained`` leaves it); the training loop switches to train mode.
     """
     from transformers import AutoModelForCausalLM
+
+    return load_pretrained(AutoModelForCausalLM, name, dtype, trust_remote_code, device, load_on)
+
+
+def load_pretrained(
+    auto_class,
+    name: str,
+    dtype: str = "auto",
+    trust_remote_code: bool = False,
+    device: torch.device | str | None = None,
+    load_on: str | None = None,
+    **config_kwargs,
+):
+    """``auto_class.from_pretrained`` (safetensors only) of an embedded name, local dir or hub id, in
+    ``pick_dtype(dtype)`` for ``device``, placed on ``load_on`` or else ``device``. ``load_on="meta"`` builds the
+    modules from the config with the shapes and dtypes of the weights and no weights (none read, no memory):
+    under FSDP the ranks but the main process load this way, and ``distributed.shard`` gives each its shard of
+    the main process's weights. ``config_kwargs`` go to the config (e.g. num_labels)."""
+    from transformers import AutoConfig
 
     resolved = resolve_model(name)
     if Path(resolved).is_dir():
@@ -156,28 +175,20 @@ def load_model(
     device = torch.device(device) if device is not None else pick_device()
     load_device = torch.device(load_on) if load_on is not None else device
     if load_device.type == "meta":
-        return empty_model(AutoModelForCausalLM, resolved, pick_dtype(dtype, device), trust_remote_code)
-    model = AutoModelForCausalLM.from_pretrained(
+        config = AutoConfig.from_pretrained(resolved, trust_remote_code=trust_remote_code, **config_kwargs)
+        with torch.device("meta"):
+            model = auto_class.from_config(
+                config, dtype=pick_dtype(dtype, device), trust_remote_code=trust_remote_code
+            )
+        return model.eval()
+    model = auto_class.from_pretrained(
         resolved,
         dtype=pick_dtype(dtype, device),
         trust_remote_code=trust_remote_code,
         use_safetensors=True,  # for hub ids too: a repo with only pickles is refused by transformers
+        **config_kwargs,
     )
     return model.to(load_device)
-
-
-def empty_model(
-    auto_class, resolved: str, dtype: torch.dtype, trust_remote_code: bool = False, **config_kwargs
-):
-    """The model ``auto_class.from_pretrained(resolved)`` would build, on the meta device: its modules and the
-    shapes and dtypes of its weights, and no weights (none read, no memory). Under FSDP the ranks but the main
-    process load this way, and ``distributed.shard`` gives each its shard of the main process's weights."""
-    from transformers import AutoConfig
-
-    config = AutoConfig.from_pretrained(resolved, trust_remote_code=trust_remote_code, **config_kwargs)
-    with torch.device("meta"):
-        model = auto_class.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
-    return model.eval()
 
 
 def enable_gradient_checkpointing(model: nn.Module, context_fn=None) -> int:

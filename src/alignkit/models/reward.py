@@ -30,7 +30,7 @@ from alignkit.data.tokenize import Encoded, encode, encode_pair
 from alignkit.models.forward import sharded_outside_forward
 from alignkit.models.loading import (
     ModelLoadError,
-    empty_model,
+    load_pretrained,
     load_tokenizer,
     pick_device,
     pick_dtype,
@@ -65,31 +65,16 @@ def build_reward_model(
     """
     from transformers import AutoModelForSequenceClassification
 
-    device = torch.device(device) if device is not None else pick_device()
-    load_device = torch.device(load_on) if load_on is not None else device
-    if load_device.type == "meta":
-        model = empty_model(
-            AutoModelForSequenceClassification,
-            resolve_model(name),
-            pick_dtype(dtype, device),
-            trust_remote_code,
-            num_labels=1,
-        )
-    else:
-        model = AutoModelForSequenceClassification.from_pretrained(
-            resolve_model(name),
-            num_labels=1,
-            dtype=pick_dtype(dtype, device),
-            trust_remote_code=trust_remote_code,
-            use_safetensors=True,
-        )
+    model = load_pretrained(
+        AutoModelForSequenceClassification, name, dtype, trust_remote_code, device, load_on, num_labels=1
+    )
     model.config.pad_token_id = pad_token_id
     if not isinstance(getattr(_unwrap(model), "score", None), nn.Module):
         raise ModelLoadError(
             f"{type(model).__name__} has no 'score' head; alignkit reward models need a decoder model "
             "whose sequence classifier is transformers' generic one (Llama, Mistral, Qwen2, SmolLM2, ...)"
         )
-    return model.to(load_device)
+    return model
 
 
 def apply_reward_lora(model, cfg: Any):

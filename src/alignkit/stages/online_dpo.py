@@ -53,7 +53,6 @@ from alignkit.models.generation import (
     Generation,
     SamplingConfig,
     check_generation_backend,
-    generate_share,
     vllm_sampler,
 )
 from alignkit.models.loading import (
@@ -67,21 +66,14 @@ from alignkit.models.loading import (
 )
 from alignkit.scoring import load_scorer
 from alignkit.training import distributed
-from alignkit.training.checkpoint import (
-    checkpoint_dir,
-    gather_full_state,
-    load_checkpoint,
-    prune_checkpoints,
-    save_checkpoint,
-)
+from alignkit.training.checkpoint import checkpoint_dir, load_checkpoint, write_checkpoint
 from alignkit.training.loop import seed_and_threads
 from alignkit.training.online import (
     derived_seed,
-    gathered_for_generation,
     iteration_prompts,
     note_idle_processes,
-    on_shards,
     optimizer_step,
+    sample_share,
     training_prompts,
     truncate_jsonl,
 )
@@ -246,12 +238,12 @@ def sample_logprobs(
     lengths = [len(g.response_ids) for g in generations]
     width = max(1, *lengths)  # R
     sharded = distributed.is_sharded(policy)
-    counts = [len(distributed.rank_share(generations, r, world)) for r in range(world)]
-    n_batches = [math.ceil(n / cfg.forward_batch_size) for n in counts]  # sample_batches' count
+    # sample_batches cuts a share into ceil(n / forward_batch_size) forward batches.
+    n_stand_ins = distributed.stand_ins_needed(len(generations), cfg.forward_batch_size, rank, world)
 
     def logprobs(model, share: list[Generation]) -> torch.Tensor:
         rows = response_token_logprobs(model, share, cfg.forward_batch_size, cfg.logprob_chunk_size)
-        for _ in range(max(n_batches) - n_batches[rank] if sharded else 0):
+        for _ in range(n_stand_ins if sharded else 0):
             response_token_logprobs(model, generations[:1], 1, cfg.logprob_chunk_size)  # a stand-in
         padded = torch.zeros((len(share), width), device=device)  # (b, R) for gather_rows
         for i, row in enumerate(rows):
@@ -389,16 +381,14 @@ def run(cfg: OnlineDPOConfig, monitors: MonitorSet | None = None) -> dict:
         distributed.shard(reference)
     if cfg.gradient_checkpointing:  # the update's passes recompute each layer in the backward
         enable_gradient_checkpointing(policy)
-    sharded = distributed.is_sharded(policy)
-    # The largest share of the policy's weights' elements a process holds: 1, or about 1/N under FSDP.
-    (rank_share,) = distributed.all_reduce([distributed.local_fraction(policy)], op="max")
+    rank_share = distributed.largest_rank_share(policy)
     trainable, total = count_parameters(policy)
     params = [p for p in policy.parameters() if p.requires_grad]
     optimizer = build_optimizer(params, cfg)
     steps_per_round = cfg.dpo_epochs * math.ceil(cfg.prompts_per_round / cfg.minibatch_size)
     scheduler = build_scheduler(optimizer, cfg.lr_scheduler, cfg.warmup_steps, cfg.rounds * steps_per_round)
-    if cfg.generation_backend == "vllm":
-        sampler = vllm_sampler(cfg, tokenizer, device)
+    # A vLLM engine on cfg.model, taking the policy's weights each round; None: transformers' generate.
+    sampler = vllm_sampler(cfg, tokenizer, device) if cfg.generation_backend == "vllm" else None
     monitors = monitors if monitors is not None else default_monitors("online-dpo")
 
     # Resume: policy weights (LoRA: the adapters), optimizer, schedule, RNG and the round counter. Nothing in a
@@ -437,13 +427,7 @@ def run(cfg: OnlineDPOConfig, monitors: MonitorSet | None = None) -> dict:
             "elapsed_s": elapsed_before + time.monotonic() - loop_started,
         }
         path = checkpoint_dir(run_dir.checkpoints_dir, round_no)
-        # Under FSDP gathered whole onto the main process; otherwise every rank holds the same weights and state.
-        full_state = gather_full_state(policy, optimizer) if sharded else None
-        if main:
-            save_checkpoint(path, policy, optimizer, scheduler, state, full_state)
-            prune_checkpoints(run_dir.checkpoints_dir, cfg.keep_checkpoints)
-        distributed.barrier()
-        return str(path)
+        return write_checkpoint(path, policy, optimizer, scheduler, state, cfg.keep_checkpoints)
 
     bar = tqdm(
         total=cfg.rounds, initial=start, disable=not cfg.progress or not main, desc="online-dpo", unit="round"
@@ -466,22 +450,10 @@ def run(cfg: OnlineDPOConfig, monitors: MonitorSet | None = None) -> dict:
                     cfg.max_new_tokens, cfg.temperature, cfg.top_p, derived_seed(cfg.seed, round_no, 0)
                 )
                 policy.eval()
-                if cfg.generation_backend == "vllm":
-                    if round_no > start or resume:
-                        sampler.update_weights(policy)
-                    mine = dict(enumerate(sampler(round_prompt_ids, sampling)))
-                else:  # under FSDP on the weights gathered whole, or on the shards in lockstep (fsdp_generation)
-                    with gathered_for_generation(cfg, policy):
-                        mine = generate_share(
-                            policy,
-                            tokenizer,
-                            round_prompt_ids,
-                            sampling,
-                            cfg.generation_batch_size,
-                            rank,
-                            world,
-                            synced=on_shards(cfg, policy),
-                        )
+                push = round_no > start or bool(resume)
+                mine = sample_share(
+                    cfg, policy, tokenizer, round_prompt_ids, sampling, rank, world, sampler, push
+                )
                 # 2. Score each response with the reward (each process its own samples), then gather every
                 #    process's samples and scores: every process holds the whole round from here on.
                 mine = dict(sorted(mine.items()))  # by position in the round's samples

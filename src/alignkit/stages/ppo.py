@@ -55,7 +55,6 @@ from alignkit.losses.ppo import (
 from alignkit.models.generation import (
     SamplingConfig,
     check_generation_backend,
-    generate_share,
     vllm_sampler,
 )
 from alignkit.models.loading import (
@@ -75,21 +74,14 @@ from alignkit.models.value import (
 )
 from alignkit.scoring import Scorer, load_scorer
 from alignkit.training import distributed
-from alignkit.training.checkpoint import (
-    checkpoint_dir,
-    gather_full_state,
-    load_checkpoint,
-    prune_checkpoints,
-    save_checkpoint,
-)
+from alignkit.training.checkpoint import checkpoint_dir, load_checkpoint, write_checkpoint
 from alignkit.training.loop import seed_and_threads
 from alignkit.training.online import (
     derived_seed,
-    gathered_for_generation,
     iteration_prompts,
     note_idle_processes,
-    on_shards,
     optimizer_step,
+    sample_share,
     training_prompts,
     truncate_jsonl,
 )
@@ -436,9 +428,7 @@ def run(cfg: PPOConfig, monitors: MonitorSet | None = None) -> dict:
         # LoRA: the value model's layers are recomputed with its adapter, as they ran (not the policy's).
         adapter = functools.partial(recompute_with_active_adapter, policy) if cfg.lora else None
         enable_gradient_checkpointing(trained, context_fn=adapter)
-    sharded = distributed.is_sharded(trained)
-    # The largest share of the trained weights' elements a process holds: 1, or about 1/N under FSDP.
-    (rank_share,) = distributed.all_reduce([distributed.local_fraction(trained)], op="max")
+    rank_share = distributed.largest_rank_share(trained)
     trainable, total = count_parameters(trained)
     params = [p for p in trained.parameters() if p.requires_grad]
     optimizer = build_optimizer(params, cfg)
@@ -451,8 +441,8 @@ def run(cfg: PPOConfig, monitors: MonitorSet | None = None) -> dict:
     else:
         kl_controller = AdaptiveKLController(cfg.init_kl_coef, cfg.kl_target, cfg.kl_horizon)
     monitors = monitors if monitors is not None else default_monitors("ppo", kl_target=cfg.kl_target)
-    if cfg.generation_backend == "vllm":  # a vLLM engine on the starting weights, updated every iteration
-        sampler = vllm_sampler(cfg, tokenizer, device)
+    # A vLLM engine on the starting weights, updated every iteration; None: transformers' generate.
+    sampler = vllm_sampler(cfg, tokenizer, device) if cfg.generation_backend == "vllm" else None
 
     # Resume: weights of policy and value, optimizer, schedule, RNG, KL controller, iteration. Nothing in a
     # checkpoint depends on the number of processes; the main process picks it, every process reads it.
@@ -500,13 +490,7 @@ def run(cfg: PPOConfig, monitors: MonitorSet | None = None) -> dict:
             "elapsed_s": elapsed_before + time.monotonic() - loop_started,
         }
         path = checkpoint_dir(run_dir.checkpoints_dir, iteration)
-        # Under FSDP gathered whole onto the main process; otherwise every rank holds the same weights and state.
-        full_state = gather_full_state(trained, optimizer) if sharded else None
-        if main:
-            save_checkpoint(path, trained, optimizer, scheduler, state, full_state)
-            prune_checkpoints(run_dir.checkpoints_dir, cfg.keep_checkpoints)
-        distributed.barrier()
-        return str(path)
+        return write_checkpoint(path, trained, optimizer, scheduler, state, cfg.keep_checkpoints)
 
     bar = tqdm(
         total=cfg.iterations, initial=start, disable=not cfg.progress or not main, desc="ppo", unit="iter"
@@ -526,23 +510,9 @@ def run(cfg: PPOConfig, monitors: MonitorSet | None = None) -> dict:
                     cfg.max_new_tokens, cfg.temperature, 1.0, derived_seed(cfg.seed, iteration, 0)
                 )
                 trained.eval()
-                if cfg.generation_backend == "vllm":
-                    if iteration > start or resume:
-                        sampler.update_weights(policy)
-                    mine = dict(enumerate(sampler([prompt_ids[i] for i in idx], sampling)))
-                else:  # under FSDP on the weights gathered whole, or on the shards in lockstep (fsdp_generation)
-                    batch_size = cfg.generation_batch_size
-                    with gathered_for_generation(cfg, policy):
-                        mine = generate_share(
-                            policy,
-                            tokenizer,
-                            [prompt_ids[i] for i in idx],
-                            sampling,
-                            batch_size,
-                            rank,
-                            world,
-                            synced=on_shards(cfg, policy),
-                        )
+                ids = [prompt_ids[i] for i in idx]
+                push = iteration > start or bool(resume)
+                mine = sample_share(cfg, policy, tokenizer, ids, sampling, rank, world, sampler, push)
                 # 2. Score each response with the reward (each process its own samples), then gather every
                 #    process's samples and scores: every process holds the whole batch from here on.
                 mine = dict(sorted(mine.items()))  # by position in the iteration's prompts

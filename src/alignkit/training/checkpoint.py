@@ -24,6 +24,7 @@ from safetensors.torch import load_file, save_file
 
 from alignkit.errors import AlignkitError
 from alignkit.training.distributed import (
+    barrier,
     broadcast_from_main,
     full_state_options,
     is_main_process,
@@ -84,6 +85,18 @@ def save_checkpoint(path: Path, model, optimizer, scheduler, state: dict, full_s
     # 4. Durable, then marked complete, then visible under its real name.
     _publish(tmp, path)
     return path
+
+
+def write_checkpoint(path: Path, model, optimizer, scheduler, state: dict, keep: int) -> str:
+    """``save_checkpoint`` as every process of a run calls it: a sharded (FSDP) model's weights and optimizer
+    state are gathered whole onto the main process first (every rank takes part); unsharded, every rank holds
+    the same state. The main process writes the checkpoint and keeps the newest ``keep``; the others wait."""
+    full_state = gather_full_state(model, optimizer) if is_sharded(model) else None
+    if is_main_process():
+        save_checkpoint(path, model, optimizer, scheduler, state, full_state)
+        prune_checkpoints(Path(path).parent, keep)
+    barrier()
+    return str(path)
 
 
 def _publish(tmp: Path, path: Path) -> None:

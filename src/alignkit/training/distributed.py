@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 import os
 from collections.abc import Callable
 
@@ -133,6 +134,16 @@ def shared_rows(
     first = sum(counts[:rank])
     out = passes(slice(first, first + counts[rank]))
     return {key: gather_rows(value, counts) for key, value in out.items()}
+
+
+def stand_ins_needed(n_rows: int, rows_per_call: int, rank: int, world_size: int) -> int:
+    """How many stand-in calls ``rank`` adds after its own when each rank runs its ``rank_share`` of ``n_rows``
+    rows in calls of ``rows_per_call``, so that every rank makes as many calls: on FSDP shards each forward is a
+    collective. (A rank's share may be a row shorter than another's, and so a call shorter.)"""
+    calls = [
+        math.ceil(len(rank_share(range(n_rows), r, world_size)) / rows_per_call) for r in range(world_size)
+    ]
+    return max(calls) - calls[rank]
 
 
 def agree_to_stop(stop: bool, received: int | None) -> tuple[bool, int]:
@@ -299,7 +310,6 @@ def shard(model: torch.nn.Module, lora: bool = False) -> None:
     with torch.no_grad():
         for buffer in model.buffers():
             dist.broadcast(buffer, src=0)
-    del whole
 
 
 def load_on() -> str | None:
@@ -385,6 +395,13 @@ def local_fraction(model: torch.nn.Module) -> float:
     params = list(model.parameters())
     local = sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel() for p in params)
     return local / max(sum(p.numel() for p in params), 1)
+
+
+def largest_rank_share(model: torch.nn.Module) -> float:
+    """The largest ``local_fraction`` of ``model`` any rank holds (every rank must call): 1 unless sharded, about
+    1/N under FSDP."""
+    (share,) = all_reduce([local_fraction(model)], op="max")
+    return share
 
 
 def zero_stage() -> int:

@@ -28,12 +28,11 @@ from alignkit.training import distributed
 from alignkit.training.checkpoint import (
     checkpoint_dir,
     checkpoint_engine,
-    gather_full_state,
     load_checkpoint,
     load_engine_checkpoint,
     prune_checkpoints,
-    save_checkpoint,
     save_engine_checkpoint,
+    write_checkpoint,
 )
 from alignkit.training.run import RunDir, peak_rss_mb
 from alignkit.training.schedule import build_optimizer, build_scheduler
@@ -134,8 +133,7 @@ def train(
     distributed.shard(model, cfg.lora)
     if cfg.gradient_checkpointing:
         enable_gradient_checkpointing(model)
-    # The largest share of the parameters' elements any rank holds: ~1/N under FSDP (logged there).
-    (rank_share,) = distributed.all_reduce([distributed.local_fraction(model)], op="max")
+    rank_share = distributed.largest_rank_share(model)  # logged under FSDP
 
     # 2. AdamW over the trainable parameters; warmup then the configured decay over the remaining steps.
     params = [p for p in model.parameters() if p.requires_grad]
@@ -203,14 +201,9 @@ def train(
             "elapsed_s": elapsed(),
         }
         path = checkpoint_dir(run.checkpoints_dir, step)
-        if engine == "deepspeed":  # every rank writes its slices of the weights and optimizer state
-            save_engine_checkpoint(path, accelerator, scheduler, state)
-        elif engine == "fsdp":  # gathered whole onto the main process, which writes one process's layout
-            full_state = gather_full_state(model, optimizer)
-            if main:
-                save_checkpoint(path, model, optimizer, scheduler, state, full_state)
-        elif main:  # every rank holds the same full state: the main process writes it
-            save_checkpoint(path, model, optimizer, scheduler, state)
+        if engine != "deepspeed":  # the main process writes one process's layout (FSDP: gathered first)
+            return write_checkpoint(path, model, optimizer, scheduler, state, cfg.keep_checkpoints)
+        save_engine_checkpoint(path, accelerator, scheduler, state)  # every rank writes its slices
         if main:
             prune_checkpoints(run.checkpoints_dir, cfg.keep_checkpoints)
         accelerator.wait_for_everyone()

@@ -16,6 +16,7 @@ import torch
 
 from alignkit.config import ConfigError
 from alignkit.data.schemas import load_prompts
+from alignkit.models.generation import Generation, generate_share
 from alignkit.training import distributed
 
 DEFAULT_PROMPTS = Path(__file__).resolve().parents[1] / "assets" / "prompts.jsonl"
@@ -50,15 +51,32 @@ def note_idle_processes(cfg, n_samples: int, per: str, samples_doc: str) -> None
         )
 
 
-def on_shards(cfg, policy) -> bool:
-    """Whether the policy samples on its FSDP shards, every process stepping together (fsdp_generation=shards)."""
-    return cfg.fsdp_generation == "shards" and distributed.is_sharded(policy)
+def sample_share(
+    cfg,
+    policy,
+    tokenizer,
+    prompt_ids: list[list[int]],
+    sampling,
+    rank: int,
+    world: int,
+    engine=None,
+    push=False,
+) -> dict[int, Generation]:
+    """This process's samples of an iteration, one per prompt of ``prompt_ids``, keyed by position there.
 
-
-def gathered_for_generation(cfg, policy):
-    """The context the policy samples in: its weights gathered whole under FSDP (``distributed.whole_weights``),
-    unless it samples on its shards (``on_shards``); nothing for a policy that is not sharded."""
-    return contextlib.nullcontext() if on_shards(cfg, policy) else distributed.whole_weights(policy)
+    With a vLLM ``engine`` (one process) all of them, the engine first taking the policy's weights when ``push``.
+    Otherwise transformers' generate on this rank's share of the generation batches (``generate_share``): under
+    FSDP on the policy's weights gathered whole (``distributed.whole_weights``), so each process samples at its
+    own pace, or with fsdp_generation=shards on the shards, every process stepping together."""
+    if engine is not None:
+        if push:
+            engine.update_weights(policy)
+        return dict(enumerate(engine(prompt_ids, sampling)))
+    on_shards = cfg.fsdp_generation == "shards" and distributed.is_sharded(policy)
+    with contextlib.nullcontext() if on_shards else distributed.whole_weights(policy):
+        return generate_share(
+            policy, tokenizer, prompt_ids, sampling, cfg.generation_batch_size, rank, world, synced=on_shards
+        )
 
 
 def derived_seed(*parts: int) -> int:

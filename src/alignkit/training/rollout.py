@@ -11,7 +11,6 @@ take ``cfg`` read its micro_batch_size, logprob_chunk_size and temperature (a ``
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass
 
 import torch
@@ -161,14 +160,12 @@ def shared_rollout_passes(cfg, policy, reference, value_model, batch: dict, rank
     runs stand-ins (a row of the batch, its outputs dropped) until they all ran as many; after, each network
     holds its shards alone again (``distributed.reshard``)."""
     n_rows = len(batch["mask"])
-    shares = [len(distributed.rank_share(range(n_rows), r, world)) for r in range(world)]
-    n_micro = [math.ceil(n / cfg.micro_batch_size) for n in shares]
 
     def passes(rows: slice) -> dict[str, torch.Tensor]:
         out = rollout_passes(cfg, policy, reference, value_model, {k: v[rows] for k, v in batch.items()})
         if distributed.is_sharded(policy):
             stand_in = trim_padding({k: v[:1] for k, v in batch.items()})
-            for _ in range(max(n_micro) - n_micro[rank]):
+            for _ in range(distributed.stand_ins_needed(n_rows, cfg.micro_batch_size, rank, world)):
                 _rollout_passes(cfg, policy, reference, value_model, stand_in)
         return out
 
