@@ -98,6 +98,7 @@ def test_resume_equals_uninterrupted_run(tmp_path):
     with pytest.raises(RuntimeError, match="simulated crash"):
         train(cfg, make_model(0.1), make_examples(), toy_collate, toy_step, run, on_log=crash_after_step_4)
     assert [r["step"] for r in _rows(run)] == [1, 2, 3, 4]  # step 4 was logged, not checkpointed
+    run.release()  # the crashed run's lock on the folder, as its process would at exit
 
     cfg = toy_config(str(tmp_path / "resumed"), tensorboard=True, resume_from="latest", **common)
     run = RunDir.create(cfg.output_dir, "toy", cfg.resume_from)
@@ -144,18 +145,23 @@ def test_run_dir_create_and_resume_locations(tmp_path):
     run = RunDir.create(template, "toy", None)
     assert re.fullmatch(r"toy-\d{8}-\d{6}", run.path.name) and run.path.is_dir()
     older, newer, unfinished = (tmp_path / f"toy-2024010{i}-000000" for i in (1, 2, 3))
+    for path in (older, newer, unfinished):
+        RunDir.create(str(path), "toy", None).release()  # marked as toy run folders
     for path in (older, newer):
         (path / "checkpoints" / "step-000004").mkdir(parents=True)
         (path / "checkpoints" / "step-000004" / "COMPLETE").write_text("")
     (unfinished / "checkpoints" / "step-000009").mkdir(parents=True)  # no COMPLETE marker
-    assert RunDir.create(template, "toy", "latest").path == newer
-    assert RunDir.create(template, "toy", str(older / "checkpoints" / "step-000004")).path == older
+    with RunDir.create(template, "toy", "latest") as latest:
+        assert latest.path == newer
+    with RunDir.create(template, "toy", str(older / "checkpoints" / "step-000004")) as named:
+        assert named.path == older
     RunDir(newer).log_metrics({"step": 1, "loss": 2.5})
     with pytest.raises(ConfigError, match="already holds a run"):
         RunDir.create(str(newer), "toy", None)
     run.write_summary({"steps": 3, "loss": math.inf})
     assert json.loads(run.summary_path.read_text()) == {"steps": 3, "loss": "inf"}
-    assert [p.name for p in run.path.iterdir()] == ["summary.json"]  # the tmp file was renamed away
+    # The tmp file was renamed away (beside the folder's marker and lock).
+    assert sorted(p.name for p in run.path.iterdir()) == [".alignkit-lock", ".alignkit-run.json", "summary.json"]
 
 
 # --- LR schedule --------------------------------------------------------------------------------------

@@ -18,14 +18,18 @@ model, next to the label-maker's own checks, length, distinct-2 and KL.
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 import time
 from dataclasses import dataclass
 from importlib.resources import files
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-from alignkit.config import doc_field, load_config, save_config
+from alignkit.config import ConfigError, doc_field, load_config, save_config
+
+if TYPE_CHECKING:
+    from alignkit.training.run import RunFolderLock
 
 PROMPTS = str(files("alignkit") / "assets" / "prompts.jsonl")
 STEPS = ("sample", "dpo", "eval", "report")
@@ -39,7 +43,10 @@ class QuickstartConfig:
     output_dir: str = doc_field(
         "runs/quickstart", "Run folder. Rerunning with the same folder resumes; fresh=true starts over."
     )
-    fresh: bool = doc_field(False, "Delete an existing run folder first instead of resuming it.")
+    fresh: bool = doc_field(
+        False,
+        "Empty the run folder first instead of resuming it (only a folder quickstart made, with its marker).",
+    )
     skip: list[str] = doc_field(
         [], f"Steps to skip, from {list(STEPS)} (their outputs must exist if needed)."
     )
@@ -117,27 +124,90 @@ def independent_scores(eval_json: Path) -> dict:
     return out
 
 
-def run(cfg: QuickstartConfig) -> dict:
-    import shutil
+def check_config(cfg: QuickstartConfig) -> None:
+    unknown = [step for step in cfg.skip if step not in STEPS]
+    if unknown:
+        raise ConfigError(f"config key 'skip': unknown steps {unknown}; the steps are {list(STEPS)}")
 
+
+def open_folder(root: Path, fresh: bool) -> RunFolderLock:
+    """Check, lock and (``fresh``) empty the run folder; returns its lock, held for the run.
+
+    The folder must be new, empty, or one this pipeline made (its marker says "quickstart"; one from before
+    markers is recognised by its config.yaml, for resuming only). ``fresh`` removes the contents of a marked
+    folder alone, saying what it removes, and refuses any other non-empty folder, naming what is in it.
+    """
+    # Imported here, as the stages are: `alignkit quickstart --help` does not load torch.
+    from alignkit.training.run import (
+        MARKER_NAME,
+        RunFolderLock,
+        folder_entries,
+        folder_problem,
+        read_marker,
+        show_entries,
+        write_marker,
+    )
+
+    problem = folder_problem(root, "quickstart", QuickstartConfig.__name__)
+    marker = read_marker(root) if root.is_dir() else None
+    if fresh and problem is None and marker is None and root.is_dir() and folder_entries(root):
+        problem = (
+            f"fresh=true removes only a folder alignkit quickstart made (marked by its {MARKER_NAME}), and "
+            f"{root} has no marker; it holds {show_entries(folder_entries(root))}. Nothing was removed; "
+            "remove it yourself or choose another output_dir"
+        )
+    if problem is not None:
+        raise ConfigError(problem)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"output_dir: cannot make the folder {root}: {e.strerror or e}") from None
+    lock = RunFolderLock.acquire(root)  # a live quickstart in this folder is never emptied under it
+    try:
+        entries = folder_entries(root)
+        if fresh and entries:
+            made = marker.get("created") if marker else None
+            _say(f"fresh=true: removing from {root} (made by quickstart {made}): {show_entries(entries, 20)}")
+            for name in entries:
+                path = root / name.rstrip("/")
+                if path.is_dir() and not path.is_symlink():
+                    shutil.rmtree(path)
+                else:
+                    path.unlink()
+        if read_marker(root) is None:
+            write_marker(root, "quickstart", QuickstartConfig.__name__)
+    except OSError as e:
+        lock.release()
+        raise ConfigError(f"output_dir: cannot write in {root}: {e.strerror or e}") from None
+    return lock
+
+
+def run(cfg: QuickstartConfig) -> dict:
     from alignkit.models.loading import resolve_model
-    from alignkit.stages import build_prefs, dpo, report
-    from alignkit.stages import eval as eval_stage
     from alignkit.training.distributed import require_one_process
 
     require_one_process("quickstart")
     started = time.time()
-    root = Path(cfg.output_dir)
-    if cfg.fresh and root.exists():
-        shutil.rmtree(root)
-    root.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, str(root / "config.yaml"))
-    _say(f"run folder: {root} (rerun the same command to resume)")
-    timings: dict[str, float] = {}
-
-    # 0. The model: the embedded default is dequantised once into the cache.
+    check_config(cfg)
+    # 0. The model, before the folder is touched (a wrong model name must not cost a run folder): the
+    #    embedded default is dequantised once into the cache.
     _say(f"preparing {cfg.model}")
     model_path = resolve_model(cfg.model)
+    root = Path(cfg.output_dir)
+    lock = open_folder(root, cfg.fresh)
+    try:
+        save_config(cfg, str(root / "config.yaml"))
+        return _run(cfg, root, model_path, started)
+    finally:
+        lock.release()
+
+
+def _run(cfg: QuickstartConfig, root: Path, model_path: str, started: float) -> dict:
+    from alignkit.stages import build_prefs, dpo, report
+    from alignkit.stages import eval as eval_stage
+
+    _say(f"run folder: {root} (rerun the same command to resume)")
+    timings: dict[str, float] = {}
     train_prompts, eval_prompts = split_prompts(root)
 
     # 1. Sample candidates and label them: best vs worst under the constitution (resumes by itself).

@@ -159,8 +159,12 @@ def attach_reference(
 
 def run(cfg: DPOConfig) -> dict:
     started = time.time()
-    run_dir = RunDir.create(cfg.output_dir, cfg.loss, cfg.resume_from)
-    run_dir.write_config(cfg)
+    # The folder is checked, locked for this run and released however it ends (RunDir.create).
+    with RunDir.create(cfg.output_dir, cfg.loss, cfg.resume_from, cfg=cfg) as run_dir:
+        return _run(cfg, run_dir, started)
+
+
+def _run(cfg: DPOConfig, run_dir: RunDir, started: float) -> dict:
     print(f"run folder: {run_dir.path}", file=sys.stderr)
 
     # 1. Data: validated pairs, tokenized with the chat template; both completions share the prompt ids.

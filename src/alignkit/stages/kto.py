@@ -383,8 +383,12 @@ def check_config(cfg: KTOConfig) -> None:
 def run(cfg: KTOConfig) -> dict:
     check_config(cfg)
     started = time.time()
-    run_dir = RunDir.create(cfg.output_dir, "kto", cfg.resume_from)
-    run_dir.write_config(cfg)
+    # The folder is checked, locked for this run and released however it ends (RunDir.create).
+    with RunDir.create(cfg.output_dir, "kto", cfg.resume_from, cfg=cfg) as run_dir:
+        return _run(cfg, run_dir, started)
+
+
+def _run(cfg: KTOConfig, run_dir: RunDir, started: float) -> dict:
     print(f"run folder: {run_dir.path}", file=sys.stderr)
 
     # 1. Data: unpaired examples (pairs split in two), each with its fixed mismatched KL sequence.

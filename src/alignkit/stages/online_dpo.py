@@ -338,10 +338,14 @@ def run(cfg: OnlineDPOConfig, monitors: MonitorSet | None = None) -> dict:
     """Train the policy with online DPO; ``monitors`` replaces the default failure monitors (for tests)."""
     started = time.time()
     check_config(cfg)
-    run_dir = RunDir.create(cfg.output_dir, "online-dpo", cfg.resume_from, cfg.tensorboard)  # joins processes
-    check_launch(cfg)
+    check_launch(cfg)  # starts the process group
+    # The folder is checked, locked for this run and released however it ends (RunDir.create).
+    with RunDir.create(cfg.output_dir, "online-dpo", cfg.resume_from, cfg.tensorboard, cfg=cfg) as run_dir:
+        return _run(cfg, run_dir, started, monitors)
+
+
+def _run(cfg: OnlineDPOConfig, run_dir: RunDir, started: float, monitors: MonitorSet | None) -> dict:
     rank, world, main = distributed.accelerator().process_index, distributed.world_size(), run_dir.writes
-    run_dir.write_config(cfg)
     print(f"run folder: {run_dir.path}", file=sys.stderr)
     seed_and_threads(cfg)
     device = pick_device()

@@ -180,8 +180,12 @@ def run(cfg: RMConfig) -> dict:
             "merge_lora=false is not supported by rm: final/ is always a plain reward model (adapters merged), "
             "which is what score, build-prefs and PPO load"
         )
-    run_dir = RunDir.create(cfg.output_dir, "rm", cfg.resume_from)
-    run_dir.write_config(cfg)
+    # The folder is checked, locked for this run and released however it ends (RunDir.create).
+    with RunDir.create(cfg.output_dir, "rm", cfg.resume_from, cfg=cfg) as run_dir:
+        return _run(cfg, run_dir, started)
+
+
+def _run(cfg: RMConfig, run_dir: RunDir, started: float) -> dict:
     print(f"run folder: {run_dir.path}", file=sys.stderr)
 
     # 1. Data: validated pairs, tokenized with the chat template; both responses share the prompt ids.

@@ -74,8 +74,12 @@ def mean_nll(model, encoded: list, pad_id: int, batch_size: int, chunk_size: int
 
 def run(cfg: SFTConfig) -> dict:
     started = time.time()
-    run_dir = RunDir.create(cfg.output_dir, "sft", cfg.resume_from)
-    run_dir.write_config(cfg)
+    # The folder is checked, locked for this run and released however it ends (RunDir.create).
+    with RunDir.create(cfg.output_dir, "sft", cfg.resume_from, cfg=cfg) as run_dir:
+        return _run(cfg, run_dir, started)
+
+
+def _run(cfg: SFTConfig, run_dir: RunDir, started: float) -> dict:
     print(f"run folder: {run_dir.path}", file=sys.stderr)
 
     # 1. Data: validate rows, then tokenize with the model's chat template (loss on completions only).
