@@ -278,6 +278,7 @@ def _read_csv(source: str, path: Path) -> Iterator[Record | BadRow]:
         header = None
         row = 0
         while True:
+            line = reader.line_num + 1  # where the record starts (a quoted field may span lines)
             try:
                 fields = next(reader)
             except StopIteration:
@@ -285,9 +286,9 @@ def _read_csv(source: str, path: Path) -> Iterator[Record | BadRow]:
             except csv.Error as err:
                 if header is None:
                     raise DataSourceError(
-                        f"{source}: line {reader.line_num}: unreadable CSV header ({err})"
+                        f"{source}: line {line}: unreadable CSV header ({err})"
                     ) from err
-                yield BadRow(source, row, None, f"line {reader.line_num}: not valid CSV ({err})")
+                yield BadRow(source, row, None, f"line {line}: not valid CSV ({err})")
                 row += 1
                 continue
             if not fields:
@@ -297,7 +298,7 @@ def _read_csv(source: str, path: Path) -> Iterator[Record | BadRow]:
                 continue
             problem = _csv_row_problem(fields, len(header))
             if problem is not None:
-                yield BadRow(source, row, None, f"line {reader.line_num}: {problem}")
+                yield BadRow(source, row, None, f"line {line}: {problem}")
             else:
                 yield Record(source, row, dict(zip(header, fields)))
             row += 1
