@@ -229,7 +229,7 @@ USER_ERRORS: tuple[tuple[type[BaseException], Callable[[Any, str], str]], ...] =
 
 
 def user_error_message(error: BaseException, stage: str) -> str | None:
-    """The message for an error the user caused (printed as ``error: <message>``, exit 2), or None for a bug."""
+    """The message of an error the user caused (printed as ``error: <message>``, exit 2); None for a bug."""
     for error_type, message in USER_ERRORS:
         if isinstance(error, error_type):
             return message(error, stage)
