@@ -344,7 +344,12 @@ def _read_saved_dataset(source: str, path: Path, split: str | None) -> Iterator[
             f"{source}: is a directory but not one written by datasets.save_to_disk "
             "(no dataset_dict.json or dataset_info.json in it)"
         )
-    loaded = datasets.load_from_disk(str(path))
+    try:
+        loaded = datasets.load_from_disk(str(path))
+    except Exception as err:  # a damaged folder fails in datasets or Arrow with a dozen types; all mean this
+        raise DataSourceError(
+            f"{source}: not a readable saved dataset ({type(err).__name__}: {err})"
+        ) from err
     if isinstance(loaded, datasets.DatasetDict):
         loaded = _pick_split(source, loaded, split)
     elif split is not None:
@@ -380,5 +385,10 @@ def _read_hub_dataset(source: str, split: str | None) -> Iterator[Record | BadRo
 
 
 def _dataset_rows(source: str, dataset) -> Iterator[Record | BadRow]:
-    for row, item in enumerate(dataset):
-        yield Record(source, row, dict(item))
+    row = 0
+    try:
+        for item in dataset:
+            yield Record(source, row, dict(item))
+            row += 1
+    except Exception as err:  # Arrow data damaged past its header surfaces only while rows are read
+        raise DataSourceError(f"{source}: row {row} cannot be read ({type(err).__name__}: {err})") from err

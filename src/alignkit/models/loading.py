@@ -83,8 +83,8 @@ def _hub_or_cache(repo_id: str) -> str:
     from huggingface_hub import constants
 
     raise ModelLoadError(
-        f"model '{repo_id}' is neither a local directory nor in the Hugging Face cache ({constants.HF_HUB_CACHE}), "
-        f"and {reason}; give the path of a model directory, or download it where there is a network "
+        f"model '{repo_id}' is neither a local directory nor in the Hugging Face cache "
+        f"({constants.HF_HUB_CACHE}), and {reason}; give the path of a model directory, or download it where there is a network "
         f"(e.g. `hf download {repo_id}`)"
     )
 
@@ -258,7 +258,9 @@ def load_pretrained(
     load_device = torch.device(load_on) if load_on is not None else device
     if load_device.type == "meta":
         with model_load_errors(name, "config"):
-            config = AutoConfig.from_pretrained(resolved, trust_remote_code=trust_remote_code, **config_kwargs)
+            config = AutoConfig.from_pretrained(
+                resolved, trust_remote_code=trust_remote_code, **config_kwargs
+            )
         with torch.device("meta"):
             model = auto_class.from_config(
                 config, dtype=pick_dtype(dtype, device), trust_remote_code=trust_remote_code
