@@ -227,12 +227,17 @@ def test_stop_without_a_checkpoint_offers_no_resume_command(fake, capsys):
 
 
 def test_a_bug_is_not_dressed_up_as_a_user_error(fake, capsys):
-    """A plain ValueError from run() is a bug: its traceback, then a hint to report it, and exit 1."""
-    assert cli.main(["fake", "train_data=d", "mode=value_error"]) == 1
-    err = capsys.readouterr().err
-    assert err.startswith("Traceback (most recent call last):\n")
-    assert err.endswith(f"ValueError: a bug, not a user error\nalignkit: {cli.BUG_HINT}\n")
-    assert "error: " not in err
+    """A plain ValueError from run() is a bug: a hint to report it, then it propagates with its traceback."""
+    with pytest.raises(ValueError, match="a bug, not a user error"):
+        cli.main(["fake", "train_data=d", "mode=value_error"])
+    assert capsys.readouterr().err == f"alignkit: {cli.BUG_HINT}\n"
+
+
+def test_a_bug_through_python_m_shows_the_hint_and_the_traceback():
+    result = python("-c", RUN_MAIN_WITH_FAKE, "fake", "train_data=d", "mode=value_error")
+    assert result.returncode == 1
+    assert result.stderr.startswith(f"alignkit: {cli.BUG_HINT}\nTraceback (most recent call last):\n")
+    assert result.stderr.endswith("ValueError: a bug, not a user error\n")
 
 
 @pytest.mark.parametrize("how", ["flag", "env"])

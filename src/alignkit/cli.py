@@ -71,12 +71,11 @@ STAGES: dict[str, tuple[str, str]] = {
 
 USAGE = "usage: alignkit <stage> [CONFIG.yaml] [key=value ...]"
 EXIT_USAGE = 2  # bad configuration or data: the argparse convention for "you asked for something wrong"
-EXIT_BUG = 1  # an unexpected exception: what Python itself exits with on an uncaught one
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, what shells report for a run stopped with Ctrl-C
 DEBUG_FLAG = "--debug"  # or ALIGNKIT_DEBUG=1: the full traceback of a user error too, not just its message
 BUG_HINT = (
-    "this is a bug in alignkit, not a problem with your input; please report it with the traceback above "
-    "(alignkit --version, the command, and the config)"
+    "unexpected error: a bug in alignkit, not a problem with your input; please report it with the traceback "
+    "below (and alignkit --version, the command, the config)"
 )
 
 VALUES_NOTE = """\
@@ -126,11 +125,12 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_INTERRUPTED
     except Exception as e:
         message = user_error_message(e, stage)
-        if message is None or debug:
-            traceback.print_exc()
         if message is None:
+            # A bug: it propagates (Python prints its traceback and exits 1; a caller of main() gets it).
             print(f"alignkit: {BUG_HINT}", file=sys.stderr)
-            return EXIT_BUG
+            raise
+        if debug:
+            traceback.print_exc()
         return _fail(message)
 
     # The summary as JSON on stdout (pipe it to jq), unless the stage prints its own results table; in a
