@@ -18,3 +18,8 @@ def length_of_hello(prompt: str, response: str) -> float:
     """``length`` for responses to the prompt "hello", 0 for every other prompt: only that prompt's samples can
     make an online-dpo pair (the others all tie), so a round without it makes none."""
     return len(response) / 10 if prompt == "hello" else 0.0
+
+
+def wrong_signature(response: str) -> float:
+    """Takes the response only: refused when the config is checked (it must take the prompt too)."""
+    return float(len(response))

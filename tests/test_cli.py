@@ -9,6 +9,7 @@ import os
 import pickle
 import subprocess
 import sys
+import time
 from importlib.metadata import entry_points
 from pathlib import Path
 
@@ -225,10 +226,48 @@ def test_stop_without_a_checkpoint_offers_no_resume_command(fake, capsys):
     )
 
 
-def test_a_bug_is_not_dressed_up_as_a_user_error(fake):
-    """A plain ValueError from run() is a bug: it propagates with its traceback."""
+def test_a_bug_is_not_dressed_up_as_a_user_error(fake, capsys):
+    """A plain ValueError from run() is a bug: a hint to report it, then it propagates with its traceback."""
     with pytest.raises(ValueError, match="a bug, not a user error"):
         cli.main(["fake", "train_data=d", "mode=value_error"])
+    assert capsys.readouterr().err == f"alignkit: {cli.BUG_HINT}\n"
+
+
+def test_a_bug_through_python_m_shows_the_hint_and_the_traceback():
+    result = python("-c", RUN_MAIN_WITH_FAKE, "fake", "train_data=d", "mode=value_error")
+    assert result.returncode == 1
+    assert result.stderr.startswith(f"alignkit: {cli.BUG_HINT}\nTraceback (most recent call last):\n")
+    assert result.stderr.endswith("ValueError: a bug, not a user error\n")
+
+
+@pytest.mark.parametrize("how", ["flag", "env"])
+def test_debug_shows_the_traceback_of_a_user_error_too(fake, capsys, monkeypatch, how):
+    argv = ["fake", "train_data=d.jsonl", "mode=bad_row"]
+    if how == "flag":
+        argv.insert(1, "--debug")
+    else:
+        monkeypatch.setenv("ALIGNKIT_DEBUG", "1")
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("Traceback (most recent call last):\n")
+    assert "alignkit.data.io.BadRowError: d.jsonl: row 7: field 'chosen': missing\n" in err
+    assert err.endswith("error: d.jsonl: row 7: field 'chosen': missing\n")
+
+
+@pytest.mark.parametrize(
+    "error, message",
+    [
+        (PermissionError(13, "Permission denied", "out/run"), "out/run: permission denied"),
+        (IsADirectoryError(21, "Is a directory", "data.jsonl"), "data.jsonl: is a directory"),
+        (NotADirectoryError(20, "Not a directory", "f/x"), "f/x: not a directory"),
+        (FileNotFoundError("data file not found: d.jsonl"), "data file not found: d.jsonl"),
+        (AlignkitError("checkpoint x is incomplete"), "checkpoint x is incomplete"),
+        (ValueError("a bug"), None),
+        (KeyError("a bug"), None),
+    ],
+)
+def test_one_table_maps_user_errors_to_messages(error, message):
+    assert cli.user_error_message(error, "sft") == message
 
 
 def test_training_interrupted_carries_its_checkpoint_through_pickle():
@@ -236,3 +275,136 @@ def test_training_interrupted_carries_its_checkpoint_through_pickle():
     assert isinstance(error, AlignkitError)
     assert error.checkpoint == "runs/x/checkpoints/step-3"
     assert str(error) == "training interrupted; checkpoint saved at runs/x/checkpoints/step-3"
+
+
+# ---------------------------------------------------------------------------------------------
+# Real stages, run as a user would: a data or model mistake is one line and exit 2, never a traceback
+# ---------------------------------------------------------------------------------------------
+
+# Two rows no stage can use: a line that is not JSON, and a row whose prompt is blank (and which has no
+# chosen/rejected, no completion, no label, no ranked responses).
+UNUSABLE = b'not json\n{"prompt": " ", "response_a": "a", "response_b": "b"}\n'
+
+
+REWARD = "reward=alignkit.rewards:brevity"
+
+
+def stage_argv(stage: str, model: str, data: str, out: Path) -> list[str]:
+    """The arguments that make ``stage`` read ``data`` as its main input (with the tiny ``model``)."""
+    return {
+        "sft": ["sft", f"model={model}", f"train_data={data}", f"output_dir={out}"],
+        "rm": ["rm", f"model={model}", f"train_data={data}", f"output_dir={out}"],
+        "dpo": ["dpo", f"model={model}", f"train_data={data}", f"output_dir={out}"],
+        "kto": ["kto", f"model={model}", f"train_data={data}", "data_format=unpaired", f"output_dir={out}"],
+        "score": ["score", f"reward_model={model}", f"input={data}", f"output={out}.jsonl"],
+        "build-prefs": ["build-prefs", "ranker=human", f"human_rankings={data}", f"output={out}.jsonl"],
+        "cai-revise": ["cai-revise", f"model={model}", f"prompts={data}", f"output={out}.jsonl"],
+        "cai-label": ["cai-label", f"judge_model={model}", f"input={data}", f"output={out}.jsonl"],
+        "eval": ["eval", f"model={model}", f"prompts={data}", f"output={out}.json"],
+        "ppo": ["ppo", f"model={model}", REWARD, f"train_data={data}", f"output_dir={out}"],
+        "online-dpo": ["online-dpo", f"model={model}", REWARD, f"train_data={data}", f"output_dir={out}"],
+    }[stage]
+
+
+SETTING = {"score": "input", "cai-label": "input", "build-prefs": "human_rankings", "cai-revise": "prompts"}
+DATA_STAGES = ["sft", "rm", "dpo", "kto", "score", "build-prefs", "cai-revise", "cai-label", "eval"]
+DATA_STAGES += ["ppo", "online-dpo"]
+
+
+@pytest.mark.parametrize("stage", DATA_STAGES)
+def test_empty_or_all_skipped_data_is_one_message_in_every_stage(stage, tiny_model_dir, tmp_path, capsys):
+    setting = SETTING.get(stage, "prompts" if stage == "eval" else "train_data")
+    empty = tmp_path / "empty.jsonl"
+    empty.write_bytes(b"")
+    assert cli.main(stage_argv(stage, str(tiny_model_dir), str(empty), tmp_path / "a")) == 2
+    err = capsys.readouterr().err
+    assert err.endswith(f"error: {setting} {empty}: no usable rows (0 read, 0 skipped)\n")
+    assert "Traceback" not in err
+
+    unusable = tmp_path / "unusable.jsonl"
+    unusable.write_bytes(UNUSABLE)
+    argv = [*stage_argv(stage, str(tiny_model_dir), str(unusable), tmp_path / "b"), "on_bad_row=skip"]
+    assert cli.main(argv) == 2
+    last = capsys.readouterr().err.splitlines()[-1]
+    assert last.startswith(
+        f"error: {setting} {unusable}: no usable rows (2 read, 2 skipped: first reasons "
+        "row 0: line 1 is not valid JSON (Expecting value at column 1); row 1: field '"
+    )
+
+
+def csv_file(path: Path, body: bytes) -> str:
+    path.write_bytes(b"prompt,completion\n" + body)
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    "name, body, expected",
+    [
+        ("shifted.csv", b"a,b\nc,d,e\n", "shifted.csv: row 1: line 3: has 3 fields, the header has 2"),
+        ("latin1.csv", b"a,caf\xe9\n", "latin1.csv: row 0: line 2: not valid UTF-8"),
+        ("quote.csv", b'a,"b\n', "quote.csv: row 0: line 2: not valid CSV (unexpected end of data)"),
+        ("csv.parquet", b"a,b\n", "csv.parquet: not a readable Parquet file ("),
+    ],
+)
+def test_broken_data_files_name_file_and_row(name, body, expected, tiny_model_dir, tmp_path, capsys):
+    data = csv_file(tmp_path / name, body)
+    argv = ["sft", f"model={tiny_model_dir}", f"train_data={data}", f"output_dir={tmp_path / 'out'}"]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"\nerror: {tmp_path / expected}" in err
+    assert "Traceback" not in err
+
+
+def test_missing_model_directory_is_named(tmp_path, capsys):
+    data = csv_file(tmp_path / "d.csv", b"a,b\n")
+    missing = tmp_path / "no-such-model"
+    assert cli.main(["sft", f"model={missing}", f"train_data={data}", f"output_dir={tmp_path / 'out'}"]) == 2
+    err = capsys.readouterr().err
+    assert err.endswith(f"error: model directory '{missing}' does not exist (resolved to {missing})\n")
+
+
+def test_a_hub_id_with_no_hub_fails_fast_with_a_message(tmp_path):
+    """The hub endpoint is a closed local port: transformers would retry for ~50 s, then print a traceback."""
+    import socket
+
+    with socket.socket() as sock:  # a port that nothing listens on once this closes
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    data = csv_file(tmp_path / "d.csv", b"a,b\n")
+    env = {**os.environ, "HF_ENDPOINT": f"http://127.0.0.1:{port}", "HF_HUB_CACHE": str(tmp_path / "hf")}
+    env.pop("HF_HUB_OFFLINE", None)
+    env.pop("TRANSFORMERS_OFFLINE", None)
+    args = ["-m", "alignkit", "sft", "model=nobody/no-such-model", f"train_data={data}"]
+    started = time.monotonic()
+    argv = [sys.executable, *args, f"output_dir={tmp_path / 'out'}"]
+    result = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=60)
+    assert time.monotonic() - started < 20
+    assert result.returncode == 2
+    assert result.stderr.splitlines()[-1] == (
+        f"error: model 'nobody/no-such-model' is neither a local directory nor in the Hugging Face cache "
+        f"({tmp_path / 'hf'}), and the hub (http://127.0.0.1:{port}) is unreachable; give the path of a "
+        "model directory, or download it where there is a network (e.g. `hf download nobody/no-such-model`)"
+    )
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    "spec, expected",
+    [
+        (
+            "_ppo_rewards:wrong_signature",
+            "error: reward=_ppo_rewards:wrong_signature: the function must accept (prompt: str, "
+            "response: str) and return a float; its signature is wrong_signature(response: 'str') -> 'float'",
+        ),
+        ("no_such_module_xyz:f", "error: reward: no module named 'no_such_module_xyz'"),
+        ("alignkit.rewards:no_such_function", "error: reward: module 'alignkit.rewards' has no function"),
+    ],
+)
+def test_a_reward_function_is_checked_before_anything_loads(spec, expected, tmp_path, capsys):
+    out = tmp_path / "out"
+    argv = ["ppo", "model=/no/such/model", f"reward={spec}", f"output_dir={out}"]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(expected)
+    assert "Traceback" not in err
+    assert not out.exists()  # refused before the run folder (and the missing model) were touched

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import re
 
 import pytest
 
@@ -394,3 +395,100 @@ def test_prompts(tmp_path):
         (2, "messages", "the prompt must end with a user turn, but ends with 'assistant'"),
         (3, "prompt", "expected a string or a list of chat messages, got int"),
     ]
+
+
+# ---------------------------------------------------------------------------------------------
+# io: files that are broken or not what their suffix says (issue 15: messages, not tracebacks)
+# ---------------------------------------------------------------------------------------------
+
+
+def test_csv_row_with_another_field_count_is_a_bad_row_not_a_shift(tmp_path):
+    """pandas used to make the first columns of a longer row an index and fill a shorter one with NaN,
+    shifting every column silently; each such row is now a bad row naming its line and both counts."""
+    src = tmp_path / "d.csv"
+    src.write_text("prompt,completion\nhi,there\na,b,c\nalone\n" + '"x, y",z\n', encoding="utf-8")
+    rows = list(read_rows(str(src)))
+    assert rows == [
+        Record(str(src), 0, {"prompt": "hi", "completion": "there"}),
+        BadRow(str(src), 1, None, "line 3: has 3 fields, the header has 2"),
+        BadRow(str(src), 2, None, "line 4: has 1 fields, the header has 2"),
+        Record(str(src), 3, {"prompt": "x, y", "completion": "z"}),
+    ]
+    with pytest.raises(BadRowError) as err:
+        load_sft(str(src))
+    assert str(err.value) == f"{src}: row 1: line 3: has 3 fields, the header has 2"
+    loaded = load_sft(str(src), on_bad_row="skip")
+    assert [ex.completion for ex in loaded.examples] == ["there", "z"]
+    assert (loaded.n_rows, [bad.row for bad in loaded.skipped]) == (4, [1, 2])
+
+
+def test_csv_quoting_and_encoding_errors_are_bad_rows_and_reading_goes_on(tmp_path):
+    """Row 0 holds a byte that is not UTF-8, row 1 a stray quote; row 2 reads; row 3 opens a quote that the
+    file never closes (without strict parsing it would swallow the rest of the file as one field)."""
+    src = tmp_path / "d.csv"
+    src.write_bytes(b'prompt,completion\nbad\xff,x\n"a"b,c\nfine,"multi\nline"\nlast,"open\n')
+    rows = list(read_rows(str(src)))
+    assert rows[0] == BadRow(str(src), 0, None, "line 2: not valid UTF-8")
+    assert rows[1] == BadRow(str(src), 1, None, "line 3: not valid CSV (',' expected after '\"')")
+    assert rows[2] == Record(str(src), 2, {"prompt": "fine", "completion": "multi\nline"})
+    assert rows[3] == BadRow(str(src), 3, None, "line 6: not valid CSV (unexpected end of data)")
+    assert len(rows) == 4
+
+
+def test_csv_header_problems_and_long_fields(tmp_path):
+    dup = tmp_path / "dup.csv"
+    dup.write_text("prompt,prompt\na,b\n", encoding="utf-8")
+    repeated = r"dup.csv: the CSV header repeats the column\(s\) \['prompt'\]"
+    with pytest.raises(DataSourceError, match=repeated):
+        list(read_rows(str(dup)))
+    empty = tmp_path / "empty.csv"
+    empty.write_bytes(b"")
+    assert list(read_rows(str(empty))) == []
+    # Fields over the csv module's default 128 KiB limit are legitimate (a long completion); a BOM is dropped.
+    long = tmp_path / "long.csv"
+    long.write_text("\ufeffprompt,completion\nq," + "w" * 200_000 + "\n", encoding="utf-8")
+    (record,) = read_records(str(long))
+    assert record.data["prompt"] == "q" and len(record.data["completion"]) == 200_000
+
+
+@pytest.mark.parametrize(
+    "name, content, expected",
+    [
+        ("d.parquet", b"prompt,completion\na,b\n", r"d.parquet: not a readable Parquet file \("),
+        ("d.parquet", b"PAR1" + b"\x00" * 40 + b"PAR1", r"d.parquet: not a readable Parquet file \("),
+        ("d.jsonl.gz", b'{"prompt": "a"}\n', r"d.jsonl.gz: not a readable gzip file \("),
+        # A gzip header followed by a damaged deflate stream (zlib.error, not BadGzipFile).
+        ("d.jsonl.gz", gzip.compress(b'{"a": 1}\n' * 50)[:12] + b"\xff" * 30, r"d.jsonl.gz: not a readable"),
+        ("d.json", b"[" * 100_000, r"d.json: cannot be read as JSON \(nested too deeply\)"),
+        ("d.json", b"\xff\xfe[]", r"d.json: not valid UTF-8"),
+    ],
+)
+def test_a_file_that_is_not_what_its_suffix_says_is_a_data_source_error(tmp_path, name, content, expected):
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(DataSourceError, match=expected):
+        load_sft(str(path), on_bad_row="skip")
+
+
+def test_deeply_nested_or_huge_json_line_is_a_bad_row(tmp_path):
+    src = write_lines(tmp_path / "d.jsonl", [b"[" * 100_000, b'{"n": ' + b"9" * 5000 + b"}"])
+    first, second = read_rows(src)
+    assert first == BadRow(src, 0, None, "line 1 cannot be read as JSON (nested too deeply)")
+    assert second.row == 1 and "line 2 cannot be read as JSON (Exceeds the limit" in second.problem
+
+
+def test_no_usable_rows_names_the_setting_counts_and_first_reasons(tmp_path):
+    src = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "a"}, {"prompt": "", "completion": "b"}])
+    loaded = load_sft(src, on_bad_row="skip")
+    with pytest.raises(DataSourceError) as err:
+        loaded.require_rows("train_data")
+    assert str(err.value) == (
+        f"train_data {src}: no usable rows (2 read, 2 skipped: first reasons "
+        "row 0: field 'completion': missing (the row has ['prompt']); "
+        "row 1: field 'prompt': empty prompt (blank or whitespace only))"
+    )
+    empty = write_lines(tmp_path / "empty.jsonl", [b""])
+    expected = f"eval_data {empty}: no usable rows (0 read, 0 skipped)"
+    with pytest.raises(DataSourceError, match=f"^{re.escape(expected)}$"):
+        load_sft(empty).require_rows("eval_data")
+    assert load_sft(write_jsonl(tmp_path / "ok.jsonl", ROWS)).require_rows("train_data").n_rows == 2

@@ -56,11 +56,56 @@ def _logits(model, ids: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------
 
 
-def test_resolve_model_local_dir_hub_id_and_missing_path(tiny_model_dir):
+def test_resolve_model_local_dir_hub_id_and_missing_path(tiny_model_dir, monkeypatch):
     assert resolve_model(str(tiny_model_dir)) == str(tiny_model_dir)
+    monkeypatch.setattr(loading, "_hub_unavailable", lambda: None)  # online: a hub id goes to transformers
     assert resolve_model("HuggingFaceTB/SmolLM2-135M-Instruct") == "HuggingFaceTB/SmolLM2-135M-Instruct"
     with pytest.raises(ModelLoadError, match="does not exist"):
         resolve_model("runs/sft-nothing/final")  # two slashes: can only be a path
+    with pytest.raises(ModelLoadError, match="is a file; expected a model directory"):
+        resolve_model(str(tiny_model_dir / "config.json"))
+
+
+def _closed_port_endpoint() -> str:
+    import socket
+
+    with socket.socket() as sock:  # nothing listens on the port once this closes
+        sock.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{sock.getsockname()[1]}"
+
+
+def test_offline_hub_id_loads_from_the_hf_cache_or_fails_at_once(tiny_model_dir, tmp_path, monkeypatch):
+    """Offline (HF_HUB_OFFLINE, or an endpoint that does not answer), a hub id in the Hugging Face cache
+    loads from its snapshot folder; one that is not cached is an error naming it, without retries."""
+    import shutil
+
+    import huggingface_hub.constants
+
+    snapshot = tmp_path / "hub" / "models--org--tiny" / "snapshots" / "abc123"
+    shutil.copytree(tiny_model_dir, snapshot)
+    (tmp_path / "hub" / "models--org--tiny" / "refs").mkdir()
+    (tmp_path / "hub" / "models--org--tiny" / "refs" / "main").write_text("abc123")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert resolve_model("org/tiny") == str(snapshot)
+    assert loading.load_tokenizer("org/tiny").pad_token == "<|endoftext|>"
+    with pytest.raises(ModelLoadError) as err:
+        resolve_model("org/not-cached")
+    assert str(err.value).startswith(
+        "model 'org/not-cached' is neither a local directory nor in the Hugging Face cache "
+        f"({tmp_path / 'hub'}), and HF_HUB_OFFLINE is set (offline mode)"
+    )
+
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    endpoint = _closed_port_endpoint()
+    monkeypatch.setenv("HF_ENDPOINT", endpoint)
+    started = time.monotonic()
+    assert resolve_model("org/tiny") == str(snapshot)
+    with pytest.raises(ModelLoadError, match=rf"and the hub \({endpoint}\) is unreachable"):
+        resolve_model("gpt2")
+    assert time.monotonic() - started < 10
 
 
 def test_load_model_local_dir_fp32_with_saved_weights(tiny_model_dir, tiny_tokenizer, monkeypatch):

@@ -12,8 +12,11 @@ import json
 import os
 import shlex
 import sys
+import traceback
+from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 from alignkit import __version__
 from alignkit.config import ConfigError, config_help, load_config
@@ -69,6 +72,11 @@ STAGES: dict[str, tuple[str, str]] = {
 USAGE = "usage: alignkit <stage> [CONFIG.yaml] [key=value ...]"
 EXIT_USAGE = 2  # bad configuration or data: the argparse convention for "you asked for something wrong"
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, what shells report for a run stopped with Ctrl-C
+DEBUG_FLAG = "--debug"  # or ALIGNKIT_DEBUG=1: the full traceback of a user error too, not just its message
+BUG_HINT = (
+    "unexpected error: a bug in alignkit, not a problem with your input; please report it with the traceback "
+    "below (and alignkit --version, the command, the config)"
+)
 
 VALUES_NOTE = """\
 Settings come from the defaults below, then CONFIG.yaml (a mapping of key: value), then the key=value
@@ -79,6 +87,8 @@ arguments in order, the later winning. Values are read as YAML: 1e-5, true/false
 def main(argv: list[str] | None = None) -> int:
     """Run the command line ``argv`` (default ``sys.argv[1:]``); returns the process exit code."""
     args = list(sys.argv[1:] if argv is None else argv)
+    debug = DEBUG_FLAG in args or os.environ.get("ALIGNKIT_DEBUG", "").strip().lower() in ("1", "true", "yes")
+    args = [arg for arg in args if arg != DEBUG_FLAG]
     if not args:
         print(main_help(), file=sys.stderr)
         return EXIT_USAGE
@@ -109,22 +119,19 @@ def main(argv: list[str] | None = None) -> int:
             resume = [stage, *([yaml_path] if yaml_path else []), *kept, f"resume_from={e.checkpoint}"]
             print(f"resume with: alignkit {shlex.join(resume)}", file=sys.stderr)
         return EXIT_INTERRUPTED
-    except ConfigError as e:
-        return _fail(f"{e}\n(`alignkit {stage} --help` lists every setting)")
-    except AlignkitError as e:
-        # Raised on purpose with a message for the user (e.g. a checkpoint that cannot be resumed).
-        return _fail(str(e))
     except KeyboardInterrupt:
         # Ctrl-C before the training loop took over SIGINT (loading, tokenizing): nothing to resume.
         print("interrupted before training started; no checkpoint was written", file=sys.stderr)
         return EXIT_INTERRUPTED
-    except FileNotFoundError as e:
-        # A data file, model directory or checkpoint the user named is not there; the message names the path.
-        return _fail(str(e))
-    except ValueError as e:
-        if _is_data_error(e):
-            return _fail(str(e))
-        raise
+    except Exception as e:
+        message = user_error_message(e, stage)
+        if message is None:
+            # A bug: it propagates (Python prints its traceback and exits 1; a caller of main() gets it).
+            print(f"alignkit: {BUG_HINT}", file=sys.stderr)
+            raise
+        if debug:
+            traceback.print_exc()
+        return _fail(message)
 
     # The summary as JSON on stdout (pipe it to jq), unless the stage prints its own results table; in a
     # multi-process launch once, by the main process (rank 0), which wrote the run folder it describes.
@@ -164,6 +171,7 @@ def main_help() -> str:
     return (
         f"{USAGE}\n"
         "       alignkit <stage> --help   every setting of a stage, with its default and doc\n"
+        "       alignkit <stage> ... --debug   on an error, the full traceback too (or ALIGNKIT_DEBUG=1)\n"
         "       alignkit --version\n\n"
         "Align language models with human and AI preferences.\n\n"
         f"stages:\n{stages}"
@@ -197,13 +205,35 @@ def _unknown_stage(stage: str) -> str:
     return f"unknown stage '{stage}'{hint}\nstages: {', '.join(STAGES)} (`alignkit --help` describes each)"
 
 
-def _is_data_error(error: ValueError) -> bool:
-    """A bad row or an unreadable data source: the user's data, reported like a config error."""
-    # Imported here, not at the top, so `alignkit --help` does not load the data layer. The classes live
-    # in data.io (data.schemas re-exports them).
-    from alignkit.data.io import BadRowError, DataSourceError
+def _path_message(error: OSError) -> str:
+    """"data.jsonl: permission denied" rather than "[Errno 13] Permission denied: 'data.jsonl'"; an error
+    raised with its own message (no filename) keeps it."""
+    if error.filename is None or error.strerror is None:
+        return str(error)
+    return f"{error.filename}: {error.strerror[:1].lower()}{error.strerror[1:]}"
 
-    return isinstance(error, (BadRowError, DataSourceError))
+
+# The errors users cause, matched in this order, and their one-line messages (given the stage). The library's
+# own errors are AlignkitError: ConfigError, BadRowError and DataSourceError (data), ModelLoadError (models),
+# and the checkpoint and run-folder refusals. The OS errors are those of the paths users name (data files,
+# model and output folders). Anything else is a bug: it keeps its traceback. TrainingInterrupted (exit 130,
+# with the resume command) has its own branch in main.
+USER_ERRORS: tuple[tuple[type[BaseException], Callable[[Any, str], str]], ...] = (
+    (ConfigError, lambda e, stage: f"{e}\n(`alignkit {stage} --help` lists every setting)"),
+    (AlignkitError, lambda e, stage: str(e)),
+    (FileNotFoundError, lambda e, stage: _path_message(e)),
+    (PermissionError, lambda e, stage: _path_message(e)),
+    (IsADirectoryError, lambda e, stage: _path_message(e)),
+    (NotADirectoryError, lambda e, stage: _path_message(e)),
+)
+
+
+def user_error_message(error: BaseException, stage: str) -> str | None:
+    """The message of an error the user caused (printed as ``error: <message>``, exit 2); None for a bug."""
+    for error_type, message in USER_ERRORS:
+        if isinstance(error, error_type):
+            return message(error, stage)
+    return None
 
 
 def _fail(message: str) -> int:

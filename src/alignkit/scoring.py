@@ -6,6 +6,7 @@ each stage names its own config field, so every error here says which field to f
 from __future__ import annotations
 
 import importlib
+import inspect
 import math
 import re
 from pathlib import Path
@@ -51,6 +52,7 @@ class FunctionScorer:
         if not callable(function):
             what = "" if function is None else f" ({function_name} = {function!r} is not callable)"
             raise ConfigError(f"{field}: module '{module_name}' has no function '{function_name}'{what}")
+        _check_signature(function, spec, field)
         self.name, self.field, self.function = spec, field, function
 
     def score(self, prompts: list[Prompt], responses: list[str]) -> list[float]:
@@ -68,6 +70,26 @@ class FunctionScorer:
                 )
             scores.append(value)
         return scores
+
+
+def _check_signature(function, spec: str, field: str) -> None:
+    """A function that cannot be called as function(prompt, response) is refused now, before any model loads,
+    rather than with a TypeError after the first generation."""
+    try:
+        signature = inspect.signature(function)
+    except (TypeError, ValueError):  # some builtins and C functions have no signature to read: trust them
+        return
+    try:
+        signature.bind("prompt", "response")
+    except TypeError as err:
+        raise ConfigError(
+            f"{field}={spec}: the function must accept (prompt: str, response: str) and return a float; "
+            f"its signature is {_name_of(function)}{signature} ({err})"
+        ) from None
+
+
+def _name_of(function) -> str:
+    return getattr(function, "__qualname__", None) or getattr(function, "__name__", None) or repr(function)
 
 
 class RewardModelScorer:
@@ -108,11 +130,23 @@ def load_scorer(spec: str, field: str, **reward_model: Any) -> Scorer:
     ``reward_model`` holds RewardModelScorer's keywords (dtype, device, trust_remote_code, batch_size,
     progress), used only when ``spec`` is a directory. A path that exists is never taken for a function.
     """
-    if _FUNCTION_SPEC.fullmatch(spec) and not Path(spec).exists():
+    if _is_function_spec(spec):
         return FunctionScorer(spec, field)
-    if Path(spec).expanduser().is_dir():
-        return RewardModelScorer(str(Path(spec).expanduser()), **reward_model)
-    raise ConfigError(
-        f"{field}: '{spec}' is neither 'module:function' (e.g. alignkit.rewards:politeness) "
-        "nor a reward model directory"
-    )
+    check_scorer(spec, field)
+    return RewardModelScorer(str(Path(spec).expanduser()), **reward_model)
+
+
+def check_scorer(spec: str, field: str) -> None:
+    """Refuses (ConfigError) what ``load_scorer`` would refuse, loading no model: a stage checks its reward
+    before it creates its run folder or reads a model."""
+    if _is_function_spec(spec):
+        FunctionScorer(spec, field)  # imports the module, finds the function, checks its signature
+    elif not Path(spec).expanduser().is_dir():
+        raise ConfigError(
+            f"{field}: '{spec}' is neither 'module:function' (e.g. alignkit.rewards:politeness) "
+            "nor a reward model directory"
+        )
+
+
+def _is_function_spec(spec: str) -> bool:
+    return bool(_FUNCTION_SPEC.fullmatch(spec)) and not Path(spec).exists()

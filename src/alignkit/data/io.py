@@ -5,12 +5,16 @@ its source and 0-based row number, so any later complaint about it can say exact
 
 from __future__ import annotations
 
+import csv
 import gzip
 import json
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from alignkit.errors import AlignkitError
 
 # File suffixes we read ourselves; anything else that is not a directory is treated as a hub id.
 FILE_SUFFIXES = (".jsonl.gz", ".jsonl", ".json", ".parquet", ".csv")
@@ -48,7 +52,7 @@ class BadRow:
         return _format_row_problem(self.source, self.row, self.field, self.problem)
 
 
-class BadRowError(ValueError):
+class BadRowError(AlignkitError, ValueError):
     """An invalid row; the message reads ``"<source>: row <row>: field '<field>': <problem>"``."""
 
     def __init__(self, source: str, row: int, field: str | None = None, problem: str = "invalid row"):
@@ -63,8 +67,9 @@ class BadRowError(ValueError):
         return BadRow(self.source, self.row, self.field, self.problem)
 
 
-class DataSourceError(ValueError):
-    """The source as a whole cannot be read (unsupported format, broken file, unknown split, ...)."""
+class DataSourceError(AlignkitError, ValueError):
+    """The source as a whole cannot be read (unsupported format, broken file, unknown split, no usable
+    rows, ...)."""
 
 
 @dataclass(frozen=True)
@@ -151,7 +156,7 @@ def _read_jsonl_gz(source: str, path: Path) -> Iterator[Record | BadRow]:
     try:
         with gzip.open(path, "rb") as f:
             yield from _read_jsonl_lines(source, f)
-    except (gzip.BadGzipFile, EOFError) as err:
+    except (gzip.BadGzipFile, EOFError, zlib.error) as err:
         raise DataSourceError(f"{source}: not a readable gzip file ({err})") from err
 
 
@@ -175,6 +180,9 @@ def _read_jsonl_lines(source: str, lines) -> Iterator[Record | BadRow]:
             yield BadRow(
                 source, row, None, f"line {line_no} is not valid JSON ({err.msg} at column {err.colno})"
             )
+            continue
+        except (ValueError, RecursionError) as err:
+            yield BadRow(source, row, None, f"line {line_no} cannot be read as JSON ({_json_limit(err)})")
             continue
         if not isinstance(value, dict):
             kind = type(value).__name__
@@ -206,6 +214,8 @@ def _read_json(source: str, path: Path) -> Iterator[Record | BadRow]:
         raise DataSourceError(
             f"{source}: not valid JSON ({err.msg} at line {err.lineno}, column {err.colno})"
         ) from err
+    except (ValueError, RecursionError) as err:
+        raise DataSourceError(f"{source}: cannot be read as JSON ({_json_limit(err)})") from err
 
     if isinstance(value, dict):
         lists = [key for key, item in value.items() if isinstance(item, list)]
@@ -226,25 +236,99 @@ def _read_json(source: str, path: Path) -> Iterator[Record | BadRow]:
             )
 
 
+def _json_limit(err: ValueError | RecursionError) -> str:
+    """What a parse that is not a syntax error ran into: nesting too deep, or Python's limit on the digits of
+    an integer (a file can hit both without being malformed JSON)."""
+    return "nested too deeply" if isinstance(err, RecursionError) else str(err)
+
+
 def _read_parquet(source: str, path: Path) -> Iterator[Record | BadRow]:
+    import pyarrow
     import pyarrow.parquet as pq
 
     row = 0
-    # Batches keep memory flat on large files.
-    for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
-        for item in batch.to_pylist():
-            yield Record(source, row, item)
-            row += 1
+    try:
+        # Batches keep memory flat on large files.
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
+            for item in batch.to_pylist():
+                yield Record(source, row, item)
+                row += 1
+    # A file that is not Parquet, or a damaged one, fails in the reader with Arrow's own errors (or OSError),
+    # at the start or in the middle; either way the file as a whole is unreadable.
+    except (pyarrow.ArrowException, OSError) as err:
+        where = f" after row {row - 1}" if row else ""
+        raise DataSourceError(f"{source}: not a readable Parquet file{where} ({err})") from err
+
+
+# The csv module refuses fields over 128 KiB by default; a long completion is a legitimate field.
+_CSV_FIELD_LIMIT = 2**30
 
 
 def _read_csv(source: str, path: Path) -> Iterator[Record | BadRow]:
-    import pandas as pd
+    """A header row, then one row per record, every cell as the string in the file.
 
-    # Every cell as the string in the file: "007" stays "007", an empty cell is "" (and fails validation
-    # as empty) rather than NaN, and a label column "1"/"true" is parsed by the schema, not by pandas.
-    frame = pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8")
-    for row, item in enumerate(frame.to_dict(orient="records")):
-        yield Record(source, row, item)
+    "007" stays "007", an empty cell is "" (and fails validation as empty), and a label "1"/"true" is parsed
+    by the schema. A row with more or fewer fields than the header, a quoting error, or bytes that are not
+    UTF-8 is a bad row (never a silent shift of columns); blank lines are skipped and take no row number.
+    """
+    csv.field_size_limit(max(csv.field_size_limit(), _CSV_FIELD_LIMIT))
+    # surrogateescape keeps invalid bytes as lone surrogates, so one bad row is reported and the rest read.
+    with open(path, encoding="utf-8-sig", errors="surrogateescape", newline="") as f:
+        reader = csv.reader(f, strict=True)  # strict: an unclosed quote is an error, not the rest of the file
+        header = None
+        row = 0
+        while True:
+            line = reader.line_num + 1  # where the record starts (a quoted field may span lines)
+            try:
+                fields = next(reader)
+            except StopIteration:
+                return
+            except csv.Error as err:
+                if header is None:
+                    raise DataSourceError(
+                        f"{source}: line {line}: unreadable CSV header ({err})"
+                    ) from err
+                yield BadRow(source, row, None, f"line {line}: not valid CSV ({err})")
+                row += 1
+                continue
+            if not fields:
+                continue
+            if header is None:
+                header = _csv_header(source, fields)
+                continue
+            problem = _csv_row_problem(fields, len(header))
+            if problem is not None:
+                yield BadRow(source, row, None, f"line {line}: {problem}")
+            else:
+                yield Record(source, row, dict(zip(header, fields)))
+            row += 1
+
+
+def _csv_header(source: str, fields: list[str]) -> list[str]:
+    if _has_invalid_utf8(fields):
+        raise DataSourceError(f"{source}: line 1: the CSV header is not valid UTF-8")
+    repeated = sorted({name for name in fields if fields.count(name) > 1})
+    if repeated:
+        raise DataSourceError(f"{source}: the CSV header repeats the column(s) {repeated}")
+    return fields
+
+
+def _csv_row_problem(fields: list[str], n_columns: int) -> str | None:
+    if len(fields) != n_columns:
+        return f"has {len(fields)} fields, the header has {n_columns}"
+    if _has_invalid_utf8(fields):
+        return "not valid UTF-8"
+    return None
+
+
+def _has_invalid_utf8(fields: list[str]) -> bool:
+    # Decoding with surrogateescape turns each invalid byte into a lone surrogate, which valid UTF-8 can never
+    # produce and which cannot be encoded back.
+    try:
+        "".join(fields).encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
 
 
 # ---------------------------------------------------------------------------------------------
@@ -260,7 +344,12 @@ def _read_saved_dataset(source: str, path: Path, split: str | None) -> Iterator[
             f"{source}: is a directory but not one written by datasets.save_to_disk "
             "(no dataset_dict.json or dataset_info.json in it)"
         )
-    loaded = datasets.load_from_disk(str(path))
+    try:
+        loaded = datasets.load_from_disk(str(path))
+    except Exception as err:  # a damaged folder fails in datasets or Arrow with a dozen types; all mean this
+        raise DataSourceError(
+            f"{source}: not a readable saved dataset ({type(err).__name__}: {err})"
+        ) from err
     if isinstance(loaded, datasets.DatasetDict):
         loaded = _pick_split(source, loaded, split)
     elif split is not None:
@@ -296,5 +385,10 @@ def _read_hub_dataset(source: str, split: str | None) -> Iterator[Record | BadRo
 
 
 def _dataset_rows(source: str, dataset) -> Iterator[Record | BadRow]:
-    for row, item in enumerate(dataset):
-        yield Record(source, row, dict(item))
+    row = 0
+    try:
+        for item in dataset:
+            yield Record(source, row, dict(item))
+            row += 1
+    except Exception as err:  # Arrow data damaged past its header surfaces only while rows are read
+        raise DataSourceError(f"{source}: row {row} cannot be read ({type(err).__name__}: {err})") from err

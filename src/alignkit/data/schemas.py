@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal, Union
 
-from alignkit.data.io import BadRow, BadRowError, Record, RowRef, read_rows
+from alignkit.data.io import BadRow, BadRowError, DataSourceError, Record, RowRef, read_rows
 
 __all__ = [
     "BadRow",
@@ -27,6 +27,7 @@ __all__ = [
     "load_prompts",
     "load_sft",
     "load_unpaired",
+    "no_usable_rows",
     "pairs_to_unpaired",
 ]
 
@@ -71,11 +72,18 @@ class PromptExample:
 
 @dataclass
 class Loaded:
-    """What a loader returns: the usable examples, the rows it skipped, and how many rows it read."""
+    """What a loader returns: the usable examples, the rows it skipped, how many rows it read, and from where."""
 
     examples: list
     skipped: list[BadRow] = field(default_factory=list)
     n_rows: int = 0
+    source: str = ""
+
+    def require_rows(self, setting: str) -> Loaded:
+        """``self``, or a ``DataSourceError`` naming ``setting`` when no example is left to use."""
+        if not self.examples:
+            raise no_usable_rows(setting, self.source, self.n_rows, self.skipped)
+        return self
 
     def summary(self, max_listed: int = 5) -> str:
         """E.g. ``"1800 rows, 1796 used, 4 skipped (row 17: field 'chosen': empty completion; ...)"``."""
@@ -86,6 +94,18 @@ class Loaded:
         if len(self.skipped) > max_listed:
             listed.append(f"... and {len(self.skipped) - max_listed} more")
         return f"{line} ({'; '.join(listed)})"
+
+
+def no_usable_rows(setting: str, source: str, n_read: int, skipped: list[BadRow], max_listed: int = 3):
+    """The error for data that leaves nothing to use: empty, all rows skipped, or a row range past its end.
+
+    E.g. ``train_data d.jsonl: no usable rows (2 read, 2 skipped: first reasons row 0: ...; row 1: ...)``.
+    """
+    counts = f"{n_read} read, {len(skipped)} skipped"
+    if skipped:
+        reasons = "; ".join(_format_skip(bad) for bad in skipped[:max_listed])
+        counts += f": first reasons {reasons}"
+    return DataSourceError(f"{setting} {source}: no usable rows ({counts})")
 
 
 def _format_skip(bad: BadRow) -> str:
@@ -182,7 +202,7 @@ def _load(
 ) -> Loaded:
     if on_bad_row not in ("error", "skip"):
         raise ValueError(f"on_bad_row must be 'error' or 'skip', got {on_bad_row!r}")
-    loaded = Loaded(examples=[])
+    loaded = Loaded(examples=[], source=source)
     for item in _rows_in_range(read_rows(source, split), rows, limit):
         loaded.n_rows += 1
         try:

@@ -5,10 +5,14 @@ nothing here unpickles a file.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import os
 import secrets
 import shutil
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -16,6 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from alignkit.errors import AlignkitError
 from alignkit.models.embedded import EMBEDDED_MODELS, cache_dir, prepare_embedded
 
 ADAPTER_RECORD = "ALIGNKIT_ADAPTER.json"
@@ -32,8 +37,14 @@ _DTYPES = {
 }
 
 
-class ModelLoadError(ValueError):
+class ModelLoadError(AlignkitError, ValueError):
     """A model cannot be loaded as asked; the message says why and what to do."""
+
+
+# Seconds to wait for the hub to answer before taking it as unreachable. Without this check, a hub id with no
+# network spends about 50 s in the download retries of transformers before it fails.
+HUB_PROBE_TIMEOUT_S = 3.0
+_TRUE_ENV = ("1", "on", "yes", "true")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -53,9 +64,78 @@ def resolve_model(name: str) -> str:
     path = Path(name).expanduser()
     if path.is_dir():
         return str(path)
-    if name.startswith(("/", "./", "../", "~")) or name.count("/") > 1:
-        raise ModelLoadError(f"model directory '{name}' does not exist")
-    return name
+    if path.exists():
+        raise ModelLoadError(f"model '{name}' is a file; expected a model directory or a hub id")
+    if name.startswith(("/", "./", "../", "~")) or name.count("/") > 1 or "\\" in name:
+        raise ModelLoadError(f"model directory '{name}' does not exist (resolved to {path.resolve()})")
+    return _hub_or_cache(name)
+
+
+def _hub_or_cache(repo_id: str) -> str:
+    """A hub id as is when the hub answers; offline, its snapshot in the local Hugging Face cache, or an error
+    that says the id is neither a local directory nor cached (instead of a minute of retries)."""
+    reason = _hub_unavailable()
+    if reason is None:
+        return repo_id
+    snapshot = _cached_snapshot(repo_id)
+    if snapshot is not None:
+        return snapshot
+    from huggingface_hub import constants
+
+    raise ModelLoadError(
+        f"model '{repo_id}' is neither a local directory nor in the Hugging Face cache "
+        f"({constants.HF_HUB_CACHE}), and {reason}; give the path of a model directory, or download it where there is a network "
+        f"(e.g. `hf download {repo_id}`)"
+    )
+
+
+def _hub_unavailable() -> str | None:
+    """Why the hub cannot be used now (offline mode set, or the endpoint does not answer), or None."""
+    for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        if os.environ.get(var, "").strip().lower() in _TRUE_ENV:
+            return f"{var} is set (offline mode)"
+    endpoint = os.environ.get("HF_ENDPOINT", "").strip() or "https://huggingface.co"
+    if not _endpoint_answers(endpoint.rstrip("/")):
+        return f"the hub ({endpoint}) is unreachable"
+    return None
+
+
+@functools.lru_cache(maxsize=8)
+def _endpoint_answers(endpoint: str) -> bool:
+    """Whether ``endpoint`` answers an HTTP request within HUB_PROBE_TIMEOUT_S (any status counts: the hub is
+    there); asked once per process. urllib honours the same proxy variables as the hub client."""
+    try:
+        with urllib.request.urlopen(
+            urllib.request.Request(endpoint, method="HEAD"), timeout=HUB_PROBE_TIMEOUT_S
+        ):
+            return True
+    except urllib.error.HTTPError:
+        return True
+    except (OSError, ValueError):  # URLError, refused, timed out, DNS failure; ValueError: a malformed URL
+        return False
+
+
+def _cached_snapshot(repo_id: str) -> str | None:
+    """The folder of ``repo_id``'s main revision in the Hugging Face cache, if its config.json is there."""
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        config = try_to_load_from_cache(repo_id, "config.json")
+    except ValueError:  # not a valid repo id (huggingface_hub's HFValidationError): it cannot be cached
+        return None
+    return str(Path(config).parent) if isinstance(config, str) else None
+
+
+@contextlib.contextmanager
+def model_load_errors(name: str, what: str):
+    """Turns a failure of transformers to load ``name`` (no such repo, no config.json or tokenizer files, an
+    architecture it does not know) into a ModelLoadError that names it; the original stays chained."""
+    try:
+        yield
+    except (OSError, ValueError) as err:
+        if isinstance(err, AlignkitError):
+            raise
+        raise ModelLoadError(f"cannot load the {what} of '{name}': {err}") from err
 
 
 def pick_device() -> torch.device:
@@ -110,7 +190,9 @@ def load_tokenizer(name: str, trust_remote_code: bool = False):
     """
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model(name), trust_remote_code=trust_remote_code)
+    resolved = resolve_model(name)
+    with model_load_errors(name, "tokenizer"):
+        tokenizer = AutoTokenizer.from_pretrained(resolved, trust_remote_code=trust_remote_code)
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
             raise ModelLoadError(f"tokenizer of '{name}' has neither a pad nor an eos token to pad with")
@@ -175,19 +257,23 @@ def load_pretrained(
     device = torch.device(device) if device is not None else pick_device()
     load_device = torch.device(load_on) if load_on is not None else device
     if load_device.type == "meta":
-        config = AutoConfig.from_pretrained(resolved, trust_remote_code=trust_remote_code, **config_kwargs)
+        with model_load_errors(name, "config"):
+            config = AutoConfig.from_pretrained(
+                resolved, trust_remote_code=trust_remote_code, **config_kwargs
+            )
         with torch.device("meta"):
             model = auto_class.from_config(
                 config, dtype=pick_dtype(dtype, device), trust_remote_code=trust_remote_code
             )
         return model.eval()
-    model = auto_class.from_pretrained(
-        resolved,
-        dtype=pick_dtype(dtype, device),
-        trust_remote_code=trust_remote_code,
-        use_safetensors=True,  # for hub ids too: a repo with only pickles is refused by transformers
-        **config_kwargs,
-    )
+    with model_load_errors(name, "model"):
+        model = auto_class.from_pretrained(
+            resolved,
+            dtype=pick_dtype(dtype, device),
+            trust_remote_code=trust_remote_code,
+            use_safetensors=True,  # for hub ids too: a repo with only pickles is refused by transformers
+            **config_kwargs,
+        )
     return model.to(load_device)
 
 

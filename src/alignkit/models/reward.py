@@ -32,6 +32,7 @@ from alignkit.models.loading import (
     ModelLoadError,
     load_pretrained,
     load_tokenizer,
+    model_load_errors,
     pick_device,
     pick_dtype,
     resolve_model,
@@ -250,7 +251,8 @@ def load_reward_model(
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
     resolved = resolve_model(str(path))
-    config = AutoConfig.from_pretrained(resolved, trust_remote_code=trust_remote_code)
+    with model_load_errors(str(path), "config"):
+        config = AutoConfig.from_pretrained(resolved, trust_remote_code=trust_remote_code)
     architectures = getattr(config, "architectures", None) or []
     if not any(a.endswith("ForSequenceClassification") for a in architectures) or config.num_labels != 1:
         raise ModelLoadError(
@@ -259,9 +261,10 @@ def load_reward_model(
         )
     device = torch.device(device) if device is not None else pick_device()
     tokenizer = load_tokenizer(resolved, trust_remote_code)
-    model = AutoModelForSequenceClassification.from_pretrained(
-        resolved, dtype=pick_dtype(dtype, device), trust_remote_code=trust_remote_code, use_safetensors=True
-    ).to(device)
+    with model_load_errors(str(path), "model"):
+        model = AutoModelForSequenceClassification.from_pretrained(
+            resolved, dtype=pick_dtype(dtype, device), trust_remote_code=trust_remote_code, use_safetensors=True
+        ).to(device)
     model.eval().requires_grad_(False)
     record_file = Path(resolved) / REWARD_RECORD
     record = json.loads(record_file.read_text()) if record_file.is_file() else {}

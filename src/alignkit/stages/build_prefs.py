@@ -35,7 +35,7 @@ from alignkit.config import (
 from alignkit.data.appendlog import Writer, complete_lines, progress_path, resume, summary_path
 from alignkit.data.io import BadRow, BadRowError, read_rows
 from alignkit.data.pairing import Pairing, PairingRule, make_pairs, usable_responses
-from alignkit.data.schemas import load_prompts
+from alignkit.data.schemas import load_prompts, no_usable_rows
 from alignkit.data.tokenize import encode_prompt
 from alignkit.models.generation import SamplingConfig, check_generation_backend, load_sampler
 from alignkit.models.loading import load_tokenizer, pick_device
@@ -243,6 +243,7 @@ def sample_and_rank(cfg: BuildPrefsConfig, writer: Writer, done: dict[int, dict]
         cfg.prompts, cfg.on_bad_row, split=cfg.prompts_split, rows=cfg.prompt_rows, limit=cfg.max_prompts
     )
     print(f"prompts: {loaded.summary()}", file=sys.stderr)
+    loaded.require_rows("prompts")
     tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code)
     sample = load_sampler(cfg, tokenizer, device)
     sampling = {
@@ -341,6 +342,8 @@ def import_rankings(cfg: BuildPrefsConfig, writer: Writer, done: dict[int, dict]
             ranked.sampling,
         )
         writer.add_prompt(ranked.prompt_row, lines, counts_of(pairing, len(ranked.responses)))
+    if not seen:
+        raise no_usable_rows("human_rankings", cfg.human_rankings, n_rows, skipped)
     return n_rows, skipped
 
 

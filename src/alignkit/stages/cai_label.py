@@ -28,7 +28,7 @@ from alignkit.cai.judge import Comparison, PairwiseJudge, hard_preference
 from alignkit.config import ConfigError, RuntimeConfig, config_to_dict, doc_field, required
 from alignkit.data.appendlog import Writer, progress_path, resume, summary_path
 from alignkit.data.io import BadRow, BadRowError, Record, read_rows
-from alignkit.data.schemas import Prompt, load_preferences, load_prompts
+from alignkit.data.schemas import Prompt, load_preferences, load_prompts, no_usable_rows
 from alignkit.evaluation.metrics import mean_ci
 from alignkit.models.loading import load_model, load_tokenizer, pick_device
 from alignkit.training.distributed import require_one_process
@@ -113,12 +113,13 @@ class InputPair:
 def read_input(cfg: CAILabelConfig) -> tuple[list[InputPair], list[BadRow], int]:
     """(the pairs to label, the rows skipped, rows read) of cfg.input."""
     first = next((r for r in read_rows(cfg.input, cfg.input_split) if isinstance(r, Record)), None)
-    if first is None:
-        raise ConfigError(f"input: {cfg.input} holds no readable rows")
+    if first is None:  # raises: the first unreadable row (on_bad_row=error), else "no usable rows"
+        load_prompts(cfg.input, cfg.on_bad_row, split=cfg.input_split).require_rows("input")
     if {"chosen", "rejected"} <= set(first.data):
         loaded = load_preferences(
             cfg.input, cfg.on_bad_row, split=cfg.input_split, rows=cfg.input_rows, limit=cfg.max_pairs
         )
+        loaded.require_rows("input")
         pairs = [InputPair(p.ref.row, p.prompt, p.chosen, p.rejected, True) for p in loaded.examples]
         return pairs, loaded.skipped, loaded.n_rows
     if not {"response_a", "response_b"} <= set(first.data):
@@ -157,6 +158,8 @@ def read_input(cfg: CAILabelConfig) -> tuple[list[InputPair], list[BadRow], int]
             skipped.append(err.bad_row)
             continue
         pairs.append(InputPair(ex.ref.row, ex.prompt, a, b, False))
+    if not pairs:
+        raise no_usable_rows("input", cfg.input, loaded.n_rows, skipped)
     return pairs, skipped, loaded.n_rows
 
 

@@ -159,6 +159,7 @@ def run(cfg: CAIReviseConfig) -> dict:
         f"cai-revise: prompts: {loaded.summary()}; {sum(ex.ref.row in done for ex in examples)} already done",
         file=sys.stderr,
     )
+    loaded.require_rows("prompts")
 
     device = pick_device()
     tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code)

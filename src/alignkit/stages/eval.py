@@ -317,8 +317,7 @@ def run(cfg: EvalConfig) -> dict:
             loaded = load_prompts(str(p), cfg.on_bad_row, limit=cfg.max_prompts)
         prompts_source = "built-in (alignkit/assets/prompts.jsonl)"
     print(f"prompts: {loaded.summary()}", file=sys.stderr)
-    if not loaded.examples:
-        raise ValueError(f"no prompts to evaluate in {prompts_source}")
+    loaded.require_rows("prompts")
     k = cfg.samples_per_prompt
     prompts = [ex.prompt for ex in loaded.examples for _ in range(k)]
     prompt_ids = [encode_prompt(tokenizer, p, cfg.max_prompt_length) for p in prompts]

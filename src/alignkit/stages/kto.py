@@ -346,6 +346,7 @@ def load_examples(cfg: KTOConfig, tokenizer, source, split, rows, limit, what: s
     else:
         loaded = load_unpaired(source, cfg.on_bad_row, split=split, rows=rows, limit=limit)
         unpaired, pairs = loaded.examples, [None] * len(loaded.examples)
+    loaded.require_rows(f"{what}_data")
     enc = partial(
         encode_unpaired, tokenizer, max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length
     )

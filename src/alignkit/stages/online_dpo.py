@@ -64,7 +64,7 @@ from alignkit.models.loading import (
     pick_device,
     save_final,
 )
-from alignkit.scoring import load_scorer
+from alignkit.scoring import check_scorer, load_scorer
 from alignkit.training import distributed
 from alignkit.training.checkpoint import checkpoint_dir, load_checkpoint, write_checkpoint
 from alignkit.training.loop import seed_and_threads
@@ -171,6 +171,7 @@ CONFIG = OnlineDPOConfig
 
 def check_config(cfg: OnlineDPOConfig) -> None:
     refuse_unused(cfg, NOT_USED, "online-dpo")
+    check_scorer(cfg.reward, "reward")
     if cfg.samples_per_prompt < 2:
         raise ConfigError(
             f"config key 'samples_per_prompt' must be at least 2 to make a pair, got {cfg.samples_per_prompt}"

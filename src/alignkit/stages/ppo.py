@@ -72,7 +72,7 @@ from alignkit.models.value import (
     recompute_with_active_adapter,
     remove_value_adapter,
 )
-from alignkit.scoring import Scorer, load_scorer
+from alignkit.scoring import Scorer, check_scorer, load_scorer
 from alignkit.training import distributed
 from alignkit.training.checkpoint import checkpoint_dir, load_checkpoint, write_checkpoint
 from alignkit.training.loop import seed_and_threads
@@ -371,6 +371,7 @@ def check_launch(cfg: PPOConfig) -> None:
 
 def check_config(cfg: PPOConfig) -> None:
     refuse_unused(cfg, NOT_USED, "ppo")
+    check_scorer(cfg.reward, "reward")
     if cfg.temperature <= 0:
         raise ConfigError("temperature must be > 0: PPO's ratio and KL need the policy's own samples")
     check_generation_backend(cfg.generation_backend)

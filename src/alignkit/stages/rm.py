@@ -20,7 +20,7 @@ import torch
 from alignkit.config import ConfigError, TrainConfig, doc_field
 from alignkit.data.collate import collate_pairs, length_sorted_batches, pair_length
 from alignkit.data.io import BadRow, BadRowError, read_rows
-from alignkit.data.schemas import Loaded, load_preferences
+from alignkit.data.schemas import Loaded, load_preferences, no_usable_rows
 from alignkit.data.tokenize import EncodedPair, encode_pair
 from alignkit.evaluation.metrics import mean_ci
 from alignkit.evaluation.monitors import default_monitors
@@ -170,6 +170,8 @@ def load_pairs(
         if m is not None
     ]
     print(f"{name} data: {loaded.summary()}", file=sys.stderr)
+    if not examples:  # every pair skipped, for its row or for its margin
+        raise no_usable_rows(f"{name}_data", source, loaded.n_rows, loaded.skipped)
     return loaded, examples
 
 

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from alignkit.config import ConfigError, RuntimeConfig, doc_field, required
 from alignkit.data.io import BadRow, BadRowError, Record, read_rows
-from alignkit.data.schemas import load_preferences, load_prompts
+from alignkit.data.schemas import load_preferences, load_prompts, no_usable_rows
 from alignkit.models.loading import pick_device
 from alignkit.models.reward import load_reward_model
 from alignkit.training.distributed import require_one_process
@@ -89,13 +89,14 @@ def read_input(cfg: ScoreConfig) -> tuple[str, list[Row], list[BadRow], int]:
         if isinstance(item, Record):
             records[item.row] = item
             first = first or item
-    if first is None:
-        raise ConfigError(f"input: {cfg.input} holds no rows")
+    if first is None:  # raises: the first unreadable row (on_bad_row=error), else "no usable rows"
+        load_prompts(cfg.input, cfg.on_bad_row, split=cfg.split).require_rows("input")
     kind = "pairs" if {"chosen", "rejected"} <= set(first.data) else "rows"
     if kind == "pairs":
         loaded = load_preferences(
             cfg.input, cfg.on_bad_row, split=cfg.split, rows=cfg.rows, limit=cfg.max_rows
         )
+        loaded.require_rows("input")
         rows = [Row(records[p.ref.row], p.prompt, (p.chosen, p.rejected)) for p in loaded.examples]
         return kind, rows, loaded.skipped, loaded.n_rows
 
@@ -120,6 +121,8 @@ def read_input(cfg: ScoreConfig) -> tuple[str, list[Row], list[BadRow], int]:
             skipped.append(err.bad_row)
             continue
         rows.append(Row(record, example.prompt, (response,)))
+    if not rows:
+        raise no_usable_rows("input", cfg.input, loaded.n_rows, skipped)
     return kind, rows, skipped, loaded.n_rows
 
 

@@ -14,7 +14,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from alignkit.config import ConfigError
 from alignkit.data.schemas import load_prompts
 from alignkit.models.generation import Generation, generate_share
 from alignkit.training import distributed
@@ -33,8 +32,7 @@ def training_prompts(cfg) -> tuple[list, int]:
         limit=cfg.max_train_rows,
     )
     print(f"prompts: {loaded.summary()}", file=sys.stderr)
-    if not loaded.examples:
-        raise ConfigError("train_data holds no prompts")
+    loaded.require_rows("train_data")
     return [ex.prompt for ex in loaded.examples], len(loaded.skipped)
 
 
