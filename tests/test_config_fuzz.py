@@ -44,6 +44,7 @@ FUZZ = settings(
     max_examples=200,
     deadline=None,
     derandomize=True,
+    database=None,  # derandomized: nothing to replay, and no .hypothesis folder written into the tree
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
 )
 

@@ -8,6 +8,7 @@ errors that name them.
 
 from __future__ import annotations
 
+import collections.abc
 import dataclasses
 import difflib
 import inspect
@@ -542,7 +543,7 @@ class _UniqueKeyLoader(yaml.SafeLoader):
             if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
                 continue  # a collection as a key is refused by the safe loader itself (unhashable)
             key = self.construct_object(key_node)
-            if not isinstance(key, typing.Hashable):  # `? !!set x`: refused by PyYAML itself below
+            if not isinstance(key, collections.abc.Hashable):  # `? !!set x`: refused by PyYAML itself below
                 continue
             line = key_node.start_mark.line + 1
             if key in seen:
