@@ -4,13 +4,27 @@ the --help table and the save/load round trip."""
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 
 import pytest
 import yaml
 from _fake_stage import FakeConfig
 
-from alignkit.config import ConfigError, TrainConfig, config_help, config_to_dict, load_config, save_config
+from alignkit.config import (
+    ConfigError,
+    Range,
+    TrainConfig,
+    _parse_yaml,
+    config_help,
+    config_to_dict,
+    doc_field,
+    field_range,
+    load_config,
+    numeric_fields,
+    save_config,
+    validate_config,
+)
 from alignkit.errors import AlignkitError
 
 FIELD_NAMES = [f.name for f in dataclasses.fields(TrainConfig)]
@@ -120,9 +134,29 @@ def test_missing_required_field_names_it_and_its_doc():
         "file, a saved dataset dir or a hub id.",
         "set it in the YAML file or on the command line, e.g. train_data=...",
     ]
-    # Set to null explicitly counts as missing too.
-    with pytest.raises(ConfigError, match="missing required config field 'train_data'"):
-        load_config(TrainConfig, None, ["train_data=null"])
+
+
+@pytest.mark.parametrize("written", ["train_data=null", "train_data=", "train_data=~", "train_data=None"])
+def test_required_field_given_as_null_is_reported_as_null_not_missing(written):
+    with pytest.raises(ConfigError) as info:
+        load_config(TrainConfig, None, [written])
+    assert str(info.value).splitlines()[0] == (
+        "config key 'train_data' is null (from the command line); it is required: Training data: a "
+        ".jsonl/.json/.parquet/.csv file, a saved dataset dir or a hub id."
+    )
+
+
+def test_required_field_null_in_yaml_names_the_file_and_missing_ones_stay_missing(tmp_path):
+    """ScoreConfig has three required fields: input null in the file, output left out, reward_model given."""
+    from alignkit.stages.score import ScoreConfig
+
+    path = write(tmp_path, "reward_model: rm\ninput: null\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(ScoreConfig, path)
+    lines = str(info.value).splitlines()
+    assert lines[0].startswith(f"config key 'input' is null (from {path}); it is required: Rows to score")
+    assert lines[1].startswith("missing required config field 'output' for ScoreConfig: Output .jsonl")
+    assert lines[2] == "set it in the YAML file or on the command line, e.g. input=... output=..."
 
 
 @pytest.mark.parametrize(
@@ -303,3 +337,339 @@ def test_save_then_load_reproduces_the_config(tmp_path):
     assert load_config(FakeConfig, path) == cfg
     assert yaml.safe_load(text) == config_to_dict(cfg)
     assert not (tmp_path / "run" / "config.yaml.tmp").exists()
+
+
+# --- declared ranges, cross-field rules, duplicate YAML keys -------------------------------------------------
+
+
+def _stage_config_classes() -> list[tuple[str, type]]:
+    from alignkit.cli import STAGES, _load_stage
+
+    return [(stage, _load_stage(stage)[1]) for stage in STAGES]
+
+
+def _required_filled(cls) -> dict:
+    """A placeholder for each required (text) field, so the defaults of everything else can be checked."""
+    return {f.name: "x" for f in dataclasses.fields(cls) if f.metadata.get("required")}
+
+
+@pytest.mark.parametrize("stage, cls", _stage_config_classes(), ids=lambda v: v if isinstance(v, str) else "")
+def test_every_numeric_field_of_every_stage_declares_a_range_its_default_meets(stage, cls):
+    """Every int/float field (optional or in a tuple) of every stage's config has a declared range, the help
+    shows it, and the defaults load (so they meet their ranges and the class's check())."""
+    names = numeric_fields(cls)
+    assert all(field_range(cls, name) is not None for name in names), [
+        n for n in names if field_range(cls, n) is None
+    ]
+    flat = squash(config_help(cls))
+    for name in names:
+        assert f"Valid: {field_range(cls, name)}." in flat, name
+    load_config(cls, **_required_filled(cls))
+
+
+def test_every_stage_with_numbers_is_covered():
+    """The parametrized test above sees the classes with most numbers (no stage silently left out)."""
+    counts = {stage: len(numeric_fields(cls)) for stage, cls in _stage_config_classes()}
+    assert counts["ppo"] > 40 and counts["dpo"] > 25 and counts["quickstart"] == 10 and counts["report"] == 1
+
+
+NAMED_CASES = [
+    # (stage, overrides, message): the cases issue 15 names, each as a user sees it.
+    ("dpo", ["beta=-0.1"], "config key 'beta' must be > 0, got -0.1 (from the command line)"),
+    ("dpo", ["beta=0"], "config key 'beta' must be > 0, got 0.0 (from the command line)"),
+    ("online-dpo", ["beta=-1"], "config key 'beta' must be > 0, got -1.0 (from the command line)"),
+    ("kto", ["beta=-0.1"], "config key 'beta' must be > 0, got -0.1 (from the command line)"),
+    ("sft", ["batch_size=0"], "config key 'batch_size' must be >= 1, got 0 (from the command line)"),
+    (
+        "dpo",
+        ["micro_batch_size=0"],
+        "config key 'micro_batch_size' must be >= 1, got 0 (from the command line)",
+    ),
+    ("rm", ["max_length=1"], "config key 'max_length' must be >= 2, got 1 (from the command line)"),
+    ("sft", ["max_length=0"], "config key 'max_length' must be >= 2, got 0 (from the command line)"),
+    (
+        "dpo",
+        ["max_length=64", "max_prompt_length=64"],
+        "config key 'max_prompt_length' must be < max_length (64), got 64 (from the command line)",
+    ),
+    (
+        "dpo",
+        ["max_prompt_length=0"],
+        "config key 'max_prompt_length' must be >= 1, got 0 (from the command line)",
+    ),
+    *[
+        (
+            stage,
+            [f"learning_rate={text}"],
+            f"config key 'learning_rate' must be {finite}> 0 (or 0 with allow_zero_learning_rate=true), "
+            f"got {shown} (from the command line)",
+        )
+        for stage, text, shown, finite in [
+            ("sft", "nan", "nan", "a finite number "),
+            ("dpo", "inf", "inf", "a finite number "),
+            ("ppo", "-inf", "-inf", "a finite number "),
+            ("kto", ".nan", "nan", "a finite number "),  # YAML's own spelling
+            ("rm", "1e400", "inf", "a finite number "),  # overflows to inf
+            ("sft", "-1e-5", "-1e-05", ""),
+            ("online-dpo", "0", "0.0", ""),
+            ("dpo", "0.0", "0.0", ""),
+        ]
+    ],
+    ("sft", ["max_steps=0"], "config key 'max_steps' must be >= 1, got 0 (from the command line)"),
+    ("dpo", ["max_steps=-3"], "config key 'max_steps' must be >= 1, got -3 (from the command line)"),
+    ("rm", ["epochs=0"], "config key 'epochs' must be >= 1, got 0 (from the command line)"),
+    ("kto", ["epochs=-1"], "config key 'epochs' must be >= 1, got -1 (from the command line)"),
+    (
+        "sft",
+        ["batch_size=4", "micro_batch_size=8"],
+        "config key 'micro_batch_size' must be <= batch_size (4), got 8 (from the command line)",
+    ),
+    (
+        "sft",
+        ["batch_size=1"],  # micro_batch_size keeps its default 2
+        "config key 'micro_batch_size' must be <= batch_size (1), got 2 (batch_size from the command line)",
+    ),
+    (
+        "kto",
+        ["micro_batch_size=1"],
+        "config key 'micro_batch_size' must be >= 2, got 1 (from the command line)",
+    ),
+    ("ppo", ["temperature=0"], "config key 'temperature' must be > 0, got 0.0 (from the command line)"),
+    (
+        "ppo",
+        ["minibatch_size=4"],  # micro_batch_size keeps its default 8
+        "config key 'micro_batch_size' must be <= minibatch_size (4), got 8 (minibatch_size from the command line)",
+    ),
+    ("ppo", ["gamma=1.5"], "config key 'gamma' must be in [0, 1], got 1.5 (from the command line)"),
+    ("ppo", ["clip_eps=1"], "config key 'clip_eps' must be in (0, 1), got 1.0 (from the command line)"),
+    (
+        "ppo",
+        ["init_kl_coef=0"],
+        "config key 'init_kl_coef' must be > 0 when kl_target is set (adaptive control scales beta and cannot "
+        "move it from 0), got 0.0; or set kl_target=null for no KL penalty (from the command line)",
+    ),
+    (
+        "online-dpo",
+        ["samples_per_prompt=1"],
+        "config key 'samples_per_prompt' must be >= 2, got 1 (from the command line)",
+    ),
+    ("online-dpo", ["top_p=0"], "config key 'top_p' must be in (0, 1], got 0.0 (from the command line)"),
+    (
+        "dpo",
+        ["label_smoothing=0.5"],
+        "config key 'label_smoothing' must be in [0, 0.5), got 0.5 (from the command line)",
+    ),
+    ("sft", ["adam_beta2=1"], "config key 'adam_beta2' must be in [0, 1), got 1.0 (from the command line)"),
+    ("sft", ["max_grad_norm=0"], "config key 'max_grad_norm' must be > 0, got 0.0 (from the command line)"),
+    ("sft", ["seed=-1"], "config key 'seed' must be in [0, 4294967295], got -1 (from the command line)"),
+    (
+        "sft",
+        ["train_rows=[-1,5]"],
+        "config key 'train_rows' must hold numbers >= 0, got [-1, 5] (from the command line)",
+    ),
+    (
+        "sft",
+        ["train_rows=[5,5]"],
+        "config key 'train_rows' must be [start, stop] with start < stop, got [5, 5] (from the command line)",
+    ),
+    ("sft", ["max_train_rows=0"], "config key 'max_train_rows' must be >= 1, got 0 (from the command line)"),
+    ("eval", ["temperature=-0.1"], "config key 'temperature' must be >= 0, got -0.1 (from the command line)"),
+    ("build-prefs", ["n_samples=1"], "config key 'n_samples' must be >= 2, got 1 (from the command line)"),
+    (
+        "score",
+        ["max_length=32", "max_prompt_length=40"],
+        "config key 'max_prompt_length' must be < max_length (32), got 40 (from the command line)",
+    ),
+    (
+        "cai-label",
+        ["pairs_per_chunk=0"],
+        "config key 'pairs_per_chunk' must be >= 1, got 0 (from the command line)",
+    ),
+    ("quickstart", ["dpo_beta=-0.1"], "config key 'dpo_beta' must be > 0, got -0.1 (from the command line)"),
+    (
+        "quickstart",
+        ["dpo_learning_rate=0"],
+        "config key 'dpo_learning_rate' must be > 0, got 0.0 (from the command line)",
+    ),
+    ("report", ["max_samples=-1"], "config key 'max_samples' must be >= 0, got -1 (from the command line)"),
+]
+
+
+@pytest.mark.parametrize("stage, overrides, message", NAMED_CASES)
+def test_out_of_range_value_is_refused_naming_field_value_and_range(stage, overrides, message):
+    from alignkit.cli import _load_stage
+
+    cls = _load_stage(stage)[1]
+    given = [f"{k}={v}" for k, v in _required_filled(cls).items()]
+    with pytest.raises(ConfigError) as info:
+        load_config(cls, None, [*given, *overrides])
+    assert str(info.value) == message
+
+
+def test_range_error_names_the_file_a_value_came_from(tmp_path):
+    from alignkit.stages.dpo import DPOConfig
+
+    path = write(tmp_path, "train_data: d\nbeta: -0.1\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(DPOConfig, path)
+    assert str(info.value) == f"config key 'beta' must be > 0, got -0.1 (from {path})"
+    # Two fields from two places: each named with its source.
+    with pytest.raises(ConfigError) as info:
+        load_config(TrainConfig, write(tmp_path, "train_data: d\nbatch_size: 2\n"), ["micro_batch_size=4"])
+    assert str(info.value).endswith(
+        f"got 4 (micro_batch_size from the command line, batch_size from {tmp_path / 'cfg.yaml'})"
+    )
+
+
+def test_zero_learning_rate_is_accepted_only_when_asked_for():
+    cfg = load_config(TrainConfig, None, ["train_data=d", "learning_rate=0", "allow_zero_learning_rate=true"])
+    assert cfg.learning_rate == 0.0
+    with pytest.raises(ConfigError, match="allow_zero_learning_rate=true"):
+        load_config(TrainConfig, None, ["train_data=d", "learning_rate=0", "allow_zero_learning_rate=false"])
+    # The escape is for 0 only: a negative rate stays an error.
+    with pytest.raises(ConfigError, match="got -1.0"):
+        load_config(TrainConfig, None, ["train_data=d", "learning_rate=-1", "allow_zero_learning_rate=true"])
+
+
+def test_subclass_keeps_the_range_of_a_field_it_redeclares_and_may_narrow_it():
+    """DPOConfig redeclares learning_rate (a new default) and keeps TrainConfig's range; KTOConfig narrows
+    micro_batch_size to >= 2; FakeConfig (tests) redeclares learning_rate too."""
+    from alignkit.stages.dpo import DPOConfig
+    from alignkit.stages.kto import KTOConfig
+
+    assert field_range(DPOConfig, "learning_rate") == field_range(TrainConfig, "learning_rate")
+    assert str(field_range(FakeConfig, "learning_rate")) == "> 0 (or 0 with allow_zero_learning_rate=true)"
+    assert (
+        str(field_range(TrainConfig, "micro_batch_size")),
+        str(field_range(KTOConfig, "micro_batch_size")),
+    ) == (
+        ">= 1",
+        ">= 2",
+    )
+
+
+def test_range_bounds_and_finiteness():
+    @dataclasses.dataclass
+    class Numbers:
+        free: float = 0.0  # no declared range: any finite number
+        unbounded: float = doc_field(0.0, "Any float, inf and nan too.", finite=False)
+        fraction: float | None = doc_field(None, "In (0, 1].", gt=0, le=1)
+
+    for text in ("nan", "inf", "-inf", "1e999"):
+        with pytest.raises(ConfigError, match=r"'free' must be a finite number, got (nan|-?inf)"):
+            load_config(Numbers, None, [f"free={text}"])
+    assert math.isinf(load_config(Numbers, None, ["unbounded=-inf"]).unbounded)
+    assert math.isnan(load_config(Numbers, None, ["unbounded=nan"]).unbounded)
+    assert load_config(Numbers, None, ["fraction=1"]).fraction == 1.0
+    assert load_config(Numbers, None, ["fraction=null"]).fraction is None  # None is never range-checked
+    for bad in ("0", "1.0000001", "-2"):
+        with pytest.raises(ConfigError, match=r"'fraction' must be in \(0, 1\]"):
+            load_config(Numbers, None, [f"fraction={bad}"])
+    assert (
+        str(Range(ge=0, lt=1)) == "in [0, 1)"
+        and str(Range(le=5)) == "<= 5"
+        and str(Range()) == ("any finite number")
+    )
+
+
+def test_config_built_in_code_is_checked_by_validate_config():
+    """No source is known for a dataclass built directly: the message names field, value and range only."""
+    from alignkit.stages.dpo import DPOConfig
+
+    with pytest.raises(ConfigError) as info:
+        validate_config(DPOConfig(train_data="d", beta=-0.1))
+    assert str(info.value) == "config key 'beta' must be > 0, got -0.1"
+    with pytest.raises(ConfigError) as info:
+        validate_config(DPOConfig(train_data="d", batch_size=2, micro_batch_size=4))
+    assert str(info.value) == "config key 'micro_batch_size' must be <= batch_size (2), got 4"
+    validate_config(DPOConfig(train_data="d"))  # the defaults hold
+
+
+def test_stage_check_config_refuses_a_config_built_in_code(tmp_path):
+    """kto, ppo and online-dpo check a config built in code before they write anything."""
+    from alignkit.stages import kto, online_dpo, ppo
+
+    with pytest.raises(ConfigError, match="'micro_batch_size' must be >= 2, got 1"):
+        kto.check_config(kto.KTOConfig(train_data="d", micro_batch_size=1))
+    with pytest.raises(ConfigError, match="'iterations' must be >= 1, got 0"):
+        ppo.check_config(ppo.PPOConfig(reward="x:y", iterations=0))
+    with pytest.raises(ConfigError, match="'samples_per_prompt' must be >= 2, got 1"):
+        online_dpo.check_config(online_dpo.OnlineDPOConfig(reward="x:y", samples_per_prompt=1))
+
+
+def test_unused_field_of_ppo_is_refused_at_load_time():
+    from alignkit.stages.ppo import PPOConfig
+
+    with pytest.raises(
+        ConfigError, match="'epochs' is not used by ppo; set iterations and ppo_epochs instead"
+    ):
+        load_config(PPOConfig, None, ["reward=x:y", "epochs=3"])
+
+
+def test_help_shows_each_range():
+    from alignkit.stages.dpo import DPOConfig
+
+    text = squash(config_help(DPOConfig))
+    assert "DPO/IPO temperature on the log-ratios (KL strength). Valid: > 0." in text
+    assert "Peak AdamW learning rate. Valid: > 0 (or 0 with allow_zero_learning_rate=true)." in text
+    assert "Valid: in [0, 0.5)." in text  # label_smoothing
+    assert "Run each pair's prompt once" in text and "share_prompt" in text  # a bool: no range shown
+
+
+def test_duplicate_yaml_key_names_the_key_and_both_lines(tmp_path):
+    path = write(tmp_path, "train_data: d\nbeta: 0.1\n# a comment\nseed: 3\nbeta: -0.1\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(FakeConfig, path)
+    assert (
+        str(info.value) == f"config file {path}: key 'beta' appears twice, on line 2 and on line 5; keep one"
+    )
+
+
+def test_duplicate_key_in_a_nested_mapping_or_an_override_is_refused(tmp_path):
+    path = write(tmp_path, "train_data: d\nlora_target_modules:\n  - {a: 1, a: 2}\n")
+    with pytest.raises(ConfigError, match="key 'a' appears twice, on line 3 and on line 3"):
+        load_config(TrainConfig, path)
+    with pytest.raises(
+        ConfigError, match=r"override 'lora_target_modules=\{q: 1, q: 2\}': key 'q' appears twice"
+    ):
+        load_config(TrainConfig, None, ["train_data=d", "lora_target_modules={q: 1, q: 2}"])
+
+
+def test_yaml_merge_keys_may_still_be_overridden(tmp_path):
+    """A key brought in by `<<: *base` and set again in the mapping is YAML's override, not a duplicate."""
+    path = write(tmp_path, "base: &b {seed: 1, batch_size: 4}\n")
+    data = _parse_yaml(path.read_text() + "run:\n  <<: *b\n  seed: 7\n")
+    assert data["run"] == {"seed": 7, "batch_size": 4}
+
+
+def test_yaml_with_python_tags_stays_refused(tmp_path):
+    """Safe loading kept: a tag that would build a Python object is a YAML error, not code run."""
+    path = write(tmp_path, "train_data: !!python/object/apply:os.system ['echo hi']\n")
+    with pytest.raises(ConfigError, match="is not valid YAML"):
+        load_config(TrainConfig, path)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "train_data: d\nseed: " + "9" * 5000 + "\n",  # past Python's int-from-text limit
+        "train_data: d\ntrain_split: 2024-13-45\n",  # a date YAML cannot build
+        "train_data: d\nseed: !!int\n",  # PyYAML: IndexError
+        "train_data: d\nlora: !!bool maybe\n",  # PyYAML: KeyError
+        "train_data: d\ntrain_split: !!timestamp soon\n",  # PyYAML: AttributeError
+        "train_data: d\nlora_target_modules: !!map x\n",
+        "train_data: d\n? !!set x\n: 1\n",  # an unhashable key
+    ],
+)
+def test_yaml_values_python_refuses_to_build_are_config_errors(tmp_path, text):
+    with pytest.raises(ConfigError, match="is not valid YAML"):
+        load_config(TrainConfig, write(tmp_path, text))
+
+
+def test_config_file_that_cannot_be_read_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match="cannot read config file"):
+        load_config(TrainConfig, tmp_path)  # a directory
+    binary = tmp_path / "b.yaml"
+    binary.write_bytes(b"\xff\xfe\x00")
+    with pytest.raises(ConfigError, match="cannot read config file"):
+        load_config(TrainConfig, binary)

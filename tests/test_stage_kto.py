@@ -149,12 +149,16 @@ def test_unpaired_eval_reports_reward_gap_not_accuracy(tiny_model_dir, tmp_path)
 
 @pytest.mark.parametrize("field", ["micro_batch_size", "batch_size"])
 def test_batches_of_one_are_refused_naming_the_field(tmp_path, field):
-    """z0 from one example is a single clamped sample; the stage refuses it before loading anything."""
-    cfg = load_config(
-        KTOConfig, None, ["train_data=unused.jsonl", f"output_dir={tmp_path / 'x'}", f"{field}=1"]
-    )
-    with pytest.raises(ConfigError, match=f"{field}=1"):
-        run(cfg)
+    """z0 from one example is a single clamped sample: refused when the config loads, and by the stage before
+    it writes anything when the config was built in code."""
+    message = f"config key '{field}' must be >= 2, got 1"
+    with pytest.raises(ConfigError, match=f"^{message} \\(from the command line\\)$"):
+        load_config(
+            KTOConfig, None, ["train_data=unused.jsonl", f"output_dir={tmp_path / 'x'}", f"{field}=1"]
+        )
+    built = KTOConfig(train_data="unused.jsonl", output_dir=str(tmp_path / "x"), **{field: 1})
+    with pytest.raises(ConfigError, match=f"^{message}$"):
+        run(built)
     assert not (tmp_path / "x").exists()
 
 

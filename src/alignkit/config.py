@@ -1,14 +1,18 @@
 """Typed, documented configuration for every stage.
 
-One dataclass per stage; each field carries a one-line doc. Configs load from YAML plus
-``key=value`` overrides; unknown keys and missing required fields are errors that name them.
+One dataclass per stage; each field carries a one-line doc and, when it is a number, its valid range. Configs
+load from YAML plus ``key=value`` overrides; unknown keys, duplicate YAML keys, missing or null required fields,
+values of the wrong type or out of range, and settings that contradict each other (a class's ``check()``) are
+errors that name them.
 """
 
 from __future__ import annotations
 
+import collections.abc
 import dataclasses
 import difflib
 import inspect
+import math
 import os
 import re
 import textwrap
@@ -23,21 +27,101 @@ import yaml
 from alignkit.errors import AlignkitError
 
 MISSING_DOC = "required"
+# numpy's legacy seeding (np.random.seed, called with every stage's seed) takes 0 <= seed < 2**32.
+SEED_MAX = 2**32 - 1
 
 
 class ConfigError(AlignkitError, ValueError):
-    """A configuration problem, with a message that names the field."""
+    """A configuration problem, with a message that names the field.
+
+    ``keys``: the fields a cross-field rule names, first the one it blames (``load_config`` adds where their
+    values came from)."""
+
+    def __init__(self, message: str, keys: tuple[str, ...] = ()) -> None:
+        super().__init__(message)
+        self.keys = keys
 
 
-def doc_field(default: Any, doc: str) -> Any:
-    """A dataclass field with a default and a one-line doc (shown by ``alignkit <stage> --help``)."""
+@dataclass(frozen=True)
+class Range:
+    """The valid values of a numeric field: each bound optional, ``gt``/``lt`` strict, ``ge``/``le`` inclusive.
+
+    Applied to the value after coercion (to every item of a tuple field); None (an unset optional field) is
+    never checked. A float must also be finite unless ``finite`` is False."""
+
+    gt: float | None = None
+    ge: float | None = None
+    lt: float | None = None
+    le: float | None = None
+    finite: bool = True
+    zero_with: str | None = None  # a bool field that, set true, lets 0 through (learning_rate=0 on purpose)
+
+    def holds(self, x: float, cfg: Any = None) -> bool:
+        if self.zero_with and x == 0 and cfg is not None and getattr(cfg, self.zero_with, False) is True:
+            return True
+        if isinstance(x, float) and math.isnan(x):
+            return not self.finite
+        if isinstance(x, float) and math.isinf(x) and self.finite:
+            return False
+        return (
+            (self.gt is None or x > self.gt)
+            and (self.ge is None or x >= self.ge)
+            and (self.lt is None or x < self.lt)
+            and (self.le is None or x <= self.le)
+        )
+
+    def __str__(self) -> str:
+        lower = self.gt if self.gt is not None else self.ge
+        upper = self.lt if self.lt is not None else self.le
+        if lower is not None and upper is not None:  # an interval, e.g. in (0, 1]
+            opening, closing = "(" if self.gt is not None else "[", ")" if self.lt is not None else "]"
+            text = f"in {opening}{_num(lower)}, {_num(upper)}{closing}"
+        elif lower is not None:
+            text = f"{'>' if self.gt is not None else '>='} {_num(lower)}"
+        elif upper is not None:
+            text = f"{'<' if self.lt is not None else '<='} {_num(upper)}"
+        else:
+            text = "any finite number" if self.finite else "any number"
+        if self.zero_with:
+            text += f" (or 0 with {self.zero_with}=true)"
+        return text + ("" if self.finite else " (nan and inf allowed)")
+
+
+def _num(x: float) -> str:
+    """A bound as written in the declaration: 1 not 1.0, 4294967295 not 4.29e9."""
+    return str(int(x)) if float(x).is_integer() else repr(x)
+
+
+# The range of a float field declared without one: any finite number.
+FINITE = Range()
+
+
+def doc_field(
+    default: Any,
+    doc: str,
+    *,
+    gt: float | None = None,
+    ge: float | None = None,
+    lt: float | None = None,
+    le: float | None = None,
+    finite: bool = True,
+    zero_with: str | None = None,
+) -> Any:
+    """A dataclass field with a default, a one-line doc and, for a number, its valid range (all shown by
+    ``alignkit <stage> --help``, the range checked by ``load_config``).
+
+    A subclass that redeclares a field to change its default or doc keeps the range of the class it came
+    from unless it declares its own (``field_range``)."""
+    metadata: dict[str, Any] = {"doc": doc}
+    if (gt, ge, lt, le, zero_with) != (None,) * 5 or not finite:
+        metadata["range"] = Range(gt, ge, lt, le, finite, zero_with)
     if isinstance(default, (list, dict, set)):
-        return field(default_factory=lambda d=default: type(d)(d), metadata={"doc": doc})
-    return field(default=default, metadata={"doc": doc})
+        return field(default_factory=lambda d=default: type(d)(d), metadata=metadata)
+    return field(default=default, metadata=metadata)
 
 
 def required(doc: str) -> Any:
-    """A field with no sensible default: leaving it unset is an error that names it."""
+    """A field with no sensible default: leaving it unset (or null) is an error that names it."""
     return field(default=None, metadata={"doc": doc, "required": True})
 
 
@@ -49,7 +133,7 @@ class RuntimeConfig:
         "auto", "Model dtype; 'auto' picks bf16 only where the hardware runs it fast, else fp32."
     )
     trust_remote_code: bool = doc_field(False, "Allow code shipped with the model to run (off by default).")
-    num_threads: int | None = doc_field(None, "CPU threads for torch; None uses every core.")
+    num_threads: int | None = doc_field(None, "CPU threads for torch; None uses every core.", ge=1)
     progress: bool = doc_field(True, "Show a progress bar.")
 
 
@@ -75,6 +159,8 @@ class GenerationBackendConfig:
         0.5,
         "generation_backend=vllm: share of the GPU's memory vLLM takes (its weights and KV cache); the rest is "
         "left to the models alignkit runs beside it.",
+        gt=0,
+        le=1,
     )
 
 
@@ -101,46 +187,63 @@ class TrainConfig:
     train_split: str | None = doc_field(None, "Split name when train_data is a hub id or a DatasetDict.")
     eval_split: str | None = doc_field(None, "Split name when eval_data is a hub id or a DatasetDict.")
     max_train_rows: int | None = doc_field(
-        None, "Use only the first N rows of train_data (after train_rows)."
+        None, "Use only the first N rows of train_data (after train_rows).", ge=1
     )
-    max_eval_rows: int | None = doc_field(None, "Use only the first N rows of eval_data (after eval_rows).")
+    max_eval_rows: int | None = doc_field(
+        None, "Use only the first N rows of eval_data (after eval_rows).", ge=1
+    )
     train_rows: tuple[int, int] | None = doc_field(
-        None, "Use only file rows start <= row < stop of train_data, written [start, stop] (0-based)."
+        None, "Use only file rows start <= row < stop of train_data, written [start, stop] (0-based).", ge=0
     )
     eval_rows: tuple[int, int] | None = doc_field(
-        None, "Use only file rows start <= row < stop of eval_data, written [start, stop] (0-based)."
+        None, "Use only file rows start <= row < stop of eval_data, written [start, stop] (0-based).", ge=0
     )
     on_bad_row: Literal["error", "skip"] = doc_field(
         "error", "What to do with an invalid row: stop with an error naming it, or skip it and count it."
     )
-    max_length: int = doc_field(1024, "Longest prompt+completion in tokens; longer rows are truncated.")
+    # At least one prompt token and one completion token (data.tokenize._truncate needs both).
+    max_length: int = doc_field(1024, "Longest prompt+completion in tokens; longer rows are truncated.", ge=2)
     max_prompt_length: int | None = doc_field(
         None,
-        "Longest prompt in tokens (its end is kept); None lets the prompt use what the completion leaves.",
+        "Longest prompt in tokens (its end is kept), below max_length; None lets the prompt use what the "
+        "completion leaves.",
+        ge=1,
     )
     # --- optimisation ---
-    learning_rate: float = doc_field(1e-5, "Peak AdamW learning rate.")
-    weight_decay: float = doc_field(0.0, "AdamW weight decay.")
-    adam_beta1: float = doc_field(0.9, "AdamW beta1.")
-    adam_beta2: float = doc_field(0.999, "AdamW beta2.")
-    adam_eps: float = doc_field(1e-8, "AdamW epsilon.")
+    learning_rate: float = doc_field(
+        1e-5, "Peak AdamW learning rate.", gt=0, zero_with="allow_zero_learning_rate"
+    )
+    allow_zero_learning_rate: bool = doc_field(
+        False,
+        "Accept learning_rate=0: the weights never change (a dry run of the loop, e.g. to measure the starting "
+        "model); otherwise 0 is refused as a mistake.",
+    )
+    weight_decay: float = doc_field(0.0, "AdamW weight decay.", ge=0)
+    # torch's AdamW refuses betas outside [0, 1); eps = 0 divides by zero where a gradient is 0.
+    adam_beta1: float = doc_field(0.9, "AdamW beta1.", ge=0, lt=1)
+    adam_beta2: float = doc_field(0.999, "AdamW beta2.", ge=0, lt=1)
+    adam_eps: float = doc_field(1e-8, "AdamW epsilon.", gt=0)
     lr_scheduler: Literal["constant", "linear", "cosine"] = doc_field(
         "cosine", "Learning-rate schedule after warmup."
     )
-    warmup_steps: int = doc_field(0, "Optimizer steps of linear warmup from 0 to learning_rate.")
-    batch_size: int = doc_field(8, "Examples per optimizer step (the global batch).")
+    warmup_steps: int = doc_field(0, "Optimizer steps of linear warmup from 0 to learning_rate.", ge=0)
+    batch_size: int = doc_field(8, "Examples per optimizer step (the global batch).", ge=1)
     micro_batch_size: int = doc_field(
-        2, "Examples per forward/backward pass; batch_size/micro_batch_size passes are accumulated."
+        2,
+        "Examples per forward/backward pass (at most batch_size); batch_size/micro_batch_size passes are "
+        "accumulated.",
+        ge=1,
     )
-    epochs: int = doc_field(1, "Passes over the training data (ignored when max_steps is set).")
-    max_steps: int | None = doc_field(None, "Stop after this many optimizer steps.")
+    epochs: int = doc_field(1, "Passes over the training data (ignored when max_steps is set).", ge=1)
+    max_steps: int | None = doc_field(None, "Stop after this many optimizer steps.", ge=1)
+    # 0 would scale every gradient to 0 (no update); None is the way to switch clipping off.
     max_grad_norm: float | None = doc_field(
-        1.0, "Clip the global gradient norm to this value; None disables."
+        1.0, "Clip the global gradient norm to this value; None disables.", gt=0
     )
-    seed: int = doc_field(0, "Seed for data order, initialisation and sampling.")
-    num_threads: int | None = doc_field(None, "CPU threads for torch; None uses every core.")
+    seed: int = doc_field(0, "Seed for data order, initialisation and sampling.", ge=0, le=SEED_MAX)
+    num_threads: int | None = doc_field(None, "CPU threads for torch; None uses every core.", ge=1)
     logprob_chunk_size: int = doc_field(
-        1024, "Tokens per chunk when computing log-probs, so no (batch, time, vocab) tensor is held."
+        1024, "Tokens per chunk when computing log-probs, so no (batch, time, vocab) tensor is held.", ge=1
     )
     gradient_checkpointing: bool = doc_field(
         False,
@@ -149,9 +252,9 @@ class TrainConfig:
     )
     # --- LoRA ---
     lora: bool = doc_field(False, "Train LoRA adapters (PEFT) instead of all weights.")
-    lora_r: int = doc_field(16, "LoRA rank.")
-    lora_alpha: int = doc_field(32, "LoRA alpha (scaling = alpha / r).")
-    lora_dropout: float = doc_field(0.0, "Dropout on the LoRA path.")
+    lora_r: int = doc_field(16, "LoRA rank.", ge=1)
+    lora_alpha: int = doc_field(32, "LoRA alpha (scaling = alpha / r).", ge=1)
+    lora_dropout: float = doc_field(0.0, "Dropout on the LoRA path.", ge=0, lt=1)
     lora_target_modules: list[str] = doc_field(
         ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
         "Module names that get adapters.",
@@ -161,17 +264,53 @@ class TrainConfig:
     )
     # --- run folder, logging, checkpoints ---
     output_dir: str = doc_field("runs/{stage}-{time}", "Run folder; {stage} and {time} are filled in.")
-    log_every: int = doc_field(1, "Write metrics every N optimizer steps.")
+    log_every: int = doc_field(1, "Write metrics every N optimizer steps.", ge=1)
     eval_every: int | None = doc_field(
-        None, "Evaluate on eval_data every N optimizer steps (and at the end)."
+        None, "Evaluate on eval_data every N optimizer steps (and at the end).", ge=1
     )
-    save_every: int | None = doc_field(None, "Write a checkpoint every N optimizer steps (and at the end).")
-    keep_checkpoints: int = doc_field(2, "Keep only the newest N checkpoints.")
+    save_every: int | None = doc_field(
+        None, "Write a checkpoint every N optimizer steps (and at the end).", ge=1
+    )
+    keep_checkpoints: int = doc_field(2, "Keep only the newest N checkpoints.", ge=1)
     resume_from: str | None = doc_field(
         None, "Checkpoint directory to continue from exactly, or 'latest' for the newest in output_dir."
     )
     tensorboard: bool = doc_field(True, "Also write TensorBoard logs under <run>/tensorboard.")
     progress: bool = doc_field(True, "Show a progress bar with ETA.")
+
+    def check(self) -> None:
+        """The rules across fields (each field's own range is declared on it and checked before this)."""
+        check_at_most(self, "micro_batch_size", "batch_size")
+        # A prompt of max_length tokens would leave no room for the completion: the limit could never bind.
+        check_below(self, "max_prompt_length", "max_length")
+        check_row_range(self, "train_rows")
+        check_row_range(self, "eval_rows")
+
+
+# --- cross-field rules, for the ``check()`` methods of the config classes ----------------------------------
+
+
+def check_at_most(cfg: Any, name: str, limit: str) -> None:
+    """``cfg.<name>`` <= ``cfg.<limit>`` where both are set."""
+    value, bound = getattr(cfg, name), getattr(cfg, limit)
+    if value is not None and bound is not None and not value <= bound:
+        raise ConfigError(f"config key '{name}' must be <= {limit} ({bound}), got {value}", (name, limit))
+
+
+def check_below(cfg: Any, name: str, limit: str) -> None:
+    """``cfg.<name>`` < ``cfg.<limit>`` where both are set."""
+    value, bound = getattr(cfg, name), getattr(cfg, limit)
+    if value is not None and bound is not None and not value < bound:
+        raise ConfigError(f"config key '{name}' must be < {limit} ({bound}), got {value}", (name, limit))
+
+
+def check_row_range(cfg: Any, name: str) -> None:
+    """A ``[start, stop]`` row range (its items' range declared on the field) selects at least one row."""
+    rows = getattr(cfg, name)
+    if rows is not None and not rows[0] < rows[1]:
+        raise ConfigError(
+            f"config key '{name}' must be [start, stop] with start < stop, got {_shown(rows)}", (name,)
+        )
 
 
 def not_used_doc(stage: str, instead: str) -> str:
@@ -207,9 +346,11 @@ def load_config(
 ):
     """Build ``cls`` from its defaults, then a YAML file, then ``key=value`` overrides, then keyword arguments.
 
-    Each later source wins. Keys are checked against the dataclass fields, values are checked and coerced
-    against the field annotations, and required fields left unset are reported together; every problem is
-    a ``ConfigError`` whose message names the key (and the file it came from).
+    Each later source wins. Keys are checked against the dataclass fields (a key written twice in the YAML file
+    is an error), values are checked and coerced against the field annotations, required fields left unset or
+    null are reported together, then ``validate_config`` checks each number against its declared range and
+    runs the class's cross-field ``check()``. Every problem is a ``ConfigError`` whose message names the key,
+    the value and where it came from.
     """
     if not (isinstance(cls, type) and dataclasses.is_dataclass(cls)):
         raise TypeError(f"load_config needs a dataclass type, got {cls!r}")
@@ -230,7 +371,7 @@ def load_config(
     values = {}
     for name, (value, raw, source) in given.items():
         if _is_required(fields[name]) and _is_none(value):
-            values[name] = None  # explicitly unset: reported as missing below, not as a type error
+            values[name] = None  # explicitly unset: reported as null below, not as a type error
             continue
         try:
             values[name] = _coerce(hints.get(name, Any), value, raw)
@@ -242,21 +383,83 @@ def load_config(
 
     missing = [f for f in fields.values() if _is_required(f) and values.get(f.name) is None]
     if missing:
-        lines = [
-            f"missing required config field '{f.name}' for {cls.__name__}"
-            + (f": {f.metadata['doc']}" if f.metadata.get("doc") else "")
-            for f in missing
-        ]
+        lines = []
+        for f in missing:
+            doc = f": {f.metadata['doc']}" if f.metadata.get("doc") else ""
+            if f.name in given:  # written as null (or none, ~, an empty value): say so, it is not missing
+                lines.append(f"config key '{f.name}' is null (from {given[f.name][2]}); it is required{doc}")
+            else:
+                lines.append(f"missing required config field '{f.name}' for {cls.__name__}{doc}")
         example = " ".join(f"{f.name}=..." for f in missing)
         lines.append(f"set it in the YAML file or on the command line, e.g. {example}")
         raise ConfigError("\n".join(lines))
-    return cls(**values)
+    cfg = cls(**values)
+    validate_config(cfg, {name: source for name, (_, _, source) in given.items()})
+    return cfg
+
+
+def field_range(cls: type, name: str) -> Range | None:
+    """The declared range of field ``name`` of ``cls``: its own declaration's, else that of the nearest base
+    class declaring the field (a subclass that only changes a default keeps the rule)."""
+    for klass in cls.__mro__:
+        f = getattr(klass, "__dataclass_fields__", {}).get(name)
+        if f is not None and "range" in f.metadata:
+            return f.metadata["range"]
+    return None
+
+
+def numeric_fields(cls: type) -> list[str]:
+    """The init fields of ``cls`` that hold numbers (int, float, optional or in a tuple): those with a range."""
+    hints = typing.get_type_hints(cls)
+    return [f.name for f in config_fields(cls) if _is_numeric(hints.get(f.name, Any))]
+
+
+def validate_config(cfg: Any, sources: dict[str, str] | None = None) -> None:
+    """Check every number of ``cfg`` against its field's declared range (floats finite unless the range says
+    otherwise), then the class's ``check()`` (the rules across fields), if it has one.
+
+    ``sources``: where each given field came from ("the command line", a file), added to the message; a field
+    not in it was left at its default. ``load_config`` calls this; a stage can call it on a config built in code.
+    """
+    sources = sources or {}
+
+    def where(keys: tuple[str, ...]) -> str:
+        given = [k for k in keys if k in sources]
+        if not given:
+            return ""
+        if given[0] == keys[0] and len({sources[k] for k in given}) == 1:
+            return f" (from {sources[keys[0]]})"
+        return " (" + ", ".join(f"{k} from {sources[k]}" for k in given) + ")"
+
+    cls = type(cfg)
+    for name in numeric_fields(cls):
+        value = getattr(cfg, name)
+        rng = field_range(cls, name) or FINITE
+        items = value if isinstance(value, tuple) else (value,)
+        numbers = [x for x in items if isinstance(x, (int, float)) and not isinstance(x, bool)]
+        if all(rng.holds(x, cfg) for x in numbers):
+            continue
+        nonfinite = rng.finite and any(isinstance(x, float) and not math.isfinite(x) for x in numbers)
+        bounds = "" if rng is FINITE else f" {rng}"
+        must = f"must be a finite number{bounds}" if nonfinite else f"must be{bounds}"
+        if isinstance(value, tuple):
+            must = f"must hold numbers{bounds}"
+        raise ConfigError(f"config key '{name}' {must}, got {_shown(value)}{where((name,))}")
+    check = getattr(cfg, "check", None)
+    if callable(check):
+        try:
+            check()
+        except ConfigError as e:
+            if not e.keys:
+                raise
+            raise ConfigError(f"{e}{where(e.keys)}", e.keys) from None
 
 
 def config_help(cls: type) -> str:
     """Every field of ``cls`` with its type, default (or "required") and doc, grouped as declared."""
     hints = typing.get_type_hints(cls)
     sections = _field_sections(cls)
+    numeric = set(numeric_fields(cls))
     rows = []
     for f in config_fields(cls):
         if _is_required(f):
@@ -279,6 +482,8 @@ def config_help(cls: type) -> str:
             section = sec
         lines.append(f"  {name:<{name_w}}  {type_name:<{type_w}}  {default}".rstrip())
         doc = f.metadata.get("doc", "")
+        if name in numeric:  # the declared range, checked at load time
+            doc = f"{doc} Valid: {field_range(cls, name) or FINITE}.".strip()
         if doc:
             lines += textwrap.wrap(doc, width=104, initial_indent=" " * 6, subsequent_indent=" " * 6)
     return "\n".join(lines) + "\n"
@@ -318,16 +523,64 @@ class _Mismatch(Exception):
     """A value does not fit an annotation (turned into a ConfigError naming the field by the caller)."""
 
 
+class _DuplicateKey(Exception):
+    """A mapping in YAML text names a key twice (``line``: where it is first written, ``again``: the repeat;
+    both 1-based)."""
+
+    def __init__(self, key: Any, line: int, again: int) -> None:
+        super().__init__(f"key '{key}' appears twice, on line {line} and on line {again}")
+        self.key, self.line, self.again = key, line, again
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader (plain data only, no Python objects) that refuses a key written twice in one
+    mapping, where the safe loader keeps the last one silently. Keys a merge (``<<: *base``) brings in may be
+    overridden, as YAML intends: only the keys written in the mapping itself are compared."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value if isinstance(node, yaml.MappingNode) else []:  # else: PyYAML's error
+            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # a collection as a key is refused by the safe loader itself (unhashable)
+            key = self.construct_object(key_node)
+            if not isinstance(key, collections.abc.Hashable):  # `? !!set x`: refused by PyYAML itself below
+                continue
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                raise _DuplicateKey(key, seen[key], line)
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+    def construct_object(self, node: yaml.Node, deep: bool = False) -> Any:
+        # PyYAML's safe constructors let Python's own errors out on a scalar they cannot build: `!!int` with no
+        # digits (IndexError), `!!bool x` (KeyError), `!!timestamp x` (AttributeError), a date of month 13 or
+        # an integer of more than 4300 digits (ValueError). Each is a malformed document: say so, with its line.
+        try:
+            return super().construct_object(node, deep=deep)
+        except (ValueError, IndexError, KeyError, AttributeError, TypeError, OverflowError) as e:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"cannot read {node.value!r} as {node.tag} ({e})", node.start_mark
+            ) from None
+
+
+def _parse_yaml(text: str) -> Any:
+    """``text`` read as YAML with ``_UniqueKeyLoader``: raises yaml.YAMLError, _DuplicateKey, or RecursionError
+    (nesting deeper than Python's stack)."""
+    return yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader subclass: plain data only
+
+
 def _read_yaml_mapping(path: str | os.PathLike) -> dict:
     try:
         text = Path(path).read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ConfigError(f"config file not found: {path}") from None
-    except (IsADirectoryError, UnicodeDecodeError) as e:
+    except (OSError, UnicodeDecodeError) as e:  # a directory, no permission, not UTF-8 text
         raise ConfigError(f"cannot read config file {path}: {e}") from None
     try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as e:
+        data = _parse_yaml(text)
+    except _DuplicateKey as e:
+        raise ConfigError(f"config file {path}: {e}; keep one") from None
+    except (yaml.YAMLError, RecursionError) as e:
         raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
     if data is None:  # an empty file (or only comments) sets nothing
         return {}
@@ -352,8 +605,10 @@ def _parse_override(text: str) -> tuple[str, str, Any]:
             f"expected an override of the form key=value (e.g. learning_rate=1e-5), got '{text}'"
         )
     try:
-        value = yaml.safe_load(raw)
-    except yaml.YAMLError:
+        value = _parse_yaml(raw)
+    except _DuplicateKey as e:
+        raise ConfigError(f"override '{text}': key '{e.key}' appears twice; keep one") from None
+    except (yaml.YAMLError, RecursionError):
         # Not YAML (e.g. an unbalanced bracket): keep the text; the type check reports it if it does not fit.
         value = raw
     return key, raw, value
@@ -447,8 +702,13 @@ def _coerce(hint: Any, value: Any, raw: str | None) -> Any:
     if hint is float:
         if isinstance(value, bool):
             raise _Mismatch
-        if isinstance(value, (int, float)):
-            return float(value)
+        if isinstance(value, float):
+            return value
+        if isinstance(value, int):
+            try:
+                return float(value)
+            except OverflowError:  # past float's range: infinite, as float("1e400") is (the range refuses it)
+                return math.inf if value > 0 else -math.inf
         if isinstance(value, str):  # PyYAML reads 1e-5 (no dot) as a string
             return _float_or_mismatch(value)
         raise _Mismatch
@@ -463,6 +723,22 @@ def _coerce(hint: Any, value: Any, raw: str | None) -> Any:
             return value
         raise _Mismatch
     return value
+
+
+def _is_numeric(hint: Any) -> bool:
+    """int or float, alone, optional, or the items of a tuple (bool is not a number here)."""
+    if hint in (int, float):
+        return True
+    if typing.get_origin(hint) in (typing.Union, types.UnionType, tuple):
+        return any(_is_numeric(a) for a in typing.get_args(hint) if a is not Ellipsis)
+    return False
+
+
+def _shown(value: Any) -> str:
+    """A value in an error message as the user wrote it: a row range as a list, a float as Python spells it."""
+    if isinstance(value, tuple):
+        return "[" + ", ".join(_shown(v) for v in value) + "]"
+    return repr(value)
 
 
 def _float_or_mismatch(text: str) -> float:

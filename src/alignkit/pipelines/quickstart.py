@@ -26,7 +26,7 @@ from importlib.resources import files
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
-from alignkit.config import ConfigError, doc_field, load_config, save_config
+from alignkit.config import SEED_MAX, ConfigError, doc_field, load_config, save_config
 
 if TYPE_CHECKING:
     from alignkit.training.run import RunFolderLock
@@ -58,18 +58,22 @@ class QuickstartConfig:
         6,
         "Responses sampled per training prompt (best vs worst become a pair); more samples make it likelier "
         "that one of them shows a principle the others break.",
+        ge=2,
     )
     max_new_tokens: int = doc_field(
-        64, "Longest response in tokens, when sampling candidates and evaluating."
+        64, "Longest response in tokens, when sampling candidates and evaluating.", ge=1
     )
-    temperature: float = doc_field(1.0, "Sampling temperature for the candidate responses.")
-    dpo_epochs: int = doc_field(3, "Passes over the pairs.")
-    dpo_learning_rate: float = doc_field(2e-4, "Peak learning rate of the LoRA adapters.")
-    dpo_beta: float = doc_field(0.1, "DPO beta (KL strength).")
-    lora_r: int = doc_field(16, "LoRA rank.")
-    eval_temperature: float = doc_field(0.7, "Sampling temperature when comparing policy and reference.")
-    eval_samples: int = doc_field(4, "Responses per held-out prompt and model in the evaluation.")
-    seed: int = doc_field(0, "Seed for sampling, data order and evaluation.")
+    # Greedy candidates (0) are all the same response: no pair to learn from.
+    temperature: float = doc_field(1.0, "Sampling temperature for the candidate responses.", gt=0)
+    dpo_epochs: int = doc_field(3, "Passes over the pairs.", ge=1)
+    dpo_learning_rate: float = doc_field(2e-4, "Peak learning rate of the LoRA adapters.", gt=0)
+    dpo_beta: float = doc_field(0.1, "DPO beta (KL strength).", gt=0)
+    lora_r: int = doc_field(16, "LoRA rank.", ge=1)
+    eval_temperature: float = doc_field(
+        0.7, "Sampling temperature when comparing policy and reference (0 = greedy).", ge=0
+    )
+    eval_samples: int = doc_field(4, "Responses per held-out prompt and model in the evaluation.", ge=1)
+    seed: int = doc_field(0, "Seed for sampling, data order and evaluation.", ge=0, le=SEED_MAX)
     progress: bool = doc_field(True, "Show progress bars.")
 
 

@@ -25,9 +25,11 @@ from tqdm.auto import tqdm
 from alignkit.cai.checks import ChecksRanker
 from alignkit.cai.constitution import load_constitution
 from alignkit.config import (
+    SEED_MAX,
     ConfigError,
     GenerationBackendConfig,
     RuntimeConfig,
+    check_row_range,
     config_to_dict,
     doc_field,
     required,
@@ -66,27 +68,32 @@ class BuildPrefsConfig(GenerationBackendConfig, RuntimeConfig):
     )
     prompts_split: str | None = doc_field(None, "Split name when prompts is a hub id or a DatasetDict.")
     prompt_rows: tuple[int, int] | None = doc_field(
-        None, "Use only prompt rows start <= row < stop, written [start, stop] (0-based)."
+        None, "Use only prompt rows start <= row < stop, written [start, stop] (0-based).", ge=0
     )
-    max_prompts: int | None = doc_field(None, "Use only the first N prompts (after prompt_rows).")
-    n_samples: int = doc_field(4, "Responses sampled per prompt.")
+    max_prompts: int | None = doc_field(None, "Use only the first N prompts (after prompt_rows).", ge=1)
+    # One response per prompt cannot make a pair, nor give people two to rank.
+    n_samples: int = doc_field(4, "Responses sampled per prompt (at least 2).", ge=2)
     temperature: float = doc_field(
-        1.0, "Sampling temperature (0 is greedy, which makes every sample the same)."
+        1.0, "Sampling temperature (0 is greedy, which makes every sample the same).", ge=0
     )
     top_p: float = doc_field(
-        1.0, "Nucleus sampling: keep the smallest set of tokens with this much probability."
+        1.0, "Nucleus sampling: keep the smallest set of tokens with this much probability.", gt=0, le=1
     )
-    max_new_tokens: int = doc_field(128, "Longest response in tokens.")
+    max_new_tokens: int = doc_field(128, "Longest response in tokens.", ge=1)
     max_prompt_length: int | None = doc_field(
-        512, "Longest prompt in tokens (its end is kept); None: no limit."
+        512, "Longest prompt in tokens (its end is kept); None: no limit.", ge=1
     )
     seed: int = doc_field(
-        0, "Seed for sampling and for best_vs_random; a batch's seed comes from it and the batch."
+        0,
+        "Seed for sampling and for best_vs_random; a batch's seed comes from it and the batch.",
+        ge=0,
+        le=SEED_MAX,
     )
     prompts_per_batch: int = doc_field(
         8,
         "Prompts sampled together (prompts_per_batch * n_samples sequences per generation batch); "
         "a killed run redoes at most this batch.",
+        ge=1,
     )
     ranker: Literal["reward_model", "judge", "checks", "human", "export"] = doc_field(
         "reward_model",
@@ -104,7 +111,7 @@ class BuildPrefsConfig(GenerationBackendConfig, RuntimeConfig):
         "Which pairs to emit per prompt: best_vs_worst (one), best_vs_random (one, the rejected drawn at "
         "random from the rest), all_pairs (every pair with different scores).",
     )
-    score_batch_size: int = doc_field(16, "Responses per reward-model forward pass.")
+    score_batch_size: int = doc_field(16, "Responses per reward-model forward pass.", ge=1)
     judge_model: str = doc_field(
         "smollm2-135m-instruct", "The AI judge for ranker=judge (embedded default, hub id or local dir)."
     )
@@ -115,14 +122,16 @@ class BuildPrefsConfig(GenerationBackendConfig, RuntimeConfig):
         None, "ranker=judge: use only these principle ids of the constitution; None: all of them."
     )
     judge_principles_per_comparison: int = doc_field(
-        2, "ranker=judge: principles drawn per comparison of two responses, combined by their priorities."
+        2,
+        "ranker=judge: principles drawn per comparison of two responses, combined by their priorities.",
+        ge=1,
     )
-    judge_batch_size: int = doc_field(8, "ranker=judge: judge questions per forward pass.")
+    judge_batch_size: int = doc_field(8, "ranker=judge: judge questions per forward pass.", ge=1)
     judge_max_context_tokens: int | None = doc_field(
-        384, "ranker=judge: longest conversation shown to the judge, in tokens (its end is kept)."
+        384, "ranker=judge: longest conversation shown to the judge, in tokens (its end is kept).", ge=1
     )
     judge_max_response_tokens: int | None = doc_field(
-        192, "ranker=judge: longest response shown to the judge, in tokens (its start is kept)."
+        192, "ranker=judge: longest response shown to the judge, in tokens (its start is kept).", ge=1
     )
     save_dataset: str | None = doc_field(
         None, "Also save the pairs as a Hugging Face Dataset (save_to_disk) in this directory."
@@ -131,6 +140,10 @@ class BuildPrefsConfig(GenerationBackendConfig, RuntimeConfig):
         "error", "What to do with an invalid prompt or ranked row: stop with an error naming it, or skip it."
     )
     overwrite: bool = doc_field(False, "Start the output afresh instead of resuming it.")
+
+    def check(self) -> None:
+        """The rules across fields (each field's own range is declared on it and checked before this)."""
+        check_row_range(self, "prompt_rows")
 
 
 CONFIG = BuildPrefsConfig

@@ -25,7 +25,15 @@ from tqdm.auto import tqdm
 
 from alignkit.cai.constitution import load_constitution
 from alignkit.cai.judge import Comparison, PairwiseJudge, hard_preference
-from alignkit.config import ConfigError, RuntimeConfig, config_to_dict, doc_field, required
+from alignkit.config import (
+    SEED_MAX,
+    ConfigError,
+    RuntimeConfig,
+    check_row_range,
+    config_to_dict,
+    doc_field,
+    required,
+)
 from alignkit.data.appendlog import Writer, progress_path, resume, summary_path
 from alignkit.data.io import BadRow, BadRowError, Record, read_rows
 from alignkit.data.schemas import Prompt, load_preferences, load_prompts, no_usable_rows
@@ -44,9 +52,9 @@ class CAILabelConfig(RuntimeConfig):
     output: str = required("Output .jsonl of labelled pairs; an existing one is resumed.")
     input_split: str | None = doc_field(None, "Split name when input is a hub id or a DatasetDict.")
     input_rows: tuple[int, int] | None = doc_field(
-        None, "Use only input rows start <= row < stop, written [start, stop] (0-based)."
+        None, "Use only input rows start <= row < stop, written [start, stop] (0-based).", ge=0
     )
-    max_pairs: int | None = doc_field(None, "Use only the first N pairs (after input_rows).")
+    max_pairs: int | None = doc_field(None, "Use only the first N pairs (after input_rows).", ge=1)
     on_bad_row: Literal["error", "skip"] = doc_field(
         "error",
         "What to do with an invalid input row: stop with an error naming it, or skip it and count it.",
@@ -61,25 +69,31 @@ class CAILabelConfig(RuntimeConfig):
         None, "Use only these principle ids of the constitution; None: all of them."
     )
     principles_per_comparison: int = doc_field(
-        2, "Principles drawn (seeded, per pair) and combined by the conflict rule for each comparison."
+        2,
+        "Principles drawn (seeded, per pair) and combined by the conflict rule for each comparison.",
+        ge=1,
     )
-    seed: int = doc_field(0, "Seed of the per-pair principle draws.")
+    seed: int = doc_field(0, "Seed of the per-pair principle draws.", ge=0, le=SEED_MAX)
     human_agreement: bool = doc_field(
         False,
         "Report the judge's agreement with the input's human labels (chosen/rejected) with a 95% bootstrap "
         "interval; needs chosen/rejected input.",
     )
     max_context_tokens: int | None = doc_field(
-        384, "Longest conversation shown to the judge, in tokens (its end is kept); None: no limit."
+        384, "Longest conversation shown to the judge, in tokens (its end is kept); None: no limit.", ge=1
     )
     max_response_tokens: int | None = doc_field(
-        192, "Longest response shown to the judge, in tokens (its start is kept); None: no limit."
+        192, "Longest response shown to the judge, in tokens (its start is kept); None: no limit.", ge=1
     )
-    batch_size: int = doc_field(8, "Judge questions per forward pass (each pair asks 2 x principles).")
+    batch_size: int = doc_field(8, "Judge questions per forward pass (each pair asks 2 x principles).", ge=1)
     pairs_per_chunk: int = doc_field(
-        16, "Pairs judged together before they are appended; a killed run redoes at most this many."
+        16, "Pairs judged together before they are appended; a killed run redoes at most this many.", ge=1
     )
     overwrite: bool = doc_field(False, "Start the output afresh instead of resuming it.")
+
+    def check(self) -> None:
+        """The rules across fields (each field's own range is declared on it and checked before this)."""
+        check_row_range(self, "input_rows")
 
 
 CONFIG = CAILabelConfig

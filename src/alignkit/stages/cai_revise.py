@@ -24,9 +24,11 @@ from tqdm.auto import tqdm
 
 from alignkit.cai.constitution import Constitution, Principle, load_constitution
 from alignkit.config import (
+    SEED_MAX,
     ConfigError,
     GenerationBackendConfig,
     RuntimeConfig,
+    check_row_range,
     config_to_dict,
     doc_field,
     required,
@@ -52,9 +54,9 @@ class CAIReviseConfig(GenerationBackendConfig, RuntimeConfig):
     )
     prompts_split: str | None = doc_field(None, "Split name when prompts is a hub id or a DatasetDict.")
     prompt_rows: tuple[int, int] | None = doc_field(
-        None, "Use only prompt rows start <= row < stop, written [start, stop] (0-based)."
+        None, "Use only prompt rows start <= row < stop, written [start, stop] (0-based).", ge=0
     )
-    max_prompts: int | None = doc_field(None, "Use only the first N prompts (after prompt_rows).")
+    max_prompts: int | None = doc_field(None, "Use only the first N prompts (after prompt_rows).", ge=1)
     on_bad_row: Literal["error", "skip"] = doc_field(
         "error",
         "What to do with an invalid prompt row: stop with an error naming it, or skip it and count it.",
@@ -70,23 +72,34 @@ class CAIReviseConfig(GenerationBackendConfig, RuntimeConfig):
         None, "Use only these principle ids of the constitution; None: all of them."
     )
     n_rounds: int = doc_field(
-        1, "Critique -> revision rounds per prompt, each under its own principle (drawn without repeats)."
+        1,
+        "Critique -> revision rounds per prompt, each under its own principle (drawn without repeats).",
+        ge=1,
     )
-    max_new_tokens: int = doc_field(128, "Longest answer, critique or revision, in tokens.")
-    temperature: float = doc_field(0.7, "Sampling temperature (0 is greedy).")
+    max_new_tokens: int = doc_field(128, "Longest answer, critique or revision, in tokens.", ge=1)
+    temperature: float = doc_field(0.7, "Sampling temperature (0 is greedy).", ge=0)
     top_p: float = doc_field(
-        1.0, "Nucleus sampling: keep the smallest set of tokens with this much probability."
+        1.0, "Nucleus sampling: keep the smallest set of tokens with this much probability.", gt=0, le=1
     )
     max_prompt_length: int | None = doc_field(
-        768, "Longest conversation fed to the model, in tokens (its end is kept); None: no limit."
+        768, "Longest conversation fed to the model, in tokens (its end is kept); None: no limit.", ge=1
     )
     seed: int = doc_field(
-        0, "Seed of the principle draws (per prompt) and the sampling (per batch and step)."
+        0,
+        "Seed of the principle draws (per prompt) and the sampling (per batch and step).",
+        ge=0,
+        le=SEED_MAX,
     )
     prompts_per_batch: int = doc_field(
-        8, "Prompts answered, critiqued and revised together; a killed run redoes at most this batch."
+        8,
+        "Prompts answered, critiqued and revised together; a killed run redoes at most this batch.",
+        ge=1,
     )
     overwrite: bool = doc_field(False, "Start the output afresh instead of resuming it.")
+
+    def check(self) -> None:
+        """The rules across fields (each field's own range is declared on it and checked before this)."""
+        check_row_range(self, "prompt_rows")
 
 
 CONFIG = CAIReviseConfig

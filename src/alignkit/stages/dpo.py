@@ -45,15 +45,19 @@ class DPOConfig(TrainConfig):
     """Pairwise preference optimisation. Data: prompt/chosen/rejected, or HH-RLHF-style transcripts."""
 
     loss: Literal["dpo", "ipo", "orpo"] = doc_field("dpo", "Which objective: DPO, IPO or ORPO.")
-    beta: float = doc_field(0.1, "DPO/IPO temperature on the log-ratios (KL strength).")
+    # beta <= 0 flips or removes the preference: a negative beta trains towards the rejected replies.
+    beta: float = doc_field(0.1, "DPO/IPO temperature on the log-ratios (KL strength).", gt=0)
+    # At 0.5 the two labels weigh the same (no gradient); above it the preference is reversed.
     label_smoothing: float = doc_field(
-        0.0, "DPO only: assumed label-flip rate for noisy labels (conservative DPO)."
+        0.0, "DPO only: assumed label-flip rate for noisy labels (conservative DPO).", ge=0, lt=0.5
     )
     ipo_average_logps: bool = doc_field(
         True,
         "IPO on token-averaged log-ratios (as TRL's DPOTrainer); False uses sums as the IPO paper states.",
     )
-    orpo_lambda: float = doc_field(0.1, "ORPO weight of the odds-ratio term next to the chosen NLL.")
+    orpo_lambda: float = doc_field(
+        0.1, "ORPO weight of the odds-ratio term next to the chosen NLL (0: the NLL alone).", ge=0
+    )
     reference: Literal["auto", "precomputed", "adapter", "copy"] = doc_field(
         "auto",
         "Reference log-probs: precomputed once before training; from the LoRA base with adapters disabled; "
@@ -63,7 +67,7 @@ class DPOConfig(TrainConfig):
     batch_size: int = doc_field(8, "Pairs per optimizer step.")
     micro_batch_size: int = doc_field(2, "Pairs per forward/backward pass.")
     max_length: int = doc_field(512, "Longest prompt+completion in tokens; longer pairs are truncated.")
-    eval_batch_size: int = doc_field(8, "Pairs per forward pass when evaluating or precomputing.")
+    eval_batch_size: int = doc_field(8, "Pairs per forward pass when evaluating or precomputing.", ge=1)
     share_prompt: bool = doc_field(
         True,
         "Run each pair's prompt once, [prompt | chosen | rejected] in one masked row: same log-probs, faster.",

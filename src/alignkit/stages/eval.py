@@ -19,7 +19,7 @@ from typing import Literal
 
 import torch
 
-from alignkit.config import ConfigError, GenerationBackendConfig, doc_field, required
+from alignkit.config import SEED_MAX, ConfigError, GenerationBackendConfig, doc_field, required
 from alignkit.data.schemas import load_prompts
 from alignkit.data.tokenize import encode_prompt
 from alignkit.evaluation.metrics import (
@@ -62,26 +62,36 @@ class EvalConfig(GenerationBackendConfig):
         None, "Prompt file/dataset (a 'prompt' or 'messages' column); None uses the 128 built-in prompts."
     )
     prompts_split: str | None = doc_field(None, "Split name when prompts is a hub id or a DatasetDict.")
-    max_prompts: int | None = doc_field(None, "Use only the first N prompts.")
+    max_prompts: int | None = doc_field(None, "Use only the first N prompts.", ge=1)
     on_bad_row: Literal["error", "skip"] = doc_field(
         "error", "What to do with an invalid prompt row: stop with an error naming it, or skip it."
     )
     max_prompt_length: int | None = doc_field(
-        None, "Longest prompt in tokens (its end is kept); None keeps whole prompts."
+        None, "Longest prompt in tokens (its end is kept); None keeps whole prompts.", ge=1
     )
     # --- sampling ---
     samples_per_prompt: int = doc_field(
-        1, "Responses sampled per prompt from each model; the win rate compares per-prompt mean scores."
+        1,
+        "Responses sampled per prompt from each model; the win rate compares per-prompt mean scores.",
+        ge=1,
     )
     temperature: float = doc_field(
-        0.7, "Sampling temperature (0 = greedy); the KL is exact on samples drawn at 1.0 with top_p=1.0."
+        0.7,
+        "Sampling temperature (0 = greedy); the KL is exact on samples drawn at 1.0 with top_p=1.0.",
+        ge=0,
     )
-    top_p: float = doc_field(1.0, "Nucleus sampling: sample from the smallest token set with this mass.")
-    max_new_tokens: int = doc_field(96, "Longest response in tokens.")
-    seed: int = doc_field(0, "Sampling seed; the policy and the reference draw with the same one.")
-    batch_size: int = doc_field(8, "Sequences per generation batch and per scoring forward pass.")
+    top_p: float = doc_field(
+        1.0, "Nucleus sampling: sample from the smallest token set with this mass.", gt=0, le=1
+    )
+    max_new_tokens: int = doc_field(96, "Longest response in tokens.", ge=1)
+    seed: int = doc_field(
+        0, "Sampling seed; the policy and the reference draw with the same one.", ge=0, le=SEED_MAX
+    )
+    batch_size: int = doc_field(8, "Sequences per generation batch and per scoring forward pass.", ge=1)
     logprob_chunk_size: int = doc_field(
-        1024, "Tokens per chunk when computing log-probs and entropies, so no (B, T, V) tensor is held."
+        1024,
+        "Tokens per chunk when computing log-probs and entropies, so no (B, T, V) tensor is held.",
+        ge=1,
     )
     # --- scoring ---
     reward_model: str | None = doc_field(

@@ -23,7 +23,7 @@ from typing import Literal
 
 import torch
 
-from alignkit.config import ConfigError, TrainConfig, doc_field
+from alignkit.config import ConfigError, TrainConfig, doc_field, validate_config
 from alignkit.data.collate import collate_unpaired, length_sorted_batches
 from alignkit.data.io import BadRow, read_rows
 from alignkit.data.schemas import load_preferences, load_unpaired, pairs_to_unpaired
@@ -49,11 +49,11 @@ from alignkit.training.run import RunDir
 class KTOConfig(TrainConfig):
     """KTO. Data: prompt/completion/label rows (unpaired feedback), or prompt/chosen/rejected pairs."""
 
-    beta: float = doc_field(0.1, "Temperature on the log-ratios (KL strength), as in DPO.")
+    beta: float = doc_field(0.1, "Temperature on the log-ratios (KL strength), as in DPO.", gt=0)
     desirable_weight: float = doc_field(
-        1.0, "lambda_D, weight of desirable examples; keep lambda_D*n_D / (lambda_U*n_U) in [1, 4/3]."
+        1.0, "lambda_D, weight of desirable examples; keep lambda_D*n_D / (lambda_U*n_U) in [1, 4/3].", gt=0
     )
-    undesirable_weight: float = doc_field(1.0, "lambda_U, weight of undesirable examples.")
+    undesirable_weight: float = doc_field(1.0, "lambda_U, weight of undesirable examples.", gt=0)
     data_format: Literal["auto", "unpaired", "pairs"] = doc_field(
         "auto",
         "unpaired: prompt/completion/label rows; pairs: chosen/rejected pairs, each split into one desirable "
@@ -67,14 +67,18 @@ class KTOConfig(TrainConfig):
     # Same default as DPO: both move the policy by beta-scaled log-ratios from the same reference, and one
     # learning rate lets the two be compared on the same data (TRL's KTOConfig uses 1e-6).
     learning_rate: float = doc_field(5e-7, "Peak AdamW learning rate.")
-    batch_size: int = doc_field(8, "Examples per optimizer step.")
+    # z0 is a batch estimate over each micro-batch; from a single example it is one clamped sample, noisy
+    # and biased upward by the clamp at 0 (TRL refuses a per-device batch of 1 for the same estimate). The
+    # fixed partners keep the rare single-example micro-batch at an epoch's end well defined.
+    batch_size: int = doc_field(8, "Examples per optimizer step, at least 2.", ge=2)
     micro_batch_size: int = doc_field(
         2,
         "Examples per forward/backward pass (per process), at least 2: z0 is estimated over each micro-step "
         "(the micro-batches of all processes at that step).",
+        ge=2,
     )
     max_length: int = doc_field(512, "Longest prompt+completion in tokens; longer examples are truncated.")
-    eval_batch_size: int = doc_field(8, "Examples per forward pass when evaluating or precomputing.")
+    eval_batch_size: int = doc_field(8, "Examples per forward pass when evaluating or precomputing.", ge=1)
 
 
 CONFIG = KTOConfig
@@ -366,15 +370,8 @@ def load_examples(cfg: KTOConfig, tokenizer, source, split, rows, limit, what: s
 
 
 def check_config(cfg: KTOConfig) -> None:
-    # z0 is a batch estimate over each micro-batch; from a single example it is one clamped sample, noisy
-    # and biased upward by the clamp at 0 (TRL refuses a per-device batch of 1 for the same estimate). The
-    # fixed partners keep the rare single-example micro-batch at an epoch's end well defined.
-    for name in ("micro_batch_size", "batch_size"):
-        if getattr(cfg, name) < 2:
-            raise ConfigError(
-                f"{name}={getattr(cfg, name)}: KTO estimates its reference point z0 from mismatched pairs "
-                f"of each micro-batch and needs at least 2 examples there; set {name}=2 or more"
-            )
+    """The declared ranges (batches of at least 2) and rules, for a config built in code too."""
+    validate_config(cfg)
     if cfg.reference == "adapter" and not cfg.lora:
         raise ConfigError(
             "reference=adapter needs lora=true (the reference is the base with adapters disabled)"

@@ -38,10 +38,13 @@ from alignkit.config import (
     ConfigError,
     GenerationBackendConfig,
     TrainConfig,
+    check_at_most,
+    check_row_range,
     doc_field,
     not_used_doc,
     refuse_unused,
     required,
+    validate_config,
 )
 from alignkit.data.pairing import make_pairs
 from alignkit.data.tokenize import EncodedPair, encode_prompt
@@ -111,32 +114,44 @@ class OnlineDPOConfig(GenerationBackendConfig, TrainConfig):
         "'module:function' with function(prompt: str, response: str) -> float (e.g. "
         "alignkit.evaluation.classifiers:sentiment), or a reward model directory written by `alignkit rm`."
     )
-    reward_batch_size: int = doc_field(8, "Responses per forward pass of a reward model.")
+    reward_batch_size: int = doc_field(8, "Responses per forward pass of a reward model.", ge=1)
     # --- rounds ---
-    rounds: int = doc_field(10, "Rounds; each samples, scores, pairs and updates once.")
-    prompts_per_round: int = doc_field(8, "Prompts per round; each makes at most one pair.")
+    rounds: int = doc_field(10, "Rounds; each samples, scores, pairs and updates once.", ge=1)
+    prompts_per_round: int = doc_field(8, "Prompts per round; each makes at most one pair.", ge=1)
     samples_per_prompt: int = doc_field(
-        4, "Responses sampled per prompt (at least 2); the best and the worst by the reward make its pair."
+        4,
+        "Responses sampled per prompt (at least 2); the best and the worst by the reward make its pair.",
+        ge=2,
     )
-    max_new_tokens: int = doc_field(48, "Longest response in tokens.")
+    max_new_tokens: int = doc_field(48, "Longest response in tokens.", ge=1)
+    # Greedy samples (0) of one prompt are all the same: no pair could ever be made.
     temperature: float = doc_field(
-        1.0, "Sampling temperature (> 0: the samples of one prompt must differ to make a pair)."
+        1.0, "Sampling temperature (> 0: the samples of one prompt must differ to make a pair).", gt=0
     )
-    top_p: float = doc_field(1.0, "Nucleus sampling: sample from the smallest token set with this mass.")
+    top_p: float = doc_field(
+        1.0, "Nucleus sampling: sample from the smallest token set with this mass.", gt=0, le=1
+    )
     generation_batch_size: int = doc_field(
         16,
         "Sequences per batched generate() call (generation_backend=hf; vLLM batches by itself). In N processes "
         "each samples every N-th batch: at most prompts_per_round * samples_per_prompt / N keeps them all "
         "sampling.",
+        ge=1,
     )
     max_prompt_length: int | None = doc_field(256, "Longest prompt in tokens (its end is kept).")
     forward_batch_size: int = doc_field(
-        16, "Samples per no-grad forward pass (the reference's and the policy's log-probs of the samples)."
+        16,
+        "Samples per no-grad forward pass (the reference's and the policy's log-probs of the samples).",
+        ge=1,
     )
     # --- objective ---
     loss: Literal["dpo", "ipo"] = doc_field("dpo", "Which objective on the pairs: DPO or IPO.")
-    beta: float = doc_field(0.1, "DPO/IPO temperature on the log-ratios (KL strength).")
-    label_smoothing: float = doc_field(0.0, "DPO only: assumed label-flip rate (conservative DPO).")
+    # beta <= 0 flips or removes the preference (a negative beta trains towards the rejected samples).
+    beta: float = doc_field(0.1, "DPO/IPO temperature on the log-ratios (KL strength).", gt=0)
+    # At 0.5 the two labels weigh the same (no gradient); above it the preference is reversed.
+    label_smoothing: float = doc_field(
+        0.0, "DPO only: assumed label-flip rate (conservative DPO).", ge=0, lt=0.5
+    )
     ipo_average_logps: bool = doc_field(
         True, "IPO on token-averaged log-ratios (as TRL's DPOTrainer); False uses sums as the IPO paper."
     )
@@ -144,10 +159,13 @@ class OnlineDPOConfig(GenerationBackendConfig, TrainConfig):
         True, "Run each pair's prompt once, [prompt | chosen | rejected] in one masked row: same log-probs."
     )
     # --- update ---
-    dpo_epochs: int = doc_field(1, "Passes of minibatch DPO updates over each round's pairs.")
-    minibatch_size: int = doc_field(8, "Pairs per optimizer step.")
+    dpo_epochs: int = doc_field(1, "Passes of minibatch DPO updates over each round's pairs.", ge=1)
+    minibatch_size: int = doc_field(8, "Pairs per optimizer step.", ge=1)
     micro_batch_size: int = doc_field(
-        2, "Pairs per forward/backward pass; a minibatch is accumulated from these exactly."
+        2,
+        "Pairs per forward/backward pass (at most minibatch_size); a minibatch is accumulated from these "
+        "exactly.",
+        ge=1,
     )
     learning_rate: float = doc_field(1e-6, "Peak AdamW learning rate (LoRA usually wants ~1e-4).")
     lr_scheduler: Literal["constant", "linear", "cosine"] = doc_field(
@@ -165,22 +183,20 @@ class OnlineDPOConfig(GenerationBackendConfig, TrainConfig):
     eval_data: str | None = doc_field(None, _not_used("eval_data"))
     eval_every: int | None = doc_field(None, _not_used("eval_every"))
 
+    def check(self) -> None:
+        """The rules across fields (each field's own range is declared on it and checked before this)."""
+        refuse_unused(self, NOT_USED, "online-dpo")
+        check_at_most(self, "micro_batch_size", "minibatch_size")
+        check_row_range(self, "train_rows")
+
 
 CONFIG = OnlineDPOConfig
 
 
 def check_config(cfg: OnlineDPOConfig) -> None:
-    refuse_unused(cfg, NOT_USED, "online-dpo")
+    """The declared ranges and ``OnlineDPOConfig.check`` (for a config built in code too), and the backend."""
+    validate_config(cfg)
     check_scorer(cfg.reward, "reward")
-    if cfg.samples_per_prompt < 2:
-        raise ConfigError(
-            f"config key 'samples_per_prompt' must be at least 2 to make a pair, got {cfg.samples_per_prompt}"
-        )
-    if cfg.temperature <= 0:
-        raise ConfigError("config key 'temperature' must be > 0: greedy samples of a prompt are all the same")
-    for name in ("rounds", "prompts_per_round", "dpo_epochs", "minibatch_size", "micro_batch_size"):
-        if getattr(cfg, name) < 1:
-            raise ConfigError(f"config key '{name}' must be at least 1, got {getattr(cfg, name)}")
     check_generation_backend(cfg.generation_backend)
 
 

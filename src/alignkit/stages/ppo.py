@@ -32,10 +32,13 @@ from alignkit.config import (
     ConfigError,
     GenerationBackendConfig,
     TrainConfig,
+    check_at_most,
+    check_row_range,
     doc_field,
     not_used_doc,
     refuse_unused,
     required,
+    validate_config,
 )
 from alignkit.data.tokenize import encode_prompt
 from alignkit.errors import TrainingInterrupted
@@ -124,37 +127,45 @@ class PPOConfig(GenerationBackendConfig, TrainConfig):
         "'module:function' with function(prompt: str, response: str) -> float (e.g. alignkit.rewards:politeness), "
         "or a reward model directory written by `alignkit rm`."
     )
-    reward_batch_size: int = doc_field(8, "Responses per forward pass of a reward model.")
+    reward_batch_size: int = doc_field(8, "Responses per forward pass of a reward model.", ge=1)
     # --- rollouts ---
-    iterations: int = doc_field(20, "PPO iterations; each samples, scores and updates once.")
+    iterations: int = doc_field(20, "PPO iterations; each samples, scores and updates once.", ge=1)
     prompts_per_iteration: int = doc_field(
-        16, "Prompts sampled per iteration (the rollout batch), one response each."
+        16, "Prompts sampled per iteration (the rollout batch), one response each.", ge=1
     )
     max_new_tokens: int = doc_field(
-        48, "Longest response in tokens; a response cut here counts as unfinished."
+        48, "Longest response in tokens; a response cut here counts as unfinished.", ge=1
     )
+    # PPO's ratio and KL need the policy's own samples; greedy decoding (0) is not a sample of it.
     temperature: float = doc_field(
         1.0,
         "Sampling temperature (> 0); log-probs of policy and reference are taken at the same temperature.",
+        gt=0,
     )
     generation_batch_size: int = doc_field(
         16,
         "Prompts per batched generate() call (generation_backend=hf; vLLM batches by itself). In N processes "
         "each samples every N-th batch: at most prompts_per_iteration / N keeps them all sampling.",
+        ge=1,
     )
     max_prompt_length: int | None = doc_field(256, "Longest prompt in tokens (its end is kept).")
     # --- reward shaping ---
     init_kl_coef: float = doc_field(
-        0.05, "beta at the start: weight of the per-token KL penalty to the reference."
+        0.05,
+        "beta at the start: weight of the per-token KL penalty to the reference (0: none; then kl_target must "
+        "be None, as adaptive control scales beta and cannot move it from 0).",
+        ge=0,
     )
     kl_target: float | None = doc_field(
         6.0,
         "Adaptive KL control (Ziegler et al. 2019): steer beta so the mean per-response KL (nats) tracks this; "
         "None keeps beta fixed at init_kl_coef.",
+        gt=0,
     )
     kl_horizon: int = doc_field(
         10000,
         "Adaptive KL horizon in responses: beta moves by at most 20% x responses / horizon per iteration.",
+        ge=1,
     )
     kl_estimator: Literal["k1", "k3"] = doc_field(
         "k1",
@@ -163,30 +174,40 @@ class PPOConfig(GenerationBackendConfig, TrainConfig):
     missing_eos_penalty: float | None = doc_field(
         None,
         "Subtract this from the score of a response that hit max_new_tokens without EOS; None: no penalty.",
+        ge=0,
     )
     whiten_rewards: bool = doc_field(
         False, "Scale the per-token rewards to unit variance (mean kept) before GAE (Huang et al. 2024)."
     )
     # --- PPO update ---
-    ppo_epochs: int = doc_field(2, "Passes of minibatch updates over each iteration's samples.")
-    minibatch_size: int = doc_field(8, "Responses per optimizer step.")
+    ppo_epochs: int = doc_field(2, "Passes of minibatch updates over each iteration's samples.", ge=1)
+    minibatch_size: int = doc_field(8, "Responses per optimizer step.", ge=1)
     micro_batch_size: int = doc_field(
-        8, "Responses per forward/backward pass; a minibatch is accumulated from these exactly."
+        8,
+        "Responses per forward/backward pass (at most minibatch_size); a minibatch is accumulated from these "
+        "exactly.",
+        ge=1,
     )
-    clip_eps: float = doc_field(0.2, "PPO ratio clip: pi/pi_old is held within [1 - eps, 1 + eps].")
+    # eps >= 1 would let the lower clip 1 - eps reach 0: no clip on a shrinking ratio.
+    clip_eps: float = doc_field(
+        0.2, "PPO ratio clip: pi/pi_old is held within [1 - eps, 1 + eps].", gt=0, lt=1
+    )
     value_clip_eps: float = doc_field(
-        0.2, "Value clip: a new value moves at most this far from the rollout's."
+        0.2, "Value clip: a new value moves at most this far from the rollout's.", gt=0
     )
-    vf_coef: float = doc_field(0.1, "Weight of the value loss next to the policy loss.")
+    # 0 would leave the value model untrained, and GAE's advantages built on its first guesses.
+    vf_coef: float = doc_field(0.1, "Weight of the value loss next to the policy loss.", gt=0)
     ent_coef: float = doc_field(
-        0.0, "Weight of an entropy bonus; > 0 holds (N, vocab) logits for the backward pass."
+        0.0, "Weight of an entropy bonus; > 0 holds (N, vocab) logits for the backward pass.", ge=0
     )
-    gamma: float = doc_field(1.0, "Discount over response tokens.")
+    gamma: float = doc_field(1.0, "Discount over response tokens.", ge=0, le=1)
     lam: float = doc_field(
         0.95,
         "GAE lambda (Schulman et al. 2016): 1 = Monte-Carlo returns, 0 = one-step TD. Below 1, a value model "
         "that has not learned yet gives a response's last tokens most of the credit for its score, and so "
         "rewards ending early whatever the score; 1 avoids that (configs/ppo_sentiment.yaml).",
+        ge=0,
+        le=1,
     )
     learning_rate: float = doc_field(1e-5, "Peak AdamW learning rate (LoRA usually wants ~1e-4).")
     adam_eps: float = doc_field(1e-5, "AdamW epsilon; 1e-5 as in lm-human-preferences (Huang et al. 2024).")
@@ -202,6 +223,18 @@ class PPOConfig(GenerationBackendConfig, TrainConfig):
     max_length: int = doc_field(1024, _not_used("max_length"))
     eval_data: str | None = doc_field(None, _not_used("eval_data"))
     eval_every: int | None = doc_field(None, _not_used("eval_every"))
+
+    def check(self) -> None:
+        """The rules across fields (each field's own range is declared on it and checked before this)."""
+        refuse_unused(self, NOT_USED, "ppo")
+        check_at_most(self, "micro_batch_size", "minibatch_size")
+        check_row_range(self, "train_rows")
+        if self.kl_target is not None and self.init_kl_coef == 0:
+            raise ConfigError(
+                "config key 'init_kl_coef' must be > 0 when kl_target is set (adaptive control scales beta and "
+                "cannot move it from 0), got 0.0; or set kl_target=null for no KL penalty",
+                ("init_kl_coef", "kl_target"),
+            )
 
 
 CONFIG = PPOConfig
@@ -370,14 +403,10 @@ def check_launch(cfg: PPOConfig) -> None:
 
 
 def check_config(cfg: PPOConfig) -> None:
-    refuse_unused(cfg, NOT_USED, "ppo")
+    """The declared ranges and ``PPOConfig.check`` (for a config built in code too), and the backend."""
+    validate_config(cfg)
     check_scorer(cfg.reward, "reward")
-    if cfg.temperature <= 0:
-        raise ConfigError("temperature must be > 0: PPO's ratio and KL need the policy's own samples")
     check_generation_backend(cfg.generation_backend)
-    for name in ("iterations", "prompts_per_iteration", "minibatch_size", "micro_batch_size", "ppo_epochs"):
-        if getattr(cfg, name) < 1:
-            raise ConfigError(f"config key '{name}' must be at least 1, got {getattr(cfg, name)}")
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -25,7 +25,7 @@ class ReportConfig:
         None, "eval.json to include; default <run_dir>/eval.json, else <run_dir>/final/eval.json, if present."
     )
     title: str | None = doc_field(None, "Page title; default 'alignkit report: <run folder name>'.")
-    max_samples: int = doc_field(20, "Eval samples shown in the page (all stay in eval.json).")
+    max_samples: int = doc_field(20, "Eval samples shown in the page (all stay in eval.json).", ge=0)
 
 
 CONFIG = ReportConfig

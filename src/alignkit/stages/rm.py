@@ -45,17 +45,18 @@ class RMConfig(TrainConfig):
         0.0,
         "Weight of the reward-centering term coef * (r_c + r_r)^2 that keeps rewards near zero "
         "(Eisenstein et al. 2023 use 0.01); 0 disables it.",
+        ge=0,
     )
     learning_rate: float = doc_field(1e-5, "Peak AdamW learning rate.")
     batch_size: int = doc_field(8, "Pairs per optimizer step.")
     micro_batch_size: int = doc_field(2, "Pairs per forward/backward pass (2x as many sequences).")
     max_length: int = doc_field(512, "Longest prompt+response in tokens; longer pairs are truncated.")
-    eval_batch_size: int = doc_field(8, "Pairs per forward pass when evaluating.")
+    eval_batch_size: int = doc_field(8, "Pairs per forward pass when evaluating.", ge=1)
     eval_before: bool = doc_field(
         True, "Also measure the held-out pairs before training (the untrained head's accuracy, near 0.5)."
     )
     train_eval_pairs: int = doc_field(
-        256, "Held-in pairs (the first N training pairs) measured before and after training; 0 skips."
+        256, "Held-in pairs (the first N training pairs) measured before and after training; 0 skips.", ge=0
     )
 
 

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from alignkit.config import ConfigError, RuntimeConfig, doc_field, required
+from alignkit.config import ConfigError, RuntimeConfig, check_below, check_row_range, doc_field, required
 from alignkit.data.io import BadRow, BadRowError, Record, read_rows
 from alignkit.data.schemas import load_preferences, load_prompts, no_usable_rows
 from alignkit.models.loading import pick_device
@@ -41,9 +41,9 @@ class ScoreConfig(RuntimeConfig):
     )
     split: str | None = doc_field(None, "Split name when input is a hub id or a DatasetDict.")
     rows: tuple[int, int] | None = doc_field(
-        None, "Score only input rows start <= row < stop, written [start, stop] (0-based)."
+        None, "Score only input rows start <= row < stop, written [start, stop] (0-based).", ge=0
     )
-    max_rows: int | None = doc_field(None, "Score only the first N rows (after rows).")
+    max_rows: int | None = doc_field(None, "Score only the first N rows (after rows).", ge=1)
     response_column: str = doc_field(
         "response",
         "Column of the response in (prompt, response) rows; 'completion' is read when this one is absent.",
@@ -54,18 +54,28 @@ class ScoreConfig(RuntimeConfig):
         "rejected_<score_column>.",
     )
     batch_size: int = doc_field(
-        16, "Rows per batch (a pair counts as one row of two sequences); written per batch."
+        16, "Rows per batch (a pair counts as one row of two sequences); written per batch.", ge=1
     )
+    # At least one prompt token and one response token (data.tokenize._truncate needs both).
     max_length: int | None = doc_field(
-        None, "Longest prompt+response in tokens; None uses the max_length the reward model was trained with."
+        None,
+        "Longest prompt+response in tokens; None uses the max_length the reward model was trained with.",
+        ge=2,
     )
     max_prompt_length: int | None = doc_field(
-        None, "Longest prompt in tokens (its end is kept); None uses the reward model's setting."
+        None,
+        "Longest prompt in tokens (its end is kept), below max_length; None uses the reward model's setting.",
+        ge=1,
     )
     on_bad_row: Literal["error", "skip"] = doc_field(
         "error", "What to do with an invalid row: stop with an error naming it, or skip it and count it."
     )
     overwrite: bool = doc_field(False, "Start the output afresh instead of resuming it.")
+
+    def check(self) -> None:
+        """The rules across fields (each field's own range is declared on it and checked before this)."""
+        check_row_range(self, "rows")
+        check_below(self, "max_prompt_length", "max_length")  # where both are given
 
 
 CONFIG = ScoreConfig

@@ -38,7 +38,7 @@ class SFTConfig(TrainConfig):
     """Supervised fine-tuning. Data: prompt/completion columns, or a `messages` list."""
 
     learning_rate: float = doc_field(2e-5, "Peak AdamW learning rate.")
-    eval_batch_size: int = doc_field(8, "Sequences per forward pass when measuring loss.")
+    eval_batch_size: int = doc_field(8, "Sequences per forward pass when measuring loss.", ge=1)
     measure_train_loss: bool = doc_field(
         True, "Measure the loss on the whole training set before and after training (held-in loss)."
     )
