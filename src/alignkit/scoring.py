@@ -14,6 +14,11 @@ from typing import Any, Protocol
 
 from alignkit.config import ConfigError
 from alignkit.data.schemas import Prompt
+from alignkit.errors import AlignkitError
+
+
+class RewardFunctionError(AlignkitError, ValueError):
+    """A user's reward function returned something that is not a finite number."""
 
 
 class Scorer(Protocol):
@@ -64,7 +69,7 @@ class FunctionScorer:
             except (TypeError, ValueError):
                 value = math.nan
             if not math.isfinite(value):
-                raise ValueError(
+                raise RewardFunctionError(
                     f"{self.field} {self.name} returned {returned!r} for response {i} ({response[:60]!r}); "
                     "it must return a finite number"
                 )

@@ -16,7 +16,7 @@ from typing import Literal
 
 import torch
 
-from alignkit.config import TrainConfig, doc_field
+from alignkit.config import ConfigError, TrainConfig, doc_field
 from alignkit.data.collate import collate_pairs, length_sorted_batches, pair_length
 from alignkit.data.schemas import load_preferences
 from alignkit.data.tokenize import encode_pair
@@ -73,6 +73,15 @@ class DPOConfig(TrainConfig):
         "Run each pair's prompt once, [prompt | chosen | rejected] in one masked row: same log-probs, faster.",
     )
 
+
+    def check(self) -> None:
+        super().check()
+        if self.reference == "adapter" and not self.lora and self.loss != "orpo":
+            raise ConfigError(
+                "config key 'reference' is 'adapter', which needs lora=true (the reference is the base with the "
+                "adapters disabled); set lora=true or reference=precomputed",
+                ("reference", "lora"),
+            )
 
 @dataclass
 class IPOConfig(DPOConfig):
@@ -195,10 +204,6 @@ def _run(cfg: DPOConfig, run_dir: RunDir, started: float) -> dict:
     mode = cfg.reference if cfg.reference != "auto" else "precomputed"
     if cfg.loss == "orpo":
         mode = "none"
-    if mode == "adapter" and not cfg.lora:
-        raise ValueError(
-            "reference=adapter needs lora=true (the reference is the base with adapters disabled)"
-        )
     reference = None
     if mode == "precomputed":
         # Only the pairs this run will visit (max_steps may end it inside the first epoch); cached on disk.

@@ -308,8 +308,6 @@ def run(cfg: EvalConfig) -> dict:
     require_one_process("eval")
     started = time.time()
     check_vllm_models(cfg)
-    if cfg.samples_per_prompt < 1:
-        raise ValueError(f"samples_per_prompt must be at least 1, got {cfg.samples_per_prompt}")
     reference_name = (
         None if cfg.reference is None or cfg.reference.strip().lower() in NO_REFERENCE else cfg.reference
     )
@@ -342,7 +340,7 @@ def run(cfg: EvalConfig) -> dict:
     reference = reference_samples = None
     if reference_name is not None:
         if not _same_vocabulary(tokenizer, load_tokenizer(reference_name, cfg.trust_remote_code)):
-            raise ValueError(
+            raise ConfigError(
                 f"reference '{reference_name}' has another vocabulary than '{cfg.model}'; per-token KL needs "
                 "both models to score the same tokens (pass reference=none to skip the comparison)"
             )
