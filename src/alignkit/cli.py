@@ -115,8 +115,10 @@ def main(argv: list[str] | None = None) -> int:
         # Raised on purpose with a message for the user (e.g. a checkpoint that cannot be resumed).
         return _fail(str(e))
     except KeyboardInterrupt:
-        # Ctrl-C before the training loop took over SIGINT (loading, tokenizing): nothing to resume.
-        print("interrupted before training started; no checkpoint was written", file=sys.stderr)
+        # Ctrl-C before the training loop took over SIGINT (loading, tokenizing): nothing new to resume. (The
+        # loops turn a second signal into TrainingInterrupted naming the newest intact checkpoint.) A resumed
+        # run's earlier checkpoints are still there, so do not claim there are none.
+        print("interrupted before training started; no new checkpoint was written", file=sys.stderr)
         return EXIT_INTERRUPTED
     except FileNotFoundError as e:
         # A data file, model directory or checkpoint the user named is not there; the message names the path.
