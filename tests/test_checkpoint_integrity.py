@@ -15,10 +15,15 @@ from pathlib import Path
 import pytest
 import torch
 from _loop_worker import make_examples, make_model, toy_collate, toy_config, toy_step
+from _signal_monitor import SignalAt
 from test_stage_dpo import PAIRS
 
 from alignkit.cli import main
+from alignkit.config import load_config
 from alignkit.errors import TrainingInterrupted
+from alignkit.evaluation.monitors import MonitorSet
+from alignkit.stages import online_dpo, ppo
+from alignkit.training import checkpoint as checkpoint_module
 from alignkit.training.checkpoint import (
     COMPLETE_MARKER,
     MANIFEST,
@@ -106,6 +111,57 @@ def test_nonfinite_optimizer_state_is_refused_before_anything_is_written(tmp_pat
     with pytest.raises(NonFiniteState, match=r"optimizer state 0\.exp_avg_sq"):
         save_checkpoint(tmp_path / "step-000001", model, optimizer, scheduler, {"step": 1})
     assert list(tmp_path.iterdir()) == []
+
+
+STAGE_ARGS = {
+    "ppo": (ppo, "iteration", ["iterations=3", "prompts_per_iteration=2", "minibatch_size=2"]),
+    "online-dpo": (online_dpo, "round", ["rounds=3", "prompts_per_round=2", "samples_per_prompt=2"]),
+}
+
+
+@pytest.mark.parametrize("stage", sorted(STAGE_ARGS))
+def test_ppo_and_online_dpo_skip_a_nonfinite_checkpoint_and_verify_on_resume(
+    stage, tiny_model_dir, tmp_path, monkeypatch, capsys
+):
+    """Their own loops: a weight turned NaN as the step-2 checkpoint is written (with a SIGINT during round 2)
+    -> no step-2 checkpoint, a warning naming the round/iteration, and TrainingInterrupted naming step-1. With
+    step-1's weights then truncated, resume_from=latest is an error naming that file."""
+    module, step_name, extra = STAGE_ARGS[stage]
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in ["hello there", "the quick fox"]))
+    out = tmp_path / "run"
+    args = [
+        f"model={tiny_model_dir}",
+        f"train_data={prompts}",
+        "reward=_ppo_rewards:length",
+        f"output_dir={out}",
+        "micro_batch_size=1",
+        "max_new_tokens=4",
+        "save_every=1",
+        "progress=false",
+        "tensorboard=false",
+        *extra,
+    ]
+    real_save = checkpoint_module.save_checkpoint
+
+    def poisoned_at_step_2(path, model, *rest, **kwargs):
+        if Path(path).name == "step-000002":
+            with torch.no_grad():
+                next(p for p in model.parameters() if p.requires_grad).view(-1)[0] = float("nan")
+        return real_save(path, model, *rest, **kwargs)
+
+    monkeypatch.setattr(checkpoint_module, "save_checkpoint", poisoned_at_step_2)
+    with pytest.raises(TrainingInterrupted) as info:
+        module.run(load_config(module.CONFIG, None, args), monitors=MonitorSet([SignalAt(2)]))
+    step1 = out / "checkpoints" / "step-000001"
+    assert info.value.checkpoint == str(step1)
+    assert _step_dirs(out / "checkpoints") == ["step-000001"]
+    assert f"no checkpoint written at {step_name} 2: " in capsys.readouterr().err
+
+    _truncate(step1 / "weights.safetensors")
+    bad_file = step1 / "weights.safetensors"
+    with pytest.raises(CheckpointError, match=f"the newest, {step1}, is corrupt: {bad_file}"):
+        module.run(load_config(module.CONFIG, None, [*args, "resume_from=latest"]))
 
 
 # --- manifest and verification ------------------------------------------------------------------------

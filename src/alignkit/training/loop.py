@@ -156,7 +156,7 @@ def train(
 
     # Resume: weights, optimizer, scheduler, RNG and counters; the data position follows from the step.
     step, n_items_seen, n_nonfinite, elapsed_before = 0, 0.0, 0, 0.0
-    # The checkpoint, verified against its manifest (a corrupt latest one falls back), one decision for all ranks.
+    # Checked against its manifest (a corrupt latest falls back to an intact one); one decision for all ranks.
     last_checkpoint = resume_checkpoint(cfg.resume_from, run.checkpoints_dir)
     if last_checkpoint is not None:
         written_by = checkpoint_engine(last_checkpoint)
@@ -214,7 +214,7 @@ def train(
                 return skipped_checkpoint("step", step, e, last_checkpoint, run.log_metrics)
         save_engine_checkpoint(path, accelerator, scheduler, state)  # every rank writes its slices
         if main:
-            prune_checkpoints(run.checkpoints_dir, cfg.keep_checkpoints)
+            prune_checkpoints(run.checkpoints_dir, cfg.keep_checkpoints, written=path)
         accelerator.wait_for_everyone()
         return str(path)
 
