@@ -134,7 +134,9 @@ def test_killed_and_resumed_again_and_again_equals_an_uninterrupted_run(tiny_mod
         output = _interrupt(kind, rng, tiny_model_dir, pair_data, out, first=i == 0)
         if kind == "term-twice":
             assert "training stopped at once by a second SIGTERM" in output, output
-        for named in re.findall(r"resume_from=(\S+)", output):
+        named_checkpoints = re.findall(r"^resume with: alignkit .* resume_from=(\S+)$", output, flags=re.MULTILINE)
+        assert len(named_checkpoints) == (kind in ("term-twice", "sigterm")), output
+        for named in named_checkpoints:
             assert checkpoint_problem(Path(named)) is None and (Path(named) / "COMPLETE").exists()
             assert Path(named) == latest_checkpoint(out / "checkpoints")
     assert 0 < _saved_step(out) < MAX_STEPS, "the interruptions should leave work to do"
