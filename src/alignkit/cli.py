@@ -120,8 +120,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"resume with: alignkit {shlex.join(resume)}", file=sys.stderr)
         return EXIT_INTERRUPTED
     except KeyboardInterrupt:
-        # Ctrl-C before the training loop took over SIGINT (loading, tokenizing): nothing to resume.
-        print("interrupted before training started; no checkpoint was written", file=sys.stderr)
+        # Ctrl-C before the training loop took over SIGINT (loading, tokenizing): nothing new to resume. (The
+        # loops turn a second signal into TrainingInterrupted naming the newest intact checkpoint.) A resumed
+        # run's earlier checkpoints are still there, so do not claim there are none.
+        print("interrupted before training started; no new checkpoint was written", file=sys.stderr)
         return EXIT_INTERRUPTED
     except Exception as e:
         message = user_error_message(e, stage)

@@ -69,7 +69,14 @@ from alignkit.models.loading import (
 )
 from alignkit.scoring import check_scorer, load_scorer
 from alignkit.training import distributed
-from alignkit.training.checkpoint import checkpoint_dir, load_checkpoint, write_checkpoint
+from alignkit.training.checkpoint import (
+    NonFiniteState,
+    checkpoint_dir,
+    load_checkpoint,
+    resume_checkpoint,
+    skipped_checkpoint,
+    write_checkpoint,
+)
 from alignkit.training.loop import seed_and_threads
 from alignkit.training.online import (
     derived_seed,
@@ -83,7 +90,7 @@ from alignkit.training.online import (
 from alignkit.training.preference import PairExample, collate_pair_examples, pair_outputs
 from alignkit.training.run import RunDir, peak_rss_mb
 from alignkit.training.schedule import build_optimizer, build_scheduler
-from alignkit.training.signals import StopSignals
+from alignkit.training.signals import StopSignals, stopped_at_once
 
 # TrainConfig fields that mean nothing in a round's loop, and what to set instead (a changed one is an error).
 NOT_USED = {
@@ -415,8 +422,7 @@ def _run(cfg: OnlineDPOConfig, run_dir: RunDir, started: float, monitors: Monito
     # Resume: policy weights (LoRA: the adapters), optimizer, schedule, RNG and the round counter. Nothing in a
     # checkpoint depends on the number of processes; the main process picks it, every process reads it.
     start, n_nonfinite, elapsed_before = 0, 0, 0.0
-    resume = str(run_dir.latest_checkpoint() or "") if cfg.resume_from == "latest" else cfg.resume_from
-    resume = distributed.broadcast_from_main(resume)
+    resume = resume_checkpoint(cfg.resume_from, run_dir.checkpoints_dir) or ""  # verified; corrupt: fall back
     if resume:
         state = load_checkpoint(resume, policy, optimizer, scheduler)
         if (state["n_prompts"], state["prompts_per_round"]) != (len(prompts), cfg.prompts_per_round):
@@ -437,7 +443,7 @@ def _run(cfg: OnlineDPOConfig, run_dir: RunDir, started: float, monitors: Monito
     loop_started = time.monotonic()
     round_no, saved, last_checkpoint, last_row, stopped_by = start, start if resume else -1, resume, {}, None
 
-    def save() -> str:
+    def save() -> str | None:  # the checkpoint written, or the last good one where the state is not finite
         for p in params:  # checkpoints hold what requires grad; make sure PEFT's switches left it so
             p.requires_grad_(True)
         state = {
@@ -448,13 +454,17 @@ def _run(cfg: OnlineDPOConfig, run_dir: RunDir, started: float, monitors: Monito
             "elapsed_s": elapsed_before + time.monotonic() - loop_started,
         }
         path = checkpoint_dir(run_dir.checkpoints_dir, round_no)
-        return write_checkpoint(path, policy, optimizer, scheduler, state, cfg.keep_checkpoints)
+        try:
+            return write_checkpoint(path, policy, optimizer, scheduler, state, cfg.keep_checkpoints)
+        except NonFiniteState as e:
+            return skipped_checkpoint("round", round_no, e, last_checkpoint, run_dir.log_metrics)
 
     bar = tqdm(
         total=cfg.rounds, initial=start, disable=not cfg.progress or not main, desc="online-dpo", unit="round"
     )
+    signals = StopSignals()
     try:
-        with StopSignals() as signals:
+        with signals:
             while round_no < cfg.rounds:
                 t0 = time.monotonic()
                 # 1. Sample k responses to each of the round's prompts from the current policy, with a seed that
@@ -586,6 +596,8 @@ def _run(cfg: OnlineDPOConfig, run_dir: RunDir, started: float, monitors: Monito
                     break
             if saved != round_no:
                 last_checkpoint, saved = save(), round_no
+    except KeyboardInterrupt:  # a second signal: stopped at once, maybe inside a checkpoint write
+        raise stopped_at_once(signals, run_dir.checkpoints_dir, last_checkpoint or None) from None
     finally:
         bar.close()
         run_dir.close()

@@ -77,7 +77,14 @@ from alignkit.models.value import (
 )
 from alignkit.scoring import Scorer, check_scorer, load_scorer
 from alignkit.training import distributed
-from alignkit.training.checkpoint import checkpoint_dir, load_checkpoint, write_checkpoint
+from alignkit.training.checkpoint import (
+    NonFiniteState,
+    checkpoint_dir,
+    load_checkpoint,
+    resume_checkpoint,
+    skipped_checkpoint,
+    write_checkpoint,
+)
 from alignkit.training.loop import seed_and_threads
 from alignkit.training.online import (
     derived_seed,
@@ -97,7 +104,7 @@ from alignkit.training.rollout import (
 )
 from alignkit.training.run import RunDir, peak_rss_mb
 from alignkit.training.schedule import build_optimizer, build_scheduler
-from alignkit.training.signals import StopSignals
+from alignkit.training.signals import StopSignals, stopped_at_once
 
 # TrainConfig fields that mean nothing in PPO's loop, and what to set instead. check_config refuses a changed
 # value rather than silently ignoring it. (Without eval_data, the other eval_* fields are inert.)
@@ -481,8 +488,7 @@ def _run(cfg: PPOConfig, run_dir: RunDir, started: float, monitors: MonitorSet |
     # Resume: weights of policy and value, optimizer, schedule, RNG, KL controller, iteration. Nothing in a
     # checkpoint depends on the number of processes; the main process picks it, every process reads it.
     start, n_nonfinite, elapsed_before = 0, 0, 0.0
-    resume = str(run_dir.latest_checkpoint() or "") if cfg.resume_from == "latest" else cfg.resume_from
-    resume = distributed.broadcast_from_main(resume)
+    resume = resume_checkpoint(cfg.resume_from, run_dir.checkpoints_dir) or ""  # verified; corrupt: fall back
     if resume:
         state = load_checkpoint(resume, trained, optimizer, scheduler)
         if (state["n_prompts"], state["prompts_per_iteration"]) != (len(prompts), cfg.prompts_per_iteration):
@@ -511,7 +517,7 @@ def _run(cfg: PPOConfig, run_dir: RunDir, started: float, monitors: MonitorSet |
     loop_started = time.monotonic()
     iteration, saved, last_checkpoint, last_row, stopped_by = start, start if resume else -1, resume, {}, None
 
-    def save() -> str:
+    def save() -> str | None:  # the checkpoint written, or the last good one where the state is not finite
         # Checkpoints hold what requires grad; PEFT adapter switches toggle that flag, so set it once more.
         for p in params:
             p.requires_grad_(True)
@@ -524,13 +530,17 @@ def _run(cfg: PPOConfig, run_dir: RunDir, started: float, monitors: MonitorSet |
             "elapsed_s": elapsed_before + time.monotonic() - loop_started,
         }
         path = checkpoint_dir(run_dir.checkpoints_dir, iteration)
-        return write_checkpoint(path, trained, optimizer, scheduler, state, cfg.keep_checkpoints)
+        try:
+            return write_checkpoint(path, trained, optimizer, scheduler, state, cfg.keep_checkpoints)
+        except NonFiniteState as e:
+            return skipped_checkpoint("iteration", iteration, e, last_checkpoint, run_dir.log_metrics)
 
     bar = tqdm(
         total=cfg.iterations, initial=start, disable=not cfg.progress or not main, desc="ppo", unit="iter"
     )
+    signals = StopSignals()
     try:
-        with StopSignals() as signals:
+        with signals:
             while iteration < cfg.iterations:
                 t0 = time.monotonic()
                 # 1. Sample one response per prompt from the current policy (batched, KV cache), with a seed
@@ -641,6 +651,8 @@ def _run(cfg: PPOConfig, run_dir: RunDir, started: float, monitors: MonitorSet |
                     break
             if saved != iteration:
                 last_checkpoint, saved = save(), iteration
+    except KeyboardInterrupt:  # a second signal: stopped at once, maybe inside a checkpoint write
+        raise stopped_at_once(signals, run_dir.checkpoints_dir, last_checkpoint or None) from None
     finally:
         bar.close()
         run_dir.close()

@@ -26,17 +26,20 @@ from alignkit.errors import TrainingInterrupted
 from alignkit.models.loading import enable_gradient_checkpointing
 from alignkit.training import distributed
 from alignkit.training.checkpoint import (
+    NonFiniteState,
     checkpoint_dir,
     checkpoint_engine,
     load_checkpoint,
     load_engine_checkpoint,
     prune_checkpoints,
+    resume_checkpoint,
     save_engine_checkpoint,
+    skipped_checkpoint,
     write_checkpoint,
 )
 from alignkit.training.run import RunDir, peak_rss_mb
 from alignkit.training.schedule import build_optimizer, build_scheduler
-from alignkit.training.signals import StopSignals
+from alignkit.training.signals import StopSignals, stopped_at_once
 
 # More consecutive non-finite steps than this end the run: a few are a bad batch, a streak is divergence.
 MAX_CONSECUTIVE_NONFINITE = 5
@@ -153,7 +156,8 @@ def train(
 
     # Resume: weights, optimizer, scheduler, RNG and counters; the data position follows from the step.
     step, n_items_seen, n_nonfinite, elapsed_before = 0, 0.0, 0, 0.0
-    last_checkpoint = distributed.broadcast_from_main(_resume_path(cfg.resume_from, run))  # one decision
+    # Checked against its manifest (a corrupt latest falls back to an intact one); one decision for all ranks.
+    last_checkpoint = resume_checkpoint(cfg.resume_from, run.checkpoints_dir)
     if last_checkpoint is not None:
         written_by = checkpoint_engine(last_checkpoint)
         if (written_by == "deepspeed") != (engine == "deepspeed"):
@@ -189,7 +193,9 @@ def train(
     def elapsed() -> float:
         return elapsed_before + time.monotonic() - started
 
-    def save() -> str:
+    def save() -> str | None:
+        """Write this step's checkpoint and return it; where the state is not finite, write nothing and
+        return the last good one."""
         state = {
             "step": step,
             "epoch": step // steps_per_epoch,
@@ -202,18 +208,22 @@ def train(
         }
         path = checkpoint_dir(run.checkpoints_dir, step)
         if engine != "deepspeed":  # the main process writes one process's layout (FSDP: gathered first)
-            return write_checkpoint(path, model, optimizer, scheduler, state, cfg.keep_checkpoints)
+            try:
+                return write_checkpoint(path, model, optimizer, scheduler, state, cfg.keep_checkpoints)
+            except NonFiniteState as e:
+                return skipped_checkpoint("step", step, e, last_checkpoint, run.log_metrics)
         save_engine_checkpoint(path, accelerator, scheduler, state)  # every rank writes its slices
         if main:
-            prune_checkpoints(run.checkpoints_dir, cfg.keep_checkpoints)
+            prune_checkpoints(run.checkpoints_dir, cfg.keep_checkpoints, written=path)
         accelerator.wait_for_everyone()
         return str(path)
 
     bar = tqdm(
         total=total_steps, initial=step, disable=not cfg.progress or not main, desc="train", unit="step"
     )
+    signals = StopSignals()
     try:
-        with StopSignals() as signals:
+        with signals:
             while step < total_steps:
                 # 3. Data: this step's slice of the epoch's seeded permutation (the global batch, the same for
                 #    any number of processes), and this rank's micro-batches of it; stand-ins where it has none.
@@ -326,7 +336,7 @@ def train(
                     last_checkpoint, saved_step = save(), step
                 if received:
                     name = signal.Signals(received).name
-                    raise TrainingInterrupted(checkpoint=last_checkpoint, reason=f"interrupted by {name}")
+                    raise TrainingInterrupted(checkpoint=last_checkpoint or "", reason=f"interrupted by {name}")
                 if stop_requested:
                     break
 
@@ -336,6 +346,8 @@ def train(
                 run.log_metrics({"step": step, **last_eval})
             if saved_step != step:
                 last_checkpoint, saved_step = save(), step
+    except KeyboardInterrupt:  # a second signal: stopped at once, maybe inside a checkpoint write
+        raise stopped_at_once(signals, run.checkpoints_dir, last_checkpoint) from None
     finally:
         bar.close()
         run.close()
@@ -385,16 +397,6 @@ class _Window:
             row["tokens_per_s"] = self.n_tokens / seconds
         row["elapsed_s"] = elapsed_s
         return row
-
-
-def _resume_path(resume_from: str | None, run: RunDir) -> str | None:
-    """The checkpoint to resume from: the given directory, or for "latest" the newest complete one in the run
-    folder; None starts from scratch ("latest" with nothing saved yet too, so a restart script can always
-    pass it)."""
-    if resume_from == "latest":
-        latest = run.latest_checkpoint()
-        return str(latest) if latest is not None else None
-    return resume_from or None
 
 
 def _evaluate(model: torch.nn.Module, eval_fn: Callable, device: torch.device) -> dict:
