@@ -151,6 +151,16 @@ def test_bf16_mixed_precision_moves_the_weights_as_fp32_does_and_pure_bf16_does_
     assert pure_changed < 0.5 and pure_moved < 0.5 * fp32_moved
 
 
+@pytest.mark.gpu
+def test_gpu_auto_trains_in_bf16_mixed_precision_as_fp32_does(tiny_model_dir, tmp_path, monkeypatch):
+    """On a bf16 GPU dtype=auto computes in bf16 with fp32 master weights, and moves the weights as fp32 does."""
+    monkeypatch.delenv(precision.FAST_BF16_ENV, raising=False)
+    assert precision.of_config(TrainConfig(train_data="x"), "cuda").name == "bfloat16-mixed"
+    fp32_changed, fp32_moved = _sft_weight_change(tiny_model_dir, tmp_path, "fp32", "dtype=float32")
+    auto_changed, auto_moved = _sft_weight_change(tiny_model_dir, tmp_path, "auto", "dtype=auto")
+    assert auto_changed > 0.95 and 0.5 < auto_moved / fp32_moved < 2.0
+
+
 # --- FSDP in bf16 -------------------------------------------------------------------------------------------------
 
 
