@@ -75,7 +75,7 @@ def score_rate(model, ids: torch.Tensor, repeats: int) -> float:
     return ids.numel() / timed(lambda: model(input_ids=ids, use_cache=False), repeats)
 
 
-def measure(name: str, repeats: int) -> list[tuple[str, str, str, float]]:
+def measure(name: str, repeats: int, rows: int) -> list[tuple[str, str, str, float]]:
     if name == "tiny":
         fp32 = tiny_model()
         vocab = fp32.config.vocab_size
@@ -83,9 +83,9 @@ def measure(name: str, repeats: int) -> list[tuple[str, str, str, float]]:
         fp32 = load_model(name, torch.float32, device="cpu")
         vocab = len(load_tokenizer(name))
     torch.manual_seed(0)
-    train_ids = torch.randint(3, vocab, (4, 256))  # a micro-batch of 4 rows of 256 tokens
+    train_ids = torch.randint(3, vocab, (rows, 128))  # a micro-batch of `rows` rows of 128 tokens
     prompt_ids = torch.randint(3, vocab, (6, 32))  # the 6 x 64 generated tokens
-    rows = []
+    rows: list[tuple[str, str, str, float]] = []
     for dtype in (torch.float32, torch.bfloat16):
         label = str(dtype).removeprefix("torch.")
         rows.append((name, "train (mixed)", label, train_rate(fp32, train_ids, dtype, repeats)))
@@ -102,7 +102,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default="tiny,smollm2-135m-instruct", help="comma list: tiny, embedded names, dirs")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=2, help="timed calls per measurement (after a warm-up)")
+    ap.add_argument("--rows", type=int, default=2, help="rows of 128 tokens per training/scoring batch")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     flags = precision._cpu_flags()
@@ -110,9 +111,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"CPU: {kind}; torch {torch.__version__}; {args.threads} threads; best of {args.repeats}")
     print("| model | use | dtype | tokens/s | vs fp32 |\n|---|---|---|---|---|")
     for name in args.models.split(","):
-        rows = measure(name, args.repeats)
-        base = {use: rate for _, use, dtype, rate in rows if dtype == "float32"}
-        for model, use, dtype, rate in rows:
+        table = measure(name, args.repeats, args.rows)
+        base = {use: rate for _, use, dtype, rate in table if dtype == "float32"}
+        for model, use, dtype, rate in table:
             print(f"| {model} | {use} | {dtype} | {rate:,.0f} | {rate / base[use]:.2f}x |", flush=True)
     fast = precision.bf16_is_fast(torch.device("cpu"))
     picks = {use: str(precision.pick_dtype("auto", "cpu", use)).removeprefix("torch.") for use in ("train", "generate", "score")}

@@ -34,9 +34,11 @@ DTYPES = {
 }
 
 # What ``auto`` picks for each use where bf16 is fast (CUDA GPUs with bf16, CPUs with AMX); everywhere else
-# fp32. Measured (benchmarks/dtype_per_use.py; the issue's figures for AMX): with AMX, generate of SmolLM2 runs
-# 106 tok/s in bf16 against 81 in fp32, and training and scoring gain as much; without AMX torch emulates bf16
-# matmuls and every use is 1.5-4x slower in bf16, so fp32 is both faster and exact there.
+# fp32. Measured with benchmarks/dtype_per_use.py. With AMX (issue 16, 2 cores): HF generate of SmolLM2 106 tok/s
+# in bf16 against 81 in fp32. Without AMX the picture depends on the CPU and the size: on an AVX-512 Xeon with
+# avx512_bf16 (torch 2.13, 1 thread, a loaded machine) SmolLM2 trained 1.5x, generated 1.5x and scored 2.2x
+# faster in bf16, while the tests' tiny model ran 0.7x; an older measurement on the same kind of Xeon had a
+# bf16 matmul 5x slower. Until a quiet machine settles it, auto keeps fp32 there (exact, never much slower).
 AUTO_WHERE_BF16_IS_FAST: dict[str, torch.dtype] = {
     "train": torch.bfloat16,  # as the compute dtype of mixed precision: the weights stay fp32
     "generate": torch.bfloat16,
@@ -58,9 +60,9 @@ def _cpu_flags() -> frozenset[str]:
 
 
 def bf16_is_fast(device: torch.device) -> bool:
-    """Whether bf16 matmuls run faster than fp32 on ``device``: CUDA GPUs that support bf16, CPUs with AMX
-    (``amx_bf16``; ``avx512_bf16`` alone is not enough: measured 1.5-4x slower than fp32, see
-    benchmarks/dtype_per_use.py). ``ALIGNKIT_FAST_BF16`` (1 or 0) overrides the hardware."""
+    """Whether bf16 runs faster than fp32 on ``device``, as auto assumes: CUDA GPUs that support bf16, CPUs with
+    AMX (``amx_bf16``; ``avx512_bf16`` alone is not counted: see ``AUTO_WHERE_BF16_IS_FAST``).
+    ``ALIGNKIT_FAST_BF16`` (1 or 0) overrides the hardware."""
     forced = os.environ.get(FAST_BF16_ENV, "").strip()
     if forced:
         if forced not in ("0", "1"):
