@@ -26,6 +26,8 @@ from alignkit.rewards import brevity, length, politeness
 from alignkit.scoring import prompt_text
 from alignkit.stages import ppo
 from alignkit.training import rollout as rollouts
+from alignkit.training.online import iteration_prompts
+from alignkit.training.online_engine import make_scorer
 
 PROMPTS = [
     "what is the capital of france?",
@@ -384,18 +386,18 @@ def test_reward_specs_and_config_errors(tmp_path):
         return ppo.PPOConfig(**{"reward": "_ppo_rewards:length", **kw})
 
     cpu = torch.device("cpu")
-    scorer = ppo.make_scorer(cfg(), cpu)
+    scorer = make_scorer(cfg(), cpu)
     chat = [{"role": "user", "content": "hi"}]
     assert scorer.score(["p", chat], ["abcde", "ab"]) == pytest.approx([0.5, 0.2])
     assert prompt_text(chat) == "user: hi"
     with pytest.raises(ConfigError, match="no module named 'no_such_module'"):
-        ppo.make_scorer(cfg(reward="no_such_module:f"), cpu)
+        make_scorer(cfg(reward="no_such_module:f"), cpu)
     with pytest.raises(ConfigError, match="has no function 'nope'"):
-        ppo.make_scorer(cfg(reward="alignkit.rewards:nope"), cpu)
+        make_scorer(cfg(reward="alignkit.rewards:nope"), cpu)
     with pytest.raises(ConfigError, match="neither 'module:function'"):
-        ppo.make_scorer(cfg(reward=str(tmp_path / "missing")), cpu)
+        make_scorer(cfg(reward=str(tmp_path / "missing")), cpu)
     with pytest.raises(ValueError, match="_ppo_rewards:not_a_number returned"):
-        ppo.make_scorer(cfg(reward="_ppo_rewards:not_a_number"), cpu).score(["p"], ["r"])
+        make_scorer(cfg(reward="_ppo_rewards:not_a_number"), cpu).score(["p"], ["r"])
     with pytest.raises(ConfigError, match="'batch_size' is not used by ppo; set prompts_per_iteration"):
         ppo.check_config(cfg(batch_size=4))
     with pytest.raises(ConfigError, match="^config key 'temperature' must be > 0, got 0.0$"):
@@ -405,10 +407,10 @@ def test_reward_specs_and_config_errors(tmp_path):
 def test_iteration_prompts_use_each_prompt_once_per_pass():
     """5 prompts, 2 per iteration: iterations 0-4 cover 10 slots = two full passes, each a permutation;
     the same (seed, iteration) always gives the same prompts."""
-    slots = [i for it in range(5) for i in ppo.iteration_prompts(5, 2, it, seed=3)]
+    slots = [i for it in range(5) for i in iteration_prompts(5, 2, it, seed=3)]
     assert sorted(slots[:5]) == list(range(5)) and sorted(slots[5:]) == list(range(5))
-    assert ppo.iteration_prompts(5, 2, 3, seed=3) == slots[6:8]
-    assert slots != [i for it in range(5) for i in ppo.iteration_prompts(5, 2, it, seed=4)]
+    assert iteration_prompts(5, 2, 3, seed=3) == slots[6:8]
+    assert slots != [i for it in range(5) for i in iteration_prompts(5, 2, it, seed=4)]
 
 
 def test_reward_model_directory_scores_the_samples(tiny_model_dir, tiny_tokenizer, prompt_file, tmp_path):

@@ -4,38 +4,29 @@ Offline DPO learns from pairs another policy wrote, and says less about the poli
 it moves from that one (distribution shift). Online DPO samples fresh pairs from the current policy each round
 and ranks them with a reward (Xu et al. 2023, "Some things are more CRINGE than others", pairwise iterative
 training; Guo et al. 2024, "Direct Language Model Alignment from Online AI Feedback"; Xiong et al. 2024,
-"Iterative Preference Learning from Human Feedback"). One round is one loop body in `run`, numbered:
-sample -> score -> pair best vs worst -> reference log-probs -> DPO epochs -> log.
-
-It reuses what the other stages use: the sampler (`models.generation`), the reward (`scoring`), build-prefs'
-pairing rule (`data.pairing`), DPO's pair log-probs and loss (`training.preference`, `losses.preference`) and
-PPO's seeded per-iteration bookkeeping (`training.online`).
+"Iterative Preference Learning from Human Feedback"). The loop is the online engine's
+(``training.online_engine``: sample -> score -> make_batch -> update -> log, checkpoint); this file holds online
+DPO's part of a round: 3. pair best vs worst -> 4. reference log-probs (``make_batch``) -> 5. DPO epochs
+(``update``). It reuses build-prefs' pairing rule (``data.pairing``) and DPO's pair log-probs and loss
+(``training.preference``, ``losses.preference``).
 
 Launched in several processes (torchrun, accelerate launch) it runs data parallel (DDP) with the numbers of one
-process, as PPO does: each rank samples and scores its share of the round's generation batches and takes the
-log-probs of its share of the samples, the shares are gathered (so every rank pairs the whole round alike), and
-each rank trains on its share of every minibatch's pairs, its loss divided by the whole minibatch's pairs.
-Under FSDP (full fine-tuning) policy and reference are sharded as well: generation runs on the policy's weights
-gathered whole (``distributed.whole_weights``), and the log-prob passes on the shards, every rank running as many.
+process, as PPO does: each rank takes the log-probs of its share of the samples, the shares are gathered (so
+every rank pairs the whole round alike), and each rank trains on its share of every minibatch's pairs, its loss
+divided by the whole minibatch's pairs. Under FSDP (full fine-tuning) policy and reference are sharded as well,
+and the log-prob passes run on the shards, every rank running as many.
 """
 
 from __future__ import annotations
 
 import functools
-import json
-import math
-import signal
-import sys
-import time
 from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from alignkit.config import (
-    ConfigError,
     GenerationBackendConfig,
     TrainConfig,
     check_at_most,
@@ -47,51 +38,18 @@ from alignkit.config import (
     validate_config,
 )
 from alignkit.data.pairing import make_pairs
-from alignkit.data.tokenize import EncodedPair, encode_prompt
-from alignkit.errors import TrainingInterrupted
-from alignkit.evaluation.metrics import distinct_n, kl_per_token, length_stats, pearson
+from alignkit.data.tokenize import EncodedPair
+from alignkit.evaluation.metrics import kl_per_token
 from alignkit.evaluation.monitors import MonitorSet, default_monitors
 from alignkit.models.forward import response_token_logprobs
-from alignkit.models.generation import (
-    Generation,
-    SamplingConfig,
-    check_generation_backend,
-    vllm_sampler,
-)
-from alignkit.models.loading import (
-    apply_lora,
-    count_parameters,
-    enable_gradient_checkpointing,
-    load_model,
-    load_tokenizer,
-    pick_device,
-    save_final,
-)
-from alignkit.models.precision import in_training_precision, weights_dtype
-from alignkit.scoring import check_scorer, load_scorer
+from alignkit.models.generation import Generation, check_generation_backend, vllm_sampler
+from alignkit.models.loading import enable_gradient_checkpointing
+from alignkit.models.precision import in_training_precision
+from alignkit.scoring import check_scorer
 from alignkit.training import distributed
-from alignkit.training.checkpoint import (
-    NonFiniteState,
-    checkpoint_dir,
-    load_checkpoint,
-    resume_checkpoint,
-    skipped_checkpoint,
-    write_checkpoint,
-)
-from alignkit.training.loop import seed_and_threads
-from alignkit.training.online import (
-    derived_seed,
-    iteration_prompts,
-    note_idle_processes,
-    optimizer_step,
-    sample_share,
-    training_prompts,
-    truncate_jsonl,
-)
+from alignkit.training import online_engine as engine
+from alignkit.training.online import accumulated_step
 from alignkit.training.preference import PairExample, collate_pair_examples, pair_outputs
-from alignkit.training.run import RunDir, peak_rss_mb
-from alignkit.training.schedule import build_optimizer, build_scheduler
-from alignkit.training.signals import StopSignals, stopped_at_once
 
 # TrainConfig fields that mean nothing in a round's loop, and what to set instead (a changed one is an error).
 NOT_USED = {
@@ -201,28 +159,6 @@ class OnlineDPOConfig(GenerationBackendConfig, TrainConfig):
 CONFIG = OnlineDPOConfig
 
 
-def check_config(cfg: OnlineDPOConfig) -> None:
-    """The declared ranges and ``OnlineDPOConfig.check`` (for a config built in code too), and the backend."""
-    validate_config(cfg)
-    check_scorer(cfg.reward, "reward")
-    check_generation_backend(cfg.generation_backend)
-
-
-def check_launch(cfg: OnlineDPOConfig) -> None:
-    """Refuse what online DPO cannot do in the processes it was launched in (after the process group is up)."""
-    if distributed.engine() == "deepspeed":
-        raise ConfigError(
-            "online-dpo runs data parallel (DDP) or sharded under FSDP, not under DeepSpeed: launch it with "
-            "configs/accelerate/multi_gpu.yaml, plain torchrun, or configs/accelerate/fsdp.yaml (full fine-tuning)"
-        )
-    world = distributed.world_size()
-    if world > 1 and cfg.generation_backend == "vllm":
-        raise ConfigError(
-            f"generation_backend=vllm in {world} processes is not supported by online-dpo (one vLLM engine per "
-            "process is not implemented); use generation_backend=hf, or run in one process"
-        )
-
-
 # ---------------------------------------------------------------------------------------------------------
 # Steps 3-5 of a round
 
@@ -328,316 +264,106 @@ def dpo_update(
     rank: int = 0,
     world: int = 1,
 ) -> dict:
-    """One optimizer step on a minibatch of pairs, accumulated over micro-batches. ``loss_fn(batch) -> (losses,
+    """One optimizer step on a minibatch of pairs (``online.accumulated_step``). ``loss_fn(batch) -> (losses,
     metrics)`` is ``pair_losses`` on the policy as a ``distributed.StepModule`` (in several processes wrapped in
-    DDP).
-
-    Each micro-batch's summed loss is divided by the minibatch's pairs, so the gradient is that of the mean loss
-    over the minibatch. In several processes each rank runs its share of the minibatch's pairs
-    (``rank_microbatches``), still divided by the whole minibatch's pairs (every rank holds the whole round), and
-    the gradients summed over the ranks are one process's: a mean over the minibatch's pairs, not a mean of
-    per-rank means. Returns the minibatch's mean loss and pair metrics, and the step's grad_norm, lr and
-    nonfinite flag (a non-finite step is skipped)."""
+    DDP). Each micro-batch's summed loss is divided by the whole minibatch's pairs (every rank holds the whole
+    round): the gradient is that of the mean loss over the minibatch. Returns the minibatch's mean loss and pair
+    metrics, and the step's grad_norm, lr and nonfinite flag (a non-finite step is skipped)."""
     device = next(loss_fn.parameters()).device
     n_pairs = len(minibatch)
-    shares = distributed.rank_microbatches(list(range(n_pairs)), cfg.micro_batch_size, rank, world)
-    sums: dict[str, float] = {}
-    for j, share in enumerate(shares):
-        # An empty share (fewer pairs left in the minibatch than ranks) runs a stand-in that counts for nothing:
-        # DDP needs every rank's backward to sync the gradients.
+
+    def micro_step(share: list[int]) -> dict[str, float]:
         batch = collate_pair_examples([minibatch[i] for i in share or [0]], pad_id)
-        batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
-        scale = world if share else 0  # x world: DDP averages the gradients over the ranks, undo it
-        with distributed.gradient_sync(loss_fn, last=j == len(shares) - 1):
-            losses, metrics = loss_fn(batch)
-            (losses.sum() / n_pairs * scale).backward()
-        for key, value in {"loss": losses.sum().item(), **metrics}.items():
-            sums[key] = sums.get(key, 0.0) + (value / n_pairs if share else 0.0)
-    sums = dict(zip(sums, distributed.all_reduce(list(sums.values()))))  # each rank holds its pairs' part
-    return {**sums, **optimizer_step(optimizer, scheduler, params, cfg.max_grad_norm, sums["loss"])}
+        losses, metrics = loss_fn({k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()})
+        (losses.sum() / n_pairs * (world if share else 0)).backward()
+        part = {"loss": losses.sum().item(), **metrics}
+        return {key: value / n_pairs if share else 0.0 for key, value in part.items()}
+
+    shares = distributed.rank_microbatches(list(range(n_pairs)), cfg.micro_batch_size, rank, world)
+    return accumulated_step(loss_fn, shares, micro_step, optimizer, scheduler, params, cfg.max_grad_norm)
 
 
 # ---------------------------------------------------------------------------------------------------------
 # The stage
 
 
+def check_config(cfg: OnlineDPOConfig) -> None:
+    """The declared ranges and ``OnlineDPOConfig.check`` (for a config built in code too), and the backend."""
+    validate_config(cfg)
+    check_scorer(cfg.reward, "reward")
+    check_generation_backend(cfg.generation_backend)
+
+
+def check_launch(cfg: OnlineDPOConfig) -> None:
+    """Refuse what online DPO cannot do in the processes it was launched in (after the process group is up)."""
+    engine.check_launch(cfg, "online-dpo")
+
+
 def run(cfg: OnlineDPOConfig, monitors: MonitorSet | None = None) -> dict:
     """Train the policy with online DPO; ``monitors`` replaces the default failure monitors (for tests)."""
-    started = time.time()
     check_config(cfg)
     check_launch(cfg)  # starts the process group
-    # The folder is checked, locked for this run and released however it ends (RunDir.create).
-    with RunDir.create(cfg.output_dir, "online-dpo", cfg.resume_from, cfg.tensorboard, cfg=cfg) as run_dir:
-        return _run(cfg, run_dir, started, monitors)
+    return engine.run_online(cfg, "online-dpo", functools.partial(online_dpo_method, cfg), monitors)
 
 
-def _run(cfg: OnlineDPOConfig, run_dir: RunDir, started: float, monitors: MonitorSet | None) -> dict:
-    rank, world, main = distributed.accelerator().process_index, distributed.world_size(), run_dir.writes
-    print(f"run folder: {run_dir.path}", file=sys.stderr)
-    seed_and_threads(cfg)
-    device = pick_device()
-
-    # Prompts, tokenized with the chat template.
-    tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code)
-    prompts, n_skipped = training_prompts(cfg)
-    prompt_ids = [encode_prompt(tokenizer, p, cfg.max_prompt_length) for p in prompts]
+def online_dpo_method(cfg: OnlineDPOConfig, setup: engine.OnlineSetup) -> engine.OnlineMethod:
+    """Online DPO on the engine's policy and its frozen reference (LoRA: the base with the adapters off, as
+    DPO's reference=adapter; full fine-tuning: a frozen copy)."""
+    policy, reference, rank, world = setup.policy, setup.reference, setup.rank, setup.world
     k = cfg.samples_per_prompt
-    note_idle_processes(cfg, cfg.prompts_per_round * k, "round", "prompts_per_round * samples_per_prompt")
-
-    # The roles: the policy; the frozen reference it starts as (LoRA: the same base with the adapters off, as
-    # DPO's reference=adapter; full fine-tuning: a frozen copy); the reward; the sampler (hf: generate on the
-    # policy itself, each process its share of the batches; vLLM, one process: an engine on cfg.model that takes
-    # the policy's weights, LoRA merged in, each round).
-    scorer = load_scorer(
-        cfg.reward,
-        "reward",
-        dtype=cfg.dtype,
-        device=device,
-        trust_remote_code=cfg.trust_remote_code,
-        batch_size=cfg.reward_batch_size,
-    )
-    # Under FSDP (full fine-tuning) policy and reference are sharded as they are loaded (``distributed.shard``;
-    # the main process alone reads the weights), and the reward is whole in every process.
-    load = functools.partial(
-        load_model, cfg.model, weights_dtype(cfg), cfg.trust_remote_code, device, distributed.load_on()
-    )
-    policy = load()
-    distributed.shard(policy, cfg.lora)
-    if cfg.lora:
-        policy = apply_lora(policy, cfg)
-        reference = None
-    else:
-        reference = load().eval()
-        reference.requires_grad_(False)
-        distributed.shard(reference)
     if cfg.gradient_checkpointing:  # the update's passes recompute each layer in the backward
         enable_gradient_checkpointing(policy)
-    rank_share = distributed.largest_rank_share(policy)
-    trainable, total = count_parameters(policy)
-    params = [p for p in policy.parameters() if p.requires_grad]
-    optimizer = build_optimizer(params, cfg)
-    steps_per_round = cfg.dpo_epochs * math.ceil(cfg.prompts_per_round / cfg.minibatch_size)
-    scheduler = build_scheduler(optimizer, cfg.lr_scheduler, cfg.warmup_steps, cfg.rounds * steps_per_round)
-    # A vLLM engine on cfg.model, taking the policy's weights each round; None: transformers' generate.
-    sampler = vllm_sampler(cfg, tokenizer, device) if cfg.generation_backend == "vllm" else None
-    monitors = monitors if monitors is not None else default_monitors("online-dpo")
-
-    # Resume: policy weights (LoRA: the adapters), optimizer, schedule, RNG and the round counter. Nothing in a
-    # checkpoint depends on the number of processes; the main process picks it, every process reads it.
-    start, n_nonfinite, elapsed_before = 0, 0, 0.0
-    resume = resume_checkpoint(cfg.resume_from, run_dir.checkpoints_dir) or ""  # verified; corrupt: fall back
-    if resume:
-        state = load_checkpoint(resume, policy, optimizer, scheduler)
-        if (state["n_prompts"], state["prompts_per_round"]) != (len(prompts), cfg.prompts_per_round):
-            raise ConfigError(
-                f"resume_from: {resume} was written for {state['n_prompts']} prompts, "
-                f"{state['prompts_per_round']} per round; an exact resume needs the same"
-            )
-        start, n_nonfinite, elapsed_before = state["round"], state["n_nonfinite_skipped"], state["elapsed_s"]
-    run_dir.truncate_metrics_after(start)
-    if resume:
-        monitors.replay(run_dir.logged_rows())  # their windows as the uninterrupted run had them
-    samples_path = run_dir.path / "samples.jsonl"
-    if main:
-        truncate_jsonl(samples_path, start)
     # The update's forward pass: the policy and the DPO loss as one module, for DDP to sync (one process: the
     # module itself). Wrapping broadcasts rank 0's weights, which every rank already holds.
     stepper = distributed.data_parallel(distributed.StepModule(policy, functools.partial(pair_losses, cfg)))
-    loop_started = time.monotonic()
-    round_no, saved, last_checkpoint, last_row, stopped_by = start, start if resume else -1, resume, {}, None
 
-    def save() -> str | None:  # the checkpoint written, or the last good one where the state is not finite
-        for p in params:  # checkpoints hold what requires grad; make sure PEFT's switches left it so
-            p.requires_grad_(True)
-        state = {
-            "round": round_no,
-            "n_prompts": len(prompts),
-            "prompts_per_round": cfg.prompts_per_round,
-            "n_nonfinite_skipped": n_nonfinite,
-            "elapsed_s": elapsed_before + time.monotonic() - loop_started,
-        }
-        path = checkpoint_dir(run_dir.checkpoints_dir, round_no)
-        try:
-            return write_checkpoint(path, policy, optimizer, scheduler, state, cfg.keep_checkpoints)
-        except NonFiniteState as e:
-            return skipped_checkpoint("round", round_no, e, last_checkpoint, run_dir.log_metrics)
+    def make_batch(samples: engine.Samples) -> engine.Batch:
+        # 3. Pair each prompt's best response against its worst; a tie makes no pair. The same pairs in every
+        #    process: each pairs the whole round.
+        paired = pair_samples(samples.texts, samples.scores, k)
+        # 4. Log-probs of every sample under the frozen reference and the current policy (each process its
+        #    share of the samples, gathered): the reference's anchor the pairs' DPO loss, and both give the KL
+        #    to the reference on the policy's own samples (k1 = log p - log q per token; Schulman 2020).
+        ref_logps, policy_logps = sample_logprobs(cfg, policy, reference, samples.generations, rank, world)
+        kl = kl_per_token(policy_logps, ref_logps)
+        margins = [samples.scores[c] - samples.scores[r] for c, r in paired.pairs]
+        stats = {"pairs": len(paired.pairs), "ties": paired.n_ties, "left_out": paired.n_left_out}
+        stats |= {"pairs/score_margin": float(np.mean(margins))} if margins else {}
+        # kl: nats per response, as PPO's
+        stats |= {"kl": float(kl.per_sequence.mean()), "kl/per_token": kl.k1}
+        roles = {c: "chosen" for c, _ in paired.pairs} | {r: "rejected" for _, r in paired.pairs}
+        fields = [{"pair": roles.get(i)} for i in range(len(samples.generations))]
+        return engine.Batch(pair_examples(samples.generations, ref_logps, paired.pairs), stats, fields)
 
-    bar = tqdm(
-        total=cfg.rounds, initial=start, disable=not cfg.progress or not main, desc="online-dpo", unit="round"
+    def update(batch: engine.Batch, opt: engine.Optimization) -> dict:
+        # 5. dpo_epochs passes of minibatch DPO updates over the pairs; each process trains on its share of every
+        #    minibatch. A round without pairs steps nowhere (the engine still advances the schedule).
+        examples, lr, pad_id = batch.data, opt.optimizer.param_groups[0]["lr"], setup.tokenizer.pad_token_id
+        step_stats = [
+            opt.stepped(
+                dpo_update(cfg, stepper, [examples[i] for i in rows], *opt.parts, pad_id, rank, world)
+            )
+            for rows in opt.minibatches(len(examples))
+        ]
+        # loss, rewards/*, logps/*, grad_norm: means over the round's steps; lr: the round's first step's
+        return {**engine.step_means(step_stats, leave_out=("nonfinite", "lr")), "lr": lr}
+
+    # A vLLM engine on cfg.model, taking the policy's weights (LoRA merged in) each round; None: transformers'
+    # generate on the policy itself.
+    sampler = vllm_sampler(cfg, setup.tokenizer, setup.device) if cfg.generation_backend == "vllm" else None
+    return engine.OnlineMethod(
+        unit="round",
+        units=cfg.rounds,
+        prompts_per_unit=cfg.prompts_per_round,
+        trained=policy,
+        epochs=cfg.dpo_epochs,
+        minibatch_size=cfg.minibatch_size,
+        make_batch=make_batch,
+        update=update,
+        monitors=default_monitors("online-dpo"),
+        samples_per_prompt=k,
+        top_p=cfg.top_p,
+        sampler=sampler,
+        describe={"loss": cfg.loss},
+        summarize=lambda units, rows, samples: {"pairs_by_round": [r["pairs"] for r in rows]},
     )
-    signals = StopSignals()
-    try:
-        with signals:
-            while round_no < cfg.rounds:
-                t0 = time.monotonic()
-                # 1. Sample k responses to each of the round's prompts from the current policy, with a seed that
-                #    depends only on (seed, round). Each process samples its share of the generation batches,
-                #    each batch from its own seed, so the samples do not depend on the number of processes. A
-                #    vLLM engine (one process) first takes the policy's weights (LoRA: the adapter merged in),
-                #    unless it holds them already: a fresh run's first round, whose policy is the model the
-                #    engine was built on (a new LoRA adapter has B = 0).
-                idx = iteration_prompts(len(prompts), cfg.prompts_per_round, round_no, cfg.seed)
-                # Prompt j's samples are j*k .. j*k+k-1.
-                round_prompts = [prompts[i] for i in idx for _ in range(k)]
-                round_prompt_ids = [prompt_ids[i] for i in idx for _ in range(k)]
-                sampling = SamplingConfig(
-                    cfg.max_new_tokens, cfg.temperature, cfg.top_p, derived_seed(cfg.seed, round_no, 0)
-                )
-                policy.eval()
-                push = round_no > start or bool(resume)
-                mine = sample_share(
-                    cfg, policy, tokenizer, round_prompt_ids, sampling, rank, world, sampler, push
-                )
-                # 2. Score each response with the reward (each process its own samples), then gather every
-                #    process's samples and scores: every process holds the whole round from here on.
-                mine = dict(sorted(mine.items()))  # by position in the round's samples
-                my_texts = [g.text for g in mine.values()]  # none where a process got no generation batch
-                my_scores = scorer.score([round_prompts[i] for i in mine], my_texts) if mine else []
-                gathered = distributed.gather_dicts(dict(zip(mine, zip(mine.values(), my_scores))))
-                generations = [g for g, _ in gathered.values()]
-                scores = [score for _, score in gathered.values()]
-                texts = [g.text for g in generations]
-                # 3. Pair each prompt's best response against its worst; a tie makes no pair. The same pairs in
-                #    every process: each pairs the whole round.
-                paired = pair_samples(texts, scores, k)
-                # 4. Log-probs of every sample under the frozen reference and the current policy (each process
-                #    its share of the samples, gathered): the reference's anchor the pairs' DPO loss, and both
-                #    give the KL to the reference on the policy's own samples (k1 = log p - log q per token;
-                #    Schulman 2020).
-                ref_logps, policy_logps = sample_logprobs(cfg, policy, reference, generations, rank, world)
-                kl = kl_per_token(policy_logps, ref_logps)
-                examples = pair_examples(generations, ref_logps, paired.pairs)
-                t1 = time.monotonic()
-                # 5. dpo_epochs passes of minibatch DPO updates over the pairs, in a seeded order (the same in
-                #    every process); each process trains on its share of every minibatch. The schedule advances
-                #    steps_per_round steps a round whatever number of pairs the round made (none: no step).
-                policy.train()
-                lr = optimizer.param_groups[0]["lr"]
-                generator = torch.Generator().manual_seed(derived_seed(cfg.seed, round_no, 1))
-                step_stats = []
-                for _ in range(cfg.dpo_epochs):
-                    order = torch.randperm(len(examples), generator=generator).tolist()
-                    for s in range(0, len(order), cfg.minibatch_size):
-                        minibatch = [examples[i] for i in order[s : s + cfg.minibatch_size]]
-                        step_stats.append(
-                            dpo_update(
-                                cfg,
-                                stepper,
-                                minibatch,
-                                optimizer,
-                                scheduler,
-                                params,
-                                tokenizer.pad_token_id,
-                                rank,
-                                world,
-                            )
-                        )
-                for _ in range(steps_per_round - len(step_stats)):
-                    scheduler.step()
-                n_nonfinite += int(sum(s["nonfinite"] for s in step_stats))
-                round_no += 1
-                bar.update(1)
-
-                # 6. Log the round's health and let the failure monitors see it.
-                lengths = [len(g.response_ids) for g in generations]
-                length = length_stats(lengths)
-                margins = [scores[c] - scores[r] for c, r in paired.pairs]
-                # loss, rewards/*, logps/*, grad_norm: means over the round's steps (none: no prompt made a pair)
-                update_keys = [
-                    key for key in (step_stats[0] if step_stats else {}) if key not in ("nonfinite", "lr")
-                ]
-                update_means = {key: float(np.mean([s[key] for s in step_stats])) for key in update_keys}
-                row = {
-                    "step": round_no,
-                    "score/mean": float(np.mean(scores)),
-                    "score/std": float(np.std(scores, ddof=1)),
-                    "reward/mean": float(np.mean(scores)),  # the key RewardHackingMonitor reads
-                    "reward_length_corr": pearson(scores, lengths),
-                    "pairs": len(paired.pairs),
-                    "ties": paired.n_ties,
-                    "left_out": paired.n_left_out,
-                    **({"pairs/score_margin": float(np.mean(margins))} if margins else {}),
-                    **update_means,
-                    "lr": lr,
-                    "kl": float(kl.per_sequence.mean()),  # nats per response, as PPO's
-                    "kl/per_token": kl.k1,
-                    "len/mean": length.mean,
-                    "len/std": length.std,
-                    "eos_frac": float(np.mean([g.finished for g in generations])),
-                    "distinct_2": distinct_n(texts, 2),
-                    "nonfinite_skipped": n_nonfinite,
-                    "rollout_s": t1 - t0,
-                    "update_s": time.monotonic() - t1,
-                    "elapsed_s": elapsed_before + time.monotonic() - loop_started,
-                }
-                roles = {c: "chosen" for c, _ in paired.pairs} | {r: "rejected" for _, r in paired.pairs}
-                if main:
-                    with open(samples_path, "a", encoding="utf-8") as f:
-                        for i, (prompt, g, score) in enumerate(zip(round_prompts, generations, scores)):
-                            sample = {"step": round_no, "prompt": prompt, "response": g.text, "score": score}
-                            sample |= {"finished": g.finished, "pair": roles.get(i)}
-                            f.write(json.dumps(sample) + "\n")
-                if round_no % cfg.log_every == 0 or round_no == cfg.rounds:
-                    last_row = row
-                    run_dir.log_metrics(row)
-                    bar.set_postfix(score=f"{row['score/mean']:.3f}", kl=f"{row['kl']:.2f}")
-                    if monitors.on_log(round_no, row) == "stop":
-                        stopped_by = ", ".join(e.monitor for e in monitors.last_events if e.action == "stop")
-                    for event in monitors.last_events:
-                        run_dir.log_metrics(event.to_row())
-
-                # 7. Checkpoint every save_every rounds, and on SIGINT/SIGTERM before raising. The processes agree
-                #    first: a signal or a stop seen by any of them stops them all.
-                stop_flag, received = distributed.agree_to_stop(bool(stopped_by), signals.received)
-                stopped_by = stopped_by or ("a monitor in another process" if stop_flag else None)
-                if (cfg.save_every and round_no % cfg.save_every == 0) or received:
-                    last_checkpoint, saved = save(), round_no
-                if received:
-                    name = signal.Signals(received).name
-                    raise TrainingInterrupted(checkpoint=last_checkpoint, reason=f"interrupted by {name}")
-                if stopped_by:
-                    break
-            if saved != round_no:
-                last_checkpoint, saved = save(), round_no
-    except KeyboardInterrupt:  # a second signal: stopped at once, maybe inside a checkpoint write
-        raise stopped_at_once(signals, run_dir.checkpoints_dir, last_checkpoint or None) from None
-    finally:
-        bar.close()
-        run_dir.close()
-
-    # The final policy, written by the main process.
-    distributed.save_from_main(
-        policy,
-        lambda state_dict: save_final(
-            policy, tokenizer, run_dir.final_dir, merge_lora=cfg.merge_lora, state_dict=state_dict
-        ),
-    )
-    rows = [json.loads(line) for line in run_dir.metrics_path.read_text().splitlines()] if main else []
-    metric_rows = [r for r in rows if "event" not in r]
-    summary = {
-        "stage": "online-dpo",
-        "model": cfg.model,
-        "reward": cfg.reward,
-        "loss": cfg.loss,
-        "run_dir": str(run_dir.path),
-        "final_model": str(run_dir.final_dir),
-        "rounds": round_no,
-        "stopped_by": stopped_by,
-        "prompts": len(prompts),
-        "skipped_rows": n_skipped,
-        "reference": "policy base with adapters disabled" if cfg.lora else "frozen copy",
-        "trainable_parameters": trainable,
-        "total_parameters": total,
-        "params_rank_share": rank_share,
-        "pairs_by_round": [r["pairs"] for r in metric_rows],
-        "score_by_round": [r["score/mean"] for r in metric_rows],
-        "kl_by_round": [r["kl"] for r in metric_rows],
-        "events": [r for r in rows if "event" in r],
-        "final_metrics": last_row,
-        "last_checkpoint": last_checkpoint,
-        "train_seconds": elapsed_before + time.monotonic() - loop_started,
-        "wall_seconds": time.time() - started,
-        "peak_rss_mb": peak_rss_mb(),
-    }
-    run_dir.write_summary(summary)
-    return summary

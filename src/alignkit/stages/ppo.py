@@ -1,32 +1,25 @@
 """`alignkit ppo`: RLHF with PPO (Ziegler et al. 2019; Stiennon et al. 2020; Ouyang et al. 2022).
 
 Four roles: the policy being trained, a frozen reference it pays a KL penalty to, a reward (a function or a
-reward model from `alignkit rm`) and a value model. One iteration is one loop body in `run`, numbered:
-sample -> score -> KL-penalised per-token rewards -> values and GAE -> PPO epochs -> KL-coefficient update.
+reward model from `alignkit rm`) and a value model. The loop is the online engine's (``training.online_engine``:
+sample -> score -> make_batch -> update -> log, checkpoint); this file holds PPO's part of an iteration:
+3. KL-penalised per-token rewards -> 4. values and GAE (``make_batch``) -> 5. PPO epochs -> 6. KL-coefficient
+update (``update``).
 
 Launched in several processes (torchrun, accelerate launch) it runs data parallel (DDP) with the numbers of one
-process: each rank samples, scores and runs the rollout's forward passes for its share of the iteration's
-prompts, the shares are gathered (so whitening, GAE and every logged statistic see the whole batch), and each
-rank trains on its share of every minibatch, its loss normalised by the whole minibatch's tokens. Under FSDP
-(full fine-tuning) the three networks are sharded as well: generation runs on the policy's weights gathered
-whole (``distributed.whole_weights``), and the rollout passes on the shards, every rank running as many.
+process: each rank runs the rollout's forward passes for its share of the iteration's samples, the shares are
+gathered (so whitening, GAE and every logged statistic see the whole batch), and each rank trains on its share
+of every minibatch, its loss normalised by the whole minibatch's tokens. Under FSDP (full fine-tuning) the
+three networks are sharded as well, and the rollout passes run on the shards, every rank running as many.
 """
 
 from __future__ import annotations
 
 import functools
-import json
-import math
-import signal
-import sys
-import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Literal
 
-import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from alignkit.config import (
     ConfigError,
@@ -40,9 +33,6 @@ from alignkit.config import (
     required,
     validate_config,
 )
-from alignkit.data.tokenize import encode_prompt
-from alignkit.errors import TrainingInterrupted
-from alignkit.evaluation.metrics import distinct_n, length_stats, mean_difference, pearson
 from alignkit.evaluation.monitors import MonitorSet, default_monitors
 from alignkit.losses.ppo import (
     AdaptiveKLController,
@@ -55,47 +45,19 @@ from alignkit.losses.ppo import (
     value_loss,
     whiten,
 )
-from alignkit.models.generation import (
-    SamplingConfig,
-    check_generation_backend,
-    vllm_sampler,
-)
-from alignkit.models.loading import (
-    apply_lora,
-    count_parameters,
-    enable_gradient_checkpointing,
-    load_model,
-    load_tokenizer,
-    pick_device,
-    save_final,
-)
-from alignkit.models.precision import in_training_precision, weights_dtype
+from alignkit.models.generation import check_generation_backend, vllm_sampler
+from alignkit.models.loading import enable_gradient_checkpointing
+from alignkit.models.precision import in_training_precision
 from alignkit.models.value import (
     ValueModel,
     add_value_adapter,
     recompute_with_active_adapter,
     remove_value_adapter,
 )
-from alignkit.scoring import Scorer, check_scorer, load_scorer
+from alignkit.scoring import check_scorer
 from alignkit.training import distributed
-from alignkit.training.checkpoint import (
-    NonFiniteState,
-    checkpoint_dir,
-    load_checkpoint,
-    resume_checkpoint,
-    skipped_checkpoint,
-    write_checkpoint,
-)
-from alignkit.training.loop import seed_and_threads
-from alignkit.training.online import (
-    derived_seed,
-    iteration_prompts,
-    note_idle_processes,
-    optimizer_step,
-    sample_share,
-    training_prompts,
-    truncate_jsonl,
-)
+from alignkit.training import online_engine as engine
+from alignkit.training.online import accumulated_step
 from alignkit.training.rollout import (
     Rollout,
     collate_samples,
@@ -103,9 +65,6 @@ from alignkit.training.rollout import (
     response_values,
     shared_rollout_passes,
 )
-from alignkit.training.run import RunDir, peak_rss_mb
-from alignkit.training.schedule import build_optimizer, build_scheduler
-from alignkit.training.signals import StopSignals, stopped_at_once
 
 # TrainConfig fields that mean nothing in PPO's loop, and what to set instead. check_config refuses a changed
 # value rather than silently ignoring it. (Without eval_data, the other eval_* fields are inert.)
@@ -249,18 +208,7 @@ CONFIG = PPOConfig
 
 
 # ---------------------------------------------------------------------------------------------------------
-# The reward: a function 'module:function' or a reward model directory (alignkit.scoring)
-
-
-def make_scorer(cfg: PPOConfig, device: torch.device) -> Scorer:
-    return load_scorer(
-        cfg.reward,
-        "reward",
-        dtype=cfg.dtype,
-        device=device,
-        trust_remote_code=cfg.trust_remote_code,
-        batch_size=cfg.reward_batch_size,
-    )
+# Steps 3-4 of an iteration: the rollout
 
 
 @torch.no_grad()
@@ -331,84 +279,28 @@ def _ppo_loss_of(cfg: PPOConfig, trained: torch.nn.ModuleDict, mb: Rollout):
 def ppo_step(
     cfg: PPOConfig, loss_fn, minibatch: Rollout, optimizer, scheduler, params, rank: int = 0, world: int = 1
 ) -> dict:
-    """One optimizer step on a minibatch, accumulated over micro-batches. ``loss_fn(micro) -> (loss, stats)``
-    is ``ppo_loss`` on the policy and value model (in several processes, wrapped in DDP).
-
-    Each loss is a token mean; weighting a micro-batch's by its share of the minibatch's response tokens makes
-    the accumulated gradient that of one pass over the whole minibatch. In several processes each rank runs
-    its share of the minibatch's rows (``rank_microbatches``) with the same weights (every rank holds the whole
-    rollout, so it counts the whole minibatch's tokens itself), and the gradients summed over the ranks are
-    those of one process: a mean over the minibatch's tokens, not a mean of per-rank means. A non-finite loss
-    or gradient norm skips the update (the schedule still advances, as in the shared loop).
-    """
+    """One optimizer step on a minibatch (``online.accumulated_step``). ``loss_fn(micro) -> (loss, stats)`` is
+    ``ppo_loss`` on the policy and value model (in several processes, wrapped in DDP). Each loss is a token mean,
+    weighted by the micro-batch's share of the minibatch's response tokens (every rank holds the whole rollout,
+    so it counts them itself): the accumulated gradient is that of one pass over the minibatch."""
     n_tokens = minibatch.mask.sum()
     # Rows of similar length share a micro-batch, so each is cut to little padding (Rollout.rows).
     lengths = minibatch.attention_mask.sum(1).tolist()
     rows = sorted(range(len(lengths)), key=lambda i: lengths[i])
-    shares = distributed.rank_microbatches(rows, cfg.micro_batch_size, rank, world)
-    sums: dict[str, float] = {}
-    for j, share in enumerate(shares):
-        # An empty share (fewer rows left in the minibatch than ranks) runs a stand-in that counts for nothing:
-        # DDP needs every rank's backward to sync the gradients.
+
+    def micro_step(share: list[int]) -> dict[str, float]:
         micro = minibatch.rows(share or [0])
         weight = micro.mask.sum() / n_tokens if share else 0.0
-        with distributed.gradient_sync(loss_fn, last=j == len(shares) - 1):
-            loss, stats = loss_fn(micro)
-            scaled = loss * weight
-            if world > 1:  # DDP averages the gradients over the ranks: undo it
-                scaled = scaled * world
-            scaled.backward()
-        for key, value in stats.items():
-            sums[key] = sums.get(key, 0.0) + (float(value * weight) if share else 0.0)
-    sums = dict(zip(sums, distributed.all_reduce(list(sums.values()))))  # each rank holds its rows' part
-    return {**sums, **optimizer_step(optimizer, scheduler, params, cfg.max_grad_norm, sums["loss"])}
+        loss, stats = loss_fn(micro)
+        (loss * weight * world).backward()
+        return {key: float(value * weight) if share else 0.0 for key, value in stats.items()}
+
+    shares = distributed.rank_microbatches(rows, cfg.micro_batch_size, rank, world)
+    return accumulated_step(loss_fn, shares, micro_step, optimizer, scheduler, params, cfg.max_grad_norm)
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Launch and configuration checks
-
-
-def score_change(samples_path: Path, iterations: int) -> dict | None:
-    """The mean score of the run's last quarter of iterations minus its first quarter's (at least one
-    iteration each), with a bootstrap interval over their samples: did the run raise its score by more than the
-    noise of one batch of samples? None before two iterations."""
-    if iterations < 2:
-        return None
-    k = max(1, iterations // 4)
-    scores: dict[int, list[float]] = {}
-    for line in samples_path.read_text(encoding="utf-8").splitlines():
-        row = json.loads(line)
-        scores.setdefault(row["step"], []).append(row["score"])
-    first = [x for step in range(1, k + 1) for x in scores.get(step, [])]
-    last = [x for step in range(iterations - k + 1, iterations + 1) for x in scores.get(step, [])]
-    change = mean_difference(first, last)
-    return {
-        "iterations_per_group": k,
-        "first_mean": float(np.mean(first)),
-        "last_mean": float(np.mean(last)),
-        "change": change.value,
-        "change_ci95": [change.low, change.high],
-    }
-
-
-def check_launch(cfg: PPOConfig) -> None:
-    """Refuse what PPO cannot do in the processes it was launched in (after the process group is up)."""
-    world = distributed.world_size()
-    if distributed.engine() == "deepspeed":
-        raise ConfigError(
-            "ppo runs data parallel (DDP) or sharded under FSDP, not under DeepSpeed: launch it with "
-            "configs/accelerate/multi_gpu.yaml, plain torchrun, or configs/accelerate/fsdp.yaml (full fine-tuning)"
-        )
-    if world > 1 and cfg.generation_backend == "vllm":
-        raise ConfigError(
-            f"generation_backend=vllm in {world} processes is not supported by ppo (one vLLM engine per "
-            "process is not implemented); use generation_backend=hf, or run in one process"
-        )
-    if cfg.prompts_per_iteration < world:
-        raise ConfigError(
-            f"prompts_per_iteration={cfg.prompts_per_iteration} is fewer than the {world} processes; each "
-            "process needs at least one sample"
-        )
+# The stage
 
 
 def check_config(cfg: PPOConfig) -> None:
@@ -418,283 +310,100 @@ def check_config(cfg: PPOConfig) -> None:
     check_generation_backend(cfg.generation_backend)
 
 
-# ---------------------------------------------------------------------------------------------------------
-# The stage
+def check_launch(cfg: PPOConfig) -> None:
+    """Refuse what PPO cannot do in the processes it was launched in (after the process group is up)."""
+    engine.check_launch(cfg, "ppo")
+    world = distributed.world_size()
+    if cfg.prompts_per_iteration < world:
+        raise ConfigError(
+            f"prompts_per_iteration={cfg.prompts_per_iteration} is fewer than the {world} processes; each "
+            "process needs at least one sample"
+        )
 
 
 def run(cfg: PPOConfig, monitors: MonitorSet | None = None) -> dict:
     """Train the policy with PPO; ``monitors`` replaces the default failure monitors (for tests)."""
-    started = time.time()
     check_config(cfg)
     check_launch(cfg)  # starts the process group
-    # The folder is checked, locked for this run and released however it ends (RunDir.create).
-    with RunDir.create(cfg.output_dir, "ppo", cfg.resume_from, cfg.tensorboard, cfg=cfg) as run_dir:
-        return _run(cfg, run_dir, started, monitors)
+    return engine.run_online(cfg, "ppo", functools.partial(ppo_method, cfg), monitors)
 
 
-def _run(cfg: PPOConfig, run_dir: RunDir, started: float, monitors: MonitorSet | None) -> dict:
-    rank, world, main = distributed.accelerator().process_index, distributed.world_size(), run_dir.writes
-    print(f"run folder: {run_dir.path}", file=sys.stderr)
-    seed_and_threads(cfg)
-    device = pick_device()
-
-    # Prompts, tokenized with the chat template.
-    tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code)
-    prompts, n_skipped = training_prompts(cfg)
-    prompt_ids = [encode_prompt(tokenizer, p, cfg.max_prompt_length) for p in prompts]
-    note_idle_processes(cfg, cfg.prompts_per_iteration, "iteration", "prompts_per_iteration")
-
-    # The four roles. LoRA: one frozen base serves all three networks (policy = adapter "default",
-    # reference = every adapter off, value = adapter "value" + head). Full fine-tuning: the reference is a
-    # frozen copy and the value model its own trained copy (separate policy and value networks, as Stiennon et
-    # al. 2020 and Huang et al. 2024, so value gradients never move the policy's features).
-    # Under FSDP (full fine-tuning) each of the three networks is sharded as it is loaded (``distributed.shard``;
-    # the main process alone reads the weights), and the reward is whole in every process.
-    scorer = make_scorer(cfg, device)
-    load = functools.partial(
-        load_model, cfg.model, weights_dtype(cfg), cfg.trust_remote_code, device, distributed.load_on()
-    )
-    policy = load()
-    distributed.shard(policy, cfg.lora)
+def ppo_method(cfg: PPOConfig, setup: engine.OnlineSetup) -> engine.OnlineMethod:
+    """PPO on the engine's policy and reference. The value model: LoRA, adapter "value" + head on the policy's
+    frozen base (which, every adapter off, is the reference too); full fine-tuning, its own trained copy
+    (separate policy and value networks, as Stiennon et al. 2020 and Huang et al. 2024, so value gradients
+    never move the policy's features), sharded under FSDP as it is loaded."""
+    policy, reference, rank, world = setup.policy, setup.reference, setup.rank, setup.world
     if cfg.lora:
-        policy = apply_lora(policy, cfg)
-        reference = None
         value_model = add_value_adapter(policy)
     else:
-        reference = load().eval()
-        reference.requires_grad_(False)
-        distributed.shard(reference)
-        value_model = ValueModel(load())
+        value_model = ValueModel(setup.load())
         distributed.shard(value_model)
     trained = torch.nn.ModuleDict({"policy": policy, "value": value_model})  # what checkpoints hold
     if cfg.gradient_checkpointing:  # the update's passes recompute each layer in the backward
         # LoRA: the value model's layers are recomputed with its adapter, as they ran (not the policy's).
         adapter = functools.partial(recompute_with_active_adapter, policy) if cfg.lora else None
         enable_gradient_checkpointing(trained, context_fn=adapter)
-    rank_share = distributed.largest_rank_share(trained)
-    trainable, total = count_parameters(trained)
-    params = [p for p in trained.parameters() if p.requires_grad]
-    optimizer = build_optimizer(params, cfg)
-    steps_per_iteration = cfg.ppo_epochs * math.ceil(cfg.prompts_per_iteration / cfg.minibatch_size)
-    scheduler = build_scheduler(
-        optimizer, cfg.lr_scheduler, cfg.warmup_steps, cfg.iterations * steps_per_iteration
-    )
     if cfg.kl_target is None:
         kl_controller = FixedKLController(cfg.init_kl_coef)
     else:
         kl_controller = AdaptiveKLController(cfg.init_kl_coef, cfg.kl_target, cfg.kl_horizon)
-    monitors = monitors if monitors is not None else default_monitors("ppo", kl_target=cfg.kl_target)
-    # A vLLM engine on the starting weights, updated every iteration; None: transformers' generate.
-    sampler = vllm_sampler(cfg, tokenizer, device) if cfg.generation_backend == "vllm" else None
+    # The update's forward pass: policy and value model as one module, for DDP to sync both (one process: the
+    # module itself). Wrapping broadcasts rank 0's weights, which every rank already holds.
+    stepper = distributed.data_parallel(distributed.StepModule(trained, functools.partial(_ppo_loss_of, cfg)))
 
-    # Resume: weights of policy and value, optimizer, schedule, RNG, KL controller, iteration. Nothing in a
-    # checkpoint depends on the number of processes; the main process picks it, every process reads it.
-    start, n_nonfinite, elapsed_before = 0, 0, 0.0
-    resume = resume_checkpoint(cfg.resume_from, run_dir.checkpoints_dir) or ""  # verified; corrupt: fall back
-    if resume:
-        state = load_checkpoint(resume, trained, optimizer, scheduler)
-        if (state["n_prompts"], state["prompts_per_iteration"]) != (len(prompts), cfg.prompts_per_iteration):
-            raise ConfigError(
-                f"resume_from: {resume} was written for {state['n_prompts']} prompts, "
-                f"{state['prompts_per_iteration']} per iteration; an exact resume needs the same"
-            )
+    def make_batch(samples: engine.Samples) -> engine.Batch:
+        # 3.-4. The forward passes (policy, reference and value model; each process its share of the samples,
+        #    gathered), then per-token rewards (score - beta KL), GAE advantages and returns, and whitening,
+        #    over the whole batch in every process.
+        batch = collate_samples(samples.generations, setup.tokenizer.pad_token_id, setup.device)
+        passes = shared_rollout_passes(cfg, policy, reference, value_model, batch, rank, world)
+        scores = torch.tensor(samples.scores, dtype=torch.float32).to(setup.device)
+        finished = torch.tensor([g.finished for g in samples.generations]).to(setup.device)
+        beta = kl_controller.beta
+        rollout, stats = make_rollout(cfg, batch, passes, scores, finished, beta)
+        return engine.Batch(rollout, {**stats, "beta": beta})
+
+    def update(batch: engine.Batch, opt: engine.Optimization) -> dict:
+        # 5. ppo_epochs passes of minibatch updates over the samples; each process trains on its share of every
+        #    minibatch.
+        rollout, n = batch.data, len(batch.data.mask)
+        step_stats = [
+            opt.stepped(ppo_step(cfg, stepper, rollout.rows(rows), *opt.parts, rank, world))
+            for rows in opt.minibatches(n)
+        ]
+        # 6. Adapt beta toward the KL target from this batch's KL (Ziegler et al. 2019), or keep it.
+        kl_controller.update(batch.stats["kl"], n_steps=n)
+        return engine.step_means(step_stats)
+
+    def load_state_dict(state: dict) -> None:
         try:
             kl_controller.load_state_dict(state["kl_controller"])
         except ValueError as e:
             raise ConfigError(f"resume_from: {e} (kl_target must not change between runs)") from None
-        start, n_nonfinite, elapsed_before = (
-            state["iteration"],
-            state["n_nonfinite_skipped"],
-            state["elapsed_s"],
-        )
-    run_dir.truncate_metrics_after(start)
-    if resume:
-        monitors.replay(run_dir.logged_rows())  # their windows as the uninterrupted run had them
-    samples_path = run_dir.path / "samples.jsonl"
-    if main:
-        truncate_jsonl(samples_path, start)
-    # The update's forward pass: policy and value model as one module, for DDP to sync both (one process:
-    # the module itself). Wrapping broadcasts rank 0's weights, which every rank already holds.
-    stepper = distributed.data_parallel(distributed.StepModule(trained, functools.partial(_ppo_loss_of, cfg)))
-    loop_started = time.monotonic()
-    iteration, saved, last_checkpoint, last_row, stopped_by = start, start if resume else -1, resume, {}, None
 
-    def save() -> str | None:  # the checkpoint written, or the last good one where the state is not finite
-        # Checkpoints hold what requires grad; PEFT adapter switches toggle that flag, so set it once more.
-        for p in params:
-            p.requires_grad_(True)
-        state = {
-            "iteration": iteration,
-            "kl_controller": kl_controller.state_dict(),
-            "n_prompts": len(prompts),
-            "prompts_per_iteration": cfg.prompts_per_iteration,
-            "n_nonfinite_skipped": n_nonfinite,
-            "elapsed_s": elapsed_before + time.monotonic() - loop_started,
-        }
-        path = checkpoint_dir(run_dir.checkpoints_dir, iteration)
-        try:
-            return write_checkpoint(path, trained, optimizer, scheduler, state, cfg.keep_checkpoints)
-        except NonFiniteState as e:
-            return skipped_checkpoint("iteration", iteration, e, last_checkpoint, run_dir.log_metrics)
+    def final_policy() -> torch.nn.Module:  # the policy alone: the value adapter is not part of it
+        if cfg.lora:
+            remove_value_adapter(policy)
+        return policy
 
-    bar = tqdm(
-        total=cfg.iterations, initial=start, disable=not cfg.progress or not main, desc="ppo", unit="iter"
+    value_doc = "second LoRA adapter on the policy's base + head" if cfg.lora else "separate copy + head"
+    # A vLLM engine on the starting weights, updated every iteration; None: transformers' generate.
+    sampler = vllm_sampler(cfg, setup.tokenizer, setup.device) if cfg.generation_backend == "vllm" else None
+    return engine.OnlineMethod(
+        unit="iteration",
+        units=cfg.iterations,
+        prompts_per_unit=cfg.prompts_per_iteration,
+        trained=trained,
+        epochs=cfg.ppo_epochs,
+        minibatch_size=cfg.minibatch_size,
+        make_batch=make_batch,
+        update=update,
+        monitors=default_monitors("ppo", kl_target=cfg.kl_target),
+        sampler=sampler,
+        final_policy=final_policy,
+        state_dict=lambda: {"kl_controller": kl_controller.state_dict()},
+        load_state_dict=load_state_dict,
+        describe={"value_model": value_doc},
+        summarize=lambda units, rows, samples: {"score_change": engine.score_change(samples, units)},
     )
-    signals = StopSignals()
-    try:
-        with signals:
-            while iteration < cfg.iterations:
-                t0 = time.monotonic()
-                # 1. Sample one response per prompt from the current policy (batched, KV cache), with a seed
-                #    that depends only on (seed, iteration). Each process samples its share of the generation
-                #    batches, each batch from its own seed, so the samples do not depend on the number of
-                #    processes. A vLLM engine (one process) first takes the policy's weights (LoRA: the policy's
-                #    adapter merged in) unless it already holds them: a fresh run's first iteration, whose policy
-                #    is the model the engine was built on (a new LoRA adapter has B = 0).
-                idx = iteration_prompts(len(prompts), cfg.prompts_per_iteration, iteration, cfg.seed)
-                sampling = SamplingConfig(
-                    cfg.max_new_tokens, cfg.temperature, 1.0, derived_seed(cfg.seed, iteration, 0)
-                )
-                trained.eval()
-                ids = [prompt_ids[i] for i in idx]
-                push = iteration > start or bool(resume)
-                mine = sample_share(cfg, policy, tokenizer, ids, sampling, rank, world, sampler, push)
-                # 2. Score each response with the reward (each process its own samples), then gather every
-                #    process's samples and scores: every process holds the whole batch from here on.
-                mine = dict(sorted(mine.items()))  # by position in the iteration's prompts
-                my_texts = [g.text for g in mine.values()]  # none where a process got no generation batch
-                my_scores = scorer.score([prompts[idx[k]] for k in mine], my_texts) if mine else []
-                gathered = distributed.gather_dicts(dict(zip(mine, zip(mine.values(), my_scores))))
-                generations, texts = [g for g, _ in gathered.values()], [g.text for g, _ in gathered.values()]
-                scores = torch.tensor([score for _, score in gathered.values()], dtype=torch.float32)
-                finished = torch.tensor([g.finished for g in generations])
-                # 3.-4. The forward passes (policy, reference and value model; each process its share of the
-                #    samples, gathered), then per-token rewards (score - beta KL), GAE advantages and returns,
-                #    and whitening, over the whole batch in every process.
-                batch = collate_samples(generations, tokenizer.pad_token_id, device)
-                passes = shared_rollout_passes(cfg, policy, reference, value_model, batch, rank, world)
-                beta = kl_controller.beta
-                rollout, rollout_stats = make_rollout(
-                    cfg, batch, passes, scores.to(device), finished.to(device), beta
-                )
-                t1 = time.monotonic()
-                # 5. ppo_epochs passes of minibatch updates over the samples, in a seeded order (the same in
-                #    every process); each process trains on its share of every minibatch.
-                trained.train()
-                generator = torch.Generator().manual_seed(derived_seed(cfg.seed, iteration, 1))
-                step_stats = []
-                for _ in range(cfg.ppo_epochs):
-                    order = torch.randperm(len(generations), generator=generator).to(device)
-                    for s in range(0, len(generations), cfg.minibatch_size):
-                        minibatch = rollout.rows(order[s : s + cfg.minibatch_size])
-                        step_stats.append(
-                            ppo_step(cfg, stepper, minibatch, optimizer, scheduler, params, rank, world)
-                        )
-                n_nonfinite += int(sum(s["nonfinite"] for s in step_stats))
-                # 6. Adapt beta toward the KL target from this batch's KL (Ziegler et al. 2019), or keep it.
-                kl_controller.update(rollout_stats["kl"], n_steps=len(generations))
-                iteration += 1
-                bar.update(1)
-
-                # 7. Log the health of the run, and let the failure monitors see it.
-                lengths = [len(g.response_ids) for g in generations]
-                length = length_stats(lengths)
-                row = {
-                    "step": iteration,
-                    "score/mean": scores.mean().item(),
-                    "score/std": scores.std().item() if len(scores) > 1 else 0.0,
-                    "reward/mean": scores.mean().item(),  # the key RewardHackingMonitor reads
-                    **rollout_stats,
-                    "beta": beta,
-                    **{
-                        k: float(np.mean([s[k] for s in step_stats]))
-                        for k in step_stats[0]
-                        if k != "nonfinite"
-                    },
-                    "len/mean": length.mean,
-                    "len/std": length.std,
-                    "eos_frac": finished.float().mean().item(),
-                    "distinct_2": distinct_n(texts, 2),
-                    "reward_length_corr": pearson(scores.tolist(), lengths),
-                    "nonfinite_skipped": n_nonfinite,
-                    "rollout_s": t1 - t0,
-                    "update_s": time.monotonic() - t1,
-                    "elapsed_s": elapsed_before + time.monotonic() - loop_started,
-                }
-                if main:
-                    with open(samples_path, "a", encoding="utf-8") as f:
-                        for i, g, score in zip(idx, generations, scores.tolist()):
-                            sample = {
-                                "step": iteration,
-                                "prompt": prompts[i],
-                                "response": g.text,
-                                "score": score,
-                            }
-                            f.write(json.dumps({**sample, "finished": g.finished}) + "\n")
-                if iteration % cfg.log_every == 0 or iteration == cfg.iterations:
-                    last_row = row
-                    run_dir.log_metrics(row)
-                    bar.set_postfix(score=f"{row['score/mean']:.3f}", kl=f"{row['kl']:.2f}")
-                    if monitors.on_log(iteration, row) == "stop":
-                        stopped_by = ", ".join(e.monitor for e in monitors.last_events if e.action == "stop")
-                    for event in monitors.last_events:
-                        run_dir.log_metrics(event.to_row())
-
-                # 8. Checkpoint every save_every iterations, and on SIGINT/SIGTERM before raising. The processes
-                #    agree first: a signal or a stop seen by any of them stops them all.
-                stop_flag, received = distributed.agree_to_stop(bool(stopped_by), signals.received)
-                stopped_by = stopped_by or ("a monitor in another process" if stop_flag else None)
-                if (cfg.save_every and iteration % cfg.save_every == 0) or received:
-                    last_checkpoint, saved = save(), iteration
-                if received:
-                    name = signal.Signals(int(received)).name
-                    raise TrainingInterrupted(checkpoint=last_checkpoint, reason=f"interrupted by {name}")
-                if stopped_by:
-                    break
-            if saved != iteration:
-                last_checkpoint, saved = save(), iteration
-    except KeyboardInterrupt:  # a second signal: stopped at once, maybe inside a checkpoint write
-        raise stopped_at_once(signals, run_dir.checkpoints_dir, last_checkpoint or None) from None
-    finally:
-        bar.close()
-        run_dir.close()
-
-    # The final policy alone (the value adapter is not part of it), written by the main process.
-    if cfg.lora:
-        remove_value_adapter(policy)
-    distributed.save_from_main(
-        policy,
-        lambda state_dict: save_final(
-            policy, tokenizer, run_dir.final_dir, merge_lora=cfg.merge_lora, state_dict=state_dict
-        ),
-    )
-    rows = [json.loads(line) for line in run_dir.metrics_path.read_text().splitlines()] if main else []
-    summary = {
-        "stage": "ppo",
-        "model": cfg.model,
-        "reward": cfg.reward,
-        "run_dir": str(run_dir.path),
-        "final_model": str(run_dir.final_dir),
-        "iterations": iteration,
-        "stopped_by": stopped_by,
-        "prompts": len(prompts),
-        "skipped_rows": n_skipped,
-        "reference": "policy base with adapters disabled" if cfg.lora else "frozen copy",
-        "value_model": "second LoRA adapter on the policy's base + head"
-        if cfg.lora
-        else "separate copy + head",
-        "trainable_parameters": trainable,
-        "total_parameters": total,
-        "params_rank_share": rank_share,
-        "score_by_iteration": [r["score/mean"] for r in rows if "event" not in r and "score/mean" in r],
-        "score_change": score_change(samples_path, iteration) if main else None,
-        "kl_by_iteration": [r["kl"] for r in rows if "event" not in r and "kl" in r],
-        "events": [r for r in rows if "event" in r],
-        "final_metrics": last_row,
-        "last_checkpoint": last_checkpoint,
-        "train_seconds": elapsed_before + time.monotonic() - loop_started,
-        "wall_seconds": time.time() - started,
-        "peak_rss_mb": peak_rss_mb(),
-    }
-    run_dir.write_summary(summary)
-    return summary

@@ -47,6 +47,38 @@ MAX_CONSECUTIVE_NONFINITE = 5
 
 
 @dataclass
+class NonFiniteSteps:
+    """The non-finite policy of every training loop (``train`` and the online engine's): a step whose loss or
+    gradient norm is not finite is skipped by the caller, logged here as a "nonfinite" event and counted, and
+    more than ``MAX_CONSECUTIVE_NONFINITE`` in a row end the run."""
+
+    total: int = 0  # steps skipped over the whole run (a resumed run carries the count on)
+    consecutive: int = 0  # the streak now: periodic checkpoints wait for it to end
+
+    def record(
+        self, finite: bool, step: int, loss: float, grad_norm: float, log: Callable[[dict], None]
+    ) -> None:
+        """Count one optimizer step, ``log`` (``RunDir.log_metrics``) an event row for a skipped one."""
+        if finite:
+            self.consecutive = 0
+            return
+        self.total += 1
+        self.consecutive += 1
+        event = {"event": "nonfinite", "step": step, "loss": loss, "grad_norm": grad_norm}
+        log({**event, "consecutive": self.consecutive})
+
+    def stop_if_diverged(self, last_checkpoint: str | None) -> None:
+        """End the run after a streak, naming ``last_checkpoint`` (written after a good step: a periodic
+        checkpoint is not written inside a streak) to resume from."""
+        if self.consecutive > MAX_CONSECUTIVE_NONFINITE:
+            raise TrainingInterrupted(
+                checkpoint=last_checkpoint or "",
+                reason=f"stopped after {self.consecutive} consecutive non-finite losses or gradients"
+                + ("" if last_checkpoint else " (no checkpoint had been written)"),
+            )
+
+
+@dataclass
 class StepOutput:
     loss_sum: torch.Tensor  # () loss summed over the micro-batch's items; requires grad
     metrics: dict[str, float] = field(default_factory=dict)  # sums over the micro-batch's items
@@ -159,7 +191,7 @@ def train(
         stepper, optimizer = accelerator.prepare(stepper, optimizer)
 
     # Resume: weights, optimizer, scheduler, RNG and counters; the data position follows from the step.
-    step, n_items_seen, n_nonfinite, elapsed_before = 0, 0.0, 0, 0.0
+    step, n_items_seen, nonfinite, elapsed_before = 0, 0.0, NonFiniteSteps(), 0.0
     # Checked against its manifest (a corrupt latest falls back to an intact one); one decision for all ranks.
     last_checkpoint = resume_checkpoint(cfg.resume_from, run.checkpoints_dir)
     if last_checkpoint is not None:
@@ -180,7 +212,7 @@ def train(
                 "needs the same data and batch_size"
             )
         step, n_items_seen = state["step"], state["n_items_seen"]
-        n_nonfinite, elapsed_before = state["n_nonfinite_skipped"], state["elapsed_s"]
+        nonfinite.total, elapsed_before = state["n_nonfinite_skipped"], state["elapsed_s"]
     run.truncate_metrics_after(step)
     if monitors is not None and last_checkpoint is not None:
         monitors.replay(run.logged_rows())  # their windows as the uninterrupted run had them
@@ -190,7 +222,6 @@ def train(
     last_row: dict = {}
     last_eval: dict = {}
     saved_step = step if last_checkpoint is not None else -1
-    consecutive_nonfinite = 0
     stop_requested = False
     epoch_order: tuple[int, list[int]] = (-1, [])
 
@@ -207,7 +238,7 @@ def train(
             "n_items_seen": n_items_seen,
             "n_examples": n_examples,
             "batch_size": cfg.batch_size,
-            "n_nonfinite_skipped": n_nonfinite,
+            "n_nonfinite_skipped": nonfinite.total,
             "elapsed_s": elapsed(),
         }
         path = checkpoint_dir(run.checkpoints_dir, step)
@@ -278,40 +309,23 @@ def train(
                 max_norm = cfg.max_grad_norm if cfg.max_grad_norm is not None else math.inf
                 grad_norm = distributed.as_float(accelerator.clip_grad_norm_(params, max_norm))
                 lr = optimizer.param_groups[0]["lr"]
-                if math.isfinite(loss) and math.isfinite(grad_norm):
+                finite = math.isfinite(loss) and math.isfinite(grad_norm)
+                if finite:
                     optimizer.step()
-                    consecutive_nonfinite = 0
                     window.add(loss_total, n_items, n_tokens, metric_sums, grad_norm)
-                else:
-                    n_nonfinite += 1
-                    consecutive_nonfinite += 1
-                    run.log_metrics(
-                        {
-                            "event": "nonfinite",
-                            "step": step + 1,
-                            "loss": loss,
-                            "grad_norm": grad_norm,
-                            "consecutive": consecutive_nonfinite,
-                        }
-                    )
+                nonfinite.record(finite, step + 1, loss, grad_norm, run.log_metrics)
                 # The schedule advances on skipped steps too: it is a function of the step (data) position.
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
                 step += 1
                 n_items_seen += n_items
                 bar.update(1)
-                if consecutive_nonfinite > MAX_CONSECUTIVE_NONFINITE:
-                    # No new checkpoint: the last one was written after a good step (see 9.).
-                    raise TrainingInterrupted(
-                        checkpoint=last_checkpoint or "",
-                        reason=f"stopped after {consecutive_nonfinite} consecutive non-finite losses or "
-                        "gradients" + ("" if last_checkpoint else " (no checkpoint had been written)"),
-                    )
+                nonfinite.stop_if_diverged(last_checkpoint)  # no new checkpoint: the last is a good one (9.)
 
                 # 7. Log every log_every steps; callbacks may ask to stop.
                 if (step % cfg.log_every == 0 or step == total_steps) and window.n_steps:
                     last_row = window.row(step, step / steps_per_epoch, lr, elapsed())
-                    last_row["nonfinite_skipped"] = n_nonfinite
+                    last_row["nonfinite_skipped"] = nonfinite.total
                     if engine == "fsdp":
                         last_row["params/rank_share"] = rank_share
                     window = _Window(time.monotonic())
@@ -336,7 +350,7 @@ def train(
                     [float(stop_requested), float(signals.received or 0)], op="max"
                 )
                 stop_requested, received = bool(stop_flag), int(received)
-                periodic = cfg.save_every and step % cfg.save_every == 0 and not consecutive_nonfinite
+                periodic = cfg.save_every and step % cfg.save_every == 0 and not nonfinite.consecutive
                 if periodic or received:
                     last_checkpoint, saved_step = save(), step
                 if received:
@@ -362,7 +376,7 @@ def train(
         metrics={**last_row, **last_eval},
         elapsed_s=elapsed(),
         peak_rss_mb=peak_rss_mb(),
-        n_nonfinite_skipped=n_nonfinite,
+        n_nonfinite_skipped=nonfinite.total,
         last_checkpoint=last_checkpoint,
     )
 

@@ -1,6 +1,7 @@
 """Bookkeeping of the stages that train on their own samples, iteration by iteration (ppo, online-dpo): seeds
 and prompts that depend only on (seed, iteration), so a resumed run redoes exactly what the interrupted one did;
-the samples file; and the end of one optimizer step (clip, skip a non-finite step, advance the schedule).
+the samples file; and one optimizer step accumulated over micro-batches and ranks (clip, skip a non-finite step,
+advance the schedule). The loop that uses them is ``training.online_engine``.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ import contextlib
 import json
 import math
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -105,6 +107,34 @@ def truncate_jsonl(path: Path, step: int) -> None:
         lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
         kept = [line for line in lines if line.endswith("\n") and json.loads(line)["step"] <= step]
         path.write_text("".join(kept), encoding="utf-8")
+
+
+def accumulated_step(
+    stepper: torch.nn.Module,
+    shares: list[list[int]],
+    micro_step: Callable[[list[int]], dict[str, float]],
+    optimizer,
+    scheduler,
+    params,
+    max_grad_norm: float | None,
+) -> dict:
+    """One optimizer step on a minibatch, accumulated over this rank's micro-batches ``shares`` (its
+    ``distributed.rank_microbatches`` of the minibatch's rows), the gradients synced across the ranks in the last
+    one only. ``micro_step(share)`` runs the forward and backward of one micro-batch through ``stepper`` (the
+    module DDP wraps) with its loss weighted by its share of the whole minibatch (and multiplied by the number of
+    ranks: DDP averages the gradients over them), so that the gradients summed over micro-batches and ranks are
+    those of one pass over the minibatch in one process, not a mean of per-rank means; it returns its part of
+    the minibatch's metrics, "loss" among them. An empty share (fewer rows left than ranks) runs a stand-in
+    weighted 0 that counts for nothing: DDP needs every rank's backward to sync the gradients. Returns the
+    minibatch's metrics and ``optimizer_step``'s."""
+    sums: dict[str, float] = {}
+    for j, share in enumerate(shares):
+        with distributed.gradient_sync(stepper, last=j == len(shares) - 1):
+            part = micro_step(share)
+        for key, value in part.items():
+            sums[key] = sums.get(key, 0.0) + value
+    sums = dict(zip(sums, distributed.all_reduce(list(sums.values()))))  # each rank holds its rows' part
+    return {**sums, **optimizer_step(optimizer, scheduler, params, max_grad_norm, sums["loss"])}
 
 
 def optimizer_step(optimizer, scheduler, params, max_grad_norm: float | None, loss: float) -> dict:

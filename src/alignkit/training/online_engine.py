@@ -1,0 +1,565 @@
+"""The online-RL engine: the one loop of the stages that train on their own samples (ppo, online-dpo), so that a
+method's file holds only its algorithm and its config. A unit of the loop (PPO's iteration, online DPO's round)
+is, numbered in ``OnlineRun.train``: sample a batch of prompts -> generate -> score -> the method's ``make_batch``
+(PPO: advantages; online DPO: pairs) -> the method's ``update`` -> log, monitor, checkpoint.
+
+Its bookkeeping is the offline loop's (``training.loop``): one resume (verified, a corrupt latest falling back),
+one checkpoint writer, one non-finite policy (``loop.NonFiniteSteps``), one monitor feed, one run folder.
+Launched in several processes each rank samples and scores its share of the generation batches and the shares
+are gathered, so every rank holds the whole unit from ``make_batch`` on and takes the same decisions; the method
+spreads its own forward passes and updates over the ranks. See docs/architecture.md, "Scaling out".
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import signal
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from alignkit.config import ConfigError
+from alignkit.data.tokenize import encode_prompt
+from alignkit.errors import TrainingInterrupted
+from alignkit.evaluation.metrics import distinct_n, length_stats, mean_difference, pearson
+from alignkit.evaluation.monitors import MonitorSet
+from alignkit.models.generation import Generation, Sampler, SamplingConfig
+from alignkit.models.loading import (
+    apply_lora,
+    count_parameters,
+    load_model,
+    load_tokenizer,
+    pick_device,
+    save_final,
+)
+from alignkit.models.precision import weights_dtype
+from alignkit.scoring import Scorer, load_scorer
+from alignkit.training import distributed
+from alignkit.training.checkpoint import (
+    NonFiniteState,
+    checkpoint_dir,
+    load_checkpoint,
+    resume_checkpoint,
+    skipped_checkpoint,
+    write_checkpoint,
+)
+from alignkit.training.loop import NonFiniteSteps, seed_and_threads
+from alignkit.training.online import (
+    derived_seed,
+    iteration_prompts,
+    note_idle_processes,
+    sample_share,
+    training_prompts,
+    truncate_jsonl,
+)
+from alignkit.training.run import RunDir, peak_rss_mb
+from alignkit.training.schedule import build_optimizer, build_scheduler
+from alignkit.training.signals import StopSignals, stopped_at_once
+
+# ---------------------------------------------------------------------------------------------------------
+# What the engine and a method hand each other
+
+
+@dataclass
+class OnlineSetup:
+    """What every online method starts from (``prepare``): the prompts, the reward, the policy and its frozen
+    reference, loaded (and under FSDP sharded) in this process."""
+
+    cfg: Any  # the stage's config (a GenerationBackendConfig and TrainConfig)
+    run_dir: RunDir
+    device: torch.device
+    tokenizer: Any
+    prompts: list  # the training prompts: text, or chat messages ending with a user turn
+    prompt_ids: list[list[int]]  # each prompt tokenized with the chat template
+    n_skipped: int  # rows of train_data left out as bad
+    scorer: Scorer  # the reward
+    policy: torch.nn.Module  # what samples and trains (LoRA: the adapter "default" on the frozen base)
+    reference: torch.nn.Module | None  # a frozen copy; None (LoRA): the policy's base with the adapters off
+    load: Callable[[], torch.nn.Module]  # another copy of cfg.model, as the policy was loaded
+    rank: int
+    world: int
+
+
+@dataclass
+class Samples:
+    """One unit's scored samples; every process holds all of them."""
+
+    prompts: list  # the prompt of each sample; a prompt's samples_per_prompt samples are consecutive
+    generations: list[Generation]
+    scores: list[float]  # the reward's score of each sample
+
+    @property
+    def texts(self) -> list[str]:
+        return [g.text for g in self.generations]
+
+    @property
+    def lengths(self) -> list[int]:
+        return [len(g.response_ids) for g in self.generations]
+
+
+@dataclass
+class Batch:
+    """What a method's ``make_batch`` makes of the samples: what its ``update`` trains on, and what to log."""
+
+    data: Any  # PPO: a Rollout; online DPO: the pairs as DPO examples
+    stats: dict[str, float]  # logged in the unit's row
+    sample_fields: list[dict] | None = None  # per sample, added to its line of samples.jsonl
+
+
+@dataclass
+class Optimization:
+    """What a method's ``update`` steps with: the optimizer over the trained parameters and its schedule, the
+    unit's minibatches, and ``stepped``, through which the engine sees every optimizer step."""
+
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    params: list[torch.nn.Parameter]
+    epochs: int
+    minibatch_size: int
+    seed: int  # of this unit's minibatch order
+    after_step: Callable[[dict], None]  # the engine's non-finite policy
+    n_steps: int = 0
+
+    @property
+    def parts(self) -> tuple:
+        """(optimizer, scheduler, params), as a method's step function takes them."""
+        return self.optimizer, self.scheduler, self.params
+
+    def minibatches(self, n_rows: int) -> Iterator[list[int]]:
+        """``epochs`` passes over ``n_rows`` rows in minibatches, each pass in an order drawn from the unit's
+        seed (the same in every process, and in a resumed run)."""
+        generator = torch.Generator().manual_seed(self.seed)
+        for _ in range(self.epochs):
+            order = torch.randperm(n_rows, generator=generator).tolist()
+            for s in range(0, n_rows, self.minibatch_size):
+                yield order[s : s + self.minibatch_size]
+
+    def stepped(self, stats: dict) -> dict:
+        """Report one optimizer step (``online.optimizer_step``'s stats, with the minibatch's "loss"): a streak
+        of non-finite ones ends the run here. Returns ``stats``."""
+        self.n_steps += 1
+        self.after_step(stats)
+        return stats
+
+
+@dataclass
+class OnlineMethod:
+    """An online method as the engine runs it: its unit, its models and its steps 3-5 of a unit."""
+
+    unit: str  # what one pass of the loop is called: "iteration", "round" (messages, checkpoint state)
+    units: int  # how many the run makes
+    prompts_per_unit: int
+    trained: torch.nn.Module  # what the optimizer trains and a checkpoint holds
+    epochs: int  # passes of the update over a unit's batch
+    minibatch_size: int  # rows of the batch (PPO: samples; online DPO: pairs) per optimizer step
+    make_batch: Callable[[Samples], Batch]  # steps 3-4: the samples -> what the update trains on
+    update: Callable[[Batch, Optimization], dict]  # step 5: the optimizer steps; returns the metrics to log
+    monitors: MonitorSet  # the stage's default failure monitors
+    samples_per_prompt: int = 1
+    top_p: float = 1.0
+    sampler: Sampler | None = None  # a vLLM engine; None: transformers' generate on the policy
+    final_policy: Callable[[], torch.nn.Module] | None = None  # what final/ holds; None: the policy
+    state_dict: Callable[[], dict] = dict  # the method's own state in a checkpoint (PPO: its KL controller)
+    load_state_dict: Callable[[dict], None] = lambda state: None
+    describe: dict = field(default_factory=dict)  # fixed lines of the summary
+    # More lines of the summary from (units made, logged rows, samples.jsonl; None outside the main process).
+    summarize: Callable[[int, list[dict], Path | None], dict] = lambda units, rows, samples: {}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Launch and setup
+
+
+def check_launch(cfg, stage: str) -> None:
+    """Refuse what an online stage cannot do in the processes it was launched in (starts the process group)."""
+    if distributed.engine() == "deepspeed":
+        raise ConfigError(
+            f"{stage} runs data parallel (DDP) or sharded under FSDP, not under DeepSpeed: launch it with "
+            "configs/accelerate/multi_gpu.yaml, plain torchrun, or configs/accelerate/fsdp.yaml (full fine-tuning)"
+        )
+    world = distributed.world_size()
+    if world > 1 and cfg.generation_backend == "vllm":
+        raise ConfigError(
+            f"generation_backend=vllm in {world} processes is not supported by {stage} (one vLLM engine per "
+            "process is not implemented); use generation_backend=hf, or run in one process"
+        )
+
+
+def make_scorer(cfg, device: torch.device) -> Scorer:
+    """The reward of ``cfg.reward``: a function 'module:function' or a reward model directory."""
+    return load_scorer(
+        cfg.reward,
+        "reward",
+        dtype=cfg.dtype,
+        device=device,
+        trust_remote_code=cfg.trust_remote_code,
+        batch_size=cfg.reward_batch_size,
+    )
+
+
+def prepare(cfg, run_dir: RunDir) -> OnlineSetup:
+    """Seeds, the prompts tokenized with the chat template, the reward, and the policy with its reference. LoRA:
+    the reference is the policy's base with the adapters off (as DPO's reference=adapter); full fine-tuning: a
+    frozen copy. Under FSDP (full fine-tuning) each model is sharded as it is loaded (``distributed.shard``; the
+    main process alone reads the weights); the reward is whole in every process."""
+    print(f"run folder: {run_dir.path}", file=sys.stderr)
+    seed_and_threads(cfg)
+    device = pick_device()
+    tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code)
+    prompts, n_skipped = training_prompts(cfg)
+    prompt_ids = [encode_prompt(tokenizer, p, cfg.max_prompt_length) for p in prompts]
+    scorer = make_scorer(cfg, device)
+    load = functools.partial(
+        load_model, cfg.model, weights_dtype(cfg), cfg.trust_remote_code, device, distributed.load_on()
+    )
+    policy = load()
+    distributed.shard(policy, cfg.lora)
+    if cfg.lora:
+        policy, reference = apply_lora(policy, cfg), None
+    else:
+        reference = load().eval()
+        reference.requires_grad_(False)
+        distributed.shard(reference)
+    rank, world = distributed.accelerator().process_index, distributed.world_size()
+    return OnlineSetup(
+        cfg,
+        run_dir,
+        device,
+        tokenizer,
+        prompts,
+        prompt_ids,
+        n_skipped,
+        scorer,
+        policy,
+        reference,
+        load,
+        rank,
+        world,
+    )
+
+
+def run_online(
+    cfg, stage: str, make_method: Callable[[OnlineSetup], OnlineMethod], monitors: MonitorSet | None = None
+) -> dict:
+    """Run an online stage in its run folder (checked, locked for this run and released however it ends:
+    ``RunDir.create``); ``make_method`` builds the method on ``prepare``'s setup, ``monitors`` replaces its
+    default failure monitors (for tests). Returns the summary."""
+    started = time.time()
+    with RunDir.create(cfg.output_dir, stage, cfg.resume_from, cfg.tensorboard, cfg=cfg) as run_dir:
+        setup = prepare(cfg, run_dir)
+        method = make_method(setup)
+        k, unit = method.samples_per_prompt, method.unit
+        doc = f"prompts_per_{unit}" + (" * samples_per_prompt" if k > 1 else "")
+        note_idle_processes(cfg, method.prompts_per_unit * k, unit, doc)
+        run = OnlineRun(stage, setup, method, monitors if monitors is not None else method.monitors)
+        return run.train(started)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The loop
+
+
+class OnlineRun:
+    """One run of the engine: the optimizer, and where the run is between units (unit, last checkpoint, the
+    non-finite count, why it stops)."""
+
+    def __init__(self, stage: str, setup: OnlineSetup, method: OnlineMethod, monitors: MonitorSet) -> None:
+        self.stage, self.setup, self.method, self.monitors = stage, setup, method, monitors
+        self.cfg, self.run_dir = setup.cfg, setup.run_dir
+        self.main = self.run_dir.writes
+        self.samples_path = self.run_dir.path / "samples.jsonl"
+        self.rank_share = distributed.largest_rank_share(method.trained)
+        self.trainable, self.total = count_parameters(method.trained)
+        self.params = [p for p in method.trained.parameters() if p.requires_grad]
+        self.optimizer = build_optimizer(self.params, self.cfg)
+        # A unit counts epochs x ceil(prompts / minibatch) steps whatever its batch holds (online DPO's pairs may
+        # be fewer), so the schedule is fixed in advance.
+        self.steps_per_unit = method.epochs * math.ceil(method.prompts_per_unit / method.minibatch_size)
+        total_steps = method.units * self.steps_per_unit
+        self.scheduler = build_scheduler(
+            self.optimizer, self.cfg.lr_scheduler, self.cfg.warmup_steps, total_steps
+        )
+        self.nonfinite = NonFiniteSteps()
+        self.unit, self.start, self.saved, self.elapsed_before = 0, 0, -1, 0.0
+        self.resumed = self.last_checkpoint = ""  # the checkpoint resumed from; the last one written
+        self.last_row: dict = {}
+        self.stopped_by: str | None = None
+        self.loop_started = time.monotonic()
+
+    def elapsed(self) -> float:
+        return self.elapsed_before + time.monotonic() - self.loop_started
+
+    def train(self, started: float) -> dict:
+        """The loop, unit by unit; returns the summary."""
+        cfg, method, setup = self.cfg, self.method, self.setup
+        self.resume()
+        self.loop_started = time.monotonic()
+        show = cfg.progress and self.main
+        self.bar = tqdm(
+            total=method.units, initial=self.start, disable=not show, desc=self.stage, unit=method.unit
+        )
+        signals = StopSignals()
+        try:
+            with signals:
+                while self.unit < method.units:
+                    t0 = time.monotonic()
+                    # 1. Sample samples_per_prompt responses to each of the unit's prompts from the current
+                    #    policy, with seeds that depend only on (seed, unit), each process its share of the
+                    #    generation batches. A vLLM engine first takes the policy's weights (LoRA: merged in)
+                    #    unless it holds them already: a fresh run's first unit (a new LoRA adapter has B = 0).
+                    idx = iteration_prompts(len(setup.prompts), method.prompts_per_unit, self.unit, cfg.seed)
+                    method.trained.eval()
+                    mine = self.generate(idx)
+                    # 2. Score each response with the reward (each process its own samples), then gather every
+                    #    process's samples and scores: every process holds the whole unit from here on.
+                    samples = self.score(idx, mine)
+                    # 3.-4. The method's batch from the samples (PPO: rollout passes, KL-penalised rewards, GAE
+                    #    advantages; online DPO: best-vs-worst pairs and their reference log-probs).
+                    batch = method.make_batch(samples)
+                    t1 = time.monotonic()
+                    # 5. The method's update: its optimizer steps over the batch, in minibatches drawn in a
+                    #    seeded order; the schedule then advances to steps_per_unit whatever was stepped.
+                    method.trained.train()
+                    opt = Optimization(
+                        self.optimizer,
+                        self.scheduler,
+                        self.params,
+                        method.epochs,
+                        method.minibatch_size,
+                        derived_seed(cfg.seed, self.unit, 1),
+                        self.after_step,
+                    )
+                    update_stats = method.update(batch, opt)
+                    for _ in range(self.steps_per_unit - opt.n_steps):
+                        self.scheduler.step()
+                    self.unit += 1
+                    self.bar.update(1)
+                    # 6. Log the unit's health, and let the failure monitors see it.
+                    row = {"step": self.unit, **sample_stats(samples), **batch.stats, **update_stats}
+                    row |= {"nonfinite_skipped": self.nonfinite.total, "rollout_s": t1 - t0}
+                    self.log(
+                        row | {"update_s": time.monotonic() - t1, "elapsed_s": self.elapsed()}, samples, batch
+                    )
+                    # 7. Checkpoint every save_every units (not inside a non-finite streak), and on SIGINT/SIGTERM
+                    #    before raising. The processes agree first: a signal or a stop seen by any stops them all.
+                    if self.checkpoint_or_stop(signals.received):
+                        break
+                if self.saved != self.unit:
+                    self.save()
+        except KeyboardInterrupt:  # a second signal: stopped at once, maybe inside a checkpoint write
+            raise stopped_at_once(
+                signals, self.run_dir.checkpoints_dir, self.last_checkpoint or None
+            ) from None
+        finally:
+            self.bar.close()
+            self.run_dir.close()
+        return self.finish(started)
+
+    def resume(self) -> None:
+        """The trained weights, optimizer, schedule, RNG, the method's state and the unit, from the checkpoint
+        ``resume_from`` names (verified; a corrupt latest falls back to an intact one). Nothing in a checkpoint
+        depends on the number of processes: the main process picks it, every process reads it."""
+        cfg, method, run_dir = self.cfg, self.method, self.run_dir
+        resume = resume_checkpoint(cfg.resume_from, run_dir.checkpoints_dir) or ""
+        if resume:
+            state = load_checkpoint(resume, method.trained, self.optimizer, self.scheduler)
+            per_unit = state[f"prompts_per_{method.unit}"]
+            if (state["n_prompts"], per_unit) != (len(self.setup.prompts), method.prompts_per_unit):
+                raise ConfigError(
+                    f"resume_from: {resume} was written for {state['n_prompts']} prompts, {per_unit} per "
+                    f"{method.unit}; an exact resume needs the same"
+                )
+            method.load_state_dict(state)
+            self.unit, self.elapsed_before = state[method.unit], state["elapsed_s"]
+            self.nonfinite.total = state["n_nonfinite_skipped"]
+            self.start, self.saved, self.resumed, self.last_checkpoint = self.unit, self.unit, resume, resume
+        run_dir.truncate_metrics_after(self.unit)
+        if resume:
+            self.monitors.replay(run_dir.logged_rows())  # their windows as the uninterrupted run had them
+        if self.main:
+            truncate_jsonl(self.samples_path, self.unit)
+
+    def generate(self, idx: list[int]) -> dict[int, Generation]:
+        """Step 1: this process's samples of the prompts ``idx``, keyed by position among the unit's samples."""
+        cfg, method, setup = self.cfg, self.method, self.setup
+        k = method.samples_per_prompt
+        ids = [setup.prompt_ids[i] for i in idx for _ in range(k)]  # prompt j's samples are j*k .. j*k+k-1
+        sampling = SamplingConfig(
+            cfg.max_new_tokens, cfg.temperature, method.top_p, derived_seed(cfg.seed, self.unit, 0)
+        )
+        push = self.unit > self.start or bool(self.resumed)
+        return sample_share(
+            cfg, setup.policy, setup.tokenizer, ids, sampling, setup.rank, setup.world, method.sampler, push
+        )
+
+    def score(self, idx: list[int], mine: dict[int, Generation]) -> Samples:
+        """Step 2: score this process's samples, and gather every process's samples and scores."""
+        k = self.method.samples_per_prompt
+        prompts = [self.setup.prompts[i] for i in idx for _ in range(k)]
+        mine = dict(sorted(mine.items()))  # by position among the unit's samples
+        my_texts = [g.text for g in mine.values()]  # none where a process got no generation batch
+        my_scores = self.setup.scorer.score([prompts[i] for i in mine], my_texts) if mine else []
+        gathered = distributed.gather_dicts(dict(zip(mine, zip(mine.values(), my_scores))))
+        return Samples(prompts, [g for g, _ in gathered.values()], [score for _, score in gathered.values()])
+
+    def after_step(self, stats: dict) -> None:
+        """The non-finite policy of the offline loop, on each optimizer step of a method's update: a skipped
+        step is logged, and a streak ends the run naming the last checkpoint."""
+        finite = not stats["nonfinite"]
+        self.nonfinite.record(
+            finite, self.unit + 1, stats["loss"], stats["grad_norm"], self.run_dir.log_metrics
+        )
+        self.nonfinite.stop_if_diverged(self.last_checkpoint)
+
+    def log(self, row: dict, samples: Samples, batch: Batch) -> None:
+        """Step 6: the samples file, and every log_every units the row (metrics.jsonl) and the monitors."""
+        if self.main:
+            with open(self.samples_path, "a", encoding="utf-8") as f:
+                for i, (prompt, g, score) in enumerate(
+                    zip(samples.prompts, samples.generations, samples.scores)
+                ):
+                    sample = {"step": self.unit, "prompt": prompt, "response": g.text, "score": score}
+                    sample |= {
+                        "finished": g.finished,
+                        **(batch.sample_fields[i] if batch.sample_fields else {}),
+                    }
+                    f.write(json.dumps(sample) + "\n")
+        if self.unit % self.cfg.log_every == 0 or self.unit == self.method.units:
+            self.last_row = row
+            self.run_dir.log_metrics(row)
+            self.bar.set_postfix(score=f"{row['score/mean']:.3f}", kl=f"{row['kl']:.2f}")
+            if self.monitors.on_log(self.unit, row) == "stop":
+                self.stopped_by = ", ".join(
+                    e.monitor for e in self.monitors.last_events if e.action == "stop"
+                )
+            for event in self.monitors.last_events:
+                self.run_dir.log_metrics(event.to_row())
+
+    def checkpoint_or_stop(self, received: int | None) -> bool:
+        """Step 7: whether the loop stops here (a monitor in any process); raises after a signal's checkpoint."""
+        stop_flag, received = distributed.agree_to_stop(bool(self.stopped_by), received)
+        self.stopped_by = self.stopped_by or ("a monitor in another process" if stop_flag else None)
+        save_every = self.cfg.save_every
+        if (save_every and self.unit % save_every == 0 and not self.nonfinite.consecutive) or received:
+            self.save()
+        if received:
+            name = signal.Signals(received).name
+            raise TrainingInterrupted(checkpoint=self.last_checkpoint, reason=f"interrupted by {name}")
+        return bool(self.stopped_by)
+
+    def save(self) -> None:
+        """Write this unit's checkpoint; where the state is not finite, write none and keep the last good one."""
+        method = self.method
+        for p in self.params:  # checkpoints hold what requires grad; PEFT's adapter switches toggle the flag
+            p.requires_grad_(True)
+        state = {method.unit: self.unit, **method.state_dict(), "n_prompts": len(self.setup.prompts)}
+        state |= {
+            f"prompts_per_{method.unit}": method.prompts_per_unit,
+            "n_nonfinite_skipped": self.nonfinite.total,
+        }
+        state["elapsed_s"] = self.elapsed()
+        path = checkpoint_dir(self.run_dir.checkpoints_dir, self.unit)
+        try:
+            self.last_checkpoint = write_checkpoint(
+                path, method.trained, self.optimizer, self.scheduler, state, self.cfg.keep_checkpoints
+            )
+        except NonFiniteState as e:
+            log = self.run_dir.log_metrics
+            self.last_checkpoint = skipped_checkpoint(method.unit, self.unit, e, self.last_checkpoint, log)
+        self.saved = self.unit
+
+    def finish(self, started: float) -> dict:
+        """The final policy (written by the main process) and the summary."""
+        cfg, setup, method, run_dir = self.cfg, self.setup, self.method, self.run_dir
+        policy = method.final_policy() if method.final_policy else setup.policy
+        distributed.save_from_main(
+            policy,
+            lambda state_dict: save_final(
+                policy, setup.tokenizer, run_dir.final_dir, merge_lora=cfg.merge_lora, state_dict=state_dict
+            ),
+        )
+        rows = (
+            [json.loads(line) for line in run_dir.metrics_path.read_text().splitlines()] if self.main else []
+        )
+        metric_rows = [r for r in rows if "event" not in r]
+        summary = {
+            "stage": self.stage,
+            "model": cfg.model,
+            "reward": cfg.reward,
+            **method.describe,
+            "run_dir": str(run_dir.path),
+            "final_model": str(run_dir.final_dir),
+            f"{method.unit}s": self.unit,
+            "stopped_by": self.stopped_by,
+            "prompts": len(setup.prompts),
+            "skipped_rows": setup.n_skipped,
+            "reference": "policy base with adapters disabled" if cfg.lora else "frozen copy",
+            "trainable_parameters": self.trainable,
+            "total_parameters": self.total,
+            "params_rank_share": self.rank_share,
+            f"score_by_{method.unit}": [r["score/mean"] for r in metric_rows],
+            f"kl_by_{method.unit}": [r["kl"] for r in metric_rows],
+            **method.summarize(self.unit, metric_rows, self.samples_path if self.main else None),
+            "events": [r for r in rows if "event" in r],
+            "final_metrics": self.last_row,
+            "last_checkpoint": self.last_checkpoint,
+            "train_seconds": self.elapsed(),
+            "wall_seconds": time.time() - started,
+            "peak_rss_mb": peak_rss_mb(),
+        }
+        run_dir.write_summary(summary)
+        return summary
+
+
+def sample_stats(samples: Samples) -> dict[str, float]:
+    """The health of a unit's samples, whatever the method: scores, lengths, EOS, diversity."""
+    scores, lengths = samples.scores, samples.lengths
+    length = length_stats(lengths)
+    return {
+        "score/mean": float(np.mean(scores)),
+        "score/std": float(np.std(scores, ddof=1)) if len(scores) > 1 else 0.0,
+        "reward/mean": float(np.mean(scores)),  # the key RewardHackingMonitor reads
+        "reward_length_corr": pearson(scores, lengths),
+        "len/mean": length.mean,
+        "len/std": length.std,
+        "eos_frac": float(np.mean([g.finished for g in samples.generations])),
+        "distinct_2": distinct_n(samples.texts, 2),
+    }
+
+
+def step_means(step_stats: list[dict], leave_out: tuple[str, ...] = ("nonfinite",)) -> dict[str, float]:
+    """The mean of each of an update's per-step metrics over its steps (none: no keys)."""
+    keys = [key for key in (step_stats[0] if step_stats else {}) if key not in leave_out]
+    return {key: float(np.mean([s[key] for s in step_stats])) for key in keys}
+
+
+def score_change(samples_path: Path | None, iterations: int) -> dict | None:
+    """The mean score of the run's last quarter of iterations minus its first quarter's (at least one
+    iteration each), with a bootstrap interval over their samples (``samples_path``): did the run raise its
+    score by more than the noise of one batch of samples? None before two iterations, or without the file."""
+    if iterations < 2 or samples_path is None:
+        return None
+    k = max(1, iterations // 4)
+    scores: dict[int, list[float]] = {}
+    for line in samples_path.read_text(encoding="utf-8").splitlines():
+        row = json.loads(line)
+        scores.setdefault(row["step"], []).append(row["score"])
+    first = [x for step in range(1, k + 1) for x in scores.get(step, [])]
+    last = [x for step in range(iterations - k + 1, iterations + 1) for x in scores.get(step, [])]
+    change = mean_difference(first, last)
+    return {
+        "iterations_per_group": k,
+        "first_mean": float(np.mean(first)),
+        "last_mean": float(np.mean(last)),
+        "change": change.value,
+        "change_ci95": [change.low, change.high],
+    }
