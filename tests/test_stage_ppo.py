@@ -25,7 +25,9 @@ from alignkit.models.value import ValueModel
 from alignkit.rewards import brevity, length, politeness
 from alignkit.scoring import prompt_text
 from alignkit.stages import ppo
+from alignkit.training import online
 from alignkit.training import rollout as rollouts
+from alignkit.training.loop import MAX_CONSECUTIVE_NONFINITE
 from alignkit.training.online import iteration_prompts
 from alignkit.training.online_engine import make_scorer
 
@@ -428,3 +430,33 @@ def test_reward_model_directory_scores_the_samples(tiny_model_dir, tiny_tokenize
     )
     assert [s["score"] for s in samples] == pytest.approx(expected, abs=1e-5)
     assert len(set(expected)) > 1  # the samples really were told apart
+
+
+def test_a_streak_of_nonfinite_steps_ends_the_run_as_the_offline_loop_does(
+    tiny_model_dir, prompt_file, tmp_path, monkeypatch
+):
+    """The online engine's non-finite policy is the offline loop's (training.loop.NonFiniteSteps): 2 prompts per
+    iteration in minibatches of 1 over 2 PPO epochs make 4 optimizer steps an iteration. Steps 1-4 are real;
+    from step 5 each loss is made NaN, so each update is skipped and logged as a "nonfinite" event. Iteration 2
+    (steps 5-8) is logged with nonfinite_skipped=4 and, inside the streak, writes no periodic checkpoint; step
+    10 makes the streak 6 > MAX_CONSECUTIVE_NONFINITE = 5, which ends the run there, naming iteration 1's
+    checkpoint. (Before, the two online stages counted such steps and went on to the end.)"""
+    real_step, calls = online.optimizer_step, []
+
+    def nan_from_step_5(optimizer, scheduler, params, max_grad_norm, loss):
+        calls.append(loss)
+        return real_step(optimizer, scheduler, params, max_grad_norm, loss if len(calls) <= 4 else math.nan)
+
+    monkeypatch.setattr(online, "optimizer_step", nan_from_step_5)
+    out = tmp_path / "run"
+    args = _args(tiny_model_dir, prompt_file, out, "iterations=5", "prompts_per_iteration=2", "save_every=1")
+    cfg = load_config(ppo.PPOConfig, None, [*args, "minibatch_size=1", "ppo_epochs=2"])
+    with pytest.raises(TrainingInterrupted, match="stopped after 6 consecutive non-finite") as info:
+        ppo.run(cfg, monitors=MonitorSet([]))  # the NonFiniteMonitor would stop it before the rule is reached
+    assert MAX_CONSECUTIVE_NONFINITE == 5 and len(calls) == 10
+    assert info.value.checkpoint == str(out / "checkpoints" / "step-000001")
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000001"]
+    rows = _rows(out)
+    assert [(r["step"], r["nonfinite_skipped"]) for r in rows if "event" not in r] == [(1, 0), (2, 4)]
+    events = [r for r in rows if r.get("event") == "nonfinite"]
+    assert [(e["step"], e["consecutive"]) for e in events] == [(2, 1), (2, 2), (2, 3), (2, 4), (3, 5), (3, 6)]
