@@ -1,6 +1,6 @@
 """SIGINT/SIGTERM during training: finish the current step, write a checkpoint, then stop.
 
-Used by the shared loop and by PPO's and online DPO's own loops, so Ctrl-C never loses more than one step.
+Used by the shared loop and by the online engine (ppo, online-dpo), so Ctrl-C never loses more than one step.
 """
 
 from __future__ import annotations
