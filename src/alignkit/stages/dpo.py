@@ -34,6 +34,7 @@ from alignkit.models.loading import (
     save_final,
 )
 from alignkit.models.precision import in_training_precision, of_config, weights_dtype
+from alignkit.stages import Stage
 from alignkit.training import distributed
 from alignkit.training.loop import StepOutput, train, visited_indices
 from alignkit.training.preference import PairExample, pair_logprobs, pair_outputs
@@ -93,9 +94,6 @@ class IPOConfig(DPOConfig):
 class ORPOConfig(DPOConfig):
     loss: Literal["dpo", "ipo", "orpo"] = doc_field("orpo", "Which objective: DPO, IPO or ORPO.")
     learning_rate: float = doc_field(5e-6, "Peak AdamW learning rate.")
-
-
-CONFIG = DPOConfig
 
 
 def dpo_step(model, batch: dict, cfg: DPOConfig, reference) -> StepOutput:
@@ -291,3 +289,8 @@ def _run(cfg: DPOConfig, run_dir: RunDir, started: float) -> dict:
     summary["wall_seconds"] = time.time() - started
     run_dir.write_summary(summary)
     return summary
+
+
+STAGE = Stage("dpo", DPOConfig, run)
+IPO = Stage("ipo", IPOConfig, run)
+ORPO = Stage("orpo", ORPOConfig, run)

@@ -41,6 +41,7 @@ from alignkit.models.loading import (
     save_final,
 )
 from alignkit.models.precision import in_training_precision, weights_dtype
+from alignkit.stages import Stage
 from alignkit.training import distributed
 from alignkit.training.loop import StepOutput, train, visited_indices
 from alignkit.training.run import RunDir
@@ -80,9 +81,6 @@ class KTOConfig(TrainConfig):
     )
     max_length: int = doc_field(512, "Longest prompt+completion in tokens; longer examples are truncated.")
     eval_batch_size: int = doc_field(8, "Examples per forward pass when evaluating or precomputing.", ge=1)
-
-
-CONFIG = KTOConfig
 
 
 @dataclass
@@ -503,3 +501,6 @@ def _run(cfg: KTOConfig, run_dir: RunDir, started: float) -> dict:
     summary["wall_seconds"] = time.time() - started
     run_dir.write_summary(summary)
     return summary
+
+
+STAGE = Stage("kto", KTOConfig, run)

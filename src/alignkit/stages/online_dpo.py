@@ -69,6 +69,7 @@ from alignkit.models.loading import (
 )
 from alignkit.models.precision import in_training_precision, weights_dtype
 from alignkit.scoring import check_scorer, load_scorer
+from alignkit.stages import Stage
 from alignkit.training import distributed
 from alignkit.training.checkpoint import (
     NonFiniteState,
@@ -196,9 +197,6 @@ class OnlineDPOConfig(GenerationBackendConfig, TrainConfig):
         refuse_unused(self, NOT_USED, "online-dpo")
         check_at_most(self, "micro_batch_size", "minibatch_size")
         check_row_range(self, "train_rows")
-
-
-CONFIG = OnlineDPOConfig
 
 
 def check_config(cfg: OnlineDPOConfig) -> None:
@@ -641,3 +639,6 @@ def _run(cfg: OnlineDPOConfig, run_dir: RunDir, started: float, monitors: Monito
     }
     run_dir.write_summary(summary)
     return summary
+
+
+STAGE = Stage("online-dpo", OnlineDPOConfig, run)

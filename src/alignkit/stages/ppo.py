@@ -77,6 +77,7 @@ from alignkit.models.value import (
     remove_value_adapter,
 )
 from alignkit.scoring import Scorer, check_scorer, load_scorer
+from alignkit.stages import Stage
 from alignkit.training import distributed
 from alignkit.training.checkpoint import (
     NonFiniteState,
@@ -243,9 +244,6 @@ class PPOConfig(GenerationBackendConfig, TrainConfig):
                 "cannot move it from 0), got 0.0; or set kl_target=null for no KL penalty",
                 ("init_kl_coef", "kl_target"),
             )
-
-
-CONFIG = PPOConfig
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -698,3 +696,6 @@ def _run(cfg: PPOConfig, run_dir: RunDir, started: float, monitors: MonitorSet |
     }
     run_dir.write_summary(summary)
     return summary
+
+
+STAGE = Stage("ppo", PPOConfig, run)
