@@ -89,7 +89,8 @@ from alignkit.training.online import (
     training_prompts,
     truncate_jsonl,
 )
-from alignkit.training.preference import PairExample, collate_pair_examples, pair_outputs
+from alignkit.training.preference import PairExample, PairLogprobs, collate_pair_examples, pair_outputs
+from alignkit.training.reference import PRECOMPUTED, apply, load_reference
 from alignkit.training.run import RunDir, peak_rss_mb
 from alignkit.training.schedule import build_optimizer, build_scheduler
 from alignkit.training.signals import StopSignals, stopped_at_once
@@ -252,8 +253,8 @@ def sample_logprobs(
     """Log-probs of every sample's response tokens under the reference and under the policy: two lists of one
     (T_i,) tensor per sample. Each of ``world`` processes runs its contiguous share of the samples, and the
     shares are gathered (``distributed.shared_rows``) as rows (B, R) zero-padded to the longest response, then
-    cut back to each response's length. The reference is a frozen copy, or (LoRA, ``reference`` None) the
-    policy's base with the adapters off.
+    cut back to each response's length. The reference (``training.reference.Reference``) is a frozen copy, or
+    (LoRA) the policy's base with the adapters off.
 
     Under FSDP every forward on the shards is a collective: a process with fewer forward batches than another
     runs stand-ins (one sample, its log-probs dropped) until they all ran as many; after, both models hold their
@@ -276,15 +277,12 @@ def sample_logprobs(
 
     def passes(rows: slice) -> dict[str, torch.Tensor]:
         share = generations[rows]
-        if reference is not None:
-            ref = logprobs(reference, share)
-        else:
-            with policy.disable_adapter():
-                ref = logprobs(policy, share)
+        with reference.model(policy) as model:
+            ref = logprobs(model, share)
         return {"ref": ref, "policy": logprobs(policy, share)}
 
     gathered = distributed.shared_rows(passes, len(generations), rank, world)
-    for model in (policy, reference):
+    for model in (policy, reference.copy):
         if model is not None and sharded:
             distributed.reshard(model)
     ref, logps = gathered["ref"].cpu(), gathered["policy"].cpu()  # (B, R)
@@ -302,8 +300,8 @@ def pair_examples(
             generations[c].prompt_ids, generations[c].response_ids, generations[r].response_ids, False
         )
         chosen, rejected = ref_logps[c], ref_logps[r]  # (T_c,), (T_r,)
-        ref = torch.stack([chosen.sum(), rejected.sum(), chosen.mean(), rejected.mean()]).float()  # (4,)
-        examples.append(PairExample(encoded, ref))
+        ref = PairLogprobs(chosen.sum(), rejected.sum(), chosen.mean(), rejected.mean())  # 0-dim each
+        examples.append(PairExample(encoded, apply(ref, torch.Tensor.float)))
     return examples
 
 
@@ -311,7 +309,7 @@ def pair_examples(
 def pair_losses(cfg: OnlineDPOConfig, policy, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
     """Per-pair losses (B,) and summed pair metrics of ``training.preference.pair_outputs`` on ``policy`` (the
     reference's log-probs ride in batch["ref"]): the forward of the module DDP wraps."""
-    out = pair_outputs(cfg, policy, None, batch)
+    out = pair_outputs(cfg, policy, PRECOMPUTED, batch)
     return out.losses, out.metrics
 
 
@@ -403,11 +401,7 @@ def _run(cfg: OnlineDPOConfig, run_dir: RunDir, started: float, monitors: Monito
     distributed.shard(policy, cfg.lora)
     if cfg.lora:
         policy = apply_lora(policy, cfg)
-        reference = None
-    else:
-        reference = load().eval()
-        reference.requires_grad_(False)
-        distributed.shard(reference)
+    reference = load_reference("adapter" if cfg.lora else "copy", load)
     if cfg.gradient_checkpointing:  # the update's passes recompute each layer in the backward
         enable_gradient_checkpointing(policy)
     rank_share = distributed.largest_rank_share(policy)
