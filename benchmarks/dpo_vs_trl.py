@@ -206,6 +206,7 @@ def child_alignkit(spec: dict, share_prompt: bool) -> dict:
     from alignkit.models.precision import weights_dtype
     from alignkit.stages.dpo import DPOConfig, PairExample, collate, dpo_step, precompute_reference
     from alignkit.training.loop import train, visited_indices
+    from alignkit.training.reference import PRECOMPUTED
     from alignkit.training.run import RunDir
 
     with tempfile.TemporaryDirectory(prefix="alignkit-bench-") as out:
@@ -270,7 +271,7 @@ def child_alignkit(spec: dict, share_prompt: bool) -> dict:
             model,
             examples,
             collate_fn=lambda b: collate(b, pad_id),
-            step_fn=lambda m, b: dpo_step(m, b, cfg, None),
+            step_fn=lambda m, b: dpo_step(m, b, cfg, PRECOMPUTED),
             run=run_dir,
             on_log=on_log,
             monitors=default_monitors(cfg.loss),

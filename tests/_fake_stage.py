@@ -1,7 +1,8 @@
 """A stand-in stage for the CLI tests (registered by monkeypatching ``alignkit.cli.STAGES``).
 
-Its config is a TrainConfig subclass with a field of its own and an overridden default; ``run`` records the
-resolved config and returns it as the summary, or raises the error its ``mode`` names.
+Its config is a TrainConfig subclass with a field of its own and an overridden default (``OTHER``: the same run
+with another default, as ipo next to dpo); ``run`` records the resolved config and returns it as the summary, or
+raises the error its ``mode`` names.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from typing import Literal
 
 from alignkit.config import ConfigError, TrainConfig, config_to_dict, doc_field
 from alignkit.errors import AlignkitError, TrainingInterrupted
+from alignkit.stages import Stage
 
 LAST_CONFIG: list = []  # every config run() received, so in-process tests can inspect the object itself
 
@@ -43,9 +45,6 @@ class OtherConfig(FakeConfig):
     beta: float = doc_field(0.5, "Strength of a pretend penalty.")
 
 
-CONFIG = FakeConfig
-
-
 def run(cfg: FakeConfig) -> dict:
     LAST_CONFIG.append(cfg)
     if cfg.mode == "interrupt":
@@ -69,3 +68,7 @@ def run(cfg: FakeConfig) -> dict:
     if cfg.mode == "value_error":
         raise ValueError("a bug, not a user error")
     return {"stage": "fake", "config": config_to_dict(cfg)}
+
+
+STAGE = Stage("fake", FakeConfig, run)
+OTHER = Stage("fake-other", OtherConfig, run)  # as ipo next to dpo: another config, the same run

@@ -152,7 +152,7 @@ def test_ppo_and_online_dpo_skip_a_nonfinite_checkpoint_and_verify_on_resume(
 
     monkeypatch.setattr(checkpoint_module, "save_checkpoint", poisoned_at_step_2)
     with pytest.raises(TrainingInterrupted) as info:
-        module.run(load_config(module.CONFIG, None, args), monitors=MonitorSet([SignalAt(2)]))
+        module.run(load_config(module.STAGE.config, None, args), monitors=MonitorSet([SignalAt(2)]))
     step1 = out / "checkpoints" / "step-000001"
     assert info.value.checkpoint == str(step1)
     assert _step_dirs(out / "checkpoints") == ["step-000001"]
@@ -161,7 +161,7 @@ def test_ppo_and_online_dpo_skip_a_nonfinite_checkpoint_and_verify_on_resume(
     _truncate(step1 / "weights.safetensors")
     bad_file = step1 / "weights.safetensors"
     with pytest.raises(CheckpointError, match=f"the newest, {step1}, is corrupt: {bad_file}"):
-        module.run(load_config(module.CONFIG, None, [*args, "resume_from=latest"]))
+        module.run(load_config(module.STAGE.config, None, [*args, "resume_from=latest"]))
 
 
 # --- manifest and verification ------------------------------------------------------------------------

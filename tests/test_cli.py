@@ -36,7 +36,7 @@ RUN_MAIN_WITH_FAKE = (
 def fake(monkeypatch):
     monkeypatch.setitem(cli.STAGES, "fake", ("_fake_stage", "A stage for tests"))
     monkeypatch.setitem(
-        cli.STAGES, "fake-other", ("_fake_stage:OtherConfig", "The same stage, other defaults")
+        cli.STAGES, "fake-other", ("_fake_stage:OTHER", "The same stage, other defaults")
     )
     _fake_stage.LAST_CONFIG.clear()
 
@@ -108,7 +108,7 @@ def test_stage_help_lists_every_field_with_default_and_doc(fake, capsys):
 
 
 def test_stage_sharing_a_module_uses_the_named_config(fake, capsys):
-    """ "_fake_stage:OtherConfig" runs the same run() with OtherConfig (beta defaults to 0.5, not 0.1)."""
+    """ "_fake_stage:OTHER" runs the same run() with OtherConfig (beta defaults to 0.5, not 0.1)."""
     assert cli.main(["fake-other", "train_data=d"]) == 0
     (cfg,) = _fake_stage.LAST_CONFIG
     assert type(cfg) is _fake_stage.OtherConfig and cfg.beta == 0.5

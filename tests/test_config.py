@@ -343,9 +343,9 @@ def test_save_then_load_reproduces_the_config(tmp_path):
 
 
 def _stage_config_classes() -> list[tuple[str, type]]:
-    from alignkit.cli import STAGES, _load_stage
+    from alignkit.stages import STAGES, load_stage
 
-    return [(stage, _load_stage(stage)[1]) for stage in STAGES]
+    return [(stage, load_stage(stage).config) for stage in STAGES]
 
 
 def _required_filled(cls) -> dict:
@@ -497,9 +497,9 @@ NAMED_CASES = [
 
 @pytest.mark.parametrize("stage, overrides, message", NAMED_CASES)
 def test_out_of_range_value_is_refused_naming_field_value_and_range(stage, overrides, message):
-    from alignkit.cli import _load_stage
+    from alignkit.stages import load_stage
 
-    cls = _load_stage(stage)[1]
+    cls = load_stage(stage).config
     given = [f"{k}={v}" for k, v in _required_filled(cls).items()]
     with pytest.raises(ConfigError) as info:
         load_config(cls, None, [*given, *overrides])

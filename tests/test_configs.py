@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from accelerate.commands.config.config_args import ClusterConfig
 
-from alignkit.cli import STAGES, _load_stage
 from alignkit.config import load_config
+from alignkit.stages import STAGES, load_stage
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
@@ -28,7 +28,7 @@ def test_example_config_loads_for_its_stage(path):
     assert words[:2] == ["#", "alignkit"] and words[3] == f"configs/{path.name}", first
     stage = words[2]
     assert stage in STAGES
-    _, config_cls = _load_stage(stage)
+    config_cls = load_stage(stage).config
     cfg = load_config(config_cls, str(path))
     assert cfg.model == "smollm2-135m-instruct"
 
@@ -53,7 +53,7 @@ def test_accelerate_config_names_its_command_and_loads(path):
     )
     m = words.index("-m")
     assert words[m + 1] == "alignkit" and words[m + 2] in STAGES
-    _, config_cls = _load_stage(words[m + 2])
+    config_cls = load_stage(words[m + 2]).config
     load_config(config_cls, str(ROOT / words[m + 3]), words[m + 4 :])
     cluster = ClusterConfig.from_yaml_file(str(path))
     assert cluster.num_processes > 1 and cluster.mixed_precision in ("no", "bf16")

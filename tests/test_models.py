@@ -404,10 +404,10 @@ def test_prepare_embedded_concurrent_callers_convert_once(fake_cache, monkeypatc
 
 
 def test_prepare_model_stage(fake_cache, monkeypatch):
-    from alignkit.stages.prepare_model import CONFIG, run
+    from alignkit.stages.prepare_model import PrepareModelConfig, run
 
     monkeypatch.setattr(embedded, "convert_gguf", lambda gguf, dest: None)
-    summary = run(CONFIG())
+    summary = run(PrepareModelConfig())
     assert summary["path"] == str(fake_cache / NAME) and summary["seconds"] >= 0
     assert (fake_cache / NAME / MARKER).is_file()
 

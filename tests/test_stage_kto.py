@@ -14,6 +14,7 @@ from alignkit.data.tokenize import EncodedUnpaired
 from alignkit.losses.kto import kto_loss, kto_reference_point
 from alignkit.models.forward import sequence_logprobs
 from alignkit.stages.kto import KTOConfig, build_examples, collate, kl_partners, kto_outputs, run
+from alignkit.training.reference import Reference
 
 from conftest import build_tiny_model
 
@@ -206,7 +207,7 @@ def test_step_uses_mismatched_sequences_and_reference(tiny_tokenizer):
     examples = build_examples(encoded, [None] * 3, max_length=64, seed=0)
     cfg = load_config(KTOConfig, None, ["train_data=x", "beta=0.5", "undesirable_weight=1.3"])
     with torch.no_grad():
-        out = kto_outputs(cfg, policy, reference, collate(examples, tok.pad_token_id))
+        out = kto_outputs(cfg, policy, Reference("copy", reference), collate(examples, tok.pad_token_id))
 
     def score(model, prompt_ids, completion_ids):
         ids = torch.tensor([prompt_ids + completion_ids])

@@ -27,7 +27,7 @@ from alignkit.models.loading import load_model
 from alignkit.stages import online_dpo
 from alignkit.training import distributed
 from alignkit.training.distributed import StepModule
-from alignkit.training.preference import PairExample
+from alignkit.training.preference import PairExample, PairLogprobs
 
 from conftest import build_tiny_model
 
@@ -162,7 +162,7 @@ def test_update_is_a_step_on_the_dpo_loss(tiny_tokenizer):
     ]
     ref = torch.tensor([[-9.0, -7.0], [-12.0, -8.5], [-3.0, -11.0]])  # (3, 2) reference sums, chosen/rejected
     examples = [
-        PairExample(p, torch.cat([r, r / torch.tensor([len(p.chosen_ids), len(p.rejected_ids)])]))
+        PairExample(p, PairLogprobs(r[0], r[1], r[0] / len(p.chosen_ids), r[1] / len(p.rejected_ids)))
         for p, r in zip(pairs, ref)
     ]
     cfg = load_config(

@@ -68,7 +68,7 @@ def test_update_weights_gives_the_engine_the_policy(lora, tiny_model_dir):
 def test_vllm_with_lora_is_refused_only_where_vllm_cannot_run(stage, monkeypatch):
     """lora=true with generation_backend=vllm passes check_config where vllm can run (here faked); where it
     is not installed, the backend check still refuses it, naming the field."""
-    cfg = stage.CONFIG(reward="_ppo_rewards:length", lora=True, generation_backend="vllm")
+    cfg = stage.STAGE.config(reward="_ppo_rewards:length", lora=True, generation_backend="vllm")
     if importlib.util.find_spec("vllm") is None:
         with pytest.raises(ConfigError, match="generation_backend=vllm needs the vllm package"):
             stage.check_config(cfg)

@@ -1,13 +1,12 @@
 """The `alignkit` command: `alignkit <stage> [CONFIG.yaml] [key=value ...]`.
 
-Each stage is a module with a config dataclass `CONFIG` and `run(cfg) -> dict`; this file only resolves the
-configuration, calls `run`, prints the summary, and turns the errors users cause into a message and an exit code.
+Each stage is a `Stage` (``alignkit.stages``: its config dataclass and the function that runs it), named in the
+table ``STAGES``; this file only resolves the configuration, runs the stage, prints the summary, and turns the
+errors users cause into a message and an exit code.
 """
 
 from __future__ import annotations
 
-import difflib
-import importlib
 import json
 import os
 import shlex
@@ -15,59 +14,12 @@ import sys
 import traceback
 from collections.abc import Callable
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 from alignkit import __version__
 from alignkit.config import ConfigError, config_help, load_config
 from alignkit.errors import AlignkitError, TrainingInterrupted
-
-# stage name -> (module, one-line description for `alignkit --help`). The module defines CONFIG (its config
-# dataclass) and run(cfg) -> dict; "module:Name" uses the dataclass `Name` from that module instead of CONFIG,
-# for stages that share a module (ipo/orpo next to dpo). Modules are imported only when their stage runs,
-# so `alignkit --help` does not pay for torch. Adding a stage is one line here.
-STAGES: dict[str, tuple[str, str]] = {
-    "quickstart": (
-        "alignkit.pipelines.quickstart",
-        "The main job: a short alignment run on the embedded default model",
-    ),
-    "prepare-model": ("alignkit.stages.prepare_model", "Prepare the embedded default model in the cache"),
-    "sft": ("alignkit.stages.sft", "Supervised fine-tuning on demonstrations"),
-    "dpo": ("alignkit.stages.dpo", "Direct Preference Optimization on chosen/rejected pairs"),
-    "ipo": ("alignkit.stages.dpo:IPOConfig", "Identity Preference Optimization (squared loss) on pairs"),
-    "orpo": (
-        "alignkit.stages.dpo:ORPOConfig",
-        "Odds-Ratio Preference Optimization: SFT + preference, no reference",
-    ),
-    "kto": ("alignkit.stages.kto", "Kahneman-Tversky Optimization on unpaired good/bad feedback (or pairs)"),
-    "ppo": ("alignkit.stages.ppo", "RLHF with PPO: policy, reference, reward and value models"),
-    "online-dpo": (
-        "alignkit.stages.online_dpo",
-        "Online DPO: each round samples the policy, scores with a reward, trains on best-vs-worst pairs",
-    ),
-    "rm": ("alignkit.stages.rm", "Train a reward model (Bradley-Terry) on chosen/rejected pairs"),
-    "score": (
-        "alignkit.stages.score",
-        "Score (prompt, response) rows or pairs with a reward model, resumably",
-    ),
-    "build-prefs": ("alignkit.stages.build_prefs", "Sample responses, rank them, and write preference pairs"),
-    "cai-revise": (
-        "alignkit.stages.cai_revise",
-        "Constitutional AI: answer, critique and revise under principles; writes SFT data",
-    ),
-    "cai-label": (
-        "alignkit.stages.cai_label",
-        "RLAIF: an AI judge labels response pairs under a constitution; writes preference pairs",
-    ),
-    "eval": (
-        "alignkit.stages.eval",
-        "Sample a model and a reference on prompts; scores, win rate, KL, lengths",
-    ),
-    "report": (
-        "alignkit.stages.report",
-        "One self-contained HTML page of a run: curves, events, summary, eval",
-    ),
-}
+from alignkit.stages import STAGES, Stage, load_stage, unknown_stage_message
 
 USAGE = "usage: alignkit <stage> [CONFIG.yaml] [key=value ...]"
 EXIT_USAGE = 2  # bad configuration or data: the argparse convention for "you asked for something wrong"
@@ -100,18 +52,18 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     stage = args[0]
     if stage not in STAGES:
-        return _fail(_unknown_stage(stage))
+        return _fail(unknown_stage_message(stage))
 
-    module, config_cls = _load_stage(stage)
+    spec = load_stage(stage)
     rest = args[1:]
     if "-h" in rest or "--help" in rest:
-        print(stage_help(stage, config_cls))
+        print(stage_help(stage, spec.config))
         return 0
-    yaml_path, overrides = split_args(positional_to_override(module, rest))
+    yaml_path, overrides = split_args(positional_to_override(spec, rest))
 
     try:
-        cfg = load_config(config_cls, yaml_path, overrides)
-        summary = module.run(cfg)
+        cfg = load_config(spec.config, yaml_path, overrides)
+        summary = spec.main(cfg)
     except TrainingInterrupted as e:
         print(e, file=sys.stderr)
         if e.checkpoint:
@@ -138,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     # The summary as JSON on stdout (pipe it to jq), unless the stage prints its own results table; in a
     # multi-process launch once, by the main process (rank 0), which wrote the run folder it describes.
     main_process = int(os.environ.get("RANK", "0")) == 0
-    if summary is not None and main_process and not getattr(module, "PRINTS_RESULTS", False):
+    if summary is not None and main_process and not spec.prints_results:
         print(json.dumps(summary, indent=2, default=str))
     return 0
 
@@ -156,10 +108,10 @@ def split_args(args: list[str]) -> tuple[str | None, list[str]]:
     return None, list(args)
 
 
-def positional_to_override(module: ModuleType, args: list[str]) -> list[str]:
-    """``alignkit report runs/dpo-1`` -> ``run_dir=runs/dpo-1``: a stage whose module names a ``POSITIONAL``
-    field takes a bare first argument as that field, unless it is the YAML config file."""
-    field_name = getattr(module, "POSITIONAL", None)
+def positional_to_override(stage: Stage, args: list[str]) -> list[str]:
+    """``alignkit report runs/dpo-1`` -> ``run_dir=runs/dpo-1``: a stage that names a ``positional`` field
+    takes a bare first argument as that field, unless it is the YAML config file."""
+    field_name = stage.positional
     if field_name and args and "=" not in args[0] and not args[0].startswith("-"):
         first = args[0]
         if not (first.endswith((".yaml", ".yml")) or Path(first).is_file()):
@@ -188,23 +140,6 @@ def stage_help(stage: str, cls: type) -> str:
         lines.append(doc)
     lines += ["", VALUES_NOTE, "", "settings:", config_help(cls).rstrip()]
     return "\n".join(lines)
-
-
-def _load_stage(stage: str) -> tuple[ModuleType, type]:
-    """The stage's module and its config dataclass."""
-    module_name, _, config_name = STAGES[stage][0].partition(":")
-    module = importlib.import_module(module_name)
-    config_name = config_name or "CONFIG"
-    for name in (config_name, "run"):
-        if not hasattr(module, name):
-            raise AttributeError(f"stage '{stage}': module {module_name} defines no {name}")
-    return module, getattr(module, config_name)
-
-
-def _unknown_stage(stage: str) -> str:
-    close = difflib.get_close_matches(stage, list(STAGES), n=1)
-    hint = f"; did you mean '{close[0]}'?" if close else ""
-    return f"unknown stage '{stage}'{hint}\nstages: {', '.join(STAGES)} (`alignkit --help` describes each)"
 
 
 def _path_message(error: OSError) -> str:

@@ -3,19 +3,24 @@
 A frozen reference gives the same log-probs for the same tokens every time, so DPO and IPO runs (and a
 resumed run) on the same data share one precomputation. The key covers everything the numbers depend
 on: the weight files (name, size, mtime), the dtype and how the head is applied (``how``), and every
-example's token ids; rows not computed yet are NaN.
+example's token ids; rows not computed yet are NaN. Stored as safetensors, one named (N,) tensor per field of
+the log-probs' record (``training.preference.PairLogprobs``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 from safetensors.torch import load_file, save_file
 
 from alignkit.models.embedded import cache_dir
+
+T = TypeVar("T")  # a dataclass whose every field is a tensor
 
 
 def model_fingerprint(model_path: str) -> str:
@@ -46,20 +51,24 @@ def _path(key: str) -> Path:
     return cache_dir() / "reference-logps" / f"{key}.safetensors"
 
 
-def load(key: str, n_rows: int, n_cols: int) -> torch.Tensor:
-    """(n_rows, n_cols) float32; NaN where nothing is cached."""
+def load(key: str, record: type[T], n_rows: int) -> T:
+    """A ``record`` (a dataclass of tensors, e.g. ``PairLogprobs``) of (n_rows,) float32 tensors, one per field,
+    NaN where nothing is cached. A file without exactly those names and shapes (another layout, such as the
+    unnamed (N, 4) "values" of alignkit <= 0.1) counts as nothing cached: it is recomputed, never misread."""
+    names = [f.name for f in dataclasses.fields(record)]
     path = _path(key)
     if path.is_file():
-        values = load_file(str(path))["values"]
-        if values.shape == (n_rows, n_cols):
-            return values
-    return torch.full((n_rows, n_cols), float("nan"))
+        stored = load_file(str(path))  # safetensors: named tensors only, no pickle
+        if sorted(stored) == sorted(names) and all(stored[n].shape == (n_rows,) for n in names):
+            return record(**{n: stored[n] for n in names})
+    return record(**{n: torch.full((n_rows,), float("nan")) for n in names})
 
 
-def save(key: str, values: torch.Tensor) -> None:
-    """Atomically (temp file + rename), so a crash never leaves a half-written cache entry."""
+def save(key: str, values) -> None:
+    """Write ``values`` (a dataclass of tensors) as one named tensor per field, atomically (temp file + rename),
+    so a crash never leaves a half-written cache entry."""
     path = _path(key)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".tmp-{os.getpid()}")
-    save_file({"values": values.contiguous()}, str(tmp))
+    save_file({f.name: getattr(values, f.name).contiguous() for f in dataclasses.fields(values)}, str(tmp))
     os.replace(tmp, path)

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 from alignkit.config import SEED_MAX, ConfigError, doc_field, load_config, save_config
+from alignkit.stages import Stage
 
 if TYPE_CHECKING:
     from alignkit.training.run import RunFolderLock
@@ -75,10 +76,6 @@ class QuickstartConfig:
     eval_samples: int = doc_field(4, "Responses per held-out prompt and model in the evaluation.", ge=1)
     seed: int = doc_field(0, "Seed for sampling, data order and evaluation.", ge=0, le=SEED_MAX)
     progress: bool = doc_field(True, "Show progress bars.")
-
-
-CONFIG = QuickstartConfig
-PRINTS_RESULTS = True  # the CLI shows our table instead of the raw JSON summary
 
 
 def _say(msg: str) -> None:
@@ -380,3 +377,6 @@ def print_table(summary: dict) -> None:
     print(f"  report: {summary['report']}")
     times = ", ".join(f"{k} {v:.0f} s" for k, v in summary["timings_s"].items())
     print(f"  wall time: {summary['wall_seconds']:.0f} s ({times})")
+
+
+STAGE = Stage("quickstart", QuickstartConfig, run, prints_results=True)  # its own results table, not the JSON

@@ -50,6 +50,7 @@ from alignkit.rankers import (
     judge_ranker,
     read_ranked_row,
 )
+from alignkit.stages import Stage
 from alignkit.training.distributed import require_one_process
 
 
@@ -145,8 +146,6 @@ class BuildPrefsConfig(GenerationBackendConfig, RuntimeConfig):
         """The rules across fields (each field's own range is declared on it and checked before this)."""
         check_row_range(self, "prompt_rows")
 
-
-CONFIG = BuildPrefsConfig
 
 # The settings that decide what the output holds: resuming an output with other values would mix two runs.
 CONTENT_SETTINGS = (
@@ -438,3 +437,6 @@ def run(cfg: BuildPrefsConfig) -> dict:
     tmp.write_text(json.dumps(summary, indent=2) + "\n")
     os.replace(tmp, summary_path(output))
     return summary
+
+
+STAGE = Stage("build-prefs", BuildPrefsConfig, run)

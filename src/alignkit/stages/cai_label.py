@@ -39,6 +39,7 @@ from alignkit.data.io import BadRow, BadRowError, Record, read_rows
 from alignkit.data.schemas import Prompt, load_preferences, load_prompts, no_usable_rows
 from alignkit.evaluation.metrics import mean_ci
 from alignkit.models.loading import load_model, load_tokenizer, pick_device
+from alignkit.stages import Stage
 from alignkit.training.distributed import require_one_process
 
 
@@ -95,8 +96,6 @@ class CAILabelConfig(RuntimeConfig):
         """The rules across fields (each field's own range is declared on it and checked before this)."""
         check_row_range(self, "input_rows")
 
-
-CONFIG = CAILabelConfig
 
 # The settings that decide what the output holds: resuming an output with other values would mix two runs.
 CONTENT_SETTINGS = (
@@ -331,3 +330,6 @@ def run(cfg: CAILabelConfig) -> dict:
     tmp.write_text(json.dumps(summary, indent=2) + "\n")
     os.replace(tmp, summary_path(output))
     return summary
+
+
+STAGE = Stage("cai-label", CAILabelConfig, run)

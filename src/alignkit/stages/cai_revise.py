@@ -41,6 +41,7 @@ from alignkit.data.schemas import Prompt, load_prompts
 from alignkit.data.tokenize import encode_prompt
 from alignkit.models.generation import SamplingConfig, check_generation_backend, load_sampler
 from alignkit.models.loading import load_tokenizer, pick_device
+from alignkit.stages import Stage
 from alignkit.training.distributed import require_one_process
 
 
@@ -101,8 +102,6 @@ class CAIReviseConfig(GenerationBackendConfig, RuntimeConfig):
         """The rules across fields (each field's own range is declared on it and checked before this)."""
         check_row_range(self, "prompt_rows")
 
-
-CONFIG = CAIReviseConfig
 
 # The settings that decide what the output holds: resuming an output with other values would mix two runs.
 CONTENT_SETTINGS = (
@@ -303,3 +302,6 @@ def run(cfg: CAIReviseConfig) -> dict:
     tmp.write_text(json.dumps(summary, indent=2) + "\n")
     os.replace(tmp, summary_path(output))
     return summary
+
+
+STAGE = Stage("cai-revise", CAIReviseConfig, run)

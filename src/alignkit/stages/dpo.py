@@ -34,10 +34,12 @@ from alignkit.models.loading import (
     save_final,
 )
 from alignkit.models.precision import in_training_precision, of_config, weights_dtype
+from alignkit.stages import Stage
 from alignkit.training import distributed
 from alignkit.training.loop import StepOutput, train, visited_indices
-from alignkit.training.preference import PairExample, pair_logprobs, pair_outputs
+from alignkit.training.preference import PairExample, PairLogprobs, pair_logprobs, pair_outputs
 from alignkit.training.preference import collate_pair_examples as collate
+from alignkit.training.reference import Reference, load_reference, precompute, reference_mode, stack, unstack
 from alignkit.training.run import RunDir
 
 
@@ -95,17 +97,16 @@ class ORPOConfig(DPOConfig):
     learning_rate: float = doc_field(5e-6, "Peak AdamW learning rate.")
 
 
-CONFIG = DPOConfig
-
-
-def dpo_step(model, batch: dict, cfg: DPOConfig, reference) -> StepOutput:
+def dpo_step(model, batch: dict, cfg: DPOConfig, reference: Reference) -> StepOutput:
     out = pair_outputs(cfg, model, reference, batch)
     return StepOutput(loss_sum=out.losses.sum(), metrics=out.metrics)
 
 
 @in_training_precision
 @torch.no_grad()
-def evaluate(cfg: DPOConfig, model, reference, examples: list[PairExample], pad_id: int) -> tuple[dict, list]:
+def evaluate(
+    cfg: DPOConfig, model, reference: Reference, examples: list[PairExample], pad_id: int
+) -> tuple[dict, list]:
     """Mean metrics over held-out pairs, and each pair's correctness in input order (for the bootstrap)."""
     was_training = model.training
     model.eval()
@@ -125,27 +126,14 @@ def evaluate(cfg: DPOConfig, model, reference, examples: list[PairExample], pad_
     return {k: v / n for k, v in sums.items()}, correct
 
 
-@in_training_precision
-@torch.no_grad()
 def precompute_reference(cfg: DPOConfig, model, examples: list[PairExample], pad_id: int, desc: str) -> None:
-    """Fill ex.ref with the (frozen, initial) model's log-probs, once, before any update."""
-    from tqdm.auto import tqdm
-
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    for idx in tqdm(
-        length_sorted_batches([pair_length(ex.encoded) for ex in examples], cfg.eval_batch_size),
-        desc=desc,
-        disable=not cfg.progress,
-    ):
-        batch = collate_pairs([examples[i].encoded for i in idx], pad_id)
-        batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
-        out = pair_logprobs(model, batch, cfg.logprob_chunk_size, cfg.share_prompt)
-        out = torch.stack(out[:4], dim=1).float().cpu()  # (b, 4)
-        for i, row in zip(idx, out):
-            examples[i].ref = row
-    model.train(was_training)
+    """Fill ex.ref with the (frozen, initial) model's pair log-probs, once, before any update."""
+    precompute(
+        cfg, model, examples, [pair_length(ex.encoded) for ex in examples],
+        lambda chunk: collate_pairs([ex.encoded for ex in chunk], pad_id),
+        lambda m, batch: pair_logprobs(m, batch, cfg.logprob_chunk_size, cfg.share_prompt),
+        desc,
+    )  # fmt: skip
 
 
 def attach_reference(
@@ -159,18 +147,18 @@ def attach_reference(
         how,
         [(e.encoded.prompt_ids, e.encoded.chosen_ids, e.encoded.rejected_ids) for e in examples],
     )
-    values = reference_cache.load(key, len(examples), 4)  # (N, 4), NaN where not cached
-    missing = [i for i in needed if torch.isnan(values[i]).any()]
+    cached = unstack(reference_cache.load(key, PairLogprobs, len(examples)))  # NaN where not cached
+    missing = [i for i in needed if any(torch.isnan(t).item() for t in vars(cached[i]).values())]
     if missing:
         todo = [examples[i] for i in missing]
         precompute_reference(cfg, model, todo, pad_id, f"reference log-probs ({len(todo)} pairs)")
         for i, ex in zip(missing, todo):
-            values[i] = ex.ref
-        reference_cache.save(key, values)
+            cached[i] = ex.ref
+        reference_cache.save(key, stack(cached))
     else:
         print(f"reference log-probs: {len(list(needed))} pairs from the cache", file=sys.stderr)
     for i in needed:
-        examples[i].ref = values[i]
+        examples[i].ref = cached[i]
 
 
 def run(cfg: DPOConfig) -> dict:
@@ -204,10 +192,7 @@ def _run(cfg: DPOConfig, run_dir: RunDir, started: float) -> dict:
     model = load_model(cfg.model, weights_dtype(cfg), cfg.trust_remote_code, pick_device(), distributed.load_on())
     distributed.shard(model, cfg.lora)  # under FSDP: the reference pass below runs on the shards
     pad_id = tokenizer.pad_token_id
-    mode = cfg.reference if cfg.reference != "auto" else "precomputed"
-    if cfg.loss == "orpo":
-        mode = "none"
-    reference = None
+    mode = reference_mode(cfg.reference, needs_reference=cfg.loss != "orpo")
     if mode == "precomputed":
         # Only the pairs this run will visit (max_steps may end it inside the first epoch); cached on disk.
         model_path = resolve_model(cfg.model)
@@ -215,12 +200,11 @@ def _run(cfg: DPOConfig, run_dir: RunDir, started: float) -> dict:
             cfg, model, model_path, train_examples, visited_indices(cfg, len(train_examples)), pad_id
         )
         attach_reference(cfg, model, model_path, eval_examples, range(len(eval_examples)), pad_id)
-    elif mode == "copy":
-        reference = load_model(
+    reference = load_reference(
+        mode, lambda: load_model(
             cfg.model, weights_dtype(cfg), cfg.trust_remote_code, pick_device(), distributed.load_on()
-        ).eval()
-        reference.requires_grad_(False)
-        distributed.shard(reference)
+        )
+    )  # fmt: skip
     if cfg.lora:
         model = apply_lora(model, cfg)
     trainable, total = count_parameters(model)
@@ -291,3 +275,8 @@ def _run(cfg: DPOConfig, run_dir: RunDir, started: float) -> dict:
     summary["wall_seconds"] = time.time() - started
     run_dir.write_summary(summary)
     return summary
+
+
+STAGE = Stage("dpo", DPOConfig, run)
+IPO = Stage("ipo", IPOConfig, run)
+ORPO = Stage("orpo", ORPOConfig, run)

@@ -34,6 +34,7 @@ from alignkit.models.forward import response_token_logprobs, sample_batches, sup
 from alignkit.models.generation import Generation, SamplingConfig, check_generation_backend, load_sampler
 from alignkit.models.loading import ADAPTER_RECORD, load_final, load_model, load_tokenizer, pick_device
 from alignkit.scoring import FunctionScorer, RewardModelScorer, Scorer
+from alignkit.stages import Stage
 from alignkit.training.distributed import require_one_process
 
 DEFAULT_REFERENCE = "smollm2-135m-instruct"
@@ -109,11 +110,6 @@ class EvalConfig(GenerationBackendConfig):
         "for another local model, else ./eval-<model name>.json.",
     )
     progress: bool = doc_field(True, "Show progress bars.")
-
-
-CONFIG = EvalConfig
-# `alignkit eval <model>`: the CLI may map a bare first argument to this field.
-POSITIONAL = "model"
 
 
 def make_scorer(cfg: EvalConfig) -> Scorer | None:
@@ -459,3 +455,6 @@ def _json_ready(value):
     if isinstance(value, float) and not math.isfinite(value):
         return None
     return value
+
+
+STAGE = Stage("eval", EvalConfig, run, positional="model")  # `alignkit eval <model>`

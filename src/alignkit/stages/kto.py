@@ -41,8 +41,10 @@ from alignkit.models.loading import (
     save_final,
 )
 from alignkit.models.precision import in_training_precision, weights_dtype
+from alignkit.stages import Stage
 from alignkit.training import distributed
 from alignkit.training.loop import StepOutput, train, visited_indices
+from alignkit.training.reference import Reference, load_reference, precompute, reference_mode, stack
 from alignkit.training.run import RunDir
 
 
@@ -82,7 +84,13 @@ class KTOConfig(TrainConfig):
     eval_batch_size: int = doc_field(8, "Examples per forward pass when evaluating or precomputing.", ge=1)
 
 
-CONFIG = KTOConfig
+@dataclass
+class KTOLogprobs:
+    """Summed log-probs under one model of each example's own completion and of its KL (mismatched) sequence's
+    completion: what KTO's loss reads, and what a precomputed reference stores (per example 0-dim)."""
+
+    completion: torch.Tensor  # (B,) the example's completion given its prompt
+    kl: torch.Tensor  # (B,) the partner's completion given this example's prompt (z0's estimate)
 
 
 @dataclass
@@ -92,7 +100,7 @@ class KTOExample:
     encoded: EncodedUnpaired
     kl: EncodedUnpaired  # this example's prompt + its partner's completion (see kl_partners); label unused
     pair: int | None  # the preference pair it came from (held-out accuracy); None for unpaired data
-    ref: torch.Tensor | None = None  # (2,) reference summed log-prob of the completion, of the KL sequence
+    ref: KTOLogprobs | None = None  # the reference's, when precomputed (0-dim tensors)
 
 
 def kl_partners(n: int, seed: int) -> list[int]:
@@ -135,7 +143,7 @@ def build_examples(encoded: list[EncodedUnpaired], pairs: list[int | None], max_
 
 def collate(examples: list[KTOExample], pad_id: int) -> dict:
     """collate_unpaired's keys for the completions (B, T), the same as kl_* for the KL sequences (B, T'),
-    and ref (B, 2) when precomputed. n_items = B: the loss is per example."""
+    and ref (a KTOLogprobs of (B,)) when precomputed. n_items = B: the loss is per example."""
     batch = collate_unpaired([ex.encoded for ex in examples], pad_id)
     kl = collate_unpaired([ex.kl for ex in examples], pad_id)
     batch.update(
@@ -143,7 +151,7 @@ def collate(examples: list[KTOExample], pad_id: int) -> dict:
     )
     batch["n_tokens"] += kl["n_tokens"]  # both are forwarded
     if examples[0].ref is not None:
-        batch["ref"] = torch.stack([ex.ref for ex in examples])  # (B, 2)
+        batch["ref"] = stack([ex.ref for ex in examples])
     return batch
 
 
@@ -162,27 +170,14 @@ def kl_logps(model, batch: dict, chunk_size: int) -> torch.Tensor:
     return lp.sum
 
 
-def reference_logprobs(cfg: KTOConfig, model, reference, batch: dict) -> torch.Tensor:
-    """(B, 2) reference summed log-probs of [completion, KL sequence], however the reference is held."""
-    if "ref" in batch:
-        return batch["ref"]
-    with torch.no_grad():
-        if reference is not None:
-            return torch.stack(
-                [
-                    completion_logps(reference, batch, cfg.logprob_chunk_size),
-                    kl_logps(reference, batch, cfg.logprob_chunk_size),
-                ],
-                dim=1,
-            )
-        with model.disable_adapter():  # LoRA: the same base with adapters disabled is the reference
-            return torch.stack(
-                [
-                    completion_logps(model, batch, cfg.logprob_chunk_size),
-                    kl_logps(model, batch, cfg.logprob_chunk_size),
-                ],
-                dim=1,
-            )
+def both_logprobs(model, batch: dict, chunk_size: int) -> KTOLogprobs:
+    """Summed log-probs (B,) of the completions and of the KL sequences."""
+    return KTOLogprobs(completion_logps(model, batch, chunk_size), kl_logps(model, batch, chunk_size))
+
+
+def reference_logprobs(cfg: KTOConfig, model, reference: Reference, batch: dict) -> KTOLogprobs:
+    """The reference's log-probs (B,) of [completion, KL sequence], however the reference is held."""
+    return reference.logprobs(model, batch, lambda m, b: both_logprobs(m, b, cfg.logprob_chunk_size))
 
 
 @dataclass
@@ -194,7 +189,9 @@ class KTOOutputs:
     metrics: dict[str, float]  # sums over the examples (see the module docstring)
 
 
-def kto_outputs(cfg: KTOConfig, model, reference, batch: dict, across_ranks: bool = False) -> KTOOutputs:
+def kto_outputs(
+    cfg: KTOConfig, model, reference: Reference, batch: dict, across_ranks: bool = False
+) -> KTOOutputs:
     """Losses, rewards, z0 and metric sums of one batch. ``across_ranks`` (training): z0 is estimated over
     this micro-step's KL pairs on every rank, as one process would over their union."""
     policy = completion_logps(model, batch, cfg.logprob_chunk_size)  # (B,) with grad
@@ -202,9 +199,9 @@ def kto_outputs(cfg: KTOConfig, model, reference, batch: dict, across_ranks: boo
     # saves their activations (and in train mode draws its own dropout, as a second model call would).
     with torch.no_grad():
         policy_kl = kl_logps(model, batch, cfg.logprob_chunk_size)  # (B,)
-    ref = reference_logprobs(cfg, model, reference, batch)  # (B, 2)
+    ref = reference_logprobs(cfg, model, reference, batch)
     labels = batch["labels"]
-    kl_sum, kl_count = (policy_kl - ref[:, 1]).sum(), float(len(labels))  # over the mismatched pairs
+    kl_sum, kl_count = (policy_kl - ref.kl).sum(), float(len(labels))  # over the mismatched pairs
     if across_ranks and distributed.world_size() > 1:
         # Sums and counts of all ranks, not a mean of their means; a stand-in micro-batch (n_items 0, see
         # alignkit.training.loop.train) counts nothing.
@@ -212,7 +209,7 @@ def kto_outputs(cfg: KTOConfig, model, reference, batch: dict, across_ranks: boo
         total, kl_count = distributed.all_reduce(own)
         kl_sum = torch.tensor(total, dtype=kl_sum.dtype, device=kl_sum.device)
     out = kto_loss(
-        policy, ref[:, 0], labels, kto_reference_point(kl_sum, kl_count),
+        policy, ref.completion, labels, kto_reference_point(kl_sum, kl_count),
         beta=cfg.beta, desirable_weight=cfg.desirable_weight, undesirable_weight=cfg.undesirable_weight,
     )  # fmt: skip
     desirable, undesirable = labels, ~labels
@@ -229,7 +226,7 @@ def kto_outputs(cfg: KTOConfig, model, reference, batch: dict, across_ranks: boo
     return KTOOutputs(out.losses, out.rewards, labels, kl, metrics)
 
 
-def kto_step(model, batch: dict, cfg: KTOConfig, reference) -> StepOutput:
+def kto_step(model, batch: dict, cfg: KTOConfig, reference: Reference) -> StepOutput:
     out = kto_outputs(cfg, model, reference, batch, across_ranks=True)
     return StepOutput(loss_sum=out.losses.sum(), metrics=out.metrics)
 
@@ -251,7 +248,9 @@ def _to_device(batch: dict, device) -> dict:
 
 @in_training_precision
 @torch.no_grad()
-def evaluate(cfg: KTOConfig, model, reference, examples: list[KTOExample], pad_id: int) -> tuple[dict, list]:
+def evaluate(
+    cfg: KTOConfig, model, reference: Reference, examples: list[KTOExample], pad_id: int
+) -> tuple[dict, list]:
     """Held-out metrics and, for paired data, each pair's correctness (for the bootstrap interval).
 
     loss and kl (z0 per eval batch) are means over examples; rewards/desirable and rewards/undesirable are
@@ -297,32 +296,15 @@ def pair_correctness(examples: list[KTOExample], rewards: list[float]) -> list[f
     return [float(r[True] > r[False]) for r in by_pair.values() if len(r) == 2]
 
 
-@in_training_precision
-@torch.no_grad()
 def precompute_reference(
     cfg: KTOConfig, model, examples: list[KTOExample], pad_id: int, desc: str, indices=None
 ) -> None:
     """Fill ex.ref with the (frozen, initial) model's [completion, KL sequence] log-probs, once, for the
     examples at `indices` (default all)."""
-    from tqdm.auto import tqdm
-
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    batches = length_sorted_batches(_lengths(examples), cfg.eval_batch_size, indices)
-    for idx in tqdm(batches, desc=desc, disable=not cfg.progress):
-        chunk = [examples[i] for i in idx]
-        batch = _to_device(collate(chunk, pad_id), device)
-        out = torch.stack(
-            [
-                completion_logps(model, batch, cfg.logprob_chunk_size),
-                kl_logps(model, batch, cfg.logprob_chunk_size),
-            ],
-            dim=1,
-        )  # (b, 2)
-        for ex, row in zip(chunk, out.float().cpu()):
-            ex.ref = row
-    model.train(was_training)
+    precompute(
+        cfg, model, examples, _lengths(examples), partial(collate, pad_id=pad_id),
+        lambda m, batch: both_logprobs(m, batch, cfg.logprob_chunk_size), desc, indices,
+    )  # fmt: skip
 
 
 def resolve_format(data_format: str, source: str, split: str | None) -> str:
@@ -415,19 +397,17 @@ def _run(cfg: KTOConfig, run_dir: RunDir, started: float) -> dict:
     model = load_model(cfg.model, weights_dtype(cfg), cfg.trust_remote_code, pick_device(), distributed.load_on())
     distributed.shard(model, cfg.lora)  # under FSDP: the reference pass below runs on the shards
     pad_id = tokenizer.pad_token_id
-    mode = cfg.reference if cfg.reference != "auto" else "precomputed"
-    reference = None
+    mode = reference_mode(cfg.reference)
     if mode == "precomputed":
         # Only the examples this run will visit (max_steps may end it inside the first epoch).
         needed = visited_indices(cfg, len(train_examples))
         precompute_reference(cfg, model, train_examples, pad_id, "reference log-probs (train)", needed)
         precompute_reference(cfg, model, eval_examples, pad_id, "reference log-probs (eval)")
-    elif mode == "copy":
-        reference = load_model(
+    reference = load_reference(
+        mode, lambda: load_model(
             cfg.model, weights_dtype(cfg), cfg.trust_remote_code, pick_device(), distributed.load_on()
-        ).eval()
-        reference.requires_grad_(False)
-        distributed.shard(reference)
+        )
+    )  # fmt: skip
     if cfg.lora:
         model = apply_lora(model, cfg)
     trainable, total = count_parameters(model)
@@ -503,3 +483,6 @@ def _run(cfg: KTOConfig, run_dir: RunDir, started: float) -> dict:
     summary["wall_seconds"] = time.time() - started
     run_dir.write_summary(summary)
     return summary
+
+
+STAGE = Stage("kto", KTOConfig, run)

@@ -46,10 +46,12 @@ from alignkit.models.generation import Generation, check_generation_backend, vll
 from alignkit.models.loading import enable_gradient_checkpointing
 from alignkit.models.precision import in_training_precision
 from alignkit.scoring import check_scorer
+from alignkit.stages import Stage
 from alignkit.training import distributed
 from alignkit.training import online_engine as engine
 from alignkit.training.online import accumulated_step
-from alignkit.training.preference import PairExample, collate_pair_examples, pair_outputs
+from alignkit.training.preference import PairExample, PairLogprobs, collate_pair_examples, pair_outputs
+from alignkit.training.reference import PRECOMPUTED, Reference, apply
 
 # TrainConfig fields that mean nothing in a round's loop, and what to set instead (a changed one is an error).
 NOT_USED = {
@@ -156,7 +158,6 @@ class OnlineDPOConfig(GenerationBackendConfig, TrainConfig):
         check_row_range(self, "train_rows")
 
 
-CONFIG = OnlineDPOConfig
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -190,8 +191,8 @@ def sample_logprobs(
     """Log-probs of every sample's response tokens under the reference and under the policy: two lists of one
     (T_i,) tensor per sample. Each of ``world`` processes runs its contiguous share of the samples, and the
     shares are gathered (``distributed.shared_rows``) as rows (B, R) zero-padded to the longest response, then
-    cut back to each response's length. The reference is a frozen copy, or (LoRA, ``reference`` None) the
-    policy's base with the adapters off.
+    cut back to each response's length. The reference (``training.reference.Reference``) is a frozen copy, or
+    (LoRA) the policy's base with the adapters off.
 
     Under FSDP every forward on the shards is a collective: a process with fewer forward batches than another
     runs stand-ins (one sample, its log-probs dropped) until they all ran as many; after, both models hold their
@@ -214,15 +215,12 @@ def sample_logprobs(
 
     def passes(rows: slice) -> dict[str, torch.Tensor]:
         share = generations[rows]
-        if reference is not None:
-            ref = logprobs(reference, share)
-        else:
-            with policy.disable_adapter():
-                ref = logprobs(policy, share)
+        with reference.model(policy) as model:
+            ref = logprobs(model, share)
         return {"ref": ref, "policy": logprobs(policy, share)}
 
     gathered = distributed.shared_rows(passes, len(generations), rank, world)
-    for model in (policy, reference):
+    for model in (policy, reference.copy):
         if model is not None and sharded:
             distributed.reshard(model)
     ref, logps = gathered["ref"].cpu(), gathered["policy"].cpu()  # (B, R)
@@ -240,8 +238,8 @@ def pair_examples(
             generations[c].prompt_ids, generations[c].response_ids, generations[r].response_ids, False
         )
         chosen, rejected = ref_logps[c], ref_logps[r]  # (T_c,), (T_r,)
-        ref = torch.stack([chosen.sum(), rejected.sum(), chosen.mean(), rejected.mean()]).float()  # (4,)
-        examples.append(PairExample(encoded, ref))
+        ref = PairLogprobs(chosen.sum(), rejected.sum(), chosen.mean(), rejected.mean())  # 0-dim each
+        examples.append(PairExample(encoded, apply(ref, torch.Tensor.float)))
     return examples
 
 
@@ -249,7 +247,7 @@ def pair_examples(
 def pair_losses(cfg: OnlineDPOConfig, policy, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
     """Per-pair losses (B,) and summed pair metrics of ``training.preference.pair_outputs`` on ``policy`` (the
     reference's log-probs ride in batch["ref"]): the forward of the module DDP wraps."""
-    out = pair_outputs(cfg, policy, None, batch)
+    out = pair_outputs(cfg, policy, PRECOMPUTED, batch)
     return out.losses, out.metrics
 
 
@@ -309,7 +307,8 @@ def run(cfg: OnlineDPOConfig, monitors: MonitorSet | None = None) -> dict:
 def online_dpo_method(cfg: OnlineDPOConfig, setup: engine.OnlineSetup) -> engine.OnlineMethod:
     """Online DPO on the engine's policy and its frozen reference (LoRA: the base with the adapters off, as
     DPO's reference=adapter; full fine-tuning: a frozen copy)."""
-    policy, reference, rank, world = setup.policy, setup.reference, setup.rank, setup.world
+    policy, rank, world = setup.policy, setup.rank, setup.world
+    reference = Reference("copy", setup.reference) if setup.reference is not None else Reference("adapter")
     k = cfg.samples_per_prompt
     if cfg.gradient_checkpointing:  # the update's passes recompute each layer in the backward
         enable_gradient_checkpointing(policy)
@@ -367,3 +366,6 @@ def online_dpo_method(cfg: OnlineDPOConfig, setup: engine.OnlineSetup) -> engine
         describe={"loss": cfg.loss},
         summarize=lambda units, rows, samples: {"pairs_by_round": [r["pairs"] for r in rows]},
     )
+
+
+STAGE = Stage("online-dpo", OnlineDPOConfig, run)

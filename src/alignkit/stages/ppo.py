@@ -55,6 +55,7 @@ from alignkit.models.value import (
     remove_value_adapter,
 )
 from alignkit.scoring import check_scorer
+from alignkit.stages import Stage
 from alignkit.training import distributed
 from alignkit.training import online_engine as engine
 from alignkit.training.online import accumulated_step
@@ -202,9 +203,6 @@ class PPOConfig(GenerationBackendConfig, TrainConfig):
                 "cannot move it from 0), got 0.0; or set kl_target=null for no KL penalty",
                 ("init_kl_coef", "kl_target"),
             )
-
-
-CONFIG = PPOConfig
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -407,3 +405,6 @@ def ppo_method(cfg: PPOConfig, setup: engine.OnlineSetup) -> engine.OnlineMethod
         describe={"value_model": value_doc},
         summarize=lambda units, rows, samples: {"score_change": engine.score_change(samples, units)},
     )
+
+
+STAGE = Stage("ppo", PPOConfig, run)

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 from alignkit.config import doc_field
 from alignkit.models.embedded import DEFAULT_EMBEDDED, EMBEDDED_MODELS, prepare_embedded
+from alignkit.stages import Stage
 
 
 @dataclass
@@ -20,11 +21,11 @@ class PrepareModelConfig:
     )
 
 
-CONFIG = PrepareModelConfig
-
-
 def run(cfg: PrepareModelConfig) -> dict:
     """Prepare ``cfg.name`` (a no-op when already prepared); return its directory and the time taken."""
     start = time.perf_counter()
     path = prepare_embedded(cfg.name)
     return {"path": str(path), "seconds": round(time.perf_counter() - start, 3)}
+
+
+STAGE = Stage("prepare-model", PrepareModelConfig, run)

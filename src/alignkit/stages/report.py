@@ -13,6 +13,7 @@ from pathlib import Path
 
 from alignkit.config import ConfigError, doc_field, required
 from alignkit.reporting.html import render_report
+from alignkit.stages import Stage
 
 
 @dataclass
@@ -26,11 +27,6 @@ class ReportConfig:
     )
     title: str | None = doc_field(None, "Page title; default 'alignkit report: <run folder name>'.")
     max_samples: int = doc_field(20, "Eval samples shown in the page (all stay in eval.json).", ge=0)
-
-
-CONFIG = ReportConfig
-# `alignkit report <run_dir>`: the CLI may map a bare first argument to this field.
-POSITIONAL = "run_dir"
 
 
 def find_eval_json(run_dir: Path) -> Path | None:
@@ -57,3 +53,6 @@ def run(cfg: ReportConfig) -> dict:
     os.replace(tmp, output)
     print(f"wrote {output} ({len(page) / 1024:.0f} KiB); open it in a browser", file=sys.stderr)
     return {"report": str(output), **info}
+
+
+STAGE = Stage("report", ReportConfig, run, positional="run_dir")  # `alignkit report <run_dir>`

@@ -28,6 +28,7 @@ from alignkit.losses.reward import bradley_terry_loss
 from alignkit.models.loading import count_parameters, load_tokenizer, pick_device
 from alignkit.models.precision import in_training_precision, weights_dtype
 from alignkit.models.reward import apply_reward_lora, build_reward_model, save_reward_model, sequence_rewards
+from alignkit.stages import Stage
 from alignkit.training import distributed
 from alignkit.training.loop import StepOutput, train
 from alignkit.training.run import RunDir
@@ -59,9 +60,6 @@ class RMConfig(TrainConfig):
     train_eval_pairs: int = doc_field(
         256, "Held-in pairs (the first N training pairs) measured before and after training; 0 skips.", ge=0
     )
-
-
-CONFIG = RMConfig
 
 
 @dataclass
@@ -304,3 +302,6 @@ def _run(cfg: RMConfig, run_dir: RunDir, started: float) -> dict:
     summary["wall_seconds"] = time.time() - started
     run_dir.write_summary(summary)
     return summary
+
+
+STAGE = Stage("rm", RMConfig, run)

@@ -25,6 +25,7 @@ from alignkit.data.io import BadRow, BadRowError, Record, read_rows
 from alignkit.data.schemas import load_preferences, load_prompts, no_usable_rows
 from alignkit.models.loading import pick_device
 from alignkit.models.reward import load_reward_model
+from alignkit.stages import Stage
 from alignkit.training.distributed import require_one_process
 
 INPUT_ROW = "input_row"
@@ -76,9 +77,6 @@ class ScoreConfig(RuntimeConfig):
         """The rules across fields (each field's own range is declared on it and checked before this)."""
         check_row_range(self, "rows")
         check_below(self, "max_prompt_length", "max_length")  # where both are given
-
-
-CONFIG = ScoreConfig
 
 
 @dataclass
@@ -266,3 +264,6 @@ def run(cfg: ScoreConfig) -> dict:
         summary["accuracy"] = float(np.mean([row[columns[0]] > row[columns[1]] for row in scored]))
     summary["wall_seconds"] = time.time() - started
     return summary
+
+
+STAGE = Stage("score", ScoreConfig, run)

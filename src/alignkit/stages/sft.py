@@ -30,6 +30,7 @@ from alignkit.models.loading import (
     save_final,
 )
 from alignkit.models.precision import TrainPrecision, of_config, weights_dtype
+from alignkit.stages import Stage
 from alignkit.training import distributed
 from alignkit.training.loop import StepOutput, train
 from alignkit.training.run import RunDir
@@ -44,9 +45,6 @@ class SFTConfig(TrainConfig):
     measure_train_loss: bool = doc_field(
         True, "Measure the loss on the whole training set before and after training (held-in loss)."
     )
-
-
-CONFIG = SFTConfig
 
 
 def sft_step(model, batch: dict, chunk_size: int) -> StepOutput:
@@ -175,3 +173,6 @@ def _run(cfg: SFTConfig, run_dir: RunDir, started: float) -> dict:
         summary["eval_loss"] = measure(model, eval_encoded)
     run_dir.write_summary(summary)
     return summary
+
+
+STAGE = Stage("sft", SFTConfig, run)

@@ -292,7 +292,7 @@ def shard(model: torch.nn.Module, lora: bool = False) -> None:
     # Every rank starts from the main process's weights, which the others need not hold (``load_on``): a head
     # initialised at random at load, the reward model's score, would otherwise differ, as DDP does on wrapping.
     whole = model.state_dict() if is_main_process() else {}
-    after_forward = os.environ.get("FSDP_RESHARD_AFTER_FORWARD", "true").lower() != "false"
+    after_forward = reshard_after_forward()
     # Found on any module inside (PPO's value model wraps a transformers model).
     blocks = {name for module in model.modules() for name in getattr(module, "_no_split_modules", None) or []}
     for module in model.modules():
@@ -312,6 +312,12 @@ def shard(model: torch.nn.Module, lora: bool = False) -> None:
     with torch.no_grad():
         for buffer in model.buffers():
             dist.broadcast(buffer, src=0)
+
+
+def reshard_after_forward() -> bool:
+    """Whether ``shard`` has the groups inside a model (its blocks) free their gathered weights after the
+    forward: accelerate's fsdp_reshard_after_forward (FSDP_RESHARD_AFTER_FORWARD), true unless set false."""
+    return os.environ.get("FSDP_RESHARD_AFTER_FORWARD", "true").lower() != "false"
 
 
 def odd_dtype_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
@@ -369,24 +375,20 @@ def whole_weights(model: torch.nn.Module):
     from torch.distributed.fsdp import FSDPModule
 
     groups = [module for module in model.modules() if isinstance(module, FSDPModule)]
-    # Each group's resharding setting as it is (and the root's pending default, applied at its first forward:
-    # keep the weights to the backward; see ``shard``), put back on exit. torch has no getter for them.
-    states = [group._get_fsdp_state() for group in groups]
-    settings = [
-        (state._auto_reshard_after_forward, [g.post_forward_mesh_info for g in state._fsdp_param_groups])
-        for state in states
-    ]
+    inner = {id(m) for group in groups for m in group.modules() if m is not group}
     for group in groups:
         group.set_reshard_after_forward(False, recurse=False)
         group.unshard()
     try:
         yield
     finally:
-        for group, state, (auto, mesh_infos) in zip(groups, states, settings):
+        for group in groups:
             group.reshard()
-            state._auto_reshard_after_forward = auto
-            for param_group, mesh_info in zip(state._fsdp_param_groups, mesh_infos):
-                param_group.post_forward_mesh_info = mesh_info
+            # Back to what ``shard`` set (torch has no getter to save it, so it is set again, through the public
+            # setter): a root keeps its weights from the forward to the backward, the groups inside reshard
+            # after the forward unless fsdp_reshard_after_forward is false.
+            root = id(group) not in inner
+            group.set_reshard_after_forward(False if root else reshard_after_forward(), recurse=False)
 
 
 def full_state_options():

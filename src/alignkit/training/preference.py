@@ -1,6 +1,7 @@
 """A pairwise preference objective on a model: the log-probs of chosen and rejected in one forward pass, the
 reference's, the configured loss (each a pure function in ``alignkit.losses.preference``) and its metrics.
-Shared by the offline stages (dpo, ipo, orpo) and online-dpo, which trains on pairs of its own samples.
+Shared by the offline stages (dpo, ipo, orpo) and online-dpo, which trains on pairs of its own samples. The
+log-probs travel as ``PairLogprobs`` (named (B,) tensors); the reference is a ``training.reference.Reference``.
 
 ``cfg`` is a stage config with the objective's fields: ``loss`` ("dpo", "ipo" or "orpo"), ``beta``,
 ``label_smoothing``, ``ipo_average_logps``, ``orpo_lambda`` (ORPO only), ``logprob_chunk_size`` and
@@ -18,27 +19,40 @@ from alignkit.data.tokenize import EncodedPair
 from alignkit.losses.preference import dpo_loss, ipo_loss, orpo_loss
 from alignkit.models.forward import sequence_logprobs
 from alignkit.models.packed import shared_prompt_logprobs
+from alignkit.training.reference import Reference, stack
+
+
+@dataclass
+class PairLogprobs:
+    """Log-probs of each pair's chosen and rejected completion (completion tokens only) under one model: what
+    the objectives read, and what a precomputed reference stores (per example 0-dim, per batch (B,))."""
+
+    chosen_sum: torch.Tensor  # (B,) summed over the chosen completion's tokens
+    rejected_sum: torch.Tensor  # (B,) summed over the rejected completion's tokens
+    chosen_mean: torch.Tensor  # (B,) token-averaged (IPO on averages, ORPO, the per-token log-ratio)
+    rejected_mean: torch.Tensor  # (B,)
 
 
 @dataclass
 class PairExample:
-    """A tokenized pair with its reference log-probs (summed and token-averaged), when precomputed."""
+    """A tokenized pair with its reference log-probs, when precomputed."""
 
     encoded: EncodedPair
-    ref: torch.Tensor | None = None  # (4,) chosen sum, rejected sum, chosen mean, rejected mean
+    ref: PairLogprobs | None = None  # 0-dim tensors: this pair's row
 
 
 def collate_pair_examples(examples: list[PairExample], pad_id: int) -> dict:
-    """``collate_pairs`` of the examples, with their reference log-probs as "ref" (B, 4) when they carry them."""
+    """``collate_pairs`` of the examples, with their reference log-probs as "ref" (a PairLogprobs of (B,)) when
+    they carry them."""
     batch = collate_pairs([ex.encoded for ex in examples], pad_id)  # chosen rows, then rejected rows
     if examples[0].ref is not None:
-        batch["ref"] = torch.stack([ex.ref for ex in examples])  # (B, 4)
+        batch["ref"] = stack([ex.ref for ex in examples])
     return batch
 
 
-def pair_logprobs(model, batch: dict, chunk_size: int, share_prompt: bool = False):
-    """(chosen, rejected) SequenceLogprobs halves of one forward pass over 2B rows; with share_prompt, each
-    pair's prompt runs once (alignkit.models.packed): the same numbers, fewer tokens."""
+def pair_logprobs(model, batch: dict, chunk_size: int, share_prompt: bool = False) -> PairLogprobs:
+    """Chosen and rejected log-probs of one forward pass over 2B rows (chosen rows, then rejected); with
+    share_prompt, each pair's prompt runs once (alignkit.models.packed): the same numbers, fewer tokens."""
     if share_prompt:
         lp = shared_prompt_logprobs(model, batch, chunk_size)
     else:
@@ -46,35 +60,37 @@ def pair_logprobs(model, batch: dict, chunk_size: int, share_prompt: bool = Fals
             model, batch["input_ids"], batch["attention_mask"], batch["loss_mask"], chunk_size
         )
     B = batch["input_ids"].shape[0] // 2
-    return lp.sum[:B], lp.sum[B:], lp.mean[:B], lp.mean[B:], lp.n_tokens[:B]
+    return PairLogprobs(lp.sum[:B], lp.sum[B:], lp.mean[:B], lp.mean[B:])
 
 
-def reference_logprobs(cfg, model, reference, batch: dict) -> torch.Tensor:
-    """(B, 4) reference chosen/rejected summed and mean log-probs, however the reference is held."""
-    if "ref" in batch:
-        return batch["ref"]
-    with torch.no_grad():
-        if reference is not None:
-            out = pair_logprobs(reference, batch, cfg.logprob_chunk_size, cfg.share_prompt)
-        else:  # LoRA: the same base with adapters disabled is the reference
-            with model.disable_adapter():
-                out = pair_logprobs(model, batch, cfg.logprob_chunk_size, cfg.share_prompt)
-    return torch.stack(out[:4], dim=1)
+def reference_logprobs(cfg, model, reference: Reference, batch: dict) -> PairLogprobs:
+    """The reference's pair log-probs (B,) for the batch, however the reference is held."""
+    return reference.logprobs(
+        model, batch, lambda m, b: pair_logprobs(m, b, cfg.logprob_chunk_size, cfg.share_prompt)
+    )
 
 
-def preference_losses(cfg, policy, ref: torch.Tensor | None):
-    """Per-pair losses and implicit rewards for the configured objective. policy: pair_logprobs output."""
-    c_sum, r_sum, c_mean, r_mean, _ = policy
+def preference_losses(cfg, policy: PairLogprobs, ref: PairLogprobs | None):
+    """Per-pair losses and implicit rewards (each (B,)) for the configured objective."""
     if cfg.loss == "orpo":
-        out = orpo_loss(c_mean, r_mean, chosen_nll=-c_mean, lam=cfg.orpo_lambda)
-        # ORPO has no reference; report beta-free log-odds as its "rewards".
-        return out.losses, c_mean.detach(), r_mean.detach()
+        out = orpo_loss(
+            policy.chosen_mean, policy.rejected_mean, chosen_nll=-policy.chosen_mean, lam=cfg.orpo_lambda
+        )
+        # ORPO has no reference, so no implicit reward: its "rewards" are the mean per-token log-probs of chosen
+        # and rejected (TRL logs them times lambda, its `beta`). The log-odds are monotone in them, so the
+        # accuracy is that of the log-odds ratio; the margin is a log-likelihood gap, not a log-odds ratio.
+        return out.losses, policy.chosen_mean.detach(), policy.rejected_mean.detach()
     if cfg.loss == "ipo" and cfg.ipo_average_logps:
-        out = ipo_loss(c_mean, r_mean, ref[:, 2], ref[:, 3], beta=cfg.beta)
+        out = ipo_loss(
+            policy.chosen_mean, policy.rejected_mean, ref.chosen_mean, ref.rejected_mean, beta=cfg.beta
+        )
     elif cfg.loss == "ipo":
-        out = ipo_loss(c_sum, r_sum, ref[:, 0], ref[:, 1], beta=cfg.beta)
+        out = ipo_loss(policy.chosen_sum, policy.rejected_sum, ref.chosen_sum, ref.rejected_sum, beta=cfg.beta)
     else:
-        out = dpo_loss(c_sum, r_sum, ref[:, 0], ref[:, 1], beta=cfg.beta, label_smoothing=cfg.label_smoothing)
+        out = dpo_loss(
+            policy.chosen_sum, policy.rejected_sum, ref.chosen_sum, ref.rejected_sum,
+            beta=cfg.beta, label_smoothing=cfg.label_smoothing,
+        )  # fmt: skip
     return out.losses, out.chosen_rewards, out.rejected_rewards
 
 
@@ -86,7 +102,7 @@ class PairOutputs:
     metrics: dict[str, float]  # sums over the pairs
 
 
-def pair_outputs(cfg, model, reference, batch: dict) -> PairOutputs:
+def pair_outputs(cfg, model, reference: Reference, batch: dict) -> PairOutputs:
     policy = pair_logprobs(model, batch, cfg.logprob_chunk_size, cfg.share_prompt)
     ref = None if cfg.loss == "orpo" else reference_logprobs(cfg, model, reference, batch)
     losses, chosen_r, rejected_r = preference_losses(cfg, policy, ref)
@@ -95,12 +111,12 @@ def pair_outputs(cfg, model, reference, batch: dict) -> PairOutputs:
         "rewards/margin": (chosen_r - rejected_r).sum().item(),
         "rewards/chosen": chosen_r.sum().item(),
         "rewards/rejected": rejected_r.sum().item(),
-        "logps/chosen": policy[0].detach().sum().item(),
-        "logps/rejected": policy[1].detach().sum().item(),
+        "logps/chosen": policy.chosen_sum.detach().sum().item(),
+        "logps/rejected": policy.rejected_sum.detach().sum().item(),
     }
     if ref is not None:
         # Mean per-token log-ratio log pi/pi_ref on the pairs: a cheap, off-policy proxy for the KL to
         # the reference (the on-policy estimate comes from `alignkit eval` on the policy's own samples).
-        logratio = (policy[2] - ref[:, 2]) + (policy[3] - ref[:, 3])
+        logratio = (policy.chosen_mean - ref.chosen_mean) + (policy.rejected_mean - ref.rejected_mean)
         metrics["logratio/per_token"] = logratio.detach().sum().item() / 2
     return PairOutputs(losses, chosen_r, rejected_r, metrics)

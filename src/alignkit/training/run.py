@@ -52,6 +52,8 @@ RESUME_MAY_CHANGE = frozenset(
         "max_steps", "epochs", "iterations", "rounds",
         "save_every", "keep_checkpoints", "log_every", "eval_every",
         "progress", "tensorboard", "num_threads", "merge_lora", "allow_zero_learning_rate",
+        # the same numbers computed another way (tested equal): recomputed activations, sampling on the shards
+        "gradient_checkpointing", "fsdp_generation",
     }
 )  # fmt: skip
 # Where the run is, not what it does: a resume differs here by nature; neither compared nor recorded.

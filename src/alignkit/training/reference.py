@@ -1,0 +1,117 @@
+"""The reference model of a preference objective (DPO, IPO, KTO, online DPO), however it is held, and the small
+named-tensor records its log-probs travel in.
+
+Three ways to hold it, one interface (``Reference``): log-probs precomputed once before training (they ride in
+each batch as ``batch["ref"]``, so no second model stays in memory); the policy's LoRA base with the adapters
+disabled; or a frozen copy. Each objective names its log-probs in a dataclass of (B,) tensors
+(``training.preference.PairLogprobs``, ``stages.kto.KTOLogprobs``): ``stack``/``unstack`` turn a list of
+per-example records into a batch's and back, ``apply`` maps every tensor.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any, Literal, TypeVar
+
+import torch
+
+from alignkit.data.collate import length_sorted_batches
+from alignkit.models.precision import in_training_precision
+from alignkit.training import distributed
+
+T = TypeVar("T")  # a dataclass whose every field is a tensor
+
+ReferenceMode = Literal["precomputed", "adapter", "copy", "none"]
+
+
+def apply(record: T, fn: Callable[[torch.Tensor], torch.Tensor]) -> T:
+    """``record`` with ``fn`` applied to each of its tensors (``.to(device)``, ``.float()``, a slice)."""
+    return type(record)(**{f.name: fn(getattr(record, f.name)) for f in dataclasses.fields(record)})
+
+
+def stack(records: list[T]) -> T:
+    """Per-example records of 0-dim tensors -> one record of (B,) tensors."""
+    names = [f.name for f in dataclasses.fields(records[0])]
+    return type(records[0])(**{n: torch.stack([getattr(r, n) for r in records]) for n in names})
+
+
+def unstack(record: T) -> list[T]:
+    """A record of (B,) tensors -> B per-example records of 0-dim tensors (``stack``'s inverse)."""
+    n = len(getattr(record, dataclasses.fields(record)[0].name))
+    return [apply(record, lambda t, i=i: t[i]) for i in range(n)]
+
+
+@dataclass(frozen=True)
+class Reference:
+    """The frozen model the policy is measured against. ``mode``: "precomputed" (the batches carry the log-probs
+    as ``batch["ref"]``), "adapter" (the policy with its LoRA adapters disabled), "copy" (``copy``, a frozen
+    model) or "none" (an objective without one: ORPO)."""
+
+    mode: ReferenceMode
+    copy: torch.nn.Module | None = None  # the frozen copy, mode "copy" only
+
+    @contextlib.contextmanager
+    def model(self, policy: torch.nn.Module) -> Iterator[torch.nn.Module]:
+        """Inside: the reference as a model, under no_grad. The LoRA base is the policy's own weights, so the
+        adapters are disabled only inside."""
+        if self.mode not in ("adapter", "copy"):
+            raise RuntimeError(f"a '{self.mode}' reference has no model to run (a batch without batch['ref']?)")
+        with torch.no_grad():
+            if self.copy is not None:
+                yield self.copy
+            else:
+                with policy.disable_adapter():
+                    yield policy
+
+    def logprobs(self, policy: torch.nn.Module, batch: dict, compute: Callable[[Any, dict], T]) -> T:
+        """The reference's ``compute(model, batch)``: the batch's precomputed ``batch["ref"]`` (moved to the
+        batch's device) when it carries them, else computed on the reference model."""
+        if "ref" in batch:
+            return apply(batch["ref"], lambda t: t.to(batch["input_ids"].device))
+        with self.model(policy) as model:
+            return compute(model, batch)
+
+
+PRECOMPUTED = Reference("precomputed")
+
+
+def load_reference(mode: ReferenceMode, load: Callable[[], torch.nn.Module]) -> Reference:
+    """The Reference for ``mode``; for "copy", ``load()``'s model frozen (eval, no grad) and, under FSDP,
+    sharded like the policy."""
+    if mode != "copy":
+        return Reference(mode)
+    copy = load().eval()
+    copy.requires_grad_(False)
+    distributed.shard(copy)
+    return Reference("copy", copy)
+
+
+def reference_mode(setting: str, needs_reference: bool = True) -> ReferenceMode:
+    """A config's ``reference`` setting resolved: "auto" is "precomputed"; "none" for an objective without one."""
+    if not needs_reference:
+        return "none"
+    return "precomputed" if setting == "auto" else setting  # type: ignore[return-value]
+
+
+@in_training_precision
+@torch.no_grad()
+def precompute(cfg, model, examples: list, lengths: list[int], collate, compute, desc: str, indices=None) -> None:
+    """Set ``ex.ref`` to the (frozen, initial) ``model``'s ``compute(model, batch)`` for the ``examples`` at
+    ``indices`` (default all), once, before any update: length-sorted batches of ``cfg.eval_batch_size``,
+    ``collate(list of examples) -> batch``; each example keeps its row of the record, on the CPU in float32."""
+    from tqdm.auto import tqdm
+
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    batches = length_sorted_batches(lengths, cfg.eval_batch_size, indices)
+    for idx in tqdm(batches, desc=desc, disable=not cfg.progress):
+        chunk = [examples[i] for i in idx]
+        batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in collate(chunk).items()}
+        rows = unstack(apply(compute(model, batch), lambda t: t.float().cpu()))
+        for ex, row in zip(chunk, rows):
+            ex.ref = row
+    model.train(was_training)
