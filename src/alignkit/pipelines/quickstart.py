@@ -75,6 +75,13 @@ class QuickstartConfig:
     )
     eval_samples: int = doc_field(4, "Responses per held-out prompt and model in the evaluation.", ge=1)
     seed: int = doc_field(0, "Seed for sampling, data order and evaluation.", ge=0, le=SEED_MAX)
+    # Pinned, not auto: with auto an AMX CPU samples and trains in bf16 and a CPU without AMX in fp32, and the
+    # job's samples, pairs and figures would depend on the machine it ran on.
+    dtype: Literal["auto", "float32", "bfloat16"] = doc_field(
+        "float32",
+        "Dtype of every step (sampling, DPO, evaluation). float32 so the job gives the same figures on every CPU "
+        "kind; auto picks bf16 where it is fast (AMX CPUs, GPUs: DPO then trains in mixed precision).",
+    )
     progress: bool = doc_field(True, "Show progress bars.")
 
 
@@ -204,6 +211,9 @@ def run(cfg: QuickstartConfig) -> dict:
 
 
 def _run(cfg: QuickstartConfig, root: Path, model_path: str, started: float) -> dict:
+    import torch
+
+    from alignkit.models.precision import bf16_is_fast
     from alignkit.stages import build_prefs, dpo, report
     from alignkit.stages import eval as eval_stage
 
@@ -225,6 +235,7 @@ def _run(cfg: QuickstartConfig, root: Path, model_path: str, started: float) -> 
                 [],
                 model=model_path,
                 prompts=str(train_prompts),
+                dtype=cfg.dtype,
                 output=str(pairs),
                 n_samples=cfg.n_samples,
                 max_new_tokens=cfg.max_new_tokens,
@@ -250,6 +261,7 @@ def _run(cfg: QuickstartConfig, root: Path, model_path: str, started: float) -> 
                 [],
                 model=model_path,
                 train_data=str(pairs),
+                dtype=cfg.dtype,
                 lora=True,
                 lora_r=cfg.lora_r,
                 lora_alpha=2 * cfg.lora_r,
@@ -287,6 +299,7 @@ def _run(cfg: QuickstartConfig, root: Path, model_path: str, started: float) -> 
                 [],
                 model=str(dpo_dir / "final"),
                 reference=model_path,
+                dtype=cfg.dtype,
                 prompts=str(eval_prompts),
                 reward_fn="alignkit.evaluation.classifiers:sentiment",
                 temperature=cfg.eval_temperature,
@@ -311,6 +324,9 @@ def _run(cfg: QuickstartConfig, root: Path, model_path: str, started: float) -> 
         "model": cfg.model,
         "run_dir": str(root),
         "labeller": cfg.labeller,
+        "dtype": cfg.dtype,
+        # Which kind of CPU the figures came from (auto's bf16 choice; ALIGNKIT_FAST_BF16 overrides it).
+        "cpu_bf16_fast": bf16_is_fast(torch.device("cpu")),
         "pairs": prefs.get("pairs"),
         "label_stats": {k: v for k, v in prefs.items() if isinstance(v, (int, float))},
         "dpo": {k: dpo_summary.get(k) for k in ("steps", "final_metrics", "train_seconds", "peak_rss_mb")},
