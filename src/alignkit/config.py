@@ -18,13 +18,14 @@ import re
 import textwrap
 import types
 import typing
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 
-from alignkit.errors import AlignkitError
+from alignkit.errors import AlignkitDeprecationWarning, AlignkitError
 
 MISSING_DOC = "required"
 # numpy's legacy seeding (np.random.seed, called with every stage's seed) takes 0 <= seed < 2**32.
@@ -375,6 +376,7 @@ def load_config(
         given[_check_key(cls, fields, key, "the command line")] = (value, raw, "the command line")
     for key, value in kwargs.items():
         given[_check_key(cls, fields, key, "keyword arguments")] = (value, None, "keyword arguments")
+    given = _apply_deprecated(cls, given)
 
     values = {}
     for name, (value, raw, source) in given.items():
@@ -623,7 +625,7 @@ def _parse_override(text: str) -> tuple[str, str, Any]:
 
 
 def _check_key(cls: type, fields: dict, key: Any, source: str) -> str:
-    if isinstance(key, str) and key in fields:
+    if isinstance(key, str) and (key in fields or key in getattr(cls, "DEPRECATED", {})):
         return key
     close = difflib.get_close_matches(str(key), list(fields), n=1)
     if close:
@@ -631,6 +633,42 @@ def _check_key(cls: type, fields: dict, key: Any, source: str) -> str:
     else:
         hint = f"valid keys are: {', '.join(fields)} (`--help` describes each)"
     raise ConfigError(f"unknown config key '{key}' for {cls.__name__}; {hint} (from {source})")
+
+
+def _apply_deprecated(cls: type, given: dict[str, tuple[Any, str | None, str]]) -> dict:
+    """``given`` with the old spellings of ``cls.DEPRECATED`` rewritten to the new ones, each with a warning that
+    names the new spelling. ``DEPRECATED`` maps old -> new, each a key (``reward_fn``) or a key and one of its
+    values (``ranker=judge``). An old spelling given with a new one of the same key is an error: which one was
+    meant is not ours to guess. An old key given null is dropped (it selected nothing)."""
+    out = dict(given)
+    set_by: dict[str, str] = {}  # new key -> the old spelling that set it
+    for old, new in getattr(cls, "DEPRECATED", {}).items():
+        old_key, by_value, old_value = old.partition("=")
+        if old_key not in given:
+            continue
+        value, raw, source = given[old_key]
+        if by_value and not (isinstance(value, str) and value.strip() == old_value):
+            continue
+        new_key, sets_value, new_value = new.partition("=")
+        warnings.warn(
+            f"config {'value' if by_value else 'key'} '{old}' (from {source}) is deprecated; write '{new}' "
+            "instead (the old spelling works until the next release)",
+            AlignkitDeprecationWarning,
+            stacklevel=4,
+        )
+        other = set_by.get(new_key) or (new_key if new_key in given and new_key != old_key else None)
+        if other is not None:
+            raise ConfigError(
+                f"config {'value' if by_value else 'key'} '{old}' (from {source}) is the old spelling of "
+                f"'{new}', and '{other}' is also given; keep only '{new_key}'",
+                (new_key,),
+            )
+        del out[old_key]
+        if _is_none(value) and not sets_value:
+            continue
+        out[new_key] = (new_value, None, source) if sets_value else (value, raw, source)
+        set_by[new_key] = old
+    return out
 
 
 def _is_none(value: Any) -> bool:

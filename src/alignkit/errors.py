@@ -28,3 +28,10 @@ class TrainingInterrupted(AlignkitError):
         # Exception pickles as cls(*self.args), and args holds the message, not the checkpoint;
         # spell the constructor arguments out so the error survives a trip through multiprocessing.
         return (type(self), (self.checkpoint, self.reason))
+
+
+class AlignkitDeprecationWarning(FutureWarning):
+    """A config key, value or import path that still works for one release; the message names its new spelling.
+
+    A FutureWarning, so people running the CLI see it (Python hides DeprecationWarning outside ``__main__``).
+    """

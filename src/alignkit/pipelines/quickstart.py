@@ -107,7 +107,7 @@ def independent_scores(eval_json: Path) -> dict:
     probability) and the label-maker's own checks, applied to fresh samples on held-out prompts.
     """
     from alignkit.cai.checks import CHECKS
-    from alignkit.evaluation.classifiers import offensive, sentiment
+    from alignkit.scoring.classifiers import offensive, sentiment
     from alignkit.evaluation.metrics import mean_ci
     from alignkit.scoring import prompt_text
     from alignkit.stages.eval import per_prompt_means
@@ -241,7 +241,7 @@ def _run(cfg: QuickstartConfig, root: Path, model_path: str, started: float) -> 
                 max_new_tokens=cfg.max_new_tokens,
                 temperature=cfg.temperature,
                 seed=cfg.seed,
-                ranker=cfg.labeller,
+                reward=cfg.labeller,
                 judge_model=model_path,
                 pairing="best_vs_worst",
             )
@@ -301,7 +301,7 @@ def _run(cfg: QuickstartConfig, root: Path, model_path: str, started: float) -> 
                 reference=model_path,
                 dtype=cfg.dtype,
                 prompts=str(eval_prompts),
-                reward_fn="alignkit.evaluation.classifiers:sentiment",
+                reward="alignkit.scoring.classifiers:sentiment",
                 temperature=cfg.eval_temperature,
                 samples_per_prompt=cfg.eval_samples,
                 max_new_tokens=cfg.max_new_tokens,

@@ -1,5 +1,6 @@
 """`alignkit build-prefs`: build preference pairs from a prompt file. Sample N responses per prompt from a
-model, rank them (a reward model, an AI judge, or people via an exported file), and write chosen/rejected
+model, rank them (``reward=``: a reward model, a ``module:function``, an AI judge or the constitution's checks;
+or people, via an exported file: ``ranker=export``/``human``), and write chosen/rejected
 pairs that `alignkit dpo` (and rm) train on as they are.
 
 Each pair records its prompt row, scores, ranker and sampling settings. The run appends one prompt at a
@@ -16,7 +17,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 import numpy as np
 import torch
@@ -41,11 +42,12 @@ from alignkit.data.schemas import load_prompts, no_usable_rows
 from alignkit.data.tokenize import encode_prompt
 from alignkit.models.generation import SamplingConfig, check_generation_backend, load_sampler
 from alignkit.models.loading import load_tokenizer, pick_device
-from alignkit.models.reward import load_reward_model
-from alignkit.rankers import (
+from alignkit.scoring import FunctionScorer, check_scorer, is_function_spec
+from alignkit.scoring.rankers import (
     RANKING_HOWTO,
     Ranker,
     RewardModelRanker,
+    ScorerRanker,
     export_row,
     judge_ranker,
     read_ranked_row,
@@ -96,13 +98,16 @@ class BuildPrefsConfig(GenerationBackendConfig, RuntimeConfig):
         "a killed run redoes at most this batch.",
         ge=1,
     )
-    ranker: Literal["reward_model", "judge", "checks", "human", "export"] = doc_field(
-        "reward_model",
-        "How responses are ranked: reward_model; judge (an AI judge, from the Constitutional AI stage); "
-        "export (write a file for people to rank, no pairs); human (read that file back, ranked).",
+    ranker: Literal["reward", "human", "export"] = doc_field(
+        "reward",
+        "Who ranks the responses: reward (by `reward`); export (write a file for people to rank, no pairs); "
+        "human (read that file back, ranked).",
     )
-    reward_model: str | None = doc_field(
-        None, "Reward model directory (an rm run's final/), for ranker=reward_model."
+    reward: str | None = doc_field(
+        None,
+        "What ranks the responses, for ranker=reward: a reward model directory (an rm run's final/), "
+        "'module:function' (function(prompt: str, response: str) -> float), 'judge' (an AI judge, from the "
+        "Constitutional AI stage; the judge_* fields) or 'checks' (the constitution's checkable principles).",
     )
     human_rankings: str | None = doc_field(
         None, "The exported file with its 'ranking' fields filled in, for ranker=human."
@@ -114,25 +119,25 @@ class BuildPrefsConfig(GenerationBackendConfig, RuntimeConfig):
     )
     score_batch_size: int = doc_field(16, "Responses per reward-model forward pass.", ge=1)
     judge_model: str = doc_field(
-        "smollm2-135m-instruct", "The AI judge for ranker=judge (embedded default, hub id or local dir)."
+        "smollm2-135m-instruct", "The AI judge for reward=judge (embedded default, hub id or local dir)."
     )
     judge_constitution: str | None = doc_field(
-        None, "Constitution YAML the judge compares under, for ranker=judge; None: alignkit's default."
+        None, "Constitution YAML the judge compares under, for reward=judge; None: alignkit's default."
     )
     judge_principles: list[str] | None = doc_field(
-        None, "ranker=judge: use only these principle ids of the constitution; None: all of them."
+        None, "reward=judge: use only these principle ids of the constitution; None: all of them."
     )
     judge_principles_per_comparison: int = doc_field(
         2,
-        "ranker=judge: principles drawn per comparison of two responses, combined by their priorities.",
+        "reward=judge: principles drawn per comparison of two responses, combined by their priorities.",
         ge=1,
     )
-    judge_batch_size: int = doc_field(8, "ranker=judge: judge questions per forward pass.", ge=1)
+    judge_batch_size: int = doc_field(8, "reward=judge: judge questions per forward pass.", ge=1)
     judge_max_context_tokens: int | None = doc_field(
-        384, "ranker=judge: longest conversation shown to the judge, in tokens (its end is kept).", ge=1
+        384, "reward=judge: longest conversation shown to the judge, in tokens (its end is kept).", ge=1
     )
     judge_max_response_tokens: int | None = doc_field(
-        192, "ranker=judge: longest response shown to the judge, in tokens (its start is kept).", ge=1
+        192, "reward=judge: longest response shown to the judge, in tokens (its start is kept).", ge=1
     )
     save_dataset: str | None = doc_field(
         None, "Also save the pairs as a Hugging Face Dataset (save_to_disk) in this directory."
@@ -145,6 +150,14 @@ class BuildPrefsConfig(GenerationBackendConfig, RuntimeConfig):
     def check(self) -> None:
         """The rules across fields (each field's own range is declared on it and checked before this)."""
         check_row_range(self, "prompt_rows")
+
+    # Old config spellings, still read for one release (alignkit.config.load_config warns and rewrites them).
+    DEPRECATED: ClassVar[dict[str, str]] = {
+        "reward_model": "reward",
+        "ranker=reward_model": "ranker=reward",
+        "ranker=judge": "reward=judge",
+        "ranker=checks": "reward=checks",
+    }
 
 
 # The settings that decide what the output holds: resuming an output with other values would mix two runs.
@@ -162,7 +175,7 @@ CONTENT_SETTINGS = (
     "seed",
     "prompts_per_batch",
     "ranker",
-    "reward_model",
+    "reward",
     "human_rankings",
     "pairing",
     "judge_model",
@@ -230,22 +243,53 @@ def batch_seed(seed: int, batch_index: int) -> int:
     return int(np.random.SeedSequence([seed, batch_index]).generate_state(1)[0])
 
 
+REWARD_KINDS = ("judge", "checks")  # the values of `reward` that name no directory or function
+
+
+def check_reward(cfg: BuildPrefsConfig) -> None:
+    """Refuse a missing or unusable ``reward`` for ranker=reward, loading no model."""
+    if not cfg.reward:
+        raise ConfigError(
+            "ranker=reward needs reward=<a reward model dir, module:function, judge or checks> "
+            "(or ranker=export to write a file for people to rank)"
+        )
+    if cfg.reward not in REWARD_KINDS:
+        check_scorer(cfg.reward, "reward")
+
+
 def make_ranker(cfg: BuildPrefsConfig, device) -> Ranker | None:
-    """The ranker of ``cfg.ranker``; None for export (people rank later)."""
-    if cfg.ranker == "reward_model":
-        if not cfg.reward_model:
-            raise ConfigError("ranker=reward_model needs reward_model=<dir> (the final/ folder of an rm run)")
-        rm = load_reward_model(cfg.reward_model, cfg.dtype, device, cfg.trust_remote_code)
-        return RewardModelRanker(rm, cfg.score_batch_size)
-    if cfg.ranker == "judge":
+    """The ranker of ``cfg.reward``; None for ranker=export (people rank later)."""
+    if cfg.ranker == "export":
+        return None
+    check_reward(cfg)
+    if cfg.reward == "judge":
         return judge_ranker(cfg)
-    if cfg.ranker == "checks":  # the constitution's checkable principles, judged by program, priority first
+    if cfg.reward == "checks":  # the constitution's checkable principles, judged by program, priority first
         return ChecksRanker.from_constitution(load_constitution(cfg.judge_constitution).principles)
-    return None
+    if is_function_spec(cfg.reward):
+        return ScorerRanker(FunctionScorer(cfg.reward, "reward"))
+    from alignkit.models.reward import load_reward_model  # only when a reward model ranks
+
+    rm = load_reward_model(cfg.reward, cfg.dtype, device, cfg.trust_remote_code)
+    return RewardModelRanker(rm, cfg.score_batch_size)
+
+
+def as_recorded(output: Path, settings: dict) -> dict:
+    """``settings`` as the output's progress file spells them. An output begun before ``reward=`` recorded
+    ranker=reward_model/judge/checks and reward_model=<dir>; it resumes under that spelling, so an upgrade
+    mid-run neither refuses it nor writes a second spelling into it."""
+    lines = complete_lines(progress_path(output))
+    if not lines or "reward_model" not in json.loads(lines[0]).get("settings", {}):
+        return settings
+    old = {k: v for k, v in settings.items() if k != "reward"}
+    reward = settings["reward"] if settings["ranker"] == "reward" else None
+    old["ranker"] = reward if reward in REWARD_KINDS else "reward_model" if reward else settings["ranker"]
+    old["reward_model"] = reward if old["ranker"] == "reward_model" else None
+    return old
 
 
 def sample_and_rank(cfg: BuildPrefsConfig, writer: Writer, done: dict[int, dict]) -> tuple[int, list[BadRow]]:
-    """Steps 2-5 for ranker=reward_model/judge/export; returns (prompt rows read, prompt rows skipped)."""
+    """Steps 2-5 for ranker=reward/export; returns (prompt rows read, prompt rows skipped)."""
     if not cfg.prompts:
         raise ConfigError(f"ranker={cfg.ranker} needs prompts=<file> to sample responses for")
     device = pick_device()
@@ -383,6 +427,7 @@ def run(cfg: BuildPrefsConfig) -> dict:
     if cfg.overwrite:
         for path in (output, progress_path(output)):
             path.unlink(missing_ok=True)
+    settings = as_recorded(output, settings)
     done = resume(output, settings)
     if done:
         print(f"build-prefs: resuming {output}: {len(done)} prompts already done", file=sys.stderr)
@@ -407,6 +452,7 @@ def run(cfg: BuildPrefsConfig) -> dict:
         "stage": "build-prefs",
         "output": str(output),
         "ranker": cfg.ranker,
+        "reward": cfg.reward if cfg.ranker == "reward" else None,
         "pairing": cfg.pairing,
         "rows_read": n_rows,
         "skipped_rows": len(skipped),

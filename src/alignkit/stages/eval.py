@@ -15,7 +15,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 
@@ -33,7 +33,7 @@ from alignkit.evaluation.metrics import (
 from alignkit.models.forward import response_token_logprobs, sample_batches, supports_chunked_head
 from alignkit.models.generation import Generation, SamplingConfig, check_generation_backend, load_sampler
 from alignkit.models.loading import ADAPTER_RECORD, load_final, load_model, load_tokenizer, pick_device
-from alignkit.scoring import FunctionScorer, RewardModelScorer, Scorer
+from alignkit.scoring import Scorer, load_scorer
 from alignkit.stages import Stage
 from alignkit.training.distributed import require_one_process
 
@@ -95,13 +95,11 @@ class EvalConfig(GenerationBackendConfig):
         ge=1,
     )
     # --- scoring ---
-    reward_model: str | None = doc_field(
-        None, "Reward model directory to score responses with (from `alignkit rm`)."
-    )
-    reward_fn: str | None = doc_field(
+    reward: str | None = doc_field(
         None,
-        "Programmatic scorer 'module:function', a function (prompt: str, response: str) -> float; "
-        "used when reward_model is unset.",
+        "Reward to score responses with: 'module:function', a function (prompt: str, response: str) -> float "
+        "(e.g. alignkit.scoring.classifiers:sentiment), or a reward model directory written by `alignkit rm`; "
+        "None: no scores, no win rate.",
     )
     # --- output ---
     output: str | None = doc_field(
@@ -111,21 +109,23 @@ class EvalConfig(GenerationBackendConfig):
     )
     progress: bool = doc_field(True, "Show progress bars.")
 
+    # Old config names, still read for one release (alignkit.config.load_config warns and renames them).
+    DEPRECATED: ClassVar[dict[str, str]] = {"reward_model": "reward", "reward_fn": "reward"}
+
 
 def make_scorer(cfg: EvalConfig) -> Scorer | None:
-    """The reward_model's scorer, else reward_fn's (alignkit.scoring), else None (no scores, no win rate)."""
-    if cfg.reward_model:
-        return RewardModelScorer(
-            cfg.reward_model,
-            dtype=cfg.dtype,
-            device=pick_device(),
-            trust_remote_code=cfg.trust_remote_code,
-            batch_size=cfg.batch_size,
-            progress=cfg.progress,
-        )
-    if cfg.reward_fn:
-        return FunctionScorer(cfg.reward_fn, "reward_fn")
-    return None
+    """The scorer of ``cfg.reward`` (alignkit.scoring), or None (no scores, no win rate)."""
+    if not cfg.reward:
+        return None
+    return load_scorer(
+        cfg.reward,
+        "reward",
+        dtype=cfg.dtype,
+        device=pick_device(),
+        trust_remote_code=cfg.trust_remote_code,
+        batch_size=cfg.batch_size,
+        progress=cfg.progress,
+    )
 
 
 # ---------------------------------------------------------------------------------------------

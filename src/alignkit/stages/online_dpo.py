@@ -80,7 +80,7 @@ class OnlineDPOConfig(GenerationBackendConfig, TrainConfig):
     )
     reward: str = required(
         "'module:function' with function(prompt: str, response: str) -> float (e.g. "
-        "alignkit.evaluation.classifiers:sentiment), or a reward model directory written by `alignkit rm`."
+        "alignkit.scoring.classifiers:sentiment), or a reward model directory written by `alignkit rm`."
     )
     reward_batch_size: int = doc_field(8, "Responses per forward pass of a reward model.", ge=1)
     # --- rounds ---

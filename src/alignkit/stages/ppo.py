@@ -92,8 +92,8 @@ class PPOConfig(GenerationBackendConfig, TrainConfig):
         "Prompts to sample from; None uses the 128 prompts shipped with alignkit (assets/prompts.jsonl).",
     )
     reward: str = required(
-        "'module:function' with function(prompt: str, response: str) -> float (e.g. alignkit.rewards:politeness), "
-        "or a reward model directory written by `alignkit rm`."
+        "'module:function' with function(prompt: str, response: str) -> float "
+        "(e.g. alignkit.scoring.rewards:politeness), or a reward model directory written by `alignkit rm`."
     )
     reward_batch_size: int = doc_field(8, "Responses per forward pass of a reward model.", ge=1)
     # --- rollouts ---

@@ -1,5 +1,5 @@
-"""`alignkit score`: score a file of (prompt, response) rows, or of preference pairs, with a reward model and
-write every row back with its reward in new columns.
+"""`alignkit score`: score a file of (prompt, response) rows, or of preference pairs, with a reward (a reward
+model or a ``module:function``) and write every row back with its reward in new columns.
 
 The output is JSONL written append-only, one batch at a time, flushed to disk: a run killed half-way
 resumes by reading back which input rows are already in the output (each output row records its
@@ -14,7 +14,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 import numpy as np
 import torch
@@ -24,7 +24,7 @@ from alignkit.config import ConfigError, RuntimeConfig, check_below, check_row_r
 from alignkit.data.io import BadRow, BadRowError, Record, read_rows
 from alignkit.data.schemas import load_preferences, load_prompts, no_usable_rows
 from alignkit.models.loading import pick_device
-from alignkit.models.reward import load_reward_model
+from alignkit.scoring import RewardModelScorer, Scorer, is_function_spec, load_scorer
 from alignkit.stages import Stage
 from alignkit.training.distributed import require_one_process
 
@@ -33,9 +33,12 @@ INPUT_ROW = "input_row"
 
 @dataclass
 class ScoreConfig(RuntimeConfig):
-    """Score rows with a reward model. Input: prompt + response rows, or pairs (prompt/chosen/rejected)."""
+    """Score rows with a reward. Input: prompt + response rows, or pairs (prompt/chosen/rejected)."""
 
-    reward_model: str = required("Reward model directory (the final/ folder of an `alignkit rm` run).")
+    reward: str = required(
+        "Reward model directory (the final/ folder of an `alignkit rm` run), or 'module:function' with "
+        "function(prompt: str, response: str) -> float (e.g. alignkit.scoring.classifiers:sentiment)."
+    )
     input: str = required("Rows to score: .jsonl/.json/.parquet/.csv, a saved dataset dir or a hub id.")
     output: str = required(
         "Output .jsonl: every input row with its reward column(s) and input_row; an existing file is resumed."
@@ -77,6 +80,15 @@ class ScoreConfig(RuntimeConfig):
         """The rules across fields (each field's own range is declared on it and checked before this)."""
         check_row_range(self, "rows")
         check_below(self, "max_prompt_length", "max_length")  # where both are given
+        lengths = [name for name in ("max_length", "max_prompt_length") if getattr(self, name) is not None]
+        if lengths and is_function_spec(self.reward):
+            raise ConfigError(
+                f"config key '{lengths[0]}' applies to a reward model; reward={self.reward} is a function",
+                (lengths[0],),
+            )
+
+    # Old config names, still read for one release (alignkit.config.load_config warns and renames them).
+    DEPRECATED: ClassVar[dict[str, str]] = {"reward_model": "reward"}
 
 
 @dataclass
@@ -86,6 +98,19 @@ class Row:
     record: Record
     prompt: object
     responses: tuple[str, ...]  # (response,) or (chosen, rejected)
+
+
+def score_batch(scorer: Scorer, batch: list[Row]) -> list[list[float]]:
+    """One list of scores per output column: [response] for rows, [chosen, rejected] for pairs. A reward model
+    scores a batch in one forward pass (both sides of the pairs together)."""
+    prompts = [row.prompt for row in batch]
+    sides = [[row.responses[k] for row in batch] for k in range(len(batch[0].responses))]
+    if not isinstance(scorer, RewardModelScorer):
+        return [scorer.score(prompts, side) for side in sides]
+    reward_model = scorer.reward_model
+    if len(sides) == 1:
+        return [reward_model.score(prompts, sides[0], len(batch))]
+    return list(reward_model.score_pairs(prompts, sides[0], sides[1], 2 * len(batch)))
 
 
 def read_input(cfg: ScoreConfig) -> tuple[str, list[Row], list[BadRow], int]:
@@ -204,12 +229,19 @@ def run(cfg: ScoreConfig) -> dict:
         file=sys.stderr,
     )
 
-    # 2. The reward model, with the lengths it was trained with unless overridden.
-    reward_model = load_reward_model(cfg.reward_model, cfg.dtype, pick_device(), cfg.trust_remote_code)
-    if cfg.max_length is not None:
-        reward_model.max_length = cfg.max_length
+    # 2. The reward; a reward model keeps the lengths it was trained with unless overridden.
+    scorer = load_scorer(
+        cfg.reward,
+        "reward",
+        dtype=cfg.dtype,
+        device=pick_device(),
+        trust_remote_code=cfg.trust_remote_code,
+        batch_size=cfg.batch_size,
+    )
+    if cfg.max_length is not None:  # check() refused lengths for a function
+        scorer.reward_model.max_length = cfg.max_length
     if cfg.max_prompt_length is not None:
-        reward_model.max_prompt_length = cfg.max_prompt_length
+        scorer.reward_model.max_prompt_length = cfg.max_prompt_length
 
     # 3. Score batch by batch; each batch is appended and flushed to disk before the next one starts.
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -219,18 +251,7 @@ def run(cfg: ScoreConfig) -> dict:
     ):
         for start in range(0, len(todo), cfg.batch_size):
             batch = todo[start : start + cfg.batch_size]
-            prompts = [row.prompt for row in batch]
-            if kind == "rows":
-                scores = [reward_model.score(prompts, [row.responses[0] for row in batch], len(batch))]
-            else:
-                scores = list(
-                    reward_model.score_pairs(
-                        prompts,
-                        [row.responses[0] for row in batch],
-                        [row.responses[1] for row in batch],
-                        2 * len(batch),
-                    )
-                )
+            scores = score_batch(scorer, batch)
             lines = []
             for k, row in enumerate(batch):
                 out = {**_jsonable(row.record.data), **{c: s[k] for c, s in zip(columns, scores)}}
@@ -245,7 +266,7 @@ def run(cfg: ScoreConfig) -> dict:
     scored = [json.loads(line) for line in output.read_text(encoding="utf-8").splitlines()]
     summary = {
         "stage": "score",
-        "reward_model": cfg.reward_model,
+        "reward": cfg.reward,
         "input": cfg.input,
         "output": str(output),
         "kind": kind,

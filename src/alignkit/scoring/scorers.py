@@ -1,6 +1,6 @@
 """Reward scorers: one score per (prompt, response), from a function ``module:function`` or a reward model
-written by `alignkit rm`. `alignkit ppo` trains on these scores and `alignkit eval` compares models with them;
-each stage names its own config field, so every error here says which field to fix.
+written by `alignkit rm`, as every stage's ``reward=`` field names it. ppo and online-dpo train on these scores,
+eval compares models with them, score writes them and build-prefs ranks with them. Errors name the field.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ def prompt_text(prompt: Prompt) -> str:
 class FunctionScorer:
     """A programmatic reward ``module:function``, called as function(prompt: str, response: str) -> float.
 
-    ``field`` is the config field the spec came from (ppo's ``reward``, eval's ``reward_fn``); the module is
+    ``field`` is the config field the spec came from (``reward``); the module is
     imported from sys.path.
     """
 
@@ -135,7 +135,7 @@ def load_scorer(spec: str, field: str, **reward_model: Any) -> Scorer:
     ``reward_model`` holds RewardModelScorer's keywords (dtype, device, trust_remote_code, batch_size,
     progress), used only when ``spec`` is a directory. A path that exists is never taken for a function.
     """
-    if _is_function_spec(spec):
+    if is_function_spec(spec):
         return FunctionScorer(spec, field)
     check_scorer(spec, field)
     return RewardModelScorer(str(Path(spec).expanduser()), **reward_model)
@@ -144,14 +144,15 @@ def load_scorer(spec: str, field: str, **reward_model: Any) -> Scorer:
 def check_scorer(spec: str, field: str) -> None:
     """Refuses (ConfigError) what ``load_scorer`` would refuse, loading no model: a stage checks its reward
     before it creates its run folder or reads a model."""
-    if _is_function_spec(spec):
+    if is_function_spec(spec):
         FunctionScorer(spec, field)  # imports the module, finds the function, checks its signature
     elif not Path(spec).expanduser().is_dir():
         raise ConfigError(
-            f"{field}: '{spec}' is neither 'module:function' (e.g. alignkit.rewards:politeness) "
+            f"{field}: '{spec}' is neither 'module:function' (e.g. alignkit.scoring.rewards:politeness) "
             "nor a reward model directory"
         )
 
 
-def _is_function_spec(spec: str) -> bool:
+def is_function_spec(spec: str) -> bool:
+    """``module:function`` rather than a directory: a path that exists is never taken for a function."""
     return bool(_FUNCTION_SPEC.fullmatch(spec)) and not Path(spec).exists()

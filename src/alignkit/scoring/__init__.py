@@ -1,0 +1,30 @@
+"""Everything that scores a response: the scorers a stage builds from its ``reward=`` field (``scorers``), the
+per-prompt rankers of `alignkit build-prefs` (``rankers``), and the rewards shipped with alignkit: toy
+functions for demos and tests (``rewards``) and independent classifiers (``classifiers``).
+
+A reward is named in one config field, ``reward=``: ``module:function`` (e.g. ``alignkit.scoring.rewards:
+politeness``), a reward-model directory written by `alignkit rm` (loaded through ``alignkit.models.reward``,
+only when used), or, in build-prefs, ``judge`` / ``checks``. The scorer API is importable from here.
+"""
+
+from alignkit.scoring.scorers import (
+    FunctionScorer,
+    RewardFunctionError,
+    RewardModelScorer,
+    Scorer,
+    check_scorer,
+    is_function_spec,
+    load_scorer,
+    prompt_text,
+)
+
+__all__ = [
+    "FunctionScorer",
+    "RewardFunctionError",
+    "RewardModelScorer",
+    "Scorer",
+    "check_scorer",
+    "is_function_spec",
+    "load_scorer",
+    "prompt_text",
+]
