@@ -1,4 +1,4 @@
-"""Programmatic scorers for the eval tests, loaded as reward_fn=_scorers:<name> (tests/ is on sys.path)."""
+"""Programmatic scorers for the eval tests, loaded as reward=_scorers:<name> (tests/ is on sys.path)."""
 
 from __future__ import annotations
 

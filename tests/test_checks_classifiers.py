@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from alignkit.cai.checks import ChecksRanker, concision, no_insults, politeness, sentence_count
-from alignkit.evaluation.classifiers import offensive, sentiment
+from alignkit.scoring.classifiers import offensive, sentiment
 
 PRIOS = {"no_insults_or_toxicity": 9, "politeness": 3, "concision": 2}
 

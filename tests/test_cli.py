@@ -286,7 +286,7 @@ def test_training_interrupted_carries_its_checkpoint_through_pickle():
 UNUSABLE = b'not json\n{"prompt": " ", "response_a": "a", "response_b": "b"}\n'
 
 
-REWARD = "reward=alignkit.rewards:brevity"
+REWARD = "reward=alignkit.scoring.rewards:brevity"
 
 
 def stage_argv(stage: str, model: str, data: str, out: Path) -> list[str]:
@@ -296,7 +296,7 @@ def stage_argv(stage: str, model: str, data: str, out: Path) -> list[str]:
         "rm": ["rm", f"model={model}", f"train_data={data}", f"output_dir={out}"],
         "dpo": ["dpo", f"model={model}", f"train_data={data}", f"output_dir={out}"],
         "kto": ["kto", f"model={model}", f"train_data={data}", "data_format=unpaired", f"output_dir={out}"],
-        "score": ["score", f"reward_model={model}", f"input={data}", f"output={out}.jsonl"],
+        "score": ["score", f"reward={model}", f"input={data}", f"output={out}.jsonl"],
         "build-prefs": ["build-prefs", "ranker=human", f"human_rankings={data}", f"output={out}.jsonl"],
         "cai-revise": ["cai-revise", f"model={model}", f"prompts={data}", f"output={out}.jsonl"],
         "cai-label": ["cai-label", f"judge_model={model}", f"input={data}", f"output={out}.jsonl"],

@@ -438,7 +438,7 @@ def _ppo_args(model: Path, prompts: Path, out: Path, *extra: str) -> list[str]:
     statistic is used."""
     return [
         *_common(model, prompts, out),
-        "reward=alignkit.rewards:length",
+        "reward=alignkit.scoring.rewards:length",
         "prompts_per_iteration=5",
         "generation_batch_size=2",
         "minibatch_size=3",
@@ -524,7 +524,7 @@ def _online_dpo_args(model: Path, prompts: Path, out: Path, *extra: str) -> list
     has a second micro-step of 1 pair and a stand-in."""
     return [
         *_common(model, prompts, out),
-        "reward=alignkit.rewards:length",
+        "reward=alignkit.scoring.rewards:length",
         "prompts_per_round=5",
         "samples_per_prompt=3",
         "generation_batch_size=4",
@@ -703,10 +703,10 @@ def test_a_process_left_without_a_generation_batch_is_named(monkeypatch, capsys)
 
 def test_hf_is_the_default_generation_backend():
     for cls, required in (
-        (ppo.PPOConfig, ["reward=alignkit.rewards:politeness"]),
+        (ppo.PPOConfig, ["reward=alignkit.scoring.rewards:politeness"]),
         (build_prefs.BuildPrefsConfig, ["output=x.jsonl"]),
         (cai_revise.CAIReviseConfig, ["prompts=p.jsonl", "output=x.jsonl"]),
-        (online_dpo.OnlineDPOConfig, ["reward=alignkit.rewards:politeness"]),
+        (online_dpo.OnlineDPOConfig, ["reward=alignkit.scoring.rewards:politeness"]),
         (eval_stage.EvalConfig, ["model=m"]),
     ):
         assert load_config(cls, None, required).generation_backend == "hf"
@@ -721,7 +721,7 @@ def test_vllm_backend_without_vllm_is_a_config_error_naming_the_field(tmp_path):
     ):
         check_generation_backend("vllm")
     check_generation_backend("hf")
-    cfg = load_config(ppo.PPOConfig, None, ["reward=alignkit.rewards:politeness", "generation_backend=vllm"])
+    cfg = load_config(ppo.PPOConfig, None, ["reward=alignkit.scoring.rewards:politeness", "generation_backend=vllm"])
     with pytest.raises(ConfigError, match="generation_backend=vllm"):
         ppo.run(cfg)
     cfg = load_config(
@@ -739,7 +739,7 @@ def test_fsdp_settings_alignkit_does_not_run_are_refused_naming_the_field(monkey
     monkeypatch.setattr(distributed, "engine", lambda: "fsdp")
     with pytest.raises(ConfigError, match="lora=true under FSDP"):
         distributed.shard(load_model(str(tiny_model_dir)), lora=True)
-    cfg = load_config(ppo.PPOConfig, None, ["reward=alignkit.rewards:politeness"])
+    cfg = load_config(ppo.PPOConfig, None, ["reward=alignkit.scoring.rewards:politeness"])
     ppo.check_launch(cfg)  # ppo runs under FSDP (full fine-tuning; its lora=true is refused as above)
     monkeypatch.setattr(distributed, "engine", lambda: "deepspeed")
     with pytest.raises(

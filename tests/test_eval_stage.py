@@ -78,7 +78,7 @@ def test_model_against_itself_kl_zero_all_ties(tiny_model_dir, copy_dir, tmp_pat
     """Same weights loaded twice, same seed: identical samples and identical log-probs, so every per-token
     log-ratio is 0.0 exactly (k1 = k3 = 0), every score comparison is a tie (win rate 0.5, and so is
     every bootstrap resample), and the length statistics are equal. Built-in prompts, first 4."""
-    result = _eval(tmp_path, tiny_model_dir, copy_dir, "reward_fn=_scorers:length_score", "max_prompts=4")
+    result = _eval(tmp_path, tiny_model_dir, copy_dir, "reward=_scorers:length_score", "max_prompts=4")
     assert result["n_prompts"] == 4 and result["prompts"].startswith("built-in")
     assert result["samples"][0]["prompt"] == "How do I make a simple tomato sauce for pasta?"
     assert result["kl"]["k1_per_token"] == 0.0
@@ -116,7 +116,7 @@ def test_against_other_model_kl_positive_and_win_rate_from_scores(
         tiny_model_dir,
         other_dir,
         f"prompts={prompt_file}",
-        "reward_fn=_scorers:length_score",
+        "reward=_scorers:length_score",
         "samples_per_prompt=2",
         "temperature=1.0",
     )
@@ -184,14 +184,14 @@ def test_batched_scoring_matches_per_sample_forward(tiny_model_dir, other_dir, t
 
 
 def test_reward_model_scorer(tiny_model_dir, tiny_tokenizer, prompt_file, tmp_path):
-    """reward_model=<dir saved like `alignkit rm` saves>: the scores in eval.json are the reward model's
+    """reward=<dir saved like `alignkit rm` saves>: the scores in eval.json are the reward model's
     own scores of those (prompt, response) pairs, and the win rate follows from them."""
     from alignkit.models.reward import build_reward_model, load_reward_model, save_reward_model
 
     rm_dir = tmp_path / "rm"
     rm = build_reward_model(str(tiny_model_dir), tiny_tokenizer.pad_token_id, "float32", device="cpu")
     save_reward_model(rm, tiny_tokenizer, rm_dir, max_length=256, max_prompt_length=None)
-    args = [f"prompts={prompt_file}", f"reward_model={rm_dir}", "dtype=float32"]  # compared in fp32, on any CPU
+    args = [f"prompts={prompt_file}", f"reward={rm_dir}", "dtype=float32"]  # compared in fp32, on any CPU
     result = _eval(tmp_path, tiny_model_dir, "none", *args)
     assert result["scorer"] == f"reward model {rm_dir}"
     prompts = [s["prompt"] for s in result["samples"]]

@@ -1,5 +1,5 @@
 """The AI-feedback judge: the conflict rule, order-swap averaging, option-token scoring against a manual
-log-softmax, the round-robin ranker, and build-prefs with ranker=judge on a tiny model."""
+log-softmax, the round-robin ranker, and build-prefs with reward=judge on a tiny model."""
 
 from __future__ import annotations
 
@@ -194,7 +194,7 @@ def test_tiny_judge_probabilities_are_consistent(tiny_tokenizer):
 
 
 # ---------------------------------------------------------------------------------------------
-# build-prefs with ranker=judge
+# build-prefs with reward=judge
 # ---------------------------------------------------------------------------------------------
 
 
@@ -215,7 +215,7 @@ def test_build_prefs_with_the_judge_ranker(tmp_path, tiny_model_dir):
             f"model={tiny_model_dir}",
             f"judge_model={tiny_model_dir}",
             "judge_principles=[avoid_harm,helpfulness]",
-            "ranker=judge",
+            "reward=judge",
             "n_samples=3",
             "max_new_tokens=6",
             "pairing=all_pairs",

@@ -12,7 +12,7 @@ import pytest
 
 from alignkit import cli
 from alignkit.config import ConfigError, load_config
-from alignkit.rankers import read_ranked_row, scores_from_ranking
+from alignkit.scoring.rankers import read_ranked_row, scores_from_ranking
 from alignkit.stages import build_prefs, score
 from alignkit.stages.build_prefs import BuildPrefsConfig, make_pairs, usable_responses
 from alignkit.stages.score import ScoreConfig
@@ -127,7 +127,7 @@ def test_score_resumes_after_a_crash_without_repeating_or_losing_rows(tiny_rm_di
     rows = [{"prompt": f"question {i}?", "response": WORDS[i % 8] * (1 + i % 3), "id": i} for i in range(10)]
     data = _write(tmp_path / "rows.jsonl", rows)
     common = [
-        f"reward_model={tiny_rm_dir}",
+        f"reward={tiny_rm_dir}",
         f"input={data}",
         "batch_size=3",
         "dtype=float32",
@@ -177,7 +177,7 @@ def test_score_pairs_writes_both_rewards(tiny_rm_dir, tmp_path):
     pairs = [{"prompt": f"q{i}", "chosen": WORDS[i], "rejected": WORDS[i + 1]} for i in range(5)]
     data = _write(tmp_path / "pairs.jsonl", pairs)
     out = tmp_path / "scored.jsonl"
-    cfg = [f"reward_model={tiny_rm_dir}", f"input={data}", f"output={out}", "batch_size=2", "dtype=float32"]
+    cfg = [f"reward={tiny_rm_dir}", f"input={data}", f"output={out}", "batch_size=2", "dtype=float32"]
     cfg.append("progress=false")
     summary = score.run(load_config(ScoreConfig, None, cfg))
     rm = load_reward_model(tiny_rm_dir, dtype="float32")
@@ -218,7 +218,7 @@ def _bp_args(model_dir, prompts, output, *extra):
 def test_build_prefs_resumes_and_its_output_trains_dpo(
     tiny_model_dir, tiny_rm_dir, prompts_file, tmp_path, monkeypatch
 ):
-    common = ("ranker=reward_model", f"reward_model={tiny_rm_dir}")
+    common = ("ranker=reward", f"reward={tiny_rm_dir}")
     whole_out = tmp_path / "whole.jsonl"
     whole = build_prefs.run(
         load_config(BuildPrefsConfig, None, _bp_args(tiny_model_dir, prompts_file, whole_out, *common))
@@ -352,7 +352,7 @@ def test_build_prefs_saves_a_dataset(tiny_model_dir, tiny_rm_dir, prompts_file, 
         tiny_model_dir,
         prompts_file,
         out,
-        f"reward_model={tiny_rm_dir}",
+        f"reward={tiny_rm_dir}",
         "pairing=all_pairs",
         f"save_dataset={ds_dir}",
     )

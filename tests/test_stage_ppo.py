@@ -22,8 +22,8 @@ from alignkit.losses.ppo import policy_loss, value_loss
 from alignkit.models.generation import Generation
 from alignkit.models.loading import load_model
 from alignkit.models.value import ValueModel
-from alignkit.rewards import brevity, length, politeness
 from alignkit.scoring import prompt_text
+from alignkit.scoring.rewards import brevity, length, politeness
 from alignkit.stages import ppo
 from alignkit.training import online
 from alignkit.training import rollout as rollouts

@@ -107,9 +107,9 @@ def independent_scores(eval_json: Path) -> dict:
     probability) and the label-maker's own checks, applied to fresh samples on held-out prompts.
     """
     from alignkit.cai.checks import CHECKS
-    from alignkit.scoring.classifiers import offensive, sentiment
     from alignkit.evaluation.metrics import mean_ci
     from alignkit.scoring import prompt_text
+    from alignkit.scoring.classifiers import offensive, sentiment
     from alignkit.stages.eval import per_prompt_means
 
     evaluation = json.loads(eval_json.read_text())
