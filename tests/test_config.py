@@ -147,10 +147,10 @@ def test_required_field_given_as_null_is_reported_as_null_not_missing(written):
 
 
 def test_required_field_null_in_yaml_names_the_file_and_missing_ones_stay_missing(tmp_path):
-    """ScoreConfig has three required fields: input null in the file, output left out, reward_model given."""
+    """ScoreConfig has three required fields: input null in the file, output left out, reward given."""
     from alignkit.stages.score import ScoreConfig
 
-    path = write(tmp_path, "reward_model: rm\ninput: null\n")
+    path = write(tmp_path, "reward: rm\ninput: null\n")
     with pytest.raises(ConfigError) as info:
         load_config(ScoreConfig, path)
     lines = str(info.value).splitlines()

@@ -120,7 +120,7 @@ def test_people_rankers_keep_their_names_without_a_warning(recwarn):
     ],
 )
 def test_old_and_new_spelling_together_is_an_error(cls, args, message):
-    with pytest.warns(AlignkitDeprecationWarning), pytest.raises(ConfigError) as err:
+    with pytest.raises(ConfigError) as err:
         load_config(cls, None, args)
     assert str(err.value) == message
 

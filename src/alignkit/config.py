@@ -650,12 +650,6 @@ def _apply_deprecated(cls: type, given: dict[str, tuple[Any, str | None, str]]) 
         if by_value and not (isinstance(value, str) and value.strip() == old_value):
             continue
         new_key, sets_value, new_value = new.partition("=")
-        warnings.warn(
-            f"config {'value' if by_value else 'key'} '{old}' (from {source}) is deprecated; write '{new}' "
-            "instead (the old spelling works until the next release)",
-            AlignkitDeprecationWarning,
-            stacklevel=4,
-        )
         other = set_by.get(new_key) or (new_key if new_key in given and new_key != old_key else None)
         if other is not None:
             raise ConfigError(
@@ -663,6 +657,12 @@ def _apply_deprecated(cls: type, given: dict[str, tuple[Any, str | None, str]]) 
                 f"'{new}', and '{other}' is also given; keep only '{new_key}'",
                 (new_key,),
             )
+        warnings.warn(
+            f"config {'value' if by_value else 'key'} '{old}' (from {source}) is deprecated; write '{new}' "
+            "instead (the old spelling works until the next release)",
+            AlignkitDeprecationWarning,
+            stacklevel=4,
+        )
         del out[old_key]
         if _is_none(value) and not sets_value:
             continue
