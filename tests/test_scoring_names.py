@@ -22,7 +22,7 @@ from alignkit.errors import AlignkitDeprecationWarning
 from alignkit.scoring import FunctionScorer, load_scorer
 from alignkit.scoring import rewards as shipped_rewards
 from alignkit.stages import score
-from alignkit.stages.build_prefs import BuildPrefsConfig, as_recorded
+from alignkit.stages.build_prefs import BuildPrefsConfig, as_recorded, make_ranker
 from alignkit.stages.eval import EvalConfig
 from alignkit.stages.score import ScoreConfig
 
@@ -173,3 +173,16 @@ def test_the_cli_shows_the_deprecation_and_runs(tmp_path):
     assert done.returncode == 0, done.stderr
     assert "config key 'reward_model' (from the command line) is deprecated; write 'reward'" in done.stderr
     assert json.loads((tmp_path / "o.jsonl").read_text())["reward"] == 3.0
+
+
+def test_build_prefs_ranks_with_a_reward_function_and_needs_a_reward():
+    """reward=module:function ranks each prompt's responses by the function (pairs name it); ranker=reward with
+    no reward is refused with what to set."""
+    cfg = load_config(BuildPrefsConfig, None, ["output=o.jsonl", "reward=_scorers:length_score"])
+    ranker = make_ranker(cfg, "cpu")
+    assert ranker.name == "function:_scorers:length_score"
+    assert ranker.score("q", ["ab", "abcd", ""]) == [2.0, 4.0, 0.0]
+    with pytest.raises(ConfigError, match="ranker=reward needs reward=<a reward model dir, module:function"):
+        make_ranker(load_config(BuildPrefsConfig, None, ["output=o.jsonl"]), "cpu")
+    with pytest.raises(ConfigError, match="neither 'module:function'"):
+        make_ranker(load_config(BuildPrefsConfig, None, ["output=o.jsonl", "reward=/no/such/rm"]), "cpu")
