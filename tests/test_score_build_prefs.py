@@ -298,7 +298,7 @@ def test_build_prefs_resumes_and_its_output_trains_dpo(
 
 def test_human_export_and_import_round_trip(tiny_model_dir, prompts_file, tmp_path):
     export = tmp_path / "to_rank.jsonl"
-    args = _bp_args(tiny_model_dir, prompts_file, export, "ranker=export", "max_prompts=3", "n_samples=4")
+    args = _bp_args(tiny_model_dir, prompts_file, export, "ranker=export", "prompts_max_rows=3", "n_samples=4")
     summary = build_prefs.run(load_config(BuildPrefsConfig, None, args))
     lines = _lines(export)
     assert summary["prompts_done"] == 3 and summary["pairs"] == 0
