@@ -777,12 +777,13 @@ _WARNED_RENAMES: set[str] = set()
 class _KeyNames:
     """The field each given key names: a field's own name, or an old name of a renamed field (``RENAMED``),
     which is taken with a deprecation message on stderr (once per process) for one release. Giving a field
-    under both its old and its new name is an error, wherever each came from."""
+    under both its old and its new name in one source (one YAML file, the command line) is an error; across
+    sources the later wins, as for any key (an older run's config.yaml with a new name on the command line)."""
 
     def __init__(self, cls: type, fields: dict) -> None:
         self.cls, self.fields, self.renamed = cls, fields, renamed_keys(cls)
-        self.by_old: dict[str, tuple[str, str]] = {}  # new name -> (old name, where it came from)
-        self.by_new: dict[str, str] = {}  # new name given as written -> where it came from
+        self.by_old: set[tuple[str, str, str]] = set()  # (new name, old name, where the old came from)
+        self.by_new: set[tuple[str, str]] = set()  # (new name given as written, where it came from)
 
     def field(self, key: Any, value: Any, source: str) -> str | None:
         """The field ``key`` names, or None for a retired key at its old default (ignored, with a message)."""
@@ -803,7 +804,7 @@ class _KeyNames:
         if new is None or new not in self.fields:
             name = _check_key(self.cls, self.fields, key, source)
             if name in self.renamed.values():
-                self.by_new[name] = source
+                self.by_new.add((name, source))
             return name
         if key not in _WARNED_RENAMES:
             _WARNED_RENAMES.add(key)
@@ -812,15 +813,15 @@ class _KeyNames:
                 f"next release) (from {source})",
                 file=sys.stderr,
             )
-        self.by_old[new] = (key, source)
+        self.by_old.add((new, key, source))
         return new
 
     def check_no_both(self) -> None:
-        for new, (old, old_source) in self.by_old.items():
-            if new in self.by_new:
+        for new, old, source in sorted(self.by_old):
+            if (new, source) in self.by_new:
                 raise ConfigError(
-                    f"config keys '{old}' (from {old_source}) and '{new}' (from {self.by_new[new]}) are the "
-                    f"same setting ('{old}' is its deprecated name); keep only '{new}'"
+                    f"config keys '{old}' and '{new}' are the same setting ('{old}' is its deprecated name), "
+                    f"both given (from {source}); keep only '{new}'"
                 )
 
 
