@@ -776,3 +776,14 @@ def test_each_field_groups_check_runs_once(monkeypatch):
         validate_config(DPOConfig(train_data="d", batch_size=2, micro_batch_size=4))
     with pytest.raises(ConfigError, match="'eval_rows' must be"):
         validate_config(DPOConfig(train_data="d", eval_rows=(2, 1)))
+
+
+@pytest.mark.parametrize("stage", ["eval", "build-prefs", "cai-revise"])
+def test_fsdp_generation_is_only_where_it_acts(stage, fresh_warnings, capsys):
+    """Only ppo and online-dpo sample under FSDP: the other generating stages neither show nor take it."""
+    cls = dict(_stage_config_classes())[stage]
+    assert "fsdp_generation" not in config_help(cls)
+    load_config(cls, None, ["fsdp_generation=gather"], **_required_filled(cls))  # an older config: ignored
+    assert "config key 'fsdp_generation' is used only by ppo and online-dpo" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="'fsdp_generation' is used only by ppo and online-dpo"):
+        load_config(cls, None, ["fsdp_generation=shards"], **_required_filled(cls))

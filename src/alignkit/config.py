@@ -160,19 +160,16 @@ class GenerationBackendConfig(Fields):
     """Which engine samples responses, for the stages that generate (ppo, online-dpo, build-prefs, cai-revise,
     eval)."""
 
+    # fsdp_generation (ppo and online-dpo only) is declared on OnlineTrainConfig; an older config of the other
+    # stages may still hold it at its default (RETIRED).
+    RETIRED = {"fsdp_generation": ("gather", "is used only by ppo and online-dpo (sampling under FSDP)")}
+
     # --- generation backend ---
     generation_backend: Literal["hf", "vllm"] = doc_field(
         "hf",
         "Sampling engine: hf (transformers generate, left-padded batches with the KV cache) or vllm (an optional "
         "extra, pip install 'alignkit[vllm]', on a CUDA GPU; ppo and online-dpo push the policy's weights into it "
         "each iteration, with lora=true the adapter merged in).",
-    )
-    fsdp_generation: Literal["gather", "shards"] = doc_field(
-        "gather",
-        "ppo and online-dpo under FSDP, generation_backend=hf: 'gather' samples on the policy's weights gathered "
-        "whole in each process (fast; the whole policy must fit one device while it samples), 'shards' on the "
-        "shards, the processes stepping together (no device holds the whole policy; every generated token "
-        "gathers each layer's weights again). Elsewhere not used.",
     )
     vllm_gpu_memory_utilization: float = doc_field(
         0.5,
@@ -414,6 +411,14 @@ class OnlineTrainConfig(
     train_data: str | None = doc_field(
         None,
         "Prompts to sample from; None uses the 128 prompts shipped with alignkit (assets/prompts.jsonl).",
+    )
+    # --- generation backend ---
+    fsdp_generation: Literal["gather", "shards"] = doc_field(
+        "gather",
+        "Under FSDP, generation_backend=hf: 'gather' samples on the policy's weights gathered whole in each "
+        "process (fast; the whole policy must fit one device while it samples), 'shards' on the shards, the "
+        "processes stepping together (no device holds the whole policy; every generated token gathers each "
+        "layer's weights again).",
     )
 
 
