@@ -370,7 +370,7 @@ def test_every_numeric_field_of_every_stage_declares_a_range_its_default_meets(s
 def test_every_stage_with_numbers_is_covered():
     """The parametrized test above sees the classes with most numbers (no stage silently left out)."""
     counts = {stage: len(numeric_fields(cls)) for stage, cls in _stage_config_classes()}
-    assert counts["ppo"] > 40 and counts["dpo"] > 25 and counts["quickstart"] == 10 and counts["report"] == 1
+    assert counts["ppo"] > 35 and counts["dpo"] > 25 and counts["quickstart"] == 10 and counts["report"] == 1
 
 
 NAMED_CASES = [
@@ -472,7 +472,7 @@ NAMED_CASES = [
         ["train_rows=[5,5]"],
         "config key 'train_rows' must be [start, stop] with start < stop, got [5, 5] (from the command line)",
     ),
-    ("sft", ["max_train_rows=0"], "config key 'max_train_rows' must be >= 1, got 0 (from the command line)"),
+    ("sft", ["train_max_rows=0"], "config key 'train_max_rows' must be >= 1, got 0 (from the command line)"),
     ("eval", ["temperature=-0.1"], "config key 'temperature' must be >= 0, got -0.1 (from the command line)"),
     ("build-prefs", ["n_samples=1"], "config key 'n_samples' must be >= 2, got 1 (from the command line)"),
     (
@@ -673,3 +673,117 @@ def test_config_file_that_cannot_be_read_is_a_config_error(tmp_path):
     binary.write_bytes(b"\xff\xfe\x00")
     with pytest.raises(ConfigError, match="cannot read config file"):
         load_config(TrainConfig, binary)
+
+
+# --- field groups and renamed keys ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+def fresh_warnings(monkeypatch):
+    """Each deprecation message is printed once per process: start every test with none printed yet."""
+    from alignkit import config
+
+    monkeypatch.setattr(config, "_WARNED_RENAMES", set())
+
+
+@pytest.mark.parametrize(
+    ("stage", "old", "new", "value"),
+    [
+        ("sft", "max_train_rows", "train_max_rows", 3),
+        ("dpo", "max_eval_rows", "eval_max_rows", 4),
+        ("ppo", "max_train_rows", "train_max_rows", 5),
+        ("build-prefs", "prompt_rows", "prompts_rows", (1, 3)),
+        ("build-prefs", "max_prompts", "prompts_max_rows", 6),
+        ("cai-revise", "max_prompts", "prompts_max_rows", 7),
+        ("eval", "max_prompts", "prompts_max_rows", 8),
+        ("cai-label", "max_pairs", "input_max_rows", 9),
+        ("score", "split", "input_split", "test"),
+        ("score", "rows", "input_rows", (0, 2)),
+        ("score", "max_rows", "input_max_rows", 10),
+    ],
+)
+def test_an_old_name_still_loads_with_a_deprecation_message_naming_the_new_one(
+    stage, old, new, value, tmp_path, capsys, fresh_warnings
+):
+    cls = dict(_stage_config_classes())[stage]
+    shown = list(value) if isinstance(value, tuple) else value
+    path = write(tmp_path, yaml.safe_dump({**_required_filled(cls), old: shown}))
+    cfg = load_config(cls, path)
+    assert getattr(cfg, new) == value
+    assert old not in config_to_dict(cfg)  # saved under the new name only
+    message = f"warning: config key '{old}' is deprecated, use '{new}'"
+    assert capsys.readouterr().err.count(message) == 1
+    load_config(cls, path)  # once per process
+    assert message not in capsys.readouterr().err
+    assert old not in {f.name for f in dataclasses.fields(cls)}  # not a field, so not in --help
+
+
+def test_old_and_new_name_both_given_in_one_source_is_an_error(fresh_warnings):
+    from alignkit.stages.sft import SFTConfig
+
+    with pytest.raises(ConfigError) as info:
+        load_config(SFTConfig, None, ["max_train_rows=3", "train_max_rows=4"], train_data="d")
+    assert str(info.value) == (
+        "config keys 'max_train_rows' and 'train_max_rows' are the same setting ('max_train_rows' is its "
+        "deprecated name), both given (from the command line); keep only 'train_max_rows'"
+    )
+    # In two sources the later wins, as for any key: an older run's config.yaml, a new value on the command line.
+    cfg = load_config(SFTConfig, None, ["train_max_rows=4"], train_data="d", max_train_rows=5)
+    assert cfg.train_max_rows == 5
+
+
+@pytest.mark.parametrize("stage", ["ppo", "online-dpo"])
+def test_online_stages_show_and_take_only_what_they_read(stage, fresh_warnings, capsys):
+    cls = dict(_stage_config_classes())[stage]
+    names = {f.name for f in dataclasses.fields(cls)}
+    gone = {"batch_size", "epochs", "max_steps", "max_length", "eval_data", "eval_split", "eval_rows"}
+    gone |= {"eval_max_rows", "eval_every"}
+    assert not gone & names
+    assert not gone & set(config_help(cls).split())
+    assert "Not used by" not in config_help(cls)
+    # An older run's config.yaml holds them at their defaults: read and ignored, with a message.
+    cfg = load_config(cls, None, ["reward=x:y", "batch_size=8", "eval_data=null"])
+    assert not hasattr(cfg, "batch_size")
+    assert f"config key 'batch_size' is not used by {stage}; set " in capsys.readouterr().err
+    with pytest.raises(ConfigError, match=f"config key 'eval_every' is not used by {stage}; set `alignkit eval`"):
+        load_config(cls, None, ["reward=x:y", "eval_every=5"])
+    with pytest.raises(ConfigError, match=r"'train_rows' must be \[start, stop\] with start < stop"):
+        load_config(cls, None, ["reward=x:y", "train_rows=[3,3]"])
+
+
+def test_each_field_groups_check_runs_once(monkeypatch):
+    """Every check() starts with super().check(): in TrainConfig's diamond of groups, each runs exactly once."""
+    from alignkit import config
+    from alignkit.stages.dpo import DPOConfig
+
+    calls: list[str] = []
+    for klass in DPOConfig.__mro__:
+        own = klass.__dict__.get("check")
+        if own is None:
+            continue
+
+        def counted(self, _own=own, _name=klass.__name__):
+            calls.append(_name)
+            _own(self)
+
+        monkeypatch.setattr(klass, "check", counted)
+    validate_config(DPOConfig(train_data="d"))
+    expected = ["DPOConfig", "OfflineBatchFields", "SequenceFields", "EvalDataFields", "TrainDataFields", "Fields"]
+    assert calls == expected
+    assert config.Fields in DPOConfig.__mro__
+    # The groups' rules still fire through the composition.
+    with pytest.raises(ConfigError, match="'micro_batch_size' must be <= batch_size"):
+        validate_config(DPOConfig(train_data="d", batch_size=2, micro_batch_size=4))
+    with pytest.raises(ConfigError, match="'eval_rows' must be"):
+        validate_config(DPOConfig(train_data="d", eval_rows=(2, 1)))
+
+
+@pytest.mark.parametrize("stage", ["eval", "build-prefs", "cai-revise"])
+def test_fsdp_generation_is_only_where_it_acts(stage, fresh_warnings, capsys):
+    """Only ppo and online-dpo sample under FSDP: the other generating stages neither show nor take it."""
+    cls = dict(_stage_config_classes())[stage]
+    assert "fsdp_generation" not in config_help(cls)
+    load_config(cls, None, ["fsdp_generation=gather"], **_required_filled(cls))  # an older config: ignored
+    assert "config key 'fsdp_generation' is used only by ppo and online-dpo" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="'fsdp_generation' is used only by ppo and online-dpo"):
+        load_config(cls, None, ["fsdp_generation=shards"], **_required_filled(cls))

@@ -78,7 +78,7 @@ def test_model_against_itself_kl_zero_all_ties(tiny_model_dir, copy_dir, tmp_pat
     """Same weights loaded twice, same seed: identical samples and identical log-probs, so every per-token
     log-ratio is 0.0 exactly (k1 = k3 = 0), every score comparison is a tie (win rate 0.5, and so is
     every bootstrap resample), and the length statistics are equal. Built-in prompts, first 4."""
-    result = _eval(tmp_path, tiny_model_dir, copy_dir, "reward=_scorers:length_score", "max_prompts=4")
+    result = _eval(tmp_path, tiny_model_dir, copy_dir, "reward=_scorers:length_score", "prompts_max_rows=4")
     assert result["n_prompts"] == 4 and result["prompts"].startswith("built-in")
     assert result["samples"][0]["prompt"] == "How do I make a simple tomato sauce for pasta?"
     assert result["kl"]["k1_per_token"] == 0.0

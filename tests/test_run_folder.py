@@ -396,3 +396,33 @@ def test_fresh_never_empties_a_folder_a_live_quickstart_holds(tiny_model_dir, tm
         live.release()
     assert "is in use by another run" in err
     assert (out / "pairs.jsonl").exists()
+
+
+def test_an_older_runs_config_yaml_with_old_names_resumes_and_compares_under_the_new_names(
+    tmp_path, capsys, monkeypatch
+):
+    """A ppo run written before the renames: config.yaml says max_train_rows and holds the TrainConfig keys ppo
+    no longer has (at their defaults). It still loads, and a resume compares max_train_rows as train_max_rows."""
+    from alignkit import config
+
+    monkeypatch.setattr(config, "_WARNED_RENAMES", set())
+    out = tmp_path / "run"
+    cfg = load_config(PPOConfig, None, [], reward="x:y", output_dir=str(out), train_max_rows=4)
+    RunDir.create(str(out), "ppo", None, cfg=cfg).release()
+    (out / "checkpoints" / "step-000005").mkdir(parents=True)
+    (out / "checkpoints" / "step-000005" / "COMPLETE").write_text("")
+    saved = out / "config.yaml"
+    saved.write_text(
+        saved.read_text().replace("train_max_rows:", "max_train_rows:") + "batch_size: 8\nepochs: 1\n"
+    )
+
+    again = load_config(PPOConfig, saved, ["resume_from=latest"])
+    err = capsys.readouterr().err
+    assert again.train_max_rows == 4
+    assert "config key 'max_train_rows' is deprecated, use 'train_max_rows'" in err
+    assert "config key 'epochs' is not used by ppo; set iterations and ppo_epochs instead; ignored" in err
+    RunDir.create(str(out), "ppo", "latest", cfg=again).release()  # the same settings: no refusal
+
+    more = load_config(PPOConfig, saved, ["resume_from=latest", "train_max_rows=5"])
+    with pytest.raises(ConfigError, match="train_max_rows: 4 -> 5"):
+        RunDir.create(str(out), "ppo", "latest", cfg=more)

@@ -298,7 +298,7 @@ def test_build_prefs_resumes_and_its_output_trains_dpo(
 
 def test_human_export_and_import_round_trip(tiny_model_dir, prompts_file, tmp_path):
     export = tmp_path / "to_rank.jsonl"
-    args = _bp_args(tiny_model_dir, prompts_file, export, "ranker=export", "max_prompts=3", "n_samples=4")
+    args = _bp_args(tiny_model_dir, prompts_file, export, "ranker=export", "prompts_max_rows=3", "n_samples=4")
     summary = build_prefs.run(load_config(BuildPrefsConfig, None, args))
     lines = _lines(export)
     assert summary["prompts_done"] == 3 and summary["pairs"] == 0
@@ -360,3 +360,21 @@ def test_build_prefs_saves_a_dataset(tiny_model_dir, tiny_rm_dir, prompts_file, 
     dataset = load_from_disk(str(ds_dir))
     assert len(dataset) == summary["pairs"] == len(_lines(out))
     assert dataset[0]["chosen"] == _lines(out)[0]["chosen"]
+
+
+def test_an_output_started_before_the_renames_resumes_under_the_new_names(tmp_path):
+    """A build-prefs ledger written with max_prompts resumes when the same value now reads prompts_max_rows,
+    and a changed value is still refused."""
+    import json
+
+    from alignkit.data.appendlog import progress_path, resume
+    from alignkit.stages.build_prefs import BuildPrefsConfig
+
+    output = tmp_path / "prefs.jsonl"
+    output.write_text(json.dumps({"prompt_row": 0}) + "\n")
+    ledger = [{"settings": {"model": "m", "max_prompts": 3}}, {"prompt_row": 0, "n_lines": 1}]
+    progress_path(output).write_text("".join(json.dumps(e) + "\n" for e in ledger))
+    settings = {"model": "m", "prompts_max_rows": 3}
+    assert list(resume(output, settings, BuildPrefsConfig.RENAMED)) == [0]
+    with pytest.raises(ConfigError, match="prompts_max_rows"):
+        resume(output, {"model": "m", "prompts_max_rows": 4}, BuildPrefsConfig.RENAMED)

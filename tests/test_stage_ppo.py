@@ -401,7 +401,7 @@ def test_reward_specs_and_config_errors(tmp_path):
     with pytest.raises(ValueError, match="_ppo_rewards:not_a_number returned"):
         make_scorer(cfg(reward="_ppo_rewards:not_a_number"), cpu).score(["p"], ["r"])
     with pytest.raises(ConfigError, match="'batch_size' is not used by ppo; set prompts_per_iteration"):
-        ppo.check_config(cfg(batch_size=4))
+        load_config(ppo.PPOConfig, None, ["reward=_ppo_rewards:length", "batch_size=4"])  # no field: a key
     with pytest.raises(ConfigError, match="^config key 'temperature' must be > 0, got 0.0$"):
         ppo.check_config(cfg(temperature=0.0))
 

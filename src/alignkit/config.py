@@ -15,6 +15,7 @@ import inspect
 import math
 import os
 import re
+import sys
 import textwrap
 import types
 import typing
@@ -126,8 +127,25 @@ def required(doc: str) -> Any:
     return field(default=None, metadata={"doc": doc, "required": True})
 
 
+class Fields:
+    """The root of every config class: the end of the ``check()`` chain.
+
+    The rule that runs each field group's cross-field rules exactly once, however the groups are combined: every
+    ``check()`` starts with ``super().check()`` (Python's MRO then visits each class once, this one last).
+    ``RENAMED`` maps a field's old name to its new one; ``load_config`` still takes the old name for one
+    release, with a deprecation message (``renamed_keys`` merges the tables along the MRO). ``RETIRED`` maps a
+    key the class no longer has to (its old default, why it is gone): at that default (as an older run's
+    config.yaml holds it) it is read and ignored for one release, with a message; any other value is refused."""
+
+    RENAMED: typing.ClassVar[dict[str, str]] = {}
+    RETIRED: typing.ClassVar[dict[str, tuple[Any, str]]] = {}
+
+    def check(self) -> None:
+        """The rules across fields (each field's own range is declared on it and checked before this)."""
+
+
 @dataclass
-class RuntimeConfig:
+class RuntimeConfig(Fields):
     """How a model runs, for the stages that load one without training it (score, build-prefs, CAI)."""
 
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = doc_field(
@@ -139,22 +157,20 @@ class RuntimeConfig:
 
 
 @dataclass
-class GenerationBackendConfig:
+class GenerationBackendConfig(Fields):
     """Which engine samples responses, for the stages that generate (ppo, online-dpo, build-prefs, cai-revise,
     eval)."""
 
+    # fsdp_generation (ppo and online-dpo only) is declared on OnlineTrainConfig; an older config of the other
+    # stages may still hold it at its default (RETIRED).
+    RETIRED = {"fsdp_generation": ("gather", "is used only by ppo and online-dpo (sampling under FSDP)")}
+
+    # --- generation backend ---
     generation_backend: Literal["hf", "vllm"] = doc_field(
         "hf",
         "Sampling engine: hf (transformers generate, left-padded batches with the KV cache) or vllm (an optional "
         "extra, pip install 'alignkit[vllm]', on a CUDA GPU; ppo and online-dpo push the policy's weights into it "
         "each iteration, with lora=true the adapter merged in).",
-    )
-    fsdp_generation: Literal["gather", "shards"] = doc_field(
-        "gather",
-        "ppo and online-dpo under FSDP, generation_backend=hf: 'gather' samples on the policy's weights gathered "
-        "whole in each process (fast; the whole policy must fit one device while it samples), 'shards' on the "
-        "shards, the processes stepping together (no device holds the whole policy; every generated token "
-        "gathers each layer's weights again). Elsewhere not used.",
     )
     vllm_gpu_memory_utilization: float = doc_field(
         0.5,
@@ -165,9 +181,13 @@ class GenerationBackendConfig:
     )
 
 
+# --- field groups: each stage's config is composed of the groups it reads -------------------------------------
+# A dataclass collects fields from the end of the MRO, so a class lists its groups last-shown first.
+
+
 @dataclass
-class TrainConfig:
-    """Fields shared by every training stage."""
+class ModelFields(Fields):
+    """The model a training stage trains, and how its weights are held."""
 
     # --- model ---
     model: str = doc_field(
@@ -186,30 +206,65 @@ class TrainConfig:
         "autocast; 'pure' holds the weights in dtype (half the memory, but updates below ~1/256 of a weight "
         "are lost: at lr 1e-5 most bf16 weights never change). No effect in fp32.",
     )
+
+
+@dataclass
+class TrainDataFields(Fields):
+    """The training data and which of its rows are used."""
+
+    RENAMED = {"max_train_rows": "train_max_rows"}
+
     # --- data ---
     train_data: str = required(
         "Training data: a .jsonl/.json/.parquet/.csv file, a saved dataset dir or a hub id."
     )
-    eval_data: str | None = doc_field(
-        None, "Held-out data in the same schema, evaluated every eval_every steps."
-    )
     train_split: str | None = doc_field(None, "Split name when train_data is a hub id or a DatasetDict.")
-    eval_split: str | None = doc_field(None, "Split name when eval_data is a hub id or a DatasetDict.")
-    max_train_rows: int | None = doc_field(
+    train_max_rows: int | None = doc_field(
         None, "Use only the first N rows of train_data (after train_rows).", ge=1
-    )
-    max_eval_rows: int | None = doc_field(
-        None, "Use only the first N rows of eval_data (after eval_rows).", ge=1
     )
     train_rows: tuple[int, int] | None = doc_field(
         None, "Use only file rows start <= row < stop of train_data, written [start, stop] (0-based).", ge=0
     )
-    eval_rows: tuple[int, int] | None = doc_field(
-        None, "Use only file rows start <= row < stop of eval_data, written [start, stop] (0-based).", ge=0
-    )
     on_bad_row: Literal["error", "skip"] = doc_field(
         "error", "What to do with an invalid row: stop with an error naming it, or skip it and count it."
     )
+
+    def check(self) -> None:
+        super().check()
+        check_row_range(self, "train_rows")
+
+
+@dataclass
+class EvalDataFields(Fields):
+    """Held-out data evaluated during training (the offline stages)."""
+
+    RENAMED = {"max_eval_rows": "eval_max_rows"}
+
+    # --- data ---
+    eval_data: str | None = doc_field(
+        None, "Held-out data in the same schema, evaluated every eval_every steps."
+    )
+    eval_split: str | None = doc_field(None, "Split name when eval_data is a hub id or a DatasetDict.")
+    eval_max_rows: int | None = doc_field(
+        None, "Use only the first N rows of eval_data (after eval_rows).", ge=1
+    )
+    eval_rows: tuple[int, int] | None = doc_field(
+        None, "Use only file rows start <= row < stop of eval_data, written [start, stop] (0-based).", ge=0
+    )
+    eval_every: int | None = doc_field(
+        None, "Evaluate on eval_data every N optimizer steps (and at the end).", ge=1
+    )
+
+    def check(self) -> None:
+        super().check()
+        check_row_range(self, "eval_rows")
+
+
+@dataclass
+class SequenceFields(Fields):
+    """How long a training row may be (the offline stages; the online ones cap prompt and response apart)."""
+
+    # --- data ---
     # At least one prompt token and one completion token (data.tokenize._truncate needs both).
     max_length: int = doc_field(1024, "Longest prompt+completion in tokens; longer rows are truncated.", ge=2)
     max_prompt_length: int | None = doc_field(
@@ -218,6 +273,17 @@ class TrainConfig:
         "completion leaves.",
         ge=1,
     )
+
+    def check(self) -> None:
+        super().check()
+        # A prompt of max_length tokens would leave no room for the completion: the limit could never bind.
+        check_below(self, "max_prompt_length", "max_length")
+
+
+@dataclass
+class OptimizerFields(Fields):
+    """AdamW, its learning-rate schedule and gradient clipping."""
+
     # --- optimisation ---
     learning_rate: float = doc_field(
         1e-5, "Peak AdamW learning rate.", gt=0, zero_with="allow_zero_learning_rate"
@@ -236,6 +302,17 @@ class TrainConfig:
         "cosine", "Learning-rate schedule after warmup."
     )
     warmup_steps: int = doc_field(0, "Optimizer steps of linear warmup from 0 to learning_rate.", ge=0)
+    # 0 would scale every gradient to 0 (no update); None is the way to switch clipping off.
+    max_grad_norm: float | None = doc_field(
+        1.0, "Clip the global gradient norm to this value; None disables.", gt=0
+    )
+
+
+@dataclass
+class OfflineBatchFields(Fields):
+    """Batches over a fixed dataset, and how long training runs (the offline stages)."""
+
+    # --- optimisation ---
     batch_size: int = doc_field(8, "Examples per optimizer step (the global batch).", ge=1)
     micro_batch_size: int = doc_field(
         2,
@@ -245,10 +322,17 @@ class TrainConfig:
     )
     epochs: int = doc_field(1, "Passes over the training data (ignored when max_steps is set).", ge=1)
     max_steps: int | None = doc_field(None, "Stop after this many optimizer steps.", ge=1)
-    # 0 would scale every gradient to 0 (no update); None is the way to switch clipping off.
-    max_grad_norm: float | None = doc_field(
-        1.0, "Clip the global gradient norm to this value; None disables.", gt=0
-    )
+
+    def check(self) -> None:
+        super().check()
+        check_at_most(self, "micro_batch_size", "batch_size")
+
+
+@dataclass
+class ComputeFields(Fields):
+    """Seed, threads and the memory/compute trade-offs of a training step."""
+
+    # --- optimisation ---
     seed: int = doc_field(0, "Seed for data order, initialisation and sampling.", ge=0, le=SEED_MAX)
     num_threads: int | None = doc_field(None, "CPU threads for torch; None uses every core.", ge=1)
     logprob_chunk_size: int = doc_field(
@@ -259,6 +343,12 @@ class TrainConfig:
         "Keep only each decoder layer's input in the forward and recompute the layer in the backward: less "
         "activation memory for one more forward of compute (the same gradients).",
     )
+
+
+@dataclass
+class LoRAFields(Fields):
+    """Training LoRA adapters instead of all weights."""
+
     # --- LoRA ---
     lora: bool = doc_field(False, "Train LoRA adapters (PEFT) instead of all weights.")
     lora_r: int = doc_field(16, "LoRA rank.", ge=1)
@@ -271,12 +361,15 @@ class TrainConfig:
     merge_lora: bool = doc_field(
         True, "Merge LoRA adapters into final/ (a plain model); False saves the adapter only."
     )
+
+
+@dataclass
+class RunFolderFields(Fields):
+    """The run folder: logs, checkpoints, resuming."""
+
     # --- run folder, logging, checkpoints ---
     output_dir: str = doc_field("runs/{stage}-{time}", "Run folder; {stage} and {time} are filled in.")
     log_every: int = doc_field(1, "Write metrics every N optimizer steps.", ge=1)
-    eval_every: int | None = doc_field(
-        None, "Evaluate on eval_data every N optimizer steps (and at the end).", ge=1
-    )
     save_every: int | None = doc_field(
         None, "Write a checkpoint every N optimizer steps (and at the end).", ge=1
     )
@@ -287,13 +380,47 @@ class TrainConfig:
     tensorboard: bool = doc_field(True, "Also write TensorBoard logs under <run>/tensorboard.")
     progress: bool = doc_field(True, "Show a progress bar with ETA.")
 
-    def check(self) -> None:
-        """The rules across fields (each field's own range is declared on it and checked before this)."""
-        check_at_most(self, "micro_batch_size", "batch_size")
-        # A prompt of max_length tokens would leave no room for the completion: the limit could never bind.
-        check_below(self, "max_prompt_length", "max_length")
-        check_row_range(self, "train_rows")
-        check_row_range(self, "eval_rows")
+
+@dataclass
+class TrainConfig(
+    RunFolderFields,
+    LoRAFields,
+    ComputeFields,
+    OfflineBatchFields,
+    OptimizerFields,
+    SequenceFields,
+    EvalDataFields,
+    TrainDataFields,
+    ModelFields,
+):
+    """Fields shared by the offline training stages (sft, rm, dpo/ipo/orpo, kto): every group."""
+
+
+@dataclass
+class OnlineTrainConfig(
+    GenerationBackendConfig,
+    RunFolderFields,
+    LoRAFields,
+    ComputeFields,
+    OptimizerFields,
+    TrainDataFields,
+    ModelFields,
+):
+    """Fields shared by the stages that train on their own samples (ppo, online-dpo): no eval data, no
+    offline batching (each declares its own iterations and minibatches), prompts from ``train_data``."""
+
+    train_data: str | None = doc_field(
+        None,
+        "Prompts to sample from; None uses the 128 prompts shipped with alignkit (assets/prompts.jsonl).",
+    )
+    # --- generation backend ---
+    fsdp_generation: Literal["gather", "shards"] = doc_field(
+        "gather",
+        "Under FSDP, generation_backend=hf: 'gather' samples on the policy's weights gathered whole in each "
+        "process (fast; the whole policy must fit one device while it samples), 'shards' on the shards, the "
+        "processes stepping together (no device holds the whole policy; every generated token gathers each "
+        "layer's weights again).",
+    )
 
 
 # --- cross-field rules, for the ``check()`` methods of the config classes ----------------------------------
@@ -322,18 +449,39 @@ def check_row_range(cfg: Any, name: str) -> None:
         )
 
 
-def not_used_doc(stage: str, instead: str) -> str:
-    """The doc of a TrainConfig field that ``stage`` does not use (``instead``: what to set in its place)."""
-    return f"Not used by {stage} (an error if changed): see {instead}."
+def renamed_keys(cls: type) -> dict[str, str]:
+    """Old name -> new name of every field of ``cls`` renamed in this release (the ``RENAMED`` tables of
+    ``cls`` and its field groups); ``load_config`` still takes the old names, with a deprecation message."""
+    renamed: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        renamed.update(klass.__dict__.get("RENAMED", {}))
+    return renamed
 
 
-def refuse_unused(cfg: Any, not_used: dict[str, str], stage: str) -> None:
-    """Refuse the TrainConfig fields ``stage`` does not use (``not_used``: name -> what to set instead) when
-    ``cfg`` changed them from TrainConfig's default: a value that would be silently ignored is an error."""
+# The eval data keys of an older alignkit's ppo and online-dpo config.yaml (inert there, now gone).
+EVAL_KEYS = ("eval_data", "eval_split", "max_eval_rows", "eval_rows", "eval_every")
+
+
+def retired_train_fields(stage: str, instead: dict[str, str]) -> dict[str, tuple[Any, str]]:
+    """A ``RETIRED`` table for ``stage``, whose config no longer has the TrainConfig fields ``instead`` names
+    (name, old name or new -> what to set instead); each keeps TrainConfig's default as its old default."""
     defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
-    for name, instead in not_used.items():
-        if getattr(cfg, name) != defaults[name]:
-            raise ConfigError(f"config key '{name}' is not used by {stage}; set {instead} instead")
+    renamed = renamed_keys(TrainConfig)
+    return {
+        name: (defaults[renamed.get(name, name)], f"is not used by {stage}; set {what} instead")
+        for name, what in instead.items()
+    }
+
+
+def with_current_names(cls: type, saved: dict) -> dict:
+    """``saved`` settings (a config.yaml an older alignkit wrote) with renamed keys under their new names, so
+    they compare with a ``cls`` config field by field; a key written under both names keeps the new one."""
+    renamed = renamed_keys(cls)
+    out = {k: v for k, v in saved.items() if k not in renamed}
+    for old, value in saved.items():
+        if old in renamed:
+            out.setdefault(renamed[old], value)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -367,16 +515,21 @@ def load_config(
     hints = typing.get_type_hints(cls)
     # name -> (value, raw command-line text or None, where it came from)
     given: dict[str, tuple[Any, str | None, str]] = {}
+    names = _KeyNames(cls, fields)
 
     if yaml_path is not None:
         for key, value in _read_yaml_mapping(yaml_path).items():
-            given[_check_key(cls, fields, key, str(yaml_path))] = (value, None, str(yaml_path))
+            if (name := names.field(key, value, str(yaml_path))) is not None:
+                given[name] = (value, None, str(yaml_path))
     for text in overrides or []:
         key, raw, value = _parse_override(text)
-        given[_check_key(cls, fields, key, "the command line")] = (value, raw, "the command line")
+        if (name := names.field(key, value, "the command line")) is not None:
+            given[name] = (value, raw, "the command line")
     for key, value in kwargs.items():
-        given[_check_key(cls, fields, key, "keyword arguments")] = (value, None, "keyword arguments")
-    given = _apply_deprecated(cls, given)
+        if (name := names.field(key, value, "keyword arguments")) is not None:
+            given[name] = (value, None, "keyword arguments")
+    names.check_no_both()
+    given = _apply_deprecated(cls, given)  # reward spellings (DEPRECATED: old key or key=value -> new)
 
     values = {}
     for name, (value, raw, source) in given.items():
@@ -622,6 +775,61 @@ def _parse_override(text: str) -> tuple[str, str, Any]:
         # Not YAML (e.g. an unbalanced bracket): keep the text; the type check reports it if it does not fit.
         value = raw
     return key, raw, value
+
+
+# The renamed and retired keys already warned about in this process: each message is printed once per name.
+_WARNED_RENAMES: set[str] = set()
+
+
+class _KeyNames:
+    """The field each given key names: a field's own name, or an old name of a renamed field (``RENAMED``),
+    which is taken with a deprecation message on stderr (once per process) for one release. Giving a field
+    under both its old and its new name in one source (one YAML file, the command line) is an error; across
+    sources the later wins, as for any key (an older run's config.yaml with a new name on the command line)."""
+
+    def __init__(self, cls: type, fields: dict) -> None:
+        self.cls, self.fields, self.renamed = cls, fields, renamed_keys(cls)
+        self.by_old: set[tuple[str, str, str]] = set()  # (new name, old name, where the old came from)
+        self.by_new: set[tuple[str, str]] = set()  # (new name given as written, where it came from)
+
+    def field(self, key: Any, value: Any, source: str) -> str | None:
+        """The field ``key`` names, or None for a retired key at its old default (ignored, with a message)."""
+        retired = getattr(self.cls, "RETIRED", {})
+        if isinstance(key, str) and key not in self.fields and key in retired:
+            default, why = retired[key]
+            if not (value == default or (default is None and _is_none(value))):
+                raise ConfigError(f"config key '{key}' {why} (from {source})")
+            if key not in _WARNED_RENAMES:
+                _WARNED_RENAMES.add(key)
+                print(
+                    f"warning: config key '{key}' {why}; ignored at its old default {_show(default)} for one "
+                    f"release (from {source})",
+                    file=sys.stderr,
+                )
+            return None
+        new = self.renamed.get(key) if isinstance(key, str) and key not in self.fields else None
+        if new is None or new not in self.fields:
+            name = _check_key(self.cls, self.fields, key, source)
+            if name in self.renamed.values():
+                self.by_new.add((name, source))
+            return name
+        if key not in _WARNED_RENAMES:
+            _WARNED_RENAMES.add(key)
+            print(
+                f"warning: config key '{key}' is deprecated, use '{new}' (the old name stops working in the "
+                f"next release) (from {source})",
+                file=sys.stderr,
+            )
+        self.by_old.add((new, key, source))
+        return new
+
+    def check_no_both(self) -> None:
+        for new, old, source in sorted(self.by_old):
+            if (new, source) in self.by_new:
+                raise ConfigError(
+                    f"config keys '{old}' and '{new}' are the same setting ('{old}' is its deprecated name), "
+                    f"both given (from {source}); keep only '{new}'"
+                )
 
 
 def _check_key(cls: type, fields: dict, key: Any, source: str) -> str:

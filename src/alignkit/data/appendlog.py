@@ -37,9 +37,10 @@ def _rewrite(path: Path, lines: list[str]) -> None:
     os.replace(tmp, path)
 
 
-def resume(output: Path, settings: dict) -> dict[int, dict]:
+def resume(output: Path, settings: dict, renamed: dict[str, str] | None = None) -> dict[int, dict]:
     """Finished prompts of an earlier run of the same settings (prompt_row -> its counts), with the output
-    cut back to exactly their lines: lines of a prompt the run was writing when it stopped are dropped."""
+    cut back to exactly their lines: lines of a prompt the run was writing when it stopped are dropped.
+    ``renamed``: old -> new names of settings renamed since (an older alignkit's ledger compares under the new)."""
     ledger = progress_path(output)
     if not ledger.exists():
         if output.exists() and output.stat().st_size:
@@ -52,8 +53,11 @@ def resume(output: Path, settings: dict) -> dict[int, dict]:
     if not entries and not (output.exists() and output.stat().st_size):
         ledger.unlink()  # killed before the first prompt finished: nothing to keep
         return {}
-    if not entries or entries[0].get("settings") != settings:
-        old = entries[0].get("settings", {}) if entries else {}
+    recorded = entries[0].get("settings") if entries else None
+    if isinstance(recorded, dict):
+        recorded = {(renamed or {}).get(k, k): v for k, v in recorded.items()}
+    if recorded != settings:
+        old = recorded if isinstance(recorded, dict) else {}
         changed = [k for k in settings if old.get(k) != settings[k]]
         raise ConfigError(
             f"output: {output} was started with other settings ({', '.join(changed) or 'unreadable'}: "

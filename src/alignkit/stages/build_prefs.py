@@ -60,6 +60,8 @@ from alignkit.training.distributed import require_one_process
 class BuildPrefsConfig(GenerationBackendConfig, RuntimeConfig):
     """Sample responses to prompts, rank them, and write chosen/rejected pairs (or a file for people to rank)."""
 
+    RENAMED = {"prompt_rows": "prompts_rows", "max_prompts": "prompts_max_rows"}
+
     output: str = required(
         "Output .jsonl: the pairs (or, with ranker=export, the file to rank); an existing one is resumed."
     )
@@ -70,10 +72,10 @@ class BuildPrefsConfig(GenerationBackendConfig, RuntimeConfig):
         None, "Prompt file (a 'prompt' or 'messages' column); required unless ranker=human."
     )
     prompts_split: str | None = doc_field(None, "Split name when prompts is a hub id or a DatasetDict.")
-    prompt_rows: tuple[int, int] | None = doc_field(
+    prompts_rows: tuple[int, int] | None = doc_field(
         None, "Use only prompt rows start <= row < stop, written [start, stop] (0-based).", ge=0
     )
-    max_prompts: int | None = doc_field(None, "Use only the first N prompts (after prompt_rows).", ge=1)
+    prompts_max_rows: int | None = doc_field(None, "Use only the first N prompts (after prompts_rows).", ge=1)
     # One response per prompt cannot make a pair, nor give people two to rank.
     n_samples: int = doc_field(4, "Responses sampled per prompt (at least 2).", ge=2)
     temperature: float = doc_field(
@@ -149,7 +151,8 @@ class BuildPrefsConfig(GenerationBackendConfig, RuntimeConfig):
 
     def check(self) -> None:
         """The rules across fields (each field's own range is declared on it and checked before this)."""
-        check_row_range(self, "prompt_rows")
+        super().check()
+        check_row_range(self, "prompts_rows")
 
     # Old config spellings, still read for one release (alignkit.config.load_config warns and rewrites them).
     DEPRECATED: ClassVar[dict[str, str]] = {
@@ -165,8 +168,8 @@ CONTENT_SETTINGS = (
     "model",
     "prompts",
     "prompts_split",
-    "prompt_rows",
-    "max_prompts",
+    "prompts_rows",
+    "prompts_max_rows",
     "n_samples",
     "temperature",
     "top_p",
@@ -296,7 +299,7 @@ def sample_and_rank(cfg: BuildPrefsConfig, writer: Writer, done: dict[int, dict]
     # 2. The ranker first (an unavailable judge fails before minutes of loading), then the policy.
     ranker = make_ranker(cfg, device)
     loaded = load_prompts(
-        cfg.prompts, cfg.on_bad_row, split=cfg.prompts_split, rows=cfg.prompt_rows, limit=cfg.max_prompts
+        cfg.prompts, cfg.on_bad_row, split=cfg.prompts_split, rows=cfg.prompts_rows, limit=cfg.prompts_max_rows
     )
     print(f"prompts: {loaded.summary()}", file=sys.stderr)
     loaded.require_rows("prompts")
@@ -428,7 +431,7 @@ def run(cfg: BuildPrefsConfig) -> dict:
         for path in (output, progress_path(output)):
             path.unlink(missing_ok=True)
     settings = as_recorded(output, settings)
-    done = resume(output, settings)
+    done = resume(output, settings, BuildPrefsConfig.RENAMED)
     if done:
         print(f"build-prefs: resuming {output}: {len(done)} prompts already done", file=sys.stderr)
 

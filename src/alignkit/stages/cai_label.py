@@ -47,6 +47,8 @@ from alignkit.training.distributed import require_one_process
 class CAILabelConfig(RuntimeConfig):
     """Label response pairs with an AI judge under a constitution (RLAIF); write chosen/rejected pairs."""
 
+    RENAMED = {"max_pairs": "input_max_rows"}
+
     input: str = required(
         "Pairs to label: prompt + response_a + response_b, or prompt/chosen/rejected (labels ignored)."
     )
@@ -55,7 +57,7 @@ class CAILabelConfig(RuntimeConfig):
     input_rows: tuple[int, int] | None = doc_field(
         None, "Use only input rows start <= row < stop, written [start, stop] (0-based).", ge=0
     )
-    max_pairs: int | None = doc_field(None, "Use only the first N pairs (after input_rows).", ge=1)
+    input_max_rows: int | None = doc_field(None, "Use only the first N pairs (after input_rows).", ge=1)
     on_bad_row: Literal["error", "skip"] = doc_field(
         "error",
         "What to do with an invalid input row: stop with an error naming it, or skip it and count it.",
@@ -94,6 +96,7 @@ class CAILabelConfig(RuntimeConfig):
 
     def check(self) -> None:
         """The rules across fields (each field's own range is declared on it and checked before this)."""
+        super().check()
         check_row_range(self, "input_rows")
 
 
@@ -102,7 +105,7 @@ CONTENT_SETTINGS = (
     "input",
     "input_split",
     "input_rows",
-    "max_pairs",
+    "input_max_rows",
     "judge_model",
     "constitution",
     "principles",
@@ -130,7 +133,7 @@ def read_input(cfg: CAILabelConfig) -> tuple[list[InputPair], list[BadRow], int]
         load_prompts(cfg.input, cfg.on_bad_row, split=cfg.input_split).require_rows("input")
     if {"chosen", "rejected"} <= set(first.data):
         loaded = load_preferences(
-            cfg.input, cfg.on_bad_row, split=cfg.input_split, rows=cfg.input_rows, limit=cfg.max_pairs
+            cfg.input, cfg.on_bad_row, split=cfg.input_split, rows=cfg.input_rows, limit=cfg.input_max_rows
         )
         loaded.require_rows("input")
         pairs = [InputPair(p.ref.row, p.prompt, p.chosen, p.rejected, True) for p in loaded.examples]
@@ -148,7 +151,7 @@ def read_input(cfg: CAILabelConfig) -> tuple[list[InputPair], list[BadRow], int]
     # The prompt is parsed as generation prompts are (text or messages, optional system column); the
     # two responses are read from their columns.
     loaded = load_prompts(
-        cfg.input, cfg.on_bad_row, split=cfg.input_split, rows=cfg.input_rows, limit=cfg.max_pairs
+        cfg.input, cfg.on_bad_row, split=cfg.input_split, rows=cfg.input_rows, limit=cfg.input_max_rows
     )
     wanted = {ex.ref.row for ex in loaded.examples}
     data = {
@@ -245,7 +248,7 @@ def run(cfg: CAILabelConfig) -> dict:
     if cfg.overwrite:
         for path in (output, progress_path(output)):
             path.unlink(missing_ok=True)
-    done = resume(output, settings)
+    done = resume(output, settings, CAILabelConfig.RENAMED)
     pairs, skipped, n_read = read_input(cfg)
     todo = [p for p in pairs if p.row not in done]
     print(

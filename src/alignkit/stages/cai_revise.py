@@ -49,15 +49,17 @@ from alignkit.training.distributed import require_one_process
 class CAIReviseConfig(GenerationBackendConfig, RuntimeConfig):
     """Answer prompts, then critique and revise each answer under constitution principles; write SFT data."""
 
+    RENAMED = {"prompt_rows": "prompts_rows", "max_prompts": "prompts_max_rows"}
+
     prompts: str = required("Prompt file: a 'prompt' (text or messages) or 'messages' column.")
     output: str = required(
         "Output .jsonl (prompt, completion = final revision, critiques); resumed if it exists."
     )
     prompts_split: str | None = doc_field(None, "Split name when prompts is a hub id or a DatasetDict.")
-    prompt_rows: tuple[int, int] | None = doc_field(
+    prompts_rows: tuple[int, int] | None = doc_field(
         None, "Use only prompt rows start <= row < stop, written [start, stop] (0-based).", ge=0
     )
-    max_prompts: int | None = doc_field(None, "Use only the first N prompts (after prompt_rows).", ge=1)
+    prompts_max_rows: int | None = doc_field(None, "Use only the first N prompts (after prompts_rows).", ge=1)
     on_bad_row: Literal["error", "skip"] = doc_field(
         "error",
         "What to do with an invalid prompt row: stop with an error naming it, or skip it and count it.",
@@ -100,15 +102,16 @@ class CAIReviseConfig(GenerationBackendConfig, RuntimeConfig):
 
     def check(self) -> None:
         """The rules across fields (each field's own range is declared on it and checked before this)."""
-        check_row_range(self, "prompt_rows")
+        super().check()
+        check_row_range(self, "prompts_rows")
 
 
 # The settings that decide what the output holds: resuming an output with other values would mix two runs.
 CONTENT_SETTINGS = (
     "prompts",
     "prompts_split",
-    "prompt_rows",
-    "max_prompts",
+    "prompts_rows",
+    "prompts_max_rows",
     "model",
     "constitution",
     "principles",
@@ -162,9 +165,9 @@ def run(cfg: CAIReviseConfig) -> dict:
     if cfg.overwrite:
         for path in (output, progress_path(output)):
             path.unlink(missing_ok=True)
-    done = resume(output, settings)
+    done = resume(output, settings, CAIReviseConfig.RENAMED)
     loaded = load_prompts(
-        cfg.prompts, cfg.on_bad_row, split=cfg.prompts_split, rows=cfg.prompt_rows, limit=cfg.max_prompts
+        cfg.prompts, cfg.on_bad_row, split=cfg.prompts_split, rows=cfg.prompts_rows, limit=cfg.prompts_max_rows
     )
     examples = loaded.examples
     print(

@@ -175,14 +175,14 @@ def _run(cfg: DPOConfig, run_dir: RunDir, started: float) -> dict:
     tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code)
     enc = partial(encode_pair, tokenizer, max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length)
     train_rows = load_preferences(
-        cfg.train_data, cfg.on_bad_row, split=cfg.train_split, rows=cfg.train_rows, limit=cfg.max_train_rows
+        cfg.train_data, cfg.on_bad_row, split=cfg.train_split, rows=cfg.train_rows, limit=cfg.train_max_rows
     ).require_rows("train_data")
     print(f"train data: {train_rows.summary()}", file=sys.stderr)
     train_examples = [PairExample(enc(p.prompt, p.chosen, p.rejected)) for p in train_rows.examples]
     eval_examples: list[PairExample] = []
     if cfg.eval_data:
         eval_rows = load_preferences(
-            cfg.eval_data, cfg.on_bad_row, split=cfg.eval_split, rows=cfg.eval_rows, limit=cfg.max_eval_rows
+            cfg.eval_data, cfg.on_bad_row, split=cfg.eval_split, rows=cfg.eval_rows, limit=cfg.eval_max_rows
         ).require_rows("eval_data")
         print(f"eval data: {eval_rows.summary()}", file=sys.stderr)
         eval_examples = [PairExample(enc(p.prompt, p.chosen, p.rejected)) for p in eval_rows.examples]

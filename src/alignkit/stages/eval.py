@@ -45,6 +45,8 @@ NO_REFERENCE = ("none", "null", "")
 class EvalConfig(GenerationBackendConfig):
     """Sample the model and a reference on the same prompts; score, compare and write eval.json."""
 
+    RENAMED = {"max_prompts": "prompts_max_rows"}
+
     # --- models ---
     model: str = required(
         "Model to evaluate: a run's final/ folder (a plain model or a LoRA adapter), a local model "
@@ -63,7 +65,7 @@ class EvalConfig(GenerationBackendConfig):
         None, "Prompt file/dataset (a 'prompt' or 'messages' column); None uses the 128 built-in prompts."
     )
     prompts_split: str | None = doc_field(None, "Split name when prompts is a hub id or a DatasetDict.")
-    max_prompts: int | None = doc_field(None, "Use only the first N prompts.", ge=1)
+    prompts_max_rows: int | None = doc_field(None, "Use only the first N prompts.", ge=1)
     on_bad_row: Literal["error", "skip"] = doc_field(
         "error", "What to do with an invalid prompt row: stop with an error naming it, or skip it."
     )
@@ -312,13 +314,13 @@ def run(cfg: EvalConfig) -> dict:
     # 1. Prompts, rendered with the policy's chat template; each repeated samples_per_prompt times.
     tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code)
     if cfg.prompts:
-        loaded = load_prompts(cfg.prompts, cfg.on_bad_row, split=cfg.prompts_split, limit=cfg.max_prompts)
+        loaded = load_prompts(cfg.prompts, cfg.on_bad_row, split=cfg.prompts_split, limit=cfg.prompts_max_rows)
         prompts_source = cfg.prompts
     else:
         with importlib.resources.as_file(
             importlib.resources.files("alignkit") / "assets" / "prompts.jsonl"
         ) as p:
-            loaded = load_prompts(str(p), cfg.on_bad_row, limit=cfg.max_prompts)
+            loaded = load_prompts(str(p), cfg.on_bad_row, limit=cfg.prompts_max_rows)
         prompts_source = "built-in (alignkit/assets/prompts.jsonl)"
     print(f"prompts: {loaded.summary()}", file=sys.stderr)
     loaded.require_rows("prompts")

@@ -377,13 +377,13 @@ def _run(cfg: KTOConfig, run_dir: RunDir, started: float) -> dict:
     # 1. Data: unpaired examples (pairs split in two), each with its fixed mismatched KL sequence.
     tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code)
     train_examples, train_rows, train_format = load_examples(
-        cfg, tokenizer, cfg.train_data, cfg.train_split, cfg.train_rows, cfg.max_train_rows, "train"
+        cfg, tokenizer, cfg.train_data, cfg.train_split, cfg.train_rows, cfg.train_max_rows, "train"
     )
     eval_examples: list[KTOExample] = []
     eval_format = None
     if cfg.eval_data:
         eval_examples, _, eval_format = load_examples(
-            cfg, tokenizer, cfg.eval_data, cfg.eval_split, cfg.eval_rows, cfg.max_eval_rows, "eval"
+            cfg, tokenizer, cfg.eval_data, cfg.eval_split, cfg.eval_rows, cfg.eval_max_rows, "eval"
         )
     n_desirable = sum(ex.encoded.label for ex in train_examples)
     n_undesirable = len(train_examples) - n_desirable

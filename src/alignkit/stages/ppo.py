@@ -22,15 +22,13 @@ from typing import Literal
 import torch
 
 from alignkit.config import (
+    EVAL_KEYS,
     ConfigError,
-    GenerationBackendConfig,
-    TrainConfig,
+    OnlineTrainConfig,
     check_at_most,
-    check_row_range,
     doc_field,
-    not_used_doc,
-    refuse_unused,
     required,
+    retired_train_fields,
     validate_config,
 )
 from alignkit.evaluation.monitors import MonitorSet, default_monitors
@@ -67,30 +65,23 @@ from alignkit.training.rollout import (
     shared_rollout_passes,
 )
 
-# TrainConfig fields that mean nothing in PPO's loop, and what to set instead. check_config refuses a changed
-# value rather than silently ignoring it. (Without eval_data, the other eval_* fields are inert.)
-NOT_USED = {
-    "batch_size": "prompts_per_iteration (rollout batch) and minibatch_size (optimizer batch)",
-    "epochs": "iterations and ppo_epochs",
-    "max_steps": "iterations",
-    "max_length": "max_prompt_length and max_new_tokens",
-    "eval_data": "`alignkit eval` on the final model",
-    "eval_every": "`alignkit eval` on the final model",
-}
-
-
-def _not_used(name: str) -> str:
-    return not_used_doc("ppo", NOT_USED[name])
-
 
 @dataclass
-class PPOConfig(GenerationBackendConfig, TrainConfig):
+class PPOConfig(OnlineTrainConfig):
     """RLHF with PPO. Data: prompts (a `prompt` column, or `messages` ending with a user turn)."""
 
-    train_data: str | None = doc_field(
-        None,
-        "Prompts to sample from; None uses the 128 prompts shipped with alignkit (assets/prompts.jsonl).",
+    # Keys an older alignkit's ppo config.yaml holds (TrainConfig's, unused here): read for one release.
+    RETIRED = retired_train_fields(
+        "ppo",
+        {
+            "batch_size": "prompts_per_iteration (rollout batch) and minibatch_size (optimizer batch)",
+            "epochs": "iterations and ppo_epochs",
+            "max_steps": "iterations",
+            "max_length": "max_prompt_length and max_new_tokens",
+            **dict.fromkeys(EVAL_KEYS, "`alignkit eval` on the final model"),
+        },
     )
+
     reward: str = required(
         "'module:function' with function(prompt: str, response: str) -> float "
         "(e.g. alignkit.scoring.rewards:politeness), or a reward model directory written by `alignkit rm`."
@@ -116,7 +107,7 @@ class PPOConfig(GenerationBackendConfig, TrainConfig):
         "each samples every N-th batch: at most prompts_per_iteration / N keeps them all sampling.",
         ge=1,
     )
-    max_prompt_length: int | None = doc_field(256, "Longest prompt in tokens (its end is kept).")
+    max_prompt_length: int | None = doc_field(256, "Longest prompt in tokens (its end is kept).", ge=1)
     # --- reward shaping ---
     init_kl_coef: float = doc_field(
         0.05,
@@ -184,19 +175,11 @@ class PPOConfig(GenerationBackendConfig, TrainConfig):
     )
     log_every: int = doc_field(1, "Write metrics every N iterations.")
     save_every: int | None = doc_field(None, "Write a checkpoint every N iterations (and at the end).")
-    # --- TrainConfig fields PPO does not use (same defaults) ---
-    batch_size: int = doc_field(8, _not_used("batch_size"))
-    epochs: int = doc_field(1, _not_used("epochs"))
-    max_steps: int | None = doc_field(None, _not_used("max_steps"))
-    max_length: int = doc_field(1024, _not_used("max_length"))
-    eval_data: str | None = doc_field(None, _not_used("eval_data"))
-    eval_every: int | None = doc_field(None, _not_used("eval_every"))
 
     def check(self) -> None:
         """The rules across fields (each field's own range is declared on it and checked before this)."""
-        refuse_unused(self, NOT_USED, "ppo")
+        super().check()
         check_at_most(self, "micro_batch_size", "minibatch_size")
-        check_row_range(self, "train_rows")
         if self.kl_target is not None and self.init_kl_coef == 0:
             raise ConfigError(
                 "config key 'init_kl_coef' must be > 0 when kl_target is set (adaptive control scales beta and "

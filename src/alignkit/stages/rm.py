@@ -194,12 +194,12 @@ def _run(cfg: RMConfig, run_dir: RunDir, started: float) -> dict:
     # 1. Data: validated pairs, tokenized with the chat template; both responses share the prompt ids.
     tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code)
     train_rows, train_examples = load_pairs(
-        cfg, tokenizer, cfg.train_data, cfg.train_split, cfg.train_rows, cfg.max_train_rows, "train"
+        cfg, tokenizer, cfg.train_data, cfg.train_split, cfg.train_rows, cfg.train_max_rows, "train"
     )
     eval_examples: list[RMExample] = []
     if cfg.eval_data:
         _, eval_examples = load_pairs(
-            cfg, tokenizer, cfg.eval_data, cfg.eval_split, cfg.eval_rows, cfg.max_eval_rows, "eval"
+            cfg, tokenizer, cfg.eval_data, cfg.eval_split, cfg.eval_rows, cfg.eval_max_rows, "eval"
         )
     held_in = train_examples[: cfg.train_eval_pairs]
     n_truncated = sum(ex.encoded.truncated for ex in train_examples)

@@ -35,6 +35,8 @@ INPUT_ROW = "input_row"
 class ScoreConfig(RuntimeConfig):
     """Score rows with a reward. Input: prompt + response rows, or pairs (prompt/chosen/rejected)."""
 
+    RENAMED: ClassVar[dict[str, str]] = {"split": "input_split", "rows": "input_rows", "max_rows": "input_max_rows"}
+
     reward: str = required(
         "Reward model directory (the final/ folder of an `alignkit rm` run), or 'module:function' with "
         "function(prompt: str, response: str) -> float (e.g. alignkit.scoring.classifiers:sentiment)."
@@ -43,11 +45,11 @@ class ScoreConfig(RuntimeConfig):
     output: str = required(
         "Output .jsonl: every input row with its reward column(s) and input_row; an existing file is resumed."
     )
-    split: str | None = doc_field(None, "Split name when input is a hub id or a DatasetDict.")
-    rows: tuple[int, int] | None = doc_field(
+    input_split: str | None = doc_field(None, "Split name when input is a hub id or a DatasetDict.")
+    input_rows: tuple[int, int] | None = doc_field(
         None, "Score only input rows start <= row < stop, written [start, stop] (0-based).", ge=0
     )
-    max_rows: int | None = doc_field(None, "Score only the first N rows (after rows).", ge=1)
+    input_max_rows: int | None = doc_field(None, "Score only the first N rows (after input_rows).", ge=1)
     response_column: str = doc_field(
         "response",
         "Column of the response in (prompt, response) rows; 'completion' is read when this one is absent.",
@@ -78,7 +80,8 @@ class ScoreConfig(RuntimeConfig):
 
     def check(self) -> None:
         """The rules across fields (each field's own range is declared on it and checked before this)."""
-        check_row_range(self, "rows")
+        super().check()
+        check_row_range(self, "input_rows")
         check_below(self, "max_prompt_length", "max_length")  # where both are given
         lengths = [name for name in ("max_length", "max_prompt_length") if getattr(self, name) is not None]
         if lengths and is_function_spec(self.reward):
@@ -118,16 +121,16 @@ def read_input(cfg: ScoreConfig) -> tuple[str, list[Row], list[BadRow], int]:
     records: dict[int, Record] = {}
     skipped: list[BadRow] = []
     first = None
-    for item in read_rows(cfg.input, cfg.split):
+    for item in read_rows(cfg.input, cfg.input_split):
         if isinstance(item, Record):
             records[item.row] = item
             first = first or item
     if first is None:  # raises: the first unreadable row (on_bad_row=error), else "no usable rows"
-        load_prompts(cfg.input, cfg.on_bad_row, split=cfg.split).require_rows("input")
+        load_prompts(cfg.input, cfg.on_bad_row, split=cfg.input_split).require_rows("input")
     kind = "pairs" if {"chosen", "rejected"} <= set(first.data) else "rows"
     if kind == "pairs":
         loaded = load_preferences(
-            cfg.input, cfg.on_bad_row, split=cfg.split, rows=cfg.rows, limit=cfg.max_rows
+            cfg.input, cfg.on_bad_row, split=cfg.input_split, rows=cfg.input_rows, limit=cfg.input_max_rows
         )
         loaded.require_rows("input")
         rows = [Row(records[p.ref.row], p.prompt, (p.chosen, p.rejected)) for p in loaded.examples]
@@ -135,7 +138,7 @@ def read_input(cfg: ScoreConfig) -> tuple[str, list[Row], list[BadRow], int]:
 
     # (prompt, response) rows: the prompt parsed as generation prompts are (text or messages, optional
     # system column), the response read from its column.
-    loaded = load_prompts(cfg.input, cfg.on_bad_row, split=cfg.split, rows=cfg.rows, limit=cfg.max_rows)
+    loaded = load_prompts(cfg.input, cfg.on_bad_row, split=cfg.input_split, rows=cfg.input_rows, limit=cfg.input_max_rows)
     skipped = list(loaded.skipped)
     rows = []
     for example in loaded.examples:

@@ -88,7 +88,7 @@ def _run(cfg: SFTConfig, run_dir: RunDir, started: float) -> dict:
     # 1. Data: validate rows, then tokenize with the model's chat template (loss on completions only).
     tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code)
     train_rows = load_sft(
-        cfg.train_data, cfg.on_bad_row, split=cfg.train_split, rows=cfg.train_rows, limit=cfg.max_train_rows
+        cfg.train_data, cfg.on_bad_row, split=cfg.train_split, rows=cfg.train_rows, limit=cfg.train_max_rows
     ).require_rows("train_data")
     print(f"train data: {train_rows.summary()}", file=sys.stderr)
     enc = partial(encode, tokenizer, max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length)
@@ -96,7 +96,7 @@ def _run(cfg: SFTConfig, run_dir: RunDir, started: float) -> dict:
     eval_encoded = []
     if cfg.eval_data:
         eval_rows = load_sft(
-            cfg.eval_data, cfg.on_bad_row, split=cfg.eval_split, rows=cfg.eval_rows, limit=cfg.max_eval_rows
+            cfg.eval_data, cfg.on_bad_row, split=cfg.eval_split, rows=cfg.eval_rows, limit=cfg.eval_max_rows
         ).require_rows("eval_data")
         print(f"eval data: {eval_rows.summary()}", file=sys.stderr)
         eval_encoded = [enc(ex.prompt, ex.completion) for ex in eval_rows.examples]

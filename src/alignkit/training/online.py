@@ -32,7 +32,7 @@ def training_prompts(cfg) -> tuple[list, int]:
         cfg.on_bad_row,
         split=cfg.train_split,
         rows=cfg.train_rows,
-        limit=cfg.max_train_rows,
+        limit=cfg.train_max_rows,
     )
     print(f"prompts: {loaded.summary()}", file=sys.stderr)
     loaded.require_rows("train_data")

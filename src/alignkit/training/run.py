@@ -32,7 +32,7 @@ from typing import Any
 import yaml
 
 from alignkit import __version__
-from alignkit.config import ConfigError, config_to_dict, save_config
+from alignkit.config import ConfigError, config_to_dict, save_config, with_current_names
 from alignkit.training import distributed
 from alignkit.training.checkpoint import COMPLETE_MARKER, latest_checkpoint
 
@@ -450,7 +450,8 @@ def _check_resume(path: Path, cfg: Any, checkpoint: Path) -> dict:
         raise ConfigError(f"resume_from: {config_path} does not hold a run's settings")
     for row in read_resumes(path):  # the run's settings as its earlier resumes left them
         saved.update({k: new for k, (_, new) in row.get("changed", {}).items()})
-    honoured, refused = resume_changes(saved, config_to_dict(cfg))
+    # A field renamed since the run was written compares under its new name (max_train_rows: train_max_rows).
+    honoured, refused = resume_changes(with_current_names(type(cfg), saved), config_to_dict(cfg))
     if refused:
         changes = "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in refused.items())
         raise ConfigError(
