@@ -33,17 +33,15 @@ from alignkit.config import (
     doc_field,
     required,
     retired_train_fields,
-    validate_config,
 )
 from alignkit.data.pairing import make_pairs
 from alignkit.data.tokenize import EncodedPair
 from alignkit.evaluation.metrics import kl_per_token
 from alignkit.evaluation.monitors import MonitorSet, default_monitors
 from alignkit.models.forward import response_token_logprobs
-from alignkit.models.generation import Generation, check_generation_backend, vllm_sampler
+from alignkit.models.generation import Generation, vllm_sampler
 from alignkit.models.loading import enable_gradient_checkpointing
 from alignkit.models.precision import in_training_precision
-from alignkit.scoring import check_scorer
 from alignkit.stages import Stage
 from alignkit.training import distributed
 from alignkit.training import online_engine as engine
@@ -270,10 +268,7 @@ def dpo_update(
 
 
 def check_config(cfg: OnlineDPOConfig) -> None:
-    """The declared ranges and ``OnlineDPOConfig.check`` (for a config built in code too), and the backend."""
-    validate_config(cfg)
-    check_scorer(cfg.reward, "reward")
-    check_generation_backend(cfg.generation_backend)
+    engine.check_config(cfg)
 
 
 def check_launch(cfg: OnlineDPOConfig) -> None:

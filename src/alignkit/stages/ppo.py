@@ -29,7 +29,6 @@ from alignkit.config import (
     doc_field,
     required,
     retired_train_fields,
-    validate_config,
 )
 from alignkit.evaluation.monitors import MonitorSet, default_monitors
 from alignkit.losses.ppo import (
@@ -43,7 +42,7 @@ from alignkit.losses.ppo import (
     value_loss,
     whiten,
 )
-from alignkit.models.generation import check_generation_backend, vllm_sampler
+from alignkit.models.generation import vllm_sampler
 from alignkit.models.loading import enable_gradient_checkpointing
 from alignkit.models.precision import in_training_precision
 from alignkit.models.value import (
@@ -52,7 +51,6 @@ from alignkit.models.value import (
     recompute_with_active_adapter,
     remove_value_adapter,
 )
-from alignkit.scoring import check_scorer
 from alignkit.stages import Stage
 from alignkit.training import distributed
 from alignkit.training import online_engine as engine
@@ -285,10 +283,7 @@ def ppo_step(
 
 
 def check_config(cfg: PPOConfig) -> None:
-    """The declared ranges and ``PPOConfig.check`` (for a config built in code too), and the backend."""
-    validate_config(cfg)
-    check_scorer(cfg.reward, "reward")
-    check_generation_backend(cfg.generation_backend)
+    engine.check_config(cfg)
 
 
 def check_launch(cfg: PPOConfig) -> None:

@@ -27,12 +27,12 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from alignkit.config import ConfigError
+from alignkit.config import ConfigError, validate_config
 from alignkit.data.tokenize import encode_prompt
 from alignkit.errors import TrainingInterrupted
 from alignkit.evaluation.metrics import distinct_n, length_stats, mean_difference, pearson
 from alignkit.evaluation.monitors import MonitorSet
-from alignkit.models.generation import Generation, Sampler, SamplingConfig
+from alignkit.models.generation import Generation, Sampler, SamplingConfig, check_generation_backend
 from alignkit.models.loading import (
     apply_lora,
     count_parameters,
@@ -42,7 +42,7 @@ from alignkit.models.loading import (
     save_final,
 )
 from alignkit.models.precision import weights_dtype
-from alignkit.scoring import Scorer, load_scorer
+from alignkit.scoring import Scorer, check_scorer, load_scorer
 from alignkit.training import distributed
 from alignkit.training.checkpoint import (
     NonFiniteState,
@@ -177,6 +177,14 @@ class OnlineMethod:
 
 # ---------------------------------------------------------------------------------------------------------
 # Launch and setup
+
+
+def check_config(cfg) -> None:
+    """An online stage's config before anything loads: the declared ranges and the config's ``check`` (for a
+    config built in code too), the reward (``module:function`` signature or a directory) and the backend."""
+    validate_config(cfg)
+    check_scorer(cfg.reward, "reward")
+    check_generation_backend(cfg.generation_backend)
 
 
 def check_launch(cfg, stage: str) -> None:
