@@ -20,11 +20,12 @@ import torch
 from alignkit.config import ConfigError, TrainConfig, doc_field
 from alignkit.data.collate import collate_pairs, length_sorted_batches, pair_length
 from alignkit.data.io import BadRow, BadRowError, read_rows
+from alignkit.data.length_balance import length_balanced_indices
 from alignkit.data.schemas import Loaded, load_preferences, no_usable_rows
 from alignkit.data.tokenize import EncodedPair, encode_pair
 from alignkit.evaluation.metrics import mean_ci
 from alignkit.evaluation.monitors import default_monitors
-from alignkit.losses.reward import bradley_terry_loss
+from alignkit.losses.reward import bradley_terry_loss, length_correlation_penalty
 from alignkit.models.loading import count_parameters, load_tokenizer, pick_device
 from alignkit.models.reward import apply_reward_lora, build_reward_model, save_reward_model, sequence_rewards
 from alignkit.training import distributed
@@ -58,6 +59,41 @@ class RMConfig(TrainConfig):
     train_eval_pairs: int = doc_field(
         256, "Held-in pairs (the first N training pairs) measured before and after training; 0 skips.", ge=0
     )
+    # Options against the length shortcut (issue 18): each measured in the README's "Reward model diagnostics".
+    length_balance: bool = doc_field(
+        False,
+        "Train on a length-balanced subset: as many pairs whose chosen reply is longer as shorter "
+        "(data.length_balance), so length alone predicts nothing.",
+    )
+    length_debias_coef: float = doc_field(
+        0.0,
+        "Weight of the penalty coef * corr(reward, reply length)^2 over each micro-batch's replies "
+        "(losses.reward.length_correlation_penalty, after ODIN, Chen et al. 2024); 0 disables it.",
+        ge=0,
+    )
+    early_stopping_pairs: int = doc_field(
+        0,
+        "Early stopping: hold out the last N training pairs as a validation set (never eval_data, which "
+        "stays untouched), measure it every eval_every steps, and save the best step's weights as final/; "
+        "0 disables it.",
+        ge=0,
+    )
+    early_stopping_patience: int = doc_field(
+        3, "Stop after this many validation measurements without a better accuracy.", ge=1
+    )
+    logprob_baseline: bool = doc_field(
+        True,
+        "Also score the held-out pairs by the base model's mean log-prob of each reply (one forward pass per "
+        "reply) as a baseline the reward model must beat.",
+    )
+
+    def check(self) -> None:
+        super().check()
+        if self.early_stopping_pairs and not self.eval_every:
+            raise ConfigError(
+                "early_stopping_pairs needs eval_every (how often to measure the validation pairs)",
+                ("early_stopping_pairs", "eval_every"),
+            )
 
 
 CONFIG = RMConfig
@@ -72,6 +108,10 @@ class RMExample:
 def collate(examples: list[RMExample], pad_id: int) -> dict:
     batch = collate_pairs([ex.encoded for ex in examples], pad_id)  # 2B rows: chosen, then rejected
     batch["margin"] = torch.tensor([ex.margin for ex in examples], dtype=torch.float32)  # (B,)
+    # (2B,) reply lengths in tokens, chosen then rejected as the rows are, for the length-debiasing term.
+    batch["reply_lengths"] = torch.tensor(
+        [len(ex.encoded.chosen_ids) for ex in examples] + [len(ex.encoded.rejected_ids) for ex in examples]
+    )
     return batch
 
 
@@ -93,12 +133,18 @@ def pair_losses(cfg: RMConfig, model, batch: dict):
         "rewards/chosen": chosen.detach().sum().item(),
         "rewards/rejected": rejected.detach().sum().item(),
     }
-    return out, chosen.detach(), rejected.detach(), metrics
+    loss_sum = out.losses.sum()
+    if cfg.length_debias_coef:
+        penalty = length_correlation_penalty(torch.cat([chosen, rejected]), batch["reply_lengths"])  # ()
+        # Counted once per pair, so that after the loop divides by the batch's pairs it weighs coef * rho^2.
+        loss_sum = loss_sum + cfg.length_debias_coef * penalty * chosen.shape[0]
+        metrics["rewards/length_corr_sq"] = penalty.item() * chosen.shape[0]
+    return out, loss_sum, chosen.detach(), rejected.detach(), metrics
 
 
 def rm_step(model, batch: dict, cfg: RMConfig) -> StepOutput:
-    out, _, _, metrics = pair_losses(cfg, model, batch)
-    return StepOutput(loss_sum=out.losses.sum(), metrics=metrics)
+    _, loss_sum, _, _, metrics = pair_losses(cfg, model, batch)
+    return StepOutput(loss_sum=loss_sum, metrics=metrics)
 
 
 @torch.no_grad()
@@ -118,8 +164,8 @@ def evaluate(
     for idx in length_sorted_batches(lengths, cfg.eval_batch_size):
         batch = collate([examples[i] for i in idx], pad_id)
         batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
-        out, chosen, rejected, metrics = pair_losses(cfg, model, batch)
-        for k, v in {"loss": out.losses.sum().item(), **metrics}.items():
+        out, loss_sum, chosen, rejected, metrics = pair_losses(cfg, model, batch)
+        for k, v in {"loss": loss_sum.item(), **metrics}.items():
             sums[k] = sums.get(k, 0.0) + v
         for i, ok, c, r in zip(idx, out.accuracy.tolist(), chosen.tolist(), rejected.tolist()):
             correct[i], chosen_rewards[i], rejected_rewards[i] = ok, c, r
@@ -201,6 +247,14 @@ def _run(cfg: RMConfig, run_dir: RunDir, started: float) -> dict:
         _, eval_examples = load_pairs(
             cfg, tokenizer, cfg.eval_data, cfg.eval_split, cfg.eval_rows, cfg.max_eval_rows, "eval"
         )
+    if cfg.length_balance:
+        kept = length_balanced_indices(
+            [len(ex.encoded.chosen_ids) for ex in train_examples],
+            [len(ex.encoded.rejected_ids) for ex in train_examples],
+            cfg.seed,
+        )
+        print(f"length_balance: training on {len(kept)} of {len(train_examples)} pairs", file=sys.stderr)
+        train_examples = [train_examples[i] for i in kept]
     held_in = train_examples[: cfg.train_eval_pairs]
     n_truncated = sum(ex.encoded.truncated for ex in train_examples)
 
