@@ -1,5 +1,6 @@
-"""Training options of `alignkit rm` against the length shortcut (issue 18): the length-debiasing loss by hand,
-the length-balanced subset, early stopping that keeps the best weights, each end to end on the tiny model."""
+"""Training options of `alignkit rm` against the length shortcut (issue 18): the length-debiasing loss by
+hand, the length-balanced subset, early stopping that keeps the best weights, each end to end on the tiny
+model."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import torch
 
 from alignkit import cli
 from alignkit.data.length_balance import length_balanced_indices
+from alignkit.data.tokenize import encode_pair
 from alignkit.losses.reward import length_correlation_penalty
 
 
@@ -59,7 +61,12 @@ def test_length_balanced_indices_keep_equal_groups_and_every_tie():
 
 # --- end to end on the tiny model -------------------------------------------------------------------------
 
-GOOD = ["the capital of france is paris.", "here is a helpful answer.", "the sea is blue.", "a poem about the sea."]
+GOOD = [
+    "the capital of france is paris.",
+    "here is a helpful answer.",
+    "the sea is blue.",
+    "a poem about the sea.",
+]
 BAD = ["i cannot help you with that at all, sorry.", "0 1", "no.", "? ! ; : , . ? ! ; : , ."]
 PROMPTS = ["what is the capital of france?", "please write a short poem", "the quick brown fox", "help me"]
 
@@ -79,8 +86,8 @@ def _write(path, rows):
     return path
 
 
-def run_rm(tmp_path, model_dir, *extra) -> dict:
-    train = _write(tmp_path / "train.jsonl", _pairs(0) * 2)
+def run_rm(tmp_path, model_dir, *extra, train_rows: list[dict] | None = None) -> dict:
+    train = _write(tmp_path / "train.jsonl", train_rows or _pairs(0) * 2)
     held_out = _write(tmp_path / "eval.jsonl", _pairs(1))
     out = tmp_path / "rm"
     args = [
@@ -104,12 +111,69 @@ def run_rm(tmp_path, model_dir, *extra) -> dict:
     return json.loads((out / "summary.json").read_text())
 
 
-def test_rm_length_balance_and_debias_options_train(tiny_model_dir, tmp_path, capsys):
-    summary = run_rm(tmp_path, tiny_model_dir, "length_balance=true", "length_debias_coef=1.0")
-    # 16 training pairs: chosen longer in 6 (2 distinct x 2 copies... counted from the data below), so the
-    # balanced subset keeps 2 x min(longer, shorter) plus ties.
-    assert "length_balance: training on" in capsys.readouterr().err
-    assert summary["eval_accuracy"] >= 0.75
-    rows = [json.loads(x) for x in (tmp_path / "rm" / "metrics.jsonl").read_text().splitlines()]
-    logged = [r["rewards/length_corr_sq"] for r in rows if "rewards/length_corr_sq" in r]
-    assert logged and all(0.0 <= v <= 1.0 for v in logged)
+def test_rm_length_balance_and_debias_options_train(tiny_model_dir, tiny_tokenizer, tmp_path, capsys):
+    # Chosen is the shorter reply in the 4 extra pairs, so the 12 pairs are not balanced by length.
+    rows = _pairs(0) + [{"prompt": "help me", "chosen": "the sea is blue.", "rejected": BAD[0]}] * 4
+    summary = run_rm(tmp_path, tiny_model_dir, "length_balance=true", "length_debias_coef=1.0", train_rows=rows)
+    # The balanced subset: 2 x min(#chosen longer, #chosen shorter) + #equal, counted from the tokens.
+    train = [encode_pair(tiny_tokenizer, p["prompt"], p["chosen"], p["rejected"], 512) for p in rows]
+    diffs = [len(e.chosen_ids) - len(e.rejected_ids) for e in train]
+    longer, shorter = sum(d > 0 for d in diffs), sum(d < 0 for d in diffs)
+    kept = 2 * min(longer, shorter) + sum(d == 0 for d in diffs)
+    assert 0 < kept < 12 and summary["train_pairs"] == kept
+    assert f"length_balance: training on {kept} of 12 pairs" in capsys.readouterr().err
+    logs = [json.loads(x) for x in (tmp_path / "rm" / "metrics.jsonl").read_text().splitlines()]
+    logged = [r["rewards/length_corr_sq"] for r in logs if "rewards/length_corr_sq" in r]
+    assert len(logged) == 8 and all(0.0 <= v <= 1.0 for v in logged)
+
+
+def test_rm_summary_holds_the_diagnostics_with_the_log_prob_baseline(tiny_model_dir, tiny_tokenizer, tmp_path):
+    summary = run_rm(tmp_path, tiny_model_dir)
+    d = summary["diagnostics"]
+    held_out = _pairs(1)
+    assert d["n_pairs"] == 8 and d["accuracy"]["value"] == pytest.approx(summary["eval_accuracy"])
+    assert set(d["baselines"]) == {"prefer_shorter", "prefer_longer", "base_logprob"}
+    # The length rules do not need the model: count them from the replies' tokens.
+    encoded = [encode_pair(tiny_tokenizer, p["prompt"], p["chosen"], p["rejected"], 512) for p in held_out]
+    shorter = sum(
+        1.0 if len(e.chosen_ids) < len(e.rejected_ids) else 0.5 if len(e.chosen_ids) == len(e.rejected_ids) else 0
+        for e in encoded
+    ) / 8
+    assert d["baselines"]["prefer_shorter"]["value"] == pytest.approx(shorter)
+    assert d["baselines"]["prefer_longer"]["value"] == pytest.approx(1 - shorter)
+    assert d["buckets"]["length_matched"]["n"] + d["buckets"]["length_differs"]["n"] == 8
+    assert summary["warnings"] == d["warnings"]
+
+
+def test_rm_early_stopping_stops_and_keeps_the_best_weights(tiny_model_dir, tmp_path, capsys):
+    """A learning rate of ~0 never improves the validation accuracy: the first measurement (step 2) stays
+    the best, patience 1 runs out at the second (step 4), the loop sees it at the next log (step 5) and
+    measures once more on the way out. final/ scores the validation pairs as the best measurement did."""
+    summary = run_rm(
+        tmp_path,
+        tiny_model_dir,
+        "learning_rate=1e-12",
+        "eval_every=2",
+        "early_stopping_pairs=4",
+        "early_stopping_patience=1",
+        "logprob_baseline=false",
+    )
+    es = summary["early_stopping"]
+    assert es["validation_steps"] == [2, 4, 5] and summary["steps"] == 5
+    assert es["best_step"] == 2 and es["stopped_early"] is True and es["validation_pairs"] == 4
+    assert "final/ holds the weights of step 2" in capsys.readouterr().err
+    assert summary["train_pairs"] == 12 and "base_logprob" not in summary["diagnostics"]["baselines"]
+
+    from alignkit.models.reward import load_reward_model
+
+    validation = (_pairs(0) * 2)[-4:]
+    rm = load_reward_model(summary["final_model"], dtype="float32")
+    c, r = rm.score_pairs([p["prompt"] for p in validation], [p["chosen"] for p in validation],
+                          [p["rejected"] for p in validation])
+    assert sum(x > y for x, y in zip(c, r)) / 4 == pytest.approx(es["best_validation_accuracy"])
+
+
+def test_rm_early_stopping_needs_eval_every(tiny_model_dir, tmp_path, capsys):
+    with pytest.raises(AssertionError):
+        run_rm(tmp_path, tiny_model_dir, "early_stopping_pairs=4")
+    assert "early_stopping_pairs needs eval_every" in capsys.readouterr().err

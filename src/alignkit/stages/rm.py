@@ -25,10 +25,12 @@ from alignkit.data.schemas import Loaded, load_preferences, no_usable_rows
 from alignkit.data.tokenize import EncodedPair, encode_pair
 from alignkit.evaluation.metrics import mean_ci
 from alignkit.evaluation.monitors import default_monitors
+from alignkit.evaluation.reward_eval import is_causal_lm, pair_diagnostics
 from alignkit.losses.reward import bradley_terry_loss, length_correlation_penalty
 from alignkit.models.loading import count_parameters, load_tokenizer, pick_device
 from alignkit.models.reward import apply_reward_lora, build_reward_model, save_reward_model, sequence_rewards
 from alignkit.training import distributed
+from alignkit.training.early_stopping import BestWeights
 from alignkit.training.loop import StepOutput, train
 from alignkit.training.run import RunDir
 
@@ -59,7 +61,7 @@ class RMConfig(TrainConfig):
     train_eval_pairs: int = doc_field(
         256, "Held-in pairs (the first N training pairs) measured before and after training; 0 skips.", ge=0
     )
-    # Options against the length shortcut (issue 18): each measured in the README's "Reward model diagnostics".
+    # Options against the length shortcut (issue 18), measured in the README's "Reward model diagnostics".
     length_balance: bool = doc_field(
         False,
         "Train on a length-balanced subset: as many pairs whose chosen reply is longer as shorter "
@@ -75,7 +77,7 @@ class RMConfig(TrainConfig):
         0,
         "Early stopping: hold out the last N training pairs as a validation set (never eval_data, which "
         "stays untouched), measure it every eval_every steps, and save the best step's weights as final/; "
-        "0 disables it.",
+        "0 disables it. A resumed run keeps the best of the measurements made after the resume.",
         ge=0,
     )
     early_stopping_patience: int = doc_field(
@@ -247,6 +249,18 @@ def _run(cfg: RMConfig, run_dir: RunDir, started: float) -> dict:
         _, eval_examples = load_pairs(
             cfg, tokenizer, cfg.eval_data, cfg.eval_split, cfg.eval_rows, cfg.max_eval_rows, "eval"
         )
+    validation: list[RMExample] = []
+    if cfg.early_stopping_pairs:
+        if cfg.early_stopping_pairs >= len(train_examples):
+            raise ConfigError(
+                f"early_stopping_pairs={cfg.early_stopping_pairs} leaves no training pairs (train_data has "
+                f"{len(train_examples)})",
+                ("early_stopping_pairs",),
+            )
+        if distributed.world_size() > 1:
+            raise ConfigError("early_stopping_pairs needs one process (the best weights are copied whole)")
+        validation = train_examples[-cfg.early_stopping_pairs :]
+        train_examples = train_examples[: -cfg.early_stopping_pairs]
     if cfg.length_balance:
         kept = length_balanced_indices(
             [len(ex.encoded.chosen_ids) for ex in train_examples],
@@ -277,10 +291,16 @@ def _run(cfg: RMConfig, run_dir: RunDir, started: float) -> dict:
         else None
     )
 
-    # The loop evaluates every eval_every steps and at the end; the last outcomes feed the summary.
+    # The loop evaluates every eval_every steps and at the end; the last outcomes feed the summary. With
+    # early stopping it measures the validation pairs only, and eval_data once, on the best weights, after.
     last_eval: dict = {}
+    best = BestWeights(cfg.early_stopping_patience) if validation else None
 
     def eval_fn(m) -> dict:
+        if best is not None:
+            metrics = evaluate(cfg, m, validation, pad_id)[0]
+            best.update(m, metrics["rewards/accuracy"])
+            return {f"validation/{k}": v for k, v in metrics.items()}
         last_eval["metrics"], last_eval["correct"], last_eval["rewards"] = evaluate(
             cfg, m, eval_examples, pad_id
         )
@@ -296,8 +316,29 @@ def _run(cfg: RMConfig, run_dir: RunDir, started: float) -> dict:
         step_fn=partial(rm_step, cfg=cfg),
         run=run_dir,
         monitors=monitors,
-        eval_fn=eval_fn if eval_examples else None,
+        eval_fn=eval_fn if eval_examples or best is not None else None,
+        on_log=(lambda _step, _row: "stop" if best.should_stop else None) if best is not None else None,
     )
+    early_stopping: dict | None = None
+    if best is not None:
+        # Periodic measurement k (0-based) ran after step (k + 1) * eval_every; the last one after the loop.
+        planned_steps = cfg.max_steps or cfg.epochs * math.ceil(len(train_examples) / cfg.batch_size)
+        steps = [(k + 1) * cfg.eval_every for k in range(len(best.scores) - 1)] + [result.steps]
+        best.restore(model)
+        early_stopping = {
+            "validation_pairs": len(validation),
+            "validation_accuracy": best.scores,
+            "validation_steps": steps,
+            "best_step": steps[best.best_index],
+            "best_validation_accuracy": best.best_score,
+            "stopped_early": result.steps < planned_steps,
+            "final_model_is": f"the weights of step {steps[best.best_index]} (best validation accuracy)",
+        }
+        print(f"early stopping: final/ holds {early_stopping['final_model_is']}", file=sys.stderr)
+        if eval_examples:
+            last_eval["metrics"], last_eval["correct"], last_eval["rewards"] = evaluate(
+                cfg, model, eval_examples, pad_id
+            )
 
     # 4. Held-in and held-out loss/accuracy/margin, accuracy with a bootstrap interval, reward statistics.
     summary = {
@@ -316,6 +357,8 @@ def _run(cfg: RMConfig, run_dir: RunDir, started: float) -> dict:
         "peak_rss_mb": result.peak_rss_mb,
         "monitor_events": [e.to_row() for e in monitors.events],
     }
+    if early_stopping is not None:
+        summary["early_stopping"] = early_stopping
     reward_stats: dict = {}
     if held_in:
         train_after, _, held_in_rewards = evaluate(cfg, model, held_in, pad_id)
@@ -353,6 +396,24 @@ def _run(cfg: RMConfig, run_dir: RunDir, started: float) -> dict:
             **reward_stats,
         ),
     )
+    # 6. Is it a preference model or a length model? Accuracy beside the length rules and the base model's
+    #    log-prob, length buckets, length correlation, calibration (evaluation.reward_diagnostics).
+    if eval_examples:
+        n = len(eval_examples)
+        base = cfg.model if cfg.logprob_baseline and is_causal_lm(cfg.model, cfg.trust_remote_code) else None
+        summary["diagnostics"] = pair_diagnostics(
+            eval_rewards[:n],
+            eval_rewards[n:],
+            [ex.encoded for ex in eval_examples],
+            f"reward-model diagnostics on {n} held-out pairs",
+            seed=cfg.seed,
+            base_model=base,
+            pad_id=pad_id,
+            dtype=cfg.dtype,
+            trust_remote_code=cfg.trust_remote_code,
+            batch_size=cfg.eval_batch_size,
+        )
+        summary["warnings"] = summary["diagnostics"]["warnings"]
     summary["wall_seconds"] = time.time() - started
     run_dir.write_summary(summary)
     return summary
