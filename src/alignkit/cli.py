@@ -50,6 +50,10 @@ STAGES: dict[str, tuple[str, str]] = {
         "alignkit.stages.score",
         "Score (prompt, response) rows or pairs with a reward model, resumably",
     ),
+    "rm-eval": (
+        "alignkit.stages.rm_eval",
+        "Diagnose a reward model on preference files: accuracy vs length rules, length buckets, calibration",
+    ),
     "build-prefs": ("alignkit.stages.build_prefs", "Sample responses, rank them, and write preference pairs"),
     "cai-revise": (
         "alignkit.stages.cai_revise",

@@ -1,0 +1,107 @@
+"""`alignkit rm-eval` on a tiny Hugging Face sequence classifier: one table per preference file, the numbers
+checked against scoring the pairs directly, and the errors a user can cause."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from alignkit import cli
+from alignkit.data.tokenize import encode_pair
+from alignkit.evaluation.reward_diagnostics import pair_outcomes
+from alignkit.models.reward import load_reward_model
+
+PAIRS_A = [
+    {"prompt": "what is the capital of france?", "chosen": "paris.", "rejected": "i cannot help with that."},
+    {"prompt": "please write a short poem", "chosen": "the sea and the sky are blue.", "rejected": "no."},
+    {"prompt": "help me", "chosen": "here is a helpful answer", "rejected": "0 1 2 3 4 5 6 7 8 9"},
+    {"prompt": "the quick brown fox", "chosen": "jumps over the lazy dog", "rejected": "?"},
+]
+PAIRS_B = [
+    {"prompt": "help me", "chosen": "i am sorry.", "rejected": "here is a helpful and harmless answer"},
+    {"prompt": "what is the capital of france?", "chosen": "the capital of france is paris.", "rejected": "."},
+    {"prompt": "please write a short poem", "chosen": "the sky", "rejected": "the sea"},
+]
+
+
+@pytest.fixture(scope="module")
+def hf_reward_dir(tmp_path_factory, tiny_tokenizer):
+    """A plain transformers LlamaForSequenceClassification (num_labels=1), no ALIGNKIT_REWARD.json."""
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    torch.manual_seed(1)
+    cfg = LlamaConfig(
+        vocab_size=len(tiny_tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_labels=1,
+        pad_token_id=0,
+    )
+    path = tmp_path_factory.mktemp("hf-rm")
+    LlamaForSequenceClassification(cfg).save_pretrained(path, safe_serialization=True)
+    tiny_tokenizer.save_pretrained(path)
+    return path
+
+
+def _write(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def test_rm_eval_one_table_per_file_with_the_numbers_of_direct_scoring(
+    hf_reward_dir, tiny_model_dir, tiny_tokenizer, tmp_path, capsys
+):
+    a, b = _write(tmp_path / "a.jsonl", PAIRS_A), _write(tmp_path / "b.jsonl", PAIRS_B)
+    out = tmp_path / "out"
+    code = cli.main(
+        ["rm-eval", f"reward_model={hf_reward_dir}", f"data=[{a},{b}]", f"output_dir={out}",
+         f"base_model={tiny_model_dir}", "dtype=float32", "progress=false"]
+    )
+    assert code == 0
+    report = json.loads((out / "rm_eval.json").read_text())
+    assert list(report["files"]) == [a, b] and report["base_model"] == str(tiny_model_dir)
+    rm = load_reward_model(hf_reward_dir, dtype="float32")
+    for source, rows in ((a, PAIRS_A), (b, PAIRS_B)):
+        found = report["files"][source]
+        chosen, rejected = rm.score_pairs(
+            [r["prompt"] for r in rows], [r["chosen"] for r in rows], [r["rejected"] for r in rows]
+        )
+        assert found["n_pairs"] == len(rows)
+        assert found["accuracy"]["value"] == pytest.approx(pair_outcomes(chosen, rejected).mean())
+        enc = [encode_pair(tiny_tokenizer, r["prompt"], r["chosen"], r["rejected"], 1024) for r in rows]
+        c_len, r_len = [len(e.chosen_ids) for e in enc], [len(e.rejected_ids) for e in enc]
+        shorter = pair_outcomes([-x for x in c_len], [-x for x in r_len]).mean()
+        assert found["baselines"]["prefer_shorter"]["value"] == pytest.approx(shorter)
+        assert "base_logprob" in found["baselines"]
+    md = (out / "rm_eval.md").read_text()
+    assert md.count("### ") == 2 and f"### {a} (4 pairs)" in md and "| accuracy |" in md
+    err = capsys.readouterr().err
+    assert f"{b} (3 pairs)" in err and "prefer shorter" in err
+
+
+def test_rm_eval_without_a_recorded_base_model_has_no_log_prob_baseline(hf_reward_dir, tmp_path):
+    a = _write(tmp_path / "a.jsonl", PAIRS_A)
+    assert cli.main(["rm-eval", f"reward_model={hf_reward_dir}", f"data={a}", f"output_dir={tmp_path / 'o'}",
+                     "dtype=float32", "progress=false"]) == 0
+    found = json.loads((tmp_path / "o" / "rm_eval.json").read_text())["files"][a]
+    assert set(found["baselines"]) == {"prefer_shorter", "prefer_longer"}
+
+
+def test_rm_eval_user_errors_are_one_line(hf_reward_dir, tiny_model_dir, tmp_path, capsys):
+    a = _write(tmp_path / "a.jsonl", PAIRS_A)
+    # A causal LM is not a reward model.
+    assert cli.main(["rm-eval", f"reward_model={tiny_model_dir}", f"data={a}", f"output_dir={tmp_path}"]) == 2
+    assert "is not a reward model" in capsys.readouterr().err
+    # A base model that is a reward model cannot give log-probs.
+    args = ["rm-eval", f"reward_model={hf_reward_dir}", f"data={a}", f"output_dir={tmp_path}"]
+    assert cli.main([*args, f"base_model={hf_reward_dir}"]) == 2
+    assert "is not a causal LM" in capsys.readouterr().err
+    # A file with no usable pair.
+    empty = _write(tmp_path / "bad.jsonl", [{"prompt": "x", "chosen": "", "rejected": "y"}])
+    assert cli.main(["rm-eval", f"reward_model={hf_reward_dir}", f"data={empty}", f"output_dir={tmp_path}"]) == 2
+    assert "error:" in capsys.readouterr().err
