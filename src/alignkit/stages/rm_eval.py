@@ -23,7 +23,12 @@ import torch
 from alignkit.config import ConfigError, RuntimeConfig, check_below, check_row_range, doc_field, required
 from alignkit.data.schemas import load_preferences
 from alignkit.data.tokenize import encode_pair
-from alignkit.evaluation.reward_diagnostics import LENGTH_MATCH_TOLERANCE, diagnose, format_markdown, format_text
+from alignkit.evaluation.reward_diagnostics import (
+    LENGTH_MATCH_TOLERANCE,
+    diagnose,
+    format_markdown,
+    format_text,
+)
 from alignkit.evaluation.reward_eval import is_causal_lm, reply_mean_logprobs
 from alignkit.models.loading import load_tokenizer, pick_device
 from alignkit.models.reward import load_reward_model
