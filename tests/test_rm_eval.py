@@ -21,7 +21,7 @@ PAIRS_A = [
 ]
 PAIRS_B = [
     {"prompt": "help me", "chosen": "i am sorry.", "rejected": "here is a helpful and harmless answer"},
-    {"prompt": "what is the capital of france?", "chosen": "the capital of france is paris.", "rejected": "."},
+    {"prompt": "what is the capital?", "chosen": "the capital of france is paris.", "rejected": "."},
     {"prompt": "please write a short poem", "chosen": "the sky", "rejected": "the sea"},
 ]
 
@@ -103,5 +103,24 @@ def test_rm_eval_user_errors_are_one_line(hf_reward_dir, tiny_model_dir, tmp_pat
     assert "is not a causal LM" in capsys.readouterr().err
     # A file with no usable pair.
     empty = _write(tmp_path / "bad.jsonl", [{"prompt": "x", "chosen": "", "rejected": "y"}])
-    assert cli.main(["rm-eval", f"reward_model={hf_reward_dir}", f"data={empty}", f"output_dir={tmp_path}"]) == 2
+    assert cli.main([*args[:2], f"data={empty}", f"output_dir={tmp_path}"]) == 2
     assert "error:" in capsys.readouterr().err
+
+
+def test_score_of_pairs_reports_the_same_diagnostics(hf_reward_dir, tiny_model_dir, tmp_path):
+    """`alignkit score` of a pairs file gives the diagnostics rm-eval gives for that file."""
+    from alignkit.config import load_config
+    from alignkit.stages import score
+
+    a = _write(tmp_path / "a.jsonl", PAIRS_A)
+    common = [f"reward_model={hf_reward_dir}", f"base_model={tiny_model_dir}", "dtype=float32"]
+    common.append("progress=false")
+    args = [*common, f"input={a}", f"output={tmp_path / 's.jsonl'}"]
+    summary = score.run(load_config(score.ScoreConfig, None, args))
+    assert cli.main(["rm-eval", *common, f"data={a}", f"output_dir={tmp_path / 'e'}"]) == 0
+    evaluated = json.loads((tmp_path / "e" / "rm_eval.json").read_text())["files"][a]
+    d = summary["diagnostics"]
+    assert d["n_pairs"] == 4 and set(d["baselines"]) == {"prefer_shorter", "prefer_longer", "base_logprob"}
+    for key in ("accuracy", "baselines", "buckets", "agreement_with_length_rule", "length_correlation"):
+        assert d[key] == evaluated[key], key
+    assert d["ece"] == pytest.approx(evaluated["ece"]) and summary["warnings"] == d["warnings"]

@@ -114,7 +114,8 @@ def run_rm(tmp_path, model_dir, *extra, train_rows: list[dict] | None = None) ->
 def test_rm_length_balance_and_debias_options_train(tiny_model_dir, tiny_tokenizer, tmp_path, capsys):
     # Chosen is the shorter reply in the 4 extra pairs, so the 12 pairs are not balanced by length.
     rows = _pairs(0) + [{"prompt": "help me", "chosen": "the sea is blue.", "rejected": BAD[0]}] * 4
-    summary = run_rm(tmp_path, tiny_model_dir, "length_balance=true", "length_debias_coef=1.0", train_rows=rows)
+    options = ("length_balance=true", "length_debias_coef=1.0")
+    summary = run_rm(tmp_path, tiny_model_dir, *options, train_rows=rows)
     # The balanced subset: 2 x min(#chosen longer, #chosen shorter) + #equal, counted from the tokens.
     train = [encode_pair(tiny_tokenizer, p["prompt"], p["chosen"], p["rejected"], 512) for p in rows]
     diffs = [len(e.chosen_ids) - len(e.rejected_ids) for e in train]
@@ -127,7 +128,7 @@ def test_rm_length_balance_and_debias_options_train(tiny_model_dir, tiny_tokeniz
     assert len(logged) == 8 and all(0.0 <= v <= 1.0 for v in logged)
 
 
-def test_rm_summary_holds_the_diagnostics_with_the_log_prob_baseline(tiny_model_dir, tiny_tokenizer, tmp_path):
+def test_rm_summary_holds_the_diagnostics_and_the_log_prob_baseline(tiny_model_dir, tiny_tokenizer, tmp_path):
     summary = run_rm(tmp_path, tiny_model_dir)
     d = summary["diagnostics"]
     held_out = _pairs(1)
@@ -135,14 +136,18 @@ def test_rm_summary_holds_the_diagnostics_with_the_log_prob_baseline(tiny_model_
     assert set(d["baselines"]) == {"prefer_shorter", "prefer_longer", "base_logprob"}
     # The length rules do not need the model: count them from the replies' tokens.
     encoded = [encode_pair(tiny_tokenizer, p["prompt"], p["chosen"], p["rejected"], 512) for p in held_out]
-    shorter = sum(
-        1.0 if len(e.chosen_ids) < len(e.rejected_ids) else 0.5 if len(e.chosen_ids) == len(e.rejected_ids) else 0
-        for e in encoded
-    ) / 8
+    diffs = [len(e.chosen_ids) - len(e.rejected_ids) for e in encoded]
+    shorter = sum(1.0 if d < 0 else 0.5 if d == 0 else 0.0 for d in diffs) / 8
     assert d["baselines"]["prefer_shorter"]["value"] == pytest.approx(shorter)
     assert d["baselines"]["prefer_longer"]["value"] == pytest.approx(1 - shorter)
     assert d["buckets"]["length_matched"]["n"] + d["buckets"]["length_differs"]["n"] == 8
     assert summary["warnings"] == d["warnings"]
+    # The report shows the same table, not the raw JSON.
+    from alignkit.reporting.html import render_report
+
+    page, _ = render_report(tmp_path / "rm")
+    assert "<h2>Reward model diagnostics</h2>" in page and "baseline: prefer shorter" in page
+    assert f"{d['accuracy']['value']:.3f} [{d['accuracy']['ci95'][0]:.3f}" in page
 
 
 def test_rm_early_stopping_stops_and_keeps_the_best_weights(tiny_model_dir, tmp_path, capsys):
