@@ -125,7 +125,9 @@ def run(cfg: RMEvalConfig) -> dict:
         )
         encoded = [enc(p.prompt, p.chosen, p.rejected) for p in pairs]
         chosen, rejected = reward_model.score_pairs(
-            [p.prompt for p in pairs], [p.chosen for p in pairs], [p.rejected for p in pairs], cfg.batch_size
+            [p.prompt for p in pairs], [p.chosen for p in pairs], [p.rejected for p in pairs],
+            cfg.batch_size,
+            cfg.progress,
         )
         logprobs: tuple = (None, None)
         if base_model is not None:
