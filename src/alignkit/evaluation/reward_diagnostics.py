@@ -135,7 +135,7 @@ class RewardDiagnostics:
     baselines: dict  # name -> {"value", "ci95", "n"}: prefer_shorter, prefer_longer, [base_logprob]
     length_rule: str  # "shorter" or "longer": the better length rule on these pairs
     buckets: dict  # "length_matched" / "length_differs" -> {"rule", "n", "accuracy", "length_rule_accuracy"}
-    length_correlation: dict  # "pearson" / "spearman" -> {"value", "ci95", "n"} over every reply
+    length_correlation: dict  # "pearson" / "spearman" -> {"value", "ci95", "n"} over all 2N replies
     agreement_with_length_rule: dict  # {"value", "ci95", "n"}
     calibration: list[dict]
     ece: float
@@ -184,9 +184,10 @@ def diagnose(
         [np.asarray(chosen_rewards, np.float64), np.asarray(rejected_rewards, np.float64)]
     )  # (2N,)
     lengths = np.concatenate([c_len, r_len])
-    correlation = {
-        m: asdict(correlation_ci(rewards, lengths, m, seed=seed)) for m in ("pearson", "spearman")
-    }
+    correlation = {}
+    for method in ("pearson", "spearman"):
+        e = correlation_ci(rewards, lengths, method, seed=seed)
+        correlation[method] = {"value": e.value, "ci95": [e.low, e.high], "n": e.n}
     agree = _est(agreement(chosen_rewards, rejected_rewards, c_len, r_len, rule), seed)
     bins, ece = calibration(chosen_rewards, rejected_rewards)
     acc = _est(correct, seed)
@@ -233,7 +234,9 @@ def table_rows(d: dict) -> list[tuple[str, str]]:
             )
         )
     for m, e in d["length_correlation"].items():
-        rows.append((f"corr(reward, length) {m}", f"{e['value']:+.3f} [{e['low']:+.3f}, {e['high']:+.3f}]"))
+        low, high = e["ci95"]
+        rows.append((f"corr(reward, length) {m}", f"{e['value']:+.3f} [{low:+.3f}, {high:+.3f}]"))
+    rows.append(("length-matched rule", d["buckets"]["length_matched"]["rule"]))
     rows.append((f"agrees with prefer-{d['length_rule']}", _ci(d["agreement_with_length_rule"])))
     bins = "  ".join(
         f"{b['low']:.1f}-{b['high']:.1f}: n={b['n']}"

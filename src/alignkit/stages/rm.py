@@ -4,6 +4,8 @@ The model is the policy's backbone with a one-output linear head (``models.rewar
 sequence classifier, pooled at the response's EOS), trained with the Bradley-Terry loss
 (``losses.reward``), optionally with a per-pair margin and reward centering. Chosen and rejected go
 through the model in one forward pass. final/ loads with ``alignkit.models.reward.load_reward_model``.
+Every held-out evaluation ends with the diagnostics of ``evaluation.reward_diagnostics`` (is it more than a
+length rule?); length_balance, length_debias_coef and early_stopping_pairs train against that shortcut.
 """
 
 from __future__ import annotations
