@@ -40,8 +40,8 @@ class RMEvalConfig(RuntimeConfig):
     """Diagnose a reward model on preference files (prompt/chosen/rejected, or HH-RLHF-style transcripts)."""
 
     reward_model: str = required(
-        "Reward model directory: an `alignkit rm` final/ folder, or a Hugging Face decoder sequence classifier "
-        "with one output (num_labels=1)."
+        "Reward model directory: an `alignkit rm` final/ folder, or a Hugging Face decoder sequence "
+        "classifier with one output (num_labels=1)."
     )
     data: list[str] = required(
         "Preference file(s), each evaluated on its own: .jsonl/.json/.parquet/.csv, a saved dataset dir or a "
@@ -95,8 +95,8 @@ def run(cfg: RMEvalConfig) -> dict:
     reward_model = load_reward_model(cfg.reward_model, cfg.dtype, pick_device(), cfg.trust_remote_code)
     if not hasattr(reward_model.model, "score"):
         raise ConfigError(
-            f"reward_model {cfg.reward_model} is a {type(reward_model.model).__name__}: rm-eval scores decoder "
-            "sequence classifiers (a 'score' head read at the reply's last token), as alignkit trains them"
+            f"reward_model {cfg.reward_model} is a {type(reward_model.model).__name__}: rm-eval scores "
+            "decoder sequence classifiers (a 'score' head read at the reply's last token), as alignkit trains them"
         )
     if cfg.max_length is not None:
         reward_model.max_length = cfg.max_length
