@@ -124,3 +124,21 @@ def test_score_of_pairs_reports_the_same_diagnostics(hf_reward_dir, tiny_model_d
     for key in ("accuracy", "baselines", "buckets", "agreement_with_length_rule", "length_correlation"):
         assert d[key] == evaluated[key], key
     assert d["ece"] == pytest.approx(evaluated["ece"]) and summary["warnings"] == d["warnings"]
+
+
+def test_rm_eval_of_an_alignkit_reward_model_uses_its_recorded_base_model(
+    tiny_model_dir, tiny_tokenizer, tmp_path
+):
+    from alignkit.models.reward import build_reward_model, save_reward_model
+
+    model = build_reward_model(str(tiny_model_dir), tiny_tokenizer.pad_token_id, "float32", device="cpu")
+    final = save_reward_model(model, tiny_tokenizer, tmp_path / "final", 128, None, base_model=str(tiny_model_dir))
+    a = _write(tmp_path / "a.jsonl", PAIRS_A)
+    args = ["rm-eval", f"reward_model={final}", f"data={a}", f"output_dir={tmp_path / 'o'}", "dtype=float32"]
+    assert cli.main(args) == 0
+    report = json.loads((tmp_path / "o" / "rm_eval.json").read_text())
+    assert report["base_model"] == str(tiny_model_dir)
+    assert "base_logprob" in report["files"][a]["baselines"]
+    assert cli.main([*args, "logprob_baseline=false"]) == 0
+    report = json.loads((tmp_path / "o" / "rm_eval.json").read_text())
+    assert report["base_model"] is None and "base_logprob" not in report["files"][a]["baselines"]
