@@ -142,3 +142,23 @@ def test_rm_eval_of_an_alignkit_reward_model_uses_its_recorded_base_model(
     assert cli.main([*args, "logprob_baseline=false"]) == 0
     report = json.loads((tmp_path / "o" / "rm_eval.json").read_text())
     assert report["base_model"] is None and "base_logprob" not in report["files"][a]["baselines"]
+
+
+def test_reply_mean_logprobs_match_a_plain_forward(tiny_model_dir, tiny_tokenizer):
+    """The log-prob baseline's number for a reply: the mean over its tokens t of log softmax(logits[t-1])[t],
+    from one plain forward of prompt + reply, the same whichever pair shares the batch."""
+    from transformers import AutoModelForCausalLM
+
+    from alignkit.evaluation.reward_eval import reply_mean_logprobs
+
+    pairs = [encode_pair(tiny_tokenizer, r["prompt"], r["chosen"], r["rejected"], 512) for r in PAIRS_A]
+    chosen, rejected = reply_mean_logprobs(str(tiny_model_dir), pairs, tiny_tokenizer.pad_token_id, "float32")
+    lm = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    for k, pair in enumerate(pairs):
+        for reply, got in ((pair.chosen_ids, chosen[k]), (pair.rejected_ids, rejected[k])):
+            ids = torch.tensor([pair.prompt_ids + reply])
+            with torch.no_grad():
+                logp = torch.log_softmax(lm(ids).logits[0].float(), -1)  # (T, V)
+            n = len(pair.prompt_ids)
+            want = sum(logp[n + i - 1, tok].item() for i, tok in enumerate(reply)) / len(reply)
+            assert got == pytest.approx(want, abs=1e-4)
