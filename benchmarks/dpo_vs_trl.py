@@ -82,6 +82,7 @@ def prepare(args, workdir: Path) -> dict:
         "steps": args.steps,
         "learning_rate": args.learning_rate,
         "micro_batch_size": args.micro_batch_size,
+        "precision": args.precision,
         "trl_rows": trl_rows,
         "alignkit_ids": [
             {
@@ -202,6 +203,7 @@ def child_alignkit(spec: dict, share_prompt: bool) -> dict:
     from alignkit.data.tokenize import encode_pair
     from alignkit.evaluation.monitors import default_monitors
     from alignkit.models.loading import load_model, load_tokenizer
+    from alignkit.models.precision import weights_dtype
     from alignkit.stages.dpo import DPOConfig, PairExample, collate, dpo_step, precompute_reference
     from alignkit.training.loop import train, visited_indices
     from alignkit.training.run import RunDir
@@ -225,7 +227,9 @@ def child_alignkit(spec: dict, share_prompt: bool) -> dict:
                 "weight_decay=0.0",
                 "max_grad_norm=1.0",
                 f"max_length={MAX_LENGTH}",
-                "dtype=float32",
+                # fp32; or bf16 as alignkit trains by default where bf16 is fast: mixed precision (fp32 master
+                # weights and AdamW state, the forward under bf16 autocast), against TRL's bf16=True (the same).
+                "dtype=float32" if spec["precision"] == "fp32" else "dtype=bfloat16",
                 "reference=precomputed",
                 f"share_prompt={str(share_prompt).lower()}",
                 f"seed={SEED}",
@@ -240,7 +244,7 @@ def child_alignkit(spec: dict, share_prompt: bool) -> dict:
             PairExample(encode_pair(tokenizer, p.prompt, p.chosen, p.rejected, cfg.max_length))
             for p in rows.examples
         ]
-        model = load_model(cfg.model, cfg.dtype, device="cpu")
+        model = load_model(cfg.model, weights_dtype(cfg), device="cpu")
         pad_id = tokenizer.pad_token_id
 
         t0 = time.perf_counter()
@@ -315,7 +319,9 @@ def child_trl(spec: dict) -> dict:
             max_grad_norm=1.0,
             beta=BETA,
             max_length=MAX_LENGTH,
-            bf16=False,  # TRL's default is bf16 autocast; the comparison is fp32 on both sides
+            bf16=spec["precision"] == "bf16",  # TRL's default is bf16 autocast; --precision picks both sides
+            # transformers refuses bf16 on a machine without a GPU unless told it trains on the CPU.
+            **({"use_cpu": True} if spec["precision"] == "bf16" and not torch.cuda.is_available() else {}),
             gradient_checkpointing=False,  # TRL's default is on; the issue measures without it
             train_sampling_strategy="sequential",  # the pairs come in alignkit's visiting order
             seed=SEED,
@@ -453,6 +459,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--threads", type=int, default=None, help="torch threads, both sides (default: all cores)"
     )
+    ap.add_argument(
+        "--precision",
+        choices=["fp32", "bf16"],
+        default="fp32",
+        help="fp32 on both sides, or bf16: alignkit's mixed precision against TRL's bf16=True",
+    )
     ap.add_argument("--sides", default="alignkit,trl", help="comma list of alignkit, alignkit-plain, trl")
     ap.add_argument("--data", type=Path, default=HH_RLHF)
     ap.add_argument("--model", default=MODEL, help="embedded name or local model dir (both sides)")
@@ -492,7 +504,7 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"{len(spec['alignkit_ids'])} HH-RLHF pairs ({spec['n_truncated']} truncated), {args.steps} steps x "
             f"{PAIRS_PER_STEP} pairs, max_length {MAX_LENGTH}, lr {args.learning_rate}, {args.rounds} round(s), "
-            f"sides {sides}, {os.cpu_count()} CPUs",
+            f"sides {sides}, {args.precision}, {os.cpu_count()} CPUs",
             flush=True,
         )
         rows: list[dict] = []
@@ -512,10 +524,10 @@ def main(argv: list[str] | None = None) -> int:
                 )
         if args.keep:
             (workdir / "rows.json").write_text(json.dumps({"rows": rows, "flops": flops}, indent=1))
-    return report(rows, flops, sides)
+    return report(rows, flops, sides, args.precision)
 
 
-def report(rows: list[dict], flops: dict, sides: list[str]) -> int:
+def report(rows: list[dict], flops: dict, sides: list[str], precision: str = "fp32") -> int:
     def med(side: str, key: str) -> float:
         return statistics.median(r[key] for r in rows if r["side"] == side)
 
@@ -575,7 +587,8 @@ def report(rows: list[dict], flops: dict, sides: list[str]) -> int:
         )
         print(
             f"speedup={summary['speedup']:.2f} memory_ratio={summary['memory_ratio']:.2f} "
-            f"utilization={summary['utilization']:.2f} max_loss_diff={summary['max_loss_diff']:.1e}"
+            f"utilization={summary['utilization']:.2f} max_loss_diff={summary['max_loss_diff']:.1e} "
+            f"precision={precision}"
         )
     return 0
 

@@ -83,6 +83,7 @@ def toy_config(output_dir: str, **overrides) -> TrainConfig:
         progress=False,
         tensorboard=False,
         keep_checkpoints=2,
+        dtype="float32",  # the loop's invariances are checked at fp32 resolution, on any CPU
     )
     return TrainConfig(**{**defaults, **overrides})
 

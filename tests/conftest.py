@@ -90,6 +90,13 @@ def tiny_model_dir(tmp_path_factory, tiny_tokenizer) -> Path:
 
 
 @pytest.fixture(autouse=True)
+def _gpu_only(request):
+    """Tests marked `gpu` need CUDA: skipped where there is none (benchmarks/gpu_check.sh runs them)."""
+    if "gpu" in request.keywords and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+
+
+@pytest.fixture(autouse=True)
 def _private_cache(request, tmp_path_factory, monkeypatch):
     """Tiny-model tests write caches (reference log-probs) to a temporary folder, not the user's; tests
     marked `smollm` keep the real cache so the embedded model is prepared once."""

@@ -172,6 +172,7 @@ def _common(model: Path, data: Path, out: Path) -> list[str]:
         "lr_scheduler=constant",
         "progress=false",
         "tensorboard=false",
+        "dtype=float32",  # the comparisons are made at fp32 resolution, on any CPU (bf16: tests/test_precision.py)
     ]
 
 
@@ -352,7 +353,7 @@ def test_fsdp_reward_model_steps_in_two_processes_equal_one(tiny_model_dir, tiny
     run to run."""
     start = tmp_path / "start"
     torch.manual_seed(0)
-    build_reward_model(str(tiny_model_dir), tiny_tokenizer.pad_token_id).save_pretrained(start)
+    build_reward_model(str(tiny_model_dir), tiny_tokenizer.pad_token_id, "float32").save_pretrained(start)
     tiny_tokenizer.save_pretrained(start)
     data = _write(tmp_path, "pairs.jsonl", PAIRS)
     args = ["batch_size=5", "micro_batch_size=2", "max_steps=2", "learning_rate=1e-3", f"eval_data={data}"]
@@ -654,7 +655,7 @@ def test_generation_split_by_batches_is_the_one_process_generation(tiny_model_di
     """7 prompts of different lengths in generation batches of 2: the shares of 1, 2 and 3 processes (every
     world-th batch from the rank-th) together hold exactly generate()'s responses, token for token, each
     prompt in exactly one share."""
-    model = load_model(str(tiny_model_dir))
+    model = load_model(str(tiny_model_dir), "float32")
     prompts = [tiny_tokenizer(r["prompt"])["input_ids"] for r in PAIRS[:6]] + [[5]]
     sampling = SamplingConfig(max_new_tokens=5, temperature=1.0, seed=11)
     expected = generate(model, tiny_tokenizer, prompts, sampling, batch_size=2, progress=False)

@@ -191,7 +191,8 @@ def test_reward_model_scorer(tiny_model_dir, tiny_tokenizer, prompt_file, tmp_pa
     rm_dir = tmp_path / "rm"
     rm = build_reward_model(str(tiny_model_dir), tiny_tokenizer.pad_token_id, "float32", device="cpu")
     save_reward_model(rm, tiny_tokenizer, rm_dir, max_length=256, max_prompt_length=None)
-    result = _eval(tmp_path, tiny_model_dir, "none", f"prompts={prompt_file}", f"reward_model={rm_dir}")
+    args = [f"prompts={prompt_file}", f"reward_model={rm_dir}", "dtype=float32"]  # compared in fp32, on any CPU
+    result = _eval(tmp_path, tiny_model_dir, "none", *args)
     assert result["scorer"] == f"reward model {rm_dir}"
     prompts = [s["prompt"] for s in result["samples"]]
     expected = load_reward_model(rm_dir, "float32", "cpu").score(

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from alignkit.config import TrainConfig
-from alignkit.models import embedded, loading
+from alignkit.models import embedded, loading, precision
 from alignkit.models.embedded import EMBEDDED_MODELS, MARKER, EmbeddedModelError, prepare_embedded
 from alignkit.models.loading import (
     ModelLoadError,
@@ -112,7 +112,8 @@ def test_load_model_local_dir_fp32_with_saved_weights(tiny_model_dir, tiny_token
     """dtype auto on a CPU without AMX -> fp32; the weights are exactly the saved safetensors."""
     from safetensors.torch import load_file
 
-    monkeypatch.setattr(loading, "_cpu_flags", lambda: {"avx512f"})
+    monkeypatch.setattr(precision, "_cpu_flags", lambda: {"avx512f"})
+    monkeypatch.delenv(precision.FAST_BF16_ENV, raising=False)
     model = load_model(str(tiny_model_dir), dtype="auto", device="cpu")
     assert model.dtype == torch.float32
     assert count_parameters(model) == (tiny_param_count(len(tiny_tokenizer)),) * 2
@@ -158,7 +159,8 @@ def test_pick_dtype_explicit(pref, expected):
 def test_pick_dtype_auto(monkeypatch, cuda, bf16_gpu, cpu_flags, expected):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: bf16_gpu)
-    monkeypatch.setattr(loading, "_cpu_flags", lambda: cpu_flags)
+    monkeypatch.setattr(precision, "_cpu_flags", lambda: cpu_flags)
+    monkeypatch.delenv(precision.FAST_BF16_ENV, raising=False)
     assert pick_dtype("auto") == expected
 
 

@@ -176,6 +176,7 @@ def _dpo_losses(tmp_path, monkeypatch, name, model_dir, data, *extra):
         "lr_scheduler=constant",
         "progress=false",
         "tensorboard=false",
+        "dtype=float32",  # the two paths are compared at fp32 resolution, on any CPU
         *extra,
     ]
     # The stage initialises LoRA's A matrices from the global RNG before the loop seeds it, so two runs in one

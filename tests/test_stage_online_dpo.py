@@ -127,11 +127,11 @@ def test_end_to_end_writes_metrics_samples_and_final_model(tiny_model_dir, promp
     summary = json.loads((out / "summary.json").read_text())
     assert summary["rounds"] == 2 and summary["reference"] == "frozen copy"
     assert summary["pairs_by_round"] == [first["pairs"], second["pairs"]]
-    final = load_model(str(out / "final"))
+    final = load_model(str(out / "final"), "float32")  # as trained (fp32 weights), on any CPU
     ckpt = load_file(str(out / "checkpoints" / "step-000002" / "weights.safetensors"))
     w = final.model.layers[0].mlp.up_proj.weight
     torch.testing.assert_close(w, ckpt["model.layers.0.mlp.up_proj.weight"], rtol=0, atol=0)
-    assert not torch.equal(w, load_model(str(tiny_model_dir)).model.layers[0].mlp.up_proj.weight)
+    assert not torch.equal(w, load_model(str(tiny_model_dir), "float32").model.layers[0].mlp.up_proj.weight)
 
 
 def test_pairing_is_best_vs_worst_and_skips_ties():
@@ -168,7 +168,8 @@ def test_update_is_a_step_on_the_dpo_loss(tiny_tokenizer):
     cfg = load_config(
         online_dpo.OnlineDPOConfig,
         None,
-        ["reward=_ppo_rewards:length", "beta=0.5", "micro_batch_size=2", "max_grad_norm=null"],
+        # fp32 compute, as the step by hand, on any CPU
+        ["reward=_ppo_rewards:length", "beta=0.5", "micro_batch_size=2", "max_grad_norm=null", "dtype=float32"],
     )
 
     def sgd(m):

@@ -104,7 +104,7 @@ def test_ppo_end_to_end_logs_health_signals(tiny_model_dir, prompt_file, tmp_pat
     assert change["change"] == pytest.approx(second["score/mean"] - first["score/mean"], abs=1e-6)
     low, high = change["change_ci95"]
     assert low <= change["change"] <= high
-    final = load_model(str(out / "final"))
+    final = load_model(str(out / "final"), "float32")  # as trained (fp32 weights), on any CPU
     assert type(final).__name__ == "LlamaForCausalLM"
     # the final policy is the checkpointed policy, not the value model's copy
     ckpt = load_file(str(out / "checkpoints" / "step-000002" / "weights.safetensors"))
@@ -262,8 +262,8 @@ def test_one_ppo_step_equals_the_losses_by_hand(tiny_model_dir):
     so both clips bind somewhere. With SGD at lr 1 and no grad clipping, ppo_step (two micro-batches of 2 and
     1 rows) must move every parameter by exactly -d loss / d theta."""
     torch.manual_seed(0)
-    policy = load_model(str(tiny_model_dir))
-    value_model = ValueModel(load_model(str(tiny_model_dir)))
+    policy = load_model(str(tiny_model_dir), "float32")  # compared at fp32 resolution on any CPU
+    value_model = ValueModel(load_model(str(tiny_model_dir), "float32"))
     torch.nn.init.normal_(value_model.head.weight, std=0.3)
     gens = [
         Generation([1, 10, 11, 12], [20, 21, 2], "", True),
@@ -327,9 +327,9 @@ def test_rollout_passes_in_trimmed_microbatches_equal_one_padded_pass(tiny_model
     of lengths 1 to 5 in 2-row micro-batches, its log-probs (policy and reference), entropies and values
     must equal those of the whole right-padded batch in one pass, and be 0 past each response's end."""
     torch.manual_seed(0)
-    policy = load_model(str(tiny_model_dir))
-    reference = load_model(str(tiny_model_dir))
-    value_model = ValueModel(load_model(str(tiny_model_dir)))
+    policy = load_model(str(tiny_model_dir), "float32")  # compared at fp32 resolution on any CPU
+    reference = load_model(str(tiny_model_dir), "float32")
+    value_model = ValueModel(load_model(str(tiny_model_dir), "float32"))
     torch.nn.init.normal_(value_model.head.weight, std=0.3)
     with torch.no_grad():
         for p in reference.parameters():
@@ -418,10 +418,10 @@ def test_reward_model_directory_scores_the_samples(tiny_model_dir, tiny_tokenize
     rm = build_reward_model(str(tiny_model_dir), tiny_tokenizer.pad_token_id, "float32", device="cpu")
     rm_dir = save_reward_model(rm, tiny_tokenizer, tmp_path / "rm", max_length=256, max_prompt_length=None)
     out = tmp_path / "run"
-    args = _args(tiny_model_dir, prompt_file, out, "iterations=1", f"reward={rm_dir}")
+    args = _args(tiny_model_dir, prompt_file, out, "iterations=1", f"reward={rm_dir}", "dtype=float32")
     ppo.run(load_config(ppo.PPOConfig, None, args))
     samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
-    expected = load_reward_model(rm_dir, device="cpu").score(
+    expected = load_reward_model(rm_dir, "float32", device="cpu").score(
         [s["prompt"] for s in samples], [s["response"] for s in samples]
     )
     assert [s["score"] for s in samples] == pytest.approx(expected, abs=1e-5)

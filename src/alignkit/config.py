@@ -175,7 +175,15 @@ class TrainConfig:
     )
     trust_remote_code: bool = doc_field(False, "Allow code shipped with the model to run (off by default).")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = doc_field(
-        "auto", "Weights/compute dtype; 'auto' picks bf16 only where the hardware runs it fast, else fp32."
+        "auto",
+        "Compute dtype; 'auto' picks bf16 only where the hardware runs it fast (CUDA, AMX CPUs; "
+        "ALIGNKIT_FAST_BF16=1/0 overrides), else fp32. How bf16/fp16 weights are held: see precision.",
+    )
+    precision: Literal["mixed", "pure"] = doc_field(
+        "mixed",
+        "With a bf16/fp16 dtype: 'mixed' keeps fp32 weights and AdamW state and computes in dtype under "
+        "autocast; 'pure' holds the weights in dtype (half the memory, but updates below ~1/256 of a weight "
+        "are lost: at lr 1e-5 most bf16 weights never change). No effect in fp32.",
     )
     # --- data ---
     train_data: str = required(

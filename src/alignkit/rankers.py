@@ -56,7 +56,7 @@ def judge_ranker(cfg: Any) -> Ranker:
         )
     constitution = load_constitution(cfg.judge_constitution).select(cfg.judge_principles)
     tokenizer = load_tokenizer(cfg.judge_model, cfg.trust_remote_code)
-    model = load_model(cfg.judge_model, cfg.dtype, cfg.trust_remote_code, device=pick_device())
+    model = load_model(cfg.judge_model, cfg.dtype, cfg.trust_remote_code, device=pick_device(), use="score")
     judge = PairwiseJudge(
         model,
         tokenizer,

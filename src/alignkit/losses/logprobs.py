@@ -28,6 +28,10 @@ class _ChunkedTokenLogprobs(torch.autograd.Function):
 
     Forward keeps only h, W and the per-token logsumexp; backward recomputes each chunk's logits:
     d/dlogits = g * (onehot(target) - softmax(logits)).
+
+    The matmul runs in the dtype autocast gives it in the forward (bf16 in mixed precision), chosen once and
+    used again in the backward (which autocast does not cover), so the recomputed logits match the logsumexp
+    kept; the log-softmax itself is always fp32.
     """
 
     @staticmethod
@@ -35,9 +39,11 @@ class _ChunkedTokenLogprobs(torch.autograd.Function):
         # hidden (N, H), weight (V, H), bias (V,) or None, targets (N,)
         out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)  # (N,)
         lse = torch.empty_like(out)
+        ctx.compute_dtype = _matmul_dtype(hidden, weight)
+        w = weight.to(ctx.compute_dtype)  # (V, H), cast once for all chunks
         for start in range(0, hidden.shape[0], chunk_size):
-            h = hidden[start : start + chunk_size]
-            logits = (h @ weight.T).float()  # (n, V)
+            h = hidden[start : start + chunk_size].to(ctx.compute_dtype)
+            logits = (h @ w.T).float()  # (n, V)
             if bias is not None:
                 logits += bias.float()
             lse_chunk = torch.logsumexp(logits, dim=-1)
@@ -57,18 +63,19 @@ class _ChunkedTokenLogprobs(torch.autograd.Function):
         grad_bias = None
         if bias is not None and ctx.needs_input_grad[2]:
             grad_bias = torch.zeros_like(bias, dtype=torch.float32)
+        w = weight.to(ctx.compute_dtype)  # (V, H)
         for start in range(0, hidden.shape[0], chunk):
-            h = hidden[start : start + chunk]
-            logits = (h @ weight.T).float()  # (n, V)
+            h = hidden[start : start + chunk].to(ctx.compute_dtype)
+            logits = (h @ w.T).float()  # (n, V)
             if bias is not None:
                 logits += bias.float()
             g = grad_out[start : start + chunk]  # (n,)
             # d logp / d logits = onehot - softmax; scaled by the incoming gradient.
             dlogits = torch.exp(logits - lse[start : start + chunk, None]).mul_(-g[:, None])
             dlogits.scatter_add_(1, targets[start : start + chunk, None], g[:, None])
-            dlogits = dlogits.to(hidden.dtype)
+            dlogits = dlogits.to(ctx.compute_dtype)
             if grad_hidden is not None:
-                grad_hidden[start : start + chunk] = dlogits @ weight
+                grad_hidden[start : start + chunk] = dlogits @ w
             if grad_weight is not None:
                 grad_weight += (dlogits.T @ h).float()
             if grad_bias is not None:
@@ -78,6 +85,15 @@ class _ChunkedTokenLogprobs(torch.autograd.Function):
         if grad_bias is not None:
             grad_bias = grad_bias.to(bias.dtype)
         return grad_hidden, grad_weight, grad_bias, None, None
+
+
+def _matmul_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
+    """The dtype of ``hidden @ weight.T`` here: autocast's where it is on (mixed precision), else the
+    inputs' promoted dtype."""
+    device_type = hidden.device.type
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return torch.promote_types(hidden.dtype, weight.dtype)
 
 
 def completion_logprobs(

@@ -79,7 +79,7 @@ def vllm_sampler(cfg, tokenizer, device: torch.device):
     return VLLMSampler(
         resolve_model(cfg.model),
         tokenizer,
-        pick_dtype(cfg.dtype, device),
+        pick_dtype(cfg.dtype, device, "generate"),
         cfg.vllm_gpu_memory_utilization,
         cfg.seed,
         cfg.trust_remote_code,

@@ -23,18 +23,13 @@ from torch import nn
 from alignkit.errors import AlignkitError
 from alignkit.models.embedded import EMBEDDED_MODELS, cache_dir, prepare_embedded
 
+# The one place dtypes are decided (what dtype=auto means per use, mixed or pure training); re-exported here.
+from alignkit.models.precision import Use, pick_dtype
+
 ADAPTER_RECORD = "ALIGNKIT_ADAPTER.json"
 ADAPTER_README = "ALIGNKIT_ADAPTER.md"
 
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
-_DTYPES = {
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-    "float16": torch.float16,
-    "fp16": torch.float16,
-}
 
 
 class ModelLoadError(AlignkitError, ValueError):
@@ -147,37 +142,6 @@ def pick_device() -> torch.device:
     return torch.device(f"cuda:{int(local_rank)}" if local_rank is not None else "cuda")
 
 
-def _cpu_flags() -> set[str]:
-    """The CPU feature flags from /proc/cpuinfo (empty where there is no such file)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return set()
-    for line in text.splitlines():
-        if line.startswith("flags"):
-            return set(line.split(":", 1)[1].split())
-    return set()
-
-
-def pick_dtype(pref: str = "auto", device: torch.device | str | None = None) -> torch.dtype:
-    """The weights/compute dtype: an explicit name maps directly; ``"auto"`` picks bf16 only where it is fast.
-
-    On CUDA, bf16 when the GPU supports it. On CPU, bf16 only with AMX (``amx_bf16``): without it, torch
-    emulates bf16 matmuls and they run ~4-5x slower than fp32 (measured on the AVX-512 Xeons we develop on:
-    a (512x576)@(576x1536) matmul takes 5.6 ms in fp32, 29 ms in bf16), so fp32 is both faster and exact.
-    """
-    if pref != "auto":
-        if pref not in _DTYPES:
-            raise ModelLoadError(f"unknown dtype '{pref}'; use one of auto, {', '.join(_DTYPES)}")
-        return _DTYPES[pref]
-    device = torch.device(device) if device is not None else pick_device()
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
-    if device.type == "cpu":
-        return torch.bfloat16 if "amx_bf16" in _cpu_flags() else torch.float32
-    return torch.float32
-
-
 # ---------------------------------------------------------------------------------------------
 # Loading
 # ---------------------------------------------------------------------------------------------
@@ -219,33 +183,37 @@ def _require_safetensors(directory: Path) -> None:
 
 def load_model(
     name: str,
-    dtype: str = "auto",
+    dtype: str | torch.dtype = "auto",
     trust_remote_code: bool = False,
     device: torch.device | str | None = None,
     load_on: str | None = None,
+    use: Use = "generate",
 ):
-    """A causal LM from an embedded name, local dir or hub id, in ``pick_dtype(dtype)`` for ``device``, on
+    """A causal LM from an embedded name, local dir or hub id, in ``pick_dtype(dtype, device, use)``, on
     ``device``; or first on ``load_on`` where that is given: "cpu", or "meta" for the modules without weights
-    (``load_pretrained``). Sharded training loads this way (``alignkit.training.distributed.load_on``).
+    (``load_pretrained``). Sharded training loads this way (``alignkit.training.distributed.load_on``). A
+    training stage passes the dtype its weights are held in (``precision.weights_dtype``: fp32 in mixed
+    precision).
 
     Returned in eval mode (as ``from_pretrained`` leaves it); the training loop switches to train mode.
     """
     from transformers import AutoModelForCausalLM
 
-    return load_pretrained(AutoModelForCausalLM, name, dtype, trust_remote_code, device, load_on)
+    return load_pretrained(AutoModelForCausalLM, name, dtype, trust_remote_code, device, load_on, use=use)
 
 
 def load_pretrained(
     auto_class,
     name: str,
-    dtype: str = "auto",
+    dtype: str | torch.dtype = "auto",
     trust_remote_code: bool = False,
     device: torch.device | str | None = None,
     load_on: str | None = None,
+    use: Use = "generate",
     **config_kwargs,
 ):
     """``auto_class.from_pretrained`` (safetensors only) of an embedded name, local dir or hub id, in
-    ``pick_dtype(dtype)`` for ``device``, placed on ``load_on`` or else ``device``. ``load_on="meta"`` builds the
+    ``pick_dtype(dtype, device, use)``, placed on ``load_on`` or else ``device``. ``load_on="meta"`` builds the
     modules from the config with the shapes and dtypes of the weights and no weights (none read, no memory):
     under FSDP the ranks but the main process load this way, and ``distributed.shard`` gives each its shard of
     the main process's weights. ``config_kwargs`` go to the config (e.g. num_labels)."""
@@ -263,13 +231,13 @@ def load_pretrained(
             )
         with torch.device("meta"):
             model = auto_class.from_config(
-                config, dtype=pick_dtype(dtype, device), trust_remote_code=trust_remote_code
+                config, dtype=pick_dtype(dtype, device, use), trust_remote_code=trust_remote_code
             )
         return model.eval()
     with model_load_errors(name, "model"):
         model = auto_class.from_pretrained(
             resolved,
-            dtype=pick_dtype(dtype, device),
+            dtype=pick_dtype(dtype, device, use),
             trust_remote_code=trust_remote_code,
             use_safetensors=True,  # for hub ids too: a repo with only pickles is refused by transformers
             **config_kwargs,
@@ -521,9 +489,10 @@ def _replace_dir(src: Path, dest: Path) -> None:
 
 def load_final(
     path: str | os.PathLike,
-    dtype: str = "auto",
+    dtype: str | torch.dtype = "auto",
     device: torch.device | str | None = None,
     trust_remote_code: bool = False,
+    use: Use = "generate",
 ):
     """Load what ``save_final`` wrote: a plain model dir, or an adapter dir on top of its recorded base.
 
@@ -533,12 +502,12 @@ def load_final(
     path = Path(path)
     record_file = path / ADAPTER_RECORD
     if not record_file.is_file():
-        return load_model(str(path), dtype=dtype, trust_remote_code=trust_remote_code, device=device)
+        return load_model(str(path), dtype=dtype, trust_remote_code=trust_remote_code, device=device, use=use)
     from peft import PeftModel
 
     record = json.loads(record_file.read_text())
     base_name = record["base_model"]
     if record.get("alignkit_model") and not Path(base_name).expanduser().is_dir():
         base_name = record["alignkit_model"]  # the embedded model's cache dir is gone: prepare it again
-    base = load_model(base_name, dtype=dtype, trust_remote_code=trust_remote_code, device=device)
+    base = load_model(base_name, dtype=dtype, trust_remote_code=trust_remote_code, device=device, use=use)
     return PeftModel.from_pretrained(base, str(path))

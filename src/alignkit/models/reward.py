@@ -38,6 +38,7 @@ from alignkit.models.loading import (
     resolve_model,
     save_final,
 )
+from alignkit.models.precision import without_autocast
 
 REWARD_RECORD = "ALIGNKIT_REWARD.json"
 POOLING = "last attended token (the EOS after the response)"
@@ -51,7 +52,7 @@ POOLING = "last attended token (the EOS after the response)"
 def build_reward_model(
     name: str,
     pad_token_id: int,
-    dtype: str = "auto",
+    dtype: str | torch.dtype = "auto",
     trust_remote_code: bool = False,
     device: torch.device | str | None = None,
     load_on: str | None = None,
@@ -138,7 +139,10 @@ def sequence_rewards(model, input_ids: torch.Tensor, attention_mask: torch.Tenso
         input_ids=input_ids, attention_mask=attention_mask, use_cache=False
     ).last_hidden_state  # (B, T, H)
     pooled = hidden[rows, last]  # (B, H)
-    return base.score(pooled).squeeze(-1).float()  # (B,)
+    # The head in its weights' dtype, outside autocast: in mixed precision a bf16 reward (3 significant digits)
+    # would round away the small differences the Bradley-Terry loss and the PPO advantages are made of.
+    with without_autocast(pooled.device.type):
+        return base.score(pooled.to(base.score.weight.dtype)).squeeze(-1).float()  # (B,)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -263,7 +267,7 @@ def load_reward_model(
     tokenizer = load_tokenizer(resolved, trust_remote_code)
     with model_load_errors(str(path), "model"):
         model = AutoModelForSequenceClassification.from_pretrained(
-            resolved, dtype=pick_dtype(dtype, device), trust_remote_code=trust_remote_code, use_safetensors=True
+            resolved, dtype=pick_dtype(dtype, device, "score"), trust_remote_code=trust_remote_code, use_safetensors=True
         ).to(device)
     model.eval().requires_grad_(False)
     record_file = Path(resolved) / REWARD_RECORD

@@ -13,6 +13,8 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from alignkit.models.precision import without_autocast
+
 VALUE_ADAPTER = "value"
 
 
@@ -49,8 +51,10 @@ class ValueModel(nn.Module):
                 .get_decoder()(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
                 .last_hidden_state
             )  # (B, T, H)
-        # A copy, not a view of the head's (B, T, 1) output: FSDP warns about a module that returns a view.
-        return self.head(hidden.to(self.head.weight.dtype)).squeeze(-1).clone()  # (B, T)
+        # A copy, not a view of the head's (B, T, 1) output: FSDP warns about a module that returns a view. The
+        # head in fp32 outside autocast: in mixed precision the backbone's matmuls run in bf16, the values not.
+        with without_autocast(hidden.device.type):
+            return self.head(hidden.to(self.head.weight.dtype)).squeeze(-1).clone()  # (B, T)
 
 
 @contextmanager

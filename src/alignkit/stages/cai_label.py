@@ -258,7 +258,7 @@ def run(cfg: CAILabelConfig) -> dict:
     # 2. The judge.
     device = pick_device()
     tokenizer = load_tokenizer(cfg.judge_model, cfg.trust_remote_code)
-    model = load_model(cfg.judge_model, cfg.dtype, cfg.trust_remote_code, device=device)
+    model = load_model(cfg.judge_model, cfg.dtype, cfg.trust_remote_code, device=device, use="score")
     judge = PairwiseJudge(
         model,
         tokenizer,

@@ -33,6 +33,7 @@ from alignkit.models.loading import (
     resolve_model,
     save_final,
 )
+from alignkit.models.precision import in_training_precision, of_config, weights_dtype
 from alignkit.training import distributed
 from alignkit.training.loop import StepOutput, train, visited_indices
 from alignkit.training.preference import PairExample, pair_logprobs, pair_outputs
@@ -102,6 +103,7 @@ def dpo_step(model, batch: dict, cfg: DPOConfig, reference) -> StepOutput:
     return StepOutput(loss_sum=out.losses.sum(), metrics=out.metrics)
 
 
+@in_training_precision
 @torch.no_grad()
 def evaluate(cfg: DPOConfig, model, reference, examples: list[PairExample], pad_id: int) -> tuple[dict, list]:
     """Mean metrics over held-out pairs, and each pair's correctness in input order (for the bootstrap)."""
@@ -123,6 +125,7 @@ def evaluate(cfg: DPOConfig, model, reference, examples: list[PairExample], pad_
     return {k: v / n for k, v in sums.items()}, correct
 
 
+@in_training_precision
 @torch.no_grad()
 def precompute_reference(cfg: DPOConfig, model, examples: list[PairExample], pad_id: int, desc: str) -> None:
     """Fill ex.ref with the (frozen, initial) model's log-probs, once, before any update."""
@@ -150,7 +153,7 @@ def attach_reference(
 ) -> None:
     """Set ex.ref for the `needed` examples from the on-disk cache, computing (and caching) what is missing."""
     # The head's path is in the key: chunked and full logits agree to ~1e-7, not bit for bit.
-    how = f"{next(model.parameters()).dtype}:{'chunked' if supports_chunked_head(model) else 'full-logits'}"
+    how = f"{of_config(cfg).name}:{'chunked' if supports_chunked_head(model) else 'full-logits'}"
     key = reference_cache.cache_key(
         model_path,
         how,
@@ -198,7 +201,7 @@ def _run(cfg: DPOConfig, run_dir: RunDir, started: float) -> dict:
     n_truncated = sum(ex.encoded.truncated for ex in train_examples)
 
     # 2. Policy and reference.
-    model = load_model(cfg.model, cfg.dtype, cfg.trust_remote_code, pick_device(), distributed.load_on())
+    model = load_model(cfg.model, weights_dtype(cfg), cfg.trust_remote_code, pick_device(), distributed.load_on())
     distributed.shard(model, cfg.lora)  # under FSDP: the reference pass below runs on the shards
     pad_id = tokenizer.pad_token_id
     mode = cfg.reference if cfg.reference != "auto" else "precomputed"
@@ -214,7 +217,7 @@ def _run(cfg: DPOConfig, run_dir: RunDir, started: float) -> dict:
         attach_reference(cfg, model, model_path, eval_examples, range(len(eval_examples)), pad_id)
     elif mode == "copy":
         reference = load_model(
-            cfg.model, cfg.dtype, cfg.trust_remote_code, pick_device(), distributed.load_on()
+            cfg.model, weights_dtype(cfg), cfg.trust_remote_code, pick_device(), distributed.load_on()
         ).eval()
         reference.requires_grad_(False)
         distributed.shard(reference)

@@ -40,6 +40,7 @@ from alignkit.models.loading import (
     pick_device,
     save_final,
 )
+from alignkit.models.precision import in_training_precision, weights_dtype
 from alignkit.training import distributed
 from alignkit.training.loop import StepOutput, train, visited_indices
 from alignkit.training.run import RunDir
@@ -248,6 +249,7 @@ def _to_device(batch: dict, device) -> dict:
     return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
+@in_training_precision
 @torch.no_grad()
 def evaluate(cfg: KTOConfig, model, reference, examples: list[KTOExample], pad_id: int) -> tuple[dict, list]:
     """Held-out metrics and, for paired data, each pair's correctness (for the bootstrap interval).
@@ -295,6 +297,7 @@ def pair_correctness(examples: list[KTOExample], rewards: list[float]) -> list[f
     return [float(r[True] > r[False]) for r in by_pair.values() if len(r) == 2]
 
 
+@in_training_precision
 @torch.no_grad()
 def precompute_reference(
     cfg: KTOConfig, model, examples: list[KTOExample], pad_id: int, desc: str, indices=None
@@ -409,7 +412,7 @@ def _run(cfg: KTOConfig, run_dir: RunDir, started: float) -> dict:
         print(f"warning: {weight_warning}", file=sys.stderr)
 
     # 2. Policy and reference.
-    model = load_model(cfg.model, cfg.dtype, cfg.trust_remote_code, pick_device(), distributed.load_on())
+    model = load_model(cfg.model, weights_dtype(cfg), cfg.trust_remote_code, pick_device(), distributed.load_on())
     distributed.shard(model, cfg.lora)  # under FSDP: the reference pass below runs on the shards
     pad_id = tokenizer.pad_token_id
     mode = cfg.reference if cfg.reference != "auto" else "precomputed"
@@ -421,7 +424,7 @@ def _run(cfg: KTOConfig, run_dir: RunDir, started: float) -> dict:
         precompute_reference(cfg, model, eval_examples, pad_id, "reference log-probs (eval)")
     elif mode == "copy":
         reference = load_model(
-            cfg.model, cfg.dtype, cfg.trust_remote_code, pick_device(), distributed.load_on()
+            cfg.model, weights_dtype(cfg), cfg.trust_remote_code, pick_device(), distributed.load_on()
         ).eval()
         reference.requires_grad_(False)
         distributed.shard(reference)

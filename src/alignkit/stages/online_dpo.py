@@ -67,6 +67,7 @@ from alignkit.models.loading import (
     pick_device,
     save_final,
 )
+from alignkit.models.precision import in_training_precision, weights_dtype
 from alignkit.scoring import check_scorer, load_scorer
 from alignkit.training import distributed
 from alignkit.training.checkpoint import (
@@ -246,6 +247,7 @@ def pair_samples(texts: list[str], scores: list[float], samples_per_prompt: int)
     return RoundPairs(pairs, n_ties, n_left_out)
 
 
+@in_training_precision
 def sample_logprobs(
     cfg: OnlineDPOConfig, policy, reference, generations: list[Generation], rank: int = 0, world: int = 1
 ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
@@ -307,6 +309,7 @@ def pair_examples(
     return examples
 
 
+@in_training_precision
 def pair_losses(cfg: OnlineDPOConfig, policy, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
     """Per-pair losses (B,) and summed pair metrics of ``training.preference.pair_outputs`` on ``policy`` (the
     reference's log-probs ride in batch["ref"]): the forward of the module DDP wraps."""
@@ -396,7 +399,7 @@ def _run(cfg: OnlineDPOConfig, run_dir: RunDir, started: float, monitors: Monito
     # Under FSDP (full fine-tuning) policy and reference are sharded as they are loaded (``distributed.shard``;
     # the main process alone reads the weights), and the reward is whole in every process.
     load = functools.partial(
-        load_model, cfg.model, cfg.dtype, cfg.trust_remote_code, device, distributed.load_on()
+        load_model, cfg.model, weights_dtype(cfg), cfg.trust_remote_code, device, distributed.load_on()
     )
     policy = load()
     distributed.shard(policy, cfg.lora)

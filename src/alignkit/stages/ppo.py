@@ -69,6 +69,7 @@ from alignkit.models.loading import (
     pick_device,
     save_final,
 )
+from alignkit.models.precision import in_training_precision, weights_dtype
 from alignkit.models.value import (
     ValueModel,
     add_value_adapter,
@@ -321,6 +322,7 @@ def ppo_loss(
     return loss, stats
 
 
+@in_training_precision
 def _ppo_loss_of(cfg: PPOConfig, trained: torch.nn.ModuleDict, mb: Rollout):
     """``ppo_loss`` on the {"policy", "value"} modules ``trained`` (the forward of the module DDP wraps)."""
     return ppo_loss(cfg, trained["policy"], trained["value"], mb)
@@ -450,7 +452,7 @@ def _run(cfg: PPOConfig, run_dir: RunDir, started: float, monitors: MonitorSet |
     # the main process alone reads the weights), and the reward is whole in every process.
     scorer = make_scorer(cfg, device)
     load = functools.partial(
-        load_model, cfg.model, cfg.dtype, cfg.trust_remote_code, device, distributed.load_on()
+        load_model, cfg.model, weights_dtype(cfg), cfg.trust_remote_code, device, distributed.load_on()
     )
     policy = load()
     distributed.shard(policy, cfg.lora)

@@ -30,6 +30,7 @@ from alignkit.evaluation.monitors import default_monitors
 from alignkit.evaluation.reward_eval import is_causal_lm, pair_diagnostics
 from alignkit.losses.reward import bradley_terry_loss, length_correlation_penalty
 from alignkit.models.loading import count_parameters, load_tokenizer, pick_device
+from alignkit.models.precision import in_training_precision, weights_dtype
 from alignkit.models.reward import apply_reward_lora, build_reward_model, save_reward_model, sequence_rewards
 from alignkit.training import distributed
 from alignkit.training.early_stopping import BestWeights
@@ -151,6 +152,7 @@ def rm_step(model, batch: dict, cfg: RMConfig) -> StepOutput:
     return StepOutput(loss_sum=loss_sum, metrics=metrics)
 
 
+@in_training_precision
 @torch.no_grad()
 def evaluate(
     cfg: RMConfig, model, examples: list[RMExample], pad_id: int
@@ -277,7 +279,7 @@ def _run(cfg: RMConfig, run_dir: RunDir, started: float) -> dict:
     # 2. Model: the backbone of cfg.model with a fresh one-output head (or a reward model to continue).
     pad_id = tokenizer.pad_token_id
     model = build_reward_model(
-        cfg.model, pad_id, cfg.dtype, cfg.trust_remote_code, pick_device(), distributed.load_on()
+        cfg.model, pad_id, weights_dtype(cfg), cfg.trust_remote_code, pick_device(), distributed.load_on()
     )
     distributed.shard(model, cfg.lora)  # under FSDP: the accuracy measured before training runs on the shards
     if cfg.lora:

@@ -7,6 +7,7 @@ summary.json and final/ (a model `AutoModelForCausalLM.from_pretrained` loads).
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ from alignkit.models.loading import (
     pick_device,
     save_final,
 )
+from alignkit.models.precision import TrainPrecision, of_config, weights_dtype
 from alignkit.training import distributed
 from alignkit.training.loop import StepOutput, train
 from alignkit.training.run import RunDir
@@ -57,17 +59,20 @@ def sft_step(model, batch: dict, chunk_size: int) -> StepOutput:
 
 
 @torch.no_grad()
-def mean_nll(model, encoded: list, pad_id: int, batch_size: int, chunk_size: int) -> float:
-    """Mean NLL per completion token over `encoded` (teacher forcing)."""
+def mean_nll(
+    model, encoded: list, pad_id: int, batch_size: int, chunk_size: int, prec: TrainPrecision | None = None
+) -> float:
+    """Mean NLL per completion token over `encoded` (teacher forcing), in the run's precision ``prec``."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     total, count = 0.0, 0
-    for start in range(0, len(encoded), batch_size):
-        batch = collate_sft(encoded[start : start + batch_size], pad_id)
-        ids, attn, mask = (batch[k].to(device) for k in ("input_ids", "attention_mask", "loss_mask"))
-        total -= sequence_logprobs(model, ids, attn, mask, chunk_size).sum.sum().item()
-        count += batch["n_items"]
+    with prec.autocast() if prec is not None else contextlib.nullcontext():
+        for start in range(0, len(encoded), batch_size):
+            batch = collate_sft(encoded[start : start + batch_size], pad_id)
+            ids, attn, mask = (batch[k].to(device) for k in ("input_ids", "attention_mask", "loss_mask"))
+            total -= sequence_logprobs(model, ids, attn, mask, chunk_size).sum.sum().item()
+            count += batch["n_items"]
     model.train(was_training)
     return total / max(count, 1)
 
@@ -105,7 +110,7 @@ def _run(cfg: SFTConfig, run_dir: RunDir, started: float) -> dict:
         )
 
     # 2. Model: full weights or LoRA adapters on the same base.
-    model = load_model(cfg.model, cfg.dtype, cfg.trust_remote_code, pick_device(), distributed.load_on())
+    model = load_model(cfg.model, weights_dtype(cfg), cfg.trust_remote_code, pick_device(), distributed.load_on())
     distributed.shard(model, cfg.lora)  # under FSDP: the loss measured before training runs on the shards
     if cfg.lora:
         model = apply_lora(model, cfg)
@@ -114,7 +119,11 @@ def _run(cfg: SFTConfig, run_dir: RunDir, started: float) -> dict:
 
     pad_id = tokenizer.pad_token_id
     measure = partial(
-        mean_nll, pad_id=pad_id, batch_size=cfg.eval_batch_size, chunk_size=cfg.logprob_chunk_size
+        mean_nll,
+        pad_id=pad_id,
+        batch_size=cfg.eval_batch_size,
+        chunk_size=cfg.logprob_chunk_size,
+        prec=of_config(cfg),
     )
     fresh = not cfg.resume_from
     train_loss_before = measure(model, train_encoded) if cfg.measure_train_loss and fresh else None

@@ -298,6 +298,8 @@ def shard(model: torch.nn.Module, lora: bool = False) -> None:
     for module in model.modules():
         if type(module).__name__ in blocks:
             fully_shard(module, reshard_after_forward=after_forward)
+    for module in odd_dtype_modules(model):
+        fully_shard(module, reshard_after_forward=after_forward)
     # The root keeps its weights from the forward to the backward (torch's default for a root): the reward pass
     # reads the score head's output on the way through the forward, a path FSDP's backward hooks do not see.
     fully_shard(model)
@@ -310,6 +312,28 @@ def shard(model: torch.nn.Module, lora: bool = False) -> None:
     with torch.no_grad():
         for buffer in model.buffers():
             dist.broadcast(buffer, src=0)
+
+
+def odd_dtype_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The modules outside the decoder blocks whose own weights are in another dtype than most of ``model``'s:
+    FSDP2 needs one dtype in each group, so each is a group of its own (PPO's fp32 value head on a backbone held
+    in bf16 by precision=pure; in mixed precision every weight is fp32 and there are none)."""
+    by_dtype: dict[torch.dtype, int] = {}
+    for p in model.parameters():
+        by_dtype[p.dtype] = by_dtype.get(p.dtype, 0) + p.numel()
+    if len(by_dtype) < 2:
+        return []
+    common = max(by_dtype, key=by_dtype.__getitem__)
+    blocks = {name for module in model.modules() for name in getattr(module, "_no_split_modules", None) or []}
+    inside_blocks = {
+        id(sub) for module in model.modules() if type(module).__name__ in blocks for sub in module.modules()
+    }
+    return [
+        module
+        for module in model.modules()
+        if id(module) not in inside_blocks
+        and any(p.dtype != common for p in module.parameters(recurse=False))
+    ]
 
 
 def load_on() -> str | None:

@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 from alignkit.config import ConfigError, TrainConfig
 from alignkit.errors import TrainingInterrupted
+from alignkit.models import precision
 from alignkit.models.loading import enable_gradient_checkpointing
 from alignkit.training import distributed
 from alignkit.training.checkpoint import (
@@ -131,6 +132,9 @@ def train(
     seed_and_threads(cfg)
     run.tensorboard = cfg.tensorboard
     device = next(model.parameters()).device
+    # Mixed precision (the default in bf16): fp32 weights and AdamW state, every forward under autocast.
+    prec = precision.of_config(cfg, device)
+    check_weights_dtype(model, prec)
     model.train()
     # Under FSDP, shard (unless the stage did) before the optimizer takes the parameters.
     distributed.shard(model, cfg.lora)
@@ -254,7 +258,8 @@ def train(
                 for j, mb in enumerate(microbatches):
                     stand_in = not mb["n_items"]
                     with _sync_gradients(accelerator, stepper, last=j == len(microbatches) - 1):
-                        out = stepper(_to_device(mb, device))
+                        with prec.autocast():  # the forward and the loss; the backward outside, as torch advises
+                            out = stepper(_to_device(mb, device))
                         scaled = out.loss_sum / n_items
                         if world > 1:  # the engine averages gradients over the ranks: undo it
                             scaled = scaled * world
@@ -321,7 +326,7 @@ def train(
 
                 # 8. Evaluate every eval_every steps (the final evaluation follows the loop).
                 if eval_fn and cfg.eval_every and step % cfg.eval_every == 0 and step < total_steps:
-                    last_eval = _evaluate(model, eval_fn, device)
+                    last_eval = _evaluate(model, eval_fn, device, prec)
                     run.log_metrics({"step": step, **last_eval})
 
                 # 9. Checkpoint every save_every steps, but not inside a non-finite streak (the last good
@@ -342,7 +347,7 @@ def train(
 
             # 8./9. At the end: evaluate and checkpoint.
             if eval_fn:
-                last_eval = _evaluate(model, eval_fn, device)
+                last_eval = _evaluate(model, eval_fn, device, prec)
                 run.log_metrics({"step": step, **last_eval})
             if saved_step != step:
                 last_checkpoint, saved_step = save(), step
@@ -360,6 +365,20 @@ def train(
         n_nonfinite_skipped=n_nonfinite,
         last_checkpoint=last_checkpoint,
     )
+
+
+def check_weights_dtype(model: torch.nn.Module, prec: precision.TrainPrecision) -> None:
+    """Refuse trainable weights in another dtype than the run's precision holds them in: a stage that loaded
+    its model in bf16 under precision=mixed would train without master weights, silently. (fp32 is always
+    allowed: LoRA adapters and PPO's value head stay fp32 on a pure bf16 base.)"""
+    found = {p.dtype for p in model.parameters() if p.requires_grad}
+    if found - {prec.weights, torch.float32}:
+        names = ", ".join(sorted(str(d).removeprefix("torch.") for d in found))
+        raise ConfigError(
+            f"the trainable weights are {names}, but dtype={str(prec.compute).removeprefix('torch.')} in "
+            f"precision {prec.name} holds them in {str(prec.weights).removeprefix('torch.')}; load the model "
+            "in alignkit.models.precision.weights_dtype(cfg)"
+        )
 
 
 def _sync_gradients(accelerator, stepper: torch.nn.Module, last: bool):
@@ -399,13 +418,15 @@ class _Window:
         return row
 
 
-def _evaluate(model: torch.nn.Module, eval_fn: Callable, device: torch.device) -> dict:
+def _evaluate(
+    model: torch.nn.Module, eval_fn: Callable, device: torch.device, prec: precision.TrainPrecision
+) -> dict:
     """``eval_fn`` in eval mode without gradients, on forked RNG streams: evaluating (even sampling) must not
     change the training run, or a run evaluated at other steps (or resumed) would not be the same run."""
     py_state, np_state = random.getstate(), np.random.get_state()
     devices = [device] if device.type == "cuda" else []
     try:
-        with torch.random.fork_rng(devices=devices), torch.no_grad():
+        with torch.random.fork_rng(devices=devices), torch.no_grad(), prec.autocast():
             model.eval()
             metrics = eval_fn(model)
     finally:

@@ -16,6 +16,7 @@ import torch
 
 from alignkit.data.schemas import load_prompts
 from alignkit.models.generation import Generation, generate_share
+from alignkit.models.precision import in_training_precision
 from alignkit.training import distributed
 
 DEFAULT_PROMPTS = Path(__file__).resolve().parents[1] / "assets" / "prompts.jsonl"
@@ -49,6 +50,7 @@ def note_idle_processes(cfg, n_samples: int, per: str, samples_doc: str) -> None
         )
 
 
+@in_training_precision
 def sample_share(
     cfg,
     policy,

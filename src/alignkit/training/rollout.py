@@ -19,6 +19,7 @@ from alignkit.losses.logprobs import completion_logprobs
 from alignkit.losses.ppo import entropy_from_logits
 from alignkit.models.forward import supports_chunked_head
 from alignkit.models.generation import Generation
+from alignkit.models.precision import in_training_precision
 from alignkit.models.value import ValueModel, keep_trainable
 from alignkit.training import distributed
 
@@ -152,6 +153,7 @@ def _rollout_passes(cfg, policy, reference, value_model, batch: dict) -> dict[st
     return {"logps": logps, "ref_logps": ref_logps, "entropy": entropy, "values": values}
 
 
+@in_training_precision
 def shared_rollout_passes(cfg, policy, reference, value_model, batch: dict, rank: int, world: int):
     """``rollout_passes`` over the whole ``batch``, each of ``world`` processes running a contiguous share of
     its rows and gathering the others' (one process: all of them). Every share holds a row (check_launch).
