@@ -39,7 +39,7 @@ def reply_mean_logprobs(
     """Mean log p(reply token | prompt, earlier reply tokens) under the causal LM ``model_name`` for the
     chosen and the rejected reply of every pair: one forward pass per reply, batched by length. The pairs
     must be tokenized with that model's tokenizer (the reward model's, when it was trained from it)."""
-    model = load_model(model_name, dtype, trust_remote_code, pick_device())
+    model = load_model(model_name, dtype, trust_remote_code, pick_device(), use="score")
     model.eval()
     device = next(model.parameters()).device
     chosen, rejected = [0.0] * len(pairs), [0.0] * len(pairs)
