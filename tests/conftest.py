@@ -97,6 +97,15 @@ def _gpu_only(request):
 
 
 @pytest.fixture(autouse=True)
+def _keep_threads():
+    """A stage run with num_threads=N sets torch's threads for the whole process: give the next test the
+    count this one started with."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
 def _private_cache(request, tmp_path_factory, monkeypatch):
     """Tiny-model tests write caches (reference log-probs) to a temporary folder, not the user's; tests
     marked `smollm` keep the real cache so the embedded model is prepared once."""

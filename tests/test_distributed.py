@@ -173,6 +173,10 @@ def _common(model: Path, data: Path, out: Path) -> list[str]:
         "progress=false",
         "tensorboard=false",
         "dtype=float32",  # the comparisons are made at fp32 resolution, on any CPU (bf16: tests/test_precision.py)
+        # One thread in every process: the launched ranks and the one-process run then sum in the same order
+        # (torchrun gives each rank one thread, pytest's process has every core; on a loaded machine the
+        # online-dpo comparison drifted past 1e-6 that way).
+        "num_threads=1",
     ]
 
 

@@ -55,3 +55,22 @@ def bradley_terry_loss(
         losses = losses + center_coef * (chosen_rewards + rejected_rewards) ** 2  # (B,)
     accuracy = (gap > 0).float().detach()  # (B,)
     return RewardLoss(losses, accuracy, gap.detach())
+
+
+def length_correlation_penalty(rewards: torch.Tensor, lengths: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """Squared Pearson correlation of the rewards with the reply lengths over a batch, () with gradient.
+
+    rewards: (N,) rewards of N replies (chosen and rejected rows together); lengths: (N,) their lengths in
+    tokens. Chen et al. 2024 (ODIN, "Disentangled Reward Mitigates Hacking in RLHF"), sec. 4: the quality
+    head is trained to be uncorrelated with length by adding its batch Pearson correlation with length to the
+    loss. We keep one head and penalise rho^2 rather than ODIN's |rho|: the same minimum, a gradient that
+    goes to zero there instead of flipping sign, so the term does not jitter around 0. Lengths all equal
+    (no evidence) give 0; ``eps`` keeps constant rewards finite.
+    """
+    r = rewards.float() - rewards.float().mean()  # (N,)
+    n = lengths.to(r).float()
+    n = n - n.mean()  # (N,)
+    if r.numel() < 2 or not bool((n != 0).any()):
+        return r.sum() * 0.0  # keeps the graph (and the device) of the rewards
+    rho = (r * n).sum() / torch.sqrt((r * r).sum() * (n * n).sum() + eps)  # ()
+    return rho**2

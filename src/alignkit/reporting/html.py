@@ -507,6 +507,18 @@ font-size:12px;overflow-x:auto}.empty{color:#777;font-style:italic}
 """
 
 
+def reward_diagnostics_html(diagnostics: dict) -> str:
+    """The held-out diagnostics of a reward model (`alignkit rm`, `score` of pairs): its warnings, then the
+    table the console prints."""
+    # Imported here: the module needs numpy and torch, which a report without a reward model never loads.
+    from alignkit.evaluation.reward_diagnostics import table_rows
+
+    warnings = "".join(
+        f'<p style="color:#b35900"><b>Warning:</b> {_esc(w)}</p>' for w in diagnostics.get("warnings", [])
+    )
+    return warnings + _table(table_rows(diagnostics), ("measure", "value"))
+
+
 def render_report(
     run_dir: Path, eval_path: Path | None = None, title: str | None = None, max_samples: int = 20
 ) -> tuple[str, dict]:
@@ -586,6 +598,12 @@ def render_report(
     if eval_result is not None:
         parts.append(f"<h2>Evaluation <span class='meta'>({_esc(eval_path.name)})</span></h2>")
         parts.append(eval_html(eval_result, max_samples))
+
+    diagnostics = (summary or {}).get("diagnostics")
+    if isinstance(diagnostics, dict):
+        parts.append("<h2>Reward model diagnostics</h2>")
+        parts.append(reward_diagnostics_html(diagnostics))
+        summary = {k: v for k, v in summary.items() if k != "diagnostics"}  # shown above, not as raw JSON
 
     parts.append("<h2>Summary</h2>")
     parts.append(

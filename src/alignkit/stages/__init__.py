@@ -39,6 +39,10 @@ STAGES: dict[str, tuple[str, str]] = {
         "Online DPO: each round samples the policy, scores with a reward, trains on best-vs-worst pairs",
     ),
     "rm": ("alignkit.stages.rm", "Train a reward model (Bradley-Terry) on chosen/rejected pairs"),
+    "rm-eval": (
+        "alignkit.stages.rm_eval",
+        "Diagnose a reward model on preference files: accuracy vs length rules, length buckets, calibration",
+    ),
     "score": (
         "alignkit.stages.score",
         "Score (prompt, response) rows or pairs with a reward model, resumably",

@@ -4,6 +4,8 @@ The model is the policy's backbone with a one-output linear head (``models.rewar
 sequence classifier, pooled at the response's EOS), trained with the Bradley-Terry loss
 (``losses.reward``), optionally with a per-pair margin and reward centering. Chosen and rejected go
 through the model in one forward pass. final/ loads with ``alignkit.models.reward.load_reward_model``.
+Every held-out evaluation ends with the diagnostics of ``evaluation.reward_diagnostics`` (is it more than a
+length rule?); length_balance, length_debias_coef and early_stopping_pairs train against that shortcut.
 """
 
 from __future__ import annotations
@@ -20,16 +22,19 @@ import torch
 from alignkit.config import ConfigError, TrainConfig, doc_field
 from alignkit.data.collate import collate_pairs, length_sorted_batches, pair_length
 from alignkit.data.io import BadRow, BadRowError, read_rows
+from alignkit.data.length_balance import length_balanced_indices
 from alignkit.data.schemas import Loaded, load_preferences, no_usable_rows
 from alignkit.data.tokenize import EncodedPair, encode_pair
 from alignkit.evaluation.metrics import mean_ci
 from alignkit.evaluation.monitors import default_monitors
-from alignkit.losses.reward import bradley_terry_loss
+from alignkit.evaluation.reward_eval import is_causal_lm, pair_diagnostics
+from alignkit.losses.reward import bradley_terry_loss, length_correlation_penalty
 from alignkit.models.loading import count_parameters, load_tokenizer, pick_device
 from alignkit.models.precision import in_training_precision, weights_dtype
 from alignkit.models.reward import apply_reward_lora, build_reward_model, save_reward_model, sequence_rewards
 from alignkit.stages import Stage
 from alignkit.training import distributed
+from alignkit.training.early_stopping import BestWeights
 from alignkit.training.loop import StepOutput, train
 from alignkit.training.run import RunDir
 
@@ -60,6 +65,41 @@ class RMConfig(TrainConfig):
     train_eval_pairs: int = doc_field(
         256, "Held-in pairs (the first N training pairs) measured before and after training; 0 skips.", ge=0
     )
+    # Options against the length shortcut (issue 18), measured in the README's "Reward model diagnostics".
+    length_balance: bool = doc_field(
+        False,
+        "Train on a length-balanced subset: as many pairs whose chosen reply is longer as shorter "
+        "(data.length_balance), so length alone predicts nothing.",
+    )
+    length_debias_coef: float = doc_field(
+        0.0,
+        "Weight of the penalty coef * corr(reward, reply length)^2 over each micro-batch's replies "
+        "(losses.reward.length_correlation_penalty, after ODIN, Chen et al. 2024); 0 disables it.",
+        ge=0,
+    )
+    early_stopping_pairs: int = doc_field(
+        0,
+        "Early stopping: hold out the last N training pairs as a validation set (never eval_data, which "
+        "stays untouched), measure it every eval_every steps, and save the best step's weights as final/; "
+        "0 disables it. A resumed run keeps the best of the measurements made after the resume.",
+        ge=0,
+    )
+    early_stopping_patience: int = doc_field(
+        3, "Stop after this many validation measurements without a better accuracy.", ge=1
+    )
+    logprob_baseline: bool = doc_field(
+        True,
+        "Also score the held-out pairs by the base model's mean log-prob of each reply (one forward pass per "
+        "reply) as a baseline the reward model must beat.",
+    )
+
+    def check(self) -> None:
+        super().check()
+        if self.early_stopping_pairs and not self.eval_every:
+            raise ConfigError(
+                "early_stopping_pairs needs eval_every (how often to measure the validation pairs)",
+                ("early_stopping_pairs", "eval_every"),
+            )
 
 
 @dataclass
@@ -71,6 +111,10 @@ class RMExample:
 def collate(examples: list[RMExample], pad_id: int) -> dict:
     batch = collate_pairs([ex.encoded for ex in examples], pad_id)  # 2B rows: chosen, then rejected
     batch["margin"] = torch.tensor([ex.margin for ex in examples], dtype=torch.float32)  # (B,)
+    # (2B,) reply lengths in tokens, chosen then rejected as the rows are, for the length-debiasing term.
+    batch["reply_lengths"] = torch.tensor(
+        [len(ex.encoded.chosen_ids) for ex in examples] + [len(ex.encoded.rejected_ids) for ex in examples]
+    )
     return batch
 
 
@@ -92,12 +136,18 @@ def pair_losses(cfg: RMConfig, model, batch: dict):
         "rewards/chosen": chosen.detach().sum().item(),
         "rewards/rejected": rejected.detach().sum().item(),
     }
-    return out, chosen.detach(), rejected.detach(), metrics
+    loss_sum = out.losses.sum()
+    if cfg.length_debias_coef:
+        penalty = length_correlation_penalty(torch.cat([chosen, rejected]), batch["reply_lengths"])  # ()
+        # Counted once per pair, so that after the loop divides by the batch's pairs it weighs coef * rho^2.
+        loss_sum = loss_sum + cfg.length_debias_coef * penalty * chosen.shape[0]
+        metrics["rewards/length_corr_sq"] = penalty.item() * chosen.shape[0]
+    return out, loss_sum, chosen.detach(), rejected.detach(), metrics
 
 
 def rm_step(model, batch: dict, cfg: RMConfig) -> StepOutput:
-    out, _, _, metrics = pair_losses(cfg, model, batch)
-    return StepOutput(loss_sum=out.losses.sum(), metrics=metrics)
+    _, loss_sum, _, _, metrics = pair_losses(cfg, model, batch)
+    return StepOutput(loss_sum=loss_sum, metrics=metrics)
 
 
 @in_training_precision
@@ -118,8 +168,8 @@ def evaluate(
     for idx in length_sorted_batches(lengths, cfg.eval_batch_size):
         batch = collate([examples[i] for i in idx], pad_id)
         batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
-        out, chosen, rejected, metrics = pair_losses(cfg, model, batch)
-        for k, v in {"loss": out.losses.sum().item(), **metrics}.items():
+        out, loss_sum, chosen, rejected, metrics = pair_losses(cfg, model, batch)
+        for k, v in {"loss": loss_sum.item(), **metrics}.items():
             sums[k] = sums.get(k, 0.0) + v
         for i, ok, c, r in zip(idx, out.accuracy.tolist(), chosen.tolist(), rejected.tolist()):
             correct[i], chosen_rewards[i], rejected_rewards[i] = ok, c, r
@@ -201,6 +251,26 @@ def _run(cfg: RMConfig, run_dir: RunDir, started: float) -> dict:
         _, eval_examples = load_pairs(
             cfg, tokenizer, cfg.eval_data, cfg.eval_split, cfg.eval_rows, cfg.eval_max_rows, "eval"
         )
+    validation: list[RMExample] = []
+    if cfg.early_stopping_pairs:
+        if cfg.early_stopping_pairs >= len(train_examples):
+            raise ConfigError(
+                f"early_stopping_pairs={cfg.early_stopping_pairs} leaves no training pairs (train_data has "
+                f"{len(train_examples)})",
+                ("early_stopping_pairs",),
+            )
+        if distributed.world_size() > 1:
+            raise ConfigError("early_stopping_pairs needs one process (the best weights are copied whole)")
+        validation = train_examples[-cfg.early_stopping_pairs :]
+        train_examples = train_examples[: -cfg.early_stopping_pairs]
+    if cfg.length_balance:
+        kept = length_balanced_indices(
+            [len(ex.encoded.chosen_ids) for ex in train_examples],
+            [len(ex.encoded.rejected_ids) for ex in train_examples],
+            cfg.seed,
+        )
+        print(f"length_balance: training on {len(kept)} of {len(train_examples)} pairs", file=sys.stderr)
+        train_examples = [train_examples[i] for i in kept]
     held_in = train_examples[: cfg.train_eval_pairs]
     n_truncated = sum(ex.encoded.truncated for ex in train_examples)
 
@@ -223,10 +293,16 @@ def _run(cfg: RMConfig, run_dir: RunDir, started: float) -> dict:
         else None
     )
 
-    # The loop evaluates every eval_every steps and at the end; the last outcomes feed the summary.
+    # The loop evaluates every eval_every steps and at the end; the last outcomes feed the summary. With
+    # early stopping it measures the validation pairs only, and eval_data once, on the best weights, after.
     last_eval: dict = {}
+    best = BestWeights(cfg.early_stopping_patience) if validation else None
 
     def eval_fn(m) -> dict:
+        if best is not None:
+            metrics = evaluate(cfg, m, validation, pad_id)[0]
+            best.update(m, metrics["rewards/accuracy"])
+            return {f"validation/{k}": v for k, v in metrics.items()}
         last_eval["metrics"], last_eval["correct"], last_eval["rewards"] = evaluate(
             cfg, m, eval_examples, pad_id
         )
@@ -242,8 +318,29 @@ def _run(cfg: RMConfig, run_dir: RunDir, started: float) -> dict:
         step_fn=partial(rm_step, cfg=cfg),
         run=run_dir,
         monitors=monitors,
-        eval_fn=eval_fn if eval_examples else None,
+        eval_fn=eval_fn if eval_examples or best is not None else None,
+        on_log=(lambda _step, _row: "stop" if best.should_stop else None) if best is not None else None,
     )
+    early_stopping: dict | None = None
+    if best is not None:
+        # Periodic measurement k (0-based) ran after step (k + 1) * eval_every; the last one after the loop.
+        planned_steps = cfg.max_steps or cfg.epochs * math.ceil(len(train_examples) / cfg.batch_size)
+        steps = [(k + 1) * cfg.eval_every for k in range(len(best.scores) - 1)] + [result.steps]
+        best.restore(model)
+        early_stopping = {
+            "validation_pairs": len(validation),
+            "validation_accuracy": best.scores,
+            "validation_steps": steps,
+            "best_step": steps[best.best_index],
+            "best_validation_accuracy": best.best_score,
+            "stopped_early": result.steps < planned_steps,
+            "final_model_is": f"the weights of step {steps[best.best_index]} (best validation accuracy)",
+        }
+        print(f"early stopping: final/ holds {early_stopping['final_model_is']}", file=sys.stderr)
+        if eval_examples:
+            last_eval["metrics"], last_eval["correct"], last_eval["rewards"] = evaluate(
+                cfg, model, eval_examples, pad_id
+            )
 
     # 4. Held-in and held-out loss/accuracy/margin, accuracy with a bootstrap interval, reward statistics.
     summary = {
@@ -262,6 +359,8 @@ def _run(cfg: RMConfig, run_dir: RunDir, started: float) -> dict:
         "peak_rss_mb": result.peak_rss_mb,
         "monitor_events": [e.to_row() for e in monitors.events],
     }
+    if early_stopping is not None:
+        summary["early_stopping"] = early_stopping
     reward_stats: dict = {}
     if held_in:
         train_after, _, held_in_rewards = evaluate(cfg, model, held_in, pad_id)
@@ -299,6 +398,24 @@ def _run(cfg: RMConfig, run_dir: RunDir, started: float) -> dict:
             **reward_stats,
         ),
     )
+    # 6. Is it a preference model or a length model? Accuracy beside the length rules and the base model's
+    #    log-prob, length buckets, length correlation, calibration (evaluation.reward_diagnostics).
+    if eval_examples:
+        n = len(eval_examples)
+        base = cfg.model if cfg.logprob_baseline and is_causal_lm(cfg.model, cfg.trust_remote_code) else None
+        summary["diagnostics"] = pair_diagnostics(
+            eval_rewards[:n],
+            eval_rewards[n:],
+            [ex.encoded for ex in eval_examples],
+            f"reward-model diagnostics on {n} held-out pairs",
+            seed=cfg.seed,
+            base_model=base,
+            pad_id=pad_id,
+            dtype=cfg.dtype,
+            trust_remote_code=cfg.trust_remote_code,
+            batch_size=cfg.eval_batch_size,
+        )
+        summary["warnings"] = summary["diagnostics"]["warnings"]
     summary["wall_seconds"] = time.time() - started
     run_dir.write_summary(summary)
     return summary

@@ -23,6 +23,8 @@ from tqdm.auto import tqdm
 from alignkit.config import ConfigError, RuntimeConfig, check_below, check_row_range, doc_field, required
 from alignkit.data.io import BadRow, BadRowError, Record, read_rows
 from alignkit.data.schemas import load_preferences, load_prompts, no_usable_rows
+from alignkit.data.tokenize import encode_pair
+from alignkit.evaluation.reward_eval import pair_diagnostics
 from alignkit.models.loading import pick_device
 from alignkit.scoring import RewardModelScorer, Scorer, is_function_spec, load_scorer
 from alignkit.stages import Stage
@@ -77,6 +79,11 @@ class ScoreConfig(RuntimeConfig):
         "error", "What to do with an invalid row: stop with an error naming it, or skip it and count it."
     )
     overwrite: bool = doc_field(False, "Start the output afresh instead of resuming it.")
+    base_model: str | None = doc_field(
+        None,
+        "Pairs only: a causal LM whose mean log-prob of each reply is added to the diagnostics as a baseline "
+        "(one forward pass per reply); None leaves that baseline out.",
+    )
 
     def check(self) -> None:
         """The rules across fields (each field's own range is declared on it and checked before this)."""
@@ -286,6 +293,29 @@ def run(cfg: ScoreConfig) -> dict:
         summary[f"{column}_std"] = float(values.std()) if len(values) else None
     if kind == "pairs" and scored:
         summary["accuracy"] = float(np.mean([row[columns[0]] > row[columns[1]] for row in scored]))
+        # Accuracy beside the length rules, length buckets and correlation, calibration (issue 18), over every
+        # scored pair; reply lengths in the reward model's tokens, as it read them.
+        by_row = {row.record.row: row for row in rows}
+        pairs = [by_row[s[INPUT_ROW]] for s in scored]
+        encoded = [
+            encode_pair(
+                reward_model.tokenizer, row.prompt, *row.responses, reward_model.max_length,
+                reward_model.max_prompt_length,
+            )
+            for row in pairs
+        ]
+        summary["diagnostics"] = pair_diagnostics(
+            [s[columns[0]] for s in scored],
+            [s[columns[1]] for s in scored],
+            encoded,
+            f"reward-model diagnostics on {len(scored)} scored pairs",
+            base_model=cfg.base_model,
+            pad_id=reward_model.tokenizer.pad_token_id,
+            dtype=cfg.dtype,
+            trust_remote_code=cfg.trust_remote_code,
+            batch_size=cfg.batch_size,
+        )
+        summary["warnings"] = summary["diagnostics"]["warnings"]
     summary["wall_seconds"] = time.time() - started
     return summary
 
