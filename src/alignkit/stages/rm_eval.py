@@ -32,6 +32,7 @@ from alignkit.evaluation.reward_diagnostics import (
 from alignkit.evaluation.reward_eval import is_causal_lm, reply_mean_logprobs
 from alignkit.models.loading import load_tokenizer, pick_device
 from alignkit.models.reward import load_reward_model
+from alignkit.stages import Stage
 from alignkit.training.distributed import require_one_process
 
 

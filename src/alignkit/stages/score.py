@@ -293,8 +293,11 @@ def run(cfg: ScoreConfig) -> dict:
         summary[f"{column}_std"] = float(values.std()) if len(values) else None
     if kind == "pairs" and scored:
         summary["accuracy"] = float(np.mean([row[columns[0]] > row[columns[1]] for row in scored]))
+    if kind == "pairs" and scored and isinstance(scorer, RewardModelScorer):
         # Accuracy beside the length rules, length buckets and correlation, calibration (issue 18), over every
-        # scored pair; reply lengths in the reward model's tokens, as it read them.
+        # scored pair; reply lengths in the reward model's tokens, as it read them (a reward function has no
+        # tokens of its own: no diagnostics).
+        reward_model = scorer.reward_model
         by_row = {row.record.row: row for row in rows}
         pairs = [by_row[s[INPUT_ROW]] for s in scored]
         encoded = [
