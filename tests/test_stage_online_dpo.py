@@ -25,7 +25,7 @@ from alignkit.losses.preference import dpo_loss
 from alignkit.models.forward import sequence_logprobs
 from alignkit.models.loading import load_model
 from alignkit.stages import online_dpo
-from alignkit.training import distributed
+from alignkit.training import distributed, online_engine
 from alignkit.training.distributed import StepModule
 from alignkit.training.preference import PairExample, PairLogprobs
 
@@ -283,7 +283,7 @@ def test_vllm_backend_with_lora_samples_what_hf_samples(tiny_model_dir, prompt_f
         load_config(online_dpo.OnlineDPOConfig, None, _args(tiny_model_dir, prompt_file, hf, *lora))
     )
 
-    monkeypatch.setattr(online_dpo, "check_generation_backend", lambda backend: None)  # vllm is not here
+    monkeypatch.setattr(online_engine, "check_generation_backend", lambda backend: None)  # vllm is not here
     monkeypatch.setattr(online_dpo, "vllm_sampler", FakeVLLMSampler)
     monkeypatch.setattr(FakeVLLMSampler, "built", [])
     vllm = tmp_path / "vllm"

@@ -25,7 +25,7 @@ from alignkit.models.value import ValueModel
 from alignkit.scoring import prompt_text
 from alignkit.scoring.rewards import brevity, length, politeness
 from alignkit.stages import ppo
-from alignkit.training import online
+from alignkit.training import online, online_engine
 from alignkit.training import rollout as rollouts
 from alignkit.training.loop import MAX_CONSECUTIVE_NONFINITE
 from alignkit.training.online import iteration_prompts
@@ -169,7 +169,7 @@ def test_vllm_backend_with_lora_samples_what_hf_samples(tiny_model_dir, prompt_f
     hf = tmp_path / "hf"
     ppo.run(load_config(ppo.PPOConfig, None, _args(tiny_model_dir, prompt_file, hf, *lora)))
 
-    monkeypatch.setattr(ppo, "check_generation_backend", lambda backend: None)  # vllm is not installed here
+    monkeypatch.setattr(online_engine, "check_generation_backend", lambda backend: None)  # vllm is not installed here
     monkeypatch.setattr(ppo, "vllm_sampler", FakeVLLMSampler)
     monkeypatch.setattr(FakeVLLMSampler, "built", [])
     vllm = tmp_path / "vllm"

@@ -15,6 +15,7 @@ from alignkit.models.loading import apply_lora, load_model
 from alignkit.models.value import VALUE_ADAPTER, add_value_adapter
 from alignkit.models.vllm_engine import VLLMSampler
 from alignkit.stages import online_dpo, ppo
+from alignkit.training import online_engine
 
 
 def _logits(model, ids: torch.Tensor) -> torch.Tensor:
@@ -72,5 +73,5 @@ def test_vllm_with_lora_is_refused_only_where_vllm_cannot_run(stage, monkeypatch
     if importlib.util.find_spec("vllm") is None:
         with pytest.raises(ConfigError, match="generation_backend=vllm needs the vllm package"):
             stage.check_config(cfg)
-    monkeypatch.setattr(stage, "check_generation_backend", lambda backend: None)
+    monkeypatch.setattr(online_engine, "check_generation_backend", lambda backend: None)
     stage.check_config(cfg)
