@@ -781,6 +781,13 @@ def _parse_override(text: str) -> tuple[str, str, Any]:
 _WARNED_RENAMES: set[str] = set()
 
 
+def _warn_once(key: str, message: str) -> None:
+    """Print ``message`` on stderr the first time this process meets ``key`` (a renamed or retired key)."""
+    if key not in _WARNED_RENAMES:
+        _WARNED_RENAMES.add(key)
+        print(f"warning: {message}", file=sys.stderr)
+
+
 class _KeyNames:
     """The field each given key names: a field's own name, or an old name of a renamed field (``RENAMED``),
     which is taken with a deprecation message on stderr (once per process) for one release. Giving a field
@@ -799,13 +806,11 @@ class _KeyNames:
             default, why = retired[key]
             if not (value == default or (default is None and _is_none(value))):
                 raise ConfigError(f"config key '{key}' {why} (from {source})")
-            if key not in _WARNED_RENAMES:
-                _WARNED_RENAMES.add(key)
-                print(
-                    f"warning: config key '{key}' {why}; ignored at its old default {_show(default)} for one "
-                    f"release (from {source})",
-                    file=sys.stderr,
-                )
+            _warn_once(
+                key,
+                f"config key '{key}' {why}; ignored at its old default {_show(default)} for one release "
+                f"(from {source})",
+            )
             return None
         new = self.renamed.get(key) if isinstance(key, str) and key not in self.fields else None
         if new is None or new not in self.fields:
@@ -813,13 +818,11 @@ class _KeyNames:
             if name in self.renamed.values():
                 self.by_new.add((name, source))
             return name
-        if key not in _WARNED_RENAMES:
-            _WARNED_RENAMES.add(key)
-            print(
-                f"warning: config key '{key}' is deprecated, use '{new}' (the old name stops working in the "
-                f"next release) (from {source})",
-                file=sys.stderr,
-            )
+        _warn_once(
+            key,
+            f"config key '{key}' is deprecated, use '{new}' (the old name stops working in the next release) "
+            f"(from {source})",
+        )
         self.by_old.add((new, key, source))
         return new
 

@@ -174,8 +174,9 @@ class RunDir:
         The settings resumes changed (resumes.jsonl) go in as "resumes"."""
         if not self.writes:
             return
-        if self.resumes():
-            summary = {**summary, "resumes": self.resumes()}
+        resumes = self.resumes()  # resumes.jsonl, read once
+        if resumes:
+            summary = {**summary, "resumes": resumes}
         tmp = self.summary_path.with_name(f"{self.summary_path.name}.tmp-{os.getpid()}")
         tmp.write_text(json.dumps({k: _json_safe(v) for k, v in summary.items()}, indent=2) + "\n")
         os.replace(tmp, self.summary_path)
