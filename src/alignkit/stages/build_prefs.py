@@ -54,6 +54,7 @@ from alignkit.scoring.rankers import (
 )
 from alignkit.stages import Stage
 from alignkit.training.distributed import require_one_process
+from alignkit.training.remedies import length_penalised
 
 
 @dataclass
@@ -120,6 +121,12 @@ class BuildPrefsConfig(GenerationBackendConfig, RuntimeConfig):
         "random from the rest), all_pairs (every pair with different scores).",
     )
     score_batch_size: int = doc_field(16, "Responses per reward-model forward pass.", ge=1)
+    length_penalty: float = doc_field(
+        0.0,
+        "ranker=reward: rank by score - length_penalty x response tokens (as sampled), so a longer reply wins "
+        "only where the reward pays more than this per token; 0: by the score. The pairs' scores are these.",
+        ge=0,
+    )
     judge_model: str = doc_field(
         "smollm2-135m-instruct", "The AI judge for reward=judge (embedded default, hub id or local dir)."
     )
@@ -350,8 +357,10 @@ def sample_and_rank(cfg: BuildPrefsConfig, writer: Writer, done: dict[int, dict]
             # 4. Rank the usable responses (empty and repeated ones are never sent to the ranker).
             kept, _, _ = usable_responses(texts)
             scores: list[float | None] = [None] * n
-            for i, s in zip(kept, ranker.score(ex.prompt, [texts[i] for i in kept]) if kept else []):
-                scores[i] = float(s)
+            ranked = ranker.score(ex.prompt, [texts[i] for i in kept]) if kept else []
+            lengths = [len(generations[k * n + i].response_ids) for i in kept]
+            for i, s in zip(kept, length_penalised(ranked, lengths, cfg.length_penalty)):
+                scores[i] = s
             # 5. Pair by the rule, and append the prompt's pairs and its progress entry.
             pairing = make_pairs(texts, scores, cfg.pairing, np.random.default_rng([cfg.seed, ex.ref.row]))
             lines = pair_rows(
@@ -427,6 +436,8 @@ def run(cfg: BuildPrefsConfig) -> dict:
     settings = {k: v for k, v in config_to_dict(cfg).items() if k in CONTENT_SETTINGS}
     if cfg.generation_backend != "hf":  # vLLM draws other samples; hf outputs keep their earlier settings
         settings["generation_backend"] = cfg.generation_backend
+    if cfg.length_penalty:  # recorded only when set, so outputs begun before the option resume as they were
+        settings["length_penalty"] = cfg.length_penalty
     if cfg.overwrite:
         for path in (output, progress_path(output)):
             path.unlink(missing_ok=True)
