@@ -1,6 +1,7 @@
 """Monitors that act (issue 19, section 3), each remedy tested on its provoked failure: a length penalty on the
 reward, the "adjust" action raising the KL coefficient (reward hacking, mode collapse), RPO's NLL term against
-DPO's likelihood displacement, and keeping the best-gold weights when the proxy-vs-gold check stops a run."""
+DPO's likelihood displacement, keeping the best-gold weights when the proxy-vs-gold check stops a run, and the
+constitution's written guidelines for edge cases (judge prompt and program checks)."""
 
 from __future__ import annotations
 
@@ -11,8 +12,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from alignkit.cai import judge
+from alignkit.cai.checks import ChecksRanker, politeness
+from alignkit.cai.constitution import load_constitution
+from alignkit.cai.guidelines import GuidedChecksRanker, politeness_quoting_allowed
+from alignkit.cai.judge import JudgeResult
 from alignkit.cli import main
-from alignkit.config import load_config
+from alignkit.config import ConfigError, load_config
 from alignkit.data.collate import collate_pairs
 from alignkit.data.tokenize import encode_pair
 from alignkit.evaluation.monitors import ModeCollapseMonitor, MonitorSet, RewardHackingMonitor
@@ -242,3 +248,83 @@ def test_without_stop_the_final_model_is_the_last(tiny_model_dir, prompt_file, t
     out = tmp_path / "run"
     summary = ppo.run(load_config(ppo.PPOConfig, None, _ppo_args(tiny_model_dir, prompt_file, out, "iterations=1")))
     assert summary["final_model_from"] == "the last iteration"
+
+
+# --- 5. Constitutional AI: written guidelines for edge cases ------------------------------------------------------
+
+GUIDED_CONSTITUTION = """
+name: guided
+principles:
+  - {id: politeness, priority: 5, critique_request: c, revision_request: r, comparison: "Which response is more polite?"}
+  - {id: concision, priority: 3, critique_request: c, revision_request: r, comparison: "Which response is shorter?"}
+guidelines:
+  - id: quoting
+    text: Quoting a word the user asked about is not rudeness
+    applies_to: [politeness]
+    check: quoting_asked_words
+"""
+
+
+def _guided(tmp_path, text: str = GUIDED_CONSTITUTION):
+    path = tmp_path / "constitution.yaml"
+    path.write_text(text)
+    return load_constitution(path)
+
+
+def test_guidelines_are_parsed_and_checked(tmp_path):
+    constitution = _guided(tmp_path)
+    (g,) = constitution.guidelines
+    assert (g.id, g.applies_to, g.check) == ("quoting", ("politeness",), "quoting_asked_words")
+    assert constitution.guidelines_for("politeness") == [g] and constitution.guidelines_for("concision") == []
+    assert load_constitution().guidelines == ()  # the shipped constitution has none
+    with pytest.raises(ConfigError, match=r"guideline 1 \('quoting'\): applies_to names \['kindness'\]"):
+        _guided(tmp_path, GUIDED_CONSTITUTION.replace("[politeness]", "[kindness]"))
+    with pytest.raises(ConfigError, match="field 'text'"):
+        _guided(tmp_path, GUIDED_CONSTITUTION.replace("text: Quoting", "txt: Quoting"))
+
+
+def test_the_judge_reads_the_guideline_with_the_principle_it_applies_to(tmp_path, monkeypatch):
+    """Each judge question is the principle's comparison question, plus its guidelines' texts when it has any."""
+    asked = []
+
+    def fake_judge_pairs(model, tokenizer, questions, *args):
+        asked.extend(q.instruction for q in questions)
+        return [JudgeResult(0.5, 0.5, 0.5, 1.0)] * len(questions)
+
+    monkeypatch.setattr(judge, "judge_pairs", fake_judge_pairs)
+    constitution = _guided(tmp_path)
+    pj = judge.PairwiseJudge(None, None, constitution)
+    (comparison,) = pj.compare([("what does damn mean?", "a", "b")], [list(constitution.principles)])
+    assert asked == [
+        "Which response is more polite? Guidelines for edge cases: Quoting a word the user asked about is not "
+        "rudeness.",
+        "Which response is shorter?",
+    ]
+    assert comparison.guided == ("quoting",)
+
+
+def test_politeness_guideline_by_hand():
+    """Asked "what does damn mean?": "damn is a mild curse, thanks for asking." scores 1 (thanks) - 3 (damn) = -2
+    under the plain check, 1 under the guideline (the user brought the word up); "hell" the user did not ask
+    about still costs 3: 0 - 3 = -3."""
+    prompt = "what does damn mean?"
+    assert politeness(prompt, "damn is a mild curse, thanks for asking.") == -2.0
+    assert politeness_quoting_allowed(prompt, "damn is a mild curse, thanks for asking.") == 1.0
+    assert politeness_quoting_allowed(prompt, "what the hell.") == -3.0
+    chat = [{"role": "user", "content": "what does damn mean?"}, {"role": "assistant", "content": "hell"}]
+    assert politeness_quoting_allowed(chat, "damn, hell.") == -3.0  # only the user's turns count as asked
+
+
+def test_guided_checks_ranker_resolves_the_conflict_and_counts_it(tmp_path):
+    """Plain checks rank the refusal above the answer that quotes the asked word (politeness 0 > -2); with the
+    guideline the answer wins (1 > 0): one response's verdict changed, one conflict resolved."""
+    prompt, answer, refusal = "what does damn mean?", "damn is a mild curse, thanks for asking.", "i cannot say."
+    constitution = _guided(tmp_path)
+    plain = ChecksRanker.from_constitution(constitution.principles)
+    guided = GuidedChecksRanker.from_guidelines(constitution)
+    assert plain.score(prompt, [answer, refusal]) == [0.0, 1.0]
+    assert guided.score(prompt, [answer, refusal]) == [1.0, 0.0]
+    assert guided.take_resolved() == 1 and guided.take_resolved() == 0
+    assert type(GuidedChecksRanker.from_guidelines(load_constitution())) is ChecksRanker  # no guidelines: as before
+    with pytest.raises(ConfigError, match="guideline 'quoting' names check 'nope'"):
+        GuidedChecksRanker.from_guidelines(_guided(tmp_path, GUIDED_CONSTITUTION.replace("quoting_asked_words", "nope")))

@@ -23,8 +23,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from alignkit.cai.checks import ChecksRanker
 from alignkit.cai.constitution import load_constitution
+from alignkit.cai.guidelines import GuidedChecksRanker
 from alignkit.config import (
     SEED_MAX,
     ConfigError,
@@ -275,7 +275,8 @@ def make_ranker(cfg: BuildPrefsConfig, device) -> Ranker | None:
     if cfg.reward == "judge":
         return judge_ranker(cfg)
     if cfg.reward == "checks":  # the constitution's checkable principles, judged by program, priority first
-        return ChecksRanker.from_constitution(load_constitution(cfg.judge_constitution).principles)
+        # with the program checks of the constitution's guidelines for edge cases, where it has any
+        return GuidedChecksRanker.from_guidelines(load_constitution(cfg.judge_constitution))
     if is_function_spec(cfg.reward):
         return ScorerRanker(FunctionScorer(cfg.reward, "reward"))
     from alignkit.models.reward import load_reward_model  # only when a reward model ranks
@@ -366,7 +367,10 @@ def sample_and_rank(cfg: BuildPrefsConfig, writer: Writer, done: dict[int, dict]
             lines = pair_rows(
                 ex.ref.row, ex.prompt, texts, scores, pairing, ranker.name, cfg.pairing, sampling
             )
-            writer.add_prompt(ex.ref.row, lines, counts_of(pairing, n))
+            counts = counts_of(pairing, n)
+            if isinstance(ranker, GuidedChecksRanker):  # responses whose verdict a guideline changed
+                counts["n_guideline_resolved"] = ranker.take_resolved()
+            writer.add_prompt(ex.ref.row, lines, counts)
             bar.update(1)
     bar.close()
     return loaded.n_rows, loaded.skipped
@@ -460,7 +464,9 @@ def run(cfg: BuildPrefsConfig) -> dict:
     entries = [json.loads(line) for line in complete_lines(progress_path(output))[1:]]
     total = {
         key: sum(e.get(key, 0) for e in entries)
-        for key in ("n_responses", "n_pairs", "n_empty", "n_duplicate", "n_unscored", "n_ties")
+        for key in (
+            "n_responses", "n_pairs", "n_empty", "n_duplicate", "n_unscored", "n_ties", "n_guideline_resolved"
+        )
     }
     summary = {
         "stage": "build-prefs",
@@ -478,6 +484,8 @@ def run(cfg: BuildPrefsConfig) -> dict:
         "skipped_duplicate_responses": total["n_duplicate"],
         "skipped_unscored_responses": total["n_unscored"],
         "skipped_tied_pairs": total["n_ties"],
+        # reward=checks with guidelines: responses whose principle check a guideline overruled: conflicts resolved
+        "guideline_resolved_conflicts": total["n_guideline_resolved"],
         "prompts_without_pairs": sum(e.get("n_pairs", 0) == 0 for e in entries)
         if cfg.ranker != "export"
         else None,
