@@ -23,6 +23,7 @@ from alignkit.data.collate import collate_pairs
 from alignkit.data.tokenize import encode_pair
 from alignkit.evaluation.monitors import ModeCollapseMonitor, MonitorSet, RewardHackingMonitor
 from alignkit.losses.ppo import AdaptiveKLController
+from alignkit.models.generation import Generation
 from alignkit.models.loading import load_model
 from alignkit.stages import build_prefs, online_dpo, ppo
 from alignkit.training import online_engine
@@ -328,3 +329,28 @@ def test_guided_checks_ranker_resolves_the_conflict_and_counts_it(tmp_path):
     assert type(GuidedChecksRanker.from_guidelines(load_constitution())) is ChecksRanker  # no guidelines: as before
     with pytest.raises(ConfigError, match="guideline 'quoting' names check 'nope'"):
         GuidedChecksRanker.from_guidelines(_guided(tmp_path, GUIDED_CONSTITUTION.replace("quoting_asked_words", "nope")))
+
+
+def test_build_prefs_counts_the_conflicts_guidelines_resolved(tiny_model_dir, tmp_path, monkeypatch):
+    """reward=checks under a constitution with the quoting guideline; the sampler (stubbed) answers each prompt
+    with the reply quoting the asked word and a refusal. Each of the 3 prompts has one response whose politeness
+    verdict the guideline changed, so the labelling summary counts 3, and the quoting reply is chosen each time."""
+    replies = ["damn is a mild curse, thanks for asking.", "i cannot say."]
+
+    def stub_sampler(cfg, tokenizer, device, **kwargs):
+        return lambda prompt_ids, sampling: [
+            Generation(ids, [5, 6], replies[i % 2], True) for i, ids in enumerate(prompt_ids)
+        ]
+
+    monkeypatch.setattr(build_prefs, "load_sampler", stub_sampler)
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"what does damn mean in {w}?"}) + "\n" for w in "abc"))
+    (tmp_path / "c.yaml").write_text(GUIDED_CONSTITUTION)
+    out = tmp_path / "pairs.jsonl"
+    args = [
+        f"model={tiny_model_dir}", f"prompts={prompts}", f"output={out}", "n_samples=2", "progress=false",
+        "ranker=reward", "reward=checks", f"judge_constitution={tmp_path / 'c.yaml'}",
+    ]  # fmt: skip
+    summary = build_prefs.run(load_config(build_prefs.BuildPrefsConfig, None, args))
+    assert summary["guideline_resolved_conflicts"] == 3 and summary["pairs"] == 3
+    assert {p["chosen"] for p in _lines(out)} == {replies[0]}
