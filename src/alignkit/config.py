@@ -409,7 +409,40 @@ class TrainConfig(
 
 
 @dataclass
+class OnlineRemedyFields(Fields):
+    """What an online stage does against reward hacking, mode collapse and over-optimisation: a length
+    penalty on the reward, and the actions of its failure monitors (``evaluation.monitors``)."""
+
+    length_penalty: float = doc_field(
+        0.0,
+        "Reward actually trained on: score - length_penalty x response tokens (as sampled, EOS included); "
+        "0: the score as is. Against a reward that pays for length (Singhal et al. 2023).",
+        ge=0,
+    )
+    reward_hacking_action: Literal["warn", "stop", "adjust"] = doc_field(
+        "warn",
+        "When reward rises with response length: warn, stop, or adjust (raise the KL coefficient by "
+        "kl_adjust_factor; the event row holds its old and new values).",
+    )
+    mode_collapse_action: Literal["warn", "stop", "adjust"] = doc_field(
+        "warn", "When the samples' distinct-2 (or entropy) falls below half its start: warn, stop or adjust."
+    )
+    gold_divergence_action: Literal["warn", "stop"] = doc_field(
+        "warn",
+        "When a logged gold_reward/mean falls while the reward rises: warn, or stop with final/ = the weights "
+        "of the best gold score seen (said in the summary).",
+    )
+    kl_adjust_factor: float = doc_field(
+        2.0,
+        "The adjust action multiplies the KL coefficient by this (PPO: beta, and divides an adaptive "
+        "kl_target by it; online DPO: beta).",
+        gt=1,
+    )
+
+
+@dataclass
 class OnlineTrainConfig(
+    OnlineRemedyFields,
     GenerationBackendConfig,
     RunFolderFields,
     LoRAFields,

@@ -23,8 +23,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from alignkit.cai.checks import ChecksRanker
 from alignkit.cai.constitution import load_constitution
+from alignkit.cai.guidelines import GuidedChecksRanker
 from alignkit.config import (
     SEED_MAX,
     ConfigError,
@@ -55,6 +55,7 @@ from alignkit.scoring.rankers import (
 )
 from alignkit.stages import Stage
 from alignkit.training.distributed import require_one_process
+from alignkit.training.remedies import length_penalised
 
 
 @dataclass
@@ -129,6 +130,12 @@ class BuildPrefsConfig(GenerationBackendConfig, RuntimeConfig):
         "random from the rest), all_pairs (every pair with different scores).",
     )
     score_batch_size: int = doc_field(16, "Responses per reward-model forward pass.", ge=1)
+    length_penalty: float = doc_field(
+        0.0,
+        "ranker=reward: rank by score - length_penalty x response tokens (as sampled), so a longer reply wins "
+        "only where the reward pays more than this per token; 0: by the score. The pairs' scores are these.",
+        ge=0,
+    )
     judge_model: str = doc_field(
         "smollm2-135m-instruct", "The AI judge for reward=judge (embedded default, hub id or local dir)."
     )
@@ -269,7 +276,8 @@ def make_ranker(cfg: BuildPrefsConfig, device) -> Ranker | None:
     if cfg.reward == "judge":
         return judge_ranker(cfg)
     if cfg.reward == "checks":  # the constitution's checkable principles, judged by program, priority first
-        return ChecksRanker.from_constitution(load_constitution(cfg.judge_constitution).principles)
+        # with the program checks of the constitution's guidelines for edge cases, where it has any
+        return GuidedChecksRanker.from_guidelines(load_constitution(cfg.judge_constitution))
     if is_function_spec(cfg.reward):
         return ScorerRanker(FunctionScorer(cfg.reward, "reward"))
     from alignkit.models.reward import load_reward_model  # only when a reward model ranks
@@ -351,14 +359,19 @@ def sample_and_rank(cfg: BuildPrefsConfig, writer: Writer, done: dict[int, dict]
             # 4. Rank the usable responses (empty and repeated ones are never sent to the ranker).
             kept, _, _ = usable_responses(texts)
             scores: list[float | None] = [None] * n
-            for i, s in zip(kept, ranker.score(ex.prompt, [texts[i] for i in kept]) if kept else []):
-                scores[i] = float(s)
+            ranked = ranker.score(ex.prompt, [texts[i] for i in kept]) if kept else []
+            lengths = [len(generations[k * n + i].response_ids) for i in kept]
+            for i, s in zip(kept, length_penalised(ranked, lengths, cfg.length_penalty)):
+                scores[i] = s
             # 5. Pair by the rule, and append the prompt's pairs and its progress entry.
             pairing = make_pairs(texts, scores, cfg.pairing, np.random.default_rng([cfg.seed, ex.ref.row]))
             lines = pair_rows(
                 ex.ref.row, ex.prompt, texts, scores, pairing, ranker.name, cfg.pairing, sampling
             )
-            writer.add_prompt(ex.ref.row, lines, counts_of(pairing, n))
+            counts = counts_of(pairing, n)
+            if isinstance(ranker, GuidedChecksRanker):  # responses whose verdict a guideline changed
+                counts["n_guideline_resolved"] = ranker.take_resolved()
+            writer.add_prompt(ex.ref.row, lines, counts)
             bar.update(1)
     bar.close()
     return loaded.n_rows, loaded.skipped
@@ -428,6 +441,8 @@ def run(cfg: BuildPrefsConfig) -> dict:
     settings = {k: v for k, v in config_to_dict(cfg).items() if k in CONTENT_SETTINGS}
     if cfg.generation_backend != "hf":  # vLLM draws other samples; hf outputs keep their earlier settings
         settings["generation_backend"] = cfg.generation_backend
+    if cfg.length_penalty:  # recorded only when set, so outputs begun before the option resume as they were
+        settings["length_penalty"] = cfg.length_penalty
     if cfg.overwrite:
         for path in (output, progress_path(output)):
             path.unlink(missing_ok=True)
@@ -450,7 +465,9 @@ def run(cfg: BuildPrefsConfig) -> dict:
     entries = [json.loads(line) for line in complete_lines(progress_path(output))[1:]]
     total = {
         key: sum(e.get(key, 0) for e in entries)
-        for key in ("n_responses", "n_pairs", "n_empty", "n_duplicate", "n_unscored", "n_ties")
+        for key in (
+            "n_responses", "n_pairs", "n_empty", "n_duplicate", "n_unscored", "n_ties", "n_guideline_resolved"
+        )
     }
     summary = {
         "stage": "build-prefs",
@@ -468,6 +485,8 @@ def run(cfg: BuildPrefsConfig) -> dict:
         "skipped_duplicate_responses": total["n_duplicate"],
         "skipped_unscored_responses": total["n_unscored"],
         "skipped_tied_pairs": total["n_ties"],
+        # reward=checks with guidelines: responses whose principle check a guideline overruled: conflicts resolved
+        "guideline_resolved_conflicts": total["n_guideline_resolved"],
         "prompts_without_pairs": sum(e.get("n_pairs", 0) == 0 for e in entries)
         if cfg.ranker != "export"
         else None,

@@ -200,6 +200,7 @@ def label_row(pair: InputPair, comparison: Comparison, cfg: CAILabelConfig) -> t
         "n_pairs": int(pref != 0),
         "tie": pref == 0,
         "conflict": comparison.conflict,
+        "guided": bool(comparison.guided),  # a constitution guideline was shown to the judge
         "n_questions": 2 * len(comparison.results),
         "p_first_option_sum": float(sum(first_option)),
         "orders_agree_sum": int(sum(orders_agree)),
@@ -311,6 +312,10 @@ def run(cfg: CAILabelConfig) -> dict:
         "ties": sum(e["tie"] for e in entries),
         "conflicts": n_conflicts,
         "conflict_rate": n_conflicts / len(entries) if entries else None,
+        # Comparisons whose judge questions carried a guideline of the constitution (a judge's verdict cannot
+        # be traced to the guideline; the program checks count the conflicts theirs resolved: build-prefs).
+        "guided_comparisons": sum(e.get("guided", False) for e in entries),
+        "guided_conflicts": sum(e.get("guided", False) and e["conflict"] for e in entries),
         # Position bias before averaging: 0.5 when the judge has no preference for the first slot.
         "mean_p_first_option": sum(e["p_first_option_sum"] for e in entries) / (n_questions / 2)
         if n_questions

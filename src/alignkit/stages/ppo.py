@@ -55,6 +55,7 @@ from alignkit.stages import Stage
 from alignkit.training import distributed
 from alignkit.training import online_engine as engine
 from alignkit.training.online import accumulated_step
+from alignkit.training.remedies import monitor_actions, raise_kl_coef
 from alignkit.training.rollout import (
     Rollout,
     collate_samples,
@@ -375,11 +376,12 @@ def ppo_method(cfg: PPOConfig, setup: engine.OnlineSetup) -> engine.OnlineMethod
         minibatch_size=cfg.minibatch_size,
         make_batch=make_batch,
         update=update,
-        monitors=default_monitors("ppo", kl_target=cfg.kl_target),
+        monitors=default_monitors("ppo", kl_target=cfg.kl_target, actions=monitor_actions(cfg)),
         sampler=sampler,
         final_policy=final_policy,
         state_dict=lambda: {"kl_controller": kl_controller.state_dict()},
         load_state_dict=load_state_dict,
+        adjust_kl=functools.partial(raise_kl_coef, kl_controller),  # the state_dict keeps what it changed
         describe={"value_model": value_doc},
         summarize=lambda units, rows, samples: {"score_change": engine.score_change(samples, units)},
     )
