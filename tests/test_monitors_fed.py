@@ -172,3 +172,19 @@ def test_online_dpo_rounds_without_pairs_log_the_monitors_keys_as_null(tiny_mode
 def test_sample_every_must_be_a_multiple_of_log_every():
     with pytest.raises(ConfigError, match="'sample_every' must be a multiple of log_every \\(2\\)"):
         load_config(sft.SFTConfig, model="m", train_data="d", sample_every=3, log_every=2)
+
+
+def test_a_resumed_run_samples_at_its_first_row(tiny_model_dir, tmp_path):
+    """Resumed from step 2 of 4, the process's first row (step 3) carries the samples too, so the key check
+    and the monitors' windows hold after a resume; the drift is still measured from the starting model (the
+    watch samples it before the checkpoint is loaded): step 4's drift equals the uninterrupted run's."""
+    module, cfg = _config("sft", tiny_model_dir, tmp_path, *SAMPLING, "save_every=2", "keep_checkpoints=3")
+    module.run(cfg)
+    uninterrupted = _training_rows(tmp_path / "run")
+    resume = f"resume_from={tmp_path / 'run' / 'checkpoints' / 'step-000002'}"
+    module, cfg = _config("sft", tiny_model_dir, tmp_path, *SAMPLING, "save_every=2", "keep_checkpoints=3", resume)
+    module.run(cfg)
+    rows = _training_rows(tmp_path / "run")
+    assert [r["step"] for r in rows if "sample_drift" in r] == [1, 2, 3, 4]
+    assert rows[-1]["sample_drift"] == pytest.approx(uninterrupted[-1]["sample_drift"], abs=1e-4)
+    assert rows[-1]["distinct_2"] == uninterrupted[-1]["distinct_2"]
