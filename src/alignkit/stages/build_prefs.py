@@ -33,6 +33,7 @@ from alignkit.config import (
     check_row_range,
     config_to_dict,
     doc_field,
+    renamed_keys,
     required,
 )
 from alignkit.data.appendlog import Writer, complete_lines, progress_path, resume, summary_path
@@ -60,7 +61,15 @@ from alignkit.training.distributed import require_one_process
 class BuildPrefsConfig(GenerationBackendConfig, RuntimeConfig):
     """Sample responses to prompts, rank them, and write chosen/rejected pairs (or a file for people to rank)."""
 
-    RENAMED = {"prompt_rows": "prompts_rows", "max_prompts": "prompts_max_rows"}
+    # Old spellings, read for one release (alignkit.config.load_config renames them, with a message).
+    ALIASES: ClassVar[dict[str, str]] = {
+        "prompt_rows": "prompts_rows",
+        "max_prompts": "prompts_max_rows",
+        "reward_model": "reward",
+        "ranker=reward_model": "ranker=reward",
+        "ranker=judge": "reward=judge",
+        "ranker=checks": "reward=checks",
+    }
 
     output: str = required(
         "Output .jsonl: the pairs (or, with ranker=export, the file to rank); an existing one is resumed."
@@ -153,14 +162,6 @@ class BuildPrefsConfig(GenerationBackendConfig, RuntimeConfig):
         """The rules across fields (each field's own range is declared on it and checked before this)."""
         super().check()
         check_row_range(self, "prompts_rows")
-
-    # Old config spellings, still read for one release (alignkit.config.load_config warns and rewrites them).
-    DEPRECATED: ClassVar[dict[str, str]] = {
-        "reward_model": "reward",
-        "ranker=reward_model": "ranker=reward",
-        "ranker=judge": "reward=judge",
-        "ranker=checks": "reward=checks",
-    }
 
 
 # The settings that decide what the output holds: resuming an output with other values would mix two runs.
@@ -431,7 +432,7 @@ def run(cfg: BuildPrefsConfig) -> dict:
         for path in (output, progress_path(output)):
             path.unlink(missing_ok=True)
     settings = as_recorded(output, settings)
-    done = resume(output, settings, BuildPrefsConfig.RENAMED)
+    done = resume(output, settings, renamed_keys(BuildPrefsConfig))
     if done:
         print(f"build-prefs: resuming {output}: {len(done)} prompts already done", file=sys.stderr)
 

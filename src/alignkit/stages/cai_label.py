@@ -32,6 +32,7 @@ from alignkit.config import (
     check_row_range,
     config_to_dict,
     doc_field,
+    renamed_keys,
     required,
 )
 from alignkit.data.appendlog import Writer, progress_path, resume, summary_path
@@ -47,7 +48,7 @@ from alignkit.training.distributed import require_one_process
 class CAILabelConfig(RuntimeConfig):
     """Label response pairs with an AI judge under a constitution (RLAIF); write chosen/rejected pairs."""
 
-    RENAMED = {"max_pairs": "input_max_rows"}
+    ALIASES = {"max_pairs": "input_max_rows"}
 
     input: str = required(
         "Pairs to label: prompt + response_a + response_b, or prompt/chosen/rejected (labels ignored)."
@@ -248,7 +249,7 @@ def run(cfg: CAILabelConfig) -> dict:
     if cfg.overwrite:
         for path in (output, progress_path(output)):
             path.unlink(missing_ok=True)
-    done = resume(output, settings, CAILabelConfig.RENAMED)
+    done = resume(output, settings, renamed_keys(CAILabelConfig))
     pairs, skipped, n_read = read_input(cfg)
     todo = [p for p in pairs if p.row not in done]
     print(

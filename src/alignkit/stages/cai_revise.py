@@ -31,6 +31,7 @@ from alignkit.config import (
     check_row_range,
     config_to_dict,
     doc_field,
+    renamed_keys,
     required,
 )
 
@@ -49,7 +50,7 @@ from alignkit.training.distributed import require_one_process
 class CAIReviseConfig(GenerationBackendConfig, RuntimeConfig):
     """Answer prompts, then critique and revise each answer under constitution principles; write SFT data."""
 
-    RENAMED = {"prompt_rows": "prompts_rows", "max_prompts": "prompts_max_rows"}
+    ALIASES = {"prompt_rows": "prompts_rows", "max_prompts": "prompts_max_rows"}
 
     prompts: str = required("Prompt file: a 'prompt' (text or messages) or 'messages' column.")
     output: str = required(
@@ -165,7 +166,7 @@ def run(cfg: CAIReviseConfig) -> dict:
     if cfg.overwrite:
         for path in (output, progress_path(output)):
             path.unlink(missing_ok=True)
-    done = resume(output, settings, CAIReviseConfig.RENAMED)
+    done = resume(output, settings, renamed_keys(CAIReviseConfig))
     loaded = load_prompts(
         cfg.prompts, cfg.on_bad_row, split=cfg.prompts_split, rows=cfg.prompts_rows, limit=cfg.prompts_max_rows
     )

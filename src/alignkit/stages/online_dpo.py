@@ -57,7 +57,7 @@ class OnlineDPOConfig(OnlineTrainConfig):
     the starting model. Data: prompts (a `prompt` column, or `messages` ending with a user turn)."""
 
     # Keys an older alignkit's online-dpo config.yaml holds (TrainConfig's, unused here): read for one release.
-    RETIRED = retired_train_fields(
+    ALIASES = retired_train_fields(
         "online-dpo",
         {
             "batch_size": "prompts_per_round (samples) and minibatch_size (pairs per optimizer step)",

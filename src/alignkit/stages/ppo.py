@@ -69,7 +69,7 @@ class PPOConfig(OnlineTrainConfig):
     """RLHF with PPO. Data: prompts (a `prompt` column, or `messages` ending with a user turn)."""
 
     # Keys an older alignkit's ppo config.yaml holds (TrainConfig's, unused here): read for one release.
-    RETIRED = retired_train_fields(
+    ALIASES = retired_train_fields(
         "ppo",
         {
             "batch_size": "prompts_per_iteration (rollout batch) and minibatch_size (optimizer batch)",
