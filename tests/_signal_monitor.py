@@ -10,6 +10,7 @@ class SignalAt:
     """A 'monitor' that sends this process SIGINT when it sees ``step``, as a user's Ctrl-C would."""
 
     name, action = "signal", "warn"
+    keys = ()  # reads no logged key
 
     def __init__(self, step: int):
         self.step = step

@@ -774,7 +774,15 @@ def test_each_field_groups_check_runs_once(monkeypatch):
 
         monkeypatch.setattr(klass, "check", counted)
     validate_config(DPOConfig(train_data="d"))
-    expected = ["DPOConfig", "OfflineBatchFields", "SequenceFields", "EvalDataFields", "TrainDataFields", "Fields"]
+    expected = [
+        "DPOConfig",
+        "SampleWatchFields",
+        "OfflineBatchFields",
+        "SequenceFields",
+        "EvalDataFields",
+        "TrainDataFields",
+        "Fields",
+    ]
     assert calls == expected
     assert config.Fields in DPOConfig.__mro__
     # The groups' rules still fire through the composition.

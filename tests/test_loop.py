@@ -428,6 +428,7 @@ def test_monitors_see_each_row_log_events_and_can_stop(tmp_path):
 
     class StopAtTwo:
         name, action = "stop_at_two", "stop"
+        keys = ()
 
         def update(self, step, row):
             return Event(step, self.name, "test", self.action, {}) if step >= 2 else None

@@ -9,8 +9,10 @@ import numpy as np
 import pytest
 
 from alignkit.evaluation.monitors import (
+    BlindMonitorError,
     Event,
     KLExplosionMonitor,
+    KTOLikelihoodDisplacementMonitor,
     LikelihoodDisplacementMonitor,
     ModeCollapseMonitor,
     MonitorSet,
@@ -40,7 +42,7 @@ def _healthy_run(n: int = 200) -> list[dict]:
             "distinct_2": 0.8 + rng.normal(0, 0.01),
             "entropy": 2.0 + rng.normal(0, 0.05),
             "logps/chosen": -120 + rng.normal(0, 0.5),
-            "margin": 0.02 * s + rng.normal(0, 0.05),
+            "rewards/margin": 0.02 * s + rng.normal(0, 0.05),
             "sample_drift": 1.0 + rng.normal(0, 0.1),
             "nonfinite_skipped": 0 if s < 50 else 1,
         }
@@ -212,17 +214,14 @@ def test_likelihood_displacement_fires():
     """Chosen log-prob -100 - 0.5 s while the margin grows 0.1/step: at step 19 the 20-row window's fitted
     drop is 0.5 * 19 = 9.5 nats > 5 -> fires. A slower fall of 0.2/step drops only 3.8 per window: quiet.
     Chosen falling while the margin also falls is not this failure: quiet."""
-    falling = [{"logps/chosen": -100 - 0.5 * s, "margin": 0.1 * s} for s in range(40)]
+    falling = [{"logps/chosen": -100 - 0.5 * s, "rewards/margin": 0.1 * s} for s in range(40)]
     events = _feed(LikelihoodDisplacementMonitor(), falling)
     assert events[0].step == 19 and events[0].action == "warn"
     assert events[0].values["chosen_drop"] == pytest.approx(9.5)
-    slow = [{"logps/chosen": -100 - 0.2 * s, "margin": 0.1 * s} for s in range(100)]
+    slow = [{"logps/chosen": -100 - 0.2 * s, "rewards/margin": 0.1 * s} for s in range(100)]
     assert _feed(LikelihoodDisplacementMonitor(), slow) == []
-    both_fall = [{"logps/chosen": -100 - 0.5 * s, "margin": -0.1 * s} for s in range(40)]
+    both_fall = [{"logps/chosen": -100 - 0.5 * s, "rewards/margin": -0.1 * s} for s in range(40)]
     assert _feed(LikelihoodDisplacementMonitor(), both_fall) == []
-    # The DPO stage logs the margin as "rewards/margin": read the same way.
-    dpo_rows = [{"logps/chosen": -100 - 0.5 * s, "rewards/margin": 0.1 * s} for s in range(40)]
-    assert _feed(LikelihoodDisplacementMonitor(), dpo_rows)[0].step == 19
 
 
 def test_sample_drift_fires_above_limit():
@@ -268,17 +267,68 @@ def test_monitor_set_stops_only_for_stop_actions_and_respects_cooldown():
 
 
 def test_default_monitors_per_stage():
+    """Mode collapse (distinct-2) and sample drift are registered in the offline stages only when they sample
+    (sample_every), which is what logs their keys; the gold half of reward hacking only with a gold scorer."""
     names = {
-        stage: [m.name for m in default_monitors(stage).monitors] for stage in ("sft", "rm", "dpo", "ppo")
+        stage: [m.name for m in default_monitors(stage).monitors] for stage in ("sft", "rm", "dpo", "kto", "ppo")
     }
     assert names == {
-        "sft": ["nonfinite", "mode_collapse"],
+        "sft": ["nonfinite"],
         "rm": ["nonfinite"],
-        "dpo": ["nonfinite", "likelihood_displacement", "sample_drift", "mode_collapse"],
+        "dpo": ["nonfinite", "likelihood_displacement"],
+        "kto": ["nonfinite", "likelihood_displacement"],
         "ppo": ["nonfinite", "kl_explosion", "reward_hacking", "mode_collapse"],
     }
+    sampled = {stage: [m.name for m in default_monitors(stage, samples=True).monitors] for stage in ("sft", "dpo")}
+    assert sampled == {
+        "sft": ["nonfinite", "mode_collapse"],
+        "dpo": ["nonfinite", "likelihood_displacement", "sample_drift", "mode_collapse"],
+    }
+    keys = {m.name: m.keys for m in default_monitors("ppo").monitors}
+    assert keys["reward_hacking"] == ("reward/mean", "len/mean")
+    gold = {m.name: m.keys for m in default_monitors("ppo", gold=True).monitors}
+    assert gold["reward_hacking"] == ("reward/mean", "len/mean", "gold_reward/mean")
     # SFT's token entropy falls by design as the loss falls: not a collapse there.
     sft = default_monitors("sft")
     assert [sft.on_log(s, {"entropy": 2.0 - 0.3 * s}) for s in range(6)] == [None] * 6 and sft.events == []
     with pytest.raises(ValueError, match="known"):
         default_monitors("grpo")
+
+
+def test_a_training_row_without_a_monitors_keys_fails_at_the_first_row():
+    """The first training row (it carries "lr") lacks distinct_2: BlindMonitorError there, naming the stage,
+    the monitor and the key. Evaluation rows (no "lr") before it are not checked; a complete first row passes
+    and later rows are not checked again (sampled keys come every sample_every steps)."""
+    monitors = default_monitors("dpo", samples=True)
+    assert monitors.on_log(1, {"step": 1, "eval/loss": 0.7}) is None  # an evaluation row: not checked
+    row = {"step": 2, "lr": 1e-6, "nonfinite_skipped": 0, "logps/chosen": -50.0, "rewards/margin": 0.1}
+    with pytest.raises(BlindMonitorError) as raised:
+        monitors.on_log(2, {**row, "sample_drift": 0.1})
+    assert str(raised.value).startswith(
+        "dpo: the first logged training row (step 2) lacks keys its monitors read, so they could never fire: "
+        "mode_collapse reads distinct_2. The row has: "
+    )
+    complete = default_monitors("dpo", samples=True)
+    assert complete.on_log(2, {**row, "sample_drift": 0.1, "distinct_2": 0.9}) is None
+    assert complete.on_log(3, {**row, "step": 3}) is None  # no samples on this row: checked only once
+
+
+def test_kto_displacement_reads_class_means():
+    """KTO logs class sums over all examples and class shares: with half the examples desirable, logps/
+    desirable_sum = 0.5 * mean, so -50 - 0.25 s is a desirable mean of -100 - 0.5 s; the margin (0.05 s - 0)
+    / 0.5 = 0.1 s grows. As the DPO case: the 20-row window's drop is 9.5 nats at step 19. A window with no
+    undesirable example has no margin: those rows are skipped."""
+    rows = [
+        {
+            "logps/desirable_sum": -50 - 0.25 * s,
+            "rewards/desirable_sum": 0.05 * s,
+            "rewards/undesirable_sum": 0.0,
+            "count/desirable": 0.5,
+            "count/undesirable": 0.5,
+        }
+        for s in range(40)
+    ]
+    events = _feed(KTOLikelihoodDisplacementMonitor(), rows)
+    assert events[0].step == 19 and events[0].values["chosen_drop"] == pytest.approx(9.5)
+    one_class = [{**row, "count/desirable": 1.0, "count/undesirable": 0.0} for row in rows]
+    assert _feed(KTOLikelihoodDisplacementMonitor(), one_class) == []

@@ -195,6 +195,7 @@ class _Recorder:
     """Records every row it is given and fires (warn) on each."""
 
     name, action = "recorder", "warn"
+    keys = ("kl",)
 
     def __init__(self):
         self.rows = []
@@ -206,6 +207,7 @@ class _Recorder:
 
 class _StopAt:
     name, action = "stopper", "stop"
+    keys = ()
 
     def update(self, step: int, row: dict):
         return Event(step, self.name, "stop here", self.action, {}) if step == 1 else None

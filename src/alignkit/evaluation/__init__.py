@@ -20,8 +20,10 @@ from alignkit.evaluation.metrics import (
     win_rate_from_outcomes,
 )
 from alignkit.evaluation.monitors import (
+    BlindMonitorError,
     Event,
     KLExplosionMonitor,
+    KTOLikelihoodDisplacementMonitor,
     LikelihoodDisplacementMonitor,
     ModeCollapseMonitor,
     Monitor,
@@ -33,10 +35,12 @@ from alignkit.evaluation.monitors import (
 )
 
 __all__ = [
+    "BlindMonitorError",
     "Estimate",
     "Event",
     "KLEstimates",
     "KLExplosionMonitor",
+    "KTOLikelihoodDisplacementMonitor",
     "LikelihoodDisplacementMonitor",
     "ModeCollapseMonitor",
     "Monitor",

@@ -4,7 +4,9 @@ Each monitor reads the rows the training loop logs (``{"loss": ..., "kl": ..., .
 window of the keys it needs, ignores rows without them, and returns an ``Event`` when its failure shows.
 ``MonitorSet.on_log`` is the hook the loop calls; it returns "stop" when a monitor whose action is
 "stop" fires. A monitor whose action is "adjust" has the run apply its remedy (``MonitorSet.adjuster``, e.g.
-the online stages raise their KL coefficient), and the event row records the values before and after.
+the online stages raise their KL coefficient), and the event row records the values before and after. Each
+monitor declares the keys it reads (``keys``): the first training row a run logs must carry them all, or the
+run fails there (``BlindMonitorError``) instead of being watched by a monitor that can never fire.
 """
 
 from __future__ import annotations
@@ -14,10 +16,11 @@ import math
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Literal, Protocol
+from typing import ClassVar, Literal, Protocol
 
 import numpy as np
 
+from alignkit.errors import AlignkitError
 from alignkit.evaluation.metrics import pearson
 
 logger = logging.getLogger(__name__)
@@ -48,10 +51,13 @@ class Event:
 
 
 class Monitor(Protocol):
-    """What ``MonitorSet`` needs of a monitor: a name, an action and ``update`` (None while healthy)."""
+    """What ``MonitorSet`` needs of a monitor: a name, an action, the logged keys it reads (every one must be
+    in the run's first training row; a stand-in that reads nothing declares ``()``) and ``update`` (None
+    while healthy)."""
 
     name: str
     action: Action
+    keys: tuple[str, ...]
 
     def update(self, step: int, row: dict) -> Event | None: ...
 
@@ -86,6 +92,8 @@ class RewardHackingMonitor:
     (a) "reward/mean" rises over the window while it moves with "len/mean" (Pearson over the window),
         or with the mean of a per-step "reward_length_corr" when every row in the window provides one;
     (b) the proxy "reward/mean" rises while a held-out "gold_reward/mean" falls over the gold window.
+
+    (a) needs "reward/mean" and "len/mean"; (b) is declared (``gold``) only where a gold scorer feeds it.
     """
 
     window: int = 20  # rows fitted for (a): fewer and a correlation of noise is often above 0.8
@@ -97,9 +105,15 @@ class RewardHackingMonitor:
     # The action of (b) alone; None: ``action``. A falling gold score is the over-optimisation itself, so a run
     # may stop on it (keeping its best-gold weights) while only warning, or adjusting, on (a).
     gold_action: Action | None = None
+    # The run logs "gold_reward/mean" (a gold scorer is configured), from its first row on: (b) is then checked.
+    gold: bool = False
     name: str = "reward_hacking"
     _rows: deque = field(init=False, repr=False)
     _gold: deque = field(init=False, repr=False)
+
+    @property
+    def keys(self) -> tuple[str, ...]:
+        return ("reward/mean", "len/mean") + (("gold_reward/mean",) if self.gold else ())
 
     def __post_init__(self):
         self._rows = deque(maxlen=self.window)  # (step, reward, length or nan, provided corr or nan)
@@ -207,6 +221,7 @@ class KLExplosionMonitor:
     allowed_kl: float = 0.0
     action: Action = "stop"  # past this point updates rarely come back; stop and keep the checkpoint
     name: str = "kl_explosion"
+    keys: ClassVar[tuple[str, ...]] = ("kl",)
     _rows: deque = field(init=False, repr=False)
 
     def __post_init__(self):
@@ -235,22 +250,26 @@ class LikelihoodDisplacementMonitor:
     lowering both log-probs, moving mass to responses in neither set (Razin et al. 2024, "Unintentional
     Unalignment: Likelihood Displacement in DPO"; Pal et al. 2024, "Smaug", on DPO's failure mode).
 
-    "logps/chosen" is read as logged: the DPO stage logs the per-sequence summed log-prob in nats.
+    "logps/chosen" is read as logged: the DPO stage logs the per-sequence summed log-prob in nats; the margin
+    is "rewards/margin" (DPO, IPO, ORPO and online DPO log both).
     """
 
     window: int = 20  # rows the trends are fitted over, so one noisy batch does not count as a trend
-    margin_keys: tuple[str, ...] = ("margin", "rewards/margin")  # the first one present in a row is used
     min_drop: float = 5.0  # fitted fall of chosen log-prob (nats) across the window; ~e^5 less likely
     action: Action = "warn"  # the policy may still be fine on samples; check them before stopping
     name: str = "likelihood_displacement"
+    keys: ClassVar[tuple[str, ...]] = ("logps/chosen", "rewards/margin")
     _rows: deque = field(init=False, repr=False)
 
     def __post_init__(self):
         self._rows = deque(maxlen=self.window)
 
+    def signals(self, row: dict) -> tuple[float | None, float | None]:
+        """The row's chosen log-prob (nats per sequence) and preference margin; None where it has none."""
+        return _value(row, "logps/chosen"), _value(row, "rewards/margin")
+
     def update(self, step: int, row: dict) -> Event | None:
-        margin_key = next((k for k in self.margin_keys if k in row), self.margin_keys[0])
-        chosen, margin = _value(row, "logps/chosen"), _value(row, margin_key)
+        chosen, margin = self.signals(row)
         if chosen is None or margin is None:
             return None
         self._rows.append((step, chosen, margin))
@@ -269,13 +288,39 @@ class LikelihoodDisplacementMonitor:
 
 
 @dataclass
+class KTOLikelihoodDisplacementMonitor(LikelihoodDisplacementMonitor):
+    """Likelihood displacement on KTO's rows, its desirable completions in the chosen ones' place. KTO logs each
+    class's sums and its share of the examples (see ``alignkit.stages.kto``), so a class mean is their ratio:
+    the chosen log-prob is the desirable completions' mean, the margin the desirable minus the undesirable mean
+    implicit reward. A row whose steps held no example of one class has neither."""
+
+    keys: ClassVar[tuple[str, ...]] = (
+        "logps/desirable_sum",
+        "rewards/desirable_sum",
+        "rewards/undesirable_sum",
+        "count/desirable",
+        "count/undesirable",
+    )
+
+    def signals(self, row: dict) -> tuple[float | None, float | None]:
+        n_desirable, n_undesirable = _value(row, "count/desirable"), _value(row, "count/undesirable")
+        logps, rewards = _value(row, "logps/desirable_sum"), _value(row, "rewards/desirable_sum")
+        rewards_undesirable = _value(row, "rewards/undesirable_sum")
+        if not n_desirable or not n_undesirable or None in (logps, rewards, rewards_undesirable):
+            return None, None
+        return logps / n_desirable, rewards / n_desirable - rewards_undesirable / n_undesirable
+
+
+@dataclass
 class SampleDriftMonitor:
-    """Policy samples drifting from the data: a stage-provided "sample_drift" (e.g. the KL of policy
-    samples against the data distribution, in nats per sequence) above a limit."""
+    """Policy samples drifting from where training started: a stage-provided "sample_drift" above a limit. The
+    offline stages log KL(start || policy) on the starting model's samples of a few held-out prompts, in nats
+    per sequence (``alignkit.training.sample_watch``)."""
 
     max_drift: float = 5.0  # nats per sequence; the samples are then e^5 less likely under the data model
     action: Action = "warn"  # drift is expected to grow some; the limit marks where to look
     name: str = "sample_drift"
+    keys: ClassVar[tuple[str, ...]] = ("sample_drift",)
 
     def update(self, step: int, row: dict) -> Event | None:
         drift = _value(row, "sample_drift")
@@ -300,6 +345,7 @@ class NonFiniteMonitor:
     max_consecutive: int = 3  # three in a row: the weights are likely already NaN
     action: Action = "stop"  # further steps only waste compute on a broken state
     name: str = "nonfinite"
+    keys: ClassVar[tuple[str, ...]] = ("nonfinite_skipped",)
     _last: int = field(default=0, init=False, repr=False)
     _streak: int = field(default=0, init=False, repr=False)
 
@@ -316,6 +362,17 @@ class NonFiniteMonitor:
         return None
 
 
+class BlindMonitorError(AlignkitError):
+    """A monitor was registered on a run whose logged rows lack the keys it reads: it could never fire."""
+
+
+def missing_keys(monitors: list[Monitor], row: dict) -> dict[str, list[str]]:
+    """Monitor name -> the keys it declares that ``row`` lacks (a key logged as null counts as present: the
+    stage logs it, that row had no value), for each monitor that lacks any."""
+    missing = {monitor.name: [key for key in monitor.keys if key not in row] for monitor in monitors}
+    return {name: keys for name, keys in missing.items() if keys}
+
+
 class MonitorSet:
     """The monitors of one run behind the loop's ``on_log(step, row)`` hook.
 
@@ -324,15 +381,24 @@ class MonitorSet:
     ``last_events`` for the latest row) and are logged as warnings. A kept "adjust" event calls ``adjuster``
     (set by the run: it applies the remedy and returns the values it changed, ``{"<name>_old": ...,
     "<name>_new": ...}``), which are added to the event's values.
+
+    The first training row given to ``on_log`` (one carrying "lr", as ``replay`` counts them; evaluation and
+    event rows do not) must carry every key each monitor declares, or ``on_log`` raises ``BlindMonitorError``
+    naming ``stage``, the monitors and their missing keys. The stages log every key on every training row, or,
+    for the keys of their samples (taken every ``sample_every`` steps), on the first row a process logs
+    (``alignkit.training.sample_watch``): that row is where all of them should have appeared, after a resume
+    too.
     """
 
-    def __init__(self, monitors: list[Monitor], cooldown: int = 100):
+    def __init__(self, monitors: list[Monitor], cooldown: int = 100, stage: str = "this run"):
         self.monitors = list(monitors)
         self.cooldown = cooldown
         self.adjuster: Callable[[Event], dict[str, float]] | None = None
+        self.stage = stage
         self.events: list[Event] = []
         self.last_events: list[Event] = []
         self._last_fired: dict[int, int] = {}  # monitor index -> step of its latest kept event
+        self._checked = False  # whether a training row has been checked for every declared key
 
     def replay(self, rows: list[dict]) -> None:
         """Feed a resumed run's monitors the rows it logged up to its checkpoint (its metrics.jsonl), so every
@@ -348,8 +414,22 @@ class MonitorSet:
                 for monitor in self.monitors:
                     monitor.update(row["step"], row)
 
+    def check_keys(self, step: int, row: dict) -> None:
+        """Raise ``BlindMonitorError`` if the training ``row`` (logged at ``step``) lacks a declared key."""
+        missing = missing_keys(self.monitors, row)
+        if missing:
+            blind = "; ".join(f"{name} reads {', '.join(keys)}" for name, keys in missing.items())
+            raise BlindMonitorError(
+                f"{self.stage}: the first logged training row (step {step}) lacks keys its monitors read, so "
+                f"they could never fire: {blind}. The row has: {', '.join(sorted(row))}"
+            )
+
     def on_log(self, step: int, row: dict) -> str | None:
-        """Feed one logged row to every monitor; "stop" when a monitor with action "stop" fired."""
+        """Feed one logged row to every monitor; "stop" when a monitor with action "stop" fired. The first
+        training row is checked first (``check_keys``)."""
+        if not self._checked and "lr" in row:
+            self.check_keys(step, row)
+            self._checked = True
         self.last_events = []
         for i, monitor in enumerate(self.monitors):
             event = monitor.update(step, row)
@@ -377,30 +457,38 @@ class MonitorSet:
 
 
 def default_monitors(
-    stage: str, cooldown: int = 100, kl_target: float | None = None, actions: dict[str, Action] | None = None
+    stage: str,
+    cooldown: int = 100,
+    kl_target: float | None = None,
+    samples: bool = False,
+    gold: bool = False,
+    actions: dict[str, Action] | None = None,
 ) -> MonitorSet:
     """The monitors worth running for a stage: "sft", "rm", "dpo" (also "ipo", "kto", "orpo"), "ppo" or
-    "online-dpo". ``actions`` replaces the action of the monitors it names (e.g. {"mode_collapse": "stop"});
-    "gold_divergence" names the reward-hacking monitor's proxy-vs-gold check.
+    "online-dpo"; only those whose keys the stage logs. ``actions`` replaces the action of the monitors it
+    names (e.g. {"mode_collapse": "stop"}); "gold_divergence" names the reward-hacking monitor's
+    proxy-vs-gold check.
 
     SFT watches only distinct-2: its token entropy falls by design as the loss falls. ``kl_target`` (PPO's
     adaptive KL control, nats per response) is a KL the run is meant to reach: the KL monitor lets it climb
-    there at any speed, and its limit is at least twice the target.
+    there at any speed, and its limit is at least twice the target. ``samples``: an offline stage samples
+    held-out prompts as it trains (``sample_every``), which feeds mode collapse (distinct-2) and sample drift;
+    without them those two are not registered. ``gold`` (ppo, online-dpo): a gold scorer's "gold_reward/mean"
+    is logged, and the reward-hacking monitor watches proxy against gold too.
     """
     kl_monitor = KLExplosionMonitor()
     if kl_target is not None:
         kl_monitor = KLExplosionMonitor(max_kl=max(kl_monitor.max_kl, 2 * kl_target), allowed_kl=kl_target)
     if stage == "sft":
-        monitors = [NonFiniteMonitor(), ModeCollapseMonitor(keys=("distinct_2",))]
+        monitors = [NonFiniteMonitor()] + ([ModeCollapseMonitor(keys=("distinct_2",))] if samples else [])
     elif stage == "rm":
         monitors = [NonFiniteMonitor()]
     elif stage in ("dpo", "ipo", "kto", "orpo"):
-        monitors = [
-            NonFiniteMonitor(),
-            LikelihoodDisplacementMonitor(),
-            SampleDriftMonitor(),
-            ModeCollapseMonitor(keys=("distinct_2",)),
-        ]
+        # KTO logs class sums and counts, not chosen/rejected: its displacement monitor reads those.
+        displacement = KTOLikelihoodDisplacementMonitor() if stage == "kto" else LikelihoodDisplacementMonitor()
+        monitors = [NonFiniteMonitor(), displacement]
+        if samples:
+            monitors += [SampleDriftMonitor(), ModeCollapseMonitor(keys=("distinct_2",))]
     elif stage == "ppo":
         # A PPO row is a whole iteration (minutes on a CPU) and carries its own in-batch reward-length
         # correlation over the iteration's samples: 5 rows of 32 samples whose correlations average above 0.8
@@ -408,7 +496,7 @@ def default_monitors(
         monitors = [
             NonFiniteMonitor(),
             kl_monitor,
-            RewardHackingMonitor(window=5),
+            RewardHackingMonitor(window=5, gold=gold),
             ModeCollapseMonitor(),
         ]
     elif stage == "online-dpo":
@@ -418,7 +506,7 @@ def default_monitors(
         monitors = [
             NonFiniteMonitor(),
             KLExplosionMonitor(),
-            RewardHackingMonitor(window=5),  # a round's row carries its samples' correlation, as PPO's
+            RewardHackingMonitor(window=5, gold=gold),  # a round's row carries its samples' correlation, as PPO's
             LikelihoodDisplacementMonitor(window=8),
             ModeCollapseMonitor(keys=("distinct_2",)),
         ]
@@ -431,4 +519,4 @@ def default_monitors(
             monitor.action = actions[monitor.name]
         if isinstance(monitor, RewardHackingMonitor) and "gold_divergence" in (actions or {}):
             monitor.gold_action = actions["gold_divergence"]
-    return MonitorSet(monitors, cooldown=cooldown)
+    return MonitorSet(monitors, cooldown=cooldown, stage=stage)

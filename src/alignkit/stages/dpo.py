@@ -41,10 +41,11 @@ from alignkit.training.preference import PairExample, PairLogprobs, pair_logprob
 from alignkit.training.preference import collate_pair_examples as collate
 from alignkit.training.reference import Reference, load_reference, precompute, reference_mode, stack, unstack
 from alignkit.training.run import RunDir
+from alignkit.training.sample_watch import SampleWatch, SampleWatchFields
 
 
 @dataclass
-class DPOConfig(TrainConfig):
+class DPOConfig(SampleWatchFields, TrainConfig):
     """Pairwise preference optimisation. Data: prompt/chosen/rejected, or HH-RLHF-style transcripts."""
 
     loss: Literal["dpo", "ipo", "orpo"] = doc_field("dpo", "Which objective: DPO, IPO or ORPO.")
@@ -238,7 +239,9 @@ def _run(cfg: DPOConfig, run_dir: RunDir, started: float) -> dict:
         return last_eval["metrics"]
 
     # 3. Train with the shared loop, watched by the failure monitors.
-    monitors = default_monitors(cfg.loss)
+    prompt_ids = [ex.encoded.prompt_ids for ex in eval_examples or train_examples]
+    watch = SampleWatch.of(cfg, model, tokenizer, prompt_ids)
+    monitors = default_monitors(cfg.loss, samples=watch is not None)
     result = train(
         cfg,
         model,
@@ -248,6 +251,7 @@ def _run(cfg: DPOConfig, run_dir: RunDir, started: float) -> dict:
         run=run_dir,
         monitors=monitors,
         eval_fn=eval_fn if eval_examples else None,
+        sample_fn=watch,
     )
 
     # 4. Held-out accuracy with a bootstrap interval, the final model, the summary.

@@ -46,10 +46,11 @@ from alignkit.training import distributed
 from alignkit.training.loop import StepOutput, train, visited_indices
 from alignkit.training.reference import Reference, load_reference, precompute, reference_mode, stack
 from alignkit.training.run import RunDir
+from alignkit.training.sample_watch import SampleWatch, SampleWatchFields
 
 
 @dataclass
-class KTOConfig(TrainConfig):
+class KTOConfig(SampleWatchFields, TrainConfig):
     """KTO. Data: prompt/completion/label rows (unpaired feedback), or prompt/chosen/rejected pairs."""
 
     beta: float = doc_field(0.1, "Temperature on the log-ratios (KL strength), as in DPO.", gt=0)
@@ -425,7 +426,9 @@ def _run(cfg: KTOConfig, run_dir: RunDir, started: float) -> dict:
         return last_eval["metrics"]
 
     # 3. Train with the shared loop, watched by the failure monitors.
-    monitors = default_monitors("kto")
+    prompt_ids = [ex.encoded.prompt_ids for ex in eval_examples or train_examples]
+    watch = SampleWatch.of(cfg, model, tokenizer, prompt_ids)
+    monitors = default_monitors("kto", samples=watch is not None)
     result = train(
         cfg,
         model,
@@ -435,6 +438,7 @@ def _run(cfg: KTOConfig, run_dir: RunDir, started: float) -> dict:
         run=run_dir,
         monitors=monitors,
         eval_fn=eval_fn if eval_examples else None,
+        sample_fn=watch,
     )
 
     # 4. Held-out metrics (pair accuracy with a bootstrap interval), the final model, the summary.

@@ -342,8 +342,10 @@ def online_dpo_method(cfg: OnlineDPOConfig, setup: engine.OnlineSetup) -> engine
             )
             for rows in opt.minibatches(len(examples))
         ]
-        # loss, rewards/*, logps/*, grad_norm: means over the round's steps; lr: the round's first step's
-        return {**engine.step_means(step_stats, leave_out=("nonfinite", "lr")), "lr": lr}
+        # loss, rewards/*, logps/*, grad_norm: means over the round's steps; lr: the round's first step's. A round
+        # without pairs logs the displacement monitor's keys as null: no value this round, not a key never logged.
+        no_pairs = {} if step_stats else {"logps/chosen": None, "rewards/margin": None}
+        return {**no_pairs, **engine.step_means(step_stats, leave_out=("nonfinite", "lr")), "lr": lr}
 
     # A vLLM engine on cfg.model, taking the policy's weights (LoRA merged in) each round; None: transformers'
     # generate on the policy itself.

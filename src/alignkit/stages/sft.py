@@ -34,10 +34,11 @@ from alignkit.stages import Stage
 from alignkit.training import distributed
 from alignkit.training.loop import StepOutput, train
 from alignkit.training.run import RunDir
+from alignkit.training.sample_watch import SampleWatch, SampleWatchFields
 
 
 @dataclass
-class SFTConfig(TrainConfig):
+class SFTConfig(SampleWatchFields, TrainConfig):
     """Supervised fine-tuning. Data: prompt/completion columns, or a `messages` list."""
 
     learning_rate: float = doc_field(2e-5, "Peak AdamW learning rate.")
@@ -128,7 +129,8 @@ def _run(cfg: SFTConfig, run_dir: RunDir, started: float) -> dict:
     eval_loss_before = measure(model, eval_encoded) if eval_encoded and fresh else None
 
     # 3. Train with the shared loop, watched by the failure monitors.
-    monitors = default_monitors("sft")
+    watch = SampleWatch.of(cfg, model, tokenizer, [e.prompt_ids for e in eval_encoded or train_encoded])
+    monitors = default_monitors("sft", samples=watch is not None)
     result = train(
         cfg,
         model,
@@ -138,6 +140,7 @@ def _run(cfg: SFTConfig, run_dir: RunDir, started: float) -> dict:
         run=run_dir,
         monitors=monitors,
         eval_fn=(lambda m: {"loss": measure(m, eval_encoded)}) if eval_encoded else None,
+        sample_fn=watch,
     )
 
     # 4. Measure, save the final model, write the summary.

@@ -133,6 +133,7 @@ def train(
     eval_fn: Callable[[torch.nn.Module], dict] | None = None,
     on_log: LogCallback | Sequence[LogCallback] | None = None,
     monitors=None,
+    sample_fn: Callable[[torch.nn.Module, int], dict] | None = None,
 ) -> TrainResult:
     """Train ``model`` (already on its device) on ``examples``; see docs/architecture.md for the contract.
 
@@ -141,7 +142,8 @@ def train(
     *summed* over the micro-batch's items, and the same metric keys for every micro-batch. ``on_log(step, row)``
     callbacks may return "stop" to end training early (with the final evaluation and checkpoint). ``monitors``
     (an ``alignkit.evaluation.monitors.MonitorSet``) sees every logged row; its events are written to
-    metrics.jsonl and a "stop" action ends the run.
+    metrics.jsonl and a "stop" action ends the run. ``sample_fn(model, step)`` (``training.sample_watch``) adds
+    the metrics of the policy's samples to a logged row when they are due.
 
     In several processes each rank trains on its share of every global batch (``rank_microbatches``). A rank
     whose share of a micro-step is empty runs a stand-in instead: the batch's first example with ``n_items``
@@ -328,6 +330,8 @@ def train(
                     last_row["nonfinite_skipped"] = nonfinite.total
                     if engine == "fsdp":
                         last_row["params/rank_share"] = rank_share
+                    if sample_fn is not None:  # before the next window starts: its rate leaves sampling out
+                        last_row |= sample_fn(model, step)
                     window = _Window(time.monotonic())
                     run.log_metrics(last_row)
                     bar.set_postfix(loss=f"{last_row['loss']:.4f}")
