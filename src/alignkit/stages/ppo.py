@@ -23,24 +23,9 @@ import torch
 
 from alignkit.config import ConfigError, OnlineTrainConfig, doc_field, retired_online_fields
 from alignkit.evaluation.monitors import MonitorSet, default_monitors
-from alignkit.losses.ppo import (
-    AdaptiveKLController,
-    FixedKLController,
-    explained_variance,
-    gae,
-    masked_mean,
-    per_token_rewards,
-    policy_loss,
-    value_loss,
-    whiten,
-)
+from alignkit.losses import ppo as losses
 from alignkit.models.precision import in_training_precision
-from alignkit.models.value import (
-    ValueModel,
-    add_value_adapter,
-    recompute_with_active_adapter,
-    remove_value_adapter,
-)
+from alignkit.models.value import recompute_with_active_adapter, remove_value_adapter
 from alignkit.stages import Stage
 from alignkit.training import distributed
 from alignkit.training import online_engine as engine
@@ -51,6 +36,7 @@ from alignkit.training.rollout import (
     policy_outputs,
     response_values,
     shared_rollout_passes,
+    value_model_for,
 )
 
 
@@ -152,23 +138,23 @@ def make_rollout(cfg: PPOConfig, batch: dict, passes: dict, scores, finished, be
     logps, ref_logps, entropy, values = (passes[k] for k in ("logps", "ref_logps", "entropy", "values"))
     mask = batch["mask"]
     # 3. r_t = -beta KL_t, plus the score (minus any missing-EOS penalty) on the last token.
-    shaped = per_token_rewards(
+    shaped = losses.per_token_rewards(
         scores, logps, ref_logps, mask, beta, cfg.kl_estimator, finished, cfg.missing_eos_penalty
     )
-    rewards = whiten(shaped.rewards, mask, shift_mean=False) if cfg.whiten_rewards else shaped.rewards
+    rewards = losses.whiten(shaped.rewards, mask, shift_mean=False) if cfg.whiten_rewards else shaped.rewards
     # 4. GAE on the rollout's values; advantages whitened over the batch's tokens (lm-human-preferences).
-    adv = gae(rewards, values, mask, cfg.gamma, cfg.lam)
+    adv = losses.gae(rewards, values, mask, cfg.gamma, cfg.lam)
     sequences = (batch["input_ids"], batch["attention_mask"], batch["loss_mask"])
-    rollout = Rollout(*sequences, mask, logps, values, whiten(adv.advantages, mask), adv.returns)
+    rollout = Rollout(*sequences, mask, logps, values, losses.whiten(adv.advantages, mask), adv.returns)
     per_response_kl = shaped.kl.sum(1)  # (B,) nats, the quantity the KL controller steers
     stats = {
         "kl": per_response_kl.mean().item(),
-        "kl/per_token": masked_mean(shaped.kl, mask).item(),
+        "kl/per_token": losses.masked_mean(shaped.kl, mask).item(),
         "rlhf_reward/mean": shaped.rewards.sum(1).mean().item(),
-        "entropy": masked_mean(entropy, mask).item(),
-        "explained_variance": explained_variance(values, adv.returns, mask).item(),
-        "value/mean": masked_mean(values, mask).item(),
-        "returns/mean": masked_mean(adv.returns, mask).item(),
+        "entropy": losses.masked_mean(entropy, mask).item(),
+        "explained_variance": losses.explained_variance(values, adv.returns, mask).item(),
+        "value/mean": losses.masked_mean(values, mask).item(),
+        "returns/mean": losses.masked_mean(adv.returns, mask).item(),
     }
     return rollout, stats
 
@@ -186,8 +172,8 @@ def ppo_loss(
         policy, batch, cfg.logprob_chunk_size, cfg.temperature, with_entropy=cfg.ent_coef > 0
     )
     values = response_values(value_model, batch)
-    pg = policy_loss(logps, mb.logps, mb.advantages, mb.mask, cfg.clip_eps)
-    vf = value_loss(values, mb.values, mb.returns, mb.mask, cfg.value_clip_eps)
+    pg = losses.policy_loss(logps, mb.logps, mb.advantages, mb.mask, cfg.clip_eps)
+    vf = losses.value_loss(values, mb.values, mb.returns, mb.mask, cfg.value_clip_eps)
     loss = pg.loss + cfg.vf_coef * vf.loss
     stats = {
         "policy_loss": pg.loss.detach(),
@@ -197,7 +183,7 @@ def ppo_loss(
         "value_clip_frac": vf.clip_frac,
     }
     if entropy is not None:
-        mean_entropy = masked_mean(entropy, mb.mask)
+        mean_entropy = losses.masked_mean(entropy, mb.mask)
         loss = loss - cfg.ent_coef * mean_entropy
         stats["update_entropy"] = mean_entropy.detach()
     stats["loss"] = loss.detach()
@@ -251,21 +237,14 @@ def run(cfg: PPOConfig, monitors: MonitorSet | None = None) -> dict:
 
 
 def ppo_method(cfg: PPOConfig, setup: engine.OnlineSetup) -> engine.OnlineMethod:
-    """PPO on the engine's policy and reference. The value model: LoRA, adapter "value" + head on the policy's
-    frozen base (which, every adapter off, is the reference too); full fine-tuning, its own trained copy
-    (separate policy and value networks, as Stiennon et al. 2020 and Huang et al. 2024, so value gradients
-    never move the policy's features), sharded under FSDP as it is loaded."""
+    """PPO on the engine's policy and reference, with a value model (``rollout.value_model_for``)."""
     policy, reference, rank, world = setup.policy, setup.reference, setup.rank, setup.world
-    if cfg.lora:
-        value_model = add_value_adapter(policy)
-    else:
-        value_model = ValueModel(setup.load())
-        distributed.shard(value_model)
+    value_model = value_model_for(policy, cfg.lora, setup.load)
     trained = torch.nn.ModuleDict({"policy": policy, "value": value_model})  # what checkpoints hold
     if cfg.kl_target is None:
-        kl_controller = FixedKLController(cfg.init_kl_coef)
+        kl_controller = losses.FixedKLController(cfg.init_kl_coef)
     else:
-        kl_controller = AdaptiveKLController(cfg.init_kl_coef, cfg.kl_target, cfg.kl_horizon)
+        kl_controller = losses.AdaptiveKLController(cfg.init_kl_coef, cfg.kl_target, cfg.kl_horizon)
 
     def make_batch(samples: engine.Samples) -> engine.Batch:
         # 3.-4. The forward passes (policy, reference and value model; each process its share of the samples,

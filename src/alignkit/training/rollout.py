@@ -22,7 +22,7 @@ from alignkit.losses.ppo import entropy_from_logits
 from alignkit.models.forward import response_token_logprobs, supports_chunked_head
 from alignkit.models.generation import Generation
 from alignkit.models.precision import in_training_precision
-from alignkit.models.value import ValueModel
+from alignkit.models.value import ValueModel, add_value_adapter
 from alignkit.training import distributed
 from alignkit.training.reference import Reference
 
@@ -117,6 +117,18 @@ def policy_outputs(model, batch: dict, chunk_size: int, temperature: float = 1.0
         if with_entropy:
             entropy = to_response_layout(entropy_from_logits(logits), batch["mask"])
     return to_response_layout(flat, batch["mask"]), entropy
+
+
+def value_model_for(policy, lora: bool, load) -> ValueModel:
+    """PPO's value model. LoRA: adapter "value" + head on the policy's frozen base (which, every adapter off, is
+    the reference too); full fine-tuning: its own trained copy ``load()`` (separate policy and value networks,
+    as Stiennon et al. 2020 and Huang et al. 2024, so value gradients never move the policy's features),
+    sharded under FSDP as it is loaded."""
+    if lora:
+        return add_value_adapter(policy)
+    value_model = ValueModel(load())
+    distributed.shard(value_model)
+    return value_model
 
 
 def response_values(value_model: ValueModel, batch: dict) -> torch.Tensor:
