@@ -420,15 +420,15 @@ class OnlineSamplingFields(Fields):
     # DPO's samples of one prompt would all be the same: no pair could ever be made).
     temperature: float = doc_field(
         1.0,
-        "Sampling temperature (> 0); ppo takes the log-probs of policy and reference at the same temperature; "
-        "online-dpo needs the samples of one prompt to differ to make a pair.",
+        "Sampling temperature (> 0); ppo takes the log-probs of policy and reference at the same "
+        "temperature; online-dpo needs the samples of one prompt to differ to make a pair.",
         gt=0,
     )
     generation_batch_size: int = doc_field(
         16,
-        "Sequences per batched generate() call (generation_backend=hf; vLLM batches by itself). In N processes "
-        "each samples every N-th batch: at most the samples of an iteration or round / N keeps them all "
-        "sampling.",
+        "Sequences per batched generate() call (generation_backend=hf; vLLM batches by itself). In N "
+        "processes each samples every N-th batch: at most the samples of an iteration or round / N keeps "
+        "them all sampling.",
         ge=1,
     )
     max_prompt_length: int | None = doc_field(256, "Longest prompt in tokens (its end is kept).", ge=1)
@@ -544,7 +544,8 @@ def retired_online_fields(
     and eval keys an older config.yaml of ``stage`` holds, each naming what to set instead."""
     instead = {"batch_size": batch_size, "epochs": epochs, "max_steps": max_steps}
     instead["max_length"] = "max_prompt_length and max_new_tokens"
-    return retired_train_fields(stage, instead | dict.fromkeys(EVAL_KEYS, "`alignkit eval` on the final model"))
+    instead |= dict.fromkeys(EVAL_KEYS, "`alignkit eval` on the final model")
+    return retired_train_fields(stage, instead)
 
 
 def with_current_names(cls: type, saved: dict) -> dict:

@@ -119,9 +119,9 @@ class Batch:
 
 @dataclass
 class Optimization:
-    """What a method's ``update`` steps with: the method's loss as the module DDP syncs, the optimizer over the
-    trained parameters and its schedule, the unit's minibatches, and ``stepped``, through which the engine sees
-    every optimizer step."""
+    """What a method's ``update`` steps with: the method's loss as the module DDP syncs, the optimizer over
+    the trained parameters and its schedule, the unit's minibatches, and ``stepped``, through which the engine
+    sees every optimizer step."""
 
     stepper: torch.nn.Module  # OnlineMethod.loss on the trained modules (several processes: wrapped in DDP)
     optimizer: torch.optim.Optimizer
@@ -304,10 +304,10 @@ class OnlineRun:
         if self.cfg.gradient_checkpointing:  # the update's passes recompute each layer in the backward
             enable_gradient_checkpointing(method.trained, context_fn=method.recompute_context)
         # The update's forward pass: the trained modules and the method's loss as one module, for DDP to sync
-        # (one process: the module itself). Wrapping broadcasts rank 0's weights, which every rank already holds.
+        # (one process: the module itself). Wrapping broadcasts rank 0's weights, which every rank holds.
         self.stepper = distributed.data_parallel(distributed.StepModule(method.trained, method.loss))
-        # A vLLM engine on cfg.model, taking the policy's weights (LoRA merged in) every unit; None: transformers'
-        # generate on the policy itself.
+        # A vLLM engine on cfg.model, taking the policy's weights (LoRA merged in) every unit; None:
+        # transformers' generate on the policy itself.
         use_vllm = self.cfg.generation_backend == "vllm"
         self.sampler = vllm_sampler(self.cfg, setup.tokenizer, setup.device) if use_vllm else None
         self.samples_path = self.run_dir.path / "samples.jsonl"

@@ -120,10 +120,10 @@ def policy_outputs(model, batch: dict, chunk_size: int, temperature: float = 1.0
 
 
 def value_model_for(policy, lora: bool, load) -> ValueModel:
-    """PPO's value model. LoRA: adapter "value" + head on the policy's frozen base (which, every adapter off, is
-    the reference too); full fine-tuning: its own trained copy ``load()`` (separate policy and value networks,
-    as Stiennon et al. 2020 and Huang et al. 2024, so value gradients never move the policy's features),
-    sharded under FSDP as it is loaded."""
+    """PPO's value model. LoRA: adapter "value" + head on the policy's frozen base (which, every adapter off,
+    is the reference too); full fine-tuning: its own trained copy ``load()`` (separate policy and value
+    networks, as Stiennon et al. 2020 and Huang et al. 2024, so value gradients never move the policy's
+    features), sharded under FSDP as it is loaded."""
     if lora:
         return add_value_adapter(policy)
     value_model = ValueModel(load())
@@ -199,8 +199,8 @@ def sample_logprobs(
     response's length.
 
     Under FSDP every forward on the shards is a collective: a process with fewer forward batches than another
-    runs stand-ins (one sample, its log-probs dropped) until they all ran as many; after, both models hold their
-    shards alone again."""
+    runs stand-ins (one sample, its log-probs dropped) until they all ran as many; after, both models hold
+    their shards alone again."""
     device = next(policy.parameters()).device
     lengths = [len(g.response_ids) for g in generations]
     width = max(1, *lengths)  # R
@@ -230,7 +230,7 @@ def sample_logprobs(
 
 
 def _reshard(*networks: torch.nn.Module | None) -> None:
-    """After the passes on FSDP shards, each network holds its shards alone again (``distributed.reshard``)."""
+    """After passes on FSDP shards, each network holds its shards alone again (``distributed.reshard``)."""
     for network in networks:
         if network is not None and distributed.is_sharded(network):
             distributed.reshard(network)
