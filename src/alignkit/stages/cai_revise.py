@@ -29,18 +29,7 @@ from alignkit.config import (
     required,
     validate_config,
 )
-
-# The append-and-resume machinery shared with build-prefs and cai-label (one ledger line per finished prompt).
-from alignkit.data.appendlog import (
-    Writer,
-    content_settings,
-    jsonl_output,
-    ledger_entries,
-    progress_path,
-    remove_output,
-    resume,
-    write_summary,
-)
+from alignkit.data import appendlog
 from alignkit.data.schemas import Loaded, Prompt, PromptExample, load_prompts
 from alignkit.data.tokenize import encode_prompt
 from alignkit.models.generation import SamplingConfig, check_generation_backend, load_sampler
@@ -162,15 +151,15 @@ def run(cfg: CAIReviseConfig) -> dict:
     start_one_process("cai-revise", cfg.num_threads)
     started = time.time()
     validate_config(cfg)  # a config built in Python too: every declared range and cross-field rule
-    output = jsonl_output(cfg.output, "prompt by prompt")
+    output = appendlog.jsonl_output(cfg.output, "prompt by prompt")
     check_generation_backend(cfg.generation_backend)
     constitution = load_constitution(cfg.constitution).select(cfg.principles)
 
     # 1. Resume: the prompts an earlier run of the same settings (and constitution text) finished.
-    settings = content_settings(cfg, CONTENT_SETTINGS, constitution_crc32=constitution.crc32())
+    settings = appendlog.content_settings(cfg, CONTENT_SETTINGS, constitution_crc32=constitution.crc32())
     if cfg.overwrite:
-        remove_output(output)
-    done = resume(output, settings, CAIReviseConfig.RENAMED)
+        appendlog.remove_output(output)
+    done = appendlog.resume(output, settings, CAIReviseConfig.RENAMED)
     loaded = load_prompts(
         cfg.prompts, cfg.on_bad_row, split=cfg.prompts_split, rows=cfg.prompts_rows, limit=cfg.prompts_max_rows
     )
@@ -180,7 +169,7 @@ def run(cfg: CAIReviseConfig) -> dict:
     loaded.require_rows("prompts")
 
     sample = make_sample(cfg)
-    writer = Writer(output, settings, fresh=not progress_path(output).exists())
+    writer = appendlog.Writer(output, settings, fresh=not appendlog.progress_path(output).exists())
     bar = tqdm(
         total=len(examples), initial=n_done, desc="cai-revise", unit="prompt", disable=not cfg.progress
     )
@@ -205,7 +194,7 @@ def run(cfg: CAIReviseConfig) -> dict:
     # 6. Totals over every finished prompt (this run and earlier ones), and the summary.
     summary = summarize(cfg, output, constitution, loaded, len(done), settings)
     summary["wall_seconds"] = time.time() - started
-    write_summary(output, summary)
+    appendlog.write_summary(output, summary)
     return summary
 
 
@@ -308,7 +297,7 @@ def summarize(
     settings: dict,
 ) -> dict:
     """Step 6: totals over every finished prompt of the output (this run's and earlier runs')."""
-    entries = ledger_entries(output)
+    entries = appendlog.ledger_entries(output)
     uses: dict[str, int] = {}
     for e in entries:
         for pid in e["principles"]:
