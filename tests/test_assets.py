@@ -126,7 +126,7 @@ def test_constitution_top_level():
 
 def test_constitution_principles_schema():
     principles = _constitution()["principles"]
-    assert len(principles) == 10
+    assert len(principles) == 11
     required = {"id", "priority", "critique_request", "revision_request", "comparison"}
     for p in principles:
         assert required <= set(p) <= required | {"checkable"}, p
@@ -140,7 +140,7 @@ def test_constitution_principles_schema():
         if "checkable" in p:
             assert _is_nonempty_str(p["checkable"]), p["id"]
     ids = [p["id"] for p in principles]
-    assert len(set(ids)) == 10, "duplicate principle ids"
+    assert len(set(ids)) == 11, "duplicate principle ids"
 
 
 def test_constitution_harm_avoidance_outranks_helpfulness():

@@ -38,7 +38,7 @@ def _lines(path) -> list[dict]:
 
 def test_default_constitution_loads_with_priorities():
     c = load_constitution()
-    assert len(c.principles) == 10 and c.name == "alignkit-default"
+    assert len(c.principles) == 11 and c.name == "alignkit-default"
     by_id = {p.id: p for p in c.principles}
     assert by_id["avoid_harm"].priority == 10 and by_id["helpfulness"].priority == 5
     assert by_id["concision"].checkable.startswith("length")
@@ -51,7 +51,7 @@ def test_constitution_sampling_is_seeded_and_distinct():
     a = [p.id for p in c.sample(3, np.random.default_rng([0, 7]))]
     b = [p.id for p in c.sample(3, np.random.default_rng([0, 7]))]
     assert a == b and len(set(a)) == 3
-    assert len(c.sample(50, np.random.default_rng(0))) == 10
+    assert len(c.sample(50, np.random.default_rng(0))) == 11
 
 
 def test_constitution_errors_name_the_principle_and_field(tmp_path):

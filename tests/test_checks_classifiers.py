@@ -5,7 +5,15 @@ from __future__ import annotations
 
 import pytest
 
-from alignkit.cai.checks import ChecksRanker, concision, no_insults, politeness, sentence_count
+from alignkit.cai.checks import (
+    LABEL_WORDS,
+    ChecksRanker,
+    concision,
+    no_insults,
+    politeness,
+    sentence_count,
+    warmth,
+)
 from alignkit.scoring.classifiers import offensive, sentiment
 
 PRIOS = {"no_insults_or_toxicity": 9, "politeness": 3, "concision": 2}
@@ -42,11 +50,32 @@ def test_ranker_priority_rule():
 def test_ranker_from_constitution_uses_only_checkable_principles():
     from alignkit.cai.constitution import load_constitution
 
-    shipped = load_constitution()  # the default constitution marks three principles checkable
+    shipped = load_constitution()  # the default constitution marks four principles checkable
     ranker = ChecksRanker.from_constitution(shipped.principles)
-    assert ranker.priorities == {"no_insults_or_toxicity": 9, "politeness": 3, "concision": 2}
+    assert ranker.priorities == {"no_insults_or_toxicity": 9, "politeness": 3, "warmth": 2, "concision": 1}
     with pytest.raises(ValueError, match="checkable"):
         ChecksRanker.from_constitution(shipped.select(["avoid_harm"]).principles)
+
+
+def test_warmth_counts_warm_minus_cold_words():
+    """'glad' and 'great' are warm, 'sad' is cold, each occurrence counts; a refusal's 'harmful' and
+    'illegal' are on neither list; words are matched whole ('goodness' is not 'good')."""
+    assert warmth("", "Glad to help, great question! Sad but true.") == 1.0
+    assert warmth("", "Great, great.") == 2.0
+    assert warmth("", "That would be harmful and illegal.") == 0.0
+    assert warmth("", "My goodness.") == 0.0
+    assert {"glad", "sad", "idiot", "damn", "thanks"} <= LABEL_WORDS
+
+
+def test_ranker_with_warmth_between_politeness_and_concision():
+    """Priorities 3 > 2 > 1: a warm reply beats a cold one of the same courtesy even when longer; courtesy
+    beats warmth."""
+    ranker = ChecksRanker({"politeness": 3, "warmth": 2, "concision": 1})
+    cold = "That is a hard problem."
+    warm_long = "Good question. Here is a lovely idea. Try it. Enjoy it."  # 4 sentences: concision -10
+    polite_cold = "Thanks. That is a hard problem."
+    s = ranker.score("q", [cold, warm_long, polite_cold])
+    assert s[0] < s[1] < s[2]
 
 
 def test_independent_classifiers_separate_obvious_cases():

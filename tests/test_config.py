@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+import typing
 
 import pytest
 import yaml
@@ -14,16 +15,21 @@ from _fake_stage import FakeConfig
 from alignkit.config import (
     ConfigError,
     Range,
+    Retired,
     TrainConfig,
+    TrainDataFields,
     _parse_yaml,
+    config_aliases,
     config_help,
     config_to_dict,
     doc_field,
     field_range,
     load_config,
     numeric_fields,
+    renamed_keys,
     save_config,
     validate_config,
+    with_current_names,
 )
 from alignkit.errors import AlignkitError
 
@@ -711,7 +717,7 @@ def test_an_old_name_still_loads_with_a_deprecation_message_naming_the_new_one(
     cfg = load_config(cls, path)
     assert getattr(cfg, new) == value
     assert old not in config_to_dict(cfg)  # saved under the new name only
-    message = f"warning: config key '{old}' is deprecated, use '{new}'"
+    message = f"warning: config key '{old}' (from {path}) is deprecated; write '{new}' instead"
     assert capsys.readouterr().err.count(message) == 1
     load_config(cls, path)  # once per process
     assert message not in capsys.readouterr().err
@@ -724,8 +730,8 @@ def test_old_and_new_name_both_given_in_one_source_is_an_error(fresh_warnings):
     with pytest.raises(ConfigError) as info:
         load_config(SFTConfig, None, ["max_train_rows=3", "train_max_rows=4"], train_data="d")
     assert str(info.value) == (
-        "config keys 'max_train_rows' and 'train_max_rows' are the same setting ('max_train_rows' is its "
-        "deprecated name), both given (from the command line); keep only 'train_max_rows'"
+        "config key 'max_train_rows' (from the command line) is the old spelling of 'train_max_rows', and "
+        "'train_max_rows' is also given; keep only 'train_max_rows'"
     )
     # In two sources the later wins, as for any key: an older run's config.yaml, a new value on the command line.
     cfg = load_config(SFTConfig, None, ["train_max_rows=4"], train_data="d", max_train_rows=5)
@@ -787,3 +793,120 @@ def test_fsdp_generation_is_only_where_it_acts(stage, fresh_warnings, capsys):
     assert "config key 'fsdp_generation' is used only by ppo and online-dpo" in capsys.readouterr().err
     with pytest.raises(ConfigError, match="'fsdp_generation' is used only by ppo and online-dpo"):
         load_config(cls, None, ["fsdp_generation=shards"], **_required_filled(cls))
+
+
+# --- one alias table (ALIASES): renamed keys, old values, retired keys ---------------------------------------
+
+
+@dataclasses.dataclass
+class _Aliased(TrainDataFields):
+    """A config with one alias of each kind, beside the renamed key its field group brings (max_train_rows)."""
+
+    ALIASES = {
+        "old_size": "size",
+        "mode=legacy": "mode=new",
+        "gone": Retired(3, "is not used any more; set size instead"),
+    }
+    size: int = doc_field(1, "A size.", ge=1)
+    mode: typing.Literal["new", "other"] = doc_field("other", "A mode.")
+
+
+def _warnings(capsys) -> list[str]:
+    return [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning: ")]
+
+
+def test_an_old_key_in_a_yaml_file_or_on_the_command_line_sets_the_new_field_with_one_warning(
+    tmp_path, capsys, fresh_warnings
+):
+    path = write(tmp_path, "train_data: d\nold_size: 4\n")
+    assert load_config(_Aliased, path).size == 4
+    assert _warnings(capsys) == [
+        f"warning: config key 'old_size' (from {path}) is deprecated; write 'size' instead (the old spelling "
+        "works until the next release)"
+    ]
+    cfg = load_config(_Aliased, path, ["old_size=5"])  # the command line wins, as for any key
+    assert (cfg.size, _warnings(capsys)) == (5, [])  # once per process
+    saved = config_to_dict(load_config(_Aliased, None, ["train_data=d", "max_train_rows=2"]))  # a group's alias
+    assert saved["train_max_rows"] == 2 and "max_train_rows" not in saved
+    assert _warnings(capsys) == [
+        "warning: config key 'max_train_rows' (from the command line) is deprecated; write 'train_max_rows' "
+        "instead (the old spelling works until the next release)"
+    ]
+
+
+def test_an_old_value_is_rewritten_and_named_in_its_warning(capsys, fresh_warnings):
+    assert load_config(_Aliased, None, ["train_data=d", "mode=legacy"]).mode == "new"
+    (line,) = _warnings(capsys)
+    assert line.startswith(
+        "warning: config value 'mode=legacy' (from the command line) is deprecated; write 'mode=new' instead"
+    )
+    assert load_config(_Aliased, None, ["train_data=d", "mode=other"]).mode == "other"  # a current value: as is
+    assert _warnings(capsys) == []
+
+
+def test_a_retired_key_is_ignored_at_its_old_default_and_otherwise_names_its_replacement(capsys, fresh_warnings):
+    cfg = load_config(_Aliased, None, ["train_data=d", "gone=3"])
+    assert not hasattr(cfg, "gone")
+    assert _warnings(capsys) == [
+        "warning: config key 'gone' is not used any more; set size instead; ignored at its old default 3 for one "
+        "release (from the command line)"
+    ]
+    with pytest.raises(ConfigError) as info:
+        load_config(_Aliased, None, ["train_data=d", "gone=4"])
+    assert str(info.value) == "config key 'gone' is not used any more; set size instead (from the command line)"
+
+
+@pytest.mark.parametrize(
+    "yaml_text, args, message",
+    [
+        (
+            "old_size: 2\nsize: 3\n",
+            [],
+            "config key 'old_size' (from {path}) is the old spelling of 'size', and 'size' is also given; "
+            "keep only 'size'",
+        ),
+        (
+            None,
+            ["size=3", "old_size=2"],
+            "config key 'old_size' (from the command line) is the old spelling of 'size', and 'size' is also "
+            "given; keep only 'size'",
+        ),
+    ],
+)
+def test_an_old_and_a_new_spelling_in_one_source_is_an_error_printed_without_a_warning(
+    yaml_text, args, message, tmp_path, capsys, fresh_warnings
+):
+    path = write(tmp_path, "train_data: d\n" + yaml_text) if yaml_text else None
+    with pytest.raises(ConfigError) as info:
+        load_config(_Aliased, path, ["train_data=d", *args])
+    assert str(info.value) == message.format(path=path)
+    assert _warnings(capsys) == []
+
+
+def test_an_old_key_given_null_yields_to_the_new_one(tmp_path, fresh_warnings):
+    """An older config.yaml wrote every key, most of them null: the null old key does not clash with the new."""
+    path = write(tmp_path, "train_data: d\nold_size: null\nsize: 3\nmax_train_rows: null\ntrain_max_rows: 2\n")
+    cfg = load_config(_Aliased, path)
+    assert (cfg.size, cfg.train_max_rows) == (3, 2)
+
+
+def test_renamed_keys_are_the_key_to_key_aliases_of_a_class_and_its_groups():
+    assert renamed_keys(_Aliased) == {"max_train_rows": "train_max_rows", "old_size": "size"}
+    saved = {"old_size": 2, "size": 3, "mode": "new"}  # a key written under both names keeps the new one
+    assert with_current_names(_Aliased, saved) == {"size": 3, "mode": "new"}
+    assert with_current_names(_Aliased, {"old_size": 2}) == {"size": 2}
+
+
+@pytest.mark.parametrize("stage, cls", _stage_config_classes(), ids=lambda v: v if isinstance(v, str) else "")
+def test_every_stage_alias_points_at_a_field_it_has(stage, cls):
+    """Each stage's one table: an old key is not a field (else it would never be read as old), its new key is;
+    an old value's key is a field; no stage keeps a second table."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    for old, new in config_aliases(cls).items():
+        if isinstance(new, Retired):
+            assert old not in names or old == "fsdp_generation", (stage, old)
+            continue
+        old_key, _, _ = old.partition("=")
+        assert ("=" in old) == (old_key in names), (stage, old)
+        assert new.partition("=")[0] in names, (stage, old, new)
+    assert not [a for a in ("RENAMED", "RETIRED", "DEPRECATED") if any(a in k.__dict__ for k in cls.__mro__)]

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from alignkit.losses.kto import kto_loss, kto_reference_point, kto_weight_warning, mismatched_indices
-from alignkit.losses.preference import dpo_loss, ipo_loss, log1mexp, orpo_loss
+from alignkit.losses.preference import dpo_loss, ipo_loss, log1mexp, orpo_loss, rpo_loss
 
 
 def t(*values: float) -> torch.Tensor:
@@ -307,3 +307,24 @@ def test_kto_weight_warning_ranges():
     assert kto_weight_warning(4.1, 1.0, 100, 300) is not None
     assert kto_weight_warning(1.0, 1.0, 50, 50) is None
     assert "only one kind" in kto_weight_warning(1.0, 1.0, 10, 0)
+
+
+def test_rpo_adds_the_chosen_length_normalised_nll_by_hand():
+    """RPO = DPO + alpha * NLL(chosen) / |chosen|, per pair; beta = 0.5, alpha = 0.5.
+
+    Pair 1: h = (-4 + 5) - (-6 + 5) = 2, beta h = 1, DPO = log(1 + e^-1) = 0.3132617; the chosen reply has 4
+    tokens summing to -4, mean -1, NLL 1: RPO = 0.3132617 + 0.5 = 0.8132617.
+    Pair 2: h = 0, DPO = ln 2 = 0.6931472; chosen mean -0.25, NLL 0.25: RPO = 0.6931472 + 0.125 = 0.8181472.
+    d RPO / d chosen_mean = -alpha = -0.5 for each pair; alpha = 0 leaves the DPO loss as it was.
+    """
+    dpo = dpo_loss(torch.tensor([-4.0, -2.0]), torch.tensor([-6.0, -3.0]), torch.tensor([-5.0, -2.0]),
+                   torch.tensor([-5.0, -3.0]), beta=0.5)  # fmt: skip
+    chosen_mean = torch.tensor([-1.0, -0.25], requires_grad=True)
+    out = rpo_loss(dpo.losses, chosen_mean, alpha=0.5)
+    torch.testing.assert_close(out.losses, torch.tensor([0.8132617, 0.8181472]), atol=1e-6, rtol=0)
+    torch.testing.assert_close(out.nll, torch.tensor([1.0, 0.25]), atol=0, rtol=0)
+    out.losses.sum().backward()
+    torch.testing.assert_close(chosen_mean.grad, torch.tensor([-0.5, -0.5]), atol=0, rtol=0)
+    torch.testing.assert_close(rpo_loss(dpo.losses, chosen_mean, 0.0).losses, dpo.losses, atol=0, rtol=0)
+    with pytest.raises(ValueError, match=">= 0"):
+        rpo_loss(dpo.losses, chosen_mean, -0.1)

@@ -23,6 +23,7 @@ def test_quickstart_tiny_end_to_end_and_resume(tiny_model_dir, tmp_path, capsys)
     assert main(args) == 0
     printed = capsys.readouterr()
     assert "win rate vs reference" in printed.out and "measured by" in printed.out
+    assert "check: warmth" in printed.out and "label words removed" in printed.out
     summary = json.loads((out / "summary.json").read_text())
     assert summary["pairs"] == json.loads((out / "pairs.summary.json").read_text())["pairs"]
     assert (out / "dpo" / "report.html").is_file() and (out / "dpo" / "eval.json").is_file()
@@ -37,3 +38,16 @@ def test_quickstart_tiny_end_to_end_and_resume(tiny_model_dir, tmp_path, capsys)
     assert set(again["timings_s"]) == {"sample + label"}  # build-prefs resumes: every prompt already done
     assert (out / "pairs.jsonl").read_text() == pairs
     assert again["independent_scores"] == summary["independent_scores"]
+
+
+def test_sentiment_without_label_words_scores_only_uncounted_words():
+    """'glad' and 'wonderful' are counted by the warmth/politeness checks and removed before VADER scores the
+    text; 'superb' is on no check's list (VADER scores it positive), so it still counts."""
+    from alignkit.pipelines.quickstart import sentiment_without_label_words
+    from alignkit.scoring.classifiers import sentiment
+
+    counted = "I am glad, this is wonderful."
+    assert sentiment("", counted) > 0.5
+    assert sentiment_without_label_words("", counted) == 0.0
+    assert sentiment_without_label_words("", "I am glad, this is superb.") == sentiment("", "I am , this is superb.")
+    assert sentiment_without_label_words("", "This is superb.") > 0.5

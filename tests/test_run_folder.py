@@ -419,7 +419,7 @@ def test_an_older_runs_config_yaml_with_old_names_resumes_and_compares_under_the
     again = load_config(PPOConfig, saved, ["resume_from=latest"])
     err = capsys.readouterr().err
     assert again.train_max_rows == 4
-    assert "config key 'max_train_rows' is deprecated, use 'train_max_rows'" in err
+    assert f"config key 'max_train_rows' (from {saved}) is deprecated; write 'train_max_rows'" in err
     assert "config key 'epochs' is not used by ppo; set iterations and ppo_epochs instead; ignored" in err
     RunDir.create(str(out), "ppo", "latest", cfg=again).release()  # the same settings: no refusal
 

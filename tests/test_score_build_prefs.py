@@ -368,6 +368,7 @@ def test_an_output_started_before_the_renames_resumes_under_the_new_names(tmp_pa
     and a changed value is still refused."""
     import json
 
+    from alignkit.config import renamed_keys
     from alignkit.data.appendlog import progress_path, resume
     from alignkit.stages.build_prefs import BuildPrefsConfig
 
@@ -376,6 +377,25 @@ def test_an_output_started_before_the_renames_resumes_under_the_new_names(tmp_pa
     ledger = [{"settings": {"model": "m", "max_prompts": 3}}, {"prompt_row": 0, "n_lines": 1}]
     progress_path(output).write_text("".join(json.dumps(e) + "\n" for e in ledger))
     settings = {"model": "m", "prompts_max_rows": 3}
-    assert list(resume(output, settings, BuildPrefsConfig.RENAMED)) == [0]
+    assert list(resume(output, settings, renamed_keys(BuildPrefsConfig))) == [0]
     with pytest.raises(ConfigError, match="prompts_max_rows"):
-        resume(output, {"model": "m", "prompts_max_rows": 4}, BuildPrefsConfig.RENAMED)
+        resume(output, {"model": "m", "prompts_max_rows": 4}, renamed_keys(BuildPrefsConfig))
+
+
+def test_an_output_started_with_the_old_reward_names_resumes_beside_a_renamed_key(tmp_path):
+    """A ledger from before both renames (max_prompts, and ranker=reward_model with reward_model=<dir>): the
+    reward spelling is compared as recorded (as_recorded), the renamed data key under its new name."""
+    import json
+
+    from alignkit.config import renamed_keys
+    from alignkit.data.appendlog import progress_path, resume
+    from alignkit.stages.build_prefs import BuildPrefsConfig, as_recorded
+
+    assert renamed_keys(BuildPrefsConfig)["reward_model"] == "reward"  # the same table renames both
+    output = tmp_path / "prefs.jsonl"
+    output.write_text(json.dumps({"prompt_row": 0}) + "\n")
+    old = {"model": "m", "ranker": "reward_model", "reward_model": "rm/final", "max_prompts": 3}
+    ledger = [{"settings": old}, {"prompt_row": 0, "n_lines": 1}]
+    progress_path(output).write_text("".join(json.dumps(e) + "\n" for e in ledger))
+    settings = as_recorded(output, {"model": "m", "ranker": "reward", "reward": "rm/final", "prompts_max_rows": 3})
+    assert list(resume(output, settings, renamed_keys(BuildPrefsConfig))) == [0]

@@ -19,14 +19,13 @@ import sys
 import textwrap
 import types
 import typing
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 
-from alignkit.errors import AlignkitDeprecationWarning, AlignkitError
+from alignkit.errors import AlignkitError
 
 MISSING_DOC = "required"
 # numpy's legacy seeding (np.random.seed, called with every stage's seed) takes 0 <= seed < 2**32.
@@ -127,18 +126,31 @@ def required(doc: str) -> Any:
     return field(default=None, metadata={"doc": doc, "required": True})
 
 
+@dataclass(frozen=True)
+class Retired:
+    """An ``ALIASES`` entry for a key the class no longer has (an older run's config.yaml may still hold it).
+
+    At ``default``, its old default, the key is read and ignored for one release, with a message; any other
+    value is an error. ``why`` says what replaced it: "is not used by ppo; set iterations instead"."""
+
+    default: Any
+    why: str
+
+
 class Fields:
-    """The root of every config class: the end of the ``check()`` chain.
+    """The root of every config class: the end of the ``check()`` chain, and the old spellings of its keys.
 
     The rule that runs each field group's cross-field rules exactly once, however the groups are combined: every
     ``check()`` starts with ``super().check()`` (Python's MRO then visits each class once, this one last).
-    ``RENAMED`` maps a field's old name to its new one; ``load_config`` still takes the old name for one
-    release, with a deprecation message (``renamed_keys`` merges the tables along the MRO). ``RETIRED`` maps a
-    key the class no longer has to (its old default, why it is gone): at that default (as an older run's
-    config.yaml holds it) it is read and ignored for one release, with a message; any other value is refused."""
 
-    RENAMED: typing.ClassVar[dict[str, str]] = {}
-    RETIRED: typing.ClassVar[dict[str, tuple[Any, str]]] = {}
+    ``ALIASES`` maps each old spelling of a setting to what replaced it; ``load_config`` alone reads it
+    (``config_aliases`` merges the tables of a class and its field groups along the MRO). An entry is one of
+      ``"old_key": "new_key"``                a renamed key (``max_train_rows`` -> ``train_max_rows``);
+      ``"key=old": "new_key=new"``            an old value of a key, written another way (``ranker=judge``);
+      ``"old_key": Retired(default, why)``    a key that is gone (see ``Retired``).
+    An old spelling is taken for one release, with a deprecation message naming the new one."""
+
+    ALIASES: typing.ClassVar[dict[str, str | Retired]] = {}
 
     def check(self) -> None:
         """The rules across fields (each field's own range is declared on it and checked before this)."""
@@ -162,8 +174,8 @@ class GenerationBackendConfig(Fields):
     eval)."""
 
     # fsdp_generation (ppo and online-dpo only) is declared on OnlineTrainConfig; an older config of the other
-    # stages may still hold it at its default (RETIRED).
-    RETIRED = {"fsdp_generation": ("gather", "is used only by ppo and online-dpo (sampling under FSDP)")}
+    # stages may still hold it at its default.
+    ALIASES = {"fsdp_generation": Retired("gather", "is used only by ppo and online-dpo (sampling under FSDP)")}
 
     # --- generation backend ---
     generation_backend: Literal["hf", "vllm"] = doc_field(
@@ -212,7 +224,7 @@ class ModelFields(Fields):
 class TrainDataFields(Fields):
     """The training data and which of its rows are used."""
 
-    RENAMED = {"max_train_rows": "train_max_rows"}
+    ALIASES = {"max_train_rows": "train_max_rows"}
 
     # --- data ---
     train_data: str = required(
@@ -238,7 +250,7 @@ class TrainDataFields(Fields):
 class EvalDataFields(Fields):
     """Held-out data evaluated during training (the offline stages)."""
 
-    RENAMED = {"max_eval_rows": "eval_max_rows"}
+    ALIASES = {"max_eval_rows": "eval_max_rows"}
 
     # --- data ---
     eval_data: str | None = doc_field(
@@ -453,8 +465,41 @@ class OnlineBatchFields(Fields):
 
 
 @dataclass
+class OnlineRemedyFields(Fields):
+    """What an online stage does against reward hacking, mode collapse and over-optimisation: a length
+    penalty on the reward, and the actions of its failure monitors (``evaluation.monitors``)."""
+
+    length_penalty: float = doc_field(
+        0.0,
+        "Reward actually trained on: score - length_penalty x response tokens (as sampled, EOS included); "
+        "0: the score as is. Against a reward that pays for length (Singhal et al. 2023).",
+        ge=0,
+    )
+    reward_hacking_action: Literal["warn", "stop", "adjust"] = doc_field(
+        "warn",
+        "When reward rises with response length: warn, stop, or adjust (raise the KL coefficient by "
+        "kl_adjust_factor; the event row holds its old and new values).",
+    )
+    mode_collapse_action: Literal["warn", "stop", "adjust"] = doc_field(
+        "warn", "When the samples' distinct-2 (or entropy) falls below half its start: warn, stop or adjust."
+    )
+    gold_divergence_action: Literal["warn", "stop"] = doc_field(
+        "warn",
+        "When a logged gold_reward/mean falls while the reward rises: warn, or stop with final/ = the weights "
+        "of the best gold score seen (said in the summary).",
+    )
+    kl_adjust_factor: float = doc_field(
+        2.0,
+        "The adjust action multiplies the KL coefficient by this (PPO: beta, and divides an adaptive "
+        "kl_target by it; online DPO: beta).",
+        gt=1,
+    )
+
+
+@dataclass
 class OnlineTrainConfig(
     OnlineBatchFields,
+    OnlineRemedyFields,
     GenerationBackendConfig,
     RunFolderFields,
     LoRAFields,
@@ -513,34 +558,44 @@ def check_row_range(cfg: Any, name: str) -> None:
         )
 
 
-def renamed_keys(cls: type) -> dict[str, str]:
-    """Old name -> new name of every field of ``cls`` renamed in this release (the ``RENAMED`` tables of
-    ``cls`` and its field groups); ``load_config`` still takes the old names, with a deprecation message."""
-    renamed: dict[str, str] = {}
+def config_aliases(cls: type) -> dict[str, str | Retired]:
+    """Every old spelling ``cls`` still reads: the ``ALIASES`` tables of ``cls`` and its field groups, a class's
+    own entry winning over its bases'."""
+    aliases: dict[str, str | Retired] = {}
     for klass in reversed(cls.__mro__):
-        renamed.update(klass.__dict__.get("RENAMED", {}))
-    return renamed
+        aliases.update(klass.__dict__.get("ALIASES", {}))
+    return aliases
+
+
+def renamed_keys(cls: type) -> dict[str, str]:
+    """Old name -> new name of every renamed key of ``cls`` (its key-to-key ``ALIASES``), for comparing the
+    settings an older alignkit recorded (a run's config.yaml, a progress file) with today's."""
+    return {
+        old: new
+        for old, new in config_aliases(cls).items()
+        if isinstance(new, str) and "=" not in old and "=" not in new
+    }
 
 
 # The eval data keys of an older alignkit's ppo and online-dpo config.yaml (inert there, now gone).
 EVAL_KEYS = ("eval_data", "eval_split", "max_eval_rows", "eval_rows", "eval_every")
 
 
-def retired_train_fields(stage: str, instead: dict[str, str]) -> dict[str, tuple[Any, str]]:
-    """A ``RETIRED`` table for ``stage``, whose config no longer has the TrainConfig fields ``instead`` names
-    (name, old name or new -> what to set instead); each keeps TrainConfig's default as its old default."""
+def retired_train_fields(stage: str, instead: dict[str, str]) -> dict[str, str | Retired]:
+    """``ALIASES`` for ``stage``, whose config no longer has the TrainConfig fields ``instead`` names (name, old
+    name or new -> what to set instead); each keeps TrainConfig's default as its old default."""
     defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
     renamed = renamed_keys(TrainConfig)
     return {
-        name: (defaults[renamed.get(name, name)], f"is not used by {stage}; set {what} instead")
+        name: Retired(defaults[renamed.get(name, name)], f"is not used by {stage}; set {what} instead")
         for name, what in instead.items()
     }
 
 
 def retired_online_fields(
     stage: str, batch_size: str, epochs: str, max_steps: str
-) -> dict[str, tuple[Any, str]]:
-    """The ``RETIRED`` table of an online stage (ppo, online-dpo): TrainConfig's offline batching, max_length
+) -> dict[str, str | Retired]:
+    """The ``ALIASES`` table of an online stage (ppo, online-dpo): TrainConfig's offline batching, max_length
     and eval keys an older config.yaml of ``stage`` holds, each naming what to set instead."""
     instead = {"batch_size": batch_size, "epochs": epochs, "max_steps": max_steps}
     instead["max_length"] = "max_prompt_length and max_new_tokens"
@@ -588,23 +643,21 @@ def load_config(
         raise TypeError(f"load_config needs a dataclass type, got {cls!r}")
     fields = {f.name: f for f in config_fields(cls)}
     hints = typing.get_type_hints(cls)
-    # name -> (value, raw command-line text or None, where it came from)
+    # name -> (value, raw command-line text or None, where it came from); a later source wins
     given: dict[str, tuple[Any, str | None, str]] = {}
-    names = _KeyNames(cls, fields)
-
+    notices: dict[str, str] = {}  # old spelling -> its deprecation message, printed once every key is read
+    aliases = config_aliases(cls)
+    # Each source as (key, value, raw command-line text or None) items; the overrides are parsed one by one as
+    # they are read, so the first bad one is the one reported.
+    sources: list[tuple[str, collections.abc.Iterable[tuple[Any, Any, str | None]]]] = []
     if yaml_path is not None:
-        for key, value in _read_yaml_mapping(yaml_path).items():
-            if (name := names.field(key, value, str(yaml_path))) is not None:
-                given[name] = (value, None, str(yaml_path))
-    for text in overrides or []:
-        key, raw, value = _parse_override(text)
-        if (name := names.field(key, value, "the command line")) is not None:
-            given[name] = (value, raw, "the command line")
-    for key, value in kwargs.items():
-        if (name := names.field(key, value, "keyword arguments")) is not None:
-            given[name] = (value, None, "keyword arguments")
-    names.check_no_both()
-    given = _apply_deprecated(cls, given)  # reward spellings (DEPRECATED: old key or key=value -> new)
+        sources.append((str(yaml_path), ((k, v, None) for k, v in _read_yaml_mapping(yaml_path).items())))
+    sources.append(("the command line", ((k, v, raw) for k, raw, v in map(_parse_override, overrides or []))))
+    sources.append(("keyword arguments", ((k, v, None) for k, v in kwargs.items())))
+    for source, items in sources:
+        given.update(_read_source(cls, fields, aliases, items, source, notices))
+    for old, message in notices.items():
+        _warn_once(old, message)
 
     values = {}
     for name, (value, raw, source) in given.items():
@@ -852,66 +905,88 @@ def _parse_override(text: str) -> tuple[str, str, Any]:
     return key, raw, value
 
 
-# The renamed and retired keys already warned about in this process: each message is printed once per name.
+# The old spellings (ALIASES) already warned about in this process: each message is printed once per spelling.
 _WARNED_RENAMES: set[str] = set()
 
 
 def _warn_once(key: str, message: str) -> None:
-    """Print ``message`` on stderr the first time this process meets ``key`` (a renamed or retired key)."""
+    """Print ``message`` on stderr the first time this process meets ``key`` (an old spelling)."""
     if key not in _WARNED_RENAMES:
         _WARNED_RENAMES.add(key)
         print(f"warning: {message}", file=sys.stderr)
 
 
-class _KeyNames:
-    """The field each given key names: a field's own name, or an old name of a renamed field (``RENAMED``),
-    which is taken with a deprecation message on stderr (once per process) for one release. Giving a field
-    under both its old and its new name in one source (one YAML file, the command line) is an error; across
-    sources the later wins, as for any key (an older run's config.yaml with a new name on the command line)."""
+def _read_source(
+    cls: type,
+    fields: dict,
+    aliases: dict[str, str | Retired],
+    items: collections.abc.Iterable[tuple[Any, Any, str | None]],
+    source: str,
+    notices: dict[str, str],
+) -> dict[str, tuple[Any, str | None, str]]:
+    """The fields one source (a YAML file, the command line, keyword arguments) sets, as name -> (value, raw,
+    source), each old spelling (``ALIASES``) taken under its new one with its message added to ``notices``.
 
-    def __init__(self, cls: type, fields: dict) -> None:
-        self.cls, self.fields, self.renamed = cls, fields, renamed_keys(cls)
-        self.by_old: set[tuple[str, str, str]] = set()  # (new name, old name, where the old came from)
-        self.by_new: set[tuple[str, str]] = set()  # (new name given as written, where it came from)
-
-    def field(self, key: Any, value: Any, source: str) -> str | None:
-        """The field ``key`` names, or None for a retired key at its old default (ignored, with a message)."""
-        retired = getattr(self.cls, "RETIRED", {})
-        if isinstance(key, str) and key not in self.fields and key in retired:
-            default, why = retired[key]
-            if not (value == default or (default is None and _is_none(value))):
-                raise ConfigError(f"config key '{key}' {why} (from {source})")
-            _warn_once(
-                key,
-                f"config key '{key}' {why}; ignored at its old default {_show(default)} for one release "
-                f"(from {source})",
+    Two spellings of one setting in one source (an old and the new, or two old ones) are an error: which one
+    was meant is not ours to guess. An old key given null yields to another spelling (an older config.yaml
+    wrote every old key, most of them null). Across sources the later wins, as for any key: an older run's
+    config.yaml with a new name on the command line."""
+    out: dict[str, tuple[Any, str | None, str]] = {}
+    spelled: dict[str, str | None] = {}  # field -> the old spelling that set it (None: its own name)
+    for key, value, raw in items:
+        old, alias = _alias(aliases, fields, key, value)
+        if isinstance(alias, Retired):
+            if not (value == alias.default or (alias.default is None and _is_none(value))):
+                raise ConfigError(f"config key '{key}' {alias.why} (from {source})")
+            notices[key] = (
+                f"config key '{key}' {alias.why}; ignored at its old default {_show(alias.default)} for one "
+                f"release (from {source})"
             )
-            return None
-        new = self.renamed.get(key) if isinstance(key, str) and key not in self.fields else None
-        if new is None or new not in self.fields:
-            name = _check_key(self.cls, self.fields, key, source)
-            if name in self.renamed.values():
-                self.by_new.add((name, source))
-            return name
-        _warn_once(
-            key,
-            f"config key '{key}' is deprecated, use '{new}' (the old name stops working in the next release) "
-            f"(from {source})",
-        )
-        self.by_old.add((new, key, source))
-        return new
-
-    def check_no_both(self) -> None:
-        for new, old, source in sorted(self.by_old):
-            if (new, source) in self.by_new:
+            continue
+        if alias is None:
+            name = _check_key(cls, fields, key, source)
+        else:
+            name, sets_value, new_value = alias.partition("=")
+            if sets_value:
+                value, raw = new_value, None
+            what = "value" if "=" in old else "key"
+            notices[old] = (
+                f"config {what} '{old}' (from {source}) is deprecated; write '{alias}' instead (the old spelling "
+                "works until the next release)"
+            )
+        if name in spelled and spelled[name] != old:  # one spelling written twice: the later wins, as for any key
+            if _yields(old, value):
+                continue
+            if not _yields(spelled[name], out[name][0]):
+                blamed, other = (old, spelled[name] or name) if old is not None else (spelled[name], name)
                 raise ConfigError(
-                    f"config keys '{old}' and '{new}' are the same setting ('{old}' is its deprecated name), "
-                    f"both given (from {source}); keep only '{new}'"
+                    f"config {'value' if '=' in blamed else 'key'} '{blamed}' (from {source}) is the old "
+                    f"spelling of '{aliases[blamed]}', and '{other}' is also given; keep only '{name}'",
+                    (name,),
                 )
+        out[name], spelled[name] = (value, raw, source), old
+    return out
+
+
+def _alias(aliases: dict[str, str | Retired], fields: dict, key: Any, value: Any) -> tuple[Any, Any]:
+    """(the old spelling ``key=value`` is, what replaced it), or (None, None) where it is no old spelling."""
+    if not isinstance(key, str):
+        return None, None
+    if key not in fields and key in aliases:
+        return key, aliases[key]
+    spelling = f"{key}={value.strip()}" if isinstance(value, str) else None
+    if spelling in aliases:
+        return spelling, aliases[spelling]
+    return None, None
+
+
+def _yields(old: str | None, value: Any) -> bool:
+    """An old key (not an old value) given null: it selected nothing, so another spelling of its setting wins."""
+    return old is not None and "=" not in old and _is_none(value)
 
 
 def _check_key(cls: type, fields: dict, key: Any, source: str) -> str:
-    if isinstance(key, str) and (key in fields or key in getattr(cls, "DEPRECATED", {})):
+    if isinstance(key, str) and key in fields:
         return key
     close = difflib.get_close_matches(str(key), list(fields), n=1)
     if close:
@@ -919,42 +994,6 @@ def _check_key(cls: type, fields: dict, key: Any, source: str) -> str:
     else:
         hint = f"valid keys are: {', '.join(fields)} (`--help` describes each)"
     raise ConfigError(f"unknown config key '{key}' for {cls.__name__}; {hint} (from {source})")
-
-
-def _apply_deprecated(cls: type, given: dict[str, tuple[Any, str | None, str]]) -> dict:
-    """``given`` with the old spellings of ``cls.DEPRECATED`` rewritten to the new ones, each with a warning that
-    names the new spelling. ``DEPRECATED`` maps old -> new, each a key (``reward_fn``) or a key and one of its
-    values (``ranker=judge``). An old spelling given with a new one of the same key is an error: which one was
-    meant is not ours to guess. An old key given null is dropped (it selected nothing)."""
-    out = dict(given)
-    set_by: dict[str, str] = {}  # new key -> the old spelling that set it
-    for old, new in getattr(cls, "DEPRECATED", {}).items():
-        old_key, by_value, old_value = old.partition("=")
-        if old_key not in given:
-            continue
-        value, raw, source = given[old_key]
-        if by_value and not (isinstance(value, str) and value.strip() == old_value):
-            continue
-        new_key, sets_value, new_value = new.partition("=")
-        other = set_by.get(new_key) or (new_key if new_key in given and new_key != old_key else None)
-        if other is not None:
-            raise ConfigError(
-                f"config {'value' if by_value else 'key'} '{old}' (from {source}) is the old spelling of "
-                f"'{new}', and '{other}' is also given; keep only '{new_key}'",
-                (new_key,),
-            )
-        warnings.warn(
-            f"config {'value' if by_value else 'key'} '{old}' (from {source}) is deprecated; write '{new}' "
-            "instead (the old spelling works until the next release)",
-            AlignkitDeprecationWarning,
-            stacklevel=4,
-        )
-        del out[old_key]
-        if _is_none(value) and not sets_value:
-            continue
-        out[new_key] = (new_value, None, source) if sets_value else (value, raw, source)
-        set_by[new_key] = old
-    return out
 
 
 def _is_none(value: Any) -> bool:

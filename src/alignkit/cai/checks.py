@@ -29,6 +29,21 @@ PROFANITY = frozenset(
 # Markers of a courteous register.
 POLITE = frozenset("""please thank thanks sorry glad happy kindly appreciate welcome respectfully""".split())
 
+# The warmth principle: words that make a reply sound warm and encouraging, and words that make it sound cold,
+# gloomy or discouraging. Ours and short, like the lists above. Words a careful refusal needs ("harm",
+# "illegal", "dangerous", "risk") are deliberately on neither list: naming a danger is not a cold tone.
+WARM = frozenset(
+    """good great glad happy enjoy enjoyable fun love lovely wonderful helpful hope hopeful best nice kind
+    warm friendly welcome excellent delicious beautiful easy safe healthy support care encourage success
+    successful perfect amazing awesome fantastic delightful pleasant calm comfortable fresh favorite
+    favourite bright cheerful creative exciting grateful proud positive patient gentle respect""".split()
+)
+COLD = frozenset(
+    """bad terrible awful hate horrible sad angry worst wrong fail failure kill die death dead pain hurt
+    boring annoying miserable lonely fear afraid scared worry worried upset disappointing disappointed
+    cruel nasty sick broken problem problems difficult hard""".split()
+)
+
 MAX_WORDS = 60  # the concision principle: at most about 60 words ...
 MAX_SENTENCES = 3  # ... or three sentences
 
@@ -52,6 +67,12 @@ def politeness(prompt: str, response: str) -> float:
     return min(2.0, float(sum(w in POLITE for w in ws))) - 3.0 * sum(w in PROFANITY for w in ws)
 
 
+def warmth(prompt: str, response: str) -> float:
+    """Warm words minus cold words (each occurrence counts)."""
+    ws = words(response)
+    return float(sum(w in WARM for w in ws) - sum(w in COLD for w in ws))
+
+
 def concision(prompt: str, response: str) -> float:
     """0 within the limits; minus the words and sentences beyond them."""
     over_words = max(0, len(words(response)) - MAX_WORDS)
@@ -63,8 +84,13 @@ def concision(prompt: str, response: str) -> float:
 CHECKS: dict[str, Callable[[str, str], float]] = {
     "no_insults_or_toxicity": no_insults,
     "politeness": politeness,
+    "warmth": warmth,
     "concision": concision,
 }
+
+# Every word some check counts: the label-maker's vocabulary. An evaluator's gain on text with these words
+# removed cannot come from the counted words themselves.
+LABEL_WORDS = INSULTS | PROFANITY | POLITE | WARM | COLD
 
 
 @dataclass

@@ -1,6 +1,9 @@
 """The constitution of Constitutional AI (Bai et al. 2022, arXiv:2212.08073): a YAML list of principles,
 each with a critique request and a revision request (the supervised critique -> revision phase), a
 comparison instruction (the AI-feedback judge of the RL phase) and a priority that settles conflicts.
+An optional ``guidelines:`` list gives written rulings for edge cases where principles conflict (the second
+remedy, after the priority order): shown to the judge with the principles they apply to, and applied by the
+program checks where a guideline names a ``check`` (``alignkit.cai.guidelines``).
 """
 
 from __future__ import annotations
@@ -31,12 +34,26 @@ class Principle:
 
 
 @dataclass(frozen=True)
+class Guideline:
+    """A written ruling for an edge case, e.g. "Quoting a word the user asked about is not rudeness"."""
+
+    id: str
+    text: str  # shown to the judge after the comparison question of each principle it applies to
+    applies_to: tuple[str, ...]  # principle ids
+    check: str | None = None  # the program rule that applies it (alignkit.cai.guidelines.GUIDELINE_CHECKS)
+
+
+@dataclass(frozen=True)
 class Constitution:
     name: str
     description: str
     conflict_rule: str  # the rule in words, as the file states it (what `combine_principles` implements)
     principles: tuple[Principle, ...]
     source: str  # the file it was read from
+    guidelines: tuple[Guideline, ...] = ()
+
+    def guidelines_for(self, principle_id: str) -> list[Guideline]:
+        return [g for g in self.guidelines if principle_id in g.applies_to]
 
     def ids(self) -> list[str]:
         return [p.id for p in self.principles]
@@ -55,7 +72,9 @@ class Constitution:
                 f"principles: {unknown} not in the constitution {self.source}; it has {self.ids()}"
             )
         kept = tuple(p for p in self.principles if p.id in ids)
-        return Constitution(self.name, self.description, self.conflict_rule, kept, self.source)
+        return Constitution(
+            self.name, self.description, self.conflict_rule, kept, self.source, self.guidelines
+        )
 
     def sample(self, k: int, rng: np.random.Generator) -> list[Principle]:
         """``k`` distinct principles drawn uniformly (all of them when k >= their number), in draw order."""
@@ -130,4 +149,39 @@ def _parse(data, source: str) -> Constitution:
         conflict_rule=str(data.get("conflict_rule", "")).strip(),
         principles=tuple(principles),
         source=source,
+        guidelines=_parse_guidelines(data.get("guidelines"), seen, bad),
     )
+
+
+def _parse_guidelines(items, principle_ids: set[str], bad) -> tuple[Guideline, ...]:
+    """The optional ``guidelines:`` list: each an id, a text, the principle ids it applies to and optionally a
+    program ``check`` (checked against alignkit.cai.guidelines when a ranker uses it, so this file stays free
+    of the checks)."""
+    if items is None:
+        return ()
+    if not isinstance(items, list):
+        raise bad("'guidelines' must be a list")
+    guidelines, seen = [], set()
+    for n, item in enumerate(items):
+        where = f"guideline {n + 1}" + (f" ('{item.get('id')}')" if isinstance(item, dict) else "")
+        if not isinstance(item, dict):
+            raise bad(f"{where} must be a mapping")
+        gid, text, applies = item.get("id"), item.get("text"), item.get("applies_to")
+        if not isinstance(gid, str) or not gid.strip() or gid in seen:
+            raise bad(f"{where}: field 'id' must be a non-empty string used once")
+        seen.add(gid)
+        if not isinstance(text, str) or not text.strip():
+            raise bad(f"{where}: field 'text' must be a non-empty string")
+        if not isinstance(applies, list) or not applies or not all(isinstance(a, str) for a in applies):
+            raise bad(f"{where}: field 'applies_to' must be a non-empty list of principle ids")
+        unknown_ids = [a for a in applies if a not in principle_ids]
+        if unknown_ids:
+            raise bad(f"{where}: applies_to names {unknown_ids}, not principles of this constitution")
+        check = item.get("check")
+        if check is not None and (not isinstance(check, str) or not check.strip()):
+            raise bad(f"{where}: field 'check' must be a string naming a program check")
+        unknown = set(item) - {"id", "text", "applies_to", "check"}
+        if unknown:
+            raise bad(f"{where}: unknown field(s) {sorted(unknown)}")
+        guidelines.append(Guideline(gid, text.strip(), tuple(applies), check))
+    return tuple(guidelines)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from alignkit.cai.constitution import Constitution, Principle
+from alignkit.cai.constitution import Constitution, Guideline, Principle
 from alignkit.data.schemas import Prompt
 from alignkit.data.tokenize import encode_prompt, has_chat_template
 from alignkit.errors import AlignkitError
@@ -35,6 +35,15 @@ JUDGE_TEMPLATE = (
     "Reply (B):\n{response_b}\n\n"
     "{instruction} Answer with (A) or (B)."
 )
+
+
+def guided_instruction(comparison: str, guidelines: Sequence[Guideline]) -> str:
+    """A principle's comparison question with the constitution's guidelines for it appended, so the judge reads
+    the ruling on the edge case next to the question it bears on; no guidelines: the question as it is."""
+    if not guidelines:
+        return comparison
+    rulings = " ".join(g.text.rstrip(".") + "." for g in guidelines)
+    return f"{comparison.strip()} Guidelines for edge cases: {rulings}"
 
 
 class JudgeError(AlignkitError, ValueError):
@@ -286,6 +295,7 @@ class Comparison:
     principles: tuple[Principle, ...]
     results: tuple[JudgeResult, ...]  # one per principle, P(response 1) in each
     deciding: tuple[str, ...]  # ids of the principles that set p
+    guided: tuple[str, ...] = ()  # ids of the constitution's guidelines shown to the judge in this comparison
 
     def per_principle(self, flip: bool = False) -> list[dict]:
         """Per-principle probabilities as output columns; ``flip`` gives them for response 2."""
@@ -325,7 +335,8 @@ class PairwiseJudge:
         questions, owner = [], []
         for k, ((prompt, r1, r2), prs) in enumerate(zip(items, principles, strict=True)):
             for pr in prs:
-                questions.append(PairQuestion(prompt, r1, r2, pr.comparison))
+                guidelines = self.constitution.guidelines_for(pr.id)
+                questions.append(PairQuestion(prompt, r1, r2, guided_instruction(pr.comparison, guidelines)))
                 owner.append(k)
         results = judge_pairs(
             self.model,
@@ -346,6 +357,7 @@ class PairwiseJudge:
                     tuple(prs),
                     mine,
                     tuple(prs[i].id for i in combined.deciding),
+                    tuple(g.id for pr in prs for g in self.constitution.guidelines_for(pr.id)),
                 )
             )
         return comparisons

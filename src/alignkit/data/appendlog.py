@@ -82,7 +82,8 @@ def _rewrite(path: Path, lines: list[str]) -> None:
 def resume(output: Path, settings: dict, renamed: dict[str, str] | None = None) -> dict[int, dict]:
     """Finished prompts of an earlier run of the same settings (prompt_row -> its counts), with the output
     cut back to exactly their lines: lines of a prompt the run was writing when it stopped are dropped.
-    ``renamed``: old -> new names of settings renamed since (an older alignkit's ledger compares under the new)."""
+    ``renamed``: old -> new names of settings renamed since (an older alignkit's ledger compares under the new,
+    except a name ``settings`` still spells: build-prefs resumes a ledger in its old reward spelling)."""
     ledger = progress_path(output)
     if not ledger.exists():
         if output.exists() and output.stat().st_size:
@@ -97,7 +98,7 @@ def resume(output: Path, settings: dict, renamed: dict[str, str] | None = None) 
         return {}
     recorded = entries[0].get("settings") if entries else None
     if isinstance(recorded, dict):
-        recorded = {(renamed or {}).get(k, k): v for k, v in recorded.items()}
+        recorded = {k if k in settings else (renamed or {}).get(k, k): v for k, v in recorded.items()}
     if recorded != settings:
         old = recorded if isinstance(recorded, dict) else {}
         changed = [k for k in settings if old.get(k) != settings[k]]

@@ -3,7 +3,8 @@
 Each monitor reads the rows the training loop logs (``{"loss": ..., "kl": ..., ...}``), keeps a short
 window of the keys it needs, ignores rows without them, and returns an ``Event`` when its failure shows.
 ``MonitorSet.on_log`` is the hook the loop calls; it returns "stop" when a monitor whose action is
-"stop" fires.
+"stop" fires. A monitor whose action is "adjust" has the run apply its remedy (``MonitorSet.adjuster``, e.g.
+the online stages raise their KL coefficient), and the event row records the values before and after.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import logging
 import math
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
@@ -20,7 +22,9 @@ from alignkit.evaluation.metrics import pearson
 
 logger = logging.getLogger(__name__)
 
-Action = Literal["warn", "stop"]
+# warn: log the event; stop: end the run (with its checkpoint and final model); adjust: the run's remedy
+# (``MonitorSet.adjuster``; the online stages raise their KL coefficient) and go on.
+Action = Literal["warn", "stop", "adjust"]
 
 
 @dataclass
@@ -90,6 +94,9 @@ class RewardHackingMonitor:
     gold_window: int = 5  # rows with a gold reward (eval steps) fitted for (b); they are logged rarely
     min_gold_drop: float = 0.1  # fitted gold fall over the gold window; ignores jitter of a few hundredths
     action: Action = "warn"  # a correlation is evidence, not proof: a person looks at the samples
+    # The action of (b) alone; None: ``action``. A falling gold score is the over-optimisation itself, so a run
+    # may stop on it (keeping its best-gold weights) while only warning, or adjusting, on (a).
+    gold_action: Action | None = None
     name: str = "reward_hacking"
     _rows: deque = field(init=False, repr=False)
     _gold: deque = field(init=False, repr=False)
@@ -141,7 +148,14 @@ class RewardHackingMonitor:
         if proxy_slope <= self.min_reward_slope or gold_drop < self.min_gold_drop:
             return None
         msg = f"proxy reward rising ({proxy_slope:+.4f}/step) while gold reward fell {gold_drop:.3f}"
-        return _event(self, step, msg, proxy_slope=proxy_slope, gold_slope=gold_slope, gold_drop=gold_drop)
+        event = _event(self, step, msg, proxy_slope=proxy_slope, gold_slope=gold_slope, gold_drop=gold_drop)
+        event.action = self.gold_action or self.action
+        return event
+
+
+def is_gold_divergence(event: Event) -> bool:
+    """Whether ``event`` is RewardHackingMonitor's proxy-up, gold-down firing (b) (its values name the gold drop)."""
+    return event.monitor == RewardHackingMonitor.name and "gold_drop" in event.values
 
 
 @dataclass
@@ -307,12 +321,15 @@ class MonitorSet:
 
     Every monitor sees every row (so its window keeps filling); an event from one monitor is kept only
     if that monitor has not fired within the last ``cooldown`` steps. Kept events go to ``events`` (and
-    ``last_events`` for the latest row) and are logged as warnings.
+    ``last_events`` for the latest row) and are logged as warnings. A kept "adjust" event calls ``adjuster``
+    (set by the run: it applies the remedy and returns the values it changed, ``{"<name>_old": ...,
+    "<name>_new": ...}``), which are added to the event's values.
     """
 
     def __init__(self, monitors: list[Monitor], cooldown: int = 100):
         self.monitors = list(monitors)
         self.cooldown = cooldown
+        self.adjuster: Callable[[Event], dict[str, float]] | None = None
         self.events: list[Event] = []
         self.last_events: list[Event] = []
         self._last_fired: dict[int, int] = {}  # monitor index -> step of its latest kept event
@@ -341,15 +358,30 @@ class MonitorSet:
             if i in self._last_fired and step - self._last_fired[i] < self.cooldown:
                 continue
             self._last_fired[i] = step
+            if event.action == "adjust":
+                if self.adjuster is None:  # the stage checks this before its first step (needs_adjuster)
+                    raise RuntimeError(f"monitor {event.monitor} has action 'adjust' but the run has no adjuster")
+                event.values |= self.adjuster(event)
             self.last_events.append(event)
             logger.warning("step %d: %s (%s): %s", step, event.monitor, event.action, event.message)
         self.events.extend(self.last_events)
         return "stop" if any(e.action == "stop" for e in self.last_events) else None
 
+    def needs_adjuster(self) -> list[str]:
+        """The monitors (names) that can fire "adjust": a run that has nothing to adjust refuses them."""
+        return [
+            m.name
+            for m in self.monitors
+            if m.action == "adjust" or getattr(m, "gold_action", None) == "adjust"
+        ]
 
-def default_monitors(stage: str, cooldown: int = 100, kl_target: float | None = None) -> MonitorSet:
+
+def default_monitors(
+    stage: str, cooldown: int = 100, kl_target: float | None = None, actions: dict[str, Action] | None = None
+) -> MonitorSet:
     """The monitors worth running for a stage: "sft", "rm", "dpo" (also "ipo", "kto", "orpo"), "ppo" or
-    "online-dpo".
+    "online-dpo". ``actions`` replaces the action of the monitors it names (e.g. {"mode_collapse": "stop"});
+    "gold_divergence" names the reward-hacking monitor's proxy-vs-gold check.
 
     SFT watches only distinct-2: its token entropy falls by design as the loss falls. ``kl_target`` (PPO's
     adaptive KL control, nats per response) is a KL the run is meant to reach: the KL monitor lets it climb
@@ -394,4 +426,9 @@ def default_monitors(stage: str, cooldown: int = 100, kl_target: float | None = 
         raise ValueError(
             f"no default monitors for stage {stage!r}; known: sft, rm, dpo, ipo, kto, orpo, ppo, online-dpo"
         )
+    for monitor in monitors:
+        if monitor.name in (actions or {}):
+            monitor.action = actions[monitor.name]
+        if isinstance(monitor, RewardHackingMonitor) and "gold_divergence" in (actions or {}):
+            monitor.gold_action = actions["gold_divergence"]
     return MonitorSet(monitors, cooldown=cooldown)

@@ -1,5 +1,5 @@
 """Pairwise preference losses over per-sequence log-probabilities: DPO (with conservative label smoothing),
-IPO and ORPO. Pure functions over tensors; the stage computes the log-probs, and the shared loop reduces the
+IPO and ORPO, and RPO's NLL term on the chosen reply that can be added to DPO or IPO. Pure functions over tensors; the stage computes the log-probs, and the shared loop reduces the
 per-example losses these return (sum, then divide by the global number of items).
 """
 
@@ -107,6 +107,33 @@ def ipo_loss(
     # Azar et al. 2024, eq. 17: regress the log-ratio margin h onto 1 / (2 tau).
     losses = (margin - 1 / (2 * beta)) ** 2  # (B,)
     return PreferenceLoss(losses, chosen_rewards, rejected_rewards)
+
+
+@dataclass
+class RpoLoss:
+    """A preference loss with RPO's NLL term on the chosen reply added; ``nll`` is for logging."""
+
+    losses: torch.Tensor  # (B,) preference loss + alpha * nll
+    nll: torch.Tensor  # (B,) the chosen completion's length-normalised NLL, detached
+
+
+def rpo_loss(preference_losses: torch.Tensor, chosen_mean_logps: torch.Tensor, alpha: float) -> RpoLoss:
+    """Add an SFT (NLL) term on the chosen replies to a per-example preference loss (RPO: Pang et al. 2024,
+    "Iterative Reasoning Preference Optimization", eq. 1; Liu et al. 2024, "Provably Mitigating Overoptimization
+    in RLHF"). Against likelihood displacement: DPO can widen its margin by lowering the chosen reply's
+    likelihood too (Razin et al. 2024); the NLL term pays for keeping it up.
+
+    preference_losses: (B,) e.g. ``dpo_loss(...).losses``; chosen_mean_logps: (B,) the chosen completion's
+    log-prob averaged over its tokens (completion tokens only: the prompt is masked), so the NLL is
+    length-normalised as in Pang et al. (-log M(y_w|x) / |y_w|). TRL's ``rpo_alpha`` averages the NLL over every
+    chosen token of the batch instead, which weighs long replies more; per-example means keep one weight per
+    pair, like the preference term. alpha = 0 is the preference loss alone.
+    """
+    if alpha < 0:
+        raise ValueError(f"rpo alpha must be >= 0 (a negative weight would push the chosen replies down), got {alpha}")
+    nll = -chosen_mean_logps  # (B,)
+    # L_RPO = L_pref + alpha * NLL(y_w | x) / |y_w|, per example (the loop does the expectation).
+    return RpoLoss(preference_losses + alpha * nll, nll.detach())
 
 
 _LOG_HALF = -math.log(2.0)

@@ -26,6 +26,7 @@ from importlib.resources import files
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
+from alignkit.cai.checks import CHECKS
 from alignkit.config import SEED_MAX, ConfigError, doc_field, load_config, save_config
 from alignkit.stages import Stage
 
@@ -98,6 +99,18 @@ def split_prompts(root: Path) -> tuple[Path, Path]:
     return train, held_out
 
 
+def sentiment_without_label_words(prompt: str, response: str) -> float:
+    """VADER on the response with every word the label-maker's checks count removed (`LABEL_WORDS`): a gain
+    here is a change of tone beyond the words the labels rewarded."""
+    import re
+
+    from alignkit.cai.checks import LABEL_WORDS
+    from alignkit.scoring.classifiers import sentiment
+
+    kept = re.sub(r"[A-Za-z']+", lambda m: "" if m.group(0).lower() in LABEL_WORDS else m.group(0), response)
+    return sentiment(prompt, kept)
+
+
 def independent_scores(eval_json: Path) -> dict:
     """Each scorer's mean over the policy's and the reference's samples, and the policy-minus-reference
     difference of per-prompt means with a bootstrap 95% interval over prompts (the prompts are the
@@ -106,7 +119,6 @@ def independent_scores(eval_json: Path) -> dict:
     Scorers: evaluators independent of the labels (VADER sentiment, alt-profanity-check's offensive
     probability) and the label-maker's own checks, applied to fresh samples on held-out prompts.
     """
-    from alignkit.cai.checks import CHECKS
     from alignkit.evaluation.metrics import mean_ci
     from alignkit.scoring import prompt_text
     from alignkit.scoring.classifiers import offensive, sentiment
@@ -114,7 +126,12 @@ def independent_scores(eval_json: Path) -> dict:
 
     evaluation = json.loads(eval_json.read_text())
     samples, k = evaluation["samples"], evaluation["samples_per_prompt"]  # k consecutive samples per prompt
-    scorers = {"sentiment (VADER)": sentiment, "offensive prob.": offensive, **CHECKS}
+    scorers = {
+        "sentiment (VADER)": sentiment,
+        "sentiment, label words removed (VADER)": sentiment_without_label_words,
+        "offensive prob.": offensive,
+        **CHECKS,
+    }
     out: dict[str, dict] = {}
     for name, f in scorers.items():
         means = {
@@ -371,9 +388,16 @@ def print_table(summary: dict) -> None:
         )
     )  # fmt: skip
     print(scored("sentiment, mean", "sentiment (VADER)", "VADER (independent)"))
+    if "sentiment, label words removed (VADER)" in sc:  # summaries written before this row existed lack it
+        print(
+            scored(
+                "  ... label words removed", "sentiment, label words removed (VADER)", "VADER (independent)"
+            )
+        )
     print(scored("offensive, mean prob.", "offensive prob.", "alt-profanity-check (independent)"))
-    for check in ("no_insults_or_toxicity", "politeness", "concision"):
-        print(scored(f"check: {check}", check, "the label-maker's own check"))
+    for check in CHECKS:
+        if check in sc:
+            print(scored(f"check: {check}", check, "the label-maker's own check"))
     print(
         row(
             "length, tokens (mean)",
@@ -386,8 +410,9 @@ def print_table(summary: dict) -> None:
     print(row("distinct-2", pol["distinct_2"], ref["distinct_2"], "", "n-gram count"))
     print(row("KL(policy || ref.), nats/token", kl["k1_per_token"], "", "", "k1 on the policy's samples"))
     print(
-        "  Intervals: bootstrap over held-out prompts. VADER and alt-profanity-check had no part in the labels;\n"
-        "  VADER's lexicon does share a few words, such as 'thank' and 'glad', with the politeness check."
+        "  Intervals: bootstrap over held-out prompts. VADER and alt-profanity-check had no part in the labels.\n"
+        "  VADER's lexicon shares words with the politeness and warmth checks ('glad', 'great', 'sad'), so the\n"
+        "  row '... label words removed' scores the text without any word a check counts."
     )
     print(f"\n  pairs trained on: {summary['pairs']}    DPO steps: {summary['dpo']['steps']}")
     print(f"  report: {summary['report']}")

@@ -21,8 +21,8 @@ from typing import ClassVar, Literal
 import numpy as np
 from tqdm.auto import tqdm
 
-from alignkit.cai.checks import ChecksRanker
 from alignkit.cai.constitution import load_constitution
+from alignkit.cai.guidelines import GuidedChecksRanker
 from alignkit.config import (
     SEED_MAX,
     ConfigError,
@@ -30,6 +30,7 @@ from alignkit.config import (
     RuntimeConfig,
     check_row_range,
     doc_field,
+    renamed_keys,
     required,
 )
 from alignkit.data import appendlog
@@ -51,13 +52,22 @@ from alignkit.scoring.rankers import (
 )
 from alignkit.stages import Stage
 from alignkit.training.distributed import start_one_process
+from alignkit.training.remedies import length_penalised
 
 
 @dataclass
 class BuildPrefsConfig(GenerationBackendConfig, RuntimeConfig):
     """Sample responses to prompts, rank them, and write chosen/rejected pairs (or a file for people to rank)."""
 
-    RENAMED = {"prompt_rows": "prompts_rows", "max_prompts": "prompts_max_rows"}
+    # Old spellings, read for one release (alignkit.config.load_config renames them, with a message).
+    ALIASES: ClassVar[dict[str, str]] = {
+        "prompt_rows": "prompts_rows",
+        "max_prompts": "prompts_max_rows",
+        "reward_model": "reward",
+        "ranker=reward_model": "ranker=reward",
+        "ranker=judge": "reward=judge",
+        "ranker=checks": "reward=checks",
+    }
 
     output: str = required(
         "Output .jsonl: the pairs (or, with ranker=export, the file to rank); an existing one is resumed."
@@ -117,6 +127,12 @@ class BuildPrefsConfig(GenerationBackendConfig, RuntimeConfig):
         "random from the rest), all_pairs (every pair with different scores).",
     )
     score_batch_size: int = doc_field(16, "Responses per reward-model forward pass.", ge=1)
+    length_penalty: float = doc_field(
+        0.0,
+        "ranker=reward: rank by score - length_penalty x response tokens (as sampled), so a longer reply wins "
+        "only where the reward pays more than this per token; 0: by the score. The pairs' scores are these.",
+        ge=0,
+    )
     judge_model: str = doc_field(
         "smollm2-135m-instruct", "The AI judge for reward=judge (embedded default, hub id or local dir)."
     )
@@ -150,14 +166,6 @@ class BuildPrefsConfig(GenerationBackendConfig, RuntimeConfig):
         """The rules across fields (each field's own range is declared on it and checked before this)."""
         super().check()
         check_row_range(self, "prompts_rows")
-
-    # Old config spellings, still read for one release (alignkit.config.load_config warns and rewrites them).
-    DEPRECATED: ClassVar[dict[str, str]] = {
-        "reward_model": "reward",
-        "ranker=reward_model": "ranker=reward",
-        "ranker=judge": "reward=judge",
-        "ranker=checks": "reward=checks",
-    }
 
 
 # The settings that decide what the output holds: resuming an output with other values would mix two runs.
@@ -265,7 +273,8 @@ def make_ranker(cfg: BuildPrefsConfig, device) -> Ranker | None:
     if cfg.reward == "judge":
         return judge_ranker(cfg)
     if cfg.reward == "checks":  # the constitution's checkable principles, judged by program, priority first
-        return ChecksRanker.from_constitution(load_constitution(cfg.judge_constitution).principles)
+        # with the program checks of the constitution's guidelines for edge cases, where it has any
+        return GuidedChecksRanker.from_guidelines(load_constitution(cfg.judge_constitution))
     if is_function_spec(cfg.reward):
         return ScorerRanker(FunctionScorer(cfg.reward, "reward"))
     from alignkit.models.reward import load_reward_model  # only when a reward model ranks
@@ -349,14 +358,19 @@ def sample_and_rank(
             # 4. Rank the usable responses (empty and repeated ones are never sent to the ranker).
             kept, _, _ = usable_responses(texts)
             scores: list[float | None] = [None] * n
-            for i, s in zip(kept, ranker.score(ex.prompt, [texts[i] for i in kept]) if kept else []):
-                scores[i] = float(s)
+            ranked = ranker.score(ex.prompt, [texts[i] for i in kept]) if kept else []
+            lengths = [len(generations[k * n + i].response_ids) for i in kept]
+            for i, s in zip(kept, length_penalised(ranked, lengths, cfg.length_penalty)):
+                scores[i] = s
             # 5. Pair by the rule, and append the prompt's pairs and its progress entry.
             pairing = make_pairs(texts, scores, cfg.pairing, np.random.default_rng([cfg.seed, ex.ref.row]))
             lines = pair_rows(
                 ex.ref.row, ex.prompt, texts, scores, pairing, ranker.name, cfg.pairing, sampling
             )
-            writer.add_prompt(ex.ref.row, lines, counts_of(pairing, n))
+            counts = counts_of(pairing, n)
+            if isinstance(ranker, GuidedChecksRanker):  # responses whose verdict a guideline changed
+                counts["n_guideline_resolved"] = ranker.take_resolved()
+            writer.add_prompt(ex.ref.row, lines, counts)
             bar.update(1)
     bar.close()
     return loaded.n_rows, loaded.skipped
@@ -420,10 +434,12 @@ def run(cfg: BuildPrefsConfig) -> dict:
 
     # 1. Resume: the prompts an earlier run of the same settings finished are kept and skipped.
     settings = appendlog.content_settings(cfg, CONTENT_SETTINGS)
+    if cfg.length_penalty:  # recorded only when set, so outputs begun before the option resume as they were
+        settings["length_penalty"] = cfg.length_penalty
     if cfg.overwrite:
         appendlog.remove_output(output)
     settings = as_recorded(output, settings)
-    done = appendlog.resume(output, settings, BuildPrefsConfig.RENAMED)
+    done = appendlog.resume(output, settings, renamed_keys(BuildPrefsConfig))
     if done:
         print(f"build-prefs: resuming {output}: {len(done)} prompts already done", file=sys.stderr)
 
@@ -441,7 +457,9 @@ def run(cfg: BuildPrefsConfig) -> dict:
     entries = appendlog.ledger_entries(output)
     total = {
         key: sum(e.get(key, 0) for e in entries)
-        for key in ("n_responses", "n_pairs", "n_empty", "n_duplicate", "n_unscored", "n_ties")
+        for key in (
+            "n_responses", "n_pairs", "n_empty", "n_duplicate", "n_unscored", "n_ties", "n_guideline_resolved"
+        )
     }
     summary = {
         "stage": "build-prefs",
@@ -459,6 +477,8 @@ def run(cfg: BuildPrefsConfig) -> dict:
         "skipped_duplicate_responses": total["n_duplicate"],
         "skipped_unscored_responses": total["n_unscored"],
         "skipped_tied_pairs": total["n_ties"],
+        # reward=checks with guidelines: responses whose principle check a guideline overruled: conflicts resolved
+        "guideline_resolved_conflicts": total["n_guideline_resolved"],
         "prompts_without_pairs": sum(e.get("n_pairs", 0) == 0 for e in entries)
         if cfg.ranker != "export"
         else None,

@@ -27,6 +27,7 @@ from alignkit.config import (
     RuntimeConfig,
     check_row_range,
     doc_field,
+    renamed_keys,
     required,
     validate_config,
 )
@@ -43,7 +44,7 @@ from alignkit.training.distributed import start_one_process
 class CAILabelConfig(RuntimeConfig):
     """Label response pairs with an AI judge under a constitution (RLAIF); write chosen/rejected pairs."""
 
-    RENAMED = {"max_pairs": "input_max_rows"}
+    ALIASES = {"max_pairs": "input_max_rows"}
 
     input: str = required(
         "Pairs to label: prompt + response_a + response_b, or prompt/chosen/rejected (labels ignored)."
@@ -195,6 +196,7 @@ def label_row(pair: InputPair, comparison: Comparison, cfg: CAILabelConfig) -> t
         "n_pairs": int(pref != 0),
         "tie": pref == 0,
         "conflict": comparison.conflict,
+        "guided": bool(comparison.guided),  # a constitution guideline was shown to the judge
         "n_questions": 2 * len(comparison.results),
         "p_first_option_sum": float(sum(first_option)),
         "orders_agree_sum": int(sum(orders_agree)),
@@ -236,7 +238,7 @@ def run(cfg: CAILabelConfig) -> dict:
     settings = appendlog.content_settings(cfg, CONTENT_SETTINGS, constitution_crc32=constitution.crc32())
     if cfg.overwrite:
         appendlog.remove_output(output)
-    done = appendlog.resume(output, settings, CAILabelConfig.RENAMED)
+    done = appendlog.resume(output, settings, renamed_keys(CAILabelConfig))
     pairs, skipped, n_read = read_input(cfg)
     todo = [p for p in pairs if p.row not in done]
     print(
@@ -321,6 +323,10 @@ def summarize(
         "ties": sum(e["tie"] for e in entries),
         "conflicts": n_conflicts,
         "conflict_rate": n_conflicts / len(entries) if entries else None,
+        # Comparisons whose judge questions carried a guideline of the constitution (a judge's verdict cannot
+        # be traced to the guideline; the program checks count the conflicts theirs resolved: build-prefs).
+        "guided_comparisons": sum(e.get("guided", False) for e in entries),
+        "guided_conflicts": sum(e.get("guided", False) and e["conflict"] for e in entries),
         # Position bias before averaging: 0.5 when the judge has no preference for the first slot.
         "mean_p_first_option": per_question("p_first_option_sum"),
         "orders_agree_rate": per_question("orders_agree_sum"),

@@ -26,6 +26,7 @@ from alignkit.config import (
     RuntimeConfig,
     check_row_range,
     doc_field,
+    renamed_keys,
     required,
     validate_config,
 )
@@ -42,7 +43,7 @@ from alignkit.training.distributed import start_one_process
 class CAIReviseConfig(GenerationBackendConfig, RuntimeConfig):
     """Answer prompts, then critique and revise each answer under constitution principles; write SFT data."""
 
-    RENAMED = {"prompt_rows": "prompts_rows", "max_prompts": "prompts_max_rows"}
+    ALIASES = {"prompt_rows": "prompts_rows", "max_prompts": "prompts_max_rows"}
 
     prompts: str = required("Prompt file: a 'prompt' (text or messages) or 'messages' column.")
     output: str = required(
@@ -159,7 +160,7 @@ def run(cfg: CAIReviseConfig) -> dict:
     settings = appendlog.content_settings(cfg, CONTENT_SETTINGS, constitution_crc32=constitution.crc32())
     if cfg.overwrite:
         appendlog.remove_output(output)
-    done = appendlog.resume(output, settings, CAIReviseConfig.RENAMED)
+    done = appendlog.resume(output, settings, renamed_keys(CAIReviseConfig))
     loaded = load_prompts(
         cfg.prompts, cfg.on_bad_row, split=cfg.prompts_split, rows=cfg.prompts_rows, limit=cfg.prompts_max_rows
     )

@@ -58,6 +58,12 @@ class DPOConfig(TrainConfig):
         True,
         "IPO on token-averaged log-ratios (as TRL's DPOTrainer); False uses sums as the IPO paper states.",
     )
+    rpo_alpha: float = doc_field(
+        0.0,
+        "DPO/IPO: add rpo_alpha x the chosen reply's length-normalised NLL (RPO, Pang et al. 2024), against "
+        "DPO lowering the chosen replies' likelihood (likelihood displacement); 0: none.",
+        ge=0,
+    )
     orpo_lambda: float = doc_field(
         0.1, "ORPO weight of the odds-ratio term next to the chosen NLL (0: the NLL alone).", ge=0
     )
@@ -84,6 +90,12 @@ class DPOConfig(TrainConfig):
                 "config key 'reference' is 'adapter', which needs lora=true (the reference is the base with the "
                 "adapters disabled); set lora=true or reference=precomputed",
                 ("reference", "lora"),
+            )
+        if self.loss == "orpo" and self.rpo_alpha:
+            raise ConfigError(
+                "config key 'rpo_alpha' must be 0 with loss=orpo, got "
+                f"{self.rpo_alpha}: ORPO's loss already holds the chosen reply's NLL (weight 1)",
+                ("rpo_alpha", "loss"),
             )
 
 @dataclass

@@ -45,7 +45,12 @@ NO_REFERENCE = ("none", "null", "")
 class EvalConfig(GenerationBackendConfig):
     """Sample the model and a reference on the same prompts; score, compare and write eval.json."""
 
-    RENAMED = {"max_prompts": "prompts_max_rows"}
+    # Old spellings, read for one release (alignkit.config.load_config renames them, with a message).
+    ALIASES: ClassVar[dict[str, str]] = {
+        "max_prompts": "prompts_max_rows",
+        "reward_model": "reward",
+        "reward_fn": "reward",
+    }
 
     # --- models ---
     model: str = required(
@@ -110,9 +115,6 @@ class EvalConfig(GenerationBackendConfig):
         "for another local model, else ./eval-<model name>.json.",
     )
     progress: bool = doc_field(True, "Show progress bars.")
-
-    # Old config names, still read for one release (alignkit.config.load_config warns and renames them).
-    DEPRECATED: ClassVar[dict[str, str]] = {"reward_model": "reward", "reward_fn": "reward"}
 
 
 def make_scorer(cfg: EvalConfig) -> Scorer | None:

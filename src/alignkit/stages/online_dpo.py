@@ -19,6 +19,7 @@ and the log-prob passes run on the shards, every rank running as many.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass
 from typing import Literal
@@ -39,6 +40,7 @@ from alignkit.training import online_engine as engine
 from alignkit.training.online import accumulated_step
 from alignkit.training.preference import PairExample, PairLogprobs, collate_pair_examples, pair_outputs
 from alignkit.training.reference import PRECOMPUTED, apply
+from alignkit.training.remedies import monitor_actions
 from alignkit.training.rollout import sample_logprobs
 
 
@@ -49,7 +51,7 @@ class OnlineDPOConfig(OnlineTrainConfig):
     the starting model. Data: prompts (a `prompt` column, or `messages` ending with a user turn)."""
 
     # Keys an older alignkit's online-dpo config.yaml holds (TrainConfig's, unused here): read for one release.
-    RETIRED = retired_online_fields(
+    ALIASES = retired_online_fields(
         "online-dpo",
         batch_size="prompts_per_round (samples) and minibatch_size (pairs per optimizer step)",
         epochs="rounds and dpo_epochs",
@@ -79,6 +81,12 @@ class OnlineDPOConfig(OnlineTrainConfig):
     # At 0.5 the two labels weigh the same (no gradient); above it the preference is reversed.
     label_smoothing: float = doc_field(
         0.0, "DPO only: assumed label-flip rate (conservative DPO).", ge=0, lt=0.5
+    )
+    rpo_alpha: float = doc_field(
+        0.0,
+        "DPO/IPO: add rpo_alpha x the chosen reply's length-normalised NLL (RPO, Pang et al. 2024), against "
+        "DPO lowering the chosen replies' likelihood (likelihood displacement); 0: none.",
+        ge=0,
     )
     ipo_average_logps: bool = doc_field(
         True, "IPO on token-averaged log-ratios (as TRL's DPOTrainer); False uses sums as the IPO paper."
@@ -201,6 +209,15 @@ def online_dpo_method(cfg: OnlineDPOConfig, setup: engine.OnlineSetup) -> engine
     DPO's reference=adapter; full fine-tuning: a frozen copy)."""
     policy, reference, rank, world = setup.policy, setup.reference, setup.rank, setup.world
     k = cfg.samples_per_prompt
+    # The loss reads its beta from `objective`, a copy of cfg whose beta the monitors' adjust action raises.
+    objective = dataclasses.replace(cfg)
+
+    def adjust_kl(factor: float) -> dict[str, float]:
+        old, objective.beta = objective.beta, objective.beta * factor
+        return {"beta_old": old, "beta_new": objective.beta}
+
+    def load_state_dict(state: dict) -> None:
+        objective.beta = state.get("beta", cfg.beta)  # a checkpoint before the adjust action had none
 
     def make_batch(samples: engine.Samples) -> engine.Batch:
         # 3. Pair each prompt's best response against its worst; a tie makes no pair. The same pairs in every
@@ -215,7 +232,7 @@ def online_dpo_method(cfg: OnlineDPOConfig, setup: engine.OnlineSetup) -> engine
         stats = {"pairs": len(paired.pairs), "ties": paired.n_ties, "left_out": paired.n_left_out}
         stats |= {"pairs/score_margin": float(np.mean(margins))} if margins else {}
         # kl: nats per response, as PPO's
-        stats |= {"kl": float(kl.per_sequence.mean()), "kl/per_token": kl.k1}
+        stats |= {"kl": float(kl.per_sequence.mean()), "kl/per_token": kl.k1, "beta": objective.beta}
         roles = {c: "chosen" for c, _ in paired.pairs} | {r: "rejected" for _, r in paired.pairs}
         fields = [{"pair": roles.get(i)} for i in range(len(samples.generations))]
         return engine.Batch(pair_examples(samples.generations, ref_logps, paired.pairs), stats, fields)
@@ -241,11 +258,14 @@ def online_dpo_method(cfg: OnlineDPOConfig, setup: engine.OnlineSetup) -> engine
         epochs=cfg.dpo_epochs,
         minibatch_size=cfg.minibatch_size,
         make_batch=make_batch,
-        loss=functools.partial(pair_losses, cfg),
+        loss=functools.partial(pair_losses, objective),
         update=update,
-        monitors=default_monitors("online-dpo"),
+        monitors=default_monitors("online-dpo", actions=monitor_actions(cfg)),
         samples_per_prompt=k,
         top_p=cfg.top_p,
+        state_dict=lambda: {"beta": objective.beta},
+        load_state_dict=load_state_dict,
+        adjust_kl=adjust_kl,
         describe={"loss": cfg.loss},
         summarize=lambda units, rows, samples: {"pairs_by_round": [r["pairs"] for r in rows]},
     )

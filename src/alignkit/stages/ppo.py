@@ -30,6 +30,7 @@ from alignkit.stages import Stage
 from alignkit.training import distributed
 from alignkit.training import online_engine as engine
 from alignkit.training.online import accumulated_step
+from alignkit.training.remedies import monitor_actions, raise_kl_coef
 from alignkit.training.rollout import (
     Rollout,
     collate_samples,
@@ -45,7 +46,7 @@ class PPOConfig(OnlineTrainConfig):
     """RLHF with PPO. Data: prompts (a `prompt` column, or `messages` ending with a user turn)."""
 
     # Keys an older alignkit's ppo config.yaml holds (TrainConfig's, unused here): read for one release.
-    RETIRED = retired_online_fields(
+    ALIASES = retired_online_fields(
         "ppo",
         batch_size="prompts_per_iteration (rollout batch) and minibatch_size (optimizer batch)",
         epochs="iterations and ppo_epochs",
@@ -292,12 +293,13 @@ def ppo_method(cfg: PPOConfig, setup: engine.OnlineSetup) -> engine.OnlineMethod
         make_batch=make_batch,
         loss=functools.partial(_ppo_loss_of, cfg),
         update=update,
-        monitors=default_monitors("ppo", kl_target=cfg.kl_target),
+        monitors=default_monitors("ppo", kl_target=cfg.kl_target, actions=monitor_actions(cfg)),
         # LoRA: the value model's layers are recomputed with its adapter, as they ran (not the policy's).
         recompute_context=functools.partial(recompute_with_active_adapter, policy) if cfg.lora else None,
         final_policy=final_policy,
         state_dict=lambda: {"kl_controller": kl_controller.state_dict()},
         load_state_dict=load_state_dict,
+        adjust_kl=functools.partial(raise_kl_coef, kl_controller),  # the state_dict keeps what it changed
         describe={"value_model": value_doc},
         summarize=lambda units, rows, samples: {"score_change": engine.score_change(samples, units)},
     )

@@ -37,7 +37,13 @@ INPUT_ROW = "input_row"
 class ScoreConfig(RuntimeConfig):
     """Score rows with a reward. Input: prompt + response rows, or pairs (prompt/chosen/rejected)."""
 
-    RENAMED: ClassVar[dict[str, str]] = {"split": "input_split", "rows": "input_rows", "max_rows": "input_max_rows"}
+    # Old spellings, read for one release (alignkit.config.load_config renames them, with a message).
+    ALIASES: ClassVar[dict[str, str]] = {
+        "split": "input_split",
+        "rows": "input_rows",
+        "max_rows": "input_max_rows",
+        "reward_model": "reward",
+    }
 
     reward: str = required(
         "Reward model directory (the final/ folder of an `alignkit rm` run), or 'module:function' with "
@@ -96,9 +102,6 @@ class ScoreConfig(RuntimeConfig):
                 f"config key '{lengths[0]}' applies to a reward model; reward={self.reward} is a function",
                 (lengths[0],),
             )
-
-    # Old config names, still read for one release (alignkit.config.load_config warns and renames them).
-    DEPRECATED: ClassVar[dict[str, str]] = {"reward_model": "reward"}
 
 
 @dataclass

@@ -31,7 +31,7 @@ from alignkit.config import ConfigError, validate_config
 from alignkit.data.tokenize import encode_prompt
 from alignkit.errors import TrainingInterrupted
 from alignkit.evaluation.metrics import distinct_n, length_stats, mean_difference, pearson
-from alignkit.evaluation.monitors import MonitorSet
+from alignkit.evaluation.monitors import MonitorSet, is_gold_divergence
 from alignkit.models.generation import Generation, SamplingConfig, check_generation_backend, vllm_sampler
 from alignkit.models.loading import (
     apply_lora,
@@ -63,6 +63,7 @@ from alignkit.training.online import (
     truncate_jsonl,
 )
 from alignkit.training.reference import Reference, load_reference
+from alignkit.training.remedies import BestGold, length_penalised
 from alignkit.training.run import RunDir, peak_rss_mb
 from alignkit.training.schedule import build_optimizer, build_scheduler
 from alignkit.training.signals import StopSignals, stopped_at_once
@@ -97,7 +98,8 @@ class Samples:
 
     prompts: list  # the prompt of each sample; a prompt's samples_per_prompt samples are consecutive
     generations: list[Generation]
-    scores: list[float]  # the reward's score of each sample
+    scores: list[float]  # the reward's score of each sample, less any length penalty: what the method trains on
+    raw_scores: list[float] | None = None  # the reward's own scores, when a length penalty changed them
 
     @property
     def texts(self) -> list[str]:
@@ -176,6 +178,9 @@ class OnlineMethod:
     final_policy: Callable[[], torch.nn.Module] | None = None  # what final/ holds; None: the policy
     state_dict: Callable[[], dict] = dict  # the method's own state in a checkpoint (PPO: its KL controller)
     load_state_dict: Callable[[dict], None] = lambda state: None
+    # The monitors' "adjust" remedy: multiply the method's KL coefficient by a factor; returns the old and new
+    # values (the event's). None: the method has none, and an "adjust" action is refused.
+    adjust_kl: Callable[[float], dict[str, float]] | None = None
     describe: dict = field(default_factory=dict)  # fixed lines of the summary
     # More lines of the summary from (units made, logged rows, samples.jsonl; None outside the main process).
     summarize: Callable[[int, list[dict], Path | None], dict] = lambda units, rows, samples: {}
@@ -328,6 +333,21 @@ class OnlineRun:
         self.last_row: dict = {}
         self.stopped_by: str | None = None
         self.loop_started = time.monotonic()
+        self.wire_remedies()
+
+    def wire_remedies(self) -> None:
+        """The monitors' actions beyond warn/stop: "adjust" raises the method's KL coefficient by
+        kl_adjust_factor; a gold-divergence "stop" puts back the best-gold weights (``finish``)."""
+        cfg, method, monitors = self.cfg, self.method, self.monitors
+        if method.adjust_kl is not None:
+            monitors.adjuster = lambda event: method.adjust_kl(cfg.kl_adjust_factor)
+        elif monitors.needs_adjuster():
+            raise ConfigError(
+                f"{self.stage} has no KL coefficient to adjust; monitor(s) {monitors.needs_adjuster()} have "
+                "action 'adjust': use warn or stop"
+            )
+        self.best_gold = BestGold() if cfg.gold_divergence_action == "stop" else None
+        self.stopped_for_gold = False
 
     def elapsed(self) -> float:
         return self.elapsed_before + time.monotonic() - self.loop_started
@@ -444,7 +464,12 @@ class OnlineRun:
         my_texts = [g.text for g in mine.values()]  # none where a process got no generation batch
         my_scores = self.setup.scorer.score([prompts[i] for i in mine], my_texts) if mine else []
         gathered = distributed.gather_dicts(dict(zip(mine, zip(mine.values(), my_scores))))
-        return Samples(prompts, [g for g, _ in gathered.values()], [score for _, score in gathered.values()])
+        generations, scores = [g for g, _ in gathered.values()], [score for _, score in gathered.values()]
+        if not self.cfg.length_penalty:
+            return Samples(prompts, generations, scores)
+        # The reward trained on: score - length_penalty x response tokens (remedies.length_penalised).
+        lengths = [len(g.response_ids) for g in generations]
+        return Samples(prompts, generations, length_penalised(scores, lengths, self.cfg.length_penalty), scores)
 
     def after_step(self, stats: dict) -> None:
         """The non-finite policy of the offline loop, on each optimizer step of a method's update: a skipped
@@ -463,6 +488,7 @@ class OnlineRun:
                     zip(samples.prompts, samples.generations, samples.scores)
                 ):
                     sample = {"step": self.unit, "prompt": prompt, "response": g.text, "score": score}
+                    sample |= {"raw_score": samples.raw_scores[i]} if samples.raw_scores else {}
                     sample |= {
                         "finished": g.finished,
                         **(batch.sample_fields[i] if batch.sample_fields else {}),
@@ -478,6 +504,11 @@ class OnlineRun:
                 )
             for event in self.monitors.last_events:
                 self.run_dir.log_metrics(event.to_row())
+            self.stopped_for_gold |= any(
+                is_gold_divergence(e) and e.action == "stop" for e in self.monitors.last_events
+            )
+            if self.best_gold is not None and not self.stopped_for_gold:
+                self.best_gold.observe(self.unit, row, self.params)
 
     def checkpoint_or_stop(self, received: int | None) -> bool:
         """Step 7: whether the loop stops here (a monitor in any process); raises after a signal's checkpoint."""
@@ -515,6 +546,13 @@ class OnlineRun:
     def finish(self, started: float) -> dict:
         """The final policy (written by the main process) and the summary."""
         cfg, setup, method, run_dir = self.cfg, self.setup, self.method, self.run_dir
+        final_from = f"the last {method.unit}"
+        if self.stopped_for_gold and self.best_gold is not None and self.best_gold.restore(self.params):
+            best = self.best_gold
+            final_from = (
+                f"{method.unit} {best.unit}, the best gold_reward/mean ({best.gold:.4g}): the proxy-vs-gold "
+                f"monitor stopped the run at {method.unit} {self.unit}"
+            )
         policy = method.final_policy() if method.final_policy else setup.policy
         distributed.save_from_main(
             policy,
@@ -533,6 +571,7 @@ class OnlineRun:
             **method.describe,
             "run_dir": str(run_dir.path),
             "final_model": str(run_dir.final_dir),
+            "final_model_from": final_from,
             f"{method.unit}s": self.unit,
             "stopped_by": self.stopped_by,
             "prompts": len(setup.prompts),
@@ -559,7 +598,10 @@ def sample_stats(samples: Samples) -> dict[str, float]:
     """The health of a unit's samples, whatever the method: scores, lengths, EOS, diversity."""
     scores, lengths = samples.scores, samples.lengths
     length = length_stats(lengths)
-    return {
+    # With a length penalty the score keys are of the penalised reward (what is trained on and what the
+    # reward-hacking monitor should see pay for length); "score/unpenalised" is the reward's own.
+    raw = {"score/unpenalised": float(np.mean(samples.raw_scores))} if samples.raw_scores else {}
+    return raw | {
         "score/mean": float(np.mean(scores)),
         "score/std": float(np.std(scores, ddof=1)) if len(scores) > 1 else 0.0,
         "reward/mean": float(np.mean(scores)),  # the key RewardHackingMonitor reads

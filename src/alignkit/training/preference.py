@@ -4,8 +4,8 @@ Shared by the offline stages (dpo, ipo, orpo) and online-dpo, which trains on pa
 log-probs travel as ``PairLogprobs`` (named (B,) tensors); the reference is a ``training.reference.Reference``.
 
 ``cfg`` is a stage config with the objective's fields: ``loss`` ("dpo", "ipo" or "orpo"), ``beta``,
-``label_smoothing``, ``ipo_average_logps``, ``orpo_lambda`` (ORPO only), ``logprob_chunk_size`` and
-``share_prompt``.
+``label_smoothing``, ``ipo_average_logps``, ``orpo_lambda`` (ORPO only), ``rpo_alpha`` (DPO and IPO: RPO's
+NLL term on the chosen reply), ``logprob_chunk_size`` and ``share_prompt``.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import torch
 
 from alignkit.data.collate import collate_pairs
 from alignkit.data.tokenize import EncodedPair
-from alignkit.losses.preference import dpo_loss, ipo_loss, orpo_loss
+from alignkit.losses.preference import dpo_loss, ipo_loss, orpo_loss, rpo_loss
 from alignkit.models.forward import sequence_logprobs
 from alignkit.models.packed import shared_prompt_logprobs
 from alignkit.training.reference import Reference, stack
@@ -91,7 +91,10 @@ def preference_losses(cfg, policy: PairLogprobs, ref: PairLogprobs | None):
             policy.chosen_sum, policy.rejected_sum, ref.chosen_sum, ref.rejected_sum,
             beta=cfg.beta, label_smoothing=cfg.label_smoothing,
         )  # fmt: skip
-    return out.losses, out.chosen_rewards, out.rejected_rewards
+    losses = out.losses
+    if cfg.rpo_alpha:  # against likelihood displacement: an NLL term keeps the chosen replies likely
+        losses = rpo_loss(losses, policy.chosen_mean, cfg.rpo_alpha).losses
+    return losses, out.chosen_rewards, out.rejected_rewards
 
 
 @dataclass
@@ -114,6 +117,8 @@ def pair_outputs(cfg, model, reference: Reference, batch: dict) -> PairOutputs:
         "logps/chosen": policy.chosen_sum.detach().sum().item(),
         "logps/rejected": policy.rejected_sum.detach().sum().item(),
     }
+    if cfg.loss != "orpo" and cfg.rpo_alpha:  # the chosen replies' length-normalised NLL, RPO's added term
+        metrics["nll/chosen"] = -policy.chosen_mean.detach().sum().item()
     if ref is not None:
         # Mean per-token log-ratio log pi/pi_ref on the pairs: a cheap, off-policy proxy for the KL to
         # the reference (the on-policy estimate comes from `alignkit eval` on the policy's own samples).
