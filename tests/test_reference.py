@@ -96,3 +96,27 @@ def test_each_way_of_holding_the_reference():
     assert copy.logprobs(policy, batch, _compute).chosen_sum.tolist() == [7.0, 7.0]
     with pytest.raises(RuntimeError, match="'precomputed' reference has no model"):
         PRECOMPUTED.logprobs(policy, batch, _compute)
+
+
+def test_adapter_reference_leaves_every_trained_adapter_trainable(tiny_model_dir):
+    """PPO's LoRA policy trains two adapters: its own and the value model's. PEFT's disable_adapter re-freezes
+    every adapter but the active one on the way out; the adapter reference gives back all that was trainable
+    (else the value adapter would silently stop training after the first rollout)."""
+    from alignkit.config import LoRAFields
+    from alignkit.models.loading import apply_lora, load_model
+    from alignkit.models.value import add_value_adapter
+
+    policy = apply_lora(load_model(str(tiny_model_dir), "float32"), LoRAFields())
+    add_value_adapter(policy)
+
+    def trainable() -> set[str]:
+        return {name for name, p in policy.named_parameters() if p.requires_grad}
+
+    before = trainable()
+    assert any(".value." in name for name in before) and any(".default." in name for name in before)
+    with Reference("adapter").model(policy) as model:
+        assert model is policy and not torch.is_grad_enabled()
+    assert trainable() == before
+    with policy.disable_adapter():  # PEFT alone: the value adapter comes out frozen
+        pass
+    assert trainable() == {name for name in before if ".value." not in name}

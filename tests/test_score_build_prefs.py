@@ -12,6 +12,7 @@ import pytest
 
 from alignkit import cli
 from alignkit.config import ConfigError, load_config
+from alignkit.data import appendlog
 from alignkit.scoring.rankers import read_ranked_row, scores_from_ranking
 from alignkit.stages import build_prefs, score
 from alignkit.stages.build_prefs import BuildPrefsConfig, make_pairs, usable_responses
@@ -245,7 +246,7 @@ def test_build_prefs_resumes_and_its_output_trains_dpo(
     # Crash while writing prompt 3 (the second of batch 1): its pairs reach the output but its progress
     # entry does not. The rerun removes them, redoes only batch 1's prompt 3 and batch 2, and ends with
     # exactly the uninterrupted run's pairs.
-    original, calls = build_prefs.Writer.add_prompt, []
+    original, calls = appendlog.Writer.add_prompt, []
 
     def crashing(self, prompt_row, lines, counts):
         calls.append(prompt_row)
@@ -256,10 +257,10 @@ def test_build_prefs_resumes_and_its_output_trains_dpo(
 
     out = tmp_path / "resumed.jsonl"
     args = _bp_args(tiny_model_dir, prompts_file, out, *common)
-    monkeypatch.setattr(build_prefs.Writer, "add_prompt", crashing)
+    monkeypatch.setattr(appendlog.Writer, "add_prompt", crashing)
     with pytest.raises(Crash):
         build_prefs.run(load_config(BuildPrefsConfig, None, args))
-    monkeypatch.setattr(build_prefs.Writer, "add_prompt", original)
+    monkeypatch.setattr(appendlog.Writer, "add_prompt", original)
     assert calls == [0, 1, 2, 3]
 
     resumed = build_prefs.run(load_config(BuildPrefsConfig, None, args))

@@ -284,7 +284,7 @@ def test_vllm_backend_with_lora_samples_what_hf_samples(tiny_model_dir, prompt_f
     )
 
     monkeypatch.setattr(online_engine, "check_generation_backend", lambda backend: None)  # vllm is not here
-    monkeypatch.setattr(online_dpo, "vllm_sampler", FakeVLLMSampler)
+    monkeypatch.setattr(online_engine, "vllm_sampler", FakeVLLMSampler)
     monkeypatch.setattr(FakeVLLMSampler, "built", [])
     vllm = tmp_path / "vllm"
     args = _args(tiny_model_dir, prompt_file, vllm, *lora, "generation_backend=vllm")

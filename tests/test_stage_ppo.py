@@ -30,6 +30,7 @@ from alignkit.training import rollout as rollouts
 from alignkit.training.loop import MAX_CONSECUTIVE_NONFINITE
 from alignkit.training.online import iteration_prompts
 from alignkit.training.online_engine import make_scorer
+from alignkit.training.reference import Reference
 
 PROMPTS = [
     "what is the capital of france?",
@@ -170,7 +171,7 @@ def test_vllm_backend_with_lora_samples_what_hf_samples(tiny_model_dir, prompt_f
     ppo.run(load_config(ppo.PPOConfig, None, _args(tiny_model_dir, prompt_file, hf, *lora)))
 
     monkeypatch.setattr(online_engine, "check_generation_backend", lambda backend: None)  # vllm is not installed here
-    monkeypatch.setattr(ppo, "vllm_sampler", FakeVLLMSampler)
+    monkeypatch.setattr(online_engine, "vllm_sampler", FakeVLLMSampler)
     monkeypatch.setattr(FakeVLLMSampler, "built", [])
     vllm = tmp_path / "vllm"
     args = _args(tiny_model_dir, prompt_file, vllm, *lora, "generation_backend=vllm")
@@ -334,11 +335,11 @@ def test_rollout_passes_in_trimmed_microbatches_equal_one_padded_pass(tiny_model
     must equal those of the whole right-padded batch in one pass, and be 0 past each response's end."""
     torch.manual_seed(0)
     policy = load_model(str(tiny_model_dir), "float32")  # compared at fp32 resolution on any CPU
-    reference = load_model(str(tiny_model_dir), "float32")
+    reference = Reference("copy", load_model(str(tiny_model_dir), "float32"))
     value_model = ValueModel(load_model(str(tiny_model_dir), "float32"))
     torch.nn.init.normal_(value_model.head.weight, std=0.3)
     with torch.no_grad():
-        for p in reference.parameters():
+        for p in reference.copy.parameters():
             p.add_(0.01 * torch.randn_like(p))  # a reference that differs from the policy
     gens = [
         Generation([1, 10, 11], [20, 21, 22, 23, 24], "", False),

@@ -409,6 +409,62 @@ class TrainConfig(
 
 
 @dataclass
+class RewardFields(Fields):
+    """The reward an online stage trains on."""
+
+    # --- reward ---
+    reward: str = required(
+        "'module:function' with function(prompt: str, response: str) -> float (e.g. "
+        "alignkit.scoring.rewards:politeness), or a reward model directory written by `alignkit rm`."
+    )
+    reward_batch_size: int = doc_field(8, "Responses per forward pass of a reward model.", ge=1)
+
+
+@dataclass
+class OnlineSamplingFields(Fields):
+    """How an online stage samples the policy's responses to its prompts."""
+
+    # --- sampling ---
+    max_new_tokens: int = doc_field(
+        48, "Longest response in tokens; a response cut here counts as unfinished.", ge=1
+    )
+    # The methods learn from the policy's own samples; greedy decoding (0) is not a sample of it (and online
+    # DPO's samples of one prompt would all be the same: no pair could ever be made).
+    temperature: float = doc_field(
+        1.0,
+        "Sampling temperature (> 0); ppo takes the log-probs of policy and reference at the same "
+        "temperature; online-dpo needs the samples of one prompt to differ to make a pair.",
+        gt=0,
+    )
+    generation_batch_size: int = doc_field(
+        16,
+        "Sequences per batched generate() call (generation_backend=hf; vLLM batches by itself). In N "
+        "processes each samples every N-th batch: at most the samples of an iteration or round / N keeps "
+        "them all sampling.",
+        ge=1,
+    )
+    max_prompt_length: int | None = doc_field(256, "Longest prompt in tokens (its end is kept).", ge=1)
+
+
+@dataclass
+class OnlineBatchFields(Fields):
+    """An online stage's optimizer batches over the batch it made of an iteration's (round's) samples."""
+
+    # --- update ---
+    minibatch_size: int = doc_field(8, "Rows per optimizer step (ppo: responses; online-dpo: pairs).", ge=1)
+    micro_batch_size: int = doc_field(
+        8,
+        "Rows per forward/backward pass (at most minibatch_size); a minibatch is accumulated from these "
+        "exactly.",
+        ge=1,
+    )
+
+    def check(self) -> None:
+        super().check()
+        check_at_most(self, "micro_batch_size", "minibatch_size")
+
+
+@dataclass
 class OnlineRemedyFields(Fields):
     """What an online stage does against reward hacking, mode collapse and over-optimisation: a length
     penalty on the reward, and the actions of its failure monitors (``evaluation.monitors``)."""
@@ -442,17 +498,25 @@ class OnlineRemedyFields(Fields):
 
 @dataclass
 class OnlineTrainConfig(
+    OnlineBatchFields,
     OnlineRemedyFields,
     GenerationBackendConfig,
     RunFolderFields,
     LoRAFields,
     ComputeFields,
     OptimizerFields,
+    OnlineSamplingFields,
+    RewardFields,
     TrainDataFields,
     ModelFields,
 ):
     """Fields shared by the stages that train on their own samples (ppo, online-dpo): no eval data, no
     offline batching (each declares its own iterations and minibatches), prompts from ``train_data``."""
+
+    log_every: int = doc_field(1, "Write metrics every N iterations (ppo) or rounds (online-dpo).")
+    save_every: int | None = doc_field(
+        None, "Write a checkpoint every N iterations (ppo) or rounds (online-dpo), and at the end."
+    )
 
     train_data: str | None = doc_field(
         None,
@@ -526,6 +590,17 @@ def retired_train_fields(stage: str, instead: dict[str, str]) -> dict[str, str |
         name: Retired(defaults[renamed.get(name, name)], f"is not used by {stage}; set {what} instead")
         for name, what in instead.items()
     }
+
+
+def retired_online_fields(
+    stage: str, batch_size: str, epochs: str, max_steps: str
+) -> dict[str, str | Retired]:
+    """The ``ALIASES`` table of an online stage (ppo, online-dpo): TrainConfig's offline batching, max_length
+    and eval keys an older config.yaml of ``stage`` holds, each naming what to set instead."""
+    instead = {"batch_size": batch_size, "epochs": epochs, "max_steps": max_steps}
+    instead["max_length"] = "max_prompt_length and max_new_tokens"
+    instead |= dict.fromkeys(EVAL_KEYS, "`alignkit eval` on the final model")
+    return retired_train_fields(stage, instead)
 
 
 def with_current_names(cls: type, saved: dict) -> dict:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.resources
 import os
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,6 +57,10 @@ class Constitution:
 
     def ids(self) -> list[str]:
         return [p.id for p in self.principles]
+
+    def crc32(self) -> int:
+        """A checksum of the principles' text: an output resumes only under the constitution it began with."""
+        return zlib.crc32(repr(self.principles).encode("utf-8"))
 
     def select(self, ids: list[str] | None) -> Constitution:
         """The same constitution with only the principles ``ids`` (None or empty keeps them all)."""

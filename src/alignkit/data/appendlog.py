@@ -3,16 +3,20 @@
 A job writes each finished unit (a prompt's pairs, a revision) to the output and then one entry to
 `<output>.progress.jsonl`, both synced to disk; the ledger's first line holds the settings. On restart
 `resume` keeps exactly the finished units, drops a torn last line or a half-written unit, and refuses to
-continue with other settings. Used by build-prefs, cai-revise and cai-label.
+continue with other settings. Used by build-prefs, cai-revise and cai-label, which also share the steps around
+it here: the output's name (``jsonl_output``), the settings the ledger records (``content_settings``), a fresh
+start (``remove_output``), the finished entries (``ledger_entries``) and the summary (``write_summary``).
 """
 
 from __future__ import annotations
 
 import json
 import os
+from collections.abc import Collection
 from pathlib import Path
+from typing import Any
 
-from alignkit.config import ConfigError
+from alignkit.config import ConfigError, config_to_dict
 
 
 def progress_path(output: Path) -> Path:
@@ -21,6 +25,44 @@ def progress_path(output: Path) -> Path:
 
 def summary_path(output: Path) -> Path:
     return output.with_suffix(".summary.json")
+
+
+def jsonl_output(output: str, appended: str) -> Path:
+    """``output`` as a path; an error unless it names a .jsonl file (``appended``: how the stage appends to
+    it, for the message)."""
+    if Path(output).suffix != ".jsonl":
+        raise ConfigError(f"output must be a .jsonl file (it is appended to {appended}), got {output}")
+    return Path(output)
+
+
+def content_settings(cfg: Any, names: Collection[str], **derived: Any) -> dict:
+    """The settings that decide what the output holds, as its ledger records them: the config fields
+    ``names``, then ``derived`` ones (a hash of the constitution's text), then a sampling stage's
+    generation_backend when it is not hf (vLLM draws other samples; an hf output begun before the backend was
+    recorded resumes)."""
+    settings = {k: v for k, v in config_to_dict(cfg).items() if k in names} | derived
+    if getattr(cfg, "generation_backend", "hf") != "hf":
+        settings["generation_backend"] = cfg.generation_backend
+    return settings
+
+
+def remove_output(output: Path) -> None:
+    """Start afresh (overwrite=true): the output and its ledger go."""
+    for path in (output, progress_path(output)):
+        path.unlink(missing_ok=True)
+
+
+def ledger_entries(output: Path) -> list[dict]:
+    """The ledger's entry of every finished unit (this run's and earlier runs'), without the settings line."""
+    return [json.loads(line) for line in complete_lines(progress_path(output))[1:]]
+
+
+def write_summary(output: Path, summary: dict) -> None:
+    """``<output>.summary.json``, written whole or not at all (a temporary file moved into place)."""
+    path = summary_path(output)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(summary, indent=2) + "\n")
+    os.replace(tmp, path)
 
 
 def complete_lines(path: Path) -> list[str]:

@@ -543,55 +543,9 @@ def render_report(
     title = title or f"alignkit report: {run_dir.name}"
     steps = max((s for pts in data.values() for s, _ in pts), default=None)
 
-    parts = [
-        "<!DOCTYPE html>",
-        '<html lang="en"><head><meta charset="utf-8">',
-        '<meta name="viewport" content="width=device-width, initial-scale=1">',
-        f"<title>{_esc(title)}</title><style>{CSS}</style></head><body><main>",
-        f"<h1>{_esc(title)}</h1>",
-        f'<p class="meta">run folder <code>{_esc(run_dir.resolve())}</code></p>',
-        '<p class="meta">'
-        + " · ".join(
-            x
-            for x in (
-                f"stage <b>{_esc(stage)}</b>" if stage else "",
-                f"{int(steps)} steps logged" if steps is not None else "",
-                f"{len(metrics.events)} monitor event(s)",
-                f"generated {time.strftime('%Y-%m-%d %H:%M')}",
-            )
-            if x
-        )
-        + "</p>",
-    ]
-    if metrics.unreadable_lines:
-        parts.append(
-            f'<p class="meta">metrics.jsonl: {len(metrics.unreadable_lines)} unreadable line(s) skipped '
-            f"(line {', '.join(map(str, metrics.unreadable_lines[:10]))})</p>"
-        )
-
+    parts = header_html(title, run_dir, stage, steps, metrics)
     parts.append("<h2>Training curves</h2>")
-    if event_marks:
-        parts.append(
-            '<p class="legend-events">Dashed lines mark monitor events, numbered as in the events table: '
-            '<span style="color:#e69500">■ warn</span> <span style="color:#d62728">■ stop</span> '
-            '<span style="color:#7f7f7f">■ other</span>.</p>'
-        )
-    if not groups:
-        parts.append('<p class="empty">metrics.jsonl holds no logged metrics.</p>')
-    if groups:
-        parts.append('<div class="plots">')
-    for group in groups:
-        uri = svg_data_uri(group_svg(group, data, event_marks))
-        alt = f"{group.title}: " + ", ".join(k for panel in group.panels for k in panel)
-        # One-panel figures sit two to a row; wider figures take the row.
-        width = "half" if len(group.panels) == 1 else "full"
-        parts.append(
-            f'<figure id="plot-{_slug(group.title)}" class="{width}"><figcaption>{_esc(group.title)}</figcaption>'
-            f'<img src="{uri}" alt="{_esc(alt)}"></figure>'
-        )
-    if groups:
-        parts.append("</div>")
-
+    parts += curves_html(groups, data, event_marks)
     parts.append("<h2>Monitor events</h2>")
     parts.append(events_html(metrics.events) if metrics.events else '<p class="empty">No monitor fired.</p>')
 
@@ -624,6 +578,57 @@ def render_report(
         "eval": str(eval_path) if eval_result is not None else None,
     }
     return "\n".join(parts) + "\n", info
+
+
+def header_html(title: str, run_dir: Path, stage: str, steps: float | None, metrics: Metrics) -> list[str]:
+    """The page's head and the lines under its title: run folder, stage, steps, events, unreadable lines."""
+    facts = (
+        f"stage <b>{_esc(stage)}</b>" if stage else "",
+        f"{int(steps)} steps logged" if steps is not None else "",
+        f"{len(metrics.events)} monitor event(s)",
+        f"generated {time.strftime('%Y-%m-%d %H:%M')}",
+    )
+    parts = [
+        "<!DOCTYPE html>",
+        '<html lang="en"><head><meta charset="utf-8">',
+        '<meta name="viewport" content="width=device-width, initial-scale=1">',
+        f"<title>{_esc(title)}</title><style>{CSS}</style></head><body><main>",
+        f"<h1>{_esc(title)}</h1>",
+        f'<p class="meta">run folder <code>{_esc(run_dir.resolve())}</code></p>',
+        '<p class="meta">' + " · ".join(x for x in facts if x) + "</p>",
+    ]
+    if metrics.unreadable_lines:
+        parts.append(
+            f'<p class="meta">metrics.jsonl: {len(metrics.unreadable_lines)} unreadable line(s) skipped '
+            f"(line {', '.join(map(str, metrics.unreadable_lines[:10]))})</p>"
+        )
+    return parts
+
+
+def curves_html(
+    groups: list[Group], data: dict[str, list[tuple[float, float]]], event_marks: list[tuple[int, float, str]]
+) -> list[str]:
+    """The training curves: one figure per group of metrics, monitor events marked on each."""
+    parts = []
+    if event_marks:
+        parts.append(
+            '<p class="legend-events">Dashed lines mark monitor events, numbered as in the events table: '
+            '<span style="color:#e69500">■ warn</span> <span style="color:#d62728">■ stop</span> '
+            '<span style="color:#7f7f7f">■ other</span>.</p>'
+        )
+    if not groups:
+        return parts + ['<p class="empty">metrics.jsonl holds no logged metrics.</p>']
+    parts.append('<div class="plots">')
+    for group in groups:
+        uri = svg_data_uri(group_svg(group, data, event_marks))
+        alt = f"{group.title}: " + ", ".join(k for panel in group.panels for k in panel)
+        # One-panel figures sit two to a row; wider figures take the row.
+        width = "half" if len(group.panels) == 1 else "full"
+        parts.append(
+            f'<figure id="plot-{_slug(group.title)}" class="{width}">'
+            f'<figcaption>{_esc(group.title)}</figcaption><img src="{uri}" alt="{_esc(alt)}"></figure>'
+        )
+    return parts + ["</div>"]
 
 
 def _config_value(config_text: str | None, key: str) -> str | None:

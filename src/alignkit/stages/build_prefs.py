@@ -11,7 +11,6 @@ and neither loses nor repeats a finished prompt.
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from collections.abc import Sequence
@@ -20,7 +19,6 @@ from pathlib import Path
 from typing import ClassVar, Literal
 
 import numpy as np
-import torch
 from tqdm.auto import tqdm
 
 from alignkit.cai.constitution import load_constitution
@@ -31,12 +29,11 @@ from alignkit.config import (
     GenerationBackendConfig,
     RuntimeConfig,
     check_row_range,
-    config_to_dict,
     doc_field,
     renamed_keys,
     required,
 )
-from alignkit.data.appendlog import Writer, complete_lines, progress_path, resume, summary_path
+from alignkit.data import appendlog
 from alignkit.data.io import BadRow, BadRowError, read_rows
 from alignkit.data.pairing import Pairing, PairingRule, make_pairs, usable_responses
 from alignkit.data.schemas import load_prompts, no_usable_rows
@@ -54,7 +51,7 @@ from alignkit.scoring.rankers import (
     read_ranked_row,
 )
 from alignkit.stages import Stage
-from alignkit.training.distributed import require_one_process
+from alignkit.training.distributed import start_one_process
 from alignkit.training.remedies import length_penalised
 
 
@@ -290,7 +287,7 @@ def as_recorded(output: Path, settings: dict) -> dict:
     """``settings`` as the output's progress file spells them. An output begun before ``reward=`` recorded
     ranker=reward_model/judge/checks and reward_model=<dir>; it resumes under that spelling, so an upgrade
     mid-run neither refuses it nor writes a second spelling into it."""
-    lines = complete_lines(progress_path(output))
+    lines = appendlog.complete_lines(appendlog.progress_path(output))
     if not lines or "reward_model" not in json.loads(lines[0]).get("settings", {}):
         return settings
     old = {k: v for k, v in settings.items() if k != "reward"}
@@ -300,7 +297,9 @@ def as_recorded(output: Path, settings: dict) -> dict:
     return old
 
 
-def sample_and_rank(cfg: BuildPrefsConfig, writer: Writer, done: dict[int, dict]) -> tuple[int, list[BadRow]]:
+def sample_and_rank(
+    cfg: BuildPrefsConfig, writer: appendlog.Writer, done: dict[int, dict]
+) -> tuple[int, list[BadRow]]:
     """Steps 2-5 for ranker=reward/export; returns (prompt rows read, prompt rows skipped)."""
     if not cfg.prompts:
         raise ConfigError(f"ranker={cfg.ranker} needs prompts=<file> to sample responses for")
@@ -377,7 +376,9 @@ def sample_and_rank(cfg: BuildPrefsConfig, writer: Writer, done: dict[int, dict]
     return loaded.n_rows, loaded.skipped
 
 
-def import_rankings(cfg: BuildPrefsConfig, writer: Writer, done: dict[int, dict]) -> tuple[int, list[BadRow]]:
+def import_rankings(
+    cfg: BuildPrefsConfig, writer: appendlog.Writer, done: dict[int, dict]
+) -> tuple[int, list[BadRow]]:
     """Steps 2-5 for ranker=human: pairs from a ranked export; returns (rows read, rows skipped)."""
     if not cfg.human_rankings:
         raise ConfigError("ranker=human needs human_rankings=<file> (the ranker=export output, ranked)")
@@ -421,15 +422,9 @@ def import_rankings(cfg: BuildPrefsConfig, writer: Writer, done: dict[int, dict]
 
 
 def run(cfg: BuildPrefsConfig) -> dict:
-    require_one_process("build-prefs")
+    start_one_process("build-prefs", cfg.num_threads)
     started = time.time()
-    if cfg.num_threads:
-        torch.set_num_threads(cfg.num_threads)
-    output = Path(cfg.output)
-    if output.suffix != ".jsonl":
-        raise ConfigError(
-            f"output must be a .jsonl file (it is appended to prompt by prompt), got {cfg.output}"
-        )
+    output = appendlog.jsonl_output(cfg.output, "prompt by prompt")
     if cfg.n_samples < 2 and cfg.ranker != "human":
         raise ConfigError(f"n_samples must be at least 2 to make a pair, got {cfg.n_samples}")
     if cfg.prompts_per_batch < 1:
@@ -438,21 +433,18 @@ def run(cfg: BuildPrefsConfig) -> dict:
         check_generation_backend(cfg.generation_backend)
 
     # 1. Resume: the prompts an earlier run of the same settings finished are kept and skipped.
-    settings = {k: v for k, v in config_to_dict(cfg).items() if k in CONTENT_SETTINGS}
-    if cfg.generation_backend != "hf":  # vLLM draws other samples; hf outputs keep their earlier settings
-        settings["generation_backend"] = cfg.generation_backend
+    settings = appendlog.content_settings(cfg, CONTENT_SETTINGS)
     if cfg.length_penalty:  # recorded only when set, so outputs begun before the option resume as they were
         settings["length_penalty"] = cfg.length_penalty
     if cfg.overwrite:
-        for path in (output, progress_path(output)):
-            path.unlink(missing_ok=True)
+        appendlog.remove_output(output)
     settings = as_recorded(output, settings)
-    done = resume(output, settings, renamed_keys(BuildPrefsConfig))
+    done = appendlog.resume(output, settings, renamed_keys(BuildPrefsConfig))
     if done:
         print(f"build-prefs: resuming {output}: {len(done)} prompts already done", file=sys.stderr)
 
     # 2.-5. Rank and pair each prompt's responses (sampled here, or ranked by people), appending as we go.
-    writer = Writer(output, settings, fresh=not progress_path(output).exists())
+    writer = appendlog.Writer(output, settings, fresh=not appendlog.progress_path(output).exists())
     try:
         if cfg.ranker == "human":
             n_rows, skipped = import_rankings(cfg, writer, done)
@@ -462,7 +454,7 @@ def run(cfg: BuildPrefsConfig) -> dict:
         writer.close()
 
     # 6. Totals over every finished prompt (this run and earlier ones), the dataset copy, the summary.
-    entries = [json.loads(line) for line in complete_lines(progress_path(output))[1:]]
+    entries = appendlog.ledger_entries(output)
     total = {
         key: sum(e.get(key, 0) for e in entries)
         for key in (
@@ -498,13 +490,11 @@ def run(cfg: BuildPrefsConfig) -> dict:
     if cfg.save_dataset:
         from datasets import Dataset
 
-        rows = [json.loads(line) for line in complete_lines(output)]
+        rows = [json.loads(line) for line in appendlog.complete_lines(output)]
         Dataset.from_list(rows).save_to_disk(cfg.save_dataset)
         summary["dataset"] = cfg.save_dataset
     summary["wall_seconds"] = time.time() - started
-    tmp = summary_path(output).with_name(f".{summary_path(output).name}.tmp")
-    tmp.write_text(json.dumps(summary, indent=2) + "\n")
-    os.replace(tmp, summary_path(output))
+    appendlog.write_summary(output, summary)
     return summary
 
 

@@ -10,38 +10,34 @@ labels is reported with a bootstrap interval. The output is appended pair by pai
 
 from __future__ import annotations
 
-import json
-import os
 import sys
 import time
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
-import torch
 from tqdm.auto import tqdm
 
-from alignkit.cai.constitution import load_constitution
+from alignkit.cai.constitution import Constitution, load_constitution
 from alignkit.cai.judge import Comparison, PairwiseJudge, hard_preference
 from alignkit.config import (
     SEED_MAX,
     ConfigError,
     RuntimeConfig,
     check_row_range,
-    config_to_dict,
     doc_field,
     renamed_keys,
     required,
+    validate_config,
 )
-from alignkit.data.appendlog import Writer, progress_path, resume, summary_path
+from alignkit.data import appendlog
 from alignkit.data.io import BadRow, BadRowError, Record, read_rows
 from alignkit.data.schemas import Prompt, load_preferences, load_prompts, no_usable_rows
 from alignkit.evaluation.metrics import mean_ci
 from alignkit.models.loading import load_model, load_tokenizer, pick_device
 from alignkit.stages import Stage
-from alignkit.training.distributed import require_one_process
+from alignkit.training.distributed import start_one_process
 
 
 @dataclass
@@ -232,25 +228,17 @@ def label_row(pair: InputPair, comparison: Comparison, cfg: CAILabelConfig) -> t
 
 
 def run(cfg: CAILabelConfig) -> dict:
-    require_one_process("cai-label")
+    start_one_process("cai-label", cfg.num_threads)
     started = time.time()
-    if cfg.num_threads:
-        torch.set_num_threads(cfg.num_threads)
-    output = Path(cfg.output)
-    if output.suffix != ".jsonl":
-        raise ConfigError(f"output must be a .jsonl file (it is appended to pair by pair), got {cfg.output}")
-    for name in ("principles_per_comparison", "batch_size", "pairs_per_chunk"):
-        if getattr(cfg, name) < 1:
-            raise ConfigError(f"{name} must be at least 1, got {getattr(cfg, name)}")
+    validate_config(cfg)  # a config built in Python too: every declared range and cross-field rule
+    output = appendlog.jsonl_output(cfg.output, "pair by pair")
     constitution = load_constitution(cfg.constitution).select(cfg.principles)
 
     # 1. Resume: the pairs an earlier run of the same settings (and the same constitution text) finished.
-    settings = {k: v for k, v in config_to_dict(cfg).items() if k in CONTENT_SETTINGS}
-    settings["constitution_crc32"] = zlib.crc32(repr(constitution.principles).encode("utf-8"))
+    settings = appendlog.content_settings(cfg, CONTENT_SETTINGS, constitution_crc32=constitution.crc32())
     if cfg.overwrite:
-        for path in (output, progress_path(output)):
-            path.unlink(missing_ok=True)
-    done = resume(output, settings, renamed_keys(CAILabelConfig))
+        appendlog.remove_output(output)
+    done = appendlog.resume(output, settings, renamed_keys(CAILabelConfig))
     pairs, skipped, n_read = read_input(cfg)
     todo = [p for p in pairs if p.row not in done]
     print(
@@ -260,22 +248,11 @@ def run(cfg: CAILabelConfig) -> dict:
     )
 
     # 2. The judge.
-    device = pick_device()
-    tokenizer = load_tokenizer(cfg.judge_model, cfg.trust_remote_code)
-    model = load_model(cfg.judge_model, cfg.dtype, cfg.trust_remote_code, device=device, use="score")
-    judge = PairwiseJudge(
-        model,
-        tokenizer,
-        constitution,
-        cfg.principles_per_comparison,
-        cfg.batch_size,
-        cfg.max_context_tokens,
-        cfg.max_response_tokens,
-    )
+    judge = make_judge(cfg, constitution)
 
     # 3. Judge a chunk of pairs (each under its own seeded principles, both orders), 4. append each pair's
     # line and ledger entry.
-    writer = Writer(output, settings, fresh=not progress_path(output).exists())
+    writer = appendlog.Writer(output, settings, fresh=not appendlog.progress_path(output).exists())
     bar = tqdm(total=len(todo), desc="cai-label", unit="pair", disable=not cfg.progress)
     try:
         for start in range(0, len(todo), cfg.pairs_per_chunk):
@@ -291,11 +268,45 @@ def run(cfg: CAILabelConfig) -> dict:
         writer.close()
 
     # 5. Totals over every labelled pair (this run and earlier ones), and the summary.
-    entries = [
-        json.loads(line) for line in progress_path(output).read_text(encoding="utf-8").splitlines()[1:]
-    ]
+    summary = summarize(cfg, output, constitution, n_read, len(skipped), len(done), settings)
+    summary["wall_seconds"] = time.time() - started
+    appendlog.write_summary(output, summary)
+    return summary
+
+
+def make_judge(cfg: CAILabelConfig, constitution: Constitution) -> PairwiseJudge:
+    """The judge model, asking under ``constitution``'s principles."""
+    device = pick_device()
+    tokenizer = load_tokenizer(cfg.judge_model, cfg.trust_remote_code)
+    model = load_model(cfg.judge_model, cfg.dtype, cfg.trust_remote_code, device=device, use="score")
+    return PairwiseJudge(
+        model,
+        tokenizer,
+        constitution,
+        cfg.principles_per_comparison,
+        cfg.batch_size,
+        cfg.max_context_tokens,
+        cfg.max_response_tokens,
+    )
+
+
+def summarize(
+    cfg: CAILabelConfig,
+    output: Path,
+    constitution: Constitution,
+    n_read: int,
+    n_skipped: int,
+    n_done_before: int,
+    settings: dict,
+) -> dict:
+    """Step 5: totals over every labelled pair of the output (this run's and earlier runs')."""
+    entries = appendlog.ledger_entries(output)
     n_questions = sum(e["n_questions"] for e in entries)
     n_conflicts = sum(e["conflict"] for e in entries)
+
+    def per_question(key: str) -> float | None:  # a ledger sum over the judge's questions, one per order
+        return sum(e[key] for e in entries) / (n_questions / 2) if n_questions else None
+
     summary = {
         "stage": "cai-label",
         "output": str(output),
@@ -305,9 +316,9 @@ def run(cfg: CAILabelConfig) -> dict:
         "principles_per_comparison": cfg.principles_per_comparison,
         "conflict_rule": constitution.conflict_rule or "see alignkit.cai.judge.combine_principles",
         "rows_read": n_read,
-        "skipped_rows": len(skipped),
+        "skipped_rows": n_skipped,
         "pairs_judged": len(entries),
-        "pairs_this_run": len(entries) - len(done),
+        "pairs_this_run": len(entries) - n_done_before,
         "pairs_written": sum(e["n_pairs"] for e in entries),
         "ties": sum(e["tie"] for e in entries),
         "conflicts": n_conflicts,
@@ -317,16 +328,10 @@ def run(cfg: CAILabelConfig) -> dict:
         "guided_comparisons": sum(e.get("guided", False) for e in entries),
         "guided_conflicts": sum(e.get("guided", False) and e["conflict"] for e in entries),
         # Position bias before averaging: 0.5 when the judge has no preference for the first slot.
-        "mean_p_first_option": sum(e["p_first_option_sum"] for e in entries) / (n_questions / 2)
-        if n_questions
-        else None,
-        "orders_agree_rate": sum(e["orders_agree_sum"] for e in entries) / (n_questions / 2)
-        if n_questions
-        else None,
+        "mean_p_first_option": per_question("p_first_option_sum"),
+        "orders_agree_rate": per_question("orders_agree_sum"),
         # Probability the judge puts on "A" or "B" at all; low values mean the question is not understood.
-        "mean_option_mass": sum(e["option_mass_sum"] for e in entries) / (n_questions / 2)
-        if n_questions
-        else None,
+        "mean_option_mass": per_question("option_mass_sum"),
         "settings": settings,
     }
     if cfg.human_agreement and entries:
@@ -334,10 +339,6 @@ def run(cfg: CAILabelConfig) -> dict:
         summary["human_agreement"] = agreement.value
         summary["human_agreement_ci95"] = [agreement.low, agreement.high]
         summary["human_agreement_n"] = agreement.n
-    summary["wall_seconds"] = time.time() - started
-    tmp = summary_path(output).with_name(f".{summary_path(output).name}.tmp")
-    tmp.write_text(json.dumps(summary, indent=2) + "\n")
-    os.replace(tmp, summary_path(output))
     return summary
 
 

@@ -9,41 +9,34 @@ prompt at a time with a progress ledger, so a killed run resumes without losing 
 
 from __future__ import annotations
 
-import json
-import os
 import sys
 import time
-import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
-import torch
 from tqdm.auto import tqdm
 
 from alignkit.cai.constitution import Constitution, Principle, load_constitution
 from alignkit.config import (
     SEED_MAX,
-    ConfigError,
     GenerationBackendConfig,
     RuntimeConfig,
     check_row_range,
-    config_to_dict,
     doc_field,
     renamed_keys,
     required,
+    validate_config,
 )
-
-# The append-and-resume machinery of build-prefs (one ledger line per finished prompt). It belongs in a
-# shared module (stages should not import each other); until it moves, it is imported, not copied.
-from alignkit.data.appendlog import Writer, progress_path, resume, summary_path
-from alignkit.data.schemas import Prompt, load_prompts
+from alignkit.data import appendlog
+from alignkit.data.schemas import Loaded, Prompt, PromptExample, load_prompts
 from alignkit.data.tokenize import encode_prompt
 from alignkit.models.generation import SamplingConfig, check_generation_backend, load_sampler
 from alignkit.models.loading import load_tokenizer, pick_device
 from alignkit.stages import Stage
-from alignkit.training.distributed import require_one_process
+from alignkit.training.distributed import start_one_process
 
 
 @dataclass
@@ -142,41 +135,72 @@ def as_messages(prompt: Prompt) -> list[dict]:
     return [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
 
 
+# One prompt's sampler call: (conversations, batch index, step) -> one response per conversation.
+Sample = Callable[[list[list[dict]], int, int], list[str]]
+
+
+@dataclass
+class Revised:
+    """One prompt after its rounds of critique and revision."""
+
+    initial: str  # the model's first answer
+    final: str  # the last answer that is not empty: the SFT target ("" when every answer came out empty)
+    rounds: list[dict]  # per round: its principle, critique request, critique, revision request, revision
+
+
 def run(cfg: CAIReviseConfig) -> dict:
-    require_one_process("cai-revise")
+    start_one_process("cai-revise", cfg.num_threads)
     started = time.time()
-    if cfg.num_threads:
-        torch.set_num_threads(cfg.num_threads)
-    output = Path(cfg.output)
-    if output.suffix != ".jsonl":
-        raise ConfigError(
-            f"output must be a .jsonl file (it is appended to prompt by prompt), got {cfg.output}"
-        )
-    for name in ("n_rounds", "prompts_per_batch", "max_new_tokens"):
-        if getattr(cfg, name) < 1:
-            raise ConfigError(f"{name} must be at least 1, got {getattr(cfg, name)}")
+    validate_config(cfg)  # a config built in Python too: every declared range and cross-field rule
+    output = appendlog.jsonl_output(cfg.output, "prompt by prompt")
     check_generation_backend(cfg.generation_backend)
     constitution = load_constitution(cfg.constitution).select(cfg.principles)
 
     # 1. Resume: the prompts an earlier run of the same settings (and constitution text) finished.
-    settings = {k: v for k, v in config_to_dict(cfg).items() if k in CONTENT_SETTINGS}
-    settings["constitution_crc32"] = zlib.crc32(repr(constitution.principles).encode("utf-8"))
-    if cfg.generation_backend != "hf":  # vLLM draws other samples; hf outputs keep their earlier settings
-        settings["generation_backend"] = cfg.generation_backend
+    settings = appendlog.content_settings(cfg, CONTENT_SETTINGS, constitution_crc32=constitution.crc32())
     if cfg.overwrite:
-        for path in (output, progress_path(output)):
-            path.unlink(missing_ok=True)
-    done = resume(output, settings, renamed_keys(CAIReviseConfig))
+        appendlog.remove_output(output)
+    done = appendlog.resume(output, settings, renamed_keys(CAIReviseConfig))
     loaded = load_prompts(
         cfg.prompts, cfg.on_bad_row, split=cfg.prompts_split, rows=cfg.prompts_rows, limit=cfg.prompts_max_rows
     )
     examples = loaded.examples
-    print(
-        f"cai-revise: prompts: {loaded.summary()}; {sum(ex.ref.row in done for ex in examples)} already done",
-        file=sys.stderr,
-    )
+    n_done = sum(ex.ref.row in done for ex in examples)
+    print(f"cai-revise: prompts: {loaded.summary()}; {n_done} already done", file=sys.stderr)
     loaded.require_rows("prompts")
 
+    sample = make_sample(cfg)
+    writer = appendlog.Writer(output, settings, fresh=not appendlog.progress_path(output).exists())
+    bar = tqdm(
+        total=len(examples), initial=n_done, desc="cai-revise", unit="prompt", disable=not cfg.progress
+    )
+    try:
+        # The batches are a fixed partition of the prompt list, so batch b has the same prompts and seeds on
+        # every run; a batch whose prompts are all finished is not generated again.
+        for b, start in enumerate(range(0, len(examples), cfg.prompts_per_batch)):
+            batch = examples[start : start + cfg.prompts_per_batch]
+            if all(ex.ref.row in done for ex in batch):
+                continue
+            # 2.-4. Answer, then critique and revise, round by round.
+            revised = revise_batch(cfg, constitution, batch, b, sample)
+            # 5. Append each prompt's line (none when every answer came out empty) and its ledger entry.
+            for ex, one in zip(batch, revised):
+                if ex.ref.row not in done:
+                    writer.add_prompt(ex.ref.row, *output_line(cfg, ex, one))
+                    bar.update(1)
+    finally:
+        bar.close()
+        writer.close()
+
+    # 6. Totals over every finished prompt (this run and earlier ones), and the summary.
+    summary = summarize(cfg, output, constitution, loaded, len(done), settings)
+    summary["wall_seconds"] = time.time() - started
+    appendlog.write_summary(output, summary)
+    return summary
+
+
+def make_sample(cfg: CAIReviseConfig) -> Sample:
+    """The model's sampler (``cfg.generation_backend``), each call seeded by (seed, batch, step)."""
     device = pick_device()
     tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code)
     sampler = load_sampler(cfg, tokenizer, device)
@@ -188,101 +212,98 @@ def run(cfg: CAIReviseConfig) -> dict:
         )
         return [g.text for g in sampler(ids, sampling)]
 
-    writer = Writer(output, settings, fresh=not progress_path(output).exists())
-    bar = tqdm(
-        total=len(examples),
-        initial=sum(ex.ref.row in done for ex in examples),
-        desc="cai-revise",
-        unit="prompt",
-        disable=not cfg.progress,
-    )
-    try:
-        # The batches are a fixed partition of the prompt list, so batch b has the same prompts and seeds on
-        # every run; a batch whose prompts are all finished is not generated again.
-        for b, start in enumerate(range(0, len(examples), cfg.prompts_per_batch)):
-            batch = examples[start : start + cfg.prompts_per_batch]
-            if all(ex.ref.row in done for ex in batch):
-                continue
-            rounds = [
-                draw_rounds(constitution, cfg.n_rounds, np.random.default_rng([cfg.seed, ex.ref.row]))
-                for ex in batch
-            ]
-            conversations = [as_messages(ex.prompt) for ex in batch]
-            # 2. The model answers each prompt.
-            initial = sample(conversations, b, 0)
-            current = list(initial)
-            history: list[list[dict]] = [[] for _ in batch]
-            for r in range(cfg.n_rounds):
-                # 3. It critiques its latest answer under this round's principle ...
-                asked = [
-                    [
-                        *conv,
-                        {"role": "assistant", "content": cur},
-                        {"role": "user", "content": prs[r].critique_request},
-                    ]
-                    for conv, cur, prs in zip(conversations, current, rounds)
-                ]
-                critiques = sample(asked, b, 1 + 2 * r)
-                # 4. ... and rewrites it in the light of that critique.
-                asked = [
-                    [
-                        *a,
-                        {"role": "assistant", "content": crit},
-                        {"role": "user", "content": prs[r].revision_request},
-                    ]
-                    for a, crit, prs in zip(asked, critiques, rounds)
-                ]
-                revisions = sample(asked, b, 2 + 2 * r)
-                for k, prs in enumerate(rounds):
-                    history[k].append(
-                        {
-                            "round": r + 1,
-                            "principle": prs[r].id,
-                            "critique_request": prs[r].critique_request,
-                            "critique": critiques[k],
-                            "revision_request": prs[r].revision_request,
-                            "revision": revisions[k],
-                        }
-                    )
-                    # An empty revision is no answer: the next round (and the target) keep the last real one.
-                    if revisions[k].strip():
-                        current[k] = revisions[k]
-            # 5. Append each prompt's line (none when every answer came out empty) and its ledger entry.
-            for k, ex in enumerate(batch):
-                if ex.ref.row in done:
-                    continue
-                has_target = bool(current[k].strip())
-                line = {
-                    "prompt": ex.prompt,
-                    "completion": current[k],
-                    "initial_response": initial[k],
-                    "revisions": history[k],
-                    "model": cfg.model,
-                    "prompt_row": ex.ref.row,
-                }
-                counts = {
-                    "n_rounds": cfg.n_rounds,
-                    "empty_initial": not initial[k].strip(),
-                    "n_empty_revisions": sum(not h["revision"].strip() for h in history[k]),
-                    "n_empty_critiques": sum(not h["critique"].strip() for h in history[k]),
-                    "revised": has_target and current[k] != initial[k],
-                    "principles": [h["principle"] for h in history[k]],
-                }
-                writer.add_prompt(ex.ref.row, [line] if has_target else [], counts)
-                bar.update(1)
-    finally:
-        bar.close()
-        writer.close()
+    return sample
 
-    # 6. Totals over every finished prompt (this run and earlier ones), and the summary.
-    entries = [
-        json.loads(line) for line in progress_path(output).read_text(encoding="utf-8").splitlines()[1:]
+
+def revise_batch(
+    cfg: CAIReviseConfig, constitution: Constitution, batch: list[PromptExample], b: int, sample: Sample
+) -> list[Revised]:
+    """Steps 2-4 on batch ``b`` of the prompts: the model answers each prompt, then in each of n_rounds
+    critiques its latest answer under the round's principle (drawn per prompt, seeded by its row) and rewrites
+    it in the light of that critique."""
+    rounds = [
+        draw_rounds(constitution, cfg.n_rounds, np.random.default_rng([cfg.seed, ex.ref.row])) for ex in batch
     ]
+    conversations = [as_messages(ex.prompt) for ex in batch]
+    # 2. The model answers each prompt.
+    initial = sample(conversations, b, 0)
+    current = list(initial)
+    history: list[list[dict]] = [[] for _ in batch]
+    for r in range(cfg.n_rounds):
+        # 3. It critiques its latest answer under this round's principle ...
+        asked = [
+            [
+                *conv,
+                {"role": "assistant", "content": cur},
+                {"role": "user", "content": prs[r].critique_request},
+            ]
+            for conv, cur, prs in zip(conversations, current, rounds)
+        ]
+        critiques = sample(asked, b, 1 + 2 * r)
+        # 4. ... and rewrites it in the light of that critique.
+        asked = [
+            [
+                *a,
+                {"role": "assistant", "content": crit},
+                {"role": "user", "content": prs[r].revision_request},
+            ]
+            for a, crit, prs in zip(asked, critiques, rounds)
+        ]
+        revisions = sample(asked, b, 2 + 2 * r)
+        for k, prs in enumerate(rounds):
+            history[k].append(
+                {
+                    "round": r + 1,
+                    "principle": prs[r].id,
+                    "critique_request": prs[r].critique_request,
+                    "critique": critiques[k],
+                    "revision_request": prs[r].revision_request,
+                    "revision": revisions[k],
+                }
+            )
+            # An empty revision is no answer: the next round (and the target) keep the last real one.
+            if revisions[k].strip():
+                current[k] = revisions[k]
+    return [Revised(*one) for one in zip(initial, current, history)]
+
+
+def output_line(cfg: CAIReviseConfig, ex: PromptExample, revised: Revised) -> tuple[list[dict], dict]:
+    """Step 5 for one prompt: its output line (none when every answer came out empty), its ledger counts."""
+    has_target = bool(revised.final.strip())
+    line = {
+        "prompt": ex.prompt,
+        "completion": revised.final,
+        "initial_response": revised.initial,
+        "revisions": revised.rounds,
+        "model": cfg.model,
+        "prompt_row": ex.ref.row,
+    }
+    counts = {
+        "n_rounds": cfg.n_rounds,
+        "empty_initial": not revised.initial.strip(),
+        "n_empty_revisions": sum(not h["revision"].strip() for h in revised.rounds),
+        "n_empty_critiques": sum(not h["critique"].strip() for h in revised.rounds),
+        "revised": has_target and revised.final != revised.initial,
+        "principles": [h["principle"] for h in revised.rounds],
+    }
+    return [line] if has_target else [], counts
+
+
+def summarize(
+    cfg: CAIReviseConfig,
+    output: Path,
+    constitution: Constitution,
+    loaded: Loaded,
+    n_done_before: int,
+    settings: dict,
+) -> dict:
+    """Step 6: totals over every finished prompt of the output (this run's and earlier runs')."""
+    entries = appendlog.ledger_entries(output)
     uses: dict[str, int] = {}
     for e in entries:
         for pid in e["principles"]:
             uses[pid] = uses.get(pid, 0) + 1
-    summary = {
+    return {
         "stage": "cai-revise",
         "output": str(output),
         "model": cfg.model,
@@ -290,7 +311,7 @@ def run(cfg: CAIReviseConfig) -> dict:
         "rows_read": loaded.n_rows,
         "skipped_rows": len(loaded.skipped),
         "prompts_done": len(entries),
-        "prompts_this_run": len(entries) - len(done),
+        "prompts_this_run": len(entries) - n_done_before,
         "examples_written": sum(e["n_lines"] for e in entries),
         "prompts_without_answer": sum(e["n_lines"] == 0 for e in entries),
         "prompts_revised": sum(e["revised"] for e in entries),
@@ -300,12 +321,7 @@ def run(cfg: CAIReviseConfig) -> dict:
         "principle_uses": uses,
         "settings": settings,
         "next": f"alignkit sft train_data={output}",
-        "wall_seconds": time.time() - started,
     }
-    tmp = summary_path(output).with_name(f".{summary_path(output).name}.tmp")
-    tmp.write_text(json.dumps(summary, indent=2) + "\n")
-    os.replace(tmp, summary_path(output))
-    return summary
 
 
 STAGE = Stage("cai-revise", CAIReviseConfig, run)

@@ -27,29 +27,21 @@ from typing import Literal
 import numpy as np
 import torch
 
-from alignkit.config import (
-    EVAL_KEYS,
-    OnlineTrainConfig,
-    check_at_most,
-    doc_field,
-    required,
-    retired_train_fields,
-)
+from alignkit.config import OnlineTrainConfig, doc_field, retired_online_fields
 from alignkit.data.pairing import make_pairs
 from alignkit.data.tokenize import EncodedPair
 from alignkit.evaluation.metrics import kl_per_token
 from alignkit.evaluation.monitors import MonitorSet, default_monitors
-from alignkit.models.forward import response_token_logprobs
-from alignkit.models.generation import Generation, vllm_sampler
-from alignkit.models.loading import enable_gradient_checkpointing
+from alignkit.models.generation import Generation
 from alignkit.models.precision import in_training_precision
 from alignkit.stages import Stage
 from alignkit.training import distributed
 from alignkit.training import online_engine as engine
 from alignkit.training.online import accumulated_step
 from alignkit.training.preference import PairExample, PairLogprobs, collate_pair_examples, pair_outputs
-from alignkit.training.reference import PRECOMPUTED, Reference, apply
+from alignkit.training.reference import PRECOMPUTED, apply
 from alignkit.training.remedies import monitor_actions
+from alignkit.training.rollout import sample_logprobs
 
 
 @dataclass
@@ -59,22 +51,13 @@ class OnlineDPOConfig(OnlineTrainConfig):
     the starting model. Data: prompts (a `prompt` column, or `messages` ending with a user turn)."""
 
     # Keys an older alignkit's online-dpo config.yaml holds (TrainConfig's, unused here): read for one release.
-    ALIASES = retired_train_fields(
+    ALIASES = retired_online_fields(
         "online-dpo",
-        {
-            "batch_size": "prompts_per_round (samples) and minibatch_size (pairs per optimizer step)",
-            "epochs": "rounds and dpo_epochs",
-            "max_steps": "rounds",
-            "max_length": "max_prompt_length and max_new_tokens",
-            **dict.fromkeys(EVAL_KEYS, "`alignkit eval` on the final model"),
-        },
+        batch_size="prompts_per_round (samples) and minibatch_size (pairs per optimizer step)",
+        epochs="rounds and dpo_epochs",
+        max_steps="rounds",
     )
 
-    reward: str = required(
-        "'module:function' with function(prompt: str, response: str) -> float (e.g. "
-        "alignkit.scoring.classifiers:sentiment), or a reward model directory written by `alignkit rm`."
-    )
-    reward_batch_size: int = doc_field(8, "Responses per forward pass of a reward model.", ge=1)
     # --- rounds ---
     rounds: int = doc_field(10, "Rounds; each samples, scores, pairs and updates once.", ge=1)
     prompts_per_round: int = doc_field(8, "Prompts per round; each makes at most one pair.", ge=1)
@@ -83,22 +66,9 @@ class OnlineDPOConfig(OnlineTrainConfig):
         "Responses sampled per prompt (at least 2); the best and the worst by the reward make its pair.",
         ge=2,
     )
-    max_new_tokens: int = doc_field(48, "Longest response in tokens.", ge=1)
-    # Greedy samples (0) of one prompt are all the same: no pair could ever be made.
-    temperature: float = doc_field(
-        1.0, "Sampling temperature (> 0: the samples of one prompt must differ to make a pair).", gt=0
-    )
     top_p: float = doc_field(
         1.0, "Nucleus sampling: sample from the smallest token set with this mass.", gt=0, le=1
     )
-    generation_batch_size: int = doc_field(
-        16,
-        "Sequences per batched generate() call (generation_backend=hf; vLLM batches by itself). In N processes "
-        "each samples every N-th batch: at most prompts_per_round * samples_per_prompt / N keeps them all "
-        "sampling.",
-        ge=1,
-    )
-    max_prompt_length: int | None = doc_field(256, "Longest prompt in tokens (its end is kept).", ge=1)
     forward_batch_size: int = doc_field(
         16,
         "Samples per no-grad forward pass (the reference's and the policy's log-probs of the samples).",
@@ -126,12 +96,10 @@ class OnlineDPOConfig(OnlineTrainConfig):
     )
     # --- update ---
     dpo_epochs: int = doc_field(1, "Passes of minibatch DPO updates over each round's pairs.", ge=1)
-    minibatch_size: int = doc_field(8, "Pairs per optimizer step.", ge=1)
     micro_batch_size: int = doc_field(
         2,
         "Pairs per forward/backward pass (at most minibatch_size); a minibatch is accumulated from these "
         "exactly.",
-        ge=1,
     )
     learning_rate: float = doc_field(1e-6, "Peak AdamW learning rate (LoRA usually wants ~1e-4).")
     lr_scheduler: Literal["constant", "linear", "cosine"] = doc_field(
@@ -139,15 +107,6 @@ class OnlineDPOConfig(OnlineTrainConfig):
         "Learning-rate schedule over all rounds; each round counts as dpo_epochs * ceil(prompts_per_round / "
         "minibatch_size) steps, whatever number of pairs it made, so the schedule is fixed in advance.",
     )
-    log_every: int = doc_field(1, "Write metrics every N rounds.")
-    save_every: int | None = doc_field(None, "Write a checkpoint every N rounds (and at the end).")
-
-    def check(self) -> None:
-        """The rules across fields (each field's own range is declared on it and checked before this)."""
-        super().check()
-        check_at_most(self, "micro_batch_size", "minibatch_size")
-
-
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -172,49 +131,6 @@ def pair_samples(texts: list[str], scores: list[float], samples_per_prompt: int)
         n_ties += pairing.n_ties
         n_left_out += pairing.n_empty + pairing.n_duplicate
     return RoundPairs(pairs, n_ties, n_left_out)
-
-
-@in_training_precision
-def sample_logprobs(
-    cfg: OnlineDPOConfig, policy, reference, generations: list[Generation], rank: int = 0, world: int = 1
-) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """Log-probs of every sample's response tokens under the reference and under the policy: two lists of one
-    (T_i,) tensor per sample. Each of ``world`` processes runs its contiguous share of the samples, and the
-    shares are gathered (``distributed.shared_rows``) as rows (B, R) zero-padded to the longest response, then
-    cut back to each response's length. The reference (``training.reference.Reference``) is a frozen copy, or
-    (LoRA) the policy's base with the adapters off.
-
-    Under FSDP every forward on the shards is a collective: a process with fewer forward batches than another
-    runs stand-ins (one sample, its log-probs dropped) until they all ran as many; after, both models hold their
-    shards alone again."""
-    device = next(policy.parameters()).device
-    lengths = [len(g.response_ids) for g in generations]
-    width = max(1, *lengths)  # R
-    sharded = distributed.is_sharded(policy)
-    # sample_batches cuts a share into ceil(n / forward_batch_size) forward batches.
-    n_stand_ins = distributed.stand_ins_needed(len(generations), cfg.forward_batch_size, rank, world)
-
-    def logprobs(model, share: list[Generation]) -> torch.Tensor:
-        rows = response_token_logprobs(model, share, cfg.forward_batch_size, cfg.logprob_chunk_size)
-        for _ in range(n_stand_ins if sharded else 0):
-            response_token_logprobs(model, generations[:1], 1, cfg.logprob_chunk_size)  # a stand-in
-        padded = torch.zeros((len(share), width), device=device)  # (b, R) for gather_rows
-        for i, row in enumerate(rows):
-            padded[i, : len(row)] = row
-        return padded
-
-    def passes(rows: slice) -> dict[str, torch.Tensor]:
-        share = generations[rows]
-        with reference.model(policy) as model:
-            ref = logprobs(model, share)
-        return {"ref": ref, "policy": logprobs(policy, share)}
-
-    gathered = distributed.shared_rows(passes, len(generations), rank, world)
-    for model in (policy, reference.copy):
-        if model is not None and sharded:
-            distributed.reshard(model)
-    ref, logps = gathered["ref"].cpu(), gathered["policy"].cpu()  # (B, R)
-    return [r[:n] for r, n in zip(ref, lengths)], [r[:n] for r, n in zip(logps, lengths)]
 
 
 def pair_examples(
@@ -275,8 +191,7 @@ def dpo_update(
 # The stage
 
 
-def check_config(cfg: OnlineDPOConfig) -> None:
-    engine.check_config(cfg)
+check_config = engine.check_config  # before anything loads: ranges, cross-field rules, reward, backend
 
 
 def check_launch(cfg: OnlineDPOConfig) -> None:
@@ -286,26 +201,16 @@ def check_launch(cfg: OnlineDPOConfig) -> None:
 
 def run(cfg: OnlineDPOConfig, monitors: MonitorSet | None = None) -> dict:
     """Train the policy with online DPO; ``monitors`` replaces the default failure monitors (for tests)."""
-    check_config(cfg)
-    check_launch(cfg)  # starts the process group
-    return engine.run_online(cfg, "online-dpo", functools.partial(online_dpo_method, cfg), monitors)
+    return engine.run_online(cfg, "online-dpo", online_dpo_method, monitors)
 
 
 def online_dpo_method(cfg: OnlineDPOConfig, setup: engine.OnlineSetup) -> engine.OnlineMethod:
     """Online DPO on the engine's policy and its frozen reference (LoRA: the base with the adapters off, as
     DPO's reference=adapter; full fine-tuning: a frozen copy)."""
-    policy, rank, world = setup.policy, setup.rank, setup.world
-    reference = Reference("copy", setup.reference) if setup.reference is not None else Reference("adapter")
+    policy, reference, rank, world = setup.policy, setup.reference, setup.rank, setup.world
     k = cfg.samples_per_prompt
-    if cfg.gradient_checkpointing:  # the update's passes recompute each layer in the backward
-        enable_gradient_checkpointing(policy)
-    # The update's forward pass: the policy and the DPO loss as one module, for DDP to sync (one process: the
-    # module itself). Wrapping broadcasts rank 0's weights, which every rank already holds.
     # The loss reads its beta from `objective`, a copy of cfg whose beta the monitors' adjust action raises.
     objective = dataclasses.replace(cfg)
-    stepper = distributed.data_parallel(
-        distributed.StepModule(policy, functools.partial(pair_losses, objective))
-    )
 
     def adjust_kl(factor: float) -> dict[str, float]:
         old, objective.beta = objective.beta, objective.beta * factor
@@ -338,7 +243,7 @@ def online_dpo_method(cfg: OnlineDPOConfig, setup: engine.OnlineSetup) -> engine
         examples, lr, pad_id = batch.data, opt.optimizer.param_groups[0]["lr"], setup.tokenizer.pad_token_id
         step_stats = [
             opt.stepped(
-                dpo_update(cfg, stepper, [examples[i] for i in rows], *opt.parts, pad_id, rank, world)
+                dpo_update(cfg, opt.stepper, [examples[i] for i in rows], *opt.parts, pad_id, rank, world)
             )
             for rows in opt.minibatches(len(examples))
         ]
@@ -347,9 +252,6 @@ def online_dpo_method(cfg: OnlineDPOConfig, setup: engine.OnlineSetup) -> engine
         no_pairs = {} if step_stats else {"logps/chosen": None, "rewards/margin": None}
         return {**no_pairs, **engine.step_means(step_stats, leave_out=("nonfinite", "lr")), "lr": lr}
 
-    # A vLLM engine on cfg.model, taking the policy's weights (LoRA merged in) each round; None: transformers'
-    # generate on the policy itself.
-    sampler = vllm_sampler(cfg, setup.tokenizer, setup.device) if cfg.generation_backend == "vllm" else None
     return engine.OnlineMethod(
         unit="round",
         units=cfg.rounds,
@@ -358,11 +260,11 @@ def online_dpo_method(cfg: OnlineDPOConfig, setup: engine.OnlineSetup) -> engine
         epochs=cfg.dpo_epochs,
         minibatch_size=cfg.minibatch_size,
         make_batch=make_batch,
+        loss=functools.partial(pair_losses, objective),
         update=update,
         monitors=default_monitors("online-dpo", actions=monitor_actions(cfg)),
         samples_per_prompt=k,
         top_p=cfg.top_p,
-        sampler=sampler,
         state_dict=lambda: {"beta": objective.beta},
         load_state_dict=load_state_dict,
         adjust_kl=adjust_kl,

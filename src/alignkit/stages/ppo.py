@@ -21,36 +21,11 @@ from typing import Literal
 
 import torch
 
-from alignkit.config import (
-    EVAL_KEYS,
-    ConfigError,
-    OnlineTrainConfig,
-    check_at_most,
-    doc_field,
-    required,
-    retired_train_fields,
-)
+from alignkit.config import ConfigError, OnlineTrainConfig, doc_field, retired_online_fields
 from alignkit.evaluation.monitors import MonitorSet, default_monitors
-from alignkit.losses.ppo import (
-    AdaptiveKLController,
-    FixedKLController,
-    explained_variance,
-    gae,
-    masked_mean,
-    per_token_rewards,
-    policy_loss,
-    value_loss,
-    whiten,
-)
-from alignkit.models.generation import vllm_sampler
-from alignkit.models.loading import enable_gradient_checkpointing
+from alignkit.losses import ppo as losses
 from alignkit.models.precision import in_training_precision
-from alignkit.models.value import (
-    ValueModel,
-    add_value_adapter,
-    recompute_with_active_adapter,
-    remove_value_adapter,
-)
+from alignkit.models.value import recompute_with_active_adapter, remove_value_adapter
 from alignkit.stages import Stage
 from alignkit.training import distributed
 from alignkit.training import online_engine as engine
@@ -62,6 +37,7 @@ from alignkit.training.rollout import (
     policy_outputs,
     response_values,
     shared_rollout_passes,
+    value_model_for,
 )
 
 
@@ -70,43 +46,18 @@ class PPOConfig(OnlineTrainConfig):
     """RLHF with PPO. Data: prompts (a `prompt` column, or `messages` ending with a user turn)."""
 
     # Keys an older alignkit's ppo config.yaml holds (TrainConfig's, unused here): read for one release.
-    ALIASES = retired_train_fields(
+    ALIASES = retired_online_fields(
         "ppo",
-        {
-            "batch_size": "prompts_per_iteration (rollout batch) and minibatch_size (optimizer batch)",
-            "epochs": "iterations and ppo_epochs",
-            "max_steps": "iterations",
-            "max_length": "max_prompt_length and max_new_tokens",
-            **dict.fromkeys(EVAL_KEYS, "`alignkit eval` on the final model"),
-        },
+        batch_size="prompts_per_iteration (rollout batch) and minibatch_size (optimizer batch)",
+        epochs="iterations and ppo_epochs",
+        max_steps="iterations",
     )
 
-    reward: str = required(
-        "'module:function' with function(prompt: str, response: str) -> float "
-        "(e.g. alignkit.scoring.rewards:politeness), or a reward model directory written by `alignkit rm`."
-    )
-    reward_batch_size: int = doc_field(8, "Responses per forward pass of a reward model.", ge=1)
     # --- rollouts ---
     iterations: int = doc_field(20, "PPO iterations; each samples, scores and updates once.", ge=1)
     prompts_per_iteration: int = doc_field(
         16, "Prompts sampled per iteration (the rollout batch), one response each.", ge=1
     )
-    max_new_tokens: int = doc_field(
-        48, "Longest response in tokens; a response cut here counts as unfinished.", ge=1
-    )
-    # PPO's ratio and KL need the policy's own samples; greedy decoding (0) is not a sample of it.
-    temperature: float = doc_field(
-        1.0,
-        "Sampling temperature (> 0); log-probs of policy and reference are taken at the same temperature.",
-        gt=0,
-    )
-    generation_batch_size: int = doc_field(
-        16,
-        "Prompts per batched generate() call (generation_backend=hf; vLLM batches by itself). In N processes "
-        "each samples every N-th batch: at most prompts_per_iteration / N keeps them all sampling.",
-        ge=1,
-    )
-    max_prompt_length: int | None = doc_field(256, "Longest prompt in tokens (its end is kept).", ge=1)
     # --- reward shaping ---
     init_kl_coef: float = doc_field(
         0.05,
@@ -139,13 +90,6 @@ class PPOConfig(OnlineTrainConfig):
     )
     # --- PPO update ---
     ppo_epochs: int = doc_field(2, "Passes of minibatch updates over each iteration's samples.", ge=1)
-    minibatch_size: int = doc_field(8, "Responses per optimizer step.", ge=1)
-    micro_batch_size: int = doc_field(
-        8,
-        "Responses per forward/backward pass (at most minibatch_size); a minibatch is accumulated from these "
-        "exactly.",
-        ge=1,
-    )
     # eps >= 1 would let the lower clip 1 - eps reach 0: no clip on a shrinking ratio.
     clip_eps: float = doc_field(
         0.2, "PPO ratio clip: pi/pi_old is held within [1 - eps, 1 + eps].", gt=0, lt=1
@@ -172,13 +116,10 @@ class PPOConfig(OnlineTrainConfig):
     lr_scheduler: Literal["constant", "linear", "cosine"] = doc_field(
         "linear", "Learning-rate schedule over all optimizer steps (annealed to 0, as lm-human-preferences)."
     )
-    log_every: int = doc_field(1, "Write metrics every N iterations.")
-    save_every: int | None = doc_field(None, "Write a checkpoint every N iterations (and at the end).")
 
     def check(self) -> None:
         """The rules across fields (each field's own range is declared on it and checked before this)."""
         super().check()
-        check_at_most(self, "micro_batch_size", "minibatch_size")
         if self.kl_target is not None and self.init_kl_coef == 0:
             raise ConfigError(
                 "config key 'init_kl_coef' must be > 0 when kl_target is set (adaptive control scales beta and "
@@ -198,23 +139,23 @@ def make_rollout(cfg: PPOConfig, batch: dict, passes: dict, scores, finished, be
     logps, ref_logps, entropy, values = (passes[k] for k in ("logps", "ref_logps", "entropy", "values"))
     mask = batch["mask"]
     # 3. r_t = -beta KL_t, plus the score (minus any missing-EOS penalty) on the last token.
-    shaped = per_token_rewards(
+    shaped = losses.per_token_rewards(
         scores, logps, ref_logps, mask, beta, cfg.kl_estimator, finished, cfg.missing_eos_penalty
     )
-    rewards = whiten(shaped.rewards, mask, shift_mean=False) if cfg.whiten_rewards else shaped.rewards
+    rewards = losses.whiten(shaped.rewards, mask, shift_mean=False) if cfg.whiten_rewards else shaped.rewards
     # 4. GAE on the rollout's values; advantages whitened over the batch's tokens (lm-human-preferences).
-    adv = gae(rewards, values, mask, cfg.gamma, cfg.lam)
+    adv = losses.gae(rewards, values, mask, cfg.gamma, cfg.lam)
     sequences = (batch["input_ids"], batch["attention_mask"], batch["loss_mask"])
-    rollout = Rollout(*sequences, mask, logps, values, whiten(adv.advantages, mask), adv.returns)
+    rollout = Rollout(*sequences, mask, logps, values, losses.whiten(adv.advantages, mask), adv.returns)
     per_response_kl = shaped.kl.sum(1)  # (B,) nats, the quantity the KL controller steers
     stats = {
         "kl": per_response_kl.mean().item(),
-        "kl/per_token": masked_mean(shaped.kl, mask).item(),
+        "kl/per_token": losses.masked_mean(shaped.kl, mask).item(),
         "rlhf_reward/mean": shaped.rewards.sum(1).mean().item(),
-        "entropy": masked_mean(entropy, mask).item(),
-        "explained_variance": explained_variance(values, adv.returns, mask).item(),
-        "value/mean": masked_mean(values, mask).item(),
-        "returns/mean": masked_mean(adv.returns, mask).item(),
+        "entropy": losses.masked_mean(entropy, mask).item(),
+        "explained_variance": losses.explained_variance(values, adv.returns, mask).item(),
+        "value/mean": losses.masked_mean(values, mask).item(),
+        "returns/mean": losses.masked_mean(adv.returns, mask).item(),
     }
     return rollout, stats
 
@@ -232,8 +173,8 @@ def ppo_loss(
         policy, batch, cfg.logprob_chunk_size, cfg.temperature, with_entropy=cfg.ent_coef > 0
     )
     values = response_values(value_model, batch)
-    pg = policy_loss(logps, mb.logps, mb.advantages, mb.mask, cfg.clip_eps)
-    vf = value_loss(values, mb.values, mb.returns, mb.mask, cfg.value_clip_eps)
+    pg = losses.policy_loss(logps, mb.logps, mb.advantages, mb.mask, cfg.clip_eps)
+    vf = losses.value_loss(values, mb.values, mb.returns, mb.mask, cfg.value_clip_eps)
     loss = pg.loss + cfg.vf_coef * vf.loss
     stats = {
         "policy_loss": pg.loss.detach(),
@@ -243,7 +184,7 @@ def ppo_loss(
         "value_clip_frac": vf.clip_frac,
     }
     if entropy is not None:
-        mean_entropy = masked_mean(entropy, mb.mask)
+        mean_entropy = losses.masked_mean(entropy, mb.mask)
         loss = loss - cfg.ent_coef * mean_entropy
         stats["update_entropy"] = mean_entropy.detach()
     stats["loss"] = loss.detach()
@@ -283,51 +224,28 @@ def ppo_step(
 # The stage
 
 
-def check_config(cfg: PPOConfig) -> None:
-    engine.check_config(cfg)
+check_config = engine.check_config  # before anything loads: ranges, cross-field rules, reward, backend
 
 
 def check_launch(cfg: PPOConfig) -> None:
     """Refuse what PPO cannot do in the processes it was launched in (after the process group is up)."""
-    engine.check_launch(cfg, "ppo")
-    world = distributed.world_size()
-    if cfg.prompts_per_iteration < world:
-        raise ConfigError(
-            f"prompts_per_iteration={cfg.prompts_per_iteration} is fewer than the {world} processes; each "
-            "process needs at least one sample"
-        )
+    engine.check_launch(cfg, "ppo", one_sample_each="prompts_per_iteration")
 
 
 def run(cfg: PPOConfig, monitors: MonitorSet | None = None) -> dict:
     """Train the policy with PPO; ``monitors`` replaces the default failure monitors (for tests)."""
-    check_config(cfg)
-    check_launch(cfg)  # starts the process group
-    return engine.run_online(cfg, "ppo", functools.partial(ppo_method, cfg), monitors)
+    return engine.run_online(cfg, "ppo", ppo_method, monitors, one_sample_each="prompts_per_iteration")
 
 
 def ppo_method(cfg: PPOConfig, setup: engine.OnlineSetup) -> engine.OnlineMethod:
-    """PPO on the engine's policy and reference. The value model: LoRA, adapter "value" + head on the policy's
-    frozen base (which, every adapter off, is the reference too); full fine-tuning, its own trained copy
-    (separate policy and value networks, as Stiennon et al. 2020 and Huang et al. 2024, so value gradients
-    never move the policy's features), sharded under FSDP as it is loaded."""
+    """PPO on the engine's policy and reference, with a value model (``rollout.value_model_for``)."""
     policy, reference, rank, world = setup.policy, setup.reference, setup.rank, setup.world
-    if cfg.lora:
-        value_model = add_value_adapter(policy)
-    else:
-        value_model = ValueModel(setup.load())
-        distributed.shard(value_model)
+    value_model = value_model_for(policy, cfg.lora, setup.load)
     trained = torch.nn.ModuleDict({"policy": policy, "value": value_model})  # what checkpoints hold
-    if cfg.gradient_checkpointing:  # the update's passes recompute each layer in the backward
-        # LoRA: the value model's layers are recomputed with its adapter, as they ran (not the policy's).
-        adapter = functools.partial(recompute_with_active_adapter, policy) if cfg.lora else None
-        enable_gradient_checkpointing(trained, context_fn=adapter)
     if cfg.kl_target is None:
-        kl_controller = FixedKLController(cfg.init_kl_coef)
+        kl_controller = losses.FixedKLController(cfg.init_kl_coef)
     else:
-        kl_controller = AdaptiveKLController(cfg.init_kl_coef, cfg.kl_target, cfg.kl_horizon)
-    # The update's forward pass: policy and value model as one module, for DDP to sync both (one process: the
-    # module itself). Wrapping broadcasts rank 0's weights, which every rank already holds.
-    stepper = distributed.data_parallel(distributed.StepModule(trained, functools.partial(_ppo_loss_of, cfg)))
+        kl_controller = losses.AdaptiveKLController(cfg.init_kl_coef, cfg.kl_target, cfg.kl_horizon)
 
     def make_batch(samples: engine.Samples) -> engine.Batch:
         # 3.-4. The forward passes (policy, reference and value model; each process its share of the samples,
@@ -346,7 +264,7 @@ def ppo_method(cfg: PPOConfig, setup: engine.OnlineSetup) -> engine.OnlineMethod
         #    minibatch.
         rollout, n = batch.data, len(batch.data.mask)
         step_stats = [
-            opt.stepped(ppo_step(cfg, stepper, rollout.rows(rows), *opt.parts, rank, world))
+            opt.stepped(ppo_step(cfg, opt.stepper, rollout.rows(rows), *opt.parts, rank, world))
             for rows in opt.minibatches(n)
         ]
         # 6. Adapt beta toward the KL target from this batch's KL (Ziegler et al. 2019), or keep it.
@@ -365,8 +283,6 @@ def ppo_method(cfg: PPOConfig, setup: engine.OnlineSetup) -> engine.OnlineMethod
         return policy
 
     value_doc = "second LoRA adapter on the policy's base + head" if cfg.lora else "separate copy + head"
-    # A vLLM engine on the starting weights, updated every iteration; None: transformers' generate.
-    sampler = vllm_sampler(cfg, setup.tokenizer, setup.device) if cfg.generation_backend == "vllm" else None
     return engine.OnlineMethod(
         unit="iteration",
         units=cfg.iterations,
@@ -375,9 +291,11 @@ def ppo_method(cfg: PPOConfig, setup: engine.OnlineSetup) -> engine.OnlineMethod
         epochs=cfg.ppo_epochs,
         minibatch_size=cfg.minibatch_size,
         make_batch=make_batch,
+        loss=functools.partial(_ppo_loss_of, cfg),
         update=update,
         monitors=default_monitors("ppo", kl_target=cfg.kl_target, actions=monitor_actions(cfg)),
-        sampler=sampler,
+        # LoRA: the value model's layers are recomputed with its adapter, as they ran (not the policy's).
+        recompute_context=functools.partial(recompute_with_active_adapter, policy) if cfg.lora else None,
         final_policy=final_policy,
         state_dict=lambda: {"kl_controller": kl_controller.state_dict()},
         load_state_dict=load_state_dict,

@@ -18,8 +18,6 @@ from functools import partial
 from pathlib import Path
 from typing import Literal
 
-import torch
-
 from alignkit.config import ConfigError, RuntimeConfig, check_below, check_row_range, doc_field, required
 from alignkit.data.schemas import load_preferences
 from alignkit.data.tokenize import encode_pair
@@ -33,7 +31,7 @@ from alignkit.evaluation.reward_eval import is_causal_lm, reply_mean_logprobs
 from alignkit.models.loading import load_tokenizer, pick_device
 from alignkit.models.reward import load_reward_model
 from alignkit.stages import Stage
-from alignkit.training.distributed import require_one_process
+from alignkit.training.distributed import start_one_process
 
 
 @dataclass
@@ -85,10 +83,8 @@ class RMEvalConfig(RuntimeConfig):
 
 
 def run(cfg: RMEvalConfig) -> dict:
-    require_one_process("rm-eval")
+    start_one_process("rm-eval", cfg.num_threads)
     started = time.time()
-    if cfg.num_threads:
-        torch.set_num_threads(cfg.num_threads)
     data = [cfg.data] if isinstance(cfg.data, str) else list(cfg.data)
 
     # 1. The reward model, with the lengths it was trained with unless overridden.

@@ -17,10 +17,10 @@ from pathlib import Path
 from typing import ClassVar, Literal
 
 import numpy as np
-import torch
 from tqdm.auto import tqdm
 
 from alignkit.config import ConfigError, RuntimeConfig, check_below, check_row_range, doc_field, required
+from alignkit.data.appendlog import jsonl_output
 from alignkit.data.io import BadRow, BadRowError, Record, read_rows
 from alignkit.data.schemas import load_preferences, load_prompts, no_usable_rows
 from alignkit.data.tokenize import encode_pair
@@ -28,7 +28,7 @@ from alignkit.evaluation.reward_eval import pair_diagnostics
 from alignkit.models.loading import pick_device
 from alignkit.scoring import RewardModelScorer, Scorer, is_function_spec, load_scorer
 from alignkit.stages import Stage
-from alignkit.training.distributed import require_one_process
+from alignkit.training.distributed import start_one_process
 
 INPUT_ROW = "input_row"
 
@@ -213,15 +213,9 @@ def _to_json(value):
 
 
 def run(cfg: ScoreConfig) -> dict:
-    require_one_process("score")
+    start_one_process("score", cfg.num_threads)
     started = time.time()
-    if cfg.num_threads:
-        torch.set_num_threads(cfg.num_threads)
-    output = Path(cfg.output)
-    if output.suffix != ".jsonl":
-        raise ConfigError(
-            f"output must be a .jsonl file (it is appended to as rows are scored), got {cfg.output}"
-        )
+    output = jsonl_output(cfg.output, "as rows are scored")
     if cfg.batch_size < 1:
         raise ConfigError(f"batch_size must be at least 1, got {cfg.batch_size}")
 

@@ -509,3 +509,12 @@ def require_one_process(stage: str) -> None:
             f"`alignkit {stage} ...`. The training stages sft, rm, dpo, ipo, orpo, kto, ppo and online-dpo run "
             "data parallel."
         )
+
+
+def start_one_process(stage: str, num_threads: int | None) -> None:
+    """The start of a stage that runs in one process (it appends to its output, or writes it once): refuse
+    several processes (``require_one_process``), then use ``num_threads`` CPU threads (None: torch's
+    default)."""
+    require_one_process(stage)
+    if num_threads:
+        torch.set_num_threads(num_threads)

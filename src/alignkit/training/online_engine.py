@@ -32,10 +32,11 @@ from alignkit.data.tokenize import encode_prompt
 from alignkit.errors import TrainingInterrupted
 from alignkit.evaluation.metrics import distinct_n, length_stats, mean_difference, pearson
 from alignkit.evaluation.monitors import MonitorSet, is_gold_divergence
-from alignkit.models.generation import Generation, Sampler, SamplingConfig, check_generation_backend
+from alignkit.models.generation import Generation, SamplingConfig, check_generation_backend, vllm_sampler
 from alignkit.models.loading import (
     apply_lora,
     count_parameters,
+    enable_gradient_checkpointing,
     load_model,
     load_tokenizer,
     pick_device,
@@ -61,6 +62,7 @@ from alignkit.training.online import (
     training_prompts,
     truncate_jsonl,
 )
+from alignkit.training.reference import Reference, load_reference
 from alignkit.training.remedies import BestGold, length_penalised
 from alignkit.training.run import RunDir, peak_rss_mb
 from alignkit.training.schedule import build_optimizer, build_scheduler
@@ -84,7 +86,7 @@ class OnlineSetup:
     n_skipped: int  # rows of train_data left out as bad
     scorer: Scorer  # the reward
     policy: torch.nn.Module  # what samples and trains (LoRA: the adapter "default" on the frozen base)
-    reference: torch.nn.Module | None  # a frozen copy; None (LoRA): the policy's base with the adapters off
+    reference: Reference  # a frozen copy, or (LoRA) the policy's base with the adapters off
     load: Callable[[], torch.nn.Module]  # another copy of cfg.model, as the policy was loaded
     rank: int
     world: int
@@ -119,9 +121,11 @@ class Batch:
 
 @dataclass
 class Optimization:
-    """What a method's ``update`` steps with: the optimizer over the trained parameters and its schedule, the
-    unit's minibatches, and ``stepped``, through which the engine sees every optimizer step."""
+    """What a method's ``update`` steps with: the method's loss as the module DDP syncs, the optimizer over
+    the trained parameters and its schedule, the unit's minibatches, and ``stepped``, through which the engine
+    sees every optimizer step."""
 
+    stepper: torch.nn.Module  # OnlineMethod.loss on the trained modules (several processes: wrapped in DDP)
     optimizer: torch.optim.Optimizer
     scheduler: Any
     params: list[torch.nn.Parameter]
@@ -164,11 +168,13 @@ class OnlineMethod:
     epochs: int  # passes of the update over a unit's batch
     minibatch_size: int  # rows of the batch (PPO: samples; online DPO: pairs) per optimizer step
     make_batch: Callable[[Samples], Batch]  # steps 3-4: the samples -> what the update trains on
+    # The forward of the update's steps, loss(trained, micro-batch) -> (loss, metrics): Optimization.stepper.
+    loss: Callable[[torch.nn.Module, Any], tuple]
     update: Callable[[Batch, Optimization], dict]  # step 5: the optimizer steps; returns the metrics to log
     monitors: MonitorSet  # the stage's default failure monitors
     samples_per_prompt: int = 1
     top_p: float = 1.0
-    sampler: Sampler | None = None  # a vLLM engine; None: transformers' generate on the policy
+    recompute_context: Callable | None = None  # gradient_checkpointing's context_fn (PPO's LoRA adapters)
     final_policy: Callable[[], torch.nn.Module] | None = None  # what final/ holds; None: the policy
     state_dict: Callable[[], dict] = dict  # the method's own state in a checkpoint (PPO: its KL controller)
     load_state_dict: Callable[[dict], None] = lambda state: None
@@ -192,8 +198,10 @@ def check_config(cfg) -> None:
     check_generation_backend(cfg.generation_backend)
 
 
-def check_launch(cfg, stage: str) -> None:
-    """Refuse what an online stage cannot do in the processes it was launched in (starts the process group)."""
+def check_launch(cfg, stage: str, one_sample_each: str | None = None) -> None:
+    """Refuse what an online stage cannot do in the processes it was launched in (starts the process group).
+    ``one_sample_each``: the field counting a unit's samples, which must leave each process at least one
+    (PPO's rollout passes)."""
     if distributed.engine() == "deepspeed":
         raise ConfigError(
             f"{stage} runs data parallel (DDP) or sharded under FSDP, not under DeepSpeed: launch it with "
@@ -204,6 +212,11 @@ def check_launch(cfg, stage: str) -> None:
         raise ConfigError(
             f"generation_backend=vllm in {world} processes is not supported by {stage} (one vLLM engine per "
             "process is not implemented); use generation_backend=hf, or run in one process"
+        )
+    if one_sample_each and getattr(cfg, one_sample_each) < world:
+        raise ConfigError(
+            f"{one_sample_each}={getattr(cfg, one_sample_each)} is fewer than the {world} processes; each "
+            "process needs at least one sample"
         )
 
 
@@ -237,11 +250,8 @@ def prepare(cfg, run_dir: RunDir) -> OnlineSetup:
     policy = load()
     distributed.shard(policy, cfg.lora)
     if cfg.lora:
-        policy, reference = apply_lora(policy, cfg), None
-    else:
-        reference = load().eval()
-        reference.requires_grad_(False)
-        distributed.shard(reference)
+        policy = apply_lora(policy, cfg)
+    reference = load_reference("adapter" if cfg.lora else "copy", load)
     rank, world = distributed.accelerator().process_index, distributed.world_size()
     return OnlineSetup(
         cfg,
@@ -261,15 +271,22 @@ def prepare(cfg, run_dir: RunDir) -> OnlineSetup:
 
 
 def run_online(
-    cfg, stage: str, make_method: Callable[[OnlineSetup], OnlineMethod], monitors: MonitorSet | None = None
+    cfg,
+    stage: str,
+    make_method: Callable[[Any, OnlineSetup], OnlineMethod],
+    monitors: MonitorSet | None = None,
+    one_sample_each: str | None = None,
 ) -> dict:
-    """Run an online stage in its run folder (checked, locked for this run and released however it ends:
-    ``RunDir.create``); ``make_method`` builds the method on ``prepare``'s setup, ``monitors`` replaces its
-    default failure monitors (for tests). Returns the summary."""
+    """Run an online stage: its config checked (``check_config``) and its launch (``check_launch``, with
+    ``one_sample_each``), then, in its run folder (checked, locked for this run and released however it ends:
+    ``RunDir.create``), the method ``make_method(cfg, setup)`` builds on ``prepare``'s setup; ``monitors``
+    replaces its default failure monitors (for tests). Returns the summary."""
+    check_config(cfg)
+    check_launch(cfg, stage, one_sample_each)  # starts the process group
     started = time.time()
     with RunDir.create(cfg.output_dir, stage, cfg.resume_from, cfg.tensorboard, cfg=cfg) as run_dir:
         setup = prepare(cfg, run_dir)
-        method = make_method(setup)
+        method = make_method(cfg, setup)
         k, unit = method.samples_per_prompt, method.unit
         doc = f"prompts_per_{unit}" + (" * samples_per_prompt" if k > 1 else "")
         note_idle_processes(cfg, method.prompts_per_unit * k, unit, doc)
@@ -289,6 +306,15 @@ class OnlineRun:
         self.stage, self.setup, self.method, self.monitors = stage, setup, method, monitors
         self.cfg, self.run_dir = setup.cfg, setup.run_dir
         self.main = self.run_dir.writes
+        if self.cfg.gradient_checkpointing:  # the update's passes recompute each layer in the backward
+            enable_gradient_checkpointing(method.trained, context_fn=method.recompute_context)
+        # The update's forward pass: the trained modules and the method's loss as one module, for DDP to sync
+        # (one process: the module itself). Wrapping broadcasts rank 0's weights, which every rank holds.
+        self.stepper = distributed.data_parallel(distributed.StepModule(method.trained, method.loss))
+        # A vLLM engine on cfg.model, taking the policy's weights (LoRA merged in) every unit; None:
+        # transformers' generate on the policy itself.
+        use_vllm = self.cfg.generation_backend == "vllm"
+        self.sampler = vllm_sampler(self.cfg, setup.tokenizer, setup.device) if use_vllm else None
         self.samples_path = self.run_dir.path / "samples.jsonl"
         self.rank_share = distributed.largest_rank_share(method.trained)
         self.trainable, self.total = count_parameters(method.trained)
@@ -358,6 +384,7 @@ class OnlineRun:
                     #    seeded order; the schedule then advances to steps_per_unit whatever was stepped.
                     method.trained.train()
                     opt = Optimization(
+                        self.stepper,
                         self.optimizer,
                         self.scheduler,
                         self.params,
@@ -426,7 +453,7 @@ class OnlineRun:
         )
         push = self.unit > self.start or bool(self.resumed)
         return sample_share(
-            cfg, setup.policy, setup.tokenizer, ids, sampling, setup.rank, setup.world, method.sampler, push
+            cfg, setup.policy, setup.tokenizer, ids, sampling, setup.rank, setup.world, self.sampler, push
         )
 
     def score(self, idx: list[int], mine: dict[int, Generation]) -> Samples:

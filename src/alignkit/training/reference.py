@@ -20,6 +20,7 @@ import torch
 
 from alignkit.data.collate import length_sorted_batches
 from alignkit.models.precision import in_training_precision
+from alignkit.models.value import keep_trainable
 from alignkit.training import distributed
 
 T = TypeVar("T")  # a dataclass whose every field is a tensor
@@ -56,14 +57,15 @@ class Reference:
     @contextlib.contextmanager
     def model(self, policy: torch.nn.Module) -> Iterator[torch.nn.Module]:
         """Inside: the reference as a model, under no_grad. The LoRA base is the policy's own weights, so the
-        adapters are disabled only inside."""
+        adapters are disabled only inside; what was trainable is trainable again after (PEFT re-freezes every
+        adapter but the active one: PPO's value adapter would stop training)."""
         if self.mode not in ("adapter", "copy"):
             raise RuntimeError(f"a '{self.mode}' reference has no model to run (a batch without batch['ref']?)")
         with torch.no_grad():
             if self.copy is not None:
                 yield self.copy
             else:
-                with policy.disable_adapter():
+                with keep_trainable(policy), policy.disable_adapter():
                     yield policy
 
     def logprobs(self, policy: torch.nn.Module, batch: dict, compute: Callable[[Any, dict], T]) -> T:

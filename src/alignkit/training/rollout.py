@@ -1,6 +1,8 @@
-"""PPO's rollouts: the policy's samples laid out for the models and for the losses, and the forward passes over
-them (policy and reference log-probs, entropies, values), in length-sorted micro-batches and, in several
-processes, shared among them (``alignkit.stages.ppo`` runs them; its loop is the reader of this module).
+"""The online methods' rollouts: the policy's samples laid out for the models and for the losses, and the
+forward passes over them, in several processes shared among them: PPO's (policy and reference log-probs,
+entropies, values, in length-sorted micro-batches: ``shared_rollout_passes``, read by ``alignkit.stages.ppo``)
+and online DPO's (the samples' log-probs under policy and reference: ``sample_logprobs``). The reference is a
+``training.reference.Reference``: a frozen copy, or (LoRA) the policy's base with the adapters off.
 
 Samples come in two layouts. "Sequence" tensors (B, T) hold prompt + response right-padded, the way the models
 read them; "response" tensors (B, R) hold each row's response tokens from column 0, the way the PPO losses read
@@ -17,11 +19,12 @@ import torch
 
 from alignkit.losses.logprobs import completion_logprobs
 from alignkit.losses.ppo import entropy_from_logits
-from alignkit.models.forward import supports_chunked_head
+from alignkit.models.forward import response_token_logprobs, supports_chunked_head
 from alignkit.models.generation import Generation
 from alignkit.models.precision import in_training_precision
-from alignkit.models.value import ValueModel, keep_trainable
+from alignkit.models.value import ValueModel, add_value_adapter
 from alignkit.training import distributed
+from alignkit.training.reference import Reference
 
 
 @dataclass
@@ -116,6 +119,18 @@ def policy_outputs(model, batch: dict, chunk_size: int, temperature: float = 1.0
     return to_response_layout(flat, batch["mask"]), entropy
 
 
+def value_model_for(policy, lora: bool, load) -> ValueModel:
+    """PPO's value model. LoRA: adapter "value" + head on the policy's frozen base (which, every adapter off,
+    is the reference too); full fine-tuning: its own trained copy ``load()`` (separate policy and value
+    networks, as Stiennon et al. 2020 and Huang et al. 2024, so value gradients never move the policy's
+    features), sharded under FSDP as it is loaded."""
+    if lora:
+        return add_value_adapter(policy)
+    value_model = ValueModel(load())
+    distributed.shard(value_model)
+    return value_model
+
+
 def response_values(value_model: ValueModel, batch: dict) -> torch.Tensor:
     """V(s_t) for each response token t: the value at the position that predicts it. (B, R)"""
     values = value_model(batch["input_ids"], batch["attention_mask"])  # (B, T)
@@ -123,7 +138,7 @@ def response_values(value_model: ValueModel, batch: dict) -> torch.Tensor:
 
 
 @torch.no_grad()
-def rollout_passes(cfg, policy, reference, value_model, batch: dict) -> dict[str, torch.Tensor]:
+def rollout_passes(cfg, policy, reference: Reference, value_model, batch: dict) -> dict[str, torch.Tensor]:
     """The forward passes of a rollout: "logps", "ref_logps", "entropy" and "values", each (B, R).
 
     micro_batch_size rows at a time, rows of similar length together and each micro-batch cut to its longest
@@ -142,19 +157,16 @@ def rollout_passes(cfg, policy, reference, value_model, batch: dict) -> dict[str
     return passes
 
 
-def _rollout_passes(cfg, policy, reference, value_model, batch: dict) -> dict[str, torch.Tensor]:
+def _rollout_passes(cfg, policy, reference: Reference, value_model, batch: dict) -> dict[str, torch.Tensor]:
     logps, entropy = policy_outputs(policy, batch, cfg.logprob_chunk_size, cfg.temperature, with_entropy=True)
-    if reference is None:  # LoRA: the frozen base with every adapter switched off is the reference
-        with keep_trainable(policy), policy.disable_adapter():
-            ref_logps, _ = policy_outputs(policy, batch, cfg.logprob_chunk_size, cfg.temperature)
-    else:
-        ref_logps, _ = policy_outputs(reference, batch, cfg.logprob_chunk_size, cfg.temperature)
+    with reference.model(policy) as model:  # LoRA: the value adapter stays trainable (Reference.model)
+        ref_logps, _ = policy_outputs(model, batch, cfg.logprob_chunk_size, cfg.temperature)
     values = response_values(value_model, batch)  # (B, R)
     return {"logps": logps, "ref_logps": ref_logps, "entropy": entropy, "values": values}
 
 
 @in_training_precision
-def shared_rollout_passes(cfg, policy, reference, value_model, batch: dict, rank: int, world: int):
+def shared_rollout_passes(cfg, policy, reference: Reference, value_model, batch: dict, rank: int, world: int):
     """``rollout_passes`` over the whole ``batch``, each of ``world`` processes running a contiguous share of
     its rows and gathering the others' (one process: all of them). Every share holds a row (check_launch).
 
@@ -172,7 +184,53 @@ def shared_rollout_passes(cfg, policy, reference, value_model, batch: dict, rank
         return out
 
     out = distributed.shared_rows(passes, n_rows, rank, world)
-    for network in (policy, reference, value_model):
+    _reshard(policy, reference.copy, value_model)
+    return out
+
+
+@in_training_precision
+def sample_logprobs(
+    cfg, policy, reference: Reference, generations: list[Generation], rank: int = 0, world: int = 1
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Log-probs of every sample's response tokens under the reference and under the policy: two lists of one
+    (T_i,) tensor per sample (online DPO; ``cfg`` gives forward_batch_size and logprob_chunk_size). Each of
+    ``world`` processes runs its contiguous share of the samples, and the shares are gathered
+    (``distributed.shared_rows``) as rows (B, R) zero-padded to the longest response, then cut back to each
+    response's length.
+
+    Under FSDP every forward on the shards is a collective: a process with fewer forward batches than another
+    runs stand-ins (one sample, its log-probs dropped) until they all ran as many; after, both models hold
+    their shards alone again."""
+    device = next(policy.parameters()).device
+    lengths = [len(g.response_ids) for g in generations]
+    width = max(1, *lengths)  # R
+    sharded = distributed.is_sharded(policy)
+    # sample_batches cuts a share into ceil(n / forward_batch_size) forward batches.
+    n_stand_ins = distributed.stand_ins_needed(len(generations), cfg.forward_batch_size, rank, world)
+
+    def logprobs(model, share: list[Generation]) -> torch.Tensor:
+        rows = response_token_logprobs(model, share, cfg.forward_batch_size, cfg.logprob_chunk_size)
+        for _ in range(n_stand_ins if sharded else 0):
+            response_token_logprobs(model, generations[:1], 1, cfg.logprob_chunk_size)  # a stand-in
+        padded = torch.zeros((len(share), width), device=device)  # (b, R) for gather_rows
+        for i, row in enumerate(rows):
+            padded[i, : len(row)] = row
+        return padded
+
+    def passes(rows: slice) -> dict[str, torch.Tensor]:
+        share = generations[rows]
+        with reference.model(policy) as model:
+            ref = logprobs(model, share)
+        return {"ref": ref, "policy": logprobs(policy, share)}
+
+    gathered = distributed.shared_rows(passes, len(generations), rank, world)
+    _reshard(policy, reference.copy)
+    ref, logps = gathered["ref"].cpu(), gathered["policy"].cpu()  # (B, R)
+    return [r[:n] for r, n in zip(ref, lengths)], [r[:n] for r, n in zip(logps, lengths)]
+
+
+def _reshard(*networks: torch.nn.Module | None) -> None:
+    """After passes on FSDP shards, each network holds its shards alone again (``distributed.reshard``)."""
+    for network in networks:
         if network is not None and distributed.is_sharded(network):
             distributed.reshard(network)
-    return out
