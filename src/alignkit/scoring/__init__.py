@@ -16,6 +16,7 @@ from alignkit.scoring.scorers import (
     is_function_spec,
     load_scorer,
     prompt_text,
+    reward_scorer,
 )
 
 __all__ = [
@@ -27,4 +28,5 @@ __all__ = [
     "is_function_spec",
     "load_scorer",
     "prompt_text",
+    "reward_scorer",
 ]

@@ -141,6 +141,21 @@ def load_scorer(spec: str, field: str, **reward_model: Any) -> Scorer:
     return RewardModelScorer(str(Path(spec).expanduser()), **reward_model)
 
 
+def reward_scorer(cfg: Any, device: Any, batch_size: int, progress: bool = False) -> Scorer:
+    """The Scorer of a stage config's ``reward`` field (``load_scorer``); a reward model is loaded in
+    ``cfg.dtype`` on ``device`` (trusting remote code as ``cfg.trust_remote_code`` says) and scores
+    ``batch_size`` responses per forward pass, with a progress bar if ``progress``."""
+    return load_scorer(
+        cfg.reward,
+        "reward",
+        dtype=cfg.dtype,
+        device=device,
+        trust_remote_code=cfg.trust_remote_code,
+        batch_size=batch_size,
+        progress=progress,
+    )
+
+
 def check_scorer(spec: str, field: str) -> None:
     """Refuses (ConfigError) what ``load_scorer`` would refuse, loading no model: a stage checks its reward
     before it creates its run folder or reads a model."""

@@ -9,7 +9,6 @@ log-probs precomputed once before training so no second model stays in memory; O
 from __future__ import annotations
 
 import sys
-import time
 from dataclasses import dataclass
 from functools import partial
 from typing import Literal
@@ -20,28 +19,18 @@ from alignkit.config import ConfigError, TrainConfig, doc_field
 from alignkit.data.collate import collate_pairs, length_sorted_batches, pair_length
 from alignkit.data.schemas import load_preferences
 from alignkit.data.tokenize import encode_pair
-from alignkit.evaluation.metrics import mean_ci
-from alignkit.evaluation.monitors import default_monitors
 from alignkit.models import reference_cache
 from alignkit.models.forward import supports_chunked_head
-from alignkit.models.loading import (
-    apply_lora,
-    count_parameters,
-    load_model,
-    load_tokenizer,
-    pick_device,
-    resolve_model,
-    save_final,
-)
-from alignkit.models.precision import in_training_precision, of_config, weights_dtype
+from alignkit.models.loading import load_tokenizer, resolve_model
+from alignkit.models.precision import in_training_precision, of_config
 from alignkit.stages import Stage
-from alignkit.training import distributed
+from alignkit.training import distributed, offline
 from alignkit.training.loop import StepOutput, train, visited_indices
 from alignkit.training.preference import PairExample, PairLogprobs, pair_logprobs, pair_outputs
 from alignkit.training.preference import collate_pair_examples as collate
 from alignkit.training.reference import Reference, load_reference, precompute, reference_mode, stack, unstack
 from alignkit.training.run import RunDir
-from alignkit.training.sample_watch import SampleWatch, SampleWatchFields
+from alignkit.training.sample_watch import SampleWatchFields
 
 
 @dataclass
@@ -175,34 +164,26 @@ def attach_reference(
 
 
 def run(cfg: DPOConfig) -> dict:
-    started = time.time()
-    # The folder is checked, locked for this run and released however it ends (RunDir.create).
-    with RunDir.create(cfg.output_dir, cfg.loss, cfg.resume_from, cfg=cfg) as run_dir:
-        return _run(cfg, run_dir, started)
+    return offline.run_in_folder(cfg, cfg.loss, _run)
+
+
+def load_pairs(cfg: DPOConfig, tokenizer, source: str, split, rows, limit, what: str):
+    """(the loader's Loaded, its pairs tokenized with the chat template)."""
+    loaded = load_preferences(source, cfg.on_bad_row, split=split, rows=rows, limit=limit)
+    loaded.require_rows(f"{what}_data")
+    print(f"{what} data: {loaded.summary()}", file=sys.stderr)
+    enc = partial(encode_pair, tokenizer, max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length)
+    return loaded, [PairExample(enc(p.prompt, p.chosen, p.rejected)) for p in loaded.examples]
 
 
 def _run(cfg: DPOConfig, run_dir: RunDir, started: float) -> dict:
-    print(f"run folder: {run_dir.path}", file=sys.stderr)
-
     # 1. Data: validated pairs, tokenized with the chat template; both completions share the prompt ids.
     tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code)
-    enc = partial(encode_pair, tokenizer, max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length)
-    train_rows = load_preferences(
-        cfg.train_data, cfg.on_bad_row, split=cfg.train_split, rows=cfg.train_rows, limit=cfg.train_max_rows
-    ).require_rows("train_data")
-    print(f"train data: {train_rows.summary()}", file=sys.stderr)
-    train_examples = [PairExample(enc(p.prompt, p.chosen, p.rejected)) for p in train_rows.examples]
-    eval_examples: list[PairExample] = []
-    if cfg.eval_data:
-        eval_rows = load_preferences(
-            cfg.eval_data, cfg.on_bad_row, split=cfg.eval_split, rows=cfg.eval_rows, limit=cfg.eval_max_rows
-        ).require_rows("eval_data")
-        print(f"eval data: {eval_rows.summary()}", file=sys.stderr)
-        eval_examples = [PairExample(enc(p.prompt, p.chosen, p.rejected)) for p in eval_rows.examples]
-    n_truncated = sum(ex.encoded.truncated for ex in train_examples)
+    (train_rows, train_examples), held_out = offline.load_data(cfg, partial(load_pairs, cfg, tokenizer))
+    eval_examples: list[PairExample] = held_out[1] if held_out else []
 
     # 2. Policy and reference.
-    model = load_model(cfg.model, weights_dtype(cfg), cfg.trust_remote_code, pick_device(), distributed.load_on())
+    model = offline.load_policy(cfg)
     distributed.shard(model, cfg.lora)  # under FSDP: the reference pass below runs on the shards
     pad_id = tokenizer.pad_token_id
     mode = reference_mode(cfg.reference, needs_reference=cfg.loss != "orpo")
@@ -213,84 +194,41 @@ def _run(cfg: DPOConfig, run_dir: RunDir, started: float) -> dict:
             cfg, model, model_path, train_examples, visited_indices(cfg, len(train_examples)), pad_id
         )
         attach_reference(cfg, model, model_path, eval_examples, range(len(eval_examples)), pad_id)
-    reference = load_reference(
-        mode, lambda: load_model(
-            cfg.model, weights_dtype(cfg), cfg.trust_remote_code, pick_device(), distributed.load_on()
-        )
-    )  # fmt: skip
-    if cfg.lora:
-        model = apply_lora(model, cfg)
-    trainable, total = count_parameters(model)
-    model.train()
+    reference = load_reference(mode, partial(offline.load_policy, cfg))
+    model, sizes = offline.make_trainable(model, cfg)
 
     # Before any update a reference-based objective sees policy == reference: every implicit reward is 0
     # and the loss is known (DPO ln 2), so only ORPO's starting point is worth a pass over the eval set.
-    eval_before, _ = (
-        evaluate(cfg, model, reference, eval_examples, pad_id)
-        if eval_examples and mode == "none"
-        else ({}, [])
-    )
+    evaluation = offline.LastEvaluation(lambda m: evaluate(cfg, m, reference, eval_examples, pad_id))
+    eval_before = evaluation.evaluate(model)[0] if eval_examples and mode == "none" else {}
 
-    # The loop evaluates every eval_every steps and at the end; the last per-pair outcomes feed the interval.
-    last_eval: dict = {}
-
-    def eval_fn(m) -> dict:
-        last_eval["metrics"], last_eval["correct"] = evaluate(cfg, m, reference, eval_examples, pad_id)
-        return last_eval["metrics"]
-
-    # 3. Train with the shared loop, watched by the failure monitors.
+    # 3. Train with the shared loop, watched by the failure monitors (and by samples of held-out prompts where
+    #    sample_every asks); it evaluates every eval_every steps and at the end, and the last per-pair
+    #    outcomes feed the interval.
     prompt_ids = [ex.encoded.prompt_ids for ex in eval_examples or train_examples]
-    watch = SampleWatch.of(cfg, model, tokenizer, prompt_ids)
-    monitors = default_monitors(cfg.loss, samples=watch is not None)
+    watch, monitors = offline.watched(cfg, cfg.loss, model, tokenizer, prompt_ids)
+    step_fn = partial(dpo_step, cfg=cfg, reference=reference)
+    collate_fn = partial(collate, pad_id=pad_id)
+    eval_fn = evaluation if eval_examples else None
     result = train(
-        cfg,
-        model,
-        train_examples,
-        collate_fn=partial(collate, pad_id=pad_id),
-        step_fn=partial(dpo_step, cfg=cfg, reference=reference),
-        run=run_dir,
-        monitors=monitors,
-        eval_fn=eval_fn if eval_examples else None,
-        sample_fn=watch,
+        cfg, model, train_examples, collate_fn, step_fn, run_dir, eval_fn, monitors=monitors, sample_fn=watch
     )
 
     # 4. Held-out accuracy with a bootstrap interval, the final model, the summary.
     summary = {
-        "stage": cfg.loss,
-        "model": cfg.model,
-        "run_dir": str(run_dir.path),
-        "final_model": str(run_dir.final_dir),
-        "reference": mode,
-        "steps": result.steps,
+        **offline.summary_head(cfg.loss, cfg, run_dir, result, reference=mode),
         "train_pairs": len(train_examples),
         "skipped_rows": len(train_rows.skipped),
-        "truncated_pairs": n_truncated,
-        "trainable_parameters": trainable,
-        "total_parameters": total,
-        "final_metrics": result.metrics,
-        "train_seconds": result.elapsed_s,
-        "peak_rss_mb": result.peak_rss_mb,
-        "monitor_events": [e.to_row() for e in monitors.events],
+        "truncated_pairs": sum(ex.encoded.truncated for ex in train_examples),
+        **sizes,
+        **offline.loop_summary(result, monitors),
     }
     if eval_examples:
-        eval_after, correct = last_eval["metrics"], last_eval["correct"]  # from the loop's final evaluation
-        acc = mean_ci(correct)
-        summary.update(
-            eval_pairs=len(eval_examples),
-            eval_before=eval_before,
-            eval_after=eval_after,
-            eval_accuracy=acc.value,
-            eval_accuracy_ci95=[acc.low, acc.high],
-        )
-    distributed.save_from_main(
-        model,
-        lambda state_dict: save_final(
-            model, tokenizer, run_dir.final_dir, merge_lora=cfg.merge_lora, state_dict=state_dict
-        ),
-    )
-    summary["wall_seconds"] = time.time() - started
-    run_dir.write_summary(summary)
-    return summary
+        eval_after, correct = evaluation.outcome  # from the loop's final evaluation
+        summary.update(eval_pairs=len(eval_examples), eval_before=eval_before, eval_after=eval_after)
+        summary.update(offline.accuracy_summary(correct))
+    offline.save_policy(model, tokenizer, run_dir, cfg)
+    return offline.write_summary(run_dir, summary, started)
 
 
 STAGE = Stage("dpo", DPOConfig, run)

@@ -20,7 +20,7 @@ from typing import ClassVar, Literal
 import torch
 
 from alignkit.config import SEED_MAX, ConfigError, GenerationBackendConfig, doc_field, required
-from alignkit.data.schemas import load_prompts
+from alignkit.data.schemas import Loaded, load_prompts
 from alignkit.data.tokenize import encode_prompt
 from alignkit.evaluation.metrics import (
     distinct_n,
@@ -33,7 +33,7 @@ from alignkit.evaluation.metrics import (
 from alignkit.models.forward import response_token_logprobs, sample_batches, supports_chunked_head
 from alignkit.models.generation import Generation, SamplingConfig, check_generation_backend, load_sampler
 from alignkit.models.loading import ADAPTER_RECORD, load_final, load_model, load_tokenizer, pick_device
-from alignkit.scoring import Scorer, load_scorer
+from alignkit.scoring import Scorer, reward_scorer
 from alignkit.stages import Stage
 from alignkit.training.distributed import require_one_process
 
@@ -119,17 +119,7 @@ class EvalConfig(GenerationBackendConfig):
 
 def make_scorer(cfg: EvalConfig) -> Scorer | None:
     """The scorer of ``cfg.reward`` (alignkit.scoring), or None (no scores, no win rate)."""
-    if not cfg.reward:
-        return None
-    return load_scorer(
-        cfg.reward,
-        "reward",
-        dtype=cfg.dtype,
-        device=pick_device(),
-        trust_remote_code=cfg.trust_remote_code,
-        batch_size=cfg.batch_size,
-        progress=cfg.progress,
-    )
+    return reward_scorer(cfg, pick_device(), cfg.batch_size, cfg.progress) if cfg.reward else None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -304,6 +294,100 @@ def _same_vocabulary(tok_a, tok_b) -> bool:
     return tok_a.get_vocab() == tok_b.get_vocab()
 
 
+def load_eval_prompts(cfg: EvalConfig) -> tuple[Loaded, str]:
+    """(the prompts of ``cfg.prompts``, or the built-in set when it is None; where they came from)."""
+    if cfg.prompts:
+        loaded = load_prompts(
+            cfg.prompts, cfg.on_bad_row, split=cfg.prompts_split, limit=cfg.prompts_max_rows
+        )
+        source = cfg.prompts
+    else:
+        with importlib.resources.as_file(
+            importlib.resources.files("alignkit") / "assets" / "prompts.jsonl"
+        ) as p:
+            loaded = load_prompts(str(p), cfg.on_bad_row, limit=cfg.prompts_max_rows)
+        source = "built-in (alignkit/assets/prompts.jsonl)"
+    print(f"prompts: {loaded.summary()}", file=sys.stderr)
+    loaded.require_rows("prompts")
+    return loaded, source
+
+
+def load_reference_model(cfg: EvalConfig, reference_name: str, tokenizer, policy, device):
+    """The reference model to compare with, refused where its vocabulary is not the policy's (per-token KL
+    scores the same tokens under both). The same name is the same weights: the loaded policy is reused
+    rather than held twice."""
+    if not _same_vocabulary(tokenizer, load_tokenizer(reference_name, cfg.trust_remote_code)):
+        raise ConfigError(
+            f"reference '{reference_name}' has another vocabulary than '{cfg.model}'; per-token KL needs "
+            "both models to score the same tokens (pass reference=none to skip the comparison)"
+        )
+    return policy if reference_name == cfg.model else _load(reference_name, cfg, device)
+
+
+def reference_sampler(cfg: EvalConfig, sample, tokenizer, device, policy, reference, reference_name: str):
+    """The sampler of the reference: with vLLM, the policy's engine given the reference's weights (a model
+    of the same architecture and size); with hf, generation on the reference model."""
+    if cfg.generation_backend != "vllm":
+        return load_sampler(cfg, tokenizer, device, reference, cfg.batch_size, cfg.progress, "reference")
+    if reference is not policy:
+        if _shapes(reference) != _shapes(policy):
+            raise ConfigError(
+                f"generation_backend=vllm samples the reference with the policy's engine, but "
+                f"reference={reference_name} is not a model of the same architecture and size; use "
+                "generation_backend=hf"
+            )
+        sample.update_weights(reference)
+    return sample
+
+
+def kl_summary(cfg: EvalConfig, policy, reference, policy_samples: list[Generation]) -> dict:
+    """KL(policy || reference) on the policy's own samples: each response token scored under both models;
+    k1 = log p - log q and k3 = (r - 1) - log r with r = q / p (Schulman 2020)."""
+    chunk = cfg.logprob_chunk_size
+    policy_logps = response_token_logprobs(policy, policy_samples, cfg.batch_size, chunk)
+    reference_logps = response_token_logprobs(reference, policy_samples, cfg.batch_size, chunk)
+    est = kl_per_token(policy_logps, reference_logps)
+    kl = {
+        "k1_per_token": est.k1,
+        "k3_per_token": est.k3,
+        "k1_per_sequence": float(est.per_sequence.mean()),
+        "n_tokens": est.n_tokens,
+    }
+    if cfg.temperature != 1.0 or cfg.top_p != 1.0:
+        kl["note"] = (
+            "KL of the models at temperature 1, estimated on samples drawn at "
+            f"temperature={cfg.temperature}, top_p={cfg.top_p}: approximate (exact in expectation at 1.0/1.0)"
+        )
+    return kl
+
+
+def sample_rows(
+    prompts: list, policy_samples: list[Generation], policy_scores: list[float] | None,
+    reference_samples: list[Generation] | None, reference_scores: list[float] | None,
+) -> list[dict]:  # fmt: skip
+    """eval.json's "samples": each prompt with the policy's response and the reference's, tokens, scores."""
+    samples = []
+    for i, (prompt, pol) in enumerate(zip(prompts, policy_samples)):
+        row = {"prompt": prompt, "policy": pol.text, "policy_tokens": response_tokens(pol)}
+        if policy_scores is not None:
+            row["policy_score"] = policy_scores[i]
+        if reference_samples is not None:
+            row["reference"] = reference_samples[i].text
+            row["reference_tokens"] = response_tokens(reference_samples[i])
+            if reference_scores is not None:
+                row["reference_score"] = reference_scores[i]
+        samples.append(row)
+    return samples
+
+
+def write_eval_json(output: Path, result: dict) -> None:
+    """``result`` as plain JSON at ``output``, written whole then renamed into place."""
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = output.with_name(output.name + ".tmp")
+    tmp.write_text(json.dumps(_json_ready(result), indent=2) + "\n")
+    tmp.replace(output)
+
+
 def run(cfg: EvalConfig) -> dict:
     require_one_process("eval")
     started = time.time()
@@ -315,17 +399,7 @@ def run(cfg: EvalConfig) -> dict:
 
     # 1. Prompts, rendered with the policy's chat template; each repeated samples_per_prompt times.
     tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code)
-    if cfg.prompts:
-        loaded = load_prompts(cfg.prompts, cfg.on_bad_row, split=cfg.prompts_split, limit=cfg.prompts_max_rows)
-        prompts_source = cfg.prompts
-    else:
-        with importlib.resources.as_file(
-            importlib.resources.files("alignkit") / "assets" / "prompts.jsonl"
-        ) as p:
-            loaded = load_prompts(str(p), cfg.on_bad_row, limit=cfg.prompts_max_rows)
-        prompts_source = "built-in (alignkit/assets/prompts.jsonl)"
-    print(f"prompts: {loaded.summary()}", file=sys.stderr)
-    loaded.require_rows("prompts")
+    loaded, prompts_source = load_eval_prompts(cfg)
     k = cfg.samples_per_prompt
     prompts = [ex.prompt for ex in loaded.examples for _ in range(k)]
     prompt_ids = [encode_prompt(tokenizer, p, cfg.max_prompt_length) for p in prompts]
@@ -339,49 +413,15 @@ def run(cfg: EvalConfig) -> dict:
     policy_samples = sample(prompt_ids, sampling)
     reference = reference_samples = None
     if reference_name is not None:
-        if not _same_vocabulary(tokenizer, load_tokenizer(reference_name, cfg.trust_remote_code)):
-            raise ConfigError(
-                f"reference '{reference_name}' has another vocabulary than '{cfg.model}'; per-token KL needs "
-                "both models to score the same tokens (pass reference=none to skip the comparison)"
-            )
-        # The same name is the same weights: reuse the loaded model rather than hold it twice.
-        reference = policy if reference_name == cfg.model else _load(reference_name, cfg, device)
-        if cfg.generation_backend == "vllm":
-            if reference is not policy:
-                if _shapes(reference) != _shapes(policy):
-                    raise ConfigError(
-                        f"generation_backend=vllm samples the reference with the policy's engine, but "
-                        f"reference={reference_name} is not a model of the same architecture and size; use "
-                        "generation_backend=hf"
-                    )
-                sample.update_weights(reference)
-        else:
-            sample = load_sampler(
-                cfg, tokenizer, device, reference, cfg.batch_size, cfg.progress, "reference"
-            )
+        reference = load_reference_model(cfg, reference_name, tokenizer, policy, device)
+        sample = reference_sampler(cfg, sample, tokenizer, device, policy, reference, reference_name)
         reference_samples = sample(prompt_ids, sampling)
 
-    # 3. KL(policy || reference) on the policy's own samples: each response token scored under both
-    #    models; k1 = log p - log q and k3 = (r - 1) - log r with r = q / p (Schulman 2020).
-    chunk = cfg.logprob_chunk_size
-    kl = None
-    if reference is not None:
-        policy_logps = response_token_logprobs(policy, policy_samples, cfg.batch_size, chunk)
-        reference_logps = response_token_logprobs(reference, policy_samples, cfg.batch_size, chunk)
-        est = kl_per_token(policy_logps, reference_logps)
-        kl = {
-            "k1_per_token": est.k1,
-            "k3_per_token": est.k3,
-            "k1_per_sequence": float(est.per_sequence.mean()),
-            "n_tokens": est.n_tokens,
-        }
-        if cfg.temperature != 1.0 or cfg.top_p != 1.0:
-            kl["note"] = (
-                "KL of the models at temperature 1, estimated on samples drawn at "
-                f"temperature={cfg.temperature}, top_p={cfg.top_p}: approximate (exact in expectation at 1.0/1.0)"
-            )
+    # 3. KL(policy || reference) on the policy's own samples (kl_summary).
+    kl = kl_summary(cfg, policy, reference, policy_samples) if reference is not None else None
 
     # 4. Token entropy of each model on its own samples.
+    chunk = cfg.logprob_chunk_size
     policy_entropies = response_token_entropies(policy, policy_samples, cfg.batch_size, chunk)
     reference_entropies = (
         response_token_entropies(reference, reference_samples, cfg.batch_size, chunk)
@@ -426,23 +466,10 @@ def run(cfg: EvalConfig) -> dict:
         "win_rate": win,
         "kl": kl,
     }
-    samples = []
-    for i, (prompt, pol) in enumerate(zip(prompts, policy_samples)):
-        row = {"prompt": prompt, "policy": pol.text, "policy_tokens": response_tokens(pol)}
-        if policy_scores is not None:
-            row["policy_score"] = policy_scores[i]
-        if reference_samples is not None:
-            row["reference"] = reference_samples[i].text
-            row["reference_tokens"] = response_tokens(reference_samples[i])
-            if reference_scores is not None:
-                row["reference_score"] = reference_scores[i]
-        samples.append(row)
+    samples = sample_rows(prompts, policy_samples, policy_scores, reference_samples, reference_scores)
     result["seconds"] = time.time() - started
     output = Path(cfg.output).expanduser() if cfg.output else default_output(cfg.model)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.with_name(output.name + ".tmp")
-    tmp.write_text(json.dumps(_json_ready({**result, "samples": samples}), indent=2) + "\n")
-    tmp.replace(output)
+    write_eval_json(output, {**result, "samples": samples})
     print(format_table(result), file=sys.stderr)
     print(f"wrote {output}", file=sys.stderr)
     return _json_ready({**result, "output": str(output)})

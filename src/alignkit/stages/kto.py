@@ -16,7 +16,6 @@ survive the loop's division by the step's size. Evaluation reports true class me
 from __future__ import annotations
 
 import sys
-import time
 from dataclasses import dataclass
 from functools import partial
 from typing import Literal
@@ -28,25 +27,16 @@ from alignkit.data.collate import collate_unpaired, length_sorted_batches
 from alignkit.data.io import BadRow, read_rows
 from alignkit.data.schemas import load_preferences, load_unpaired, pairs_to_unpaired
 from alignkit.data.tokenize import EncodedUnpaired, encode_unpaired
-from alignkit.evaluation.metrics import mean_ci
-from alignkit.evaluation.monitors import default_monitors
 from alignkit.losses.kto import kto_loss, kto_reference_point, kto_weight_warning, mismatched_indices
 from alignkit.models.forward import sequence_logprobs
-from alignkit.models.loading import (
-    apply_lora,
-    count_parameters,
-    load_model,
-    load_tokenizer,
-    pick_device,
-    save_final,
-)
-from alignkit.models.precision import in_training_precision, weights_dtype
+from alignkit.models.loading import load_tokenizer
+from alignkit.models.precision import in_training_precision
 from alignkit.stages import Stage
-from alignkit.training import distributed
+from alignkit.training import distributed, offline
 from alignkit.training.loop import StepOutput, train, visited_indices
 from alignkit.training.reference import Reference, load_reference, precompute, reference_mode, stack
 from alignkit.training.run import RunDir
-from alignkit.training.sample_watch import SampleWatch, SampleWatchFields
+from alignkit.training.sample_watch import SampleWatchFields
 
 
 @dataclass
@@ -366,26 +356,16 @@ def check_config(cfg: KTOConfig) -> None:
 
 def run(cfg: KTOConfig) -> dict:
     check_config(cfg)
-    started = time.time()
-    # The folder is checked, locked for this run and released however it ends (RunDir.create).
-    with RunDir.create(cfg.output_dir, "kto", cfg.resume_from, cfg=cfg) as run_dir:
-        return _run(cfg, run_dir, started)
+    return offline.run_in_folder(cfg, "kto", _run)
 
 
 def _run(cfg: KTOConfig, run_dir: RunDir, started: float) -> dict:
-    print(f"run folder: {run_dir.path}", file=sys.stderr)
-
     # 1. Data: unpaired examples (pairs split in two), each with its fixed mismatched KL sequence.
     tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code)
-    train_examples, train_rows, train_format = load_examples(
-        cfg, tokenizer, cfg.train_data, cfg.train_split, cfg.train_rows, cfg.train_max_rows, "train"
+    (train_examples, train_rows, train_format), held_out = offline.load_data(
+        cfg, partial(load_examples, cfg, tokenizer)
     )
-    eval_examples: list[KTOExample] = []
-    eval_format = None
-    if cfg.eval_data:
-        eval_examples, _, eval_format = load_examples(
-            cfg, tokenizer, cfg.eval_data, cfg.eval_split, cfg.eval_rows, cfg.eval_max_rows, "eval"
-        )
+    eval_examples, _, eval_format = held_out or ([], None, None)
     n_desirable = sum(ex.encoded.label for ex in train_examples)
     n_undesirable = len(train_examples) - n_desirable
     weight_warning = kto_weight_warning(
@@ -395,7 +375,7 @@ def _run(cfg: KTOConfig, run_dir: RunDir, started: float) -> dict:
         print(f"warning: {weight_warning}", file=sys.stderr)
 
     # 2. Policy and reference.
-    model = load_model(cfg.model, weights_dtype(cfg), cfg.trust_remote_code, pick_device(), distributed.load_on())
+    model = offline.load_policy(cfg)
     distributed.shard(model, cfg.lora)  # under FSDP: the reference pass below runs on the shards
     pad_id = tokenizer.pad_token_id
     mode = reference_mode(cfg.reference)
@@ -404,67 +384,40 @@ def _run(cfg: KTOConfig, run_dir: RunDir, started: float) -> dict:
         needed = visited_indices(cfg, len(train_examples))
         precompute_reference(cfg, model, train_examples, pad_id, "reference log-probs (train)", needed)
         precompute_reference(cfg, model, eval_examples, pad_id, "reference log-probs (eval)")
-    reference = load_reference(
-        mode, lambda: load_model(
-            cfg.model, weights_dtype(cfg), cfg.trust_remote_code, pick_device(), distributed.load_on()
-        )
-    )  # fmt: skip
-    if cfg.lora:
-        model = apply_lora(model, cfg)
-    trainable, total = count_parameters(model)
-    model.train()
+    reference = load_reference(mode, partial(offline.load_policy, cfg))
+    model, sizes = offline.make_trainable(model, cfg)
 
     # No pass over the eval set before training: policy == reference, so every implicit reward and z0 are
     # 0 and each example's loss is its weight times 1 - sigmoid(0) = 0.5.
     eval_before: dict = {}
 
-    # The loop evaluates every eval_every steps and at the end; the last per-pair outcomes feed the interval.
-    last_eval: dict = {}
-
-    def eval_fn(m) -> dict:
-        last_eval["metrics"], last_eval["correct"] = evaluate(cfg, m, reference, eval_examples, pad_id)
-        return last_eval["metrics"]
-
-    # 3. Train with the shared loop, watched by the failure monitors.
+    # 3. Train with the shared loop, watched by the failure monitors (and by samples of held-out prompts where
+    #    sample_every asks); each micro-step estimates z0 over the KL sequences of all ranks (kto_step). The
+    #    loop evaluates every eval_every steps and at the end.
+    evaluation = offline.LastEvaluation(lambda m: evaluate(cfg, m, reference, eval_examples, pad_id))
+    eval_fn = evaluation if eval_examples else None
     prompt_ids = [ex.encoded.prompt_ids for ex in eval_examples or train_examples]
-    watch = SampleWatch.of(cfg, model, tokenizer, prompt_ids)
-    monitors = default_monitors("kto", samples=watch is not None)
+    watch, monitors = offline.watched(cfg, "kto", model, tokenizer, prompt_ids)
+    step_fn = partial(kto_step, cfg=cfg, reference=reference)
+    collate_fn = partial(collate, pad_id=pad_id)
     result = train(
-        cfg,
-        model,
-        train_examples,
-        collate_fn=partial(collate, pad_id=pad_id),
-        step_fn=partial(kto_step, cfg=cfg, reference=reference),
-        run=run_dir,
-        monitors=monitors,
-        eval_fn=eval_fn if eval_examples else None,
-        sample_fn=watch,
+        cfg, model, train_examples, collate_fn, step_fn, run_dir, eval_fn, monitors=monitors, sample_fn=watch
     )
 
     # 4. Held-out metrics (pair accuracy with a bootstrap interval), the final model, the summary.
     summary = {
-        "stage": "kto",
-        "model": cfg.model,
-        "run_dir": str(run_dir.path),
-        "final_model": str(run_dir.final_dir),
-        "reference": mode,
-        "data_format": train_format,
-        "steps": result.steps,
+        **offline.summary_head("kto", cfg, run_dir, result, reference=mode, data_format=train_format),
         "train_examples": len(train_examples),
         "train_desirable": n_desirable,
         "train_undesirable": n_undesirable,
         "weight_warning": weight_warning,
         "skipped_rows": len(train_rows.skipped),
         "truncated_examples": sum(ex.encoded.truncated for ex in train_examples),
-        "trainable_parameters": trainable,
-        "total_parameters": total,
-        "final_metrics": result.metrics,
-        "train_seconds": result.elapsed_s,
-        "peak_rss_mb": result.peak_rss_mb,
-        "monitor_events": [e.to_row() for e in monitors.events],
+        **sizes,
+        **offline.loop_summary(result, monitors),
     }
     if eval_examples:
-        eval_after, correct = last_eval["metrics"], last_eval["correct"]
+        eval_after, correct = evaluation.outcome  # from the loop's final evaluation
         summary.update(
             eval_format=eval_format,
             eval_examples=len(eval_examples),
@@ -472,21 +425,11 @@ def _run(cfg: KTOConfig, run_dir: RunDir, started: float) -> dict:
             eval_after=eval_after,
         )
         if correct:  # paired held-out data: how often the chosen half out-scores the rejected one
-            acc = mean_ci(correct)
-            summary.update(
-                eval_pairs=len(correct), eval_accuracy=acc.value, eval_accuracy_ci95=[acc.low, acc.high]
-            )
+            summary.update(eval_pairs=len(correct), **offline.accuracy_summary(correct))
         if "rewards/gap" in eval_after:
             summary["eval_reward_gap"] = eval_after["rewards/gap"]
-    distributed.save_from_main(
-        model,
-        lambda state_dict: save_final(
-            model, tokenizer, run_dir.final_dir, merge_lora=cfg.merge_lora, state_dict=state_dict
-        ),
-    )
-    summary["wall_seconds"] = time.time() - started
-    run_dir.write_summary(summary)
-    return summary
+    offline.save_policy(model, tokenizer, run_dir, cfg)
+    return offline.write_summary(run_dir, summary, started)
 
 
 STAGE = Stage("kto", KTOConfig, run)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import math
 import sys
-import time
 from dataclasses import dataclass
 from functools import partial
 
@@ -25,15 +24,14 @@ from alignkit.data.io import BadRow, BadRowError, read_rows
 from alignkit.data.length_balance import length_balanced_indices
 from alignkit.data.schemas import Loaded, load_preferences, no_usable_rows
 from alignkit.data.tokenize import EncodedPair, encode_pair
-from alignkit.evaluation.metrics import mean_ci
 from alignkit.evaluation.monitors import default_monitors
 from alignkit.evaluation.reward_eval import is_causal_lm, pair_diagnostics
 from alignkit.losses.reward import bradley_terry_loss, length_correlation_penalty
-from alignkit.models.loading import count_parameters, load_tokenizer, pick_device
+from alignkit.models.loading import load_tokenizer, pick_device
 from alignkit.models.precision import in_training_precision, weights_dtype
 from alignkit.models.reward import apply_reward_lora, build_reward_model, save_reward_model, sequence_rewards
 from alignkit.stages import Stage
-from alignkit.training import distributed
+from alignkit.training import distributed, offline
 from alignkit.training.early_stopping import BestWeights
 from alignkit.training.loop import StepOutput, train
 from alignkit.training.run import RunDir
@@ -226,53 +224,108 @@ def load_pairs(
     return loaded, examples
 
 
+def split_validation(cfg: RMConfig, examples: list[RMExample]) -> tuple[list[RMExample], list[RMExample]]:
+    """(training pairs, validation pairs): early stopping holds out the last ``early_stopping_pairs``."""
+    n = cfg.early_stopping_pairs
+    if not n:
+        return examples, []
+    if n >= len(examples):
+        raise ConfigError(
+            f"early_stopping_pairs={n} leaves no training pairs (train_data has {len(examples)})",
+            ("early_stopping_pairs",),
+        )
+    if distributed.world_size() > 1:
+        raise ConfigError("early_stopping_pairs needs one process (the best weights are copied whole)")
+    return examples[:-n], examples[-n:]
+
+
+def balance_lengths(cfg: RMConfig, examples: list[RMExample]) -> list[RMExample]:
+    """With ``length_balance``, the length-balanced subset of ``examples`` (data.length_balance); else all."""
+    if not cfg.length_balance:
+        return examples
+    kept = length_balanced_indices(
+        [len(ex.encoded.chosen_ids) for ex in examples],
+        [len(ex.encoded.rejected_ids) for ex in examples],
+        cfg.seed,
+    )
+    print(f"length_balance: training on {len(kept)} of {len(examples)} pairs", file=sys.stderr)
+    return [examples[i] for i in kept]
+
+
+def measure_validation(
+    cfg: RMConfig, model, validation: list[RMExample], pad_id: int, best: BestWeights
+) -> dict:
+    """The loop's evaluation under early stopping: the validation pairs' metrics, whose accuracy ``best``
+    records (keeping the weights of the best one)."""
+    metrics = evaluate(cfg, model, validation, pad_id)[0]
+    best.update(model, metrics["rewards/accuracy"])
+    return {f"validation/{k}": v for k, v in metrics.items()}
+
+
+def restore_best(
+    cfg: RMConfig, model, best: BestWeights, steps: int, n_train: int, n_validation: int
+) -> dict:
+    """Put the best measured weights back into ``model``; the summary's account of the early stopping."""
+    # Periodic measurement k (0-based) ran after step (k + 1) * eval_every; the last one after the loop.
+    planned_steps = cfg.max_steps or cfg.epochs * math.ceil(n_train / cfg.batch_size)
+    measured_at = [(k + 1) * cfg.eval_every for k in range(len(best.scores) - 1)] + [steps]
+    best.restore(model)
+    early_stopping = {
+        "validation_pairs": n_validation,
+        "validation_accuracy": best.scores,
+        "validation_steps": measured_at,
+        "best_step": measured_at[best.best_index],
+        "best_validation_accuracy": best.best_score,
+        "stopped_early": steps < planned_steps,
+        "final_model_is": f"the weights of step {measured_at[best.best_index]} (best validation accuracy)",
+    }
+    print(f"early stopping: final/ holds {early_stopping['final_model_is']}", file=sys.stderr)
+    return early_stopping
+
+
+def reward_statistics(name: str, rewards: list[float]) -> dict:
+    """Mean and standard deviation of the rewards given (saved with the model: what PPO may normalise by)."""
+    return {f"{name}_reward_mean": float(np.mean(rewards)), f"{name}_reward_std": float(np.std(rewards))}
+
+
+def diagnostics(cfg: RMConfig, examples: list[RMExample], rewards: list[float], pad_id: int) -> dict:
+    """Is it a preference model or a length model? Accuracy beside the length rules and the base model's
+    log-prob, length buckets, length correlation, calibration (evaluation.reward_diagnostics) on the held-out
+    pairs; ``rewards`` holds the chosen rewards, then the rejected ones."""
+    n = len(examples)
+    base = cfg.model if cfg.logprob_baseline and is_causal_lm(cfg.model, cfg.trust_remote_code) else None
+    return pair_diagnostics(
+        rewards[:n],
+        rewards[n:],
+        [ex.encoded for ex in examples],
+        f"reward-model diagnostics on {n} held-out pairs",
+        seed=cfg.seed,
+        base_model=base,
+        pad_id=pad_id,
+        dtype=cfg.dtype,
+        trust_remote_code=cfg.trust_remote_code,
+        batch_size=cfg.eval_batch_size,
+    )
+
+
 def run(cfg: RMConfig) -> dict:
-    started = time.time()
     if cfg.lora and not cfg.merge_lora:
         raise ConfigError(
             "merge_lora=false is not supported by rm: final/ is always a plain reward model (adapters merged), "
             "which is what score, build-prefs and PPO load"
         )
-    # The folder is checked, locked for this run and released however it ends (RunDir.create).
-    with RunDir.create(cfg.output_dir, "rm", cfg.resume_from, cfg=cfg) as run_dir:
-        return _run(cfg, run_dir, started)
+    return offline.run_in_folder(cfg, "rm", _run)
 
 
 def _run(cfg: RMConfig, run_dir: RunDir, started: float) -> dict:
-    print(f"run folder: {run_dir.path}", file=sys.stderr)
-
-    # 1. Data: validated pairs, tokenized with the chat template; both responses share the prompt ids.
+    # 1. Data: validated pairs, tokenized with the chat template; both responses share the prompt ids. Early
+    #    stopping holds out validation pairs; length_balance keeps a length-balanced subset.
     tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code)
-    train_rows, train_examples = load_pairs(
-        cfg, tokenizer, cfg.train_data, cfg.train_split, cfg.train_rows, cfg.train_max_rows, "train"
-    )
-    eval_examples: list[RMExample] = []
-    if cfg.eval_data:
-        _, eval_examples = load_pairs(
-            cfg, tokenizer, cfg.eval_data, cfg.eval_split, cfg.eval_rows, cfg.eval_max_rows, "eval"
-        )
-    validation: list[RMExample] = []
-    if cfg.early_stopping_pairs:
-        if cfg.early_stopping_pairs >= len(train_examples):
-            raise ConfigError(
-                f"early_stopping_pairs={cfg.early_stopping_pairs} leaves no training pairs (train_data has "
-                f"{len(train_examples)})",
-                ("early_stopping_pairs",),
-            )
-        if distributed.world_size() > 1:
-            raise ConfigError("early_stopping_pairs needs one process (the best weights are copied whole)")
-        validation = train_examples[-cfg.early_stopping_pairs :]
-        train_examples = train_examples[: -cfg.early_stopping_pairs]
-    if cfg.length_balance:
-        kept = length_balanced_indices(
-            [len(ex.encoded.chosen_ids) for ex in train_examples],
-            [len(ex.encoded.rejected_ids) for ex in train_examples],
-            cfg.seed,
-        )
-        print(f"length_balance: training on {len(kept)} of {len(train_examples)} pairs", file=sys.stderr)
-        train_examples = [train_examples[i] for i in kept]
+    (train_rows, train_examples), held_out = offline.load_data(cfg, partial(load_pairs, cfg, tokenizer))
+    eval_examples: list[RMExample] = held_out[1] if held_out else []
+    train_examples, validation = split_validation(cfg, train_examples)
+    train_examples = balance_lengths(cfg, train_examples)
     held_in = train_examples[: cfg.train_eval_pairs]
-    n_truncated = sum(ex.encoded.truncated for ex in train_examples)
 
     # 2. Model: the backbone of cfg.model with a fresh one-output head (or a reward model to continue).
     pad_id = tokenizer.pad_token_id
@@ -280,84 +333,40 @@ def _run(cfg: RMConfig, run_dir: RunDir, started: float) -> dict:
         cfg.model, pad_id, weights_dtype(cfg), cfg.trust_remote_code, pick_device(), distributed.load_on()
     )
     distributed.shard(model, cfg.lora)  # under FSDP: the accuracy measured before training runs on the shards
-    if cfg.lora:
-        model = apply_reward_lora(model, cfg)
-    trainable, total = count_parameters(model)
-    model.train()
-
+    model, sizes = offline.make_trainable(model, cfg, apply_reward_lora)
     fresh = not cfg.resume_from
     train_before = evaluate(cfg, model, held_in, pad_id)[0] if held_in and fresh else None
-    eval_before = (
-        evaluate(cfg, model, eval_examples, pad_id)[0]
-        if eval_examples and fresh and cfg.eval_before
-        else None
-    )
+    evaluation = offline.LastEvaluation(lambda m: evaluate(cfg, m, eval_examples, pad_id))
+    eval_before = evaluation.evaluate(model)[0] if eval_examples and fresh and cfg.eval_before else None
 
-    # The loop evaluates every eval_every steps and at the end; the last outcomes feed the summary. With
-    # early stopping it measures the validation pairs only, and eval_data once, on the best weights, after.
-    last_eval: dict = {}
-    best = BestWeights(cfg.early_stopping_patience) if validation else None
-
-    def eval_fn(m) -> dict:
-        if best is not None:
-            metrics = evaluate(cfg, m, validation, pad_id)[0]
-            best.update(m, metrics["rewards/accuracy"])
-            return {f"validation/{k}": v for k, v in metrics.items()}
-        last_eval["metrics"], last_eval["correct"], last_eval["rewards"] = evaluate(
-            cfg, m, eval_examples, pad_id
-        )
-        return last_eval["metrics"]
-
-    # 3. Train with the shared loop, watched by the failure monitors.
+    # 3. Train with the shared loop, watched by the failure monitors. It evaluates every eval_every steps and
+    #    at the end, and the last outcomes feed the summary. With early stopping it measures the validation
+    #    pairs only, and eval_data once, on the best weights, after.
     monitors = default_monitors("rm")
+    best = BestWeights(cfg.early_stopping_patience) if validation else None
+    eval_fn = evaluation if eval_examples else None
+    if best is not None:
+        eval_fn = partial(measure_validation, cfg, validation=validation, pad_id=pad_id, best=best)
     result = train(
-        cfg,
-        model,
-        train_examples,
-        collate_fn=partial(collate, pad_id=pad_id),
-        step_fn=partial(rm_step, cfg=cfg),
-        run=run_dir,
-        monitors=monitors,
-        eval_fn=eval_fn if eval_examples or best is not None else None,
+        cfg, model, train_examples, partial(collate, pad_id=pad_id), partial(rm_step, cfg=cfg), run_dir,
+        eval_fn=eval_fn,
         on_log=(lambda _step, _row: "stop" if best.should_stop else None) if best is not None else None,
-    )
+        monitors=monitors,
+    )  # fmt: skip
     early_stopping: dict | None = None
     if best is not None:
-        # Periodic measurement k (0-based) ran after step (k + 1) * eval_every; the last one after the loop.
-        planned_steps = cfg.max_steps or cfg.epochs * math.ceil(len(train_examples) / cfg.batch_size)
-        steps = [(k + 1) * cfg.eval_every for k in range(len(best.scores) - 1)] + [result.steps]
-        best.restore(model)
-        early_stopping = {
-            "validation_pairs": len(validation),
-            "validation_accuracy": best.scores,
-            "validation_steps": steps,
-            "best_step": steps[best.best_index],
-            "best_validation_accuracy": best.best_score,
-            "stopped_early": result.steps < planned_steps,
-            "final_model_is": f"the weights of step {steps[best.best_index]} (best validation accuracy)",
-        }
-        print(f"early stopping: final/ holds {early_stopping['final_model_is']}", file=sys.stderr)
+        early_stopping = restore_best(cfg, model, best, result.steps, len(train_examples), len(validation))
         if eval_examples:
-            last_eval["metrics"], last_eval["correct"], last_eval["rewards"] = evaluate(
-                cfg, model, eval_examples, pad_id
-            )
+            evaluation(model)
 
     # 4. Held-in and held-out loss/accuracy/margin, accuracy with a bootstrap interval, reward statistics.
     summary = {
-        "stage": "rm",
-        "model": cfg.model,
-        "run_dir": str(run_dir.path),
-        "final_model": str(run_dir.final_dir),
-        "steps": result.steps,
+        **offline.summary_head("rm", cfg, run_dir, result),
         "train_pairs": len(train_examples),
         "skipped_rows": len(train_rows.skipped),
-        "truncated_pairs": n_truncated,
-        "trainable_parameters": trainable,
-        "total_parameters": total,
-        "final_metrics": result.metrics,
-        "train_seconds": result.elapsed_s,
-        "peak_rss_mb": result.peak_rss_mb,
-        "monitor_events": [e.to_row() for e in monitors.events],
+        "truncated_pairs": sum(ex.encoded.truncated for ex in train_examples),
+        **sizes,
+        **offline.loop_summary(result, monitors),
     }
     if early_stopping is not None:
         summary["early_stopping"] = early_stopping
@@ -365,23 +374,12 @@ def _run(cfg: RMConfig, run_dir: RunDir, started: float) -> dict:
     if held_in:
         train_after, _, held_in_rewards = evaluate(cfg, model, held_in, pad_id)
         summary.update(train_eval_pairs=len(held_in), train_before=train_before, train_after=train_after)
-        reward_stats = {
-            "train_reward_mean": float(np.mean(held_in_rewards)),
-            "train_reward_std": float(np.std(held_in_rewards)),
-        }
+        reward_stats = reward_statistics("train", held_in_rewards)
     if eval_examples:
-        eval_after, correct, eval_rewards = last_eval["metrics"], last_eval["correct"], last_eval["rewards"]
-        acc = mean_ci(correct, seed=cfg.seed)
-        summary.update(
-            eval_pairs=len(eval_examples),
-            eval_before=eval_before,
-            eval_after=eval_after,
-            eval_accuracy=acc.value,
-            eval_accuracy_ci95=[acc.low, acc.high],
-        )
-        reward_stats.update(
-            eval_reward_mean=float(np.mean(eval_rewards)), eval_reward_std=float(np.std(eval_rewards))
-        )
+        eval_after, correct, eval_rewards = evaluation.outcome
+        summary.update(eval_pairs=len(eval_examples), eval_before=eval_before, eval_after=eval_after)
+        summary.update(offline.accuracy_summary(correct, seed=cfg.seed))
+        reward_stats.update(reward_statistics("eval", eval_rewards))
     summary.update(reward_stats)
 
     # 5. The final reward model: plain transformers weights + ALIGNKIT_REWARD.json (lengths, statistics).
@@ -398,27 +396,11 @@ def _run(cfg: RMConfig, run_dir: RunDir, started: float) -> dict:
             **reward_stats,
         ),
     )
-    # 6. Is it a preference model or a length model? Accuracy beside the length rules and the base model's
-    #    log-prob, length buckets, length correlation, calibration (evaluation.reward_diagnostics).
+    # 6. Is it a preference model or a length model? (diagnostics)
     if eval_examples:
-        n = len(eval_examples)
-        base = cfg.model if cfg.logprob_baseline and is_causal_lm(cfg.model, cfg.trust_remote_code) else None
-        summary["diagnostics"] = pair_diagnostics(
-            eval_rewards[:n],
-            eval_rewards[n:],
-            [ex.encoded for ex in eval_examples],
-            f"reward-model diagnostics on {n} held-out pairs",
-            seed=cfg.seed,
-            base_model=base,
-            pad_id=pad_id,
-            dtype=cfg.dtype,
-            trust_remote_code=cfg.trust_remote_code,
-            batch_size=cfg.eval_batch_size,
-        )
+        summary["diagnostics"] = diagnostics(cfg, eval_examples, eval_rewards, pad_id)
         summary["warnings"] = summary["diagnostics"]["warnings"]
-    summary["wall_seconds"] = time.time() - started
-    run_dir.write_summary(summary)
-    return summary
+    return offline.write_summary(run_dir, summary, started)
 
 
 STAGE = Stage("rm", RMConfig, run)

@@ -26,7 +26,7 @@ from alignkit.data.schemas import load_preferences, load_prompts, no_usable_rows
 from alignkit.data.tokenize import encode_pair
 from alignkit.evaluation.reward_eval import pair_diagnostics
 from alignkit.models.loading import pick_device
-from alignkit.scoring import RewardModelScorer, Scorer, is_function_spec, load_scorer
+from alignkit.scoring import RewardModelScorer, Scorer, is_function_spec, reward_scorer
 from alignkit.stages import Stage
 from alignkit.training.distributed import start_one_process
 
@@ -212,49 +212,23 @@ def _to_json(value):
     raise TypeError(f"cannot write a {type(value).__name__} value to JSON")
 
 
-def run(cfg: ScoreConfig) -> dict:
-    start_one_process("score", cfg.num_threads)
-    started = time.time()
-    output = jsonl_output(cfg.output, "as rows are scored")
-    if cfg.batch_size < 1:
-        raise ConfigError(f"batch_size must be at least 1, got {cfg.batch_size}")
+def score_columns(cfg: ScoreConfig, kind: str) -> list[str]:
+    """The new output columns: <score_column> for rows, chosen_<score_column> and rejected_<...> for pairs."""
+    if kind == "rows":
+        return [cfg.score_column]
+    return [f"chosen_{cfg.score_column}", f"rejected_{cfg.score_column}"]
 
-    # 1. Input rows, and which of them an earlier (interrupted) run already scored.
-    kind, rows, skipped, n_read = read_input(cfg)
-    columns = (
-        [cfg.score_column]
-        if kind == "rows"
-        else [f"chosen_{cfg.score_column}", f"rejected_{cfg.score_column}"]
-    )
-    if cfg.overwrite and output.exists():
-        output.unlink()
-    done = resume_output(output, rows, {*columns, INPUT_ROW}) if output.exists() else set()
-    todo = [row for row in rows if row.record.row not in done]
-    print(
-        f"score: {n_read} rows read ({kind}), {len(skipped)} skipped, {len(done)} already in {output}, "
-        f"{len(todo)} to score",
-        file=sys.stderr,
-    )
 
-    # 2. The reward; a reward model keeps the lengths it was trained with unless overridden.
-    scorer = load_scorer(
-        cfg.reward,
-        "reward",
-        dtype=cfg.dtype,
-        device=pick_device(),
-        trust_remote_code=cfg.trust_remote_code,
-        batch_size=cfg.batch_size,
-    )
-    if cfg.max_length is not None:  # check() refused lengths for a function
-        scorer.reward_model.max_length = cfg.max_length
-    if cfg.max_prompt_length is not None:
-        scorer.reward_model.max_prompt_length = cfg.max_prompt_length
-
-    # 3. Score batch by batch; each batch is appended and flushed to disk before the next one starts.
+def append_scores(
+    cfg: ScoreConfig, scorer: Scorer, output: Path, todo: list[Row], columns: list[str], n_rows: int,
+    n_done: int,
+) -> None:  # fmt: skip
+    """Score ``todo`` batch by batch; each batch is appended to ``output`` and flushed to disk before the next
+    one starts, so a killed run loses at most the batch it was scoring."""
     output.parent.mkdir(parents=True, exist_ok=True)
     with (
         open(output, "a", encoding="utf-8") as f,
-        tqdm(total=len(rows), initial=len(done), desc="scoring", unit="row", disable=not cfg.progress) as bar,
+        tqdm(total=n_rows, initial=n_done, desc="scoring", unit="row", disable=not cfg.progress) as bar,
     ):
         for start in range(0, len(todo), cfg.batch_size):
             batch = todo[start : start + cfg.batch_size]
@@ -268,6 +242,77 @@ def run(cfg: ScoreConfig) -> dict:
             f.flush()
             os.fsync(f.fileno())
             bar.update(len(batch))
+
+
+def column_statistics(scored: list[dict], columns: list[str], kind: str) -> dict:
+    """Mean and std of each score column over the scored rows; for pairs, how often chosen scores higher."""
+    stats: dict = {}
+    for column in columns:
+        values = np.array([row[column] for row in scored], dtype=float)
+        stats[f"{column}_mean"] = float(values.mean()) if len(values) else None
+        stats[f"{column}_std"] = float(values.std()) if len(values) else None
+    if kind == "pairs" and scored:
+        stats["accuracy"] = float(np.mean([row[columns[0]] > row[columns[1]] for row in scored]))
+    return stats
+
+
+def scored_pair_diagnostics(
+    cfg: ScoreConfig, scorer: RewardModelScorer, rows: list[Row], scored: list[dict], columns: list[str]
+) -> dict:
+    """Accuracy beside the length rules, length buckets and correlation, calibration (issue 18), over every
+    scored pair; reply lengths in the reward model's tokens, as it read them."""
+    reward_model = scorer.reward_model
+    by_row = {row.record.row: row for row in rows}
+    pairs = [by_row[s[INPUT_ROW]] for s in scored]
+    encoded = [
+        encode_pair(
+            reward_model.tokenizer, row.prompt, *row.responses, reward_model.max_length,
+            reward_model.max_prompt_length,
+        )
+        for row in pairs
+    ]  # fmt: skip
+    return pair_diagnostics(
+        [s[columns[0]] for s in scored],
+        [s[columns[1]] for s in scored],
+        encoded,
+        f"reward-model diagnostics on {len(scored)} scored pairs",
+        base_model=cfg.base_model,
+        pad_id=reward_model.tokenizer.pad_token_id,
+        dtype=cfg.dtype,
+        trust_remote_code=cfg.trust_remote_code,
+        batch_size=cfg.batch_size,
+    )
+
+
+def run(cfg: ScoreConfig) -> dict:
+    start_one_process("score", cfg.num_threads)
+    started = time.time()
+    output = jsonl_output(cfg.output, "as rows are scored")
+    if cfg.batch_size < 1:
+        raise ConfigError(f"batch_size must be at least 1, got {cfg.batch_size}")
+
+    # 1. Input rows, and which of them an earlier (interrupted) run already scored.
+    kind, rows, skipped, n_read = read_input(cfg)
+    columns = score_columns(cfg, kind)
+    if cfg.overwrite and output.exists():
+        output.unlink()
+    done = resume_output(output, rows, {*columns, INPUT_ROW}) if output.exists() else set()
+    todo = [row for row in rows if row.record.row not in done]
+    print(
+        f"score: {n_read} rows read ({kind}), {len(skipped)} skipped, {len(done)} already in {output}, "
+        f"{len(todo)} to score",
+        file=sys.stderr,
+    )
+
+    # 2. The reward; a reward model keeps the lengths it was trained with unless overridden.
+    scorer = reward_scorer(cfg, pick_device(), cfg.batch_size)
+    if cfg.max_length is not None:  # check() refused lengths for a function
+        scorer.reward_model.max_length = cfg.max_length
+    if cfg.max_prompt_length is not None:
+        scorer.reward_model.max_prompt_length = cfg.max_prompt_length
+
+    # 3. Score batch by batch; each batch is appended and flushed to disk before the next one starts.
+    append_scores(cfg, scorer, output, todo, columns, len(rows), len(done))
 
     # 4. Statistics over the whole output (this run and any earlier one).
     scored = [json.loads(line) for line in output.read_text(encoding="utf-8").splitlines()]
@@ -283,38 +328,11 @@ def run(cfg: ScoreConfig) -> dict:
         "already_scored": len(done),
         "skipped_rows": len(skipped),
         "skipped": [str(bad) for bad in skipped[:20]],
+        **column_statistics(scored, columns, kind),
     }
-    for column in columns:
-        values = np.array([row[column] for row in scored], dtype=float)
-        summary[f"{column}_mean"] = float(values.mean()) if len(values) else None
-        summary[f"{column}_std"] = float(values.std()) if len(values) else None
-    if kind == "pairs" and scored:
-        summary["accuracy"] = float(np.mean([row[columns[0]] > row[columns[1]] for row in scored]))
     if kind == "pairs" and scored and isinstance(scorer, RewardModelScorer):
-        # Accuracy beside the length rules, length buckets and correlation, calibration (issue 18), over every
-        # scored pair; reply lengths in the reward model's tokens, as it read them (a reward function has no
-        # tokens of its own: no diagnostics).
-        reward_model = scorer.reward_model
-        by_row = {row.record.row: row for row in rows}
-        pairs = [by_row[s[INPUT_ROW]] for s in scored]
-        encoded = [
-            encode_pair(
-                reward_model.tokenizer, row.prompt, *row.responses, reward_model.max_length,
-                reward_model.max_prompt_length,
-            )
-            for row in pairs
-        ]
-        summary["diagnostics"] = pair_diagnostics(
-            [s[columns[0]] for s in scored],
-            [s[columns[1]] for s in scored],
-            encoded,
-            f"reward-model diagnostics on {len(scored)} scored pairs",
-            base_model=cfg.base_model,
-            pad_id=reward_model.tokenizer.pad_token_id,
-            dtype=cfg.dtype,
-            trust_remote_code=cfg.trust_remote_code,
-            batch_size=cfg.batch_size,
-        )
+        # A reward function has no tokens of its own: no diagnostics.
+        summary["diagnostics"] = scored_pair_diagnostics(cfg, scorer, rows, scored, columns)
         summary["warnings"] = summary["diagnostics"]["warnings"]
     summary["wall_seconds"] = time.time() - started
     return summary

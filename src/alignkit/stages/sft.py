@@ -19,22 +19,14 @@ from alignkit.config import TrainConfig, doc_field
 from alignkit.data.collate import collate_sft
 from alignkit.data.schemas import load_sft
 from alignkit.data.tokenize import encode
-from alignkit.evaluation.monitors import default_monitors
 from alignkit.models.forward import sequence_logprobs
-from alignkit.models.loading import (
-    apply_lora,
-    count_parameters,
-    load_model,
-    load_tokenizer,
-    pick_device,
-    save_final,
-)
-from alignkit.models.precision import TrainPrecision, of_config, weights_dtype
+from alignkit.models.loading import load_tokenizer
+from alignkit.models.precision import TrainPrecision, of_config
 from alignkit.stages import Stage
-from alignkit.training import distributed
+from alignkit.training import distributed, offline
 from alignkit.training.loop import StepOutput, train
 from alignkit.training.run import RunDir
-from alignkit.training.sample_watch import SampleWatch, SampleWatchFields
+from alignkit.training.sample_watch import SampleWatchFields
 
 
 @dataclass
@@ -76,31 +68,25 @@ def mean_nll(
     return total / max(count, 1)
 
 
+def load_demonstrations(cfg: SFTConfig, tokenizer, source: str, split, rows, limit, what: str):
+    """(the loader's Loaded, its rows tokenized with the model's chat template: loss on completions only)."""
+    loaded = load_sft(source, cfg.on_bad_row, split=split, rows=rows, limit=limit)
+    loaded.require_rows(f"{what}_data")
+    print(f"{what} data: {loaded.summary()}", file=sys.stderr)
+    enc = partial(encode, tokenizer, max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length)
+    return loaded, [enc(ex.prompt, ex.completion) for ex in loaded.examples]
+
+
 def run(cfg: SFTConfig) -> dict:
-    started = time.time()
-    # The folder is checked, locked for this run and released however it ends (RunDir.create).
-    with RunDir.create(cfg.output_dir, "sft", cfg.resume_from, cfg=cfg) as run_dir:
-        return _run(cfg, run_dir, started)
+    return offline.run_in_folder(cfg, "sft", _run)
 
 
 def _run(cfg: SFTConfig, run_dir: RunDir, started: float) -> dict:
-    print(f"run folder: {run_dir.path}", file=sys.stderr)
-
     # 1. Data: validate rows, then tokenize with the model's chat template (loss on completions only).
     tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code)
-    train_rows = load_sft(
-        cfg.train_data, cfg.on_bad_row, split=cfg.train_split, rows=cfg.train_rows, limit=cfg.train_max_rows
-    ).require_rows("train_data")
-    print(f"train data: {train_rows.summary()}", file=sys.stderr)
-    enc = partial(encode, tokenizer, max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length)
-    train_encoded = [enc(ex.prompt, ex.completion) for ex in train_rows.examples]
-    eval_encoded = []
-    if cfg.eval_data:
-        eval_rows = load_sft(
-            cfg.eval_data, cfg.on_bad_row, split=cfg.eval_split, rows=cfg.eval_rows, limit=cfg.eval_max_rows
-        ).require_rows("eval_data")
-        print(f"eval data: {eval_rows.summary()}", file=sys.stderr)
-        eval_encoded = [enc(ex.prompt, ex.completion) for ex in eval_rows.examples]
+    load = partial(load_demonstrations, cfg, tokenizer)
+    (train_rows, train_encoded), held_out = offline.load_data(cfg, load)
+    eval_encoded = held_out[1] if held_out else []
     n_truncated = sum(e.truncated for e in train_encoded)
     if n_truncated:
         print(
@@ -109,12 +95,9 @@ def _run(cfg: SFTConfig, run_dir: RunDir, started: float) -> dict:
         )
 
     # 2. Model: full weights or LoRA adapters on the same base.
-    model = load_model(cfg.model, weights_dtype(cfg), cfg.trust_remote_code, pick_device(), distributed.load_on())
+    model = offline.load_policy(cfg)
     distributed.shard(model, cfg.lora)  # under FSDP: the loss measured before training runs on the shards
-    if cfg.lora:
-        model = apply_lora(model, cfg)
-    trainable, total = count_parameters(model)
-    model.train()
+    model, sizes = offline.make_trainable(model, cfg)
 
     pad_id = tokenizer.pad_token_id
     measure = partial(
@@ -129,8 +112,8 @@ def _run(cfg: SFTConfig, run_dir: RunDir, started: float) -> dict:
     eval_loss_before = measure(model, eval_encoded) if eval_encoded and fresh else None
 
     # 3. Train with the shared loop, watched by the failure monitors.
-    watch = SampleWatch.of(cfg, model, tokenizer, [e.prompt_ids for e in eval_encoded or train_encoded])
-    monitors = default_monitors("sft", samples=watch is not None)
+    prompt_ids = [e.prompt_ids for e in eval_encoded or train_encoded]
+    watch, monitors = offline.watched(cfg, "sft", model, tokenizer, prompt_ids)
     result = train(
         cfg,
         model,
@@ -145,24 +128,14 @@ def _run(cfg: SFTConfig, run_dir: RunDir, started: float) -> dict:
 
     # 4. Measure, save the final model, write the summary.
     train_loss_after = measure(model, train_encoded) if cfg.measure_train_loss else None
-    distributed.save_from_main(
-        model,
-        lambda state_dict: save_final(
-            model, tokenizer, run_dir.final_dir, merge_lora=cfg.merge_lora, state_dict=state_dict
-        ),
-    )
+    offline.save_policy(model, tokenizer, run_dir, cfg)
     summary = {
-        "stage": "sft",
-        "model": cfg.model,
-        "run_dir": str(run_dir.path),
-        "final_model": str(run_dir.final_dir),
-        "steps": result.steps,
+        **offline.summary_head("sft", cfg, run_dir, result),
         "train_rows": train_rows.n_rows,
         "train_examples": len(train_encoded),
         "skipped_rows": len(train_rows.skipped),
         "truncated_rows": n_truncated,
-        "trainable_parameters": trainable,
-        "total_parameters": total,
+        **sizes,
         "train_loss_before": train_loss_before,
         "train_loss_after": train_loss_after,
         "final_metrics": result.metrics,

@@ -193,7 +193,7 @@ def train(
             nonfinite.record(finite, progress.step + 1, loss, grad_norm, run.log_metrics)
             step = progress.advance(n_items)
             bar.update(1)
-            nonfinite.stop_if_diverged(progress.last_checkpoint)  # no new checkpoint: the last is a good one (9.)
+            nonfinite.stop_if_diverged(progress.last_checkpoint)  # no new checkpoint: the last is good (9.)
 
             # 7. Log every log_every steps; callbacks and monitors may ask to stop.
             if (step % cfg.log_every == 0 or step == total_steps) and window.n_steps:
@@ -213,12 +213,12 @@ def train(
             # 9. Checkpoint every save_every steps, but not inside a non-finite streak (the last good
             #    checkpoint is the one to return to); and on SIGINT/SIGTERM before raising. The ranks agree
             #    first: a signal or a stop request seen by any rank stops them all.
-            stop_requested, received = _agree_to_stop(stop_requested, signals)
+            stop_requested, received = distributed.agree_to_stop(stop_requested, signals.received)
             if (cfg.save_every and step % cfg.save_every == 0 and not nonfinite.consecutive) or received:
                 _save(cfg, run, engine, model, optimizer, scheduler, progress, batches)
             if received:
-                name = signal.Signals(received).name
-                raise TrainingInterrupted(checkpoint=progress.last_checkpoint or "", reason=f"interrupted by {name}")
+                reason = f"interrupted by {signal.Signals(received).name}"
+                raise TrainingInterrupted(checkpoint=progress.last_checkpoint or "", reason=reason)
             if stop_requested:
                 break
 
@@ -272,10 +272,10 @@ def _start(
 def _engine_step(engine: _Engine, model: torch.nn.Module, step_fn: Callable, optimizer):
     """(the step as one module, the optimizer), as the engine runs them.
 
-    DDP and DeepSpeed wrap a module and act in its forward (DDP arms its gradient sync there), while a step may
-    call into the model below its forward (the chunked LM head, KTO's second pass); so the model and the stage's
-    step go in as one module, and the engine wraps the whole step. (FSDP has sharded the model itself, in
-    ``_start``, and reduce-scatters its gradients in every backward.)"""
+    DDP and DeepSpeed wrap a module and act in its forward (DDP arms its gradient sync there), while a step
+    may call into the model below its forward (the chunked LM head, KTO's second pass); so the model and the
+    stage's step go in as one module, and the engine wraps the whole step. (FSDP has sharded the model
+    itself, in ``_start``, and reduce-scatters its gradients in every backward.)"""
     stepper = distributed.StepModule(model, step_fn)
     if engine.name in ("ddp", "deepspeed"):
         stepper, optimizer = engine.accelerator.prepare(stepper, optimizer)
@@ -283,8 +283,8 @@ def _engine_step(engine: _Engine, model: torch.nn.Module, step_fn: Callable, opt
 
 
 class _Batches:
-    """Step 3 of ``train``: each step's global batch, its slice of the epoch's seeded permutation (the same for
-    any number of processes), and this rank's micro-batches of it, with stand-ins where it has none."""
+    """Step 3 of ``train``: each step's global batch, its slice of the epoch's seeded permutation (the same
+    for any number of processes), and this rank's micro-batches of it, with stand-ins where it has none."""
 
     def __init__(self, cfg: TrainConfig, examples: Sequence, collate_fn: Callable, engine: _Engine) -> None:
         self.cfg, self.examples, self.collate_fn, self.engine = cfg, examples, collate_fn, engine
@@ -292,15 +292,17 @@ class _Batches:
         self._epoch_order: tuple[int, list[int]] = (-1, [])
 
     def at(self, step: int) -> tuple[list[dict], float, float]:
-        """(this rank's micro-batches of step ``step``, the n_items and n_tokens of the whole global batch)."""
+        """(this rank's micro-batches of step ``step``; n_items and n_tokens of the whole global batch)."""
+        cfg, examples, collate_fn, engine = self.cfg, self.examples, self.collate_fn, self.engine
         epoch, position = divmod(step, self.steps_per_epoch)
         if self._epoch_order[0] != epoch:
-            self._epoch_order = (epoch, epoch_permutation(self.cfg.seed, epoch, len(self.examples)))
-        size, examples, collate_fn = self.cfg.batch_size, self.examples, self.collate_fn
-        indices = self._epoch_order[1][position * size : (position + 1) * size]
-        shares = distributed.rank_microbatches(indices, self.cfg.micro_batch_size, self.engine.rank, self.engine.world)
+            self._epoch_order = (epoch, epoch_permutation(cfg.seed, epoch, len(examples)))
+        indices = self._epoch_order[1][position * cfg.batch_size : (position + 1) * cfg.batch_size]
+        shares = distributed.rank_microbatches(indices, cfg.micro_batch_size, engine.rank, engine.world)
         microbatches = [
-            collate_fn([examples[i] for i in share]) if share else {**collate_fn([examples[indices[0]]]), "n_items": 0}
+            collate_fn([examples[i] for i in share])
+            if share
+            else {**collate_fn([examples[indices[0]]]), "n_items": 0}
             for share in shares
         ]
         # The normaliser is the whole global batch's n_items, summed over the ranks.
@@ -315,7 +317,7 @@ class _Batches:
 
 @dataclass
 class _Progress:
-    """Where the run is: the counters a checkpoint stores beside the weights, the optimizer and the schedule."""
+    """Where the run is: the counters a checkpoint stores beside the weights, optimizer and schedule."""
 
     step: int = 0
     n_items_seen: float = 0.0
@@ -349,16 +351,18 @@ def _resume(
     cfg: TrainConfig, run: RunDir, engine: _Engine, model, optimizer, scheduler, n_examples: int, monitors
 ) -> _Progress:
     """Where the run starts: step 0, or the checkpoint ``cfg.resume_from`` names, whose weights, optimizer,
-    scheduler, RNG and counters are restored (checked against its manifest, a corrupt latest falling back to an
-    intact one; one decision for all ranks). metrics.jsonl keeps the rows up to that step, and the monitors see
-    them again; then the clock starts."""
+    scheduler, RNG and counters are restored (checked against its manifest, a corrupt latest falling back to
+    an intact one; one decision for all ranks). metrics.jsonl keeps the rows up to that step, and the
+    monitors see them again; then the clock starts."""
     progress = _Progress(last_checkpoint=resume_checkpoint(cfg.resume_from, run.checkpoints_dir))
     checkpoint = progress.last_checkpoint
     if checkpoint is not None:
         written_by = checkpoint_engine(checkpoint)
         if (written_by == "deepspeed") != (engine.name == "deepspeed"):
             how = "under" if written_by == "deepspeed" else "without"
-            raise ConfigError(f"resume_from: {checkpoint} was written {how} DeepSpeed; resume it the same way")
+            raise ConfigError(
+                f"resume_from: {checkpoint} was written {how} DeepSpeed; resume it the same way"
+            )
         if engine.name == "deepspeed":  # each rank restores its slices
             state = load_engine_checkpoint(checkpoint, engine.accelerator, scheduler)
         else:  # one file set, whatever the number of processes that wrote it
@@ -432,12 +436,6 @@ def _notify(step: int, row: dict, callbacks: list[LogCallback], monitors, run: R
         for event in monitors.last_events:
             run.log_metrics(event.to_row())
     return stop
-
-
-def _agree_to_stop(stop_requested: bool, signals: StopSignals) -> tuple[bool, int]:
-    """(stop, the signal received or 0) as every rank sees them: what any rank saw stops them all."""
-    stop_flag, received = distributed.all_reduce([float(stop_requested), float(signals.received or 0)], op="max")
-    return bool(stop_flag), int(received)
 
 
 def _save(

@@ -43,7 +43,7 @@ from alignkit.models.loading import (
     save_final,
 )
 from alignkit.models.precision import weights_dtype
-from alignkit.scoring import Scorer, check_scorer, load_scorer
+from alignkit.scoring import Scorer, check_scorer, reward_scorer
 from alignkit.training import distributed
 from alignkit.training.checkpoint import (
     NonFiniteState,
@@ -222,14 +222,7 @@ def check_launch(cfg, stage: str, one_sample_each: str | None = None) -> None:
 
 def make_scorer(cfg, device: torch.device) -> Scorer:
     """The reward of ``cfg.reward``: a function 'module:function' or a reward model directory."""
-    return load_scorer(
-        cfg.reward,
-        "reward",
-        dtype=cfg.dtype,
-        device=device,
-        trust_remote_code=cfg.trust_remote_code,
-        batch_size=cfg.reward_batch_size,
-    )
+    return reward_scorer(cfg, device, cfg.reward_batch_size)
 
 
 def prepare(cfg, run_dir: RunDir) -> OnlineSetup:
