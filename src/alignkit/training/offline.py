@@ -1,6 +1,7 @@
-"""What the offline training stages (sft, rm, dpo/ipo/orpo, kto) do around ``training.loop.train``, written once:
-the run folder a stage runs in, the policy loaded and made trainable, the evaluation whose last outcomes the
-summary reads, the summary's common fields, and final/. Each stage's own steps stay in its file.
+"""What the offline training stages (sft, rm, dpo/ipo/orpo, kto) do around ``training.loop.train``, written
+once: the run folder a stage runs in, its train/eval data selection, the policy loaded and made trainable, the
+evaluation whose last outcomes the summary reads, the summary's common fields, and final/. Each stage's own
+steps stay in its file.
 """
 
 from __future__ import annotations
@@ -25,8 +26,8 @@ T = TypeVar("T")  # what a stage's data loader returns
 
 
 def run_in_folder(cfg: Any, stage: str, body: Callable[[Any, RunDir, float], dict]) -> dict:
-    """``body(cfg, run_dir, started)`` in the run folder of ``stage``: checked, locked for this run and released
-    however it ends (``RunDir.create``). ``started`` is the wall-clock time the stage began."""
+    """``body(cfg, run_dir, started)`` in the run folder of ``stage``: checked, locked for this run and
+    released however it ends (``RunDir.create``). ``started`` is the wall-clock time the stage began."""
     started = time.time()
     with RunDir.create(cfg.output_dir, stage, cfg.resume_from, cfg=cfg) as run_dir:
         print(f"run folder: {run_dir.path}", file=sys.stderr)
@@ -44,9 +45,11 @@ def load_data(cfg: Any, load: Callable[[str, str | None, Any, int | None, str], 
 
 
 def load_policy(cfg: Any) -> torch.nn.Module:
-    """``cfg.model`` in the run's weights dtype on this process's device (under FSDP only the main process reads
-    the weights): the policy, or a frozen copy of it as the reference."""
-    return load_model(cfg.model, weights_dtype(cfg), cfg.trust_remote_code, pick_device(), distributed.load_on())
+    """``cfg.model`` in the run's weights dtype on this process's device (under FSDP only the main process
+    reads the weights): the policy, or a frozen copy of it as the reference."""
+    return load_model(
+        cfg.model, weights_dtype(cfg), cfg.trust_remote_code, pick_device(), distributed.load_on()
+    )
 
 
 def make_trainable(
@@ -73,7 +76,8 @@ def watched(
 
 class LastEvaluation:
     """The loop's ``eval_fn`` over ``evaluate(model) -> (metrics, *per-example outcomes)``: the loop logs the
-    metrics, and the whole outcome of the last call (the final evaluation) stays in ``outcome`` for the summary."""
+    metrics, and the whole outcome of the last call (the final evaluation) stays in ``outcome`` for the
+    summary."""
 
     def __init__(self, evaluate: Callable[[torch.nn.Module], tuple]) -> None:
         self.evaluate = evaluate
@@ -98,7 +102,7 @@ def summary_head(stage: str, cfg: Any, run_dir: RunDir, result: TrainResult, **s
 
 
 def loop_summary(result: TrainResult, monitors) -> dict:
-    """The summary fields of the loop's run: its last logged metrics, its time and memory, the monitors' events."""
+    """The loop's part of the summary: its last logged metrics, time and memory, the monitors' events."""
     return {
         "final_metrics": result.metrics,
         "train_seconds": result.elapsed_s,
