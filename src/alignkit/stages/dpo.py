@@ -19,6 +19,7 @@ from alignkit.config import ConfigError, TrainConfig, doc_field
 from alignkit.data.collate import collate_pairs, length_sorted_batches, pair_length
 from alignkit.data.schemas import load_preferences
 from alignkit.data.tokenize import encode_pair
+from alignkit.evaluation.monitors import default_monitors
 from alignkit.models import reference_cache
 from alignkit.models.forward import supports_chunked_head
 from alignkit.models.loading import load_tokenizer, resolve_model
@@ -30,7 +31,7 @@ from alignkit.training.preference import PairExample, PairLogprobs, pair_logprob
 from alignkit.training.preference import collate_pair_examples as collate
 from alignkit.training.reference import Reference, load_reference, precompute, reference_mode, stack, unstack
 from alignkit.training.run import RunDir
-from alignkit.training.sample_watch import SampleWatchFields
+from alignkit.training.sample_watch import SampleWatch, SampleWatchFields
 
 
 @dataclass
@@ -206,7 +207,8 @@ def _run(cfg: DPOConfig, run_dir: RunDir, started: float) -> dict:
     #    sample_every asks); it evaluates every eval_every steps and at the end, and the last per-pair
     #    outcomes feed the interval.
     prompt_ids = [ex.encoded.prompt_ids for ex in eval_examples or train_examples]
-    watch, monitors = offline.watched(cfg, cfg.loss, model, tokenizer, prompt_ids)
+    watch = SampleWatch.of(cfg, model, tokenizer, prompt_ids)
+    monitors = default_monitors(cfg.loss, samples=watch is not None)
     step_fn = partial(dpo_step, cfg=cfg, reference=reference)
     collate_fn = partial(collate, pad_id=pad_id)
     eval_fn = evaluation if eval_examples else None

@@ -27,6 +27,7 @@ from alignkit.data.collate import collate_unpaired, length_sorted_batches
 from alignkit.data.io import BadRow, read_rows
 from alignkit.data.schemas import load_preferences, load_unpaired, pairs_to_unpaired
 from alignkit.data.tokenize import EncodedUnpaired, encode_unpaired
+from alignkit.evaluation.monitors import default_monitors
 from alignkit.losses.kto import kto_loss, kto_reference_point, kto_weight_warning, mismatched_indices
 from alignkit.models.forward import sequence_logprobs
 from alignkit.models.loading import load_tokenizer
@@ -36,7 +37,7 @@ from alignkit.training import distributed, offline
 from alignkit.training.loop import StepOutput, train, visited_indices
 from alignkit.training.reference import Reference, load_reference, precompute, reference_mode, stack
 from alignkit.training.run import RunDir
-from alignkit.training.sample_watch import SampleWatchFields
+from alignkit.training.sample_watch import SampleWatch, SampleWatchFields
 
 
 @dataclass
@@ -397,7 +398,8 @@ def _run(cfg: KTOConfig, run_dir: RunDir, started: float) -> dict:
     evaluation = offline.LastEvaluation(lambda m: evaluate(cfg, m, reference, eval_examples, pad_id))
     eval_fn = evaluation if eval_examples else None
     prompt_ids = [ex.encoded.prompt_ids for ex in eval_examples or train_examples]
-    watch, monitors = offline.watched(cfg, "kto", model, tokenizer, prompt_ids)
+    watch = SampleWatch.of(cfg, model, tokenizer, prompt_ids)
+    monitors = default_monitors("kto", samples=watch is not None)
     step_fn = partial(kto_step, cfg=cfg, reference=reference)
     collate_fn = partial(collate, pad_id=pad_id)
     result = train(

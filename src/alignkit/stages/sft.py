@@ -19,6 +19,7 @@ from alignkit.config import TrainConfig, doc_field
 from alignkit.data.collate import collate_sft
 from alignkit.data.schemas import load_sft
 from alignkit.data.tokenize import encode
+from alignkit.evaluation.monitors import default_monitors
 from alignkit.models.forward import sequence_logprobs
 from alignkit.models.loading import load_tokenizer
 from alignkit.models.precision import TrainPrecision, of_config
@@ -26,7 +27,7 @@ from alignkit.stages import Stage
 from alignkit.training import distributed, offline
 from alignkit.training.loop import StepOutput, train
 from alignkit.training.run import RunDir
-from alignkit.training.sample_watch import SampleWatchFields
+from alignkit.training.sample_watch import SampleWatch, SampleWatchFields
 
 
 @dataclass
@@ -113,7 +114,8 @@ def _run(cfg: SFTConfig, run_dir: RunDir, started: float) -> dict:
 
     # 3. Train with the shared loop, watched by the failure monitors.
     prompt_ids = [e.prompt_ids for e in eval_encoded or train_encoded]
-    watch, monitors = offline.watched(cfg, "sft", model, tokenizer, prompt_ids)
+    watch = SampleWatch.of(cfg, model, tokenizer, prompt_ids)
+    monitors = default_monitors("sft", samples=watch is not None)
     result = train(
         cfg,
         model,

@@ -14,13 +14,11 @@ from typing import Any, TypeVar
 import torch
 
 from alignkit.evaluation.metrics import mean_ci
-from alignkit.evaluation.monitors import MonitorSet, default_monitors
 from alignkit.models.loading import apply_lora, count_parameters, load_model, pick_device, save_final
 from alignkit.models.precision import weights_dtype
 from alignkit.training import distributed
 from alignkit.training.loop import TrainResult
 from alignkit.training.run import RunDir
-from alignkit.training.sample_watch import SampleWatch
 
 T = TypeVar("T")  # what a stage's data loader returns
 
@@ -62,16 +60,6 @@ def make_trainable(
     trainable, total = count_parameters(model)
     model.train()
     return model, {"trainable_parameters": trainable, "total_parameters": total}
-
-
-def watched(
-    cfg: Any, stage: str, model: torch.nn.Module, tokenizer, prompt_ids: list[list[int]]
-) -> tuple[SampleWatch | None, MonitorSet]:
-    """(the watch over samples of ``prompt_ids`` the config asks for with ``sample_every``, else None; the
-    stage's failure monitors, with those that read the samples where there is a watch). The watch samples the
-    model as it is now, its starting point."""
-    watch = SampleWatch.of(cfg, model, tokenizer, prompt_ids)
-    return watch, default_monitors(stage, samples=watch is not None)
 
 
 class LastEvaluation:
