@@ -23,3 +23,8 @@ def length_of_hello(prompt: str, response: str) -> float:
 def wrong_signature(response: str) -> float:
     """Takes the response only: refused when the config is checked (it must take the prompt too)."""
     return float(len(response))
+
+
+def shortness(prompt: str, response: str) -> float:
+    """A gold judge that disagrees with ``length``: minus characters / 10, so what raises the proxy lowers it."""
+    return -len(response) / 10
