@@ -26,5 +26,6 @@ def wrong_signature(response: str) -> float:
 
 
 def shortness(prompt: str, response: str) -> float:
-    """A gold judge that disagrees with ``length``: minus characters / 10, so what raises the proxy lowers it."""
-    return -len(response) / 10
+    """A gold judge that disagrees with ``length``: minus the characters, so what raises that proxy lowers it
+    (ten times as fast: the proxy-vs-gold check then sees a fall far above its threshold)."""
+    return -float(len(response))

@@ -585,8 +585,9 @@ class OnlineRun:
         final_from = f"the last {method.unit}"
         if self.stopped_for_gold and self.best_gold is not None and self.best_gold.restore(self.params):
             best = self.best_gold
+            start = " (the starting policy)" if best.unit == 0 else ""
             final_from = (
-                f"{method.unit} {best.unit}, the best gold_reward/mean ({best.gold:.4g}): the proxy-vs-gold "
+                f"{method.unit} {best.unit}{start}, the best gold_reward/mean ({best.gold:.4g}): the proxy-vs-gold "
                 f"monitor stopped the run at {method.unit} {self.unit}"
             )
         policy = method.final_policy() if method.final_policy else setup.policy
