@@ -11,10 +11,8 @@ import pytest
 
 from alignkit import cli
 from alignkit.config import ConfigError, load_config
-from alignkit.evaluation.monitors import RewardHackingMonitor
 from alignkit.stages import online_dpo, ppo
 from alignkit.training.gold import GOLD_KEYS
-from alignkit.training.remedies import online_monitors
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = ["what is the capital of france?", "please write a short poem", "the quick brown fox", "i need help"]
@@ -100,17 +98,6 @@ def test_online_dpo_logs_gold_at_its_first_and_last_round(tiny_model_dir, tmp_pa
     for row in rows:
         assert row["gold_proxy/mean"] == pytest.approx(-row["gold_reward/mean"] / 10, abs=1e-9)
     assert [step for step, _ in summary["gold_by_round"]] == [0, 1, 2]
-
-
-def test_a_gold_scorer_switches_on_the_proxy_vs_gold_check():
-    """Without gold_reward the reward-hacking monitor does not ask for gold_reward/mean (nothing would log it);
-    with one, it does, so a run that failed to log it would stop at its first row."""
-    for stage, config in (("ppo", ppo.PPOConfig), ("online-dpo", online_dpo.OnlineDPOConfig)):
-        plain = load_config(config, None, ["reward=_ppo_rewards:length"])
-        gold = load_config(config, None, ["reward=_ppo_rewards:length", "gold_reward=m:f", "gold_prompts=p"])
-        for cfg, expected in ((plain, False), (gold, True)):
-            (monitor,) = [m for m in online_monitors(stage, cfg).monitors if isinstance(m, RewardHackingMonitor)]
-            assert ("gold_reward/mean" in monitor.keys) is expected
 
 
 def test_gold_config_errors(tiny_model_dir, tmp_path, capsys):

@@ -31,7 +31,7 @@ from alignkit.config import OnlineTrainConfig, doc_field, retired_online_fields
 from alignkit.data.pairing import make_pairs
 from alignkit.data.tokenize import EncodedPair
 from alignkit.evaluation.metrics import kl_per_token
-from alignkit.evaluation.monitors import MonitorSet
+from alignkit.evaluation.monitors import MonitorSet, default_monitors
 from alignkit.models.generation import Generation
 from alignkit.models.precision import in_training_precision
 from alignkit.stages import Stage
@@ -40,7 +40,7 @@ from alignkit.training import online_engine as engine
 from alignkit.training.online import accumulated_step
 from alignkit.training.preference import PairExample, PairLogprobs, collate_pair_examples, pair_outputs
 from alignkit.training.reference import PRECOMPUTED, apply
-from alignkit.training.remedies import online_monitors
+from alignkit.training.remedies import monitor_actions
 from alignkit.training.rollout import sample_logprobs
 
 
@@ -262,7 +262,7 @@ def online_dpo_method(cfg: OnlineDPOConfig, setup: engine.OnlineSetup) -> engine
         make_batch=make_batch,
         loss=functools.partial(pair_losses, objective),
         update=update,
-        monitors=online_monitors("online-dpo", cfg),
+        monitors=default_monitors("online-dpo", gold=cfg.gold_reward is not None, actions=monitor_actions(cfg)),
         samples_per_prompt=k,
         top_p=cfg.top_p,
         state_dict=lambda: {"beta": objective.beta},

@@ -22,7 +22,7 @@ from typing import Literal
 import torch
 
 from alignkit.config import ConfigError, OnlineTrainConfig, doc_field, retired_online_fields
-from alignkit.evaluation.monitors import MonitorSet
+from alignkit.evaluation.monitors import MonitorSet, default_monitors
 from alignkit.losses import ppo as losses
 from alignkit.models.precision import in_training_precision
 from alignkit.models.value import recompute_with_active_adapter, remove_value_adapter
@@ -30,7 +30,7 @@ from alignkit.stages import Stage
 from alignkit.training import distributed
 from alignkit.training import online_engine as engine
 from alignkit.training.online import accumulated_step
-from alignkit.training.remedies import online_monitors, raise_kl_coef
+from alignkit.training.remedies import monitor_actions, raise_kl_coef
 from alignkit.training.rollout import (
     Rollout,
     collate_samples,
@@ -293,7 +293,9 @@ def ppo_method(cfg: PPOConfig, setup: engine.OnlineSetup) -> engine.OnlineMethod
         make_batch=make_batch,
         loss=functools.partial(_ppo_loss_of, cfg),
         update=update,
-        monitors=online_monitors("ppo", cfg, kl_target=cfg.kl_target),
+        monitors=default_monitors(
+            "ppo", kl_target=cfg.kl_target, gold=cfg.gold_reward is not None, actions=monitor_actions(cfg)
+        ),
         # LoRA: the value model's layers are recomputed with its adapter, as they ran (not the policy's).
         recompute_context=functools.partial(recompute_with_active_adapter, policy) if cfg.lora else None,
         final_policy=final_policy,

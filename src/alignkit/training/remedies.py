@@ -12,8 +12,6 @@ from collections.abc import Sequence
 
 import torch
 
-from alignkit.evaluation.monitors import MonitorSet, default_monitors
-
 GOLD_KEY = "gold_reward/mean"  # the logged held-out gold score RewardHackingMonitor's check (b) reads
 
 
@@ -33,13 +31,6 @@ def monitor_actions(cfg) -> dict[str, str]:
         "mode_collapse": cfg.mode_collapse_action,
         "gold_divergence": cfg.gold_divergence_action,
     }
-
-
-def online_monitors(stage: str, cfg, kl_target: float | None = None) -> MonitorSet:
-    """An online stage's default monitors with the actions its config chose; with a gold scorer (gold_reward)
-    the reward-hacking monitor also watches the proxy against the logged gold score."""
-    gold = cfg.gold_reward is not None
-    return default_monitors(stage, kl_target=kl_target, gold=gold, actions=monitor_actions(cfg))
 
 
 def raise_kl_coef(controller, factor: float) -> dict[str, float]:
