@@ -124,3 +124,19 @@ def test_the_hh_gold_config_keeps_the_held_out_split_out_of_training():
     assert cfg.train_data == cfg.gold_prompts == "../shared/data/hh-rlhf/harmless-base-test.jsonl.gz"
     assert tuple(cfg.train_rows) == (0, 1800) and tuple(cfg.gold_rows) == (1800, 2312)
     assert cfg.reward != cfg.gold_reward and cfg.lora
+
+
+def test_a_reward_model_directory_as_gold_judge(tiny_model_dir, tiny_tokenizer, tmp_path):
+    """gold_reward=<dir of `alignkit rm`>, loaded as `reward=` is: each gold score written is that reward
+    model's score of the held-out sample."""
+    from alignkit.models.reward import build_reward_model, load_reward_model, save_reward_model
+
+    rm = build_reward_model(str(tiny_model_dir), tiny_tokenizer.pad_token_id, "float32", device="cpu")
+    rm_dir = save_reward_model(rm, tiny_tokenizer, tmp_path / "rm", max_length=256, max_prompt_length=None)
+    gold = [*_gold_args(tmp_path)[1:], f"gold_reward={rm_dir}", "dtype=float32"]
+    _ppo(tiny_model_dir, tmp_path, "run", "iterations=1", *gold)
+    samples = _lines(tmp_path / "run" / "gold_samples.jsonl")
+    expected = load_reward_model(rm_dir, "float32", device="cpu").score(
+        [s["prompt"] for s in samples], [s["response"] for s in samples]
+    )
+    assert [s["gold"] for s in samples] == pytest.approx(expected, abs=1e-5) and len(set(expected)) > 1
