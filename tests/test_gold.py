@@ -8,9 +8,12 @@ import json
 from pathlib import Path
 
 import pytest
+from _signal_monitor import SignalAt
 
 from alignkit import cli
 from alignkit.config import ConfigError, load_config
+from alignkit.errors import TrainingInterrupted
+from alignkit.evaluation.monitors import MonitorSet
 from alignkit.stages import online_dpo, ppo
 from alignkit.training.gold import GOLD_KEYS
 
@@ -36,14 +39,14 @@ def _gold_args(tmp_path) -> list[str]:
     return ["gold_reward=_ppo_rewards:shortness", f"gold_prompts={held_out}"]
 
 
-def _ppo(model_dir, tmp_path, name: str, *extra: str) -> dict:
+def _ppo(model_dir, tmp_path, name: str, *extra: str, monitors: MonitorSet | None = None) -> dict:
     args = [
         f"model={model_dir}", f"train_data={_prompts(tmp_path / 'prompts.jsonl', PROMPTS)}",
         "reward=_ppo_rewards:length", f"output_dir={tmp_path / name}", "prompts_per_iteration=4",
         "minibatch_size=2", "micro_batch_size=1", "max_new_tokens=6", "learning_rate=1e-2", "progress=false",
         "tensorboard=false", *extra,
     ]  # fmt: skip
-    return ppo.run(load_config(ppo.PPOConfig, None, args))
+    return ppo.run(load_config(ppo.PPOConfig, None, args), monitors=monitors)
 
 
 def test_ppo_gold_rows_their_samples_and_an_unchanged_training_run(tiny_model_dir, tmp_path):
@@ -80,6 +83,20 @@ def test_ppo_gold_rows_their_samples_and_an_unchanged_training_run(tiny_model_di
     training = [{k: v for k, v in r.items() if k not in NOT_TRAINING} for r in rows[1:]]
     assert [{k: v for k, v in r.items() if k not in NOT_TRAINING} for r in plain] == training
     assert not (tmp_path / "plain" / "gold_samples.jsonl").exists()
+
+
+def test_a_resumed_run_evaluates_gold_at_its_first_row_and_keeps_one_start_row(tiny_model_dir, tmp_path):
+    """SIGINT at iteration 1 of 3 (gold_every=5), then resume: the step-0 and step-1 rows are kept once, and the
+    resumed process evaluates gold at its first logged row (2: the monitors check their keys there) and the last
+    (3). gold_samples.jsonl holds each evaluation's 4 samples once."""
+    gold = ("iterations=3", "gold_every=5", *_gold_args(tmp_path))
+    with pytest.raises(TrainingInterrupted) as info:
+        _ppo(tiny_model_dir, tmp_path, "run", *gold, monitors=MonitorSet([SignalAt(1)]))
+    _ppo(tiny_model_dir, tmp_path, "run", *gold, f"resume_from={info.value.checkpoint}")
+    rows = _lines(tmp_path / "run" / "metrics.jsonl")
+    assert [(r["step"], "gold_reward/mean" in r) for r in rows] == [(0, True), (1, True), (2, True), (3, True)]
+    steps = [s["step"] for s in _lines(tmp_path / "run" / "gold_samples.jsonl")]
+    assert steps == [0] * 4 + [1] * 4 + [2] * 4 + [3] * 4
 
 
 def test_online_dpo_logs_gold_at_its_first_and_last_round(tiny_model_dir, tmp_path):

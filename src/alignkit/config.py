@@ -486,7 +486,7 @@ class OnlineRemedyFields(Fields):
     gold_divergence_action: Literal["warn", "stop"] = doc_field(
         "warn",
         "When a logged gold_reward/mean falls while the reward rises: warn, or stop with final/ = the weights "
-        "of the best gold score seen (said in the summary).",
+        "of the best gold score seen, the starting policy's included (said in the summary).",
     )
     kl_adjust_factor: float = doc_field(
         2.0,
@@ -505,8 +505,9 @@ class GoldFields(Fields):
     gold_reward: str | None = doc_field(
         None,
         "Gold judge, never trained on: 'module:function' or a reward model directory, as `reward`. Every "
-        "gold_every units the policy answers gold_prompts and the rows log gold_reward/mean, gold_proxy/mean "
-        "(the reward on the same samples) and gold_kl; None: no gold evaluation.",
+        "gold_every units the policy answers gold_prompts (sampled at temperature 1, the same seed each time) "
+        "and the rows log gold_reward/mean, gold_proxy/mean (the reward on the same samples) and gold_kl; "
+        "None: no gold evaluation.",
     )
     gold_prompts: str | None = doc_field(
         None, "Held-out prompts the gold judge scores (the formats of train_data); required with gold_reward."
@@ -517,8 +518,8 @@ class GoldFields(Fields):
     gold_max_prompts: int = doc_field(32, "Use the first N prompts of gold_prompts (after gold_rows).", ge=1)
     gold_every: int = doc_field(
         5,
-        "Evaluate at the first logged unit, every N units and at the last; a multiple of log_every (the "
-        "gold keys ride in the logged rows).",
+        "Evaluate the starting policy (a step-0 row), then the first logged unit, every N units and the last; "
+        "a multiple of log_every (the gold keys ride in the logged rows).",
         ge=1,
     )
 
