@@ -23,3 +23,9 @@ def length_of_hello(prompt: str, response: str) -> float:
 def wrong_signature(response: str) -> float:
     """Takes the response only: refused when the config is checked (it must take the prompt too)."""
     return float(len(response))
+
+
+def shortness(prompt: str, response: str) -> float:
+    """A gold judge that disagrees with ``length``: minus the characters, so what raises that proxy lowers it
+    (ten times as fast: the proxy-vs-gold check then sees a fall far above its threshold)."""
+    return -float(len(response))

@@ -352,6 +352,11 @@ def test_hh_rlhf_harmless_test_file():
     test = load_preferences(source, on_bad_row="skip", rows=(1800, 2312))
     assert (train.n_rows, len(train.examples), test.n_rows, len(test.examples)) == (1800, 1794, 512, 509)
 
+    # As prompts (PPO's, and the held-out ones of a gold evaluation): the same rows' prompts, the same rows out.
+    prompts = load_prompts(source, on_bad_row="skip", rows=(1800, 2312))
+    assert [ex.prompt for ex in prompts.examples] == [pair.prompt for pair in test.examples]
+    assert [b.row for b in prompts.skipped] == [b.row for b in test.skipped] == [1950, 1952, 2036]
+
 
 # ---------------------------------------------------------------------------------------------
 # schemas: unpaired and prompts

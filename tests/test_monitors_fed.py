@@ -114,6 +114,22 @@ def test_every_registered_monitor_is_fed(stage, tiny_model_dir, tmp_path, monkey
             assert [r["step"] for r in rows if key in r] == SAMPLED_STEPS, key
 
 
+@pytest.mark.parametrize("stage", ["ppo", "online-dpo"])
+def test_a_gold_scorer_is_watched_and_fed(stage, tiny_model_dir, tmp_path, monkeypatch):
+    """With gold_reward the reward-hacking monitor also reads gold_reward/mean (its proxy-vs-gold check), and the
+    run logs it in its first training row and its last (gold_every=5 over 2 units); without one it reads only
+    what the rows always carry (test above)."""
+    held_out = _write(tmp_path / "held_out.jsonl", [{"prompt": "tell me a story"}, {"prompt": "hello there"}])
+    gold = ("gold_reward=_ppo_rewards:length", f"gold_prompts={held_out}", "gold_every=5")
+    module, cfg = _config(stage, tiny_model_dir, tmp_path, *gold)
+    built = _spy_monitors(monkeypatch, module)
+    module.run(cfg)
+    (registered,) = built
+    (hacking,) = [m for m in registered.monitors if m.name == "reward_hacking"]
+    assert hacking.keys == ("reward/mean", "len/mean", "gold_reward/mean")
+    assert [r["step"] for r in _training_rows(tmp_path / "run") if "gold_reward/mean" in r] == [1, 2]
+
+
 def test_a_monitor_whose_keys_are_missing_fails_the_run_at_the_first_row(
     tiny_model_dir, tmp_path, monkeypatch, capsys
 ):

@@ -32,6 +32,7 @@ from alignkit.training.reference import Reference
 from alignkit.training.remedies import length_penalised, raise_kl_coef
 
 PROMPTS = ["what is the capital of france?", "please write a short poem", "the quick brown fox", "i need help"]
+HELD_OUT = ["tell me a story", "hello there", "what is two plus two?", "name a colour"]
 
 
 @pytest.fixture
@@ -242,6 +243,41 @@ def test_gold_divergence_stop_keeps_the_best_gold_weights(tiny_model_dir, prompt
     best = load_file(str(out / "checkpoints" / "step-000002" / "weights.safetensors"))
     last = load_file(str(out / "checkpoints" / "step-000005" / "weights.safetensors"))
     torch.testing.assert_close(w, best["policy.model.layers.0.mlp.up_proj.weight"], rtol=0, atol=0)
+    assert not torch.equal(w, last["policy.model.layers.0.mlp.up_proj.weight"])
+
+
+def test_gold_divergence_stop_from_a_real_gold_scorer(tiny_model_dir, prompt_file, tmp_path):
+    """End to end, nothing stubbed: the proxy pays characters / 10 (_ppo_rewards:length), the gold judge on
+    held-out prompts takes the characters off (_ppo_rewards:shortness), evaluated every iteration. PPO lengthens
+    the replies, so the gold rows fall while the proxy rises; the check (a fitted fall of at least 0.1 over 5 gold
+    rows) stops the run before its 10 iterations (at lr 3e-2 it fired at iteration 5 for each of seeds 0-3), and
+    final/ holds the weights of the best gold row logged (the starting policy's at step 0 counts; with seed 3 it
+    is a later one), said in the summary."""
+    held_out = tmp_path / "held_out.jsonl"
+    held_out.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in HELD_OUT))
+    out = tmp_path / "run"
+    extra = (
+        "iterations=10", "learning_rate=3e-2", "seed=3", "gold_reward=_ppo_rewards:shortness",
+        f"gold_prompts={held_out}", "gold_every=1", "gold_divergence_action=stop", "save_every=1",
+        "keep_checkpoints=10",
+    )  # fmt: skip
+    summary = ppo.run(load_config(ppo.PPOConfig, None, _ppo_args(tiny_model_dir, prompt_file, out, *extra)))
+    rows = _lines(out / "metrics.jsonl")
+    (event,) = [r for r in rows if "event" in r]
+    gold = {r["step"]: r["gold_reward/mean"] for r in rows if "gold_reward/mean" in r}
+    assert summary["stopped_by"] == "reward_hacking" and summary["iterations"] == event["step"] < 10
+    assert event["action"] == "stop" and event["values"]["gold_drop"] >= 0.1 and event["values"]["proxy_slope"] > 0
+    best = max(gold, key=lambda step: gold[step])  # the first of equals, as BestGold keeps it
+    assert summary["final_model_from"].startswith(f"iteration {best}")
+    assert f"the best gold_reward/mean ({gold[best]:.4g})" in summary["final_model_from"]
+    if best == 0:
+        kept = load_model(str(tiny_model_dir), "float32").model.layers[0].mlp.up_proj.weight
+    else:
+        weights = load_file(str(out / "checkpoints" / f"step-{best:06d}" / "weights.safetensors"))
+        kept = weights["policy.model.layers.0.mlp.up_proj.weight"]
+    last = load_file(str(out / "checkpoints" / f"step-{event['step']:06d}" / "weights.safetensors"))
+    w = load_model(str(out / "final"), "float32").model.layers[0].mlp.up_proj.weight
+    torch.testing.assert_close(w, kept, rtol=0, atol=0)
     assert not torch.equal(w, last["policy.model.layers.0.mlp.up_proj.weight"])
 
 

@@ -13,7 +13,15 @@ import pytest
 
 from alignkit import cli
 from alignkit.config import load_config
-from alignkit.reporting.html import _panels, find_chromium, group_keys, nice_ticks, screenshot, series
+from alignkit.reporting.html import (
+    _panels,
+    find_chromium,
+    group_keys,
+    nice_ticks,
+    overoptimisation_curves,
+    screenshot,
+    series,
+)
 from alignkit.stages.report import ReportConfig, run
 
 SVG = "{http://www.w3.org/2000/svg}"
@@ -147,6 +155,49 @@ def test_report_includes_eval_json_and_cli(run_dir, monkeypatch, tmp_path):
     assert "<td>score (mean ± std)</td><td class='num'>3 ± 1</td><td class='num'>2 ± 1</td>" in page
     assert "<td class='text'>hi &lt;b&gt;</td>" in page  # sample text is escaped
     assert cli.main(["report", f"run_dir={tmp_path / 'missing'}"]) == 2
+
+
+# An online run with a gold scorer: the starting policy's gold row (step 0), training rows, gold rows at 2 and 4.
+GOLD_ROWS = [
+    {"step": 0, "gold_reward/mean": 1.0, "gold_proxy/mean": 0.5, "gold_kl": 0.0, "gold_kl/per_response": 0.0},
+    *({"step": s, "lr": 1e-4, "reward/mean": 0.5 + 0.3 * s, "kl": 4.0 * s} for s in range(1, 5)),
+    {"step": 2, "gold_reward/mean": 1.5, "gold_proxy/mean": 0.9, "gold_kl": 0.5, "gold_kl/per_response": 4.0},
+    {"step": 4, "gold_reward/mean": 0.8, "gold_proxy/mean": 1.7, "gold_kl": 2.0, "gold_kl/per_response": 16.0},
+]
+
+
+def test_overoptimisation_curves_by_hand():
+    """sqrt(KL per response) 0, 2, 4; gold 1.0 -> 1.5 -> 0.8 is a change of 0, +0.5, -0.2; the proxy 0.5 -> 0.9 ->
+    1.7 one of 0, +0.4, +1.2. A negative KL estimate is drawn at 0; no gold row gives no curves."""
+    curves = {k: [x for point in points for x in point] for k, points in overoptimisation_curves(GOLD_ROWS).items()}
+    assert curves["gold"] == pytest.approx([0.0, 0.0, 2.0, 0.5, 4.0, -0.2], abs=1e-12)
+    assert curves["proxy"] == pytest.approx([0.0, 0.0, 2.0, 0.4, 4.0, 1.2], abs=1e-12)
+    negative = [{**GOLD_ROWS[0], "gold_kl/per_response": -0.3}]
+    assert overoptimisation_curves(negative) == {"gold": [(0.0, 0.0)], "proxy": [(0.0, 0.0)]}
+    assert overoptimisation_curves([r for r in GOLD_ROWS if "gold_reward/mean" not in r]) is None
+
+
+def test_report_has_the_overoptimisation_plot_only_with_gold_rows(run_dir, tmp_path):
+    """A run folder with gold rows gets the figure (gold and proxy, two lines, against sqrt(KL)); the DPO-like
+    run without them does not."""
+    gold_run = tmp_path / "ppo-gold"
+    gold_run.mkdir()
+    (gold_run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in GOLD_ROWS))
+    info = run(load_config(ReportConfig, None, [f"run_dir={gold_run}"]))
+    page = (gold_run / "report.html").read_text()
+    assert info["overoptimisation"] is True
+    figure = page[page.index('id="plot-over-optimisation"') :]
+    (svg,) = _images(figure[: figure.index("</figure>")])
+    assert len(svg.findall(f".//{SVG}polyline")) == 2
+    texts = {t.text for t in svg.iter(f"{SVG}text")}
+    assert {"gold", "proxy", "sqrt(KL to the reference, nats per response)"} <= texts
+    # the gold keys are also curves of their groups, beside the training rows' reward and KL
+    assert "gold_proxy/mean" in page and "gold_kl/per_response" in page and "Other" not in page
+
+    info = run(load_config(ReportConfig, None, [f"run_dir={run_dir}"]))
+    page = (run_dir / "report.html").read_text()
+    assert info["overoptimisation"] is False
+    assert "plot-over-optimisation" not in page and "Over-optimisation" not in page
 
 
 def test_empty_groups_are_left_out_and_pairs_share_axes():

@@ -486,7 +486,7 @@ class OnlineRemedyFields(Fields):
     gold_divergence_action: Literal["warn", "stop"] = doc_field(
         "warn",
         "When a logged gold_reward/mean falls while the reward rises: warn, or stop with final/ = the weights "
-        "of the best gold score seen (said in the summary).",
+        "of the best gold score seen, the starting policy's included (said in the summary).",
     )
     kl_adjust_factor: float = doc_field(
         2.0,
@@ -497,9 +497,55 @@ class OnlineRemedyFields(Fields):
 
 
 @dataclass
+class GoldFields(Fields):
+    """A held-out gold scorer an online stage never trains on, judging the policy every gold_every units
+    (the synthetic-gold setup of Gao, Schulman & Hilton 2022; ``training.gold``)."""
+
+    # --- gold evaluation ---
+    gold_reward: str | None = doc_field(
+        None,
+        "Gold judge, never trained on: 'module:function' or a reward model directory, as `reward`. Every "
+        "gold_every units the policy answers gold_prompts (sampled at temperature 1, the same seed each time) "
+        "and the rows log gold_reward/mean, gold_proxy/mean (the reward on the same samples) and gold_kl; "
+        "None: no gold evaluation.",
+    )
+    gold_prompts: str | None = doc_field(
+        None, "Held-out prompts the gold judge scores (the formats of train_data); required with gold_reward."
+    )
+    gold_rows: tuple[int, int] | None = doc_field(
+        None, "Use only file rows start <= row < stop of gold_prompts, written [start, stop] (0-based).", ge=0
+    )
+    gold_max_prompts: int = doc_field(32, "Use the first N prompts of gold_prompts (after gold_rows).", ge=1)
+    gold_every: int = doc_field(
+        5,
+        "Evaluate the starting policy (a step-0 row), then the first logged unit, every N units and the last; "
+        "a multiple of log_every (the gold keys ride in the logged rows).",
+        ge=1,
+    )
+
+    def check(self) -> None:
+        super().check()
+        check_row_range(self, "gold_rows")
+        if self.gold_reward is not None and self.gold_prompts is None:
+            raise ConfigError(
+                "config key 'gold_prompts' is required with gold_reward: the held-out prompts the gold judge "
+                "scores (prompts the run trains on would not show over-optimisation)",
+                ("gold_prompts", "gold_reward"),
+            )
+        log_every = getattr(self, "log_every", 1)
+        if self.gold_reward is not None and self.gold_every % log_every:
+            raise ConfigError(
+                f"config key 'gold_every' must be a multiple of log_every ({log_every}): the gold keys ride in "
+                f"the logged rows; got {self.gold_every}",
+                ("gold_every", "log_every"),
+            )
+
+
+@dataclass
 class OnlineTrainConfig(
     OnlineBatchFields,
     OnlineRemedyFields,
+    GoldFields,
     GenerationBackendConfig,
     RunFolderFields,
     LoRAFields,

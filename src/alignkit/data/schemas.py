@@ -178,8 +178,9 @@ def load_prompts(
     limit: int | None = None,
     rows: tuple[int, int] | None = None,
 ) -> Loaded:
-    """Prompts for generation: a ``prompt`` column (text or messages), or ``messages`` ending with a
-    user turn."""
+    """Prompts for generation: a ``prompt`` column (text or messages), ``messages`` ending with a user turn, or
+    HH-RLHF's ``chosen`` + ``rejected`` transcripts, whose prompt is the conversation before the reply they
+    compare (as ``load_preferences`` splits them; a row it would refuse is refused here too)."""
     return _load(source, _parse_prompt_row, on_bad_row, split, limit, rows)
 
 
@@ -293,8 +294,14 @@ def _parse_prompt_row(record: Record) -> PromptExample:
         prompt = _prompt(data["prompt"], "prompt", bad)
     elif "messages" in data:
         prompt = _prompt(data["messages"], "messages", bad)
+    elif isinstance(data.get("chosen"), str) and isinstance(data.get("rejected"), str):
+        prompt, _, _ = _split_transcripts(data["chosen"], data["rejected"], bad)
     else:
-        raise bad("prompt", f"missing: expected a 'prompt' or 'messages' column; the row has {sorted(data)}")
+        raise bad(
+            "prompt",
+            "missing: expected a 'prompt' or 'messages' column, or HH-RLHF 'chosen' + 'rejected' transcripts; "
+            f"the row has {sorted(data)}",
+        )
     return PromptExample(_with_system(prompt, data, bad), _ref(record))
 
 

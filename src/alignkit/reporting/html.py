@@ -105,9 +105,15 @@ class Group:
 # (title, test on the key), in report order; a key goes to the first group whose test it passes.
 GROUPS: list[tuple[str, object]] = [
     ("Loss", lambda k: k in ("loss", "eval/loss", "nll")),
-    ("Rewards and margins", lambda k: k.startswith(("rewards/", "reward/", "gold_reward/")) or k == "reward"),
+    (
+        "Rewards and margins",
+        lambda k: k.startswith(("rewards/", "reward/", "gold_reward/", "gold_proxy/")) or k == "reward",
+    ),
     ("Log-probabilities", lambda k: k.startswith("logps/")),
-    ("KL to the reference", lambda k: k == "kl" or k.startswith(("kl/", "logratio/")) or k == "sample_drift"),
+    (
+        "KL to the reference",
+        lambda k: k in ("kl", "sample_drift", "gold_kl") or k.startswith(("kl/", "logratio/", "gold_kl/")),
+    ),
     ("Response length", lambda k: k.startswith("len/")),
     ("Diversity and entropy", lambda k: k.startswith(("distinct", "entropy"))),
     ("Gradient norm", lambda k: k == "grad_norm"),
@@ -219,8 +225,11 @@ def _panel_svg(
     y0: float,
     width: float,
     height: float,
+    xlabel: str = "step",
+    title: str | None = None,
 ) -> list[str]:
-    """SVG elements of one axes at (x0, y0): a line per key, dashed verticals for events, title, ticks."""
+    """SVG elements of one axes at (x0, y0): a line per key (its points joined in the order given), dashed
+    verticals for events, title (``title``, else one made of the keys), ticks."""
     left, right, top, bottom = 62, 14, 44, 38
     pw, ph = width - left - right, height - top - bottom  # plot area
     px, py = x0 + left, y0 + top
@@ -254,7 +263,7 @@ def _panel_svg(
             f'<text x="{x:.1f}" y="{py + ph + 16:.1f}" text-anchor="middle" class="tick">'
             f"{_tick_label(s, xstep)}</text>"
         )
-    out.append(f'<text x="{px + pw:.1f}" y="{py + ph + 32:.1f}" text-anchor="end" class="axis">step</text>')
+    out.append(f'<text x="{px + pw:.1f}" y="{py + ph + 32:.1f}" text-anchor="end" class="axis">{_esc(xlabel)}</text>')
     # monitor events: dashed verticals numbered as in the events table
     for number, step, action in events:
         if not xlo <= step <= xhi:
@@ -282,7 +291,7 @@ def _panel_svg(
             for seg in segments:
                 out += [f'<circle cx="{x:.1f}" cy="{y:.1f}" r="2.6" fill="{color}"/>' for x, y in seg]
     # title and legend above the axes
-    out.append(f'<text x="{px:.1f}" y="{y0 + 17:.1f}" class="title">{_esc(_panel_title(keys))}</text>')
+    out.append(f'<text x="{px:.1f}" y="{y0 + 17:.1f}" class="title">{_esc(title or _panel_title(keys))}</text>')
     lx = px
     for i, key in enumerate(keys if len(keys) > 1 else []):
         color = COLORS[i % len(COLORS)]
@@ -317,19 +326,73 @@ def group_svg(
     for i, keys in enumerate(group.panels):
         r, c = divmod(i, cols)
         body += _panel_svg(keys, data, events, xrange, c * width, r * PANEL_HEIGHT, width, PANEL_HEIGHT)
+    return _svg(total_w, total_h, body)
+
+
+def _svg(width: float, height: float, body: list[str]) -> str:
     style = (
         "<style>text{font-family:system-ui,-apple-system,'Segoe UI',Helvetica,Arial,sans-serif;fill:#333}"
         ".tick{font-size:11px;fill:#555}.axis{font-size:11px;fill:#777}.title{font-size:13px;font-weight:600}"
         ".legend{font-size:11px}.event{font-size:10px;font-weight:700}</style>"
     )
     return (
-        f'<svg xmlns="http://www.w3.org/2000/svg" width="{total_w:.0f}" height="{total_h:.0f}" '
-        f'viewBox="0 0 {total_w:.0f} {total_h:.0f}">{style}' + "".join(body) + "</svg>"
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width:.0f}" height="{height:.0f}" '
+        f'viewBox="0 0 {width:.0f} {height:.0f}">{style}' + "".join(body) + "</svg>"
     )
 
 
 def svg_data_uri(svg: str) -> str:
     return "data:image/svg+xml;base64," + base64.b64encode(svg.encode("utf-8")).decode("ascii")
+
+
+# ---------------------------------------------------------------------------------------------
+# Over-optimisation: gold and proxy against the KL (Gao, Schulman & Hilton 2022)
+# ---------------------------------------------------------------------------------------------
+
+# The keys of an online run's gold evaluation (alignkit.training.gold).
+GOLD, GOLD_PROXY, GOLD_KL = "gold_reward/mean", "gold_proxy/mean", "gold_kl/per_response"
+
+
+def overoptimisation_curves(rows: list[dict]) -> dict[str, list[tuple[float, float]]] | None:
+    """The gold evaluations of ``rows`` (those with a finite gold score, proxy score and KL) as {"gold": [(sqrt
+    KL, change), ...], "proxy": [...]}, in step order: each mean score's change from the first evaluation (the
+    starting policy's, step 0, when the run logged it) against the square root of the samples' KL to the
+    reference in nats per response, the axes of Gao et al.'s Figure 1. A negative KL estimate (k1 can give one
+    on a few samples) is drawn at 0. None when no row holds a gold evaluation."""
+    points = []
+    for row in rows:
+        step, gold, proxy, kl = (_number(row.get(k)) for k in ("step", GOLD, GOLD_PROXY, GOLD_KL))
+        values = (step, gold, proxy, kl)
+        if all(v is not None and math.isfinite(v) for v in values):
+            points.append((step, math.sqrt(max(kl, 0.0)), gold, proxy))
+    if not points:
+        return None
+    points.sort(key=lambda p: p[0])
+    _, _, gold0, proxy0 = points[0]
+    return {
+        "gold": [(d, g - gold0) for _, d, g, _ in points],
+        "proxy": [(d, p - proxy0) for _, d, _, p in points],
+    }
+
+
+def overoptimisation_html(curves: dict[str, list[tuple[float, float]]]) -> str:
+    """The figure of ``overoptimisation_curves``: gold and proxy on one axes, joined in step order."""
+    xs = [d for points in curves.values() for d, _ in points]
+    width, height = FIGURE_WIDTH / 2, PANEL_HEIGHT + 30
+    xlabel = "sqrt(KL to the reference, nats per response)"
+    title = "change from the first evaluation: gold vs proxy"
+    body = _panel_svg(["gold", "proxy"], curves, [], (min(xs), max(xs)), 0, 0, width, height, xlabel, title)
+    uri = svg_data_uri(_svg(width, height, body))
+    alt = "Over-optimisation: gold and proxy score against sqrt(KL)"
+    return (
+        '<p class="meta">Each point is one gold evaluation of the policy on held-out prompts (gold_reward/mean), '
+        "with the proxy reward on the same samples (gold_proxy/mean), against the square root of their KL to "
+        "the reference (gold_kl/per_response), as in Gao, Schulman &amp; Hilton 2022. Gold falling while the "
+        "proxy rises is over-optimisation.</p>"
+        '<div class="plots"><figure id="plot-over-optimisation" class="half">'
+        f'<figcaption>Gold and proxy score against sqrt(KL)</figcaption><img src="{uri}" alt="{_esc(alt)}">'
+        "</figure></div>"
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -546,6 +609,10 @@ def render_report(
     parts = header_html(title, run_dir, stage, steps, metrics)
     parts.append("<h2>Training curves</h2>")
     parts += curves_html(groups, data, event_marks)
+    gold_curves = overoptimisation_curves(metrics.rows)
+    if gold_curves is not None:
+        parts.append("<h2>Over-optimisation</h2>")
+        parts.append(overoptimisation_html(gold_curves))
     parts.append("<h2>Monitor events</h2>")
     parts.append(events_html(metrics.events) if metrics.events else '<p class="empty">No monitor fired.</p>')
 
@@ -575,6 +642,7 @@ def render_report(
     info = {
         "groups": [g.title for g in groups],
         "events": len(metrics.events),
+        "overoptimisation": gold_curves is not None,
         "eval": str(eval_path) if eval_result is not None else None,
     }
     return "\n".join(parts) + "\n", info

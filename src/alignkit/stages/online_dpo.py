@@ -262,7 +262,7 @@ def online_dpo_method(cfg: OnlineDPOConfig, setup: engine.OnlineSetup) -> engine
         make_batch=make_batch,
         loss=functools.partial(pair_losses, objective),
         update=update,
-        monitors=default_monitors("online-dpo", actions=monitor_actions(cfg)),
+        monitors=default_monitors("online-dpo", gold=cfg.gold_reward is not None, actions=monitor_actions(cfg)),
         samples_per_prompt=k,
         top_p=cfg.top_p,
         state_dict=lambda: {"beta": objective.beta},

@@ -293,7 +293,9 @@ def ppo_method(cfg: PPOConfig, setup: engine.OnlineSetup) -> engine.OnlineMethod
         make_batch=make_batch,
         loss=functools.partial(_ppo_loss_of, cfg),
         update=update,
-        monitors=default_monitors("ppo", kl_target=cfg.kl_target, actions=monitor_actions(cfg)),
+        monitors=default_monitors(
+            "ppo", kl_target=cfg.kl_target, gold=cfg.gold_reward is not None, actions=monitor_actions(cfg)
+        ),
         # LoRA: the value model's layers are recomputed with its adapter, as they ran (not the policy's).
         recompute_context=functools.partial(recompute_with_active_adapter, policy) if cfg.lora else None,
         final_policy=final_policy,

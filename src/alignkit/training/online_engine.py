@@ -53,6 +53,7 @@ from alignkit.training.checkpoint import (
     skipped_checkpoint,
     write_checkpoint,
 )
+from alignkit.training.gold import GoldEval
 from alignkit.training.loop import NonFiniteSteps, seed_and_threads
 from alignkit.training.online import (
     derived_seed,
@@ -192,9 +193,12 @@ class OnlineMethod:
 
 def check_config(cfg) -> None:
     """An online stage's config before anything loads: the declared ranges and the config's ``check`` (for a
-    config built in code too), the reward (``module:function`` signature or a directory) and the backend."""
+    config built in code too), the reward and any gold reward (``module:function`` signature or a directory)
+    and the backend."""
     validate_config(cfg)
     check_scorer(cfg.reward, "reward")
+    if cfg.gold_reward is not None:
+        check_scorer(cfg.gold_reward, "gold_reward")
     check_generation_backend(cfg.generation_backend)
 
 
@@ -309,6 +313,9 @@ class OnlineRun:
         use_vllm = self.cfg.generation_backend == "vllm"
         self.sampler = vllm_sampler(self.cfg, setup.tokenizer, setup.device) if use_vllm else None
         self.samples_path = self.run_dir.path / "samples.jsonl"
+        # The held-out gold evaluation (gold_reward=...; None without), its samples in gold_samples.jsonl.
+        self.gold_samples_path = self.run_dir.path / "gold_samples.jsonl"
+        self.gold = GoldEval.of(self.cfg, setup, self.gold_samples_path if self.main else None)
         self.rank_share = distributed.largest_rank_share(method.trained)
         self.trainable, self.total = count_parameters(method.trained)
         self.params = [p for p in method.trained.parameters() if p.requires_grad]
@@ -349,6 +356,8 @@ class OnlineRun:
         """The loop, unit by unit; returns the summary."""
         cfg, method, setup = self.cfg, self.method, self.setup
         self.resume()
+        if self.gold is not None and self.unit == 0:
+            self.log_gold_start()
         self.loop_started = time.monotonic()
         show = cfg.progress and self.main
         self.bar = tqdm(
@@ -391,12 +400,14 @@ class OnlineRun:
                         self.scheduler.step()
                     self.unit += 1
                     self.bar.update(1)
-                    # 6. Log the unit's health, and let the failure monitors see it.
-                    row = {"step": self.unit, **sample_stats(samples), **batch.stats, **update_stats}
-                    row |= {"nonfinite_skipped": self.nonfinite.total, "rollout_s": t1 - t0}
-                    self.log(
-                        row | {"update_s": time.monotonic() - t1, "elapsed_s": self.elapsed()}, samples, batch
-                    )
+                    t2 = time.monotonic()
+                    # 6. Log the unit's health (where due, with the gold evaluation of the updated policy on
+                    #    held-out prompts), and let the failure monitors see it.
+                    gold = self.gold_stats()
+                    row = {"step": self.unit, **sample_stats(samples), **batch.stats, **update_stats, **gold}
+                    row |= {"nonfinite_skipped": self.nonfinite.total, "rollout_s": t1 - t0, "update_s": t2 - t1}
+                    row |= {"gold_s": time.monotonic() - t2} if gold else {}
+                    self.log(row | {"elapsed_s": self.elapsed()}, samples, batch)
                     # 7. Checkpoint every save_every units (not inside a non-finite streak), and on SIGINT/SIGTERM
                     #    before raising. The processes agree first: a signal or a stop seen by any stops them all.
                     if self.checkpoint_or_stop(signals.received):
@@ -430,11 +441,15 @@ class OnlineRun:
             self.unit, self.elapsed_before = state[method.unit], state["elapsed_s"]
             self.nonfinite.total = state["n_nonfinite_skipped"]
             self.start, self.saved, self.resumed, self.last_checkpoint = self.unit, self.unit, resume, resume
-        run_dir.truncate_metrics_after(self.unit)
+        # A run starting over at unit 0 (no checkpoint to resume) keeps nothing an earlier attempt logged, not
+        # even its step-0 gold row.
+        keep_to = self.unit if self.unit else -1
+        run_dir.truncate_metrics_after(keep_to)
         if resume:
             self.monitors.replay(run_dir.logged_rows())  # their windows as the uninterrupted run had them
         if self.main:
-            truncate_jsonl(self.samples_path, self.unit)
+            truncate_jsonl(self.samples_path, keep_to)
+            truncate_jsonl(self.gold_samples_path, keep_to)
 
     def generate(self, idx: list[int]) -> dict[int, Generation]:
         """Step 1: this process's samples of the prompts ``idx``, keyed by position among the unit's samples."""
@@ -464,6 +479,27 @@ class OnlineRun:
         lengths = [len(g.response_ids) for g in generations]
         return Samples(prompts, generations, length_penalised(scores, lengths, self.cfg.length_penalty), scores)
 
+    def logs_row(self) -> bool:
+        """Whether this unit's row is logged (and seen by the monitors): every log_every units, and the last."""
+        return self.unit % self.cfg.log_every == 0 or self.unit == self.method.units
+
+    def gold_stats(self) -> dict[str, float]:
+        """The gold evaluation of the policy (``training.gold``) where this unit's row is due one: the first row
+        this process logs (the monitors check their keys there), every gold_every units and the last."""
+        gold = self.gold
+        if gold is None or not self.logs_row() or not gold.due(self.unit, self.method.units, not self.last_row):
+            return {}
+        return gold(self.setup.policy, self.unit)
+
+    def log_gold_start(self) -> None:
+        """A fresh run's step-0 row: the gold evaluation of the starting policy (the reference's gold score, and
+        the over-optimisation plot's KL = 0 point). It is the first best gold: a run whose updates only lower
+        the gold score keeps the starting weights when the proxy-vs-gold check stops it."""
+        row = {"step": 0, **self.gold(self.setup.policy, 0)}
+        self.run_dir.log_metrics(row)
+        if self.best_gold is not None:
+            self.best_gold.observe(0, row, self.params)
+
     def after_step(self, stats: dict) -> None:
         """The non-finite policy of the offline loop, on each optimizer step of a method's update: a skipped
         step is logged, and a streak ends the run naming the last checkpoint."""
@@ -487,7 +523,7 @@ class OnlineRun:
                         **(batch.sample_fields[i] if batch.sample_fields else {}),
                     }
                     f.write(json.dumps(sample) + "\n")
-        if self.unit % self.cfg.log_every == 0 or self.unit == self.method.units:
+        if self.logs_row():
             self.last_row = row
             self.run_dir.log_metrics(row)
             self.bar.set_postfix(score=f"{row['score/mean']:.3f}", kl=f"{row['kl']:.2f}")
@@ -542,8 +578,9 @@ class OnlineRun:
         final_from = f"the last {method.unit}"
         if self.stopped_for_gold and self.best_gold is not None and self.best_gold.restore(self.params):
             best = self.best_gold
+            start = " (the starting policy)" if best.unit == 0 else ""
             final_from = (
-                f"{method.unit} {best.unit}, the best gold_reward/mean ({best.gold:.4g}): the proxy-vs-gold "
+                f"{method.unit} {best.unit}{start}, the best gold_reward/mean ({best.gold:.4g}): the proxy-vs-gold "
                 f"monitor stopped the run at {method.unit} {self.unit}"
             )
         policy = method.final_policy() if method.final_policy else setup.policy
@@ -556,7 +593,7 @@ class OnlineRun:
         rows = (
             [json.loads(line) for line in run_dir.metrics_path.read_text().splitlines()] if self.main else []
         )
-        metric_rows = [r for r in rows if "event" not in r]
+        metric_rows = [r for r in rows if "event" not in r and "lr" in r]  # training rows, not step 0's gold
         summary = {
             "stage": self.stage,
             "model": cfg.model,
@@ -575,6 +612,8 @@ class OnlineRun:
             "params_rank_share": self.rank_share,
             f"score_by_{method.unit}": [r["score/mean"] for r in metric_rows],
             f"kl_by_{method.unit}": [r["kl"] for r in metric_rows],
+            "gold_reward": cfg.gold_reward,
+            f"gold_by_{method.unit}": [[r["step"], r["gold_reward/mean"]] for r in rows if "gold_reward/mean" in r],
             **method.summarize(self.unit, metric_rows, self.samples_path if self.main else None),
             "events": [r for r in rows if "event" in r],
             "final_metrics": self.last_row,

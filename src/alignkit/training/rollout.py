@@ -190,10 +190,17 @@ def shared_rollout_passes(cfg, policy, reference: Reference, value_model, batch:
 
 @in_training_precision
 def sample_logprobs(
-    cfg, policy, reference: Reference, generations: list[Generation], rank: int = 0, world: int = 1
+    cfg,
+    policy,
+    reference: Reference,
+    generations: list[Generation],
+    rank: int = 0,
+    world: int = 1,
+    batch_size: int | None = None,
 ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Log-probs of every sample's response tokens under the reference and under the policy: two lists of one
-    (T_i,) tensor per sample (online DPO; ``cfg`` gives forward_batch_size and logprob_chunk_size). Each of
+    (T_i,) tensor per sample (online DPO, and the gold evaluation of ``training.gold``; ``cfg`` gives
+    logprob_chunk_size, and forward_batch_size unless ``batch_size`` names the samples per pass). Each of
     ``world`` processes runs its contiguous share of the samples, and the shares are gathered
     (``distributed.shared_rows``) as rows (B, R) zero-padded to the longest response, then cut back to each
     response's length.
@@ -205,11 +212,12 @@ def sample_logprobs(
     lengths = [len(g.response_ids) for g in generations]
     width = max(1, *lengths)  # R
     sharded = distributed.is_sharded(policy)
-    # sample_batches cuts a share into ceil(n / forward_batch_size) forward batches.
-    n_stand_ins = distributed.stand_ins_needed(len(generations), cfg.forward_batch_size, rank, world)
+    batch_size = batch_size or cfg.forward_batch_size
+    # sample_batches cuts a share into ceil(n / batch_size) forward batches.
+    n_stand_ins = distributed.stand_ins_needed(len(generations), batch_size, rank, world)
 
     def logprobs(model, share: list[Generation]) -> torch.Tensor:
-        rows = response_token_logprobs(model, share, cfg.forward_batch_size, cfg.logprob_chunk_size)
+        rows = response_token_logprobs(model, share, batch_size, cfg.logprob_chunk_size)
         for _ in range(n_stand_ins if sharded else 0):
             response_token_logprobs(model, generations[:1], 1, cfg.logprob_chunk_size)  # a stand-in
         padded = torch.zeros((len(share), width), device=device)  # (b, R) for gather_rows
