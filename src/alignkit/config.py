@@ -273,6 +273,25 @@ class EvalDataFields(Fields):
 
 
 @dataclass
+class PromptRowsFields(Fields):
+    """Which rows of a prompt file a sampling stage reads (build-prefs, cai-revise). The file itself,
+    ``prompts``, stays each stage's own field: build-prefs may go without one (ranker=human), cai-revise not."""
+
+    ALIASES = {"prompt_rows": "prompts_rows", "max_prompts": "prompts_max_rows"}
+
+    # --- prompts ---
+    prompts_split: str | None = doc_field(None, "Split name when prompts is a hub id or a DatasetDict.")
+    prompts_rows: tuple[int, int] | None = doc_field(
+        None, "Use only prompt rows start <= row < stop, written [start, stop] (0-based).", ge=0
+    )
+    prompts_max_rows: int | None = doc_field(None, "Use only the first N prompts (after prompts_rows).", ge=1)
+
+    def check(self) -> None:
+        super().check()
+        check_row_range(self, "prompts_rows")
+
+
+@dataclass
 class SequenceFields(Fields):
     """How long a training row may be (the offline stages; the online ones cap prompt and response apart)."""
 

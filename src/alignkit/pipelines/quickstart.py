@@ -21,6 +21,8 @@ import json
 import shutil
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib.resources import files
 from pathlib import Path
@@ -228,114 +230,37 @@ def run(cfg: QuickstartConfig) -> dict:
 
 
 def _run(cfg: QuickstartConfig, root: Path, model_path: str, started: float) -> dict:
-    import torch
-
-    from alignkit.models.precision import bf16_is_fast
-    from alignkit.stages import build_prefs, dpo, report
-    from alignkit.stages import eval as eval_stage
-
     _say(f"run folder: {root} (rerun the same command to resume)")
-    timings: dict[str, float] = {}
+    timings: dict[str, float] = {}  # seconds of each step this call ran (none for a skipped step)
     train_prompts, eval_prompts = split_prompts(root)
 
     # 1. Sample candidates and label them: best vs worst under the constitution (resumes by itself).
     pairs = root / "pairs.jsonl"
     if "sample" not in cfg.skip:
-        _say(
-            f"1/4 sampling {cfg.n_samples} responses per training prompt and labelling them ({cfg.labeller})"
-        )
-        t = time.time()
-        prefs = build_prefs.run(
-            load_config(
-                build_prefs.BuildPrefsConfig,
-                None,
-                [],
-                model=model_path,
-                prompts=str(train_prompts),
-                dtype=cfg.dtype,
-                output=str(pairs),
-                n_samples=cfg.n_samples,
-                max_new_tokens=cfg.max_new_tokens,
-                temperature=cfg.temperature,
-                seed=cfg.seed,
-                reward=cfg.labeller,
-                judge_model=model_path,
-                pairing="best_vs_worst",
-            )
-        )
-        timings["sample + label"] = time.time() - t
+        with _timed(timings, "sample + label"):
+            sample_and_label(cfg, model_path, train_prompts, pairs)
     prefs = json.loads(pairs.with_suffix(".summary.json").read_text())
 
     # 2. DPO with LoRA on those pairs; the reference is the same base with adapters disabled.
     dpo_dir = root / "dpo"
     if "dpo" not in cfg.skip and not (dpo_dir / "summary.json").exists():
-        _say(f"2/4 DPO (LoRA r={cfg.lora_r}) on {prefs.get('pairs')} pairs")
-        t = time.time()
-        dpo.run(
-            load_config(
-                dpo.DPOConfig,
-                None,
-                [],
-                model=model_path,
-                train_data=str(pairs),
-                dtype=cfg.dtype,
-                lora=True,
-                lora_r=cfg.lora_r,
-                lora_alpha=2 * cfg.lora_r,
-                reference="auto",  # reference log-probs precomputed once (and cached), not each epoch
-                beta=cfg.dpo_beta,
-                learning_rate=cfg.dpo_learning_rate,
-                epochs=cfg.dpo_epochs,
-                batch_size=8,
-                micro_batch_size=4,
-                warmup_steps=2,
-                seed=cfg.seed,
-                output_dir=str(dpo_dir),
-                save_every=5,
-                resume_from="latest" if (dpo_dir / "checkpoints").exists() else None,
-                progress=cfg.progress,
-            )
-        )
-        timings["dpo"] = time.time() - t
+        with _timed(timings, "dpo"):
+            train_dpo(cfg, model_path, pairs, prefs.get("pairs"), dpo_dir)
     dpo_summary = json.loads((dpo_dir / "summary.json").read_text())
 
     # 3. Evaluate against the reference on held-out prompts; the win rate is by VADER sentiment, an
     #    evaluator that had no part in the labels.
     eval_json = dpo_dir / "eval.json"
     if "eval" not in cfg.skip and not eval_json.exists():
-        n_held_out = sum(1 for line in eval_prompts.read_text().splitlines() if line.strip())
-        _say(
-            f"3/4 evaluating against the reference: {cfg.eval_samples} samples on each of {n_held_out} "
-            "held-out prompts"
-        )
-        t = time.time()
-        eval_stage.run(
-            load_config(
-                eval_stage.EvalConfig,
-                None,
-                [],
-                model=str(dpo_dir / "final"),
-                reference=model_path,
-                dtype=cfg.dtype,
-                prompts=str(eval_prompts),
-                reward="alignkit.scoring.classifiers:sentiment",
-                temperature=cfg.eval_temperature,
-                samples_per_prompt=cfg.eval_samples,
-                max_new_tokens=cfg.max_new_tokens,
-                seed=cfg.seed,
-                output=str(eval_json),
-                progress=cfg.progress,
-            )
-        )
-        timings["eval"] = time.time() - t
+        with _timed(timings, "eval"):
+            evaluate(cfg, model_path, dpo_dir / "final", eval_prompts, eval_json)
     evaluation = json.loads(eval_json.read_text())
     scores = independent_scores(eval_json)
 
     # 4. The HTML report of the DPO run, with the evaluation in it.
     report_path = dpo_dir / "report.html"
     if "report" not in cfg.skip:
-        _say("4/4 writing the HTML report")
-        report.run(load_config(report.ReportConfig, None, [], run_dir=str(dpo_dir), eval_json=str(eval_json)))
+        write_report(dpo_dir, eval_json)
 
     summary = {
         "model": cfg.model,
@@ -343,7 +268,7 @@ def _run(cfg: QuickstartConfig, root: Path, model_path: str, started: float) -> 
         "labeller": cfg.labeller,
         "dtype": cfg.dtype,
         # Which kind of CPU the figures came from (auto's bf16 choice; ALIGNKIT_FAST_BF16 overrides it).
-        "cpu_bf16_fast": bf16_is_fast(torch.device("cpu")),
+        "cpu_bf16_fast": _cpu_bf16_fast(),
         "pairs": prefs.get("pairs"),
         "label_stats": {k: v for k, v in prefs.items() if isinstance(v, (int, float))},
         "dpo": {k: dpo_summary.get(k) for k in ("steps", "final_metrics", "train_seconds", "peak_rss_mb")},
@@ -357,6 +282,123 @@ def _run(cfg: QuickstartConfig, root: Path, model_path: str, started: float) -> 
     (root / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
     print_table(summary)
     return summary
+
+
+@contextmanager
+def _timed(timings: dict[str, float], step: str) -> Iterator[None]:
+    """Record the seconds the block takes as ``timings[step]``; a step that fails records nothing."""
+    t = time.time()
+    yield
+    timings[step] = time.time() - t
+
+
+def sample_and_label(cfg: QuickstartConfig, model_path: str, train_prompts: Path, pairs: Path) -> None:
+    """Step 1: `build-prefs` samples cfg.n_samples responses per training prompt and writes the best and
+    the worst, by the labeller, as a pair to ``pairs`` (resuming a partly written file)."""
+    from alignkit.stages import build_prefs
+
+    _say(f"1/4 sampling {cfg.n_samples} responses per training prompt and labelling them ({cfg.labeller})")
+    build_prefs.run(
+        load_config(
+            build_prefs.BuildPrefsConfig,
+            None,
+            [],
+            model=model_path,
+            prompts=str(train_prompts),
+            dtype=cfg.dtype,
+            output=str(pairs),
+            n_samples=cfg.n_samples,
+            max_new_tokens=cfg.max_new_tokens,
+            temperature=cfg.temperature,
+            seed=cfg.seed,
+            reward=cfg.labeller,
+            judge_model=model_path,
+            pairing="best_vs_worst",
+        )
+    )
+
+
+def train_dpo(
+    cfg: QuickstartConfig, model_path: str, pairs: Path, n_pairs: int | None, dpo_dir: Path
+) -> None:
+    """Step 2: `dpo` with LoRA adapters on ``pairs`` into the run folder ``dpo_dir`` (resuming from its
+    latest checkpoint); the reference is the base model with the adapters disabled."""
+    from alignkit.stages import dpo
+
+    _say(f"2/4 DPO (LoRA r={cfg.lora_r}) on {n_pairs} pairs")
+    dpo.run(
+        load_config(
+            dpo.DPOConfig,
+            None,
+            [],
+            model=model_path,
+            train_data=str(pairs),
+            dtype=cfg.dtype,
+            lora=True,
+            lora_r=cfg.lora_r,
+            lora_alpha=2 * cfg.lora_r,
+            reference="auto",  # reference log-probs precomputed once (and cached), not each epoch
+            beta=cfg.dpo_beta,
+            learning_rate=cfg.dpo_learning_rate,
+            epochs=cfg.dpo_epochs,
+            batch_size=8,
+            micro_batch_size=4,
+            warmup_steps=2,
+            seed=cfg.seed,
+            output_dir=str(dpo_dir),
+            save_every=5,
+            resume_from="latest" if (dpo_dir / "checkpoints").exists() else None,
+            progress=cfg.progress,
+        )
+    )
+
+
+def evaluate(
+    cfg: QuickstartConfig, model_path: str, policy: Path, eval_prompts: Path, eval_json: Path
+) -> None:
+    """Step 3: `eval` samples ``policy`` and the reference ``model_path`` on the held-out prompts, scored by
+    VADER sentiment, into ``eval_json``."""
+    from alignkit.stages import eval as eval_stage
+
+    n_held_out = sum(1 for line in eval_prompts.read_text().splitlines() if line.strip())
+    _say(
+        f"3/4 evaluating against the reference: {cfg.eval_samples} samples on each of {n_held_out} "
+        "held-out prompts"
+    )
+    eval_stage.run(
+        load_config(
+            eval_stage.EvalConfig,
+            None,
+            [],
+            model=str(policy),
+            reference=model_path,
+            dtype=cfg.dtype,
+            prompts=str(eval_prompts),
+            reward="alignkit.scoring.classifiers:sentiment",
+            temperature=cfg.eval_temperature,
+            samples_per_prompt=cfg.eval_samples,
+            max_new_tokens=cfg.max_new_tokens,
+            seed=cfg.seed,
+            output=str(eval_json),
+            progress=cfg.progress,
+        )
+    )
+
+
+def write_report(dpo_dir: Path, eval_json: Path) -> None:
+    """Step 4: `report` writes the DPO run's HTML report, with the evaluation in it (dpo_dir/report.html)."""
+    from alignkit.stages import report
+
+    _say("4/4 writing the HTML report")
+    report.run(load_config(report.ReportConfig, None, [], run_dir=str(dpo_dir), eval_json=str(eval_json)))
+
+
+def _cpu_bf16_fast() -> bool:
+    import torch
+
+    from alignkit.models.precision import bf16_is_fast
+
+    return bf16_is_fast(torch.device("cpu"))
 
 
 def print_table(summary: dict) -> None:

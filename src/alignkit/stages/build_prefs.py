@@ -27,8 +27,8 @@ from alignkit.config import (
     SEED_MAX,
     ConfigError,
     GenerationBackendConfig,
+    PromptRowsFields,
     RuntimeConfig,
-    check_row_range,
     doc_field,
     renamed_keys,
     required,
@@ -56,13 +56,12 @@ from alignkit.training.remedies import length_penalised
 
 
 @dataclass
-class BuildPrefsConfig(GenerationBackendConfig, RuntimeConfig):
+class BuildPrefsConfig(PromptRowsFields, GenerationBackendConfig, RuntimeConfig):
     """Sample responses to prompts, rank them, and write chosen/rejected pairs (or a file for people to rank)."""
 
-    # Old spellings, read for one release (alignkit.config.load_config renames them, with a message).
+    # Old spellings, read for one release (alignkit.config.load_config renames them, with a message); the
+    # prompt-row ones come with PromptRowsFields.
     ALIASES: ClassVar[dict[str, str]] = {
-        "prompt_rows": "prompts_rows",
-        "max_prompts": "prompts_max_rows",
         "reward_model": "reward",
         "ranker=reward_model": "ranker=reward",
         "ranker=judge": "reward=judge",
@@ -78,11 +77,6 @@ class BuildPrefsConfig(GenerationBackendConfig, RuntimeConfig):
     prompts: str | None = doc_field(
         None, "Prompt file (a 'prompt' or 'messages' column); required unless ranker=human."
     )
-    prompts_split: str | None = doc_field(None, "Split name when prompts is a hub id or a DatasetDict.")
-    prompts_rows: tuple[int, int] | None = doc_field(
-        None, "Use only prompt rows start <= row < stop, written [start, stop] (0-based).", ge=0
-    )
-    prompts_max_rows: int | None = doc_field(None, "Use only the first N prompts (after prompts_rows).", ge=1)
     # One response per prompt cannot make a pair, nor give people two to rank.
     n_samples: int = doc_field(4, "Responses sampled per prompt (at least 2).", ge=2)
     temperature: float = doc_field(
@@ -161,11 +155,6 @@ class BuildPrefsConfig(GenerationBackendConfig, RuntimeConfig):
         "error", "What to do with an invalid prompt or ranked row: stop with an error naming it, or skip it."
     )
     overwrite: bool = doc_field(False, "Start the output afresh instead of resuming it.")
-
-    def check(self) -> None:
-        """The rules across fields (each field's own range is declared on it and checked before this)."""
-        super().check()
-        check_row_range(self, "prompts_rows")
 
 
 # The settings that decide what the output holds: resuming an output with other values would mix two runs.

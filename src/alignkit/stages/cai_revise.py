@@ -23,8 +23,8 @@ from alignkit.cai.constitution import Constitution, Principle, load_constitution
 from alignkit.config import (
     SEED_MAX,
     GenerationBackendConfig,
+    PromptRowsFields,
     RuntimeConfig,
-    check_row_range,
     doc_field,
     renamed_keys,
     required,
@@ -40,20 +40,13 @@ from alignkit.training.distributed import start_one_process
 
 
 @dataclass
-class CAIReviseConfig(GenerationBackendConfig, RuntimeConfig):
+class CAIReviseConfig(PromptRowsFields, GenerationBackendConfig, RuntimeConfig):
     """Answer prompts, then critique and revise each answer under constitution principles; write SFT data."""
-
-    ALIASES = {"prompt_rows": "prompts_rows", "max_prompts": "prompts_max_rows"}
 
     prompts: str = required("Prompt file: a 'prompt' (text or messages) or 'messages' column.")
     output: str = required(
         "Output .jsonl (prompt, completion = final revision, critiques); resumed if it exists."
     )
-    prompts_split: str | None = doc_field(None, "Split name when prompts is a hub id or a DatasetDict.")
-    prompts_rows: tuple[int, int] | None = doc_field(
-        None, "Use only prompt rows start <= row < stop, written [start, stop] (0-based).", ge=0
-    )
-    prompts_max_rows: int | None = doc_field(None, "Use only the first N prompts (after prompts_rows).", ge=1)
     on_bad_row: Literal["error", "skip"] = doc_field(
         "error",
         "What to do with an invalid prompt row: stop with an error naming it, or skip it and count it.",
@@ -93,11 +86,6 @@ class CAIReviseConfig(GenerationBackendConfig, RuntimeConfig):
         ge=1,
     )
     overwrite: bool = doc_field(False, "Start the output afresh instead of resuming it.")
-
-    def check(self) -> None:
-        """The rules across fields (each field's own range is declared on it and checked before this)."""
-        super().check()
-        check_row_range(self, "prompts_rows")
 
 
 # The settings that decide what the output holds: resuming an output with other values would mix two runs.
