@@ -125,7 +125,8 @@ def test_micro_batches_with_the_minibatch_totals_add_up_to_one_pass(aggregation)
     losses add up to the loss of one pass over all rows."""
     gen = torch.Generator().manual_seed(0)
     logps, old = torch.randn(5, 4, generator=gen), torch.randn(5, 4, generator=gen)
-    adv, mask = torch.randn(5, generator=gen), torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0], [1, 0, 0, 0]] + [[1] * 3 + [0]] * 2)
+    adv = torch.randn(5, generator=gen)
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0], [1, 0, 0, 0], [1, 1, 1, 0], [1, 1, 1, 0]])
     kw = {"aggregation": aggregation, "max_completion_length": 4, "n_sequences": 5, "n_tokens": float(mask.sum())}
     whole = policy_loss(logps, old, adv, mask, **kw).loss
     parts = [policy_loss(logps[s], old[s], adv[s], mask[s], **kw).loss for s in (slice(0, 2), slice(2, 5))]
