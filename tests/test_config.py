@@ -794,12 +794,12 @@ def test_each_field_groups_check_runs_once(monkeypatch):
 
 @pytest.mark.parametrize("stage", ["eval", "build-prefs", "cai-revise"])
 def test_fsdp_generation_is_only_where_it_acts(stage, fresh_warnings, capsys):
-    """Only ppo and online-dpo sample under FSDP: the other generating stages neither show nor take it."""
+    """Only ppo, online-dpo and grpo sample under FSDP: the other generating stages neither show nor take it."""
     cls = dict(_stage_config_classes())[stage]
     assert "fsdp_generation" not in config_help(cls)
     load_config(cls, None, ["fsdp_generation=gather"], **_required_filled(cls))  # an older config: ignored
-    assert "config key 'fsdp_generation' is used only by ppo and online-dpo" in capsys.readouterr().err
-    with pytest.raises(ConfigError, match="'fsdp_generation' is used only by ppo and online-dpo"):
+    assert "config key 'fsdp_generation' is used only by ppo, online-dpo and grpo" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="'fsdp_generation' is used only by ppo, online-dpo and grpo"):
         load_config(cls, None, ["fsdp_generation=shards"], **_required_filled(cls))
 
 

@@ -170,19 +170,21 @@ class RuntimeConfig(Fields):
 
 @dataclass
 class GenerationBackendConfig(Fields):
-    """Which engine samples responses, for the stages that generate (ppo, online-dpo, build-prefs, cai-revise,
-    eval)."""
+    """Which engine samples responses, for the stages that generate (ppo, online-dpo, grpo, build-prefs,
+    cai-revise, eval)."""
 
-    # fsdp_generation (ppo and online-dpo only) is declared on OnlineTrainConfig; an older config of the other
-    # stages may still hold it at its default.
-    ALIASES = {"fsdp_generation": Retired("gather", "is used only by ppo and online-dpo (sampling under FSDP)")}
+    # fsdp_generation (the online stages ppo, online-dpo and grpo only) is declared on OnlineTrainConfig; an older
+    # config of the other stages may still hold it at its default.
+    ALIASES = {
+        "fsdp_generation": Retired("gather", "is used only by ppo, online-dpo and grpo (sampling under FSDP)")
+    }
 
     # --- generation backend ---
     generation_backend: Literal["hf", "vllm"] = doc_field(
         "hf",
         "Sampling engine: hf (transformers generate, left-padded batches with the KV cache) or vllm (an optional "
-        "extra, pip install 'alignkit[vllm]', on a CUDA GPU; ppo and online-dpo push the policy's weights into it "
-        "each iteration, with lora=true the adapter merged in).",
+        "extra, pip install 'alignkit[vllm]', on a CUDA GPU; ppo, online-dpo and grpo push the policy's weights "
+        "into it each iteration, with lora=true the adapter merged in).",
     )
     vllm_gpu_memory_utilization: float = doc_field(
         0.5,
@@ -451,7 +453,7 @@ class OnlineSamplingFields(Fields):
     # DPO's samples of one prompt would all be the same: no pair could ever be made).
     temperature: float = doc_field(
         1.0,
-        "Sampling temperature (> 0); ppo takes the log-probs of policy and reference at the same "
+        "Sampling temperature (> 0); ppo and grpo take the log-probs of policy and reference at the same "
         "temperature; online-dpo needs the samples of one prompt to differ to make a pair.",
         gt=0,
     )
@@ -470,7 +472,7 @@ class OnlineBatchFields(Fields):
     """An online stage's optimizer batches over the batch it made of an iteration's (round's) samples."""
 
     # --- update ---
-    minibatch_size: int = doc_field(8, "Rows per optimizer step (ppo: responses; online-dpo: pairs).", ge=1)
+    minibatch_size: int = doc_field(8, "Rows per optimizer step (ppo, grpo: responses; online-dpo: pairs).", ge=1)
     micro_batch_size: int = doc_field(
         8,
         "Rows per forward/backward pass (at most minibatch_size); a minibatch is accumulated from these "
@@ -510,7 +512,7 @@ class OnlineRemedyFields(Fields):
     kl_adjust_factor: float = doc_field(
         2.0,
         "The adjust action multiplies the KL coefficient by this (PPO: beta, and divides an adaptive "
-        "kl_target by it; online DPO: beta).",
+        "kl_target by it; online DPO: beta; GRPO: beta, so only with beta > 0).",
         gt=1,
     )
 
@@ -575,12 +577,12 @@ class OnlineTrainConfig(
     TrainDataFields,
     ModelFields,
 ):
-    """Fields shared by the stages that train on their own samples (ppo, online-dpo): no eval data, no
+    """Fields shared by the stages that train on their own samples (ppo, online-dpo, grpo): no eval data, no
     offline batching (each declares its own iterations and minibatches), prompts from ``train_data``."""
 
-    log_every: int = doc_field(1, "Write metrics every N iterations (ppo) or rounds (online-dpo).")
+    log_every: int = doc_field(1, "Write metrics every N iterations (ppo, grpo) or rounds (online-dpo).")
     save_every: int | None = doc_field(
-        None, "Write a checkpoint every N iterations (ppo) or rounds (online-dpo), and at the end."
+        None, "Write a checkpoint every N iterations (ppo, grpo) or rounds (online-dpo), and at the end."
     )
 
     train_data: str | None = doc_field(

@@ -465,17 +465,17 @@ def default_monitors(
     actions: dict[str, Action] | None = None,
     kl: bool = True,
 ) -> MonitorSet:
-    """The monitors worth running for a stage: "sft", "rm", "dpo" (also "ipo", "kto", "orpo"), "ppo" or
-    "online-dpo"; only those whose keys the stage logs. ``actions`` replaces the action of the monitors it
-    names (e.g. {"mode_collapse": "stop"}); "gold_divergence" names the reward-hacking monitor's
+    """The monitors worth running for a stage: "sft", "rm", "dpo" (also "ipo", "kto", "orpo"), "ppo",
+    "online-dpo" or "grpo"; only those whose keys the stage logs. ``actions`` replaces the action of the
+    monitors it names (e.g. {"mode_collapse": "stop"}); "gold_divergence" names the reward-hacking monitor's
     proxy-vs-gold check.
 
     SFT watches only distinct-2: its token entropy falls by design as the loss falls. ``kl_target`` (PPO's
     adaptive KL control, nats per response) is a KL the run is meant to reach: the KL monitor lets it climb
     there at any speed, and its limit is at least twice the target. ``samples``: an offline stage samples
     held-out prompts as it trains (``sample_every``), which feeds mode collapse (distinct-2) and sample drift;
-    without them those two are not registered. ``gold`` (ppo, online-dpo): a gold scorer's "gold_reward/mean"
-    is logged, and the reward-hacking monitor watches proxy against gold too. ``kl`` (grpo): the stage logs "kl"
+    without them those two are not registered. ``gold`` (ppo, online-dpo, grpo): a gold scorer's
+    "gold_reward/mean" is logged, and the reward-hacking monitor watches proxy against gold too. ``kl`` (grpo): the stage logs "kl"
     (it loaded a reference); without, no KL monitor.
     """
     kl_monitor = KLExplosionMonitor()

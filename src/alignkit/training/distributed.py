@@ -129,7 +129,7 @@ def shared_rows(
 
     ``passes(rows)`` takes a slice and returns tensors (on the device the ranks gather on) with one row per row
     of it, of the same keys and trailing shape on every rank, also for an empty share. The forward passes of the
-    stages that train on their own samples (ppo, online-dpo). One process: ``passes(slice(0, n_rows))``."""
+    stages that train on their own samples (ppo, online-dpo, grpo). One process: ``passes(slice(0, n_rows))``."""
     counts = [len(rank_share(range(n_rows), r, world_size)) for r in range(world_size)]
     first = sum(counts[:rank])
     out = passes(slice(first, first + counts[rank]))
@@ -506,8 +506,8 @@ def require_one_process(stage: str) -> None:
     if n > 1:
         raise ConfigError(
             f"{stage} runs in one process, but it was launched in {n} (WORLD_SIZE={n}); run it with plain "
-            f"`alignkit {stage} ...`. The training stages sft, rm, dpo, ipo, orpo, kto, ppo and online-dpo run "
-            "data parallel."
+            f"`alignkit {stage} ...`. The training stages sft, rm, dpo, ipo, orpo, kto, ppo, online-dpo "
+            "and grpo run data parallel."
         )
 
 

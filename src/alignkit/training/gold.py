@@ -1,4 +1,4 @@
-"""The held-out gold evaluation of the online stages (ppo, online-dpo), as in the synthetic-gold setup of Gao,
+"""The held-out gold evaluation of the online stages (ppo, online-dpo, grpo), as in the synthetic-gold setup of Gao,
 Schulman & Hilton 2022 ("Scaling Laws for Reward Model Overoptimization"): a gold scorer (``gold_reward=``) that
 training never sees judges the policy's answers to held-out prompts (``gold_prompts=``); the proxy (the reward
 trained on) scores the same answers, and their KL to the reference is estimated, so gold and proxy can be drawn

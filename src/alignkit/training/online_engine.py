@@ -1,7 +1,8 @@
-"""The online-RL engine: the one loop of the stages that train on their own samples (ppo, online-dpo), so that a
-method's file holds only its algorithm and its config. A unit of the loop (PPO's iteration, online DPO's round)
-is, numbered in ``OnlineRun.train``: sample a batch of prompts -> generate -> score -> the method's ``make_batch``
-(PPO: advantages; online DPO: pairs) -> the method's ``update`` -> log, monitor, checkpoint.
+"""The online-RL engine: the one loop of the stages that train on their own samples (ppo, online-dpo, grpo), so
+that a method's file holds only its algorithm and its config. A unit of the loop (PPO's and GRPO's iteration,
+online DPO's round) is, numbered in ``OnlineRun.train``: sample a batch of prompts -> generate -> score -> the
+method's ``make_batch`` (PPO and GRPO: advantages; online DPO: pairs) -> the method's ``update`` -> log, monitor,
+checkpoint.
 
 Its bookkeeping is the offline loop's (``training.loop``): one resume (verified, a corrupt latest falling back),
 one checkpoint writer, one non-finite policy (``loop.NonFiniteSteps``), one monitor feed, one run folder.
