@@ -11,7 +11,7 @@ import pytest
 from alignkit import cli
 from alignkit.config import ConfigError, load_config
 from alignkit.evaluation import monitors as monitors_module
-from alignkit.stages import dpo, kto, online_dpo, ppo, rm, sft
+from alignkit.stages import dpo, grpo, kto, online_dpo, ppo, rm, sft
 
 SFT_ROWS = [
     {"prompt": "what is the capital of france?", "completion": "the capital of france is paris."},
@@ -50,6 +50,7 @@ STAGES = {
     "kto": (kto, PAIRS, [*OFFLINE, *SAMPLING]),
     "ppo": (ppo, PROMPTS, [*ONLINE, "iterations=2", "prompts_per_iteration=2"]),
     "online-dpo": (online_dpo, PROMPTS, [*ONLINE, "rounds=2", "prompts_per_round=2", "samples_per_prompt=2"]),
+    "grpo": (grpo, PROMPTS, [*ONLINE, "iterations=2", "prompts_per_iteration=2", "num_generations=2"]),
 }
 # What each stage must register with the overrides above: sampling on, no gold scorer.
 REGISTERED = {
@@ -61,6 +62,7 @@ REGISTERED = {
     },
     "ppo": ["nonfinite", "kl_explosion", "reward_hacking", "mode_collapse"],
     "online-dpo": ["nonfinite", "kl_explosion", "reward_hacking", "likelihood_displacement", "mode_collapse"],
+    "grpo": ["nonfinite", "reward_hacking", "mode_collapse"],  # beta 0: no reference, so no KL to watch
 }
 
 
@@ -114,11 +116,12 @@ def test_every_registered_monitor_is_fed(stage, tiny_model_dir, tmp_path, monkey
             assert [r["step"] for r in rows if key in r] == SAMPLED_STEPS, key
 
 
-@pytest.mark.parametrize("stage", ["ppo", "online-dpo"])
+@pytest.mark.parametrize("stage", ["ppo", "online-dpo", "grpo"])
 def test_a_gold_scorer_is_watched_and_fed(stage, tiny_model_dir, tmp_path, monkeypatch):
     """With gold_reward the reward-hacking monitor also reads gold_reward/mean (its proxy-vs-gold check), and the
     run logs it in its first training row and its last (gold_every=5 over 2 units); without one it reads only
-    what the rows always carry (test above)."""
+    what the rows always carry (test above). GRPO at beta 0 loads a reference for the gold KL, so its KL monitor
+    is registered too, and fed."""
     held_out = _write(tmp_path / "held_out.jsonl", [{"prompt": "tell me a story"}, {"prompt": "hello there"}])
     gold = ("gold_reward=_ppo_rewards:length", f"gold_prompts={held_out}", "gold_every=5")
     module, cfg = _config(stage, tiny_model_dir, tmp_path, *gold)
@@ -127,6 +130,7 @@ def test_a_gold_scorer_is_watched_and_fed(stage, tiny_model_dir, tmp_path, monke
     (registered,) = built
     (hacking,) = [m for m in registered.monitors if m.name == "reward_hacking"]
     assert hacking.keys == ("reward/mean", "len/mean", "gold_reward/mean")
+    assert "kl_explosion" in [m.name for m in registered.monitors]
     assert [r["step"] for r in _training_rows(tmp_path / "run") if "gold_reward/mean" in r] == [1, 2]
 
 
