@@ -43,7 +43,7 @@ from alignkit.models.loading import (
     save_final,
 )
 from alignkit.models.precision import weights_dtype
-from alignkit.scoring import Scorer, check_scorer, reward_scorer
+from alignkit.scoring import PartScores, Scorer, check_columns, check_scorer, reward_scorer, score_parts
 from alignkit.training import distributed
 from alignkit.training.checkpoint import (
     NonFiniteState,
@@ -91,6 +91,7 @@ class OnlineSetup:
     load: Callable[[], torch.nn.Module]  # another copy of cfg.model, as the policy was loaded
     rank: int
     world: int
+    prompt_columns: list[dict] = field(default_factory=list)  # each prompt's other columns, for the reward
 
 
 @dataclass
@@ -101,6 +102,8 @@ class Samples:
     generations: list[Generation]
     scores: list[float]  # the reward's score of each sample, less any length penalty: what the method trains on
     raw_scores: list[float] | None = None  # the reward's own scores, when a length penalty changed them
+    # reward=[a, b, ...]: each reward's own (unweighted) scores by name (scoring.part_names); None: one reward.
+    reward_parts: dict[str, list[float]] | None = None
 
     @property
     def texts(self) -> list[str]:
@@ -238,7 +241,9 @@ def prepare(cfg, run_dir: RunDir) -> OnlineSetup:
     seed_and_threads(cfg)
     device = pick_device()
     tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code)
-    prompts, n_skipped = training_prompts(cfg)
+    examples, n_skipped = training_prompts(cfg)
+    check_columns(cfg.reward, examples, "reward", "train_data")  # before any model loads
+    prompts = [ex.prompt for ex in examples]
     prompt_ids = [encode_prompt(tokenizer, p, cfg.max_prompt_length) for p in prompts]
     scorer = make_scorer(cfg, device)
     load = functools.partial(
@@ -264,6 +269,7 @@ def prepare(cfg, run_dir: RunDir) -> OnlineSetup:
         load,
         rank,
         world,
+        [ex.columns for ex in examples],
     )
 
 
@@ -466,18 +472,28 @@ class OnlineRun:
 
     def score(self, idx: list[int], mine: dict[int, Generation]) -> Samples:
         """Step 2: score this process's samples, and gather every process's samples and scores."""
-        k = self.method.samples_per_prompt
-        prompts = [self.setup.prompts[i] for i in idx for _ in range(k)]
+        k, setup = self.method.samples_per_prompt, self.setup
+        prompts = [setup.prompts[i] for i in idx for _ in range(k)]
+        columns = [setup.prompt_columns[i] for i in idx for _ in range(k)]  # what reward functions may take
         mine = dict(sorted(mine.items()))  # by position among the unit's samples
         my_texts = [g.text for g in mine.values()]  # none where a process got no generation batch
-        my_scores = self.setup.scorer.score([prompts[i] for i in mine], my_texts) if mine else []
-        gathered = distributed.gather_dicts(dict(zip(mine, zip(mine.values(), my_scores))))
-        generations, scores = [g for g, _ in gathered.values()], [score for _, score in gathered.values()]
+        my = (
+            score_parts(setup.scorer, [prompts[i] for i in mine], my_texts, [columns[i] for i in mine])
+            if mine
+            else PartScores([], {})
+        )
+        my_parts = [{name: part[j] for name, part in my.parts.items()} for j in range(len(my.total))]
+        gathered = distributed.gather_dicts(dict(zip(mine, zip(mine.values(), my.total, my_parts))))
+        generations = [g for g, _, _ in gathered.values()]
+        scores = [score for _, score, _ in gathered.values()]
+        names = list(next(iter(gathered.values()))[2]) if gathered else []  # every sample's parts have them all
+        parts = {name: [p[name] for _, _, p in gathered.values()] for name in names} or None
         if not self.cfg.length_penalty:
-            return Samples(prompts, generations, scores)
+            return Samples(prompts, generations, scores, reward_parts=parts)
         # The reward trained on: score - length_penalty x response tokens (remedies.length_penalised).
         lengths = [len(g.response_ids) for g in generations]
-        return Samples(prompts, generations, length_penalised(scores, lengths, self.cfg.length_penalty), scores)
+        penalised = length_penalised(scores, lengths, self.cfg.length_penalty)
+        return Samples(prompts, generations, penalised, scores, parts)
 
     def logs_row(self) -> bool:
         """Whether this unit's row is logged (and seen by the monitors): every log_every units, and the last."""
@@ -518,6 +534,8 @@ class OnlineRun:
                 ):
                     sample = {"step": self.unit, "prompt": prompt, "response": g.text, "score": score}
                     sample |= {"raw_score": samples.raw_scores[i]} if samples.raw_scores else {}
+                    if samples.reward_parts:
+                        sample["rewards"] = {name: part[i] for name, part in samples.reward_parts.items()}
                     sample |= {
                         "finished": g.finished,
                         **(batch.sample_fields[i] if batch.sample_fields else {}),
@@ -633,6 +651,8 @@ def sample_stats(samples: Samples) -> dict[str, float]:
     # With a length penalty the score keys are of the penalised reward (what is trained on and what the
     # reward-hacking monitor should see pay for length); "score/unpenalised" is the reward's own.
     raw = {"score/unpenalised": float(np.mean(samples.raw_scores))} if samples.raw_scores else {}
+    # reward=[a, b, ...]: each reward's own mean, reward/<name> (unweighted).
+    raw |= {f"reward/{name}": float(np.mean(part)) for name, part in (samples.reward_parts or {}).items()}
     return raw | {
         "score/mean": float(np.mean(scores)),
         "score/std": float(np.std(scores, ddof=1)) if len(scores) > 1 else 0.0,
