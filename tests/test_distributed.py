@@ -481,6 +481,24 @@ def test_ppo_in_two_processes_equals_one(tiny_model_dir, tmp_path):
     assert two[1]["beta"] != two[0]["beta"] and two[1]["kl"] > 1e-3
 
 
+GRPO_LOGGED = ("score/mean", "kl", "zero_std_frac", "loss", "clip_frac/low", "clip_frac/high", "entropy", "grad_norm")
+
+
+def test_grpo_in_two_processes_equals_one(tiny_model_dir, tmp_path):
+    """Two GRPO iterations (3 prompts x 2 samples, generated in batches of 2: rank 0 samples batches 0 and 2,
+    rank 1 batch 1), beta > 0 (a frozen reference), two passes over minibatches of 4 and 2 responses in
+    micro-batches of 1: each rank's loss divided by the whole minibatch's tokens, so the 2-process run samples,
+    logs and trains as the 1-process run (atol 1e-5)."""
+    data = _write(tmp_path, "prompts.jsonl", PROMPTS)
+    args = ["reward=alignkit.scoring.rewards:length", "iterations=2", "prompts_per_iteration=3"]
+    args += ["num_generations=2", "generation_batch_size=2", "minibatch_size=4", "micro_batch_size=1"]
+    args += ["max_new_tokens=6", "learning_rate=3e-3", "beta=0.04", "num_iterations=2", "epsilon_high=0.28"]
+    _launch("grpo", [*_common(tiny_model_dir, data, tmp_path / "two"), *args])
+    assert main(["grpo", *_common(tiny_model_dir, data, tmp_path / "one"), *args]) == 0
+    rows = _assert_same_run(tmp_path / "two", tmp_path / "one", tiny_model_dir, GRPO_LOGGED)
+    assert [r["step"] for r in rows] == [1, 2] and rows[1]["kl"] > 1e-4
+
+
 def test_ppo_checkpoint_of_two_processes_resumes_in_one(tiny_model_dir, tmp_path):
     """Full fine-tuning (separate reference and value copies): 2 processes run iteration 1 and checkpoint;
     1 process resumes the folder for iteration 2. Samples, weights (atol 1e-5) and logs equal 2 uninterrupted

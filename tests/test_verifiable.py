@@ -369,3 +369,17 @@ def test_an_online_run_without_the_column_stops_before_loading_a_model(tiny_mode
     assert cli.main(args) == 2
     err = capsys.readouterr().err
     assert "answer_distance() takes column 'answer'" in err and f"row 0 of train_data {prompts}" in err
+
+
+def test_samples_keep_their_reward_parts_when_selected_and_joined():
+    """GRPO's dynamic sampling keeps some groups (select) and adds refills (+): each reward's own scores follow."""
+    from alignkit.models.generation import Generation
+    from alignkit.training.online_engine import Samples
+
+    gens = [Generation([1], [2], t, True) for t in "abc"]
+    samples = Samples(["p", "q", "r"], gens, [1.5, 1.0, 0.5], None, {"f": [1.0, 1.0, 0.0], "g": [1.0, 0.0, 1.0]})
+    kept = samples.select([2, 0])
+    assert kept.scores == [0.5, 1.5] and kept.reward_parts == {"f": [0.0, 1.0], "g": [1.0, 1.0]}
+    joined = kept + samples.select([1])
+    assert joined.reward_parts == {"f": [0.0, 1.0, 1.0], "g": [1.0, 1.0, 0.0]}
+    assert Samples(["p"], gens[:1], [1.0]).select([0]).reward_parts is None

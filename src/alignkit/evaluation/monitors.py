@@ -463,6 +463,7 @@ def default_monitors(
     samples: bool = False,
     gold: bool = False,
     actions: dict[str, Action] | None = None,
+    kl: bool = True,
 ) -> MonitorSet:
     """The monitors worth running for a stage: "sft", "rm", "dpo" (also "ipo", "kto", "orpo"), "ppo" or
     "online-dpo"; only those whose keys the stage logs. ``actions`` replaces the action of the monitors it
@@ -474,7 +475,8 @@ def default_monitors(
     there at any speed, and its limit is at least twice the target. ``samples``: an offline stage samples
     held-out prompts as it trains (``sample_every``), which feeds mode collapse (distinct-2) and sample drift;
     without them those two are not registered. ``gold`` (ppo, online-dpo): a gold scorer's "gold_reward/mean"
-    is logged, and the reward-hacking monitor watches proxy against gold too.
+    is logged, and the reward-hacking monitor watches proxy against gold too. ``kl`` (grpo): the stage logs "kl"
+    (it loaded a reference); without, no KL monitor.
     """
     kl_monitor = KLExplosionMonitor()
     if kl_target is not None:
@@ -510,9 +512,14 @@ def default_monitors(
             LikelihoodDisplacementMonitor(window=8),
             ModeCollapseMonitor(keys=("distinct_2",)),
         ]
+    elif stage == "grpo":
+        # A row is an iteration, as PPO's (its own samples' reward-length correlation, entropy, distinct-2). The KL
+        # to the reference is logged only where one is loaded (``kl``: beta > 0 or a gold scorer).
+        monitors = [NonFiniteMonitor(), *([KLExplosionMonitor()] if kl else [])]
+        monitors += [RewardHackingMonitor(window=5, gold=gold), ModeCollapseMonitor()]
     else:
         raise ValueError(
-            f"no default monitors for stage {stage!r}; known: sft, rm, dpo, ipo, kto, orpo, ppo, online-dpo"
+            f"no default monitors for stage {stage!r}; known: sft, rm, dpo, ipo, kto, orpo, ppo, online-dpo, grpo"
         )
     for monitor in monitors:
         if monitor.name in (actions or {}):

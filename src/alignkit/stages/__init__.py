@@ -38,6 +38,10 @@ STAGES: dict[str, tuple[str, str]] = {
         "alignkit.stages.online_dpo",
         "Online DPO: each round samples the policy, scores with a reward, trains on best-vs-worst pairs",
     ),
+    "grpo": (
+        "alignkit.stages.grpo",
+        "Critic-free online RL: GRPO, Dr. GRPO, RLOO, REINFORCE++ advantages over groups of samples",
+    ),
     "rm": ("alignkit.stages.rm", "Train a reward model (Bradley-Terry) on chosen/rejected pairs"),
     "rm-eval": (
         "alignkit.stages.rm_eval",

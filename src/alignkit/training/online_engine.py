@@ -113,6 +113,26 @@ class Samples:
     def lengths(self) -> list[int]:
         return [len(g.response_ids) for g in self.generations]
 
+    def select(self, indices: list[int]) -> Samples:
+        """The samples at ``indices``, in that order (a method keeping some of a unit's groups)."""
+        raw = [self.raw_scores[i] for i in indices] if self.raw_scores else None
+        prompts, generations = [self.prompts[i] for i in indices], [self.generations[i] for i in indices]
+        parts = self.reward_parts and {name: [part[i] for i in indices] for name, part in self.reward_parts.items()}
+        return Samples(prompts, generations, [self.scores[i] for i in indices], raw, parts)
+
+    def __add__(self, other: Samples) -> Samples:
+        raw = (self.raw_scores or []) + (other.raw_scores or []) if self.raw_scores or other.raw_scores else None
+        # Both come from the same reward, so both or neither have parts, under the same names.
+        parts = (
+            {name: part + other.reward_parts[name] for name, part in self.reward_parts.items()}
+            if self.reward_parts and other.reward_parts
+            else None
+        )
+        return Samples(
+            self.prompts + other.prompts, self.generations + other.generations, self.scores + other.scores, raw,
+            parts,
+        )
+
 
 @dataclass
 class Batch:
@@ -178,6 +198,13 @@ class OnlineMethod:
     monitors: MonitorSet  # the stage's default failure monitors
     samples_per_prompt: int = 1
     top_p: float = 1.0
+    # Rows of a unit's batch the minibatches cut (the schedule's steps per unit); None: prompts_per_unit (GRPO:
+    # prompts x samples_per_prompt, its minibatches being of responses).
+    rows_per_unit: int | None = None
+    # Between steps 2 and 3: refill(samples, draw) -> the samples make_batch gets, where draw(attempt) samples
+    # and scores prompts_per_unit further prompts (seeded by (seed, unit, attempt), attempt >= 1). GRPO's dynamic
+    # sampling; None: the unit's samples as drawn.
+    refill: Callable[[Samples, Callable[[int], Samples]], Samples] | None = None
     recompute_context: Callable | None = None  # gradient_checkpointing's context_fn (PPO's LoRA adapters)
     final_policy: Callable[[], torch.nn.Module] | None = None  # what final/ holds; None: the policy
     state_dict: Callable[[], dict] = dict  # the method's own state in a checkpoint (PPO: its KL controller)
@@ -232,10 +259,10 @@ def make_scorer(cfg, device: torch.device) -> Scorer:
     return reward_scorer(cfg, device, cfg.reward_batch_size)
 
 
-def prepare(cfg, run_dir: RunDir) -> OnlineSetup:
+def prepare(cfg, run_dir: RunDir, needs_reference: bool = True) -> OnlineSetup:
     """Seeds, the prompts tokenized with the chat template, the reward, and the policy with its reference. LoRA:
     the reference is the policy's base with the adapters off (as DPO's reference=adapter); full fine-tuning: a
-    frozen copy. Under FSDP (full fine-tuning) each model is sharded as it is loaded (``distributed.shard``; the
+    frozen copy; ``needs_reference=False`` (GRPO with beta = 0): none, no second model loaded. Under FSDP (full fine-tuning) each model is sharded as it is loaded (``distributed.shard``; the
     main process alone reads the weights); the reward is whole in every process."""
     print(f"run folder: {run_dir.path}", file=sys.stderr)
     seed_and_threads(cfg)
@@ -253,7 +280,7 @@ def prepare(cfg, run_dir: RunDir) -> OnlineSetup:
     distributed.shard(policy, cfg.lora)
     if cfg.lora:
         policy = apply_lora(policy, cfg)
-    reference = load_reference("adapter" if cfg.lora else "copy", load)
+    reference = load_reference(("adapter" if cfg.lora else "copy") if needs_reference else "none", load)
     rank, world = distributed.accelerator().process_index, distributed.world_size()
     return OnlineSetup(
         cfg,
@@ -279,16 +306,18 @@ def run_online(
     make_method: Callable[[Any, OnlineSetup], OnlineMethod],
     monitors: MonitorSet | None = None,
     one_sample_each: str | None = None,
+    needs_reference: bool = True,
 ) -> dict:
     """Run an online stage: its config checked (``check_config``) and its launch (``check_launch``, with
     ``one_sample_each``), then, in its run folder (checked, locked for this run and released however it ends:
     ``RunDir.create``), the method ``make_method(cfg, setup)`` builds on ``prepare``'s setup; ``monitors``
-    replaces its default failure monitors (for tests). Returns the summary."""
+    replaces its default failure monitors (for tests); ``needs_reference=False`` loads no reference (``prepare``).
+    Returns the summary."""
     check_config(cfg)
     check_launch(cfg, stage, one_sample_each)  # starts the process group
     started = time.time()
     with RunDir.create(cfg.output_dir, stage, cfg.resume_from, cfg.tensorboard, cfg=cfg) as run_dir:
-        setup = prepare(cfg, run_dir)
+        setup = prepare(cfg, run_dir, needs_reference)
         method = make_method(cfg, setup)
         k, unit = method.samples_per_prompt, method.unit
         doc = f"prompts_per_{unit}" + (" * samples_per_prompt" if k > 1 else "")
@@ -328,7 +357,8 @@ class OnlineRun:
         self.optimizer = build_optimizer(self.params, self.cfg)
         # A unit counts epochs x ceil(prompts / minibatch) steps whatever its batch holds (online DPO's pairs may
         # be fewer), so the schedule is fixed in advance.
-        self.steps_per_unit = method.epochs * math.ceil(method.prompts_per_unit / method.minibatch_size)
+        rows_per_unit = method.rows_per_unit or method.prompts_per_unit
+        self.steps_per_unit = method.epochs * math.ceil(rows_per_unit / method.minibatch_size)
         total_steps = method.units * self.steps_per_unit
         self.scheduler = build_scheduler(
             self.optimizer, self.cfg.lr_scheduler, self.cfg.warmup_steps, total_steps
@@ -384,6 +414,8 @@ class OnlineRun:
                     # 2. Score each response with the reward (each process its own samples), then gather every
                     #    process's samples and scores: every process holds the whole unit from here on.
                     samples = self.score(idx, mine)
+                    if method.refill is not None:  # GRPO's dynamic sampling: groups dropped, more prompts drawn
+                        samples = method.refill(samples, self.draw)
                     # 3.-4. The method's batch from the samples (PPO: rollout passes, KL-penalised rewards, GAE
                     #    advantages; online DPO: best-vs-worst pairs and their reference log-probs).
                     batch = method.make_batch(samples)
@@ -457,18 +489,27 @@ class OnlineRun:
             truncate_jsonl(self.samples_path, keep_to)
             truncate_jsonl(self.gold_samples_path, keep_to)
 
-    def generate(self, idx: list[int]) -> dict[int, Generation]:
-        """Step 1: this process's samples of the prompts ``idx``, keyed by position among the unit's samples."""
+    def generate(self, idx: list[int], attempt: int = 0) -> dict[int, Generation]:
+        """Step 1: this process's samples of the prompts ``idx``, keyed by position among the unit's samples;
+        ``attempt`` > 0: a method's further draw (``draw``), with seeds of its own."""
         cfg, method, setup = self.cfg, self.method, self.setup
         k = method.samples_per_prompt
         ids = [setup.prompt_ids[i] for i in idx for _ in range(k)]  # prompt j's samples are j*k .. j*k+k-1
-        sampling = SamplingConfig(
-            cfg.max_new_tokens, cfg.temperature, method.top_p, derived_seed(cfg.seed, self.unit, 0)
-        )
-        push = self.unit > self.start or bool(self.resumed)
+        seed = derived_seed(cfg.seed, self.unit, 0) if not attempt else derived_seed(cfg.seed, self.unit, 3, attempt)
+        sampling = SamplingConfig(cfg.max_new_tokens, cfg.temperature, method.top_p, seed)
+        # A vLLM engine takes the weights once per unit, before its first draw.
+        push = (self.unit > self.start or bool(self.resumed)) and attempt == 0
         return sample_share(
             cfg, setup.policy, setup.tokenizer, ids, sampling, setup.rank, setup.world, self.sampler, push
         )
+
+    def draw(self, attempt: int) -> Samples:
+        """Steps 1-2 again for a method's ``refill``: prompts_per_unit further prompts, drawn as a unit's are but
+        from a stream of their own seeded by (seed, unit, attempt), sampled and scored (every process)."""
+        cfg, n = self.cfg, len(self.setup.prompts)
+        seed = derived_seed(cfg.seed, self.unit, 4, attempt)
+        idx = iteration_prompts(n, self.method.prompts_per_unit, self.unit, seed)
+        return self.score(idx, self.generate(idx, attempt))
 
     def score(self, idx: list[int], mine: dict[int, Generation]) -> Samples:
         """Step 2: score this process's samples, and gather every process's samples and scores."""
@@ -544,7 +585,8 @@ class OnlineRun:
         if self.logs_row():
             self.last_row = row
             self.run_dir.log_metrics(row)
-            self.bar.set_postfix(score=f"{row['score/mean']:.3f}", kl=f"{row['kl']:.2f}")
+            kl = {"kl": f"{row['kl']:.2f}"} if "kl" in row else {}  # GRPO at beta = 0 has no reference
+            self.bar.set_postfix(score=f"{row['score/mean']:.3f}", **kl)
             if self.monitors.on_log(self.unit, row) == "stop":
                 self.stopped_by = ", ".join(
                     e.monitor for e in self.monitors.last_events if e.action == "stop"
@@ -624,12 +666,12 @@ class OnlineRun:
             "stopped_by": self.stopped_by,
             "prompts": len(setup.prompts),
             "skipped_rows": setup.n_skipped,
-            "reference": "policy base with adapters disabled" if cfg.lora else "frozen copy",
+            "reference": reference_doc(setup.reference),
             "trainable_parameters": self.trainable,
             "total_parameters": self.total,
             "params_rank_share": self.rank_share,
             f"score_by_{method.unit}": [r["score/mean"] for r in metric_rows],
-            f"kl_by_{method.unit}": [r["kl"] for r in metric_rows],
+            f"kl_by_{method.unit}": [r.get("kl") for r in metric_rows],
             "gold_reward": cfg.gold_reward,
             f"gold_by_{method.unit}": [[r["step"], r["gold_reward/mean"]] for r in rows if "gold_reward/mean" in r],
             **method.summarize(self.unit, metric_rows, self.samples_path if self.main else None),
@@ -642,6 +684,12 @@ class OnlineRun:
         }
         run_dir.write_summary(summary)
         return summary
+
+
+def reference_doc(reference: Reference) -> str:
+    """The summary's line on the reference."""
+    docs = {"adapter": "policy base with adapters disabled", "copy": "frozen copy", "none": "none (not loaded)"}
+    return docs[reference.mode]
 
 
 def sample_stats(samples: Samples) -> dict[str, float]:

@@ -158,11 +158,16 @@ def rollout_passes(cfg, policy, reference: Reference, value_model, batch: dict) 
 
 
 def _rollout_passes(cfg, policy, reference: Reference, value_model, batch: dict) -> dict[str, torch.Tensor]:
+    """One micro-batch's passes; without a reference (mode "none") no "ref_logps", without a value model (GRPO)
+    no "values"."""
     logps, entropy = policy_outputs(policy, batch, cfg.logprob_chunk_size, cfg.temperature, with_entropy=True)
-    with reference.model(policy) as model:  # LoRA: the value adapter stays trainable (Reference.model)
-        ref_logps, _ = policy_outputs(model, batch, cfg.logprob_chunk_size, cfg.temperature)
-    values = response_values(value_model, batch)  # (B, R)
-    return {"logps": logps, "ref_logps": ref_logps, "entropy": entropy, "values": values}
+    out = {"logps": logps, "entropy": entropy}
+    if reference.mode != "none":
+        with reference.model(policy) as model:  # LoRA: the value adapter stays trainable (Reference.model)
+            out["ref_logps"], _ = policy_outputs(model, batch, cfg.logprob_chunk_size, cfg.temperature)
+    if value_model is not None:
+        out["values"] = response_values(value_model, batch)  # (B, R)
+    return out
 
 
 @in_training_precision

@@ -1,0 +1,276 @@
+"""`alignkit grpo`: critic-free online RL: GRPO (Shao et al. 2024) and its relatives: Dr. GRPO, RLOO, REINFORCE++
+advantages; DAPO's clip-higher, token-level loss and dynamic sampling; GSPO's sequence-level ratio.
+
+No value model: a prompt's num_generations samples are scored and each sample's advantage is its score against
+the group's (or the batch's) others (``losses.grpo``). The loop is the online engine's (``training.online_engine``:
+sample -> score -> make_batch -> update -> log, checkpoint); this file holds GRPO's part of an iteration:
+2b. dynamic sampling (``refill``) -> 3. advantages -> 4. old (and reference) log-probs (``make_batch``) ->
+5. num_iterations passes of clipped updates (``update``). beta = 0 loads no reference model at all.
+
+In several processes it runs as PPO does: each rank runs the no-grad passes for its share of the samples, the
+shares are gathered, and each rank trains on its share of every minibatch, normalised by the whole minibatch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+
+from alignkit.config import OnlineTrainConfig, doc_field
+from alignkit.evaluation.monitors import MonitorSet, default_monitors
+from alignkit.losses import grpo as losses
+from alignkit.losses.ppo import masked_mean
+from alignkit.models.precision import in_training_precision
+from alignkit.stages import Stage
+from alignkit.training import distributed
+from alignkit.training import online_engine as engine
+from alignkit.training.online import accumulated_step
+from alignkit.training.remedies import monitor_actions
+from alignkit.training.rollout import collate_samples, policy_outputs, shared_rollout_passes, trim_padding
+
+
+@dataclass
+class GRPOConfig(OnlineTrainConfig):
+    """Critic-free online RL: each iteration samples num_generations responses to each of prompts_per_iteration
+    prompts, scores them with `reward`, and trains on each response's advantage within its group. Data:
+    prompts (a `prompt` column, or `messages` ending with a user turn)."""
+
+    # --- iterations ---
+    iterations: int = doc_field(20, "Iterations; each samples, scores and updates once.", ge=1)
+    prompts_per_iteration: int = doc_field(8, "Prompts (groups) sampled per iteration.", ge=1)
+    num_generations: int = doc_field(4, "Responses sampled per prompt: the group size.", ge=2)
+    top_p: float = doc_field(1.0, "Nucleus sampling: the smallest token set with this mass.", gt=0, le=1)
+    dynamic_sampling: bool = doc_field(
+        False,
+        "DAPO's dynamic sampling: drop groups whose rewards are all equal (no signal) and draw further prompts "
+        "until prompts_per_iteration groups remain or max_refills draws were made.",
+    )
+    max_refills: int = doc_field(
+        3,
+        "Dynamic sampling: further draws of prompts_per_iteration prompts per iteration at most; if every group "
+        "of every draw is equal, the iteration trains on its first draw.",
+        ge=1,
+    )
+    # --- objective ---
+    advantage: Literal["grpo", "dr_grpo", "rloo", "reinforce_pp"] = doc_field(
+        "grpo",
+        "grpo: (r - group mean) / group std; dr_grpo: r - group mean; rloo: r - mean of the group's others; "
+        "reinforce_pp: (r - batch mean) / batch std (REINFORCE++).",
+    )
+    loss_aggregation: Literal["token", "sequence", "fixed_length"] = doc_field(
+        "token",
+        "token: sum over tokens / tokens (DAPO); sequence: mean per response, then over responses (GRPO); "
+        "fixed_length: sum / (responses x max_new_tokens) (Dr. GRPO).",
+    )
+    importance_sampling: Literal["token", "sequence"] = doc_field(
+        "token", "token: a ratio per token; sequence: exp(mean token log-ratio) per response (GSPO)."
+    )
+    epsilon_low: float = doc_field(0.2, "Ratio clip below: 1 - epsilon_low.", gt=0, lt=1)
+    epsilon_high: float = doc_field(0.2, "Ratio clip above: 1 + epsilon_high (DAPO's clip-higher: 0.28).", gt=0)
+    beta: float = doc_field(
+        0.0, "Weight of the k3 KL to the reference, per token in the loss; 0: no reference loaded.", ge=0
+    )
+    # --- update ---
+    num_iterations: int = doc_field(
+        1, "Passes of minibatch updates over each batch, against the log-probs of the policy that sampled.", ge=1
+    )
+    learning_rate: float = doc_field(1e-6, "Peak AdamW learning rate (LoRA usually wants ~1e-5).")
+    lr_scheduler: Literal["constant", "linear", "cosine"] = doc_field(
+        "constant", "Learning-rate schedule over all optimizer steps."
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Steps 2b-4 of an iteration
+
+
+@dataclass
+class GroupRollout:
+    input_ids: torch.Tensor  # (B, T) prompt then response, right-padded
+    attention_mask: torch.Tensor  # (B, T)
+    loss_mask: torch.Tensor  # (B, T) 1 on response tokens
+    mask: torch.Tensor  # (B, R) 1 on response tokens
+    old_logps: torch.Tensor  # (B, R) under the policy that sampled (no grad)
+    ref_logps: torch.Tensor  # (B, R) under the reference; zeros without one
+    advantages: torch.Tensor  # (B, 1): one per response, 2-D so that trim_padding keeps it
+    n_sequences: float = 0.0  # responses of the minibatch this micro-batch belongs to (the loss's normalisers)
+    n_tokens: float = 0.0  # response tokens of that minibatch
+    on_policy: bool = False  # the iteration's first step: the policy is the sampler, old_logps = this pass's
+
+    def rows(self, index, **extra) -> GroupRollout:
+        names = [f.name for f in dataclasses.fields(self) if torch.is_tensor(getattr(self, f.name))]
+        return GroupRollout(**trim_padding({n: getattr(self, n)[index] for n in names}), **extra)
+
+
+def zero_std_frac(scores: list[float], k: int) -> float:
+    return float(losses.zero_spread_groups(torch.tensor(scores, dtype=torch.float64), k).float().mean())
+
+
+def dynamic_sampling(samples: engine.Samples, draw, k: int, n_groups: int, max_refills: int):
+    """DAPO (Yu et al. 2025, sec. 3.2): keep the groups with a reward spread, drawing further prompts until
+    ``n_groups`` are kept or ``max_refills`` draws were made; none kept at all: the first draw as it was.
+    Returns (samples, stats)."""
+    def spread(s: engine.Samples) -> engine.Samples:
+        equal = losses.zero_spread_groups(torch.tensor(s.scores, dtype=torch.float64), k).tolist()
+        return s.select([i for i in range(len(s.scores)) if not equal[i // k]])
+
+    kept, attempt = spread(samples), 0
+    while len(kept.scores) < n_groups * k and attempt < max_refills:
+        attempt += 1
+        kept = kept + spread(draw(attempt))
+    kept = kept.select(list(range(min(len(kept.scores), n_groups * k)))) if kept.scores else samples
+    stats = {"dynamic_sampling/draws": attempt + 1, "dynamic_sampling/groups": len(kept.scores) // k}
+    return kept, stats | {"zero_std_frac": zero_std_frac(samples.scores, k)}
+
+
+@torch.no_grad()
+def make_rollout(cfg: GRPOConfig, batch: dict, passes: dict, scores: torch.Tensor):
+    """3. advantages from the scores; 4. the no-grad passes' log-probs kept as the old (and reference) ones.
+    Returns (GroupRollout, stats)."""
+    mask, logps = batch["mask"], passes["logps"]
+    adv = losses.ADVANTAGES[cfg.advantage](scores, cfg.num_generations)  # (B,)
+    ref = passes.get("ref_logps", torch.zeros_like(logps))
+    sequences = (batch["input_ids"], batch["attention_mask"], batch["loss_mask"])
+    rollout = GroupRollout(*sequences, mask, logps, ref, adv[:, None])
+    stats = {"entropy": masked_mean(passes["entropy"], mask).item(), "advantage/abs_mean": adv.abs().mean().item()}
+    if "ref_logps" in passes:  # kl: nats per response (k1 summed), the KL monitor's; what the loss charges is k3
+        k1 = torch.where(mask.bool(), logps - ref, torch.zeros_like(logps))
+        stats |= {"kl": k1.sum(1).mean().item(), "kl/per_token": masked_mean(k1, mask).item()}
+        stats["kl/k3_per_token"] = masked_mean(losses.k3_kl(logps, ref), mask).item()
+    return rollout, stats
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Step 5: the update
+
+
+@in_training_precision
+def grpo_loss(cfg: GRPOConfig, policy, mb: GroupRollout, beta: float) -> tuple[torch.Tensor, dict]:
+    """The clipped policy loss of ``mb``, normalised by its minibatch's totals, and its metrics as shares of
+    the minibatch (so micro-batches' add up): the forward of the module DDP wraps."""
+    batch = {k: getattr(mb, k) for k in ("input_ids", "attention_mask", "loss_mask", "mask")}
+    logps, _ = policy_outputs(policy, batch, cfg.logprob_chunk_size, cfg.temperature)
+    old = logps.detach() if mb.on_policy else mb.old_logps  # on policy: ratio exactly 1
+    out = losses.policy_loss(
+        logps, old, mb.advantages[:, 0], mb.mask, cfg.epsilon_low, cfg.epsilon_high, cfg.importance_sampling,
+        cfg.loss_aggregation, mb.ref_logps, beta, cfg.max_new_tokens, mb.n_sequences, mb.n_tokens,
+    )  # fmt: skip
+    m = mb.mask.bool()
+
+    def share(x: torch.Tensor) -> float:  # a per-token (or per-response) quantity's part of the minibatch mean
+        if x.shape[1] == 1:
+            return float(x.float().sum()) / mb.n_sequences
+        return float(torch.where(m, x.float(), torch.zeros_like(logps)).sum()) / mb.n_tokens
+
+    stats = {"loss": out.loss.item(), "clip_frac/low": share(out.clip_low), "clip_frac/high": share(out.clip_high)}
+    stats["ratio/mean"] = share(out.ratio.detach())
+    return out.loss, stats | ({"kl/update": share(out.kl.detach())} if out.kl is not None else {})
+
+
+def grpo_step(cfg, loss_fn, rollout: GroupRollout, rows, optimizer, scheduler, params, on_policy, rank, world):
+    """One optimizer step on the minibatch ``rows`` (``online.accumulated_step``), micro-batches of similar
+    length, each loss already divided by the whole minibatch's responses or tokens (so no further weight)."""
+    minibatch = rollout.rows(rows)
+    totals = {"n_sequences": float(len(rows)), "n_tokens": float(minibatch.mask.sum()), "on_policy": on_policy}
+    lengths = minibatch.attention_mask.sum(1).tolist()
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+
+    def micro_step(share: list[int]) -> dict[str, float]:
+        loss, stats = loss_fn(minibatch.rows(share or [0], **totals))
+        (loss * (world if share else 0)).backward()
+        return {key: value if share else 0.0 for key, value in stats.items()}
+
+    shares = distributed.rank_microbatches(order, cfg.micro_batch_size, rank, world)
+    return accumulated_step(loss_fn, shares, micro_step, optimizer, scheduler, params, cfg.max_grad_norm)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The stage
+
+
+check_config = engine.check_config  # before anything loads: ranges, cross-field rules, reward, backend
+
+
+def needs_reference(cfg: GRPOConfig) -> bool:
+    """beta > 0 (the loss's KL), or a gold evaluation (its KL to the reference)."""
+    return cfg.beta > 0 or cfg.gold_reward is not None
+
+
+def run(cfg: GRPOConfig, monitors: MonitorSet | None = None) -> dict:
+    """Train the policy with GRPO; ``monitors`` replaces the default failure monitors (for tests)."""
+    return engine.run_online(
+        cfg, "grpo", grpo_method, monitors, one_sample_each="prompts_per_iteration",
+        needs_reference=needs_reference(cfg),
+    )  # fmt: skip
+
+
+def grpo_method(cfg: GRPOConfig, setup: engine.OnlineSetup) -> engine.OnlineMethod:
+    """GRPO on the engine's policy (and, with beta > 0, its reference)."""
+    policy, reference, rank, world, k = setup.policy, setup.reference, setup.rank, setup.world, cfg.num_generations
+    objective = {"beta": cfg.beta}  # the monitors' adjust action raises it
+    drawn: dict = {}  # the dynamic sampling's stats of this iteration
+
+    def refill(samples: engine.Samples, draw) -> engine.Samples:
+        # 2b. Dynamic sampling: groups without a reward spread dropped, further prompts drawn.
+        kept, stats = dynamic_sampling(samples, draw, k, cfg.prompts_per_iteration, cfg.max_refills)
+        drawn.update(stats)
+        return kept
+
+    def make_batch(samples: engine.Samples) -> engine.Batch:
+        # 3.-4. The no-grad passes (policy: old log-probs and entropy; reference when loaded), each process its
+        #    share of the samples, gathered; then advantages over the whole batch in every process.
+        batch = collate_samples(samples.generations, setup.tokenizer.pad_token_id, setup.device)
+        finished = [g.finished for g in samples.generations]
+        passes = shared_rollout_passes(cfg, policy, reference, None, batch, rank, world)
+        scores = torch.tensor(samples.scores, dtype=torch.float32).to(setup.device)
+        rollout, stats = make_rollout(cfg, batch, passes, scores)
+        stats |= {"zero_std_frac": zero_std_frac(samples.scores, k), **drawn, "beta": objective["beta"]}
+        stats |= {"reward/std": float(np.std(samples.scores)), "truncated_frac": 1 - float(np.mean(finished))}
+        fields = [{"advantage": a} for a in rollout.advantages[:, 0].tolist()]
+        return engine.Batch(rollout, stats, fields)
+
+    def update(batch: engine.Batch, opt: engine.Optimization) -> dict:
+        # 5. num_iterations passes of minibatch updates against the kept old log-probs; the first step is on
+        #    policy (its own pass's log-probs, detached). Each process trains on its share of every minibatch.
+        rollout, loss_fn = batch.data, opt.stepper
+        step_stats = [
+            opt.stepped(grpo_step(cfg, loss_fn, rollout, rows, *opt.parts, j == 0, rank, world))
+            for j, rows in enumerate(opt.minibatches(len(rollout.mask)))
+        ]
+        return engine.step_means(step_stats)
+
+    def adjust_kl(factor: float) -> dict[str, float]:
+        old = objective["beta"]
+        objective["beta"] = old * factor
+        return {"beta_old": old, "beta_new": objective["beta"]}
+
+    return engine.OnlineMethod(
+        unit="iteration",
+        units=cfg.iterations,
+        prompts_per_unit=cfg.prompts_per_iteration,
+        trained=policy,
+        epochs=cfg.num_iterations,
+        minibatch_size=cfg.minibatch_size,
+        make_batch=make_batch,
+        loss=lambda trained, mb: grpo_loss(cfg, trained, mb, objective["beta"]),
+        update=update,
+        monitors=default_monitors(
+            "grpo", gold=cfg.gold_reward is not None, kl=needs_reference(cfg), actions=monitor_actions(cfg)
+        ),
+        samples_per_prompt=k,
+        top_p=cfg.top_p,
+        rows_per_unit=cfg.prompts_per_iteration * k,
+        refill=refill if cfg.dynamic_sampling else None,
+        state_dict=lambda: {"beta": objective["beta"]},
+        load_state_dict=lambda state: objective.update(beta=state.get("beta", cfg.beta)),
+        adjust_kl=adjust_kl if cfg.beta > 0 else None,
+        describe={"advantage": cfg.advantage, "loss_aggregation": cfg.loss_aggregation},
+        summarize=lambda units, rows, samples: {"score_change": engine.score_change(samples, units)},
+    )
+
+
+STAGE = Stage("grpo", GRPOConfig, run)
