@@ -29,3 +29,9 @@ def shortness(prompt: str, response: str) -> float:
     """A gold judge that disagrees with ``length``: minus the characters, so what raises that proxy lowers it
     (ten times as fast: the proxy-vs-gold check then sees a fall far above its threshold)."""
     return -float(len(response))
+
+
+def answer_distance(prompt: str, response: str, answer: int) -> float:
+    """Minus the distance between the response's length in characters and the prompt row's ``answer`` column:
+    a reward that reads the prompt file's columns (a test can recompute it from samples.jsonl)."""
+    return -float(abs(len(response) - answer))

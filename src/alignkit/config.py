@@ -434,11 +434,19 @@ class RewardFields(Fields):
     """The reward an online stage trains on."""
 
     # --- reward ---
-    reward: str = required(
-        "'module:function' with function(prompt: str, response: str) -> float (e.g. "
-        "alignkit.scoring.rewards:politeness), or a reward model directory written by `alignkit rm`."
+    reward: str | list[str] = required(
+        "'module:function' with function(prompt: str, response: str, [prompt-file columns]) -> float (e.g. "
+        "alignkit.scoring.rewards:politeness), a reward model directory written by `alignkit rm`, or a list "
+        "[a, b, ...] of these, summed with reward_weights."
+    )
+    reward_weights: list[float] | None = doc_field(
+        None, "One weight per reward of a list reward=[...] (the reward is their weighted sum); None: all 1."
     )
     reward_batch_size: int = doc_field(8, "Responses per forward pass of a reward model.", ge=1)
+
+    def check(self) -> None:
+        super().check()
+        check_reward_list(self)
 
 
 @dataclass
@@ -614,6 +622,25 @@ def check_below(cfg: Any, name: str, limit: str) -> None:
     value, bound = getattr(cfg, name), getattr(cfg, limit)
     if value is not None and bound is not None and not value < bound:
         raise ConfigError(f"config key '{name}' must be < {limit} ({bound}), got {value}", (name, limit))
+
+
+def check_reward_list(cfg: Any) -> None:
+    """A list ``reward=[...]`` names at least one reward, and ``reward_weights``, where given, holds one finite
+    weight per reward."""
+    weights, reward = cfg.reward_weights, cfg.reward
+    if isinstance(reward, list) and not reward:
+        raise ConfigError("config key 'reward' is an empty list; name at least one reward", ("reward",))
+    if weights is None:
+        return
+    n_rewards = len(reward) if isinstance(reward, list) else 1
+    if len(weights) != n_rewards:
+        raise ConfigError(
+            f"config key 'reward_weights' has {len(weights)} weight(s) for {n_rewards} reward(s); give one per "
+            "reward of reward=[...]",
+            ("reward_weights", "reward"),
+        )
+    if not all(math.isfinite(w) for w in weights):
+        raise ConfigError(f"config key 'reward_weights' must be finite numbers, got {weights}", ("reward_weights",))
 
 
 def check_row_range(cfg: Any, name: str) -> None:
@@ -1084,9 +1111,10 @@ def _coerce(hint: Any, value: Any, raw: str | None) -> Any:
     if origin in (typing.Union, types.UnionType):
         if type(None) in args and _is_none(value):
             return None
-        for arm in args:
-            if arm is type(None):
-                continue
+        arms = [arm for arm in args if arm is not type(None)]
+        if isinstance(value, (list, tuple)):  # reward=[a, b]: a list arm first, where a str arm would keep the text
+            arms.sort(key=lambda arm: arm is str)
+        for arm in arms:
             try:
                 return _coerce(arm, value, raw)
             except _Mismatch:

@@ -68,6 +68,9 @@ class UnpairedExample:
 class PromptExample:
     prompt: Prompt
     ref: RowRef
+    # The row's other columns (all but 'prompt' and 'messages'), e.g. a task's 'answer': reward functions that
+    # declare a parameter of that name receive it (``scoring.scorers.FunctionScorer``).
+    columns: dict[str, Any] = field(default_factory=dict, hash=False)
 
 
 @dataclass
@@ -302,7 +305,12 @@ def _parse_prompt_row(record: Record) -> PromptExample:
             "missing: expected a 'prompt' or 'messages' column, or HH-RLHF 'chosen' + 'rejected' transcripts; "
             f"the row has {sorted(data)}",
         )
-    return PromptExample(_with_system(prompt, data, bad), _ref(record))
+    columns = {name: value for name, value in data.items() if name not in PROMPT_SOURCE_COLUMNS}
+    return PromptExample(_with_system(prompt, data, bad), _ref(record), columns)
+
+
+# The columns a prompt row's prompt is read from; every other column travels with the prompt as its ``columns``.
+PROMPT_SOURCE_COLUMNS = ("prompt", "messages")
 
 
 # ---------------------------------------------------------------------------------------------

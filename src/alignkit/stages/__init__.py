@@ -60,6 +60,10 @@ STAGES: dict[str, tuple[str, str]] = {
         "alignkit.stages.cai_label",
         "RLAIF: an AI judge labels response pairs under a constitution; writes preference pairs",
     ),
+    "make-task": (
+        "alignkit.stages.make_task",
+        "Write a generated task with answers (arithmetic word problems) as training and held-out prompt files",
+    ),
     "eval": (
         "alignkit.stages.eval",
         "Sample a model and a reference on prompts; scores, win rate, KL, lengths",

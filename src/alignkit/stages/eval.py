@@ -19,7 +19,14 @@ from typing import ClassVar, Literal
 
 import torch
 
-from alignkit.config import SEED_MAX, ConfigError, GenerationBackendConfig, doc_field, required
+from alignkit.config import (
+    SEED_MAX,
+    ConfigError,
+    GenerationBackendConfig,
+    check_reward_list,
+    doc_field,
+    required,
+)
 from alignkit.data.schemas import Loaded, load_prompts
 from alignkit.data.tokenize import encode_prompt
 from alignkit.evaluation.metrics import (
@@ -33,7 +40,7 @@ from alignkit.evaluation.metrics import (
 from alignkit.models.forward import response_token_logprobs, sample_batches, supports_chunked_head
 from alignkit.models.generation import Generation, SamplingConfig, check_generation_backend, load_sampler
 from alignkit.models.loading import ADAPTER_RECORD, load_final, load_model, load_tokenizer, pick_device
-from alignkit.scoring import Scorer, reward_scorer
+from alignkit.scoring import Scorer, check_columns, reward_scorer
 from alignkit.stages import Stage
 from alignkit.training.distributed import require_one_process
 
@@ -102,11 +109,15 @@ class EvalConfig(GenerationBackendConfig):
         ge=1,
     )
     # --- scoring ---
-    reward: str | None = doc_field(
+    reward: str | list[str] | None = doc_field(
         None,
-        "Reward to score responses with: 'module:function', a function (prompt: str, response: str) -> float "
-        "(e.g. alignkit.scoring.classifiers:sentiment), or a reward model directory written by `alignkit rm`; "
-        "None: no scores, no win rate.",
+        "Reward to score responses with: 'module:function', a function (prompt: str, response: str, [prompt "
+        "columns]) -> float (e.g. alignkit.scoring.verifiable:exact_answer, which takes the prompts' 'answer'), "
+        "a reward model directory written by `alignkit rm`, or a list [a, b] of these summed with "
+        "reward_weights; None: no scores, no win rate.",
+    )
+    reward_weights: list[float] | None = doc_field(
+        None, "One weight per reward of a list reward=[...] (the score is their weighted sum); None: all 1."
     )
     # --- output ---
     output: str | None = doc_field(
@@ -115,6 +126,11 @@ class EvalConfig(GenerationBackendConfig):
         "for another local model, else ./eval-<model name>.json.",
     )
     progress: bool = doc_field(True, "Show progress bars.")
+
+    def check(self) -> None:
+        super().check()
+        if self.reward is not None:
+            check_reward_list(self)
 
 
 def make_scorer(cfg: EvalConfig) -> Scorer | None:
@@ -400,8 +416,11 @@ def run(cfg: EvalConfig) -> dict:
     # 1. Prompts, rendered with the policy's chat template; each repeated samples_per_prompt times.
     tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code)
     loaded, prompts_source = load_eval_prompts(cfg)
+    if cfg.reward is not None:  # a reward function's columns (e.g. 'answer'), before any model samples
+        check_columns(cfg.reward, loaded.examples, "reward", "prompts")
     k = cfg.samples_per_prompt
     prompts = [ex.prompt for ex in loaded.examples for _ in range(k)]
+    columns = [ex.columns for ex in loaded.examples for _ in range(k)]  # what reward functions may take
     prompt_ids = [encode_prompt(tokenizer, p, cfg.max_prompt_length) for p in prompts]
     sampling = SamplingConfig(cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.seed)
 
@@ -433,9 +452,9 @@ def run(cfg: EvalConfig) -> dict:
     policy_scores = reference_scores = None
     win = None
     if scorer is not None:
-        policy_scores = scorer.score(prompts, [s.text for s in policy_samples])
+        policy_scores = scorer.score(prompts, [s.text for s in policy_samples], columns)
         if reference_samples is not None:
-            reference_scores = scorer.score(prompts, [s.text for s in reference_samples])
+            reference_scores = scorer.score(prompts, [s.text for s in reference_samples], columns)
             w = win_rate(
                 per_prompt_means(policy_scores, k), per_prompt_means(reference_scores, k), seed=cfg.seed
             )

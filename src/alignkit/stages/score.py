@@ -19,14 +19,22 @@ from typing import ClassVar, Literal
 import numpy as np
 from tqdm.auto import tqdm
 
-from alignkit.config import ConfigError, RuntimeConfig, check_below, check_row_range, doc_field, required
+from alignkit.config import (
+    ConfigError,
+    RuntimeConfig,
+    check_below,
+    check_reward_list,
+    check_row_range,
+    doc_field,
+    required,
+)
 from alignkit.data.appendlog import jsonl_output
-from alignkit.data.io import BadRow, BadRowError, Record, read_rows
-from alignkit.data.schemas import load_preferences, load_prompts, no_usable_rows
+from alignkit.data.io import BadRow, BadRowError, Record, RowRef, read_rows
+from alignkit.data.schemas import PromptExample, load_preferences, load_prompts, no_usable_rows
 from alignkit.data.tokenize import encode_pair
 from alignkit.evaluation.reward_eval import pair_diagnostics
 from alignkit.models.loading import pick_device
-from alignkit.scoring import RewardModelScorer, Scorer, is_function_spec, reward_scorer
+from alignkit.scoring import RewardModelScorer, Scorer, check_columns, is_function_spec, reward_scorer
 from alignkit.stages import Stage
 from alignkit.training.distributed import start_one_process
 
@@ -45,9 +53,13 @@ class ScoreConfig(RuntimeConfig):
         "reward_model": "reward",
     }
 
-    reward: str = required(
-        "Reward model directory (the final/ folder of an `alignkit rm` run), or 'module:function' with "
-        "function(prompt: str, response: str) -> float (e.g. alignkit.scoring.classifiers:sentiment)."
+    reward: str | list[str] = required(
+        "Reward model directory (the final/ folder of an `alignkit rm` run), 'module:function' with "
+        "function(prompt: str, response: str, [input columns]) -> float (e.g. "
+        "alignkit.scoring.classifiers:sentiment), or a list [a, b] of these summed with reward_weights."
+    )
+    reward_weights: list[float] | None = doc_field(
+        None, "One weight per reward of a list reward=[...] (the score is their weighted sum); None: all 1."
     )
     input: str = required("Rows to score: .jsonl/.json/.parquet/.csv, a saved dataset dir or a hub id.")
     output: str = required(
@@ -96,7 +108,13 @@ class ScoreConfig(RuntimeConfig):
         super().check()
         check_row_range(self, "input_rows")
         check_below(self, "max_prompt_length", "max_length")  # where both are given
+        check_reward_list(self)
         lengths = [name for name in ("max_length", "max_prompt_length") if getattr(self, name) is not None]
+        if lengths and isinstance(self.reward, list):
+            raise ConfigError(
+                f"config key '{lengths[0]}' applies to one reward model; reward is a list {self.reward}",
+                (lengths[0], "reward"),
+            )
         if lengths and is_function_spec(self.reward):
             raise ConfigError(
                 f"config key '{lengths[0]}' applies to a reward model; reward={self.reward} is a function",
@@ -111,15 +129,16 @@ class Row:
     record: Record
     prompt: object
     responses: tuple[str, ...]  # (response,) or (chosen, rejected)
+    columns: dict  # the row's other columns, for reward functions that take them by name (e.g. 'answer')
 
 
 def score_batch(scorer: Scorer, batch: list[Row]) -> list[list[float]]:
     """One list of scores per output column: [response] for rows, [chosen, rejected] for pairs. A reward model
     scores a batch in one forward pass (both sides of the pairs together)."""
-    prompts = [row.prompt for row in batch]
+    prompts, columns = [row.prompt for row in batch], [row.columns for row in batch]
     sides = [[row.responses[k] for row in batch] for k in range(len(batch[0].responses))]
     if not isinstance(scorer, RewardModelScorer):
-        return [scorer.score(prompts, side) for side in sides]
+        return [scorer.score(prompts, side, columns) for side in sides]
     reward_model = scorer.reward_model
     if len(sides) == 1:
         return [reward_model.score(prompts, sides[0], len(batch))]
@@ -143,7 +162,10 @@ def read_input(cfg: ScoreConfig) -> tuple[str, list[Row], list[BadRow], int]:
             cfg.input, cfg.on_bad_row, split=cfg.input_split, rows=cfg.input_rows, limit=cfg.input_max_rows
         )
         loaded.require_rows("input")
-        rows = [Row(records[p.ref.row], p.prompt, (p.chosen, p.rejected)) for p in loaded.examples]
+        rows = [
+            Row(records[p.ref.row], p.prompt, (p.chosen, p.rejected), _other_columns(records[p.ref.row]))
+            for p in loaded.examples
+        ]
         return kind, rows, loaded.skipped, loaded.n_rows
 
     # (prompt, response) rows: the prompt parsed as generation prompts are (text or messages, optional
@@ -166,10 +188,22 @@ def read_input(cfg: ScoreConfig) -> tuple[str, list[Row], list[BadRow], int]:
                 raise err
             skipped.append(err.bad_row)
             continue
-        rows.append(Row(record, example.prompt, (response,)))
+        rows.append(Row(record, example.prompt, (response,), example.columns))
     if not rows:
         raise no_usable_rows("input", cfg.input, loaded.n_rows, skipped)
     return kind, rows, skipped, loaded.n_rows
+
+
+def _other_columns(record: Record) -> dict:
+    """A pair row's columns other than its prompt and replies."""
+    return {k: v for k, v in record.data.items() if k not in ("prompt", "messages", "chosen", "rejected")}
+
+
+def check_input_columns(cfg: ScoreConfig, rows: list[Row]) -> None:
+    """Refuses, before the reward loads, input rows lacking a column a reward function takes (``check_columns``
+    on the rows as prompt examples)."""
+    examples = [PromptExample(row.prompt, RowRef(cfg.input, row.record.row), row.columns) for row in rows]
+    check_columns(cfg.reward, examples, "reward", "input")
 
 
 def resume_output(path: Path, rows: list[Row], added: set[str]) -> set[int]:
@@ -293,6 +327,7 @@ def run(cfg: ScoreConfig) -> dict:
 
     # 1. Input rows, and which of them an earlier (interrupted) run already scored.
     kind, rows, skipped, n_read = read_input(cfg)
+    check_input_columns(cfg, rows)
     columns = score_columns(cfg, kind)
     if cfg.overwrite and output.exists():
         output.unlink()

@@ -16,11 +16,11 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from alignkit.data.schemas import load_prompts
+from alignkit.data.schemas import PromptExample, load_prompts
 from alignkit.data.tokenize import encode_prompt
 from alignkit.evaluation.metrics import kl_per_token
 from alignkit.models.generation import SamplingConfig
-from alignkit.scoring import Scorer, load_scorer
+from alignkit.scoring import Scorer, check_columns, load_scorer
 from alignkit.training import distributed
 from alignkit.training.online import derived_seed, sample_share
 from alignkit.training.reference import Reference
@@ -32,13 +32,16 @@ if TYPE_CHECKING:  # the engine imports this module
 GOLD_KEYS = ("gold_reward/mean", "gold_proxy/mean", "gold_kl", "gold_kl/per_response")
 
 
-def gold_prompts(cfg) -> list:
-    """The held-out prompts of ``cfg.gold_prompts`` (gold_rows, then the first gold_max_prompts), with the bad-row
-    policy of the config; an error when none is left."""
+def gold_prompts(cfg) -> list[PromptExample]:
+    """The held-out prompt rows of ``cfg.gold_prompts`` (gold_rows, then the first gold_max_prompts), with the
+    bad-row policy of the config; an error when none is left. Each row's other columns go to both rewards, which
+    must find the columns they take (``scoring.check_columns``)."""
     loaded = load_prompts(cfg.gold_prompts, cfg.on_bad_row, rows=cfg.gold_rows, limit=cfg.gold_max_prompts)
     print(f"gold prompts: {loaded.summary()}", file=sys.stderr)
     loaded.require_rows("gold_prompts")
-    return [ex.prompt for ex in loaded.examples]
+    check_columns(cfg.gold_reward, loaded.examples, "gold_reward", "gold_prompts")
+    check_columns(cfg.reward, loaded.examples, "reward", "gold_prompts")
+    return loaded.examples
 
 
 class GoldEval:
@@ -62,7 +65,8 @@ class GoldEval:
         self.proxy: Scorer = setup.scorer
         self.reference: Reference = setup.reference
         self.rank, self.world, self.samples_path = setup.rank, setup.world, samples_path
-        self.prompts = gold_prompts(cfg)
+        examples = gold_prompts(cfg)
+        self.prompts, self.columns = [ex.prompt for ex in examples], [ex.columns for ex in examples]
         self.prompt_ids = [encode_prompt(self.tokenizer, p, cfg.max_prompt_length) for p in self.prompts]
         self.gold = load_scorer(
             cfg.gold_reward,
@@ -102,9 +106,10 @@ class GoldEval:
         # 1. This process's samples (transformers' generate on the policy, whatever the training backend).
         mine = sample_share(cfg, policy, self.tokenizer, self.prompt_ids, self.sampling, rank, world)
         prompts, texts = [self.prompts[i] for i in mine], [g.text for g in mine.values()]
+        columns = [self.columns[i] for i in mine]
         # 2. Gold and proxy scores of them, then every process's samples and scores in every process.
-        gold = self.gold.score(prompts, texts) if mine else []
-        proxy = self.proxy.score(prompts, texts) if mine else []
+        gold = self.gold.score(prompts, texts, columns) if mine else []
+        proxy = self.proxy.score(prompts, texts, columns) if mine else []
         gathered = distributed.gather_dicts(dict(zip(mine, zip(mine.values(), gold, proxy))))
         generations = [g for g, _, _ in gathered.values()]
         gold, proxy = [s for _, s, _ in gathered.values()], [s for _, _, s in gathered.values()]

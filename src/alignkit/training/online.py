@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from alignkit.data.schemas import load_prompts
+from alignkit.data.schemas import PromptExample, load_prompts
 from alignkit.models.generation import Generation, generate_share
 from alignkit.models.precision import in_training_precision
 from alignkit.training import distributed
@@ -24,9 +24,10 @@ from alignkit.training import distributed
 DEFAULT_PROMPTS = Path(__file__).resolve().parents[1] / "assets" / "prompts.jsonl"
 
 
-def training_prompts(cfg) -> tuple[list, int]:
-    """The prompts of ``cfg.train_data`` (the built-in set when None), with the row selection and bad-row
-    policy of the config, and how many rows were skipped; an error when no prompt is left."""
+def training_prompts(cfg) -> tuple[list[PromptExample], int]:
+    """The prompt rows of ``cfg.train_data`` (the built-in set when None; each its prompt and its other
+    columns), with the row selection and bad-row policy of the config, and how many rows were skipped; an error
+    when no prompt is left."""
     loaded = load_prompts(
         cfg.train_data or str(DEFAULT_PROMPTS),
         cfg.on_bad_row,
@@ -36,7 +37,7 @@ def training_prompts(cfg) -> tuple[list, int]:
     )
     print(f"prompts: {loaded.summary()}", file=sys.stderr)
     loaded.require_rows("train_data")
-    return [ex.prompt for ex in loaded.examples], len(loaded.skipped)
+    return loaded.examples, len(loaded.skipped)
 
 
 def note_idle_processes(cfg, n_samples: int, per: str, samples_doc: str) -> None:

@@ -44,7 +44,7 @@ from alignkit.models.loading import (
     save_final,
 )
 from alignkit.models.precision import weights_dtype
-from alignkit.scoring import Scorer, check_scorer, reward_scorer
+from alignkit.scoring import PartScores, Scorer, check_columns, check_scorer, reward_scorer, score_parts
 from alignkit.training import distributed
 from alignkit.training.checkpoint import (
     NonFiniteState,
@@ -92,6 +92,7 @@ class OnlineSetup:
     load: Callable[[], torch.nn.Module]  # another copy of cfg.model, as the policy was loaded
     rank: int
     world: int
+    prompt_columns: list[dict] = field(default_factory=list)  # each prompt's other columns, for the reward
 
 
 @dataclass
@@ -102,6 +103,8 @@ class Samples:
     generations: list[Generation]
     scores: list[float]  # the reward's score of each sample, less any length penalty: what the method trains on
     raw_scores: list[float] | None = None  # the reward's own scores, when a length penalty changed them
+    # reward=[a, b, ...]: each reward's own (unweighted) scores by name (scoring.part_names); None: one reward.
+    reward_parts: dict[str, list[float]] | None = None
 
     @property
     def texts(self) -> list[str]:
@@ -115,12 +118,20 @@ class Samples:
         """The samples at ``indices``, in that order (a method keeping some of a unit's groups)."""
         raw = [self.raw_scores[i] for i in indices] if self.raw_scores else None
         prompts, generations = [self.prompts[i] for i in indices], [self.generations[i] for i in indices]
-        return Samples(prompts, generations, [self.scores[i] for i in indices], raw)
+        parts = self.reward_parts and {name: [part[i] for i in indices] for name, part in self.reward_parts.items()}
+        return Samples(prompts, generations, [self.scores[i] for i in indices], raw, parts)
 
     def __add__(self, other: Samples) -> Samples:
         raw = (self.raw_scores or []) + (other.raw_scores or []) if self.raw_scores or other.raw_scores else None
+        # Both come from the same reward, so both or neither have parts, under the same names.
+        parts = (
+            {name: part + other.reward_parts[name] for name, part in self.reward_parts.items()}
+            if self.reward_parts and other.reward_parts
+            else None
+        )
         return Samples(
-            self.prompts + other.prompts, self.generations + other.generations, self.scores + other.scores, raw
+            self.prompts + other.prompts, self.generations + other.generations, self.scores + other.scores, raw,
+            parts,
         )
 
 
@@ -258,7 +269,9 @@ def prepare(cfg, run_dir: RunDir, needs_reference: bool = True) -> OnlineSetup:
     seed_and_threads(cfg)
     device = pick_device()
     tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code)
-    prompts, n_skipped = training_prompts(cfg)
+    examples, n_skipped = training_prompts(cfg)
+    check_columns(cfg.reward, examples, "reward", "train_data")  # before any model loads
+    prompts = [ex.prompt for ex in examples]
     prompt_ids = [encode_prompt(tokenizer, p, cfg.max_prompt_length) for p in prompts]
     scorer = make_scorer(cfg, device)
     load = functools.partial(
@@ -284,6 +297,7 @@ def prepare(cfg, run_dir: RunDir, needs_reference: bool = True) -> OnlineSetup:
         load,
         rank,
         world,
+        [ex.columns for ex in examples],
     )
 
 
@@ -500,20 +514,28 @@ class OnlineRun:
 
     def score(self, idx: list[int], mine: dict[int, Generation]) -> Samples:
         """Step 2: score this process's samples, and gather every process's samples and scores."""
-        k = self.method.samples_per_prompt
-        prompts = [self.setup.prompts[i] for i in idx for _ in range(k)]
+        k, setup = self.method.samples_per_prompt, self.setup
+        prompts = [setup.prompts[i] for i in idx for _ in range(k)]
+        columns = [setup.prompt_columns[i] for i in idx for _ in range(k)]  # what reward functions may take
         mine = dict(sorted(mine.items()))  # by position among the unit's samples
         my_texts = [g.text for g in mine.values()]  # none where a process got no generation batch
-        # EXTRA COLUMNS: the one call site of the reward. A reward function taking a prompt row's extra columns
-        # (e.g. `answer`) gets them from here: pass the rows of ``idx`` alongside when the scorer takes them.
-        my_scores = self.setup.scorer.score([prompts[i] for i in mine], my_texts) if mine else []
-        gathered = distributed.gather_dicts(dict(zip(mine, zip(mine.values(), my_scores))))
-        generations, scores = [g for g, _ in gathered.values()], [score for _, score in gathered.values()]
+        my = (
+            score_parts(setup.scorer, [prompts[i] for i in mine], my_texts, [columns[i] for i in mine])
+            if mine
+            else PartScores([], {})
+        )
+        my_parts = [{name: part[j] for name, part in my.parts.items()} for j in range(len(my.total))]
+        gathered = distributed.gather_dicts(dict(zip(mine, zip(mine.values(), my.total, my_parts))))
+        generations = [g for g, _, _ in gathered.values()]
+        scores = [score for _, score, _ in gathered.values()]
+        names = list(next(iter(gathered.values()))[2]) if gathered else []  # every sample's parts have them all
+        parts = {name: [p[name] for _, _, p in gathered.values()] for name in names} or None
         if not self.cfg.length_penalty:
-            return Samples(prompts, generations, scores)
+            return Samples(prompts, generations, scores, reward_parts=parts)
         # The reward trained on: score - length_penalty x response tokens (remedies.length_penalised).
         lengths = [len(g.response_ids) for g in generations]
-        return Samples(prompts, generations, length_penalised(scores, lengths, self.cfg.length_penalty), scores)
+        penalised = length_penalised(scores, lengths, self.cfg.length_penalty)
+        return Samples(prompts, generations, penalised, scores, parts)
 
     def logs_row(self) -> bool:
         """Whether this unit's row is logged (and seen by the monitors): every log_every units, and the last."""
@@ -554,6 +576,8 @@ class OnlineRun:
                 ):
                     sample = {"step": self.unit, "prompt": prompt, "response": g.text, "score": score}
                     sample |= {"raw_score": samples.raw_scores[i]} if samples.raw_scores else {}
+                    if samples.reward_parts:
+                        sample["rewards"] = {name: part[i] for name, part in samples.reward_parts.items()}
                     sample |= {
                         "finished": g.finished,
                         **(batch.sample_fields[i] if batch.sample_fields else {}),
@@ -676,6 +700,8 @@ def sample_stats(samples: Samples) -> dict[str, float]:
     # With a length penalty the score keys are of the penalised reward (what is trained on and what the
     # reward-hacking monitor should see pay for length); "score/unpenalised" is the reward's own.
     raw = {"score/unpenalised": float(np.mean(samples.raw_scores))} if samples.raw_scores else {}
+    # reward=[a, b, ...]: each reward's own mean, reward/<name> (unweighted).
+    raw |= {f"reward/{name}": float(np.mean(part)) for name, part in (samples.reward_parts or {}).items()}
     return raw | {
         "score/mean": float(np.mean(scores)),
         "score/std": float(np.std(scores, ddof=1)) if len(scores) > 1 else 0.0,
