@@ -90,7 +90,6 @@ def test_method_rows_pool_seeds_and_measure_stability():
     ("settings", "message"),
     [
         (["methods=[dpo,rlhf]"], "unknown ['rlhf']"),
-        (["methods=[dpo]"], "config key 'pairs'"),
         (["methods=[grpo]", "method_settings=[dpo.beta=0.2]"], "'dpo.beta=0.2' is not"),
         (["methods=[grpo]"], "gold"),
     ],
@@ -99,6 +98,20 @@ def test_config_mistakes_are_config_errors(settings, message):
     extra = [] if settings == ["methods=[grpo]"] else ["gold=x:y"]
     with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
         load_config(CompareConfig, None, [*settings, *extra])
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        (["methods=[grpo,dpo]", "gold=_ppo_rewards:length"], "config key 'pairs': ['dpo'] train on preference"),
+        (["methods=[grpo]", "gold=no_such_module_xyz:f"], "gold: no module named 'no_such_module_xyz'"),
+        (["methods=[grpo]", "gold=_ppo_rewards:length", "reward=/no/rm"], "reward: '/no/rm' is neither"),
+    ],
+)
+def test_missing_data_or_a_bad_scorer_stops_before_anything_runs(settings, message, tmp_path, capsys):
+    assert main(["compare", *settings, f"output_dir={tmp_path / 'c'}"]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "c").exists()
 
 
 def test_frontier_has_one_point_per_run_and_the_base_at_kl_zero():

@@ -96,15 +96,25 @@ class CompareConfig:
             raise ConfigError(f"config key 'methods': unknown {unknown or 'none given'}; from {list(METHODS)}")
         if not self.seeds:
             raise ConfigError("config key 'seeds': give at least one seed")
-        offline = [m for m in self.methods if not METHODS[m].online and not (m == "sft" and self.demonstrations)]
-        if offline and self.pairs is None:
-            raise ConfigError(f"config key 'pairs': {offline} train on preference pairs; set pairs=FILE")
         for item in self.method_settings:
             method, _, key = item.partition("=")[0].partition(".")
             if method not in self.methods or not key or "=" not in item:
                 raise ConfigError(
                     f"config key 'method_settings': '{item}' is not 'method.key=value' for a method of {self.methods}"
                 )
+
+
+def check_data(cfg: CompareConfig) -> None:
+    """The methods' data and the scorers are given and load (checked when the run starts, before anything
+    trains: the defaults name no data file, and a bad gold scorer would otherwise surface after training)."""
+    from alignkit.scoring.scorers import check_scorer
+
+    check_scorer(cfg.gold, "gold")
+    if cfg.reward is not None:
+        check_scorer(cfg.reward, "reward")
+    offline = [m for m in cfg.methods if not METHODS[m].online and not (m == "sft" and cfg.demonstrations)]
+    if offline and cfg.pairs is None:
+        raise ConfigError(f"config key 'pairs': {offline} train on preference pairs; set pairs=FILE")
 
 
 def _say(msg: str) -> None:
@@ -153,11 +163,12 @@ def split_data(cfg: CompareConfig, root: Path) -> dict[str, Path | None]:
     source = Path(cfg.prompts or PROMPTS)
     if not source.is_file():
         raise ConfigError(f"config key 'prompts': {source} is not a file (a local JSONL of prompts)")
+    # Lines copied as they are: the stages that read them check each row and name a bad one.
     lines = [line for line in source.read_text().splitlines() if line.strip()]
     n = cfg.heldout_prompts_every
     out["prompts"], out["heldout_prompts"] = root / "prompts-train.jsonl", root / "prompts-heldout.jsonl"
-    _write_jsonl(out["prompts"], [json.loads(x) for i, x in enumerate(lines) if i % n != n - 1])
-    _write_jsonl(out["heldout_prompts"], [json.loads(x) for i, x in enumerate(lines) if i % n == n - 1])
+    out["prompts"].write_text("".join(x + "\n" for i, x in enumerate(lines) if i % n != n - 1))
+    out["heldout_prompts"].write_text("".join(x + "\n" for i, x in enumerate(lines) if i % n == n - 1))
     return out
 
 
@@ -355,6 +366,7 @@ def run(cfg: CompareConfig) -> dict:
     from alignkit.training.run import RunFolderLock
 
     started = time.time()
+    check_data(cfg)
     if cfg.quick:
         cfg = quick_settings(cfg)
     model = resolve_model(cfg.model)
