@@ -24,6 +24,14 @@ STAGES: dict[str, tuple[str, str]] = {
         "alignkit.pipelines.quickstart",
         "The main job: a short alignment run on the embedded default model",
     ),
+    "compare": (
+        "alignkit.pipelines.compare",
+        "Train methods x seeds on one model, data and budget; table and reward-vs-KL frontier vs the base",
+    ),
+    "recommend": (
+        "alignkit.pipelines.recommend",
+        "Which method to use: ranked by your data, model size, memory and tuning budget, with reasons",
+    ),
     "prepare-model": ("alignkit.stages.prepare_model", "Prepare the embedded default model in the cache"),
     "sft": ("alignkit.stages.sft", "Supervised fine-tuning on demonstrations"),
     "dpo": ("alignkit.stages.dpo", "Direct Preference Optimization on chosen/rejected pairs"),

@@ -1,0 +1,425 @@
+"""`alignkit compare CONFIG.yaml`: which method works best here, measured. Each method of the config trains on
+the same base model, data and budget, once per seed, and is evaluated against the base by a gold scorer that
+took no part in training:
+
+    split data -> for each method x seed: train (its own run folder) -> eval vs base -> table + frontier page
+
+A pipeline composes stages (it sits above them; no stage imports another): every run folder under
+output_dir (``<method>-seed<k>/``) is an ordinary run folder of that stage, with its eval.json beside its
+summary.json. A run is finished when its summary.json exists and evaluated when its eval.json does; a rerun
+trains and evaluates only what is missing (an interrupted run resumes from its latest checkpoint).
+
+Outputs in output_dir: compare.json (every run and the table), compare.md (the table), compare.html (the
+reward-vs-KL frontier, the shape of the DPO paper's Figure 2, and the table).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import sys
+import time
+from dataclasses import dataclass, replace
+from importlib.resources import files
+from pathlib import Path
+from typing import Literal
+
+from alignkit.config import ConfigError, doc_field, load_config, required, save_config
+from alignkit.pipelines.methods import METHODS, models_in_memory
+from alignkit.stages import Stage
+
+PROMPTS = str(files("alignkit") / "assets" / "prompts.jsonl")
+
+
+@dataclass
+class CompareConfig:
+    """Methods x seeds on one base model, one data set and one budget; `alignkit compare CONFIG.yaml`."""
+
+    methods: list[str] = doc_field(
+        ["sft", "dpo", "ipo", "kto", "orpo"], f"Methods to compare, from {list(METHODS)}."
+    )
+    model: str = doc_field("smollm2-135m-instruct", "Base model (embedded default, hub id or local dir).")
+    output_dir: str = doc_field("runs/compare", "Folder of the runs and the table; rerunning resumes it.")
+    pairs: str | None = doc_field(
+        None, "Preference pairs (prompt/chosen/rejected) for sft (its chosen replies), dpo, ipo, kto, orpo."
+    )
+    demonstrations: str | None = doc_field(
+        None, "SFT data (prompt/completion); unset: the chosen replies of the training pairs."
+    )
+    heldout_pairs_every: int = doc_field(
+        5, "Every Nth pair is held out of training for the preference accuracy.", ge=2
+    )
+    prompts: str | None = doc_field(
+        None, "Prompts (local JSONL) for the online methods and the evaluation; unset: alignkit's built-in set."
+    )
+    heldout_prompts_every: int = doc_field(
+        4, "Every Nth prompt is held out of training for the evaluation.", ge=2
+    )
+    gold: str = required(
+        "Gold scorer of the evaluation: 'module:function' (prompt, response) -> float, or a reward-model dir."
+    )
+    reward: str | None = doc_field(
+        None,
+        "Training reward of the online methods (a function or an `alignkit rm` dir); unset: the gold scorer "
+        "itself, optimised directly as in the DPO paper's sentiment experiment.",
+    )
+    steps: int = doc_field(50, "Budget of the offline methods: optimizer steps.", ge=1)
+    iterations: int = doc_field(10, "Budget of the online methods: iterations (online DPO: rounds).", ge=1)
+    lora: bool = doc_field(True, "Train LoRA adapters (the reference is the base with adapters off).")
+    lora_r: int = doc_field(16, "LoRA rank.", ge=1)
+    learning_rate: float | None = doc_field(None, "Learning rate of every method; unset: each stage's own.", gt=0)
+    batch_size: int = doc_field(8, "Offline methods' batch size (items per optimizer step).", ge=1)
+    micro_batch_size: int = doc_field(2, "Items per forward/backward pass.", ge=1)
+    max_new_tokens: int = doc_field(48, "Longest response, in training (online) and in the evaluation.", ge=1)
+    seeds: list[int] = doc_field([0, 1, 2], "Training seeds; each method runs once per seed.")
+    eval_samples: int = doc_field(4, "Responses per held-out prompt and model in the evaluation.", ge=1)
+    eval_temperature: float = doc_field(0.7, "Sampling temperature of the evaluation.", ge=0)
+    eval_prompts_max: int | None = doc_field(None, "Evaluate on the first N held-out prompts only.", ge=1)
+    # One seed for every evaluation, so the methods are compared on the same sampling draws and the spread
+    # over seeds is the training's alone.
+    eval_seed: int = doc_field(0, "Seed of every evaluation's sampling.", ge=0)
+    method_settings: list[str] = doc_field(
+        [], "Per-method settings of its stage, 'method.key=value' (e.g. 'dpo.beta=0.2'); they win."
+    )
+    dtype: Literal["auto", "float32", "bfloat16"] = doc_field(
+        "float32", "Dtype of every run; float32 gives the same figures on every CPU kind."
+    )
+    quick: bool = doc_field(
+        False, "Run the whole machinery in seconds: 2 steps, 1 iteration, 6 tokens, 4 held-out prompts x 1."
+    )
+    progress: bool = doc_field(True, "Show progress bars.")
+
+    def check(self) -> None:
+        unknown = [m for m in self.methods if m not in METHODS]
+        if unknown or not self.methods:
+            raise ConfigError(f"config key 'methods': unknown {unknown or 'none given'}; from {list(METHODS)}")
+        if not self.seeds:
+            raise ConfigError("config key 'seeds': give at least one seed")
+        for item in self.method_settings:
+            method, _, key = item.partition("=")[0].partition(".")
+            if method not in self.methods or not key or "=" not in item:
+                raise ConfigError(
+                    f"config key 'method_settings': '{item}' is not 'method.key=value' for a method of {self.methods}"
+                )
+
+
+def check_data(cfg: CompareConfig) -> None:
+    """The methods' data and the scorers are given and load (checked when the run starts, before anything
+    trains: the defaults name no data file, and a bad gold scorer would otherwise surface after training)."""
+    from alignkit.scoring.scorers import check_scorer
+
+    check_scorer(cfg.gold, "gold")
+    if cfg.reward is not None:
+        check_scorer(cfg.reward, "reward")
+    offline = [m for m in cfg.methods if not METHODS[m].online and not (m == "sft" and cfg.demonstrations)]
+    if offline and cfg.pairs is None:
+        raise ConfigError(f"config key 'pairs': {offline} train on preference pairs; set pairs=FILE")
+
+
+def _say(msg: str) -> None:
+    print(f"[compare] {msg}", file=sys.stderr, flush=True)
+
+
+def quick_settings(cfg: CompareConfig) -> CompareConfig:
+    """quick=true: the smallest budget that still runs every step of every method."""
+    return replace(
+        cfg, steps=2, iterations=1, max_new_tokens=6, eval_samples=1, eval_prompts_max=4, batch_size=4,
+        micro_batch_size=2, lora_r=4,
+    )  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------
+# Data: the same split for every method
+# ---------------------------------------------------------------------------------------------
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tmp.replace(path)
+
+
+def split_data(cfg: CompareConfig, root: Path) -> dict[str, Path | None]:
+    """Training and held-out files in ``root``: every Nth pair and every Nth prompt held out."""
+    from alignkit.data.schemas import load_preferences
+
+    out: dict[str, Path | None] = {"pairs": None, "heldout_pairs": None, "demonstrations": None}
+    if cfg.pairs is not None:
+        pairs = load_preferences(cfg.pairs).examples
+        n = cfg.heldout_pairs_every
+        rows = [{"prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected} for p in pairs]
+        out["pairs"], out["heldout_pairs"] = root / "pairs-train.jsonl", root / "pairs-heldout.jsonl"
+        _write_jsonl(out["pairs"], [r for i, r in enumerate(rows) if i % n != n - 1])
+        _write_jsonl(out["heldout_pairs"], [r for i, r in enumerate(rows) if i % n == n - 1])
+        # SFT, the baseline, imitates the chosen replies of the same training pairs.
+        out["demonstrations"] = root / "demonstrations.jsonl"
+        _write_jsonl(
+            out["demonstrations"],
+            [{"prompt": r["prompt"], "completion": r["chosen"]} for i, r in enumerate(rows) if i % n != n - 1],
+        )
+    if cfg.demonstrations is not None:
+        out["demonstrations"] = Path(cfg.demonstrations)
+    source = Path(cfg.prompts or PROMPTS)
+    if not source.is_file():
+        raise ConfigError(f"config key 'prompts': {source} is not a file (a local JSONL of prompts)")
+    # Lines copied as they are: the stages that read them check each row and name a bad one.
+    lines = [line for line in source.read_text().splitlines() if line.strip()]
+    n = cfg.heldout_prompts_every
+    out["prompts"], out["heldout_prompts"] = root / "prompts-train.jsonl", root / "prompts-heldout.jsonl"
+    out["prompts"].write_text("".join(x + "\n" for i, x in enumerate(lines) if i % n != n - 1))
+    out["heldout_prompts"].write_text("".join(x + "\n" for i, x in enumerate(lines) if i % n == n - 1))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Train and evaluate one run
+# ---------------------------------------------------------------------------------------------
+
+
+def stage_settings(cfg: CompareConfig, method: str, seed: int, model: str, data: dict, run_dir: Path) -> dict:
+    """The settings of ``method``'s stage for one run: the shared budget, then the method's own data."""
+    m = METHODS[method]
+    settings: dict = {
+        "model": model, "output_dir": str(run_dir), "seed": seed, "dtype": cfg.dtype, "lora": cfg.lora,
+        "lora_r": cfg.lora_r, "lora_alpha": 2 * cfg.lora_r, "micro_batch_size": cfg.micro_batch_size,
+        "progress": cfg.progress, "tensorboard": False,
+        "resume_from": "latest" if (run_dir / "checkpoints").is_dir() else None,
+    }  # fmt: skip
+    if cfg.learning_rate is not None:
+        settings["learning_rate"] = cfg.learning_rate
+    if m.online:
+        settings.update(train_data=str(data["prompts"]), reward=cfg.reward or cfg.gold)
+        settings.update(max_new_tokens=cfg.max_new_tokens)
+        settings["rounds" if method == "online_dpo" else "iterations"] = cfg.iterations
+        if cfg.quick:  # the smallest batches each online stage accepts
+            settings.update(
+                {
+                    "online_dpo": {"prompts_per_round": 4, "samples_per_prompt": 2, "minibatch_size": 4},
+                    "ppo": {"prompts_per_iteration": 4, "minibatch_size": 2, "micro_batch_size": 1},
+                    "grpo": {"prompts_per_iteration": 2, "num_generations": 2, "minibatch_size": 4},
+                }[method]
+            )
+    else:
+        train = data["demonstrations"] if method == "sft" else data["pairs"]
+        settings.update(train_data=str(train), max_steps=cfg.steps, batch_size=cfg.batch_size)
+        if m.preference_accuracy:
+            settings["eval_data"] = str(data["heldout_pairs"])
+    return settings
+
+
+def method_overrides(cfg: CompareConfig, method: str) -> list[str]:
+    """The 'key=value' items of method_settings for ``method``."""
+    return [item.split(".", 1)[1] for item in cfg.method_settings if item.split(".", 1)[0] == method]
+
+
+def train(cfg: CompareConfig, method: str, seed: int, model: str, data: dict, run_dir: Path) -> None:
+    from alignkit.stages import load_stage
+
+    stage = load_stage(METHODS[method].stage)
+    overrides = method_overrides(cfg, method)
+    given = {item.split("=", 1)[0] for item in overrides}
+    settings = {k: v for k, v in stage_settings(cfg, method, seed, model, data, run_dir).items() if k not in given}
+    stage.main(load_config(stage.config, None, overrides, **settings))
+
+
+def evaluate(cfg: CompareConfig, model: str, heldout_prompts: Path, run_dir: Path) -> None:
+    """`eval`: the run's final model against the base on the held-out prompts, scored by the gold scorer."""
+    from alignkit.stages import eval as eval_stage
+
+    eval_stage.run(
+        load_config(
+            eval_stage.EvalConfig, None, [], model=str(run_dir / "final"), reference=model, dtype=cfg.dtype,
+            prompts=str(heldout_prompts), prompts_max_rows=cfg.eval_prompts_max, reward=cfg.gold,
+            temperature=cfg.eval_temperature, samples_per_prompt=cfg.eval_samples,
+            max_new_tokens=cfg.max_new_tokens, seed=cfg.eval_seed, output=str(run_dir / "eval.json"),
+            progress=cfg.progress,
+        )
+    )  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------
+# Measure: one row per run, one per method
+# ---------------------------------------------------------------------------------------------
+
+
+def _mean(values: list) -> float | None:
+    values = [v for v in values if v is not None]
+    return sum(values) / len(values) if values else None
+
+
+def run_row(method: str, seed: int, run_dir: Path) -> dict:
+    """What one finished and evaluated run measured, from its summary.json, metrics.jsonl and eval.json."""
+    summary = json.loads((run_dir / "summary.json").read_text())
+    ev = json.loads((run_dir / "eval.json").read_text())
+    metrics = run_dir / "metrics.jsonl"
+    rows = [json.loads(x) for x in metrics.read_text().splitlines() if x.strip()] if metrics.is_file() else []
+    events = summary.get("monitor_events", []) + summary.get("events", [])
+    k = ev["samples_per_prompt"]
+    per_prompt = {
+        side: [sum(s[f"{side}_score"] for s in ev["samples"][i : i + k]) / k for i in range(0, len(ev["samples"]), k)]
+        for side in ("policy", "reference")
+    }
+    pol, ref = ev["policy"], ev["reference_stats"]
+    return {
+        "method": method,
+        "seed": seed,
+        "run_dir": str(run_dir),
+        "peak_rss_mb": summary.get("peak_rss_mb"),
+        "wall_seconds": summary.get("wall_seconds", summary.get("train_seconds")),
+        "tokens_per_s": _mean([r.get("tokens_per_s") for r in rows]),
+        "preference_accuracy": summary.get("eval_accuracy"),
+        "win_rate": ev["win_rate"],
+        "gold_mean": pol["score"]["mean"],
+        "reference_gold_mean": ref["score"]["mean"],
+        "kl": ev["kl"]["k1_per_token"],
+        "length_change": pol["length_tokens"]["mean"] - ref["length_tokens"]["mean"],
+        "distinct_2": pol["distinct_2"],
+        "stopped": bool(summary.get("stopped_by")) or any(e.get("action") == "stop" for e in events),
+        "per_prompt": per_prompt,
+    }
+
+
+def method_rows(runs: list[dict], reward_is_model: bool) -> list[dict]:
+    """One row per method over its seeds: means, the pooled win rate, and the stability columns.
+
+    Win rate: prompts x seeds pooled, its interval a bootstrap over those (prompt, seed) units. Stability:
+    the sample std over seeds of each seed's win rate (0 with one seed), and the share of runs a monitor
+    stopped. Peak memory: the largest over seeds.
+    """
+    from alignkit.evaluation.metrics import win_rate
+
+    out = []
+    for method in dict.fromkeys(r["method"] for r in runs):
+        rs = [r for r in runs if r["method"] == method]
+        w = win_rate(
+            [v for r in rs for v in r["per_prompt"]["policy"]], [v for r in rs for v in r["per_prompt"]["reference"]]
+        )
+        wins = [r["win_rate"]["value"] for r in rs]
+        out.append(
+            {
+                "method": method,
+                "seeds": len(rs),
+                "models_in_memory": models_in_memory(method, reward_is_model),
+                "peak_rss_mb": max((r["peak_rss_mb"] for r in rs if r["peak_rss_mb"] is not None), default=None),
+                "wall_seconds": _mean([r["wall_seconds"] for r in rs]),
+                "tokens_per_s": _mean([r["tokens_per_s"] for r in rs]),
+                "preference_accuracy": _mean([r["preference_accuracy"] for r in rs]),
+                "win_rate": w.value,
+                "win_rate_ci95": [w.low, w.high],
+                "gold_mean": _mean([r["gold_mean"] for r in rs]),
+                "kl": _mean([r["kl"] for r in rs]),
+                "length_change": _mean([r["length_change"] for r in rs]),
+                "distinct_2": _mean([r["distinct_2"] for r in rs]),
+                "win_rate_std_over_seeds": statistics.stdev(wins) if len(wins) > 1 else 0.0,
+                "stopped_share": sum(r["stopped"] for r in rs) / len(rs),
+            }
+        )
+    return out
+
+
+COLUMNS = [  # (key, header) of the table
+    ("method", "method"),
+    ("models_in_memory", "models"),
+    ("peak_rss_mb", "peak MB"),
+    ("wall_seconds", "wall s"),
+    ("tokens_per_s", "tok/s"),
+    ("preference_accuracy", "pref. acc."),
+    ("win_rate", "gold win rate [95% CI]"),
+    ("gold_mean", "gold mean"),
+    ("kl", "KL/token"),
+    ("length_change", "Δ length"),
+    ("distinct_2", "distinct-2"),
+    ("win_rate_std_over_seeds", "win std (seeds)"),
+    ("stopped_share", "stopped"),
+]
+
+
+def _cell(row: dict, key: str) -> str:
+    v = row.get(key)
+    if key == "win_rate":
+        lo, hi = row["win_rate_ci95"]
+        return f"{v:.3f} [{lo:.3f}, {hi:.3f}]"
+    if v is None or (isinstance(v, float) and not math.isfinite(v)):
+        return "–"
+    if isinstance(v, float):
+        return f"{v:.0f}" if abs(v) >= 100 else f"{v:.3g}" if key != "length_change" else f"{v:+.2f}"
+    return str(v)
+
+
+def markdown_table(rows: list[dict]) -> str:
+    head = "| " + " | ".join(h for _, h in COLUMNS) + " |"
+    rule = "|" + "|".join("---" if k == "method" else "---:" for k, _ in COLUMNS) + "|"
+    return "\n".join([head, rule, *("| " + " | ".join(_cell(r, k) for k, _ in COLUMNS) + " |" for r in rows)])
+
+
+TABLE_NOTES = (
+    "models: models held in memory (trained + reference + reward model), as roles; with LoRA the reference "
+    "is the base with adapters off. Win rate: per held-out prompt, the policy's mean gold score against the "
+    "base's (ties half), pooled over seeds, bootstrap interval over (prompt, seed). KL: k1 estimate on the "
+    "policy's samples, nats/token. Δ length: tokens, policy minus base. stopped: share of runs a monitor stopped."
+)
+
+
+def run(cfg: CompareConfig) -> dict:
+    from alignkit.models.loading import resolve_model
+    from alignkit.training.run import RunFolderLock
+
+    started = time.time()
+    check_data(cfg)
+    if cfg.quick:
+        cfg = quick_settings(cfg)
+    model = resolve_model(cfg.model)
+    root = Path(cfg.output_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    lock = RunFolderLock.acquire(root)  # two compares in one folder would train the same runs twice
+    try:
+        save_config(cfg, str(root / "config.yaml"))
+        return _run(cfg, root, model, started)
+    finally:
+        lock.release()
+
+
+def _run(cfg: CompareConfig, root: Path, model: str, started: float) -> dict:
+    data = split_data(cfg, root)
+    trained, evaluated, runs = [], [], []
+    for method in cfg.methods:
+        for seed in cfg.seeds:
+            run_dir = root / f"{method}-seed{seed}"
+            if not (run_dir / "summary.json").is_file():
+                _say(f"training {method} seed {seed} into {run_dir}")
+                train(cfg, method, seed, model, data, run_dir)
+                trained.append(run_dir.name)
+            if not (run_dir / "eval.json").is_file():
+                _say(f"evaluating {run_dir.name} against the base with {cfg.gold}")
+                evaluate(cfg, model, data["heldout_prompts"], run_dir)
+                evaluated.append(run_dir.name)
+            runs.append(run_row(method, seed, run_dir))
+    reward_is_model = Path(cfg.reward or cfg.gold).is_dir()
+    table = method_rows(runs, reward_is_model)
+    result = {
+        "model": cfg.model,
+        "gold": cfg.gold,
+        "methods": table,
+        "runs": [{k: v for k, v in r.items() if k != "per_prompt"} for r in runs],
+        "trained_now": trained,
+        "evaluated_now": evaluated,
+        "wall_seconds": time.time() - started,
+    }
+    markdown = markdown_table(table)
+    (root / "compare.json").write_text(json.dumps(result, indent=2) + "\n")
+    (root / "compare.md").write_text(markdown + "\n\n" + TABLE_NOTES + "\n")
+    from alignkit.reporting.frontier import compare_page
+
+    (root / "compare.html").write_text(compare_page(cfg.model, cfg.gold, runs, markdown_rows(table)))
+    print(markdown)
+    print(f"\n{TABLE_NOTES}\n\nruns trained now: {len(trained)}; page: {root / 'compare.html'}")
+    return result
+
+
+def markdown_rows(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
+    """The table's header and cells, as the HTML page shows them."""
+    return [h for _, h in COLUMNS], [[_cell(r, k) for k, _ in COLUMNS] for r in rows]
+
+
+STAGE = Stage("compare", CompareConfig, run, prints_results=True)

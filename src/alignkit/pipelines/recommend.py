@@ -1,0 +1,171 @@
+"""`alignkit recommend`: which method to use, ranked, with the reasons and a memory estimate per method.
+
+The rules are the seed article's selection guide, by data format, model size, compute and team expertise:
+
+- data: demonstrations -> SFT; preference pairs -> DPO (IPO, ORPO, KTO next; PPO through an `alignkit rm`
+  reward model); binary good/bad feedback -> KTO; prompts and a reward function or model -> online RL.
+- model size: "7B and below, DPO"; 70B and up, "consider RLHF" (PPO), when the team can afford its tuning.
+- tuning budget (team expertise): PPO has the most knobs (KL coefficient, value model, GAE, clipping) and
+  is ranked first only with a high budget; with a low one the critic-free and offline methods come first.
+- compute: a method whose estimate (LoRA included) exceeds the accelerator's memory goes to the end.
+
+Memory estimate (a floor: activations, the KV cache and framework overhead are not counted), in GB = 1e9 B:
+
+    full:  P x [ trained x (b + b + 8) + frozen x b ]
+    LoRA:  P x b x (1 + separate frozen models) + P x 1% x trained x (b + b + 8)
+
+P = parameters; b = bytes per parameter of the weights (2 in bf16/fp16, 4 in fp32); a trained model carries
+its weights (b), gradients (b) and Adam's two moments in fp32 (8). With LoRA the base is held once and shared
+by the policy, the reference (adapters off) and PPO's value model (an adapter on the same base, alignkit's
+ppo); only a reward model is a separate copy; the adapters are taken as 1% of P.
+
+The evidence behind the rules comes from papers on 7B-70B models; alignkit's own comparisons (`alignkit
+compare`) run on small models, whose ranking may not carry over to large ones.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from alignkit.config import doc_field
+from alignkit.pipelines.methods import METHODS, models_in_memory
+from alignkit.stages import Stage
+
+DataFormat = Literal["demonstrations", "pairs", "binary", "prompts+reward"]
+BYTES = {"bf16": 2, "fp32": 4}  # bytes per parameter of the weights
+ADAM_BYTES = 8  # Adam's first and second moments, fp32, per trained parameter
+LORA_SHARE = 0.01  # adapters' parameters as a share of the base (rank 16 on the attention and MLP projections)
+
+# Candidates for each data format, in the guide's order before the size, budget and memory rules.
+CANDIDATES: dict[str, list[str]] = {
+    "demonstrations": ["sft"],
+    "pairs": ["dpo", "ipo", "orpo", "kto", "ppo", "sft"],
+    "binary": ["kto"],
+    "prompts+reward": ["grpo", "online_dpo", "ppo"],
+}
+REASONS: dict[str, str] = {
+    "sft": "imitates demonstrations; the baseline every preference method starts from",
+    "dpo": "pairs, no reward model and no sampling; one reference; few settings (beta)",
+    "ipo": "as DPO with a squared loss that does not push the margin to infinity: safer on noisy or "
+    "deterministic preferences",
+    "orpo": "no reference model (one model in memory): SFT and preference in one step",
+    "kto": "learns from unpaired good/bad feedback; accepts pairs split into good and bad",
+    "ppo": "RLHF: optimises a reward (a function, or an `alignkit rm` model trained on the pairs) online; "
+    "the most settings to tune (KL, value model, GAE, clipping)",
+    "grpo": "online RL without a value model: group-relative advantages; fewer settings than PPO",
+    "online_dpo": "samples the policy each round and trains DPO on best-vs-worst under the reward",
+}
+
+
+@dataclass
+class RecommendConfig:
+    """What you have; `alignkit recommend data=pairs model_size=7 memory_gb=24 tuning=low`."""
+
+    data: DataFormat = doc_field(
+        "pairs",
+        "Your data: demonstrations (prompt + good reply), pairs (chosen/rejected), binary (good/bad labels), "
+        "or prompts+reward (prompts and a reward function or model).",
+    )
+    model_size: float = doc_field(7.0, "Model size in billions of parameters.", gt=0)
+    memory_gb: float = doc_field(24.0, "Memory of one accelerator, GB (all of them with sharding).", gt=0)
+    tuning: Literal["low", "high"] = doc_field(
+        "low", "How much hyperparameter tuning the team can afford (its RL experience)."
+    )
+    precision: Literal["bf16", "fp32"] = doc_field(
+        "bf16", "Weights' precision: bf16 (or fp16) is 2 bytes per parameter, fp32 is 4."
+    )
+    reward_is_model: bool = doc_field(
+        True, "The reward is a model held in memory (an `alignkit rm` model), not a function."
+    )
+
+
+def memory_gb(method: str, params_b: float, bytes_per_param: int, lora: bool, reward_is_model: bool) -> float:
+    """The module docstring's estimate, in GB, for ``params_b`` billion parameters."""
+    m = METHODS[method]
+    reward = int(m.online and reward_is_model)
+    trained_bytes = bytes_per_param * 2 + ADAM_BYTES
+    if lora:
+        return params_b * (bytes_per_param * (1 + reward) + LORA_SHARE * m.trained * trained_bytes)
+    frozen = models_in_memory(method, bool(reward)) - m.trained
+    return params_b * (m.trained * trained_bytes + frozen * bytes_per_param)
+
+
+@dataclass(frozen=True)
+class Choice:
+    method: str
+    fits: str  # "full" | "lora" | "no"
+    memory_full_gb: float
+    memory_lora_gb: float
+    reasons: list[str]
+
+
+def recommend(cfg: RecommendConfig) -> list[Choice]:
+    """The candidates for ``cfg.data``, best first, each with its reasons (pure: the rules of the docstring)."""
+    order = list(CANDIDATES[cfg.data])
+    extra: dict[str, list[str]] = {name: [] for name in order}
+    # Size rule, for pairs: "7B and below, DPO ... 70B+, consider RLHF".
+    if cfg.data == "pairs":
+        if cfg.model_size <= 7:
+            extra["dpo"].append("7B and below: DPO (the guide's first choice at this size)")
+        elif cfg.model_size >= 70 and cfg.tuning == "high":
+            order.remove("ppo")
+            order.insert(0, "ppo")
+            extra["ppo"].append("70B and up with a tuning budget: consider RLHF (the guide)")
+        elif cfg.model_size >= 70:
+            extra["dpo"].append("70B and up the guide suggests RLHF, but PPO needs the tuning budget you lack")
+    # Budget rule, for prompts+reward: PPO first only when its tuning is affordable.
+    if cfg.data == "prompts+reward" and cfg.tuning == "high":
+        order.remove("ppo")
+        order.insert(0, "ppo")
+        extra["ppo"].append("high tuning budget: PPO's value model gives lower-variance advantages")
+    if cfg.data == "prompts+reward" and cfg.tuning == "low":
+        extra["grpo"].append("low tuning budget: no value model to tune")
+    choices = []
+    for name in order:
+        full = memory_gb(name, cfg.model_size, BYTES[cfg.precision], False, cfg.reward_is_model)
+        lora = memory_gb(name, cfg.model_size, BYTES[cfg.precision], True, cfg.reward_is_model)
+        fits = "full" if full <= cfg.memory_gb else "lora" if lora <= cfg.memory_gb else "no"
+        reasons = [REASONS[name], *extra[name]]
+        if fits == "lora":
+            reasons.append(f"full fine-tuning needs ~{full:.0f} GB; LoRA (~{lora:.0f} GB) fits {cfg.memory_gb:g} GB")
+        if fits == "no":
+            reasons.append(f"does not fit {cfg.memory_gb:g} GB even with LoRA (~{lora:.0f} GB): shard or quantise")
+        choices.append(Choice(name, fits, full, lora, reasons))
+    # Compute rule: what does not fit goes last (a stable sort keeps the guide's order otherwise).
+    return sorted(choices, key=lambda c: c.fits == "no")
+
+
+def format_choices(cfg: RecommendConfig, choices: list[Choice]) -> str:
+    lines = [
+        f"alignkit recommend: data={cfg.data}, {cfg.model_size:g}B parameters, {cfg.memory_gb:g} GB, "
+        f"tuning budget {cfg.tuning}",
+        f"  {'#':<3}{'method':<12}{'models':>7}{'full GB':>9}{'LoRA GB':>9}  fits  why",
+    ]
+    for i, c in enumerate(choices, 1):
+        n = models_in_memory(c.method, cfg.reward_is_model)
+        lines.append(
+            f"  {i:<3}{c.method:<12}{n:>7}{c.memory_full_gb:>9.1f}{c.memory_lora_gb:>9.1f}  {c.fits:<4}  {c.reasons[0]}"
+        )
+        lines += [f"  {'':<52}{r}" for r in c.reasons[1:]]
+    lines.append(
+        "  Memory: full = P x [trained x (2b + 8) + frozen x b]; LoRA = P x b x (1 + reward model) + adapters "
+        "(1% of P); a floor without activations.\n  The guide's evidence is from 7B-70B models; alignkit's own "
+        "comparisons (`alignkit compare`) use small models, whose ranking may not carry over."
+    )
+    return "\n".join(lines)
+
+
+def run(cfg: RecommendConfig) -> dict:
+    choices = recommend(cfg)
+    print(format_choices(cfg, choices))
+    return {
+        "ranking": [
+            {"method": c.method, "fits": c.fits, "memory_full_gb": c.memory_full_gb,
+             "memory_lora_gb": c.memory_lora_gb, "reasons": c.reasons}
+            for c in choices
+        ]
+    }  # fmt: skip
+
+
+STAGE = Stage("recommend", RecommendConfig, run, prints_results=True)

@@ -1,0 +1,87 @@
+"""The page of `alignkit compare`: the reward-vs-KL frontier (gold score against KL to the base, one point per
+run, one colour per method, the base at KL 0: the shape of the DPO paper's Figure 2) above the table."""
+
+from __future__ import annotations
+
+import html
+import math
+
+from alignkit.reporting.html import CSS, nice_ticks, svg_data_uri
+
+COLOURS = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf"]
+
+
+def frontier_points(runs: list[dict]) -> dict[str, list[tuple[float, float]]]:
+    """(KL, gold mean) of every run by method, and the base's (0, its gold mean) as "base"."""
+    points: dict[str, list[tuple[float, float]]] = {}
+    for r in runs:
+        points.setdefault(r["method"], []).append((r["kl"], r["gold_mean"]))
+    if runs:
+        points["base"] = [(0.0, sum(r["reference_gold_mean"] for r in runs) / len(runs))]
+    return points
+
+
+def frontier_svg(points: dict[str, list[tuple[float, float]]], width: int = 640, height: int = 400) -> str:
+    """A scatter of ``points``, one colour per key, with its legend and ticks."""
+    left, right, top, bottom = 62, 130, 36, 44
+    pw, ph = width - left - right, height - top - bottom
+    xs = [x for pts in points.values() for x, _ in pts if math.isfinite(x)] or [0.0, 1.0]
+    ys = [y for pts in points.values() for _, y in pts if math.isfinite(y)] or [0.0, 1.0]
+    xlo, xhi = min(xs + [0.0]), max(xs)
+    ylo, yhi = min(ys), max(ys)
+    xhi, yhi = (xhi if xhi > xlo else xlo + 1.0), (yhi if yhi > ylo else ylo + 1.0)
+    xpad, ypad = (xhi - xlo) * 0.05, (yhi - ylo) * 0.05
+    xlo, xhi, ylo, yhi = xlo - xpad, xhi + xpad, ylo - ypad, yhi + ypad
+
+    def sx(v: float) -> float:
+        return left + (v - xlo) / (xhi - xlo) * pw
+
+    def sy(v: float) -> float:
+        return top + ph - (v - ylo) / (yhi - ylo) * ph
+
+    out = [f'<rect x="{left}" y="{top}" width="{pw}" height="{ph}" fill="#fff" stroke="#bbb"/>']
+    for v in nice_ticks(ylo, yhi):
+        out.append(f'<line x1="{left}" x2="{left + pw}" y1="{sy(v):.1f}" y2="{sy(v):.1f}" stroke="#eee"/>')
+        out.append(f'<text x="{left - 6}" y="{sy(v) + 4:.1f}" text-anchor="end" class="tick">{v:g}</text>')
+    for v in nice_ticks(xlo, xhi):
+        out.append(f'<text x="{sx(v):.1f}" y="{top + ph + 16}" text-anchor="middle" class="tick">{v:g}</text>')
+    out.append(
+        f'<text x="{left + pw / 2:.1f}" y="{height - 8}" text-anchor="middle" class="axis">'
+        "KL(policy || base), nats/token</text>"
+    )
+    out.append(
+        f'<text x="14" y="{top + ph / 2:.1f}" text-anchor="middle" class="axis" '
+        f'transform="rotate(-90 14 {top + ph / 2:.1f})">gold score (mean)</text>'
+    )
+    out.append(f'<text x="{left}" y="20" class="title">Gold reward vs KL to the base, one point per run</text>')
+    for i, (name, pts) in enumerate(points.items()):
+        colour = "#000" if name == "base" else COLOURS[i % len(COLOURS)]
+        for x, y in pts:
+            if math.isfinite(x) and math.isfinite(y):
+                out.append(f'<circle cx="{sx(x):.1f}" cy="{sy(y):.1f}" r="4" fill="{colour}" fill-opacity="0.8"/>')
+        ly = top + 14 + 18 * i
+        out.append(f'<circle cx="{left + pw + 16}" cy="{ly - 4}" r="4" fill="{colour}"/>')
+        out.append(f'<text x="{left + pw + 26}" y="{ly}" class="legend">{html.escape(name)}</text>')
+    style = (
+        "<style>text{font-family:system-ui,sans-serif;fill:#333}.tick{font-size:11px;fill:#555}"
+        ".axis{font-size:11px;fill:#777}.title{font-size:13px;font-weight:600}.legend{font-size:11px}</style>"
+    )
+    return (
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+        f'viewBox="0 0 {width} {height}">{style}' + "".join(out) + "</svg>"
+    )
+
+
+def compare_page(model: str, gold: str, runs: list[dict], table: tuple[list[str], list[list[str]]]) -> str:
+    """The self-contained HTML page: title, the frontier, the table (header and cells as given)."""
+    head, rows = table
+    esc = html.escape
+    cells = "".join("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>" for row in rows)
+    return (
+        "<!doctype html><html><head><meta charset='utf-8'>"
+        f"<title>alignkit compare: {esc(model)}</title><style>{CSS}</style></head><body><main>"
+        f"<h1>alignkit compare</h1><p>Base model {esc(model)}; gold scorer {esc(gold)}.</p>"
+        f'<img alt="reward vs KL frontier" src="{svg_data_uri(frontier_svg(frontier_points(runs)))}">'
+        "<table><thead><tr>" + "".join(f"<th>{esc(h)}</th>" for h in head) + "</tr></thead>"
+        f"<tbody>{cells}</tbody></table></main></body></html>\n"
+    )

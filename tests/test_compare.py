@@ -1,0 +1,129 @@
+"""`alignkit compare` in quick mode on the tiny model: 2 methods x 2 seeds, the table and page written, and a
+rerun that trains and evaluates nothing. The aggregation by hand on made-up runs."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from alignkit.cli import main
+from alignkit.config import ConfigError, load_config
+from alignkit.pipelines.compare import CompareConfig, markdown_table, method_rows
+
+PAIRS = [
+    {"prompt": "what is the capital of france?", "chosen": "paris.", "rejected": "i cannot help."},
+    {"prompt": "please write a short poem", "chosen": "the sea and the sky.", "rejected": "no."},
+    {"prompt": "the quick brown fox", "chosen": "jumps over the lazy dog.", "rejected": "0 1 2 3"},
+    {"prompt": "i need help", "chosen": "here is a helpful answer.", "rejected": "i am sorry."},
+    {"prompt": "what is 2 + 2?", "chosen": "4.", "rejected": "5."},
+] * 2
+
+
+def test_quick_compare_two_methods_two_seeds_then_resume(tiny_model_dir, tmp_path, capsys):
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps(r) + "\n" for r in PAIRS))
+    out = tmp_path / "cmp"
+    args = [
+        "compare", f"model={tiny_model_dir}", f"output_dir={out}", f"pairs={pairs}", "gold=_ppo_rewards:length",
+        "methods=[dpo,grpo]", "seeds=[0,1]", "quick=true", "progress=false",
+    ]  # fmt: skip
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "gold win rate [95% CI]" in printed and "| dpo |" in printed and "| grpo |" in printed
+    result = json.loads((out / "compare.json").read_text())
+    assert result["trained_now"] == ["dpo-seed0", "dpo-seed1", "grpo-seed0", "grpo-seed1"]
+    assert [m["method"] for m in result["methods"]] == ["dpo", "grpo"]
+    dpo, grpo = result["methods"]
+    # Held out: pairs 4 and 9 of 10 (every fifth); DPO measures its accuracy on them, GRPO has none.
+    assert len((out / "pairs-heldout.jsonl").read_text().splitlines()) == 2
+    assert dpo["preference_accuracy"] is not None and grpo["preference_accuracy"] is None
+    assert dpo["models_in_memory"] == 2 and grpo["models_in_memory"] == 1  # gold is a function; GRPO beta 0
+    for row in result["methods"]:
+        assert row["seeds"] == 2 and row["peak_rss_mb"] > 0 and row["wall_seconds"] > 0
+        lo, hi = row["win_rate_ci95"]
+        assert 0 <= lo <= row["win_rate"] <= hi <= 1
+        assert row["stopped_share"] == 0.0 and row["win_rate_std_over_seeds"] >= 0
+    for run in result["runs"]:  # each run folder is an ordinary run folder, evaluated on 4 prompts x 1
+        run_dir = out / f"{run['method']}-seed{run['seed']}"
+        assert (run_dir / "config.yaml").is_file() and (run_dir / "final").is_dir()
+        assert json.loads((run_dir / "eval.json").read_text())["n_prompts"] == 4
+    page = (out / "compare.html").read_text()
+    assert "data:image/svg+xml;base64," in page and "<th>gold win rate [95% CI]</th>" in page
+    assert (out / "compare.md").read_text().startswith("| method | models |")
+
+    # Rerun: everything is finished, so nothing trains or evaluates again and the table is the same.
+    mtimes = {p: p.stat().st_mtime_ns for p in out.glob("*/eval.json")}
+    assert main(args) == 0
+    again = json.loads((out / "compare.json").read_text())
+    assert again["trained_now"] == [] and again["evaluated_now"] == []
+    assert again["methods"] == result["methods"]
+    assert {p: p.stat().st_mtime_ns for p in out.glob("*/eval.json")} == mtimes
+
+
+def _run(method: str, seed: int, win: float, policy: list[float], reference: list[float], stopped=False) -> dict:
+    return {
+        "method": method, "seed": seed, "peak_rss_mb": 100.0 + seed, "wall_seconds": 10.0 * (seed + 1),
+        "tokens_per_s": None, "preference_accuracy": 0.5 + 0.1 * seed, "win_rate": {"value": win},
+        "gold_mean": 1.0 + seed, "reference_gold_mean": 0.5, "kl": 0.1 * (seed + 1), "length_change": 2.0,
+        "distinct_2": 0.5, "stopped": stopped, "per_prompt": {"policy": policy, "reference": reference},
+    }  # fmt: skip
+
+
+def test_method_rows_pool_seeds_and_measure_stability():
+    """Seed 0 wins 1 of 2 prompts (0.5), seed 1 both (1.0): pooled 3 of 4 = 0.75; std of (0.5, 1.0) with
+    ddof 1 = 0.3536; one run of two stopped = 0.5; peak memory is the larger (101), wall time the mean (15)."""
+    runs = [
+        _run("dpo", 0, 0.5, [1.0, 0.0], [0.5, 0.5]),
+        _run("dpo", 1, 1.0, [1.0, 1.0], [0.5, 0.5], stopped=True),
+    ]
+    (row,) = method_rows(runs, reward_is_model=False)
+    assert row["win_rate"] == pytest.approx(0.75)
+    assert row["win_rate_std_over_seeds"] == pytest.approx(0.35355, abs=1e-4)
+    assert row["stopped_share"] == 0.5 and row["peak_rss_mb"] == 101.0 and row["wall_seconds"] == 15.0
+    assert row["preference_accuracy"] == pytest.approx(0.55) and row["kl"] == pytest.approx(0.15)
+    assert row["tokens_per_s"] is None and row["models_in_memory"] == 2
+    assert "| dpo | 2 | 101 | 15 | – | 0.55 | 0.750 [" in markdown_table([row])
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        (["methods=[dpo,rlhf]"], "unknown ['rlhf']"),
+        (["methods=[grpo]", "method_settings=[dpo.beta=0.2]"], "'dpo.beta=0.2' is not"),
+        (["methods=[grpo]"], "gold"),
+    ],
+)
+def test_config_mistakes_are_config_errors(settings, message):
+    extra = [] if settings == ["methods=[grpo]"] else ["gold=x:y"]
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        load_config(CompareConfig, None, [*settings, *extra])
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        (["methods=[grpo,dpo]", "gold=_ppo_rewards:length"], "config key 'pairs': ['dpo'] train on preference"),
+        (["methods=[grpo]", "gold=no_such_module_xyz:f"], "gold: no module named 'no_such_module_xyz'"),
+        (["methods=[grpo]", "gold=_ppo_rewards:length", "reward=/no/rm"], "reward: '/no/rm' is neither"),
+    ],
+)
+def test_missing_data_or_a_bad_scorer_stops_before_anything_runs(settings, message, tmp_path, capsys):
+    assert main(["compare", *settings, f"output_dir={tmp_path / 'c'}"]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "c").exists()
+
+
+def test_frontier_has_one_point_per_run_and_the_base_at_kl_zero():
+    import xml.etree.ElementTree as ET
+
+    from alignkit.reporting.frontier import frontier_points, frontier_svg
+
+    runs = [_run("dpo", 0, 0.5, [], []), _run("dpo", 1, 1.0, [], []), _run("ppo", 0, 0.5, [], [])]
+    points = frontier_points(runs)
+    assert points == {"dpo": [(0.1, 1.0), (0.2, 2.0)], "ppo": [(0.1, 1.0)], "base": [(0.0, 0.5)]}
+    svg = ET.fromstring(frontier_svg(points))
+    circles = svg.findall(".//{http://www.w3.org/2000/svg}circle")
+    assert len(circles) == 4 + 3  # a point per run and the base, and a legend mark per series
+    legend = [t.text for t in svg.findall(".//{http://www.w3.org/2000/svg}text") if t.get("class") == "legend"]
+    assert legend == ["dpo", "ppo", "base"]
