@@ -159,3 +159,15 @@ def test_unknown_gate_is_a_config_error(stages, tiny_model_dir, tmp_path, capsys
         ["cai-revise", f"prompts={prompts}", f"output={tmp_path / 'o.jsonl'}", "gates=[echo,nope]"]
     )
     assert code == 2 and "['nope'] are not gates" in capsys.readouterr().err
+
+
+def test_cai_revise_with_a_separate_local_critic(stages, tiny_model_dir, tmp_path, capsys):
+    """critic_model= a local directory: the critic is loaded apart from the policy and named on each line."""
+    lines, summary = _run(tiny_model_dir, tmp_path, f"critic_model={tiny_model_dir}", "gates=[]")
+    assert lines and all(r["critic_model"] == str(tiny_model_dir) for r in lines)
+    assert summary["prompts_done"] == 3
+    code = cli.main(
+        ["cai-revise", f"prompts={tmp_path / 'prompts.jsonl'}", f"output={tmp_path / 'o.jsonl'}",
+         "critic_base_url=http://127.0.0.1:9/v1"]
+    )
+    assert code == 2 and "critic_base_url needs critic_model" in capsys.readouterr().err
