@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -189,6 +189,7 @@ class JudgeResult:
     p_a_order1: float  # shown as (A): softmax over the two options, at A
     p_a_order2: float  # shown as (B), response_b as (A): the softmax at B
     option_mass: float  # mean p(A) + p(B) over the two orders: how much the judge answers the question at all
+    failures: tuple[str, ...] = ()  # an endpoint judge's failed orders, by name (each counted as p = 1/2)
 
 
 @dataclass(frozen=True)
@@ -327,6 +328,8 @@ class PairwiseJudge:
     batch_size: int = 8
     max_context_tokens: int | None = 384
     max_response_tokens: int | None = 192
+    # Answers the questions instead of the local model (an endpoint judge: ``endpoint_judge.py``); None: local.
+    ask: Callable[[list[PairQuestion]], list[JudgeResult]] | None = None
 
     def compare(
         self, items: Sequence[tuple[Prompt, str, str]], principles: Sequence[Sequence[Principle]]
@@ -338,14 +341,17 @@ class PairwiseJudge:
                 guidelines = self.constitution.guidelines_for(pr.id)
                 questions.append(PairQuestion(prompt, r1, r2, guided_instruction(pr.comparison, guidelines)))
                 owner.append(k)
-        results = judge_pairs(
-            self.model,
-            self.tokenizer,
-            questions,
-            self.batch_size,
-            self.max_context_tokens,
-            self.max_response_tokens,
-        )
+        if self.ask is not None:
+            results = self.ask(questions)
+        else:
+            results = judge_pairs(
+                self.model,
+                self.tokenizer,
+                questions,
+                self.batch_size,
+                self.max_context_tokens,
+                self.max_response_tokens,
+            )
         comparisons = []
         for k, prs in enumerate(principles):
             mine = tuple(r for r, o in zip(results, owner) if o == k)

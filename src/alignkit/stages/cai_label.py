@@ -6,6 +6,10 @@ with their probabilities, which `alignkit rm` and `alignkit dpo` train on as the
 Input: prompt + response_a + response_b, or prompt/chosen/rejected (incl. HH-RLHF transcripts) whose
 labels are ignored and re-labelled; with human_agreement=true the judge's agreement with those human
 labels is reported with a bootstrap interval. The output is appended pair by pair (a killed run resumes).
+
+The judge may be served by any OpenAI-compatible chat-completions endpoint (``judge_base_url``). A pair
+whose judging failed there (a named failure: timeout, rate_limited, malformed_json, unparseable, ...) is not
+written nor marked done: it is counted in the summary and asked again by the next run of the same command.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from alignkit.cai.constitution import Constitution, load_constitution
+from alignkit.cai.endpoint_judge import endpoint_judge_pairs
 from alignkit.cai.judge import Comparison, PairwiseJudge, hard_preference
 from alignkit.config import (
     SEED_MAX,
@@ -35,6 +40,7 @@ from alignkit.data import appendlog
 from alignkit.data.io import BadRow, BadRowError, Record, read_rows
 from alignkit.data.schemas import Prompt, load_preferences, load_prompts, no_usable_rows
 from alignkit.evaluation.metrics import mean_ci
+from alignkit.models.endpoint import ChatEndpoint, EndpointSettings
 from alignkit.models.loading import load_model, load_tokenizer, pick_device
 from alignkit.stages import Stage
 from alignkit.training.distributed import start_one_process
@@ -60,8 +66,21 @@ class CAILabelConfig(RuntimeConfig):
         "What to do with an invalid input row: stop with an error naming it, or skip it and count it.",
     )
     judge_model: str = doc_field(
-        "smollm2-135m-instruct", "The judge: the embedded default, a Hugging Face id or a local directory."
+        "smollm2-135m-instruct",
+        "The judge: the embedded default, a Hugging Face id or a local directory; or the served model's name "
+        "when judge_base_url is set.",
     )
+    judge_base_url: str | None = doc_field(
+        None,
+        "Base URL of an OpenAI-compatible chat-completions server for the judge (e.g. http://host:8000/v1); "
+        "None: the judge runs locally. The context/response token limits apply to a local judge only.",
+    )
+    api_key_env: str | None = doc_field(
+        None, "Environment variable holding the endpoint's API key (never written anywhere); None: no key."
+    )
+    request_timeout: float = doc_field(60.0, "Seconds to wait for one endpoint response.", gt=0)
+    max_retries: int = doc_field(4, "Retries of an endpoint request on 429, 5xx or a timeout.", ge=0)
+    max_concurrency: int = doc_field(4, "Endpoint requests in flight at once.", ge=1)
     constitution: str | None = doc_field(
         None, "Constitution YAML (principles with comparison and priority); None: alignkit's default."
     )
@@ -104,6 +123,7 @@ CONTENT_SETTINGS = (
     "input_rows",
     "input_max_rows",
     "judge_model",
+    "judge_base_url",
     "constitution",
     "principles",
     "principles_per_comparison",
@@ -253,6 +273,8 @@ def run(cfg: CAILabelConfig) -> dict:
     # 3. Judge a chunk of pairs (each under its own seeded principles, both orders), 4. append each pair's
     # line and ledger entry.
     writer = appendlog.Writer(output, settings, fresh=not appendlog.progress_path(output).exists())
+    failed: dict[str, int] = {}  # endpoint judge: failed questions (one order each) by failure name
+    failed_pairs = 0
     bar = tqdm(total=len(todo), desc="cai-label", unit="pair", disable=not cfg.progress)
     try:
         for start in range(0, len(todo), cfg.pairs_per_chunk):
@@ -260,6 +282,12 @@ def run(cfg: CAILabelConfig) -> dict:
             drawn = [judge.draw(np.random.default_rng([cfg.seed, p.row])) for p in chunk]
             comparisons = judge.compare([(p.prompt, p.response_1, p.response_2) for p in chunk], drawn)
             for pair, comparison in zip(chunk, comparisons):
+                failures = [f for r in comparison.results for f in r.failures]
+                if failures:  # not marked done: the next run asks again (no pair is paid for twice)
+                    failed_pairs += 1
+                    for f in failures:
+                        failed[f] = failed.get(f, 0) + 1
+                    continue
                 lines, counts = label_row(pair, comparison, cfg)
                 writer.add_prompt(pair.row, lines, counts)
             bar.update(len(chunk))
@@ -269,13 +297,34 @@ def run(cfg: CAILabelConfig) -> dict:
 
     # 5. Totals over every labelled pair (this run and earlier ones), and the summary.
     summary = summarize(cfg, output, constitution, n_read, len(skipped), len(done), settings)
+    # Pairs whose judging failed at the endpoint: neither written nor done, so a rerun asks them again.
+    summary["pairs_failed_this_run"] = failed_pairs
+    summary["judge_failures_this_run"] = dict(sorted(failed.items()))
     summary["wall_seconds"] = time.time() - started
     appendlog.write_summary(output, summary)
     return summary
 
 
 def make_judge(cfg: CAILabelConfig, constitution: Constitution) -> PairwiseJudge:
-    """The judge model, asking under ``constitution``'s principles."""
+    """The judge model, asking under ``constitution``'s principles: local, or over an endpoint."""
+    if cfg.judge_base_url is not None:
+        endpoint = ChatEndpoint(
+            EndpointSettings(
+                cfg.judge_base_url,
+                cfg.judge_model,
+                cfg.api_key_env,
+                cfg.request_timeout,
+                cfg.max_retries,
+                cfg.max_concurrency,
+            )
+        )
+        return PairwiseJudge(
+            None,
+            None,
+            constitution,
+            cfg.principles_per_comparison,
+            ask=lambda questions: endpoint_judge_pairs(endpoint, questions),
+        )
     device = pick_device()
     tokenizer = load_tokenizer(cfg.judge_model, cfg.trust_remote_code)
     model = load_model(cfg.judge_model, cfg.dtype, cfg.trust_remote_code, device=device, use="score")
