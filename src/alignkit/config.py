@@ -412,6 +412,17 @@ class RunFolderFields(Fields):
     )
     tensorboard: bool = doc_field(True, "Also write TensorBoard logs under <run>/tensorboard.")
     progress: bool = doc_field(True, "Show a progress bar with ETA.")
+    # --- publishing ---
+    push_to_hub: bool = doc_field(
+        False, "Upload final/ with its README.md model card to the hub repo hub_model_id (checked before training)."
+    )
+    hub_model_id: str | None = doc_field(None, "Hub model repo for push_to_hub, 'owner/name'.")
+    hub_private: bool = doc_field(False, "With push_to_hub: create the repo private.")
+
+    def check(self) -> None:
+        super().check()
+        if self.push_to_hub and not self.hub_model_id:
+            raise ConfigError("push_to_hub=true needs hub_model_id=owner/name", ("hub_model_id",))
 
 
 @dataclass

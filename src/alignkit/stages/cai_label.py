@@ -26,6 +26,7 @@ from alignkit.config import (
     ConfigError,
     RuntimeConfig,
     check_row_range,
+    config_to_dict,
     doc_field,
     renamed_keys,
     required,
@@ -36,6 +37,7 @@ from alignkit.data.io import BadRow, BadRowError, Record, read_rows
 from alignkit.data.schemas import Prompt, load_preferences, load_prompts, no_usable_rows
 from alignkit.evaluation.metrics import mean_ci
 from alignkit.models.loading import load_model, load_tokenizer, pick_device
+from alignkit.reporting import cards
 from alignkit.stages import Stage
 from alignkit.training.distributed import start_one_process
 
@@ -271,6 +273,8 @@ def run(cfg: CAILabelConfig) -> dict:
     summary = summarize(cfg, output, constitution, n_read, len(skipped), len(done), settings)
     summary["wall_seconds"] = time.time() - started
     appendlog.write_summary(output, summary)
+    card = cards.write_dataset_card(output, 'cai-label', config_to_dict(cfg), summary)
+    print(f"wrote {card}", file=sys.stderr)
     return summary
 
 
