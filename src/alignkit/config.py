@@ -412,7 +412,6 @@ class RunFolderFields(Fields):
     )
     tensorboard: bool = doc_field(True, "Also write TensorBoard logs under <run>/tensorboard.")
     progress: bool = doc_field(True, "Show a progress bar with ETA.")
-    # --- publishing ---
     push_to_hub: bool = doc_field(
         False, "Upload final/ with its README.md model card to the hub repo hub_model_id (checked before training)."
     )
