@@ -199,7 +199,7 @@ def _read_yaml(path: Path) -> dict:
 
 
 def _api() -> HfApi:
-    # HF_ENDPOINT read now, not when huggingface_hub was imported, so a test (or a user) may point it elsewhere.
+    # HF_ENDPOINT read now, not when huggingface_hub was imported: a test (or a user) may point it elsewhere.
     return HfApi(endpoint=os.environ.get("HF_ENDPOINT") or None)
 
 
