@@ -1,5 +1,5 @@
-"""Every dataset format TRL documents, read as written, with a row in each shape; and ``columns`` mapping other
-column names onto alignkit's, from the config to the loaders to a stage."""
+"""Every dataset format TRL documents, read as written, with a row in each shape; and ``columns`` mapping
+other column names onto alignkit's, from the config to the loaders to a stage."""
 
 from __future__ import annotations
 
@@ -135,7 +135,7 @@ def test_dpo_runs_on_mapped_columns_and_says_which_is_missing(tiny_model_dir, tm
 
 
 def test_sft_trains_on_text_rows(tiny_model_dir, tmp_path):
-    """TRL's language-modeling rows end to end (which tokens train: test_a_text_row_trains_on_all_its_tokens)."""
+    """TRL's LM rows end to end (which tokens train: test_a_text_row_trains_on_all_its_tokens)."""
     data = _write(tmp_path, [{"text": "the sky is blue."}, {"text": "grass is green."}] * 2)
     out = tmp_path / "run"
     args = ["sft", f"model={tiny_model_dir}", f"train_data={data}", f"output_dir={out}", "batch_size=2"]
