@@ -53,6 +53,18 @@ def test_dpo_final_has_a_model_card_with_summary_figures(tiny_model_dir, pair_fi
     assert card.data.license is None and cards.LICENSE_TODO in text.split("---")[1]
     assert f"eval_accuracy: {summary['eval_accuracy']}" in card.text
     assert "## Monitor events" in card.text and "loss: ipo" in card.text  # the config block
+    assert "## Evaluation" not in text
+
+    # `alignkit eval` on final/ writes <run>/eval.json and adds its table to the card
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "hello"}\n{"prompt": "what is 2+2?"}\n')
+    eval_args = ["eval", f"model={out / 'final'}", "reference=none", f"prompts={prompts}", "max_new_tokens=4"]
+    assert main([*eval_args, "progress=false"]) == 0
+    policy = json.loads((out / "eval.json").read_text())["policy"]
+    text = (out / "final" / "README.md").read_text()
+    assert "## Evaluation (`alignkit eval`)\n\n| metric | policy | reference |" in text
+    scalar = next(k for k, v in policy.items() if isinstance(v, float))
+    assert f"| {scalar} | {policy[scalar]:.4g} | - |" in text
 
 
 def test_model_card_reads_license_datasets_events_and_eval_table(tmp_path):
