@@ -96,15 +96,15 @@ def test_model_card_reads_license_datasets_events_and_eval_table(tmp_path):
 
 
 def test_dataset_card_sits_beside_its_output(tmp_path):
-    """``<output>.card.md``: two outputs in one folder keep a card each."""
+    """``a.card.md`` beside ``a.jsonl`` (as ``a.summary.json``): two outputs in one folder keep a card each."""
     for name in ("a.jsonl", "b.jsonl"):
         (tmp_path / name).write_text("{}\n")
         path = cards.write_dataset_card(tmp_path / name, "cai-label", {"prompts": "x.jsonl"}, {"pairs": 3})
-        assert path == tmp_path / f"{name}.card.md"
-    card = DatasetCard.load(tmp_path / "a.jsonl.card.md")
+        assert path == tmp_path / name.replace(".jsonl", ".card.md")
+    card = DatasetCard.load(tmp_path / "a.card.md")
     assert set(card.data.tags) == {"alignkit", "cai-label"}
     assert card.data.configs == [{"config_name": "default", "data_files": "a.jsonl"}]
-    assert "pairs: 3" in card.text and "a.jsonl" not in (tmp_path / "b.jsonl.card.md").read_text()
+    assert "pairs: 3" in card.text and "a.jsonl" not in (tmp_path / "b.card.md").read_text()
 
 
 def _closed_port() -> int:

@@ -162,9 +162,9 @@ def write_model_card(run_path: Path) -> Path | None:
 
 
 def dataset_card_path(output: Path) -> Path:
-    """``<output>.card.md`` beside the data file: several outputs may share one folder, where a README.md
-    would be overwritten by the next one."""
-    return output.with_name(output.name + ".card.md")
+    """``pairs.card.md`` for ``pairs.jsonl``, beside it as its ``pairs.summary.json`` is: several outputs may
+    share one folder, where a README.md would be overwritten by the next one."""
+    return output.with_suffix(".card.md")
 
 
 def write_dataset_card(output: Path, stage: str, config: dict, summary: dict) -> Path:
