@@ -10,6 +10,7 @@ import re
 import numpy as np
 import pytest
 import torch
+from huggingface_hub import DatasetCard
 
 from alignkit import cli
 from alignkit.cai import judge as judge_mod
@@ -105,6 +106,7 @@ def test_cai_revise_writes_sft_data_with_critiques_and_sft_trains_on_it(
     assert cli.main(_revise_args(tiny_model_dir, prompt_file, out)) == 0
     rows = _lines(out)
     summary = json.loads(out.with_suffix(".summary.json").read_text())
+    assert "cai-revise" in DatasetCard.load(out.with_suffix(".card.md")).data.tags  # the dataset card beside it
     assert [r["prompt"] for r in rows] == PROMPTS and [r["prompt_row"] for r in rows] == [0, 1]
     ids = load_constitution().ids()
     for r in rows:

@@ -777,6 +777,7 @@ def test_each_field_groups_check_runs_once(monkeypatch):
     expected = [
         "DPOConfig",
         "SampleWatchFields",
+        "RunFolderFields",
         "OfflineBatchFields",
         "SequenceFields",
         "EvalDataFields",

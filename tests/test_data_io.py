@@ -197,7 +197,7 @@ def test_sft_bad_rows_name_the_field(tmp_path):
         {"messages": [*HI, {"role": "user", "content": "again"}]},  # 3
         {"messages": [{"role": "assistant", "content": "x"}, {"role": "assistant", "content": "y"}]},  # 4
         {"messages": [{"role": "robot", "content": "x"}]},  # 5
-        {"text": "hi"},  # 6
+        {"question": "hi"},  # 6 (a "text" row is TRL's language-modeling format, read)
         {"prompt": "ok", "completion": "fine"},  # 7
     ]
     src = write_jsonl(tmp_path / "sft.jsonl", rows)
@@ -209,7 +209,11 @@ def test_sft_bad_rows_name_the_field(tmp_path):
         (3, "messages", "the last message must be the assistant's reply (the completion)"),
         (4, "messages", "the prompt must end with a user turn, but ends with 'assistant'"),
         (5, "messages", "message 0 has role 'robot'; expected one of ('system', 'user', 'assistant')"),
-        (6, "prompt", "missing: expected 'prompt' + 'completion' or 'messages'; the row has ['text']"),
+        (
+            6,
+            "prompt",
+            "missing: expected 'prompt' + 'completion', 'messages' or 'text'; the row has ['question']",
+        ),
     ]
     assert loaded.examples == [SFTExample("ok", "fine", RowRef(src, 7))]
 
@@ -284,7 +288,7 @@ def test_preference_bad_rows(tmp_path):
         {"prompt": "hi", "chosen": "same", "rejected": "same"},  # 0
         {"chosen": HI + [{"role": "assistant", "content": "yo"}], "rejected": other},  # 1
         {"chosen": "\n\nHuman: a\n\nAssistant: b", "rejected": "\n\nHuman: c\n\nAssistant: d"},  # 2
-        {"chosen": "The answer is yes.", "rejected": "The answer is no."},  # 3
+        {"chosen": "yes, it is.", "rejected": "no, it is not."},  # 3: no shared beginning
         {"prompt": "hi", "rejected": "no"},  # 4
         {"chosen": [{"role": "assistant", "content": "yo"}], "rejected": "no"},  # 5
     ]
@@ -301,7 +305,7 @@ def test_preference_bad_rows(tmp_path):
     assert skipped[0].problem == "identical to 'chosen' (a pair needs two different responses)"
     assert skipped[1].problem == "the conversation before its final assistant turn differs from 'chosen'"
     assert skipped[2].problem.startswith("no shared prompt prefix: without a 'prompt' column")
-    assert skipped[3].problem == skipped[2].problem  # plain texts with a shared prefix are not split
+    assert skipped[3].problem.startswith("no shared prompt prefix: without a 'prompt' column, 'chosen' and")
     assert skipped[5].problem == "missing: no 'prompt' column, and 'chosen' holds only the assistant's reply"
 
 

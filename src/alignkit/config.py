@@ -242,10 +242,25 @@ class TrainDataFields(Fields):
     on_bad_row: Literal["error", "skip"] = doc_field(
         "error", "What to do with an invalid row: stop with an error naming it, or skip it and count it."
     )
+    columns: dict[str, str] | None = doc_field(
+        None,
+        "Other column names to read as alignkit's, {prompt: question, chosen: good, ...} (on the command line "
+        "columns.prompt=question); for train_data and eval_data.",
+    )
 
     def check(self) -> None:
         super().check()
         check_row_range(self, "train_rows")
+        for name in self.columns or {}:
+            if name not in DATA_COLUMNS:
+                close = difflib.get_close_matches(name, DATA_COLUMNS, n=1)
+                known = f"the columns are {', '.join(DATA_COLUMNS)}"
+                hint = f"did you mean 'columns.{close[0]}'?" if close else known
+                raise ConfigError(f"columns.{name}: alignkit reads no column '{name}'; {hint}", ("columns",))
+
+
+# The columns alignkit's data loaders read (alignkit.data.schemas), which ``columns`` may map other names to.
+DATA_COLUMNS = ("prompt", "completion", "chosen", "rejected", "label", "messages", "text", "system")
 
 
 @dataclass
@@ -412,6 +427,16 @@ class RunFolderFields(Fields):
     )
     tensorboard: bool = doc_field(True, "Also write TensorBoard logs under <run>/tensorboard.")
     progress: bool = doc_field(True, "Show a progress bar with ETA.")
+    push_to_hub: bool = doc_field(
+        False, "Upload final/ with its README.md model card to hub_model_id (the hub is checked before training)."
+    )
+    hub_model_id: str | None = doc_field(None, "Hub model repo for push_to_hub, 'owner/name'.")
+    hub_private: bool = doc_field(False, "With push_to_hub: create the repo private.")
+
+    def check(self) -> None:
+        super().check()
+        if self.push_to_hub and not self.hub_model_id:
+            raise ConfigError("push_to_hub=true needs hub_model_id=owner/name", ("hub_model_id",))
 
 
 @dataclass
@@ -749,7 +774,11 @@ def load_config(
     sources.append(("the command line", ((k, v, raw) for k, raw, v in map(_parse_override, overrides or []))))
     sources.append(("keyword arguments", ((k, v, None) for k, v in kwargs.items())))
     for source, items in sources:
-        given.update(_read_source(cls, fields, aliases, items, source, notices))
+        for name, item in _read_source(cls, fields, aliases, items, source, notices).items():
+            if item[1] is _MERGE:  # entries of a mapping (columns.prompt=...) add to the mapping given earlier
+                earlier = given[name][0] if name in given and isinstance(given[name][0], dict) else {}
+                item = ({**earlier, **item[0]}, None, item[2])
+            given[name] = item
     for old, message in notices.items():
         _warn_once(old, message)
 
@@ -1028,6 +1057,12 @@ def _read_source(
     out: dict[str, tuple[Any, str | None, str]] = {}
     spelled: dict[str, str | None] = {}  # field -> the old spelling that set it (None: its own name)
     for key, value, raw in items:
+        head, dot, sub = key.partition(".") if isinstance(key, str) else ("", "", "")
+        if dot and sub and typing.get_origin(_unoptional(typing.get_type_hints(cls).get(head))) is dict:
+            # columns.prompt=question: one entry of a mapping field, merged into what is already given
+            mapping = out[head][0] if head in out and isinstance(out[head][0], dict) else {}
+            out[head], spelled[head] = ({**mapping, sub: raw if raw is not None else value}, _MERGE, source), None
+            continue
         old, alias = _alias(aliases, fields, key, value)
         if isinstance(alias, Retired):
             if not (value == alias.default or (alias.default is None and _is_none(value))):
@@ -1060,6 +1095,16 @@ def _read_source(
                 )
         out[name], spelled[name] = (value, raw, source), old
     return out
+
+
+_MERGE = "<entries of a mapping>"  # the raw text _read_source gives for key.sub=value entries
+
+
+def _unoptional(hint: Any) -> Any:
+    """``X`` for ``X | None``; any other hint as it is."""
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    is_union = typing.get_origin(hint) in (typing.Union, types.UnionType)
+    return args[0] if is_union and len(args) == 1 else hint
 
 
 def _alias(aliases: dict[str, str | Retired], fields: dict, key: Any, value: Any) -> tuple[Any, Any]:
@@ -1135,6 +1180,11 @@ def _coerce(hint: Any, value: Any, raw: str | None) -> Any:
         if len(value) != len(args):
             raise _Mismatch
         return tuple(_coerce(item_hint, item, None) for item_hint, item in zip(args, value))
+    if origin is dict:
+        key_hint, value_hint = args or (Any, Any)
+        if not isinstance(value, dict):
+            raise _Mismatch
+        return {_coerce(key_hint, k, None): _coerce(value_hint, v, None) for k, v in value.items()}
     if origin is list or hint is list:
         item_hint = args[0] if args else Any
         if isinstance(value, str):  # lora_target_modules=q_proj,v_proj

@@ -36,6 +36,9 @@ Prompt = Union[str, list[dict[str, str]]]
 
 ROLES = ("system", "user", "assistant")
 
+# The prompt of a language-modeling row ({"text": ...}): nothing before the completion (tokenize adds only BOS).
+NO_PROMPT = ""
+
 # ---------------------------------------------------------------------------------------------
 # Example types
 # ---------------------------------------------------------------------------------------------
@@ -129,17 +132,19 @@ def load_sft(
     split: str | None = None,
     limit: int | None = None,
     rows: tuple[int, int] | None = None,
+    columns: dict[str, str] | None = None,
 ) -> Loaded:
     """Prompt/completion examples. Accepted columns, per row:
 
     - ``prompt`` (text or messages) + ``completion`` (text, or an assistant turn as a message list);
     - ``messages``: a whole conversation whose last message is the assistant's reply (the completion)
-      and whose earlier messages, ending with a user turn, are the prompt.
+      and whose earlier messages, ending with a user turn, are the prompt;
+    - ``text`` (TRL's language-modeling rows): the whole text is the completion, with no prompt.
 
     An optional ``system`` text column becomes a system message at the start of the prompt.
     ``rows=(start, stop)`` keeps file rows start <= row < stop; ``limit`` keeps the first N of those.
     """
-    return _load(source, _parse_sft, on_bad_row, split, limit, rows)
+    return _load(source, _parse_sft, on_bad_row, split, limit, rows, columns)
 
 
 def load_preferences(
@@ -148,6 +153,7 @@ def load_preferences(
     split: str | None = None,
     limit: int | None = None,
     rows: tuple[int, int] | None = None,
+    columns: dict[str, str] | None = None,
 ) -> Loaded:
     """Preference pairs. Accepted columns, per row:
 
@@ -157,9 +163,11 @@ def load_preferences(
       everything before the final assistant turn and must be the same in both;
     - ``chosen`` + ``rejected`` as whole HH-RLHF transcripts ("\\n\\nHuman: ...\\n\\nAssistant: ...") without
       ``prompt``: the prompt is everything before the last "\n\nAssistant:" the two share, parsed into
-      user/assistant messages; the completions are the stripped texts after it.
+      user/assistant messages; the completions are the stripped texts after it;
+    - ``chosen`` + ``rejected`` as other plain texts without ``prompt`` (TRL's implicit prompt): the prompt is
+      the beginning they share, split as TRL's ``extract_prompt`` does.
     """
-    return _load(source, _parse_pair, on_bad_row, split, limit, rows)
+    return _load(source, _parse_pair, on_bad_row, split, limit, rows, columns)
 
 
 def load_unpaired(
@@ -168,10 +176,11 @@ def load_unpaired(
     split: str | None = None,
     limit: int | None = None,
     rows: tuple[int, int] | None = None,
+    columns: dict[str, str] | None = None,
 ) -> Loaded:
     """KTO examples: ``prompt`` + ``completion`` + ``label`` (a bool, 0/1, or one of the strings
     "true"/"false", "1"/"0", "desirable"/"undesirable")."""
-    return _load(source, _parse_unpaired, on_bad_row, split, limit, rows)
+    return _load(source, _parse_unpaired, on_bad_row, split, limit, rows, columns)
 
 
 def load_prompts(
@@ -180,11 +189,12 @@ def load_prompts(
     split: str | None = None,
     limit: int | None = None,
     rows: tuple[int, int] | None = None,
+    columns: dict[str, str] | None = None,
 ) -> Loaded:
     """Prompts for generation: a ``prompt`` column (text or messages), ``messages`` ending with a user turn, or
     HH-RLHF's ``chosen`` + ``rejected`` transcripts, whose prompt is the conversation before the reply they
     compare (as ``load_preferences`` splits them; a row it would refuse is refused here too)."""
-    return _load(source, _parse_prompt_row, on_bad_row, split, limit, rows)
+    return _load(source, _parse_prompt_row, on_bad_row, split, limit, rows, columns)
 
 
 def pairs_to_unpaired(pairs: list[PreferencePair]) -> list[UnpairedExample]:
@@ -203,7 +213,9 @@ def _load(
     split: str | None,
     limit: int | None,
     rows: tuple[int, int] | None,
+    columns: dict[str, str] | None = None,
 ) -> Loaded:
+    """Every loader's rows, each renamed by ``columns`` ({alignkit's column: the source's}) then parsed."""
     if on_bad_row not in ("error", "skip"):
         raise ValueError(f"on_bad_row must be 'error' or 'skip', got {on_bad_row!r}")
     loaded = Loaded(examples=[], source=source)
@@ -212,12 +224,29 @@ def _load(
         try:
             if isinstance(item, BadRow):
                 raise BadRowError(item.source, item.row, item.field, item.problem)
-            loaded.examples.append(parse(item))
+            loaded.examples.append(parse(rename_columns(item, columns) if columns else item))
         except BadRowError as err:
             if on_bad_row == "error":
                 raise
             loaded.skipped.append(err.bad_row)
     return loaded
+
+
+def rename_columns(record: Record, columns: dict[str, str]) -> Record:
+    """``record`` with each mapped column under alignkit's name (``columns``: {alignkit's name: the source's});
+    a row without a mapped column is an error naming the mapping."""
+    data = dict(record.data)
+    for ours, theirs in columns.items():
+        if theirs not in record.data:
+            raise BadRowError(
+                record.source,
+                record.row,
+                theirs,
+                f"missing: columns.{ours}={theirs} reads '{ours}' from it, but the row has {sorted(record.data)}",
+            )
+        data.pop(theirs)
+        data[ours] = record.data[theirs]
+    return Record(record.source, record.row, data)
 
 
 def _rows_in_range(
@@ -249,6 +278,9 @@ def _parse_sft(record: Record) -> SFTExample:
         prompt = _prompt(data["prompt"], "prompt", bad)
         prefix, completion = _reply(_require(data, "completion", bad), "completion", bad)
         prompt = _agree(prompt, "prompt", prefix, "completion", bad)
+    elif "text" in data and "messages" not in data:
+        # TRL's language-modeling rows: the whole text is the completion (all of it trained on), no prompt.
+        return SFTExample(NO_PROMPT, _text(data["text"], "text", bad), _ref(record))
     elif "messages" in data:
         messages = _messages(data["messages"], "messages", bad)
         if messages[-1]["role"] != "assistant":
@@ -257,7 +289,8 @@ def _parse_sft(record: Record) -> SFTExample:
         prompt = _prompt(messages[:-1], "messages", bad)
     else:
         raise bad(
-            "prompt", f"missing: expected 'prompt' + 'completion' or 'messages'; the row has {sorted(data)}"
+            "prompt",
+            f"missing: expected 'prompt' + 'completion', 'messages' or 'text'; the row has {sorted(data)}",
         )
     return SFTExample(_with_system(prompt, data, bad), completion, _ref(record))
 
@@ -267,7 +300,10 @@ def _parse_pair(record: Record) -> PreferencePair:
     chosen_raw, rejected_raw = _require(data, "chosen", bad), _require(data, "rejected", bad)
 
     if "prompt" not in data and isinstance(chosen_raw, str) and isinstance(rejected_raw, str):
-        prompt, chosen, rejected = _split_transcripts(chosen_raw, rejected_raw, bad)
+        if ASSISTANT in chosen_raw or ASSISTANT in rejected_raw:
+            prompt, chosen, rejected = _split_transcripts(chosen_raw, rejected_raw, bad)
+        else:
+            prompt, chosen, rejected = _split_shared_text(chosen_raw, rejected_raw, bad)
     else:
         chosen_prefix, chosen = _reply(chosen_raw, "chosen", bad)
         rejected_prefix, rejected = _reply(rejected_raw, "rejected", bad)
@@ -329,8 +365,8 @@ def _split_transcripts(
     The transcripts ("\\n\\nHuman: ...\\n\\nAssistant: ...") repeat the same conversation and differ in the
     final assistant reply, so we cut at the last "\\n\\nAssistant:" inside their longest common prefix:
     before it is the prompt, after it each reply (whitespace stripped). The prompt is parsed into
-    user/assistant messages. Only this Human/Assistant form is supported without a 'prompt' column; two
-    plain texts that happen to share a prefix are not split.
+    user/assistant messages. Texts without "\\n\\nAssistant:" are split as TRL splits them
+    (``_split_shared_text``).
     """
     shared = os.path.commonprefix([chosen, rejected])
     cut = shared.rfind(ASSISTANT)
@@ -361,6 +397,24 @@ def _split_transcripts(
     chosen_reply = _text(chosen[cut + len(ASSISTANT) :].strip(), "chosen", bad, what="completion")
     rejected_reply = _text(rejected[cut + len(ASSISTANT) :].strip(), "rejected", bad, what="completion")
     return prompt, chosen_reply, rejected_reply
+
+
+def _split_shared_text(chosen: str, rejected: str, bad: Callable[..., BadRowError]) -> tuple[str, str, str]:
+    """TRL's standard preference rows with an implicit prompt ({"chosen": "The sky is blue.", "rejected": "The
+    sky is green."}) split as TRL's ``extract_prompt`` splits them: the prompt is the text the two share up to
+    where they differ, less a space just before that point, which stays with the replies ("The sky is" /
+    " blue." / " green.")."""
+    cut = len(os.path.commonprefix([chosen, rejected]))
+    if 0 < cut < min(len(chosen), len(rejected)) and chosen[cut - 1] == " ":
+        cut -= 1
+    if not chosen[:cut].strip():
+        raise bad(
+            "chosen",
+            "no shared prompt prefix: without a 'prompt' column, 'chosen' and 'rejected' must share their "
+            "prompt as a common beginning (TRL's implicit prompt) or be Human/Assistant transcripts",
+        )
+    chosen_reply = _text(chosen[cut:], "chosen", bad, what="completion")
+    return chosen[:cut], chosen_reply, _text(rejected[cut:], "rejected", bad, what="completion")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -122,6 +122,8 @@ def encode_unpaired(
 
 
 def _prompt_ids(tokenizer, prompt: Prompt) -> list[int]:
+    if prompt == "":  # a language-modeling row (schemas.NO_PROMPT): the text starts the sequence, after BOS
+        return [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
     # A chat template writes its own special tokens (BOS included, where the model uses one), so the text
     # is tokenized without adding any.
     ids = tokenizer(render_prompt(tokenizer, prompt), add_special_tokens=False)["input_ids"]

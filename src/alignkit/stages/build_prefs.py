@@ -29,6 +29,7 @@ from alignkit.config import (
     GenerationBackendConfig,
     PromptRowsFields,
     RuntimeConfig,
+    config_to_dict,
     doc_field,
     renamed_keys,
     required,
@@ -40,6 +41,7 @@ from alignkit.data.schemas import load_prompts, no_usable_rows
 from alignkit.data.tokenize import encode_prompt
 from alignkit.models.generation import SamplingConfig, check_generation_backend, load_sampler
 from alignkit.models.loading import load_tokenizer, pick_device
+from alignkit.reporting import cards
 from alignkit.scoring import FunctionScorer, check_scorer, is_function_spec
 from alignkit.scoring.rankers import (
     RANKING_HOWTO,
@@ -484,6 +486,8 @@ def run(cfg: BuildPrefsConfig) -> dict:
         summary["dataset"] = cfg.save_dataset
     summary["wall_seconds"] = time.time() - started
     appendlog.write_summary(output, summary)
+    card = cards.write_dataset_card(output, 'build-prefs', config_to_dict(cfg), summary)
+    print(f"wrote {card}", file=sys.stderr)
     return summary
 
 

@@ -31,6 +31,7 @@ from alignkit.config import (
     ConfigError,
     RuntimeConfig,
     check_row_range,
+    config_to_dict,
     doc_field,
     renamed_keys,
     required,
@@ -42,6 +43,7 @@ from alignkit.data.schemas import Prompt, load_preferences, load_prompts, no_usa
 from alignkit.evaluation.metrics import mean_ci
 from alignkit.models.endpoint import ChatEndpoint, EndpointSettings
 from alignkit.models.loading import load_model, load_tokenizer, pick_device
+from alignkit.reporting import cards
 from alignkit.stages import Stage
 from alignkit.training.distributed import start_one_process
 
@@ -302,6 +304,8 @@ def run(cfg: CAILabelConfig) -> dict:
     summary["judge_failures_this_run"] = dict(sorted(failed.items()))
     summary["wall_seconds"] = time.time() - started
     appendlog.write_summary(output, summary)
+    card = cards.write_dataset_card(output, 'cai-label', config_to_dict(cfg), summary)
+    print(f"wrote {card}", file=sys.stderr)
     return summary
 
 

@@ -33,6 +33,7 @@ from alignkit.config import (
     GenerationBackendConfig,
     PromptRowsFields,
     RuntimeConfig,
+    config_to_dict,
     doc_field,
     renamed_keys,
     required,
@@ -44,6 +45,7 @@ from alignkit.data.tokenize import encode_prompt
 from alignkit.models.endpoint import ChatEndpoint, EndpointSettings
 from alignkit.models.generation import SamplingConfig, check_generation_backend, load_sampler
 from alignkit.models.loading import load_tokenizer, pick_device
+from alignkit.reporting import cards
 from alignkit.scoring import Scorer, check_scorer, load_scorer, prompt_text
 from alignkit.stages import Stage
 from alignkit.training.distributed import start_one_process
@@ -274,6 +276,8 @@ def run(cfg: CAIReviseConfig) -> dict:
     summary = summarize(cfg, output, constitution, loaded, len(done), settings)
     summary["wall_seconds"] = time.time() - started
     appendlog.write_summary(output, summary)
+    card = cards.write_dataset_card(output, 'cai-revise', config_to_dict(cfg), summary)
+    print(f"wrote {card}", file=sys.stderr)
     return summary
 
 

@@ -170,7 +170,9 @@ def run(cfg: DPOConfig) -> dict:
 
 def load_pairs(cfg: DPOConfig, tokenizer, source: str, split, rows, limit, what: str):
     """(the loader's Loaded, its pairs tokenized with the chat template)."""
-    loaded = load_preferences(source, cfg.on_bad_row, split=split, rows=rows, limit=limit)
+    loaded = load_preferences(
+        source, cfg.on_bad_row, split=split, rows=rows, limit=limit, columns=cfg.columns
+    )
     loaded.require_rows(f"{what}_data")
     print(f"{what} data: {loaded.summary()}", file=sys.stderr)
     enc = partial(encode_pair, tokenizer, max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length)

@@ -299,16 +299,21 @@ def precompute_reference(
     )  # fmt: skip
 
 
-def resolve_format(data_format: str, source: str, split: str | None) -> str:
-    """ "unpaired" or "pairs"; "auto" looks at the first readable row of the file."""
+def resolve_format(
+    data_format: str, source: str, split: str | None, columns: dict[str, str] | None = None
+) -> str:
+    """ "unpaired" or "pairs"; "auto" looks at the first readable row of the file (its columns named as
+    ``columns`` maps them)."""
     if data_format != "auto":
         return data_format
+    mapped = {theirs: ours for ours, theirs in (columns or {}).items()}
     for item in read_rows(source, split):
         if isinstance(item, BadRow):
             continue
-        if "label" in item.data:
+        names = {mapped.get(name, name) for name in item.data}
+        if "label" in names:
             return "unpaired"
-        if "chosen" in item.data or "rejected" in item.data:
+        if "chosen" in names or "rejected" in names:
             return "pairs"
         raise ConfigError(
             f"data_format=auto: {source} row {item.row} has neither a 'label' column (unpaired feedback) nor "
@@ -319,13 +324,17 @@ def resolve_format(data_format: str, source: str, split: str | None) -> str:
 
 def load_examples(cfg: KTOConfig, tokenizer, source, split, rows, limit, what: str):
     """(KTOExamples, the loader's Loaded, the resolved format), with the class counts printed."""
-    fmt = resolve_format(cfg.data_format, source, split)
+    fmt = resolve_format(cfg.data_format, source, split, cfg.columns)
     if fmt == "pairs":
-        loaded = load_preferences(source, cfg.on_bad_row, split=split, rows=rows, limit=limit)
+        loaded = load_preferences(
+            source, cfg.on_bad_row, split=split, rows=rows, limit=limit, columns=cfg.columns
+        )
         unpaired = pairs_to_unpaired(loaded.examples)  # chosen (desirable), rejected (undesirable), ...
         pairs = [k // 2 for k in range(len(unpaired))]
     else:
-        loaded = load_unpaired(source, cfg.on_bad_row, split=split, rows=rows, limit=limit)
+        loaded = load_unpaired(
+            source, cfg.on_bad_row, split=split, rows=rows, limit=limit, columns=cfg.columns
+        )
         unpaired, pairs = loaded.examples, [None] * len(loaded.examples)
     loaded.require_rows(f"{what}_data")
     enc = partial(

@@ -208,7 +208,9 @@ def load_pairs(
     cfg: RMConfig, tokenizer, source: str, split, rows, limit, name: str
 ) -> tuple[Loaded, list[RMExample]]:
     """Validated pairs of ``source``, tokenized like the policy sees them, with their margins."""
-    loaded = load_preferences(source, cfg.on_bad_row, split=split, rows=rows, limit=limit)
+    loaded = load_preferences(
+        source, cfg.on_bad_row, split=split, rows=rows, limit=limit, columns=cfg.columns
+    )
     enc = partial(encode_pair, tokenizer, max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length)
     margins: list[float | None] = [0.0] * len(loaded.examples)
     if cfg.margin_column:

@@ -71,7 +71,7 @@ def mean_nll(
 
 def load_demonstrations(cfg: SFTConfig, tokenizer, source: str, split, rows, limit, what: str):
     """(the loader's Loaded, its rows tokenized with the model's chat template: loss on completions only)."""
-    loaded = load_sft(source, cfg.on_bad_row, split=split, rows=rows, limit=limit)
+    loaded = load_sft(source, cfg.on_bad_row, split=split, rows=rows, limit=limit, columns=cfg.columns)
     loaded.require_rows(f"{what}_data")
     print(f"{what} data: {loaded.summary()}", file=sys.stderr)
     enc = partial(encode, tokenizer, max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length)

@@ -34,6 +34,7 @@ def training_prompts(cfg) -> tuple[list[PromptExample], int]:
         split=cfg.train_split,
         rows=cfg.train_rows,
         limit=cfg.train_max_rows,
+        columns=cfg.columns,
     )
     print(f"prompts: {loaded.summary()}", file=sys.stderr)
     loaded.require_rows("train_data")

@@ -33,6 +33,7 @@ import yaml
 
 from alignkit import __version__
 from alignkit.config import ConfigError, config_to_dict, save_config, with_current_names
+from alignkit.reporting import cards
 from alignkit.training import distributed
 from alignkit.training.checkpoint import COMPLETE_MARKER, latest_checkpoint
 
@@ -72,6 +73,7 @@ class RunDir:
     # TensorBoard events at or after this step are dropped when the writer opens (set on resume).
     _purge_step: int | None = field(default=None, init=False, repr=False)
     _lock: RunFolderLock | None = field(default=None, init=False, repr=False)
+    _cfg: Any = field(default=None, init=False, repr=False)  # the run's config, given to create()
 
     @classmethod
     def create(
@@ -110,6 +112,13 @@ class RunDir:
             raise ConfigError(error)
         run = cls(Path(found), tensorboard, writes=distributed.is_main_process())
         run._lock = lock
+        run._cfg = cfg
+        if run.writes and getattr(cfg, "push_to_hub", False):
+            try:  # before any training: an offline or unauthorised hub fails the run now, not after it
+                cards.check_hub(cfg.hub_model_id, cfg.hub_private)
+            except cards.HubError:
+                run.release()
+                raise
         return run
 
     def __enter__(self) -> RunDir:
@@ -180,6 +189,10 @@ class RunDir:
         tmp = self.summary_path.with_name(f"{self.summary_path.name}.tmp-{os.getpid()}")
         tmp.write_text(json.dumps({k: _json_safe(v) for k, v in summary.items()}, indent=2) + "\n")
         os.replace(tmp, self.summary_path)
+        # final/ is written before the summary in every stage: its model card says what the summary says.
+        if cards.write_model_card(self.path) and getattr(self._cfg, "push_to_hub", False):
+            url = cards.push_final(self.final_dir, self._cfg.hub_model_id, self._cfg.hub_private)
+            print(f"pushed final/ to {url}", file=sys.stderr)
 
     def truncate_metrics_after(self, step: int) -> None:
         """Drop metrics rows logged after ``step`` (on resume, so each step appears exactly once)."""
