@@ -1,10 +1,12 @@
 """The critic and the judge behind an OpenAI-compatible endpoint: a real HTTP server on loopback (Starlette +
 uvicorn in a thread) answering from canned text, with scripted failures (429, a timeout, malformed JSON), and
-cai-revise / cai-label run through it; plus the endpoint judge's answer reading on hand-worked values."""
+cai-revise / cai-label run through it; a server serving the tiny test model's own generations to cai-revise;
+plus the endpoint judge's answer reading and clipping on hand-worked values."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import math
 import re
@@ -22,7 +24,12 @@ from starlette.responses import JSONResponse, Response  # noqa: E402
 from starlette.routing import Route  # noqa: E402
 
 from alignkit import cli  # noqa: E402
-from alignkit.cai.endpoint_judge import p_first_from_logprobs, parse_letter, read_answer  # noqa: E402
+from alignkit.cai.endpoint_judge import (  # noqa: E402
+    clip_chars,
+    p_first_from_logprobs,
+    parse_letter,
+    read_answer,
+)
 from alignkit.models.endpoint import ChatEndpoint, EndpointReply, EndpointSettings, parse_reply  # noqa: E402
 
 KEY = "sk-test-7f3a9c1e-never-on-disk"
@@ -82,11 +89,10 @@ def _completion(text: str, logprobs: dict | None = None) -> dict:
     return {"id": "chatcmpl-test", "object": "chat.completion", "choices": [choice]}
 
 
-@pytest.fixture
-def server():
-    """The fake server on a free loopback port, in a thread; yields (FakeOpenAI, base_url)."""
-    fake = FakeOpenAI()
-    app = Starlette(routes=[Route("/v1/chat/completions", fake.chat, methods=["POST"])])
+@contextlib.contextmanager
+def _serving(handler):
+    """``handler`` as POST /v1/chat/completions on a free loopback port, in a thread; yields the base URL."""
+    app = Starlette(routes=[Route("/v1/chat/completions", handler, methods=["POST"])])
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=1)
@@ -97,10 +103,20 @@ def server():
     while not srv.started:
         assert time.time() < deadline, "the test server did not start"
         time.sleep(0.02)
-    yield fake, f"http://127.0.0.1:{sock.getsockname()[1]}/v1"
-    srv.should_exit = True
-    thread.join(5)
-    sock.close()
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}/v1"
+    finally:
+        srv.should_exit = True
+        thread.join(5)
+        sock.close()
+
+
+@pytest.fixture
+def server():
+    """The fake server on a free loopback port, in a thread; yields (FakeOpenAI, base_url)."""
+    fake = FakeOpenAI()
+    with _serving(fake.chat) as url:
+        yield fake, url
 
 
 @pytest.fixture
@@ -275,3 +291,129 @@ def test_cai_label_with_an_endpoint_judge(stages, server, tmp_path, monkeypatch)
     assert cli.main([*args, f"output={run_dir / 'letters.jsonl'}"]) == 0
     rows = [json.loads(x) for x in (run_dir / "letters.jsonl").read_text().splitlines()]
     assert len(rows) == 3 and all(r["p_chosen"] == 1.0 for r in rows)
+
+
+# ---------------------------------------------------------------------------------------------
+# cai-label: the served model's name, clipping, the URL in the summary
+# ---------------------------------------------------------------------------------------------
+
+
+def test_cai_label_endpoint_needs_the_served_models_name(stages, tmp_path, capsys):
+    """judge_base_url with judge_model left at the local default is refused before any request is sent."""
+    data = tmp_path / "pairs.jsonl"
+    data.write_text(json.dumps({"prompt": "p", "response_a": "a", "response_b": "b"}) + "\n")
+    argv = ["cai-label", f"input={data}", f"output={tmp_path / 'out.jsonl'}", "judge_base_url=http://127.0.0.1:9/v1"]
+    assert cli.main(argv) == cli.EXIT_USAGE
+    err = capsys.readouterr().err
+    assert "judge_base_url needs judge_model" in err and "smollm2-135m-instruct" in err
+    assert not (tmp_path / "out.jsonl").exists()
+
+
+def test_clip_chars_hand_values():
+    """4 characters a token: 2 tokens keep 8 characters of the start, or of the end, marked with "..."."""
+    assert clip_chars("abcdefghijkl", 2) == "abcdefgh ..."
+    assert clip_chars("abcdefghijkl", 2, keep="end") == "... efghijkl"
+    assert clip_chars("abcdefgh", 2) == "abcdefgh" and clip_chars("x" * 99, None) == "x" * 99
+
+
+def test_cai_label_endpoint_clips_like_the_local_judge(stages, server, tmp_path):
+    """max_context_tokens=4 / max_response_tokens=3 reach the server as 16 / 12 characters: the conversation's
+    end and the responses' starts. The summary names the server's URL."""
+    fake, url = server
+    long_b = "the longer reply, which goes on and on well past twelve characters"
+    pair = {"prompt": "an opening question that is long, then the end", "response_a": "short one.", "response_b": long_b}
+    data = tmp_path / "pairs.jsonl"
+    data.write_text(json.dumps(pair) + "\n")
+    out = tmp_path / "labelled.jsonl"
+    argv = [
+        "cai-label", f"input={data}", f"output={out}", "judge_model=canned", f"judge_base_url={url}",
+        "principles_per_comparison=1", "max_context_tokens=4", "max_response_tokens=3", "progress=false",
+    ]  # fmt: skip
+    assert cli.main(argv) == 0
+    first = fake.requests[0]["messages"][0]["content"]
+    assert "Conversation:\n... ng, then the end\n\n" in first  # "User: " + the prompt: its last 16 characters
+    assert "Reply (A):\nshort one.\n\n" in first  # 10 characters: not clipped
+    assert "Reply (B):\nthe longer r ...\n\n" in first  # its first 12 characters
+    summary = json.loads(out.with_suffix(".summary.json").read_text())
+    assert summary["judge_base_url"] == url and summary["judge"] == "canned"
+
+
+# ---------------------------------------------------------------------------------------------
+# A server that serves the tiny model's own generations
+# ---------------------------------------------------------------------------------------------
+
+
+class TinyModelServer:
+    """Chat completions from the tiny test model, greedy whatever the request asks (so a test can recompute
+    them), with a repetition penalty: the random tiny model's plain greedy text repeats the template's last
+    token ("\\n\\n\\n..."). The model is loaded on the first request, in the server's thread. Every
+    (messages, reply) is kept."""
+
+    def __init__(self, model_dir):
+        self.model_dir = model_dir
+        self.model = self.tokenizer = None
+        self.served: list[tuple[list[dict], dict]] = []
+
+    async def chat(self, request: Request) -> Response:
+        body = await request.json()
+        if self.model is None:
+            from transformers import AutoModelForCausalLM, AutoTokenizer
+
+            self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
+            self.model = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype="float32").eval()
+        text, finished = greedy_reply(self.model, self.tokenizer, body["messages"], body["max_tokens"])
+        reply = _completion(text)
+        reply["choices"][0]["finish_reason"] = "stop" if finished else "length"
+        self.served.append((body["messages"], reply))
+        return JSONResponse(reply)
+
+
+def greedy_reply(model, tokenizer, messages: list[dict], max_tokens: int) -> tuple[str, bool]:
+    """The model's greedy continuation of ``messages`` (chat template; repetition penalty 5, as vLLM's
+    ``repetition_penalty``), and whether it ended with EOS."""
+    import torch
+
+    enc = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    ids = enc["input_ids"]  # (1, T)
+    with torch.no_grad():
+        out = model.generate(
+            ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_tokens, do_sample=False,
+            pad_token_id=tokenizer.pad_token_id, repetition_penalty=5.0,
+        )  # fmt: skip
+    new = out[0, ids.shape[1] :].tolist()
+    finished = tokenizer.eos_token_id in new
+    return tokenizer.decode(new, skip_special_tokens=True), finished
+
+
+def test_cai_revise_against_a_served_model(stages, tiny_model_dir, tmp_path):
+    """The critic is the tiny model behind the HTTP server: each critique and revision written is the served
+    model's greedy text (recomputed here from the conversation the client sent), the critique is fed back in
+    the revision request, and the revision, passing the one gate enabled (echo), is the SFT target."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    served = TinyModelServer(tiny_model_dir)
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "what is the capital of france?"}\n')
+    out = tmp_path / "revised.jsonl"
+    with _serving(served.chat) as url:
+        argv = [
+            "cai-revise", f"prompts={prompts}", f"output={out}", f"model={tiny_model_dir}", "critic_model=tiny",
+            f"critic_base_url={url}", "max_concurrency=1", "max_new_tokens=5", "gates=[echo]", "progress=false",
+        ]  # fmt: skip
+        assert cli.main(argv) == 0
+    (row,) = [json.loads(x) for x in out.read_text().splitlines()]
+    (history,) = row["revisions"]
+    assert len(served.served) == 2  # one critique request, one revision request
+    (critique_msgs, critique_reply), (revision_msgs, revision_reply) = served.served
+    assert critique_msgs[-1]["content"] == history["critique_request"]
+    assert history["critique"] == critique_reply["choices"][0]["message"]["content"]
+    assert revision_msgs[-2] == {"role": "assistant", "content": history["critique"]}
+    assert history["revision"] == revision_reply["choices"][0]["message"]["content"]
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype="float32").eval()
+    critique, _ = greedy_reply(model, tokenizer, critique_msgs, 5)
+    revision, _ = greedy_reply(model, tokenizer, revision_msgs, 5)
+    assert (history["critique"], history["revision"]) == (critique, revision)
+    assert revision.strip() and critique.strip()  # real text, not the blank a plain greedy tiny model gives
+    assert history["gates"] == [] and row["target"] == "revision" and row["completion"] == revision

@@ -18,13 +18,34 @@ from alignkit.models.endpoint import ChatEndpoint, EndpointReply
 _ASK_LETTER = "Answer with a single letter: A or B."
 _BRACKETED = re.compile(r"\(([AB])\)")
 _LEADING = re.compile(r"\s*(?:answer\s*[:\-]?\s*)?\(?([AB])\)?(?![A-Za-z0-9])", re.I)
+# About 4 characters per token for English under the common BPE vocabularies (GPT, Llama, SmolLM2): an
+# approximation, so a token limit reads as a character limit of 4x its value.
+CHARS_PER_TOKEN = 4
 
 
-def endpoint_question(q: PairQuestion, response_a: str, response_b: str) -> str:
+def clip_chars(text: str, max_tokens: int | None, keep: str = "start") -> str:
+    """``text`` cut to ``max_tokens * CHARS_PER_TOKEN`` characters, keeping its start (a response) or its end
+    (a conversation), the cut marked with "..." as ``judge.clip_text`` marks it; None: no limit."""
+    if max_tokens is None or len(text) <= max_tokens * CHARS_PER_TOKEN:
+        return text
+    n = max_tokens * CHARS_PER_TOKEN
+    if keep == "start":
+        return text[:n].rstrip() + " ..."
+    return "... " + text[-n:].lstrip()
+
+
+def endpoint_question(
+    q: PairQuestion,
+    response_a: str,
+    response_b: str,
+    max_context_tokens: int | None = None,
+    max_response_tokens: int | None = None,
+) -> str:
+    """The judge question of ``judge.build_judge_prompt`` as text, clipped by characters (``clip_chars``)."""
     text = JUDGE_TEMPLATE.format(
-        conversation=render_conversation(q.prompt),
-        response_a=response_a.strip(),
-        response_b=response_b.strip(),
+        conversation=clip_chars(render_conversation(q.prompt), max_context_tokens, keep="end"),
+        response_a=clip_chars(response_a.strip(), max_response_tokens),
+        response_b=clip_chars(response_b.strip(), max_response_tokens),
         instruction=q.instruction.strip(),
     )
     return text.replace("Answer with (A) or (B).", _ASK_LETTER)
@@ -74,13 +95,19 @@ def read_answer(reply: EndpointReply) -> tuple[float, float, str | None]:
     return (1.0 if letter == "A" else 0.0), 1.0, None
 
 
-def endpoint_judge_pairs(endpoint: ChatEndpoint, questions: Sequence[PairQuestion]) -> list[JudgeResult]:
+def endpoint_judge_pairs(
+    endpoint: ChatEndpoint,
+    questions: Sequence[PairQuestion],
+    max_context_tokens: int | None = None,
+    max_response_tokens: int | None = None,
+) -> list[JudgeResult]:
     """Ask every question in both orders over ``endpoint`` (as ``judge.judge_pairs`` does locally): greedy,
     a few tokens, with the top log-probs of the first token requested."""
     conversations = []
     for q in questions:
         for a, b in ((q.response_a, q.response_b), (q.response_b, q.response_a)):
-            conversations.append([{"role": "user", "content": endpoint_question(q, a, b)}])
+            question = endpoint_question(q, a, b, max_context_tokens, max_response_tokens)
+            conversations.append([{"role": "user", "content": question}])
     replies = endpoint.chat_many(conversations, max_tokens=4, temperature=0.0, logprobs=True, top_logprobs=20)
     results = []
     for k in range(len(questions)):

@@ -41,6 +41,7 @@ from alignkit.data import appendlog
 from alignkit.data.io import BadRow, BadRowError, Record, read_rows
 from alignkit.data.schemas import Prompt, load_preferences, load_prompts, no_usable_rows
 from alignkit.evaluation.metrics import mean_ci
+from alignkit.models.embedded import DEFAULT_EMBEDDED
 from alignkit.models.endpoint import ChatEndpoint, EndpointSettings
 from alignkit.models.loading import load_model, load_tokenizer, pick_device
 from alignkit.reporting import cards
@@ -75,7 +76,7 @@ class CAILabelConfig(RuntimeConfig):
     judge_base_url: str | None = doc_field(
         None,
         "Base URL of an OpenAI-compatible chat-completions server for the judge (e.g. http://host:8000/v1); "
-        "None: the judge runs locally. The context/response token limits apply to a local judge only.",
+        "None: the judge runs locally. judge_model must then name the served model.",
     )
     api_key_env: str | None = doc_field(
         None, "Environment variable holding the endpoint's API key (never written anywhere); None: no key."
@@ -101,10 +102,16 @@ class CAILabelConfig(RuntimeConfig):
         "interval; needs chosen/rejected input.",
     )
     max_context_tokens: int | None = doc_field(
-        384, "Longest conversation shown to the judge, in tokens (its end is kept); None: no limit.", ge=1
+        384,
+        "Longest conversation shown to the judge, in tokens (its end is kept; an endpoint judge counts 4 "
+        "characters a token); None: no limit.",
+        ge=1,
     )
     max_response_tokens: int | None = doc_field(
-        192, "Longest response shown to the judge, in tokens (its start is kept); None: no limit.", ge=1
+        192,
+        "Longest response shown to the judge, in tokens (its start is kept; an endpoint judge counts 4 "
+        "characters a token); None: no limit.",
+        ge=1,
     )
     batch_size: int = doc_field(8, "Judge questions per forward pass (each pair asks 2 x principles).", ge=1)
     pairs_per_chunk: int = doc_field(
@@ -116,6 +123,13 @@ class CAILabelConfig(RuntimeConfig):
         """The rules across fields (each field's own range is declared on it and checked before this)."""
         super().check()
         check_row_range(self, "input_rows")
+        if self.judge_base_url is not None and self.judge_model == DEFAULT_EMBEDDED:
+            # Left at the local default, the request would name a model the server does not serve, and every
+            # question would fail as http_error: say so once, before anything is asked.
+            raise ConfigError(
+                f"judge_base_url needs judge_model: the model's name on that server (judge_model is the local "
+                f"default {DEFAULT_EMBEDDED!r})"
+            )
 
 
 # The settings that decide what the output holds: resuming an output with other values would mix two runs.
@@ -327,7 +341,9 @@ def make_judge(cfg: CAILabelConfig, constitution: Constitution) -> PairwiseJudge
             None,
             constitution,
             cfg.principles_per_comparison,
-            ask=lambda questions: endpoint_judge_pairs(endpoint, questions),
+            ask=lambda questions: endpoint_judge_pairs(
+                endpoint, questions, cfg.max_context_tokens, cfg.max_response_tokens
+            ),
         )
     device = pick_device()
     tokenizer = load_tokenizer(cfg.judge_model, cfg.trust_remote_code)
@@ -364,6 +380,7 @@ def summarize(
         "stage": "cai-label",
         "output": str(output),
         "judge": cfg.judge_model,
+        "judge_base_url": cfg.judge_base_url,  # None: a local judge (the API key is never written)
         "constitution": constitution.source,
         "principles": constitution.ids(),
         "principles_per_comparison": cfg.principles_per_comparison,
