@@ -90,7 +90,9 @@ def test_every_registered_stage_declares_itself():
         if stage.positional:
             assert stage.positional in stage.config.__dataclass_fields__
     assert (alignkit.report.positional, alignkit.eval.positional) == ("run_dir", "model")
-    assert [n for n in STAGES if load_stage(n).prints_results] == ["quickstart", "compare", "recommend"]
+    assert [n for n in STAGES if load_stage(n).prints_results] == [
+        "quickstart", "compare", "recommend", "label"  # label prints the token once and the export counts
+    ]
     assert alignkit.ipo.main is alignkit.dpo.main and alignkit.ipo.config.__name__ == "IPOConfig"
     assert alignkit.orpo.config().loss == "orpo"
 

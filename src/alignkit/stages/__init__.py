@@ -72,6 +72,10 @@ STAGES: dict[str, tuple[str, str]] = {
         "alignkit.stages.make_task",
         "Write a generated task with answers (arithmetic word problems) as training and held-out prompt files",
     ),
+    "label": (
+        "alignkit.stages.label",
+        "People rank responses in a web app (label serve), get tokens (label tokens), export pairs (label export)",
+    ),
     "eval": (
         "alignkit.stages.eval",
         "Sample a model and a reference on prompts; scores, win rate, KL, lengths",

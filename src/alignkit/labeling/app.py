@@ -1,0 +1,203 @@
+"""The labeling web app (Starlette; served by uvicorn): log in with a token, rank one item's responses at a
+time (best and worst, ties allowed), skip, or flag as unsafe. Every submit is one database transaction, so
+closing the browser loses nothing. Pages are Jinja2 templates with autoescape on: responses are model
+outputs and are shown as text, never as HTML. Every POST carries a CSRF token (the session's; the login form's
+is a double-submit cookie); the session cookie is HttpOnly and SameSite=Strict.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+
+from jinja2 import Environment
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, RedirectResponse, Response
+from starlette.routing import Route
+
+from alignkit.labeling import storage
+from alignkit.labeling.storage import LabelError
+
+COOKIE, LOGIN_CSRF = "alignkit_label", "alignkit_label_login"
+HEADERS = {  # no inline script, no framing: a response that slipped past escaping still could not run
+    "Content-Security-Policy": "default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'",
+    "X-Frame-Options": "DENY",
+    "X-Content-Type-Options": "nosniff",
+}
+
+_ENV = Environment(autoescape=True)
+PAGE = _ENV.from_string("""<!doctype html><html><head><meta charset="utf-8"><title>alignkit label</title>
+<style>body{font-family:sans-serif;max-width:60em;margin:1em auto}pre{white-space:pre-wrap}
+.resp{border:1px solid #aaa;margin:.5em 0;padding:.5em}.best{background:#d8f5d8}.worst{background:#f5d8d8}
+.err{color:#a00}</style></head><body>{% block body %}{% endblock %}
+<script src="/label.js"></script></body></html>""")
+LOGIN = _ENV.from_string("""{% extends page %}{% block body %}<h1>alignkit label: log in</h1>
+{% if error %}<p class="err">{{ error }}</p>{% endif %}
+<form method="post" action="/login"><input type="hidden" name="csrf" value="{{ csrf }}">
+<label>Token <input type="password" name="token" autofocus></label> <button>Log in</button></form>
+{% endblock %}""")
+ITEM = _ENV.from_string("""{% extends page %}{% block body %}
+<p>{{ who.name }} · item {{ shown.done + 1 }} of {{ shown.total }}
+<form method="post" action="/logout" style="display:inline"><input type="hidden" name="csrf" value="{{ who.csrf }}">
+<button>log out</button></form></p>
+<h2>Prompt</h2>{% if prompt_text is string %}<pre>{{ prompt_text }}</pre>{% else %}
+{% for m in prompt_text %}<p><b>{{ m.role }}</b></p><pre>{{ m.content }}</pre>{% endfor %}{% endif %}
+<p>Keys: 1-9 best, shift+1-9 worst (ties allowed), enter submit, s skip, f flag unsafe.</p>
+<form method="post" action="/submit" id="rank"><input type="hidden" name="csrf" value="{{ who.csrf }}">
+<input type="hidden" name="item_id" value="{{ shown.item_id }}">
+<input type="hidden" name="ranking" id="ranking" value="">
+{% for text in shown.responses %}<div class="resp" data-n="{{ loop.index }}"><b>{{ loop.index }}</b>
+<label><input type="checkbox" name="best" value="{{ loop.index }}"> best</label>
+<label><input type="checkbox" name="worst" value="{{ loop.index }}"> worst</label><pre>{{ text }}</pre></div>
+{% endfor %}
+<button name="action" value="ranked" id="submit">Submit (enter)</button>
+<button name="action" value="skip" id="skip">Skip (s)</button>
+<button name="action" value="flag" id="flag">Flag unsafe (f)</button></form>{% endblock %}""")
+DONE = _ENV.from_string("""{% extends page %}{% block body %}<h1>All done, {{ who.name }}</h1>
+<p>Every item has your label. Thank you.</p>{% endblock %}""")
+ADMIN = _ENV.from_string("""{% extends page %}{% block body %}<h1>Labelers</h1><table border="1">
+<tr><th>name</th><th>ranked</th><th>skipped</th><th>flagged</th></tr>
+{% for c in counts %}<tr><td>{{ c.name }}{% if c.admin %} (admin){% endif %}</td><td>{{ c.ranked }}</td>
+<td>{{ c.skip }}</td><td>{{ c.flag }}</td></tr>{% endfor %}</table>{% endblock %}""")
+ERROR = _ENV.from_string("""{% extends page %}{% block body %}<h1>{{ status }}</h1><p class="err">{{ message }}</p>
+<p><a href="/">back</a></p>{% endblock %}""")
+
+# The keyboard and the ranking: best boxes form the first group, worst boxes the last, the rest the middle.
+SCRIPT = """
+const form = document.getElementById('rank');
+if (form) {
+  const boxes = (kind) => Array.from(form.querySelectorAll('input[name=' + kind + ']'));
+  const paint = () => form.querySelectorAll('.resp').forEach((d) => {
+    const n = d.dataset.n;
+    d.classList.toggle('best', boxes('best').some((b) => b.value === n && b.checked));
+    d.classList.toggle('worst', boxes('worst').some((b) => b.value === n && b.checked));
+  });
+  const toggle = (kind, n) => {
+    const box = boxes(kind).find((b) => b.value === String(n));
+    if (!box) return;
+    box.checked = !box.checked;
+    const other = boxes(kind === 'best' ? 'worst' : 'best').find((b) => b.value === String(n));
+    if (box.checked) other.checked = false;
+    paint();
+  };
+  form.addEventListener('change', paint);
+  form.addEventListener('submit', (e) => {
+    const pick = (kind) => boxes(kind).filter((b) => b.checked).map((b) => Number(b.value));
+    const best = pick('best'), worst = pick('worst');
+    const middle = boxes('best').map((b) => Number(b.value)).filter((n) => !best.includes(n) && !worst.includes(n));
+    document.getElementById('ranking').value = JSON.stringify([best, middle, worst].filter((g) => g.length));
+  });
+  document.addEventListener('keydown', (e) => {
+    if (e.target.tagName === 'INPUT' && e.target.type !== 'checkbox') return;
+    const digit = /^Digit([1-9])$/.exec(e.code);
+    if (digit) { toggle(e.shiftKey ? 'worst' : 'best', Number(digit[1])); e.preventDefault(); }
+    else if (e.key === 's') document.getElementById('skip').click();
+    else if (e.key === 'f') document.getElementById('flag').click();
+    else if (e.key === 'Enter') { document.getElementById('submit').click(); e.preventDefault(); }
+  });
+}
+"""
+
+
+def render(template, status: int = 200, **values) -> HTMLResponse:
+    return HTMLResponse(template.render(page=PAGE, **values), status_code=status, headers=HEADERS)
+
+
+def ranking_from_form(form) -> object:
+    """The ranking the page's script wrote (JSON groups, best first); without script, from the checkboxes."""
+    raw = form.get("ranking")
+    if raw:
+        try:
+            return json.loads(raw)
+        except json.JSONDecodeError:
+            raise LabelError(400, "ranking: not JSON") from None
+    return None  # the form was sent without its script: check_ranking says what is missing
+
+
+def create_app(engine) -> Starlette:
+    """The app over a database that ``storage.open_db`` opened and ``storage.load_items`` filled."""
+
+    async def who_of(request: Request):
+        return await run_in_threadpool(storage.session_of, engine, request.cookies.get(COOKIE))
+
+    async def home(request: Request) -> Response:
+        who = await who_of(request)
+        if who is None:
+            return RedirectResponse("/login", status_code=303)
+        shown = await run_in_threadpool(storage.current_item, engine, who.labeler_id)
+        if shown is None:
+            return render(DONE, who=who)
+        return render(ITEM, who=who, shown=shown, prompt_text=shown.prompt)
+
+    async def login_page(request: Request) -> Response:
+        csrf = secrets.token_urlsafe(32)
+        response = render(LOGIN, csrf=csrf, error=None)
+        response.set_cookie(LOGIN_CSRF, csrf, httponly=True, samesite="strict")
+        return response
+
+    async def login(request: Request) -> Response:
+        form = await request.form()
+        cookie, sent = request.cookies.get(LOGIN_CSRF, ""), str(form.get("csrf", ""))
+        if not cookie or not secrets.compare_digest(cookie, sent):
+            raise LabelError(403, "login form expired or forged (CSRF check failed); reload the page")
+        sid, _ = await run_in_threadpool(storage.login, engine, str(form.get("token", "")))
+        response = RedirectResponse("/", status_code=303)
+        response.set_cookie(COOKIE, sid, httponly=True, samesite="strict")
+        response.delete_cookie(LOGIN_CSRF)
+        return response
+
+    async def checked(request: Request):
+        """The session of a POST, its CSRF token checked; a 401/403 LabelError otherwise."""
+        who = await who_of(request)
+        if who is None:
+            raise LabelError(401, "not logged in (or the session ended); log in again")
+        form = await request.form()
+        if not secrets.compare_digest(who.csrf, str(form.get("csrf", ""))):
+            raise LabelError(403, "CSRF check failed; reload the page")
+        return who, form
+
+    async def submit(request: Request) -> Response:
+        who, form = await checked(request)
+        try:
+            item_id = int(str(form.get("item_id", "")))
+        except ValueError:
+            raise LabelError(400, "item_id: expected an integer") from None
+        kind = str(form.get("action", ""))
+        ranking = ranking_from_form(form) if kind == "ranked" else None
+        await run_in_threadpool(storage.submit, engine, who.labeler_id, item_id, kind, ranking)
+        return RedirectResponse("/", status_code=303)
+
+    async def logout(request: Request) -> Response:
+        await checked(request)
+        await run_in_threadpool(storage.logout, engine, request.cookies[COOKIE])
+        response = RedirectResponse("/login", status_code=303)
+        response.delete_cookie(COOKIE)
+        return response
+
+    async def admin(request: Request) -> Response:
+        who = await who_of(request)
+        if who is None or not who.is_admin:
+            raise LabelError(403, "the admin page needs an admin's login")
+        return render(ADMIN, counts=await run_in_threadpool(storage.labeler_counts, engine))
+
+    async def script(request: Request) -> Response:
+        return Response(SCRIPT, media_type="text/javascript", headers=HEADERS)
+
+    async def refused(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, LabelError)
+        return render(ERROR, status=exc.status, message=str(exc))
+
+    return Starlette(
+        routes=[
+            Route("/", home),
+            Route("/login", login_page, methods=["GET"]),
+            Route("/login", login, methods=["POST"]),
+            Route("/submit", submit, methods=["POST"]),
+            Route("/logout", logout, methods=["POST"]),
+            Route("/admin", admin),
+            Route("/label.js", script),
+        ],
+        exception_handlers={LabelError: refused},
+    )

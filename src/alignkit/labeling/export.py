@@ -1,0 +1,99 @@
+"""Preference pairs from the labels: the JSONL that ``alignkit dpo``, ``rm`` and ``kto`` read as written
+(``prompt``, ``chosen``, ``rejected``).
+
+Per item, each labeler's ranking says of every two responses a > b, b > a or a tie. A pair (a, b) is written
+with a chosen when ``majority`` (more than half of the labelers who ranked the item) or ``unanimous`` (all of
+them) say a > b; ties and disagreements are left out and counted. Which pairs are candidates: ``best-worst``,
+the best group x the worst group of any labeler's ranking; ``all``, every two responses. An item any labeler
+flagged unsafe is left out whole; skipped items carry no ranking.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from collections import Counter
+from typing import Literal
+
+from sqlalchemy import select
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import Session
+
+from alignkit.labeling.storage import Item, Label
+
+PairsMode = Literal["best-worst", "all"]
+Agreement = Literal["majority", "unanimous"]
+
+
+def scores(groups: list[list[int]]) -> dict[int, int]:
+    """Response number -> rank score, higher is better: group k of G (best first) scores G - k."""
+    return {number: len(groups) - k for k, group in enumerate(groups) for number in group}
+
+
+def candidates(rankings: list[list[list[int]]], n: int, mode: PairsMode) -> set[tuple[int, int]]:
+    """Unordered pairs (a < b) of response numbers to decide."""
+    if mode == "all":
+        return set(itertools.combinations(range(1, n + 1), 2))
+    out: set[tuple[int, int]] = set()
+    for groups in rankings:
+        if len(groups) > 1:  # a ranking of one group ties everything: no best-vs-worst pair
+            out |= {(min(a, b), max(a, b)) for a in groups[0] for b in groups[-1]}
+    return out
+
+
+def decide(rankings: list[list[list[int]]], a: int, b: int, agreement: Agreement) -> tuple[int, int] | None:
+    """(chosen, rejected) when the labelers agree enough that one is better; None for a tie or a split."""
+    votes = Counter()
+    for groups in rankings:
+        sc = scores(groups)
+        votes[(a, b) if sc[a] > sc[b] else (b, a) if sc[b] > sc[a] else "tie"] += 1
+    need = len(rankings) if agreement == "unanimous" else len(rankings) // 2 + 1
+    for order in ((a, b), (b, a)):
+        if votes[order] >= need:
+            return order
+    return None
+
+
+def export_pairs(engine: Engine, mode: PairsMode, agreement: Agreement) -> tuple[list[dict], dict]:
+    """The pair rows, and the counts of what was written and left out."""
+    counts = Counter(items=0, items_unlabeled=0, items_flagged=0, items_skipped_only=0, items_with_pairs=0,
+                     pairs=0, pairs_undecided=0, labels=0)  # fmt: skip
+    rows: list[dict] = []
+    with Session(engine) as s:
+        labels_of: dict[int, list[Label]] = {}
+        for label in s.scalars(select(Label).order_by(Label.item_id, Label.labeler_id)):
+            labels_of.setdefault(label.item_id, []).append(label)
+        for item in s.scalars(select(Item).order_by(Item.id)):
+            counts["items"] += 1
+            labels = labels_of.get(item.id, [])
+            counts["labels"] += len(labels)
+            if not labels:
+                counts["items_unlabeled"] += 1
+                continue
+            if any(lb.kind == "flag" for lb in labels):
+                counts["items_flagged"] += 1
+                continue
+            rankings = [json.loads(lb.ranking) for lb in labels if lb.kind == "ranked"]
+            if not rankings:
+                counts["items_skipped_only"] += 1
+                continue
+            prompt, responses = json.loads(item.prompt), json.loads(item.responses)
+            written = 0
+            for a, b in sorted(candidates(rankings, len(responses), mode)):
+                order = decide(rankings, a, b, agreement)
+                if order is None or responses[order[0] - 1] == responses[order[1] - 1]:
+                    counts["pairs_undecided"] += 1  # a tie, a split vote, or two identical texts
+                    continue
+                rows.append({
+                    "prompt": prompt,
+                    "chosen": responses[order[0] - 1],
+                    "rejected": responses[order[1] - 1],
+                    "prompt_row": item.key,
+                    "chosen_number": order[0],
+                    "rejected_number": order[1],
+                    "n_labelers": len(rankings),
+                })  # fmt: skip
+                written += 1
+            counts["pairs"] += written
+            counts["items_with_pairs"] += bool(written)
+    return rows, dict(counts)

@@ -1,0 +1,125 @@
+"""`alignkit label serve|tokens|export input=prefs.export.jsonl`: people rank model responses in a web app.
+
+- ``label tokens input=... add_labeler=NAME [admin=true]`` prints a fresh token for NAME, once (stored hashed).
+- ``label serve input=... [add_labeler=NAME] [host=127.0.0.1 port=8765]`` serves the labeling app
+  (``alignkit.labeling.app``) over the input: a ``build-prefs ranker=export`` file or any prompt + responses JSONL.
+- ``label export input=... [output=...] [pairs=best-worst|all] [agreement=majority|unanimous]`` writes the
+  preference pairs ``alignkit dpo`` / ``rm`` / ``kto`` read (``alignkit.labeling.export``).
+
+The labels live in a database (``alignkit.labeling.storage``): SQLite beside the input unless ``db=`` gives a
+SQLAlchemy URL.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from alignkit.config import ConfigError, doc_field, required
+from alignkit.stages import Stage
+
+
+@dataclass
+class LabelConfig:
+    """Serve the labeling app, hand out labeler tokens, or export the labels as preference pairs."""
+
+    action: Literal["serve", "tokens", "export"] = doc_field(
+        "serve", "serve: the web app; tokens: a fresh token for add_labeler; export: write the pairs."
+    )
+    input: str = required("The file to label: a build-prefs ranker=export file or prompt + responses JSONL.")
+    db: str | None = doc_field(
+        None, "SQLAlchemy URL of the label database; None: SQLite <input without .jsonl>.label.db beside it."
+    )
+    add_labeler: str | None = doc_field(
+        None, "Create this labeler (or give them a fresh token) and print the token once; serve, tokens."
+    )
+    admin: bool = doc_field(False, "The labeler add_labeler creates may open the admin page (/admin).")
+    host: str = doc_field("127.0.0.1", "Address to serve on; anything but loopback needs TLS in front.")
+    port: int = doc_field(8765, "Port to serve on.", ge=1, le=65535)
+    output: str | None = doc_field(None, "export: the pairs .jsonl; None: <input without .jsonl>.pairs.jsonl.")
+    pairs: Literal["best-worst", "all"] = doc_field(
+        "best-worst", "export: best group x worst group of each ranking, or every two responses."
+    )
+    agreement: Literal["majority", "unanimous"] = doc_field(
+        "majority", "export, several labelers on one item: a pair needs more than half of them, or all."
+    )
+    overwrite: bool = doc_field(False, "export: replace an existing output instead of refusing it.")
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name other than localhost: it may resolve anywhere
+        return False
+
+
+def output_path(cfg: LabelConfig) -> Path:
+    if cfg.output:
+        return Path(cfg.output).expanduser()
+    path = Path(cfg.input).expanduser()
+    return path.with_name(path.name.removesuffix(".jsonl") + ".pairs.jsonl")
+
+
+def run(cfg: LabelConfig) -> dict:
+    from alignkit.labeling import storage
+
+    items = storage.read_input(cfg.input)  # a malformed input stops here, before any database is made
+    url = cfg.db or storage.default_url(cfg.input)
+    engine = storage.open_db(url)
+    storage.load_items(engine, items)
+    summary: dict = {"stage": "label", "action": cfg.action, "db": url, "items": len(items)}
+    if cfg.add_labeler:
+        token = storage.add_labeler(engine, cfg.add_labeler, cfg.admin)
+        # Printed once and never stored in clear: a lost token is replaced by running tokens again.
+        print(f"labeler {cfg.add_labeler}{' (admin)' if cfg.admin else ''}: token {token}", flush=True)
+        summary["labeler"] = cfg.add_labeler
+    elif cfg.action == "tokens":
+        raise ConfigError("label tokens needs add_labeler=<name>", ("add_labeler",))
+    if cfg.action == "serve":
+        serve(engine, cfg)
+    elif cfg.action == "export":
+        summary.update(export(engine, cfg))
+    return summary
+
+
+def serve(engine, cfg: LabelConfig) -> None:
+    import uvicorn
+
+    from alignkit.labeling.app import create_app
+
+    if not is_loopback(cfg.host):
+        print(f"warning: serving on {cfg.host}, not loopback: tokens and labels travel in clear unless a "
+              "TLS-terminating proxy is in front", file=sys.stderr, flush=True)  # fmt: skip
+    print(f"labeling at http://{cfg.host}:{cfg.port}/ (ctrl-c stops; every submit is already saved)", flush=True)
+    uvicorn.run(create_app(engine), host=cfg.host, port=cfg.port, log_level="warning")
+
+
+def export(engine, cfg: LabelConfig) -> dict:
+    from alignkit.labeling.export import export_pairs
+
+    output = output_path(cfg)
+    if output.exists() and not cfg.overwrite:
+        raise ConfigError(f"output: {output} already exists; pass overwrite=true to replace it", ("output",))
+    rows, counts = export_pairs(engine, cfg.pairs, cfg.agreement)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = output.with_name(output.name + ".tmp")
+    tmp.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    os.replace(tmp, output)
+    print(
+        f"wrote {counts['pairs']} pairs ({cfg.pairs}, {cfg.agreement}) from {counts['items_with_pairs']} of "
+        f"{counts['items']} items to {output}; left out: {counts['items_flagged']} flagged, "
+        f"{counts['items_skipped_only']} only skipped, {counts['items_unlabeled']} unlabeled items, "
+        f"{counts['pairs_undecided']} tied or split pairs",
+        flush=True,
+    )
+    return {"output": str(output), **counts}
+
+
+STAGE = Stage("label", LabelConfig, run, positional="action", prints_results=True)

@@ -1,0 +1,194 @@
+"""alignkit label: the labeling app (Starlette TestClient), its database and the pairs it exports."""
+
+from __future__ import annotations
+
+import json
+import re
+import sqlite3
+
+import pytest
+
+pytest.importorskip("starlette")
+from starlette.testclient import TestClient  # noqa: E402
+
+from alignkit.config import ConfigError  # noqa: E402
+from alignkit.data.io import BadRowError  # noqa: E402
+from alignkit.data.schemas import load_preferences  # noqa: E402
+from alignkit.labeling import storage  # noqa: E402
+from alignkit.labeling.app import create_app  # noqa: E402
+from alignkit.stages import load_stage  # noqa: E402
+
+ROWS = [  # as build-prefs ranker=export writes them; response 3 of row 7 is markup a browser must not run
+    {"prompt_row": 4, "prompt": "Say hi", "ranking": [], "sampling": {},
+     "responses": [{"number": 1, "text": "hi"}, {"number": 2, "text": "hello there"}, {"number": 3, "text": "go"}]},
+    {"prompt_row": 7, "prompt": [{"role": "user", "content": "Name a color"}], "ranking": [], "sampling": {},
+     "responses": [{"number": 1, "text": "red"}, {"number": 2, "text": "blue"},
+                   {"number": 3, "text": "<script>alert(1)</script>"}]},
+    {"prompt_row": 9, "prompt": "Count", "ranking": [], "sampling": {},
+     "responses": [{"number": 1, "text": "1 2 3"}, {"number": 2, "text": "one"}]},
+]  # fmt: skip
+
+
+@pytest.fixture
+def setup(tmp_path):
+    path = tmp_path / "prefs.export.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    label = load_stage("label")
+    out = {}
+    for name in ("ana", "ben"):
+        label.run(action="tokens", input=str(path), add_labeler=name)
+    engine = storage.open_db(storage.default_url(str(path)))
+    out["tokens"] = {name: storage.add_labeler(engine, name) for name in ("ana", "ben")}
+    out["admin"] = storage.add_labeler(engine, "boss", admin=True)
+    return path, engine, out
+
+
+def client_for(engine, token=None) -> TestClient:
+    client = TestClient(create_app(engine))
+    if token is not None:
+        r = client.post("/login", data={"token": token, "csrf": login_csrf(client)}, follow_redirects=False)
+        assert r.status_code == 303, r.text
+    return client
+
+
+def login_csrf(client) -> str:
+    return re.search(r'name="csrf" value="([^"]+)"', client.get("/login").text).group(1)
+
+
+def page(client) -> tuple[str, int, str]:
+    """(page text, the item id shown, the csrf token)."""
+    text = client.get("/").text
+    item = re.search(r'name="item_id" value="(\d+)"', text)
+    return text, int(item.group(1)) if item else -1, re.search(r'name="csrf" value="([^"]+)"', text).group(1)
+
+
+def post(client, item_id, csrf, action="ranked", ranking=None):
+    data = {"csrf": csrf, "item_id": str(item_id), "action": action}
+    if ranking is not None:
+        data["ranking"] = json.dumps(ranking)
+    return client.post("/submit", data=data, follow_redirects=False)
+
+
+def n_labels(engine) -> int:
+    return len(storage.labeler_counts(engine)) and sum(
+        c["ranked"] + c["skip"] + c["flag"] for c in storage.labeler_counts(engine)
+    )
+
+
+def test_rank_skip_flag_and_export_equals_what_was_submitted(setup, tmp_path):
+    path, engine, tok = setup
+    ana = client_for(engine, tok["tokens"]["ana"])
+    text, item, csrf = page(ana)
+    assert item == 0 and "hello there" in text and "item 1 of 3" in text
+    assert post(ana, 0, csrf, ranking=[[2], [1], [3]]).status_code == 303  # 2 best, 3 worst
+    text, item, _ = page(ana)
+    assert item == 1
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in text and "<script>alert" not in text  # escaped
+    assert post(ana, 1, csrf, action="flag").status_code == 303
+    assert post(ana, 2, csrf, action="skip").status_code == 303
+    assert "All done" in ana.get("/").text
+    ben = client_for(engine, tok["tokens"]["ben"])
+    _, item, bcsrf = page(ben)
+    assert item == 0  # each labeler has their own progress
+    assert post(ben, 0, bcsrf, ranking=[[2, 1], [3]]).status_code == 303  # 1 and 2 tie, 3 worst
+    assert post(ben, 1, bcsrf, ranking=[[1], [2, 3]]).status_code == 303
+    assert post(ben, 2, bcsrf, ranking=[[1], [2]]).status_code == 303
+
+    summary = load_stage("label").run(action="export", input=str(path))
+    rows = [json.loads(line) for line in (tmp_path / "prefs.export.pairs.jsonl").read_text().splitlines()]
+    # Item 0: candidates 2-3 (ana), 1-3 and 2-3 (ben). 2>3 both: written; 1 vs 3: ana 1>3, ben 1>3: written.
+    # Item 1: ana flagged it, so it is left out. Item 2: ben alone ranked 1 over 2.
+    assert [(r["prompt_row"], r["chosen"], r["rejected"]) for r in rows] == [
+        (4, "hi", "go"), (4, "hello there", "go"), (9, "1 2 3", "one")]
+    assert (summary["pairs"], summary["items_flagged"], summary["items_with_pairs"]) == (3, 1, 2)
+    pairs = load_preferences(str(tmp_path / "prefs.export.pairs.jsonl")).examples  # what alignkit dpo reads
+    assert [(p.prompt, p.chosen, p.rejected) for p in pairs] == [
+        ("Say hi", "hi", "go"), ("Say hi", "hello there", "go"), ("Count", "1 2 3", "one")]
+
+    # all pairs, unanimous: item 0's 1 vs 2 (ana 2>1, ben tie) is undecided and counted.
+    out = tmp_path / "all.jsonl"
+    summary = load_stage("label").run(action="export", input=str(path), output=str(out), pairs="all",
+                                      agreement="unanimous")  # fmt: skip
+    assert [(r["chosen_number"], r["rejected_number"]) for r in map(json.loads, out.read_text().splitlines())] == [
+        (1, 3), (2, 3), (1, 2)]
+    assert summary["pairs_undecided"] == 1
+    with pytest.raises(ConfigError, match="already exists"):
+        load_stage("label").run(action="export", input=str(path), output=str(out))
+
+
+@pytest.mark.parametrize(
+    "ranking, message",
+    [([[1], [1, 2]], "appears twice"), ([[1], [2]], "not ranked"), ([[1], [2], [4]], "not a response number"),
+     ([], "non-empty")],
+)  # fmt: skip
+def test_a_bad_ranking_is_a_400_and_nothing_is_stored(setup, ranking, message):
+    _, engine, tok = setup
+    ana = client_for(engine, tok["tokens"]["ana"])
+    _, item, csrf = page(ana)
+    r = post(ana, item, csrf, ranking=ranking)
+    assert r.status_code == 400 and message in r.text
+    assert n_labels(engine) == 0
+
+
+def test_wrong_token_csrf_replay_and_out_of_order_are_refused_and_nothing_is_stored(setup):
+    _, engine, tok = setup
+    anon = TestClient(create_app(engine))
+    r = anon.post("/login", data={"token": "nope", "csrf": login_csrf(anon)})
+    assert r.status_code == 401 and "unknown token" in r.text
+    r = anon.post("/login", data={"token": tok["tokens"]["ana"], "csrf": "forged"})
+    assert r.status_code == 403  # a login form not from this browser
+    assert post(anon, 0, "x", action="skip").status_code == 401  # not logged in
+
+    ana = client_for(engine, tok["tokens"]["ana"])
+    _, item, csrf = page(ana)
+    assert post(ana, item, "wrong", action="skip").status_code == 403
+    assert post(ana, 2, csrf, action="skip").status_code == 409  # out of order: item 0 is current
+    assert post(ana, item, csrf, action="dance").status_code == 400
+    assert n_labels(engine) == 0
+    assert post(ana, item, csrf, action="skip").status_code == 303
+    r = post(ana, item, csrf, ranking=[[1], [2], [3]])  # the same item again: a replay
+    assert r.status_code == 409 and "not your current item" in r.text
+    assert n_labels(engine) == 1
+    assert ana.get("/admin").status_code == 403
+    boss = client_for(engine, tok["admin"])
+    admin = boss.get("/admin").text
+    assert re.search(r"ana</td><td>0</td>\s*<td>1</td><td>0</td>", admin)
+
+
+def test_sqlite_wal_beside_the_input_tokens_hashed_and_logout(setup, tmp_path):
+    path, engine, tok = setup
+    db = tmp_path / "prefs.export.label.db"
+    assert db.is_file()
+    con = sqlite3.connect(db)
+    assert con.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    hashes = dict(con.execute("SELECT name, token_hash FROM labelers").fetchall())
+    token = tok["tokens"]["ana"]
+    assert token not in json.dumps(hashes) and hashes["ana"] == storage.hash_secret(token)
+    assert con.execute("SELECT version FROM schema_version").fetchall() == [(storage.SCHEMA_VERSION,)]
+    con.close()
+    # A fresh token ends the old one.
+    fresh = storage.add_labeler(engine, "ana")
+    with pytest.raises(storage.LabelError):
+        storage.login(engine, token)
+    ana = client_for(engine, fresh)
+    _, _, csrf = page(ana)
+    assert ana.post("/logout", data={"csrf": csrf}, follow_redirects=False).status_code == 303
+    assert ana.get("/", follow_redirects=False).headers["location"] == "/login"
+
+
+def test_input_checks(tmp_path):
+    plain = tmp_path / "plain.jsonl"  # any prompt + responses file: its row number is the key
+    plain.write_text(json.dumps({"prompt": "p", "responses": ["a", "b"]}) + "\n")
+    assert storage.read_input(str(plain)) == [storage.InputItem(0, "p", ["a", "b"])]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"prompt": "p", "responses": ["only one"]}) + "\n")
+    with pytest.raises(BadRowError, match="at least 2"):
+        load_stage("label").run(action="tokens", input=str(bad), add_labeler="x")
+    assert not (tmp_path / "bad.label.db").exists()  # nothing made for a bad input
+    with pytest.raises(ConfigError, match="add_labeler"):
+        load_stage("label").run(action="tokens", input=str(plain))
+    other = tmp_path / "other.jsonl"
+    other.write_text(json.dumps({"prompt": "q", "responses": ["a", "b"]}) + "\n")
+    with pytest.raises(storage.DataSourceError, match="different input"):
+        load_stage("label").run(action="tokens", input=str(other), db=storage.default_url(str(plain)),
+                                add_labeler="x")  # fmt: skip
