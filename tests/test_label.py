@@ -101,6 +101,16 @@ def test_rank_skip_flag_and_export_equals_what_was_submitted(setup, tmp_path):
     assert [(r["prompt_row"], r["chosen"], r["rejected"]) for r in rows] == [
         (4, "hi", "go"), (4, "hello there", "go"), (9, "1 2 3", "one")]
     assert (summary["pairs"], summary["items_flagged"], summary["items_with_pairs"]) == (3, 1, 2)
+    # Agreement: only item 0 has two rankings. Pairs 1-3 and 2-3 agree, 1-2 (ana 2>1, ben tie) not: 2/3.
+    # Fractional ranks ana (2, 1, 3), ben (1.5, 1.5, 3) for responses 1..3: D_o = (0.5 + 0.5 + 0)/6,
+    # D_e = 2 (6 * 27.5 - 12^2) / 30 = 1.4, alpha = 1 - (1/6)/1.4 = 0.881.
+    ag = summary["agreement"]
+    assert ag["items_multi"] == 1 and ag["pairwise_agreement"] == pytest.approx(2 / 3)
+    assert ag["alpha"] == pytest.approx(1 - (1 / 6) / 1.4)
+    assert ag["labelers"]["ana"] == {"agreement": pytest.approx(2 / 3), "comparisons": 3}
+    admin = client_for(engine, tok["admin"]).get("/admin").text
+    assert '<span id="pairwise">0.667</span>' in admin and '<span id="alpha">0.881</span>' in admin
+    assert '<span id="low">none</span>' in admin  # 3 comparisons: too few to call anyone low
     pairs = load_preferences(str(tmp_path / "prefs.export.pairs.jsonl")).examples  # what alignkit dpo reads
     assert [(p.prompt, p.chosen, p.rejected) for p in pairs] == [
         ("Say hi", "hi", "go"), ("Say hi", "hello there", "go"), ("Count", "1 2 3", "one")]

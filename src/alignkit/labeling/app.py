@@ -18,6 +18,7 @@ from starlette.responses import HTMLResponse, RedirectResponse, Response
 from starlette.routing import Route
 
 from alignkit.labeling import storage
+from alignkit.labeling.export import agreement_of
 from alignkit.labeling.storage import LabelError
 
 COOKIE, LOGIN_CSRF = "alignkit_label", "alignkit_label_login"
@@ -60,7 +61,15 @@ DONE = _ENV.from_string("""{% extends page %}{% block body %}<h1>All done, {{ wh
 ADMIN = _ENV.from_string("""{% extends page %}{% block body %}<h1>Labelers</h1><table border="1">
 <tr><th>name</th><th>ranked</th><th>skipped</th><th>flagged</th></tr>
 {% for c in counts %}<tr><td>{{ c.name }}{% if c.admin %} (admin){% endif %}</td><td>{{ c.ranked }}</td>
-<td>{{ c.skip }}</td><td>{{ c.flag }}</td></tr>{% endfor %}</table>{% endblock %}""")
+<td>{{ c.skip }}</td><td>{{ c.flag }}</td></tr>{% endfor %}</table>
+<h2>Agreement</h2><p>Items with several rankings: <span id="items-multi">{{ ag.items_multi }}</span>.
+Pairwise agreement: <span id="pairwise">{{ fmt(ag.pairwise_agreement) }}</span>.
+Krippendorff's alpha (interval, on ranks): <span id="alpha">{{ fmt(ag.alpha) }}</span>.</p>
+<table border="1"><tr><th>labeler</th><th>agreement with the rest</th><th>comparisons</th></tr>
+{% for name, s in ag.labelers.items() %}<tr><td>{{ name }}</td><td>{{ fmt(s.agreement) }}</td>
+<td>{{ s.comparisons }}</td></tr>{% endfor %}</table>
+<p>Low agreement (below {{ ag.low_agreement_threshold }}): <span id="low">{{ ag.low_agreement | join(", ")
+  or "none" }}</span></p>{% endblock %}""")
 ERROR = _ENV.from_string("""{% extends page %}{% block body %}<h1>{{ status }}</h1><p class="err">{{ message }}</p>
 <p><a href="/">back</a></p>{% endblock %}""")
 
@@ -116,8 +125,13 @@ def ranking_from_form(form) -> object:
     return None  # the form was sent without its script: check_ranking says what is missing
 
 
-def create_app(engine) -> Starlette:
-    """The app over a database that ``storage.open_db`` opened and ``storage.load_items`` filled."""
+def fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
+def create_app(engine, low_agreement: float = 0.5) -> Starlette:
+    """The app over a database that ``storage.open_db`` opened and ``storage.load_items`` filled; the admin
+    page lists labelers whose agreement with the rest is below ``low_agreement``."""
 
     async def who_of(request: Request):
         return await run_in_threadpool(storage.session_of, engine, request.cookies.get(COOKIE))
@@ -180,7 +194,9 @@ def create_app(engine) -> Starlette:
         who = await who_of(request)
         if who is None or not who.is_admin:
             raise LabelError(403, "the admin page needs an admin's login")
-        return render(ADMIN, counts=await run_in_threadpool(storage.labeler_counts, engine))
+        counts = await run_in_threadpool(storage.labeler_counts, engine)
+        ag = await run_in_threadpool(agreement_of, engine, low_agreement)
+        return render(ADMIN, counts=counts, ag=ag, fmt=fmt)
 
     async def script(request: Request) -> Response:
         return Response(SCRIPT, media_type="text/javascript", headers=HEADERS)

@@ -19,7 +19,8 @@ from sqlalchemy import select
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
-from alignkit.labeling.storage import Item, Label
+from alignkit.labeling.agreement import agreement_stats
+from alignkit.labeling.storage import Item, Label, Labeler
 
 PairsMode = Literal["best-worst", "all"]
 Agreement = Literal["majority", "unanimous"]
@@ -54,46 +55,76 @@ def decide(rankings: list[list[list[int]]], a: int, b: int, agreement: Agreement
     return None
 
 
-def export_pairs(engine: Engine, mode: PairsMode, agreement: Agreement) -> tuple[list[dict], dict]:
-    """The pair rows, and the counts of what was written and left out."""
-    counts = Counter(items=0, items_unlabeled=0, items_flagged=0, items_skipped_only=0, items_with_pairs=0,
-                     pairs=0, pairs_undecided=0, labels=0)  # fmt: skip
-    rows: list[dict] = []
+def item_pairs(
+    key: int, prompt, responses: list[str], rankings: list[list[list[int]]], mode: PairsMode,
+    agreement: Agreement, counts: Counter,
+) -> list[dict]:
+    """The pair rows of one item from its labelers' rankings; undecided pairs are counted in ``counts``."""
+    rows = []
+    for a, b in sorted(candidates(rankings, len(responses), mode)):
+        order = decide(rankings, a, b, agreement)
+        if order is None or responses[order[0] - 1] == responses[order[1] - 1]:
+            counts["pairs_undecided"] += 1  # a tie, a split vote, or two identical texts
+            continue
+        rows.append({
+            "prompt": prompt,
+            "chosen": responses[order[0] - 1],
+            "rejected": responses[order[1] - 1],
+            "prompt_row": key,
+            "chosen_number": order[0],
+            "rejected_number": order[1],
+            "n_labelers": len(rankings),
+        })  # fmt: skip
+    counts["pairs"] += len(rows)
+    counts["items_with_pairs"] += bool(rows)
+    return rows
+
+
+def new_counts() -> Counter:
+    return Counter(items=0, items_unlabeled=0, items_flagged=0, items_skipped_only=0, items_with_pairs=0,
+                   pairs=0, pairs_undecided=0, labels=0)  # fmt: skip
+
+
+def labeled_items(engine: Engine) -> list[tuple[Item, list[Label]]]:
+    """Every item with its labels, in item order."""
     with Session(engine) as s:
         labels_of: dict[int, list[Label]] = {}
         for label in s.scalars(select(Label).order_by(Label.item_id, Label.labeler_id)):
             labels_of.setdefault(label.item_id, []).append(label)
-        for item in s.scalars(select(Item).order_by(Item.id)):
-            counts["items"] += 1
-            labels = labels_of.get(item.id, [])
-            counts["labels"] += len(labels)
-            if not labels:
-                counts["items_unlabeled"] += 1
-                continue
-            if any(lb.kind == "flag" for lb in labels):
-                counts["items_flagged"] += 1
-                continue
-            rankings = [json.loads(lb.ranking) for lb in labels if lb.kind == "ranked"]
-            if not rankings:
-                counts["items_skipped_only"] += 1
-                continue
-            prompt, responses = json.loads(item.prompt), json.loads(item.responses)
-            written = 0
-            for a, b in sorted(candidates(rankings, len(responses), mode)):
-                order = decide(rankings, a, b, agreement)
-                if order is None or responses[order[0] - 1] == responses[order[1] - 1]:
-                    counts["pairs_undecided"] += 1  # a tie, a split vote, or two identical texts
-                    continue
-                rows.append({
-                    "prompt": prompt,
-                    "chosen": responses[order[0] - 1],
-                    "rejected": responses[order[1] - 1],
-                    "prompt_row": item.key,
-                    "chosen_number": order[0],
-                    "rejected_number": order[1],
-                    "n_labelers": len(rankings),
-                })  # fmt: skip
-                written += 1
-            counts["pairs"] += written
-            counts["items_with_pairs"] += bool(written)
+        items = list(s.scalars(select(Item).order_by(Item.id)))
+        s.expunge_all()
+    return [(item, labels_of.get(item.id, [])) for item in items]
+
+
+def export_pairs(engine: Engine, mode: PairsMode, agreement: Agreement) -> tuple[list[dict], dict]:
+    """The pair rows, and the counts of what was written and left out."""
+    counts = new_counts()
+    rows: list[dict] = []
+    for item, labels in labeled_items(engine):
+        counts["items"] += 1
+        counts["labels"] += len(labels)
+        if not labels:
+            counts["items_unlabeled"] += 1
+            continue
+        if any(lb.kind == "flag" for lb in labels):
+            counts["items_flagged"] += 1
+            continue
+        rankings = [json.loads(lb.ranking) for lb in labels if lb.kind == "ranked"]
+        if not rankings:
+            counts["items_skipped_only"] += 1
+            continue
+        rows += item_pairs(item.key, json.loads(item.prompt), json.loads(item.responses), rankings, mode,
+                           agreement, counts)  # fmt: skip
     return rows, dict(counts)
+
+
+def agreement_of(engine: Engine, threshold: float = 0.5, min_comparisons: int = 5) -> dict:
+    """``agreement.agreement_stats`` over the database's rankings (flagged and skipped labels carry none)."""
+    with Session(engine) as s:
+        names = {row[0]: row[1] for row in s.execute(select(Labeler.id, Labeler.name))}
+    items: dict[int, dict[str, list[list[int]]]] = {}
+    sizes: dict[int, int] = {}
+    for item, labels in labeled_items(engine):
+        sizes[item.id] = len(json.loads(item.responses))
+        items[item.id] = {names[lb.labeler_id]: json.loads(lb.ranking) for lb in labels if lb.kind == "ranked"}
+    return agreement_stats(items, sizes, threshold, min_comparisons)

@@ -49,6 +49,10 @@ class LabelConfig:
         "majority", "export, several labelers on one item: a pair needs more than half of them, or all."
     )
     overwrite: bool = doc_field(False, "export: replace an existing output instead of refusing it.")
+    low_agreement: float = doc_field(
+        0.5, "serve (admin page), export: list labelers whose pairwise agreement with the rest is below this.",
+        ge=0.0, le=1.0,
+    )
 
 
 def is_loopback(host: str) -> bool:
@@ -98,11 +102,11 @@ def serve(engine, cfg: LabelConfig) -> None:
         print(f"warning: serving on {cfg.host}, not loopback: tokens and labels travel in clear unless a "
               "TLS-terminating proxy is in front", file=sys.stderr, flush=True)  # fmt: skip
     print(f"labeling at http://{cfg.host}:{cfg.port}/ (ctrl-c stops; every submit is already saved)", flush=True)
-    uvicorn.run(create_app(engine), host=cfg.host, port=cfg.port, log_level="warning")
+    uvicorn.run(create_app(engine, cfg.low_agreement), host=cfg.host, port=cfg.port, log_level="warning")
 
 
 def export(engine, cfg: LabelConfig) -> dict:
-    from alignkit.labeling.export import export_pairs
+    from alignkit.labeling.export import agreement_of, export_pairs
 
     output = output_path(cfg)
     if output.exists() and not cfg.overwrite:
@@ -119,7 +123,18 @@ def export(engine, cfg: LabelConfig) -> dict:
         f"{counts['pairs_undecided']} tied or split pairs",
         flush=True,
     )
-    return {"output": str(output), **counts}
+    ag = agreement_of(engine, cfg.low_agreement)
+    print(agreement_line(ag), flush=True)
+    return {"output": str(output), **counts, "agreement": ag}
+
+
+def agreement_line(ag: dict) -> str:
+    def fmt(v):
+        return "n/a" if v is None else f"{v:.3f}"
+
+    low = ", ".join(ag["low_agreement"]) or "none"
+    return (f"agreement over {ag['items_multi']} items with several rankings: pairwise {fmt(ag['pairwise_agreement'])}, "
+            f"Krippendorff's alpha (interval, ranks) {fmt(ag['alpha'])}; below {ag['low_agreement_threshold']}: {low}")
 
 
 STAGE = Stage("label", LabelConfig, run, positional="action", prints_results=True)
