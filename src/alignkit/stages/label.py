@@ -4,7 +4,10 @@
 - ``label serve input=... [add_labeler=NAME] [host=127.0.0.1 port=8765]`` serves the labeling app
   (``alignkit.labeling.app``) over the input: a ``build-prefs ranker=export`` file or any prompt + responses JSONL.
 - ``label export input=... [output=...] [pairs=best-worst|all] [agreement=majority|unanimous]`` writes the
-  preference pairs ``alignkit dpo`` / ``rm`` / ``kto`` read (``alignkit.labeling.export``).
+  preference pairs ``alignkit dpo`` / ``rm`` / ``kto`` read (``alignkit.labeling.export``), and prints how
+  much the labelers agree (``alignkit.labeling.agreement``).
+- ``label import input=<export of Label Studio or Argilla> format=label-studio|argilla`` writes the same pairs
+  from labels made in those tools (``alignkit.labeling.importers``).
 
 The labels live in a database (``alignkit.labeling.storage``): SQLite beside the input unless ``db=`` gives a
 SQLAlchemy URL.
@@ -28,10 +31,14 @@ from alignkit.stages import Stage
 class LabelConfig:
     """Serve the labeling app, hand out labeler tokens, or export the labels as preference pairs."""
 
-    action: Literal["serve", "tokens", "export"] = doc_field(
-        "serve", "serve: the web app; tokens: a fresh token for add_labeler; export: write the pairs."
+    action: Literal["serve", "tokens", "export", "import"] = doc_field(
+        "serve", "serve: the web app; tokens: a fresh token for add_labeler; export: write the pairs; "
+        "import: pairs from a Label Studio or Argilla export.",
     )
-    input: str = required("The file to label: a build-prefs ranker=export file or prompt + responses JSONL.")
+    input: str = required(
+        "The file to label: a build-prefs ranker=export file or prompt + responses JSONL; for import, the "
+        "Label Studio / Argilla export (.json or .jsonl)."
+    )
     db: str | None = doc_field(
         None, "SQLAlchemy URL of the label database; None: SQLite <input without .jsonl>.label.db beside it."
     )
@@ -49,6 +56,13 @@ class LabelConfig:
         "majority", "export, several labelers on one item: a pair needs more than half of them, or all."
     )
     overwrite: bool = doc_field(False, "export: replace an existing output instead of refusing it.")
+    format: Literal["label-studio", "argilla"] | None = doc_field(
+        None, "import: the tool that wrote input: Label Studio's pairwise JSON export, or Argilla's records."
+    )
+    prompt_field: str = doc_field("prompt", "import: the data field (Label Studio) or field (Argilla) of the prompt.")
+    left_field: str = doc_field("text1", "import, label-studio: the data field of the left text (first in toName).")
+    right_field: str = doc_field("text2", "import, label-studio: the data field of the right text.")
+    question: str = doc_field("ranking", "import, argilla: the name of the RankingQuestion.")
     low_agreement: float = doc_field(
         0.5, "serve (admin page), export: list labelers whose pairwise agreement with the rest is below this.",
         ge=0.0, le=1.0,
@@ -68,12 +82,14 @@ def output_path(cfg: LabelConfig) -> Path:
     if cfg.output:
         return Path(cfg.output).expanduser()
     path = Path(cfg.input).expanduser()
-    return path.with_name(path.name.removesuffix(".jsonl") + ".pairs.jsonl")
+    return path.with_name(path.name.removesuffix(".jsonl").removesuffix(".json") + ".pairs.jsonl")
 
 
 def run(cfg: LabelConfig) -> dict:
     from alignkit.labeling import storage
 
+    if cfg.action == "import":
+        return import_labels(cfg)
     items = storage.read_input(cfg.input)  # a malformed input stops here, before any database is made
     url = cfg.db or storage.default_url(cfg.input)
     engine = storage.open_db(url)
@@ -112,10 +128,7 @@ def export(engine, cfg: LabelConfig) -> dict:
     if output.exists() and not cfg.overwrite:
         raise ConfigError(f"output: {output} already exists; pass overwrite=true to replace it", ("output",))
     rows, counts = export_pairs(engine, cfg.pairs, cfg.agreement)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.with_name(output.name + ".tmp")
-    tmp.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
-    os.replace(tmp, output)
+    write_pairs(output, rows)
     print(
         f"wrote {counts['pairs']} pairs ({cfg.pairs}, {cfg.agreement}) from {counts['items_with_pairs']} of "
         f"{counts['items']} items to {output}; left out: {counts['items_flagged']} flagged, "
@@ -126,6 +139,30 @@ def export(engine, cfg: LabelConfig) -> dict:
     ag = agreement_of(engine, cfg.low_agreement)
     print(agreement_line(ag), flush=True)
     return {"output": str(output), **counts, "agreement": ag}
+
+
+def write_pairs(output: Path, rows: list[dict]) -> None:
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = output.with_name(output.name + ".tmp")
+    tmp.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    os.replace(tmp, output)
+
+
+def import_labels(cfg: LabelConfig) -> dict:
+    from alignkit.labeling.importers import import_pairs
+
+    if cfg.format is None:
+        raise ConfigError("label import needs format=label-studio or format=argilla", ("format",))
+    output = output_path(cfg)
+    if output.exists() and not cfg.overwrite:
+        raise ConfigError(f"output: {output} already exists; pass overwrite=true to replace it", ("output",))
+    rows, counts = import_pairs(cfg.input, cfg.format, cfg.pairs, cfg.agreement, cfg.prompt_field,
+                                cfg.left_field, cfg.right_field, cfg.question)  # fmt: skip
+    write_pairs(output, rows)
+    print(f"wrote {counts['pairs']} pairs ({cfg.pairs}, {cfg.agreement}) from {counts['items_with_pairs']} of "
+          f"{counts['items']} {cfg.format} items to {output}; left out: {counts['items_unlabeled']} unlabeled "
+          f"items, {counts['pairs_undecided']} tied or split pairs", flush=True)  # fmt: skip
+    return {"stage": "label", "action": "import", "format": cfg.format, "output": str(output), **counts}
 
 
 def agreement_line(ag: dict) -> str:
