@@ -202,3 +202,33 @@ def test_input_checks(tmp_path):
     with pytest.raises(storage.DataSourceError, match="different input"):
         load_stage("label").run(action="tokens", input=str(other), db=storage.default_url(str(plain)),
                                 add_labeler="x")  # fmt: skip
+
+
+def test_build_prefs_ranker_human_reads_the_label_database(setup, tmp_path):
+    from alignkit.config import load_config
+    from alignkit.stages import build_prefs
+    from alignkit.stages.build_prefs import BuildPrefsConfig
+
+    path, engine, tok = setup
+    storage.submit(engine, 1, 0, "ranked", [[2], [1], [3]])  # ana (id 1): 2 > 1 > 3
+    storage.submit(engine, 1, 1, "flag")  # ana flags item 1: it is left out whatever ben says
+    storage.submit(engine, 2, 0, "ranked", [[2, 1], [3]])  # ben (id 2): 1 = 2 > 3
+    storage.submit(engine, 2, 1, "ranked", [[1], [2, 3]])
+    storage.submit(engine, 2, 2, "ranked", [[1], [2]])
+    db = tmp_path / "prefs.export.label.db"
+
+    def run(spec, out):
+        args = [f"output={out}", "ranker=human", f"human_rankings={spec}", "pairing=all_pairs", "progress=false"]
+        return build_prefs.run(load_config(BuildPrefsConfig, None, args))
+
+    summary = run(db, tmp_path / "h.jsonl")
+    # Item 0 (prompt row 4): mean fractional ranks 1.75, 1.25, 3 -> scores -1.75, -1.25, -3: 2 > 1 > 3.
+    # Item 2 (prompt row 9): ben alone, 1 > 2. Item 1 flagged: no pairs.
+    got = [(r["prompt_row"], r["chosen_index"], r["rejected_index"], r["chosen_score"])
+           for r in map(json.loads, (tmp_path / "h.jsonl").read_text().splitlines())]  # fmt: skip
+    assert got == [(4, 1, 0, -1.25), (4, 0, 2, -1.75), (4, 1, 2, -1.25), (9, 0, 1, -1.0)]
+    assert (summary["pairs"], summary["rows_read"], summary["prompts_done"]) == (4, 3, 2)
+    again = run(f"sqlite:///{db}", tmp_path / "u.jsonl")  # the same database by its URL
+    assert (tmp_path / "u.jsonl").read_text() == (tmp_path / "h.jsonl").read_text() and again["pairs"] == 4
+    with pytest.raises(storage.DataSourceError, match="not found"):
+        run(tmp_path / "missing.label.db", tmp_path / "m.jsonl")

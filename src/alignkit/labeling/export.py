@@ -13,14 +13,17 @@ from __future__ import annotations
 import itertools
 import json
 from collections import Counter
+from pathlib import Path
 from typing import Literal
 
 from sqlalchemy import select
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
-from alignkit.labeling.agreement import agreement_stats
-from alignkit.labeling.storage import Item, Label, Labeler
+from alignkit.data.io import DataSourceError
+from alignkit.labeling.agreement import agreement_stats, fractional_ranks
+from alignkit.labeling.storage import Item, Label, Labeler, open_db
+from alignkit.scoring.rankers import RankedPrompt
 
 PairsMode = Literal["best-worst", "all"]
 Agreement = Literal["majority", "unanimous"]
@@ -128,3 +131,37 @@ def agreement_of(engine: Engine, threshold: float = 0.5, min_comparisons: int = 
         sizes[item.id] = len(json.loads(item.responses))
         items[item.id] = {names[lb.labeler_id]: json.loads(lb.ranking) for lb in labels if lb.kind == "ranked"}
     return agreement_stats(items, sizes, threshold, min_comparisons)
+
+
+def is_label_db(spec: str) -> bool:
+    """A label database rather than a file: a ``.label.db`` (or ``.db``) SQLite file or a SQLAlchemy URL."""
+    return "://" in spec or spec.endswith(".db")
+
+
+def db_url(spec: str) -> str:
+    """The SQLAlchemy URL of ``spec``; a SQLite file that is not there is an error (not a new empty database)."""
+    if "://" in spec:
+        return spec
+    path = Path(spec).expanduser()
+    if not path.is_file():
+        raise DataSourceError(f"human_rankings: label database {spec} not found")
+    return f"sqlite:///{path.resolve()}"
+
+
+def ranked_prompts(spec: str) -> tuple[list[RankedPrompt], int]:
+    """The database's items as ``build-prefs ranker=human`` reads a ranked file: response k scores minus its
+    mean fractional rank (1 = best) over the labelers who ranked the item, so one labeler's ranking scores
+    as that ranking and several are averaged (equal means are ties). Items flagged unsafe by anyone, only
+    skipped or not labeled are left out. Returns (ranked items, items in the database)."""
+    engine = open_db(db_url(spec))
+    out = []
+    labeled = labeled_items(engine)
+    for item, labels in labeled:
+        rankings = [json.loads(lb.ranking) for lb in labels if lb.kind == "ranked"]
+        if not rankings or any(lb.kind == "flag" for lb in labels):
+            continue
+        responses = json.loads(item.responses)
+        ranks = [fractional_ranks(groups) for groups in rankings]
+        scores: list[float | None] = [-sum(r[k] for r in ranks) / len(ranks) for k in range(1, len(responses) + 1)]
+        out.append(RankedPrompt(item.key, json.loads(item.prompt), responses, scores, {}))
+    return out, len(labeled)

@@ -115,7 +115,9 @@ class BuildPrefsConfig(PromptRowsFields, GenerationBackendConfig, RuntimeConfig)
         "Constitutional AI stage; the judge_* fields) or 'checks' (the constitution's checkable principles).",
     )
     human_rankings: str | None = doc_field(
-        None, "The exported file with its 'ranking' fields filled in, for ranker=human."
+        None,
+        "For ranker=human: the exported file with its 'ranking' fields filled in, or the label database of "
+        "`alignkit label` (a .label.db file or a SQLAlchemy URL).",
     )
     pairing: PairingRule = doc_field(
         "best_vs_worst",
@@ -370,9 +372,20 @@ def sample_and_rank(
 def import_rankings(
     cfg: BuildPrefsConfig, writer: appendlog.Writer, done: dict[int, dict]
 ) -> tuple[int, list[BadRow]]:
-    """Steps 2-5 for ranker=human: pairs from a ranked export; returns (rows read, rows skipped)."""
+    """Steps 2-5 for ranker=human: pairs from a ranked export or a label database (``alignkit label``);
+    returns (rows read, rows skipped)."""
     if not cfg.human_rankings:
         raise ConfigError("ranker=human needs human_rankings=<file> (the ranker=export output, ranked)")
+    from alignkit.labeling.export import is_label_db, ranked_prompts  # only SQLAlchemy needs it
+
+    if is_label_db(cfg.human_rankings):
+        from_db, n_items = ranked_prompts(cfg.human_rankings)
+        for ranked in from_db:
+            if ranked.prompt_row not in done:
+                write_ranked(cfg, writer, ranked)
+        if not from_db:
+            raise no_usable_rows("human_rankings", cfg.human_rankings, n_items, [])
+        return n_items, []
     skipped: list[BadRow] = []
     seen: set[int] = set()
     n_rows = 0
@@ -394,22 +407,27 @@ def import_rankings(
         seen.add(ranked.prompt_row)
         if ranked.prompt_row in done:
             continue
-        rng = np.random.default_rng([cfg.seed, ranked.prompt_row])
-        pairing = make_pairs(ranked.responses, ranked.scores, cfg.pairing, rng)
-        lines = pair_rows(
-            ranked.prompt_row,
-            ranked.prompt,
-            ranked.responses,
-            ranked.scores,
-            pairing,
-            "human",
-            cfg.pairing,
-            ranked.sampling,
-        )
-        writer.add_prompt(ranked.prompt_row, lines, counts_of(pairing, len(ranked.responses)))
+        write_ranked(cfg, writer, ranked)
     if not seen:
         raise no_usable_rows("human_rankings", cfg.human_rankings, n_rows, skipped)
     return n_rows, skipped
+
+
+def write_ranked(cfg: BuildPrefsConfig, writer: appendlog.Writer, ranked) -> None:
+    """Pair one people-ranked prompt by the rule and append its lines and progress entry."""
+    rng = np.random.default_rng([cfg.seed, ranked.prompt_row])
+    pairing = make_pairs(ranked.responses, ranked.scores, cfg.pairing, rng)
+    lines = pair_rows(
+        ranked.prompt_row,
+        ranked.prompt,
+        ranked.responses,
+        ranked.scores,
+        pairing,
+        "human",
+        cfg.pairing,
+        ranked.sampling,
+    )
+    writer.add_prompt(ranked.prompt_row, lines, counts_of(pairing, len(ranked.responses)))
 
 
 def run(cfg: BuildPrefsConfig) -> dict:
