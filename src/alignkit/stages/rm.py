@@ -63,7 +63,7 @@ class RMConfig(TrainConfig):
     train_eval_pairs: int = doc_field(
         256, "Held-in pairs (the first N training pairs) measured before and after training; 0 skips.", ge=0
     )
-    # Options against the length shortcut (issue 18), measured in the README's "Reward model diagnostics".
+    # Options against the length shortcut (issue 18), measured in docs/reward-models.md.
     length_balance: bool = doc_field(
         False,
         "Train on a length-balanced subset: as many pairs whose chosen reply is longer as shorter "
