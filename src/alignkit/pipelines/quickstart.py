@@ -69,8 +69,10 @@ class QuickstartConfig:
     )
     # Greedy candidates (0) are all the same response: no pair to learn from.
     temperature: float = doc_field(1.0, "Sampling temperature for the candidate responses.", gt=0)
-    dpo_epochs: int = doc_field(3, "Passes over the pairs.", ge=1)
-    dpo_learning_rate: float = doc_field(2e-4, "Peak learning rate of the LoRA adapters.", gt=0)
+    # 6 passes at 3e-4 fit the ~95 pairs (train loss near 0, KL about 0.4 nats/token on held-out prompts); the
+    # 3 passes at 2e-4 of earlier versions moved the independent evaluators in one seed of two (see README).
+    dpo_epochs: int = doc_field(6, "Passes over the pairs.", ge=1)
+    dpo_learning_rate: float = doc_field(3e-4, "Peak learning rate of the LoRA adapters.", gt=0)
     dpo_beta: float = doc_field(0.1, "DPO beta (KL strength).", gt=0)
     lora_r: int = doc_field(16, "LoRA rank.", ge=1)
     eval_temperature: float = doc_field(
