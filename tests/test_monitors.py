@@ -292,7 +292,7 @@ def test_default_monitors_per_stage():
     sft = default_monitors("sft")
     assert [sft.on_log(s, {"entropy": 2.0 - 0.3 * s}) for s in range(6)] == [None] * 6 and sft.events == []
     with pytest.raises(ValueError, match="known"):
-        default_monitors("grpo")
+        default_monitors("no-such-stage")
 
 
 def test_a_training_row_without_a_monitors_keys_fails_at_the_first_row():
