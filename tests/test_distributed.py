@@ -790,3 +790,18 @@ def _fsdp_env(path: Path) -> dict[str, str]:
         "ACCELERATE_USE_FSDP": "true",
         **{key.upper(): str(value).lower() for key, value in fsdp.items()},
     }
+
+
+def test_close_process_group_destroys_a_live_group_and_is_a_no_op_without_one(tmp_path):
+    """The CLI closes a finished run's process group itself (a group left to interpreter shutdown can abort a
+    rank whose run succeeded, seen under load): a live one-rank gloo group is destroyed; without one, nothing."""
+    import torch.distributed as dist
+
+    from alignkit.training.distributed import close_process_group
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    assert dist.is_initialized()
+    close_process_group()
+    assert not dist.is_initialized()
+    close_process_group()
+    assert not dist.is_initialized()

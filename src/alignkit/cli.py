@@ -92,6 +92,10 @@ def main(argv: list[str] | None = None) -> int:
     main_process = int(os.environ.get("RANK", "0")) == 0
     if summary is not None and main_process and not spec.prints_results:
         print(json.dumps(summary, indent=2, default=str))
+    if "torch.distributed" in sys.modules:  # a stage that ran loaded torch; `--help` and the like did not
+        from alignkit.training.distributed import close_process_group
+
+        close_process_group()
     return 0
 
 

@@ -518,3 +518,17 @@ def start_one_process(stage: str, num_threads: int | None) -> None:
     require_one_process(stage)
     if num_threads:
         torch.set_num_threads(num_threads)
+
+
+def close_process_group() -> None:
+    """Destroy the process group of a multi-process run that finished normally, while the interpreter is whole.
+
+    Left to interpreter shutdown, Gloo's worker threads can still hold work that references Python objects, and
+    a rank whose run succeeded then dies with SIGABRT ("terminate called without an active exception"); seen
+    here on a loaded 2-core machine. Not called on an error: ranks that failed at different points could wait
+    on each other in the teardown.
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
