@@ -15,6 +15,23 @@ PY="${PYTHON:-python3}"
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
 PIP=("$VENV/bin/python" -m pip --disable-pip-version-check -q)
 
+# --- Browser tests (tests/test_label_browser.py) -----------------------------------------------------------
+# Playwright (the test extra) drives Debian's chromium; Playwright's own browser download needs the internet.
+# Installed here when missing and we can (root, apt-get); never fatal: without it those tests are skipped.
+# Before the stamp check, so a machine that gained root or apt since the last install still gets it.
+if [[ ",$EXTRAS," == *",test,"* ]] && ! command -v chromium >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "[setup] installing Debian's chromium for the browser tests (about 30 s, 114 MB)" >&2
+    APT_CHROMIUM=(env DEBIAN_FRONTEND=noninteractive timeout 600 apt-get install -y -q --no-install-recommends chromium)
+    if ! { "${APT_CHROMIUM[@]}" || { timeout 300 apt-get update -q && "${APT_CHROMIUM[@]}"; }; } >/dev/null 2>&1; then
+      echo "[setup] apt-get could not install chromium: the browser tests will be skipped" >&2
+    fi
+  else
+    echo "[setup] no chromium, and no root apt-get to install it: the browser tests will be skipped" >&2
+  fi
+fi
+# --- end of the browser tests' block ------------------------------------------------------------------------
+
 stamp="$VENV/.alignkit-installed"
 want="$(cat "$ROOT/pyproject.toml" | sha256sum | cut -c1-16) extras=$EXTRAS torch=$TORCH_VERSION"
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
