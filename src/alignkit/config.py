@@ -309,6 +309,21 @@ class PromptRowsFields(Fields):
 
 
 @dataclass
+class EndpointFields(Fields):
+    """How a stage talks to an OpenAI-compatible chat-completions endpoint (cai-revise's critic,
+    cai-label's judge: ``models.endpoint.EndpointSettings``). The server's URL and model name stay each
+    stage's own fields, named for the role the served model plays (critic_base_url, judge_model, ...)."""
+
+    # --- endpoint ---
+    api_key_env: str | None = doc_field(
+        None, "Environment variable holding the endpoint's API key (never written anywhere); None: no key."
+    )
+    request_timeout: float = doc_field(60.0, "Seconds to wait for one endpoint response.", gt=0)
+    max_retries: int = doc_field(4, "Retries of an endpoint request on 429, 5xx or a timeout.", ge=0)
+    max_concurrency: int = doc_field(4, "Endpoint requests in flight at once.", ge=1)
+
+
+@dataclass
 class SequenceFields(Fields):
     """How long a training row may be (the offline stages; the online ones cap prompt and response apart)."""
 
