@@ -324,6 +324,35 @@ class EndpointFields(Fields):
 
 
 @dataclass
+class PairLossFields(Fields):
+    """The pairwise objective's settings that ``training.preference.pair_outputs`` reads (dpo, ipo, orpo,
+    online-dpo). Which objective, ``loss``, stays each stage's own field: online-dpo has no ORPO."""
+
+    # --- pair objective ---
+    # beta <= 0 flips or removes the preference: a negative beta trains towards the rejected replies.
+    beta: float = doc_field(0.1, "DPO/IPO temperature on the log-ratios (KL strength).", gt=0)
+    # At 0.5 the two labels weigh the same (no gradient); above it the preference is reversed.
+    label_smoothing: float = doc_field(
+        0.0, "DPO only: assumed label-flip rate for noisy labels (conservative DPO).", ge=0, lt=0.5
+    )
+    ipo_average_logps: bool = doc_field(
+        True,
+        "IPO on token-averaged log-ratios (as TRL's DPOTrainer); False uses sums as the IPO paper states.",
+    )
+    rpo_alpha: float = doc_field(
+        0.0,
+        "DPO/IPO: add rpo_alpha x the chosen reply's length-normalised NLL (RPO, Pang et al. 2024), against "
+        "DPO lowering the chosen replies' likelihood (likelihood displacement); 0: none.",
+        ge=0,
+    )
+    share_prompt: bool = doc_field(
+        True,
+        "Run each pair's prompt once, [prompt | chosen | rejected] in one masked row: same log-probs, "
+        "faster.",
+    )
+
+
+@dataclass
 class SequenceFields(Fields):
     """How long a training row may be (the offline stages; the online ones cap prompt and response apart)."""
 
