@@ -158,6 +158,19 @@ def test_lora_resume_after_sigint_is_exact(tiny_model_dir, prompt_file, tmp_path
     assert summary["reference"] == "policy base with adapters disabled"
 
 
+def test_resume_with_another_kl_control_is_a_config_error(tiny_model_dir, prompt_file, tmp_path):
+    """A checkpoint of adaptive KL control resumed with kl_target=null (a fixed beta, which its KL controller's
+    state cannot take): one error naming resume_from, the checkpoint and the changed setting, before any step."""
+    out = tmp_path / "run"
+    cfg = load_config(ppo.PPOConfig, None, _args(tiny_model_dir, prompt_file, out, "kl_target=0.01"))
+    with pytest.raises(TrainingInterrupted) as info:
+        ppo.run(cfg, monitors=MonitorSet([SignalAt(1)]))
+    fixed = ("kl_target=null", f"resume_from={info.value.checkpoint}")
+    with pytest.raises(ConfigError, match=r"resume_from: .*step-000001 .*kl_target: 0.01 -> None"):
+        ppo.run(load_config(ppo.PPOConfig, None, _args(tiny_model_dir, prompt_file, out, *fixed)))
+    assert [r["step"] for r in _rows(out)] == [1]  # nothing trained or logged after the refusal
+
+
 def test_vllm_backend_with_lora_samples_what_hf_samples(tiny_model_dir, prompt_file, tmp_path, monkeypatch):
     """lora=true, generation_backend=vllm, the engine faked (tests/_fake_vllm.py: a plain model built from the
     model directory, as vLLM builds it, taking the policy's weights through the real update_weights: adapter

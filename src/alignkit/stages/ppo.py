@@ -25,18 +25,17 @@ from alignkit.config import ConfigError, OnlineTrainConfig, doc_field, retired_o
 from alignkit.evaluation.monitors import default_monitors
 from alignkit.losses import ppo as losses
 from alignkit.models.precision import in_training_precision
-from alignkit.models.value import recompute_with_active_adapter, remove_value_adapter
 from alignkit.stages import Stage
 from alignkit.training import online_engine as engine
 from alignkit.training.online import accumulated_step
 from alignkit.training.remedies import monitor_actions, raise_kl_coef
 from alignkit.training.rollout import (
     Rollout,
+    critic_for,
     length_order,
     policy_outputs,
     response_values,
     rollout_inputs,
-    value_model_for,
 )
 
 
@@ -221,17 +220,16 @@ def ppo_step(
 
 
 def ppo_method(cfg: PPOConfig, setup: engine.OnlineSetup) -> engine.OnlineMethod:
-    """PPO on the engine's policy and reference, with a value model (``rollout.value_model_for``)."""
-    policy, rank, world = setup.policy, setup.rank, setup.world
-    value_model = value_model_for(policy, cfg.lora, setup.load)
-    trained = torch.nn.ModuleDict({"policy": policy, "value": value_model})  # what checkpoints hold
+    """PPO on the engine's policy and reference, with a value model (``rollout.critic_for``)."""
+    rank, world = setup.rank, setup.world
+    critic = critic_for(setup.policy, cfg.lora, setup.load)
     kl_controller = losses.kl_controller(cfg.init_kl_coef, cfg.kl_target, cfg.kl_horizon)
 
     def make_batch(samples: engine.Samples) -> engine.Batch:
         # 3.-4. The forward passes (policy, reference and value model; each process its share of the samples,
         #    gathered), then per-token rewards (score - beta KL), GAE advantages and returns, and whitening,
         #    over the whole batch in every process.
-        batch, passes, scores = rollout_inputs(cfg, setup, samples, value_model)
+        batch, passes, scores = rollout_inputs(cfg, setup, samples, critic.model)
         finished = torch.tensor([g.finished for g in samples.generations]).to(setup.device)
         beta = kl_controller.beta
         rollout, stats = make_rollout(cfg, batch, passes, scores, finished, beta)
@@ -248,23 +246,11 @@ def ppo_method(cfg: PPOConfig, setup: engine.OnlineSetup) -> engine.OnlineMethod
         kl_controller.update(batch.stats["kl"], n_steps=n)
         return engine.step_means(step_stats)
 
-    def load_state_dict(state: dict) -> None:
-        try:
-            kl_controller.load_state_dict(state["kl_controller"])
-        except ValueError as e:
-            raise ConfigError(f"resume_from: {e} (kl_target must not change between runs)") from None
-
-    def final_policy() -> torch.nn.Module:  # the policy alone: the value adapter is not part of it
-        if cfg.lora:
-            remove_value_adapter(policy)
-        return policy
-
-    value_doc = "second LoRA adapter on the policy's base + head" if cfg.lora else "separate copy + head"
     return engine.OnlineMethod(
         unit="iteration",
         units=cfg.iterations,
         prompts_per_unit=cfg.prompts_per_iteration,
-        trained=trained,
+        trained=critic.trained,
         epochs=cfg.ppo_epochs,
         minibatch_size=cfg.minibatch_size,
         make_batch=make_batch,
@@ -273,13 +259,12 @@ def ppo_method(cfg: PPOConfig, setup: engine.OnlineSetup) -> engine.OnlineMethod
         monitors=default_monitors(
             "ppo", kl_target=cfg.kl_target, gold=cfg.gold_reward is not None, actions=monitor_actions(cfg)
         ),
-        # LoRA: the value model's layers are recomputed with its adapter, as they ran (not the policy's).
-        recompute_context=functools.partial(recompute_with_active_adapter, policy) if cfg.lora else None,
-        final_policy=final_policy,
+        recompute_context=critic.recompute_context,
+        final_policy=critic.final_policy,
         state_dict=lambda: {"kl_controller": kl_controller.state_dict()},
-        load_state_dict=load_state_dict,
+        load_state_dict=lambda state: kl_controller.load_state_dict(state["kl_controller"]),
         adjust_kl=functools.partial(raise_kl_coef, kl_controller),  # the state_dict keeps what it changed
-        describe={"value_model": value_doc},
+        describe=critic.describe,
         summarize=lambda units, rows, samples: {"score_change": engine.score_change(samples, units)},
     )
 

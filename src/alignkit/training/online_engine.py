@@ -214,6 +214,7 @@ class OnlineMethod:
     recompute_context: Callable | None = None  # gradient_checkpointing's context_fn (PPO's LoRA adapters)
     final_policy: Callable[[], torch.nn.Module] | None = None  # what final/ holds; None: the policy
     state_dict: Callable[[], dict] = dict  # the method's own state in a checkpoint (PPO: its KL controller)
+    # Restores it; a ValueError (a state the run's settings cannot take) is reported as a resume_from error.
     load_state_dict: Callable[[dict], None] = lambda state: None
     # The monitors' "adjust" remedy: multiply the method's KL coefficient by a factor; returns the old and new
     # values (the event's). None: the method has none, and an "adjust" action is refused.
@@ -503,7 +504,13 @@ class OnlineRun:
                     f"resume_from: {resume} was written for {state['n_prompts']} prompts, {per_unit} per "
                     f"{method.unit}; an exact resume needs the same"
                 )
-            method.load_state_dict(state)
+            try:
+                method.load_state_dict(state)
+            except ValueError as e:  # e.g. PPO's adaptive KL controller resumed with kl_target=None
+                raise ConfigError(
+                    f"resume_from: {resume}: {e} (the settings of the method's own state must not change between "
+                    "runs)"
+                ) from None
             self.unit, self.elapsed_before = state[method.unit], state["elapsed_s"]
             self.nonfinite.total = state["n_nonfinite_skipped"]
             self.start, self.saved, self.resumed, self.last_checkpoint = self.unit, self.unit, resume, resume

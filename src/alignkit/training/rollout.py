@@ -14,6 +14,8 @@ take ``cfg`` read its micro_batch_size, logprob_chunk_size and temperature (a ``
 from __future__ import annotations
 
 import dataclasses
+import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -23,7 +25,12 @@ from alignkit.losses.ppo import entropy_from_logits
 from alignkit.models.forward import response_token_logprobs, supports_chunked_head
 from alignkit.models.generation import Generation
 from alignkit.models.precision import in_training_precision
-from alignkit.models.value import ValueModel, add_value_adapter
+from alignkit.models.value import (
+    ValueModel,
+    add_value_adapter,
+    recompute_with_active_adapter,
+    remove_value_adapter,
+)
 from alignkit.training import distributed
 from alignkit.training.reference import Reference
 
@@ -148,16 +155,41 @@ def policy_outputs(model, batch: dict, chunk_size: int, temperature: float = 1.0
     return to_response_layout(flat, batch["mask"]), entropy
 
 
-def value_model_for(policy, lora: bool, load) -> ValueModel:
+@dataclass
+class Critic:
+    """PPO's value model beside the policy, and what the online engine needs of the pair."""
+
+    model: ValueModel
+    trained: torch.nn.ModuleDict  # {"policy", "value"}: what the optimizer trains and a checkpoint holds
+    # LoRA: gradient checkpointing recomputes the value model's layers with its adapter, as they ran.
+    recompute_context: Callable | None
+    final_policy: Callable[[], torch.nn.Module]  # the policy alone: the value adapter is not part of it
+    describe: dict  # the summary's line on the value model
+
+
+def critic_for(policy, lora: bool, load) -> Critic:
     """PPO's value model. LoRA: adapter "value" + head on the policy's frozen base (which, every adapter off,
     is the reference too); full fine-tuning: its own trained copy ``load()`` (separate policy and value
     networks, as Stiennon et al. 2020 and Huang et al. 2024, so value gradients never move the policy's
     features), sharded under FSDP as it is loaded."""
     if lora:
-        return add_value_adapter(policy)
-    value_model = ValueModel(load())
-    distributed.shard(value_model)
-    return value_model
+        value_model = add_value_adapter(policy)
+    else:
+        value_model = ValueModel(load())
+        distributed.shard(value_model)
+
+    def final_policy() -> torch.nn.Module:
+        if lora:
+            remove_value_adapter(policy)
+        return policy
+
+    return Critic(
+        value_model,
+        torch.nn.ModuleDict({"policy": policy, "value": value_model}),
+        functools.partial(recompute_with_active_adapter, policy) if lora else None,
+        final_policy,
+        {"value_model": "second LoRA adapter on the policy's base + head" if lora else "separate copy + head"},
+    )
 
 
 def response_values(value_model: ValueModel, batch: dict) -> torch.Tensor:
