@@ -15,6 +15,25 @@ PY="${PYTHON:-python3}"
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
 PIP=("$VENV/bin/python" -m pip --disable-pip-version-check -q)
 
+# --- PostgreSQL for tests/test_label_postgres.py (labeling storage; its own block) -------------------------
+# With the test extra only: Debian's postgresql package (initdb, pg_ctl; the tests start their own server on
+# loopback), when it is missing and apt-get can install it. Never fails the setup: otherwise one line says why
+# those tests will be skipped.
+if [[ ",$EXTRAS," == *",test,"* ]] && ! compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null \
+    && ! command -v initdb >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "[setup] installing Debian's postgresql for the PostgreSQL label tests" >&2
+    if ! DEBIAN_FRONTEND=noninteractive timeout 300 apt-get install -y -qq postgresql >/dev/null 2>&1 \
+        && ! { DEBIAN_FRONTEND=noninteractive timeout 300 apt-get update -qq >/dev/null 2>&1 \
+               && DEBIAN_FRONTEND=noninteractive timeout 300 apt-get install -y -qq postgresql >/dev/null 2>&1; }; then
+      echo "[setup] apt-get could not install postgresql: the PostgreSQL label tests will be skipped" >&2
+    fi
+  else
+    echo "[setup] no postgresql and no apt-get as root to install it: the PostgreSQL label tests will be skipped" >&2
+  fi
+fi
+# --- end PostgreSQL block ------------------------------------------------------------------------------------
+
 stamp="$VENV/.alignkit-installed"
 want="$(cat "$ROOT/pyproject.toml" | sha256sum | cut -c1-16) extras=$EXTRAS torch=$TORCH_VERSION"
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
