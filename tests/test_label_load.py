@@ -16,8 +16,7 @@ pytest.importorskip("httpx")
 BENCHMARK = Path(__file__).resolve().parents[1] / "benchmarks" / "label_load.py"
 
 
-@pytest.fixture(scope="module")
-def label_load():
+def load_benchmark():
     spec = importlib.util.spec_from_file_location("label_load", BENCHMARK)
     module = importlib.util.module_from_spec(spec)
     sys.modules["label_load"] = module  # dataclasses look their module up there
@@ -25,7 +24,10 @@ def label_load():
     return module
 
 
-def test_twenty_labelers_every_acknowledged_submit_stored_once(label_load, tmp_path):
+label_load = load_benchmark()
+
+
+def test_twenty_labelers_every_acknowledged_submit_stored_once(tmp_path):
     result = label_load.run_load(tmp_path, labelers=20, submits=400)
     print(result.line())
     assert (result.submits, result.lost, result.duplicated, result.restarts) == (400, 0, 0, 0)
@@ -34,7 +36,7 @@ def test_twenty_labelers_every_acknowledged_submit_stored_once(label_load, tmp_p
     assert 0 < result.p95_ms < 10_000
 
 
-def test_sigkill_mid_load_loses_no_acknowledged_submit(label_load, tmp_path):
+def test_sigkill_mid_load_loses_no_acknowledged_submit(tmp_path):
     result = label_load.run_load(tmp_path, labelers=20, submits=300, kill_after=120)
     print(result.line())
     # The labelers carried on through the restart to all 300 acknowledged submits, every one of them stored.

@@ -9,7 +9,6 @@ import glob
 import os
 import pwd
 import shutil
-import socket
 import subprocess
 import tempfile
 import uuid
@@ -27,6 +26,7 @@ from test_label import (  # noqa: E402,F401
     test_rank_skip_flag_and_export_equals_what_was_submitted,
     test_wrong_token_csrf_replay_and_out_of_order_are_refused_and_nothing_is_stored,
 )
+from test_label_load import label_load  # noqa: E402  (its free_port)
 from test_label_migrations import test_the_revisions_make_the_schema_the_models_describe  # noqa: E402,F401
 
 
@@ -51,12 +51,6 @@ def run_as() -> dict:
     pytest.skip("PostgreSQL tests skipped: running as root and there is no postgres or nobody user to run as")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def postgres_server():
     """``postgresql://alignkit@127.0.0.1:<port>``: a throwaway server (trust auth, loopback only, no fsync)."""
@@ -70,7 +64,7 @@ def postgres_server():
     data = tempfile.mkdtemp(prefix="alignkit-pg-")  # not under pytest's 0700 tmp: the server's user must reach it
     if user:
         os.chown(data, user["user"], user["group"])
-    port = free_port()
+    port = label_load.free_port()
     try:
         subprocess.run([f"{bindir}/initdb", "-D", data, "-U", "alignkit", "-A", "trust", "-E", "UTF8", "--no-sync"],
                        check=True, capture_output=True, text=True, timeout=120, **user)  # fmt: skip
@@ -103,7 +97,7 @@ def db_url(postgres_server) -> str:
 def test_a_server_that_is_not_there_is_a_one_line_error():
     from alignkit.labeling import storage
 
-    url = f"postgresql://alignkit:secret@127.0.0.1:{free_port()}/nowhere"
+    url = f"postgresql://alignkit:secret@127.0.0.1:{label_load.free_port()}/nowhere"
     with pytest.raises(storage.DataSourceError, match="cannot open postgresql") as caught:
         storage.open_db(url)
     assert "secret" not in str(caught.value) and "\n" not in str(caught.value)
