@@ -15,24 +15,29 @@ PY="${PYTHON:-python3}"
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
 PIP=("$VENV/bin/python" -m pip --disable-pip-version-check -q)
 
-# --- PostgreSQL for tests/test_label_postgres.py (labeling storage; its own block) -------------------------
-# With the test extra only: Debian's postgresql package (initdb, pg_ctl; the tests start their own server on
-# loopback), when it is missing and apt-get can install it. Never fails the setup: otherwise one line says why
-# those tests will be skipped.
-if [[ ",$EXTRAS," == *",test,"* ]] && ! compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null \
-    && ! command -v initdb >/dev/null 2>&1; then
+# --- Debian packages for tests, test extra only (tests/test_label_browser.py, tests/test_label_postgres.py) ---
+# Installed when missing and we can (root, apt-get; quiet, with a timeout); never fatal: otherwise one line says
+# which tests will be skipped. Before the stamp check, so a machine that gained root or apt since the last
+# install still gets them.
+apt_for_tests() {  # <package> <the tests that need it>
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-    echo "[setup] installing Debian's postgresql for the PostgreSQL label tests" >&2
-    if ! DEBIAN_FRONTEND=noninteractive timeout 300 apt-get install -y -qq postgresql >/dev/null 2>&1 \
-        && ! { DEBIAN_FRONTEND=noninteractive timeout 300 apt-get update -qq >/dev/null 2>&1 \
-               && DEBIAN_FRONTEND=noninteractive timeout 300 apt-get install -y -qq postgresql >/dev/null 2>&1; }; then
-      echo "[setup] apt-get could not install postgresql: the PostgreSQL label tests will be skipped" >&2
+    echo "[setup] installing Debian's $1 for $2" >&2
+    local apt=(env DEBIAN_FRONTEND=noninteractive timeout 600 apt-get install -y -q --no-install-recommends "$1")
+    if ! { "${apt[@]}" || { timeout 300 apt-get update -q && "${apt[@]}"; }; } >/dev/null 2>&1; then
+      echo "[setup] apt-get could not install $1: $2 will be skipped" >&2
     fi
   else
-    echo "[setup] no postgresql and no apt-get as root to install it: the PostgreSQL label tests will be skipped" >&2
+    echo "[setup] no $1, and no root apt-get to install it: $2 will be skipped" >&2
   fi
+}
+if [[ ",$EXTRAS," == *",test,"* ]]; then
+  # Playwright (the test extra) drives Debian's chromium (about 30 s, 114 MB); its own download needs the internet.
+  command -v chromium >/dev/null 2>&1 || apt_for_tests chromium "the browser tests"
+  # initdb and pg_ctl (about 20 s): the PostgreSQL label tests start their own server on loopback.
+  compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || command -v initdb >/dev/null 2>&1 \
+    || apt_for_tests postgresql "the PostgreSQL label tests"
 fi
-# --- end PostgreSQL block ------------------------------------------------------------------------------------
+# --- end of the tests' Debian packages ------------------------------------------------------------------------
 
 stamp="$VENV/.alignkit-installed"
 want="$(cat "$ROOT/pyproject.toml" | sha256sum | cut -c1-16) extras=$EXTRAS torch=$TORCH_VERSION"

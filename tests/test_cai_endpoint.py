@@ -10,14 +10,12 @@ import contextlib
 import json
 import math
 import re
-import socket
-import threading
-import time
 
 import pytest
 
 pytest.importorskip("starlette")
-uvicorn = pytest.importorskip("uvicorn")
+pytest.importorskip("uvicorn")
+from _serving import serving  # noqa: E402
 from starlette.applications import Starlette  # noqa: E402
 from starlette.requests import Request  # noqa: E402
 from starlette.responses import JSONResponse, Response  # noqa: E402
@@ -92,23 +90,8 @@ def _completion(text: str, logprobs: dict | None = None) -> dict:
 @contextlib.contextmanager
 def _serving(handler):
     """``handler`` as POST /v1/chat/completions on a free loopback port, in a thread; yields the base URL."""
-    app = Starlette(routes=[Route("/v1/chat/completions", handler, methods=["POST"])])
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=1)
-    srv = uvicorn.Server(config)
-    thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.time() + 10
-    while not srv.started:
-        assert time.time() < deadline, "the test server did not start"
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}/v1"
-    finally:
-        srv.should_exit = True
-        thread.join(5)
-        sock.close()
+    with serving(Starlette(routes=[Route("/v1/chat/completions", handler, methods=["POST"])])) as url:
+        yield url + "/v1"
 
 
 @pytest.fixture

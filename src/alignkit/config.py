@@ -309,6 +309,50 @@ class PromptRowsFields(Fields):
 
 
 @dataclass
+class EndpointFields(Fields):
+    """How a stage talks to an OpenAI-compatible chat-completions endpoint (cai-revise's critic,
+    cai-label's judge: ``models.endpoint.EndpointSettings``). The server's URL and model name stay each
+    stage's own fields, named for the role the served model plays (critic_base_url, judge_model, ...)."""
+
+    # --- endpoint ---
+    api_key_env: str | None = doc_field(
+        None, "Environment variable holding the endpoint's API key (never written anywhere); None: no key."
+    )
+    request_timeout: float = doc_field(60.0, "Seconds to wait for one endpoint response.", gt=0)
+    max_retries: int = doc_field(4, "Retries of an endpoint request on 429, 5xx or a timeout.", ge=0)
+    max_concurrency: int = doc_field(4, "Endpoint requests in flight at once.", ge=1)
+
+
+@dataclass
+class PairLossFields(Fields):
+    """The pairwise objective's settings that ``training.preference.pair_outputs`` reads (dpo, ipo, orpo,
+    online-dpo). Which objective, ``loss``, stays each stage's own field: online-dpo has no ORPO."""
+
+    # --- pair objective ---
+    # beta <= 0 flips or removes the preference: a negative beta trains towards the rejected replies.
+    beta: float = doc_field(0.1, "DPO/IPO temperature on the log-ratios (KL strength).", gt=0)
+    # At 0.5 the two labels weigh the same (no gradient); above it the preference is reversed.
+    label_smoothing: float = doc_field(
+        0.0, "DPO only: assumed label-flip rate for noisy labels (conservative DPO).", ge=0, lt=0.5
+    )
+    ipo_average_logps: bool = doc_field(
+        True,
+        "IPO on token-averaged log-ratios (as TRL's DPOTrainer); False uses sums as the IPO paper states.",
+    )
+    rpo_alpha: float = doc_field(
+        0.0,
+        "DPO/IPO: add rpo_alpha x the chosen reply's length-normalised NLL (RPO, Pang et al. 2024), against "
+        "DPO lowering the chosen replies' likelihood (likelihood displacement); 0: none.",
+        ge=0,
+    )
+    share_prompt: bool = doc_field(
+        True,
+        "Run each pair's prompt once, [prompt | chosen | rejected] in one masked row: same log-probs, "
+        "faster.",
+    )
+
+
+@dataclass
 class SequenceFields(Fields):
     """How long a training row may be (the offline stages; the online ones cap prompt and response apart)."""
 

@@ -1,6 +1,6 @@
 """The labeling web app (Starlette; served by uvicorn): log in with a token, rank one item's responses at a
-time (best and worst, ties allowed), skip, or flag as unsafe. Every submit is one database transaction, so
-closing the browser loses nothing. Pages are Jinja2 templates with autoescape on: responses are model
+time (drag into order, or mark best and worst; ties allowed), skip, or flag as unsafe. Every submit is one
+database transaction, so closing the browser loses nothing. Pages are Jinja2 templates with autoescape on: responses are model
 outputs and are shown as text, never as HTML. Every POST carries a CSRF token (the session's; the login form's
 is a double-submit cookie); the session cookie is HttpOnly and SameSite=Strict.
 """
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import secrets
+from importlib import resources
 
 from jinja2 import Environment
 from starlette.applications import Starlette
@@ -31,7 +32,7 @@ HEADERS = {  # no inline script, no framing: a response that slipped past escapi
 _ENV = Environment(autoescape=True)
 PAGE = _ENV.from_string("""<!doctype html><html><head><meta charset="utf-8"><title>alignkit label</title>
 <style>body{font-family:sans-serif;max-width:60em;margin:1em auto}pre{white-space:pre-wrap}
-.resp{border:1px solid #aaa;margin:.5em 0;padding:.5em}.best{background:#d8f5d8}.worst{background:#f5d8d8}
+.resp{border:1px solid #aaa;margin:.5em 0;padding:.5em;cursor:grab}.selected{outline:3px solid #36c}.best{background:#d8f5d8}.worst{background:#f5d8d8}
 .err{color:#a00}</style></head><body>{% block body %}{% endblock %}
 <script src="/label.js"></script></body></html>""")
 LOGIN = _ENV.from_string("""{% extends page %}{% block body %}<h1>alignkit label: log in</h1>
@@ -45,14 +46,19 @@ ITEM = _ENV.from_string("""{% extends page %}{% block body %}
 <button>log out</button></form></p>
 <h2>Prompt</h2>{% if prompt_text is string %}<pre>{{ prompt_text }}</pre>{% else %}
 {% for m in prompt_text %}<p><b>{{ m.role }}</b></p><pre>{{ m.content }}</pre>{% endfor %}{% endif %}
-<p>Keys: 1-9 best, shift+1-9 worst (ties allowed), enter submit, s skip, f flag unsafe.</p>
+<p>Drag the responses into order, best at the top; "tie" gives a response the rank of the one above.
+Keys: up/down select, u/d move the selected response up/down, t tie it, 1-9 best, shift+1-9 worst (ties
+allowed), enter submit, s skip, f flag unsafe.</p>
 <form method="post" action="/submit" id="rank"><input type="hidden" name="csrf" value="{{ who.csrf }}">
 <input type="hidden" name="item_id" value="{{ shown.item_id }}">
 <input type="hidden" name="ranking" id="ranking" value="">
-{% for text in shown.responses %}<div class="resp" data-n="{{ loop.index }}"><b>{{ loop.index }}</b>
-<label><input type="checkbox" name="best" value="{{ loop.index }}"> best</label>
-<label><input type="checkbox" name="worst" value="{{ loop.index }}"> worst</label><pre>{{ text }}</pre></div>
-{% endfor %}
+<div id="responses">{% for text in shown.responses %}
+<div class="resp" draggable="true" data-n="{{ loop.index }}"><b>{{ loop.index }}</b>
+<label><input type="checkbox" class="best" name="best" value="{{ loop.index }}"> best</label>
+<label><input type="checkbox" class="worst" name="worst" value="{{ loop.index }}"> worst</label>
+<label><input type="checkbox" class="tie"> tie with the one above</label><pre>{{ text }}</pre></div>
+{% endfor %}</div>
+<p>Ranking to submit (best first): <b id="preview"></b></p>
 <button name="action" value="ranked" id="submit">Submit (enter)</button>
 <button name="action" value="skip" id="skip">Skip (s)</button>
 <button name="action" value="flag" id="flag">Flag unsafe (f)</button></form>{% endblock %}""")
@@ -73,41 +79,8 @@ Krippendorff's alpha (interval, on ranks): <span id="alpha">{{ fmt(ag.alpha) }}<
 ERROR = _ENV.from_string("""{% extends page %}{% block body %}<h1>{{ status }}</h1><p class="err">{{ message }}</p>
 <p><a href="/">back</a></p>{% endblock %}""")
 
-# The keyboard and the ranking: best boxes form the first group, worst boxes the last, the rest the middle.
-SCRIPT = """
-const form = document.getElementById('rank');
-if (form) {
-  const boxes = (kind) => Array.from(form.querySelectorAll('input[name=' + kind + ']'));
-  const paint = () => form.querySelectorAll('.resp').forEach((d) => {
-    const n = d.dataset.n;
-    d.classList.toggle('best', boxes('best').some((b) => b.value === n && b.checked));
-    d.classList.toggle('worst', boxes('worst').some((b) => b.value === n && b.checked));
-  });
-  const toggle = (kind, n) => {
-    const box = boxes(kind).find((b) => b.value === String(n));
-    if (!box) return;
-    box.checked = !box.checked;
-    const other = boxes(kind === 'best' ? 'worst' : 'best').find((b) => b.value === String(n));
-    if (box.checked) other.checked = false;
-    paint();
-  };
-  form.addEventListener('change', paint);
-  form.addEventListener('submit', (e) => {
-    const pick = (kind) => boxes(kind).filter((b) => b.checked).map((b) => Number(b.value));
-    const best = pick('best'), worst = pick('worst');
-    const middle = boxes('best').map((b) => Number(b.value)).filter((n) => !best.includes(n) && !worst.includes(n));
-    document.getElementById('ranking').value = JSON.stringify([best, middle, worst].filter((g) => g.length));
-  });
-  document.addEventListener('keydown', (e) => {
-    if (e.target.tagName === 'INPUT' && e.target.type !== 'checkbox') return;
-    const digit = /^Digit([1-9])$/.exec(e.code);
-    if (digit) { toggle(e.shiftKey ? 'worst' : 'best', Number(digit[1])); e.preventDefault(); }
-    else if (e.key === 's') document.getElementById('skip').click();
-    else if (e.key === 'f') document.getElementById('flag').click();
-    else if (e.key === 'Enter') { document.getElementById('submit').click(); e.preventDefault(); }
-  });
-}
-"""
+# The ranking controls (drag, keyboard, best/worst marks) as a file of their own, served as /label.js.
+SCRIPT = resources.files("alignkit.labeling").joinpath("label.js").read_text(encoding="utf-8")
 
 
 def render(template, status: int = 200, **values) -> HTMLResponse:
@@ -201,6 +174,9 @@ def create_app(engine, low_agreement: float = 0.5) -> Starlette:
     async def script(request: Request) -> Response:
         return Response(SCRIPT, media_type="text/javascript", headers=HEADERS)
 
+    async def no_icon(request: Request) -> Response:  # browsers ask for one; a 404 would be logged each page
+        return Response(status_code=204)
+
     async def refused(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, LabelError)
         return render(ERROR, status=exc.status, message=str(exc))
@@ -214,6 +190,7 @@ def create_app(engine, low_agreement: float = 0.5) -> Starlette:
             Route("/logout", logout, methods=["POST"]),
             Route("/admin", admin),
             Route("/label.js", script),
+            Route("/favicon.ico", no_icon),
         ],
         exception_handlers={LabelError: refused},
     )

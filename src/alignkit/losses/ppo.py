@@ -336,3 +336,13 @@ class FixedKLController:
         if state.get("kind") != "fixed":
             raise ValueError(f"expected a fixed KL controller state, got kind={state.get('kind')!r}")
         self.beta = float(state["beta"])
+
+
+def kl_controller(
+    init_beta: float, target: float | None, horizon: int
+) -> AdaptiveKLController | FixedKLController:
+    """PPO's KL coefficient: steered toward ``target`` nats per response (adaptive control, Ziegler et al.
+    2019), or fixed at ``init_beta`` when ``target`` is None."""
+    if target is None:
+        return FixedKLController(init_beta)
+    return AdaptiveKLController(init_beta, target, horizon)

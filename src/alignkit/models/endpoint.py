@@ -29,6 +29,12 @@ class EndpointSettings:
     max_concurrency: int = 4  # requests in flight at once
     backoff: float = 0.5  # the first retry waits this long; each further one twice as long
 
+    @classmethod
+    def of(cls, cfg, base_url: str, model: str) -> EndpointSettings:
+        """``base_url`` serving ``model``, with the request settings of ``cfg`` (an ``EndpointFields``)."""
+        timeout, retries, concurrency = cfg.request_timeout, cfg.max_retries, cfg.max_concurrency
+        return cls(base_url, model, cfg.api_key_env, timeout, retries, concurrency)
+
 
 @dataclass(frozen=True)
 class EndpointReply:

@@ -29,6 +29,7 @@ from alignkit.cai.judge import Comparison, PairwiseJudge, hard_preference
 from alignkit.config import (
     SEED_MAX,
     ConfigError,
+    EndpointFields,
     RuntimeConfig,
     check_row_range,
     config_to_dict,
@@ -50,7 +51,7 @@ from alignkit.training.distributed import start_one_process
 
 
 @dataclass
-class CAILabelConfig(RuntimeConfig):
+class CAILabelConfig(EndpointFields, RuntimeConfig):
     """Label response pairs with an AI judge under a constitution (RLAIF); write chosen/rejected pairs."""
 
     ALIASES = {"max_pairs": "input_max_rows"}
@@ -78,12 +79,6 @@ class CAILabelConfig(RuntimeConfig):
         "Base URL of an OpenAI-compatible chat-completions server for the judge (e.g. http://host:8000/v1); "
         "None: the judge runs locally. judge_model must then name the served model.",
     )
-    api_key_env: str | None = doc_field(
-        None, "Environment variable holding the endpoint's API key (never written anywhere); None: no key."
-    )
-    request_timeout: float = doc_field(60.0, "Seconds to wait for one endpoint response.", gt=0)
-    max_retries: int = doc_field(4, "Retries of an endpoint request on 429, 5xx or a timeout.", ge=0)
-    max_concurrency: int = doc_field(4, "Endpoint requests in flight at once.", ge=1)
     constitution: str | None = doc_field(
         None, "Constitution YAML (principles with comparison and priority); None: alignkit's default."
     )
@@ -326,16 +321,7 @@ def run(cfg: CAILabelConfig) -> dict:
 def make_judge(cfg: CAILabelConfig, constitution: Constitution) -> PairwiseJudge:
     """The judge model, asking under ``constitution``'s principles: local, or over an endpoint."""
     if cfg.judge_base_url is not None:
-        endpoint = ChatEndpoint(
-            EndpointSettings(
-                cfg.judge_base_url,
-                cfg.judge_model,
-                cfg.api_key_env,
-                cfg.request_timeout,
-                cfg.max_retries,
-                cfg.max_concurrency,
-            )
-        )
+        endpoint = ChatEndpoint(EndpointSettings.of(cfg, cfg.judge_base_url, cfg.judge_model))
         return PairwiseJudge(
             None,
             None,

@@ -30,6 +30,7 @@ from alignkit.cai.gates import GATES, GateSettings, gate_answer, gate_revision
 from alignkit.config import (
     SEED_MAX,
     ConfigError,
+    EndpointFields,
     GenerationBackendConfig,
     PromptRowsFields,
     RuntimeConfig,
@@ -52,7 +53,7 @@ from alignkit.training.distributed import start_one_process
 
 
 @dataclass
-class CAIReviseConfig(PromptRowsFields, GenerationBackendConfig, RuntimeConfig):
+class CAIReviseConfig(EndpointFields, PromptRowsFields, GenerationBackendConfig, RuntimeConfig):
     """Answer prompts, then critique and revise each answer under constitution principles; write SFT data."""
 
     prompts: str = required("Prompt file: a 'prompt' (text or messages) or 'messages' column.")
@@ -108,12 +109,6 @@ class CAIReviseConfig(PromptRowsFields, GenerationBackendConfig, RuntimeConfig):
         "Base URL of an OpenAI-compatible chat-completions server for the critic (e.g. http://host:8000/v1); "
         "None: the critic runs locally.",
     )
-    api_key_env: str | None = doc_field(
-        None, "Environment variable holding the endpoint's API key (never written anywhere); None: no key."
-    )
-    request_timeout: float = doc_field(60.0, "Seconds to wait for one endpoint response.", gt=0)
-    max_retries: int = doc_field(4, "Retries of an endpoint request on 429, 5xx or a timeout.", ge=0)
-    max_concurrency: int = doc_field(4, "Endpoint requests in flight at once.", ge=1)
     gates: list[str] | None = doc_field(
         None, f"Quality gates applied to each revision, of {list(GATES)}; None: all of them; []: none."
     )
@@ -303,16 +298,7 @@ def make_critic(cfg: CAIReviseConfig, sample: Sample) -> Sample:
         return sample
     if cfg.critic_base_url is None:
         return make_sample(replace(cfg, model=cfg.critic_model))
-    endpoint = ChatEndpoint(
-        EndpointSettings(
-            cfg.critic_base_url,
-            cfg.critic_model,
-            cfg.api_key_env,
-            cfg.request_timeout,
-            cfg.max_retries,
-            cfg.max_concurrency,
-        )
-    )
+    endpoint = ChatEndpoint(EndpointSettings.of(cfg, cfg.critic_base_url, cfg.critic_model))
 
     def critic(conversations: list[list[dict]], batch_index: int, step: int) -> list[Reply]:
         replies = endpoint.chat_many(

@@ -15,7 +15,7 @@ from typing import Literal
 
 import torch
 
-from alignkit.config import ConfigError, TrainConfig, doc_field
+from alignkit.config import ConfigError, PairLossFields, TrainConfig, doc_field
 from alignkit.data.collate import collate_pairs, length_sorted_batches, pair_length
 from alignkit.data.schemas import load_preferences
 from alignkit.data.tokenize import encode_pair
@@ -35,26 +35,10 @@ from alignkit.training.sample_watch import SampleWatch, SampleWatchFields
 
 
 @dataclass
-class DPOConfig(SampleWatchFields, TrainConfig):
+class DPOConfig(PairLossFields, SampleWatchFields, TrainConfig):
     """Pairwise preference optimisation. Data: prompt/chosen/rejected, or HH-RLHF-style transcripts."""
 
     loss: Literal["dpo", "ipo", "orpo"] = doc_field("dpo", "Which objective: DPO, IPO or ORPO.")
-    # beta <= 0 flips or removes the preference: a negative beta trains towards the rejected replies.
-    beta: float = doc_field(0.1, "DPO/IPO temperature on the log-ratios (KL strength).", gt=0)
-    # At 0.5 the two labels weigh the same (no gradient); above it the preference is reversed.
-    label_smoothing: float = doc_field(
-        0.0, "DPO only: assumed label-flip rate for noisy labels (conservative DPO).", ge=0, lt=0.5
-    )
-    ipo_average_logps: bool = doc_field(
-        True,
-        "IPO on token-averaged log-ratios (as TRL's DPOTrainer); False uses sums as the IPO paper states.",
-    )
-    rpo_alpha: float = doc_field(
-        0.0,
-        "DPO/IPO: add rpo_alpha x the chosen reply's length-normalised NLL (RPO, Pang et al. 2024), against "
-        "DPO lowering the chosen replies' likelihood (likelihood displacement); 0: none.",
-        ge=0,
-    )
     orpo_lambda: float = doc_field(
         0.1, "ORPO weight of the odds-ratio term next to the chosen NLL (0: the NLL alone).", ge=0
     )
@@ -68,10 +52,6 @@ class DPOConfig(SampleWatchFields, TrainConfig):
     micro_batch_size: int = doc_field(2, "Pairs per forward/backward pass.")
     max_length: int = doc_field(512, "Longest prompt+completion in tokens; longer pairs are truncated.")
     eval_batch_size: int = doc_field(8, "Pairs per forward pass when evaluating or precomputing.", ge=1)
-    share_prompt: bool = doc_field(
-        True,
-        "Run each pair's prompt once, [prompt | chosen | rejected] in one masked row: same log-probs, faster.",
-    )
 
 
     def check(self) -> None:

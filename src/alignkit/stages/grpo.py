@@ -21,16 +21,20 @@ import numpy as np
 import torch
 
 from alignkit.config import OnlineTrainConfig, doc_field
-from alignkit.evaluation.monitors import MonitorSet, default_monitors
+from alignkit.evaluation.monitors import default_monitors
 from alignkit.losses import grpo as losses
 from alignkit.losses.ppo import masked_mean
 from alignkit.models.precision import in_training_precision
 from alignkit.stages import Stage
-from alignkit.training import distributed
 from alignkit.training import online_engine as engine
 from alignkit.training.online import accumulated_step
-from alignkit.training.remedies import monitor_actions
-from alignkit.training.rollout import collate_samples, policy_outputs, shared_rollout_passes, trim_padding
+from alignkit.training.remedies import AdjustableBeta, monitor_actions
+from alignkit.training.rollout import (
+    GroupRollout,
+    length_order,
+    policy_outputs,
+    rollout_inputs,
+)
 
 
 @dataclass
@@ -86,24 +90,6 @@ class GRPOConfig(OnlineTrainConfig):
 
 # ---------------------------------------------------------------------------------------------------------
 # Steps 2b-4 of an iteration
-
-
-@dataclass
-class GroupRollout:
-    input_ids: torch.Tensor  # (B, T) prompt then response, right-padded
-    attention_mask: torch.Tensor  # (B, T)
-    loss_mask: torch.Tensor  # (B, T) 1 on response tokens
-    mask: torch.Tensor  # (B, R) 1 on response tokens
-    old_logps: torch.Tensor  # (B, R) under the policy that sampled (no grad)
-    ref_logps: torch.Tensor  # (B, R) under the reference; zeros without one
-    advantages: torch.Tensor  # (B, 1): one per response, 2-D so that trim_padding keeps it
-    n_sequences: float = 0.0  # responses of the minibatch this micro-batch belongs to (the loss's normalisers)
-    n_tokens: float = 0.0  # response tokens of that minibatch
-    on_policy: bool = False  # the iteration's first step: the policy is the sampler, old_logps = this pass's
-
-    def rows(self, index, **extra) -> GroupRollout:
-        names = [f.name for f in dataclasses.fields(self) if torch.is_tensor(getattr(self, f.name))]
-        return GroupRollout(**trim_padding({n: getattr(self, n)[index] for n in names}), **extra)
 
 
 def zero_std_frac(scores: list[float], k: int) -> float:
@@ -171,28 +157,22 @@ def grpo_loss(cfg: GRPOConfig, policy, mb: GroupRollout, beta: float) -> tuple[t
     return out.loss, stats | ({"kl/update": share(out.kl.detach())} if out.kl is not None else {})
 
 
-def grpo_step(cfg, loss_fn, rollout: GroupRollout, rows, optimizer, scheduler, params, on_policy, rank, world):
+def grpo_step(cfg, loss_fn, rollout: GroupRollout, rows, parts: tuple, on_policy: bool, rank, world):
     """One optimizer step on the minibatch ``rows`` (``online.accumulated_step``), micro-batches of similar
     length, each loss already divided by the whole minibatch's responses or tokens (so no further weight)."""
     minibatch = rollout.rows(rows)
     totals = {"n_sequences": float(len(rows)), "n_tokens": float(minibatch.mask.sum()), "on_policy": on_policy}
-    lengths = minibatch.attention_mask.sum(1).tolist()
-    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    minibatch = dataclasses.replace(minibatch, **totals)  # the micro-batches cut from it carry the totals
 
-    def micro_step(share: list[int]) -> dict[str, float]:
-        loss, stats = loss_fn(minibatch.rows(share or [0], **totals))
-        (loss * (world if share else 0)).backward()
-        return {key: value if share else 0.0 for key, value in stats.items()}
+    def micro_loss(share: list[int]) -> tuple[torch.Tensor, dict]:
+        return loss_fn(minibatch.rows(share))
 
-    shares = distributed.rank_microbatches(order, cfg.micro_batch_size, rank, world)
-    return accumulated_step(loss_fn, shares, micro_step, optimizer, scheduler, params, cfg.max_grad_norm)
+    order = length_order(minibatch.attention_mask)
+    return accumulated_step(cfg, loss_fn, order, micro_loss, *parts, rank, world)
 
 
 # ---------------------------------------------------------------------------------------------------------
 # The stage
-
-
-check_config = engine.check_config  # before anything loads: ranges, cross-field rules, reward, backend
 
 
 def needs_reference(cfg: GRPOConfig) -> bool:
@@ -200,18 +180,12 @@ def needs_reference(cfg: GRPOConfig) -> bool:
     return cfg.beta > 0 or cfg.gold_reward is not None
 
 
-def run(cfg: GRPOConfig, monitors: MonitorSet | None = None) -> dict:
-    """Train the policy with GRPO; ``monitors`` replaces the default failure monitors (for tests)."""
-    return engine.run_online(
-        cfg, "grpo", grpo_method, monitors, one_sample_each="prompts_per_iteration",
-        needs_reference=needs_reference(cfg),
-    )  # fmt: skip
-
-
 def grpo_method(cfg: GRPOConfig, setup: engine.OnlineSetup) -> engine.OnlineMethod:
     """GRPO on the engine's policy (and, with beta > 0, its reference)."""
-    policy, reference, rank, world, k = setup.policy, setup.reference, setup.rank, setup.world, cfg.num_generations
-    objective = {"beta": cfg.beta}  # the monitors' adjust action raises it
+    policy, rank, world, k = setup.policy, setup.rank, setup.world, cfg.num_generations
+    # The loss reads its beta from `objective`, a copy of cfg whose beta the monitors' adjust action raises.
+    objective = dataclasses.replace(cfg)
+    beta = AdjustableBeta(objective)
     drawn: dict = {}  # the dynamic sampling's stats of this iteration
 
     def refill(samples: engine.Samples, draw) -> engine.Samples:
@@ -223,12 +197,10 @@ def grpo_method(cfg: GRPOConfig, setup: engine.OnlineSetup) -> engine.OnlineMeth
     def make_batch(samples: engine.Samples) -> engine.Batch:
         # 3.-4. The no-grad passes (policy: old log-probs and entropy; reference when loaded), each process its
         #    share of the samples, gathered; then advantages over the whole batch in every process.
-        batch = collate_samples(samples.generations, setup.tokenizer.pad_token_id, setup.device)
-        finished = [g.finished for g in samples.generations]
-        passes = shared_rollout_passes(cfg, policy, reference, None, batch, rank, world)
-        scores = torch.tensor(samples.scores, dtype=torch.float32).to(setup.device)
+        batch, passes, scores = rollout_inputs(cfg, setup, samples)
         rollout, stats = make_rollout(cfg, batch, passes, scores)
-        stats |= {"zero_std_frac": zero_std_frac(samples.scores, k), **drawn, "beta": objective["beta"]}
+        finished = [g.finished for g in samples.generations]
+        stats |= {"zero_std_frac": zero_std_frac(samples.scores, k), **drawn, "beta": objective.beta}
         stats |= {"reward/std": float(np.std(samples.scores)), "truncated_frac": 1 - float(np.mean(finished))}
         fields = [{"advantage": a} for a in rollout.advantages[:, 0].tolist()]
         return engine.Batch(rollout, stats, fields)
@@ -236,17 +208,12 @@ def grpo_method(cfg: GRPOConfig, setup: engine.OnlineSetup) -> engine.OnlineMeth
     def update(batch: engine.Batch, opt: engine.Optimization) -> dict:
         # 5. num_iterations passes of minibatch updates against the kept old log-probs; the first step is on
         #    policy (its own pass's log-probs, detached). Each process trains on its share of every minibatch.
-        rollout, loss_fn = batch.data, opt.stepper
-        step_stats = [
-            opt.stepped(grpo_step(cfg, loss_fn, rollout, rows, *opt.parts, j == 0, rank, world))
-            for j, rows in enumerate(opt.minibatches(len(rollout.mask)))
-        ]
-        return engine.step_means(step_stats)
+        rollout = batch.data
 
-    def adjust_kl(factor: float) -> dict[str, float]:
-        old = objective["beta"]
-        objective["beta"] = old * factor
-        return {"beta_old": old, "beta_new": objective["beta"]}
+        def step(rows: list[int], j: int) -> dict:
+            return grpo_step(cfg, opt.stepper, rollout, rows, opt.parts, j == 0, rank, world)
+
+        return engine.step_means(opt.steps(len(rollout.mask), step))
 
     return engine.OnlineMethod(
         unit="iteration",
@@ -256,7 +223,7 @@ def grpo_method(cfg: GRPOConfig, setup: engine.OnlineSetup) -> engine.OnlineMeth
         epochs=cfg.num_iterations,
         minibatch_size=cfg.minibatch_size,
         make_batch=make_batch,
-        loss=lambda trained, mb: grpo_loss(cfg, trained, mb, objective["beta"]),
+        loss=lambda trained, mb: grpo_loss(cfg, trained, mb, objective.beta),
         update=update,
         monitors=default_monitors(
             "grpo", gold=cfg.gold_reward is not None, kl=needs_reference(cfg), actions=monitor_actions(cfg)
@@ -265,12 +232,15 @@ def grpo_method(cfg: GRPOConfig, setup: engine.OnlineSetup) -> engine.OnlineMeth
         top_p=cfg.top_p,
         rows_per_unit=cfg.prompts_per_iteration * k,
         refill=refill if cfg.dynamic_sampling else None,
-        state_dict=lambda: {"beta": objective["beta"]},
-        load_state_dict=lambda state: objective.update(beta=state.get("beta", cfg.beta)),
-        adjust_kl=adjust_kl if cfg.beta > 0 else None,
+        state_dict=beta.state_dict,
+        load_state_dict=beta.load_state_dict,
+        adjust_kl=beta.adjust if cfg.beta > 0 else None,
         describe={"advantage": cfg.advantage, "loss_aggregation": cfg.loss_aggregation},
         summarize=lambda units, rows, samples: {"score_change": engine.score_change(samples, units)},
     )
 
 
+ONLINE = engine.OnlineStage("grpo", grpo_method, "prompts_per_iteration", needs_reference)
+check_config = engine.check_config  # before anything loads: ranges, cross-field rules, reward, backend
+check_launch, run = ONLINE.check_launch, ONLINE.run
 STAGE = Stage("grpo", GRPOConfig, run)

@@ -27,25 +27,24 @@ from typing import Literal
 import numpy as np
 import torch
 
-from alignkit.config import OnlineTrainConfig, doc_field, retired_online_fields
+from alignkit.config import OnlineTrainConfig, PairLossFields, doc_field, retired_online_fields
 from alignkit.data.pairing import make_pairs
 from alignkit.data.tokenize import EncodedPair
 from alignkit.evaluation.metrics import kl_per_token
-from alignkit.evaluation.monitors import MonitorSet, default_monitors
+from alignkit.evaluation.monitors import default_monitors
 from alignkit.models.generation import Generation
 from alignkit.models.precision import in_training_precision
 from alignkit.stages import Stage
-from alignkit.training import distributed
 from alignkit.training import online_engine as engine
 from alignkit.training.online import accumulated_step
 from alignkit.training.preference import PairExample, PairLogprobs, collate_pair_examples, pair_outputs
 from alignkit.training.reference import PRECOMPUTED, apply
-from alignkit.training.remedies import monitor_actions
+from alignkit.training.remedies import AdjustableBeta, monitor_actions
 from alignkit.training.rollout import sample_logprobs
 
 
 @dataclass
-class OnlineDPOConfig(OnlineTrainConfig):
+class OnlineDPOConfig(PairLossFields, OnlineTrainConfig):
     """A round: samples_per_prompt responses to each of prompts_per_round prompts from the current policy,
     scored by `reward`, each prompt's best against its worst, dpo_epochs of DPO steps on those pairs against
     the starting model. Data: prompts (a `prompt` column, or `messages` ending with a user turn)."""
@@ -76,24 +75,6 @@ class OnlineDPOConfig(OnlineTrainConfig):
     )
     # --- objective ---
     loss: Literal["dpo", "ipo"] = doc_field("dpo", "Which objective on the pairs: DPO or IPO.")
-    # beta <= 0 flips or removes the preference (a negative beta trains towards the rejected samples).
-    beta: float = doc_field(0.1, "DPO/IPO temperature on the log-ratios (KL strength).", gt=0)
-    # At 0.5 the two labels weigh the same (no gradient); above it the preference is reversed.
-    label_smoothing: float = doc_field(
-        0.0, "DPO only: assumed label-flip rate (conservative DPO).", ge=0, lt=0.5
-    )
-    rpo_alpha: float = doc_field(
-        0.0,
-        "DPO/IPO: add rpo_alpha x the chosen reply's length-normalised NLL (RPO, Pang et al. 2024), against "
-        "DPO lowering the chosen replies' likelihood (likelihood displacement); 0: none.",
-        ge=0,
-    )
-    ipo_average_logps: bool = doc_field(
-        True, "IPO on token-averaged log-ratios (as TRL's DPOTrainer); False uses sums as the IPO paper."
-    )
-    share_prompt: bool = doc_field(
-        True, "Run each pair's prompt once, [prompt | chosen | rejected] in one masked row: same log-probs."
-    )
     # --- update ---
     dpo_epochs: int = doc_field(1, "Passes of minibatch DPO updates over each round's pairs.", ge=1)
     micro_batch_size: int = doc_field(
@@ -176,32 +157,18 @@ def dpo_update(
     device = next(loss_fn.parameters()).device
     n_pairs = len(minibatch)
 
-    def micro_step(share: list[int]) -> dict[str, float]:
-        batch = collate_pair_examples([minibatch[i] for i in share or [0]], pad_id)
+    def micro_loss(share: list[int]) -> tuple[torch.Tensor, dict[str, float]]:
+        batch = collate_pair_examples([minibatch[i] for i in share], pad_id)
         losses, metrics = loss_fn({k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()})
-        (losses.sum() / n_pairs * (world if share else 0)).backward()
         part = {"loss": losses.sum().item(), **metrics}
-        return {key: value / n_pairs if share else 0.0 for key, value in part.items()}
+        return losses.sum() / n_pairs, {key: value / n_pairs for key, value in part.items()}
 
-    shares = distributed.rank_microbatches(list(range(n_pairs)), cfg.micro_batch_size, rank, world)
-    return accumulated_step(loss_fn, shares, micro_step, optimizer, scheduler, params, cfg.max_grad_norm)
+    rows = list(range(n_pairs))
+    return accumulated_step(cfg, loss_fn, rows, micro_loss, optimizer, scheduler, params, rank, world)
 
 
 # ---------------------------------------------------------------------------------------------------------
 # The stage
-
-
-check_config = engine.check_config  # before anything loads: ranges, cross-field rules, reward, backend
-
-
-def check_launch(cfg: OnlineDPOConfig) -> None:
-    """Refuse what online DPO cannot do in the processes it was launched in (after the process group is up)."""
-    engine.check_launch(cfg, "online-dpo")
-
-
-def run(cfg: OnlineDPOConfig, monitors: MonitorSet | None = None) -> dict:
-    """Train the policy with online DPO; ``monitors`` replaces the default failure monitors (for tests)."""
-    return engine.run_online(cfg, "online-dpo", online_dpo_method, monitors)
 
 
 def online_dpo_method(cfg: OnlineDPOConfig, setup: engine.OnlineSetup) -> engine.OnlineMethod:
@@ -211,13 +178,7 @@ def online_dpo_method(cfg: OnlineDPOConfig, setup: engine.OnlineSetup) -> engine
     k = cfg.samples_per_prompt
     # The loss reads its beta from `objective`, a copy of cfg whose beta the monitors' adjust action raises.
     objective = dataclasses.replace(cfg)
-
-    def adjust_kl(factor: float) -> dict[str, float]:
-        old, objective.beta = objective.beta, objective.beta * factor
-        return {"beta_old": old, "beta_new": objective.beta}
-
-    def load_state_dict(state: dict) -> None:
-        objective.beta = state.get("beta", cfg.beta)  # a checkpoint before the adjust action had none
+    beta = AdjustableBeta(objective)
 
     def make_batch(samples: engine.Samples) -> engine.Batch:
         # 3. Pair each prompt's best response against its worst; a tie makes no pair. The same pairs in every
@@ -241,12 +202,10 @@ def online_dpo_method(cfg: OnlineDPOConfig, setup: engine.OnlineSetup) -> engine
         # 5. dpo_epochs passes of minibatch DPO updates over the pairs; each process trains on its share of every
         #    minibatch. A round without pairs steps nowhere (the engine still advances the schedule).
         examples, lr, pad_id = batch.data, opt.optimizer.param_groups[0]["lr"], setup.tokenizer.pad_token_id
-        step_stats = [
-            opt.stepped(
-                dpo_update(cfg, opt.stepper, [examples[i] for i in rows], *opt.parts, pad_id, rank, world)
-            )
-            for rows in opt.minibatches(len(examples))
-        ]
+        def step(rows: list[int], j: int) -> dict:
+            return dpo_update(cfg, opt.stepper, [examples[i] for i in rows], *opt.parts, pad_id, rank, world)
+
+        step_stats = opt.steps(len(examples), step)
         # loss, rewards/*, logps/*, grad_norm: means over the round's steps; lr: the round's first step's. A round
         # without pairs logs the displacement monitor's keys as null: no value this round, not a key never logged.
         no_pairs = {} if step_stats else {"logps/chosen": None, "rewards/margin": None}
@@ -265,12 +224,15 @@ def online_dpo_method(cfg: OnlineDPOConfig, setup: engine.OnlineSetup) -> engine
         monitors=default_monitors("online-dpo", gold=cfg.gold_reward is not None, actions=monitor_actions(cfg)),
         samples_per_prompt=k,
         top_p=cfg.top_p,
-        state_dict=lambda: {"beta": objective.beta},
-        load_state_dict=load_state_dict,
-        adjust_kl=adjust_kl,
+        state_dict=beta.state_dict,
+        load_state_dict=beta.load_state_dict,
+        adjust_kl=beta.adjust,
         describe={"loss": cfg.loss},
         summarize=lambda units, rows, samples: {"pairs_by_round": [r["pairs"] for r in rows]},
     )
 
 
+ONLINE = engine.OnlineStage("online-dpo", online_dpo_method)
+check_config = engine.check_config  # before anything loads: ranges, cross-field rules, reward, backend
+check_launch, run = ONLINE.check_launch, ONLINE.run
 STAGE = Stage("online-dpo", OnlineDPOConfig, run)

@@ -22,21 +22,20 @@ from typing import Literal
 import torch
 
 from alignkit.config import ConfigError, OnlineTrainConfig, doc_field, retired_online_fields
-from alignkit.evaluation.monitors import MonitorSet, default_monitors
+from alignkit.evaluation.monitors import default_monitors
 from alignkit.losses import ppo as losses
 from alignkit.models.precision import in_training_precision
 from alignkit.models.value import recompute_with_active_adapter, remove_value_adapter
 from alignkit.stages import Stage
-from alignkit.training import distributed
 from alignkit.training import online_engine as engine
 from alignkit.training.online import accumulated_step
 from alignkit.training.remedies import monitor_actions, raise_kl_coef
 from alignkit.training.rollout import (
     Rollout,
-    collate_samples,
+    length_order,
     policy_outputs,
     response_values,
-    shared_rollout_passes,
+    rollout_inputs,
     value_model_for,
 )
 
@@ -205,55 +204,34 @@ def ppo_step(
     weighted by the micro-batch's share of the minibatch's response tokens (every rank holds the whole rollout,
     so it counts them itself): the accumulated gradient is that of one pass over the minibatch."""
     n_tokens = minibatch.mask.sum()
-    # Rows of similar length share a micro-batch, so each is cut to little padding (Rollout.rows).
-    lengths = minibatch.attention_mask.sum(1).tolist()
-    rows = sorted(range(len(lengths)), key=lambda i: lengths[i])
 
-    def micro_step(share: list[int]) -> dict[str, float]:
-        micro = minibatch.rows(share or [0])
-        weight = micro.mask.sum() / n_tokens if share else 0.0
+    def micro_loss(share: list[int]) -> tuple[torch.Tensor, dict]:
+        micro = minibatch.rows(share)
+        weight = micro.mask.sum() / n_tokens
         loss, stats = loss_fn(micro)
-        (loss * weight * world).backward()
-        return {key: float(value * weight) if share else 0.0 for key, value in stats.items()}
+        return loss * weight, {key: value * weight for key, value in stats.items()}
 
-    shares = distributed.rank_microbatches(rows, cfg.micro_batch_size, rank, world)
-    return accumulated_step(loss_fn, shares, micro_step, optimizer, scheduler, params, cfg.max_grad_norm)
+    # Rows of similar length share a micro-batch, so each is cut to little padding (Rollout.rows).
+    order = length_order(minibatch.attention_mask)
+    return accumulated_step(cfg, loss_fn, order, micro_loss, optimizer, scheduler, params, rank, world)
 
 
 # ---------------------------------------------------------------------------------------------------------
 # The stage
 
 
-check_config = engine.check_config  # before anything loads: ranges, cross-field rules, reward, backend
-
-
-def check_launch(cfg: PPOConfig) -> None:
-    """Refuse what PPO cannot do in the processes it was launched in (after the process group is up)."""
-    engine.check_launch(cfg, "ppo", one_sample_each="prompts_per_iteration")
-
-
-def run(cfg: PPOConfig, monitors: MonitorSet | None = None) -> dict:
-    """Train the policy with PPO; ``monitors`` replaces the default failure monitors (for tests)."""
-    return engine.run_online(cfg, "ppo", ppo_method, monitors, one_sample_each="prompts_per_iteration")
-
-
 def ppo_method(cfg: PPOConfig, setup: engine.OnlineSetup) -> engine.OnlineMethod:
     """PPO on the engine's policy and reference, with a value model (``rollout.value_model_for``)."""
-    policy, reference, rank, world = setup.policy, setup.reference, setup.rank, setup.world
+    policy, rank, world = setup.policy, setup.rank, setup.world
     value_model = value_model_for(policy, cfg.lora, setup.load)
     trained = torch.nn.ModuleDict({"policy": policy, "value": value_model})  # what checkpoints hold
-    if cfg.kl_target is None:
-        kl_controller = losses.FixedKLController(cfg.init_kl_coef)
-    else:
-        kl_controller = losses.AdaptiveKLController(cfg.init_kl_coef, cfg.kl_target, cfg.kl_horizon)
+    kl_controller = losses.kl_controller(cfg.init_kl_coef, cfg.kl_target, cfg.kl_horizon)
 
     def make_batch(samples: engine.Samples) -> engine.Batch:
         # 3.-4. The forward passes (policy, reference and value model; each process its share of the samples,
         #    gathered), then per-token rewards (score - beta KL), GAE advantages and returns, and whitening,
         #    over the whole batch in every process.
-        batch = collate_samples(samples.generations, setup.tokenizer.pad_token_id, setup.device)
-        passes = shared_rollout_passes(cfg, policy, reference, value_model, batch, rank, world)
-        scores = torch.tensor(samples.scores, dtype=torch.float32).to(setup.device)
+        batch, passes, scores = rollout_inputs(cfg, setup, samples, value_model)
         finished = torch.tensor([g.finished for g in samples.generations]).to(setup.device)
         beta = kl_controller.beta
         rollout, stats = make_rollout(cfg, batch, passes, scores, finished, beta)
@@ -263,10 +241,9 @@ def ppo_method(cfg: PPOConfig, setup: engine.OnlineSetup) -> engine.OnlineMethod
         # 5. ppo_epochs passes of minibatch updates over the samples; each process trains on its share of every
         #    minibatch.
         rollout, n = batch.data, len(batch.data.mask)
-        step_stats = [
-            opt.stepped(ppo_step(cfg, opt.stepper, rollout.rows(rows), *opt.parts, rank, world))
-            for rows in opt.minibatches(n)
-        ]
+        step_stats = opt.steps(
+            n, lambda rows, j: ppo_step(cfg, opt.stepper, rollout.rows(rows), *opt.parts, rank, world)
+        )
         # 6. Adapt beta toward the KL target from this batch's KL (Ziegler et al. 2019), or keep it.
         kl_controller.update(batch.stats["kl"], n_steps=n)
         return engine.step_means(step_stats)
@@ -307,4 +284,7 @@ def ppo_method(cfg: PPOConfig, setup: engine.OnlineSetup) -> engine.OnlineMethod
     )
 
 
+ONLINE = engine.OnlineStage("ppo", ppo_method, one_sample_each="prompts_per_iteration")
+check_config = engine.check_config  # before anything loads: ranges, cross-field rules, reward, backend
+check_launch, run = ONLINE.check_launch, ONLINE.run
 STAGE = Stage("ppo", PPOConfig, run)

@@ -112,31 +112,37 @@ def truncate_jsonl(path: Path, step: int) -> None:
 
 
 def accumulated_step(
+    cfg,
     stepper: torch.nn.Module,
-    shares: list[list[int]],
-    micro_step: Callable[[list[int]], dict[str, float]],
+    rows: list[int],
+    micro_loss: Callable[[list[int]], tuple[torch.Tensor, dict]],
     optimizer,
     scheduler,
     params,
-    max_grad_norm: float | None,
+    rank: int = 0,
+    world: int = 1,
 ) -> dict:
-    """One optimizer step on a minibatch, accumulated over this rank's micro-batches ``shares`` (its
-    ``distributed.rank_microbatches`` of the minibatch's rows), the gradients synced across the ranks in the last
-    one only. ``micro_step(share)`` runs the forward and backward of one micro-batch through ``stepper`` (the
-    module DDP wraps) with its loss weighted by its share of the whole minibatch (and multiplied by the number of
-    ranks: DDP averages the gradients over them), so that the gradients summed over micro-batches and ranks are
-    those of one pass over the minibatch in one process, not a mean of per-rank means; it returns its part of
-    the minibatch's metrics, "loss" among them. An empty share (fewer rows left than ranks) runs a stand-in
+    """One optimizer step on a minibatch of ``rows`` (in the order micro-batches are cut from it), accumulated
+    over this rank's micro-batches of cfg.micro_batch_size (``distributed.rank_microbatches``), the gradients
+    synced across the ranks in the last one only; clipped to cfg.max_grad_norm. ``micro_loss(share) -> (loss,
+    metrics)`` runs the forward of the micro-batch ``share`` (positions in the minibatch) through ``stepper``
+    (the module DDP wraps), its loss and metrics already weighted by its share of the whole minibatch (the
+    method's own normalisation: PPO's tokens, online DPO's pairs); "loss" among the metrics. The loss is
+    multiplied here by the number of ranks (DDP averages the gradients over them), so that the gradients
+    summed over micro-batches and ranks are those of one pass over the minibatch in one process, not a mean of
+    per-rank means. An empty share (fewer rows left than ranks) runs a stand-in (the minibatch's first row)
     weighted 0 that counts for nothing: DDP needs every rank's backward to sync the gradients. Returns the
     minibatch's metrics and ``optimizer_step``'s."""
+    shares = distributed.rank_microbatches(rows, cfg.micro_batch_size, rank, world)
     sums: dict[str, float] = {}
     for j, share in enumerate(shares):
         with distributed.gradient_sync(stepper, last=j == len(shares) - 1):
-            part = micro_step(share)
+            loss, part = micro_loss(share or [0])
+            (loss * (world if share else 0)).backward()
         for key, value in part.items():
-            sums[key] = sums.get(key, 0.0) + value
+            sums[key] = sums.get(key, 0.0) + (float(value) if share else 0.0)
     sums = dict(zip(sums, distributed.all_reduce(list(sums.values()))))  # each rank holds its rows' part
-    return {**sums, **optimizer_step(optimizer, scheduler, params, max_grad_norm, sums["loss"])}
+    return {**sums, **optimizer_step(optimizer, scheduler, params, cfg.max_grad_norm, sums["loss"])}
 
 
 def optimizer_step(optimizer, scheduler, params, max_grad_norm: float | None, loss: float) -> dict:

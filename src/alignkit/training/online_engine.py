@@ -174,6 +174,11 @@ class Optimization:
             for s in range(0, n_rows, self.minibatch_size):
                 yield order[s : s + self.minibatch_size]
 
+    def steps(self, n_rows: int, step: Callable[[list[int], int], dict]) -> list[dict]:
+        """``step(rows, j) -> stats`` (one optimizer step) on the j-th of the unit's ``minibatches`` of
+        ``n_rows`` rows, each reported (``stepped``). Returns each step's stats."""
+        return [self.stepped(step(rows, j)) for j, rows in enumerate(self.minibatches(n_rows))]
+
     def stepped(self, stats: dict) -> dict:
         """Report one optimizer step (``online.optimizer_step``'s stats, with the minibatch's "loss"): a streak
         of non-finite ones ends the run here. Returns ``stats``."""
@@ -216,6 +221,28 @@ class OnlineMethod:
     describe: dict = field(default_factory=dict)  # fixed lines of the summary
     # More lines of the summary from (units made, logged rows, samples.jsonl; None outside the main process).
     summarize: Callable[[int, list[dict], Path | None], dict] = lambda units, rows, samples: {}
+
+
+@dataclass(frozen=True)
+class OnlineStage:
+    """An online stage as its file declares it to the engine: its name, the method it builds on the engine's
+    setup, and what its launch needs. Its ``run`` and ``check_launch`` are the stage module's."""
+
+    name: str  # as typed after `alignkit`
+    method: Callable[[Any, OnlineSetup], OnlineMethod]  # method(cfg, setup): the method's steps 3-5
+    one_sample_each: str | None = None  # the config field counting a unit's samples: >= 1 per process
+    # Whether the policy's frozen reference is loaded (``prepare``); GRPO at beta = 0 trains without one.
+    needs_reference: Callable[[Any], bool] = lambda cfg: True
+
+    def check_launch(self, cfg) -> None:
+        """Refuse what the stage cannot do in the processes it was launched in (``check_launch``)."""
+        check_launch(cfg, self.name, self.one_sample_each)
+
+    def run(self, cfg, monitors: MonitorSet | None = None) -> dict:
+        """Train the policy with the stage's method (``run_online``); ``monitors`` replaces the method's
+        default failure monitors (for tests). Returns the summary."""
+        reference = self.needs_reference(cfg)
+        return run_online(cfg, self.name, self.method, monitors, self.one_sample_each, reference)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -44,6 +44,28 @@ def raise_kl_coef(controller, factor: float) -> dict[str, float]:
     return changed
 
 
+class AdjustableBeta:
+    """The KL coefficient of a method without a KL controller (online DPO's, GRPO's ``beta``), held by
+    ``holder`` (the copy of the config its loss reads): the monitors' "adjust" action multiplies it
+    (``adjust``), and the method's checkpoints keep it (``state_dict``)."""
+
+    def __init__(self, holder) -> None:
+        self.holder = holder
+
+    def adjust(self, factor: float) -> dict[str, float]:
+        """beta *= factor; returns the old and new values (the event's)."""
+        old = self.holder.beta
+        self.holder.beta = old * factor
+        return {"beta_old": old, "beta_new": self.holder.beta}
+
+    def state_dict(self) -> dict[str, float]:
+        return {"beta": self.holder.beta}
+
+    def load_state_dict(self, state: dict) -> None:
+        # A checkpoint written before the adjust action existed holds no beta.
+        self.holder.beta = state.get("beta", self.holder.beta)
+
+
 class BestGold:
     """The trained parameters at the unit with the highest logged gold score so far, copied to the CPU, to be
     put back when the proxy-vs-gold check stops the run (final/ is then that unit's policy). In memory only: a

@@ -1,8 +1,9 @@
 """The online methods' rollouts: the policy's samples laid out for the models and for the losses, and the
-forward passes over them, in several processes shared among them: PPO's (policy and reference log-probs,
-entropies, values, in length-sorted micro-batches: ``shared_rollout_passes``, read by ``alignkit.stages.ppo``)
-and online DPO's (the samples' log-probs under policy and reference: ``sample_logprobs``). The reference is a
-``training.reference.Reference``: a frozen copy, or (LoRA) the policy's base with the adapters off.
+forward passes over them, in several processes shared among them: PPO's and GRPO's (policy and reference
+log-probs, entropies, values, in length-sorted micro-batches: ``shared_rollout_passes``, into their rollouts
+``Rollout`` and ``GroupRollout``) and online DPO's (the samples' log-probs under policy and reference:
+``sample_logprobs``). The reference is a ``training.reference.Reference``: a frozen copy, or (LoRA) the
+policy's base with the adapters off.
 
 Samples come in two layouts. "Sequence" tensors (B, T) hold prompt + response right-padded, the way the models
 read them; "response" tensors (B, R) hold each row's response tokens from column 0, the way the PPO losses read
@@ -28,21 +29,49 @@ from alignkit.training.reference import Reference
 
 
 @dataclass
-class Rollout:
+class SampleRows:
+    """The samples in both layouts (see above): what every rollout holds before its method's own tensors."""
+
     input_ids: torch.Tensor  # (B, T) prompt then response, right-padded
     attention_mask: torch.Tensor  # (B, T)
     loss_mask: torch.Tensor  # (B, T) 1 on response tokens
     mask: torch.Tensor  # (B, R) 1 on response tokens
+
+    def rows(self, index, **extra):
+        """The rows ``index`` of the tensors, without the padding columns they all share (see
+        ``trim_padding``); the other fields kept, or set from ``extra``."""
+        tensors = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        rows = {name: value[index] for name, value in tensors.items() if torch.is_tensor(value)}
+        return dataclasses.replace(self, **trim_padding(rows), **extra)
+
+
+@dataclass
+class Rollout(SampleRows):
+    """PPO's rollout."""
+
     logps: torch.Tensor  # (B, R) log-probs of the sampled tokens under the policy that sampled them
     values: torch.Tensor  # (B, R) V(s_t) of the value model before the update
     advantages: torch.Tensor  # (B, R) GAE advantages, whitened
     returns: torch.Tensor  # (B, R) advantages + values (unwhitened): the value target
 
-    def rows(self, index) -> Rollout:
-        """The rows ``index``, without the padding columns they all share (see ``trim_padding``)."""
-        return Rollout(
-            **trim_padding({f.name: getattr(self, f.name)[index] for f in dataclasses.fields(self)})
-        )
+
+@dataclass
+class GroupRollout(SampleRows):
+    """GRPO's rollout: no values and no per-token rewards, one advantage per response."""
+
+    old_logps: torch.Tensor  # (B, R) under the policy that sampled (no grad)
+    ref_logps: torch.Tensor  # (B, R) under the reference; zeros without one
+    advantages: torch.Tensor  # (B, 1): one per response, 2-D so that trim_padding keeps it
+    n_sequences: float = 0.0  # responses of the minibatch this micro-batch is of (the loss's normalisers)
+    n_tokens: float = 0.0  # response tokens of that minibatch
+    on_policy: bool = False  # the iteration's first step: the policy is the sampler, old_logps = this pass's
+
+
+def length_order(attention_mask: torch.Tensor) -> list[int]:
+    """Row indices from the shortest sequence to the longest (a stable sort): micro-batches cut in this order
+    hold rows of similar length, so each is cut to little padding (``trim_padding``)."""
+    lengths = attention_mask.sum(1).tolist()
+    return sorted(range(len(lengths)), key=lambda i: lengths[i])
 
 
 def trim_padding(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -137,6 +166,17 @@ def response_values(value_model: ValueModel, batch: dict) -> torch.Tensor:
     return to_response_layout(values[:, :-1][batch["loss_mask"][:, 1:].bool()], batch["mask"])
 
 
+def rollout_inputs(cfg, setup, samples, value_model=None) -> tuple[dict, dict, torch.Tensor]:
+    """What PPO's and GRPO's step 3 starts from, in every process: the unit's samples
+    (``online_engine.Samples``) in both layouts (``collate_samples``), the rollout's forward passes over them
+    on the engine's policy and reference (``online_engine.OnlineSetup``) and ``value_model``
+    (``shared_rollout_passes``), and their scores (B,) on the setup's device."""
+    batch = collate_samples(samples.generations, setup.tokenizer.pad_token_id, setup.device)
+    policy, reference, rank, world = setup.policy, setup.reference, setup.rank, setup.world
+    passes = shared_rollout_passes(cfg, policy, reference, value_model, batch, rank, world)
+    return batch, passes, torch.tensor(samples.scores, dtype=torch.float32).to(setup.device)
+
+
 @torch.no_grad()
 def rollout_passes(cfg, policy, reference: Reference, value_model, batch: dict) -> dict[str, torch.Tensor]:
     """The forward passes of a rollout: "logps", "ref_logps", "entropy" and "values", each (B, R).
@@ -145,7 +185,7 @@ def rollout_passes(cfg, policy, reference: Reference, value_model, batch: dict) 
     row (``trim_padding``): replies of a few tokens do not pay for the longest one, and memory stays that of
     one micro-batch."""
     B, R = batch["mask"].shape
-    order = sorted(range(B), key=lambda i: int(batch["attention_mask"][i].sum()))
+    order = length_order(batch["attention_mask"])
     passes: dict[str, torch.Tensor] = {}
     for start in range(0, B, cfg.micro_batch_size):
         rows = torch.tensor(order[start : start + cfg.micro_batch_size], device=batch["mask"].device)
