@@ -1,1 +1,0 @@
-"""Alembic revisions of the label database's schema; ``alignkit.labeling.storage.migrate`` runs them."""

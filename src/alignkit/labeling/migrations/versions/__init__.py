@@ -1,1 +1,0 @@
-"""One file per schema revision, oldest first (``down_revision`` links them)."""
