@@ -15,22 +15,29 @@ PY="${PYTHON:-python3}"
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
 PIP=("$VENV/bin/python" -m pip --disable-pip-version-check -q)
 
-# --- Browser tests (tests/test_label_browser.py) -----------------------------------------------------------
-# Playwright (the test extra) drives Debian's chromium; Playwright's own browser download needs the internet.
-# Installed here when missing and we can (root, apt-get); never fatal: without it those tests are skipped.
-# Before the stamp check, so a machine that gained root or apt since the last install still gets it.
-if [[ ",$EXTRAS," == *",test,"* ]] && ! command -v chromium >/dev/null 2>&1; then
+# --- Debian packages for tests, test extra only (tests/test_label_browser.py, tests/test_label_postgres.py) ---
+# Installed when missing and we can (root, apt-get; quiet, with a timeout); never fatal: otherwise one line says
+# which tests will be skipped. Before the stamp check, so a machine that gained root or apt since the last
+# install still gets them.
+apt_for_tests() {  # <package> <the tests that need it>
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-    echo "[setup] installing Debian's chromium for the browser tests (about 30 s, 114 MB)" >&2
-    APT_CHROMIUM=(env DEBIAN_FRONTEND=noninteractive timeout 600 apt-get install -y -q --no-install-recommends chromium)
-    if ! { "${APT_CHROMIUM[@]}" || { timeout 300 apt-get update -q && "${APT_CHROMIUM[@]}"; }; } >/dev/null 2>&1; then
-      echo "[setup] apt-get could not install chromium: the browser tests will be skipped" >&2
+    echo "[setup] installing Debian's $1 for $2" >&2
+    local apt=(env DEBIAN_FRONTEND=noninteractive timeout 600 apt-get install -y -q --no-install-recommends "$1")
+    if ! { "${apt[@]}" || { timeout 300 apt-get update -q && "${apt[@]}"; }; } >/dev/null 2>&1; then
+      echo "[setup] apt-get could not install $1: $2 will be skipped" >&2
     fi
   else
-    echo "[setup] no chromium, and no root apt-get to install it: the browser tests will be skipped" >&2
+    echo "[setup] no $1, and no root apt-get to install it: $2 will be skipped" >&2
   fi
+}
+if [[ ",$EXTRAS," == *",test,"* ]]; then
+  # Playwright (the test extra) drives Debian's chromium (about 30 s, 114 MB); its own download needs the internet.
+  command -v chromium >/dev/null 2>&1 || apt_for_tests chromium "the browser tests"
+  # initdb and pg_ctl (about 20 s): the PostgreSQL label tests start their own server on loopback.
+  compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || command -v initdb >/dev/null 2>&1 \
+    || apt_for_tests postgresql "the PostgreSQL label tests"
 fi
-# --- end of the browser tests' block ------------------------------------------------------------------------
+# --- end of the tests' Debian packages ------------------------------------------------------------------------
 
 stamp="$VENV/.alignkit-installed"
 want="$(cat "$ROOT/pyproject.toml" | sha256sum | cut -c1-16) extras=$EXTRAS torch=$TORCH_VERSION"

@@ -128,3 +128,10 @@ def mlp_calls(monkeypatch) -> dict:
 
     monkeypatch.setattr(LlamaMLP, "forward", counted)
     return calls
+
+
+@pytest.fixture
+def db_url() -> str | None:
+    """The label database of the labeling tests: None, SQLite beside the input; test_label_postgres overrides it
+    with a PostgreSQL server's, and runs the same tests."""
+    return None

@@ -30,14 +30,14 @@ ROWS = [  # as build-prefs ranker=export writes them; response 3 of row 7 is mar
 
 
 @pytest.fixture
-def setup(tmp_path):
+def setup(tmp_path, db_url):
     path = tmp_path / "prefs.export.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
     label = load_stage("label")
-    out = {}
+    out = {"url": db_url or storage.default_url(str(path))}
     for name in ("ana", "ben"):
-        label.run(action="tokens", input=str(path), add_labeler=name)
-    engine = storage.open_db(storage.default_url(str(path)))
+        label.run(action="tokens", input=str(path), add_labeler=name, db=out["url"])
+    engine = storage.open_db(out["url"])
     out["tokens"] = {name: storage.add_labeler(engine, name) for name in ("ana", "ben")}
     out["admin"] = storage.add_labeler(engine, "boss", admin=True)
     return path, engine, out
@@ -94,7 +94,7 @@ def test_rank_skip_flag_and_export_equals_what_was_submitted(setup, tmp_path):
     assert post(ben, 1, bcsrf, ranking=[[1], [2, 3]]).status_code == 303
     assert post(ben, 2, bcsrf, ranking=[[1], [2]]).status_code == 303
 
-    summary = load_stage("label").run(action="export", input=str(path))
+    summary = load_stage("label").run(action="export", input=str(path), db=tok["url"])
     rows = [json.loads(line) for line in (tmp_path / "prefs.export.pairs.jsonl").read_text().splitlines()]
     # Item 0: candidates 2-3 (ana), 1-3 and 2-3 (ben). 2>3 both: written; 1 vs 3: ana 1>3, ben 1>3: written.
     # Item 1: ana flagged it, so it is left out. Item 2: ben alone ranked 1 over 2.
@@ -117,13 +117,13 @@ def test_rank_skip_flag_and_export_equals_what_was_submitted(setup, tmp_path):
 
     # all pairs, unanimous: item 0's 1 vs 2 (ana 2>1, ben tie) is undecided and counted.
     out = tmp_path / "all.jsonl"
-    summary = load_stage("label").run(action="export", input=str(path), output=str(out), pairs="all",
-                                      agreement="unanimous")  # fmt: skip
+    summary = load_stage("label").run(action="export", input=str(path), db=tok["url"], output=str(out),
+                                      pairs="all", agreement="unanimous")  # fmt: skip
     assert [(r["chosen_number"], r["rejected_number"]) for r in map(json.loads, out.read_text().splitlines())] == [
         (1, 3), (2, 3), (1, 2)]
     assert summary["pairs_undecided"] == 1
     with pytest.raises(ConfigError, match="already exists"):
-        load_stage("label").run(action="export", input=str(path), output=str(out))
+        load_stage("label").run(action="export", input=str(path), db=tok["url"], output=str(out))
 
 
 @pytest.mark.parametrize(
@@ -215,7 +215,7 @@ def test_build_prefs_ranker_human_reads_the_label_database(setup, tmp_path):
     storage.submit(engine, 2, 0, "ranked", [[2, 1], [3]])  # ben (id 2): 1 = 2 > 3
     storage.submit(engine, 2, 1, "ranked", [[1], [2, 3]])
     storage.submit(engine, 2, 2, "ranked", [[1], [2]])
-    db = tmp_path / "prefs.export.label.db"
+    db = tmp_path / "prefs.export.label.db" if tok["url"].startswith("sqlite") else tok["url"]
 
     def run(spec, out):
         args = [f"output={out}", "ranker=human", f"human_rankings={spec}", "pairing=all_pairs", "progress=false"]
@@ -228,7 +228,7 @@ def test_build_prefs_ranker_human_reads_the_label_database(setup, tmp_path):
            for r in map(json.loads, (tmp_path / "h.jsonl").read_text().splitlines())]  # fmt: skip
     assert got == [(4, 1, 0, -1.25), (4, 0, 2, -1.75), (4, 1, 2, -1.25), (9, 0, 1, -1.0)]
     assert (summary["pairs"], summary["rows_read"], summary["prompts_done"]) == (4, 3, 2)
-    again = run(f"sqlite:///{db}", tmp_path / "u.jsonl")  # the same database by its URL
+    again = run(tok["url"], tmp_path / "u.jsonl")  # the same database by its URL
     assert (tmp_path / "u.jsonl").read_text() == (tmp_path / "h.jsonl").read_text() and again["pairs"] == 4
     with pytest.raises(storage.DataSourceError, match="not found"):
         run(tmp_path / "missing.label.db", tmp_path / "m.jsonl")

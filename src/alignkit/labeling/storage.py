@@ -3,8 +3,8 @@ block the writer and a submit acknowledged is on disk), or any SQLAlchemy URL fo
 
 Tables: ``items`` (the input's prompts and responses, copied in once), ``labelers`` (token stored as a sha256
 hash), ``sessions`` (a login: its id hashed, its CSRF token), ``labels`` (one per labeler and item: a ranking,
-a skip or an unsafe flag) and ``schema_version``. The schema is created by ``create_all``; a database of
-another schema version is refused (migrations, e.g. Alembic, are not written yet).
+a skip or an unsafe flag) and ``schema_version``. The schema is made and upgraded by the Alembic revisions in
+``alignkit/labeling/migrations`` (``migrate``), run by every command that opens the database.
 """
 
 from __future__ import annotations
@@ -17,6 +17,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from alembic import command as alembic_command
+from alembic.config import Config as AlembicConfig
+from alembic.util import CommandError as AlembicCommandError
 from sqlalchemy import (
     Boolean,
     DateTime,
@@ -27,16 +30,19 @@ from sqlalchemy import (
     UniqueConstraint,
     create_engine,
     event,
+    inspect,
     select,
 )
-from sqlalchemy.engine import Engine
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.engine import URL, Engine, make_url
+from sqlalchemy.exc import ArgumentError, IntegrityError, OperationalError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 from alignkit.data.io import BadRow, BadRowError, DataSourceError, Record, read_rows
 from alignkit.errors import AlignkitError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 1  # what ``schema_version`` holds; a revision that changes the schema raises it (see migrations)
+MIGRATIONS = Path(__file__).with_name("migrations")
+FIRST_REVISION = "0001"  # the schema of databases made before migrations
 KINDS = ("ranked", "skip", "flag")  # what a label is: a ranking, a skip, or "unsafe" (no ranking)
 
 
@@ -99,29 +105,64 @@ def default_url(input_path: str) -> str:
     return f"sqlite:///{path.with_name(path.name.removesuffix('.jsonl') + '.label.db')}"
 
 
+def engine_url(url: str) -> URL:
+    """``url`` parsed; a PostgreSQL URL without a driver (``postgresql://``, ``postgres://``) gets psycopg 3, the
+    driver the ``postgres`` extra installs (SQLAlchemy's default for it would be psycopg2)."""
+    try:
+        parsed = make_url(url)
+    except ArgumentError as e:
+        raise DataSourceError(f"db: {url!r} is not a database URL ({e})") from None
+    if parsed.drivername in ("postgresql", "postgres"):
+        parsed = parsed.set(drivername="postgresql+psycopg")
+    return parsed
+
+
 def open_db(url: str) -> Engine:
-    """The engine of ``url`` with the schema in place (created on first use; another version refused)."""
-    is_sqlite = url.startswith("sqlite")
-    engine = create_engine(url, connect_args={"check_same_thread": False} if is_sqlite else {})
+    """The engine of ``url`` with the schema made or migrated to the newest revision (``migrate``)."""
+    parsed = engine_url(url)
+    is_sqlite = parsed.drivername.startswith("sqlite")
+    try:
+        engine = create_engine(parsed, connect_args={"check_same_thread": False} if is_sqlite else {})
+    except ModuleNotFoundError as e:  # the driver of a URL whose extra is not installed
+        raise DataSourceError(f"db: {parsed.drivername} needs {e.name} (pip install 'alignkit[postgres]')") from None
     if is_sqlite:
         @event.listens_for(engine, "connect")
-        def _pragmas(conn, _record):  # WAL: concurrent reads; synchronous=FULL: an acknowledged submit survives
+        def _pragmas(conn, _record):
+            # WAL: readers never block the writer. synchronous=FULL fsyncs the WAL on every commit, so an
+            # acknowledged submit survives power loss too (NORMAL would survive a process kill only).
             cur = conn.cursor()
             cur.execute("PRAGMA journal_mode=WAL")
             cur.execute("PRAGMA synchronous=FULL")
             cur.execute("PRAGMA foreign_keys=ON")
             cur.close()
-    Base.metadata.create_all(engine)
-    with Session(engine) as s, s.begin():
-        versions = s.scalars(select(SchemaVersion.version)).all()
-        if not versions:
-            s.add(SchemaVersion(version=SCHEMA_VERSION))
-        elif versions != [SCHEMA_VERSION]:
-            raise DataSourceError(
-                f"{url}: label database schema version {versions}, this alignkit writes {SCHEMA_VERSION} "
-                "(migrations between versions are not written yet)"
-            )
+    try:
+        migrate(engine)
+    except OperationalError as e:  # the server is not there, the password is wrong, the file is not SQLite
+        where = parsed.render_as_string(hide_password=True)
+        raise DataSourceError(f"db: cannot open {where}: {str(e.orig).strip().splitlines()[0]}") from None
     return engine
+
+
+def migrate(engine: Engine) -> None:
+    """Make the schema (a new database) or upgrade it to the newest revision, in one transaction. A database
+    made before migrations existed (``schema_version`` 1, no ``alembic_version``) holds revision 0001's schema
+    and is stamped with it first; a revision this alignkit does not know (a newer one's) is refused."""
+    cfg = AlembicConfig()
+    cfg.set_main_option("script_location", str(MIGRATIONS))
+    with engine.begin() as conn:
+        cfg.attributes["connection"] = conn  # migrations/env.py runs on this connection
+        tables = set(inspect(conn).get_table_names())
+        try:
+            if "schema_version" in tables and "alembic_version" not in tables:
+                versions = conn.execute(select(SchemaVersion.version)).scalars().all()
+                if versions != [1]:
+                    raise DataSourceError(f"{engine.url}: label database schema version {versions}, before "
+                                          "migrations only version 1 was written; not a database alignkit made")  # fmt: skip
+                alembic_command.stamp(cfg, FIRST_REVISION)
+            alembic_command.upgrade(cfg, "head")
+        except AlembicCommandError as e:  # "Can't locate revision ...": written by a newer alignkit
+            raise DataSourceError(f"{engine.url}: label database at a schema revision this alignkit does not "
+                                  f"know ({e}); upgrade alignkit") from None  # fmt: skip
 
 
 def now() -> datetime:
