@@ -146,7 +146,8 @@ class Fields:
     ``ALIASES`` maps each old spelling of a setting to what replaced it; ``load_config`` alone reads it
     (``config_aliases`` merges the tables of a class and its field groups along the MRO). An entry is one of
       ``"old_key": "new_key"``                a renamed key (``max_train_rows`` -> ``train_max_rows``);
-      ``"key=old": "new_key=new"``            an old value of a key, written another way (``ranker=judge``);
+      ``"key=old": "new_key=new"``            an old value of a key, written another way (``ranker=judge``), or
+                                              of a gone key (``tensorboard=false``: ``report_to=none``);
       ``"old_key": Retired(default, why)``    a key that is gone (see ``Retired``).
     An old spelling is taken for one release, with a deprecation message naming the new one."""
 
