@@ -265,7 +265,7 @@ def child_alignkit(spec: dict, share_prompt: bool) -> dict:
             rss_at_last_step[:] = [_peak_rss_mb()]
 
         model.train()
-        run_dir = RunDir.create(cfg.output_dir, "dpo", None, tensorboard=False)
+        run_dir = RunDir.create(cfg.output_dir, "dpo", None)
         train(
             cfg,
             model,

@@ -81,7 +81,7 @@ def toy_config(output_dir: str, **overrides) -> TrainConfig:
         max_grad_norm=1.0,
         seed=7,
         progress=False,
-        tensorboard=False,
+        report_to=["none"],
         keep_checkpoints=2,
         dtype="float32",  # the loop's invariances are checked at fp32 resolution, on any CPU
     )

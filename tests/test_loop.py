@@ -93,15 +93,15 @@ def test_resume_equals_uninterrupted_run(tmp_path):
         if step == 4:
             raise RuntimeError("simulated crash")
 
-    cfg = toy_config(str(tmp_path / "resumed"), tensorboard=True, **common)
-    run = RunDir.create(cfg.output_dir, "toy", None)
+    cfg = toy_config(str(tmp_path / "resumed"), report_to=["tensorboard"], **common)
+    run = RunDir.create(cfg.output_dir, "toy", None, cfg=cfg)
     with pytest.raises(RuntimeError, match="simulated crash"):
         train(cfg, make_model(0.1), make_examples(), toy_collate, toy_step, run, on_log=crash_after_step_4)
     assert [r["step"] for r in _rows(run)] == [1, 2, 3, 4]  # step 4 was logged, not checkpointed
     run.release()  # the crashed run's lock on the folder, as its process would at exit
 
-    cfg = toy_config(str(tmp_path / "resumed"), tensorboard=True, resume_from="latest", **common)
-    run = RunDir.create(cfg.output_dir, "toy", cfg.resume_from)
+    cfg = toy_config(str(tmp_path / "resumed"), report_to=["tensorboard"], resume_from="latest", **common)
+    run = RunDir.create(cfg.output_dir, "toy", cfg.resume_from, cfg=cfg)
     resumed = make_model(0.1)
     result = train(cfg, resumed, make_examples(), toy_collate, toy_step, run)
 

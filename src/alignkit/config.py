@@ -146,7 +146,8 @@ class Fields:
     ``ALIASES`` maps each old spelling of a setting to what replaced it; ``load_config`` alone reads it
     (``config_aliases`` merges the tables of a class and its field groups along the MRO). An entry is one of
       ``"old_key": "new_key"``                a renamed key (``max_train_rows`` -> ``train_max_rows``);
-      ``"key=old": "new_key=new"``            an old value of a key, written another way (``ranker=judge``);
+      ``"key=old": "new_key=new"``            an old value of a key, written another way (``ranker=judge``), or
+                                              of a gone key (``tensorboard=false``: ``report_to=none``);
       ``"old_key": Retired(default, why)``    a key that is gone (see ``Retired``).
     An old spelling is taken for one release, with a deprecation message naming the new one."""
 
@@ -459,6 +460,9 @@ class LoRAFields(Fields):
 class RunFolderFields(Fields):
     """The run folder: logs, checkpoints, resuming."""
 
+    # TensorBoard was the only tracker; its switch is now a value of report_to.
+    ALIASES = {"tensorboard=true": "report_to=tensorboard", "tensorboard=false": "report_to=none"}
+
     # --- run folder, logging, checkpoints ---
     output_dir: str = doc_field("runs/{stage}-{time}", "Run folder; {stage} and {time} are filled in.")
     log_every: int = doc_field(1, "Write metrics every N optimizer steps.", ge=1)
@@ -469,7 +473,15 @@ class RunFolderFields(Fields):
     resume_from: str | None = doc_field(
         None, "Checkpoint directory to continue from exactly, or 'latest' for the newest in output_dir."
     )
-    tensorboard: bool = doc_field(True, "Also write TensorBoard logs under <run>/tensorboard.")
+    report_to: list[Literal["tensorboard", "wandb", "mlflow", "trackio", "none"]] = doc_field(
+        ["tensorboard"],
+        "Trackers that get the config, every step's metrics, monitor events and the held-out table: any of "
+        "tensorboard (<run>/tensorboard), wandb, mlflow, trackio (extras: pip install 'alignkit[wandb]'), or "
+        "none; a list or a comma string (report_to=wandb,mlflow).",
+    )
+    tracker_project: str = doc_field(
+        "alignkit", "The W&B and Trackio project, and the MLflow experiment, the run is logged to."
+    )
     progress: bool = doc_field(True, "Show a progress bar with ETA.")
     push_to_hub: bool = doc_field(
         False, "Upload final/ with its README.md model card to hub_model_id (the hub is checked before training)."
@@ -481,6 +493,11 @@ class RunFolderFields(Fields):
         super().check()
         if self.push_to_hub and not self.hub_model_id:
             raise ConfigError("push_to_hub=true needs hub_model_id=owner/name", ("hub_model_id",))
+        if "none" in self.report_to and len(set(self.report_to)) > 1:
+            raise ConfigError(
+                f"report_to: 'none' reports nowhere, but {self.report_to} also names trackers; keep one",
+                ("report_to",),
+            )
 
 
 @dataclass
@@ -1157,6 +1174,10 @@ def _alias(aliases: dict[str, str | Retired], fields: dict, key: Any, value: Any
         return None, None
     if key not in fields and key in aliases:
         return key, aliases[key]
+    if isinstance(value, bool):  # an old boolean key (tensorboard: false), spelled as on the command line
+        value = "true" if value else "false"
+    elif isinstance(value, str) and value.strip().lower() in _TRUE_WORDS | _FALSE_WORDS:  # tensorboard=no
+        value = "true" if value.strip().lower() in _TRUE_WORDS else "false"
     spelling = f"{key}={value.strip()}" if isinstance(value, str) else None
     if spelling in aliases:
         return spelling, aliases[spelling]

@@ -183,7 +183,7 @@ def stage_settings(cfg: CompareConfig, method: str, seed: int, model: str, data:
     settings: dict = {
         "model": model, "output_dir": str(run_dir), "seed": seed, "dtype": cfg.dtype, "lora": cfg.lora,
         "lora_r": cfg.lora_r, "lora_alpha": 2 * cfg.lora_r, "micro_batch_size": cfg.micro_batch_size,
-        "progress": cfg.progress, "tensorboard": False,
+        "progress": cfg.progress, "report_to": ["none"],
         "resume_from": "latest" if (run_dir / "checkpoints").is_dir() else None,
     }  # fmt: skip
     if cfg.learning_rate is not None:

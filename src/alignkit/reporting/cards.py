@@ -61,7 +61,7 @@ def method_of(config: dict, stage: str) -> str:
     return str(config.get("loss") or stage) if stage in ("dpo", "ipo", "orpo") else stage
 
 
-def _heldout(summary: dict) -> dict:
+def heldout_figures(summary: dict) -> dict:
     """The summary's held-out figures: eval_* and gold_* fields, and the eval metrics logged last."""
     figures = {k: v for k, v in summary.items() if k.startswith(("eval_", "gold_")) and v is not None}
     return figures
@@ -72,18 +72,26 @@ def _events(summary: dict) -> list[dict]:
     return list(summary.get("monitor_events") or summary.get("events") or [])
 
 
-def _eval_table(eval_result: dict) -> str:
-    """The policy-vs-reference table of an eval.json (``alignkit eval``), as markdown."""
+EVAL_COLUMNS = ["metric", "policy", "reference"]
+
+
+def eval_table_rows(eval_result: dict) -> list[list]:
+    """The policy-vs-reference table of an eval.json (``alignkit eval``): a [metric, policy, reference] row per
+    figure (a mean for a figure with a spread; None where the reference has none)."""
     policy, reference = eval_result.get("policy") or {}, eval_result.get("reference_stats") or {}
-    lines = ["| metric | policy | reference |", "|---|---|---|"]
+    rows = []
     for key, value in policy.items():
         if isinstance(value, dict | list):
             if isinstance(value, dict) and "mean" in value:
-                ref = reference.get(key) or {}
-                lines.append(f"| {key} | {_num(value.get('mean'))} | {_num(ref.get('mean'))} |")
+                rows.append([key, value.get("mean"), (reference.get(key) or {}).get("mean")])
             continue
-        lines.append(f"| {key} | {_num(value)} | {_num(reference.get(key))} |")
-    return "\n".join(lines)
+        rows.append([key, value, reference.get(key)])
+    return rows
+
+
+def markdown_table(columns: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    return "\n".join(lines + ["| " + " | ".join(_num(v) for v in row) + " |" for row in rows])
 
 
 def _num(value: Any) -> str:
@@ -123,13 +131,13 @@ def model_card(config: dict, summary: dict, eval_result: dict | None = None) -> 
         f" on `{config.get('train_data') or 'the prompts shipped with alignkit'}`.",
         "## Training configuration\n\n" + _yaml_block(config),
     ]
-    heldout = _heldout(summary)
+    heldout = heldout_figures(summary)
     if heldout:
         parts.append("## Held-out results\n\n" + _yaml_block(heldout))
     if summary.get("final_metrics"):
         parts.append("## Last logged training metrics\n\n" + _yaml_block(summary["final_metrics"]))
     if eval_result:
-        parts.append("## Evaluation (`alignkit eval`)\n\n" + _eval_table(eval_result))
+        parts.append("## Evaluation (`alignkit eval`)\n\n" + markdown_table(EVAL_COLUMNS, eval_table_rows(eval_result)))
     events = _events(summary)
     parts.append(
         "## Monitor events\n\n"
@@ -152,7 +160,7 @@ def write_model_card(run_path: Path) -> Path | None:
     final = run_path / "final"
     if not final.is_dir():
         return None
-    config = _read_yaml(run_path / "config.yaml")
+    config = read_yaml(run_path / "config.yaml")
     summary = json.loads((run_path / "summary.json").read_text(encoding="utf-8"))
     eval_path = run_path / "eval.json"
     eval_result = json.loads(eval_path.read_text(encoding="utf-8")) if eval_path.is_file() else None
@@ -189,7 +197,7 @@ def write_dataset_card(output: Path, stage: str, config: dict, summary: dict) ->
     return path
 
 
-def _read_yaml(path: Path) -> dict:
+def read_yaml(path: Path) -> dict:
     return (yaml.safe_load(path.read_text(encoding="utf-8")) or {}) if path.is_file() else {}
 
 

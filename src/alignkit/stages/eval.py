@@ -40,7 +40,7 @@ from alignkit.evaluation.metrics import (
 from alignkit.models.forward import response_token_logprobs, sample_batches, supports_chunked_head
 from alignkit.models.generation import Generation, SamplingConfig, check_generation_backend, load_sampler
 from alignkit.models.loading import ADAPTER_RECORD, load_final, load_model, load_tokenizer, pick_device
-from alignkit.reporting import cards
+from alignkit.reporting import cards, trackers
 from alignkit.scoring import Scorer, check_columns, reward_scorer
 from alignkit.stages import Stage
 from alignkit.training.distributed import require_one_process
@@ -493,6 +493,7 @@ def run(cfg: EvalConfig) -> dict:
     run_dir = output.parent
     if output.name == "eval.json" and (run_dir / "final").is_dir() and (run_dir / "summary.json").is_file():
         cards.write_model_card(run_dir)  # the run's model card gains the eval table
+        trackers.log_eval_table(run_dir, result)  # and so do the runs of the trackers it reported to
     print(format_table(result), file=sys.stderr)
     print(f"wrote {output}", file=sys.stderr)
     return _json_ready({**result, "output": str(output)})

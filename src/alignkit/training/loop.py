@@ -1,5 +1,5 @@
 """The one training loop every stage calls: AdamW with warmup and a schedule, gradient accumulation that equals
-one big batch, clipping, non-finite step skipping, metrics.jsonl + TensorBoard, periodic evaluation, atomic
+one big batch, clipping, non-finite step skipping, metrics.jsonl + the trackers, periodic evaluation, atomic
 checkpoints, exact resume, and SIGINT/SIGTERM -> checkpoint -> ``TrainingInterrupted``.
 
 Launched in several processes (``torchrun``, ``accelerate launch``), the same loop runs data parallel (DDP),
@@ -256,7 +256,6 @@ def _start(
     if engine.name == "deepspeed":
         distributed.configure_deepspeed(cfg.micro_batch_size, cfg.max_grad_norm, cfg.lora)
     seed_and_threads(cfg)
-    run.tensorboard = cfg.tensorboard
     device = next(model.parameters()).device
     # Mixed precision (the default in bf16): fp32 weights and AdamW state, every forward under autocast.
     prec = precision.of_config(cfg, device)
@@ -473,7 +472,8 @@ def _save(
 @contextlib.contextmanager
 def _closed_on_exit(run: RunDir, bar, progress: _Progress) -> Iterator[StopSignals]:
     """The steps run with SIGINT/SIGTERM caught (``StopSignals``: step 9 checkpoints, then raises); a second
-    signal stops at once. The progress bar and the TensorBoard writer are closed however the run ends."""
+    signal stops at once. The progress bar is closed however the run ends (the trackers stay open for the
+    summary; they end with the run folder, ``RunDir.release``)."""
     signals = StopSignals()
     try:
         with signals:
@@ -482,7 +482,6 @@ def _closed_on_exit(run: RunDir, bar, progress: _Progress) -> Iterator[StopSigna
         raise stopped_at_once(signals, run.checkpoints_dir, progress.last_checkpoint) from None
     finally:
         bar.close()
-        run.close()
 
 
 def check_weights_dtype(model: torch.nn.Module, prec: precision.TrainPrecision) -> None:

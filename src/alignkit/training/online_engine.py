@@ -345,7 +345,7 @@ def run_online(
     check_config(cfg)
     check_launch(cfg, stage, one_sample_each)  # starts the process group
     started = time.time()
-    with RunDir.create(cfg.output_dir, stage, cfg.resume_from, cfg.tensorboard, cfg=cfg) as run_dir:
+    with RunDir.create(cfg.output_dir, stage, cfg.resume_from, cfg=cfg) as run_dir:
         setup = prepare(cfg, run_dir, needs_reference)
         method = make_method(cfg, setup)
         k, unit = method.samples_per_prompt, method.unit
@@ -486,8 +486,7 @@ class OnlineRun:
                 signals, self.run_dir.checkpoints_dir, self.last_checkpoint or None
             ) from None
         finally:
-            self.bar.close()
-            self.run_dir.close()
+            self.bar.close()  # the trackers end with the run folder (RunDir.release): the summary comes after
         return self.finish(started)
 
     def resume(self) -> None:

@@ -1,5 +1,6 @@
 """The run folder every training stage writes: config.yaml, metrics.jsonl, summary.json, checkpoints/,
-final/ and tensorboard/. ``RunDir`` creates it (or finds it again on resume) and appends the metrics.
+final/ and tensorboard/. ``RunDir`` creates it (or finds it again on resume), appends the metrics and hands them
+to the run's trackers (``report_to``: alignkit.reporting.trackers).
 
 What a run folder promises (see ``RunDir.create``):
 - it is alignkit's: ``.alignkit-run.json`` names the stage that made it, and a stage writes only into an empty
@@ -33,7 +34,7 @@ import yaml
 
 from alignkit import __version__
 from alignkit.config import ConfigError, config_to_dict, save_config, with_current_names
-from alignkit.reporting import cards
+from alignkit.reporting import cards, trackers
 from alignkit.training import distributed
 from alignkit.training.checkpoint import COMPLETE_MARKER, latest_checkpoint
 
@@ -52,7 +53,7 @@ RESUME_MAY_CHANGE = frozenset(
     {
         "max_steps", "epochs", "iterations", "rounds",
         "save_every", "keep_checkpoints", "log_every", "eval_every",
-        "progress", "tensorboard", "num_threads", "merge_lora", "allow_zero_learning_rate",
+        "progress", "report_to", "tracker_project", "num_threads", "merge_lora", "allow_zero_learning_rate",
         # the same numbers computed another way (tested equal): recomputed activations, sampling on the shards
         "gradient_checkpointing", "fsdp_generation",
     }
@@ -67,11 +68,9 @@ _STEP_DIR = re.compile(r"^step-(\d+)$")
 @dataclass
 class RunDir:
     path: Path
-    tensorboard: bool = True
     writes: bool = True  # False on every process but the main one of a launched run
-    _writer: Any = field(default=None, init=False, repr=False)
-    # TensorBoard events at or after this step are dropped when the writer opens (set on resume).
-    _purge_step: int | None = field(default=None, init=False, repr=False)
+    # The trackers of the config's report_to (started by create() on the main process; none without a config).
+    trackers: list[trackers.Tracker] = field(default_factory=list, repr=False)
     _lock: RunFolderLock | None = field(default=None, init=False, repr=False)
     _cfg: Any = field(default=None, init=False, repr=False)  # the run's config, given to create()
 
@@ -81,7 +80,6 @@ class RunDir:
         output_dir_template: str,
         stage: str,
         resume_from: str | None,
-        tensorboard: bool = True,
         cfg: Any = None,
     ) -> RunDir:
         """Fill ``{stage}`` and ``{time}`` in the template, make the folder and lock it for this run.
@@ -92,7 +90,9 @@ class RunDir:
         checkpoint; an ``output_dir`` that is a file, cannot be made or written, or is a non-empty folder that
         is not a run folder of ``stage``; a folder another live run holds; a fresh run on a folder that
         already holds metrics or checkpoints; and, given ``cfg``, a resume that changes a setting outside
-        ``RESUME_MAY_CHANGE``. Given ``cfg``, config.yaml is written for a fresh run and kept on a resume.
+        ``RESUME_MAY_CHANGE``, or a ``report_to`` tracker whose client is not installed. Given ``cfg``, config.yaml
+        is written for a fresh run and kept on a resume, and the trackers of its ``report_to`` are started (a
+        resume continues their runs).
 
         A folder without the marker, from alignkit before it wrote one, counts as a run folder of ``stage``
         when its config.yaml says in its first line that alignkit wrote it for ``cfg``'s config class.
@@ -103,6 +103,7 @@ class RunDir:
         found, error, lock = None, None, None
         if distributed.is_main_process():
             try:
+                trackers.check_clients(getattr(cfg, "report_to", ()))
                 path, lock = _open_run_folder(output_dir_template, stage, resume_from, cfg)
                 found = str(path)
             except ConfigError as e:
@@ -110,13 +111,18 @@ class RunDir:
         found, error = distributed.broadcast_from_main((found, error))
         if error is not None:
             raise ConfigError(error)
-        run = cls(Path(found), tensorboard, writes=distributed.is_main_process())
+        run = cls(Path(found), writes=distributed.is_main_process())
         run._lock = lock
         run._cfg = cfg
-        if run.writes and getattr(cfg, "push_to_hub", False):
-            try:  # before any training: an offline or unauthorised hub fails the run now, not after it
-                cards.check_hub(cfg.hub_model_id, cfg.hub_private)
-            except cards.HubError:
+        if run.writes and cfg is not None:
+            try:  # before any training: an offline or unauthorised hub or tracker fails the run now, not after it
+                if getattr(cfg, "push_to_hub", False):
+                    cards.check_hub(cfg.hub_model_id, cfg.hub_private)
+                if hasattr(cfg, "report_to"):
+                    run.trackers = trackers.open_trackers(
+                        cfg.report_to, run.path, cfg.tracker_project, config_to_dict(cfg), bool(resume_from)
+                    )
+            except (cards.HubError, trackers.TrackerError):
                 run.release()
                 raise
         return run
@@ -124,15 +130,19 @@ class RunDir:
     def __enter__(self) -> RunDir:
         return self
 
-    def __exit__(self, *exc_info) -> None:
-        self.release()
+    def __exit__(self, exc_type, *exc_info) -> None:
+        self.release(failed=exc_type is not None)
 
-    def release(self) -> None:
-        """Close the TensorBoard writer and give the folder's lock back (what a finished run does)."""
-        self.close()
-        if self._lock is not None:
-            self._lock.release()
-            self._lock = None
+    def release(self, failed: bool = False) -> None:
+        """Close the trackers (their runs marked failed where ``failed``) and give the folder's lock back (what
+        a finished run does)."""
+        opened, self.trackers = self.trackers, []  # ended once
+        try:
+            trackers.close_all(opened, failed)
+        finally:
+            if self._lock is not None:
+                self._lock.release()
+                self._lock = None
 
     @property
     def config_path(self) -> Path:
@@ -164,19 +174,22 @@ class RunDir:
             save_config(cfg, self.config_path)
 
     def log_metrics(self, row: dict) -> None:
-        """Append one JSON object to metrics.jsonl (flushed at once) and its numbers to TensorBoard."""
+        """Append one JSON object to metrics.jsonl (flushed at once) and give it to the trackers: a monitor
+        event (a row with "event") as an event, a step's row as its numbers."""
         if not self.writes:
             return
+        numbers = {
+            k: v for k, v in row.items() if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)
+        }  # before _json_safe: a tracker takes nan and inf as numbers
         row = {k: _json_safe(v) for k, v in row.items()}
         with open(self.metrics_path, "a", encoding="utf-8") as f:
             f.write(json.dumps(row) + "\n")
             f.flush()
-        if self.tensorboard and "step" in row and "event" not in row:
-            writer = self._tensorboard_writer()
-            for key, value in row.items():
-                if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
-                    writer.add_scalar(key, value, row["step"])
-            writer.flush()
+        for tracker in self.trackers:
+            if "event" in row:
+                tracker.log_event(row)
+            elif "step" in row:
+                tracker.log_metrics(numbers, row["step"])
 
     def write_summary(self, summary: dict) -> None:
         """Write summary.json atomically: a reader sees the old file or the new one, never half of one.
@@ -189,6 +202,11 @@ class RunDir:
         tmp = self.summary_path.with_name(f"{self.summary_path.name}.tmp-{os.getpid()}")
         tmp.write_text(json.dumps({k: _json_safe(v) for k, v in summary.items()}, indent=2) + "\n")
         os.replace(tmp, self.summary_path)
+        heldout = cards.heldout_figures(summary)
+        if heldout:  # the held-out evaluation at the end, as a table in each tracker
+            rows = [[name, value] for name, value in heldout.items()]
+            for tracker in self.trackers:
+                tracker.log_table("held_out", ["metric", "value"], rows, summary.get("steps"))
         # final/ is written before the summary in every stage: its model card says what the summary says.
         if cards.write_model_card(self.path) and getattr(self._cfg, "push_to_hub", False):
             url = cards.push_final(self.final_dir, self._cfg.hub_model_id, self._cfg.hub_private)
@@ -196,7 +214,9 @@ class RunDir:
 
     def truncate_metrics_after(self, step: int) -> None:
         """Drop metrics rows logged after ``step`` (on resume, so each step appears exactly once)."""
-        self._purge_step = step + 1
+        for tracker in self.trackers:  # TensorBoard drops its events after ``step`` when its writer opens
+            if isinstance(tracker, trackers.TensorBoardTracker):
+                tracker.purge_step = step + 1
         if not self.writes or not self.metrics_path.exists():
             return
         lines = self.metrics_path.read_text(encoding="utf-8").splitlines(keepends=True)
@@ -222,17 +242,6 @@ class RunDir:
         """The newest complete checkpoint in checkpoints/, or None."""
         return latest_checkpoint(self.checkpoints_dir)
 
-    def close(self) -> None:
-        if self._writer is not None:
-            self._writer.close()
-            self._writer = None
-
-    def _tensorboard_writer(self):
-        if self._writer is None:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self._writer = SummaryWriter(str(self.tensorboard_dir), purge_step=self._purge_step)
-        return self._writer
 
 
 class RunFolderLock:
