@@ -84,6 +84,21 @@ def test_help_and_version_via_python_m_are_fast_and_do_not_import_torch():
     assert (version.returncode, version.stdout) == (0, f"alignkit {__version__}\n")
 
 
+def test_help_into_a_pipe_closed_early_is_no_traceback():
+    """`alignkit cai-label --help | head -1`: the reader closes the pipe while help is still being written; the
+    CLI stops quietly instead of printing a BrokenPipeError traceback."""
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "alignkit", "cai-label", "--help"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, bufsize=0,
+    )  # fmt: skip
+    assert proc.stdout.read(1)  # the help has started; close our end before reading the rest
+    proc.stdout.close()
+    stderr = proc.stderr.read().decode()
+    assert proc.wait(timeout=60) in (0, 1)
+    assert "Traceback" not in stderr and "BrokenPipeError" not in stderr, stderr
+
+
 def test_console_script_points_at_main():
     # tomllib is 3.11+ and the project supports 3.10: look for the line itself.
     scripts = (REPO / "pyproject.toml").read_text().split("[project.scripts]\n")[1].split("\n[")[0]

@@ -38,6 +38,16 @@ arguments in order, the later winning. Values are read as YAML: 1e-5, true/false
 
 def main(argv: list[str] | None = None) -> int:
     """Run the command line ``argv`` (default ``sys.argv[1:]``); returns the process exit code."""
+    try:
+        return _main(argv)
+    except BrokenPipeError:
+        # stdout was closed early (`alignkit ppo --help | head`): not an error of alignkit's. Point stdout at
+        # /dev/null so that the interpreter's final flush does not raise again (Python docs, "Note on SIGPIPE").
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+
+
+def _main(argv: list[str] | None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     debug = DEBUG_FLAG in args or os.environ.get("ALIGNKIT_DEBUG", "").strip().lower() in ("1", "true", "yes")
     args = [arg for arg in args if arg != DEBUG_FLAG]
