@@ -140,15 +140,10 @@ def source_fingerprint(source: str) -> str:
 
 def tokenizer_fingerprint(tokenizer) -> str:
     """What decides the ids: the fast tokenizer's whole serialized state (vocabulary, merges, normalizer,
-    special tokens; the padding/truncation state a call may leave behind left out), or the vocabulary of a slow
-    one, plus the chat template and the special tokens a plain call adds."""
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is not None:
-        state = json.loads(backend.to_str())
-        state.pop("padding", None)
-        state.pop("truncation", None)
-    else:
-        state = sorted(tokenizer.get_vocab().items())
+    special tokens) or a slow one's vocabulary, plus the chat template and the special tokens a plain call adds.
+    """
+    # A plain call first: it clears the padding/truncation state an earlier call may have left in the backend
+    # (which the serialized state holds), so the same tokenizer always serializes the same.
     extra = [
         type(tokenizer).__name__,
         len(tokenizer),
@@ -157,7 +152,10 @@ def tokenizer_fingerprint(tokenizer) -> str:
         tokenizer.eos_token_id,
         tokenizer("a")["input_ids"],
     ]
-    return json.dumps([state, extra], sort_keys=True, default=str)
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    # Hashed as serialized (about 0.15 s for a 49k vocabulary; parsing it would take a second).
+    state = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
+    return hashlib.sha256(state.encode()).hexdigest() + json.dumps(extra, default=str)
 
 
 # ---------------------------------------------------------------------------------------------
