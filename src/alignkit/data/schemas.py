@@ -23,6 +23,7 @@ __all__ = [
     "RowRef",
     "SFTExample",
     "UnpairedExample",
+    "iter_preferences",
     "load_preferences",
     "load_prompts",
     "load_sft",
@@ -206,6 +207,19 @@ def pairs_to_unpaired(pairs: list[PreferencePair]) -> list[UnpairedExample]:
     return unpaired
 
 
+def iter_preferences(
+    loaded: Loaded,
+    on_bad_row: OnBadRow = "error",
+    split: str | None = None,
+    limit: int | None = None,
+    rows: tuple[int, int] | None = None,
+    columns: dict[str, str] | None = None,
+) -> Iterator[PreferencePair]:
+    """``load_preferences`` one pair at a time, for data too large to hold as a list: ``loaded`` (its
+    ``source`` set, ``examples`` left empty) counts the rows read and the rows skipped as the pairs go by."""
+    return _stream(loaded, _parse_pair, on_bad_row, split, limit, rows, columns)
+
+
 def _load(
     source: str,
     parse: Callable[[Record], Any],
@@ -216,20 +230,35 @@ def _load(
     columns: dict[str, str] | None = None,
 ) -> Loaded:
     """Every loader's rows, each renamed by ``columns`` ({alignkit's column: the source's}) then parsed."""
+    loaded = Loaded(examples=[], source=source)
+    loaded.examples = list(_stream(loaded, parse, on_bad_row, split, limit, rows, columns))
+    return loaded
+
+
+def _stream(
+    loaded: Loaded,
+    parse: Callable[[Record], Any],
+    on_bad_row: OnBadRow,
+    split: str | None,
+    limit: int | None,
+    rows: tuple[int, int] | None,
+    columns: dict[str, str] | None,
+) -> Iterator[Any]:
+    """The parsed examples of ``loaded.source``, counting into ``loaded`` the rows read and skipped."""
     if on_bad_row not in ("error", "skip"):
         raise ValueError(f"on_bad_row must be 'error' or 'skip', got {on_bad_row!r}")
-    loaded = Loaded(examples=[], source=source)
-    for item in _rows_in_range(read_rows(source, split), rows, limit):
+    for item in _rows_in_range(read_rows(loaded.source, split), rows, limit):
         loaded.n_rows += 1
         try:
             if isinstance(item, BadRow):
                 raise BadRowError(item.source, item.row, item.field, item.problem)
-            loaded.examples.append(parse(rename_columns(item, columns) if columns else item))
+            example = parse(rename_columns(item, columns) if columns else item)
         except BadRowError as err:
             if on_bad_row == "error":
                 raise
             loaded.skipped.append(err.bad_row)
-    return loaded
+            continue
+        yield example
 
 
 def rename_columns(record: Record, columns: dict[str, str]) -> Record:

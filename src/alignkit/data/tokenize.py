@@ -99,13 +99,27 @@ def encode_pair(
     max_prompt_length: int | None = None,
 ) -> EncodedPair:
     """A preference pair: both completions follow the same prompt ids, each within ``max_length`` in all."""
-    prompt_ids, (chosen_ids, rejected_ids), truncated = _truncate(
-        _prompt_ids(tokenizer, prompt),
-        [_completion_ids(tokenizer, chosen), _completion_ids(tokenizer, rejected)],
-        max_length,
-        max_prompt_length,
-    )
-    return EncodedPair(prompt_ids, chosen_ids, rejected_ids, truncated)
+    return encode_pairs(tokenizer, [prompt], [chosen], [rejected], max_length, max_prompt_length)[0]
+
+
+def encode_pairs(
+    tokenizer,
+    prompts: list[Prompt],
+    chosen: list[str],
+    rejected: list[str],
+    max_length: int,
+    max_prompt_length: int | None = None,
+) -> list[EncodedPair]:
+    """``encode_pair`` of many pairs, with one batched tokenizer call per column (a fast tokenizer encodes a
+    batch in parallel in Rust): the same ids as one pair at a time."""
+    prompt_ids = _prompt_ids_batch(tokenizer, prompts)
+    chosen_ids = _completion_ids_batch(tokenizer, chosen)
+    rejected_ids = _completion_ids_batch(tokenizer, rejected)
+    out = []
+    for p_ids, c_ids, r_ids in zip(prompt_ids, chosen_ids, rejected_ids):
+        p_ids, (c_ids, r_ids), truncated = _truncate(p_ids, [c_ids, r_ids], max_length, max_prompt_length)
+        out.append(EncodedPair(p_ids, c_ids, r_ids, truncated))
+    return out
 
 
 def encode_unpaired(
@@ -122,14 +136,25 @@ def encode_unpaired(
 
 
 def _prompt_ids(tokenizer, prompt: Prompt) -> list[int]:
-    if prompt == "":  # a language-modeling row (schemas.NO_PROMPT): the text starts the sequence, after BOS
-        return [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    return _prompt_ids_batch(tokenizer, [prompt])[0]
+
+
+def _prompt_ids_batch(tokenizer, prompts: list[Prompt]) -> list[list[int]]:
+    bos = tokenizer.bos_token_id
+    # A language-modeling row (schemas.NO_PROMPT) has no prompt: its text starts the sequence, after BOS.
+    texts = [render_prompt(tokenizer, prompt) for prompt in prompts if prompt != ""]
     # A chat template writes its own special tokens (BOS included, where the model uses one), so the text
     # is tokenized without adding any.
-    ids = tokenizer(render_prompt(tokenizer, prompt), add_special_tokens=False)["input_ids"]
-    if not has_chat_template(tokenizer) and _adds_bos(tokenizer) and ids[:1] != [tokenizer.bos_token_id]:
-        ids = [tokenizer.bos_token_id, *ids]
-    return ids
+    encoded = iter(tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else [])
+    add_bos = not has_chat_template(tokenizer) and _adds_bos(tokenizer)
+    out = []
+    for prompt in prompts:
+        if prompt == "":
+            out.append([bos] if bos is not None else [])
+            continue
+        ids = next(encoded)
+        out.append([bos, *ids] if add_bos and ids[:1] != [bos] else ids)
+    return out
 
 
 def _adds_bos(tokenizer) -> bool:
@@ -139,12 +164,16 @@ def _adds_bos(tokenizer) -> bool:
 
 
 def _completion_ids(tokenizer, completion: str) -> list[int]:
+    return _completion_ids_batch(tokenizer, [completion])[0]
+
+
+def _completion_ids_batch(tokenizer, completions: list[str]) -> list[list[int]]:
     eos = tokenizer.eos_token_id
     if eos is None:
         raise ValueError(
             "the tokenizer has no eos_token; completions must end with one so the model learns to stop"
         )
-    return [*tokenizer(completion, add_special_tokens=False)["input_ids"], eos]
+    return [[*ids, eos] for ids in tokenizer(completions, add_special_tokens=False)["input_ids"]]
 
 
 def _truncate(

@@ -17,19 +17,25 @@ import torch
 
 from alignkit.config import ConfigError, PairLossFields, TrainConfig, doc_field
 from alignkit.data.collate import collate_pairs, length_sorted_batches, pair_length
-from alignkit.data.schemas import load_preferences
-from alignkit.data.tokenize import encode_pair
+from alignkit.data.prepared import PairSettings, prepare_pairs
 from alignkit.evaluation.monitors import default_monitors
 from alignkit.models import reference_cache
+from alignkit.models.embedded import cache_dir
 from alignkit.models.forward import supports_chunked_head
 from alignkit.models.loading import load_tokenizer, resolve_model
 from alignkit.models.precision import in_training_precision, of_config
 from alignkit.stages import Stage
 from alignkit.training import distributed, offline
 from alignkit.training.loop import StepOutput, train, visited_indices
-from alignkit.training.preference import PairExample, PairLogprobs, pair_logprobs, pair_outputs
+from alignkit.training.preference import PairExample, PairExamples, PairLogprobs, pair_logprobs, pair_outputs
 from alignkit.training.preference import collate_pair_examples as collate
-from alignkit.training.reference import Reference, load_reference, precompute, reference_mode, stack, unstack
+from alignkit.training.reference import (
+    Reference,
+    load_reference,
+    precompute,
+    precomputed_rows,
+    reference_mode,
+)
 from alignkit.training.run import RunDir
 from alignkit.training.sample_watch import SampleWatch, SampleWatchFields
 
@@ -52,6 +58,12 @@ class DPOConfig(PairLossFields, SampleWatchFields, TrainConfig):
     micro_batch_size: int = doc_field(2, "Pairs per forward/backward pass.")
     max_length: int = doc_field(512, "Longest prompt+completion in tokens; longer pairs are truncated.")
     eval_batch_size: int = doc_field(8, "Pairs per forward pass when evaluating or precomputing.", ge=1)
+    dataset_num_proc: int = doc_field(
+        0,
+        "Processes that tokenize the data the first time (later runs read the cached tokens); 0: 1 below "
+        "10,000 pairs, else half the CPUs (at most 8).",
+        ge=0,
+    )
 
 
     def check(self) -> None:
@@ -113,35 +125,41 @@ def precompute_reference(cfg: DPOConfig, model, examples: list[PairExample], pad
     """Fill ex.ref with the (frozen, initial) model's pair log-probs, once, before any update."""
     precompute(
         cfg, model, examples, [pair_length(ex.encoded) for ex in examples],
-        lambda chunk: collate_pairs([ex.encoded for ex in chunk], pad_id),
-        lambda m, batch: pair_logprobs(m, batch, cfg.logprob_chunk_size, cfg.share_prompt),
-        desc,
+        partial(_collate_encoded, pad_id=pad_id), partial(_reference_pass, cfg=cfg), desc,
     )  # fmt: skip
 
 
-def attach_reference(
-    cfg: DPOConfig, model, model_path: str, examples: list[PairExample], needed, pad_id: int
-) -> None:
-    """Set ex.ref for the `needed` examples from the on-disk cache, computing (and caching) what is missing."""
+def _collate_encoded(chunk: list[PairExample], pad_id: int) -> dict:
+    return collate_pairs([ex.encoded for ex in chunk], pad_id)
+
+
+def _reference_pass(model, batch: dict, cfg: DPOConfig) -> PairLogprobs:
+    return pair_logprobs(model, batch, cfg.logprob_chunk_size, cfg.share_prompt)
+
+
+def attach_reference(cfg: DPOConfig, model, model_path: str, examples: PairExamples, needed, pad_id: int) -> None:
+    """Set examples.ref for the `needed` examples from the on-disk cache, computing (and caching) what is
+    missing; the rows stay (N,) tensors, never one object per pair."""
     # The head's path is in the key: chunked and full logits agree to ~1e-7, not bit for bit.
     how = f"{of_config(cfg).name}:{'chunked' if supports_chunked_head(model) else 'full-logits'}"
     key = reference_cache.cache_key(
-        model_path,
-        how,
-        [(e.encoded.prompt_ids, e.encoded.chosen_ids, e.encoded.rejected_ids) for e in examples],
+        model_path, how, [(e.prompt_ids, e.chosen_ids, e.rejected_ids) for e in examples.encoded]
     )
-    cached = unstack(reference_cache.load(key, PairLogprobs, len(examples)))  # NaN where not cached
-    missing = [i for i in needed if any(torch.isnan(t).item() for t in vars(cached[i]).values())]
+    cached = reference_cache.load(key, PairLogprobs, len(examples))  # NaN where not cached
+    unknown = torch.stack([t.isnan() for t in vars(cached).values()]).any(0)  # (N,)
+    missing = [i for i in needed if unknown[i]]
     if missing:
-        todo = [examples[i] for i in missing]
-        precompute_reference(cfg, model, todo, pad_id, f"reference log-probs ({len(todo)} pairs)")
-        for i, ex in zip(missing, todo):
-            cached[i] = ex.ref
-        reference_cache.save(key, stack(cached))
+        rows = precomputed_rows(
+            cfg, model, examples, examples.encoded.lengths(), partial(_collate_encoded, pad_id=pad_id),
+            partial(_reference_pass, cfg=cfg), f"reference log-probs ({len(missing)} pairs)", missing,
+        )  # fmt: skip
+        for i, row in rows:
+            for name, value in vars(row).items():
+                getattr(cached, name)[i] = value
+        reference_cache.save(key, cached)
     else:
         print(f"reference log-probs: {len(list(needed))} pairs from the cache", file=sys.stderr)
-    for i in needed:
-        examples[i].ref = cached[i]
+    examples.ref = cached
 
 
 def run(cfg: DPOConfig) -> dict:
@@ -149,21 +167,21 @@ def run(cfg: DPOConfig) -> dict:
 
 
 def load_pairs(cfg: DPOConfig, tokenizer, source: str, split, rows, limit, what: str):
-    """(the loader's Loaded, its pairs tokenized with the chat template)."""
-    loaded = load_preferences(
-        source, cfg.on_bad_row, split=split, rows=rows, limit=limit, columns=cfg.columns
+    """(the loader's Loaded, its pairs tokenized with the chat template as lazily read PairExamples): prepared
+    once into Arrow files under the cache (``data.prepared``), memory-mapped on later runs."""
+    settings = PairSettings(cfg.max_length, cfg.max_prompt_length, cfg.on_bad_row, split, rows, limit, cfg.columns)
+    loaded = prepare_pairs(
+        source, tokenizer, settings, cache_dir() / "prepared-pairs", cfg.dataset_num_proc, what
     )
-    loaded.require_rows(f"{what}_data")
     print(f"{what} data: {loaded.summary()}", file=sys.stderr)
-    enc = partial(encode_pair, tokenizer, max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length)
-    return loaded, [PairExample(enc(p.prompt, p.chosen, p.rejected)) for p in loaded.examples]
+    return loaded, PairExamples(loaded.examples)
 
 
 def _run(cfg: DPOConfig, run_dir: RunDir, started: float) -> dict:
     # 1. Data: validated pairs, tokenized with the chat template; both completions share the prompt ids.
     tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code)
     (train_rows, train_examples), held_out = offline.load_data(cfg, partial(load_pairs, cfg, tokenizer))
-    eval_examples: list[PairExample] = held_out[1] if held_out else []
+    eval_examples: PairExamples | list = held_out[1] if held_out else []
 
     # 2. Policy and reference.
     model = offline.load_policy(cfg)
@@ -176,7 +194,8 @@ def _run(cfg: DPOConfig, run_dir: RunDir, started: float) -> dict:
         attach_reference(
             cfg, model, model_path, train_examples, visited_indices(cfg, len(train_examples)), pad_id
         )
-        attach_reference(cfg, model, model_path, eval_examples, range(len(eval_examples)), pad_id)
+        if eval_examples:
+            attach_reference(cfg, model, model_path, eval_examples, range(len(eval_examples)), pad_id)
     reference = load_reference(mode, partial(offline.load_policy, cfg))
     model, sizes = offline.make_trainable(model, cfg)
 
@@ -188,7 +207,7 @@ def _run(cfg: DPOConfig, run_dir: RunDir, started: float) -> dict:
     # 3. Train with the shared loop, watched by the failure monitors (and by samples of held-out prompts where
     #    sample_every asks); it evaluates every eval_every steps and at the end, and the last per-pair
     #    outcomes feed the interval.
-    prompt_ids = [ex.encoded.prompt_ids for ex in eval_examples or train_examples]
+    prompt_ids = (ex.encoded.prompt_ids for ex in eval_examples or train_examples)  # read up to sample_prompts
     watch = SampleWatch.of(cfg, model, tokenizer, prompt_ids)
     monitors = default_monitors(cfg.loss, samples=watch is not None)
     step_fn = partial(dpo_step, cfg=cfg, reference=reference)
@@ -203,7 +222,7 @@ def _run(cfg: DPOConfig, run_dir: RunDir, started: float) -> dict:
         **offline.summary_head(cfg.loss, cfg, run_dir, result, reference=mode),
         "train_pairs": len(train_examples),
         "skipped_rows": len(train_rows.skipped),
-        "truncated_pairs": sum(ex.encoded.truncated for ex in train_examples),
+        "truncated_pairs": train_examples.encoded.n_truncated(),
         **sizes,
         **offline.loop_summary(result, monitors),
     }

@@ -10,16 +10,18 @@ NLL term on the chosen reply), ``logprob_chunk_size`` and ``share_prompt``.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 
 from alignkit.data.collate import collate_pairs
+from alignkit.data.prepared import EncodedPairs
 from alignkit.data.tokenize import EncodedPair
 from alignkit.losses.preference import dpo_loss, ipo_loss, orpo_loss, rpo_loss
 from alignkit.models.forward import sequence_logprobs
 from alignkit.models.packed import shared_prompt_logprobs
-from alignkit.training.reference import Reference, stack
+from alignkit.training.reference import Reference, apply, stack
 
 
 @dataclass
@@ -39,6 +41,29 @@ class PairExample:
 
     encoded: EncodedPair
     ref: PairLogprobs | None = None  # 0-dim tensors: this pair's row
+
+
+class PairExamples(torch.utils.data.Dataset):
+    """Tokenized pairs read lazily from ``encoded`` (``data.prepared.EncodedPairs``, memory-mapped Arrow) as
+    ``PairExample``s, with the reference log-probs, once precomputed, held as one PairLogprobs of (N,) tensors
+    (NaN on rows the run never visits) rather than on a million objects."""
+
+    def __init__(self, encoded: EncodedPairs) -> None:
+        self.encoded = encoded
+        self.ref: PairLogprobs | None = None  # (N,) per field
+
+    def __len__(self) -> int:
+        return len(self.encoded)
+
+    def __getitem__(self, i: int) -> PairExample:
+        return PairExample(self.encoded[i], self._ref_row(i))
+
+    def __iter__(self) -> Iterator[PairExample]:
+        for i, encoded in enumerate(self.encoded):  # the Arrow rows a batch at a time
+            yield PairExample(encoded, self._ref_row(i))
+
+    def _ref_row(self, i: int) -> PairLogprobs | None:
+        return None if self.ref is None else apply(self.ref, lambda t: t[i])
 
 
 def collate_pair_examples(examples: list[PairExample], pad_id: int) -> dict:

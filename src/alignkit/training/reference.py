@@ -19,7 +19,7 @@ from typing import Any, Literal, TypeVar
 import torch
 
 from alignkit.data.collate import length_sorted_batches
-from alignkit.models.precision import in_training_precision
+from alignkit.models.precision import autocast_for
 from alignkit.models.value import keep_trainable
 from alignkit.training import distributed
 
@@ -98,22 +98,32 @@ def reference_mode(setting: str, needs_reference: bool = True) -> ReferenceMode:
     return "precomputed" if setting == "auto" else setting  # type: ignore[return-value]
 
 
-@in_training_precision
-@torch.no_grad()
 def precompute(cfg, model, examples: list, lengths: list[int], collate, compute, desc: str, indices=None) -> None:
     """Set ``ex.ref`` to the (frozen, initial) ``model``'s ``compute(model, batch)`` for the ``examples`` at
-    ``indices`` (default all), once, before any update: length-sorted batches of ``cfg.eval_batch_size``,
-    ``collate(list of examples) -> batch``; each example keeps its row of the record, on the CPU in float32."""
+    ``indices`` (default all), once, before any update (``precomputed_rows``)."""
+    for i, row in precomputed_rows(cfg, model, examples, lengths, collate, compute, desc, indices):
+        examples[i].ref = row
+
+
+def precomputed_rows(cfg, model, examples, lengths: list[int], collate, compute, desc: str, indices=None):
+    """(index, row) for each of the ``examples`` at ``indices`` (default all): its row of the (frozen, initial)
+    ``model``'s ``compute(model, batch)``, on the CPU in float32; length-sorted batches of
+    ``cfg.eval_batch_size``, ``collate(list of examples) -> batch``. A generator, so examples read lazily (an
+    Arrow-backed dataset) need no object kept to carry their rows."""
     from tqdm.auto import tqdm
 
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     batches = length_sorted_batches(lengths, cfg.eval_batch_size, indices)
-    for idx in tqdm(batches, desc=desc, disable=not cfg.progress):
-        chunk = [examples[i] for i in idx]
-        batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in collate(chunk).items()}
-        rows = unstack(apply(compute(model, batch), lambda t: t.float().cpu()))
-        for ex, row in zip(chunk, rows):
-            ex.ref = row
-    model.train(was_training)
+    try:
+        for idx in tqdm(batches, desc=desc, disable=not cfg.progress):
+            chunk = [examples[i] for i in idx]
+            # The contexts close before each yield: a decorator would leave them open, or closed, while the
+            # caller's code runs between two batches.
+            with autocast_for(cfg, model), torch.no_grad():
+                batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in collate(chunk).items()}
+                rows = unstack(apply(compute(model, batch), lambda t: t.float().cpu()))
+            yield from zip(idx, rows)
+    finally:
+        model.train(was_training)
