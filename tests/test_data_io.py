@@ -479,6 +479,21 @@ def test_a_file_that_is_not_what_its_suffix_says_is_a_data_source_error(tmp_path
         load_sft(str(path), on_bad_row="skip")
 
 
+def test_a_parquet_string_that_is_not_utf8_is_a_data_source_error(tmp_path):
+    """Parquet stores strings as bytes that pyarrow decodes only when a row is read: a damaged cell raises
+    UnicodeDecodeError there, which is the file's fault, not a bug."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "d.parquet"
+    table = pa.table({"prompt": ["hello world AAAA"], "completion": ["goodbye"]})
+    pq.write_table(table, path, compression="NONE", use_dictionary=False, write_statistics=False)
+    data = path.read_bytes().replace(b"AAAA", b"\xff\xfeAA")
+    path.write_bytes(data)
+    with pytest.raises(DataSourceError, match=r"d.parquet: not a readable Parquet file \(.*utf-8"):
+        load_sft(str(path), on_bad_row="skip")
+
+
 def test_deeply_nested_or_huge_json_line_is_a_bad_row(tmp_path):
     src = write_lines(tmp_path / "d.jsonl", [b"[" * 100_000, b'{"n": ' + b"9" * 5000 + b"}"])
     first, second = read_rows(src)

@@ -253,9 +253,10 @@ def _read_parquet(source: str, path: Path) -> Iterator[Record | BadRow]:
             for item in batch.to_pylist():
                 yield Record(source, row, item)
                 row += 1
-    # A file that is not Parquet, or a damaged one, fails in the reader with Arrow's own errors (or OSError),
-    # at the start or in the middle; either way the file as a whole is unreadable.
-    except (pyarrow.ArrowException, OSError) as err:
+    # A file that is not Parquet, or a damaged one, fails in the reader with Arrow's own errors (or OSError;
+    # UnicodeDecodeError from a damaged string column or metadata), at the start or in the middle; either way
+    # the file as a whole is unreadable.
+    except (pyarrow.ArrowException, OSError, UnicodeDecodeError) as err:
         where = f" after row {row - 1}" if row else ""
         raise DataSourceError(f"{source}: not a readable Parquet file{where} ({err})") from err
 
