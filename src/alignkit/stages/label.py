@@ -159,9 +159,12 @@ def import_labels(cfg: LabelConfig) -> dict:
     rows, counts = import_pairs(cfg.input, cfg.format, cfg.pairs, cfg.agreement, cfg.prompt_field,
                                 cfg.left_field, cfg.right_field, cfg.question)  # fmt: skip
     write_pairs(output, rows)
+    # Argilla's draft and discarded responses are not labels; saying how many keeps a half-finished project visible.
+    unsubmitted = (f", {counts['labels_draft']} draft and {counts['labels_discarded']} discarded responses"
+                   if cfg.format == "argilla" else "")  # fmt: skip
     print(f"wrote {counts['pairs']} pairs ({cfg.pairs}, {cfg.agreement}) from {counts['items_with_pairs']} of "
           f"{counts['items']} {cfg.format} items to {output}; left out: {counts['items_unlabeled']} unlabeled "
-          f"items, {counts['pairs_undecided']} tied or split pairs", flush=True)  # fmt: skip
+          f"items, {counts['pairs_undecided']} tied or split pairs{unsubmitted}", flush=True)  # fmt: skip
     return {"stage": "label", "action": "import", "format": cfg.format, "output": str(output), **counts}
 
 
