@@ -78,6 +78,14 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def bind_warning(host: str) -> str | None:
+    """What ``label serve`` warns of before serving on ``host``: anything but loopback sends tokens in clear."""
+    if is_loopback(host):
+        return None
+    return (f"warning: serving on {host}, not loopback: tokens and labels travel in clear unless a "
+            "TLS-terminating proxy is in front")  # fmt: skip
+
+
 def output_path(cfg: LabelConfig) -> Path:
     if cfg.output:
         return Path(cfg.output).expanduser()
@@ -114,9 +122,9 @@ def serve(engine, cfg: LabelConfig) -> None:
 
     from alignkit.labeling.app import create_app
 
-    if not is_loopback(cfg.host):
-        print(f"warning: serving on {cfg.host}, not loopback: tokens and labels travel in clear unless a "
-              "TLS-terminating proxy is in front", file=sys.stderr, flush=True)  # fmt: skip
+    warning = bind_warning(cfg.host)
+    if warning:
+        print(warning, file=sys.stderr, flush=True)
     print(f"labeling at http://{cfg.host}:{cfg.port}/ (ctrl-c stops; every submit is already saved)", flush=True)
     uvicorn.run(create_app(engine, cfg.low_agreement), host=cfg.host, port=cfg.port, log_level="warning")
 
