@@ -111,6 +111,13 @@ def test_rank_skip_flag_and_export_equals_what_was_submitted(setup, tmp_path):
     admin = client_for(engine, tok["admin"]).get("/admin").text
     assert '<span id="pairwise">0.667</span>' in admin and '<span id="alpha">0.881</span>' in admin
     assert '<span id="low">none</span>' in admin  # 3 comparisons: too few to call anyone low
+    # Progress: every labeler's labels of the 3 items; item 1 (id 0), the one item ranked twice, listed with
+    # its own agreement (the overall figures, as it is the only one).
+    assert '<span id="items">3</span>' in admin
+    assert re.search(r"ana</td>\s*<td>3 of 3</td><td>1</td>\s*<td>1</td><td>1</td>", admin)
+    assert re.search(r"boss \(admin\)</td>\s*<td>0 of 3</td>", admin)
+    assert re.search(r'id="items-agreement">.*?<tr><td>1</td><td>2</td><td>0.667</td>\s*<td>0.881</td></tr>'
+                     r"\s*</table>", admin, re.S)  # fmt: skip
     pairs = load_preferences(str(tmp_path / "prefs.export.pairs.jsonl")).examples  # what alignkit dpo reads
     assert [(p.prompt, p.chosen, p.rejected) for p in pairs] == [
         ("Say hi", "hi", "go"), ("Say hi", "hello there", "go"), ("Count", "1 2 3", "one")]
@@ -162,7 +169,48 @@ def test_wrong_token_csrf_replay_and_out_of_order_are_refused_and_nothing_is_sto
     assert ana.get("/admin").status_code == 403
     boss = client_for(engine, tok["admin"])
     admin = boss.get("/admin").text
-    assert re.search(r"ana</td><td>0</td>\s*<td>1</td><td>0</td>", admin)
+    assert re.search(r"ana</td>\s*<td>1 of 3</td><td>0</td>\s*<td>1</td><td>0</td>", admin)
+
+
+@pytest.mark.parametrize(
+    "fields, status, message",
+    [({"item_id": "first", "action": "skip"}, 400, "item_id: expected an integer"),
+     ({"item_id": "0", "action": "ranked", "ranking": "[[1], [2"}, 400, "ranking: not JSON"),
+     ({"item_id": "0", "action": "ranked"}, 400, "ranking: missing"),  # the page's script did not run
+     ({"item_id": "0", "action": "ranked", "ranking": '[[1], "2", [3]]'}, 400, "not a response number")],
+)  # fmt: skip
+def test_a_malformed_submit_is_a_400_and_nothing_is_stored(setup, fields, status, message):
+    _, engine, tok = setup
+    ana = client_for(engine, tok["tokens"]["ana"])
+    _, _, csrf = page(ana)
+    r = ana.post("/submit", data={"csrf": csrf, **fields}, follow_redirects=False)
+    assert r.status_code == status and message in r.text
+    assert n_labels(engine) == 0
+
+
+def test_logout_checks_csrf_too(setup):
+    _, engine, tok = setup
+    ana = client_for(engine, tok["tokens"]["ana"])
+    _, item, csrf = page(ana)
+    r = ana.post("/logout", data={"csrf": "forged"}, follow_redirects=False)
+    assert r.status_code == 403
+    assert page(ana)[1] == item  # still logged in: a forged form cannot end the session
+    assert ana.post("/logout", data={}, follow_redirects=False).status_code == 403
+
+
+@pytest.mark.parametrize(
+    "host, warned",
+    [("127.0.0.1", False), ("127.0.0.2", False), ("::1", False), ("localhost", False), ("0.0.0.0", True),
+     ("192.168.1.20", True), ("::", True), ("labels.example.org", True)],
+)  # fmt: skip
+def test_serving_beyond_loopback_warns_of_tls(host, warned):
+    from alignkit.stages.label import LabelConfig, bind_warning
+
+    warning = bind_warning(host)
+    assert (warning is not None) == warned
+    if warned:
+        assert host in warning and "TLS" in warning
+    assert LabelConfig.__dataclass_fields__["host"].default == "127.0.0.1"  # bound to loopback unless told
 
 
 def test_sqlite_wal_beside_the_input_tokens_hashed_and_logout(setup, tmp_path):

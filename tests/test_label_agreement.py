@@ -53,6 +53,10 @@ def test_agreement_stats_by_hand_and_the_low_labeler_listed():
         "cid": {"agreement": 0.0, "comparisons": 6},
     }
     assert stats["low_agreement"] == ["cid"]
+    # Per item (the admin page's list): item 0 alone holds every comparison, so its figures are the overall
+    # ones; item 9, with one ranking, is not listed.
+    assert stats["items"] == {0: {"rankings": 3, "pairwise_agreement": pytest.approx(1 / 3),
+                                  "alpha": pytest.approx(-5 / 27)}}  # fmt: skip
     # Too few comparisons to judge anyone: nobody is listed.
     assert agreement_stats(items, {0: 3, 9: 2}, threshold=0.4, min_comparisons=7)["low_agreement"] == []
 
@@ -61,3 +65,4 @@ def test_agreement_stats_with_nothing_to_compare():
     stats = agreement_stats({0: {"ana": [[1], [2]]}}, {0: 2})
     assert (stats["items_multi"], stats["pairwise_agreement"], stats["alpha"], stats["low_agreement"]) == (
         0, None, None, [])
+    assert stats["items"] == {}

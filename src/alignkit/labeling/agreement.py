@@ -73,28 +73,34 @@ def agreement_stats(
     """Agreement over ``items`` (item -> labeler -> ranking; items with one ranking count for nothing):
 
     ``items_multi`` (items with several rankings), ``pairwise_agreement`` and ``alpha`` (None when nothing
-    to compare), ``labelers`` (name -> {"agreement", "comparisons"} with the rest), and ``low_agreement``:
-    the labelers with at least ``min_comparisons`` comparisons whose agreement is below ``threshold``."""
+    to compare), ``items`` (item -> {"rankings", "pairwise_agreement", "alpha"} of each item with several
+    rankings, the same measures over that item alone), ``labelers`` (name -> {"agreement", "comparisons"}
+    with the rest), and ``low_agreement``: the labelers with at least ``min_comparisons`` comparisons whose
+    agreement is below ``threshold``."""
     agree: dict[str, int] = {}
     compared: dict[str, int] = {}
     units: list[list[float]] = []
-    multi = 0
+    per_item: dict[object, dict] = {}
     for item, by_labeler in items.items():
         if len(by_labeler) < 2:
             continue
-        multi += 1
         n = n_responses[item]
         ranks = {name: fractional_ranks(groups) for name, groups in by_labeler.items()}
-        units.extend([r[k] for r in ranks.values()] for k in range(1, n + 1))
+        item_units = [[r[k] for r in ranks.values()] for k in range(1, n + 1)]
+        units.extend(item_units)
+        item_same = item_pairs = 0
         for x, y in itertools.combinations(sorted(ranks), 2):
             same = sum(
                 preference(ranks[x], a, b) == preference(ranks[y], a, b)
                 for a, b in itertools.combinations(range(1, n + 1), 2)
             )
             pairs = n * (n - 1) // 2
+            item_same, item_pairs = item_same + same, item_pairs + pairs
             for name in (x, y):
                 agree[name] = agree.get(name, 0) + same
                 compared[name] = compared.get(name, 0) + pairs
+        per_item[item] = {"rankings": len(ranks), "pairwise_agreement": item_same / item_pairs,
+                          "alpha": krippendorff_alpha_interval(item_units)}  # fmt: skip
     # Each comparison is counted once for each of its two labelers: halve both sums for the overall figure.
     total = sum(compared.values())
     labelers = {
@@ -104,7 +110,8 @@ def agreement_stats(
         name for name, s in labelers.items() if s["comparisons"] >= min_comparisons and s["agreement"] < threshold
     ]
     return {
-        "items_multi": multi,
+        "items_multi": len(per_item),
+        "items": per_item,
         "pairwise_agreement": sum(agree.values()) / total if total else None,
         "alpha": krippendorff_alpha_interval(units),
         "labelers": labelers,

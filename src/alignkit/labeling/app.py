@@ -64,9 +64,11 @@ allowed), enter submit, s skip, f flag unsafe.</p>
 <button name="action" value="flag" id="flag">Flag unsafe (f)</button></form>{% endblock %}""")
 DONE = _ENV.from_string("""{% extends page %}{% block body %}<h1>All done, {{ who.name }}</h1>
 <p>Every item has your label. Thank you.</p>{% endblock %}""")
-ADMIN = _ENV.from_string("""{% extends page %}{% block body %}<h1>Labelers</h1><table border="1">
-<tr><th>name</th><th>ranked</th><th>skipped</th><th>flagged</th></tr>
-{% for c in counts %}<tr><td>{{ c.name }}{% if c.admin %} (admin){% endif %}</td><td>{{ c.ranked }}</td>
+ADMIN = _ENV.from_string("""{% extends page %}{% block body %}<h1>Labelers</h1>
+<p>Items: <span id="items">{{ total }}</span>.</p><table border="1">
+<tr><th>name</th><th>done</th><th>ranked</th><th>skipped</th><th>flagged</th></tr>
+{% for c in counts %}<tr><td>{{ c.name }}{% if c.admin %} (admin){% endif %}</td>
+<td>{{ c.ranked + c.skip + c.flag }} of {{ total }}</td><td>{{ c.ranked }}</td>
 <td>{{ c.skip }}</td><td>{{ c.flag }}</td></tr>{% endfor %}</table>
 <h2>Agreement</h2><p>Items with several rankings: <span id="items-multi">{{ ag.items_multi }}</span>.
 Pairwise agreement: <span id="pairwise">{{ fmt(ag.pairwise_agreement) }}</span>.
@@ -75,7 +77,14 @@ Krippendorff's alpha (interval, on ranks): <span id="alpha">{{ fmt(ag.alpha) }}<
 {% for name, s in ag.labelers.items() %}<tr><td>{{ name }}</td><td>{{ fmt(s.agreement) }}</td>
 <td>{{ s.comparisons }}</td></tr>{% endfor %}</table>
 <p>Low agreement (below {{ ag.low_agreement_threshold }}): <span id="low">{{ ag.low_agreement | join(", ")
-  or "none" }}</span></p>{% endblock %}""")
+  or "none" }}</span></p>
+<h2>Items with several rankings, least agreement first</h2><table border="1" id="items-agreement">
+<tr><th>item</th><th>rankings</th><th>pairwise agreement</th><th>alpha</th></tr>
+{% for id, s in items %}<tr><td>{{ id + 1 }}</td><td>{{ s.rankings }}</td><td>{{ fmt(s.pairwise_agreement) }}</td>
+<td>{{ fmt(s.alpha) }}</td></tr>{% endfor %}</table>
+{% if ag.items_multi > items | length %}<p>and {{ ag.items_multi - items | length }} more</p>{% endif %}
+{% endblock %}""")
+ADMIN_ITEMS = 100  # the admin page lists this many items with several rankings, the least agreed first
 ERROR = _ENV.from_string("""{% extends page %}{% block body %}<h1>{{ status }}</h1><p class="err">{{ message }}</p>
 <p><a href="/">back</a></p>{% endblock %}""")
 
@@ -88,14 +97,14 @@ def render(template, status: int = 200, **values) -> HTMLResponse:
 
 
 def ranking_from_form(form) -> object:
-    """The ranking the page's script wrote (JSON groups, best first); without script, from the checkboxes."""
+    """The ranking the page's script (label.js) wrote: JSON groups, best first."""
     raw = form.get("ranking")
-    if raw:
-        try:
-            return json.loads(raw)
-        except json.JSONDecodeError:
-            raise LabelError(400, "ranking: not JSON") from None
-    return None  # the form was sent without its script: check_ranking says what is missing
+    if not raw:  # the script builds the ranking from the drag order and the best/worst marks
+        raise LabelError(400, "ranking: missing; the page's script writes it (is JavaScript off?)")
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError:
+        raise LabelError(400, "ranking: not JSON") from None
 
 
 def fmt(value: float | None) -> str:
@@ -168,8 +177,10 @@ def create_app(engine, low_agreement: float = 0.5) -> Starlette:
         if who is None or not who.is_admin:
             raise LabelError(403, "the admin page needs an admin's login")
         counts = await run_in_threadpool(storage.labeler_counts, engine)
+        total = await run_in_threadpool(storage.count_items, engine)
         ag = await run_in_threadpool(agreement_of, engine, low_agreement)
-        return render(ADMIN, counts=counts, ag=ag, fmt=fmt)
+        items = sorted(ag["items"].items(), key=lambda kv: (kv[1]["pairwise_agreement"], kv[0]))[:ADMIN_ITEMS]
+        return render(ADMIN, counts=counts, total=total, ag=ag, items=items, fmt=fmt)
 
     async def script(request: Request) -> Response:
         return Response(SCRIPT, media_type="text/javascript", headers=HEADERS)

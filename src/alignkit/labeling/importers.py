@@ -7,21 +7,30 @@ so majority/unanimous, ties and pairs modes mean the same).
   ``result: [{"type": "pairwise", "value": {"selected": "left" | "right"}, ...}]``; left is the first name in
   ``toName``. Cancelled annotations (``was_cancelled``) and annotations without a pairwise result count
   for nothing.
-- **Argilla, RankingQuestion** (a dataset's records as JSON or JSONL). Either the record form
-  ``{"fields": {...}, "responses": [{"status": "submitted", "values": {QUESTION: {"value": [{"value":
-  OPTION, "rank": 1}, ...]}}}]}`` or the flat form a Hugging Face export writes
+- **Argilla, RankingQuestion** (a dataset's records as JSON, JSONL, Parquet or a saved/Hub dataset). Argilla
+  1.x: the record form ``{"fields": {...}, "responses": [{"status": "submitted", "values": {QUESTION:
+  {"value": [{"value": OPTION, "rank": 1}, ...]}}}]}`` or the flat form its Hugging Face export writes
   ``{FIELD: text, ..., QUESTION: [{"status": "submitted", "value": [{"value": OPTION, "rank": 1}, ...]}]}``.
+  Argilla 2.x: ``Record.to_dict`` (``records.to_list(flatten=False)``, ``to_json``) writes ``{"fields": {...},
+  "responses": {QUESTION: [{"value": [OPTION, ...], "user_id": ..., "status": ...}]}}`` (``status`` only in
+  some 2.x versions), and ``to_list(flatten=True)`` / ``to_datasets()`` / ``to_hub()`` write the fields as
+  columns beside ``QUESTION.responses`` (one value per response), ``QUESTION.responses.users`` and
+  ``QUESTION.responses.status``. A 2.x ranking value is the options best first: the SDK drops Argilla's ranks
+  when it reads them, so ties made in Argilla's UI do not survive into a 2.x file.
   Each OPTION names the field holding that response's text (as in Argilla's own examples, where the ranking
   question's values are the response fields); rank 1 is best and equal ranks are ties. Only submitted
-  responses count.
+  responses count; draft and discarded ones are counted (``labels_draft``, ``labels_discarded``) and left out.
+  A response without a status (2.x versions whose ``Record.to_dict`` writes none) counts as submitted.
 
 A malformed row is a ``BadRowError`` naming the file, the row and the field.
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Any, Literal
 
+from alignkit.config import ConfigError
 from alignkit.data.io import BadRow, BadRowError, Record, read_rows
 from alignkit.labeling.export import Agreement, PairsMode, item_pairs, new_counts
 
@@ -75,47 +84,101 @@ def label_studio_item(record: Record, prompt_field: str, left: str, right: str) 
 
 
 def _argilla_ranking(record: Record, value: Any, where: str) -> dict[str, int]:
-    """OPTION -> rank of one response's ranking value."""
+    """OPTION -> rank of one response's ranking value: Argilla 1.x's ``[{"value": OPTION, "rank": 1}, ...]``
+    or 2.x's ``[OPTION, ...]``, best first (rank = place)."""
     if not isinstance(value, list) or not value:
-        raise _bad(record, where, f"expected a list of {{'value', 'rank'}} objects, got {value!r}")
+        raise _bad(record, where, f"expected a list of options (best first) or of {{'value', 'rank'}} objects, "
+                                  f"got {value!r}")  # fmt: skip
     out: dict[str, int] = {}
     for k, entry in enumerate(value):
-        if not isinstance(entry, dict) or not isinstance(entry.get("value"), str):
-            raise _bad(record, f"{where}[{k}].value", "expected the option's name (text)")
-        rank = entry.get("rank")
-        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
-            raise _bad(record, f"{where}[{k}].rank", f"expected a rank 1, 2, ..., got {rank!r}")
-        if entry["value"] in out:
-            raise _bad(record, f"{where}[{k}].value", f"option {entry['value']!r} appears twice")
-        out[entry["value"]] = rank
+        if isinstance(entry, str):
+            option, rank = entry, k + 1
+        elif isinstance(entry, dict) and isinstance(entry.get("value"), str):
+            option, rank = entry["value"], entry.get("rank")
+            if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+                raise _bad(record, f"{where}[{k}].rank", f"expected a rank 1, 2, ..., got {rank!r}")
+        else:
+            raise _bad(record, f"{where}[{k}]", f"expected the option's name (text), got {entry!r}")
+        if option in out:
+            raise _bad(record, f"{where}[{k}]", f"option {option!r} appears twice")
+        out[option] = rank
     return out
 
 
-def argilla_item(record: Record, prompt_field: str, question: str) -> tuple[Any, list[str], list]:
-    """(prompt, the options' texts, one ranking per submitted response) of one Argilla record."""
+RESPONSE_STATUSES = ("submitted", "draft", "discarded")  # Argilla's ResponseStatus, 1.x and 2.x
+
+
+def _submitted(record: Record, status: Any, where: str, counts: Counter) -> bool:
+    """Whether one response counts; a draft or discarded one is counted in ``counts`` and left out. No status
+    counts as submitted: some 2.x versions' ``Record.to_dict`` write none."""
+    if status is None or status == "submitted":
+        return True
+    if status not in RESPONSE_STATUSES:
+        raise _bad(record, where, f"expected one of {', '.join(RESPONSE_STATUSES)}, got {status!r}")
+    counts[f"labels_{status}"] += 1
+    return False
+
+
+def _list(record: Record, value: Any, where: str) -> list:
+    """``value`` as a list; None (a record nobody answered: Argilla writes None for its missing columns) is []."""
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise _bad(record, where, f"expected a list, got {type(value).__name__}")
+    return value
+
+
+def argilla_answers(record: Record, question: str, counts: Counter) -> tuple[Any, str, list[tuple[str, Any]]]:
+    """(the record's fields, their path prefix, [(path, ranking value)] of its submitted responses to
+    ``question``) in whichever of the four shapes the module's docstring lists the record has."""
     data = record.data
-    if "fields" in data:  # the record form
-        fields, where = data["fields"], "fields."
-        responses = data.get("responses", [])
-        if not isinstance(responses, list):
-            raise _bad(record, "responses", f"expected a list, got {type(responses).__name__}")
+    flat = f"{question}.responses"
+    if "fields" in data and isinstance(data.get("responses"), dict):  # 2.x Record.to_dict
+        where = f"responses.{question}"
         answers = []
-        for k, resp in enumerate(responses):
+        for k, resp in enumerate(_list(record, data["responses"].get(question), where)):
+            if not isinstance(resp, dict):
+                raise _bad(record, f"{where}[{k}]", "expected an object with value, user_id, status")
+            if _submitted(record, resp.get("status"), f"{where}[{k}].status", counts):
+                answers.append((f"{where}[{k}].value", resp.get("value")))
+        return data["fields"], "fields.", answers
+    if "fields" in data:  # 1.x record form
+        answers = []
+        for k, resp in enumerate(_list(record, data.get("responses"), "responses")):
             if not isinstance(resp, dict):
                 raise _bad(record, f"responses[{k}]", "expected an object")
-            if resp.get("status", "submitted") != "submitted":
+            if not _submitted(record, resp.get("status"), f"responses[{k}].status", counts):
                 continue
             values = resp.get("values")
             if not isinstance(values, dict) or not isinstance(values.get(question), dict):
                 raise _bad(record, f"responses[{k}].values.{question}", "missing; is question= the ranking question?")
             answers.append((f"responses[{k}].values.{question}.value", values[question].get("value")))
-    else:  # the flat form
-        fields, where = data, ""
-        responses = _text(record, data, "", question)
-        if not isinstance(responses, list):
-            raise _bad(record, question, f"expected a list of responses, got {type(responses).__name__}")
-        answers = [(f"{question}[{k}].value", r.get("value")) for k, r in enumerate(responses)
-                   if isinstance(r, dict) and r.get("status", "submitted") == "submitted"]  # fmt: skip
+        return data["fields"], "fields.", answers
+    if flat in data:  # 2.x flattened: to_list(flatten=True), to_datasets(), to_hub()
+        values = _list(record, data[flat], flat)
+        statuses = _list(record, data.get(f"{flat}.status"), f"{flat}.status") or [None] * len(values)
+        if len(statuses) != len(values):
+            raise _bad(record, f"{flat}.status", f"{len(statuses)} statuses for {len(values)} responses")
+        answers = [(f"{flat}[{k}]", value) for k, (value, status) in enumerate(zip(values, statuses))
+                   if _submitted(record, status, f"{flat}.status[{k}]", counts)]  # fmt: skip
+        return data, "", answers
+    if question in data:  # 1.x flat form
+        answers = []
+        for k, resp in enumerate(_list(record, data[question], question)):
+            if not isinstance(resp, dict):
+                raise _bad(record, f"{question}[{k}]", "expected an object with status and value")
+            if _submitted(record, resp.get("status"), f"{question}[{k}].status", counts):
+                answers.append((f"{question}[{k}].value", resp.get("value")))
+        return data, "", answers
+    others = sorted(key.removesuffix(".responses") for key in data if str(key).endswith(".responses"))
+    hint = f"; the row has responses to {others}: pass question=NAME" if others else ""
+    raise _bad(record, flat, "not an Argilla record: no 'fields' (to_list/to_json), no "
+                             f"'{flat}' column (to_datasets/to_hub) and no '{question}' (1.x){hint}")  # fmt: skip
+
+
+def argilla_item(record: Record, prompt_field: str, question: str, counts: Counter) -> tuple[Any, list[str], list]:
+    """(prompt, the options' texts, one ranking per submitted response) of one Argilla record."""
+    fields, where, answers = argilla_answers(record, question, counts)
     prompt = _prompt(record, fields, where, prompt_field)
     ranked = [(at, _argilla_ranking(record, value, at)) for at, value in answers]
     options: list[str] = []
@@ -149,6 +212,9 @@ def import_pairs(
 ) -> tuple[list[dict], dict]:
     """The pair rows of every task/record of ``path`` and the counts (as ``export.export_pairs``)."""
     counts = new_counts()
+    if fmt == "argilla":
+        counts["labels_draft"] = counts["labels_discarded"] = 0
+    answered: set[str] = set()  # questions with responses in Argilla 2.x records, to name a wrong question=
     rows: list[dict] = []
     for record in read_rows(path):
         if isinstance(record, BadRow):
@@ -156,7 +222,9 @@ def import_pairs(
         if fmt == "label-studio":
             prompt, texts, rankings = label_studio_item(record, prompt_field, left, right)
         else:
-            prompt, texts, rankings = argilla_item(record, prompt_field, question)
+            prompt, texts, rankings = argilla_item(record, prompt_field, question, counts)
+            if isinstance(record.data.get("responses"), dict):
+                answered |= set(record.data["responses"])
         counts["items"] += 1
         counts["labels"] += len(rankings)
         if not rankings:
@@ -167,4 +235,7 @@ def import_pairs(
         rows += item_pairs(record.row, prompt, texts, rankings, mode, agreement, counts)
     if counts["items"] == 0:
         raise BadRowError(path, 0, None, "no tasks or records in the file")
+    if answered and question not in answered:
+        raise ConfigError(f"question: no record of {path} has responses to {question!r}; its questions with "
+                          f"responses: {sorted(answered)}", ("question",))  # fmt: skip
     return rows, dict(counts)

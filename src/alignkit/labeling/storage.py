@@ -30,6 +30,7 @@ from sqlalchemy import (
     UniqueConstraint,
     create_engine,
     event,
+    func,
     inspect,
     select,
 )
@@ -339,10 +340,20 @@ def _current(s: Session, labeler_id: int) -> Item | None:
     return s.scalars(select(Item).where(Item.id.not_in(labeled)).order_by(Item.id).limit(1)).first()
 
 
+def _count_items(s: Session) -> int:
+    return s.scalar(select(func.count()).select_from(Item)) or 0
+
+
+def count_items(engine: Engine) -> int:
+    """How many items there are to label (the admin page's progress)."""
+    with Session(engine) as s:
+        return _count_items(s)
+
+
 def current_item(engine: Engine, labeler_id: int) -> Shown | None:
     """The first item this labeler has not labeled (ranked, skipped or flagged); None when all are."""
     with Session(engine) as s:
-        total = len(s.scalars(select(Item.id)).all())
+        total = _count_items(s)
         done = len(s.scalars(select(Label.id).where(Label.labeler_id == labeler_id)).all())
         item = _current(s, labeler_id)
         if item is None:

@@ -78,6 +78,14 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def bind_warning(host: str) -> str | None:
+    """What ``label serve`` warns of before serving on ``host``: anything but loopback sends tokens in clear."""
+    if is_loopback(host):
+        return None
+    return (f"warning: serving on {host}, not loopback: tokens and labels travel in clear unless a "
+            "TLS-terminating proxy is in front")  # fmt: skip
+
+
 def output_path(cfg: LabelConfig) -> Path:
     if cfg.output:
         return Path(cfg.output).expanduser()
@@ -114,9 +122,9 @@ def serve(engine, cfg: LabelConfig) -> None:
 
     from alignkit.labeling.app import create_app
 
-    if not is_loopback(cfg.host):
-        print(f"warning: serving on {cfg.host}, not loopback: tokens and labels travel in clear unless a "
-              "TLS-terminating proxy is in front", file=sys.stderr, flush=True)  # fmt: skip
+    warning = bind_warning(cfg.host)
+    if warning:
+        print(warning, file=sys.stderr, flush=True)
     print(f"labeling at http://{cfg.host}:{cfg.port}/ (ctrl-c stops; every submit is already saved)", flush=True)
     uvicorn.run(create_app(engine, cfg.low_agreement), host=cfg.host, port=cfg.port, log_level="warning")
 
@@ -159,9 +167,12 @@ def import_labels(cfg: LabelConfig) -> dict:
     rows, counts = import_pairs(cfg.input, cfg.format, cfg.pairs, cfg.agreement, cfg.prompt_field,
                                 cfg.left_field, cfg.right_field, cfg.question)  # fmt: skip
     write_pairs(output, rows)
+    # Argilla's draft and discarded responses are not labels; saying how many keeps a half-finished project visible.
+    unsubmitted = (f", {counts['labels_draft']} draft and {counts['labels_discarded']} discarded responses"
+                   if cfg.format == "argilla" else "")  # fmt: skip
     print(f"wrote {counts['pairs']} pairs ({cfg.pairs}, {cfg.agreement}) from {counts['items_with_pairs']} of "
           f"{counts['items']} {cfg.format} items to {output}; left out: {counts['items_unlabeled']} unlabeled "
-          f"items, {counts['pairs_undecided']} tied or split pairs", flush=True)  # fmt: skip
+          f"items, {counts['pairs_undecided']} tied or split pairs{unsubmitted}", flush=True)  # fmt: skip
     return {"stage": "label", "action": "import", "format": cfg.format, "output": str(output), **counts}
 
 
