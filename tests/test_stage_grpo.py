@@ -5,14 +5,17 @@ sampler's log-probs (ratio exactly 1 on the first step), and every registered mo
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
+from _fake_vllm import FakeVLLMSampler
 
 from alignkit import cli
 from alignkit.config import ConfigError, load_config
 from alignkit.evaluation import monitors as monitors_module
 from alignkit.losses import grpo as losses
+from alignkit.models.forward import response_token_logprobs
 from alignkit.models.generation import Generation
 from alignkit.stages import grpo
 from alignkit.training import online_engine
@@ -191,3 +194,36 @@ def test_config_refusals_and_cli(tiny_model_dir, prompt_file, tmp_path, capsys):
     args += [f"output_dir={tmp_path / 'cli'}", "prompts_per_iteration=1", "max_new_tokens=3", "progress=false"]
     assert cli.main(["grpo", *args, "tensorboard=false", "minibatch_size=2", "micro_batch_size=2"]) == 0
     assert (tmp_path / "cli" / "final").is_dir()
+
+
+class _LogprobSampler(FakeVLLMSampler):
+    """A vLLM stand-in that returns log-probs, as VLLMSampler does: the engine model's own log-prob of each
+    sampled token less 0.1 (an engine whose numbers drift from the trainer's by a known amount)."""
+
+    def __call__(self, prompt_ids, sampling):
+        generations = super().__call__(prompt_ids, sampling)
+        logps = response_token_logprobs(self.llm.model, generations, len(generations), 64)
+        for g, lp in zip(generations, logps):
+            g.sampling_logps = (lp - 0.1).tolist()
+        return generations
+
+
+def test_vllm_logprob_mismatch_is_logged(tiny_model_dir, prompt_file, tmp_path, monkeypatch):
+    """generation_backend=vllm with a sampler returning its log-probs 0.1 below the engine model's, which holds
+    the policy's weights at every iteration (the first: both the starting model): every iteration logs
+    |trainer - sampler| mean and max of 0.1 and a ratio exp(0.1) = 1.1051709 everywhere (to the float rounding
+    of two forward passes); generation_backend=hf logs none of these keys."""
+    monkeypatch.setattr(online_engine, "check_generation_backend", lambda backend: None)  # vllm is not here
+    monkeypatch.setattr(online_engine, "vllm_sampler", _LogprobSampler)
+    monkeypatch.setattr(FakeVLLMSampler, "built", [])
+    out = tmp_path / "vllm"
+    grpo.run(_config(tiny_model_dir, prompt_file, out, "generation_backend=vllm"))
+    rows = _rows(out)
+    assert len(rows) == 2
+    for row in rows:
+        assert row["sampling/sampling_logp_difference/mean"] == pytest.approx(0.1, abs=1e-4)
+        assert row["sampling/sampling_logp_difference/max"] == pytest.approx(0.1, abs=1e-4)
+        for key in ("min", "mean", "max"):
+            assert row[f"sampling/importance_sampling_ratio/{key}"] == pytest.approx(math.exp(0.1), abs=1e-4)
+    grpo.run(_config(tiny_model_dir, prompt_file, tmp_path / "hf"))
+    assert not any(key.startswith("sampling/") for row in _rows(tmp_path / "hf") for key in row)

@@ -106,6 +106,16 @@ class GroupRollout:
         return GroupRollout(**trim_padding({n: getattr(self, n)[index] for n in names}), **extra)
 
 
+def sampler_mismatch(generations: list, trainer_logps: torch.Tensor, mask: torch.Tensor) -> dict[str, float]:
+    """The sampler-trainer log-prob mismatch (``losses.sampler_mismatch``) where the sampler returned its own
+    log-probs (generation_backend=vllm); none otherwise (transformers' generate is the trainer's own model)."""
+    if any(g.sampling_logps is None for g in generations):
+        return {}
+    rows = [torch.tensor(g.sampling_logps, dtype=torch.float32) for g in generations]
+    sampled = torch.nn.utils.rnn.pad_sequence(rows, batch_first=True).to(trainer_logps.device)  # (B, R)
+    return losses.sampler_mismatch(trainer_logps, sampled, mask)
+
+
 def zero_std_frac(scores: list[float], k: int) -> float:
     return float(losses.zero_spread_groups(torch.tensor(scores, dtype=torch.float64), k).float().mean())
 
@@ -230,6 +240,7 @@ def grpo_method(cfg: GRPOConfig, setup: engine.OnlineSetup) -> engine.OnlineMeth
         rollout, stats = make_rollout(cfg, batch, passes, scores)
         stats |= {"zero_std_frac": zero_std_frac(samples.scores, k), **drawn, "beta": objective["beta"]}
         stats |= {"reward/std": float(np.std(samples.scores)), "truncated_frac": 1 - float(np.mean(finished))}
+        stats |= sampler_mismatch(samples.generations, passes["logps"], batch["mask"])
         fields = [{"advantage": a} for a in rollout.advantages[:, 0].tolist()]
         return engine.Batch(rollout, stats, fields)
 
