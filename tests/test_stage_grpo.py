@@ -10,6 +10,7 @@ import math
 import pytest
 import torch
 from _fake_vllm import FakeVLLMSampler
+from safetensors.torch import load_file
 
 from alignkit import cli
 from alignkit.config import ConfigError, load_config
@@ -17,8 +18,10 @@ from alignkit.evaluation import monitors as monitors_module
 from alignkit.losses import grpo as losses
 from alignkit.models.forward import response_token_logprobs
 from alignkit.models.generation import Generation
+from alignkit.models.loading import load_model
 from alignkit.stages import grpo
 from alignkit.training import online_engine
+from alignkit.training.rollout import policy_outputs
 
 PROMPTS = ["hello there", "hello again", "bye now", "bye then"]
 
@@ -227,3 +230,41 @@ def test_vllm_logprob_mismatch_is_logged(tiny_model_dir, prompt_file, tmp_path, 
             assert row[f"sampling/importance_sampling_ratio/{key}"] == pytest.approx(math.exp(0.1), abs=1e-4)
     grpo.run(_config(tiny_model_dir, prompt_file, tmp_path / "hf"))
     assert not any(key.startswith("sampling/") for row in _rows(tmp_path / "hf") for key in row)
+
+
+def test_lora_trains_only_the_adapters_against_the_adapter_disabled_base(
+    tiny_model_dir, prompt_file, tmp_path, monkeypatch
+):
+    """lora=true, beta > 0: the reference is the policy's base with the adapters off, no second model. At
+    iteration 1 the fresh adapter (B = 0) is the base, so the KL is exactly 0; at iteration 2 the reference
+    log-probs are the plain base model's on the same batch (to 1e-5) while the policy's have moved. The
+    checkpoint holds only the adapters, and the final (merged) model differs from the base."""
+    seen = []
+    real = grpo.make_rollout
+
+    def spy(cfg, batch, passes, scores):
+        seen.append(({k: v.clone() for k, v in batch.items()}, {k: v.clone() for k, v in passes.items()}))
+        return real(cfg, batch, passes, scores)
+
+    monkeypatch.setattr(grpo, "make_rollout", spy)
+    out = tmp_path / "run"
+    lora = ("lora=true", "lora_r=4", "lora_alpha=8", "beta=0.04", "learning_rate=5e-2")
+    summary = grpo.run(_config(tiny_model_dir, prompt_file, out, *lora))
+    assert summary["reference"] == "policy base with adapters disabled"
+    base = load_model(str(tiny_model_dir), "float32", device="cpu").eval()
+    assert summary["total_parameters"] < 1.2 * sum(p.numel() for p in base.parameters())
+
+    rows = _rows(out)
+    assert rows[0]["kl"] == 0.0 and abs(rows[1]["kl"]) > 1e-4
+    batch, passes = seen[1]
+    with torch.no_grad():
+        base_logps, _ = policy_outputs(base, batch, 64)
+    mask = batch["mask"].bool()
+    torch.testing.assert_close(passes["ref_logps"][mask], base_logps[mask], atol=1e-5, rtol=0)
+    assert (passes["logps"][mask] - base_logps[mask]).abs().max() > 1e-3
+
+    weights = load_file(str(out / "checkpoints" / "step-000002" / "weights.safetensors"))
+    assert weights and all("lora_" in name for name in weights)
+    final = load_file(str(out / "final" / "model.safetensors"))
+    start = base.state_dict()
+    assert max((final[k] - start[k]).abs().max().item() for k in final if k in start) > 1e-4
