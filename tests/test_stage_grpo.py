@@ -248,7 +248,8 @@ def test_lora_trains_only_the_adapters_against_the_adapter_disabled_base(
 
     monkeypatch.setattr(grpo, "make_rollout", spy)
     out = tmp_path / "run"
-    lora = ("lora=true", "lora_r=4", "lora_alpha=8", "beta=0.04", "learning_rate=5e-2")
+    # Two minibatches of 2: the second step is off policy, so the no-grad policy and reference passes are made.
+    lora = ("lora=true", "lora_r=4", "lora_alpha=8", "beta=0.04", "learning_rate=5e-2", "minibatch_size=2")
     summary = grpo.run(_config(tiny_model_dir, prompt_file, out, *lora))
     assert summary["reference"] == "policy base with adapters disabled"
     base = load_model(str(tiny_model_dir), "float32", device="cpu").eval()
@@ -268,3 +269,33 @@ def test_lora_trains_only_the_adapters_against_the_adapter_disabled_base(
     final = load_file(str(out / "final" / "model.safetensors"))
     start = base.state_dict()
     assert max((final[k] - start[k]).abs().max().item() for k in final if k in start) > 1e-4
+
+
+def test_on_policy_update_skips_the_policy_pass_and_trains_the_same(tiny_model_dir, prompt_file, tmp_path, monkeypatch):
+    """num_iterations = 1 with one minibatch of all 4 responses: the update's one step is on policy (ratio 1),
+    so no no-grad policy pass is made and the entropy and KL are logged from the update's pass. Against the same
+    run made with the pass (trains_on_policy_only forced off): the same samples, the same final weights (atol
+    1e-6) and the same loss, entropy, KL and advantages (rel 1e-5)."""
+    made = []
+    real = grpo.shared_rollout_passes
+
+    def spy(*args):
+        made.append(args[-1])  # policy_pass
+        return real(*args)
+
+    monkeypatch.setattr(grpo, "shared_rollout_passes", spy)
+    extra = ("beta=0.04", "num_iterations=1", "minibatch_size=4")
+    grpo.run(_config(tiny_model_dir, prompt_file, tmp_path / "skip", *extra))
+    assert made == [False, False]
+    monkeypatch.setattr(grpo, "trains_on_policy_only", lambda cfg, n_rows: False)
+    grpo.run(_config(tiny_model_dir, prompt_file, tmp_path / "pass", *extra))
+    assert made[2:] == [True, True]
+
+    assert _samples(tmp_path / "skip") == _samples(tmp_path / "pass")
+    skip, with_pass = _rows(tmp_path / "skip"), _rows(tmp_path / "pass")
+    for key in ("loss", "entropy", "kl", "kl/per_token", "kl/k3_per_token", "advantage/abs_mean", "grad_norm"):
+        assert [r[key] for r in skip] == pytest.approx([r[key] for r in with_pass], rel=1e-5, abs=1e-7), key
+    assert skip[1]["kl"] != 0.0 and skip[0]["entropy"] > 0
+    a = load_file(str(tmp_path / "skip" / "final" / "model.safetensors"))
+    b = load_file(str(tmp_path / "pass" / "final" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6, rtol=0) for k in a)

@@ -88,7 +88,8 @@ def policy_outputs(model, batch: dict, chunk_size: int, temperature: float = 1.0
     """Log-probs (B, R) of the response tokens at ``temperature``, and their entropies (B, R) if asked.
 
     Through the chunked LM head where the model allows it (no (B, T, V) tensor); the entropy needs each
-    response position's logits, computed chunk by chunk from the same hidden states.
+    response position's logits, computed chunk by chunk from the same hidden states. The entropy is a health
+    signal, never trained on: computed without a graph, so a training pass that logs it keeps no (N, V) logits.
     """
     input_ids, attention_mask, loss_mask = batch["input_ids"], batch["attention_mask"], batch["loss_mask"]
     scored = loss_mask[:, 1:].bool()  # (B, T-1): positions whose next token is a response token
@@ -104,7 +105,7 @@ def policy_outputs(model, batch: dict, chunk_size: int, temperature: float = 1.0
         hidden = hidden / temperature if temperature != 1.0 else hidden
         flat = completion_logprobs(hidden, head.weight, input_ids, loss_mask, chunk_size, bias).token_logps
         if with_entropy:
-            h = hidden[:, :-1][scored]  # (N, H)
+            h = hidden.detach()[:, :-1][scored]  # (N, H)
             chunks = [
                 entropy_from_logits(torch.nn.functional.linear(h[s : s + chunk_size], head.weight, bias))
                 for s in range(0, h.shape[0], chunk_size)
@@ -115,7 +116,7 @@ def policy_outputs(model, batch: dict, chunk_size: int, temperature: float = 1.0
         logits = logits[:, :-1][scored].float() / temperature  # (N, V)
         flat = torch.log_softmax(logits, -1).gather(1, input_ids[:, 1:][scored][:, None]).squeeze(1)
         if with_entropy:
-            entropy = to_response_layout(entropy_from_logits(logits), batch["mask"])
+            entropy = to_response_layout(entropy_from_logits(logits.detach()), batch["mask"])
     return to_response_layout(flat, batch["mask"]), entropy
 
 
@@ -138,8 +139,11 @@ def response_values(value_model: ValueModel, batch: dict) -> torch.Tensor:
 
 
 @torch.no_grad()
-def rollout_passes(cfg, policy, reference: Reference, value_model, batch: dict) -> dict[str, torch.Tensor]:
-    """The forward passes of a rollout: "logps", "ref_logps", "entropy" and "values", each (B, R).
+def rollout_passes(
+    cfg, policy, reference: Reference, value_model, batch: dict, policy_pass: bool = True
+) -> dict[str, torch.Tensor]:
+    """The forward passes of a rollout: "logps", "ref_logps", "entropy" and "values", each (B, R);
+    ``policy_pass=False``: no "logps" and "entropy" (GRPO trained once, on policy: its update's pass has them).
 
     micro_batch_size rows at a time, rows of similar length together and each micro-batch cut to its longest
     row (``trim_padding``): replies of a few tokens do not pay for the longest one, and memory stays that of
@@ -150,18 +154,22 @@ def rollout_passes(cfg, policy, reference: Reference, value_model, batch: dict) 
     for start in range(0, B, cfg.micro_batch_size):
         rows = torch.tensor(order[start : start + cfg.micro_batch_size], device=batch["mask"].device)
         micro = trim_padding({k: v[rows] for k, v in batch.items()})
-        for key, value in _rollout_passes(cfg, policy, reference, value_model, micro).items():
+        for key, value in _rollout_passes(cfg, policy, reference, value_model, micro, policy_pass).items():
             if key not in passes:
                 passes[key] = value.new_zeros((B, R))
             passes[key][rows, : value.shape[1]] = value
     return passes
 
 
-def _rollout_passes(cfg, policy, reference: Reference, value_model, batch: dict) -> dict[str, torch.Tensor]:
+def _rollout_passes(
+    cfg, policy, reference: Reference, value_model, batch: dict, policy_pass: bool = True
+) -> dict[str, torch.Tensor]:
     """One micro-batch's passes; without a reference (mode "none") no "ref_logps", without a value model (GRPO)
     no "values"."""
-    logps, entropy = policy_outputs(policy, batch, cfg.logprob_chunk_size, cfg.temperature, with_entropy=True)
-    out = {"logps": logps, "entropy": entropy}
+    out = {}
+    if policy_pass:
+        logps, entropy = policy_outputs(policy, batch, cfg.logprob_chunk_size, cfg.temperature, with_entropy=True)
+        out = {"logps": logps, "entropy": entropy}
     if reference.mode != "none":
         with reference.model(policy) as model:  # LoRA: the value adapter stays trainable (Reference.model)
             out["ref_logps"], _ = policy_outputs(model, batch, cfg.logprob_chunk_size, cfg.temperature)
@@ -171,7 +179,9 @@ def _rollout_passes(cfg, policy, reference: Reference, value_model, batch: dict)
 
 
 @in_training_precision
-def shared_rollout_passes(cfg, policy, reference: Reference, value_model, batch: dict, rank: int, world: int):
+def shared_rollout_passes(
+    cfg, policy, reference: Reference, value_model, batch: dict, rank: int, world: int, policy_pass: bool = True
+):
     """``rollout_passes`` over the whole ``batch``, each of ``world`` processes running a contiguous share of
     its rows and gathering the others' (one process: all of them). Every share holds a row (check_launch).
 
@@ -181,11 +191,12 @@ def shared_rollout_passes(cfg, policy, reference: Reference, value_model, batch:
     n_rows = len(batch["mask"])
 
     def passes(rows: slice) -> dict[str, torch.Tensor]:
-        out = rollout_passes(cfg, policy, reference, value_model, {k: v[rows] for k, v in batch.items()})
+        share = {k: v[rows] for k, v in batch.items()}
+        out = rollout_passes(cfg, policy, reference, value_model, share, policy_pass)
         if distributed.is_sharded(policy):
             stand_in = trim_padding({k: v[:1] for k, v in batch.items()})
             for _ in range(distributed.stand_ins_needed(n_rows, cfg.micro_batch_size, rank, world)):
-                _rollout_passes(cfg, policy, reference, value_model, stand_in)
+                _rollout_passes(cfg, policy, reference, value_model, stand_in, policy_pass)
         return out
 
     out = distributed.shared_rows(passes, n_rows, rank, world)
