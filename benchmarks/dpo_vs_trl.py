@@ -98,6 +98,18 @@ def prepare(args, workdir: Path) -> dict:
     return spec
 
 
+def matmul_params(model_dir: str) -> tuple[int, int]:
+    """(N_dec, N_head): the weights of the decoder's linear layers and of the LM head (a token's forward costs
+    2 * N_dec, plus 2 * N_head where the head is applied)."""
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.from_pretrained(model_dir)
+    h, hd = cfg.hidden_size, getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    q, kv = cfg.num_attention_heads * hd, cfg.num_key_value_heads * hd
+    n_dec = cfg.num_hidden_layers * (h * q + 2 * h * kv + q * h + 3 * h * cfg.intermediate_size)
+    return n_dec, cfg.vocab_size * h
+
+
 def flop_counts(spec: dict) -> dict:
     """Matmul FLOPs per optimiser step (mean over the run's steps) for each way of computing a DPO step.
 
@@ -105,13 +117,7 @@ def flop_counts(spec: dict) -> dict:
     applied; backward costs twice the forward. Attention scores and the head's recompute are not counted (the
     usual MFU convention), embeddings are a lookup.
     """
-    from transformers import AutoConfig
-
-    cfg = AutoConfig.from_pretrained(spec["model_dir"])
-    h, hd = cfg.hidden_size, getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    q, kv = cfg.num_attention_heads * hd, cfg.num_key_value_heads * hd
-    n_dec = cfg.num_hidden_layers * (h * q + 2 * h * kv + q * h + 3 * h * cfg.intermediate_size)
-    n_head = cfg.vocab_size * h
+    n_dec, n_head = matmul_params(spec["model_dir"])
     ids = spec["alignkit_ids"]
     steps = [ids[k : k + PAIRS_PER_STEP] for k in range(0, len(ids), PAIRS_PER_STEP)]
     mb = spec["micro_batch_size"]
@@ -311,13 +317,7 @@ def child_trl(spec: dict) -> dict:
         args = DPOConfig(
             output_dir=out,
             per_device_train_batch_size=PAIRS_PER_STEP,
-            gradient_accumulation_steps=1,
-            max_steps=spec["steps"],
-            learning_rate=spec["learning_rate"],
-            lr_scheduler_type="constant",
-            warmup_steps=0,
-            weight_decay=0.0,
-            max_grad_norm=1.0,
+            **trl_run_args(spec),
             beta=BETA,
             max_length=MAX_LENGTH,
             bf16=spec["precision"] == "bf16",  # TRL's default is bf16 autocast; --precision picks both sides
@@ -325,11 +325,6 @@ def child_trl(spec: dict) -> dict:
             **({"use_cpu": True} if spec["precision"] == "bf16" and not torch.cuda.is_available() else {}),
             gradient_checkpointing=False,  # TRL's default is on; the issue measures without it
             train_sampling_strategy="sequential",  # the pairs come in alignkit's visiting order
-            seed=SEED,
-            logging_steps=1,
-            save_strategy="no",
-            report_to="none",
-            disable_tqdm=True,
         )
         tokenizer = AutoTokenizer.from_pretrained(spec["model_dir"])
         timer = Timer()
@@ -349,6 +344,26 @@ def child_trl(spec: dict) -> dict:
         "peak_rss_mb": timer.rss,
         "threads": torch.get_num_threads(),
         "ids_check": ids_check,
+    }
+
+
+def trl_run_args(spec: dict) -> dict:
+    """The TRL trainer arguments every side-by-side benchmark sets alike: one optimiser step per batch (no
+    accumulation), spec's steps and learning rate, AdamW at a constant rate without warmup or weight decay,
+    gradients clipped at 1.0, the seed, a log line per step, no checkpoints or reports."""
+    return {
+        "gradient_accumulation_steps": 1,
+        "max_steps": spec["steps"],
+        "learning_rate": spec["learning_rate"],
+        "lr_scheduler_type": "constant",
+        "warmup_steps": 0,
+        "weight_decay": 0.0,
+        "max_grad_norm": 1.0,
+        "seed": SEED,
+        "logging_steps": 1,
+        "save_strategy": "no",
+        "report_to": "none",
+        "disable_tqdm": True,
     }
 
 
@@ -389,12 +404,33 @@ def _check_ids(trainer, spec: dict) -> dict:
 # ---------------------------------------------------------------------------------------------
 
 
-def run_child(side: str, workdir: Path, round_: int, threads: int | None) -> dict:
+def add_child_arguments(ap: argparse.ArgumentParser) -> None:
+    """--keep, and the hidden arguments with which ``run_child`` starts a side (``run_as_child``)."""
+    ap.add_argument("--keep", type=Path, default=None, help="keep the spec, logs and child results here")
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    ap.add_argument("--spec", type=Path, help=argparse.SUPPRESS)
+    ap.add_argument("--result", type=Path, help=argparse.SUPPRESS)
+
+
+def run_as_child(args, children: dict) -> int:
+    """One side, in this fresh process: ``children[args.child](spec)`` with torch on OMP_NUM_THREADS threads,
+    its result written where the parent reads it."""
+    spec = json.loads(args.spec.read_text())
+    if os.environ.get("OMP_NUM_THREADS"):
+        import torch
+
+        torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+    args.result.write_text(json.dumps(children[args.child](spec)))
+    return 0
+
+
+def run_child(side: str, workdir: Path, round_: int, threads: int | None, script: str = __file__) -> dict:
+    """``script --child side`` in a fresh process on workdir/spec.json; its result, with its wall time."""
     result = workdir / f"{side}-{round_}.json"
     log = workdir / f"{side}-{round_}.log"
     cmd = [
         sys.executable,
-        __file__,
+        script,
         "--child",
         side,
         "--spec",
@@ -469,24 +505,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sides", default="alignkit,trl", help="comma list of alignkit, alignkit-plain, trl")
     ap.add_argument("--data", type=Path, default=HH_RLHF)
     ap.add_argument("--model", default=MODEL, help="embedded name or local model dir (both sides)")
-    ap.add_argument("--keep", type=Path, default=None, help="keep the spec, logs and child results here")
-    ap.add_argument("--child", help=argparse.SUPPRESS)
-    ap.add_argument("--spec", type=Path, help=argparse.SUPPRESS)
-    ap.add_argument("--result", type=Path, help=argparse.SUPPRESS)
+    add_child_arguments(ap)
     args = ap.parse_args(argv)
 
-    if args.child:  # one side, in this fresh process
-        spec = json.loads(args.spec.read_text())
-        if os.environ.get("OMP_NUM_THREADS"):
-            import torch
-
-            torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
-        if args.child == "trl":
-            out = child_trl(spec)
-        else:
-            out = child_alignkit(spec, share_prompt=args.child == "alignkit")
-        args.result.write_text(json.dumps(out))
-        return 0
+    if args.child:
+        children = {
+            "trl": child_trl,
+            "alignkit": lambda spec: child_alignkit(spec, share_prompt=True),
+            "alignkit-plain": lambda spec: child_alignkit(spec, share_prompt=False),
+        }
+        return run_as_child(args, children)
 
     args.rounds = args.rounds or (1 if args.quick else 3)
     args.steps = args.steps or (3 if args.quick else 6)

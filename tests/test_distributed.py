@@ -499,6 +499,26 @@ def test_grpo_in_two_processes_equals_one(tiny_model_dir, tmp_path):
     assert [r["step"] for r in rows] == [1, 2] and rows[1]["kl"] > 1e-4
 
 
+def test_fsdp_grpo_in_two_processes_equals_one(tiny_model_dir, tmp_path):
+    """GRPO with full fine-tuning under FSDP in 2 processes, as the 2-process DDP test above: policy and
+    reference each sharded (half of every weight per rank), generation on the policy's weights gathered whole,
+    the no-grad passes on the shards (rank 0: 4 of the 6 rows in micro-batches of 1, rank 1: 2 and stand-ins),
+    two passes over minibatches of 4 and 2 responses. It samples, logs and trains as one plain process
+    (atol 1e-5)."""
+    data = _write(tmp_path, "prompts.jsonl", PROMPTS)
+    args = ["reward=alignkit.scoring.rewards:length", "iterations=2", "prompts_per_iteration=3"]
+    args += ["num_generations=2", "generation_batch_size=2", "minibatch_size=4", "micro_batch_size=1"]
+    args += ["max_new_tokens=6", "learning_rate=3e-3", "beta=0.04", "num_iterations=2", "epsilon_high=0.28"]
+    output = _launch("grpo", [*_common(tiny_model_dir, data, tmp_path / "fsdp"), *args], fsdp=True)
+    assert output.count('"stage": "grpo"') == 1  # the summary, printed by the main process alone
+    assert main(["grpo", *_common(tiny_model_dir, data, tmp_path / "one"), *args]) == 0
+    rows = _assert_same_run(tmp_path / "fsdp", tmp_path / "one", tiny_model_dir, GRPO_LOGGED)
+    assert [r["step"] for r in rows] == [1, 2] and rows[1]["kl"] > 1e-4
+    summary = json.loads((tmp_path / "fsdp" / "summary.json").read_text())
+    assert summary["params_rank_share"] == pytest.approx(0.5, abs=0.01)  # sharded, not data parallel
+    assert summary["reference"] == "frozen copy"
+
+
 def test_ppo_checkpoint_of_two_processes_resumes_in_one(tiny_model_dir, tmp_path):
     """Full fine-tuning (separate reference and value copies): 2 processes run iteration 1 and checkpoint;
     1 process resumes the folder for iteration 2. Samples, weights (atol 1e-5) and logs equal 2 uninterrupted

@@ -19,6 +19,7 @@ from alignkit.losses.grpo import (
     policy_loss,
     reinforce_pp_advantages,
     rloo_advantages,
+    sampler_mismatch,
     token_mean,
     zero_spread_groups,
 )
@@ -231,3 +232,28 @@ def test_advantages_equal_trl():
     torch.testing.assert_close(grpo_advantages(rewards, 4), _trl_grpo_advantages(rewards, 4, "group"))
     torch.testing.assert_close(dr_grpo_advantages(rewards, 4), _trl_grpo_advantages(rewards, 4, "none"))
     torch.testing.assert_close(rloo_advantages(rewards, 4), _trl_rloo_advantages(rewards, 4))
+
+
+# --- the sampler-trainer mismatch (vLLM) -------------------------------------------------------------------
+
+
+def test_sampler_mismatch_hand_values():
+    """Response tokens (mask 1): row 0 trainer [-1.0, -2.0] vs sampler [-1.1, -1.8]; row 1 trainer [-0.5] vs
+    sampler [-0.5]; row 1's second token has no sampler value (NaN) and is left out, as are padded positions.
+    trainer - sampler = [0.1, -0.2, 0.0]: |.| mean 0.3 / 3 = 0.1, max 0.2; ratio exp(.) = [1.1051709, 0.8187308,
+    1.0]: min 0.8187308, mean 2.9239017 / 3 = 0.9746339, max 1.1051709."""
+    trainer = _t([[-1.0, -2.0, -7.0], [-0.5, -3.0, 0.0]])
+    sampler = _t([[-1.1, -1.8, 0.0], [-0.5, float("nan"), 0.0]])
+    mask = torch.tensor([[1, 1, 0], [1, 1, 0]])
+    got = sampler_mismatch(trainer, sampler, mask)
+    expected = {
+        "sampling/sampling_logp_difference/mean": 0.1,
+        "sampling/sampling_logp_difference/max": 0.2,
+        "sampling/importance_sampling_ratio/min": 0.8187308,
+        "sampling/importance_sampling_ratio/mean": 0.9746339,
+        "sampling/importance_sampling_ratio/max": 1.1051709,
+    }
+    assert got.keys() == expected.keys()
+    for key, value in expected.items():
+        assert got[key] == pytest.approx(value, abs=1e-6), key
+    assert sampler_mismatch(trainer, torch.full_like(sampler, float("nan")), mask) == {}

@@ -399,3 +399,26 @@ def test_an_output_started_with_the_old_reward_names_resumes_beside_a_renamed_ke
     progress_path(output).write_text("".join(json.dumps(e) + "\n" for e in ledger))
     settings = as_recorded(output, {"model": "m", "ranker": "reward", "reward": "rm/final", "prompts_max_rows": 3})
     assert list(resume(output, settings, renamed_keys(BuildPrefsConfig))) == [0]
+
+
+def test_build_prefs_passes_prompt_columns_to_a_reward_function(tiny_model_dir, tmp_path):
+    """reward=_grpo_rewards:near_target takes the prompt row's 'target' column, as grpo's reward functions
+    do: each pair's scores are -|len(response) - that row's target| (rows with targets 0 and 40 score the same
+    responses differently). A row without the column is refused before any model loads, naming it."""
+    rows = [{"prompt": f"please write about {w}", "target": t} for w, t in zip(WORDS[:4], [0, 40, 3, 40])]
+    prompts = _write(tmp_path / "prompts.jsonl", rows)
+    out = tmp_path / "pairs.jsonl"
+    reward = ("ranker=reward", "reward=_grpo_rewards:near_target")
+    summary = build_prefs.run(load_config(BuildPrefsConfig, None, _bp_args(tiny_model_dir, prompts, out, *reward)))
+    pairs = _lines(out)
+    assert summary["pairs"] == len(pairs) >= 2
+    target = {r["prompt"]: r["target"] for r in rows}
+    for pair in pairs:
+        for side in ("chosen", "rejected"):
+            assert pair[f"{side}_score"] == -abs(len(pair[side]) - target[pair["prompt"]])
+
+    rows[2] = {"prompt": "no target here"}
+    missing = _write(tmp_path / "missing.jsonl", rows)
+    args = _bp_args(tmp_path / "no-model-loaded", missing, tmp_path / "other.jsonl", *reward)
+    with pytest.raises(ConfigError, match="takes column 'target'.*row 2 of prompts"):
+        build_prefs.run(load_config(BuildPrefsConfig, None, args))

@@ -5,17 +5,23 @@ sampler's log-probs (ratio exactly 1 on the first step), and every registered mo
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
+from _fake_vllm import FakeVLLMSampler
+from safetensors.torch import load_file
 
 from alignkit import cli
 from alignkit.config import ConfigError, load_config
 from alignkit.evaluation import monitors as monitors_module
 from alignkit.losses import grpo as losses
+from alignkit.models.forward import response_token_logprobs
 from alignkit.models.generation import Generation
+from alignkit.models.loading import load_model
 from alignkit.stages import grpo
 from alignkit.training import online_engine
+from alignkit.training.rollout import policy_outputs
 
 PROMPTS = ["hello there", "hello again", "bye now", "bye then"]
 
@@ -191,3 +197,105 @@ def test_config_refusals_and_cli(tiny_model_dir, prompt_file, tmp_path, capsys):
     args += [f"output_dir={tmp_path / 'cli'}", "prompts_per_iteration=1", "max_new_tokens=3", "progress=false"]
     assert cli.main(["grpo", *args, "tensorboard=false", "minibatch_size=2", "micro_batch_size=2"]) == 0
     assert (tmp_path / "cli" / "final").is_dir()
+
+
+class _LogprobSampler(FakeVLLMSampler):
+    """A vLLM stand-in that returns log-probs, as VLLMSampler does: the engine model's own log-prob of each
+    sampled token less 0.1 (an engine whose numbers drift from the trainer's by a known amount)."""
+
+    def __call__(self, prompt_ids, sampling):
+        generations = super().__call__(prompt_ids, sampling)
+        logps = response_token_logprobs(self.llm.model, generations, len(generations), 64)
+        for g, lp in zip(generations, logps):
+            g.sampling_logps = (lp - 0.1).tolist()
+        return generations
+
+
+def test_vllm_logprob_mismatch_is_logged(tiny_model_dir, prompt_file, tmp_path, monkeypatch):
+    """generation_backend=vllm with a sampler returning its log-probs 0.1 below the engine model's, which holds
+    the policy's weights at every iteration (the first: both the starting model): every iteration logs
+    |trainer - sampler| mean and max of 0.1 and a ratio exp(0.1) = 1.1051709 everywhere (to the float rounding
+    of two forward passes); generation_backend=hf logs none of these keys."""
+    monkeypatch.setattr(online_engine, "check_generation_backend", lambda backend: None)  # vllm is not here
+    monkeypatch.setattr(online_engine, "vllm_sampler", _LogprobSampler)
+    monkeypatch.setattr(FakeVLLMSampler, "built", [])
+    out = tmp_path / "vllm"
+    grpo.run(_config(tiny_model_dir, prompt_file, out, "generation_backend=vllm"))
+    rows = _rows(out)
+    assert len(rows) == 2
+    for row in rows:
+        assert row["sampling/sampling_logp_difference/mean"] == pytest.approx(0.1, abs=1e-4)
+        assert row["sampling/sampling_logp_difference/max"] == pytest.approx(0.1, abs=1e-4)
+        for key in ("min", "mean", "max"):
+            assert row[f"sampling/importance_sampling_ratio/{key}"] == pytest.approx(math.exp(0.1), abs=1e-4)
+    grpo.run(_config(tiny_model_dir, prompt_file, tmp_path / "hf"))
+    assert not any(key.startswith("sampling/") for row in _rows(tmp_path / "hf") for key in row)
+
+
+def test_lora_trains_only_the_adapters_against_the_adapter_disabled_base(
+    tiny_model_dir, prompt_file, tmp_path, monkeypatch
+):
+    """lora=true, beta > 0: the reference is the policy's base with the adapters off, no second model. At
+    iteration 1 the fresh adapter (B = 0) is the base, so the KL is exactly 0; at iteration 2 the reference
+    log-probs are the plain base model's on the same batch (to 1e-5) while the policy's have moved. The
+    checkpoint holds only the adapters, and the final (merged) model differs from the base."""
+    seen = []
+    real = grpo.make_rollout
+
+    def spy(cfg, batch, passes, scores):
+        seen.append(({k: v.clone() for k, v in batch.items()}, {k: v.clone() for k, v in passes.items()}))
+        return real(cfg, batch, passes, scores)
+
+    monkeypatch.setattr(grpo, "make_rollout", spy)
+    out = tmp_path / "run"
+    # Two minibatches of 2: the second step is off policy, so the no-grad policy and reference passes are made.
+    lora = ("lora=true", "lora_r=4", "lora_alpha=8", "beta=0.04", "learning_rate=5e-2", "minibatch_size=2")
+    summary = grpo.run(_config(tiny_model_dir, prompt_file, out, *lora))
+    assert summary["reference"] == "policy base with adapters disabled"
+    base = load_model(str(tiny_model_dir), "float32", device="cpu").eval()
+    assert summary["total_parameters"] < 1.2 * sum(p.numel() for p in base.parameters())
+
+    rows = _rows(out)
+    assert rows[0]["kl"] == 0.0 and abs(rows[1]["kl"]) > 1e-4
+    batch, passes = seen[1]
+    with torch.no_grad():
+        base_logps, _ = policy_outputs(base, batch, 64)
+    mask = batch["mask"].bool()
+    torch.testing.assert_close(passes["ref_logps"][mask], base_logps[mask], atol=1e-5, rtol=0)
+    assert (passes["logps"][mask] - base_logps[mask]).abs().max() > 1e-3
+
+    weights = load_file(str(out / "checkpoints" / "step-000002" / "weights.safetensors"))
+    assert weights and all("lora_" in name for name in weights)
+    final = load_file(str(out / "final" / "model.safetensors"))
+    start = base.state_dict()
+    assert max((final[k] - start[k]).abs().max().item() for k in final if k in start) > 1e-4
+
+
+def test_on_policy_update_skips_the_policy_pass_and_trains_the_same(tiny_model_dir, prompt_file, tmp_path, monkeypatch):
+    """num_iterations = 1 with one minibatch of all 4 responses: the update's one step is on policy (ratio 1),
+    so no no-grad policy pass is made and the entropy and KL are logged from the update's pass. Against the same
+    run made with the pass (trains_on_policy_only forced off): the same samples, the same final weights (atol
+    1e-6) and the same loss, entropy, KL and advantages (rel 1e-5)."""
+    made = []
+    real = grpo.shared_rollout_passes
+
+    def spy(*args):
+        made.append(args[-1])  # policy_pass
+        return real(*args)
+
+    monkeypatch.setattr(grpo, "shared_rollout_passes", spy)
+    extra = ("beta=0.04", "num_iterations=1", "minibatch_size=4")
+    grpo.run(_config(tiny_model_dir, prompt_file, tmp_path / "skip", *extra))
+    assert made == [False, False]
+    monkeypatch.setattr(grpo, "trains_on_policy_only", lambda cfg, n_rows: False)
+    grpo.run(_config(tiny_model_dir, prompt_file, tmp_path / "pass", *extra))
+    assert made[2:] == [True, True]
+
+    assert _samples(tmp_path / "skip") == _samples(tmp_path / "pass")
+    skip, with_pass = _rows(tmp_path / "skip"), _rows(tmp_path / "pass")
+    for key in ("loss", "entropy", "kl", "kl/per_token", "kl/k3_per_token", "advantage/abs_mean", "grad_norm"):
+        assert [r[key] for r in skip] == pytest.approx([r[key] for r in with_pass], rel=1e-5, abs=1e-7), key
+    assert skip[1]["kl"] != 0.0 and skip[0]["entropy"] > 0
+    a = load_file(str(tmp_path / "skip" / "final" / "model.safetensors"))
+    b = load_file(str(tmp_path / "pass" / "final" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6, rtol=0) for k in a)

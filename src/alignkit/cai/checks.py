@@ -116,7 +116,7 @@ class ChecksRanker:
         order = sorted(self.priorities, key=lambda pid: -self.priorities[pid])
         return tuple(CHECKS[pid](prompt, response) for pid in order)
 
-    def score(self, prompt: str, responses: list[str]) -> list[float]:
+    def score(self, prompt: str, responses: list[str], columns: dict | None = None) -> list[float]:
         keys = [self.principle_scores(prompt, r) for r in responses]
         rank = {key: float(i) for i, key in enumerate(sorted(set(keys)))}  # lexicographic: priority first
         return [rank[k] for k in keys]

@@ -61,7 +61,7 @@ class GuidedChecksRanker(ChecksRanker):
         order = sorted(self.priorities, key=lambda pid: -self.priorities[pid])
         return tuple(self.guided.get(pid, CHECKS[pid])(prompt, response) for pid in order)
 
-    def score(self, prompt, responses: list[str]) -> list[float]:
+    def score(self, prompt, responses: list[str], columns: dict | None = None) -> list[float]:
         for r in responses:
             self.resolved += any(
                 check(prompt, r) != CHECKS[pid](prompt, r) for pid, check in self.guided.items()

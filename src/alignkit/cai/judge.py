@@ -389,7 +389,7 @@ class JudgeRanker:
         self.seed = seed
         self.name = name
 
-    def score(self, prompt: Prompt, responses: list[str]) -> list[float]:
+    def score(self, prompt: Prompt, responses: list[str], columns: dict | None = None) -> list[float]:
         n = len(responses)
         if n < 2:
             return [float("nan")] * n

@@ -21,7 +21,8 @@ Deliberate differences from TRL 1.16 (``GRPOTrainer._compute_loss`` and its adva
   then charges the KL as a sequence-level k1 reward penalty and clips a sequence-level ratio of summed
   log-probs; here RLOO is an advantage only, trained with whichever loss is configured.
 - Not implemented: TRL's ``delta`` (two-sided clip), ``use_bias_correction_kl``, the entropy and off-policy masks,
-  vLLM importance-sampling correction, the loss types cispo/sapo/vespo/luspo, and unscorable (None) rewards.
+  vLLM importance-sampling correction (the mismatch is logged: ``sampler_mismatch``), the loss types
+  cispo/sapo/vespo/luspo, and unscorable (None) rewards.
 """
 
 from __future__ import annotations
@@ -184,6 +185,26 @@ def aggregate(
             raise ValueError("aggregation 'fixed_length' needs max_completion_length")
         return per_token.sum() / (n_sequences * max_completion_length)
     raise ValueError(f"unknown aggregation {aggregation!r}; use token, sequence or fixed_length")
+
+
+def sampler_mismatch(trainer_logps: torch.Tensor, sampler_logps: torch.Tensor, mask: torch.Tensor) -> dict:
+    """How far the sampler's (vLLM's) log-probs of the sampled tokens are from the trainer's, both (B, R), over
+    the response tokens of ``mask``: the mean and max of |trainer - sampler|, and the min / mean / max of the
+    per-token ratio exp(trainer - sampler), under TRL 1.16's names (its ``vllm_importance_sampling_correction``
+    logs them; here they are logged only, no correction is applied). Non-finite sampler values (a token the
+    engine could not score) are left out, as TRL does."""
+    m = mask.bool() & torch.isfinite(sampler_logps)
+    diff = (trainer_logps - sampler_logps)[m].double()  # (N,)
+    if diff.numel() == 0:
+        return {}
+    ratio = torch.exp(diff)
+    return {
+        "sampling/sampling_logp_difference/mean": diff.abs().mean().item(),
+        "sampling/sampling_logp_difference/max": diff.abs().max().item(),
+        "sampling/importance_sampling_ratio/min": ratio.min().item(),
+        "sampling/importance_sampling_ratio/mean": ratio.mean().item(),
+        "sampling/importance_sampling_ratio/max": ratio.max().item(),
+    }
 
 
 def token_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -35,6 +35,8 @@ class Generation:
     response_ids: list[int]  # generated tokens, up to and including EOS when it was produced
     text: str  # decoded response without special tokens
     finished: bool  # True when the model emitted EOS before max_new_tokens
+    # The sampler's own log-prob of each response token, where it returns them (vLLM); None: not returned.
+    sampling_logps: list[float] | None = None
 
 
 # One response per prompt (token ids), in input order.
@@ -214,12 +216,16 @@ def sample_batch(
     ]
 
 
-def to_generation(prompt_ids: list[int], tokens: list[int], eos_ids: list[int], tokenizer) -> Generation:
-    """The Generation of sampled ``tokens``: cut after the first EOS (finished), else kept whole."""
+def to_generation(
+    prompt_ids: list[int], tokens: list[int], eos_ids: list[int], tokenizer, logps: list[float] | None = None
+) -> Generation:
+    """The Generation of sampled ``tokens`` (and the sampler's ``logps`` of them, if any): cut after the first
+    EOS (finished), else kept whole."""
     cut = next((k for k, t in enumerate(tokens) if t in eos_ids), None)
     response = tokens[: cut + 1] if cut is not None else tokens
     text = tokenizer.decode(response, skip_special_tokens=True).strip()
-    return Generation(list(prompt_ids), response, text, cut is not None)
+    kept = list(logps[: len(response)]) if logps is not None else None
+    return Generation(list(prompt_ids), response, text, cut is not None, kept)
 
 
 def eos_token_ids(generation_config, tokenizer) -> list[int]:

@@ -32,6 +32,26 @@ class WeightLoader:
         self.model_runner.model.load_weights(weights=weights)
 
 
+def processed_logprobs() -> dict:
+    """The engine argument that makes the returned log-probs those of the distribution sampled from (after
+    temperature), as the trainer computes them, as TRL 1.16 sets it; none where the installed vLLM has no such
+    argument (older ones: their log-probs are then the engine's default kind)."""
+    import dataclasses
+
+    from vllm.engine.arg_utils import EngineArgs
+
+    names = {f.name for f in dataclasses.fields(EngineArgs)}
+    return {"logprobs_mode": "processed_logprobs"} if "logprobs_mode" in names else {}
+
+
+def sampled_logprobs(completion) -> list[float] | None:
+    """The log-prob of each sampled token of a vLLM ``CompletionOutput`` asked for ``logprobs=0`` (each
+    position's dict holds the sampled token); None where the engine returned none."""
+    if completion.logprobs is None:
+        return None
+    return [position[token].logprob for token, position in zip(completion.token_ids, completion.logprobs)]
+
+
 class VLLMSampler:
     """A vLLM engine on the model directory ``model_path``; called like a ``Sampler``."""
 
@@ -58,6 +78,7 @@ class VLLMSampler:
             # build-prefs samples several responses per prompt: each prompt's KV cache is computed once.
             enable_prefix_caching=True,
             worker_extension_cls=f"{__name__}.WeightLoader",
+            **processed_logprobs(),
         )
         has_generation_config = (Path(model_path) / "generation_config.json").is_file()
         generation_config = GenerationConfig.from_pretrained(model_path) if has_generation_config else None
@@ -77,13 +98,16 @@ class VLLMSampler:
                 # responses, and a rerun (a resumed run) draws the same ones.
                 seed=int(np.random.SeedSequence([sampling.seed, i]).generate_state(1)[0]) & 0x7FFFFFFF,
                 stop_token_ids=self.eos_ids,
+                logprobs=0,  # the sampled token's log-prob (GRPO logs the sampler-trainer mismatch)
             )
             for i in range(len(prompt_ids))
         ]
         requests = [{"prompt_token_ids": list(ids)} for ids in prompt_ids]
         outputs = self.llm.generate(requests, params, use_tqdm=False)  # in input order
         return [
-            to_generation(ids, list(out.outputs[0].token_ids), self.eos_ids, self.tokenizer)
+            to_generation(
+                ids, list(out.outputs[0].token_ids), self.eos_ids, self.tokenizer, sampled_logprobs(out.outputs[0])
+            )
             for ids, out in zip(prompt_ids, outputs)
         ]
 

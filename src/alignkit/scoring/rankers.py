@@ -31,12 +31,14 @@ class Ranker(Protocol):
     """Scores the responses to one prompt; higher is better. Only the order (and ties) matters to pairing.
 
     ``score`` returns one float per response, in order; NaN means "no opinion on this one" and leaves the
-    response out of every pair. ``name`` is written into each pair, so a pair can be traced to its ranker.
+    response out of every pair. ``columns``: the prompt row's other columns (``PromptExample.columns``), which a
+    reward function may take as grpo's do; rankers that read only the prompt and responses ignore them.
+    ``name`` is written into each pair, so a pair can be traced to its ranker.
     """
 
     name: str
 
-    def score(self, prompt: Prompt, responses: list[str]) -> list[float]: ...
+    def score(self, prompt: Prompt, responses: list[str], columns: dict | None = None) -> list[float]: ...
 
 
 class RewardModelRanker:
@@ -47,7 +49,7 @@ class RewardModelRanker:
         self.batch_size = batch_size
         self.name = f"reward_model:{reward_model.path}"
 
-    def score(self, prompt: Prompt, responses: list[str]) -> list[float]:
+    def score(self, prompt: Prompt, responses: list[str], columns: dict | None = None) -> list[float]:
         return self.reward_model.score([prompt] * len(responses), responses, batch_size=self.batch_size)
 
 
@@ -58,8 +60,9 @@ class ScorerRanker:
         self.scorer = scorer
         self.name = f"function:{scorer.name}"
 
-    def score(self, prompt: Prompt, responses: list[str]) -> list[float]:
-        return self.scorer.score([prompt] * len(responses), responses)
+    def score(self, prompt: Prompt, responses: list[str], columns: dict | None = None) -> list[float]:
+        rows = None if columns is None else [columns] * len(responses)
+        return self.scorer.score([prompt] * len(responses), responses, rows)
 
 
 def judge_ranker(cfg: Any) -> Ranker:

@@ -42,7 +42,7 @@ from alignkit.data.tokenize import encode_prompt
 from alignkit.models.generation import SamplingConfig, check_generation_backend, load_sampler
 from alignkit.models.loading import load_tokenizer, pick_device
 from alignkit.reporting import cards
-from alignkit.scoring import FunctionScorer, check_scorer, is_function_spec
+from alignkit.scoring import FunctionScorer, check_columns, check_scorer, is_function_spec
 from alignkit.scoring.rankers import (
     RANKING_HOWTO,
     Ranker,
@@ -304,6 +304,8 @@ def sample_and_rank(
     )
     print(f"prompts: {loaded.summary()}", file=sys.stderr)
     loaded.require_rows("prompts")
+    if ranker is not None:  # a reward function's column without a default, missing from a row: before the policy
+        check_columns(cfg.reward, loaded.examples, "reward", "prompts")
     tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code)
     sample = load_sampler(cfg, tokenizer, device)
     sampling = {
@@ -351,7 +353,8 @@ def sample_and_rank(
             # 4. Rank the usable responses (empty and repeated ones are never sent to the ranker).
             kept, _, _ = usable_responses(texts)
             scores: list[float | None] = [None] * n
-            ranked = ranker.score(ex.prompt, [texts[i] for i in kept]) if kept else []
+            # The prompt row's other columns (a task's 'answer') go to a reward function, as grpo passes them.
+            ranked = ranker.score(ex.prompt, [texts[i] for i in kept], ex.columns) if kept else []
             lengths = [len(generations[k * n + i].response_ids) for i in kept]
             for i, s in zip(kept, length_penalised(ranked, lengths, cfg.length_penalty)):
                 scores[i] = s

@@ -34,6 +34,7 @@ from alignkit.training.rollout import (
     length_order,
     policy_outputs,
     rollout_inputs,
+    sampler_mismatch,
 )
 
 
@@ -113,20 +114,37 @@ def dynamic_sampling(samples: engine.Samples, draw, k: int, n_groups: int, max_r
     return kept, stats | {"zero_std_frac": zero_std_frac(samples.scores, k)}
 
 
+def trains_on_policy_only(cfg: GRPOConfig, n_rows: int) -> bool:
+    """Whether the iteration's update is one on-policy step (num_iterations = 1, one minibatch of every
+    response) whose ratio is exactly 1, so the old log-probs are never read: the no-grad policy pass is then
+    skipped, its signals (entropy, KL) taken from the update's pass, as TRL does on policy. Not with vLLM: the
+    sampler-trainer mismatch needs the trainer's log-probs of the samples."""
+    return cfg.num_iterations == 1 and cfg.minibatch_size >= n_rows and cfg.generation_backend == "hf"
+
+
+def kl_signals(logps: torch.Tensor, ref: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
+    """kl: nats per response (k1 summed), the KL monitor's, (B, 1); kl/per_token: k1 per token and
+    kl/k3_per_token: the k3 the loss charges, (B, R)."""
+    k1 = torch.where(mask.bool(), logps - ref, torch.zeros_like(logps))
+    return {"kl": k1.sum(1, keepdim=True), "kl/per_token": k1, "kl/k3_per_token": losses.k3_kl(logps, ref)}
+
+
 @torch.no_grad()
 def make_rollout(cfg: GRPOConfig, batch: dict, passes: dict, scores: torch.Tensor):
-    """3. advantages from the scores; 4. the no-grad passes' log-probs kept as the old (and reference) ones.
-    Returns (GroupRollout, stats)."""
-    mask, logps = batch["mask"], passes["logps"]
+    """3. advantages from the scores; 4. the no-grad passes' log-probs kept as the old (and reference) ones
+    (without a policy pass: no old log-probs, the update logs entropy and KL). Returns (GroupRollout, stats)."""
+    mask = batch["mask"]
     adv = losses.ADVANTAGES[cfg.advantage](scores, cfg.num_generations)  # (B,)
+    logps = passes.get("logps", torch.zeros(mask.shape, device=mask.device))
     ref = passes.get("ref_logps", torch.zeros_like(logps))
     sequences = (batch["input_ids"], batch["attention_mask"], batch["loss_mask"])
-    rollout = GroupRollout(*sequences, mask, logps, ref, adv[:, None])
-    stats = {"entropy": masked_mean(passes["entropy"], mask).item(), "advantage/abs_mean": adv.abs().mean().item()}
-    if "ref_logps" in passes:  # kl: nats per response (k1 summed), the KL monitor's; what the loss charges is k3
-        k1 = torch.where(mask.bool(), logps - ref, torch.zeros_like(logps))
-        stats |= {"kl": k1.sum(1).mean().item(), "kl/per_token": masked_mean(k1, mask).item()}
-        stats["kl/k3_per_token"] = masked_mean(losses.k3_kl(logps, ref), mask).item()
+    rollout = GroupRollout(*sequences, mask, logps, ref, adv[:, None], signals_from_update="logps" not in passes)
+    stats = {"advantage/abs_mean": adv.abs().mean().item()}
+    if "logps" in passes:
+        stats["entropy"] = masked_mean(passes["entropy"], mask).item()
+        if "ref_logps" in passes:
+            signals = kl_signals(logps, ref, mask)
+            stats |= {k: (v.mean() if v.shape[1] == 1 else masked_mean(v, mask)).item() for k, v in signals.items()}
     return rollout, stats
 
 
@@ -139,7 +157,8 @@ def grpo_loss(cfg: GRPOConfig, policy, mb: GroupRollout, beta: float) -> tuple[t
     """The clipped policy loss of ``mb``, normalised by its minibatch's totals, and its metrics as shares of
     the minibatch (so micro-batches' add up): the forward of the module DDP wraps."""
     batch = {k: getattr(mb, k) for k in ("input_ids", "attention_mask", "loss_mask", "mask")}
-    logps, _ = policy_outputs(policy, batch, cfg.logprob_chunk_size, cfg.temperature)
+    signals = mb.signals_from_update and mb.on_policy
+    logps, entropy = policy_outputs(policy, batch, cfg.logprob_chunk_size, cfg.temperature, with_entropy=signals)
     old = logps.detach() if mb.on_policy else mb.old_logps  # on policy: ratio exactly 1
     out = losses.policy_loss(
         logps, old, mb.advantages[:, 0], mb.mask, cfg.epsilon_low, cfg.epsilon_high, cfg.importance_sampling,
@@ -154,6 +173,10 @@ def grpo_loss(cfg: GRPOConfig, policy, mb: GroupRollout, beta: float) -> tuple[t
 
     stats = {"loss": out.loss.item(), "clip_frac/low": share(out.clip_low), "clip_frac/high": share(out.clip_high)}
     stats["ratio/mean"] = share(out.ratio.detach())
+    if signals:  # no no-grad policy pass was made: this on-policy pass's log-probs are the sampler's
+        stats["entropy"] = share(entropy)
+        if needs_reference(cfg):  # a reference was loaded and its pass made
+            stats |= {k: share(v) for k, v in kl_signals(logps.detach(), mb.ref_logps, mb.mask).items()}
     return out.loss, stats | ({"kl/update": share(out.kl.detach())} if out.kl is not None else {})
 
 
@@ -197,11 +220,13 @@ def grpo_method(cfg: GRPOConfig, setup: engine.OnlineSetup) -> engine.OnlineMeth
     def make_batch(samples: engine.Samples) -> engine.Batch:
         # 3.-4. The no-grad passes (policy: old log-probs and entropy; reference when loaded), each process its
         #    share of the samples, gathered; then advantages over the whole batch in every process.
-        batch, passes, scores = rollout_inputs(cfg, setup, samples)
+        on_policy_only = trains_on_policy_only(cfg, len(samples.scores))
+        batch, passes, scores = rollout_inputs(cfg, setup, samples, policy_pass=not on_policy_only)
         rollout, stats = make_rollout(cfg, batch, passes, scores)
         finished = [g.finished for g in samples.generations]
         stats |= {"zero_std_frac": zero_std_frac(samples.scores, k), **drawn, "beta": objective.beta}
         stats |= {"reward/std": float(np.std(samples.scores)), "truncated_frac": 1 - float(np.mean(finished))}
+        stats |= sampler_mismatch(samples.generations, passes["logps"], batch["mask"]) if not on_policy_only else {}
         fields = [{"advantage": a} for a in rollout.advantages[:, 0].tolist()]
         return engine.Batch(rollout, stats, fields)
 

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
+from alignkit.losses import grpo as grpo_losses
 from alignkit.losses.logprobs import completion_logprobs
 from alignkit.losses.ppo import entropy_from_logits
 from alignkit.models.forward import response_token_logprobs, supports_chunked_head
@@ -66,12 +67,14 @@ class Rollout(SampleRows):
 class GroupRollout(SampleRows):
     """GRPO's rollout: no values and no per-token rewards, one advantage per response."""
 
-    old_logps: torch.Tensor  # (B, R) under the policy that sampled (no grad)
+    old_logps: torch.Tensor  # (B, R) under the policy that sampled (no grad); zeros when only on policy
     ref_logps: torch.Tensor  # (B, R) under the reference; zeros without one
     advantages: torch.Tensor  # (B, 1): one per response, 2-D so that trim_padding keeps it
     n_sequences: float = 0.0  # responses of the minibatch this micro-batch is of (the loss's normalisers)
     n_tokens: float = 0.0  # response tokens of that minibatch
     on_policy: bool = False  # the iteration's first step: the policy is the sampler, old_logps = this pass's
+    # No no-grad policy pass was made (GRPO's ``trains_on_policy_only``): the on-policy step logs entropy and KL.
+    signals_from_update: bool = False
 
 
 def length_order(attention_mask: torch.Tensor) -> list[int]:
@@ -124,7 +127,8 @@ def policy_outputs(model, batch: dict, chunk_size: int, temperature: float = 1.0
     """Log-probs (B, R) of the response tokens at ``temperature``, and their entropies (B, R) if asked.
 
     Through the chunked LM head where the model allows it (no (B, T, V) tensor); the entropy needs each
-    response position's logits, computed chunk by chunk from the same hidden states.
+    response position's logits, computed chunk by chunk from the same hidden states. The entropy is a health
+    signal, never trained on: computed without a graph, so a training pass that logs it keeps no (N, V) logits.
     """
     input_ids, attention_mask, loss_mask = batch["input_ids"], batch["attention_mask"], batch["loss_mask"]
     scored = loss_mask[:, 1:].bool()  # (B, T-1): positions whose next token is a response token
@@ -140,7 +144,7 @@ def policy_outputs(model, batch: dict, chunk_size: int, temperature: float = 1.0
         hidden = hidden / temperature if temperature != 1.0 else hidden
         flat = completion_logprobs(hidden, head.weight, input_ids, loss_mask, chunk_size, bias).token_logps
         if with_entropy:
-            h = hidden[:, :-1][scored]  # (N, H)
+            h = hidden.detach()[:, :-1][scored]  # (N, H)
             chunks = [
                 entropy_from_logits(torch.nn.functional.linear(h[s : s + chunk_size], head.weight, bias))
                 for s in range(0, h.shape[0], chunk_size)
@@ -151,7 +155,7 @@ def policy_outputs(model, batch: dict, chunk_size: int, temperature: float = 1.0
         logits = logits[:, :-1][scored].float() / temperature  # (N, V)
         flat = torch.log_softmax(logits, -1).gather(1, input_ids[:, 1:][scored][:, None]).squeeze(1)
         if with_entropy:
-            entropy = to_response_layout(entropy_from_logits(logits), batch["mask"])
+            entropy = to_response_layout(entropy_from_logits(logits.detach()), batch["mask"])
     return to_response_layout(flat, batch["mask"]), entropy
 
 
@@ -198,20 +202,36 @@ def response_values(value_model: ValueModel, batch: dict) -> torch.Tensor:
     return to_response_layout(values[:, :-1][batch["loss_mask"][:, 1:].bool()], batch["mask"])
 
 
-def rollout_inputs(cfg, setup, samples, value_model=None) -> tuple[dict, dict, torch.Tensor]:
+def rollout_inputs(
+    cfg, setup, samples, value_model=None, policy_pass: bool = True
+) -> tuple[dict, dict, torch.Tensor]:
     """What PPO's and GRPO's step 3 starts from, in every process: the unit's samples
     (``online_engine.Samples``) in both layouts (``collate_samples``), the rollout's forward passes over them
     on the engine's policy and reference (``online_engine.OnlineSetup``) and ``value_model``
-    (``shared_rollout_passes``), and their scores (B,) on the setup's device."""
+    (``shared_rollout_passes``; ``policy_pass=False``: none of the policy), and their scores (B,) on the setup's
+    device."""
     batch = collate_samples(samples.generations, setup.tokenizer.pad_token_id, setup.device)
     policy, reference, rank, world = setup.policy, setup.reference, setup.rank, setup.world
-    passes = shared_rollout_passes(cfg, policy, reference, value_model, batch, rank, world)
+    passes = shared_rollout_passes(cfg, policy, reference, value_model, batch, rank, world, policy_pass)
     return batch, passes, torch.tensor(samples.scores, dtype=torch.float32).to(setup.device)
 
 
+def sampler_mismatch(generations: list[Generation], trainer_logps: torch.Tensor, mask: torch.Tensor) -> dict:
+    """The sampler-trainer log-prob mismatch (``losses.grpo.sampler_mismatch``) where the sampler returned its
+    own log-probs (generation_backend=vllm); none otherwise (transformers' generate is the trainer's own model)."""
+    if any(g.sampling_logps is None for g in generations):
+        return {}
+    rows = [torch.tensor(g.sampling_logps, dtype=torch.float32) for g in generations]
+    sampled = torch.nn.utils.rnn.pad_sequence(rows, batch_first=True).to(trainer_logps.device)  # (B, R)
+    return grpo_losses.sampler_mismatch(trainer_logps, sampled, mask)
+
+
 @torch.no_grad()
-def rollout_passes(cfg, policy, reference: Reference, value_model, batch: dict) -> dict[str, torch.Tensor]:
-    """The forward passes of a rollout: "logps", "ref_logps", "entropy" and "values", each (B, R).
+def rollout_passes(
+    cfg, policy, reference: Reference, value_model, batch: dict, policy_pass: bool = True
+) -> dict[str, torch.Tensor]:
+    """The forward passes of a rollout: "logps", "ref_logps", "entropy" and "values", each (B, R);
+    ``policy_pass=False``: no "logps" and "entropy" (GRPO trained once, on policy: its update's pass has them).
 
     micro_batch_size rows at a time, rows of similar length together and each micro-batch cut to its longest
     row (``trim_padding``): replies of a few tokens do not pay for the longest one, and memory stays that of
@@ -222,18 +242,22 @@ def rollout_passes(cfg, policy, reference: Reference, value_model, batch: dict) 
     for start in range(0, B, cfg.micro_batch_size):
         rows = torch.tensor(order[start : start + cfg.micro_batch_size], device=batch["mask"].device)
         micro = trim_padding({k: v[rows] for k, v in batch.items()})
-        for key, value in _rollout_passes(cfg, policy, reference, value_model, micro).items():
+        for key, value in _rollout_passes(cfg, policy, reference, value_model, micro, policy_pass).items():
             if key not in passes:
                 passes[key] = value.new_zeros((B, R))
             passes[key][rows, : value.shape[1]] = value
     return passes
 
 
-def _rollout_passes(cfg, policy, reference: Reference, value_model, batch: dict) -> dict[str, torch.Tensor]:
+def _rollout_passes(
+    cfg, policy, reference: Reference, value_model, batch: dict, policy_pass: bool = True
+) -> dict[str, torch.Tensor]:
     """One micro-batch's passes; without a reference (mode "none") no "ref_logps", without a value model (GRPO)
     no "values"."""
-    logps, entropy = policy_outputs(policy, batch, cfg.logprob_chunk_size, cfg.temperature, with_entropy=True)
-    out = {"logps": logps, "entropy": entropy}
+    out = {}
+    if policy_pass:
+        logps, entropy = policy_outputs(policy, batch, cfg.logprob_chunk_size, cfg.temperature, with_entropy=True)
+        out = {"logps": logps, "entropy": entropy}
     if reference.mode != "none":
         with reference.model(policy) as model:  # LoRA: the value adapter stays trainable (Reference.model)
             out["ref_logps"], _ = policy_outputs(model, batch, cfg.logprob_chunk_size, cfg.temperature)
@@ -243,7 +267,9 @@ def _rollout_passes(cfg, policy, reference: Reference, value_model, batch: dict)
 
 
 @in_training_precision
-def shared_rollout_passes(cfg, policy, reference: Reference, value_model, batch: dict, rank: int, world: int):
+def shared_rollout_passes(
+    cfg, policy, reference: Reference, value_model, batch: dict, rank: int, world: int, policy_pass: bool = True
+):
     """``rollout_passes`` over the whole ``batch``, each of ``world`` processes running a contiguous share of
     its rows and gathering the others' (one process: all of them). Every share holds a row (check_launch).
 
@@ -253,11 +279,12 @@ def shared_rollout_passes(cfg, policy, reference: Reference, value_model, batch:
     n_rows = len(batch["mask"])
 
     def passes(rows: slice) -> dict[str, torch.Tensor]:
-        out = rollout_passes(cfg, policy, reference, value_model, {k: v[rows] for k, v in batch.items()})
+        share = {k: v[rows] for k, v in batch.items()}
+        out = rollout_passes(cfg, policy, reference, value_model, share, policy_pass)
         if distributed.is_sharded(policy):
             stand_in = trim_padding({k: v[:1] for k, v in batch.items()})
             for _ in range(distributed.stand_ins_needed(n_rows, cfg.micro_batch_size, rank, world)):
-                _rollout_passes(cfg, policy, reference, value_model, stand_in)
+                _rollout_passes(cfg, policy, reference, value_model, stand_in, policy_pass)
         return out
 
     out = distributed.shared_rows(passes, n_rows, rank, world)
