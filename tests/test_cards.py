@@ -40,14 +40,16 @@ def pair_file(tmp_path):
 
 
 def test_dpo_final_has_a_model_card_with_summary_figures(tiny_model_dir, pair_file, tmp_path):
-    """The card loads with huggingface_hub; its header names the base, the library, the method; the base model
-    (a local dir without a card) has no known license, so the header carries the comment asking for it."""
+    """The card loads with huggingface_hub; its header names the library and the method, its text the base (a
+    local dir, which the hub refuses as base_model); that base has no card, so no known license, and the header
+    carries the comment asking for it."""
     out = tmp_path / "run"
     assert main(_dpo_args(tiny_model_dir, pair_file, out, "loss=ipo")) == 0
     summary = json.loads((out / "summary.json").read_text())
     text = (out / "final" / "README.md").read_text()
     card = ModelCard.load(out / "final" / "README.md")
-    assert card.data.base_model == str(tiny_model_dir)
+    assert card.data.base_model is None  # a local folder: the hub takes only a repo id there
+    assert f"(ipo) from `{tiny_model_dir}`" in card.text
     assert card.data.library_name == "alignkit"
     assert set(card.data.tags) == {"alignkit", "ipo"}  # the method, as summary.json names the stage
     assert card.data.license is None and cards.LICENSE_TODO in text.split("---")[1]

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,11 +31,17 @@ class HubError(AlignkitError):
 # ---------------------------------------------------------------------------------------------
 
 
-def hub_dataset_id(source: str | None) -> str | None:
-    """``source`` where it names a hub dataset (``owner/name``, no data-file suffix, not a local path)."""
-    if not source or Path(source).expanduser().exists() or source.endswith(_DATA_SUFFIXES):
+def hub_repo_id(name: str | None) -> str | None:
+    """``name`` where it names a hub repo (``owner/name``, not a local path): the hub refuses a card whose
+    base_model or datasets is anything else."""
+    if not name or Path(name).expanduser().exists():
         return None
-    return source if source.count("/") == 1 and not source.startswith((".", "/", "~")) else None
+    return name if name.count("/") == 1 and not name.startswith((".", "/", "~")) else None
+
+
+def hub_dataset_id(source: str | None) -> str | None:
+    """``source`` where it names a hub dataset (a hub repo id without a data-file suffix)."""
+    return None if source and source.endswith(_DATA_SUFFIXES) else hub_repo_id(source)
 
 
 def base_model_and_license(model: str) -> tuple[str, str | None]:
@@ -119,7 +126,7 @@ def model_card(config: dict, summary: dict, eval_result: dict | None = None) -> 
     base, license_ = base_model_and_license(str(config.get("model") or summary.get("model")))
     datasets = [d for d in (hub_dataset_id(config.get("train_data")),) if d]
     data = ModelCardData(
-        base_model=base,
+        base_model=hub_repo_id(base),  # a local model folder is named in the text below, not in the header
         library_name="alignkit",
         tags=sorted({"alignkit", method, stage}),
         datasets=datasets or None,
@@ -211,29 +218,46 @@ def _api() -> HfApi:
     return HfApi(endpoint=os.environ.get("HF_ENDPOINT") or None)
 
 
-def _hub_error(repo_id: str, what: str, err: Exception) -> HubError:
+_BEFORE_TRAINING = "check the network, HF_TOKEN (or `hf auth login`) and hub_model_id, or set push_to_hub=false"
+
+
+def _hub_error(repo_id: str, what: str, err: Exception, advice: str = _BEFORE_TRAINING) -> HubError:
+    # All of the client's lines, joined: the hub's own reason (a refused card header, a missing permission)
+    # comes after its first line.
+    reason = " ".join(line.strip() for line in str(err).splitlines() if line.strip())[:400]
     return HubError(
         f"push_to_hub: cannot {what} {repo_id!r} at {os.environ.get('HF_ENDPOINT') or 'huggingface.co'} "
-        f"({type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}); check the network, "
-        "HF_TOKEN (or `hf auth login`) and hub_model_id, or set push_to_hub=false"
+        f"({type(err).__name__}: {reason}); {advice}"
     )
 
 
-def check_hub(repo_id: str, private: bool = False) -> None:
+def check_hub(repo_id: str, private: bool = False, advice: str = _BEFORE_TRAINING) -> None:
     """Create (or find) the model repo before training, so an offline or unauthorised run fails at once."""
     try:
         _api().create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
     except Exception as err:  # every failure of the client (network, auth, offline mode) is the user's to fix
-        raise _hub_error(repo_id, "create or reach", err) from err
+        raise _hub_error(repo_id, "create or reach", err, advice) from err
 
 
-def push_final(final_dir: Path, repo_id: str, private: bool = False) -> str:
-    """Upload final/ (weights, tokenizer, README.md card) to the hub model repo; returns its URL."""
-    check_hub(repo_id, private)
+@dataclass(frozen=True)
+class HubPush:
+    """Where push_final put final/: summary.json's "pushed_to"."""
+
+    repo_id: str
+    repo_url: str
+    commit_url: str
+    commit: str  # the commit's id (sha)
+
+
+def push_final(final_dir: Path, repo_id: str, private: bool = False) -> HubPush:
+    """Upload final/ (weights, tokenizer, README.md card) to the hub model repo in one commit on main."""
+    # After training, "set push_to_hub=false" would mean training again: say how to upload what is kept.
+    advice = f"the trained model is kept in {final_dir}: upload it with `hf upload {repo_id} {final_dir}`"
+    check_hub(repo_id, private, advice)
     try:
         commit = _api().upload_folder(
             repo_id=repo_id, folder_path=str(final_dir), commit_message="alignkit: upload final/"
         )
     except Exception as err:
-        raise _hub_error(repo_id, "upload final/ to", err) from err
-    return str(getattr(commit, "commit_url", commit))
+        raise _hub_error(repo_id, "upload final/ to", err, advice) from err
+    return HubPush(repo_id, str(commit.repo_url), commit.commit_url, commit.oid)

@@ -26,7 +26,7 @@ import shlex
 import socket
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -193,15 +193,13 @@ class RunDir:
 
     def write_summary(self, summary: dict) -> None:
         """Write summary.json atomically: a reader sees the old file or the new one, never half of one.
-        The settings resumes changed (resumes.jsonl) go in as "resumes"."""
+        The settings resumes changed (resumes.jsonl) go in as "resumes". With push_to_hub, final/ is uploaded
+        after its card is written, and where it went is added as "pushed_to", to summary.json and to
+        ``summary`` itself (the dict the stage returns and the CLI prints)."""
         if not self.writes:
             return
         resumes = self.resumes()  # resumes.jsonl, read once
-        if resumes:
-            summary = {**summary, "resumes": resumes}
-        tmp = self.summary_path.with_name(f"{self.summary_path.name}.tmp-{os.getpid()}")
-        tmp.write_text(json.dumps({k: _json_safe(v) for k, v in summary.items()}, indent=2) + "\n")
-        os.replace(tmp, self.summary_path)
+        self._replace_summary(summary, resumes)
         heldout = cards.heldout_figures(summary)
         if heldout:  # the held-out evaluation at the end, as a table in each tracker
             rows = [[name, value] for name, value in heldout.items()]
@@ -209,8 +207,16 @@ class RunDir:
                 tracker.log_table("held_out", ["metric", "value"], rows, summary.get("steps"))
         # final/ is written before the summary in every stage: its model card says what the summary says.
         if cards.write_model_card(self.path) and getattr(self._cfg, "push_to_hub", False):
-            url = cards.push_final(self.final_dir, self._cfg.hub_model_id, self._cfg.hub_private)
-            print(f"pushed final/ to {url}", file=sys.stderr)
+            pushed = cards.push_final(self.final_dir, self._cfg.hub_model_id, self._cfg.hub_private)
+            summary["pushed_to"] = asdict(pushed)
+            self._replace_summary(summary, resumes)
+            print(f"pushed final/ to {pushed.commit_url}", file=sys.stderr)
+
+    def _replace_summary(self, summary: dict, resumes: list[dict]) -> None:
+        summary = {**summary, "resumes": resumes} if resumes else summary
+        tmp = self.summary_path.with_name(f"{self.summary_path.name}.tmp-{os.getpid()}")
+        tmp.write_text(json.dumps({k: _json_safe(v) for k, v in summary.items()}, indent=2) + "\n")
+        os.replace(tmp, self.summary_path)
 
     def truncate_metrics_after(self, step: int) -> None:
         """Drop metrics rows logged after ``step`` (on resume, so each step appears exactly once)."""
