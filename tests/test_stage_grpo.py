@@ -21,6 +21,7 @@ from alignkit.models.generation import Generation
 from alignkit.models.loading import load_model
 from alignkit.stages import grpo
 from alignkit.training import online_engine
+from alignkit.training import rollout as rollouts
 from alignkit.training.rollout import policy_outputs
 
 PROMPTS = ["hello there", "hello again", "bye now", "bye then"]
@@ -277,13 +278,13 @@ def test_on_policy_update_skips_the_policy_pass_and_trains_the_same(tiny_model_d
     run made with the pass (trains_on_policy_only forced off): the same samples, the same final weights (atol
     1e-6) and the same loss, entropy, KL and advantages (rel 1e-5)."""
     made = []
-    real = grpo.shared_rollout_passes
+    real = rollouts.shared_rollout_passes  # what rollout_inputs runs
 
     def spy(*args):
         made.append(args[-1])  # policy_pass
         return real(*args)
 
-    monkeypatch.setattr(grpo, "shared_rollout_passes", spy)
+    monkeypatch.setattr(rollouts, "shared_rollout_passes", spy)
     extra = ("beta=0.04", "num_iterations=1", "minibatch_size=4")
     grpo.run(_config(tiny_model_dir, prompt_file, tmp_path / "skip", *extra))
     assert made == [False, False]
