@@ -13,7 +13,7 @@ import os
 import pytest
 
 from alignkit.data import schemas
-from alignkit.data.prepared import PairSettings, fingerprint, prepare_pairs
+from alignkit.data.prepared import RowSettings, fingerprint, prepare_rows
 from alignkit.data.schemas import BadRowError, DataSourceError, load_preferences
 from alignkit.data.tokenize import encode_pair
 
@@ -31,7 +31,7 @@ def _write(path, rows) -> str:
     return str(path)
 
 
-def _in_memory(source: str, tokenizer, settings: PairSettings):
+def _in_memory(source: str, tokenizer, settings: RowSettings):
     """The path the dpo stage took before the cache: the loader, then encode_pair one pair at a time."""
     loaded = load_preferences(
         source, settings.on_bad_row, split=settings.split, rows=settings.rows, limit=settings.limit
@@ -45,9 +45,9 @@ def _in_memory(source: str, tokenizer, settings: PairSettings):
 
 def test_the_cache_is_written_once_then_read_without_the_source(tmp_path, tiny_tokenizer, monkeypatch, capsys):
     source = _write(tmp_path / "pairs.jsonl", ROWS)
-    settings = PairSettings(max_length=64)
-    first = prepare_pairs(source, tiny_tokenizer, settings, tmp_path / "cache")
-    assert "tokenized 3 pairs" in capsys.readouterr().err
+    settings = RowSettings(max_length=64)
+    first = prepare_rows(source, tiny_tokenizer, settings, tmp_path / "cache")
+    assert "tokenized 3 rows (pairs)" in capsys.readouterr().err
     [folder] = (tmp_path / "cache").iterdir()  # one complete folder, no leftover temporary one
     assert (folder / "meta.json").is_file()
     expected = _in_memory(source, tiny_tokenizer, settings)[1]
@@ -56,7 +56,7 @@ def test_the_cache_is_written_once_then_read_without_the_source(tmp_path, tiny_t
         raise AssertionError("the source was read on a cache hit")
 
     monkeypatch.setattr(schemas, "read_rows", no_reading)
-    second = prepare_pairs(source, tiny_tokenizer, settings, tmp_path / "cache")
+    second = prepare_rows(source, tiny_tokenizer, settings, tmp_path / "cache")
     assert "tokens from the cache" in capsys.readouterr().err
     assert list(second.examples) == list(first.examples) == expected
     assert (second.n_rows, second.summary()) == (3, "3 rows, 3 used, 0 skipped")
@@ -64,7 +64,7 @@ def test_the_cache_is_written_once_then_read_without_the_source(tmp_path, tiny_t
 
 def test_a_changed_file_tokenizer_or_setting_makes_a_new_cache(tmp_path, tiny_tokenizer):
     source = _write(tmp_path / "pairs.jsonl", ROWS)
-    settings = PairSettings(max_length=64)
+    settings = RowSettings(max_length=64)
     key = fingerprint(source, tiny_tokenizer, settings)
     # The same inputs give the same key, also after the tokenizer was called with padding and truncation.
     tiny_tokenizer(["a", "a b"], padding=True, truncation=True, max_length=4)
@@ -77,18 +77,18 @@ def test_a_changed_file_tokenizer_or_setting_makes_a_new_cache(tmp_path, tiny_to
     changed = {
         "chat template": fingerprint(source, no_template, settings),
         "vocabulary": fingerprint(source, more_tokens, settings),
-        "max_length": fingerprint(source, tiny_tokenizer, PairSettings(max_length=32)),
-        "max_prompt_length": fingerprint(source, tiny_tokenizer, PairSettings(64, max_prompt_length=8)),
-        "columns": fingerprint(source, tiny_tokenizer, PairSettings(64, columns={"prompt": "question"})),
-        "rows": fingerprint(source, tiny_tokenizer, PairSettings(64, rows=(0, 2))),
+        "max_length": fingerprint(source, tiny_tokenizer, RowSettings(max_length=32)),
+        "max_prompt_length": fingerprint(source, tiny_tokenizer, RowSettings(64, max_prompt_length=8)),
+        "columns": fingerprint(source, tiny_tokenizer, RowSettings(64, columns={"prompt": "question"})),
+        "rows": fingerprint(source, tiny_tokenizer, RowSettings(64, rows=(0, 2))),
     }
     assert len(set(changed.values()) | {key}) == len(changed) + 1, changed
 
-    before = prepare_pairs(source, tiny_tokenizer, settings, tmp_path / "cache")
+    before = prepare_rows(source, tiny_tokenizer, settings, tmp_path / "cache")
     _write(tmp_path / "pairs.jsonl", ROWS[:2])  # the file changes (size, mtime): its tokens are rebuilt
     os.utime(source, ns=(1, 1))
     assert fingerprint(source, tiny_tokenizer, settings) != key
-    after = prepare_pairs(source, tiny_tokenizer, settings, tmp_path / "cache")
+    after = prepare_rows(source, tiny_tokenizer, settings, tmp_path / "cache")
     assert (len(before.examples), len(after.examples)) == (3, 2)
     assert len(list((tmp_path / "cache").iterdir())) == 2
 
@@ -100,8 +100,8 @@ def test_tokens_equal_the_in_memory_path_on_real_rows(tmp_path, tiny_tokenizer, 
     tokenizer = copy.deepcopy(tiny_tokenizer)
     if not chat_template:
         tokenizer.chat_template = None
-    settings = PairSettings(max_length=384, max_prompt_length=256, on_bad_row="skip", rows=(80, 120))
-    prepared = prepare_pairs(str(HH_RLHF), tokenizer, settings, tmp_path / "cache")
+    settings = RowSettings(max_length=384, max_prompt_length=256, on_bad_row="skip", rows=(80, 120))
+    prepared = prepare_rows(str(HH_RLHF), tokenizer, settings, tmp_path / "cache")
     loaded, pairs = _in_memory(str(HH_RLHF), tokenizer, settings)
     assert len(pairs) == 39 and 0 < sum(p.truncated for p in pairs) < 39  # some cut, some not
     assert list(prepared.examples) == pairs
@@ -115,9 +115,9 @@ def test_tokens_equal_the_in_memory_path_on_real_rows(tmp_path, tiny_tokenizer, 
 
 
 def test_two_processes_give_the_tokens_of_one(tmp_path, tiny_tokenizer):
-    settings = PairSettings(max_length=96, on_bad_row="skip", rows=(0, 200))
-    one = prepare_pairs(str(HH_RLHF), tiny_tokenizer, settings, tmp_path / "one", num_proc=1)
-    two = prepare_pairs(str(HH_RLHF), tiny_tokenizer, settings, tmp_path / "two", num_proc=2)
+    settings = RowSettings(max_length=96, on_bad_row="skip", rows=(0, 200))
+    one = prepare_rows(str(HH_RLHF), tiny_tokenizer, settings, tmp_path / "one", num_proc=1)
+    two = prepare_rows(str(HH_RLHF), tiny_tokenizer, settings, tmp_path / "two", num_proc=2)
     assert len(two.examples.table.cache_files) == 2  # really two workers' shards
     assert list(two.examples) == list(one.examples)
     assert len(one.examples) == 200 - 1  # row 86
@@ -129,17 +129,17 @@ def test_bad_rows_give_the_loaders_errors_and_cache_nothing(tmp_path, tiny_token
     with pytest.raises(BadRowError) as expected:
         load_preferences(source)
     with pytest.raises(BadRowError) as got:
-        prepare_pairs(source, tiny_tokenizer, PairSettings(max_length=64), tmp_path / "cache")
+        prepare_rows(source, tiny_tokenizer, RowSettings(max_length=64), tmp_path / "cache")
     assert str(got.value) == str(expected.value)
     assert str(got.value) == f"{source}: row 1: field 'chosen': empty completion (blank or whitespace only)"
     assert not (tmp_path / "cache").exists() or list((tmp_path / "cache").iterdir()) == []
 
-    skip = PairSettings(max_length=64, on_bad_row="skip")
+    skip = RowSettings(max_length=64, on_bad_row="skip")
     for _ in range(2):  # built, then from the cache: the skipped row is still reported
-        prepared = prepare_pairs(source, tiny_tokenizer, skip, tmp_path / "cache")
+        prepared = prepare_rows(source, tiny_tokenizer, skip, tmp_path / "cache")
         assert prepared.summary() == load_preferences(source, "skip").summary()
         assert prepared.summary().startswith("3 rows, 2 used, 1 skipped (row 1: field 'chosen'")
 
     empty = _write(tmp_path / "empty.jsonl", rows[1:2])
     with pytest.raises(DataSourceError, match=r"train_data .*empty.jsonl: no usable rows \(1 read, 1 skipped"):
-        prepare_pairs(empty, tiny_tokenizer, skip, tmp_path / "cache")
+        prepare_rows(empty, tiny_tokenizer, skip, tmp_path / "cache")

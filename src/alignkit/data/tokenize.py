@@ -112,14 +112,8 @@ def encode_pairs(
 ) -> list[EncodedPair]:
     """``encode_pair`` of many pairs, with one batched tokenizer call per column (a fast tokenizer encodes a
     batch in parallel in Rust): the same ids as one pair at a time."""
-    prompt_ids = _prompt_ids_batch(tokenizer, prompts)
-    chosen_ids = _completion_ids_batch(tokenizer, chosen)
-    rejected_ids = _completion_ids_batch(tokenizer, rejected)
-    out = []
-    for p_ids, c_ids, r_ids in zip(prompt_ids, chosen_ids, rejected_ids):
-        p_ids, (c_ids, r_ids), truncated = _truncate(p_ids, [c_ids, r_ids], max_length, max_prompt_length)
-        out.append(EncodedPair(p_ids, c_ids, r_ids, truncated))
-    return out
+    rows = _encode_batch(tokenizer, prompts, [chosen, rejected], max_length, max_prompt_length)
+    return [EncodedPair(p_ids, c_ids, r_ids, truncated) for p_ids, (c_ids, r_ids), truncated in rows]
 
 
 def encode_unpaired(
@@ -131,8 +125,36 @@ def encode_unpaired(
     max_prompt_length: int | None = None,
 ) -> EncodedUnpaired:
     """An unpaired (KTO) example: ``encode`` plus its desirable/undesirable label."""
-    encoded = encode(tokenizer, prompt, completion, max_length, max_prompt_length)
-    return EncodedUnpaired(encoded.prompt_ids, encoded.completion_ids, label, encoded.truncated)
+    return encode_unpaired_batch(tokenizer, [prompt], [completion], [label], max_length, max_prompt_length)[0]
+
+
+def encode_unpaired_batch(
+    tokenizer,
+    prompts: list[Prompt],
+    completions: list[str],
+    labels: list[bool],
+    max_length: int,
+    max_prompt_length: int | None = None,
+) -> list[EncodedUnpaired]:
+    """``encode_unpaired`` of many examples, one batched tokenizer call per column (as ``encode_pairs``)."""
+    rows = _encode_batch(tokenizer, prompts, [completions], max_length, max_prompt_length)
+    return [EncodedUnpaired(p_ids, c_ids, y, cut) for (p_ids, (c_ids,), cut), y in zip(rows, labels)]
+
+
+def _encode_batch(
+    tokenizer,
+    prompts: list[Prompt],
+    completion_columns: list[list[str]],
+    max_length: int,
+    max_prompt_length: int | None,
+) -> list[tuple[list[int], list[list[int]], bool]]:
+    """(prompt ids, [ids of each completion column], truncated) per row, each row fitted by ``_truncate``."""
+    prompt_ids = _prompt_ids_batch(tokenizer, prompts)
+    columns = [_completion_ids_batch(tokenizer, column) for column in completion_columns]
+    return [
+        _truncate(p_ids, list(completions), max_length, max_prompt_length)
+        for p_ids, *completions in zip(prompt_ids, *columns)
+    ]
 
 
 def _prompt_ids(tokenizer, prompt: Prompt) -> list[int]:
