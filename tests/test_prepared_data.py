@@ -1,21 +1,34 @@
-"""data/prepared.py: preference pairs validated and tokenized once into memory-mapped Arrow files, then reused.
+"""data/prepared.py: preference pairs (dpo, rm with its margins) and unpaired KTO rows validated and tokenized once
+into memory-mapped Arrow files, then reused.
 
 The invariant: the cached path gives exactly the ids of the in-memory path (``load_preferences`` +
-``encode_pair``), the same skipped rows and the same errors; a change to the data, the tokenizer or a setting
+``encode_pair``; ``load_unpaired`` or split pairs + ``encode_unpaired``), the same skipped rows and the same
+errors; a change to the data, the tokenizer or a setting
 makes a new cache, and a hit never reads the source."""
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import os
 
 import pytest
 
 from alignkit.data import schemas
+from alignkit.data.collate import pair_length
+from alignkit.data.length_balance import length_balanced_indices
 from alignkit.data.prepared import RowSettings, fingerprint, prepare_rows
-from alignkit.data.schemas import BadRowError, DataSourceError, load_preferences
-from alignkit.data.tokenize import encode_pair
+from alignkit.data.schemas import (
+    BadRowError,
+    DataSourceError,
+    load_preferences,
+    load_unpaired,
+    pairs_to_unpaired,
+)
+from alignkit.data.tokenize import encode_pair, encode_unpaired
+from alignkit.stages.kto import KTOExamples
+from alignkit.stages.rm import RMConfig, RMExamples, balance_lengths, split_validation
 
 from conftest import HH_RLHF
 
@@ -143,3 +156,129 @@ def test_bad_rows_give_the_loaders_errors_and_cache_nothing(tmp_path, tiny_token
     empty = _write(tmp_path / "empty.jsonl", rows[1:2])
     with pytest.raises(DataSourceError, match=r"train_data .*empty.jsonl: no usable rows \(1 read, 1 skipped"):
         prepare_rows(empty, tiny_tokenizer, skip, tmp_path / "cache")
+
+
+# ---------------------------------------------------------------------------------------------
+# KTO's unpaired rows (and pairs split in two) and rm's pairs with margins, through the same cache
+# ---------------------------------------------------------------------------------------------
+
+
+def _no_reading(*args, **kwargs):
+    raise AssertionError("the source was read on a cache hit")
+
+
+def _unpaired_in_memory(source: str, tokenizer, settings: RowSettings, pairs: bool):
+    """The path the kto stage took before the cache: the loader (pairs split in two), then encode_unpaired."""
+    load = load_preferences if pairs else load_unpaired
+    loaded = load(source, settings.on_bad_row, rows=settings.rows)
+    examples = pairs_to_unpaired(loaded.examples) if pairs else loaded.examples
+    args = (settings.max_length, settings.max_prompt_length)
+    return loaded, [encode_unpaired(tokenizer, u.prompt, u.completion, u.label, *args) for u in examples]
+
+
+@pytest.mark.parametrize("kind", ["pairs_as_unpaired", "unpaired"])
+def test_kto_rows_equal_the_in_memory_path_on_real_rows_and_are_reused(tmp_path, tiny_tokenizer, monkeypatch, kind):
+    """HH-RLHF rows 80-120 as KTO reads them: pairs split into a desirable and an undesirable row, or written
+    out as prompt/completion/label rows; "auto_unpaired" tells the two apart and, on a hit, reads nothing."""
+    source = str(HH_RLHF)
+    settings = RowSettings(max_length=384, max_prompt_length=256, on_bad_row="skip", rows=(80, 120), kind=kind)
+    if kind == "unpaired":
+        halves = pairs_to_unpaired(load_preferences(source, "skip", rows=(80, 120)).examples)
+        source = _write(tmp_path / "unpaired.jsonl", [{k: v for k, v in vars(u).items() if k != "ref"} for u in halves])
+        settings = RowSettings(max_length=384, max_prompt_length=256, kind=kind)
+    loaded, expected = _unpaired_in_memory(source, tiny_tokenizer, settings, kind == "pairs_as_unpaired")
+    assert len(expected) == {"pairs_as_unpaired": 78, "unpaired": 78}[kind]
+    assert 0 < sum(e.truncated for e in expected) < len(expected)
+    prepared = prepare_rows(source, tiny_tokenizer, settings, tmp_path / "cache")
+    assert prepared.examples.kind == kind
+    assert list(prepared.examples) == expected
+    assert prepared.examples[5] == expected[5] and prepared.examples[6].label is True
+    assert prepared.summary() == loaded.summary()  # rows used, not examples: "40 rows, 39 used, 1 skipped"
+    assert prepared.examples.lengths() == [len(e.prompt_ids) + len(e.completion_ids) for e in expected]
+
+    auto = dataclasses.replace(settings, kind="auto_unpaired")
+    assert prepare_rows(source, tiny_tokenizer, auto, tmp_path / "cache").examples.kind == kind
+    monkeypatch.setattr(schemas, "read_rows", _no_reading)  # the detection too reads nothing on a hit
+    again = prepare_rows(source, tiny_tokenizer, auto, tmp_path / "cache")
+    assert again.examples.kind == kind and list(again.examples) == expected
+
+
+def test_kto_examples_read_lazily_equal_those_of_a_list(tmp_path, tiny_tokenizer):
+    """The KL sequences, pair numbers and batch widths of KTOExamples over the cache equal those over the
+    in-memory list (whose KL sequences tests/test_stage_kto.py checks by hand)."""
+    settings = RowSettings(max_length=96, on_bad_row="skip", rows=(80, 100), kind="pairs_as_unpaired")
+    rows = prepare_rows(str(HH_RLHF), tiny_tokenizer, settings, tmp_path / "cache").examples
+    _, expected = _unpaired_in_memory(str(HH_RLHF), tiny_tokenizer, settings, pairs=True)
+    lazy, listed = KTOExamples(rows, True, 96, seed=3), KTOExamples(expected, True, 96, seed=3)
+    assert list(lazy) == list(listed) and lazy[7] == listed[7]
+    assert [ex.pair for ex in lazy][:4] == [0, 0, 1, 1]
+    widths = [
+        max(len(e.encoded.prompt_ids) + len(e.encoded.completion_ids), len(e.kl.prompt_ids) + len(e.kl.completion_ids))
+        for e in listed
+    ]
+    assert lazy.lengths() == widths and max(widths) == 96  # some rows fill max_length
+
+
+def test_kto_bad_rows_give_the_loaders_errors(tmp_path, tiny_tokenizer):
+    rows = [
+        {"prompt": "hi", "completion": "hello", "label": True},
+        {"prompt": "hi", "completion": "bye", "label": "maybe"},
+        {"prompt": "yo", "completion": "hey", "label": 0},
+    ]
+    source = _write(tmp_path / "bad.jsonl", rows)
+    with pytest.raises(BadRowError) as expected:
+        load_unpaired(source)
+    with pytest.raises(BadRowError) as got:
+        prepare_rows(source, tiny_tokenizer, RowSettings(max_length=64, kind="unpaired"), tmp_path / "cache")
+    assert str(got.value) == str(expected.value) and "row 1: field 'label'" in str(got.value)
+    skip = RowSettings(max_length=64, on_bad_row="skip", kind="auto_unpaired")
+    prepared = prepare_rows(source, tiny_tokenizer, skip, tmp_path / "cache")
+    assert prepared.summary() == load_unpaired(source, "skip").summary()
+    assert [e.label for e in prepared.examples] == [True, False]
+
+    neither = _write(tmp_path / "neither.jsonl", [{"text": "hi"}])
+    with pytest.raises(DataSourceError, match=r"data_format=auto: .*neither.jsonl row 0 has neither a 'label'"):
+        prepare_rows(neither, tiny_tokenizer, skip, tmp_path / "cache")
+
+
+def test_rm_margins_are_cached_with_the_pairs_and_bad_margins_are_bad_rows(tmp_path, tiny_tokenizer, monkeypatch):
+    rows = [{**r, "strength": m} for r, m in zip(ROWS, [0.5, 2, 0])]
+    source = _write(tmp_path / "margins.jsonl", rows)
+    settings = RowSettings(max_length=64, margin_column="strength")
+    prepared = prepare_rows(source, tiny_tokenizer, settings, tmp_path / "cache")
+    monkeypatch.setattr(schemas, "read_rows", _no_reading)
+    again = RMExamples(prepare_rows(source, tiny_tokenizer, settings, tmp_path / "cache").examples)
+    monkeypatch.undo()
+    assert [ex.margin for ex in again] == [0.5, 2.0, 0.0] and again[1].margin == 2.0
+    assert [ex.encoded for ex in again] == list(prepared.examples) == _in_memory(source, tiny_tokenizer, settings)[1]
+    plain = prepare_rows(source, tiny_tokenizer, RowSettings(64), tmp_path / "cache")  # no margin_column: 0
+    assert [ex.margin for ex in RMExamples(plain.examples)] == [0.0] * 3
+
+    bad = _write(tmp_path / "bad.jsonl", [rows[0], {**rows[1], "strength": -1}, {**rows[2], "strength": "x"}])
+    message = "bad.jsonl: row 1: field 'strength': margin must be a finite number >= 0, got -1"
+    with pytest.raises(BadRowError, match=f"^.*{message}$"):
+        prepare_rows(bad, tiny_tokenizer, settings, tmp_path / "cache")
+    skipped = prepare_rows(bad, tiny_tokenizer, dataclasses.replace(settings, on_bad_row="skip"), tmp_path / "cache")
+    # The rows without a usable margin are not counted as used (the in-memory path said "3 rows, 3 used").
+    assert skipped.summary().startswith("3 rows, 1 used, 2 skipped (row 1: field 'strength': margin must be")
+    assert [ex.margin for ex in RMExamples(skipped.examples)] == [0.5]
+
+
+def test_rm_validation_and_length_balance_select_the_pairs_of_the_in_memory_lists(tmp_path, tiny_tokenizer):
+    """split_validation and balance_lengths as views of the cache give the pairs that slicing and indexing the
+    in-memory list gave (HH-RLHF rows 0-200)."""
+    settings = RowSettings(max_length=128, on_bad_row="skip", rows=(0, 200))
+    examples = RMExamples(prepare_rows(str(HH_RLHF), tiny_tokenizer, settings, tmp_path / "cache").examples)
+    listed = _in_memory(str(HH_RLHF), tiny_tokenizer, settings)[1]
+    cfg = RMConfig(train_data="x", early_stopping_pairs=30, eval_every=5, length_balance=True, seed=2)
+    train, validation = split_validation(cfg, examples)
+    assert [ex.encoded for ex in validation] == listed[-30:] and len(train) == len(listed) - 30
+    kept = length_balanced_indices(
+        [len(p.chosen_ids) for p in listed[:-30]], [len(p.rejected_ids) for p in listed[:-30]], seed=2
+    )
+    balanced = balance_lengths(cfg, train)
+    assert 0 < len(kept) < len(train)
+    assert [ex.encoded for ex in balanced] == [listed[i] for i in kept] and balanced[3].encoded == listed[kept[3]]
+    assert balanced.encoded.n_truncated() == sum(listed[i].truncated for i in kept)
+    assert balanced.encoded.lengths() == [pair_length(listed[i]) for i in kept]
+    assert len({examples.encoded.fingerprint, train.encoded.fingerprint, balanced.encoded.fingerprint}) == 3
