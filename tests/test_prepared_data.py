@@ -1,10 +1,9 @@
-"""data/prepared.py: preference pairs (dpo, rm with its margins) and unpaired KTO rows validated and tokenized once
-into memory-mapped Arrow files, then reused.
+"""data/prepared.py: preference pairs (dpo, rm with its margins) and unpaired KTO rows validated and tokenized
+once into memory-mapped Arrow files, then reused.
 
 The invariant: the cached path gives exactly the ids of the in-memory path (``load_preferences`` +
 ``encode_pair``; ``load_unpaired`` or split pairs + ``encode_unpaired``), the same skipped rows and the same
-errors; a change to the data, the tokenizer or a setting
-makes a new cache, and a hit never reads the source."""
+errors; a change to the data, the tokenizer or a setting makes a new cache, and a hit never reads the source."""
 
 from __future__ import annotations
 
@@ -177,14 +176,20 @@ def _unpaired_in_memory(source: str, tokenizer, settings: RowSettings, pairs: bo
 
 
 @pytest.mark.parametrize("kind", ["pairs_as_unpaired", "unpaired"])
-def test_kto_rows_equal_the_in_memory_path_on_real_rows_and_are_reused(tmp_path, tiny_tokenizer, monkeypatch, kind):
+def test_kto_rows_equal_the_in_memory_path_on_real_rows_and_are_reused(
+    tmp_path, tiny_tokenizer, monkeypatch, kind
+):
     """HH-RLHF rows 80-120 as KTO reads them: pairs split into a desirable and an undesirable row, or written
     out as prompt/completion/label rows; "auto_unpaired" tells the two apart and, on a hit, reads nothing."""
     source = str(HH_RLHF)
-    settings = RowSettings(max_length=384, max_prompt_length=256, on_bad_row="skip", rows=(80, 120), kind=kind)
+    settings = RowSettings(
+        max_length=384, max_prompt_length=256, on_bad_row="skip", rows=(80, 120), kind=kind
+    )
     if kind == "unpaired":
         halves = pairs_to_unpaired(load_preferences(source, "skip", rows=(80, 120)).examples)
-        source = _write(tmp_path / "unpaired.jsonl", [{k: v for k, v in vars(u).items() if k != "ref"} for u in halves])
+        source = _write(
+            tmp_path / "unpaired.jsonl", [{k: v for k, v in vars(u).items() if k != "ref"} for u in halves]
+        )
         settings = RowSettings(max_length=384, max_prompt_length=256, kind=kind)
     loaded, expected = _unpaired_in_memory(source, tiny_tokenizer, settings, kind == "pairs_as_unpaired")
     assert len(expected) == {"pairs_as_unpaired": 78, "unpaired": 78}[kind]
@@ -213,7 +218,10 @@ def test_kto_examples_read_lazily_equal_those_of_a_list(tmp_path, tiny_tokenizer
     assert list(lazy) == list(listed) and lazy[7] == listed[7]
     assert [ex.pair for ex in lazy][:4] == [0, 0, 1, 1]
     widths = [
-        max(len(e.encoded.prompt_ids) + len(e.encoded.completion_ids), len(e.kl.prompt_ids) + len(e.kl.completion_ids))
+        max(
+            len(e.encoded.prompt_ids) + len(e.encoded.completion_ids),
+            len(e.kl.prompt_ids) + len(e.kl.completion_ids),
+        )
         for e in listed
     ]
     assert lazy.lengths() == widths and max(widths) == 96  # some rows fill max_length
@@ -237,11 +245,15 @@ def test_kto_bad_rows_give_the_loaders_errors(tmp_path, tiny_tokenizer):
     assert [e.label for e in prepared.examples] == [True, False]
 
     neither = _write(tmp_path / "neither.jsonl", [{"text": "hi"}])
-    with pytest.raises(DataSourceError, match=r"data_format=auto: .*neither.jsonl row 0 has neither a 'label'"):
+    with pytest.raises(
+        DataSourceError, match=r"data_format=auto: .*neither.jsonl row 0 has neither a 'label'"
+    ):
         prepare_rows(neither, tiny_tokenizer, skip, tmp_path / "cache")
 
 
-def test_rm_margins_are_cached_with_the_pairs_and_bad_margins_are_bad_rows(tmp_path, tiny_tokenizer, monkeypatch):
+def test_rm_margins_are_cached_with_the_pairs_and_bad_margins_are_bad_rows(
+    tmp_path, tiny_tokenizer, monkeypatch
+):
     rows = [{**r, "strength": m} for r, m in zip(ROWS, [0.5, 2, 0])]
     source = _write(tmp_path / "margins.jsonl", rows)
     settings = RowSettings(max_length=64, margin_column="strength")
@@ -250,7 +262,11 @@ def test_rm_margins_are_cached_with_the_pairs_and_bad_margins_are_bad_rows(tmp_p
     again = RMExamples(prepare_rows(source, tiny_tokenizer, settings, tmp_path / "cache").examples)
     monkeypatch.undo()
     assert [ex.margin for ex in again] == [0.5, 2.0, 0.0] and again[1].margin == 2.0
-    assert [ex.encoded for ex in again] == list(prepared.examples) == _in_memory(source, tiny_tokenizer, settings)[1]
+    assert (
+        [ex.encoded for ex in again]
+        == list(prepared.examples)
+        == _in_memory(source, tiny_tokenizer, settings)[1]
+    )
     plain = prepare_rows(source, tiny_tokenizer, RowSettings(64), tmp_path / "cache")  # no margin_column: 0
     assert [ex.margin for ex in RMExamples(plain.examples)] == [0.0] * 3
 
@@ -258,7 +274,9 @@ def test_rm_margins_are_cached_with_the_pairs_and_bad_margins_are_bad_rows(tmp_p
     message = "bad.jsonl: row 1: field 'strength': margin must be a finite number >= 0, got -1"
     with pytest.raises(BadRowError, match=f"^.*{message}$"):
         prepare_rows(bad, tiny_tokenizer, settings, tmp_path / "cache")
-    skipped = prepare_rows(bad, tiny_tokenizer, dataclasses.replace(settings, on_bad_row="skip"), tmp_path / "cache")
+    skipped = prepare_rows(
+        bad, tiny_tokenizer, dataclasses.replace(settings, on_bad_row="skip"), tmp_path / "cache"
+    )
     # The rows without a usable margin are not counted as used (the in-memory path said "3 rows, 3 used").
     assert skipped.summary().startswith("3 rows, 1 used, 2 skipped (row 1: field 'strength': margin must be")
     assert [ex.margin for ex in RMExamples(skipped.examples)] == [0.5]
@@ -278,7 +296,9 @@ def test_rm_validation_and_length_balance_select_the_pairs_of_the_in_memory_list
     )
     balanced = balance_lengths(cfg, train)
     assert 0 < len(kept) < len(train)
-    assert [ex.encoded for ex in balanced] == [listed[i] for i in kept] and balanced[3].encoded == listed[kept[3]]
+    assert [ex.encoded for ex in balanced] == [listed[i] for i in kept] and balanced[3].encoded == listed[
+        kept[3]
+    ]
     assert balanced.encoded.n_truncated() == sum(listed[i].truncated for i in kept)
     assert balanced.encoded.lengths() == [pair_length(listed[i]) for i in kept]
     assert len({examples.encoded.fingerprint, train.encoded.fingerprint, balanced.encoded.fingerprint}) == 3

@@ -119,7 +119,9 @@ def test_reference_cache_is_keyed_on_the_prepared_data_and_a_changed_setting_mis
 
     monkeypatch.setattr(reference_cache, "tokens_fingerprint", no_hashing)
     data = tmp_path / "keyed-pairs.jsonl"
-    data.write_text("".join(json.dumps({**r, "prompt": "keyed " + r.get("prompt", "")}) + "\n" for r in PAIRS[:3] * 4))
+    data.write_text(
+        "".join(json.dumps({**r, "prompt": "keyed " + r.get("prompt", "")}) + "\n" for r in PAIRS[:3] * 4)
+    )
     hits = ["reference log-probs: 12 rows from the cache", "reference log-probs: 8 rows from the cache"]
 
     def entries() -> int:

@@ -1,7 +1,8 @@
-"""Training rows (preference pairs, unpaired KTO examples) validated, tokenized and kept as memory-mapped Arrow
-files (Hugging Face ``datasets``) in a cache folder, keyed by a fingerprint of the data, the tokenizer and every
-setting that changes the tokens. The next run with the same inputs opens the files without reading the source;
-training reads the rows lazily (``EncodedRows``), so a million pairs never sit in memory as Python lists.
+"""Training rows (preference pairs, unpaired KTO examples) validated, tokenized and kept as memory-mapped
+Arrow files (Hugging Face ``datasets``) in a cache folder, keyed by a fingerprint of the data, the tokenizer
+and every setting that changes the tokens. The next run with the same inputs opens the files without reading
+the source; training reads the rows lazily (``EncodedRows``), so a million pairs never sit in memory as Python
+lists.
 """
 
 from __future__ import annotations
@@ -39,8 +40,8 @@ _BATCH_ROWS = 1000
 _PARALLEL_FROM = 10_000
 
 # What the rows are: "pairs" (prompt/chosen/rejected), "unpaired" (prompt/completion/label rows),
-# "pairs_as_unpaired" (pairs, each split into its desirable chosen and undesirable rejected half, in that order),
-# "auto_unpaired" (one of the last two, by the first readable row's columns: schemas.feedback_format).
+# "pairs_as_unpaired" (pairs, each split into its desirable chosen and undesirable rejected half, in that
+# order), "auto_unpaired" (one of the last two, by the first readable row's columns: schemas.feedback_format).
 RowKind = Literal["pairs", "unpaired", "pairs_as_unpaired", "auto_unpaired"]
 
 
@@ -61,8 +62,8 @@ class RowSettings:
 
 class EncodedRows(Sequence):
     """The tokenized rows of one prepared source (``EncodedPair``s or ``EncodedUnpaired``s, as ``kind`` says),
-    read from the memory-mapped Arrow files row by row; ``select`` gives a view of some of them, nothing copied.
-    ``fingerprint`` names exactly these rows' ids (the cache key, and the selection's indices)."""
+    read from the memory-mapped Arrow files row by row; ``select`` gives a view of some of them, nothing
+    copied. ``fingerprint`` names exactly these rows' ids (the cache key, and the selection's indices)."""
 
     def __init__(self, table, kind: RowKind, fingerprint: str, indices: np.ndarray | None = None) -> None:
         self.table = table  # a datasets.Dataset with the columns of _features(kind)
@@ -82,7 +83,11 @@ class EncodedRows(Sequence):
     def __iter__(self) -> Iterator:
         for start in range(0, len(self), _BATCH_ROWS):  # a record batch at a time
             stop = min(start + _BATCH_ROWS, len(self))
-            batch = self.table[start:stop] if self.indices is None else self.table[self.indices[start:stop].tolist()]
+            batch = (
+                self.table[start:stop]
+                if self.indices is None
+                else self.table[self.indices[start:stop].tolist()]
+            )
             yield from (self.record(*row) for row in zip(*(batch[name] for name in self.names)))
 
     def column(self, name: str) -> np.ndarray:
@@ -116,8 +121,8 @@ def prepare_rows(
     """``load_preferences`` or ``load_unpaired`` of ``source`` (as ``settings.kind`` says) with its rows
     tokenized (``tokenize.encode_pairs`` / ``encode_unpaired_batch``): a ``Loaded`` whose ``examples`` are
     ``EncodedRows``, from ``cache_root/<fingerprint>`` when an earlier run prepared the same inputs, else
-    validated, tokenized with ``num_proc`` processes (0: ``default_num_proc``) and cached there. Row errors are
-    the loader's (``on_bad_row``); nothing is cached when one stops the run."""
+    validated, tokenized with ``num_proc`` processes (0: ``default_num_proc``) and cached there. Row errors
+    are the loader's (``on_bad_row``); nothing is cached when one stops the run."""
     folder = cache_root / fingerprint(source, tokenizer, settings)
     if (folder / "meta.json").is_file():
         loaded = _open(folder, source)
@@ -260,15 +265,16 @@ def _build(source: str, tokenizer, settings: RowSettings, folder: Path, num_proc
 
 
 def _write_texts(examples: Iterable, kind: RowKind, margins: bool, path: Path) -> int:
-    """The validated examples as an Arrow stream file (the layout ``datasets`` memory-maps), a record batch at a
-    time; a prompt is stored as JSON, since it is text or a list of messages. Pairs (with ``margins``, as
+    """The validated examples as an Arrow stream file (the layout ``datasets`` memory-maps), a record batch at
+    a time; a prompt is stored as JSON, since it is text or a list of messages. Pairs (with ``margins``, as
     (pair, margin)) become prompt/chosen/rejected[/margin] rows; unpaired examples, and pairs split in two,
     prompt/completion/label rows. Returns the row count."""
     import pyarrow as pa
 
     texts = [("prompt", pa.string())]
     if kind == "pairs":
-        texts += [("chosen", pa.string()), ("rejected", pa.string())] + ([("margin", pa.float64())] if margins else [])
+        texts += [("chosen", pa.string()), ("rejected", pa.string())]
+        texts += [("margin", pa.float64())] if margins else []
     else:
         texts += [("completion", pa.string()), ("label", pa.bool_())]
     schema = pa.schema(texts)
@@ -283,7 +289,8 @@ def _write_texts(examples: Iterable, kind: RowKind, margins: bool, path: Path) -
             else:
                 pairs = pairs_to_unpaired(batch) if kind == "pairs_as_unpaired" else batch
                 columns = [[u.completion for u in pairs], [u.label for u in pairs]]
-            writer.write_batch(pa.record_batch([[json.dumps(p.prompt) for p in pairs], *columns], schema=schema))
+            prompts = [json.dumps(p.prompt) for p in pairs]
+            writer.write_batch(pa.record_batch([prompts, *columns], schema=schema))
             n += len(pairs)
     return n
 
@@ -303,27 +310,23 @@ def _features(kind: RowKind, margins: bool):
 
 
 def _tokenize_batch(batch: dict, tokenizer, settings: RowSettings) -> dict:
-    """One ``map`` batch of texts -> the columns of ``_features`` (runs in the worker processes)."""
+    """One ``map`` batch of texts -> the columns of ``_features``: the encoded records' fields, and "length"
+    (runs in the worker processes)."""
     prompts = [json.loads(p) for p in batch["prompt"]]
     args = (settings.max_length, settings.max_prompt_length)
     if "chosen" in batch:
-        pairs = encode_pairs(tokenizer, prompts, batch["chosen"], batch["rejected"], *args)
-        return {
-            "prompt_ids": [e.prompt_ids for e in pairs],
-            "chosen_ids": [e.chosen_ids for e in pairs],
-            "rejected_ids": [e.rejected_ids for e in pairs],
-            "truncated": [e.truncated for e in pairs],
-            # collate.pair_length, kept so length-sorted batching never decodes the ids
-            "length": [len(e.prompt_ids) + max(len(e.chosen_ids), len(e.rejected_ids)) for e in pairs],
-        }
-    unpaired = encode_unpaired_batch(tokenizer, prompts, batch["completion"], batch["label"], *args)
-    return {
-        "prompt_ids": [e.prompt_ids for e in unpaired],
-        "completion_ids": [e.completion_ids for e in unpaired],
-        "label": [e.label for e in unpaired],
-        "truncated": [e.truncated for e in unpaired],
-        "length": [len(e.prompt_ids) + len(e.completion_ids) for e in unpaired],
-    }
+        encoded = encode_pairs(tokenizer, prompts, batch["chosen"], batch["rejected"], *args)
+    else:
+        encoded = encode_unpaired_batch(tokenizer, prompts, batch["completion"], batch["label"], *args)
+    names = [f.name for f in dataclasses.fields(encoded[0])]
+    columns = {name: [getattr(e, name) for e in encoded] for name in names}
+    # The padded width a row asks of a batch (prompt + its longest completion: collate.pair_length for pairs),
+    # kept so length-sorted batching never decodes the ids.
+    completions = [name for name in names if name.endswith("_ids") and name != "prompt_ids"]
+    columns["length"] = [
+        len(e.prompt_ids) + max(len(getattr(e, name)) for name in completions) for e in encoded
+    ]
+    return columns
 
 
 def _open(folder: Path, source: str) -> Loaded:

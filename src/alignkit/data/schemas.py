@@ -222,10 +222,10 @@ def iter_examples(
     columns: dict[str, str] | None = None,
     margin_column: str | None = None,
 ) -> Iterator[Any]:
-    """``load_preferences`` (``kind`` "pairs") or ``load_unpaired`` ("unpaired") one example at a time, for data
-    too large to hold as a list: ``loaded`` (its ``source`` set, ``examples`` left empty) counts the rows read
-    and the rows skipped as they go by. With ``margin_column`` each pair comes as (pair, its row's margin), a
-    row without a usable margin being a bad row like any other."""
+    """``load_preferences`` (``kind`` "pairs") or ``load_unpaired`` ("unpaired") one example at a time, for
+    data too large to hold as a list: ``loaded`` (its ``source`` set, ``examples`` left empty) counts the rows
+    read and the rows skipped as they go by. With ``margin_column`` each pair comes as (pair, its row's
+    margin), a row without a usable margin being a bad row like any other."""
     parse = _parse_pair if kind == "pairs" else _parse_unpaired
     if margin_column:
         parse = partial(_with_margin, parse, margin_column)
@@ -383,9 +383,16 @@ def _with_margin(parse: Callable[[Record], PreferencePair], column: str, record:
     """(the row's pair, its ``column`` value: a per-pair margin, a finite number >= 0)."""
     pair = parse(record)
     value = record.data.get(column)
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 0
+    ok = (
+        isinstance(value, (int, float))
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+        and value >= 0
+    )
     if not ok:
-        raise BadRowError(record.source, record.row, column, f"margin must be a finite number >= 0, got {value!r}")
+        raise BadRowError(
+            record.source, record.row, column, f"margin must be a finite number >= 0, got {value!r}"
+        )
     return pair, float(value)
 
 

@@ -137,10 +137,12 @@ def attach_reference(cfg: DPOConfig, model, model_path: str, examples: PairExamp
     if isinstance(examples.encoded, EncodedRows):  # prepared data: its fingerprint decides every id
         data = examples.encoded.fingerprint
     else:
-        data = reference_cache.tokens_fingerprint((e.prompt_ids, e.chosen_ids, e.rejected_ids) for e in examples.encoded)
+        rows = ((e.prompt_ids, e.chosen_ids, e.rejected_ids) for e in examples.encoded)
+        data = reference_cache.tokens_fingerprint(rows)
+    key = reference_cache.cache_key(model_path, how, data)
     examples.ref = precompute_tensors(
         cfg, model, examples, needed, examples.encoded.lengths(), partial(_collate_encoded, pad_id=pad_id),
-        partial(_reference_pass, cfg=cfg), PairLogprobs, "reference log-probs", reference_cache.cache_key(model_path, how, data),
+        partial(_reference_pass, cfg=cfg), PairLogprobs, "reference log-probs", key,
     )  # fmt: skip
 
 

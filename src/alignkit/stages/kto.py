@@ -120,9 +120,9 @@ def kl_partners(n: int, seed: int) -> list[int]:
 
 
 def kl_sequence(own: EncodedUnpaired, other: EncodedUnpaired, max_length: int) -> EncodedUnpaired:
-    """Prompt ``own``'s ids + ``other``'s completion ids, cut to max_length. The prompt was already fitted with
-    its own completion, so it leaves at least one token of room; the partner's completion keeps its start, as
-    ``encode`` would cut it."""
+    """Prompt ``own``'s ids + ``other``'s completion ids, cut to max_length. The prompt was already fitted
+    with its own completion, so it leaves at least one token of room; the partner's completion keeps its
+    start, as ``encode`` would cut it."""
     completion = other.completion_ids[: max_length - len(own.prompt_ids)]
     return EncodedUnpaired(own.prompt_ids, completion, own.label, len(completion) < len(other.completion_ids))
 
@@ -308,9 +308,11 @@ def pair_correctness(examples: KTOExamples, rewards: list[float]) -> list[float]
     return [float(rewards[k] > rewards[k + 1]) for k in range(0, len(rewards) - 1, 2)]
 
 
-def precompute_reference(cfg: KTOConfig, model, examples: KTOExamples, pad_id: int, desc: str, needed) -> None:
-    """Set examples.ref to the (frozen, initial) model's [completion, KL sequence] log-probs of the examples at
-    ``needed``, once (``training.reference.precompute_tensors``)."""
+def precompute_reference(
+    cfg: KTOConfig, model, examples: KTOExamples, pad_id: int, desc: str, needed
+) -> None:
+    """Set examples.ref to the (frozen, initial) model's [completion, KL sequence] log-probs of the examples
+    at ``needed``, once (``training.reference.precompute_tensors``)."""
     examples.ref = precompute_tensors(
         cfg, model, examples, needed, examples.lengths(), partial(collate, pad_id=pad_id),
         lambda m, batch: both_logprobs(m, batch, cfg.logprob_chunk_size), KTOLogprobs, desc,
@@ -324,7 +326,9 @@ _ROW_KINDS = {"auto": "auto_unpaired", "unpaired": "unpaired", "pairs": "pairs_a
 def load_examples(cfg: KTOConfig, tokenizer, source, split, rows, limit, what: str):
     """(KTOExamples read lazily from the prepared rows, the loader's Loaded, the resolved format), with the
     class counts printed."""
-    loaded = offline.prepare_data(cfg, tokenizer, _ROW_KINDS[cfg.data_format], source, split, rows, limit, what)
+    loaded = offline.prepare_data(
+        cfg, tokenizer, _ROW_KINDS[cfg.data_format], source, split, rows, limit, what
+    )
     encoded = loaded.examples  # chosen (desirable), rejected (undesirable), ... for pairs
     fmt = "pairs" if encoded.kind == "pairs_as_unpaired" else "unpaired"
     if len(encoded) < 2:  # reported as a config problem, not a traceback
@@ -395,7 +399,9 @@ def _run(cfg: KTOConfig, run_dir: RunDir, started: float) -> dict:
     #    loop evaluates every eval_every steps and at the end.
     evaluation = offline.LastEvaluation(lambda m: evaluate(cfg, m, reference, eval_examples, pad_id))
     eval_fn = evaluation if eval_examples else None
-    prompt_ids = (e.prompt_ids for e in (eval_examples or train_examples).encoded)  # read up to sample_prompts
+    prompt_ids = (
+        e.prompt_ids for e in (eval_examples or train_examples).encoded
+    )  # read up to sample_prompts
     watch = SampleWatch.of(cfg, model, tokenizer, prompt_ids)
     monitors = default_monitors("kto", samples=watch is not None)
     step_fn = partial(kto_step, cfg=cfg, reference=reference)

@@ -109,8 +109,8 @@ class RMExample:
 
 
 class RMExamples(Sequence[RMExample]):
-    """The pairs of ``encoded`` (``data.prepared.EncodedRows``, memory-mapped Arrow) read lazily as RMExamples,
-    each with its margin (the rows' "margin" column where margin_column is set, else 0)."""
+    """The pairs of ``encoded`` (``data.prepared.EncodedRows``, memory-mapped Arrow) read lazily as
+    RMExamples, each with its margin (the rows' "margin" column where margin_column is set, else 0)."""
 
     def __init__(self, encoded: EncodedRows) -> None:
         self.encoded = encoded
@@ -202,10 +202,15 @@ def evaluate(
     return {k: v / n for k, v in sums.items()}, correct, rewards
 
 
-def load_pairs(cfg: RMConfig, tokenizer, source: str, split, rows, limit, name: str) -> tuple[Loaded, RMExamples]:
-    """Validated pairs of ``source`` with their margins, tokenized like the policy sees them: prepared once into
-    Arrow files under the cache (``data.prepared``), read lazily; a pair without a usable margin is a bad row."""
-    loaded = offline.prepare_data(cfg, tokenizer, "pairs", source, split, rows, limit, name, cfg.margin_column)
+def load_pairs(
+    cfg: RMConfig, tokenizer, source: str, split, rows, limit, name: str
+) -> tuple[Loaded, RMExamples]:
+    """Validated pairs of ``source`` with their margins, tokenized like the policy sees them: prepared once
+    into Arrow files under the cache (``data.prepared``), read lazily; a pair without a usable margin is a
+    bad row."""
+    loaded = offline.prepare_data(
+        cfg, tokenizer, "pairs", source, split, rows, limit, name, cfg.margin_column
+    )
     print(f"{name} data: {loaded.summary()}", file=sys.stderr)
     return loaded, RMExamples(loaded.examples)
 
@@ -235,9 +240,7 @@ def balance_lengths(cfg: RMConfig, examples: RMExamples) -> RMExamples:
     return examples.select(kept)
 
 
-def measure_validation(
-    cfg: RMConfig, model, validation: RMExamples, pad_id: int, best: BestWeights
-) -> dict:
+def measure_validation(cfg: RMConfig, model, validation: RMExamples, pad_id: int, best: BestWeights) -> dict:
     """The loop's evaluation under early stopping: the validation pairs' metrics, whose accuracy ``best``
     records (keeping the weights of the best one)."""
     metrics = evaluate(cfg, model, validation, pad_id)[0]

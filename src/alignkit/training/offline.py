@@ -46,12 +46,28 @@ def load_data(cfg: Any, load: Callable[[str, str | None, Any, int | None, str], 
 
 
 def prepare_data(
-    cfg: Any, tokenizer, kind: RowKind, source: str, split, rows, limit, what: str, margin_column: str | None = None
+    cfg: Any,
+    tokenizer,
+    kind: RowKind,
+    source: str,
+    split,
+    rows,
+    limit,
+    what: str,
+    margin_column: str | None = None,
 ) -> Loaded:
     """``data.prepared.prepare_rows`` of one source with the config's settings, cached under
     ``$ALIGNKIT_CACHE/prepared``: a ``Loaded`` whose examples are lazily read ``EncodedRows``."""
     settings = RowSettings(
-        cfg.max_length, cfg.max_prompt_length, cfg.on_bad_row, split, rows, limit, cfg.columns, kind, margin_column
+        cfg.max_length,
+        cfg.max_prompt_length,
+        cfg.on_bad_row,
+        split,
+        rows,
+        limit,
+        cfg.columns,
+        kind,
+        margin_column,
     )
     return prepare_rows(source, tokenizer, settings, cache_dir() / "prepared", cfg.dataset_num_proc, what)
 

@@ -108,20 +108,34 @@ def precompute(cfg, model, examples: list, lengths: list[int], collate, compute,
 
 
 def precompute_tensors(
-    cfg, model, examples, needed, lengths: list[int], collate, compute, record: type[T], desc: str,
+    cfg,
+    model,
+    examples,
+    needed,
+    lengths: list[int],
+    collate,
+    compute,
+    record: type[T],
+    desc: str,
     key: str | None = None,
 ) -> T:
     """A ``record`` of (N,) float32 tensors, N = len(examples), holding the (frozen, initial) ``model``'s
-    ``compute`` rows for the examples at ``needed`` (NaN on the others): the rows stay N-long tensors, never one
-    object per example. With ``key``, the rows the on-disk cache (``models.reference_cache``) holds are read
-    from it, and those computed are saved there."""
-    values = reference_cache.load(key, record, len(examples)) if key else reference_cache.empty(record, len(examples))
+    ``compute`` rows for the examples at ``needed`` (NaN on the others): the rows stay N-long tensors, never
+    one object per example. With ``key``, the rows the on-disk cache (``models.reference_cache``) holds are
+    read from it, and those computed are saved there."""
+    values = (
+        reference_cache.load(key, record, len(examples))
+        if key
+        else reference_cache.empty(record, len(examples))
+    )
     unknown = torch.stack([t.isnan() for t in vars(values).values()]).any(0)  # (N,)
     missing = [i for i in needed if unknown[i]]
     if not missing:
         print(f"{desc}: {len(list(needed))} rows from the cache", file=sys.stderr)
         return values
-    rows = precomputed_rows(cfg, model, examples, lengths, collate, compute, f"{desc} ({len(missing)} rows)", missing)
+    rows = precomputed_rows(
+        cfg, model, examples, lengths, collate, compute, f"{desc} ({len(missing)} rows)", missing
+    )
     for i, row in rows:
         for name, value in vars(row).items():
             getattr(values, name)[i] = value
