@@ -22,10 +22,11 @@ from alignkit.data.schemas import (
     BadRowError,
     DataSourceError,
     load_preferences,
+    load_sft,
     load_unpaired,
     pairs_to_unpaired,
 )
-from alignkit.data.tokenize import encode_pair, encode_unpaired
+from alignkit.data.tokenize import encode, encode_pair, encode_unpaired
 from alignkit.stages.kto import KTOExamples
 from alignkit.stages.rm import RMConfig, RMExamples, balance_lengths, split_validation
 
@@ -302,3 +303,33 @@ def test_rm_validation_and_length_balance_select_the_pairs_of_the_in_memory_list
     assert balanced.encoded.n_truncated() == sum(listed[i].truncated for i in kept)
     assert balanced.encoded.lengths() == [pair_length(listed[i]) for i in kept]
     assert len({examples.encoded.fingerprint, train.encoded.fingerprint, balanced.encoded.fingerprint}) == 3
+
+
+def test_sft_rows_equal_the_in_memory_path_are_reused_and_bad_rows_are_the_loaders(
+    tmp_path, tiny_tokenizer, monkeypatch
+):
+    """Demonstrations from HH-RLHF rows 80-120 (the conversation before the chosen reply, then that reply), and
+    a language-modeling row ({"text": ...}: no prompt, BOS then the text), as the sft stage read them before
+    the cache: load_sft, then encode one row at a time."""
+    pairs = load_preferences(str(HH_RLHF), "skip", rows=(80, 120)).examples
+    rows = [{"prompt": p.prompt, "completion": p.chosen} for p in pairs] + [{"text": "the quick brown fox"}]
+    source = _write(tmp_path / "sft.jsonl", rows)
+    settings = RowSettings(max_length=200, max_prompt_length=128, kind="sft")
+    expected = [
+        encode(tiny_tokenizer, ex.prompt, ex.completion, 200, 128) for ex in load_sft(source).examples
+    ]
+    assert len(expected) == 40 and 0 < sum(e.truncated for e in expected) < 40
+    prepared = prepare_rows(source, tiny_tokenizer, settings, tmp_path / "cache")
+    assert list(prepared.examples) == expected and prepared.examples[39] == expected[39]
+    assert prepared.examples.n_truncated() == sum(e.truncated for e in expected)
+    monkeypatch.setattr(schemas, "read_rows", _no_reading)
+    again = prepare_rows(source, tiny_tokenizer, settings, tmp_path / "cache")
+    assert list(again.examples) == expected and again.summary() == "40 rows, 40 used, 0 skipped"
+    monkeypatch.undo()
+
+    bad = _write(tmp_path / "bad.jsonl", [rows[0], {"prompt": "hi"}])
+    with pytest.raises(BadRowError) as want:
+        load_sft(bad)
+    with pytest.raises(BadRowError) as got:
+        prepare_rows(bad, tiny_tokenizer, settings, tmp_path / "cache")
+    assert str(got.value) == str(want.value) and "row 1" in str(got.value)

@@ -1,8 +1,8 @@
-"""Training rows (preference pairs, unpaired KTO examples) validated, tokenized and kept as memory-mapped
-Arrow files (Hugging Face ``datasets``) in a cache folder, keyed by a fingerprint of the data, the tokenizer
-and every setting that changes the tokens. The next run with the same inputs opens the files without reading
-the source; training reads the rows lazily (``EncodedRows``), so a million pairs never sit in memory as Python
-lists.
+"""Training rows (demonstrations, preference pairs, unpaired KTO examples) validated, tokenized and kept as
+memory-mapped Arrow files (Hugging Face ``datasets``) in a cache folder, keyed by a fingerprint of the data, the
+tokenizer and every setting that changes the tokens. The next run with the same inputs opens the files without
+reading the source; training reads the rows lazily (``EncodedRows``), so a million pairs never sit in memory as
+Python lists.
 """
 
 from __future__ import annotations
@@ -32,17 +32,32 @@ from alignkit.data.schemas import (
     no_usable_rows,
     pairs_to_unpaired,
 )
-from alignkit.data.tokenize import EncodedPair, EncodedUnpaired, encode_pairs, encode_unpaired_batch
+from alignkit.data.tokenize import (
+    Encoded,
+    EncodedPair,
+    EncodedUnpaired,
+    encode_batch,
+    encode_pairs,
+    encode_unpaired_batch,
+)
 
 # Rows per Arrow record batch while validating, and per tokenizer call while tokenizing.
 _BATCH_ROWS = 1000
 # Below this many rows one process tokenizes faster than a pool that must start and pickle the tokenizer.
 _PARALLEL_FROM = 10_000
 
-# What the rows are: "pairs" (prompt/chosen/rejected), "unpaired" (prompt/completion/label rows),
+# What the rows are: "sft" (prompt/completion demonstrations), "pairs" (prompt/chosen/rejected), "unpaired"
+# (prompt/completion/label rows),
 # "pairs_as_unpaired" (pairs, each split into its desirable chosen and undesirable rejected half, in that
 # order), "auto_unpaired" (one of the last two, by the first readable row's columns: schemas.feedback_format).
-RowKind = Literal["pairs", "unpaired", "pairs_as_unpaired", "auto_unpaired"]
+RowKind = Literal["sft", "pairs", "unpaired", "pairs_as_unpaired", "auto_unpaired"]
+# The record each row is read back as, by the kind it was built as.
+_RECORDS = {
+    "sft": Encoded,
+    "pairs": EncodedPair,
+    "unpaired": EncodedUnpaired,
+    "pairs_as_unpaired": EncodedUnpaired,
+}
 
 
 @dataclass(frozen=True)
@@ -61,7 +76,8 @@ class RowSettings:
 
 
 class EncodedRows(Sequence):
-    """The tokenized rows of one prepared source (``EncodedPair``s or ``EncodedUnpaired``s, as ``kind`` says),
+    """The tokenized rows of one prepared source (``Encoded``, ``EncodedPair`` or ``EncodedUnpaired``, as
+    ``kind`` says),
     read from the memory-mapped Arrow files row by row; ``select`` gives a view of some of them, nothing
     copied. ``fingerprint`` names exactly these rows' ids (the cache key, and the selection's indices)."""
 
@@ -70,7 +86,7 @@ class EncodedRows(Sequence):
         self.kind = kind  # as built: never "auto_unpaired"
         self.fingerprint = fingerprint
         self.indices = indices  # (n,) the table's rows this view holds; None: all of them
-        self.record = EncodedPair if kind == "pairs" else EncodedUnpaired
+        self.record = _RECORDS[kind]
         self.names = [f.name for f in dataclasses.fields(self.record)]
 
     def __len__(self) -> int:
@@ -118,11 +134,11 @@ def prepare_rows(
     num_proc: int = 0,
     what: str = "train",
 ) -> Loaded:
-    """``load_preferences`` or ``load_unpaired`` of ``source`` (as ``settings.kind`` says) with its rows
-    tokenized (``tokenize.encode_pairs`` / ``encode_unpaired_batch``): a ``Loaded`` whose ``examples`` are
-    ``EncodedRows``, from ``cache_root/<fingerprint>`` when an earlier run prepared the same inputs, else
-    validated, tokenized with ``num_proc`` processes (0: ``default_num_proc``) and cached there. Row errors
-    are the loader's (``on_bad_row``); nothing is cached when one stops the run."""
+    """``load_sft``, ``load_preferences`` or ``load_unpaired`` of ``source`` (as ``settings.kind`` says) with
+    its rows tokenized (``tokenize.encode_batch`` / ``encode_pairs`` / ``encode_unpaired_batch``): a
+    ``Loaded`` whose ``examples`` are ``EncodedRows``, from ``cache_root/<fingerprint>`` when an earlier run
+    prepared the same inputs, else validated, tokenized with ``num_proc`` processes (0: ``default_num_proc``)
+    and cached there. Row errors are the loader's (``on_bad_row``); nothing is cached when one stops the run."""
     folder = cache_root / fingerprint(source, tokenizer, settings)
     if (folder / "meta.json").is_file():
         loaded = _open(folder, source)
@@ -223,7 +239,7 @@ def _build(source: str, tokenizer, settings: RowSettings, folder: Path, num_proc
             kind = "unpaired" if unpaired else "pairs_as_unpaired"
         loaded = Loaded(examples=[], source=source)
         examples = iter_examples(
-            loaded, "unpaired" if kind == "unpaired" else "pairs", settings.on_bad_row, settings.split,
+            loaded, "pairs" if kind == "pairs_as_unpaired" else kind, settings.on_bad_row, settings.split,
             settings.limit, settings.rows, settings.columns, settings.margin_column,
         )  # fmt: skip
         n_rows = _write_texts(examples, kind, settings.margin_column is not None, work / "texts.arrow")
@@ -267,14 +283,16 @@ def _build(source: str, tokenizer, settings: RowSettings, folder: Path, num_proc
 def _write_texts(examples: Iterable, kind: RowKind, margins: bool, path: Path) -> int:
     """The validated examples as an Arrow stream file (the layout ``datasets`` memory-maps), a record batch at
     a time; a prompt is stored as JSON, since it is text or a list of messages. Pairs (with ``margins``, as
-    (pair, margin)) become prompt/chosen/rejected[/margin] rows; unpaired examples, and pairs split in two,
-    prompt/completion/label rows. Returns the row count."""
+    (pair, margin)) become prompt/chosen/rejected[/margin] rows; demonstrations prompt/completion rows;
+    unpaired examples, and pairs split in two, prompt/completion/label rows. Returns the row count."""
     import pyarrow as pa
 
     texts = [("prompt", pa.string())]
     if kind == "pairs":
         texts += [("chosen", pa.string()), ("rejected", pa.string())]
         texts += [("margin", pa.float64())] if margins else []
+    elif kind == "sft":
+        texts += [("completion", pa.string())]
     else:
         texts += [("completion", pa.string()), ("label", pa.bool_())]
     schema = pa.schema(texts)
@@ -283,15 +301,18 @@ def _write_texts(examples: Iterable, kind: RowKind, margins: bool, path: Path) -
         examples = iter(examples)
         while batch := list(islice(examples, _BATCH_ROWS)):
             if kind == "pairs":
-                pairs = [pair for pair, _ in batch] if margins else batch
-                columns = [[p.chosen for p in pairs], [p.rejected for p in pairs]]
+                rows = [pair for pair, _ in batch] if margins else batch
+                columns = [[p.chosen for p in rows], [p.rejected for p in rows]]
                 columns += [[margin for _, margin in batch]] if margins else []
+            elif kind == "sft":
+                rows = batch
+                columns = [[e.completion for e in rows]]
             else:
-                pairs = pairs_to_unpaired(batch) if kind == "pairs_as_unpaired" else batch
-                columns = [[u.completion for u in pairs], [u.label for u in pairs]]
-            prompts = [json.dumps(p.prompt) for p in pairs]
+                rows = pairs_to_unpaired(batch) if kind == "pairs_as_unpaired" else batch
+                columns = [[u.completion for u in rows], [u.label for u in rows]]
+            prompts = [json.dumps(row.prompt) for row in rows]
             writer.write_batch(pa.record_batch([prompts, *columns], schema=schema))
-            n += len(pairs)
+            n += len(rows)
     return n
 
 
@@ -302,6 +323,8 @@ def _features(kind: RowKind, margins: bool):
     if kind == "pairs":
         columns = {"prompt_ids": ids, "chosen_ids": ids, "rejected_ids": ids}
         columns.update({"margin": datasets.Value("float64")} if margins else {})
+    elif kind == "sft":
+        columns = {"prompt_ids": ids, "completion_ids": ids}
     else:
         columns = {"prompt_ids": ids, "completion_ids": ids, "label": datasets.Value("bool")}
     return datasets.Features(
@@ -316,8 +339,10 @@ def _tokenize_batch(batch: dict, tokenizer, settings: RowSettings) -> dict:
     args = (settings.max_length, settings.max_prompt_length)
     if "chosen" in batch:
         encoded = encode_pairs(tokenizer, prompts, batch["chosen"], batch["rejected"], *args)
-    else:
+    elif "label" in batch:
         encoded = encode_unpaired_batch(tokenizer, prompts, batch["completion"], batch["label"], *args)
+    else:
+        encoded = encode_batch(tokenizer, prompts, batch["completion"], *args)
     names = [f.name for f in dataclasses.fields(encoded[0])]
     columns = {name: [getattr(e, name) for e in encoded] for name in names}
     # The padded width a row asks of a batch (prompt + its longest completion: collate.pair_length for pairs),

@@ -214,7 +214,7 @@ def pairs_to_unpaired(pairs: list[PreferencePair]) -> list[UnpairedExample]:
 
 def iter_examples(
     loaded: Loaded,
-    kind: Literal["pairs", "unpaired"],
+    kind: Literal["pairs", "unpaired", "sft"],
     on_bad_row: OnBadRow = "error",
     split: str | None = None,
     limit: int | None = None,
@@ -222,11 +222,11 @@ def iter_examples(
     columns: dict[str, str] | None = None,
     margin_column: str | None = None,
 ) -> Iterator[Any]:
-    """``load_preferences`` (``kind`` "pairs") or ``load_unpaired`` ("unpaired") one example at a time, for
-    data too large to hold as a list: ``loaded`` (its ``source`` set, ``examples`` left empty) counts the rows
-    read and the rows skipped as they go by. With ``margin_column`` each pair comes as (pair, its row's
-    margin), a row without a usable margin being a bad row like any other."""
-    parse = _parse_pair if kind == "pairs" else _parse_unpaired
+    """``load_preferences`` (``kind`` "pairs"), ``load_unpaired`` ("unpaired") or ``load_sft`` ("sft") one
+    example at a time, for data too large to hold as a list: ``loaded`` (its ``source`` set, ``examples``
+    left empty) counts the rows read and the rows skipped as they go by. With ``margin_column`` each pair
+    comes as (pair, its row's margin), a row without a usable margin being a bad row like any other."""
+    parse = {"pairs": _parse_pair, "unpaired": _parse_unpaired, "sft": _parse_sft}[kind]
     if margin_column:
         parse = partial(_with_margin, parse, margin_column)
     return _stream(loaded, parse, on_bad_row, split, limit, rows, columns)

@@ -81,13 +81,19 @@ def encode(
     tokenizer, prompt: Prompt, completion: str, max_length: int, max_prompt_length: int | None = None
 ) -> Encoded:
     """One prompt + completion, truncated to ``max_length`` tokens in all (see ``_truncate``)."""
-    prompt_ids, (completion_ids,), truncated = _truncate(
-        _prompt_ids(tokenizer, prompt),
-        [_completion_ids(tokenizer, completion)],
-        max_length,
-        max_prompt_length,
-    )
-    return Encoded(prompt_ids, completion_ids, truncated)
+    return encode_batch(tokenizer, [prompt], [completion], max_length, max_prompt_length)[0]
+
+
+def encode_batch(
+    tokenizer,
+    prompts: list[Prompt],
+    completions: list[str],
+    max_length: int,
+    max_prompt_length: int | None = None,
+) -> list[Encoded]:
+    """``encode`` of many rows, one batched tokenizer call per column (as ``encode_pairs``)."""
+    rows = _encode_batch(tokenizer, prompts, [completions], max_length, max_prompt_length)
+    return [Encoded(p_ids, c_ids, truncated) for p_ids, (c_ids,), truncated in rows]
 
 
 def encode_pair(
@@ -125,7 +131,8 @@ def encode_unpaired(
     max_prompt_length: int | None = None,
 ) -> EncodedUnpaired:
     """An unpaired (KTO) example: ``encode`` plus its desirable/undesirable label."""
-    return encode_unpaired_batch(tokenizer, [prompt], [completion], [label], max_length, max_prompt_length)[0]
+    encoded = encode(tokenizer, prompt, completion, max_length, max_prompt_length)
+    return EncodedUnpaired(encoded.prompt_ids, encoded.completion_ids, label, encoded.truncated)
 
 
 def encode_unpaired_batch(
@@ -136,9 +143,9 @@ def encode_unpaired_batch(
     max_length: int,
     max_prompt_length: int | None = None,
 ) -> list[EncodedUnpaired]:
-    """``encode_unpaired`` of many examples, one batched tokenizer call per column (as ``encode_pairs``)."""
-    rows = _encode_batch(tokenizer, prompts, [completions], max_length, max_prompt_length)
-    return [EncodedUnpaired(p_ids, c_ids, y, cut) for (p_ids, (c_ids,), cut), y in zip(rows, labels)]
+    """``encode_unpaired`` of many examples: ``encode_batch`` plus their labels."""
+    rows = encode_batch(tokenizer, prompts, completions, max_length, max_prompt_length)
+    return [EncodedUnpaired(e.prompt_ids, e.completion_ids, y, e.truncated) for e, y in zip(rows, labels)]
 
 
 def _encode_batch(
@@ -183,10 +190,6 @@ def _adds_bos(tokenizer) -> bool:
     """Whether the tokenizer puts BOS in front of text by default (Llama-style); many (GPT-2-style) don't."""
     bos = tokenizer.bos_token_id
     return bos is not None and tokenizer("a", add_special_tokens=True)["input_ids"][:1] == [bos]
-
-
-def _completion_ids(tokenizer, completion: str) -> list[int]:
-    return _completion_ids_batch(tokenizer, [completion])[0]
 
 
 def _completion_ids_batch(tokenizer, completions: list[str]) -> list[list[int]]:
