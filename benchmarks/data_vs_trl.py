@@ -64,7 +64,7 @@ def _peak_rss_mb() -> float:
 
 
 def child_alignkit(spec: dict) -> dict:
-    os.environ["ALIGNKIT_CACHE"] = spec["cache"]  # load_pairs caches under $ALIGNKIT_CACHE/prepared-pairs
+    os.environ["ALIGNKIT_CACHE"] = spec["cache"]  # load_pairs caches under $ALIGNKIT_CACHE/prepared
     from alignkit.config import load_config
     from alignkit.models.loading import load_tokenizer
     from alignkit.stages.dpo import DPOConfig, load_pairs

@@ -8,6 +8,8 @@ import math
 import pytest
 
 from alignkit.cli import main
+from alignkit.models import reference_cache
+from alignkit.models.embedded import cache_dir
 
 PAIRS = [
     {"prompt": "what is the capital of france?", "chosen": "paris.", "rejected": "i cannot help."},
@@ -104,3 +106,33 @@ def test_reference_logprobs_are_cached_and_reused(tiny_model_dir, pair_data, tmp
     assert [r["loss"] for r in first] == [r["loss"] for r in second]
     _run("ipo", tmp_path, "c", tiny_model_dir, pair_data)
     assert "from the cache" in capsys.readouterr().err
+
+
+def test_reference_cache_is_keyed_on_the_prepared_data_and_a_changed_setting_misses(
+    tiny_model_dir, tmp_path, capsys, monkeypatch
+):
+    """Pairs read from the prepared-data cache name their reference log-probs by its fingerprint: no pass that
+    hashes every pair's ids. The same inputs hit; another max_length (other ids) misses and computes again."""
+
+    def no_hashing(sequences):
+        raise AssertionError("the token ids were hashed for pairs from the prepared cache")
+
+    monkeypatch.setattr(reference_cache, "tokens_fingerprint", no_hashing)
+    data = tmp_path / "keyed-pairs.jsonl"
+    data.write_text(
+        "".join(json.dumps({**r, "prompt": "keyed " + r.get("prompt", "")}) + "\n" for r in PAIRS[:3] * 4)
+    )
+    hits = ["reference log-probs: 12 rows from the cache", "reference log-probs: 8 rows from the cache"]
+
+    def entries() -> int:
+        return len(list((cache_dir() / "reference-logps").glob("*.safetensors")))
+
+    _run("dpo", tmp_path, "a", tiny_model_dir, data)
+    assert "rows from the cache" not in capsys.readouterr().err
+    n_entries = entries()
+    _run("dpo", tmp_path, "b", tiny_model_dir, data)
+    err = capsys.readouterr().err
+    assert all(hit in err for hit in hits) and entries() == n_entries, err
+    _run("dpo", tmp_path, "c", tiny_model_dir, data, "max_length=12")
+    assert "rows from the cache" not in capsys.readouterr().err
+    assert entries() == n_entries + 2  # computed again, train and eval, under new keys

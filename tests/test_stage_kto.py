@@ -13,7 +13,7 @@ from alignkit.config import ConfigError, load_config
 from alignkit.data.tokenize import EncodedUnpaired
 from alignkit.losses.kto import kto_loss, kto_reference_point
 from alignkit.models.forward import sequence_logprobs
-from alignkit.stages.kto import KTOConfig, build_examples, collate, kl_partners, kto_outputs, run
+from alignkit.stages.kto import KTOConfig, KTOExamples, collate, kl_partners, kto_outputs, run
 from alignkit.training.reference import Reference
 
 from conftest import build_tiny_model
@@ -171,7 +171,7 @@ def test_kl_partners_are_a_fixed_derangement():
         assert kl_partners(n, seed=3) == partner  # fixed: a resumed run rebuilds the same pairs
     assert kl_partners(10, seed=3) != kl_partners(10, seed=4)
     with pytest.raises(ValueError, match="at least 2"):
-        build_examples([EncodedUnpaired([1], [2], True, False)], [None], max_length=8, seed=0)
+        KTOExamples([EncodedUnpaired([1], [2], True, False)], paired=False, max_length=8, seed=0)
 
 
 def test_single_example_data_is_a_config_error(tiny_model_dir, tmp_path):
@@ -186,7 +186,7 @@ def test_kl_sequence_is_truncated_like_encode():
         EncodedUnpaired([1, 1, 1], [5, 6], True, False),
         EncodedUnpaired([2], [7, 8, 9, 10], False, False),
     ]
-    examples = build_examples(encoded, [None, None], max_length=5, seed=0)
+    examples = KTOExamples(encoded, paired=False, max_length=5, seed=0)
     assert examples[0].kl.prompt_ids == [1, 1, 1] and examples[0].kl.completion_ids == [7, 8]
     assert examples[0].kl.truncated
     assert examples[1].kl.prompt_ids == [2] and examples[1].kl.completion_ids == [5, 6]
@@ -204,7 +204,7 @@ def test_step_uses_mismatched_sequences_and_reference(tiny_tokenizer):
         EncodedUnpaired(tok(p)["input_ids"], [*tok(" " + c)["input_ids"], tok.eos_token_id], y, False)
         for p, c, y in texts
     ]
-    examples = build_examples(encoded, [None] * 3, max_length=64, seed=0)
+    examples = KTOExamples(encoded, paired=False, max_length=64, seed=0)
     cfg = load_config(KTOConfig, None, ["train_data=x", "beta=0.5", "undesirable_weight=1.3"])
     with torch.no_grad():
         out = kto_outputs(cfg, policy, Reference("copy", reference), collate(examples, tok.pad_token_id))

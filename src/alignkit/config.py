@@ -354,6 +354,20 @@ class PairLossFields(Fields):
 
 
 @dataclass
+class PreparedDataFields(Fields):
+    """How the stages that prepare their rows once into the cache (``data.prepared``: rm, dpo/ipo/orpo, kto)
+    tokenize them."""
+
+    # --- data ---
+    dataset_num_proc: int = doc_field(
+        0,
+        "Processes that tokenize the data the first time (later runs read the cached tokens); 0: 1 below "
+        "10,000 rows, else half the CPUs (at most 8).",
+        ge=0,
+    )
+
+
+@dataclass
 class SequenceFields(Fields):
     """How long a training row may be (the offline stages; the online ones cap prompt and response apart)."""
 

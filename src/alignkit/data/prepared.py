@@ -1,11 +1,13 @@
-"""Preference pairs validated, tokenized and kept as memory-mapped Arrow files (Hugging Face ``datasets``) in a
-cache folder, keyed by a fingerprint of the data, the tokenizer and every setting that changes the tokens. The
-next run with the same inputs opens the files without reading the source; training reads the rows lazily
-(``EncodedPairs``), so a million pairs never sit in memory as Python lists.
+"""Training rows (demonstrations, preference pairs, unpaired KTO examples) validated, tokenized and kept as
+memory-mapped Arrow files (Hugging Face ``datasets``) in a cache folder, keyed by a fingerprint of the data, the
+tokenizer and every setting that changes the tokens. The next run with the same inputs opens the files without
+reading the source; training reads the rows lazily (``EncodedRows``), so a million pairs never sit in memory as
+Python lists.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -16,21 +18,51 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from itertools import islice
 from pathlib import Path
+from typing import Literal
+
+import numpy as np
 
 from alignkit.data import io, schemas, tokenize
 from alignkit.data.io import BadRow
-from alignkit.data.schemas import Loaded, OnBadRow, iter_preferences, no_usable_rows
-from alignkit.data.tokenize import EncodedPair, encode_pairs
+from alignkit.data.schemas import (
+    Loaded,
+    OnBadRow,
+    feedback_format,
+    iter_examples,
+    no_usable_rows,
+    pairs_to_unpaired,
+)
+from alignkit.data.tokenize import (
+    Encoded,
+    EncodedPair,
+    EncodedUnpaired,
+    encode_batch,
+    encode_pairs,
+    encode_unpaired_batch,
+)
 
 # Rows per Arrow record batch while validating, and per tokenizer call while tokenizing.
 _BATCH_ROWS = 1000
-# Below this many pairs one process tokenizes faster than a pool that must start and pickle the tokenizer.
+# Below this many rows one process tokenizes faster than a pool that must start and pickle the tokenizer.
 _PARALLEL_FROM = 10_000
+
+# What the rows are: "sft" (prompt/completion demonstrations), "pairs" (prompt/chosen/rejected), "unpaired"
+# (prompt/completion/label rows),
+# "pairs_as_unpaired" (pairs, each split into its desirable chosen and undesirable rejected half, in that
+# order), "auto_unpaired" (one of the last two, by the first readable row's columns: schemas.feedback_format).
+RowKind = Literal["sft", "pairs", "unpaired", "pairs_as_unpaired", "auto_unpaired"]
+# The record each row is read back as, by the kind it was built as.
+_RECORDS = {
+    "sft": Encoded,
+    "pairs": EncodedPair,
+    "unpaired": EncodedUnpaired,
+    "pairs_as_unpaired": EncodedUnpaired,
+}
 
 
 @dataclass(frozen=True)
-class PairSettings:
-    """Everything besides the data and the tokenizer that decides which pairs are kept and their token ids."""
+class RowSettings:
+    """Everything besides the data and the tokenizer that decides which rows are kept and their token ids."""
 
     max_length: int
     max_prompt_length: int | None = None
@@ -39,46 +71,74 @@ class PairSettings:
     rows: tuple[int, int] | None = None
     limit: int | None = None
     columns: dict[str, str] | None = None
+    kind: RowKind = "pairs"
+    margin_column: str | None = None  # pairs only: each row's margin, kept as the column "margin"
 
 
-class EncodedPairs(Sequence[EncodedPair]):
-    """The tokenized pairs of one prepared source, read from the memory-mapped Arrow files row by row."""
+class EncodedRows(Sequence):
+    """The tokenized rows of one prepared source (``Encoded``, ``EncodedPair`` or ``EncodedUnpaired``, as
+    ``kind`` says),
+    read from the memory-mapped Arrow files row by row; ``select`` gives a view of some of them, nothing
+    copied. ``fingerprint`` names exactly these rows' ids (the cache key, and the selection's indices)."""
 
-    def __init__(self, table) -> None:
-        self.table = table  # a datasets.Dataset: prompt_ids, chosen_ids, rejected_ids, truncated, length
+    def __init__(self, table, kind: RowKind, fingerprint: str, indices: np.ndarray | None = None) -> None:
+        self.table = table  # a datasets.Dataset with the columns of _features(kind)
+        self.kind = kind  # as built: never "auto_unpaired"
+        self.fingerprint = fingerprint
+        self.indices = indices  # (n,) the table's rows this view holds; None: all of them
+        self.record = _RECORDS[kind]
+        self.names = [f.name for f in dataclasses.fields(self.record)]
 
     def __len__(self) -> int:
-        return self.table.num_rows
+        return self.table.num_rows if self.indices is None else len(self.indices)
 
-    def __getitem__(self, i: int) -> EncodedPair:  # type: ignore[override]
-        row = self.table[int(i)]
-        return EncodedPair(row["prompt_ids"], row["chosen_ids"], row["rejected_ids"], row["truncated"])
+    def __getitem__(self, i: int):  # type: ignore[override]
+        row = self.table[int(i if self.indices is None else self.indices[i])]
+        return self.record(*(row[name] for name in self.names))
 
-    def __iter__(self) -> Iterator[EncodedPair]:
-        for batch in self.table.iter(batch_size=_BATCH_ROWS):
-            columns = (batch["prompt_ids"], batch["chosen_ids"], batch["rejected_ids"], batch["truncated"])
-            yield from (EncodedPair(*row) for row in zip(*columns))
+    def __iter__(self) -> Iterator:
+        for start in range(0, len(self), _BATCH_ROWS):  # a record batch at a time
+            stop = min(start + _BATCH_ROWS, len(self))
+            batch = (
+                self.table[start:stop]
+                if self.indices is None
+                else self.table[self.indices[start:stop].tolist()]
+            )
+            yield from (self.record(*row) for row in zip(*(batch[name] for name in self.names)))
+
+    def column(self, name: str) -> np.ndarray:
+        """A scalar column ("length", "truncated", "label", "margin") of this view, read without the ids."""
+        values = self.table.data.column(name).to_numpy()
+        return values if self.indices is None else values[self.indices]
 
     def lengths(self) -> list[int]:
-        """Each pair's padded width (``collate.pair_length``), read from its column without decoding the ids."""
-        return self.table.data.column("length").to_pylist()
+        """Each row's padded width (pairs: ``collate.pair_length``; unpaired: prompt + completion)."""
+        return self.column("length").tolist()
 
     def n_truncated(self) -> int:
-        return sum(self.table.data.column("truncated").to_pylist())
+        return int(self.column("truncated").sum())
+
+    def select(self, indices: Iterable[int]) -> EncodedRows:
+        """The view of this view's rows at ``indices``, in that order."""
+        picked = np.fromiter(indices, dtype=np.int64)
+        rows = picked if self.indices is None else self.indices[picked]
+        key = hashlib.sha256(self.fingerprint.encode() + rows.tobytes()).hexdigest()[:32]
+        return EncodedRows(self.table, self.kind, key, rows)
 
 
-def prepare_pairs(
+def prepare_rows(
     source: str,
     tokenizer,
-    settings: PairSettings,
+    settings: RowSettings,
     cache_root: Path,
     num_proc: int = 0,
     what: str = "train",
 ) -> Loaded:
-    """``load_preferences`` of ``source`` with its pairs tokenized (``tokenize.encode_pairs``): a ``Loaded``
-    whose ``examples`` are ``EncodedPairs``, from ``cache_root/<fingerprint>`` when an earlier run prepared
-    the same inputs, else validated, tokenized with ``num_proc`` processes (0: ``default_num_proc``) and cached
-    there. Row errors are the loader's (``on_bad_row``); nothing is cached when one stops the run."""
+    """``load_sft``, ``load_preferences`` or ``load_unpaired`` of ``source`` (as ``settings.kind`` says) with
+    its rows tokenized (``tokenize.encode_batch`` / ``encode_pairs`` / ``encode_unpaired_batch``): a
+    ``Loaded`` whose ``examples`` are ``EncodedRows``, from ``cache_root/<fingerprint>`` when an earlier run
+    prepared the same inputs, else validated, tokenized with ``num_proc`` processes (0: ``default_num_proc``)
+    and cached there. Row errors are the loader's (``on_bad_row``); nothing is cached when one stops the run."""
     folder = cache_root / fingerprint(source, tokenizer, settings)
     if (folder / "meta.json").is_file():
         loaded = _open(folder, source)
@@ -88,17 +148,17 @@ def prepare_pairs(
     procs = _build(source, tokenizer, settings, folder, num_proc, what)
     loaded = _open(folder, source)
     print(
-        f"{what} data: tokenized {len(loaded.examples)} pairs with {procs} process(es) in "
-        f"{time.perf_counter() - started:.1f}s, cached in {folder}",
+        f"{what} data: tokenized {len(loaded.examples)} rows ({loaded.examples.kind.replace('_', ' ')}) with "
+        f"{procs} process(es) in {time.perf_counter() - started:.1f}s, cached in {folder}",
         file=sys.stderr,
     )
     return loaded
 
 
-def default_num_proc(n_pairs: int) -> int:
+def default_num_proc(n_rows: int) -> int:
     """1 for small data; else half the CPUs this process may use (the rest run the tokenizer's own threads
     and the machine), at most 8."""
-    if n_pairs < _PARALLEL_FROM:
+    if n_rows < _PARALLEL_FROM:
         return 1
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     return max(1, min(8, cpus // 2))
@@ -109,7 +169,7 @@ def default_num_proc(n_pairs: int) -> int:
 # ---------------------------------------------------------------------------------------------
 
 
-def fingerprint(source: str, tokenizer, settings: PairSettings) -> str:
+def fingerprint(source: str, tokenizer, settings: RowSettings) -> str:
     """The cache key: the source's files (path, size, mtime), the tokenizer's contents, the settings, and the
     code that turns rows into ids (so a new alignkit never reads tokens an older one wrote differently)."""
     h = hashlib.sha256()
@@ -163,7 +223,7 @@ def tokenizer_fingerprint(tokenizer) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
-def _build(source: str, tokenizer, settings: PairSettings, folder: Path, num_proc: int, what: str) -> int:
+def _build(source: str, tokenizer, settings: RowSettings, folder: Path, num_proc: int, what: str) -> int:
     """Write ``folder``: validate the rows streaming into an Arrow file of texts, tokenize it with datasets'
     ``map`` into the final Arrow files, then meta.json (the mark of a complete folder). Built beside it and
     renamed into place, so a crash or a bad row never leaves a half-built folder. Returns the process count."""
@@ -173,30 +233,36 @@ def _build(source: str, tokenizer, settings: PairSettings, folder: Path, num_pro
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     try:
+        kind = settings.kind
+        if kind == "auto_unpaired":
+            unpaired = feedback_format(source, settings.split, settings.columns) == "unpaired"
+            kind = "unpaired" if unpaired else "pairs_as_unpaired"
         loaded = Loaded(examples=[], source=source)
-        pairs = iter_preferences(
-            loaded, settings.on_bad_row, settings.split, settings.limit, settings.rows, settings.columns
-        )
-        n_pairs = _write_texts(pairs, work / "texts.arrow")
-        if n_pairs == 0:
+        examples = iter_examples(
+            loaded, "pairs" if kind == "pairs_as_unpaired" else kind, settings.on_bad_row, settings.split,
+            settings.limit, settings.rows, settings.columns, settings.margin_column,
+        )  # fmt: skip
+        n_rows = _write_texts(examples, kind, settings.margin_column is not None, work / "texts.arrow")
+        if n_rows == 0:
             raise no_usable_rows(f"{what}_data", source, loaded.n_rows, loaded.skipped)
-        procs = min(num_proc or default_num_proc(n_pairs), max(n_pairs, 1))
+        procs = min(num_proc or default_num_proc(n_rows), max(n_rows, 1))
         texts = datasets.Dataset.from_file(str(work / "texts.arrow"))
         tokens = texts.map(
             _tokenize_batch,
             batched=True,
             batch_size=_BATCH_ROWS,
-            remove_columns=texts.column_names,
+            remove_columns=[name for name in texts.column_names if name != "margin"],
             fn_kwargs={"tokenizer": tokenizer, "settings": settings},
-            features=_features(),
+            features=_features(kind, settings.margin_column is not None),
             num_proc=procs if procs > 1 else None,
-            cache_file_name=str(work / "pairs.arrow"),
+            cache_file_name=str(work / "rows.arrow"),
             load_from_cache_file=False,
             new_fingerprint=folder.name,
-            desc="tokenizing pairs",
+            desc=f"tokenizing {kind.replace('_', ' ')}",
         )
         meta = {
             "source": source,
+            "kind": kind,
             "n_rows": loaded.n_rows,
             "skipped": [asdict(bad) for bad in loaded.skipped],
             "files": [Path(f["filename"]).name for f in tokens.cache_files],
@@ -214,60 +280,87 @@ def _build(source: str, tokenizer, settings: PairSettings, folder: Path, num_pro
         shutil.rmtree(work, ignore_errors=True)
 
 
-def _write_texts(pairs: Iterable[schemas.PreferencePair], path: Path) -> int:
-    """The validated pairs as an Arrow stream file (the layout ``datasets`` memory-maps), a record batch at a
-    time; a prompt is stored as JSON, since it is text or a list of messages. Returns the pair count."""
+def _write_texts(examples: Iterable, kind: RowKind, margins: bool, path: Path) -> int:
+    """The validated examples as an Arrow stream file (the layout ``datasets`` memory-maps), a record batch at
+    a time; a prompt is stored as JSON, since it is text or a list of messages. Pairs (with ``margins``, as
+    (pair, margin)) become prompt/chosen/rejected[/margin] rows; demonstrations prompt/completion rows;
+    unpaired examples, and pairs split in two, prompt/completion/label rows. Returns the row count."""
     import pyarrow as pa
 
-    schema = pa.schema([("prompt", pa.string()), ("chosen", pa.string()), ("rejected", pa.string())])
+    texts = [("prompt", pa.string())]
+    if kind == "pairs":
+        texts += [("chosen", pa.string()), ("rejected", pa.string())]
+        texts += [("margin", pa.float64())] if margins else []
+    elif kind == "sft":
+        texts += [("completion", pa.string())]
+    else:
+        texts += [("completion", pa.string()), ("label", pa.bool_())]
+    schema = pa.schema(texts)
     n = 0
     with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
-        pairs = iter(pairs)
-        while batch := list(islice(pairs, _BATCH_ROWS)):
-            prompts = [json.dumps(p.prompt) for p in batch]
-            columns = [prompts, [p.chosen for p in batch], [p.rejected for p in batch]]
-            writer.write_batch(pa.record_batch(columns, schema=schema))
-            n += len(batch)
+        examples = iter(examples)
+        while batch := list(islice(examples, _BATCH_ROWS)):
+            if kind == "pairs":
+                rows = [pair for pair, _ in batch] if margins else batch
+                columns = [[p.chosen for p in rows], [p.rejected for p in rows]]
+                columns += [[margin for _, margin in batch]] if margins else []
+            elif kind == "sft":
+                rows = batch
+                columns = [[e.completion for e in rows]]
+            else:
+                rows = pairs_to_unpaired(batch) if kind == "pairs_as_unpaired" else batch
+                columns = [[u.completion for u in rows], [u.label for u in rows]]
+            prompts = [json.dumps(row.prompt) for row in rows]
+            writer.write_batch(pa.record_batch([prompts, *columns], schema=schema))
+            n += len(rows)
     return n
 
 
-def _features():
+def _features(kind: RowKind, margins: bool):
     import datasets
 
     ids = datasets.List(datasets.Value("int32"))
+    if kind == "pairs":
+        columns = {"prompt_ids": ids, "chosen_ids": ids, "rejected_ids": ids}
+        columns.update({"margin": datasets.Value("float64")} if margins else {})
+    elif kind == "sft":
+        columns = {"prompt_ids": ids, "completion_ids": ids}
+    else:
+        columns = {"prompt_ids": ids, "completion_ids": ids, "label": datasets.Value("bool")}
     return datasets.Features(
-        {
-            "prompt_ids": ids,
-            "chosen_ids": ids,
-            "rejected_ids": ids,
-            "truncated": datasets.Value("bool"),
-            "length": datasets.Value("int32"),
-        }
+        {**columns, "truncated": datasets.Value("bool"), "length": datasets.Value("int32")}
     )
 
 
-def _tokenize_batch(batch: dict, tokenizer, settings: PairSettings) -> dict:
-    """One ``map`` batch of texts -> the columns of ``_FEATURES`` (runs in the worker processes)."""
+def _tokenize_batch(batch: dict, tokenizer, settings: RowSettings) -> dict:
+    """One ``map`` batch of texts -> the columns of ``_features``: the encoded records' fields, and "length"
+    (runs in the worker processes)."""
     prompts = [json.loads(p) for p in batch["prompt"]]
-    encoded = encode_pairs(
-        tokenizer, prompts, batch["chosen"], batch["rejected"], settings.max_length, settings.max_prompt_length
-    )
-    return {
-        "prompt_ids": [e.prompt_ids for e in encoded],
-        "chosen_ids": [e.chosen_ids for e in encoded],
-        "rejected_ids": [e.rejected_ids for e in encoded],
-        "truncated": [e.truncated for e in encoded],
-        # collate.pair_length, kept so length-sorted batching never decodes the ids
-        "length": [len(e.prompt_ids) + max(len(e.chosen_ids), len(e.rejected_ids)) for e in encoded],
-    }
+    args = (settings.max_length, settings.max_prompt_length)
+    if "chosen" in batch:
+        encoded = encode_pairs(tokenizer, prompts, batch["chosen"], batch["rejected"], *args)
+    elif "label" in batch:
+        encoded = encode_unpaired_batch(tokenizer, prompts, batch["completion"], batch["label"], *args)
+    else:
+        encoded = encode_batch(tokenizer, prompts, batch["completion"], *args)
+    names = [f.name for f in dataclasses.fields(encoded[0])]
+    columns = {name: [getattr(e, name) for e in encoded] for name in names}
+    # The padded width a row asks of a batch (prompt + its longest completion: collate.pair_length for pairs),
+    # kept so length-sorted batching never decodes the ids.
+    completions = [name for name in names if name.endswith("_ids") and name != "prompt_ids"]
+    columns["length"] = [
+        len(e.prompt_ids) + max(len(getattr(e, name)) for name in completions) for e in encoded
+    ]
+    return columns
 
 
 def _open(folder: Path, source: str) -> Loaded:
-    """A complete cache folder as the ``Loaded`` its build produced, its pairs memory-mapped."""
+    """A complete cache folder as the ``Loaded`` its build produced, its rows memory-mapped."""
     import datasets
 
     meta = json.loads((folder / "meta.json").read_text(encoding="utf-8"))
     parts = [datasets.Dataset.from_file(str(folder / name)) for name in meta["files"]]
     table = parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
     skipped = [BadRow(**bad) for bad in meta["skipped"]]
-    return Loaded(examples=EncodedPairs(table), skipped=skipped, n_rows=meta["n_rows"], source=source)
+    rows = EncodedRows(table, meta["kind"], folder.name)
+    return Loaded(examples=rows, skipped=skipped, n_rows=meta["n_rows"], source=source)

@@ -5,10 +5,12 @@ cannot use is either an error naming source, row and field, or a reported skip; 
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Literal, Union
 
 from alignkit.data.io import BadRow, BadRowError, DataSourceError, Record, RowRef, read_rows
@@ -23,7 +25,8 @@ __all__ = [
     "RowRef",
     "SFTExample",
     "UnpairedExample",
-    "iter_preferences",
+    "feedback_format",
+    "iter_examples",
     "load_preferences",
     "load_prompts",
     "load_sft",
@@ -94,7 +97,9 @@ class Loaded:
 
     def summary(self, max_listed: int = 5) -> str:
         """E.g. ``"1800 rows, 1796 used, 4 skipped (row 17: field 'chosen': empty completion; ...)"``."""
-        line = f"{self.n_rows} rows, {len(self.examples)} used, {len(self.skipped)} skipped"
+        # Rows used, not examples: a row gives two examples where KTO splits a pair (every row read is either
+        # used or skipped).
+        line = f"{self.n_rows} rows, {self.n_rows - len(self.skipped)} used, {len(self.skipped)} skipped"
         if not self.skipped:
             return line
         listed = [_format_skip(bad) for bad in self.skipped[:max_listed]]
@@ -207,17 +212,44 @@ def pairs_to_unpaired(pairs: list[PreferencePair]) -> list[UnpairedExample]:
     return unpaired
 
 
-def iter_preferences(
+def iter_examples(
     loaded: Loaded,
+    kind: Literal["pairs", "unpaired", "sft"],
     on_bad_row: OnBadRow = "error",
     split: str | None = None,
     limit: int | None = None,
     rows: tuple[int, int] | None = None,
     columns: dict[str, str] | None = None,
-) -> Iterator[PreferencePair]:
-    """``load_preferences`` one pair at a time, for data too large to hold as a list: ``loaded`` (its
-    ``source`` set, ``examples`` left empty) counts the rows read and the rows skipped as the pairs go by."""
-    return _stream(loaded, _parse_pair, on_bad_row, split, limit, rows, columns)
+    margin_column: str | None = None,
+) -> Iterator[Any]:
+    """``load_preferences`` (``kind`` "pairs"), ``load_unpaired`` ("unpaired") or ``load_sft`` ("sft") one
+    example at a time, for data too large to hold as a list: ``loaded`` (its ``source`` set, ``examples``
+    left empty) counts the rows read and the rows skipped as they go by. With ``margin_column`` each pair
+    comes as (pair, its row's margin), a row without a usable margin being a bad row like any other."""
+    parse = {"pairs": _parse_pair, "unpaired": _parse_unpaired, "sft": _parse_sft}[kind]
+    if margin_column:
+        parse = partial(_with_margin, parse, margin_column)
+    return _stream(loaded, parse, on_bad_row, split, limit, rows, columns)
+
+
+def feedback_format(source: str, split: str | None, columns: dict[str, str] | None = None) -> str:
+    """KTO's data, told apart by the first readable row's columns (named as ``columns`` maps them): "unpaired"
+    (a 'label' column) or "pairs" ('chosen'/'rejected'); "unpaired" when no row is readable (its loader then
+    reports what is wrong)."""
+    mapped = {theirs: ours for ours, theirs in (columns or {}).items()}
+    for item in read_rows(source, split):
+        if isinstance(item, BadRow):
+            continue
+        names = {mapped.get(name, name) for name in item.data}
+        if "label" in names:
+            return "unpaired"
+        if "chosen" in names or "rejected" in names:
+            return "pairs"
+        raise DataSourceError(
+            f"data_format=auto: {source} row {item.row} has neither a 'label' column (unpaired feedback) nor "
+            f"'chosen'/'rejected' (pairs); it has {sorted(item.data)}. Set data_format=unpaired or pairs."
+        )
+    return "unpaired"
 
 
 def _load(
@@ -345,6 +377,23 @@ def _parse_pair(record: Record) -> PreferencePair:
     if chosen == rejected:
         raise bad("rejected", "identical to 'chosen' (a pair needs two different responses)")
     return PreferencePair(_with_system(prompt, data, bad), chosen, rejected, _ref(record))
+
+
+def _with_margin(parse: Callable[[Record], PreferencePair], column: str, record: Record):
+    """(the row's pair, its ``column`` value: a per-pair margin, a finite number >= 0)."""
+    pair = parse(record)
+    value = record.data.get(column)
+    ok = (
+        isinstance(value, (int, float))
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+        and value >= 0
+    )
+    if not ok:
+        raise BadRowError(
+            record.source, record.row, column, f"margin must be a finite number >= 0, got {value!r}"
+        )
+    return pair, float(value)
 
 
 def _parse_unpaired(record: Record) -> UnpairedExample:

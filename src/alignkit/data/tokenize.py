@@ -81,13 +81,19 @@ def encode(
     tokenizer, prompt: Prompt, completion: str, max_length: int, max_prompt_length: int | None = None
 ) -> Encoded:
     """One prompt + completion, truncated to ``max_length`` tokens in all (see ``_truncate``)."""
-    prompt_ids, (completion_ids,), truncated = _truncate(
-        _prompt_ids(tokenizer, prompt),
-        [_completion_ids(tokenizer, completion)],
-        max_length,
-        max_prompt_length,
-    )
-    return Encoded(prompt_ids, completion_ids, truncated)
+    return encode_batch(tokenizer, [prompt], [completion], max_length, max_prompt_length)[0]
+
+
+def encode_batch(
+    tokenizer,
+    prompts: list[Prompt],
+    completions: list[str],
+    max_length: int,
+    max_prompt_length: int | None = None,
+) -> list[Encoded]:
+    """``encode`` of many rows, one batched tokenizer call per column (as ``encode_pairs``)."""
+    rows = _encode_batch(tokenizer, prompts, [completions], max_length, max_prompt_length)
+    return [Encoded(p_ids, c_ids, truncated) for p_ids, (c_ids,), truncated in rows]
 
 
 def encode_pair(
@@ -112,14 +118,8 @@ def encode_pairs(
 ) -> list[EncodedPair]:
     """``encode_pair`` of many pairs, with one batched tokenizer call per column (a fast tokenizer encodes a
     batch in parallel in Rust): the same ids as one pair at a time."""
-    prompt_ids = _prompt_ids_batch(tokenizer, prompts)
-    chosen_ids = _completion_ids_batch(tokenizer, chosen)
-    rejected_ids = _completion_ids_batch(tokenizer, rejected)
-    out = []
-    for p_ids, c_ids, r_ids in zip(prompt_ids, chosen_ids, rejected_ids):
-        p_ids, (c_ids, r_ids), truncated = _truncate(p_ids, [c_ids, r_ids], max_length, max_prompt_length)
-        out.append(EncodedPair(p_ids, c_ids, r_ids, truncated))
-    return out
+    rows = _encode_batch(tokenizer, prompts, [chosen, rejected], max_length, max_prompt_length)
+    return [EncodedPair(p_ids, c_ids, r_ids, truncated) for p_ids, (c_ids, r_ids), truncated in rows]
 
 
 def encode_unpaired(
@@ -133,6 +133,35 @@ def encode_unpaired(
     """An unpaired (KTO) example: ``encode`` plus its desirable/undesirable label."""
     encoded = encode(tokenizer, prompt, completion, max_length, max_prompt_length)
     return EncodedUnpaired(encoded.prompt_ids, encoded.completion_ids, label, encoded.truncated)
+
+
+def encode_unpaired_batch(
+    tokenizer,
+    prompts: list[Prompt],
+    completions: list[str],
+    labels: list[bool],
+    max_length: int,
+    max_prompt_length: int | None = None,
+) -> list[EncodedUnpaired]:
+    """``encode_unpaired`` of many examples: ``encode_batch`` plus their labels."""
+    rows = encode_batch(tokenizer, prompts, completions, max_length, max_prompt_length)
+    return [EncodedUnpaired(e.prompt_ids, e.completion_ids, y, e.truncated) for e, y in zip(rows, labels)]
+
+
+def _encode_batch(
+    tokenizer,
+    prompts: list[Prompt],
+    completion_columns: list[list[str]],
+    max_length: int,
+    max_prompt_length: int | None,
+) -> list[tuple[list[int], list[list[int]], bool]]:
+    """(prompt ids, [ids of each completion column], truncated) per row, each row fitted by ``_truncate``."""
+    prompt_ids = _prompt_ids_batch(tokenizer, prompts)
+    columns = [_completion_ids_batch(tokenizer, column) for column in completion_columns]
+    return [
+        _truncate(p_ids, list(completions), max_length, max_prompt_length)
+        for p_ids, *completions in zip(prompt_ids, *columns)
+    ]
 
 
 def _prompt_ids(tokenizer, prompt: Prompt) -> list[int]:
@@ -161,10 +190,6 @@ def _adds_bos(tokenizer) -> bool:
     """Whether the tokenizer puts BOS in front of text by default (Llama-style); many (GPT-2-style) don't."""
     bos = tokenizer.bos_token_id
     return bos is not None and tokenizer("a", add_special_tokens=True)["input_ids"][:1] == [bos]
-
-
-def _completion_ids(tokenizer, completion: str) -> list[int]:
-    return _completion_ids_batch(tokenizer, [completion])[0]
 
 
 def _completion_ids_batch(tokenizer, completions: list[str]) -> list[list[int]]:

@@ -2,9 +2,10 @@
 
 A frozen reference gives the same log-probs for the same tokens every time, so DPO and IPO runs (and a
 resumed run) on the same data share one precomputation. The key covers everything the numbers depend
-on: the weight files (name, size, mtime), the dtype and how the head is applied (``how``), and every
-example's token ids; rows not computed yet are NaN. Stored as safetensors, one named (N,) tensor per field of
-the log-probs' record (``training.preference.PairLogprobs``).
+on: the weight files (name, size, mtime), the dtype and how the head is applied (``how``), and the rows'
+token ids (named by the prepared data's fingerprint, or hashed one by one); rows not computed yet are NaN.
+Stored as safetensors, one named (N,) tensor per field of the log-probs' record
+(``training.preference.PairLogprobs``).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import os
+from collections.abc import Iterable
 from pathlib import Path
 from typing import TypeVar
 
@@ -36,15 +38,25 @@ def model_fingerprint(model_path: str) -> str:
     return "|".join(parts)
 
 
-def cache_key(model_path: str, how: str, sequences: list[tuple[list[int], ...]]) -> str:
+def cache_key(model_path: str, how: str, data: str) -> str:
+    """The entry of ``model_path``'s log-probs computed as ``how`` says on the rows that ``data`` names: a
+    prepared cache folder's fingerprint (``data.prepared.EncodedRows.fingerprint``: it decides every id), or
+    ``tokens_fingerprint`` of rows from anywhere else."""
     h = hashlib.sha256()
-    h.update(model_fingerprint(model_path).encode())
-    h.update(how.encode())
+    for part in (model_fingerprint(model_path), how, data):
+        h.update(part.encode())
+        h.update(b"\0")
+    return h.hexdigest()[:32]
+
+
+def tokens_fingerprint(sequences: Iterable[tuple[list[int], ...]]) -> str:
+    """A hash of every row's token ids (one pass over them all)."""
+    h = hashlib.sha256()
     for seq in sequences:
         for ids in seq:
             h.update(len(ids).to_bytes(4, "little"))
             h.update(torch.tensor(ids, dtype=torch.int64).numpy().tobytes())
-    return h.hexdigest()[:32]
+    return "tokens:" + h.hexdigest()
 
 
 def _path(key: str) -> Path:
@@ -61,7 +73,12 @@ def load(key: str, record: type[T], n_rows: int) -> T:
         stored = load_file(str(path))  # safetensors: named tensors only, no pickle
         if sorted(stored) == sorted(names) and all(stored[n].shape == (n_rows,) for n in names):
             return record(**{n: stored[n] for n in names})
-    return record(**{n: torch.full((n_rows,), float("nan")) for n in names})
+    return empty(record, n_rows)
+
+
+def empty(record: type[T], n_rows: int) -> T:
+    """A ``record`` of (n_rows,) float32 NaN tensors: nothing computed yet."""
+    return record(**{f.name: torch.full((n_rows,), float("nan")) for f in dataclasses.fields(record)})
 
 
 def save(key: str, values) -> None:

@@ -15,12 +15,11 @@ from typing import Literal
 
 import torch
 
-from alignkit.config import ConfigError, PairLossFields, TrainConfig, doc_field
+from alignkit.config import ConfigError, PairLossFields, PreparedDataFields, TrainConfig, doc_field
 from alignkit.data.collate import collate_pairs, length_sorted_batches, pair_length
-from alignkit.data.prepared import PairSettings, prepare_pairs
+from alignkit.data.prepared import EncodedRows
 from alignkit.evaluation.monitors import default_monitors
 from alignkit.models import reference_cache
-from alignkit.models.embedded import cache_dir
 from alignkit.models.forward import supports_chunked_head
 from alignkit.models.loading import load_tokenizer, resolve_model
 from alignkit.models.precision import in_training_precision, of_config
@@ -33,7 +32,7 @@ from alignkit.training.reference import (
     Reference,
     load_reference,
     precompute,
-    precomputed_rows,
+    precompute_tensors,
     reference_mode,
 )
 from alignkit.training.run import RunDir
@@ -41,7 +40,7 @@ from alignkit.training.sample_watch import SampleWatch, SampleWatchFields
 
 
 @dataclass
-class DPOConfig(PairLossFields, SampleWatchFields, TrainConfig):
+class DPOConfig(PairLossFields, PreparedDataFields, SampleWatchFields, TrainConfig):
     """Pairwise preference optimisation. Data: prompt/chosen/rejected, or HH-RLHF-style transcripts."""
 
     loss: Literal["dpo", "ipo", "orpo"] = doc_field("dpo", "Which objective: DPO, IPO or ORPO.")
@@ -58,13 +57,6 @@ class DPOConfig(PairLossFields, SampleWatchFields, TrainConfig):
     micro_batch_size: int = doc_field(2, "Pairs per forward/backward pass.")
     max_length: int = doc_field(512, "Longest prompt+completion in tokens; longer pairs are truncated.")
     eval_batch_size: int = doc_field(8, "Pairs per forward pass when evaluating or precomputing.", ge=1)
-    dataset_num_proc: int = doc_field(
-        0,
-        "Processes that tokenize the data the first time (later runs read the cached tokens); 0: 1 below "
-        "10,000 pairs, else half the CPUs (at most 8).",
-        ge=0,
-    )
-
 
     def check(self) -> None:
         super().check()
@@ -139,27 +131,19 @@ def _reference_pass(model, batch: dict, cfg: DPOConfig) -> PairLogprobs:
 
 def attach_reference(cfg: DPOConfig, model, model_path: str, examples: PairExamples, needed, pad_id: int) -> None:
     """Set examples.ref for the `needed` examples from the on-disk cache, computing (and caching) what is
-    missing; the rows stay (N,) tensors, never one object per pair."""
+    missing (``training.reference.precompute_tensors``)."""
     # The head's path is in the key: chunked and full logits agree to ~1e-7, not bit for bit.
     how = f"{of_config(cfg).name}:{'chunked' if supports_chunked_head(model) else 'full-logits'}"
-    key = reference_cache.cache_key(
-        model_path, how, [(e.prompt_ids, e.chosen_ids, e.rejected_ids) for e in examples.encoded]
-    )
-    cached = reference_cache.load(key, PairLogprobs, len(examples))  # NaN where not cached
-    unknown = torch.stack([t.isnan() for t in vars(cached).values()]).any(0)  # (N,)
-    missing = [i for i in needed if unknown[i]]
-    if missing:
-        rows = precomputed_rows(
-            cfg, model, examples, examples.encoded.lengths(), partial(_collate_encoded, pad_id=pad_id),
-            partial(_reference_pass, cfg=cfg), f"reference log-probs ({len(missing)} pairs)", missing,
-        )  # fmt: skip
-        for i, row in rows:
-            for name, value in vars(row).items():
-                getattr(cached, name)[i] = value
-        reference_cache.save(key, cached)
+    if isinstance(examples.encoded, EncodedRows):  # prepared data: its fingerprint decides every id
+        data = examples.encoded.fingerprint
     else:
-        print(f"reference log-probs: {len(list(needed))} pairs from the cache", file=sys.stderr)
-    examples.ref = cached
+        rows = ((e.prompt_ids, e.chosen_ids, e.rejected_ids) for e in examples.encoded)
+        data = reference_cache.tokens_fingerprint(rows)
+    key = reference_cache.cache_key(model_path, how, data)
+    examples.ref = precompute_tensors(
+        cfg, model, examples, needed, examples.encoded.lengths(), partial(_collate_encoded, pad_id=pad_id),
+        partial(_reference_pass, cfg=cfg), PairLogprobs, "reference log-probs", key,
+    )  # fmt: skip
 
 
 def run(cfg: DPOConfig) -> dict:
@@ -169,10 +153,7 @@ def run(cfg: DPOConfig) -> dict:
 def load_pairs(cfg: DPOConfig, tokenizer, source: str, split, rows, limit, what: str):
     """(the loader's Loaded, its pairs tokenized with the chat template as lazily read PairExamples): prepared
     once into Arrow files under the cache (``data.prepared``), memory-mapped on later runs."""
-    settings = PairSettings(cfg.max_length, cfg.max_prompt_length, cfg.on_bad_row, split, rows, limit, cfg.columns)
-    loaded = prepare_pairs(
-        source, tokenizer, settings, cache_dir() / "prepared-pairs", cfg.dataset_num_proc, what
-    )
+    loaded = offline.prepare_data(cfg, tokenizer, "pairs", source, split, rows, limit, what)
     print(f"{what} data: {loaded.summary()}", file=sys.stderr)
     return loaded, PairExamples(loaded.examples)
 

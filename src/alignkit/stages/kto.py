@@ -16,17 +16,17 @@ survive the loop's division by the step's size. Evaluation reports true class me
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
 from typing import Literal
 
+import numpy as np
 import torch
 
-from alignkit.config import ConfigError, TrainConfig, doc_field, validate_config
+from alignkit.config import ConfigError, PreparedDataFields, TrainConfig, doc_field, validate_config
 from alignkit.data.collate import collate_unpaired, length_sorted_batches
-from alignkit.data.io import BadRow, read_rows
-from alignkit.data.schemas import load_preferences, load_unpaired, pairs_to_unpaired
-from alignkit.data.tokenize import EncodedUnpaired, encode_unpaired
+from alignkit.data.tokenize import EncodedUnpaired
 from alignkit.evaluation.monitors import default_monitors
 from alignkit.losses.kto import kto_loss, kto_reference_point, kto_weight_warning, mismatched_indices
 from alignkit.models.forward import sequence_logprobs
@@ -35,13 +35,20 @@ from alignkit.models.precision import in_training_precision
 from alignkit.stages import Stage
 from alignkit.training import distributed, offline
 from alignkit.training.loop import StepOutput, train, visited_indices
-from alignkit.training.reference import Reference, load_reference, precompute, reference_mode, stack
+from alignkit.training.reference import (
+    Reference,
+    apply,
+    load_reference,
+    precompute_tensors,
+    reference_mode,
+    stack,
+)
 from alignkit.training.run import RunDir
 from alignkit.training.sample_watch import SampleWatch, SampleWatchFields
 
 
 @dataclass
-class KTOConfig(SampleWatchFields, TrainConfig):
+class KTOConfig(PreparedDataFields, SampleWatchFields, TrainConfig):
     """KTO. Data: prompt/completion/label rows (unpaired feedback), or prompt/chosen/rejected pairs."""
 
     beta: float = doc_field(0.1, "Temperature on the log-ratios (KL strength), as in DPO.", gt=0)
@@ -112,25 +119,50 @@ def kl_partners(n: int, seed: int) -> list[int]:
     return partner
 
 
-def build_examples(encoded: list[EncodedUnpaired], pairs: list[int | None], max_length: int, seed: int):
-    """KTOExamples with their KL sequences: prompt i's ids + partner's completion ids, cut to max_length.
+def kl_sequence(own: EncodedUnpaired, other: EncodedUnpaired, max_length: int) -> EncodedUnpaired:
+    """Prompt ``own``'s ids + ``other``'s completion ids, cut to max_length. The prompt was already fitted
+    with its own completion, so it leaves at least one token of room; the partner's completion keeps its
+    start, as ``encode`` would cut it."""
+    completion = other.completion_ids[: max_length - len(own.prompt_ids)]
+    return EncodedUnpaired(own.prompt_ids, completion, own.label, len(completion) < len(other.completion_ids))
 
-    The prompt was already fitted with its own completion, so it leaves at least one token of room; the
-    partner's completion keeps its start, as `encode` would cut it.
-    """
-    if len(encoded) < 2:
-        raise ValueError(
-            f"KTO needs at least 2 examples (to mismatch prompts and completions), got {len(encoded)}"
-        )
-    examples = []
-    for i, j in enumerate(kl_partners(len(encoded), seed)):
-        own, other = encoded[i], encoded[j]
-        completion = other.completion_ids[: max_length - len(own.prompt_ids)]
-        kl = EncodedUnpaired(
-            own.prompt_ids, completion, own.label, len(completion) < len(other.completion_ids)
-        )
-        examples.append(KTOExample(own, kl, pairs[i]))
-    return examples
+
+class KTOExamples(torch.utils.data.Dataset):
+    """KTOExamples read lazily from ``encoded`` (``data.prepared.EncodedRows`` of memory-mapped Arrow, or any
+    sequence of EncodedUnpaired), each with its KL sequence (``kl_partners``, fixed by ``seed``); ``paired``:
+    the rows are pairs split in two (rows 2k and 2k+1 are pair k). The reference log-probs, once precomputed,
+    are one KTOLogprobs of (N,) tensors (``ref``), not one object per example."""
+
+    def __init__(self, encoded: Sequence[EncodedUnpaired], paired: bool, max_length: int, seed: int) -> None:
+        if len(encoded) < 2:
+            raise ValueError(
+                f"KTO needs at least 2 examples (to mismatch prompts and completions), got {len(encoded)}"
+            )
+        self.encoded = encoded
+        self.paired = paired
+        self.max_length = max_length
+        self.partner = kl_partners(len(encoded), seed)
+        self.ref: KTOLogprobs | None = None  # (N,) per field
+
+    def __len__(self) -> int:
+        return len(self.encoded)
+
+    def __getitem__(self, i: int) -> KTOExample:
+        own, other = self.encoded[i], self.encoded[self.partner[i]]
+        ref = None if self.ref is None else apply(self.ref, lambda t: t[i])
+        return KTOExample(own, kl_sequence(own, other, self.max_length), i // 2 if self.paired else None, ref)
+
+    def __iter__(self) -> Iterator[KTOExample]:
+        return (self[i] for i in range(len(self)))
+
+    def lengths(self) -> list[int]:
+        """Padded width each example asks of a batch: its longer row (own sequence or KL sequence), from one
+        pass over the rows."""
+        prompt, completion = np.zeros((2, len(self)), dtype=np.int64)  # (N,) each
+        for i, e in enumerate(self.encoded):
+            prompt[i], completion[i] = len(e.prompt_ids), len(e.completion_ids)
+        kl = prompt + np.minimum(completion[self.partner], self.max_length - prompt)
+        return np.maximum(prompt + completion, kl).tolist()
 
 
 def collate(examples: list[KTOExample], pad_id: int) -> dict:
@@ -223,17 +255,6 @@ def kto_step(model, batch: dict, cfg: KTOConfig, reference: Reference) -> StepOu
     return StepOutput(loss_sum=out.losses.sum(), metrics=out.metrics)
 
 
-def _lengths(examples: list[KTOExample]) -> list[int]:
-    """Padded width an example asks of a batch: its longer row (own sequence or KL sequence)."""
-    return [
-        max(
-            len(e.encoded.prompt_ids) + len(e.encoded.completion_ids),
-            len(e.kl.prompt_ids) + len(e.kl.completion_ids),
-        )
-        for e in examples
-    ]
-
-
 def _to_device(batch: dict, device) -> dict:
     return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
 
@@ -241,7 +262,7 @@ def _to_device(batch: dict, device) -> dict:
 @in_training_precision
 @torch.no_grad()
 def evaluate(
-    cfg: KTOConfig, model, reference: Reference, examples: list[KTOExample], pad_id: int
+    cfg: KTOConfig, model, reference: Reference, examples: KTOExamples, pad_id: int
 ) -> tuple[dict, list]:
     """Held-out metrics and, for paired data, each pair's correctness (for the bootstrap interval).
 
@@ -254,8 +275,8 @@ def evaluate(
     device = next(model.parameters()).device
     loss_sum = kl_sum = 0.0
     rewards = [0.0] * len(examples)
-    labels = [ex.encoded.label for ex in examples]
-    for idx in length_sorted_batches(_lengths(examples), cfg.eval_batch_size):
+    labels = [e.label for e in examples.encoded]
+    for idx in length_sorted_batches(examples.lengths(), cfg.eval_batch_size):
         batch = _to_device(collate([examples[i] for i in idx], pad_id), device)
         out = kto_outputs(cfg, model, reference, batch)
         loss_sum += out.losses.sum().item()
@@ -279,80 +300,49 @@ def evaluate(
     return metrics, correct
 
 
-def pair_correctness(examples: list[KTOExample], rewards: list[float]) -> list[float]:
-    """1.0 for each held-out pair whose chosen (desirable) half has the higher reward, else 0.0 (ties too)."""
-    by_pair: dict[int, dict[bool, float]] = {}
-    for ex, reward in zip(examples, rewards):
-        if ex.pair is not None:
-            by_pair.setdefault(ex.pair, {})[ex.encoded.label] = reward
-    return [float(r[True] > r[False]) for r in by_pair.values() if len(r) == 2]
+def pair_correctness(examples: KTOExamples, rewards: list[float]) -> list[float]:
+    """1.0 for each held-out pair whose chosen (desirable) half (row 2k) has the higher reward than its
+    rejected half (row 2k+1), else 0.0 (ties too); none for unpaired data."""
+    if not examples.paired:
+        return []
+    return [float(rewards[k] > rewards[k + 1]) for k in range(0, len(rewards) - 1, 2)]
 
 
 def precompute_reference(
-    cfg: KTOConfig, model, examples: list[KTOExample], pad_id: int, desc: str, indices=None
+    cfg: KTOConfig, model, examples: KTOExamples, pad_id: int, desc: str, needed
 ) -> None:
-    """Fill ex.ref with the (frozen, initial) model's [completion, KL sequence] log-probs, once, for the
-    examples at `indices` (default all)."""
-    precompute(
-        cfg, model, examples, _lengths(examples), partial(collate, pad_id=pad_id),
-        lambda m, batch: both_logprobs(m, batch, cfg.logprob_chunk_size), desc, indices,
+    """Set examples.ref to the (frozen, initial) model's [completion, KL sequence] log-probs of the examples
+    at ``needed``, once (``training.reference.precompute_tensors``)."""
+    examples.ref = precompute_tensors(
+        cfg, model, examples, needed, examples.lengths(), partial(collate, pad_id=pad_id),
+        lambda m, batch: both_logprobs(m, batch, cfg.logprob_chunk_size), KTOLogprobs, desc,
     )  # fmt: skip
 
 
-def resolve_format(
-    data_format: str, source: str, split: str | None, columns: dict[str, str] | None = None
-) -> str:
-    """ "unpaired" or "pairs"; "auto" looks at the first readable row of the file (its columns named as
-    ``columns`` maps them)."""
-    if data_format != "auto":
-        return data_format
-    mapped = {theirs: ours for ours, theirs in (columns or {}).items()}
-    for item in read_rows(source, split):
-        if isinstance(item, BadRow):
-            continue
-        names = {mapped.get(name, name) for name in item.data}
-        if "label" in names:
-            return "unpaired"
-        if "chosen" in names or "rejected" in names:
-            return "pairs"
-        raise ConfigError(
-            f"data_format=auto: {source} row {item.row} has neither a 'label' column (unpaired feedback) nor "
-            f"'chosen'/'rejected' (pairs); it has {sorted(item.data)}. Set data_format=unpaired or pairs."
-        )
-    return "unpaired"  # no readable row: the loader reports what is wrong
+# data_format -> the rows data.prepared makes of the file
+_ROW_KINDS = {"auto": "auto_unpaired", "unpaired": "unpaired", "pairs": "pairs_as_unpaired"}
 
 
 def load_examples(cfg: KTOConfig, tokenizer, source, split, rows, limit, what: str):
-    """(KTOExamples, the loader's Loaded, the resolved format), with the class counts printed."""
-    fmt = resolve_format(cfg.data_format, source, split, cfg.columns)
-    if fmt == "pairs":
-        loaded = load_preferences(
-            source, cfg.on_bad_row, split=split, rows=rows, limit=limit, columns=cfg.columns
-        )
-        unpaired = pairs_to_unpaired(loaded.examples)  # chosen (desirable), rejected (undesirable), ...
-        pairs = [k // 2 for k in range(len(unpaired))]
-    else:
-        loaded = load_unpaired(
-            source, cfg.on_bad_row, split=split, rows=rows, limit=limit, columns=cfg.columns
-        )
-        unpaired, pairs = loaded.examples, [None] * len(loaded.examples)
-    loaded.require_rows(f"{what}_data")
-    enc = partial(
-        encode_unpaired, tokenizer, max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length
+    """(KTOExamples read lazily from the prepared rows, the loader's Loaded, the resolved format), with the
+    class counts printed."""
+    loaded = offline.prepare_data(
+        cfg, tokenizer, _ROW_KINDS[cfg.data_format], source, split, rows, limit, what
     )
-    encoded = [enc(u.prompt, u.completion, u.label) for u in unpaired]
+    encoded = loaded.examples  # chosen (desirable), rejected (undesirable), ... for pairs
+    fmt = "pairs" if encoded.kind == "pairs_as_unpaired" else "unpaired"
     if len(encoded) < 2:  # reported as a config problem, not a traceback
         raise ConfigError(
             f"{what}_data: KTO needs at least 2 examples to mismatch prompts and completions, {source} "
             f"gave {len(encoded)}"
         )
-    n_desirable = sum(e.label for e in encoded)
+    n_desirable = int(encoded.column("label").sum())
     print(
         f"{what} data ({fmt}): {loaded.summary()} -> {len(encoded)} examples, "
         f"{n_desirable} desirable : {len(encoded) - n_desirable} undesirable",
         file=sys.stderr,
     )
-    return build_examples(encoded, pairs, cfg.max_length, cfg.seed), loaded, fmt
+    return KTOExamples(encoded, fmt == "pairs", cfg.max_length, cfg.seed), loaded, fmt
 
 
 def check_config(cfg: KTOConfig) -> None:
@@ -376,7 +366,7 @@ def _run(cfg: KTOConfig, run_dir: RunDir, started: float) -> dict:
         cfg, partial(load_examples, cfg, tokenizer)
     )
     eval_examples, _, eval_format = held_out or ([], None, None)
-    n_desirable = sum(ex.encoded.label for ex in train_examples)
+    n_desirable = int(train_examples.encoded.column("label").sum())
     n_undesirable = len(train_examples) - n_desirable
     weight_warning = kto_weight_warning(
         cfg.desirable_weight, cfg.undesirable_weight, n_desirable, n_undesirable
@@ -393,7 +383,10 @@ def _run(cfg: KTOConfig, run_dir: RunDir, started: float) -> dict:
         # Only the examples this run will visit (max_steps may end it inside the first epoch).
         needed = visited_indices(cfg, len(train_examples))
         precompute_reference(cfg, model, train_examples, pad_id, "reference log-probs (train)", needed)
-        precompute_reference(cfg, model, eval_examples, pad_id, "reference log-probs (eval)")
+        if eval_examples:
+            precompute_reference(
+                cfg, model, eval_examples, pad_id, "reference log-probs (eval)", range(len(eval_examples))
+            )
     reference = load_reference(mode, partial(offline.load_policy, cfg))
     model, sizes = offline.make_trainable(model, cfg)
 
@@ -406,7 +399,9 @@ def _run(cfg: KTOConfig, run_dir: RunDir, started: float) -> dict:
     #    loop evaluates every eval_every steps and at the end.
     evaluation = offline.LastEvaluation(lambda m: evaluate(cfg, m, reference, eval_examples, pad_id))
     eval_fn = evaluation if eval_examples else None
-    prompt_ids = [ex.encoded.prompt_ids for ex in eval_examples or train_examples]
+    prompt_ids = (
+        e.prompt_ids for e in (eval_examples or train_examples).encoded
+    )  # read up to sample_prompts
     watch = SampleWatch.of(cfg, model, tokenizer, prompt_ids)
     monitors = default_monitors("kto", samples=watch is not None)
     step_fn = partial(kto_step, cfg=cfg, reference=reference)
@@ -423,7 +418,7 @@ def _run(cfg: KTOConfig, run_dir: RunDir, started: float) -> dict:
         "train_undesirable": n_undesirable,
         "weight_warning": weight_warning,
         "skipped_rows": len(train_rows.skipped),
-        "truncated_examples": sum(ex.encoded.truncated for ex in train_examples),
+        "truncated_examples": train_examples.encoded.n_truncated(),
         **sizes,
         **offline.loop_summary(result, monitors),
     }

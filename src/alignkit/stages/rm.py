@@ -12,18 +12,20 @@ from __future__ import annotations
 
 import math
 import sys
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
+from itertools import repeat
 
 import numpy as np
 import torch
 
-from alignkit.config import ConfigError, TrainConfig, doc_field
+from alignkit.config import ConfigError, PreparedDataFields, TrainConfig, doc_field
 from alignkit.data.collate import collate_pairs, length_sorted_batches, pair_length
-from alignkit.data.io import BadRow, BadRowError, read_rows
 from alignkit.data.length_balance import length_balanced_indices
-from alignkit.data.schemas import Loaded, load_preferences, no_usable_rows
-from alignkit.data.tokenize import EncodedPair, encode_pair
+from alignkit.data.prepared import EncodedRows
+from alignkit.data.schemas import Loaded
+from alignkit.data.tokenize import EncodedPair
 from alignkit.evaluation.monitors import default_monitors
 from alignkit.evaluation.reward_eval import is_causal_lm, pair_diagnostics
 from alignkit.losses.reward import bradley_terry_loss, length_correlation_penalty
@@ -38,7 +40,7 @@ from alignkit.training.run import RunDir
 
 
 @dataclass
-class RMConfig(TrainConfig):
+class RMConfig(PreparedDataFields, TrainConfig):
     """Reward-model training. Data: prompt/chosen/rejected, or HH-RLHF-style transcripts; optional margin."""
 
     margin_column: str | None = doc_field(
@@ -106,6 +108,29 @@ class RMExample:
     margin: float = 0.0
 
 
+class RMExamples(Sequence[RMExample]):
+    """The pairs of ``encoded`` (``data.prepared.EncodedRows``, memory-mapped Arrow) read lazily as
+    RMExamples, each with its margin (the rows' "margin" column where margin_column is set, else 0)."""
+
+    def __init__(self, encoded: EncodedRows) -> None:
+        self.encoded = encoded
+        self.margins = encoded.column("margin") if "margin" in encoded.table.column_names else None
+
+    def __len__(self) -> int:
+        return len(self.encoded)
+
+    def __getitem__(self, i: int) -> RMExample:  # type: ignore[override]
+        return RMExample(self.encoded[i], 0.0 if self.margins is None else float(self.margins[i]))
+
+    def __iter__(self) -> Iterator[RMExample]:
+        margins = repeat(0.0) if self.margins is None else self.margins.tolist()
+        return (RMExample(e, m) for e, m in zip(self.encoded, margins))
+
+    def select(self, indices: Iterable[int]) -> RMExamples:
+        """The pairs at ``indices``, a view (nothing copied)."""
+        return RMExamples(self.encoded.select(indices))
+
+
 def collate(examples: list[RMExample], pad_id: int) -> dict:
     batch = collate_pairs([ex.encoded for ex in examples], pad_id)  # 2B rows: chosen, then rejected
     batch["margin"] = torch.tensor([ex.margin for ex in examples], dtype=torch.float32)  # (B,)
@@ -151,7 +176,7 @@ def rm_step(model, batch: dict, cfg: RMConfig) -> StepOutput:
 @in_training_precision
 @torch.no_grad()
 def evaluate(
-    cfg: RMConfig, model, examples: list[RMExample], pad_id: int
+    cfg: RMConfig, model, examples: RMExamples, pad_id: int
 ) -> tuple[dict, list[float], list[float]]:
     """Mean loss/accuracy/margin over ``examples``, each pair's correctness (for the bootstrap interval),
     and every reward given (chosen and rejected, for the reward statistics)."""
@@ -162,7 +187,7 @@ def evaluate(
     correct = [0.0] * len(examples)
     chosen_rewards = [0.0] * len(examples)
     rejected_rewards = [0.0] * len(examples)
-    lengths = [pair_length(e.encoded) for e in examples]
+    lengths = [pair_length(e) for e in examples.encoded]
     for idx in length_sorted_batches(lengths, cfg.eval_batch_size):
         batch = collate([examples[i] for i in idx], pad_id)
         batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
@@ -177,56 +202,20 @@ def evaluate(
     return {k: v / n for k, v in sums.items()}, correct, rewards
 
 
-def read_margins(
-    loaded: Loaded, source: str, split: str | None, column: str, on_bad_row: str
-) -> list[float | None]:
-    """The ``column`` value of each loaded pair's row (None where it is unusable and on_bad_row=skip)."""
-    wanted = {ex.ref.row for ex in loaded.examples}
-    found: dict[int, float | None] = {}
-    for item in read_rows(source, split):
-        if isinstance(item, BadRow) or item.row not in wanted:
-            continue
-        value = item.data.get(column)
-        ok = (
-            isinstance(value, (int, float))
-            and not isinstance(value, bool)
-            and math.isfinite(value)
-            and value >= 0
-        )
-        if not ok:
-            err = BadRowError(source, item.row, column, f"margin must be a finite number >= 0, got {value!r}")
-            if on_bad_row == "error":
-                raise err
-            loaded.skipped.append(err.bad_row)
-        found[item.row] = float(value) if ok else None
-        if len(found) == len(wanted):
-            break
-    return [found.get(ex.ref.row) for ex in loaded.examples]
-
-
 def load_pairs(
     cfg: RMConfig, tokenizer, source: str, split, rows, limit, name: str
-) -> tuple[Loaded, list[RMExample]]:
-    """Validated pairs of ``source``, tokenized like the policy sees them, with their margins."""
-    loaded = load_preferences(
-        source, cfg.on_bad_row, split=split, rows=rows, limit=limit, columns=cfg.columns
+) -> tuple[Loaded, RMExamples]:
+    """Validated pairs of ``source`` with their margins, tokenized like the policy sees them: prepared once
+    into Arrow files under the cache (``data.prepared``), read lazily; a pair without a usable margin is a
+    bad row."""
+    loaded = offline.prepare_data(
+        cfg, tokenizer, "pairs", source, split, rows, limit, name, cfg.margin_column
     )
-    enc = partial(encode_pair, tokenizer, max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length)
-    margins: list[float | None] = [0.0] * len(loaded.examples)
-    if cfg.margin_column:
-        margins = read_margins(loaded, source, split, cfg.margin_column, cfg.on_bad_row)
-    examples = [
-        RMExample(enc(p.prompt, p.chosen, p.rejected), m)
-        for p, m in zip(loaded.examples, margins)
-        if m is not None
-    ]
     print(f"{name} data: {loaded.summary()}", file=sys.stderr)
-    if not examples:  # every pair skipped, for its row or for its margin
-        raise no_usable_rows(f"{name}_data", source, loaded.n_rows, loaded.skipped)
-    return loaded, examples
+    return loaded, RMExamples(loaded.examples)
 
 
-def split_validation(cfg: RMConfig, examples: list[RMExample]) -> tuple[list[RMExample], list[RMExample]]:
+def split_validation(cfg: RMConfig, examples: RMExamples) -> tuple[RMExamples, RMExamples | list]:
     """(training pairs, validation pairs): early stopping holds out the last ``early_stopping_pairs``."""
     n = cfg.early_stopping_pairs
     if not n:
@@ -238,25 +227,20 @@ def split_validation(cfg: RMConfig, examples: list[RMExample]) -> tuple[list[RME
         )
     if distributed.world_size() > 1:
         raise ConfigError("early_stopping_pairs needs one process (the best weights are copied whole)")
-    return examples[:-n], examples[-n:]
+    return examples.select(range(len(examples) - n)), examples.select(range(len(examples) - n, len(examples)))
 
 
-def balance_lengths(cfg: RMConfig, examples: list[RMExample]) -> list[RMExample]:
+def balance_lengths(cfg: RMConfig, examples: RMExamples) -> RMExamples:
     """With ``length_balance``, the length-balanced subset of ``examples`` (data.length_balance); else all."""
     if not cfg.length_balance:
         return examples
-    kept = length_balanced_indices(
-        [len(ex.encoded.chosen_ids) for ex in examples],
-        [len(ex.encoded.rejected_ids) for ex in examples],
-        cfg.seed,
-    )
+    chosen, rejected = zip(*((len(e.chosen_ids), len(e.rejected_ids)) for e in examples.encoded))  # one pass
+    kept = length_balanced_indices(list(chosen), list(rejected), cfg.seed)
     print(f"length_balance: training on {len(kept)} of {len(examples)} pairs", file=sys.stderr)
-    return [examples[i] for i in kept]
+    return examples.select(kept)
 
 
-def measure_validation(
-    cfg: RMConfig, model, validation: list[RMExample], pad_id: int, best: BestWeights
-) -> dict:
+def measure_validation(cfg: RMConfig, model, validation: RMExamples, pad_id: int, best: BestWeights) -> dict:
     """The loop's evaluation under early stopping: the validation pairs' metrics, whose accuracy ``best``
     records (keeping the weights of the best one)."""
     metrics = evaluate(cfg, model, validation, pad_id)[0]
@@ -324,10 +308,10 @@ def _run(cfg: RMConfig, run_dir: RunDir, started: float) -> dict:
     #    stopping holds out validation pairs; length_balance keeps a length-balanced subset.
     tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code)
     (train_rows, train_examples), held_out = offline.load_data(cfg, partial(load_pairs, cfg, tokenizer))
-    eval_examples: list[RMExample] = held_out[1] if held_out else []
+    eval_examples: RMExamples | list = held_out[1] if held_out else []
     train_examples, validation = split_validation(cfg, train_examples)
     train_examples = balance_lengths(cfg, train_examples)
-    held_in = train_examples[: cfg.train_eval_pairs]
+    held_in = train_examples.select(range(min(cfg.train_eval_pairs, len(train_examples))))
 
     # 2. Model: the backbone of cfg.model with a fresh one-output head (or a reward model to continue).
     pad_id = tokenizer.pad_token_id
@@ -366,7 +350,7 @@ def _run(cfg: RMConfig, run_dir: RunDir, started: float) -> dict:
         **offline.summary_head("rm", cfg, run_dir, result),
         "train_pairs": len(train_examples),
         "skipped_rows": len(train_rows.skipped),
-        "truncated_pairs": sum(ex.encoded.truncated for ex in train_examples),
+        "truncated_pairs": train_examples.encoded.n_truncated(),
         **sizes,
         **offline.loop_summary(result, monitors),
     }

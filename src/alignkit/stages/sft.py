@@ -10,15 +10,16 @@ from __future__ import annotations
 import contextlib
 import sys
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import partial
+from itertools import islice
 
 import torch
 
-from alignkit.config import TrainConfig, doc_field
+from alignkit.config import PreparedDataFields, TrainConfig, doc_field
 from alignkit.data.collate import collate_sft
-from alignkit.data.schemas import load_sft
-from alignkit.data.tokenize import encode
+from alignkit.data.tokenize import Encoded
 from alignkit.evaluation.monitors import default_monitors
 from alignkit.models.forward import sequence_logprobs
 from alignkit.models.loading import load_tokenizer
@@ -31,7 +32,7 @@ from alignkit.training.sample_watch import SampleWatch, SampleWatchFields
 
 
 @dataclass
-class SFTConfig(SampleWatchFields, TrainConfig):
+class SFTConfig(PreparedDataFields, SampleWatchFields, TrainConfig):
     """Supervised fine-tuning. Data: prompt/completion columns, or a `messages` list."""
 
     learning_rate: float = doc_field(2e-5, "Peak AdamW learning rate.")
@@ -52,16 +53,23 @@ def sft_step(model, batch: dict, chunk_size: int) -> StepOutput:
 
 @torch.no_grad()
 def mean_nll(
-    model, encoded: list, pad_id: int, batch_size: int, chunk_size: int, prec: TrainPrecision | None = None
+    model,
+    encoded: Iterable[Encoded],
+    pad_id: int,
+    batch_size: int,
+    chunk_size: int,
+    prec: TrainPrecision | None = None,
 ) -> float:
-    """Mean NLL per completion token over `encoded` (teacher forcing), in the run's precision ``prec``."""
+    """Mean NLL per completion token over `encoded` (teacher forcing, read in order a batch at a time), in the
+    run's precision ``prec``."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     total, count = 0.0, 0
     with prec.autocast() if prec is not None else contextlib.nullcontext():
-        for start in range(0, len(encoded), batch_size):
-            batch = collate_sft(encoded[start : start + batch_size], pad_id)
+        rows = iter(encoded)
+        while chunk := list(islice(rows, batch_size)):
+            batch = collate_sft(chunk, pad_id)
             ids, attn, mask = (batch[k].to(device) for k in ("input_ids", "attention_mask", "loss_mask"))
             total -= sequence_logprobs(model, ids, attn, mask, chunk_size).sum.sum().item()
             count += batch["n_items"]
@@ -70,12 +78,11 @@ def mean_nll(
 
 
 def load_demonstrations(cfg: SFTConfig, tokenizer, source: str, split, rows, limit, what: str):
-    """(the loader's Loaded, its rows tokenized with the model's chat template: loss on completions only)."""
-    loaded = load_sft(source, cfg.on_bad_row, split=split, rows=rows, limit=limit, columns=cfg.columns)
-    loaded.require_rows(f"{what}_data")
+    """(the loader's Loaded, its rows tokenized with the model's chat template, loss on completions only):
+    prepared once into Arrow files under the cache (``data.prepared``), read lazily as ``EncodedRows``."""
+    loaded = offline.prepare_data(cfg, tokenizer, "sft", source, split, rows, limit, what)
     print(f"{what} data: {loaded.summary()}", file=sys.stderr)
-    enc = partial(encode, tokenizer, max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length)
-    return loaded, [enc(ex.prompt, ex.completion) for ex in loaded.examples]
+    return loaded, loaded.examples
 
 
 def run(cfg: SFTConfig) -> dict:
@@ -88,7 +95,7 @@ def _run(cfg: SFTConfig, run_dir: RunDir, started: float) -> dict:
     load = partial(load_demonstrations, cfg, tokenizer)
     (train_rows, train_encoded), held_out = offline.load_data(cfg, load)
     eval_encoded = held_out[1] if held_out else []
-    n_truncated = sum(e.truncated for e in train_encoded)
+    n_truncated = train_encoded.n_truncated()
     if n_truncated:
         print(
             f"truncated {n_truncated} of {len(train_encoded)} training rows to max_length={cfg.max_length}",
@@ -113,7 +120,7 @@ def _run(cfg: SFTConfig, run_dir: RunDir, started: float) -> dict:
     eval_loss_before = measure(model, eval_encoded) if eval_encoded and fresh else None
 
     # 3. Train with the shared loop, watched by the failure monitors.
-    prompt_ids = [e.prompt_ids for e in eval_encoded or train_encoded]
+    prompt_ids = (e.prompt_ids for e in eval_encoded or train_encoded)  # read up to sample_prompts
     watch = SampleWatch.of(cfg, model, tokenizer, prompt_ids)
     monitors = default_monitors("sft", samples=watch is not None)
     result = train(

@@ -13,7 +13,10 @@ from typing import Any, TypeVar
 
 import torch
 
+from alignkit.data.prepared import RowKind, RowSettings, prepare_rows
+from alignkit.data.schemas import Loaded
 from alignkit.evaluation.metrics import mean_ci
+from alignkit.models.embedded import cache_dir
 from alignkit.models.loading import apply_lora, count_parameters, load_model, pick_device, save_final
 from alignkit.models.precision import weights_dtype
 from alignkit.training import distributed
@@ -40,6 +43,33 @@ def load_data(cfg: Any, load: Callable[[str, str | None, Any, int | None, str], 
     if not cfg.eval_data:
         return train, None
     return train, load(cfg.eval_data, cfg.eval_split, cfg.eval_rows, cfg.eval_max_rows, "eval")
+
+
+def prepare_data(
+    cfg: Any,
+    tokenizer,
+    kind: RowKind,
+    source: str,
+    split,
+    rows,
+    limit,
+    what: str,
+    margin_column: str | None = None,
+) -> Loaded:
+    """``data.prepared.prepare_rows`` of one source with the config's settings, cached under
+    ``$ALIGNKIT_CACHE/prepared``: a ``Loaded`` whose examples are lazily read ``EncodedRows``."""
+    settings = RowSettings(
+        cfg.max_length,
+        cfg.max_prompt_length,
+        cfg.on_bad_row,
+        split,
+        rows,
+        limit,
+        cfg.columns,
+        kind,
+        margin_column,
+    )
+    return prepare_rows(source, tokenizer, settings, cache_dir() / "prepared", cfg.dataset_num_proc, what)
 
 
 def load_policy(cfg: Any) -> torch.nn.Module:

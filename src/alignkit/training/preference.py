@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from alignkit.data.collate import collate_pairs
-from alignkit.data.prepared import EncodedPairs
+from alignkit.data.prepared import EncodedRows
 from alignkit.data.tokenize import EncodedPair
 from alignkit.losses.preference import dpo_loss, ipo_loss, orpo_loss, rpo_loss
 from alignkit.models.forward import sequence_logprobs
@@ -44,11 +44,11 @@ class PairExample:
 
 
 class PairExamples(torch.utils.data.Dataset):
-    """Tokenized pairs read lazily from ``encoded`` (``data.prepared.EncodedPairs``, memory-mapped Arrow) as
+    """Tokenized pairs read lazily from ``encoded`` (``data.prepared.EncodedRows``, memory-mapped Arrow) as
     ``PairExample``s, with the reference log-probs, once precomputed, held as one PairLogprobs of (N,) tensors
     (NaN on rows the run never visits) rather than on a million objects."""
 
-    def __init__(self, encoded: EncodedPairs) -> None:
+    def __init__(self, encoded: EncodedRows) -> None:
         self.encoded = encoded
         self.ref: PairLogprobs | None = None  # (N,) per field
 

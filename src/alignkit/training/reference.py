@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
@@ -19,6 +20,7 @@ from typing import Any, Literal, TypeVar
 import torch
 
 from alignkit.data.collate import length_sorted_batches
+from alignkit.models import reference_cache
 from alignkit.models.precision import autocast_for
 from alignkit.models.value import keep_trainable
 from alignkit.training import distributed
@@ -103,6 +105,43 @@ def precompute(cfg, model, examples: list, lengths: list[int], collate, compute,
     ``indices`` (default all), once, before any update (``precomputed_rows``)."""
     for i, row in precomputed_rows(cfg, model, examples, lengths, collate, compute, desc, indices):
         examples[i].ref = row
+
+
+def precompute_tensors(
+    cfg,
+    model,
+    examples,
+    needed,
+    lengths: list[int],
+    collate,
+    compute,
+    record: type[T],
+    desc: str,
+    key: str | None = None,
+) -> T:
+    """A ``record`` of (N,) float32 tensors, N = len(examples), holding the (frozen, initial) ``model``'s
+    ``compute`` rows for the examples at ``needed`` (NaN on the others): the rows stay N-long tensors, never
+    one object per example. With ``key``, the rows the on-disk cache (``models.reference_cache``) holds are
+    read from it, and those computed are saved there."""
+    values = (
+        reference_cache.load(key, record, len(examples))
+        if key
+        else reference_cache.empty(record, len(examples))
+    )
+    unknown = torch.stack([t.isnan() for t in vars(values).values()]).any(0)  # (N,)
+    missing = [i for i in needed if unknown[i]]
+    if not missing:
+        print(f"{desc}: {len(list(needed))} rows from the cache", file=sys.stderr)
+        return values
+    rows = precomputed_rows(
+        cfg, model, examples, lengths, collate, compute, f"{desc} ({len(missing)} rows)", missing
+    )
+    for i, row in rows:
+        for name, value in vars(row).items():
+            getattr(values, name)[i] = value
+    if key:
+        reference_cache.save(key, values)
+    return values
 
 
 def precomputed_rows(cfg, model, examples, lengths: list[int], collate, compute, desc: str, indices=None):
