@@ -559,6 +559,57 @@ def test_fsdp_ppo_in_two_processes_equals_one_and_resumes_in_one(tiny_model_dir,
     _assert_same_run(resumed, tmp_path / "one", tiny_model_dir, PPO_LOGGED)
 
 
+GOLD_PROMPTS = [{"prompt": "tell me a story"}, {"prompt": "hello there"}, {"prompt": "what is two plus two?"}]
+GOLD_LOGGED = ("gold_reward/mean", "gold_proxy/mean", "gold_kl", "gold_kl/per_response")
+
+
+def _assert_same_gold_run(run: Path, reference: Path, model_dir: Path) -> None:
+    """``run`` trained as ``reference`` (``_assert_same_run`` on the training rows), logged its gold rows (the
+    starting policy's step 0, then every iteration: gold_every=1) with its numbers (rel 1e-4) and wrote the same
+    gold samples, each once."""
+    _assert_same_run(run, reference, model_dir, ())  # samples, steps, weights
+    training = [r[key] for r in _rows(run) if "lr" in r for key in PPO_LOGGED]
+    reference_training = [r[key] for r in _rows(reference) if "lr" in r for key in PPO_LOGGED]
+    assert len(training) == 2 * len(PPO_LOGGED)
+    assert training == pytest.approx(reference_training, rel=1e-4, abs=1e-6)
+    rows = [r for r in _rows(run) if "gold_reward/mean" in r]
+    reference_rows = [r for r in _rows(reference) if "gold_reward/mean" in r]
+    assert [r["step"] for r in rows] == [r["step"] for r in reference_rows] == [0, 1, 2]
+    for key in GOLD_LOGGED:
+        assert [r[key] for r in rows] == pytest.approx([r[key] for r in reference_rows], rel=1e-4, abs=1e-6), key
+    assert abs(rows[-1]["gold_kl"]) > 1e-4  # the policy moved: the KL comparison is not of zeros
+    samples = (run / "gold_samples.jsonl").read_text()
+    assert samples == (reference / "gold_samples.jsonl").read_text()
+    assert len(samples.splitlines()) == 3 * len(GOLD_PROMPTS)  # the main process alone writes
+
+
+def _gold_ppo_args(model: Path, tmp_path: Path, name: str, *extra: str) -> list[str]:
+    """``_ppo_args`` with a gold scorer every iteration on 3 held-out prompts (generated in batches of 2: rank 0
+    samples batch 0, rank 1 batch 1, so every process scores and runs KL passes for its own share)."""
+    prompts, gold = _write(tmp_path, "prompts.jsonl", PROMPTS), _write(tmp_path, "gold.jsonl", GOLD_PROMPTS)
+    gold_args = ["gold_reward=_ppo_rewards:shortness", f"gold_prompts={gold}", "gold_every=1"]
+    return _ppo_args(model, prompts, tmp_path / name, "iterations=2", *gold_args, *extra)
+
+
+def test_ppo_gold_in_two_processes_equals_one(tiny_model_dir, tmp_path):
+    """PPO with LoRA and a gold scorer (gold_every=1) in 2 DDP processes and in 1: the same gold rows (steps 0,
+    1, 2: gold and proxy means, KL per token and per response) and gold samples, and the same training run."""
+    args = ("lora=true", "lora_r=4")
+    _launch("ppo", _gold_ppo_args(tiny_model_dir, tmp_path, "two", *args))
+    assert main(["ppo", *_gold_ppo_args(tiny_model_dir, tmp_path, "one", *args)]) == 0
+    _assert_same_gold_run(tmp_path / "two", tmp_path / "one", tiny_model_dir)
+
+
+def test_fsdp_ppo_gold_in_two_processes_equals_one(tiny_model_dir, tmp_path):
+    """PPO with full fine-tuning under FSDP and a gold scorer (gold_every=1) in 2 processes: gold samples drawn
+    on the policy's weights gathered whole, the KL passes of policy and reference on the shards (rank 1 runs a
+    stand-in where it has fewer micro-batches); the same gold rows and samples as one plain process."""
+    output = _launch("ppo", _gold_ppo_args(tiny_model_dir, tmp_path, "fsdp"), fsdp=True)
+    assert output.count('"stage": "ppo"') == 1
+    assert main(["ppo", *_gold_ppo_args(tiny_model_dir, tmp_path, "one")]) == 0
+    _assert_same_gold_run(tmp_path / "fsdp", tmp_path / "one", tiny_model_dir)
+
+
 def _online_dpo_args(model: Path, prompts: Path, out: Path, *extra: str) -> list[str]:
     """5 prompts a round, 3 samples each: 15 samples in generation batches of 4 (rank 0 samples batches 0 and
     2, rank 1 batches 1 and 3, so a prompt's samples may come from both ranks) and log-prob batches of 4 (each

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 
 import pytest
 import torch
@@ -139,6 +140,56 @@ def test_online_dpo_mode_collapse_adjust_raises_its_beta(tiny_model_dir, prompt_
     (event,) = [r for r in rows if "event" in r]
     assert (event["event"], event["step"], event["action"]) == ("mode_collapse", 2, "adjust")
     assert event["values"]["beta_old"] == 0.1 and event["values"]["beta_new"] == pytest.approx(0.2)
+
+
+def test_ppo_mode_collapse_raise_entropy_raises_ent_coef_and_a_resume_keeps_it(
+    tiny_model_dir, prompt_file, tmp_path, monkeypatch
+):
+    """The samples' distinct-2 halving (0.8 -> 0.3) at iteration 2 fires the mode-collapse monitor with action
+    raise_entropy: ent_coef goes 0 -> 0 + ent_adjust_step = 0.05 from iteration 3's update on (its row logs it,
+    and the loss then holds the bonus: update_entropy is logged), the event holds old and new, and beta is left
+    alone. Resumed from the checkpoint of iteration 2 (written after the event), iterations 3-4 train with 0.05
+    again: the same rows and final weights as the uninterrupted run."""
+    extra = ("iterations=4", "kl_target=null", "mode_collapse_action=raise_entropy", "ent_adjust_step=0.05")
+    extra += ("save_every=1", "keep_checkpoints=4")
+    _synthetic_stats(monkeypatch, lambda u: {"distinct_2": 0.8 if u == 1 else 0.3})
+    out = tmp_path / "run"
+    ppo.run(load_config(ppo.PPOConfig, None, _ppo_args(tiny_model_dir, prompt_file, out, *extra)))
+    rows = _lines(out / "metrics.jsonl")
+    metrics, events = [r for r in rows if "event" not in r], [r for r in rows if "event" in r]
+    assert [r["ent_coef"] for r in metrics] == [0.0, 0.0, 0.05, 0.05]
+    assert ["update_entropy" in r for r in metrics] == [False, False, True, True]
+    assert [r["beta"] for r in metrics] == [0.05] * 4
+    assert [(e["event"], e["step"], e["action"]) for e in events] == [("mode_collapse", 2, "adjust")]
+    values = events[0]["values"]
+    assert (values["ent_coef_old"], values["ent_coef_new"]) == (0.0, 0.05) and "beta_new" not in values
+
+    # Resume a copy stopped after its checkpoint of iteration 2 (the replayed monitor's cooldown holds it quiet).
+    resumed = tmp_path / "resumed"
+    shutil.copytree(out, resumed)
+    for name in ("checkpoints/step-000003", "checkpoints/step-000004", "final"):
+        shutil.rmtree(resumed / name)
+    _synthetic_stats(monkeypatch, lambda u: {"distinct_2": 0.3})
+    args = _ppo_args(tiny_model_dir, prompt_file, resumed, *extra, "resume_from=latest")
+    ppo.run(load_config(ppo.PPOConfig, None, args))
+    resumed_rows = [r for r in _lines(resumed / "metrics.jsonl") if "event" not in r]
+    assert [r["ent_coef"] for r in resumed_rows] == [0.0, 0.0, 0.05, 0.05]
+    assert [r["update_entropy"] for r in resumed_rows[2:]] == pytest.approx(
+        [r["update_entropy"] for r in metrics[2:]], rel=1e-5
+    )
+    a, b = load_file(str(resumed / "final" / "model.safetensors")), load_file(str(out / "final" / "model.safetensors"))
+    for name in b:
+        torch.testing.assert_close(a[name], b[name], atol=1e-5, rtol=0, msg=name)
+
+
+@pytest.mark.parametrize("stage", ["online-dpo", "grpo"])
+def test_raise_entropy_is_refused_where_there_is_no_entropy_bonus(stage, prompt_file, capsys):
+    """online-dpo and grpo have no ent_coef: mode_collapse_action=raise_entropy is a config error naming the key,
+    before any model loads (the model path does not exist)."""
+    args = [stage, "model=/nonexistent", f"train_data={prompt_file}", "reward=_ppo_rewards:length"]
+    assert main([*args, "mode_collapse_action=raise_entropy"]) == 2
+    err = capsys.readouterr().err
+    assert "mode_collapse_action" in err and "only ppo" in err and "Traceback" not in err
 
 
 def test_build_prefs_ranks_by_the_length_penalised_score(tiny_model_dir, prompt_file, tmp_path):

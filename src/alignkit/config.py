@@ -609,8 +609,10 @@ class OnlineRemedyFields(Fields):
         "When reward rises with response length: warn, stop, or adjust (raise the KL coefficient by "
         "kl_adjust_factor; the event row holds its old and new values).",
     )
-    mode_collapse_action: Literal["warn", "stop", "adjust"] = doc_field(
-        "warn", "When the samples' distinct-2 (or entropy) falls below half its start: warn, stop or adjust."
+    mode_collapse_action: Literal["warn", "stop", "adjust", "raise_entropy"] = doc_field(
+        "warn",
+        "When the samples' distinct-2 (or entropy) falls below half its start: warn, stop, adjust, or "
+        "raise_entropy (ppo only: add ent_adjust_step to ent_coef; the event row holds its old and new values).",
     )
     gold_divergence_action: Literal["warn", "stop"] = doc_field(
         "warn",

@@ -28,7 +28,7 @@ from alignkit.models.precision import in_training_precision
 from alignkit.stages import Stage
 from alignkit.training import online_engine as engine
 from alignkit.training.online import accumulated_step
-from alignkit.training.remedies import AdjustableBeta, monitor_actions
+from alignkit.training.remedies import AdjustableCoef, monitor_actions
 from alignkit.training.rollout import (
     GroupRollout,
     length_order,
@@ -208,7 +208,7 @@ def grpo_method(cfg: GRPOConfig, setup: engine.OnlineSetup) -> engine.OnlineMeth
     policy, rank, world, k = setup.policy, setup.rank, setup.world, cfg.num_generations
     # The loss reads its beta from `objective`, a copy of cfg whose beta the monitors' adjust action raises.
     objective = dataclasses.replace(cfg)
-    beta = AdjustableBeta(objective)
+    beta = AdjustableCoef(objective)
     drawn: dict = {}  # the dynamic sampling's stats of this iteration
 
     def refill(samples: engine.Samples, draw) -> engine.Samples:

@@ -39,7 +39,7 @@ from alignkit.training import online_engine as engine
 from alignkit.training.online import accumulated_step
 from alignkit.training.preference import PairExample, PairLogprobs, collate_pair_examples, pair_outputs
 from alignkit.training.reference import PRECOMPUTED, apply
-from alignkit.training.remedies import AdjustableBeta, monitor_actions
+from alignkit.training.remedies import AdjustableCoef, monitor_actions
 from alignkit.training.rollout import sample_logprobs
 
 
@@ -178,7 +178,7 @@ def online_dpo_method(cfg: OnlineDPOConfig, setup: engine.OnlineSetup) -> engine
     k = cfg.samples_per_prompt
     # The loss reads its beta from `objective`, a copy of cfg whose beta the monitors' adjust action raises.
     objective = dataclasses.replace(cfg)
-    beta = AdjustableBeta(objective)
+    beta = AdjustableCoef(objective)
 
     def make_batch(samples: engine.Samples) -> engine.Batch:
         # 3. Pair each prompt's best response against its worst; a tie makes no pair. The same pairs in every

@@ -15,6 +15,7 @@ three networks are sharded as well, and the rollout passes run on the shards, ev
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass
 from typing import Literal
@@ -28,7 +29,7 @@ from alignkit.models.precision import in_training_precision
 from alignkit.stages import Stage
 from alignkit.training import online_engine as engine
 from alignkit.training.online import accumulated_step
-from alignkit.training.remedies import monitor_actions, raise_kl_coef
+from alignkit.training.remedies import AdjustableCoef, monitor_actions, raise_kl_coef
 from alignkit.training.rollout import (
     Rollout,
     critic_for,
@@ -99,6 +100,12 @@ class PPOConfig(OnlineTrainConfig):
     vf_coef: float = doc_field(0.1, "Weight of the value loss next to the policy loss.", gt=0)
     ent_coef: float = doc_field(
         0.0, "Weight of an entropy bonus; > 0 holds (N, vocab) logits for the backward pass.", ge=0
+    )
+    ent_adjust_step: float = doc_field(
+        0.01,
+        "mode_collapse_action=raise_entropy adds this to ent_coef each time the mode-collapse monitor fires "
+        "(added, not multiplied: ent_coef starts at 0).",
+        gt=0,
     )
     gamma: float = doc_field(1.0, "Discount over response tokens.", ge=0, le=1)
     lam: float = doc_field(
@@ -224,6 +231,10 @@ def ppo_method(cfg: PPOConfig, setup: engine.OnlineSetup) -> engine.OnlineMethod
     rank, world = setup.rank, setup.world
     critic = critic_for(setup.policy, cfg.lora, setup.load)
     kl_controller = losses.kl_controller(cfg.init_kl_coef, cfg.kl_target, cfg.kl_horizon)
+    # The loss reads its ent_coef from `objective`, a copy of cfg whose ent_coef mode collapse's raise_entropy
+    # action raises.
+    objective = dataclasses.replace(cfg)
+    ent_coef = AdjustableCoef(objective, "ent_coef")
 
     def make_batch(samples: engine.Samples) -> engine.Batch:
         # 3.-4. The forward passes (policy, reference and value model; each process its share of the samples,
@@ -233,7 +244,7 @@ def ppo_method(cfg: PPOConfig, setup: engine.OnlineSetup) -> engine.OnlineMethod
         finished = torch.tensor([g.finished for g in samples.generations]).to(setup.device)
         beta = kl_controller.beta
         rollout, stats = make_rollout(cfg, batch, passes, scores, finished, beta)
-        return engine.Batch(rollout, {**stats, "beta": beta})
+        return engine.Batch(rollout, {**stats, "beta": beta, "ent_coef": objective.ent_coef})
 
     def update(batch: engine.Batch, opt: engine.Optimization) -> dict:
         # 5. ppo_epochs passes of minibatch updates over the samples; each process trains on its share of every
@@ -246,6 +257,10 @@ def ppo_method(cfg: PPOConfig, setup: engine.OnlineSetup) -> engine.OnlineMethod
         kl_controller.update(batch.stats["kl"], n_steps=n)
         return engine.step_means(step_stats)
 
+    def load_state_dict(state: dict) -> None:
+        kl_controller.load_state_dict(state["kl_controller"])
+        ent_coef.load_state_dict(state)
+
     return engine.OnlineMethod(
         unit="iteration",
         units=cfg.iterations,
@@ -254,16 +269,18 @@ def ppo_method(cfg: PPOConfig, setup: engine.OnlineSetup) -> engine.OnlineMethod
         epochs=cfg.ppo_epochs,
         minibatch_size=cfg.minibatch_size,
         make_batch=make_batch,
-        loss=functools.partial(_ppo_loss_of, cfg),
+        loss=functools.partial(_ppo_loss_of, objective),
         update=update,
         monitors=default_monitors(
             "ppo", kl_target=cfg.kl_target, gold=cfg.gold_reward is not None, actions=monitor_actions(cfg)
         ),
         recompute_context=critic.recompute_context,
         final_policy=critic.final_policy,
-        state_dict=lambda: {"kl_controller": kl_controller.state_dict()},
-        load_state_dict=lambda state: kl_controller.load_state_dict(state["kl_controller"]),
-        adjust_kl=functools.partial(raise_kl_coef, kl_controller),  # the state_dict keeps what it changed
+        state_dict=lambda: {"kl_controller": kl_controller.state_dict(), **ent_coef.state_dict()},
+        load_state_dict=load_state_dict,
+        # The remedies; the state_dict keeps what they changed.
+        adjust_kl=functools.partial(raise_kl_coef, kl_controller),
+        adjust_entropy=lambda: ent_coef.set(objective.ent_coef + cfg.ent_adjust_step),
         describe=critic.describe,
         summarize=lambda units, rows, samples: {"score_change": engine.score_change(samples, units)},
     )

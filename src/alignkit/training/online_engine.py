@@ -32,7 +32,7 @@ from alignkit.config import ConfigError, validate_config
 from alignkit.data.tokenize import encode_prompt
 from alignkit.errors import TrainingInterrupted
 from alignkit.evaluation.metrics import distinct_n, length_stats, mean_difference, pearson
-from alignkit.evaluation.monitors import MonitorSet, is_gold_divergence
+from alignkit.evaluation.monitors import Event, ModeCollapseMonitor, MonitorSet, is_gold_divergence
 from alignkit.models.generation import Generation, SamplingConfig, check_generation_backend, vllm_sampler
 from alignkit.models.loading import (
     apply_lora,
@@ -219,6 +219,9 @@ class OnlineMethod:
     # The monitors' "adjust" remedy: multiply the method's KL coefficient by a factor; returns the old and new
     # values (the event's). None: the method has none, and an "adjust" action is refused.
     adjust_kl: Callable[[float], dict[str, float]] | None = None
+    # Mode collapse's "raise_entropy" remedy: raise the method's entropy bonus; returns the old and new values.
+    # None: the method has none (check_config refuses the action for a config without ent_coef).
+    adjust_entropy: Callable[[], dict[str, float]] | None = None
     describe: dict = field(default_factory=dict)  # fixed lines of the summary
     # More lines of the summary from (units made, logged rows, samples.jsonl; None outside the main process).
     summarize: Callable[[int, list[dict], Path | None], dict] = lambda units, rows, samples: {}
@@ -258,6 +261,12 @@ def check_config(cfg) -> None:
     check_scorer(cfg.reward, "reward")
     if cfg.gold_reward is not None:
         check_scorer(cfg.gold_reward, "gold_reward")
+    if cfg.mode_collapse_action == "raise_entropy" and not hasattr(cfg, "ent_coef"):
+        raise ConfigError(
+            "config key 'mode_collapse_action': raise_entropy raises an entropy bonus (ent_coef), which only ppo "
+            "has; use warn, stop or adjust (raise the KL coefficient)",
+            ("mode_collapse_action",),
+        )
     check_generation_backend(cfg.generation_backend)
 
 
@@ -402,13 +411,24 @@ class OnlineRun:
 
     def wire_remedies(self) -> None:
         """The monitors' actions beyond warn/stop: "adjust" raises the method's KL coefficient by
-        kl_adjust_factor; a gold-divergence "stop" puts back the best-gold weights (``finish``)."""
+        kl_adjust_factor, mode collapse's "raise_entropy" its entropy bonus; a gold-divergence "stop" puts back
+        the best-gold weights (``finish``)."""
         cfg, method, monitors = self.cfg, self.method, self.monitors
-        if method.adjust_kl is not None:
-            monitors.adjuster = lambda event: method.adjust_kl(cfg.kl_adjust_factor)
-        elif monitors.needs_adjuster():
+        raise_entropy = cfg.mode_collapse_action == "raise_entropy"
+
+        def remedy(event: Event) -> dict[str, float]:
+            if raise_entropy and event.monitor == ModeCollapseMonitor.name:
+                return method.adjust_entropy()
+            return method.adjust_kl(cfg.kl_adjust_factor)
+
+        if method.adjust_kl is not None or raise_entropy:
+            monitors.adjuster = remedy
+        # The monitors whose "adjust" is the KL coefficient's: all but mode collapse under raise_entropy.
+        entropy_remedied = {ModeCollapseMonitor.name} if raise_entropy else set()
+        on_kl = [name for name in monitors.needs_adjuster() if name not in entropy_remedied]
+        if method.adjust_kl is None and on_kl:
             raise ConfigError(
-                f"{self.stage} has no KL coefficient to adjust; monitor(s) {monitors.needs_adjuster()} have "
+                f"{self.stage} has no KL coefficient to adjust; monitor(s) {on_kl} have "
                 "action 'adjust': use warn or stop"
             )
         self.best_gold = BestGold() if cfg.gold_divergence_action == "stop" else None

@@ -1,6 +1,6 @@
 """What the online stages do when a failure monitor fires, beyond a warning: the seed's remedies. A length
 penalty on the reward (against paying for length), raising the KL coefficient (the "adjust" action, against
-reward hacking and mode collapse), and keeping the weights of the best gold score when the proxy-vs-gold
+reward hacking and mode collapse) or PPO's entropy bonus (mode collapse's "raise_entropy"), and keeping the weights of the best gold score when the proxy-vs-gold
 check stops a run (over-optimisation, Gao et al. 2022). The monitors are ``evaluation.monitors``; the engine
 (``training.online_engine``) wires these to them.
 """
@@ -25,10 +25,13 @@ def length_penalised(scores: Sequence[float], lengths: Sequence[int], coef: floa
 
 
 def monitor_actions(cfg) -> dict[str, str]:
-    """The monitor actions an online stage's config chose (``config.OnlineRemedyFields``), by monitor name."""
+    """The monitor actions an online stage's config chose (``config.OnlineRemedyFields``), by monitor name.
+    Mode collapse's "raise_entropy" is an "adjust" to the monitors (apply the run's remedy and go on); the run
+    picks the remedy by the event's monitor (``online_engine.OnlineRun.wire_remedies``)."""
+    mode_collapse = cfg.mode_collapse_action
     return {
         "reward_hacking": cfg.reward_hacking_action,
-        "mode_collapse": cfg.mode_collapse_action,
+        "mode_collapse": "adjust" if mode_collapse == "raise_entropy" else mode_collapse,
         "gold_divergence": cfg.gold_divergence_action,
     }
 
@@ -44,26 +47,35 @@ def raise_kl_coef(controller, factor: float) -> dict[str, float]:
     return changed
 
 
-class AdjustableBeta:
-    """The KL coefficient of a method without a KL controller (online DPO's, GRPO's ``beta``), held by
-    ``holder`` (the copy of the config its loss reads): the monitors' "adjust" action multiplies it
-    (``adjust``), and the method's checkpoints keep it (``state_dict``)."""
+class AdjustableCoef:
+    """A loss coefficient the monitors' remedies change as the run goes, held by ``holder`` (the copy of the
+    config its loss reads) under ``name``: online DPO's and GRPO's ``beta`` (they have no KL controller; the
+    "adjust" action multiplies it), PPO's ``ent_coef`` (mode collapse's "raise_entropy" action adds to it). The
+    method's checkpoints keep it (``state_dict``)."""
 
-    def __init__(self, holder) -> None:
-        self.holder = holder
+    def __init__(self, holder, name: str = "beta") -> None:
+        self.holder, self.name = holder, name
+
+    @property
+    def value(self) -> float:
+        return getattr(self.holder, self.name)
+
+    def set(self, value: float) -> dict[str, float]:
+        """The coefficient becomes ``value``; returns the old and new values (the event's)."""
+        old = self.value
+        setattr(self.holder, self.name, value)
+        return {f"{self.name}_old": old, f"{self.name}_new": value}
 
     def adjust(self, factor: float) -> dict[str, float]:
-        """beta *= factor; returns the old and new values (the event's)."""
-        old = self.holder.beta
-        self.holder.beta = old * factor
-        return {"beta_old": old, "beta_new": self.holder.beta}
+        """coefficient *= factor (the "adjust" action on a beta); returns the old and new values."""
+        return self.set(self.value * factor)
 
     def state_dict(self) -> dict[str, float]:
-        return {"beta": self.holder.beta}
+        return {self.name: self.value}
 
     def load_state_dict(self, state: dict) -> None:
-        # A checkpoint written before the adjust action existed holds no beta.
-        self.holder.beta = state.get("beta", self.holder.beta)
+        # A checkpoint written before the remedy existed holds no value: the config's stands.
+        setattr(self.holder, self.name, state.get(self.name, self.value))
 
 
 class BestGold:
