@@ -12,12 +12,14 @@ The rules are the seed article's selection guide, by data format, model size, co
 Memory estimate (a floor: activations, the KV cache and framework overhead are not counted), in GB = 1e9 B:
 
     full:  P x [ trained x (b + b + 8) + frozen x b ]
-    LoRA:  P x b x (1 + separate frozen models) + P x 1% x trained x (b + b + 8)
+    LoRA:  P x b x (1 + separate frozen models) + P x 1% x trained x (4 + 4 + 8)
 
 P = parameters; b = bytes per parameter of the weights (2 in bf16/fp16, 4 in fp32); a trained model carries
 its weights (b), gradients (b) and Adam's two moments in fp32 (8). With LoRA the base is held once and shared
 by the policy, the reference (adapters off) and PPO's value model (an adapter on the same base, alignkit's
-ppo); only a reward model is a separate copy; the adapters are taken as 1% of P.
+ppo); only a reward model is a separate copy; the adapters are taken as 1% of P, and are fp32 whatever b is
+(PEFT's get_peft_model upcasts them), so their weights and gradients are 4 bytes each. Checked against the
+model state the quick comparison's runs measure (summary.json's model_state_bytes; tests/test_recommend.py).
 
 The evidence behind the rules comes from papers on 7B-70B models; alignkit's own comparisons (`alignkit
 compare`) run on small models, whose ranking may not carry over to large ones.
@@ -35,6 +37,7 @@ from alignkit.stages import Stage
 DataFormat = Literal["demonstrations", "pairs", "binary", "prompts+reward"]
 BYTES = {"bf16": 2, "fp32": 4}  # bytes per parameter of the weights
 ADAM_BYTES = 8  # Adam's first and second moments, fp32, per trained parameter
+ADAPTER_BYTES = 4 + 4 + ADAM_BYTES  # per LoRA parameter: fp32 weight and gradient (PEFT upcasts), Adam
 LORA_SHARE = 0.01  # adapters' parameters as a share of the base (rank 16 on the attention and MLP projections)
 
 # Candidates for each data format, in the guide's order before the size, budget and memory rules.
@@ -80,13 +83,17 @@ class RecommendConfig:
     )
 
 
-def memory_gb(method: str, params_b: float, bytes_per_param: int, lora: bool, reward_is_model: bool) -> float:
-    """The module docstring's estimate, in GB, for ``params_b`` billion parameters."""
+def memory_gb(
+    method: str, params_b: float, bytes_per_param: int, lora: bool, reward_is_model: bool,
+    adapter_share: float = LORA_SHARE,
+) -> float:
+    """The module docstring's estimate, in GB, for ``params_b`` billion parameters (``adapter_share``: LoRA's
+    parameters as a share of the base's)."""
     m = METHODS[method]
     reward = int(m.online and reward_is_model)
     trained_bytes = bytes_per_param * 2 + ADAM_BYTES
     if lora:
-        return params_b * (bytes_per_param * (1 + reward) + LORA_SHARE * m.trained * trained_bytes)
+        return params_b * (bytes_per_param * (1 + reward) + adapter_share * m.trained * ADAPTER_BYTES)
     frozen = models_in_memory(method, bool(reward)) - m.trained
     return params_b * (m.trained * trained_bytes + frozen * bytes_per_param)
 
@@ -150,7 +157,7 @@ def format_choices(cfg: RecommendConfig, choices: list[Choice]) -> str:
         lines += [f"  {'':<52}{r}" for r in c.reasons[1:]]
     lines.append(
         "  Memory: full = P x [trained x (2b + 8) + frozen x b]; LoRA = P x b x (1 + reward model) + adapters "
-        "(1% of P); a floor without activations.\n  The guide's evidence is from 7B-70B models; alignkit's own "
+        "(1% of P, fp32, 16 B each); a floor without activations.\n  The guide's evidence is from 7B-70B models; alignkit's own "
         "comparisons (`alignkit compare`) use small models, whose ranking may not carry over."
     )
     return "\n".join(lines)
