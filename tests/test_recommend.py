@@ -3,6 +3,7 @@ memory estimate is the documented formula, checked by hand on one case."""
 
 from __future__ import annotations
 
+import io
 import json
 
 import pytest
@@ -97,3 +98,49 @@ def test_memory_estimates_match_the_quick_comparisons_measured_model_state(tiny_
         share = r["trainable_parameters"] / (METHODS[r["method"]].trained * base)
         estimate = 1e9 * memory_gb(r["method"], base / 1e9, 4, lora=True, reward_is_model=False, adapter_share=share)
         assert r["model_state_bytes"] == pytest.approx(estimate, rel=0.25), r["method"]
+
+
+class FakeTerminal(io.StringIO):
+    """A stdin that is a terminal, its lines the user's answers."""
+
+    def isatty(self) -> bool:
+        return True
+
+
+def test_on_a_terminal_with_no_keys_it_asks_each_question_then_answers(monkeypatch, capsys):
+    """Answers: binary data; a bad size (re-asked with the config's refusal), then 70; memory left at its
+    default (24); high tuning. KTO is the only candidate for binary feedback: 70B full needs 70 x 12 + 70 x 2
+    (reference) = 980 GB; LoRA 70 x 2 + 0.7 x 16 = 151.2 GB; neither fits 24 GB."""
+    monkeypatch.setattr("sys.stdin", FakeTerminal("binary\n-3\n70\n\nhigh\n"))
+    assert main(["recommend"]) == 0
+    captured = capsys.readouterr()
+    questions = [q for q in captured.err.split("]: ") if "?" in q]
+    assert [q.split("?")[0].strip().splitlines()[-1] for q in questions] == [
+        "What data do you have", "Model size, in billions of parameters", "Model size, in billions of parameters",
+        "Memory of one accelerator, in GB", "How much hyperparameter tuning can the team afford",
+    ]  # fmt: skip
+    assert "(demonstrations | pairs | binary | prompts+reward) [pairs]" in captured.err
+    refusal = captured.err.split("Model size")[1]  # after the first size question: the refusal of -3
+    assert "model_size" in refusal and "-3" in refusal
+    assert captured.out.startswith("alignkit recommend: data=binary, 70B parameters, 24 GB, tuning budget high")
+    row = captured.out.splitlines()[2].split()
+    assert row[:6] == ["1", "kto", "2", "980.0", "151.2", "no"]
+
+
+def test_without_a_terminal_or_with_a_key_it_asks_nothing(monkeypatch, capsys):
+    """Piped stdin and no keys: the defaults (pairs, 7B, 24 GB, low), as before; a terminal with a key given:
+    that key and the defaults. Neither reads stdin."""
+    monkeypatch.setattr("sys.stdin", io.StringIO("binary\n"))
+    assert main(["recommend"]) == 0
+    captured = capsys.readouterr()
+    assert captured.err == "" and "data=pairs, 7B parameters, 24 GB, tuning budget low" in captured.out
+    monkeypatch.setattr("sys.stdin", FakeTerminal("binary\n"))
+    assert main(["recommend", "model_size=13"]) == 0
+    captured = capsys.readouterr()
+    assert captured.err == "" and "data=pairs, 13B parameters" in captured.out
+
+
+def test_input_ending_before_the_answers_is_a_one_line_error(monkeypatch, capsys):
+    monkeypatch.setattr("sys.stdin", FakeTerminal("pairs\n"))
+    assert main(["recommend"]) == 2
+    assert "error: recommend: no answer to 'Model size, in billions of parameters?'" in capsys.readouterr().err

@@ -27,10 +27,11 @@ compare`) run on small models, whose ranking may not carry over to large ones.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, get_args
 
-from alignkit.config import doc_field
+from alignkit.config import ConfigError, doc_field, load_config
 from alignkit.pipelines.methods import METHODS, models_in_memory
 from alignkit.stages import Stage
 
@@ -163,7 +164,44 @@ def format_choices(cfg: RecommendConfig, choices: list[Choice]) -> str:
     return "\n".join(lines)
 
 
+# The questions `alignkit recommend` asks on a terminal, in order: (config key, question, allowed answers).
+QUESTIONS = [
+    ("data", "What data do you have?", " | ".join(get_args(DataFormat))),
+    ("model_size", "Model size, in billions of parameters?", "a number > 0"),
+    ("memory_gb", "Memory of one accelerator, in GB?", "a number > 0"),
+    ("tuning", "How much hyperparameter tuning can the team afford?", "low | high"),
+]
+
+
+def ask(cfg: RecommendConfig, stdin=None, out=None) -> RecommendConfig:
+    """``cfg`` with QUESTIONS answered on ``stdin`` one by one (an empty answer keeps the default shown); an
+    answer the config refuses is asked again with the refusal. Questions go to stderr, so stdout stays the
+    answer."""
+    stdin, out = stdin or sys.stdin, out or sys.stderr
+    answers: list[str] = []
+    for key, question, allowed in QUESTIONS:
+        while True:
+            print(f"{question} ({allowed}) [{getattr(cfg, key)}]: ", end="", file=out, flush=True)
+            line = stdin.readline()
+            if not line:  # end of input: no answer will come
+                raise ConfigError(f"recommend: no answer to '{question}' (input ended); give {key}=... instead")
+            answer = line.strip()
+            if not answer:
+                break
+            try:
+                load_config(RecommendConfig, None, [*answers, f"{key}={answer}"])
+            except ConfigError as e:
+                print(f"  {e}", file=out)
+                continue
+            answers.append(f"{key}={answer}")
+            break
+    return load_config(RecommendConfig, None, answers)
+
+
 def run(cfg: RecommendConfig) -> dict:
+    # Nothing set (every key at its default) on a terminal: ask. Piped, or with any key given: answer as is.
+    if cfg == RecommendConfig() and sys.stdin.isatty():
+        cfg = ask(cfg)
     choices = recommend(cfg)
     print(format_choices(cfg, choices))
     return {
