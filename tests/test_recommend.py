@@ -11,7 +11,7 @@ import pytest
 from alignkit.cli import main
 from alignkit.config import ConfigError, load_config
 from alignkit.pipelines.methods import METHODS
-from alignkit.pipelines.recommend import RecommendConfig, memory_gb, recommend
+from alignkit.pipelines.recommend import RecommendConfig, evidence_lines, memory_gb, recommend
 
 
 def _ranking(**settings) -> list[str]:
@@ -144,3 +144,30 @@ def test_input_ending_before_the_answers_is_a_one_line_error(monkeypatch, capsys
     monkeypatch.setattr("sys.stdin", FakeTerminal("pairs\n"))
     assert main(["recommend"]) == 2
     assert "error: recommend: no answer to 'Model size, in billions of parameters?'" in capsys.readouterr().err
+
+
+def test_evidence_names_the_file_it_would_cite_while_none_is_measured(capsys):
+    """No shipped comparison is measured yet: each is named with the file it will be cited from, and no
+    figure is shown."""
+    assert main(["recommend", "data=pairs"]) == 0
+    evidence = capsys.readouterr().out.split("Measured evidence")[1]
+    assert "controlled sentiment: none measured yet (would cite alignkit/assets/compare-sentiment.json" in evidence
+    assert "HH-RLHF harmlessness: none measured yet (would cite alignkit/assets/compare-hh-harmless.json" in evidence
+    assert not any(ch.isdigit() for ch in evidence.replace("HH-RLHF", ""))
+
+
+def test_evidence_cites_the_measured_rows_of_a_shipped_comparison(tmp_path):
+    """A compare.json in place of the sentiment comparison: the ranked methods it measured are cited with its
+    figures and file; a method it did not run (ppo) is not; the other comparison is still unmeasured."""
+    row = {"method": "dpo", "win_rate": 0.625, "win_rate_ci95": [0.5, 0.75], "seeds": 3,
+           "win_rate_std_over_seeds": 0.05, "kl": 0.0123}  # fmt: skip
+    measured = {"model": "smollm2-135m-instruct", "methods": [row, {**row, "method": "sft", "win_rate": 0.5}]}
+    (tmp_path / "compare-sentiment.json").write_text(json.dumps(measured))
+    assert evidence_lines(["dpo", "ppo", "sft"], tmp_path) == [
+        "controlled sentiment, measured on smollm2-135m-instruct (a small model: may not carry over), "
+        "alignkit/assets/compare-sentiment.json:",
+        "  dpo: gold win rate 0.625 [0.500, 0.750] over 3 seeds (std 0.050), KL/token 0.0123",
+        "  sft: gold win rate 0.500 [0.500, 0.750] over 3 seeds (std 0.050), KL/token 0.0123",
+        "HH-RLHF harmlessness: none measured yet (would cite alignkit/assets/compare-hh-harmless.json, made by "
+        "`alignkit compare configs/compare_hh_harmless.yaml`)",
+    ]

@@ -27,8 +27,11 @@ compare`) run on small models, whose ranking may not carry over to large ones.
 
 from __future__ import annotations
 
+import json
 import sys
 from dataclasses import dataclass
+from importlib.resources import files
+from pathlib import Path
 from typing import Literal, get_args
 
 from alignkit.config import ConfigError, doc_field, load_config
@@ -60,6 +63,40 @@ REASONS: dict[str, str] = {
     "grpo": "online RL without a value model: group-relative advantages; fewer settings than PPO",
     "online_dpo": "samples the policy each round and trains DPO on best-vs-worst under the reward",
 }
+
+
+# The shipped comparisons (issue #21) whose measured tables recommend cites, by file: (name, its compare.json
+# as shipped in the package, the config that produces it). None is measured yet: recommend says so and
+# names the file it will cite, and never shows a figure it did not read from one.
+ASSETS = files("alignkit") / "assets"
+SHIPPED_COMPARISONS = [
+    ("controlled sentiment", "compare-sentiment.json", "configs/compare_sentiment.yaml"),
+    ("HH-RLHF harmlessness", "compare-hh-harmless.json", "configs/compare_hh_harmless.yaml"),
+]
+
+
+def evidence_lines(methods: list[str], assets: Path | None = None) -> list[str]:
+    """What the shipped comparisons measured for ``methods``, each line citing its file; for a comparison not
+    measured yet, the file it would cite."""
+    assets = Path(str(ASSETS)) if assets is None else assets
+    lines = []
+    for name, filename, config in SHIPPED_COMPARISONS:
+        cite = f"alignkit/assets/{filename}"
+        path = assets / filename
+        if not path.is_file():
+            lines.append(f"{name}: none measured yet (would cite {cite}, made by `alignkit compare {config}`)")
+            continue
+        measured = json.loads(path.read_text())
+        rows = {row["method"]: row for row in measured["methods"]}
+        lines.append(f"{name}, measured on {measured['model']} (a small model: may not carry over), {cite}:")
+        for method in (m for m in methods if m in rows):
+            row = rows[method]
+            lo, hi = row["win_rate_ci95"]
+            lines.append(
+                f"  {method}: gold win rate {row['win_rate']:.3f} [{lo:.3f}, {hi:.3f}] over {row['seeds']} seeds "
+                f"(std {row['win_rate_std_over_seeds']:.3f}), KL/token {row['kl']:.3g}"
+            )
+    return lines
 
 
 @dataclass
@@ -161,6 +198,8 @@ def format_choices(cfg: RecommendConfig, choices: list[Choice]) -> str:
         "(1% of P, fp32, 16 B each); a floor without activations.\n  The guide's evidence is from 7B-70B models; alignkit's own "
         "comparisons (`alignkit compare`) use small models, whose ranking may not carry over."
     )
+    lines.append("  Measured evidence (the shipped comparisons):")
+    lines += [f"    {line}" for line in evidence_lines([c.method for c in choices])]
     return "\n".join(lines)
 
 
@@ -209,7 +248,8 @@ def run(cfg: RecommendConfig) -> dict:
             {"method": c.method, "fits": c.fits, "memory_full_gb": c.memory_full_gb,
              "memory_lora_gb": c.memory_lora_gb, "reasons": c.reasons}
             for c in choices
-        ]
+        ],
+        "evidence": evidence_lines([c.method for c in choices]),
     }  # fmt: skip
 
 
