@@ -90,9 +90,6 @@ def main() -> None:
     args = parser.parse_args()
     from playwright.sync_api import sync_playwright
 
-    chromium = shutil.which("chromium")
-    if chromium is None:
-        raise SystemExit("no chromium on PATH (apt-get install chromium)")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
@@ -104,7 +101,7 @@ def main() -> None:
             wait_for(port, server)
             url = f"http://127.0.0.1:{port}"
             with sync_playwright() as pw:
-                browser = pw.chromium.launch(executable_path=chromium, headless=True)
+                browser = launch_chromium(pw)
                 page = browser.new_page(viewport={"width": 1000, "height": 820})
                 login(page, url, tokens["ana"])
                 # ana's third item: drag the warm note to the top, the stiff one above the curt one.
@@ -121,6 +118,14 @@ def main() -> None:
             server.terminate()
             server.wait(10)
     print(f"wrote {out / 'label-page.png'} and {out / 'label-admin.png'}")
+
+
+def launch_chromium(pw):
+    """Debian's chromium, headless, driven by Playwright ``pw`` (no browser download of Playwright's own)."""
+    chromium = shutil.which("chromium")
+    if chromium is None:
+        raise SystemExit("no chromium on PATH (apt-get install chromium)")
+    return pw.chromium.launch(executable_path=chromium, headless=True)
 
 
 def login(page, url: str, token: str) -> None:

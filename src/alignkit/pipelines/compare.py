@@ -266,6 +266,10 @@ def run_row(method: str, seed: int, run_dir: Path) -> dict:
         "seed": seed,
         "run_dir": str(run_dir),
         "peak_rss_mb": summary.get("peak_rss_mb"),
+        # Weights, gradients and optimizer state (what recommend's estimate predicts), and the parameter counts.
+        "model_state_bytes": summary.get("model_state_bytes"),
+        "trainable_parameters": summary.get("trainable_parameters"),
+        "total_parameters": summary.get("total_parameters"),
         "wall_seconds": summary.get("wall_seconds", summary.get("train_seconds")),
         "tokens_per_s": _mean([r.get("tokens_per_s") for r in rows]),
         "preference_accuracy": summary.get("eval_accuracy"),

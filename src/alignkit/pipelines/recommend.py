@@ -12,12 +12,14 @@ The rules are the seed article's selection guide, by data format, model size, co
 Memory estimate (a floor: activations, the KV cache and framework overhead are not counted), in GB = 1e9 B:
 
     full:  P x [ trained x (b + b + 8) + frozen x b ]
-    LoRA:  P x b x (1 + separate frozen models) + P x 1% x trained x (b + b + 8)
+    LoRA:  P x b x (1 + separate frozen models) + P x 1% x trained x (4 + 4 + 8)
 
 P = parameters; b = bytes per parameter of the weights (2 in bf16/fp16, 4 in fp32); a trained model carries
 its weights (b), gradients (b) and Adam's two moments in fp32 (8). With LoRA the base is held once and shared
 by the policy, the reference (adapters off) and PPO's value model (an adapter on the same base, alignkit's
-ppo); only a reward model is a separate copy; the adapters are taken as 1% of P.
+ppo); only a reward model is a separate copy; the adapters are taken as 1% of P, and are fp32 whatever b is
+(PEFT's get_peft_model upcasts them), so their weights and gradients are 4 bytes each. Checked against the
+model state the quick comparison's runs measure (summary.json's model_state_bytes; tests/test_recommend.py).
 
 The evidence behind the rules comes from papers on 7B-70B models; alignkit's own comparisons (`alignkit
 compare`) run on small models, whose ranking may not carry over to large ones.
@@ -25,16 +27,21 @@ compare`) run on small models, whose ranking may not carry over to large ones.
 
 from __future__ import annotations
 
+import json
+import sys
 from dataclasses import dataclass
-from typing import Literal
+from importlib.resources import files
+from pathlib import Path
+from typing import Literal, get_args
 
-from alignkit.config import doc_field
+from alignkit.config import ConfigError, doc_field, load_config
 from alignkit.pipelines.methods import METHODS, models_in_memory
 from alignkit.stages import Stage
 
 DataFormat = Literal["demonstrations", "pairs", "binary", "prompts+reward"]
 BYTES = {"bf16": 2, "fp32": 4}  # bytes per parameter of the weights
 ADAM_BYTES = 8  # Adam's first and second moments, fp32, per trained parameter
+ADAPTER_BYTES = 4 + 4 + ADAM_BYTES  # per LoRA parameter: fp32 weight and gradient (PEFT upcasts), Adam
 LORA_SHARE = 0.01  # adapters' parameters as a share of the base (rank 16 on the attention and MLP projections)
 
 # Candidates for each data format, in the guide's order before the size, budget and memory rules.
@@ -56,6 +63,40 @@ REASONS: dict[str, str] = {
     "grpo": "online RL without a value model: group-relative advantages; fewer settings than PPO",
     "online_dpo": "samples the policy each round and trains DPO on best-vs-worst under the reward",
 }
+
+
+# The shipped comparisons (issue #21) whose measured tables recommend cites, by file: (name, its compare.json
+# as shipped in the package, the config that produces it). None is measured yet: recommend says so and
+# names the file it will cite, and never shows a figure it did not read from one.
+ASSETS = files("alignkit") / "assets"
+SHIPPED_COMPARISONS = [
+    ("controlled sentiment", "compare-sentiment.json", "configs/compare_sentiment.yaml"),
+    ("HH-RLHF harmlessness", "compare-hh-harmless.json", "configs/compare_hh_harmless.yaml"),
+]
+
+
+def evidence_lines(methods: list[str], assets: Path | None = None) -> list[str]:
+    """What the shipped comparisons measured for ``methods``, each line citing its file; for a comparison not
+    measured yet, the file it would cite."""
+    assets = Path(str(ASSETS)) if assets is None else assets
+    lines = []
+    for name, filename, config in SHIPPED_COMPARISONS:
+        cite = f"alignkit/assets/{filename}"
+        path = assets / filename
+        if not path.is_file():
+            lines.append(f"{name}: none measured yet (would cite {cite}, made by `alignkit compare {config}`)")
+            continue
+        measured = json.loads(path.read_text())
+        rows = {row["method"]: row for row in measured["methods"]}
+        lines.append(f"{name}, measured on {measured['model']} (a small model: may not carry over), {cite}:")
+        for method in (m for m in methods if m in rows):
+            row = rows[method]
+            lo, hi = row["win_rate_ci95"]
+            lines.append(
+                f"  {method}: gold win rate {row['win_rate']:.3f} [{lo:.3f}, {hi:.3f}] over {row['seeds']} seeds "
+                f"(std {row['win_rate_std_over_seeds']:.3f}), KL/token {row['kl']:.3g}"
+            )
+    return lines
 
 
 @dataclass
@@ -80,13 +121,17 @@ class RecommendConfig:
     )
 
 
-def memory_gb(method: str, params_b: float, bytes_per_param: int, lora: bool, reward_is_model: bool) -> float:
-    """The module docstring's estimate, in GB, for ``params_b`` billion parameters."""
+def memory_gb(
+    method: str, params_b: float, bytes_per_param: int, lora: bool, reward_is_model: bool,
+    adapter_share: float = LORA_SHARE,
+) -> float:
+    """The module docstring's estimate, in GB, for ``params_b`` billion parameters (``adapter_share``: LoRA's
+    parameters as a share of the base's)."""
     m = METHODS[method]
     reward = int(m.online and reward_is_model)
     trained_bytes = bytes_per_param * 2 + ADAM_BYTES
     if lora:
-        return params_b * (bytes_per_param * (1 + reward) + LORA_SHARE * m.trained * trained_bytes)
+        return params_b * (bytes_per_param * (1 + reward) + adapter_share * m.trained * ADAPTER_BYTES)
     frozen = models_in_memory(method, bool(reward)) - m.trained
     return params_b * (m.trained * trained_bytes + frozen * bytes_per_param)
 
@@ -150,13 +195,52 @@ def format_choices(cfg: RecommendConfig, choices: list[Choice]) -> str:
         lines += [f"  {'':<52}{r}" for r in c.reasons[1:]]
     lines.append(
         "  Memory: full = P x [trained x (2b + 8) + frozen x b]; LoRA = P x b x (1 + reward model) + adapters "
-        "(1% of P); a floor without activations.\n  The guide's evidence is from 7B-70B models; alignkit's own "
+        "(1% of P, fp32, 16 B each); a floor without activations.\n  The guide's evidence is from 7B-70B models; alignkit's own "
         "comparisons (`alignkit compare`) use small models, whose ranking may not carry over."
     )
+    lines.append("  Measured evidence (the shipped comparisons):")
+    lines += [f"    {line}" for line in evidence_lines([c.method for c in choices])]
     return "\n".join(lines)
 
 
+# The questions `alignkit recommend` asks on a terminal, in order: (config key, question, allowed answers).
+QUESTIONS = [
+    ("data", "What data do you have?", " | ".join(get_args(DataFormat))),
+    ("model_size", "Model size, in billions of parameters?", "a number > 0"),
+    ("memory_gb", "Memory of one accelerator, in GB?", "a number > 0"),
+    ("tuning", "How much hyperparameter tuning can the team afford?", "low | high"),
+]
+
+
+def ask(cfg: RecommendConfig, stdin=None, out=None) -> RecommendConfig:
+    """``cfg`` with QUESTIONS answered on ``stdin`` one by one (an empty answer keeps the default shown); an
+    answer the config refuses is asked again with the refusal. Questions go to stderr, so stdout stays the
+    answer."""
+    stdin, out = stdin or sys.stdin, out or sys.stderr
+    answers: list[str] = []
+    for key, question, allowed in QUESTIONS:
+        while True:
+            print(f"{question} ({allowed}) [{getattr(cfg, key)}]: ", end="", file=out, flush=True)
+            line = stdin.readline()
+            if not line:  # end of input: no answer will come
+                raise ConfigError(f"recommend: no answer to '{question}' (input ended); give {key}=... instead")
+            answer = line.strip()
+            if not answer:
+                break
+            try:
+                load_config(RecommendConfig, None, [*answers, f"{key}={answer}"])
+            except ConfigError as e:
+                print(f"  {e}", file=out)
+                continue
+            answers.append(f"{key}={answer}")
+            break
+    return load_config(RecommendConfig, None, answers)
+
+
 def run(cfg: RecommendConfig) -> dict:
+    # Nothing set (every key at its default) on a terminal: ask. Piped, or with any key given: answer as is.
+    if cfg == RecommendConfig() and sys.stdin.isatty():
+        cfg = ask(cfg)
     choices = recommend(cfg)
     print(format_choices(cfg, choices))
     return {
@@ -164,7 +248,8 @@ def run(cfg: RecommendConfig) -> dict:
             {"method": c.method, "fits": c.fits, "memory_full_gb": c.memory_full_gb,
              "memory_lora_gb": c.memory_lora_gb, "reasons": c.reasons}
             for c in choices
-        ]
+        ],
+        "evidence": evidence_lines([c.method for c in choices]),
     }  # fmt: skip
 
 

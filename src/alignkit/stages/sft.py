@@ -151,6 +151,7 @@ def _run(cfg: SFTConfig, run_dir: RunDir, started: float) -> dict:
         "train_seconds": result.elapsed_s,
         "wall_seconds": time.time() - started,
         "peak_rss_mb": result.peak_rss_mb,
+        "model_state_bytes": result.model_state_bytes,
         "monitor_events": [e.to_row() for e in monitors.events],
     }
     if eval_encoded:

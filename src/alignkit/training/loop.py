@@ -39,7 +39,7 @@ from alignkit.training.checkpoint import (
     skipped_checkpoint,
     write_checkpoint,
 )
-from alignkit.training.run import RunDir, peak_rss_mb
+from alignkit.training.run import RunDir, model_state_bytes, peak_rss_mb
 from alignkit.training.schedule import build_optimizer, build_scheduler
 from alignkit.training.signals import StopSignals, stopped_at_once
 
@@ -93,6 +93,7 @@ class TrainResult:
     peak_rss_mb: float
     n_nonfinite_skipped: int
     last_checkpoint: str | None
+    model_state_bytes: int | None = None  # the policy's weights, gradients and optimizer state at the end
 
 
 LogCallback = Callable[[int, dict], "str | None"]
@@ -227,7 +228,7 @@ def train(
             last_eval = _evaluate(model, eval_fn, device, prec, run, progress.step)
         if progress.saved_step != progress.step:
             _save(cfg, run, engine, model, optimizer, scheduler, progress, batches)
-    return progress.result({**last_row, **last_eval})
+    return progress.result({**last_row, **last_eval}, model_state_bytes([model], optimizer))
 
 
 @dataclass(frozen=True)
@@ -335,7 +336,7 @@ class _Progress:
         self.n_items_seen += n_items
         return self.step
 
-    def result(self, metrics: dict) -> TrainResult:
+    def result(self, metrics: dict, state_bytes: int | None = None) -> TrainResult:
         return TrainResult(
             steps=self.step,
             metrics=metrics,
@@ -343,6 +344,7 @@ class _Progress:
             peak_rss_mb=peak_rss_mb(),
             n_nonfinite_skipped=self.nonfinite.total,
             last_checkpoint=self.last_checkpoint,
+            model_state_bytes=state_bytes,
         )
 
 

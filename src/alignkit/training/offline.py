@@ -125,6 +125,7 @@ def loop_summary(result: TrainResult, monitors) -> dict:
         "final_metrics": result.metrics,
         "train_seconds": result.elapsed_s,
         "peak_rss_mb": result.peak_rss_mb,
+        "model_state_bytes": result.model_state_bytes,
         "monitor_events": [e.to_row() for e in monitors.events],
     }
 

@@ -66,7 +66,7 @@ from alignkit.training.online import (
 )
 from alignkit.training.reference import Reference, load_reference
 from alignkit.training.remedies import BestGold, length_penalised
-from alignkit.training.run import RunDir, peak_rss_mb
+from alignkit.training.run import RunDir, model_state_bytes, peak_rss_mb
 from alignkit.training.schedule import build_optimizer, build_scheduler
 from alignkit.training.signals import StopSignals, stopped_at_once
 
@@ -735,6 +735,9 @@ class OnlineRun:
             "train_seconds": self.elapsed(),
             "wall_seconds": time.time() - started,
             "peak_rss_mb": peak_rss_mb(),
+            "model_state_bytes": model_state_bytes(
+                [method.trained, *([setup.reference.copy] if setup.reference.copy is not None else [])], self.optimizer
+            ),
         }
         run_dir.write_summary(summary)
         return summary

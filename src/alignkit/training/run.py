@@ -544,6 +544,24 @@ def peak_rss_mb() -> float:
     return peak / 2**20 if sys.platform == "darwin" else peak / 2**10
 
 
+def model_state_bytes(modules: list, optimizer) -> int:
+    """The model state a run holds, measured on the live objects at the end of training: the weights of
+    ``modules`` (each storage once, so a LoRA base that is also the reference counts once), one gradient per
+    parameter the optimizer trains, and the optimizer's state tensors. Activations are not in it, so it is
+    what `alignkit recommend`'s memory estimate (a floor without activations) predicts. Gradients are counted
+    by size: backward materialises them every step and ``zero_grad(set_to_none=True)`` frees them after."""
+    storages = {}
+    for module in modules:
+        for p in module.parameters():
+            storages[p.untyped_storage().data_ptr()] = p.untyped_storage().nbytes()
+    trained = {id(p): p for group in optimizer.param_groups for p in group["params"]}
+    grads = sum(p.numel() * p.element_size() for p in trained.values())
+    moments = sum(
+        v.numel() * v.element_size() for state in optimizer.state.values() for v in state.values() if hasattr(v, "numel")
+    )
+    return sum(storages.values()) + grads + moments
+
+
 def _json_safe(value: Any) -> Any:
     # Strict JSON has no NaN/Infinity; write them as strings so jq and friends can still read the file.
     if isinstance(value, float) and not math.isfinite(value):
