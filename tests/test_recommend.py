@@ -121,7 +121,9 @@ def test_on_a_terminal_with_no_keys_it_asks_each_question_then_answers(monkeypat
     ]  # fmt: skip
     assert "(demonstrations | pairs | binary | prompts+reward) [pairs]" in captured.err
     refusal = captured.err.split("Model size")[1]  # after the first size question: the refusal of -3
-    assert "model_size" in refusal and "-3" in refusal
+    # Typed at the prompt, so the refusal says so (it said "(from the command line)" before).
+    assert refusal.strip().endswith("config key 'model_size' must be > 0, got -3.0 (from your answer)")
+    assert "command line" not in captured.err
     assert captured.out.startswith("alignkit recommend: data=binary, 70B parameters, 24 GB, tuning budget high")
     row = captured.out.splitlines()[2].split()
     assert row[:6] == ["1", "kto", "2", "980.0", "151.2", "no"]

@@ -228,7 +228,8 @@ def ask(cfg: RecommendConfig, stdin=None, out=None) -> RecommendConfig:
             if not answer:
                 break
             try:
-                load_config(RecommendConfig, None, [*answers, f"{key}={answer}"])
+                # Named as typed at the prompt: the refusal would otherwise say "(from the command line)".
+                load_config(RecommendConfig, None, [*answers, f"{key}={answer}"], overrides_from="your answer")
             except ConfigError as e:
                 print(f"  {e}", file=out)
                 continue
