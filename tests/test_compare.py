@@ -127,3 +127,35 @@ def test_frontier_has_one_point_per_run_and_the_base_at_kl_zero():
     assert len(circles) == 4 + 3  # a point per run and the base, and a legend mark per series
     legend = [t.text for t in svg.findall(".//{http://www.w3.org/2000/svg}text") if t.get("class") == "legend"]
     assert legend == ["dpo", "ppo", "base"]
+
+
+def _point_coordinates(svg_text: str) -> list[tuple[float, float]]:
+    """(cx, cy) of the plotted points (the legend's marks have no fill-opacity)."""
+    import xml.etree.ElementTree as ET
+
+    circles = ET.fromstring(svg_text).findall(".//{http://www.w3.org/2000/svg}circle")
+    return [(float(c.get("cx")), float(c.get("cy"))) for c in circles if c.get("fill-opacity")]
+
+
+@pytest.mark.parametrize("base_gold", [0.875, 0.875 + 2**-52])  # equal; equal but for the last bit (a mean)
+def test_frontier_draws_equal_gold_scores_at_one_height_mid_axis(base_gold):
+    """Every run and the base score 0.875 (the quick run of docs/images/compare-quick.png): the y range is
+    degenerate, so all points share one height, the plot's middle: top 36 + 320 / 2 = 196. Before, the runs
+    were drawn at one end of the axis and the base at the other."""
+    from alignkit.reporting.frontier import frontier_svg
+
+    points = {"dpo": [(0.1, 0.875), (0.2, 0.875)], "ppo": [(0.3, 0.875)], "base": [(0.0, base_gold)]}
+    coords = _point_coordinates(frontier_svg(points))
+    assert [y for _, y in coords] == [196.0] * 4
+    # x is not: KL 0-0.3 padded by 5% of its span, [-0.015, 0.315] over the 448 px plot from x = 62.
+    expected_x = [62 + 448 * (kl + 0.015) / 0.33 for kl in (0.1, 0.2, 0.3, 0.0)]
+    assert [x for x, _ in coords] == pytest.approx(expected_x, abs=0.051)  # the SVG rounds to 0.1 px
+
+
+def test_frontier_with_every_kl_zero_centres_the_points_on_both_axes():
+    """Both ranges degenerate (every run still at the base: KL 0, gold 2.0): every point at the plot's centre,
+    x = 62 + 448 / 2 = 286, y = 36 + 320 / 2 = 196."""
+    from alignkit.reporting.frontier import frontier_svg
+
+    coords = _point_coordinates(frontier_svg({"sft": [(0.0, 2.0), (0.0, 2.0)], "base": [(0.0, 2.0)]}))
+    assert coords == [(286.0, 196.0)] * 3

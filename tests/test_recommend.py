@@ -50,12 +50,23 @@ def test_a_method_that_does_not_fit_goes_last_with_its_reason():
 
 def test_memory_estimate_by_hand():
     """DPO, 1B parameters, full fine-tuning in bf16 (b = 2): the policy's weights, gradients and Adam moments,
-    1e9 x (2 + 2 + 8) = 12 GB, plus the frozen reference's weights 1e9 x 2 = 2 GB: 14 GB. In fp32: 1e9 x
-    (4 + 4 + 8) + 1e9 x 4 = 20 GB. PPO full with a reward model: policy and value trained (2 x 12) + reference
-    and reward model frozen (2 x 2) = 28 GB; with LoRA the base once and the reward model (2 x 2) plus adapters
-    for two trained models, fp32 whatever b is (0.01 x 2 x 16 = 0.32): 4.32 GB."""
-    assert memory_gb("dpo", 1.0, 2, lora=False, reward_is_model=False) == pytest.approx(14.0)
-    assert memory_gb("dpo", 1.0, 4, lora=False, reward_is_model=False) == pytest.approx(20.0)
+    1e9 x (2 + 2 + 8) = 12 GB; its reference log-probs are precomputed by default, so no reference is held
+    (before: + 2 GB for one). With reference=copy the frozen copy's weights 1e9 x 2 = 2 GB: 14 GB. In fp32:
+    1e9 x (4 + 4 + 8) = 16 GB, and 20 GB with a copy. LoRA: the base 1e9 x 2 shared by the reference (adapters
+    off, or precomputed) + adapters 0.01 x 16 = 2.16 GB; a copy adds its 2 GB: 4.16 GB. KTO and IPO as DPO.
+    PPO full with a reward model: policy and value trained (2 x 12) + its frozen reference copy and the reward
+    model (2 x 2) = 28 GB; with LoRA the base once and the reward model (2 x 2) plus adapters for two trained
+    models, fp32 whatever b is (0.01 x 2 x 16 = 0.32): 4.32 GB. Online DPO full, reward a function: 12 + its
+    reference copy 2 = 14 GB."""
+    assert memory_gb("dpo", 1.0, 2, lora=False, reward_is_model=False) == pytest.approx(12.0)
+    assert memory_gb("dpo", 1.0, 2, lora=False, reward_is_model=False, reference="copy") == pytest.approx(14.0)
+    assert memory_gb("dpo", 1.0, 4, lora=False, reward_is_model=False) == pytest.approx(16.0)
+    assert memory_gb("dpo", 1.0, 4, lora=False, reward_is_model=False, reference="copy") == pytest.approx(20.0)
+    assert memory_gb("dpo", 1.0, 2, lora=True, reward_is_model=False) == pytest.approx(2.16)
+    assert memory_gb("dpo", 1.0, 2, lora=True, reward_is_model=False, reference="copy") == pytest.approx(4.16)
+    for offline in ("ipo", "kto"):
+        assert memory_gb(offline, 1.0, 2, lora=False, reward_is_model=True) == pytest.approx(12.0)
+    assert memory_gb("online_dpo", 1.0, 2, lora=False, reward_is_model=False) == pytest.approx(14.0)
     assert memory_gb("ppo", 1.0, 2, lora=False, reward_is_model=True) == pytest.approx(28.0)
     assert memory_gb("ppo", 1.0, 2, lora=True, reward_is_model=True) == pytest.approx(4.32)
     assert memory_gb("orpo", 1.0, 2, lora=False, reward_is_model=True) == pytest.approx(12.0)  # no reference
@@ -100,6 +111,31 @@ def test_memory_estimates_match_the_quick_comparisons_measured_model_state(tiny_
         assert r["model_state_bytes"] == pytest.approx(estimate, rel=0.25), r["method"]
 
 
+def test_full_fine_tuning_estimate_holds_no_reference_when_it_is_precomputed(tiny_model_dir, tmp_path, capsys):
+    """Full fine-tuning in float32 (b = 4), the gold a function: DPO and KTO precompute their reference's
+    log-probs (reference=auto), so the model state they measure is the policy's alone, P x (4 + 4 + 8) = 16P,
+    which the estimate matches to 1% (it counted a reference too before: 20P, 25% over). Online DPO holds a
+    frozen copy of the base as its reference, P x 4 more: 20P (the online engine measures the copy too; all
+    three measure within 0.02% of the estimate)."""
+    pairs = tmp_path / "pairs.jsonl"
+    rows = [{"prompt": f"question {i}?", "chosen": f"a good answer {i}.", "rejected": "no."} for i in range(10)]
+    pairs.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "cmp"
+    args = [
+        "compare", f"model={tiny_model_dir}", f"output_dir={out}", f"pairs={pairs}", "gold=_ppo_rewards:length",
+        "methods=[dpo,kto,online_dpo]", "seeds=[0]", "quick=true", "progress=false", "lora=false",
+    ]  # fmt: skip
+    assert main(args) == 0
+    capsys.readouterr()
+    runs = {r["method"]: r for r in json.loads((out / "compare.json").read_text())["runs"]}
+    for method, per_parameter in [("dpo", 16), ("kto", 16), ("online_dpo", 20)]:
+        p = runs[method]["total_parameters"]
+        assert runs[method]["trainable_parameters"] == p  # full fine-tuning: every parameter trained
+        estimate = 1e9 * memory_gb(method, p / 1e9, 4, lora=False, reward_is_model=False)
+        assert estimate == pytest.approx(per_parameter * p)
+        assert runs[method]["model_state_bytes"] == pytest.approx(estimate, rel=0.01), method
+
+
 class FakeTerminal(io.StringIO):
     """A stdin that is a terminal, its lines the user's answers."""
 
@@ -109,8 +145,8 @@ class FakeTerminal(io.StringIO):
 
 def test_on_a_terminal_with_no_keys_it_asks_each_question_then_answers(monkeypatch, capsys):
     """Answers: binary data; a bad size (re-asked with the config's refusal), then 70; memory left at its
-    default (24); high tuning. KTO is the only candidate for binary feedback: 70B full needs 70 x 12 + 70 x 2
-    (reference) = 980 GB; LoRA 70 x 2 + 0.7 x 16 = 151.2 GB; neither fits 24 GB."""
+    default (24); high tuning. KTO is the only candidate for binary feedback: 70B full needs 70 x 12 = 840 GB
+    (its reference precomputed); LoRA 70 x 2 + 0.7 x 16 = 151.2 GB; neither fits 24 GB."""
     monkeypatch.setattr("sys.stdin", FakeTerminal("binary\n-3\n70\n\nhigh\n"))
     assert main(["recommend"]) == 0
     captured = capsys.readouterr()
@@ -121,10 +157,12 @@ def test_on_a_terminal_with_no_keys_it_asks_each_question_then_answers(monkeypat
     ]  # fmt: skip
     assert "(demonstrations | pairs | binary | prompts+reward) [pairs]" in captured.err
     refusal = captured.err.split("Model size")[1]  # after the first size question: the refusal of -3
-    assert "model_size" in refusal and "-3" in refusal
+    # Typed at the prompt, so the refusal says so (it said "(from the command line)" before).
+    assert refusal.strip().endswith("config key 'model_size' must be > 0, got -3.0 (from your answer)")
+    assert "command line" not in captured.err
     assert captured.out.startswith("alignkit recommend: data=binary, 70B parameters, 24 GB, tuning budget high")
     row = captured.out.splitlines()[2].split()
-    assert row[:6] == ["1", "kto", "2", "980.0", "151.2", "no"]
+    assert row[:6] == ["1", "kto", "2", "840.0", "151.2", "no"]
 
 
 def test_without_a_terminal_or_with_a_key_it_asks_nothing(monkeypatch, capsys):

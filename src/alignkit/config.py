@@ -825,9 +825,15 @@ def config_fields(cls: type) -> list[dataclasses.Field]:
 
 
 def load_config(
-    cls: type, yaml_path: str | os.PathLike | None = None, overrides: list[str] | None = None, **kwargs: Any
+    cls: type,
+    yaml_path: str | os.PathLike | None = None,
+    overrides: list[str] | None = None,
+    *,
+    overrides_from: str = "the command line",
+    **kwargs: Any,
 ):
     """Build ``cls`` from its defaults, then a YAML file, then ``key=value`` overrides, then keyword arguments.
+    ``overrides_from`` names where the overrides were written, in error messages ("... (from the command line)").
 
     Each later source wins. Keys are checked against the dataclass fields (a key written twice in the YAML file
     is an error), values are checked and coerced against the field annotations, required fields left unset or
@@ -848,7 +854,7 @@ def load_config(
     sources: list[tuple[str, collections.abc.Iterable[tuple[Any, Any, str | None]]]] = []
     if yaml_path is not None:
         sources.append((str(yaml_path), ((k, v, None) for k, v in _read_yaml_mapping(yaml_path).items())))
-    sources.append(("the command line", ((k, v, raw) for k, raw, v in map(_parse_override, overrides or []))))
+    sources.append((overrides_from, ((k, v, raw) for k, raw, v in map(_parse_override, overrides or []))))
     sources.append(("keyword arguments", ((k, v, None) for k, v in kwargs.items())))
     for source, items in sources:
         for name, item in _read_source(cls, fields, aliases, items, source, notices).items():

@@ -12,14 +12,19 @@ The rules are the seed article's selection guide, by data format, model size, co
 Memory estimate (a floor: activations, the KV cache and framework overhead are not counted), in GB = 1e9 B:
 
     full:  P x [ trained x (b + b + 8) + frozen x b ]
-    LoRA:  P x b x (1 + separate frozen models) + P x 1% x trained x (4 + 4 + 8)
+    LoRA:  P x b x (1 + frozen) + P x 1% x trained x (4 + 4 + 8)
 
 P = parameters; b = bytes per parameter of the weights (2 in bf16/fp16, 4 in fp32); a trained model carries
-its weights (b), gradients (b) and Adam's two moments in fp32 (8). With LoRA the base is held once and shared
-by the policy, the reference (adapters off) and PPO's value model (an adapter on the same base, alignkit's
-ppo); only a reward model is a separate copy; the adapters are taken as 1% of P, and are fp32 whatever b is
-(PEFT's get_peft_model upcasts them), so their weights and gradients are 4 bytes each. Checked against the
-model state the quick comparison's runs measure (summary.json's model_state_bytes; tests/test_recommend.py).
+its weights (b), gradients (b) and Adam's two moments in fp32 (8). frozen = the frozen models held during
+training apart from the trained ones (``frozen_models``): a reward model (online methods whose reward is a
+model), and a reference only where one is held as a separate model. Online DPO and PPO hold a frozen copy in
+full fine-tuning; DPO, IPO and KTO by default (their `reference=auto`) precompute the reference's log-probs
+with the policy before its first update and hold no second model, and hold a copy only with
+`reference=copy`. With LoRA the base is held once and shared by the policy, the reference (adapters off:
+online methods, and the offline ones' `reference=adapter`) and PPO's value model (an adapter on the same base,
+alignkit's ppo); the adapters are taken as 1% of P, and are fp32 whatever b is (PEFT's get_peft_model upcasts
+them), so their weights and gradients are 4 bytes each. Checked against the model state the quick
+comparison's runs measure (summary.json's model_state_bytes; tests/test_recommend.py).
 
 The evidence behind the rules comes from papers on 7B-70B models; alignkit's own comparisons (`alignkit
 compare`) run on small models, whose ranking may not carry over to large ones.
@@ -119,21 +124,37 @@ class RecommendConfig:
     reward_is_model: bool = doc_field(
         True, "The reward is a model held in memory (an `alignkit rm` model), not a function."
     )
+    reference: Literal["precomputed", "copy"] = doc_field(
+        "precomputed",
+        "How DPO, IPO and KTO hold their reference (their stages' `reference` key): precomputed (their default, "
+        "auto: log-probs computed before training, no model held; LoRA's `adapter` costs the same) or copy.",
+    )
+
+
+def frozen_models(method: str, lora: bool, reward_is_model: bool, reference: str = "precomputed") -> int:
+    """Frozen models ``method`` holds during training as separate copies (the module docstring's "frozen"): a
+    reward model, and a reference only where it is neither precomputed nor the shared LoRA base."""
+    m = METHODS[method]
+    if not m.reference:
+        held_reference = False
+    elif m.online:  # the online engine: the LoRA base with adapters off, else a frozen copy
+        held_reference = not lora
+    else:  # DPO, IPO, KTO: log-probs precomputed before training unless reference=copy
+        held_reference = reference == "copy"
+    return int(m.online and reward_is_model) + int(held_reference)
 
 
 def memory_gb(
     method: str, params_b: float, bytes_per_param: int, lora: bool, reward_is_model: bool,
-    adapter_share: float = LORA_SHARE,
+    adapter_share: float = LORA_SHARE, reference: str = "precomputed",
 ) -> float:
     """The module docstring's estimate, in GB, for ``params_b`` billion parameters (``adapter_share``: LoRA's
-    parameters as a share of the base's)."""
+    parameters as a share of the base's; ``reference``: how DPO, IPO and KTO hold theirs)."""
     m = METHODS[method]
-    reward = int(m.online and reward_is_model)
-    trained_bytes = bytes_per_param * 2 + ADAM_BYTES
+    frozen = frozen_models(method, lora, reward_is_model, reference)
     if lora:
-        return params_b * (bytes_per_param * (1 + reward) + adapter_share * m.trained * ADAPTER_BYTES)
-    frozen = models_in_memory(method, bool(reward)) - m.trained
-    return params_b * (m.trained * trained_bytes + frozen * bytes_per_param)
+        return params_b * (bytes_per_param * (1 + frozen) + adapter_share * m.trained * ADAPTER_BYTES)
+    return params_b * (m.trained * (bytes_per_param * 2 + ADAM_BYTES) + frozen * bytes_per_param)
 
 
 @dataclass(frozen=True)
@@ -168,8 +189,9 @@ def recommend(cfg: RecommendConfig) -> list[Choice]:
         extra["grpo"].append("low tuning budget: no value model to tune")
     choices = []
     for name in order:
-        full = memory_gb(name, cfg.model_size, BYTES[cfg.precision], False, cfg.reward_is_model)
-        lora = memory_gb(name, cfg.model_size, BYTES[cfg.precision], True, cfg.reward_is_model)
+        b = BYTES[cfg.precision]
+        full = memory_gb(name, cfg.model_size, b, False, cfg.reward_is_model, reference=cfg.reference)
+        lora = memory_gb(name, cfg.model_size, b, True, cfg.reward_is_model, reference=cfg.reference)
         fits = "full" if full <= cfg.memory_gb else "lora" if lora <= cfg.memory_gb else "no"
         reasons = [REASONS[name], *extra[name]]
         if fits == "lora":
@@ -194,8 +216,10 @@ def format_choices(cfg: RecommendConfig, choices: list[Choice]) -> str:
         )
         lines += [f"  {'':<52}{r}" for r in c.reasons[1:]]
     lines.append(
-        "  Memory: full = P x [trained x (2b + 8) + frozen x b]; LoRA = P x b x (1 + reward model) + adapters "
-        "(1% of P, fp32, 16 B each); a floor without activations.\n  The guide's evidence is from 7B-70B models; alignkit's own "
+        "  Memory: full = P x [trained x (2b + 8) + frozen x b]; LoRA = P x b x (1 + frozen) + adapters "
+        "(1% of P, fp32, 16 B each); a floor without activations.\n  frozen: a reward model; a reference copy "
+        f"(online methods' full fine-tuning; DPO/IPO/KTO only with reference=copy, now {cfg.reference})."
+        "\n  The guide's evidence is from 7B-70B models; alignkit's own "
         "comparisons (`alignkit compare`) use small models, whose ranking may not carry over."
     )
     lines.append("  Measured evidence (the shipped comparisons):")
@@ -228,7 +252,8 @@ def ask(cfg: RecommendConfig, stdin=None, out=None) -> RecommendConfig:
             if not answer:
                 break
             try:
-                load_config(RecommendConfig, None, [*answers, f"{key}={answer}"])
+                # Named as typed at the prompt: the refusal would otherwise say "(from the command line)".
+                load_config(RecommendConfig, None, [*answers, f"{key}={answer}"], overrides_from="your answer")
             except ConfigError as e:
                 print(f"  {e}", file=out)
                 continue

@@ -6,7 +6,7 @@ from __future__ import annotations
 import html
 import math
 
-from alignkit.reporting.html import CSS, nice_ticks, svg_data_uri
+from alignkit.reporting.html import CSS, nice_ticks, padded_range, svg_data_uri
 
 COLOURS = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf"]
 
@@ -25,13 +25,10 @@ def frontier_svg(points: dict[str, list[tuple[float, float]]], width: int = 640,
     """A scatter of ``points``, one colour per key, with its legend and ticks."""
     left, right, top, bottom = 62, 130, 36, 44
     pw, ph = width - left - right, height - top - bottom
-    xs = [x for pts in points.values() for x, _ in pts if math.isfinite(x)] or [0.0, 1.0]
-    ys = [y for pts in points.values() for _, y in pts if math.isfinite(y)] or [0.0, 1.0]
-    xlo, xhi = min(xs + [0.0]), max(xs)
-    ylo, yhi = min(ys), max(ys)
-    xhi, yhi = (xhi if xhi > xlo else xlo + 1.0), (yhi if yhi > ylo else ylo + 1.0)
-    xpad, ypad = (xhi - xlo) * 0.05, (yhi - ylo) * 0.05
-    xlo, xhi, ylo, yhi = xlo - xpad, xhi + xpad, ylo - ypad, yhi + ypad
+    # KL 0 (the base) is always on the x axis; a degenerate range (every gold score equal, every KL 0) is
+    # centred, so equal values are drawn at the same height rather than at the axis' two ends.
+    xlo, xhi = padded_range([x for pts in points.values() for x, _ in pts] + [0.0])
+    ylo, yhi = padded_range([y for pts in points.values() for _, y in pts])
 
     def sx(v: float) -> float:
         return left + (v - xlo) / (xhi - xlo) * pw

@@ -200,14 +200,19 @@ def _tick_label(value: float, step: float) -> str:
     return f"{value:.{min(decimals, 6)}f}"
 
 
-def _range(values: list[float]) -> tuple[float, float]:
+def padded_range(values: list[float]) -> tuple[float, float]:
+    """An axis range for ``values`` (the finite ones): 5% of their span either side, or, for a constant, a band
+    centred on it (so equal values are drawn at the same height, mid-axis)."""
     finite = [v for v in values if math.isfinite(v)]
     if not finite:
         return 0.0, 1.0
     lo, hi = min(finite), max(finite)
-    if hi == lo:  # a constant: centre it in a band of +-10% (or +-1 around 0)
-        pad = abs(lo) * 0.1 or 1.0
-        return lo - pad, hi + pad
+    # A constant, up to rounding (a mean of equal scores may differ from them in the last bit: a span of 1e-16
+    # would put one at each end of the axis): centre it in a band of +-10% (or +-1 around 0).
+    if math.isclose(lo, hi, rel_tol=1e-9):
+        mid = (lo + hi) / 2
+        pad = abs(mid) * 0.1 or 1.0
+        return mid - pad, mid + pad
     pad = (hi - lo) * 0.05
     return lo - pad, hi + pad
 
@@ -236,7 +241,7 @@ def _panel_svg(
     xlo, xhi = xrange
     if xhi == xlo:
         xlo, xhi = xlo - 1, xhi + 1
-    ylo, yhi = _range([v for k in keys for _, v in data[k]])
+    ylo, yhi = padded_range([v for k in keys for _, v in data[k]])
 
     def sx(s: float) -> float:
         return px + (s - xlo) / (xhi - xlo) * pw
