@@ -38,6 +38,8 @@ ROWS = [
     {"prompt": "the quick brown fox", "chosen": "jumps over the lazy dog", "rejected": "sleeps"},
 ]
 
+needs_hh = pytest.mark.skipif(not HH_RLHF.is_file(), reason="HH-RLHF data (../shared/data) not present")
+
 
 def _write(path, rows) -> str:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
@@ -106,6 +108,7 @@ def test_a_changed_file_tokenizer_or_setting_makes_a_new_cache(tmp_path, tiny_to
     assert len(list((tmp_path / "cache").iterdir())) == 2
 
 
+@needs_hh
 @pytest.mark.parametrize("chat_template", [True, False])
 def test_tokens_equal_the_in_memory_path_on_real_rows(tmp_path, tiny_tokenizer, chat_template):
     """HH-RLHF rows 80-120 (row 86 has an empty chosen reply: skipped), limits that cut some prompts and
@@ -127,6 +130,7 @@ def test_tokens_equal_the_in_memory_path_on_real_rows(tmp_path, tiny_tokenizer, 
     assert [bad.row for bad in prepared.skipped] == [86]
 
 
+@needs_hh
 def test_two_processes_give_the_tokens_of_one(tmp_path, tiny_tokenizer):
     settings = RowSettings(max_length=96, on_bad_row="skip", rows=(0, 200))
     one = prepare_rows(str(HH_RLHF), tiny_tokenizer, settings, tmp_path / "one", num_proc=1)
@@ -176,6 +180,7 @@ def _unpaired_in_memory(source: str, tokenizer, settings: RowSettings, pairs: bo
     return loaded, [encode_unpaired(tokenizer, u.prompt, u.completion, u.label, *args) for u in examples]
 
 
+@needs_hh
 @pytest.mark.parametrize("kind", ["pairs_as_unpaired", "unpaired"])
 def test_kto_rows_equal_the_in_memory_path_on_real_rows_and_are_reused(
     tmp_path, tiny_tokenizer, monkeypatch, kind
@@ -209,6 +214,7 @@ def test_kto_rows_equal_the_in_memory_path_on_real_rows_and_are_reused(
     assert again.examples.kind == kind and list(again.examples) == expected
 
 
+@needs_hh
 def test_kto_examples_read_lazily_equal_those_of_a_list(tmp_path, tiny_tokenizer):
     """The KL sequences, pair numbers and batch widths of KTOExamples over the cache equal those over the
     in-memory list (whose KL sequences tests/test_stage_kto.py checks by hand)."""
@@ -283,6 +289,7 @@ def test_rm_margins_are_cached_with_the_pairs_and_bad_margins_are_bad_rows(
     assert [ex.margin for ex in RMExamples(skipped.examples)] == [0.5]
 
 
+@needs_hh
 def test_rm_validation_and_length_balance_select_the_pairs_of_the_in_memory_lists(tmp_path, tiny_tokenizer):
     """split_validation and balance_lengths as views of the cache give the pairs that slicing and indexing the
     in-memory list gave (HH-RLHF rows 0-200)."""
@@ -305,6 +312,7 @@ def test_rm_validation_and_length_balance_select_the_pairs_of_the_in_memory_list
     assert len({examples.encoded.fingerprint, train.encoded.fingerprint, balanced.encoded.fingerprint}) == 3
 
 
+@needs_hh
 def test_sft_rows_equal_the_in_memory_path_are_reused_and_bad_rows_are_the_loaders(
     tmp_path, tiny_tokenizer, monkeypatch
 ):
