@@ -328,6 +328,9 @@ def test_fsdp_sft_step_in_two_processes_equals_one(tiny_model_dir, tmp_path):
     assert two["grad_norm"] == pytest.approx(one["grad_norm"], rel=1e-5)
     assert two["params/rank_share"] == pytest.approx(0.5, abs=0.01)
     assert "params/rank_share" not in one
+    # The model state the summary reports is the main process's shard: about half of one process's.
+    shard, whole = (json.loads((tmp_path / d / "summary.json").read_text())["model_state_bytes"] for d in ("two", "one"))
+    assert 0.4 < shard / whole < 0.6
 
 
 def test_fsdp_dpo_step_in_two_processes_equals_one(tiny_model_dir, tmp_path):

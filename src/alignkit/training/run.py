@@ -549,15 +549,25 @@ def model_state_bytes(modules: list, optimizer) -> int:
     ``modules`` (each storage once, so a LoRA base that is also the reference counts once), one gradient per
     parameter the optimizer trains, and the optimizer's state tensors. Activations are not in it, so it is
     what `alignkit recommend`'s memory estimate (a floor without activations) predicts. Gradients are counted
-    by size: backward materialises them every step and ``zero_grad(set_to_none=True)`` frees them after."""
+    by size: backward materialises them every step and ``zero_grad(set_to_none=True)`` frees them after.
+    Under FSDP the parameters and their state are DTensors: each process counts its own shard (``to_local``),
+    so the figure is this process's share."""
+
+    def local(t):  # a DTensor's own shard (its storage, its size); a plain tensor as it is
+        return t.to_local() if hasattr(t, "to_local") else t
+
     storages = {}
     for module in modules:
         for p in module.parameters():
-            storages[p.untyped_storage().data_ptr()] = p.untyped_storage().nbytes()
-    trained = {id(p): p for group in optimizer.param_groups for p in group["params"]}
+            storage = local(p).untyped_storage()
+            storages[storage.data_ptr()] = storage.nbytes()
+    trained = {id(p): local(p) for group in optimizer.param_groups for p in group["params"]}
     grads = sum(p.numel() * p.element_size() for p in trained.values())
     moments = sum(
-        v.numel() * v.element_size() for state in optimizer.state.values() for v in state.values() if hasattr(v, "numel")
+        local(v).numel() * local(v).element_size()
+        for state in optimizer.state.values()
+        for v in state.values()
+        if hasattr(v, "numel")
     )
     return sum(storages.values()) + grads + moments
 
