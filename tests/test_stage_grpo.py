@@ -276,7 +276,8 @@ def test_on_policy_update_skips_the_policy_pass_and_trains_the_same(tiny_model_d
     """num_iterations = 1 with one minibatch of all 4 responses: the update's one step is on policy (ratio 1),
     so no no-grad policy pass is made and the entropy and KL are logged from the update's pass. Against the same
     run made with the pass (trains_on_policy_only forced off): the same samples, the same final weights (atol
-    1e-6) and the same loss, entropy, KL and advantages (rel 1e-5)."""
+    1e-6) and the same loss, entropy, KL and advantages (rel 1e-5; abs 1e-6 for the KL of step 0, which is
+    float noise around 0: policy = reference)."""
     made = []
     real = rollouts.shared_rollout_passes  # what rollout_inputs runs
 
@@ -295,7 +296,7 @@ def test_on_policy_update_skips_the_policy_pass_and_trains_the_same(tiny_model_d
     assert _samples(tmp_path / "skip") == _samples(tmp_path / "pass")
     skip, with_pass = _rows(tmp_path / "skip"), _rows(tmp_path / "pass")
     for key in ("loss", "entropy", "kl", "kl/per_token", "kl/k3_per_token", "advantage/abs_mean", "grad_norm"):
-        assert [r[key] for r in skip] == pytest.approx([r[key] for r in with_pass], rel=1e-5, abs=1e-7), key
+        assert [r[key] for r in skip] == pytest.approx([r[key] for r in with_pass], rel=1e-5, abs=1e-6), key
     assert skip[1]["kl"] != 0.0 and skip[0]["entropy"] > 0
     a = load_file(str(tmp_path / "skip" / "final" / "model.safetensors"))
     b = load_file(str(tmp_path / "pass" / "final" / "model.safetensors"))
