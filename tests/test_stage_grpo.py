@@ -221,7 +221,8 @@ def test_vllm_logprob_mismatch_is_logged(tiny_model_dir, prompt_file, tmp_path, 
     monkeypatch.setattr(online_engine, "vllm_sampler", _LogprobSampler)
     monkeypatch.setattr(FakeVLLMSampler, "built", [])
     out = tmp_path / "vllm"
-    grpo.run(_config(tiny_model_dir, prompt_file, out, "generation_backend=vllm"))
+    # float32: the expected values are to 1e-4, finer than bf16 (what dtype=auto picks on an AMX CPU)
+    grpo.run(_config(tiny_model_dir, prompt_file, out, "generation_backend=vllm", "dtype=float32"))
     rows = _rows(out)
     assert len(rows) == 2
     for row in rows:
@@ -251,6 +252,7 @@ def test_lora_trains_only_the_adapters_against_the_adapter_disabled_base(
     out = tmp_path / "run"
     # Two minibatches of 2: the second step is off policy, so the no-grad policy and reference passes are made.
     lora = ("lora=true", "lora_r=4", "lora_alpha=8", "beta=0.04", "learning_rate=5e-2", "minibatch_size=2")
+    lora = (*lora, "dtype=float32")  # compared with a float32 base to 1e-5, finer than bf16
     summary = grpo.run(_config(tiny_model_dir, prompt_file, out, *lora))
     assert summary["reference"] == "policy base with adapters disabled"
     base = load_model(str(tiny_model_dir), "float32", device="cpu").eval()
