@@ -79,6 +79,13 @@ def _rewrite(path: Path, lines: list[str]) -> None:
     os.replace(tmp, path)
 
 
+def write_jsonl(path: Path, rows: list[dict]) -> None:
+    """``rows`` as a whole JSONL file at ``path`` (its folder made if missing), written to a temporary file and
+    moved into place: a reader never sees half of it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _rewrite(path, [json.dumps(row) for row in rows])
+
+
 def resume(output: Path, settings: dict, renamed: dict[str, str] | None = None) -> dict[int, dict]:
     """Finished prompts of an earlier run of the same settings (prompt_row -> its counts), with the output
     cut back to exactly their lines: lines of a prompt the run was writing when it stopped are dropped.

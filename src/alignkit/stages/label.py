@@ -16,14 +16,13 @@ SQLAlchemy URL.
 from __future__ import annotations
 
 import ipaddress
-import json
-import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 from alignkit.config import ConfigError, doc_field, required
+from alignkit.data.appendlog import write_jsonl
 from alignkit.stages import Stage
 
 
@@ -136,7 +135,7 @@ def export(engine, cfg: LabelConfig) -> dict:
     if output.exists() and not cfg.overwrite:
         raise ConfigError(f"output: {output} already exists; pass overwrite=true to replace it", ("output",))
     rows, counts = export_pairs(engine, cfg.pairs, cfg.agreement)
-    write_pairs(output, rows)
+    write_jsonl(output, rows)
     print(
         f"wrote {counts['pairs']} pairs ({cfg.pairs}, {cfg.agreement}) from {counts['items_with_pairs']} of "
         f"{counts['items']} items to {output}; left out: {counts['items_flagged']} flagged, "
@@ -149,13 +148,6 @@ def export(engine, cfg: LabelConfig) -> dict:
     return {"output": str(output), **counts, "agreement": ag}
 
 
-def write_pairs(output: Path, rows: list[dict]) -> None:
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.with_name(output.name + ".tmp")
-    tmp.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
-    os.replace(tmp, output)
-
-
 def import_labels(cfg: LabelConfig) -> dict:
     from alignkit.labeling.importers import import_pairs
 
@@ -166,7 +158,7 @@ def import_labels(cfg: LabelConfig) -> dict:
         raise ConfigError(f"output: {output} already exists; pass overwrite=true to replace it", ("output",))
     rows, counts = import_pairs(cfg.input, cfg.format, cfg.pairs, cfg.agreement, cfg.prompt_field,
                                 cfg.left_field, cfg.right_field, cfg.question)  # fmt: skip
-    write_pairs(output, rows)
+    write_jsonl(output, rows)
     # Argilla's draft and discarded responses are not labels; saying how many keeps a half-finished project visible.
     unsubmitted = (f", {counts['labels_draft']} draft and {counts['labels_discarded']} discarded responses"
                    if cfg.format == "argilla" else "")  # fmt: skip

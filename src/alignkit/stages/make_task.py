@@ -6,13 +6,12 @@ exact_answer``.
 
 from __future__ import annotations
 
-import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 from alignkit.config import SEED_MAX, ConfigError, doc_field, required
+from alignkit.data.appendlog import write_jsonl
 from alignkit.stages import Stage
 from alignkit.tasks import arithmetic
 
@@ -41,14 +40,6 @@ def held_out_path(cfg: MakeTaskConfig) -> Path:
     return output.with_name(output.name.removesuffix(".jsonl") + ".heldout.jsonl")
 
 
-def write_rows(path: Path, rows: list[dict]) -> None:
-    """``rows`` as JSONL at ``path``, written whole then renamed into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def run(cfg: MakeTaskConfig) -> dict:
     output, held = Path(cfg.output).expanduser(), held_out_path(cfg)
     paths = [output] + ([held] if cfg.held_out else [])
@@ -62,9 +53,9 @@ def run(cfg: MakeTaskConfig) -> dict:
     except ValueError as err:  # more distinct problems asked for than the level holds
         raise ConfigError(f"n + held_out: {err}", ("n", "held_out")) from None
     train, held_out = arithmetic.split(problems, cfg.held_out)
-    write_rows(output, [p.row() for p in train])
+    write_jsonl(output, [p.row() for p in train])
     if cfg.held_out:
-        write_rows(held, [p.row() for p in held_out])
+        write_jsonl(held, [p.row() for p in held_out])
     return {
         "stage": "make-task",
         "task": cfg.task,
