@@ -279,7 +279,7 @@ def test_one_ppo_step_equals_the_losses_by_hand(tiny_model_dir):
     """A hand-made rollout of three responses (lengths 3, 1, 2). By hand: log pi from full logits ->
     log_softmax -> gather at the response positions; V from the last hidden state through the head. Then
     loss = policy_loss + vf_coef * value_loss from alignkit.losses.ppo, with old log-probs and old values set
-    so both clips bind somewhere. With SGD at lr 1 and no grad clipping, ppo_step (two micro-batches of 2 and
+    so both clips bind somewhere. With SGD at lr 1 and no grad clipping, PPO's step (two micro-batches of 2 and
     1 rows) must move every parameter by exactly -d loss / d theta."""
     torch.manual_seed(0)
     policy = load_model(str(tiny_model_dir), "float32")  # compared at fp32 resolution on any CPU
@@ -332,7 +332,7 @@ def test_one_ppo_step_equals_the_losses_by_hand(tiny_model_dir):
     optimizer = torch.optim.SGD(params, lr=1.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     loss_fn = functools.partial(ppo.ppo_loss, cfg, policy, value_model)
-    stats = ppo.ppo_step(cfg, loss_fn, rollout, optimizer, scheduler, params)
+    stats = rollouts.rollout_step(cfg, loss_fn, rollout, (optimizer, scheduler, params), token_weighted=True)
     assert stats["loss"] == pytest.approx(loss.item(), abs=1e-6)
     assert stats["policy_loss"] == pytest.approx(pg.loss.item(), abs=1e-6)
     assert stats["value_loss"] == pytest.approx(vf.loss.item(), abs=1e-6)

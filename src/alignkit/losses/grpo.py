@@ -118,6 +118,13 @@ class GRPOLoss:
     kl: torch.Tensor | None  # (B, R) k3 per token; None when beta = 0
 
 
+def kl_signals(logps: torch.Tensor, ref_logps: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The KL to the reference as logged: kl, nats per response (k1 summed; the KL monitor's), (B, 1);
+    kl/per_token, k1 per token, and kl/k3_per_token, the k3 the loss charges, (B, R)."""
+    k1 = torch.where(mask.bool(), logps - ref_logps, torch.zeros_like(logps))
+    return {"kl": k1.sum(1, keepdim=True), "kl/per_token": k1, "kl/k3_per_token": k3_kl(logps, ref_logps)}
+
+
 def policy_loss(
     logps: torch.Tensor,
     old_logps: torch.Tensor,

@@ -27,13 +27,12 @@ from alignkit.losses.ppo import masked_mean
 from alignkit.models.precision import in_training_precision
 from alignkit.stages import Stage
 from alignkit.training import online_engine as engine
-from alignkit.training.online import accumulated_step
 from alignkit.training.remedies import AdjustableCoef, monitor_actions
 from alignkit.training.rollout import (
     GroupRollout,
-    length_order,
     policy_outputs,
     rollout_inputs,
+    rollout_step,
     sampler_mismatch,
 )
 
@@ -122,13 +121,6 @@ def trains_on_policy_only(cfg: GRPOConfig, n_rows: int) -> bool:
     return cfg.num_iterations == 1 and cfg.minibatch_size >= n_rows and cfg.generation_backend == "hf"
 
 
-def kl_signals(logps: torch.Tensor, ref: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
-    """kl: nats per response (k1 summed), the KL monitor's, (B, 1); kl/per_token: k1 per token and
-    kl/k3_per_token: the k3 the loss charges, (B, R)."""
-    k1 = torch.where(mask.bool(), logps - ref, torch.zeros_like(logps))
-    return {"kl": k1.sum(1, keepdim=True), "kl/per_token": k1, "kl/k3_per_token": losses.k3_kl(logps, ref)}
-
-
 @torch.no_grad()
 def make_rollout(cfg: GRPOConfig, batch: dict, passes: dict, scores: torch.Tensor):
     """3. advantages from the scores; 4. the no-grad passes' log-probs kept as the old (and reference) ones
@@ -143,7 +135,7 @@ def make_rollout(cfg: GRPOConfig, batch: dict, passes: dict, scores: torch.Tenso
     if "logps" in passes:
         stats["entropy"] = masked_mean(passes["entropy"], mask).item()
         if "ref_logps" in passes:
-            signals = kl_signals(logps, ref, mask)
+            signals = losses.kl_signals(logps, ref, mask)
             stats |= {k: (v.mean() if v.shape[1] == 1 else masked_mean(v, mask)).item() for k, v in signals.items()}
     return rollout, stats
 
@@ -156,9 +148,10 @@ def make_rollout(cfg: GRPOConfig, batch: dict, passes: dict, scores: torch.Tenso
 def grpo_loss(cfg: GRPOConfig, policy, mb: GroupRollout, beta: float) -> tuple[torch.Tensor, dict]:
     """The clipped policy loss of ``mb``, normalised by its minibatch's totals, and its metrics as shares of
     the minibatch (so micro-batches' add up): the forward of the module DDP wraps."""
-    batch = {k: getattr(mb, k) for k in ("input_ids", "attention_mask", "loss_mask", "mask")}
     signals = mb.signals_from_update and mb.on_policy
-    logps, entropy = policy_outputs(policy, batch, cfg.logprob_chunk_size, cfg.temperature, with_entropy=signals)
+    logps, entropy = policy_outputs(
+        policy, mb.model_inputs(), cfg.logprob_chunk_size, cfg.temperature, with_entropy=signals
+    )
     old = logps.detach() if mb.on_policy else mb.old_logps  # on policy: ratio exactly 1
     out = losses.policy_loss(
         logps, old, mb.advantages[:, 0], mb.mask, cfg.epsilon_low, cfg.epsilon_high, cfg.importance_sampling,
@@ -176,22 +169,8 @@ def grpo_loss(cfg: GRPOConfig, policy, mb: GroupRollout, beta: float) -> tuple[t
     if signals:  # no no-grad policy pass was made: this on-policy pass's log-probs are the sampler's
         stats["entropy"] = share(entropy)
         if needs_reference(cfg):  # a reference was loaded and its pass made
-            stats |= {k: share(v) for k, v in kl_signals(logps.detach(), mb.ref_logps, mb.mask).items()}
+            stats |= {k: share(v) for k, v in losses.kl_signals(logps.detach(), mb.ref_logps, mb.mask).items()}
     return out.loss, stats | ({"kl/update": share(out.kl.detach())} if out.kl is not None else {})
-
-
-def grpo_step(cfg, loss_fn, rollout: GroupRollout, rows, parts: tuple, on_policy: bool, rank, world):
-    """One optimizer step on the minibatch ``rows`` (``online.accumulated_step``), micro-batches of similar
-    length, each loss already divided by the whole minibatch's responses or tokens (so no further weight)."""
-    minibatch = rollout.rows(rows)
-    totals = {"n_sequences": float(len(rows)), "n_tokens": float(minibatch.mask.sum()), "on_policy": on_policy}
-    minibatch = dataclasses.replace(minibatch, **totals)  # the micro-batches cut from it carry the totals
-
-    def micro_loss(share: list[int]) -> tuple[torch.Tensor, dict]:
-        return loss_fn(minibatch.rows(share))
-
-    order = length_order(minibatch.attention_mask)
-    return accumulated_step(cfg, loss_fn, order, micro_loss, *parts, rank, world)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -236,12 +215,11 @@ def grpo_method(cfg: GRPOConfig, setup: engine.OnlineSetup) -> engine.OnlineMeth
         rollout = batch.data
 
         def step(rows: list[int], j: int) -> dict:
-            return grpo_step(cfg, opt.stepper, rollout, rows, opt.parts, j == 0, rank, world)
+            return rollout_step(cfg, opt.stepper, rollout.minibatch(rows, on_policy=j == 0), opt.parts, rank, world)
 
         return engine.step_means(opt.steps(len(rollout.mask), step))
 
     return engine.OnlineMethod(
-        unit="iteration",
         units=cfg.iterations,
         prompts_per_unit=cfg.prompts_per_iteration,
         trained=policy,
@@ -261,7 +239,6 @@ def grpo_method(cfg: GRPOConfig, setup: engine.OnlineSetup) -> engine.OnlineMeth
         load_state_dict=beta.load_state_dict,
         adjust_kl=beta.adjust if cfg.beta > 0 else None,
         describe={"advantage": cfg.advantage, "loss_aggregation": cfg.loss_aggregation},
-        summarize=lambda units, rows, samples: {"score_change": engine.score_change(samples, units)},
     )
 
 

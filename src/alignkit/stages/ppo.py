@@ -28,15 +28,14 @@ from alignkit.losses import ppo as losses
 from alignkit.models.precision import in_training_precision
 from alignkit.stages import Stage
 from alignkit.training import online_engine as engine
-from alignkit.training.online import accumulated_step
 from alignkit.training.remedies import AdjustableCoef, monitor_actions, raise_kl_coef
 from alignkit.training.rollout import (
     Rollout,
     critic_for,
-    length_order,
     policy_outputs,
     response_values,
     rollout_inputs,
+    rollout_step,
 )
 
 
@@ -152,16 +151,14 @@ def make_rollout(cfg: PPOConfig, batch: dict, passes: dict, scores, finished, be
     adv = losses.gae(rewards, values, mask, cfg.gamma, cfg.lam)
     sequences = (batch["input_ids"], batch["attention_mask"], batch["loss_mask"])
     rollout = Rollout(*sequences, mask, logps, values, losses.whiten(adv.advantages, mask), adv.returns)
-    per_response_kl = shaped.kl.sum(1)  # (B,) nats, the quantity the KL controller steers
-    stats = {
-        "kl": per_response_kl.mean().item(),
-        "kl/per_token": losses.masked_mean(shaped.kl, mask).item(),
-        "rlhf_reward/mean": shaped.rewards.sum(1).mean().item(),
-        "entropy": losses.masked_mean(entropy, mask).item(),
-        "explained_variance": losses.explained_variance(values, adv.returns, mask).item(),
-        "value/mean": losses.masked_mean(values, mask).item(),
-        "returns/mean": losses.masked_mean(adv.returns, mask).item(),
-    }
+    def mean(x: torch.Tensor) -> float:  # over the batch's response tokens
+        return losses.masked_mean(x, mask).item()
+
+    # kl: nats per response, the quantity the KL controller steers
+    stats = {"kl": shaped.kl.sum(1).mean().item(), "kl/per_token": mean(shaped.kl), "entropy": mean(entropy)}
+    stats |= {"rlhf_reward/mean": shaped.rewards.sum(1).mean().item(), "value/mean": mean(values)}
+    stats |= {"returns/mean": mean(adv.returns)}
+    stats["explained_variance"] = losses.explained_variance(values, adv.returns, mask).item()
     return rollout, stats
 
 
@@ -169,57 +166,24 @@ def make_rollout(cfg: PPOConfig, batch: dict, passes: dict, scores, finished, be
 # The PPO update
 
 
-def ppo_loss(
-    cfg: PPOConfig, policy, value_model, mb: Rollout
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Clipped surrogate + vf_coef * clipped value loss - ent_coef * entropy, each a token mean over ``mb``."""
-    batch = {k: getattr(mb, k) for k in ("input_ids", "attention_mask", "loss_mask", "mask")}
-    logps, entropy = policy_outputs(
-        policy, batch, cfg.logprob_chunk_size, cfg.temperature, with_entropy=cfg.ent_coef > 0
-    )
+@in_training_precision
+def ppo_loss(cfg: PPOConfig, policy, value_model, mb: Rollout) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Clipped surrogate + vf_coef * clipped value loss - ent_coef * entropy, each a token mean over ``mb``: the
+    forward of the module DDP wraps, its steps ``rollout_step``s weighted by tokens."""
+    batch = mb.model_inputs()
+    logps, entropy = policy_outputs(policy, batch, cfg.logprob_chunk_size, cfg.temperature, cfg.ent_coef > 0)
     values = response_values(value_model, batch)
     pg = losses.policy_loss(logps, mb.logps, mb.advantages, mb.mask, cfg.clip_eps)
     vf = losses.value_loss(values, mb.values, mb.returns, mb.mask, cfg.value_clip_eps)
     loss = pg.loss + cfg.vf_coef * vf.loss
-    stats = {
-        "policy_loss": pg.loss.detach(),
-        "value_loss": vf.loss.detach(),
-        "clip_frac": pg.clip_frac,
-        "approx_kl": pg.approx_kl,
-        "value_clip_frac": vf.clip_frac,
-    }
+    stats = {"policy_loss": pg.loss.detach(), "value_loss": vf.loss.detach(), "clip_frac": pg.clip_frac}
+    stats |= {"approx_kl": pg.approx_kl, "value_clip_frac": vf.clip_frac}
     if entropy is not None:
         mean_entropy = losses.masked_mean(entropy, mb.mask)
         loss = loss - cfg.ent_coef * mean_entropy
         stats["update_entropy"] = mean_entropy.detach()
     stats["loss"] = loss.detach()
     return loss, stats
-
-
-@in_training_precision
-def _ppo_loss_of(cfg: PPOConfig, trained: torch.nn.ModuleDict, mb: Rollout):
-    """``ppo_loss`` on the {"policy", "value"} modules ``trained`` (the forward of the module DDP wraps)."""
-    return ppo_loss(cfg, trained["policy"], trained["value"], mb)
-
-
-def ppo_step(
-    cfg: PPOConfig, loss_fn, minibatch: Rollout, optimizer, scheduler, params, rank: int = 0, world: int = 1
-) -> dict:
-    """One optimizer step on a minibatch (``online.accumulated_step``). ``loss_fn(micro) -> (loss, stats)`` is
-    ``ppo_loss`` on the policy and value model (in several processes, wrapped in DDP). Each loss is a token mean,
-    weighted by the micro-batch's share of the minibatch's response tokens (every rank holds the whole rollout,
-    so it counts them itself): the accumulated gradient is that of one pass over the minibatch."""
-    n_tokens = minibatch.mask.sum()
-
-    def micro_loss(share: list[int]) -> tuple[torch.Tensor, dict]:
-        micro = minibatch.rows(share)
-        weight = micro.mask.sum() / n_tokens
-        loss, stats = loss_fn(micro)
-        return loss * weight, {key: value * weight for key, value in stats.items()}
-
-    # Rows of similar length share a micro-batch, so each is cut to little padding (Rollout.rows).
-    order = length_order(minibatch.attention_mask)
-    return accumulated_step(cfg, loss_fn, order, micro_loss, optimizer, scheduler, params, rank, world)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -250,9 +214,11 @@ def ppo_method(cfg: PPOConfig, setup: engine.OnlineSetup) -> engine.OnlineMethod
         # 5. ppo_epochs passes of minibatch updates over the samples; each process trains on its share of every
         #    minibatch.
         rollout, n = batch.data, len(batch.data.mask)
-        step_stats = opt.steps(
-            n, lambda rows, j: ppo_step(cfg, opt.stepper, rollout.rows(rows), *opt.parts, rank, world)
-        )
+
+        def step(rows: list[int], j: int) -> dict:
+            return rollout_step(cfg, opt.stepper, rollout.rows(rows), opt.parts, rank, world, token_weighted=True)
+
+        step_stats = opt.steps(n, step)
         # 6. Adapt beta toward the KL target from this batch's KL (Ziegler et al. 2019), or keep it.
         kl_controller.update(batch.stats["kl"], n_steps=n)
         return engine.step_means(step_stats)
@@ -262,14 +228,13 @@ def ppo_method(cfg: PPOConfig, setup: engine.OnlineSetup) -> engine.OnlineMethod
         ent_coef.load_state_dict(state)
 
     return engine.OnlineMethod(
-        unit="iteration",
         units=cfg.iterations,
         prompts_per_unit=cfg.prompts_per_iteration,
         trained=critic.trained,
         epochs=cfg.ppo_epochs,
         minibatch_size=cfg.minibatch_size,
         make_batch=make_batch,
-        loss=functools.partial(_ppo_loss_of, objective),
+        loss=lambda trained, mb: ppo_loss(objective, trained["policy"], trained["value"], mb),
         update=update,
         monitors=default_monitors(
             "ppo", kl_target=cfg.kl_target, gold=cfg.gold_reward is not None, actions=monitor_actions(cfg)
@@ -282,7 +247,6 @@ def ppo_method(cfg: PPOConfig, setup: engine.OnlineSetup) -> engine.OnlineMethod
         adjust_kl=functools.partial(raise_kl_coef, kl_controller),
         adjust_entropy=lambda: ent_coef.set(objective.ent_coef + cfg.ent_adjust_step),
         describe=critic.describe,
-        summarize=lambda units, rows, samples: {"score_change": engine.score_change(samples, units)},
     )
 
 

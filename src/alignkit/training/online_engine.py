@@ -191,7 +191,6 @@ class Optimization:
 class OnlineMethod:
     """An online method as the engine runs it: its unit, its models and its steps 3-5 of a unit."""
 
-    unit: str  # what one pass of the loop is called: "iteration", "round" (messages, checkpoint state)
     units: int  # how many the run makes
     prompts_per_unit: int
     trained: torch.nn.Module  # what the optimizer trains and a checkpoint holds
@@ -202,6 +201,7 @@ class OnlineMethod:
     loss: Callable[[torch.nn.Module, Any], tuple]
     update: Callable[[Batch, Optimization], dict]  # step 5: the optimizer steps; returns the metrics to log
     monitors: MonitorSet  # the stage's default failure monitors
+    unit: str = "iteration"  # what one pass of the loop is called: "iteration", "round" (messages, checkpoint)
     samples_per_prompt: int = 1
     top_p: float = 1.0
     # Rows of a unit's batch the minibatches cut (the schedule's steps per unit); None: prompts_per_unit (GRPO:
@@ -223,8 +223,11 @@ class OnlineMethod:
     # None: the method has none (check_config refuses the action for a config without ent_coef).
     adjust_entropy: Callable[[], dict[str, float]] | None = None
     describe: dict = field(default_factory=dict)  # fixed lines of the summary
-    # More lines of the summary from (units made, logged rows, samples.jsonl; None outside the main process).
-    summarize: Callable[[int, list[dict], Path | None], dict] = lambda units, rows, samples: {}
+    # More lines of the summary from (units made, logged rows, samples.jsonl; None outside the main process);
+    # by default whether the score rose over the run (``score_change``).
+    summarize: Callable[[int, list[dict], Path | None], dict] = lambda units, rows, samples: {
+        "score_change": score_change(samples, units)
+    }
 
 
 @dataclass(frozen=True)

@@ -33,6 +33,7 @@ from alignkit.models.value import (
     remove_value_adapter,
 )
 from alignkit.training import distributed
+from alignkit.training.online import accumulated_step
 from alignkit.training.reference import Reference
 
 
@@ -51,6 +52,10 @@ class SampleRows:
         tensors = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         rows = {name: value[index] for name, value in tensors.items() if torch.is_tensor(value)}
         return dataclasses.replace(self, **trim_padding(rows), **extra)
+
+    def model_inputs(self) -> dict[str, torch.Tensor]:
+        """The sequences and the response mask, as ``policy_outputs`` and ``response_values`` read them."""
+        return {k: getattr(self, k) for k in ("input_ids", "attention_mask", "loss_mask", "mask")}
 
 
 @dataclass
@@ -76,12 +81,41 @@ class GroupRollout(SampleRows):
     # No no-grad policy pass was made (GRPO's ``trains_on_policy_only``): the on-policy step logs entropy and KL.
     signals_from_update: bool = False
 
+    def minibatch(self, index: list[int], on_policy: bool) -> GroupRollout:
+        """The rows ``index`` as one optimizer step's minibatch: the micro-batches cut from it carry its totals,
+        the loss's normalisers."""
+        rows = self.rows(index)
+        totals = {"n_sequences": float(len(index)), "n_tokens": float(rows.mask.sum()), "on_policy": on_policy}
+        return dataclasses.replace(rows, **totals)
+
 
 def length_order(attention_mask: torch.Tensor) -> list[int]:
     """Row indices from the shortest sequence to the longest (a stable sort): micro-batches cut in this order
     hold rows of similar length, so each is cut to little padding (``trim_padding``)."""
     lengths = attention_mask.sum(1).tolist()
     return sorted(range(len(lengths)), key=lambda i: lengths[i])
+
+
+def rollout_step(
+    cfg, loss_fn, minibatch: SampleRows, parts: tuple, rank: int = 0, world: int = 1, token_weighted: bool = False
+) -> dict:
+    """One optimizer step on ``minibatch`` (``online.accumulated_step``; ``parts`` = (optimizer, scheduler,
+    params)), its micro-batches cut from rows of similar length, so each is cut to little padding.
+    ``loss_fn(micro) -> (loss, metrics)`` is the method's loss (in several processes, wrapped in DDP).
+    token_weighted (PPO): the loss is a token mean over its micro-batch, and loss and metrics are weighted by the
+    micro-batch's share of the minibatch's response tokens (every rank holds the whole rollout, so it counts them
+    itself), so the accumulated gradient is that of one pass over the minibatch. Otherwise (GRPO) the loss is
+    already divided by the minibatch's totals, and no further weight applies."""
+    n_tokens = minibatch.mask.sum()
+
+    def micro_loss(share: list[int]) -> tuple[torch.Tensor, dict]:
+        micro = minibatch.rows(share)
+        loss, stats = loss_fn(micro)
+        weight = micro.mask.sum() / n_tokens if token_weighted else 1.0
+        return loss * weight, {key: value * weight for key, value in stats.items()}
+
+    order = length_order(minibatch.attention_mask)
+    return accumulated_step(cfg, loss_fn, order, micro_loss, *parts, rank, world)
 
 
 def trim_padding(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
