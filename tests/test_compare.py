@@ -51,6 +51,7 @@ def test_quick_compare_two_methods_two_seeds_then_resume(tiny_model_dir, tmp_pat
     page = (out / "compare.html").read_text()
     assert "data:image/svg+xml;base64," in page and "<th>gold win rate [95% CI]</th>" in page
     assert (out / "compare.md").read_text().startswith("| method | models |")
+    assert json.loads((out / ".alignkit-run.json").read_text())["stage"] == "compare"  # its own: resumable
 
     # Rerun: everything is finished, so nothing trains or evaluates again and the table is the same.
     mtimes = {p: p.stat().st_mtime_ns for p in out.glob("*/eval.json")}
@@ -159,3 +160,19 @@ def test_frontier_with_every_kl_zero_centres_the_points_on_both_axes():
 
     coords = _point_coordinates(frontier_svg({"sft": [(0.0, 2.0), (0.0, 2.0)], "base": [(0.0, 2.0)]}))
     assert coords == [(286.0, 196.0)] * 3
+
+
+def test_an_existing_folder_alignkit_did_not_make_is_refused_and_left_untouched(tiny_model_dir, tmp_path, capsys):
+    """compare writes only into a new or empty folder, or one a compare made (resumed): a folder of the user's
+    is refused, naming what it holds, before anything is written into it."""
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps(p) + "\n" for p in PAIRS), encoding="utf-8")
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("my notes\n", encoding="utf-8")
+    settings = [f"model={tiny_model_dir}", f"pairs={pairs}", "gold=_ppo_rewards:length", "methods=[dpo]"]
+    assert main(["compare", *settings, f"output_dir={out}", "quick=true"]) == 2
+    err = capsys.readouterr().err
+    assert f"{out} is not empty and is not an alignkit compare run folder" in err and "notes.txt" in err
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+    assert (out / "notes.txt").read_text(encoding="utf-8") == "my notes\n"

@@ -367,7 +367,7 @@ TABLE_NOTES = (
 
 def run(cfg: CompareConfig) -> dict:
     from alignkit.models.loading import resolve_model
-    from alignkit.training.run import RunFolderLock
+    from alignkit.training.run import claim_folder, read_marker, write_marker
 
     started = time.time()
     check_data(cfg)
@@ -375,9 +375,12 @@ def run(cfg: CompareConfig) -> dict:
         cfg = quick_settings(cfg)
     model = resolve_model(cfg.model)
     root = Path(cfg.output_dir)
-    root.mkdir(parents=True, exist_ok=True)
-    lock = RunFolderLock.acquire(root)  # two compares in one folder would train the same runs twice
+    # New, empty, or a compare's own folder (resumed); locked: two compares in one folder would train the same
+    # runs twice.
+    lock = claim_folder(root, "compare", CompareConfig.__name__)
     try:
+        if read_marker(root) is None:
+            write_marker(root, "compare", CompareConfig.__name__)
         save_config(cfg, str(root / "config.yaml"))
         return _run(cfg, root, model, started)
     finally:

@@ -169,7 +169,7 @@ def open_folder(root: Path, fresh: bool) -> RunFolderLock:
     # Imported here, as the stages are: `alignkit quickstart --help` does not load torch.
     from alignkit.training.run import (
         MARKER_NAME,
-        RunFolderLock,
+        claim_folder,
         folder_entries,
         folder_problem,
         read_marker,
@@ -177,21 +177,16 @@ def open_folder(root: Path, fresh: bool) -> RunFolderLock:
         write_marker,
     )
 
-    problem = folder_problem(root, "quickstart", QuickstartConfig.__name__)
     marker = read_marker(root) if root.is_dir() else None
-    if fresh and problem is None and marker is None and root.is_dir() and folder_entries(root):
-        problem = (
+    unmarked = fresh and marker is None and root.is_dir() and folder_entries(root)
+    if unmarked and folder_problem(root, "quickstart", QuickstartConfig.__name__) is None:
+        raise ConfigError(
             f"fresh=true removes only a folder alignkit quickstart made (marked by its {MARKER_NAME}), and "
             f"{root} has no marker; it holds {show_entries(folder_entries(root))}. Nothing was removed; "
             "remove it yourself or choose another output_dir"
         )
-    if problem is not None:
-        raise ConfigError(problem)
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise ConfigError(f"output_dir: cannot make the folder {root}: {e.strerror or e}") from None
-    lock = RunFolderLock.acquire(root)  # a live quickstart in this folder is never emptied under it
+    # Locked: a live quickstart in this folder is never emptied under it.
+    lock = claim_folder(root, "quickstart", QuickstartConfig.__name__)
     try:
         entries = folder_entries(root)
         if fresh and entries:

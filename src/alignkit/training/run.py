@@ -393,13 +393,10 @@ def resume_changes(saved: dict, current: dict) -> tuple[dict, dict]:
     return honoured, refused
 
 
-def _open_run_folder(
-    template: str, stage: str, resume_from: str | None, cfg: Any
-) -> tuple[Path, RunFolderLock]:
-    """The main process's part of ``RunDir.create``: check everything, then make, lock and write."""
-    config_class = type(cfg).__name__ if cfg is not None else None
-    named = _named_checkpoint(resume_from)
-    path = _run_path(template, stage, resume_from, named)
+def claim_folder(path: Path, stage: str, config_class: str | None) -> RunFolderLock:
+    """Check that ``path`` may be ``stage``'s folder (``folder_problem``: new, empty, or one alignkit made for
+    ``stage``), make it and lock it; returns the lock, held for the run. A folder alignkit did not make is
+    refused with a ConfigError that names what it holds, and nothing is written in it."""
     problem = folder_problem(path, stage, config_class)
     if problem:
         raise ConfigError(problem)
@@ -407,7 +404,17 @@ def _open_run_folder(
         path.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise ConfigError(f"output_dir: cannot make the folder {path}: {e.strerror or e}") from None
-    lock = RunFolderLock.acquire(path)
+    return RunFolderLock.acquire(path)
+
+
+def _open_run_folder(
+    template: str, stage: str, resume_from: str | None, cfg: Any
+) -> tuple[Path, RunFolderLock]:
+    """The main process's part of ``RunDir.create``: check everything, then make, lock and write."""
+    config_class = type(cfg).__name__ if cfg is not None else None
+    named = _named_checkpoint(resume_from)
+    path = _run_path(template, stage, resume_from, named)
+    lock = claim_folder(path, stage, config_class)
     try:
         # Under the lock: what another run may have written up to the moment it ended.
         checkpoint = named if resume_from != "latest" else latest_checkpoint(path / "checkpoints")
