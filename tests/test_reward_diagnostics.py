@@ -47,7 +47,7 @@ def test_calibration_bins_and_ece_by_hand():
     assert [b.n for b in bins] == [1, 0, 2, 0, 1]
     assert bins[2].confidence == pytest.approx(0.75) and bins[2].accuracy == pytest.approx(0.5)
     assert bins[4].confidence == pytest.approx(0.9) and bins[4].accuracy == 1.0
-    assert math.isnan(bins[1].confidence)
+    assert bins[1].confidence is None and bins[1].accuracy is None  # empty: null in summary.json, not NaN
     assert ece == pytest.approx(0.15)
 
 

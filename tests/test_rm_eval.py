@@ -63,7 +63,7 @@ def test_rm_eval_one_table_per_file_with_the_numbers_of_direct_scoring(
          f"base_model={tiny_model_dir}", "dtype=float32", "progress=false"]
     )
     assert code == 0
-    report = json.loads((out / "rm_eval.json").read_text())
+    report = json.loads((out / "rm_eval.json").read_text(), parse_constant=pytest.fail)  # strict JSON
     assert list(report["files"]) == [a, b] and report["base_model"] == str(tiny_model_dir)
     rm = load_reward_model(hf_reward_dir, dtype="float32")
     for source, rows in ((a, PAIRS_A), (b, PAIRS_B)):
@@ -90,21 +90,32 @@ def test_rm_eval_without_a_recorded_base_model_has_no_log_prob_baseline(hf_rewar
                      "dtype=float32", "progress=false"]) == 0
     found = json.loads((tmp_path / "o" / "rm_eval.json").read_text())["files"][a]
     assert set(found["baselines"]) == {"prefer_shorter", "prefer_longer"}
+    # Its own folder (marked rm-eval) takes a rerun, which replaces the files.
+    assert cli.main(["rm-eval", f"reward={hf_reward_dir}", f"data={a}", f"output_dir={tmp_path / 'o'}",
+                     "dtype=float32", "progress=false", "logprob_baseline=false"]) == 0
+    assert json.loads((tmp_path / "o" / "rm_eval.json").read_text())["files"][a] == found
 
 
 def test_rm_eval_user_errors_are_one_line(hf_reward_dir, tiny_model_dir, tmp_path, capsys):
     a = _write(tmp_path / "a.jsonl", PAIRS_A)
+    out = tmp_path / "o"
     # A causal LM is not a reward model.
-    assert cli.main(["rm-eval", f"reward={tiny_model_dir}", f"data={a}", f"output_dir={tmp_path}"]) == 2
+    assert cli.main(["rm-eval", f"reward={tiny_model_dir}", f"data={a}", f"output_dir={out}"]) == 2
     assert "is not a reward model" in capsys.readouterr().err
     # A base model that is a reward model cannot give log-probs.
-    args = ["rm-eval", f"reward={hf_reward_dir}", f"data={a}", f"output_dir={tmp_path}"]
+    args = ["rm-eval", f"reward={hf_reward_dir}", f"data={a}", f"output_dir={out}"]
     assert cli.main([*args, f"base_model={hf_reward_dir}"]) == 2
     assert "is not a causal LM" in capsys.readouterr().err
     # A file with no usable pair.
     empty = _write(tmp_path / "bad.jsonl", [{"prompt": "x", "chosen": "", "rejected": "y"}])
-    assert cli.main([*args[:2], f"data={empty}", f"output_dir={tmp_path}"]) == 2
+    assert cli.main([*args[:2], f"data={empty}", f"output_dir={out}"]) == 2
     assert "error:" in capsys.readouterr().err
+    assert not out.exists()
+    # A folder alignkit did not make (here the one holding the data) is refused before any work, untouched.
+    before = sorted(p.name for p in tmp_path.iterdir())
+    assert cli.main([*args[:3], f"output_dir={tmp_path}"]) == 2
+    assert "is not empty and is not an alignkit rm-eval run folder" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
 
 
 def test_score_of_pairs_reports_the_same_diagnostics(hf_reward_dir, tiny_model_dir, tmp_path):

@@ -426,3 +426,17 @@ def test_an_older_runs_config_yaml_with_old_names_resumes_and_compares_under_the
     more = load_config(PPOConfig, saved, ["resume_from=latest", "train_max_rows=5"])
     with pytest.raises(ConfigError, match="train_max_rows: 4 -> 5"):
         RunDir.create(str(out), "ppo", "latest", cfg=more)
+
+
+def test_summary_json_is_strict_json_at_any_depth(tmp_path):
+    """NaN and infinities are written as strings wherever they sit (an rm run's diagnostics nest them), so a
+    strict JSON reader (jq, JavaScript) can read summary.json."""
+    with RunDir.create(str(tmp_path / "run"), "toy", None) as run:
+        run.write_summary({"loss": float("nan"), "diagnostics": {"bins": [{"n": 0, "acc": float("inf")}]}})
+        text = run.summary_path.read_text()
+
+    def refuse(constant: str):
+        raise AssertionError(f"{constant} in summary.json")
+
+    summary = json.loads(text, parse_constant=refuse)
+    assert summary["loss"] == "nan" and summary["diagnostics"] == {"bins": [{"n": 0, "acc": "inf"}]}

@@ -10,7 +10,6 @@ win rate; every interval is a 95% percentile bootstrap over pairs (``metrics.mea
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
@@ -88,8 +87,9 @@ class CalibrationBin:
     low: float  # confidence range [low, high)
     high: float
     n: int
-    confidence: float  # mean max(p, 1 - p), p = sigmoid(r_c - r_r); NaN when empty
-    accuracy: float  # share of its pairs where the model prefers chosen (ties half); NaN when empty
+    # None when the bin is empty (null in summary.json: NaN is not JSON)
+    confidence: float | None  # mean max(p, 1 - p), p = sigmoid(r_c - r_r)
+    accuracy: float | None  # share of its pairs where the model prefers chosen (ties half)
 
 
 def calibration(
@@ -111,8 +111,8 @@ def calibration(
     for b in range(n_bins):
         sel = index == b
         n = int(sel.sum())
-        conf = float(confidence[sel].mean()) if n else math.nan
-        acc = float(correct[sel].mean()) if n else math.nan
+        conf = float(confidence[sel].mean()) if n else None
+        acc = float(correct[sel].mean()) if n else None
         if n:
             ece += n / gap.size * abs(acc - conf)
         bins.append(CalibrationBin(float(edges[b]), float(edges[b + 1]), n, conf, acc))

@@ -32,6 +32,7 @@ from alignkit.models.loading import load_tokenizer, pick_device
 from alignkit.models.reward import load_reward_model
 from alignkit.stages import Stage
 from alignkit.training.distributed import start_one_process
+from alignkit.training.run import claim_folder, folder_problem, json_safe, read_marker, write_marker
 
 
 @dataclass
@@ -46,7 +47,9 @@ class RMEvalConfig(RuntimeConfig):
         "Preference file(s), each evaluated on its own: .jsonl/.json/.parquet/.csv, a saved dataset dir or a "
         "hub id; several as data=[a.jsonl,b.jsonl]."
     )
-    output_dir: str = required("Folder for rm_eval.json and rm_eval.md (created if missing).")
+    output_dir: str = required(
+        "Folder for rm_eval.json and rm_eval.md: new, empty, or an earlier rm-eval's (its files are replaced)."
+    )
     data_split: str | None = doc_field(None, "Split name when a data entry is a hub id or a DatasetDict.")
     data_rows: tuple[int, int] | None = doc_field(
         None, "Use only rows start <= row < stop of each file, written [start, stop] (0-based).", ge=0
@@ -86,6 +89,10 @@ def run(cfg: RMEvalConfig) -> dict:
     start_one_process("rm-eval", cfg.num_threads)
     started = time.time()
     data = [cfg.data] if isinstance(cfg.data, str) else list(cfg.data)
+    out = Path(cfg.output_dir)
+    problem = folder_problem(out, "rm-eval", RMEvalConfig.__name__)  # before the work, not after it
+    if problem:
+        raise ConfigError(problem)
 
     # 1. The reward model, with the lengths it was trained with unless overridden.
     reward_model = load_reward_model(cfg.reward, cfg.dtype, pick_device(), cfg.trust_remote_code)
@@ -153,15 +160,19 @@ def run(cfg: RMEvalConfig) -> dict:
         print(tables[-1], file=sys.stderr)
 
     # 3. One JSON and one markdown file with every table.
-    out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
     notes = (
         f"Lengths are reply tokens of the reward model's tokenizer; length-matched: |len_c - len_r| <= "
         f"{LENGTH_MATCH_TOLERANCE:g} * the longer; ties count half; intervals are 95% bootstrap over pairs."
     )
     report = {"reward_model": cfg.reward, "base_model": base_model, "notes": notes, "files": results}
-    (out / "rm_eval.json").write_text(json.dumps(report, indent=2) + "\n")
-    (out / "rm_eval.md").write_text("\n".join(markdown) + f"\n{notes}\n")
+    lock = claim_folder(out, "rm-eval", RMEvalConfig.__name__)  # new, empty, or an rm-eval's own
+    try:
+        if read_marker(out) is None:
+            write_marker(out, "rm-eval", RMEvalConfig.__name__)
+        (out / "rm_eval.json").write_text(json.dumps(json_safe(report), indent=2) + "\n")
+        (out / "rm_eval.md").write_text("\n".join(markdown) + f"\n{notes}\n")
+    finally:
+        lock.release()
     return {
         "stage": "rm-eval",
         "reward_model": cfg.reward,

@@ -180,8 +180,8 @@ class RunDir:
             return
         numbers = {
             k: v for k, v in row.items() if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)
-        }  # before _json_safe: a tracker takes nan and inf as numbers
-        row = {k: _json_safe(v) for k, v in row.items()}
+        }  # before json_safe: a tracker takes nan and inf as numbers
+        row = {k: json_safe(v) for k, v in row.items()}
         with open(self.metrics_path, "a", encoding="utf-8") as f:
             f.write(json.dumps(row) + "\n")
             f.flush()
@@ -215,7 +215,7 @@ class RunDir:
     def _replace_summary(self, summary: dict, resumes: list[dict]) -> None:
         summary = {**summary, "resumes": resumes} if resumes else summary
         tmp = self.summary_path.with_name(f"{self.summary_path.name}.tmp-{os.getpid()}")
-        tmp.write_text(json.dumps({k: _json_safe(v) for k, v in summary.items()}, indent=2) + "\n")
+        tmp.write_text(json.dumps({k: json_safe(v) for k, v in summary.items()}, indent=2) + "\n")
         os.replace(tmp, self.summary_path)
 
     def truncate_metrics_after(self, step: int) -> None:
@@ -579,8 +579,13 @@ def model_state_bytes(modules: list, optimizer) -> int:
     return sum(storages.values()) + grads + moments
 
 
-def _json_safe(value: Any) -> Any:
-    # Strict JSON has no NaN/Infinity; write them as strings so jq and friends can still read the file.
+def json_safe(value: Any) -> Any:
+    # Strict JSON has no NaN/Infinity; write them as strings so jq and friends can still read the file, at any
+    # depth (a summary's diagnostics nest them).
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
     return value
