@@ -99,12 +99,30 @@ def test_help_into_a_pipe_closed_early_is_no_traceback():
     assert "Traceback" not in stderr and "BrokenPipeError" not in stderr, stderr
 
 
-def test_console_script_points_at_main():
+def test_console_script_points_at_console():
     # tomllib is 3.11+ and the project supports 3.10: look for the line itself.
     scripts = (REPO / "pyproject.toml").read_text().split("[project.scripts]\n")[1].split("\n[")[0]
-    assert 'alignkit = "alignkit.cli:main"' in scripts.splitlines()
+    assert 'alignkit = "alignkit.cli:console"' in scripts.splitlines()
     (script,) = entry_points(group="console_scripts", name="alignkit")
-    assert script.load() is cli.main
+    assert script.load() is cli.console
+
+
+@pytest.mark.parametrize(("world", "code", "exits_hard"), [("2", 0, True), ("2", 2, False), ("1", 0, False)])
+def test_console_ends_a_finished_rank_of_a_multi_process_launch_with_os_exit(monkeypatch, world, code, exits_hard):
+    """A rank whose multi-process run finished leaves through os._exit (interpreter shutdown is where Gloo's
+    threads can abort it); a failed run and a one-process run exit as usual, with main()'s code."""
+    class HardExit(BaseException):  # what the patched os._exit raises: nothing after it runs, as in the real one
+        pass
+
+    def hard_exit(status: int):
+        raise HardExit(status)
+
+    monkeypatch.setenv("WORLD_SIZE", world)
+    monkeypatch.setattr(cli, "main", lambda: code)
+    monkeypatch.setattr(cli.os, "_exit", hard_exit)
+    with pytest.raises(HardExit if exits_hard else SystemExit) as exited:
+        cli.console()
+    assert exited.value.args == (0,) if exits_hard else exited.value.code == code
 
 
 def test_stage_help_lists_every_field_with_default_and_doc(fake, capsys):

@@ -291,7 +291,9 @@ def test_one_ppo_step_equals_the_losses_by_hand(tiny_model_dir):
         Generation([1, 10, 14], [23, 24], "", False),
     ]
     batch = rollouts.collate_samples(gens, pad_id=0, device=torch.device("cpu"))
-    cfg = ppo.PPOConfig(reward="_ppo_rewards:length", vf_coef=0.5, micro_batch_size=2, max_grad_norm=None)
+    cfg = ppo.PPOConfig(
+        reward="_ppo_rewards:length", vf_coef=0.5, micro_batch_size=2, max_grad_norm=None, dtype="float32"
+    )  # float32: ppo_loss runs under the run's precision, which dtype=auto makes bf16 on an AMX CPU
     starts, lengths = [4, 2, 3], [3, 1, 2]
     mask = torch.tensor([[1, 1, 1], [1, 0, 0], [1, 1, 0]])
 

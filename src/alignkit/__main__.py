@@ -5,9 +5,7 @@ Guarded by ``__name__`` so importing this module (as the import test does) runs 
 
 from __future__ import annotations
 
-import sys
-
-from alignkit.cli import main
+from alignkit.cli import console
 
 if __name__ == "__main__":
-    sys.exit(main())
+    console()

@@ -47,6 +47,22 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
+def console() -> None:
+    """The `alignkit` console script and `python -m alignkit`: ``main()``, then exit with its code.
+
+    A process of a multi-process launch (torchrun sets WORLD_SIZE) whose run finished ends with ``os._exit``
+    once its output is flushed and its process group destroyed: everything it writes is closed by then, and
+    interpreter shutdown is where Gloo's C++ threads can still be joinable and abort a successful rank
+    ("terminate called without an active exception", SIGABRT; seen on a loaded 2-core machine even after
+    ``close_process_group``). A failed run exits normally, with its traceback or error line."""
+    code = main()
+    if code == 0 and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
+    sys.exit(code)
+
+
 def _main(argv: list[str] | None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     debug = DEBUG_FLAG in args or os.environ.get("ALIGNKIT_DEBUG", "").strip().lower() in ("1", "true", "yes")
