@@ -367,7 +367,7 @@ TABLE_NOTES = (
 
 def run(cfg: CompareConfig) -> dict:
     from alignkit.models.loading import resolve_model
-    from alignkit.training.run import claim_folder, read_marker, write_marker
+    from alignkit.training.run import claim_folder, mark_folder
 
     started = time.time()
     check_data(cfg)
@@ -379,8 +379,7 @@ def run(cfg: CompareConfig) -> dict:
     # runs twice.
     lock = claim_folder(root, "compare", CompareConfig.__name__)
     try:
-        if read_marker(root) is None:
-            write_marker(root, "compare", CompareConfig.__name__)
+        mark_folder(root, "compare", CompareConfig.__name__)
         save_config(cfg, str(root / "config.yaml"))
         return _run(cfg, root, model, started)
     finally:

@@ -172,9 +172,9 @@ def open_folder(root: Path, fresh: bool) -> RunFolderLock:
         claim_folder,
         folder_entries,
         folder_problem,
+        mark_folder,
         read_marker,
         show_entries,
-        write_marker,
     )
 
     marker = read_marker(root) if root.is_dir() else None
@@ -198,8 +198,7 @@ def open_folder(root: Path, fresh: bool) -> RunFolderLock:
                     shutil.rmtree(path)
                 else:
                     path.unlink()
-        if read_marker(root) is None:
-            write_marker(root, "quickstart", QuickstartConfig.__name__)
+        mark_folder(root, "quickstart", QuickstartConfig.__name__)
     except OSError as e:
         lock.release()
         raise ConfigError(f"output_dir: cannot write in {root}: {e.strerror or e}") from None

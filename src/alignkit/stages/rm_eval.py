@@ -32,7 +32,7 @@ from alignkit.models.loading import load_tokenizer, pick_device
 from alignkit.models.reward import load_reward_model
 from alignkit.stages import Stage
 from alignkit.training.distributed import start_one_process
-from alignkit.training.run import claim_folder, folder_problem, json_safe, read_marker, write_marker
+from alignkit.training.run import claim_folder, folder_problem, json_safe, mark_folder
 
 
 @dataclass
@@ -167,8 +167,7 @@ def run(cfg: RMEvalConfig) -> dict:
     report = {"reward_model": cfg.reward, "base_model": base_model, "notes": notes, "files": results}
     lock = claim_folder(out, "rm-eval", RMEvalConfig.__name__)  # new, empty, or an rm-eval's own
     try:
-        if read_marker(out) is None:
-            write_marker(out, "rm-eval", RMEvalConfig.__name__)
+        mark_folder(out, "rm-eval", RMEvalConfig.__name__)
         (out / "rm_eval.json").write_text(json.dumps(json_safe(report), indent=2) + "\n")
         (out / "rm_eval.md").write_text("\n".join(markdown) + f"\n{notes}\n")
     finally:

@@ -181,7 +181,7 @@ class RunDir:
         numbers = {
             k: v for k, v in row.items() if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)
         }  # before json_safe: a tracker takes nan and inf as numbers
-        row = {k: json_safe(v) for k, v in row.items()}
+        row = json_safe(row)
         with open(self.metrics_path, "a", encoding="utf-8") as f:
             f.write(json.dumps(row) + "\n")
             f.flush()
@@ -215,7 +215,7 @@ class RunDir:
     def _replace_summary(self, summary: dict, resumes: list[dict]) -> None:
         summary = {**summary, "resumes": resumes} if resumes else summary
         tmp = self.summary_path.with_name(f"{self.summary_path.name}.tmp-{os.getpid()}")
-        tmp.write_text(json.dumps({k: json_safe(v) for k, v in summary.items()}, indent=2) + "\n")
+        tmp.write_text(json.dumps(json_safe(summary), indent=2) + "\n")
         os.replace(tmp, self.summary_path)
 
     def truncate_metrics_after(self, step: int) -> None:
@@ -320,8 +320,11 @@ def read_marker(folder: Path) -> dict | None:
     return marker if isinstance(marker, dict) and isinstance(marker.get("stage"), str) else None
 
 
-def write_marker(folder: Path, stage: str, config_class: str | None) -> None:
-    """Mark ``folder`` as a run folder alignkit made for ``stage`` (written whole, then renamed in place)."""
+def mark_folder(folder: Path, stage: str, config_class: str | None) -> None:
+    """Mark ``folder`` as a run folder alignkit made for ``stage`` (written whole, then renamed in place), unless
+    it holds a marker already: the first run's, with its creation time, is kept."""
+    if read_marker(folder) is not None:
+        return
     marker = {
         "stage": stage,
         "config_class": config_class,
@@ -425,8 +428,7 @@ def _open_run_folder(
             )
         honoured = _check_resume(path, cfg, checkpoint) if checkpoint is not None and cfg is not None else {}
         # Everything checked; now write.
-        if read_marker(path) is None:
-            write_marker(path, stage, config_class)
+        mark_folder(path, stage, config_class)
         if cfg is not None and (checkpoint is None or not (path / "config.yaml").exists()):
             save_config(cfg, path / "config.yaml")
         if honoured:
