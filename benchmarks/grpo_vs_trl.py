@@ -76,8 +76,9 @@ def prepare(args, workdir: Path) -> dict:
     return spec
 
 
-def alignkit_overrides(spec: dict, out: str) -> list[str]:
-    """The GRPO config of the comparison, as `alignkit grpo` key=value overrides."""
+def alignkit_overrides(spec: dict, out: str, share_prompt_cache: bool = True) -> list[str]:
+    """The GRPO config of the comparison, as `alignkit grpo` key=value overrides; ``share_prompt_cache=False``:
+    the alignkit-plain side, every sample prefilling its own copy of the prompt as TRL's generate does."""
     rows = PROMPTS_PER_STEP * NUM_GENERATIONS
     return [
         f"model={spec['model_dir']}", f"train_data={spec['data_path']}", f"output_dir={out}/run",
@@ -90,7 +91,7 @@ def alignkit_overrides(spec: dict, out: str) -> list[str]:
         f"micro_batch_size={spec['micro_batch_size']}", f"generation_batch_size={rows}",
         f"learning_rate={spec['learning_rate']}", "lr_scheduler=constant", "warmup_steps=0", "weight_decay=0.0",
         "max_grad_norm=1.0", "dtype=float32", "gradient_checkpointing=false", f"seed={SEED}", "log_every=1",
-        "progress=false", "tensorboard=false",
+        "progress=false", "tensorboard=false", f"share_prompt_cache={str(share_prompt_cache).lower()}",
     ]  # fmt: skip
 
 
@@ -99,7 +100,7 @@ def alignkit_overrides(spec: dict, out: str) -> list[str]:
 # ---------------------------------------------------------------------------------------------
 
 
-def child_alignkit(spec: dict) -> dict:
+def child_alignkit(spec: dict, share_prompt_cache: bool = True) -> dict:
     """`alignkit grpo` itself (stages.grpo.run), its per-iteration times read from the run's metrics."""
     import torch
 
@@ -107,7 +108,7 @@ def child_alignkit(spec: dict) -> dict:
     from alignkit.stages import grpo
 
     with tempfile.TemporaryDirectory(prefix="alignkit-bench-") as out:
-        cfg = load_config(grpo.GRPOConfig, None, alignkit_overrides(spec, out))
+        cfg = load_config(grpo.GRPOConfig, None, alignkit_overrides(spec, out, share_prompt_cache))
         summary = grpo.run(cfg)
         lines = (Path(summary["run_dir"]) / "metrics.jsonl").read_text().splitlines()
         rows = [r for r in map(json.loads, lines) if "event" not in r and "loss" in r]
@@ -245,7 +246,8 @@ def lever_flops(model_dir: str, first: dict, micro_batch_size: int) -> dict:
     """Matmul FLOPs of one iteration on TRL's first batch (a forward per token 2 N_dec, plus 2 N_head where the
     head is applied; backward twice the forward), as TRL computes it and as alignkit does, and what each lever
     changes. Both generate with transformers' generate on one left-padded batch of B rows (alignkit: the 16
-    samples are one generation batch), every row stepping until the longest is done."""
+    samples are one generation batch), every row stepping until the longest is done; alignkit prefills each
+    group's prompt once."""
     n_dec, n_head = matmul_params(model_dir)
     prompts = [len(p) for p in first["trained_prompt_ids"]]
     replies = [len(c) for c in first["trained_completion_ids"]]
@@ -253,7 +255,9 @@ def lever_flops(model_dir: str, first: dict, micro_batch_size: int) -> dict:
     P, C = max(prompts), max(replies)
     fwd = lambda dec, head: 2 * n_dec * dec + 2 * n_head * head  # noqa: E731
     prefill, decode = fwd(B * P, B), fwd(B * C, B * C)
-    shared_prefill = fwd(G * P, G)  # the group's prompt encoded once, its KV cache expanded k-fold
+    # alignkit (models.generation.shared_prompt_cache): each group's prompt but its last token through the decoder
+    # once, no head; the cache copied to the group's rows; generate then runs each row's last prompt token.
+    shared_prefill = fwd(G * (P - 1), 0) + fwd(B, B)
     # TRL: B rows padded to P + C, the head at the completion positions only (logits_to_keep); the update's
     # forward and backward (3 forwards) and the reference's forward; no old-log-prob pass when on policy.
     trl_pass = fwd(B * (P + C), B * C)
@@ -278,7 +282,7 @@ def lever_flops(model_dir: str, first: dict, micro_batch_size: int) -> dict:
                    "alignkit_pass": cut, "scored": sum(replies)},  # fmt: skip
     }
     out["trl"] = out["generation"] + out["trl_training"]
-    out["alignkit"] = out["generation"] + out["alignkit_training"]
+    out["alignkit"] = out["generation"] - out["shared_prefill_saves"] + out["alignkit_training"]
     return out
 
 
@@ -289,12 +293,12 @@ def lever_flops(model_dir: str, first: dict, micro_batch_size: int) -> dict:
 
 def summarise(side: str, out: dict) -> dict:
     """Seconds per iteration over iterations 2..N (the first is the warm-up)."""
-    if side == "alignkit":
+    if side.startswith("alignkit"):
         stamps = out["elapsed_s"]
     else:
         stamps = out["step_end_times"]
     row = {"side": side, "s_per_step": (stamps[-1] - stamps[0]) / (len(stamps) - 1), "peak_rss_mb": out["peak_rss_mb"]}
-    if side == "alignkit":
+    if side.startswith("alignkit"):
         row["rollout_s"] = statistics.fmean(out["rollout_s"][1:])
         row["update_s"] = statistics.fmean(out["update_s"][1:])
     return row | {"threads": out["threads"]}
@@ -309,17 +313,28 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--micro-batch-size", type=int, default=8, help="alignkit rows per forward/backward")
     ap.add_argument("--threads", type=int, default=None, help="torch threads, both sides (default: all cores)")
     ap.add_argument("--model", default=MODEL, help="embedded name or local model dir (both sides)")
+    ap.add_argument("--sides", default="trl,alignkit",
+                    help="trl,alignkit and optionally alignkit-plain (share_prompt_cache=false)")  # fmt: skip
     add_child_arguments(ap)
     args = ap.parse_args(argv)
 
     if args.child:  # one side, in this fresh process
-        return run_as_child(args, {"alignkit": child_alignkit, "trl": child_trl, "loss": child_loss})
+        children = {
+            "alignkit": child_alignkit,
+            "alignkit-plain": lambda spec: child_alignkit(spec, share_prompt_cache=False),
+            "trl": child_trl,
+            "loss": child_loss,
+        }
+        return run_as_child(args, children)
 
     args.rounds = args.rounds or (1 if args.quick else 3)
     args.steps = args.steps or (2 if args.quick else 5)
     if args.steps < 2:
         raise SystemExit("--steps must be at least 2 (iteration 1 is the warm-up)")
-    sides = ["trl", "alignkit"]  # TRL first: the loss child reads its first batch
+    sides = args.sides.split(",")
+    if not {"trl", "alignkit"} <= set(sides) <= {"trl", "alignkit", "alignkit-plain"}:
+        raise SystemExit(f"--sides {args.sides}: trl, alignkit and optionally alignkit-plain, comma-separated")
+    sides = ["trl"] + [s for s in sides if s != "trl"]  # TRL first: the loss child reads its first batch
     with tempfile.TemporaryDirectory(prefix="grpo-vs-trl-") as tmp:
         workdir = args.keep or Path(tmp)
         workdir.mkdir(parents=True, exist_ok=True)
@@ -337,7 +352,7 @@ def main(argv: list[str] | None = None) -> int:
                 out = run_child(side, workdir, r, args.threads, __file__)
                 row = summarise(side, out) | {"round": r}
                 rows.append(row)
-                print(f"round {r} {side:9s} {row['s_per_step']:7.2f} s/iteration  peak {row['peak_rss_mb']:7.0f} MB"
+                print(f"round {r} {side:14s} {row['s_per_step']:7.2f} s/iteration  peak {row['peak_rss_mb']:7.0f} MB"
                       f"  (child wall {out['wall_s']:.0f} s)", flush=True)  # fmt: skip
         loss = run_child("loss", workdir, 0, args.threads, __file__)
         first = json.loads((workdir / "trl-0.json").read_text())["first"]
@@ -350,11 +365,16 @@ def report(rows: list[dict], loss: dict, flops: dict) -> int:
         return statistics.median(r[key] for r in rows if r["side"] == side)
 
     print("\nper side (median over rounds, iterations 2..N)")
-    print(f"{'side':9s} {'s/iteration':>11s} {'peak RSS MB':>12s}")
-    for side in ("alignkit", "trl"):
-        print(f"{side:9s} {med(side, 's_per_step'):11.2f} {med(side, 'peak_rss_mb'):12.0f}")
-    print(f"alignkit per iteration: rollout (generate, score, no-grad passes) {med('alignkit', 'rollout_s'):.2f} s, "
-          f"update {med('alignkit', 'update_s'):.2f} s")  # fmt: skip
+    print(f"{'side':14s} {'s/iteration':>11s} {'peak RSS MB':>12s}")
+    sides = [s for s in ("alignkit", "alignkit-plain", "trl") if any(r["side"] == s for r in rows)]
+    for side in sides:
+        print(f"{side:14s} {med(side, 's_per_step'):11.2f} {med(side, 'peak_rss_mb'):12.0f}")
+    for side in sides[:-1]:
+        print(f"{side} per iteration: rollout (generate, score, no-grad passes) {med(side, 'rollout_s'):.2f} s, "
+              f"update {med(side, 'update_s'):.2f} s")  # fmt: skip
+    if "alignkit-plain" in sides:
+        print(f"shared prompt prefill, measured: rollout {med('alignkit-plain', 'rollout_s'):.2f} -> "
+              f"{med('alignkit', 'rollout_s'):.2f} s, iteration x{med('alignkit-plain', 's_per_step') / med('alignkit', 's_per_step'):.2f}")  # fmt: skip
 
     t, trl = flops["tokens"], flops["trl"]
     print(
@@ -364,9 +384,9 @@ def report(rows: list[dict], loss: dict, flops: dict) -> int:
     )
     lines = [
         ("TRL (generate + reference pass + update, padded)", trl),
-        ("  of which generation (both sides the same)", flops["generation"]),
+        ("  of which generation", flops["generation"]),
         ("  of which the prompt's prefill", flops["prefill"]),
-        ("shared prompt (encode once, expand the KV cache): NOT taken (would save)", -flops["shared_prefill_saves"]),
+        ("shared prompt (encode once, expand the KV cache): taken", -flops["shared_prefill_saves"]),
         ("no padding waste (micro-batches cut to their longest): taken", -flops["padding_saves"]),
         ("old log-probs from the update's pass on policy: taken (TRL too; saves)", -flops["old_logp_pass"]),
         ("no reference pass at beta=0: n/a at beta 0.04 (both would save)", -flops["reference_pass"]),

@@ -572,6 +572,12 @@ class OnlineSamplingFields(Fields):
         "them all sampling.",
         ge=1,
     )
+    share_prompt_cache: bool = doc_field(
+        True,
+        "generation_backend=hf: the samples of one prompt in a generate() batch share one prefill of it, its KV "
+        "cache copied to each (models.generation.shared_prompt_cache); the same samples up to float rounding. "
+        "false: every sample prefills its own copy of the prompt, as transformers' generate does.",
+    )
     max_prompt_length: int | None = doc_field(256, "Longest prompt in tokens (its end is kept).", ge=1)
 
 

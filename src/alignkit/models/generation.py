@@ -153,6 +153,7 @@ def generate_share(
     rank: int,
     world: int,
     synced: bool = False,
+    share_prompts: bool = True,
 ) -> dict[int, Generation]:
     """Process ``rank``'s part of ``generate(model, tokenizer, prompt_ids, sampling, batch_size)`` among
     ``world``: every world-th of its batches, from the rank-th, each with its own seed. The responses, by
@@ -160,14 +161,15 @@ def generate_share(
 
     ``synced``: the model is sharded (FSDP) and every forward is a collective, so the processes step together
     (transformers' ``synced_gpus``: one that is done keeps running forwards until all are), and a process with
-    fewer batches than another samples a stand-in batch (the first, its responses dropped) as often."""
+    fewer batches than another samples a stand-in batch (the first, its responses dropped) as often.
+    ``share_prompts``: see ``sample_batch``."""
     share: dict[int, Generation] = {}
     batches = generation_batches(prompt_ids, batch_size, sampling.seed)
     mine = batches[rank::world]
     for batch in mine:
         prompts = [prompt_ids[i] for i in batch.indices]
         share.update(
-            zip(batch.indices, sample_batch(model, tokenizer, prompts, sampling, batch.seed, synced))
+            zip(batch.indices, sample_batch(model, tokenizer, prompts, sampling, batch.seed, synced, share_prompts))
         )
     for _ in range(math.ceil(len(batches) / world) - len(mine) if synced else 0):
         stand_in = [prompt_ids[i] for i in batches[0].indices]
@@ -177,10 +179,17 @@ def generate_share(
 
 @torch.no_grad()
 def sample_batch(
-    model, tokenizer, prompt_ids: list[list[int]], sampling: SamplingConfig, seed: int, synced: bool = False
+    model,
+    tokenizer,
+    prompt_ids: list[list[int]],
+    sampling: SamplingConfig,
+    seed: int,
+    synced: bool = False,
+    share_prompts: bool = True,
 ) -> list[Generation]:
     """One left-padded batch through ``model.generate``, sampling from torch seed ``seed``; in input order.
-    ``synced``: step in lockstep with the other processes (a sharded model; see ``generate_share``)."""
+    ``synced``: step in lockstep with the other processes (a sharded model; see ``generate_share``).
+    ``share_prompts``: rows with the same prompt share its prefill (``shared_prompt_cache``; not when synced)."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -192,6 +201,10 @@ def sample_batch(
     for row, p in enumerate(prompt_ids):
         ids[row, width - len(p) :] = torch.tensor(p)
         attn[row, width - len(p) :] = 1
+    # Rows that repeat a prompt (a group's k samples) share one prefill of it: see shared_prompt_cache.
+    cache = None
+    if share_prompts and not synced:
+        cache = shared_prompt_cache(model, ids.to(device), attn.to(device), prompt_ids)
     # Each batch draws from a seed derived from the run seed, so results do not depend on timing.
     torch.manual_seed(seed)
     greedy = sampling.temperature <= 0
@@ -206,6 +219,7 @@ def sample_batch(
         eos_token_id=eos_ids,
         pad_token_id=pad_id,
         use_cache=True,
+        **({_cache_kwarg(): cache} if cache is not None else {}),
         # Set, not left to transformers (which steps every process of a sharded model in lockstep): a policy
         # gathered whole (training.distributed.whole_weights) samples at each process's own pace.
         synced_gpus=synced,
@@ -214,6 +228,42 @@ def sample_batch(
     return [
         to_generation(p, seqs[row, width:].tolist(), eos_ids, tokenizer) for row, p in enumerate(prompt_ids)
     ]
+
+
+@torch.no_grad()
+def shared_prompt_cache(model, ids: torch.Tensor, attn: torch.Tensor, prompt_ids: list[list[int]]):
+    """The KV cache of every row's prompt but its last token, computed once per distinct prompt and copied to
+    the rows that repeat it (a GRPO group's k samples, build-prefs' n responses): the prefill costs the distinct
+    prompts, not the rows. ``generate`` given this cache runs only the last prompt token of each row and then
+    decodes as usual, so the samples are the ones without it up to float rounding. None (generate prefills
+    every row itself) where no prompt repeats, the prompts are a token long, or the model's cache cannot be
+    copied across rows.
+
+    ``ids``/``attn``: the (b, T) left-padded batch of ``prompt_ids``; the distinct prompts keep that padding,
+    and their positions are counted from each row's first real token, as ``generate`` counts them."""
+    first: dict[tuple[int, ...], int] = {}
+    rows = [first.setdefault(tuple(p), len(first)) for p in prompt_ids]  # row -> its distinct prompt
+    if len(first) == len(prompt_ids) or ids.shape[1] < 2:
+        return None
+    distinct = torch.tensor([rows.index(u) for u in range(len(first))], device=ids.device)  # a row of each
+    mask = attn[distinct, :-1]
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    # The decoder alone where the model exposes it (the LM head's logits are not needed); LoRA layers sit inside.
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    body = base.get_decoder() if hasattr(base, "get_decoder") else model
+    out = body(input_ids=ids[distinct, :-1], attention_mask=mask, position_ids=positions, use_cache=True)
+    cache = next((getattr(out, k) for k in ("cache", "past_key_values") if getattr(out, k, None) is not None), None)
+    if not hasattr(cache, "reorder_cache"):  # a legacy tuple cache, or none: let generate prefill every row
+        return None
+    cache.reorder_cache(torch.tensor(rows, device=ids.device))  # (distinct, ...) -> (b, ...)
+    return cache
+
+
+def _cache_kwarg() -> str:
+    """``generate``'s keyword for a cache given to it: ``cache`` since transformers renamed ``past_key_values``."""
+    from transformers.generation import utils
+
+    return "cache" if "cache" in getattr(utils, "ALL_CACHE_NAMES", ()) else "past_key_values"
 
 
 def to_generation(

@@ -79,7 +79,15 @@ def sample_share(
     on_shards = cfg.fsdp_generation == "shards" and distributed.is_sharded(policy)
     with contextlib.nullcontext() if on_shards else distributed.whole_weights(policy):
         return generate_share(
-            policy, tokenizer, prompt_ids, sampling, cfg.generation_batch_size, rank, world, synced=on_shards
+            policy,
+            tokenizer,
+            prompt_ids,
+            sampling,
+            cfg.generation_batch_size,
+            rank,
+            world,
+            synced=on_shards,
+            share_prompts=cfg.share_prompt_cache,
         )
 
 
