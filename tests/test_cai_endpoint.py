@@ -313,10 +313,15 @@ def test_cai_label_endpoint_clips_like_the_local_judge(stages, server, tmp_path)
         "principles_per_comparison=1", "max_context_tokens=4", "max_response_tokens=3", "progress=false",
     ]  # fmt: skip
     assert cli.main(argv) == 0
-    first = fake.requests[0]["messages"][0]["content"]
-    assert "Conversation:\n... ng, then the end\n\n" in first  # "User: " + the prompt: its last 16 characters
-    assert "Reply (A):\nshort one.\n\n" in first  # 10 characters: not clipped
-    assert "Reply (B):\nthe longer r ...\n\n" in first  # its first 12 characters
+    # Both orders are asked at once (chat_many's threads), so the server sees them in either order.
+    asked = [r["messages"][0]["content"] for r in fake.requests]
+    assert len(asked) == 2
+    a_first = next(q for q in asked if "Reply (A):\nshort one.\n\n" in q)  # 10 characters: not clipped
+    b_first = next(q for q in asked if q is not a_first)
+    for q in asked:
+        assert "Conversation:\n... ng, then the end\n\n" in q  # "User: " + the prompt: its last 16 characters
+    assert "Reply (B):\nthe longer r ...\n\n" in a_first  # its first 12 characters
+    assert "Reply (A):\nthe longer r ...\n\n" in b_first and "Reply (B):\nshort one.\n\n" in b_first
     summary = json.loads(out.with_suffix(".summary.json").read_text())
     assert summary["judge_base_url"] == url and summary["judge"] == "canned"
 

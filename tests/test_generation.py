@@ -36,6 +36,29 @@ def test_shared_prefill_gives_the_plain_samples(tiny, temperature):
         assert len({tuple(g.response_ids) for g in shared[:4]}) > 1
 
 
+def test_shared_prefill_through_the_root_model_as_fsdp_needs(tiny, monkeypatch):
+    """A sharded (FSDP2) model runs forwards from its root only: there the prefill goes through the whole model
+    with logits of one position kept, and the samples are still the plain path's."""
+    from alignkit.models import generation
+
+    model, tok = tiny
+    monkeypatch.setattr(generation, "_fsdp_wrapped", lambda m: True)
+    decoder = model.get_decoder()
+    calls = []
+    handle = decoder.register_forward_pre_hook(lambda *a: calls.append("decoder"))
+    root = model.register_forward_pre_hook(lambda *a, **k: calls.append("root"), with_kwargs=True)
+    try:
+        groups = [p for p in _prompts(tok) for _ in range(3)]
+        sampling = SamplingConfig(max_new_tokens=8, temperature=1.0)
+        shared = sample_batch(model, tok, groups, sampling, seed=3, share_prompts=True)
+    finally:
+        handle.remove()
+        root.remove()
+    assert calls[:2] == ["root", "decoder"]  # the prefill entered through the root
+    plain = sample_batch(model, tok, groups, sampling, seed=3, share_prompts=False)
+    assert [g.response_ids for g in shared] == [g.response_ids for g in plain]
+
+
 def test_shared_cache_holds_each_rows_prompt(tiny):
     """The copied cache equals each row's own prefill of its prompt but the last token (left padding kept)."""
     model, tok = tiny

@@ -248,15 +248,27 @@ def shared_prompt_cache(model, ids: torch.Tensor, attn: torch.Tensor, prompt_ids
     distinct = torch.tensor([rows.index(u) for u in range(len(first))], device=ids.device)  # a row of each
     mask = attn[distinct, :-1]
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    # The decoder alone where the model exposes it (the LM head's logits are not needed); LoRA layers sit inside.
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    body = base.get_decoder() if hasattr(base, "get_decoder") else model
-    out = body(input_ids=ids[distinct, :-1], attention_mask=mask, position_ids=positions, use_cache=True)
+    inputs = dict(input_ids=ids[distinct, :-1], attention_mask=mask, position_ids=positions, use_cache=True)
+    if _fsdp_wrapped(model):  # FSDP runs a forward from its root only: the whole model, logits of one position
+        out = model(**inputs, logits_to_keep=1)
+    else:  # the decoder alone where the model exposes it (no LM head); LoRA layers sit inside
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        body = base.get_decoder() if hasattr(base, "get_decoder") else model
+        out = body(**inputs)
     cache = next((getattr(out, k) for k in ("cache", "past_key_values") if getattr(out, k, None) is not None), None)
     if not hasattr(cache, "reorder_cache"):  # a legacy tuple cache, or none: let generate prefill every row
         return None
     cache.reorder_cache(torch.tensor(rows, device=ids.device))  # (distinct, ...) -> (b, ...)
     return cache
+
+
+def _fsdp_wrapped(model) -> bool:
+    """Whether any part of ``model`` is an FSDP2 module (``fully_shard``)."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # a torch built without distributed
+        return False
+    return any(isinstance(m, FSDPModule) for m in model.modules())
 
 
 def _cache_kwarg() -> str:
