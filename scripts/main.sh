@@ -3,5 +3,6 @@
 # Extra arguments are passed on, e.g. `bash scripts/main.sh n_samples=4 fresh=true`.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-source "$ROOT/scripts/setup-env.sh"
+# An explicit (empty) extras argument: without one, `source` hands setup-env.sh this script's own arguments.
+source "$ROOT/scripts/setup-env.sh" ""
 exec "$VENV/bin/alignkit" quickstart "$@"
