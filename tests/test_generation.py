@@ -39,10 +39,10 @@ def test_shared_prefill_gives_the_plain_samples(tiny, temperature):
 def test_shared_prefill_through_the_root_model_as_fsdp_needs(tiny, monkeypatch):
     """A sharded (FSDP2) model runs forwards from its root only: there the prefill goes through the whole model
     with logits of one position kept, and the samples are still the plain path's."""
-    from alignkit.models import generation
+    from alignkit.training import distributed
 
     model, tok = tiny
-    monkeypatch.setattr(generation, "_fsdp_wrapped", lambda m: True)
+    monkeypatch.setattr(distributed, "is_sharded", lambda m: True)
     decoder = model.get_decoder()
     calls = []
     handle = decoder.register_forward_pre_hook(lambda *a: calls.append("decoder"))

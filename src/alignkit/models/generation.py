@@ -249,7 +249,9 @@ def shared_prompt_cache(model, ids: torch.Tensor, attn: torch.Tensor, prompt_ids
     mask = attn[distinct, :-1]
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     inputs = dict(input_ids=ids[distinct, :-1], attention_mask=mask, position_ids=positions, use_cache=True)
-    if _fsdp_wrapped(model):  # FSDP runs a forward from its root only: the whole model, logits of one position
+    from alignkit.training import distributed
+
+    if distributed.is_sharded(model):  # FSDP runs a forward from its root only: the whole model, logits of one position
         out = model(**inputs, logits_to_keep=1)
     else:  # the decoder alone where the model exposes it (no LM head); LoRA layers sit inside
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -260,15 +262,6 @@ def shared_prompt_cache(model, ids: torch.Tensor, attn: torch.Tensor, prompt_ids
         return None
     cache.reorder_cache(torch.tensor(rows, device=ids.device))  # (distinct, ...) -> (b, ...)
     return cache
-
-
-def _fsdp_wrapped(model) -> bool:
-    """Whether any part of ``model`` is an FSDP2 module (``fully_shard``)."""
-    try:
-        from torch.distributed.fsdp import FSDPModule
-    except ImportError:  # a torch built without distributed
-        return False
-    return any(isinstance(m, FSDPModule) for m in model.modules())
 
 
 def _cache_kwarg() -> str:
