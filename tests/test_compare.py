@@ -52,6 +52,10 @@ def test_quick_compare_two_methods_two_seeds_then_resume(tiny_model_dir, tmp_pat
     assert "data:image/svg+xml;base64," in page and "<th>gold win rate [95% CI]</th>" in page
     assert (out / "compare.md").read_text().startswith("| method | models |")
     assert json.loads((out / ".alignkit-run.json").read_text())["stage"] == "compare"  # its own: resumable
+    # The base's side of the evaluation is sampled once, by the first run's, and read by the other three.
+    evals = [json.loads((out / f"{m}-seed{k}" / "eval.json").read_text()) for m in ("dpo", "grpo") for k in (0, 1)]
+    assert [e["reference_from_cache"] for e in evals] == [False, True, True, True]
+    assert all(e["reference_stats"] == evals[0]["reference_stats"] for e in evals)
 
     # Rerun: everything is finished, so nothing trains or evaluates again and the table is the same.
     mtimes = {p: p.stat().st_mtime_ns for p in out.glob("*/eval.json")}
@@ -176,3 +180,38 @@ def test_an_existing_folder_alignkit_did_not_make_is_refused_and_left_untouched(
     assert f"{out} is not empty and is not an alignkit compare run folder" in err and "notes.txt" in err
     assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
     assert (out / "notes.txt").read_text(encoding="utf-8") == "my notes\n"
+
+
+def test_build_pairs_samples_the_base_on_training_prompts_only_and_is_reused(tiny_model_dir, tmp_path, capsys):
+    """build_pairs=N: compare samples the base on its training prompts (never on the held-out ones it evaluates
+    on), pairs best against worst by the reward, trains on those pairs, and a rerun reuses the file."""
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"tell me about topic {i}"}) + "\n" for i in range(12)))
+    out = tmp_path / "cmp"
+    args = [
+        "compare", f"model={tiny_model_dir}", f"output_dir={out}", f"prompts={prompts}", "build_pairs=3",
+        "gold=_ppo_rewards:length", "methods=[dpo]", "seeds=[0]", "quick=true", "progress=false",
+    ]  # fmt: skip
+    assert main(args) == 0
+    built = [json.loads(x) for x in (out / "pairs.jsonl").read_text().splitlines()]
+    held_out = {json.loads(x)["prompt"] for x in (out / "prompts-heldout.jsonl").read_text().splitlines()}
+    assert len(held_out) == 3 and built
+    # Pairs of the 9 training prompts only, each chosen reply scored above its rejected one by the reward.
+    assert {b["prompt"] for b in built} <= {f"tell me about topic {i}" for i in range(12)} - held_out
+    from _ppo_rewards import length
+
+    assert all(length(b["prompt"], b["chosen"]) > length(b["prompt"], b["rejected"]) for b in built)
+    trained = [json.loads(x) for x in (out / "pairs-train.jsonl").read_text().splitlines()]
+    assert len(trained) + len((out / "pairs-heldout.jsonl").read_text().splitlines()) == len(built)
+    result = json.loads((out / "compare.json").read_text())
+    assert result["pairs"] == str(out / "pairs.jsonl") and result["trained_now"] == ["dpo-seed0"]
+    assert "sampling 2 responses per training prompt" in capsys.readouterr().err  # quick: 2 samples
+    mtime = (out / "pairs.jsonl").stat().st_mtime_ns
+    assert main(args) == 0
+    assert (out / "pairs.jsonl").stat().st_mtime_ns == mtime
+    assert "sampling" not in capsys.readouterr().err
+
+
+def test_pairs_and_build_pairs_together_are_refused():
+    with pytest.raises(ConfigError, match="'pairs' and 'build_pairs'"):
+        load_config(CompareConfig, None, ["gold=x:y", "pairs=p.jsonl", "build_pairs=4"])

@@ -255,3 +255,35 @@ def test_vllm_backend_errors_name_the_field(tiny_model_dir, tmp_path, monkeypatc
     assert cli.main([*args[:-1], f"reference={adapter}", f"output={tmp_path / 'e.json'}"]) == 2
     err = capsys.readouterr().err
     assert f"reference={adapter} is a LoRA adapter" in err and "generation_backend=hf" in err
+
+
+def test_reference_cache_reuses_the_reference_side_and_only_for_the_same_setup(
+    tiny_model_dir, other_dir, prompt_file, tmp_path, monkeypatch
+):
+    """reference_cache: the first evaluation samples the reference and writes its side; a second one of
+    another policy against the same reference, prompts, sampling and reward reads it (the reference is not
+    sampled again, and its side equals the first's); another seed is another key, so the reference is
+    sampled again and the cache rewritten."""
+    cache = tmp_path / "ref.json"
+    args = (f"prompts={prompt_file}", "reward=_scorers:length_score", f"reference_cache={cache}")
+    first = _eval(tmp_path / "a", tiny_model_dir, other_dir, *args)
+    assert first["reference_from_cache"] is False and cache.is_file()
+
+    calls = []
+    real = eval_stage.reference_sampler
+    monkeypatch.setattr(
+        eval_stage, "reference_sampler", lambda *a, **k: calls.append(1) or real(*a, **k)
+    )
+    second = _eval(tmp_path / "b", other_dir, other_dir, *args)
+    assert second["reference_from_cache"] is True and calls == []
+    assert second["reference_stats"] == first["reference_stats"]
+    assert [s["reference"] for s in second["samples"]] == [s["reference"] for s in first["samples"]]
+    assert [s["reference_score"] for s in second["samples"]] == [s["reference_score"] for s in first["samples"]]
+    # The policy is the reference's weights here: its fresh samples are the cached ones, and the KL (computed
+    # afresh) is 0.
+    assert [s["policy"] for s in second["samples"]] == [s["reference"] for s in second["samples"]]
+    assert second["kl"]["k1_per_token"] == 0.0
+
+    third = _eval(tmp_path / "c", tiny_model_dir, other_dir, *args, "seed=1")
+    assert third["reference_from_cache"] is False and calls == [1]
+    assert json.loads(cache.read_text())["key"]["sampling"][3] == 1

@@ -44,6 +44,15 @@ class CompareConfig:
     pairs: str | None = doc_field(
         None, "Preference pairs (prompt/chosen/rejected) for sft (its chosen replies), dpo, ipo, kto, orpo."
     )
+    build_pairs: int | None = doc_field(
+        None,
+        "Instead of a pairs file: sample this many responses per training prompt from the base and pair the "
+        "best against the worst by the training reward (`reward`, else `gold`), i.e. the policy's own samples "
+        "labelled by it, as in the DPO paper's sentiment experiment; written to output_dir/pairs.jsonl "
+        "(resumed) and used as `pairs`.",
+        ge=2,
+    )
+    build_temperature: float = doc_field(1.0, "Sampling temperature of build_pairs.", gt=0)
     demonstrations: str | None = doc_field(
         None, "SFT data (prompt/completion); unset: the chosen replies of the training pairs."
     )
@@ -96,6 +105,8 @@ class CompareConfig:
             raise ConfigError(f"config key 'methods': unknown {unknown or 'none given'}; from {list(METHODS)}")
         if not self.seeds:
             raise ConfigError("config key 'seeds': give at least one seed")
+        if self.pairs is not None and self.build_pairs is not None:
+            raise ConfigError("config keys 'pairs' and 'build_pairs': give one (a file, or responses to sample)")
         for item in self.method_settings:
             method, _, key = item.partition("=")[0].partition(".")
             if method not in self.methods or not key or "=" not in item:
@@ -113,8 +124,11 @@ def check_data(cfg: CompareConfig) -> None:
     if cfg.reward is not None:
         check_scorer(cfg.reward, "reward")
     offline = [m for m in cfg.methods if not METHODS[m].online and not (m == "sft" and cfg.demonstrations)]
-    if offline and cfg.pairs is None:
-        raise ConfigError(f"config key 'pairs': {offline} train on preference pairs; set pairs=FILE")
+    if offline and cfg.pairs is None and cfg.build_pairs is None:
+        raise ConfigError(
+            f"config key 'pairs': {offline} train on preference pairs; set pairs=FILE, or build_pairs=N to "
+            "sample N responses per training prompt and pair them by the reward"
+        )
 
 
 def _say(msg: str) -> None:
@@ -125,7 +139,7 @@ def quick_settings(cfg: CompareConfig) -> CompareConfig:
     """quick=true: the smallest budget that still runs every step of every method."""
     return replace(
         cfg, steps=2, iterations=1, max_new_tokens=6, eval_samples=1, eval_prompts_max=4, batch_size=4,
-        micro_batch_size=2, lora_r=4,
+        micro_batch_size=2, lora_r=4, build_pairs=2 if cfg.build_pairs else None,
     )  # fmt: skip
 
 
@@ -140,13 +154,24 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
     tmp.replace(path)
 
 
-def split_data(cfg: CompareConfig, root: Path) -> dict[str, Path | None]:
-    """Training and held-out files in ``root``: every Nth pair and every Nth prompt held out."""
+def split_data(cfg: CompareConfig, root: Path, model: str) -> dict[str, Path | None]:
+    """Training and held-out files in ``root``: every Nth prompt and every Nth pair held out. With
+    build_pairs, the pairs are sampled on the training prompts first (so no evaluation prompt is trained on)."""
     from alignkit.data.schemas import load_preferences
 
+    source = Path(cfg.prompts or PROMPTS)
+    if not source.is_file():
+        raise ConfigError(f"config key 'prompts': {source} is not a file (a local JSONL of prompts)")
+    # Lines copied as they are: the stages that read them check each row and name a bad one.
+    lines = [line for line in source.read_text().splitlines() if line.strip()]
+    n = cfg.heldout_prompts_every
     out: dict[str, Path | None] = {"pairs": None, "heldout_pairs": None, "demonstrations": None}
-    if cfg.pairs is not None:
-        pairs = load_preferences(cfg.pairs).examples
+    out["prompts"], out["heldout_prompts"] = root / "prompts-train.jsonl", root / "prompts-heldout.jsonl"
+    out["prompts"].write_text("".join(x + "\n" for i, x in enumerate(lines) if i % n != n - 1))
+    out["heldout_prompts"].write_text("".join(x + "\n" for i, x in enumerate(lines) if i % n == n - 1))
+    pairs_file = build_pairs(cfg, model, out["prompts"], root) if cfg.build_pairs else cfg.pairs
+    if pairs_file is not None:
+        pairs = load_preferences(str(pairs_file)).examples
         n = cfg.heldout_pairs_every
         rows = [{"prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected} for p in pairs]
         out["pairs"], out["heldout_pairs"] = root / "pairs-train.jsonl", root / "pairs-heldout.jsonl"
@@ -160,16 +185,29 @@ def split_data(cfg: CompareConfig, root: Path) -> dict[str, Path | None]:
         )
     if cfg.demonstrations is not None:
         out["demonstrations"] = Path(cfg.demonstrations)
-    source = Path(cfg.prompts or PROMPTS)
-    if not source.is_file():
-        raise ConfigError(f"config key 'prompts': {source} is not a file (a local JSONL of prompts)")
-    # Lines copied as they are: the stages that read them check each row and name a bad one.
-    lines = [line for line in source.read_text().splitlines() if line.strip()]
-    n = cfg.heldout_prompts_every
-    out["prompts"], out["heldout_prompts"] = root / "prompts-train.jsonl", root / "prompts-heldout.jsonl"
-    out["prompts"].write_text("".join(x + "\n" for i, x in enumerate(lines) if i % n != n - 1))
-    out["heldout_prompts"].write_text("".join(x + "\n" for i, x in enumerate(lines) if i % n == n - 1))
     return out
+
+
+def build_pairs(cfg: CompareConfig, model: str, prompts: Path, root: Path) -> Path:
+    """`build-prefs` on the training prompts: build_pairs samples of the base per prompt, scored by the training
+    reward, best against worst, into root/pairs.jsonl. A finished file (its summary written) is reused as it is;
+    a partly written one is resumed."""
+    from alignkit.data import appendlog
+    from alignkit.stages import build_prefs
+
+    output = root / "pairs.jsonl"
+    if appendlog.summary_path(output).is_file():
+        return output
+    reward = cfg.reward or cfg.gold
+    _say(f"sampling {cfg.build_pairs} responses per training prompt and pairing them by {reward}")
+    build_prefs.run(
+        load_config(
+            build_prefs.BuildPrefsConfig, None, [], model=model, prompts=str(prompts), output=str(output),
+            n_samples=cfg.build_pairs, temperature=cfg.build_temperature, max_new_tokens=cfg.max_new_tokens,
+            reward=reward, pairing="best_vs_worst", dtype=cfg.dtype, seed=0, progress=cfg.progress,
+        )
+    )  # fmt: skip
+    return output
 
 
 # ---------------------------------------------------------------------------------------------
@@ -224,7 +262,9 @@ def train(cfg: CompareConfig, method: str, seed: int, model: str, data: dict, ru
 
 
 def evaluate(cfg: CompareConfig, model: str, heldout_prompts: Path, run_dir: Path) -> None:
-    """`eval`: the run's final model against the base on the held-out prompts, scored by the gold scorer."""
+    """`eval`: the run's final model against the base on the held-out prompts, scored by the gold scorer. The
+    base's side (its samples, scores, entropies) is the same for every run: sampled once, then read from
+    output_dir/reference-eval.json."""
     from alignkit.stages import eval as eval_stage
 
     eval_stage.run(
@@ -233,7 +273,7 @@ def evaluate(cfg: CompareConfig, model: str, heldout_prompts: Path, run_dir: Pat
             prompts=str(heldout_prompts), prompts_max_rows=cfg.eval_prompts_max, reward=cfg.gold,
             temperature=cfg.eval_temperature, samples_per_prompt=cfg.eval_samples,
             max_new_tokens=cfg.max_new_tokens, seed=cfg.eval_seed, output=str(run_dir / "eval.json"),
-            progress=cfg.progress,
+            progress=cfg.progress, reference_cache=str(run_dir.parent / "reference-eval.json"),
         )
     )  # fmt: skip
 
@@ -387,7 +427,7 @@ def run(cfg: CompareConfig) -> dict:
 
 
 def _run(cfg: CompareConfig, root: Path, model: str, started: float) -> dict:
-    data = split_data(cfg, root)
+    data = split_data(cfg, root, model)
     trained, evaluated, runs = [], [], []
     for method in cfg.methods:
         for seed in cfg.seeds:
@@ -406,6 +446,7 @@ def _run(cfg: CompareConfig, root: Path, model: str, started: float) -> dict:
     result = {
         "model": cfg.model,
         "gold": cfg.gold,
+        "pairs": str(root / "pairs.jsonl") if cfg.build_pairs else cfg.pairs,
         "methods": table,
         "runs": [{k: v for k, v in r.items() if k != "per_prompt"} for r in runs],
         "trained_now": trained,

@@ -7,6 +7,7 @@ with every sample, which `alignkit report` shows next to the training curves.
 
 from __future__ import annotations
 
+import hashlib
 import importlib.resources
 import json
 import math
@@ -120,6 +121,13 @@ class EvalConfig(GenerationBackendConfig):
     reward_weights: list[float] | None = doc_field(
         None, "One weight per reward of a list reward=[...] (the score is their weighted sum); None: all 1."
     )
+    reference_cache: str | None = doc_field(
+        None,
+        "JSON file holding the reference's side of an evaluation (its samples, scores and token entropies): "
+        "read instead of sampling the reference again when it was written for the same reference weights, "
+        "prompts, sampling, seed and reward, else (re)written. `compare` gives every run's evaluation one, as "
+        "each samples the same base on the same prompts; None: the reference is always sampled.",
+    )
     # --- output ---
     output: str | None = doc_field(
         None,
@@ -206,6 +214,60 @@ def side_summary(
     if entropies is not None:
         out["entropy"] = mean_entropy(entropies)
     return out
+
+
+def _model_fingerprint(name: str) -> str:
+    """A model's name and, for a local directory, its files' names, sizes and times: weights rewritten in place
+    are another model."""
+    from alignkit.models.loading import resolve_model
+
+    path = Path(resolve_model(name))
+    if not path.is_dir():
+        return name
+    stats = (f"{p.relative_to(path)}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in sorted(path.rglob("*")))
+    return f"{name}|{hashlib.sha256(';'.join(stats).encode()).hexdigest()}"
+
+
+def reference_cache_key(cfg: EvalConfig, reference_name: str, reference, prompt_ids: list[list[int]]) -> dict:
+    """What decides the reference's side of an evaluation: its weights (files and the dtype they were loaded
+    in: dtype=auto differs between CPU kinds), the prompts as tokens, the sampling and the reward. A cache
+    written under another key is not read."""
+    rewards = [] if cfg.reward is None else [cfg.reward] if isinstance(cfg.reward, str) else list(cfg.reward)
+    return {
+        "reference": _model_fingerprint(reference_name),
+        "prompt_ids": hashlib.sha256(json.dumps(prompt_ids).encode()).hexdigest(),
+        "sampling": [cfg.temperature, cfg.top_p, cfg.max_new_tokens, cfg.seed, cfg.generation_backend],
+        "dtype": str(next(reference.parameters()).dtype),
+        # a reward model directory by its files too: one retrained in place scores otherwise
+        "reward": [[_model_fingerprint(r) if Path(r).expanduser().is_dir() else r for r in rewards], cfg.reward_weights],
+    }
+
+
+def read_reference_cache(path: Path, key: dict, prompt_ids: list[list[int]]):
+    """(samples, scores, entropies) of the reference from ``path`` when it holds ``key``, else None."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(data, dict) or data.get("key") != key:
+        return None
+    samples = [
+        Generation(list(p), s["response_ids"], s["text"], s["finished"]) for p, s in zip(prompt_ids, data["samples"])
+    ]
+    entropies = [torch.tensor(e) for e in data["entropies"]]
+    return samples, data["scores"], entropies
+
+
+def write_reference_cache(
+    path: Path, key: dict, samples: list[Generation], scores: list[float] | None, entropies: list[torch.Tensor]
+) -> None:
+    """The reference's side for ``key``, written whole then renamed into place."""
+    rows = [{"response_ids": s.response_ids, "text": s.text, "finished": s.finished} for s in samples]
+    data = {"key": key, "samples": rows, "scores": scores, "entropies": [e.tolist() for e in entropies]}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data) + "\n")
+    tmp.replace(path)
 
 
 def per_prompt_means(scores: list[float], k: int) -> list[float]:
@@ -431,11 +493,17 @@ def run(cfg: EvalConfig) -> dict:
     policy = _load(cfg.model, cfg, device)
     sample = load_sampler(cfg, tokenizer, device, policy, cfg.batch_size, cfg.progress, "policy")
     policy_samples = sample(prompt_ids, sampling)
-    reference = reference_samples = None
+    reference = reference_samples = cached = cache_key = None
     if reference_name is not None:
         reference = load_reference_model(cfg, reference_name, tokenizer, policy, device)
-        sample = reference_sampler(cfg, sample, tokenizer, device, policy, reference, reference_name)
-        reference_samples = sample(prompt_ids, sampling)
+        if cfg.reference_cache is not None:  # the reference's side of an earlier evaluation of the same setup
+            cache_key = reference_cache_key(cfg, reference_name, reference, prompt_ids)
+            cached = read_reference_cache(Path(cfg.reference_cache), cache_key, prompt_ids)
+        if cached is not None:
+            reference_samples = cached[0]
+        else:
+            sample = reference_sampler(cfg, sample, tokenizer, device, policy, reference, reference_name)
+            reference_samples = sample(prompt_ids, sampling)
 
     # 3. KL(policy || reference) on the policy's own samples (kl_summary).
     kl = kl_summary(cfg, policy, reference, policy_samples) if reference is not None else None
@@ -443,11 +511,11 @@ def run(cfg: EvalConfig) -> dict:
     # 4. Token entropy of each model on its own samples.
     chunk = cfg.logprob_chunk_size
     policy_entropies = response_token_entropies(policy, policy_samples, cfg.batch_size, chunk)
-    reference_entropies = (
-        response_token_entropies(reference, reference_samples, cfg.batch_size, chunk)
-        if reference is not None
-        else None
-    )
+    reference_entropies = None
+    if cached is not None:
+        reference_entropies = cached[2]
+    elif reference is not None:
+        reference_entropies = response_token_entropies(reference, reference_samples, cfg.batch_size, chunk)
 
     # 5. Scores and the win rate: per prompt, the policy's mean score against the reference's; ties half.
     policy_scores = reference_scores = None
@@ -455,11 +523,19 @@ def run(cfg: EvalConfig) -> dict:
     if scorer is not None:
         policy_scores = scorer.score(prompts, [s.text for s in policy_samples], columns)
         if reference_samples is not None:
-            reference_scores = scorer.score(prompts, [s.text for s in reference_samples], columns)
+            if cached is not None:
+                reference_scores = cached[1]
+            else:
+                reference_scores = scorer.score(prompts, [s.text for s in reference_samples], columns)
             w = win_rate(
                 per_prompt_means(policy_scores, k), per_prompt_means(reference_scores, k), seed=cfg.seed
             )
             win = {"value": w.value, "low": w.low, "high": w.high, "n_prompts": w.n}
+
+    if cache_key is not None and cached is None:
+        write_reference_cache(
+            Path(cfg.reference_cache), cache_key, reference_samples, reference_scores, reference_entropies
+        )
 
     # 6. Write eval.json (summary + every sample) and print the table.
     result = {
@@ -485,6 +561,7 @@ def run(cfg: EvalConfig) -> dict:
         ),
         "win_rate": win,
         "kl": kl,
+        "reference_from_cache": cached is not None,
     }
     samples = sample_rows(prompts, policy_samples, policy_scores, reference_samples, reference_scores)
     result["seconds"] = time.time() - started
