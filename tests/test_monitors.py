@@ -332,3 +332,30 @@ def test_kto_displacement_reads_class_means():
     assert events[0].step == 19 and events[0].values["chosen_drop"] == pytest.approx(9.5)
     one_class = [{**row, "count/desirable": 1.0, "count/undesirable": 0.0} for row in rows]
     assert _feed(KTOLikelihoodDisplacementMonitor(), one_class) == []
+
+
+@pytest.mark.parametrize("stage", ["grpo", "ppo", "online-dpo"])
+def test_kl_limit_and_action_come_from_the_online_config(stage):
+    """kl_limit and kl_explosion_action (config.OnlineRemedyFields) set the KL monitor of every online stage:
+    by default a per-response KL of 14 nats stops the run (limit 10); with kl_limit=20 and
+    kl_explosion_action=warn it passes, and 25 only warns."""
+    from alignkit.config import load_config
+    from alignkit.stages import load_stage
+    from alignkit.training.remedies import monitor_actions
+
+    config = load_stage(stage).config
+
+    def monitor_set(*settings):
+        cfg = load_config(config, None, ["reward=m:f", *settings])
+        return default_monitors(stage, actions=monitor_actions(cfg), kl_limit=cfg.kl_limit)
+
+    def row(monitors, kl):  # every key the stage's monitors read (a steady value), and the KL
+        return {"lr": 1e-4, **{k: 0.5 for m in monitors.monitors for k in m.keys}, "kl": kl}
+
+    default = monitor_set()
+    assert default.on_log(1, row(default, 14.0)) == "stop"
+    assert [e.monitor for e in default.last_events] == ["kl_explosion"]
+    relaxed = monitor_set("kl_limit=20", "kl_explosion_action=warn")
+    assert relaxed.on_log(1, row(relaxed, 14.0)) is None and relaxed.last_events == []
+    assert relaxed.on_log(2, row(relaxed, 25.0)) is None
+    assert [(e.monitor, e.action) for e in relaxed.last_events] == [("kl_explosion", "warn")]

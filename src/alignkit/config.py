@@ -625,6 +625,17 @@ class OnlineRemedyFields(Fields):
         "When a logged gold_reward/mean falls while the reward rises: warn, or stop with final/ = the weights "
         "of the best gold score seen, the starting policy's included (said in the summary).",
     )
+    kl_explosion_action: Literal["warn", "stop"] = doc_field(
+        "stop",
+        "When the KL to the reference passes kl_limit, or grows faster than a nat per unit: stop (final/ = the "
+        "weights then) or warn and go on (e.g. GRPO at beta 0, where no term holds the policy near the "
+        "reference and a gold scorer or held-out task judges it).",
+    )
+    kl_limit: float = doc_field(
+        10.0,
+        "The KL-explosion monitor's limit, nats per response (PPO: at least twice an adaptive kl_target).",
+        gt=0,
+    )
     kl_adjust_factor: float = doc_field(
         2.0,
         "The adjust action multiplies the KL coefficient by this (PPO: beta, and divides an adaptive "

@@ -464,6 +464,7 @@ def default_monitors(
     gold: bool = False,
     actions: dict[str, Action] | None = None,
     kl: bool = True,
+    kl_limit: float = KLExplosionMonitor.max_kl,
 ) -> MonitorSet:
     """The monitors worth running for a stage: "sft", "rm", "dpo" (also "ipo", "kto", "orpo"), "ppo",
     "online-dpo" or "grpo"; only those whose keys the stage logs. ``actions`` replaces the action of the
@@ -476,11 +477,11 @@ def default_monitors(
     held-out prompts as it trains (``sample_every``), which feeds mode collapse (distinct-2) and sample drift;
     without them those two are not registered. ``gold`` (ppo, online-dpo, grpo): a gold scorer's
     "gold_reward/mean" is logged, and the reward-hacking monitor watches proxy against gold too. ``kl`` (grpo): the stage logs "kl"
-    (it loaded a reference); without, no KL monitor.
+    (it loaded a reference); without, no KL monitor. ``kl_limit``: the KL monitor's limit, nats per response.
     """
-    kl_monitor = KLExplosionMonitor()
+    kl_monitor = KLExplosionMonitor(max_kl=kl_limit)
     if kl_target is not None:
-        kl_monitor = KLExplosionMonitor(max_kl=max(kl_monitor.max_kl, 2 * kl_target), allowed_kl=kl_target)
+        kl_monitor = KLExplosionMonitor(max_kl=max(kl_limit, 2 * kl_target), allowed_kl=kl_target)
     if stage == "sft":
         monitors = [NonFiniteMonitor()] + ([ModeCollapseMonitor(keys=("distinct_2",))] if samples else [])
     elif stage == "rm":
@@ -507,7 +508,7 @@ def default_monitors(
         # drifting from the data is not a failure here: the policy's own samples are the data.
         monitors = [
             NonFiniteMonitor(),
-            KLExplosionMonitor(),
+            kl_monitor,
             RewardHackingMonitor(window=5, gold=gold),  # a round's row carries its samples' correlation, as PPO's
             LikelihoodDisplacementMonitor(window=8),
             ModeCollapseMonitor(keys=("distinct_2",)),
@@ -515,7 +516,7 @@ def default_monitors(
     elif stage == "grpo":
         # A row is an iteration, as PPO's (its own samples' reward-length correlation, entropy, distinct-2). The KL
         # to the reference is logged only where one is loaded (``kl``: beta > 0 or a gold scorer).
-        monitors = [NonFiniteMonitor(), *([KLExplosionMonitor()] if kl else [])]
+        monitors = [NonFiniteMonitor(), *([kl_monitor] if kl else [])]
         monitors += [RewardHackingMonitor(window=5, gold=gold), ModeCollapseMonitor()]
     else:
         raise ValueError(

@@ -229,7 +229,8 @@ def grpo_method(cfg: GRPOConfig, setup: engine.OnlineSetup) -> engine.OnlineMeth
         loss=lambda trained, mb: grpo_loss(cfg, trained, mb, objective.beta),
         update=update,
         monitors=default_monitors(
-            "grpo", gold=cfg.gold_reward is not None, kl=needs_reference(cfg), actions=monitor_actions(cfg)
+            "grpo", gold=cfg.gold_reward is not None, kl=needs_reference(cfg), actions=monitor_actions(cfg),
+            kl_limit=cfg.kl_limit,
         ),
         samples_per_prompt=k,
         top_p=cfg.top_p,

@@ -221,7 +221,9 @@ def online_dpo_method(cfg: OnlineDPOConfig, setup: engine.OnlineSetup) -> engine
         make_batch=make_batch,
         loss=functools.partial(pair_losses, objective),
         update=update,
-        monitors=default_monitors("online-dpo", gold=cfg.gold_reward is not None, actions=monitor_actions(cfg)),
+        monitors=default_monitors(
+            "online-dpo", gold=cfg.gold_reward is not None, actions=monitor_actions(cfg), kl_limit=cfg.kl_limit
+        ),
         samples_per_prompt=k,
         top_p=cfg.top_p,
         state_dict=beta.state_dict,

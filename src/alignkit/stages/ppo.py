@@ -237,7 +237,8 @@ def ppo_method(cfg: PPOConfig, setup: engine.OnlineSetup) -> engine.OnlineMethod
         loss=lambda trained, mb: ppo_loss(objective, trained["policy"], trained["value"], mb),
         update=update,
         monitors=default_monitors(
-            "ppo", kl_target=cfg.kl_target, gold=cfg.gold_reward is not None, actions=monitor_actions(cfg)
+            "ppo", kl_target=cfg.kl_target, gold=cfg.gold_reward is not None, actions=monitor_actions(cfg),
+            kl_limit=cfg.kl_limit,
         ),
         recompute_context=critic.recompute_context,
         final_policy=critic.final_policy,

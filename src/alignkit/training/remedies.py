@@ -33,6 +33,7 @@ def monitor_actions(cfg) -> dict[str, str]:
         "reward_hacking": cfg.reward_hacking_action,
         "mode_collapse": "adjust" if mode_collapse == "raise_entropy" else mode_collapse,
         "gold_divergence": cfg.gold_divergence_action,
+        "kl_explosion": cfg.kl_explosion_action,
     }
 
 
