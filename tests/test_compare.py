@@ -210,6 +210,9 @@ def test_build_pairs_samples_the_base_on_training_prompts_only_and_is_reused(tin
     assert main(args) == 0
     assert (out / "pairs.jsonl").stat().st_mtime_ns == mtime
     assert "sampling" not in capsys.readouterr().err
+    # Other sampling settings on the same folder would train on pairs they did not ask for: refused.
+    assert main([*args, "build_temperature=0.5"]) == 2
+    assert "was built with {'n_samples': 2, 'temperature': 1.0" in capsys.readouterr().err
 
 
 def test_pairs_and_build_pairs_together_are_refused():

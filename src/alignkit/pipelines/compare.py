@@ -196,9 +196,18 @@ def build_pairs(cfg: CompareConfig, model: str, prompts: Path, root: Path) -> Pa
     from alignkit.stages import build_prefs
 
     output = root / "pairs.jsonl"
-    if appendlog.summary_path(output).is_file():
-        return output
     reward = cfg.reward or cfg.gold
+    summary = appendlog.summary_path(output)
+    if summary.is_file():
+        done = json.loads(summary.read_text())
+        wanted = {"n_samples": cfg.build_pairs, "temperature": cfg.build_temperature, "reward": reward}
+        found = {k: done.get("settings", {}).get(k, done.get(k)) for k in wanted}
+        if found != wanted:
+            raise ConfigError(
+                f"config keys 'build_pairs', 'build_temperature', 'reward': {output} was built with {found}, this "
+                f"config asks for {wanted}; use another output_dir, or the settings it was built with"
+            )
+        return output
     _say(f"sampling {cfg.build_pairs} responses per training prompt and pairing them by {reward}")
     build_prefs.run(
         load_config(
