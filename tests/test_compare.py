@@ -45,7 +45,8 @@ def test_quick_compare_two_methods_two_seeds_then_resume(tiny_model_dir, tmp_pat
         assert 0 <= lo <= row["win_rate"] <= hi <= 1
         assert row["stopped_share"] == 0.0 and row["win_rate_std_over_seeds"] >= 0
     for run in result["runs"]:  # each run folder is an ordinary run folder, evaluated on 4 prompts x 1
-        run_dir = out / f"{run['method']}-seed{run['seed']}"
+        assert run["run_dir"] == f"{run['method']}-seed{run['seed']}"  # relative: compare.json travels
+        run_dir = out / run["run_dir"]
         assert (run_dir / "config.yaml").is_file() and (run_dir / "final").is_dir()
         assert json.loads((run_dir / "eval.json").read_text())["n_prompts"] == 4
     page = (out / "compare.html").read_text()
@@ -64,6 +65,10 @@ def test_quick_compare_two_methods_two_seeds_then_resume(tiny_model_dir, tmp_pat
     assert again["trained_now"] == [] and again["evaluated_now"] == []
     assert again["methods"] == result["methods"]
     assert {p: p.stat().st_mtime_ns for p in out.glob("*/eval.json")} == mtimes
+    # Both invocations are kept, and the comparison's cost is their sum (the first's, plus a short rerun).
+    first, rerun = again["invocations"]
+    assert first == result["invocations"][0] and first["trained"] == result["trained_now"] and rerun["trained"] == []
+    assert again["wall_seconds"] == first["seconds"] + rerun["seconds"]
 
 
 def _run(method: str, seed: int, win: float, policy: list[float], reference: list[float], stopped=False) -> dict:
@@ -204,7 +209,7 @@ def test_build_pairs_samples_the_base_on_training_prompts_only_and_is_reused(tin
     trained = [json.loads(x) for x in (out / "pairs-train.jsonl").read_text().splitlines()]
     assert len(trained) + len((out / "pairs-heldout.jsonl").read_text().splitlines()) == len(built)
     result = json.loads((out / "compare.json").read_text())
-    assert result["pairs"] == str(out / "pairs.jsonl") and result["trained_now"] == ["dpo-seed0"]
+    assert result["pairs"] == "pairs.jsonl" and result["trained_now"] == ["dpo-seed0"]
     assert "sampling 2 responses per training prompt" in capsys.readouterr().err  # quick: 2 samples
     mtime = (out / "pairs.jsonl").stat().st_mtime_ns
     assert main(args) == 0
@@ -218,3 +223,76 @@ def test_build_pairs_samples_the_base_on_training_prompts_only_and_is_reused(tin
 def test_pairs_and_build_pairs_together_are_refused():
     with pytest.raises(ConfigError, match="'pairs' and 'build_pairs'"):
         load_config(CompareConfig, None, ["gold=x:y", "pairs=p.jsonl", "build_pairs=4"])
+
+
+def _hh_row(i: int, bad: bool = False) -> dict:
+    """An HH-RLHF-style row: two whole transcripts sharing the conversation before the compared reply."""
+    prompt = f"\n\nHuman: question number {i}?"
+    return {"chosen": prompt + "\n\nAssistant: " + ("" if bad else f"kind answer {i}."),
+            "rejected": prompt + f"\n\nAssistant: rude answer {i}."}  # fmt: skip
+
+
+def test_a_fixed_split_of_one_hh_file_gives_the_train_and_held_out_rows_asked_for(tmp_path):
+    """pairs_rows / heldout_pairs(_rows) / prompts_rows / heldout_prompts(_rows): the HH-RLHF comparison's fixed
+    split, rows start <= row < stop of one transcript file, a bad row skipped and counted."""
+    from alignkit.pipelines.compare import split_data
+
+    hh = tmp_path / "hh.jsonl"
+    hh.write_text("".join(json.dumps(_hh_row(i, bad=i == 2)) + "\n" for i in range(10)))
+    cfg = load_config(
+        CompareConfig, None, [], gold="x:y", pairs=str(hh), pairs_rows=[0, 6], heldout_pairs=str(hh),
+        heldout_pairs_rows=[6, 10], prompts=str(hh), prompts_rows=[0, 6], heldout_prompts=str(hh),
+        heldout_prompts_rows=[6, 10], on_bad_row="skip",
+    )  # fmt: skip
+    root = tmp_path / "c"
+    root.mkdir()
+    out = split_data(cfg, root, "unused")
+
+    def read(key):
+        return [json.loads(x) for x in out[key].read_text().splitlines()]
+
+    def numbers(rows):
+        return [int(r["prompt"][0]["content"].split()[-1].rstrip("?")) for r in rows]
+
+    assert numbers(read("pairs")) == [0, 1, 3, 4, 5]  # row 2 has an empty reply: skipped
+    assert numbers(read("heldout_pairs")) == [6, 7, 8, 9]
+    assert read("pairs")[0]["chosen"] == "kind answer 0." and read("pairs")[0]["rejected"] == "rude answer 0."
+    assert numbers(read("prompts")) == [0, 1, 3, 4, 5] and numbers(read("heldout_prompts")) == [6, 7, 8, 9]
+    assert set(read("prompts")[0]) == {"prompt"}  # the pair's replies do not travel with its prompt
+    assert [r["completion"] for r in read("demonstrations")] == [f"kind answer {i}." for i in (0, 1, 3, 4, 5)]
+    data = json.loads((root / "data.json").read_text())
+    assert data["rows"]["pairs"] == 5 and data["rows"]["heldout_prompts"] == 4
+    assert data["skipped_rows"] == {"prompts": 1, "heldout_prompts": 0, "pairs": 1, "heldout_pairs": 0}
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        (["pairs_rows=[0,10]"], "'pairs_rows': rows of which file? set 'pairs' too"),
+        (["heldout_pairs=h.jsonl"], "'heldout_pairs': give the training pairs too"),
+        (["pairs=p.jsonl", "pairs_rows=[5,5]"], "'pairs_rows' must be [start, stop] with start < stop"),
+        (["heldout_prompts_rows=[0,4]"], "set 'heldout_prompts' too"),
+    ],
+)
+def test_fixed_split_mistakes_are_config_errors(settings, message):
+    with pytest.raises(
+        ConfigError, match=message.replace("[", r"\[").replace("]", r"\]").replace("?", r"\?")
+    ):
+        load_config(CompareConfig, None, ["gold=x:y", *settings])
+
+
+@pytest.mark.parametrize("method", ["sft", "dpo", "ipo", "kto", "orpo", "online_dpo", "ppo", "grpo"])
+def test_length_limits_reach_every_method_s_stage(method, tmp_path):
+    """max_length (offline) and max_prompt_length (online) are keys each method's own stage reads."""
+    from alignkit.pipelines.compare import stage_settings
+    from alignkit.pipelines.methods import METHODS
+    from alignkit.stages import load_stage
+
+    cfg = load_config(CompareConfig, None, ["gold=x:y", "max_length=300", "max_prompt_length=200"])
+    data = {k: tmp_path / f"{k}.jsonl" for k in ("prompts", "pairs", "heldout_pairs", "demonstrations")}
+    settings = stage_settings(cfg, method, 0, "m", data, tmp_path / "run")
+    stage_cfg = load_config(load_stage(METHODS[method].stage).config, None, [], **settings)
+    if METHODS[method].online:
+        assert stage_cfg.max_prompt_length == 200 and "max_length" not in settings
+    else:
+        assert stage_cfg.max_length == 300 and "max_prompt_length" not in settings

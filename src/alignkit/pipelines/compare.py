@@ -25,7 +25,7 @@ from importlib.resources import files
 from pathlib import Path
 from typing import Literal
 
-from alignkit.config import ConfigError, doc_field, load_config, required, save_config
+from alignkit.config import ConfigError, check_row_range, doc_field, load_config, required, save_config
 from alignkit.pipelines.methods import METHODS, models_in_memory
 from alignkit.stages import Stage
 
@@ -56,14 +56,40 @@ class CompareConfig:
     demonstrations: str | None = doc_field(
         None, "SFT data (prompt/completion); unset: the chosen replies of the training pairs."
     )
+    pairs_rows: tuple[int, int] | None = doc_field(
+        None,
+        "Use only file rows start <= row < stop of pairs, written [start, stop] (a fixed split's).",
+        ge=0,
+    )
+    heldout_pairs: str | None = doc_field(
+        None,
+        "Held-out pairs for the preference accuracy (e.g. a fixed split); unset: every Nth pair of pairs.",
+    )
+    heldout_pairs_rows: tuple[int, int] | None = doc_field(
+        None, "Use only these file rows of heldout_pairs.", ge=0
+    )
     heldout_pairs_every: int = doc_field(
-        5, "Every Nth pair is held out of training for the preference accuracy.", ge=2
+        5, "Without heldout_pairs: every Nth pair is held out of training for the preference accuracy.", ge=2
     )
     prompts: str | None = doc_field(
-        None, "Prompts (local JSONL) for the online methods and the evaluation; unset: alignkit's built-in set."
+        None,
+        "Prompts (local JSONL, or pairs whose prompts are taken, e.g. HH-RLHF transcripts) for the online "
+        "methods and the evaluation; unset: alignkit's built-in set.",
+    )
+    prompts_rows: tuple[int, int] | None = doc_field(None, "Use only these file rows of prompts.", ge=0)
+    heldout_prompts: str | None = doc_field(
+        None,
+        "Prompts of the evaluation (e.g. a fixed split's held-out rows); unset: every Nth prompt of prompts.",
+    )
+    heldout_prompts_rows: tuple[int, int] | None = doc_field(
+        None, "Use only these file rows of heldout_prompts.", ge=0
     )
     heldout_prompts_every: int = doc_field(
-        4, "Every Nth prompt is held out of training for the evaluation.", ge=2
+        4, "Without heldout_prompts: every Nth prompt is held out of training for the evaluation.", ge=2
+    )
+    on_bad_row: Literal["error", "skip"] = doc_field(
+        "error",
+        "A pair or prompt row that cannot be read: stop naming it, or skip it (counted in compare.json).",
     )
     gold: str = required(
         "Gold scorer of the evaluation: 'module:function' (prompt, response) -> float, or a reward-model dir."
@@ -81,6 +107,16 @@ class CompareConfig:
     batch_size: int = doc_field(8, "Offline methods' batch size (items per optimizer step).", ge=1)
     micro_batch_size: int = doc_field(2, "Items per forward/backward pass.", ge=1)
     max_new_tokens: int = doc_field(48, "Longest response, in training (online) and in the evaluation.", ge=1)
+    max_prompt_length: int | None = doc_field(
+        None,
+        "Online methods and the evaluation: longest prompt in tokens (its end kept); unset: each stage's.",
+        ge=1,
+    )
+    max_length: int | None = doc_field(
+        None,
+        "Offline methods: longest prompt + reply in tokens (longer rows cut); unset: each stage's own.",
+        ge=2,
+    )
     seeds: list[int] = doc_field([0, 1, 2], "Training seeds; each method runs once per seed.")
     eval_samples: int = doc_field(4, "Responses per held-out prompt and model in the evaluation.", ge=1)
     eval_temperature: float = doc_field(0.7, "Sampling temperature of the evaluation.", ge=0)
@@ -107,6 +143,14 @@ class CompareConfig:
             raise ConfigError("config key 'seeds': give at least one seed")
         if self.pairs is not None and self.build_pairs is not None:
             raise ConfigError("config keys 'pairs' and 'build_pairs': give one (a file, or responses to sample)")
+        for name in ("pairs_rows", "heldout_pairs_rows", "prompts_rows", "heldout_prompts_rows"):
+            check_row_range(self, name)
+        for rows, source in (("pairs_rows", "pairs"), ("heldout_pairs_rows", "heldout_pairs"),
+                             ("heldout_prompts_rows", "heldout_prompts")):  # fmt: skip
+            if getattr(self, rows) is not None and getattr(self, source) is None:
+                raise ConfigError(f"config key '{rows}': rows of which file? set '{source}' too")
+        if self.heldout_pairs is not None and self.pairs is None:
+            raise ConfigError("config key 'heldout_pairs': give the training pairs too ('pairs')")
         for item in self.method_settings:
             method, _, key = item.partition("=")[0].partition(".")
             if method not in self.methods or not key or "=" not in item:
@@ -154,38 +198,89 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
     tmp.replace(path)
 
 
-def split_data(cfg: CompareConfig, root: Path, model: str) -> dict[str, Path | None]:
-    """Training and held-out files in ``root``: every Nth prompt and every Nth pair held out. With
-    build_pairs, the pairs are sampled on the training prompts first (so no evaluation prompt is trained on)."""
+def _prompt_lines(
+    cfg: CompareConfig, source: str, rows: tuple[int, int] | None, skipped: dict, role: str
+) -> list[str]:
+    """The prompts of ``source`` (rows ``rows``) as JSONL lines: read and checked here, so a bad row is named in
+    its own file; an HH-RLHF pair row gives the conversation before its compared replies."""
+    from alignkit.data.schemas import load_prompts
+
+    loaded = load_prompts(source, on_bad_row=cfg.on_bad_row, rows=rows)
+    skipped[role] = len(loaded.skipped)
+    drop = {"chosen", "rejected"}  # a pair file's replies are not the prompt's columns
+    return [
+        json.dumps({"prompt": p.prompt, **{k: v for k, v in p.columns.items() if k not in drop}})
+        for p in loaded.examples
+    ]
+
+
+def _pair_rows(
+    cfg: CompareConfig, source: str, rows: tuple[int, int] | None, skipped: dict, role: str
+) -> list[dict]:
     from alignkit.data.schemas import load_preferences
 
+    loaded = load_preferences(str(source), on_bad_row=cfg.on_bad_row, rows=rows)
+    skipped[role] = len(loaded.skipped)
+    return [{"prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected} for p in loaded.examples]
+
+
+def split_data(cfg: CompareConfig, root: Path, model: str) -> dict[str, Path | None]:
+    """Training and held-out files in ``root``: the held-out files given, else every Nth prompt and every Nth
+    pair held out. With build_pairs, the pairs are sampled on the training prompts first (so no evaluation
+    prompt is trained on). Writes root/data.json: the rows of each file and the rows skipped (on_bad_row=skip)."""
+    skipped: dict[str, int] = {}
     source = Path(cfg.prompts or PROMPTS)
     if not source.is_file():
         raise ConfigError(f"config key 'prompts': {source} is not a file (a local JSONL of prompts)")
-    # Lines copied as they are: the stages that read them check each row and name a bad one.
-    lines = [line for line in source.read_text().splitlines() if line.strip()]
+    if cfg.prompts_rows is None and cfg.heldout_prompts is None:
+        # Lines copied as they are: the stages that read them check each row and name a bad one.
+        lines = [line for line in source.read_text().splitlines() if line.strip()]
+    else:
+        lines = _prompt_lines(cfg, str(source), cfg.prompts_rows, skipped, "prompts")
     n = cfg.heldout_prompts_every
+    if cfg.heldout_prompts is None:
+        train, heldout = (
+            [x for i, x in enumerate(lines) if i % n != n - 1],
+            [x for i, x in enumerate(lines) if i % n == n - 1],
+        )
+    else:
+        train, heldout = (
+            lines,
+            _prompt_lines(cfg, cfg.heldout_prompts, cfg.heldout_prompts_rows, skipped, "heldout_prompts"),
+        )
     out: dict[str, Path | None] = {"pairs": None, "heldout_pairs": None, "demonstrations": None}
     out["prompts"], out["heldout_prompts"] = root / "prompts-train.jsonl", root / "prompts-heldout.jsonl"
-    out["prompts"].write_text("".join(x + "\n" for i, x in enumerate(lines) if i % n != n - 1))
-    out["heldout_prompts"].write_text("".join(x + "\n" for i, x in enumerate(lines) if i % n == n - 1))
+    out["prompts"].write_text("".join(x + "\n" for x in train))
+    out["heldout_prompts"].write_text("".join(x + "\n" for x in heldout))
     pairs_file = build_pairs(cfg, model, out["prompts"], root) if cfg.build_pairs else cfg.pairs
     if pairs_file is not None:
-        pairs = load_preferences(str(pairs_file)).examples
-        n = cfg.heldout_pairs_every
-        rows = [{"prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected} for p in pairs]
+        rows = _pair_rows(cfg, str(pairs_file), cfg.pairs_rows if cfg.pairs else None, skipped, "pairs")
+        if cfg.heldout_pairs is None:
+            n = cfg.heldout_pairs_every
+            train_pairs = [r for i, r in enumerate(rows) if i % n != n - 1]
+            heldout_pairs = [r for i, r in enumerate(rows) if i % n == n - 1]
+        else:
+            train_pairs, heldout_pairs = (
+                rows,
+                _pair_rows(cfg, cfg.heldout_pairs, cfg.heldout_pairs_rows, skipped, "heldout_pairs"),
+            )
         out["pairs"], out["heldout_pairs"] = root / "pairs-train.jsonl", root / "pairs-heldout.jsonl"
-        _write_jsonl(out["pairs"], [r for i, r in enumerate(rows) if i % n != n - 1])
-        _write_jsonl(out["heldout_pairs"], [r for i, r in enumerate(rows) if i % n == n - 1])
+        _write_jsonl(out["pairs"], train_pairs)
+        _write_jsonl(out["heldout_pairs"], heldout_pairs)
         # SFT, the baseline, imitates the chosen replies of the same training pairs.
         out["demonstrations"] = root / "demonstrations.jsonl"
         _write_jsonl(
-            out["demonstrations"],
-            [{"prompt": r["prompt"], "completion": r["chosen"]} for i, r in enumerate(rows) if i % n != n - 1],
+            out["demonstrations"], [{"prompt": r["prompt"], "completion": r["chosen"]} for r in train_pairs]
         )
     if cfg.demonstrations is not None:
         out["demonstrations"] = Path(cfg.demonstrations)
+    counts = {k: _count_rows(v) for k, v in out.items() if v is not None}
+    (root / "data.json").write_text(json.dumps({"rows": counts, "skipped_rows": skipped}, indent=2) + "\n")
     return out
+
+
+def _count_rows(path: Path) -> int | None:
+    return sum(1 for line in path.open() if line.strip()) if path.suffix == ".jsonl" else None
 
 
 def build_pairs(cfg: CompareConfig, model: str, prompts: Path, root: Path) -> Path:
@@ -238,6 +333,8 @@ def stage_settings(cfg: CompareConfig, method: str, seed: int, model: str, data:
     if m.online:
         settings.update(train_data=str(data["prompts"]), reward=cfg.reward or cfg.gold)
         settings.update(max_new_tokens=cfg.max_new_tokens)
+        if cfg.max_prompt_length is not None:
+            settings["max_prompt_length"] = cfg.max_prompt_length
         settings["rounds" if method == "online_dpo" else "iterations"] = cfg.iterations
         if cfg.quick:  # the smallest batches each online stage accepts
             settings.update(
@@ -250,6 +347,8 @@ def stage_settings(cfg: CompareConfig, method: str, seed: int, model: str, data:
     else:
         train = data["demonstrations"] if method == "sft" else data["pairs"]
         settings.update(train_data=str(train), max_steps=cfg.steps, batch_size=cfg.batch_size)
+        if cfg.max_length is not None:
+            settings["max_length"] = cfg.max_length
         if m.preference_accuracy:
             settings["eval_data"] = str(data["heldout_pairs"])
     return settings
@@ -282,6 +381,7 @@ def evaluate(cfg: CompareConfig, model: str, heldout_prompts: Path, run_dir: Pat
             prompts=str(heldout_prompts), prompts_max_rows=cfg.eval_prompts_max, reward=cfg.gold,
             temperature=cfg.eval_temperature, samples_per_prompt=cfg.eval_samples,
             max_new_tokens=cfg.max_new_tokens, seed=cfg.eval_seed, output=str(run_dir / "eval.json"),
+            **({} if cfg.max_prompt_length is None else {"max_prompt_length": cfg.max_prompt_length}),
             progress=cfg.progress, reference_cache=str(run_dir.parent / "reference-eval.json"),
         )
     )  # fmt: skip
@@ -313,7 +413,7 @@ def run_row(method: str, seed: int, run_dir: Path) -> dict:
     return {
         "method": method,
         "seed": seed,
-        "run_dir": str(run_dir),
+        "run_dir": run_dir.name,  # inside output_dir, beside compare.json
         "peak_rss_mb": summary.get("peak_rss_mb"),
         # Weights, gradients and optimizer state (what recommend's estimate predicts), and the parameter counts.
         "model_state_bytes": summary.get("model_state_bytes"),
@@ -455,13 +555,17 @@ def _run(cfg: CompareConfig, root: Path, model: str, started: float) -> dict:
     result = {
         "model": cfg.model,
         "gold": cfg.gold,
-        "pairs": str(root / "pairs.jsonl") if cfg.build_pairs else cfg.pairs,
+        "pairs": "pairs.jsonl" if cfg.build_pairs else cfg.pairs,  # built: inside output_dir
+        "data": json.loads((root / "data.json").read_text()),
         "methods": table,
         "runs": [{k: v for k, v in r.items() if k != "per_prompt"} for r in runs],
         "trained_now": trained,
         "evaluated_now": evaluated,
-        "wall_seconds": time.time() - started,
+        # Every invocation on this folder (a rerun that reuses the runs adds a short one); wall_seconds, their sum,
+        # is what the whole comparison cost.
+        "invocations": [*_invocations(root), {"seconds": time.time() - started, "trained": trained, "evaluated": evaluated}],
     }
+    result["wall_seconds"] = sum(i["seconds"] for i in result["invocations"])
     markdown = markdown_table(table)
     (root / "compare.json").write_text(json.dumps(result, indent=2) + "\n")
     (root / "compare.md").write_text(markdown + "\n\n" + TABLE_NOTES + "\n")
@@ -471,6 +575,17 @@ def _run(cfg: CompareConfig, root: Path, model: str, started: float) -> dict:
     print(markdown)
     print(f"\n{TABLE_NOTES}\n\nruns trained now: {len(trained)}; page: {root / 'compare.html'}")
     return result
+
+
+def _invocations(root: Path) -> list[dict]:
+    """The earlier invocations recorded in root/compare.json (one, for a file written before they were kept)."""
+    path = root / "compare.json"
+    if not path.is_file():
+        return []
+    old = json.loads(path.read_text())
+    if "invocations" in old:
+        return old["invocations"]
+    return [{"seconds": old["wall_seconds"], "trained": old["trained_now"], "evaluated": old["evaluated_now"]}]
 
 
 def markdown_rows(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
