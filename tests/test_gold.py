@@ -77,8 +77,18 @@ def test_ppo_gold_rows_their_samples_and_an_unchanged_training_run(tiny_model_di
     assert summary["gold_reward"] == "_ppo_rewards:shortness"
     assert summary["gold_by_iteration"] == [[r["step"], r["gold_reward/mean"]] for r in gold_rows]
     assert summary["score_by_iteration"] == [r["score/mean"] for r in rows[1:]]  # step 0 is no training row
+    # the summary's gold_change: each evaluation's golds minus step 0's, prompt by prompt, and its win rate
+    start = [s["gold"] for s in samples if s["step"] == 0]
+    changes = summary["gold_change"]["evaluations"]
+    assert [c["step"] for c in changes] == [1, 3, 4] and summary["gold_change"]["last"] == changes[-1]
+    for change in changes:
+        mine = [s["gold"] for s in samples if s["step"] == change["step"]]
+        assert change["change"] == pytest.approx(sum(m - s0 for m, s0 in zip(mine, start)) / 4, abs=1e-9)
+        outcomes = [1.0 if m > s0 else 0.5 if m == s0 else 0.0 for m, s0 in zip(mine, start)]
+        assert change["win_rate"] == pytest.approx(sum(outcomes) / 4)
 
-    _ppo(tiny_model_dir, tmp_path, "plain", "iterations=4")
+    plain_summary = _ppo(tiny_model_dir, tmp_path, "plain", "iterations=4")
+    assert plain_summary["gold_change"] is None
     plain = _lines(tmp_path / "plain" / "metrics.jsonl")
     training = [{k: v for k, v in r.items() if k not in NOT_TRAINING} for r in rows[1:]]
     assert [{k: v for k, v in r.items() if k not in NOT_TRAINING} for r in plain] == training

@@ -200,6 +200,45 @@ def test_report_has_the_overoptimisation_plot_only_with_gold_rows(run_dir, tmp_p
     assert "plot-over-optimisation" not in page and "Over-optimisation" not in page
 
 
+def _gold_run(path, rows, golds: dict[int, list[float]]):
+    """A run folder with metrics ``rows`` and gold_samples.jsonl holding ``golds`` (step -> gold per prompt)."""
+    path.mkdir()
+    (path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    samples = [
+        {"step": step, "prompt": f"p{i}", "response": "r", "gold": g, "proxy": 0.0}
+        for step, values in golds.items()
+        for i, g in enumerate(values)
+    ]
+    (path / "gold_samples.jsonl").write_text("".join(json.dumps(s) + "\n" for s in samples))
+    return path
+
+
+def test_report_with_runs_draws_every_runs_gold_and_tabulates_the_changes(tmp_path):
+    """`with_runs=[...]`: the PPO-like run and an online-DPO-like one on one plot, four curves named by run
+    folder, and the gold table: per evaluation, the KL logged at that step, the change from step 0 paired per
+    prompt (here +0.5 = mean of +1, 0, +1, 0) and the win rate (ties half: 0.75). A run without gold rows is
+    refused by name."""
+    ppo_run = _gold_run(tmp_path / "ppo", GOLD_ROWS, {0: [1, 1, 1, 1], 2: [2, 1, 2, 1], 4: [1, 1, 1, 1]})
+    dpo_rows = [{**r, "gold_reward/mean": r["gold_reward/mean"] + 0.1} for r in GOLD_ROWS if "gold_kl" in r]
+    dpo_run = _gold_run(tmp_path / "odpo", dpo_rows, {0: [0, 0, 0, 0], 2: [0, 0, 0, 1]})
+    info = run(load_config(ReportConfig, None, [f"run_dir={ppo_run}", f"with_runs=[{dpo_run}]"]))
+    page = (ppo_run / "report.html").read_text()
+    figure = page[page.index('id="plot-over-optimisation"') :]
+    (svg,) = _images(figure[: figure.index("</figure>")])
+    assert len(svg.findall(f".//{SVG}polyline")) == 4
+    assert {"ppo gold", "ppo proxy", "odpo gold", "odpo proxy"} <= {t.text for t in svg.iter(f"{SVG}text")}
+    assert '<td>ppo</td><td class="num">2</td><td class="num">4</td><td class="num">1.5</td>' in page
+    assert "<td>+0.500 [" in page and "<td>0.750 [" in page
+    assert info["gold_change"]["ppo"]["step"] == 4 and info["gold_change"]["ppo"]["change"] == 0
+    assert info["gold_change"]["odpo"]["win_rate"] == pytest.approx(0.625)
+
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    (plain / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": 1.0}) + "\n")
+    assert cli.main(["report", f"run_dir={ppo_run}", f"with_runs=[{plain}]"]) == 2
+    assert cli.main(["report", f"run_dir={ppo_run}", f"with_runs=[{tmp_path / 'nowhere'}]"]) == 2
+
+
 def test_empty_groups_are_left_out_and_pairs_share_axes():
     assert group_keys([]) == []
     groups = group_keys(["len/mean", "kl", "distinct_2", "eval/rewards/chosen", "eval/rewards/rejected", "x"])

@@ -17,6 +17,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from alignkit.config import ConfigError
+from alignkit.evaluation.gold_change import gold_summary
+
 # ---------------------------------------------------------------------------------------------
 # Reading the run folder
 # ---------------------------------------------------------------------------------------------
@@ -358,12 +361,13 @@ def svg_data_uri(svg: str) -> str:
 GOLD, GOLD_PROXY, GOLD_KL = "gold_reward/mean", "gold_proxy/mean", "gold_kl/per_response"
 
 
-def overoptimisation_curves(rows: list[dict]) -> dict[str, list[tuple[float, float]]] | None:
+def overoptimisation_curves(rows: list[dict], label: str = "") -> dict[str, list[tuple[float, float]]] | None:
     """The gold evaluations of ``rows`` (those with a finite gold score, proxy score and KL) as {"gold": [(sqrt
     KL, change), ...], "proxy": [...]}, in step order: each mean score's change from the first evaluation (the
     starting policy's, step 0, when the run logged it) against the square root of the samples' KL to the
     reference in nats per response, the axes of Gao et al.'s Figure 1. A negative KL estimate (k1 can give one
-    on a few samples) is drawn at 0. None when no row holds a gold evaluation."""
+    on a few samples) is drawn at 0. ``label`` (a run's name) goes before each key: "<label> gold". None when
+    no row holds a gold evaluation."""
     points = []
     for row in rows:
         step, gold, proxy, kl = (_number(row.get(k)) for k in ("step", GOLD, GOLD_PROXY, GOLD_KL))
@@ -374,19 +378,50 @@ def overoptimisation_curves(rows: list[dict]) -> dict[str, list[tuple[float, flo
         return None
     points.sort(key=lambda p: p[0])
     _, _, gold0, proxy0 = points[0]
+    prefix = f"{label} " if label else ""
     return {
-        "gold": [(d, g - gold0) for _, d, g, _ in points],
-        "proxy": [(d, p - proxy0) for _, d, _, p in points],
+        f"{prefix}gold": [(d, g - gold0) for _, d, g, _ in points],
+        f"{prefix}proxy": [(d, p - proxy0) for _, d, _, p in points],
     }
 
 
+def gold_evaluations(
+    runs: list[tuple[Path, list[dict]]],
+) -> tuple[dict[str, list[tuple[float, float]]], list[tuple[str, dict, list[dict]]]]:
+    """The over-optimisation curves of every run with gold evaluations (keys named by run folder when there
+    are several), and each run's gold summary from its gold_samples.jsonl ((name, summary, rows); none for a run
+    without the file or a step-0 evaluation). A further run (past the first) without gold rows is an error."""
+    names = [d.name for d, _ in runs]
+    if len(set(names)) < len(names):
+        names = [str(d) for d, _ in runs]
+    curves: dict[str, list[tuple[float, float]]] = {}
+    summaries = []
+    for i, ((run_dir, rows), name) in enumerate(zip(runs, names)):
+        run_curves = overoptimisation_curves(rows, name if len(runs) > 1 else "")
+        if run_curves is None:
+            if i > 0:
+                raise ConfigError(f"with_runs: {run_dir} logged no gold evaluation (gold_reward=...)")
+            continue
+        curves |= run_curves
+        try:
+            gold = gold_summary(run_dir / "gold_samples.jsonl")
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        if gold is not None:
+            summaries.append((name, gold, rows))
+    return curves, summaries
+
+
 def overoptimisation_html(curves: dict[str, list[tuple[float, float]]]) -> str:
-    """The figure of ``overoptimisation_curves``: gold and proxy on one axes, joined in step order."""
+    """The figure of ``overoptimisation_curves`` (of one run, or several merged): every curve on one axes,
+    joined in step order."""
+    keys = list(curves)
     xs = [d for points in curves.values() for d, _ in points]
-    width, height = FIGURE_WIDTH / 2, PANEL_HEIGHT + 30
+    wide = len(keys) > 2
+    width, height = FIGURE_WIDTH / (1 if wide else 2), PANEL_HEIGHT + 30
     xlabel = "sqrt(KL to the reference, nats per response)"
-    title = "change from the first evaluation: gold vs proxy"
-    body = _panel_svg(["gold", "proxy"], curves, [], (min(xs), max(xs)), 0, 0, width, height, xlabel, title)
+    title = "change from each run's first evaluation: gold vs proxy"
+    body = _panel_svg(keys, curves, [], (min(xs), max(xs)), 0, 0, width, height, xlabel, title)
     uri = svg_data_uri(_svg(width, height, body))
     alt = "Over-optimisation: gold and proxy score against sqrt(KL)"
     return (
@@ -394,9 +429,30 @@ def overoptimisation_html(curves: dict[str, list[tuple[float, float]]]) -> str:
         "with the proxy reward on the same samples (gold_proxy/mean), against the square root of their KL to "
         "the reference (gold_kl/per_response), as in Gao, Schulman &amp; Hilton 2022. Gold falling while the "
         "proxy rises is over-optimisation.</p>"
-        '<div class="plots"><figure id="plot-over-optimisation" class="half">'
+        f'<div class="plots"><figure id="plot-over-optimisation" class="{"" if wide else "half"}">'
         f'<figcaption>Gold and proxy score against sqrt(KL)</figcaption><img src="{uri}" alt="{_esc(alt)}">'
         "</figure></div>"
+    )
+
+
+def _interval(value: float, ci: list[float]) -> str:
+    return f"{value:+.3f} [{ci[0]:+.3f}, {ci[1]:+.3f}]"
+
+
+def gold_change_html(runs: list[tuple[str, dict, list[dict]]]) -> str:
+    """The table of each run's gold evaluations against its step 0 (``evaluation.gold_change.gold_summary``),
+    with the KL its row logged. ``runs``: (name, gold summary, metric rows)."""
+    rows = []
+    for name, gold, metric_rows in runs:
+        kl = {_number(r.get("step")): _number(r.get(GOLD_KL)) for r in metric_rows if GOLD_KL in r}
+        for c in gold["evaluations"]:
+            win = f"{c['win_rate']:.3f} [{c['win_rate_ci95'][0]:.3f}, {c['win_rate_ci95'][1]:.3f}]"
+            rows.append((name, c["step"], kl.get(c["step"]), c["gold"], _interval(c["change"], c["change_ci95"]), win))
+    head = ("run", "step", "KL / response", "gold mean", "gold change vs step 0 [95% CI]", "gold win rate [95% CI]")
+    return (
+        "<p class='meta'>Each evaluation against the starting policy's (step 0) on the same held-out prompts, one "
+        "sample each at temperature 1: the change of the mean gold score and the gold win rate (ties half), each "
+        "with a 95% percentile-bootstrap interval over the prompts, paired per prompt.</p>" + _table(rows, head)
     )
 
 
@@ -588,9 +644,14 @@ def reward_diagnostics_html(diagnostics: dict) -> str:
 
 
 def render_report(
-    run_dir: Path, eval_path: Path | None = None, title: str | None = None, max_samples: int = 20
+    run_dir: Path,
+    eval_path: Path | None = None,
+    title: str | None = None,
+    max_samples: int = 20,
+    with_runs: list[Path] = (),
 ) -> tuple[str, dict]:
-    """The HTML page for ``run_dir``, and what went in it ({"groups": [...], "events": n, ...})."""
+    """The HTML page for ``run_dir``, and what went in it ({"groups": [...], "events": n, ...}). ``with_runs``:
+    other online runs whose gold evaluations join this run's on the over-optimisation plot and table."""
     run_dir = Path(run_dir)
     metrics = read_metrics(run_dir / "metrics.jsonl")
     summary_path, config_path = run_dir / "summary.json", run_dir / "config.yaml"
@@ -614,10 +675,14 @@ def render_report(
     parts = header_html(title, run_dir, stage, steps, metrics)
     parts.append("<h2>Training curves</h2>")
     parts += curves_html(groups, data, event_marks)
-    gold_curves = overoptimisation_curves(metrics.rows)
-    if gold_curves is not None:
+    gold_curves, gold_runs = gold_evaluations([(run_dir, metrics.rows)] + [
+        (Path(d), read_metrics(Path(d) / "metrics.jsonl").rows) for d in with_runs
+    ])
+    if gold_curves:
         parts.append("<h2>Over-optimisation</h2>")
         parts.append(overoptimisation_html(gold_curves))
+        if gold_runs:
+            parts.append(gold_change_html(gold_runs))
     parts.append("<h2>Monitor events</h2>")
     parts.append(events_html(metrics.events) if metrics.events else '<p class="empty">No monitor fired.</p>')
 
@@ -647,7 +712,8 @@ def render_report(
     info = {
         "groups": [g.title for g in groups],
         "events": len(metrics.events),
-        "overoptimisation": gold_curves is not None,
+        "overoptimisation": bool(gold_curves),
+        "gold_change": {name: gold["last"] for name, gold, _ in gold_runs},
         "eval": str(eval_path) if eval_result is not None else None,
     }
     return "\n".join(parts) + "\n", info

@@ -27,6 +27,12 @@ class ReportConfig:
     )
     title: str | None = doc_field(None, "Page title; default 'alignkit report: <run folder name>'.")
     max_samples: int = doc_field(20, "Eval samples shown in the page (all stay in eval.json).", ge=0)
+    with_runs: list[str] | None = doc_field(
+        None,
+        "Other online runs with gold evaluations (gold_reward=...) drawn with this run's on the over-optimisation "
+        "plot and listed in its gold table, e.g. online DPO beside PPO against the same proxy; each curve is the "
+        "change from its own run's first evaluation.",
+    )
 
 
 def find_eval_json(run_dir: Path) -> Path | None:
@@ -44,7 +50,11 @@ def run(cfg: ReportConfig) -> dict:
     if cfg.eval_json and not eval_path.is_file():
         raise FileNotFoundError(f"eval_json not found: {eval_path}")
 
-    page, info = render_report(run_dir, eval_path, cfg.title, cfg.max_samples)
+    with_runs = [Path(d).expanduser() for d in cfg.with_runs or []]
+    for other in with_runs:
+        if not (other / "metrics.jsonl").is_file():
+            raise ConfigError(f"with_runs: {other} holds no metrics.jsonl (is it a run folder?)")
+    page, info = render_report(run_dir, eval_path, cfg.title, cfg.max_samples, with_runs)
 
     output = Path(cfg.output).expanduser() if cfg.output else run_dir / "report.html"
     output.parent.mkdir(parents=True, exist_ok=True)

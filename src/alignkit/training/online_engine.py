@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 from alignkit.config import ConfigError, validate_config
 from alignkit.data.tokenize import encode_prompt
 from alignkit.errors import TrainingInterrupted
+from alignkit.evaluation.gold_change import gold_summary
 from alignkit.evaluation.metrics import distinct_n, length_stats, mean_difference, pearson
 from alignkit.evaluation.monitors import Event, ModeCollapseMonitor, MonitorSet, is_gold_divergence
 from alignkit.models.generation import Generation, SamplingConfig, check_generation_backend, vllm_sampler
@@ -731,6 +732,8 @@ class OnlineRun:
             f"kl_by_{method.unit}": [r.get("kl") for r in metric_rows],
             "gold_reward": cfg.gold_reward,
             f"gold_by_{method.unit}": [[r["step"], r["gold_reward/mean"]] for r in rows if "gold_reward/mean" in r],
+            # each gold evaluation against step 0's, paired per held-out prompt, with 95% intervals
+            "gold_change": gold_summary(self.gold_samples_path if self.main and self.gold else None),
             **method.summarize(self.unit, metric_rows, self.samples_path if self.main else None),
             "events": [r for r in rows if "event" in r],
             "final_metrics": self.last_row,

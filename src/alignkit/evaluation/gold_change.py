@@ -1,0 +1,80 @@
+"""What the gold evaluations of an online run (``training.gold``, its gold_samples.jsonl) say about the policy
+against the starting one: at each evaluation, the mean gold score's change from step 0's and the gold win rate,
+each with a 95% percentile-bootstrap interval over the held-out prompts. Every evaluation answers the same prompts
+in the same order, one sample each, so the comparison is paired per prompt (the unit resampled).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from alignkit.evaluation.metrics import mean_ci, win_rate
+
+
+def read_gold_samples(path: Path) -> dict[int, list[dict]]:
+    """gold_samples.jsonl's rows by step, in file order."""
+    by_step: dict[int, list[dict]] = {}
+    for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            by_step.setdefault(int(row["step"]), []).append(row)
+        except (ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"{path}: line {number} is not a gold sample row ({e})") from None
+    return by_step
+
+
+def gold_changes(by_step: dict[int, list[dict]], seed: int = 0) -> list[dict]:
+    """One dict per evaluation after step 0, in step order: its mean gold and proxy score, the change of the mean
+    gold score from step 0's (``change``, ``change_ci95``: the mean of the per-prompt differences) and the gold win
+    rate against step 0's sample of the same prompt (``win_rate``, ``win_rate_ci95``; a tie counts half). Empty
+    without a step-0 evaluation (a run resumed past it keeps its rows; one started without gold has none). An
+    evaluation whose prompts differ from step 0's (another gold_prompts) is an error, not a silent mismatch."""
+    reference = by_step.get(0)
+    if not reference:
+        return []
+    ref_prompts = [r["prompt"] for r in reference]
+    ref_gold = np.array([float(r["gold"]) for r in reference])
+    out = []
+    for step in sorted(s for s in by_step if s > 0):
+        rows = by_step[step]
+        if [r["prompt"] for r in rows] != ref_prompts:
+            raise ValueError(f"gold samples of step {step} answer other prompts than step 0's: not comparable")
+        gold = np.array([float(r["gold"]) for r in rows])
+        change = mean_ci((gold - ref_gold).tolist(), seed=seed)
+        wins = win_rate(gold.tolist(), ref_gold.tolist(), seed=seed)
+        out.append(
+            {
+                "step": step,
+                "gold": float(gold.mean()),
+                "proxy": float(np.mean([float(r["proxy"]) for r in rows])),
+                "change": change.value,
+                "change_ci95": [change.low, change.high],
+                "win_rate": wins.value,
+                "win_rate_ci95": [wins.low, wins.high],
+                "prompts": len(rows),
+            }
+        )
+    return out
+
+
+def gold_summary(path: Path | None, seed: int = 0) -> dict | None:
+    """The summary's view of a run's gold samples (``path``): step 0's mean gold score, every evaluation's
+    ``gold_changes``, and the last and the best (highest mean gold) of them. None without the file or a step-0
+    evaluation."""
+    if path is None or not Path(path).is_file():
+        return None
+    by_step = read_gold_samples(path)
+    changes = gold_changes(by_step, seed=seed)
+    if not changes:
+        return None
+    return {
+        "reference_gold": float(np.mean([float(r["gold"]) for r in by_step[0]])),
+        "evaluations": changes,
+        "last": changes[-1],
+        "best": max(changes, key=lambda c: c["gold"]),
+    }

@@ -1,0 +1,61 @@
+"""The gold evaluations of a run against its starting policy (``evaluation.gold_change``), by hand."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from alignkit.evaluation.gold_change import gold_changes, gold_summary, read_gold_samples
+
+
+def _rows(step: int, golds: list[float], proxies: list[float], prompts=("a", "b", "c", "d")) -> list[dict]:
+    return [{"step": step, "prompt": p, "response": "r", "gold": g, "proxy": x} for p, g, x in zip(prompts, golds, proxies)]
+
+
+def test_gold_changes_by_hand():
+    """Step 0 golds (1, 2, 3, 4); step 5 (2, 2, 5, 3): differences +1, 0, +2, -1, mean +0.5; outcomes win, tie,
+    win, loss: win rate (1 + 0.5 + 1 + 0) / 4 = 0.625. Both intervals resample the 4 prompts, so they lie within
+    the smallest and largest per-prompt value. Step 9 is the best mean gold (3.5); the last is step 9 too."""
+    by_step = {
+        0: _rows(0, [1, 2, 3, 4], [0, 0, 0, 0]),
+        5: _rows(5, [2, 2, 5, 3], [1, 1, 1, 1]),
+        9: _rows(9, [3, 3, 4, 4], [2, 2, 2, 4]),
+    }
+    first, second = gold_changes(by_step)
+    assert first["step"] == 5 and first["gold"] == pytest.approx(3.0) and first["proxy"] == pytest.approx(1.0)
+    assert first["change"] == pytest.approx(0.5) and first["win_rate"] == pytest.approx(0.625)
+    assert -1 <= first["change_ci95"][0] <= 0.5 <= first["change_ci95"][1] <= 2
+    assert 0 <= first["win_rate_ci95"][0] <= 0.625 <= first["win_rate_ci95"][1] <= 1
+    assert second["change"] == pytest.approx(1.0) and second["win_rate"] == pytest.approx((1 + 1 + 1 + 0.5) / 4)
+    assert second["proxy"] == pytest.approx(2.5) and first["prompts"] == 4
+
+
+def test_every_prompt_better_gives_an_interval_above_zero():
+    """A policy that beats the start on all 20 prompts by 1..20 has a change interval above 0 and win rate 1."""
+    golds = [float(i) for i in range(20)]
+    prompts = [f"p{i}" for i in range(20)]
+    by_step = {0: _rows(0, golds, golds, prompts), 3: _rows(3, [g + i + 1 for i, g in enumerate(golds)], golds, prompts)}
+    (change,) = gold_changes(by_step)
+    assert change["change"] == pytest.approx(10.5) and change["change_ci95"][0] > 0
+    assert change["win_rate"] == 1.0 and change["win_rate_ci95"] == [1.0, 1.0]
+
+
+def test_no_step_zero_other_prompts_and_the_file(tmp_path):
+    """Without a step-0 evaluation there is nothing to compare; an evaluation of other prompts is refused; the
+    summary reads the file, names the last and best evaluation, and is None without it."""
+    assert gold_changes({5: _rows(5, [1, 2, 3, 4], [0] * 4)}) == []
+    with pytest.raises(ValueError, match="step 5 answer other prompts"):
+        gold_changes({0: _rows(0, [1] * 4, [0] * 4), 5: _rows(5, [1] * 4, [0] * 4, prompts="abce")})
+    path = tmp_path / "gold_samples.jsonl"
+    rows = _rows(0, [1, 2, 3, 4], [0] * 4) + _rows(5, [5, 5, 5, 5], [1] * 4) + _rows(10, [2, 3, 4, 5], [2] * 4)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    summary = gold_summary(path)
+    assert summary["reference_gold"] == pytest.approx(2.5)
+    assert [c["step"] for c in summary["evaluations"]] == [5, 10]
+    assert summary["best"]["step"] == 5 and summary["last"]["step"] == 10
+    assert summary["last"]["change"] == pytest.approx(1.0)
+    assert gold_summary(tmp_path / "missing.jsonl") is None and gold_summary(None) is None
+    path.write_text('{"step": 0, "prompt": "a"}\nnot json\n')
+    with pytest.raises(ValueError, match="line 2 is not a gold sample row"):
+        read_gold_samples(path)  # JSON and "step" are checked as the file is read
