@@ -31,6 +31,26 @@ def test_gold_changes_by_hand():
     assert second["proxy"] == pytest.approx(2.5) and first["prompts"] == 4
 
 
+def test_a_gain_that_length_explains_is_taken_out():
+    """Step 0: replies of 1..4 characters scoring 1..4 (slope 1 gold per character). Step 5: every reply 2
+    characters longer and 2 points better, so the change is +2, all of it length's: adjusted 0. Step 6: as long as
+    step 0's and 1 point better: +1 either way."""
+    def rows(step, texts, golds):
+        return [{"step": step, "prompt": p, "response": t, "gold": g, "proxy": 0.0} for p, t, g in zip("abcd", texts, golds)]
+
+    start = ["x", "xx", "xxx", "xxxx"]
+    by_step = {
+        0: rows(0, start, [1, 2, 3, 4]),
+        5: rows(5, [t + "yy" for t in start], [3, 4, 5, 6]),
+        6: rows(6, start, [2, 3, 4, 5]),
+    }
+    longer, better = gold_changes(by_step)
+    assert longer["change"] == pytest.approx(2.0) and longer["length_change"] == pytest.approx(2.0)
+    assert longer["length_adjusted_change"] == pytest.approx(0.0, abs=1e-9)
+    assert longer["length_adjusted_change_ci95"] == pytest.approx([0.0, 0.0], abs=1e-9)
+    assert better["length_adjusted_change"] == pytest.approx(1.0) == better["change"]
+
+
 def test_every_prompt_better_gives_an_interval_above_zero():
     """A policy that beats the start on all 20 prompts by 1..20 has a change interval above 0 and win rate 1."""
     golds = [float(i) for i in range(20)]
@@ -51,7 +71,7 @@ def test_no_step_zero_other_prompts_and_the_file(tmp_path):
     rows = _rows(0, [1, 2, 3, 4], [0] * 4) + _rows(5, [5, 5, 5, 5], [1] * 4) + _rows(10, [2, 3, 4, 5], [2] * 4)
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     summary = gold_summary(path)
-    assert summary["reference_gold"] == pytest.approx(2.5)
+    assert summary["reference_gold"] == pytest.approx(2.5) and summary["length_slope"] == 0  # every reply "r"
     assert [c["step"] for c in summary["evaluations"]] == [5, 10]
     assert summary["best"]["step"] == 5 and summary["last"]["step"] == 10
     assert summary["last"]["change"] == pytest.approx(1.0)

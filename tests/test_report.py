@@ -228,7 +228,7 @@ def test_report_with_runs_draws_every_runs_gold_and_tabulates_the_changes(tmp_pa
     assert len(svg.findall(f".//{SVG}polyline")) == 4
     assert {"ppo gold", "ppo proxy", "odpo gold", "odpo proxy"} <= {t.text for t in svg.iter(f"{SVG}text")}
     assert '<td>ppo</td><td class="num">2</td><td class="num">4</td><td class="num">1.5</td>' in page
-    assert "<td>+0.500 [" in page and "<td>0.750 [" in page
+    assert "<td>+0.500 [" in page and "<td>0.750 [" in page and "length-adjusted change [95% CI]" in page
     assert info["gold_change"]["ppo"]["step"] == 4 and info["gold_change"]["ppo"]["change"] == 0
     assert info["gold_change"]["odpo"]["win_rate"] == pytest.approx(0.625)
 

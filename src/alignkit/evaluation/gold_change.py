@@ -1,6 +1,7 @@
 """What the gold evaluations of an online run (``training.gold``, its gold_samples.jsonl) say about the policy
-against the starting one: at each evaluation, the mean gold score's change from step 0's and the gold win rate,
-each with a 95% percentile-bootstrap interval over the held-out prompts. Every evaluation answers the same prompts
+against the starting one: at each evaluation, the mean gold score's change from step 0's (as measured, and less
+what the change in reply length alone predicts) and the gold win rate, each with a 95% percentile-bootstrap
+interval over the held-out prompts. Every evaluation answers the same prompts
 in the same order, one sample each, so the comparison is paired per prompt (the unit resampled).
 """
 
@@ -28,24 +29,43 @@ def read_gold_samples(path: Path) -> dict[int, list[dict]]:
     return by_step
 
 
+def length_slope(rows: list[dict]) -> float:
+    """The least-squares slope of the gold score on the reply's length in characters over ``rows`` (0 when every
+    reply is as long): how much of a gold change a length change alone would give, were the gold scorer's taste
+    for length the same at every length."""
+    lengths = np.array([len(r["response"]) for r in rows], dtype=np.float64)
+    gold = np.array([float(r["gold"]) for r in rows])
+    if lengths.size < 2 or np.ptp(lengths) == 0:
+        return 0.0
+    return float(np.polyfit(lengths, gold, 1)[0])
+
+
 def gold_changes(by_step: dict[int, list[dict]], seed: int = 0) -> list[dict]:
     """One dict per evaluation after step 0, in step order: its mean gold and proxy score, the change of the mean
-    gold score from step 0's (``change``, ``change_ci95``: the mean of the per-prompt differences) and the gold win
-    rate against step 0's sample of the same prompt (``win_rate``, ``win_rate_ci95``; a tie counts half). Empty
-    without a step-0 evaluation (a run resumed past it keeps its rows; one started without gold has none). An
-    evaluation whose prompts differ from step 0's (another gold_prompts) is an error, not a silent mismatch."""
+    gold score from step 0's (``change``, ``change_ci95``: the mean of the per-prompt differences), the same less
+    what the replies' length change predicts (``length_adjusted_change`` and its ``_ci95``: each prompt's
+    difference minus ``length_slope`` of step 0 x its difference in characters; a reward model that likes longer
+    replies rewards a policy that writes longer ones), the mean length change (``length_change``, characters) and
+    the gold win rate against step 0's sample of the same prompt (``win_rate``, ``win_rate_ci95``; a tie counts
+    half). Empty without a step-0 evaluation (a run resumed past it keeps its rows; one started without gold has
+    none). An evaluation whose prompts differ from step 0's (another gold_prompts) is an error, not a silent
+    mismatch."""
     reference = by_step.get(0)
     if not reference:
         return []
     ref_prompts = [r["prompt"] for r in reference]
     ref_gold = np.array([float(r["gold"]) for r in reference])
+    ref_len = np.array([len(r["response"]) for r in reference], dtype=np.float64)
+    slope = length_slope(reference)
     out = []
     for step in sorted(s for s in by_step if s > 0):
         rows = by_step[step]
         if [r["prompt"] for r in rows] != ref_prompts:
             raise ValueError(f"gold samples of step {step} answer other prompts than step 0's: not comparable")
         gold = np.array([float(r["gold"]) for r in rows])
+        length = np.array([len(r["response"]) for r in rows], dtype=np.float64)
         change = mean_ci((gold - ref_gold).tolist(), seed=seed)
+        adjusted = mean_ci((gold - ref_gold - slope * (length - ref_len)).tolist(), seed=seed)
         wins = win_rate(gold.tolist(), ref_gold.tolist(), seed=seed)
         out.append(
             {
@@ -54,6 +74,9 @@ def gold_changes(by_step: dict[int, list[dict]], seed: int = 0) -> list[dict]:
                 "proxy": float(np.mean([float(r["proxy"]) for r in rows])),
                 "change": change.value,
                 "change_ci95": [change.low, change.high],
+                "length_change": float((length - ref_len).mean()),
+                "length_adjusted_change": adjusted.value,
+                "length_adjusted_change_ci95": [adjusted.low, adjusted.high],
                 "win_rate": wins.value,
                 "win_rate_ci95": [wins.low, wins.high],
                 "prompts": len(rows),
@@ -74,6 +97,7 @@ def gold_summary(path: Path | None, seed: int = 0) -> dict | None:
         return None
     return {
         "reference_gold": float(np.mean([float(r["gold"]) for r in by_step[0]])),
+        "length_slope": length_slope(by_step[0]),  # gold per character, step 0's replies
         "evaluations": changes,
         "last": changes[-1],
         "best": max(changes, key=lambda c: c["gold"]),

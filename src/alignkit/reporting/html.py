@@ -447,12 +447,18 @@ def gold_change_html(runs: list[tuple[str, dict, list[dict]]]) -> str:
         kl = {_number(r.get("step")): _number(r.get(GOLD_KL)) for r in metric_rows if GOLD_KL in r}
         for c in gold["evaluations"]:
             win = f"{c['win_rate']:.3f} [{c['win_rate_ci95'][0]:.3f}, {c['win_rate_ci95'][1]:.3f}]"
-            rows.append((name, c["step"], kl.get(c["step"]), c["gold"], _interval(c["change"], c["change_ci95"]), win))
-    head = ("run", "step", "KL / response", "gold mean", "gold change vs step 0 [95% CI]", "gold win rate [95% CI]")
+            adjusted = _interval(c["length_adjusted_change"], c["length_adjusted_change_ci95"])
+            change = _interval(c["change"], c["change_ci95"])
+            rows.append((name, c["step"], kl.get(c["step"]), c["gold"], change, c["length_change"], adjusted, win))
+    head = (
+        "run", "step", "KL / response", "gold mean", "gold change vs step 0 [95% CI]", "Δ length (chars)",
+        "length-adjusted change [95% CI]", "gold win rate [95% CI]",
+    )  # fmt: skip
     return (
         "<p class='meta'>Each evaluation against the starting policy's (step 0) on the same held-out prompts, one "
-        "sample each at temperature 1: the change of the mean gold score and the gold win rate (ties half), each "
-        "with a 95% percentile-bootstrap interval over the prompts, paired per prompt.</p>" + _table(rows, head)
+        "sample each at temperature 1: the change of the mean gold score, the same less what the change in reply "
+        "length predicts (step 0's slope of gold on length), and the gold win rate (ties half), each with a 95% "
+        "percentile-bootstrap interval over the prompts, paired per prompt.</p>" + _table(rows, head)
     )
 
 
