@@ -76,6 +76,9 @@ def test_no_step_zero_other_prompts_and_the_file(tmp_path):
     assert summary["best"]["step"] == 5 and summary["last"]["step"] == 10
     assert summary["last"]["change"] == pytest.approx(1.0)
     assert gold_summary(tmp_path / "missing.jsonl") is None and gold_summary(None) is None
-    path.write_text('{"step": 0, "prompt": "a"}\nnot json\n')
+    path.write_text(json.dumps(rows[0]) + "\nnot json\n")
     with pytest.raises(ValueError, match="line 2 is not a gold sample row"):
-        read_gold_samples(path)  # JSON and "step" are checked as the file is read
+        read_gold_samples(path)
+    path.write_text(json.dumps(rows[0]) + "\n" + '{"step": 0, "prompt": "a"}\n')
+    with pytest.raises(ValueError, match="line 2 is not a gold sample row .*response, gold, proxy"):
+        read_gold_samples(path)

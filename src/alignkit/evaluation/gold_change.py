@@ -1,8 +1,8 @@
 """What the gold evaluations of an online run (``training.gold``, its gold_samples.jsonl) say about the policy
 against the starting one: at each evaluation, the mean gold score's change from step 0's (as measured, and less
 what the change in reply length alone predicts) and the gold win rate, each with a 95% percentile-bootstrap
-interval over the held-out prompts. Every evaluation answers the same prompts
-in the same order, one sample each, so the comparison is paired per prompt (the unit resampled).
+interval over the held-out prompts. Every evaluation answers the same prompts in the same order, one sample each,
+so the comparison is paired per prompt (the unit resampled).
 """
 
 from __future__ import annotations
@@ -14,18 +14,24 @@ import numpy as np
 
 from alignkit.evaluation.metrics import mean_ci, win_rate
 
+SAMPLE_KEYS = ("step", "prompt", "response", "gold", "proxy")  # what training.gold writes per sample
+
 
 def read_gold_samples(path: Path) -> dict[int, list[dict]]:
-    """gold_samples.jsonl's rows by step, in file order."""
+    """gold_samples.jsonl's rows by step, in file order; a line that is not JSON or lacks a key of SAMPLE_KEYS
+    is an error naming the file and line."""
     by_step: dict[int, list[dict]] = {}
     for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), start=1):
         if not line.strip():
             continue
         try:
             row = json.loads(line)
+            missing = [k for k in SAMPLE_KEYS if k not in row]
+            if missing:
+                raise KeyError(", ".join(missing))
             by_step.setdefault(int(row["step"]), []).append(row)
         except (ValueError, KeyError, TypeError) as e:
-            raise ValueError(f"{path}: line {number} is not a gold sample row ({e})") from None
+            raise ValueError(f"{path}: line {number} is not a gold sample row ({type(e).__name__}: {e})") from None
     return by_step
 
 
