@@ -1,11 +1,11 @@
 """GRPO on CPU, alignkit against TRL 1.16's GRPOTrainer side by side: seconds per iteration, peak RSS, and the
 first step's loss on identical samples.
 
-Same model (the embedded SmolLM2-135M-Instruct, fp32), the same prompts in the same order (the shipped arithmetic
-task, as `alignkit make-task arithmetic` writes it), group size, max new tokens, loss (DAPO token aggregation,
-epsilon 0.2), beta, rewards (``exact_answer`` + ``format_adherence``) and optimiser (AdamW, constant lr, clip 1.0); each side runs
-`iterations` steps in a fresh subprocess, alternating over rounds. How to run it and what each number means:
-benchmarks/README.md. The last line printed is the summary.
+Same model (the embedded SmolLM2-135M-Instruct; fp32 on both sides, or bf16 with --precision bf16), the same
+prompts in the same order (the shipped arithmetic task, as `alignkit make-task arithmetic` writes it), group size,
+max new tokens, loss (DAPO token aggregation, epsilon 0.2), beta, rewards (``exact_answer`` + ``format_adherence``)
+and optimiser (AdamW, constant lr, clip 1.0); each side runs `iterations` steps in a fresh subprocess, alternating
+over rounds. How to run it and what each number means: benchmarks/README.md. The last line printed is the summary.
 """
 
 from __future__ import annotations
@@ -68,6 +68,7 @@ def prepare(args, workdir: Path) -> dict:
         "steps": args.steps,
         "learning_rate": args.learning_rate,
         "micro_batch_size": args.micro_batch_size,
+        "precision": args.precision,
         "trl_rows": [{"prompt": [{"role": "user", "content": rows[i]["prompt"]}], "answer": rows[i]["answer"]}
                      for i in order],  # fmt: skip
         "prompt_ids": {rows[i]["prompt"]: encode_prompt(tokenizer, rows[i]["prompt"]) for i in order},
@@ -90,7 +91,10 @@ def alignkit_overrides(spec: dict, out: str, share_prompt_cache: bool = True) ->
         f"minibatch_size={rows}",  # one optimizer step per iteration, as TRL's (one generation per step)
         f"micro_batch_size={spec['micro_batch_size']}", f"generation_batch_size={rows}",
         f"learning_rate={spec['learning_rate']}", "lr_scheduler=constant", "warmup_steps=0", "weight_decay=0.0",
-        "max_grad_norm=1.0", "dtype=float32", "gradient_checkpointing=false", f"seed={SEED}", "log_every=1",
+        "max_grad_norm=1.0", "gradient_checkpointing=false",
+        # fp32; or bf16 as alignkit runs by default where bf16 is fast: mixed precision (fp32 master weights and
+        # AdamW state, every forward, sampling included, under bf16 autocast), against TRL's bf16=True (the same).
+        "dtype=float32" if spec["precision"] == "fp32" else "dtype=bfloat16", f"seed={SEED}", "log_every=1",
         "progress=false", "tensorboard=false", f"share_prompt_cache={str(share_prompt_cache).lower()}",
     ]  # fmt: skip
 
@@ -178,7 +182,7 @@ def child_trl(spec: dict) -> dict:
             epsilon=EPSILON,
             beta=BETA,
             num_iterations=1,
-            bf16=False,
+            bf16=spec["precision"] == "bf16",  # TRL's default is bf16 autocast; --precision picks both sides
             use_cpu=not torch.cuda.is_available(),
             gradient_checkpointing=False,  # TRL's default is on; alignkit's off: both off
             shuffle_dataset=False,  # the prompts come in alignkit's visiting order
@@ -207,6 +211,7 @@ def child_loss(spec: dict) -> dict:
     from alignkit.config import load_config
     from alignkit.models.generation import Generation
     from alignkit.models.loading import load_model, load_tokenizer
+    from alignkit.models.precision import of_config, weights_dtype
     from alignkit.stages import grpo
     from alignkit.training.reference import load_reference
     from alignkit.training.rollout import collate_samples, shared_rollout_passes
@@ -216,7 +221,7 @@ def child_loss(spec: dict) -> dict:
     tokenizer = load_tokenizer(cfg.model)
 
     def load():
-        return load_model(cfg.model, "float32", device="cpu")
+        return load_model(cfg.model, weights_dtype(cfg), device="cpu")
 
     policy, reference = load(), load_reference("copy", load)
     prompt_ids = [spec["prompt_ids"][p] for p in first["prompts"]]  # alignkit's encoding of each prompt
@@ -228,7 +233,7 @@ def child_loss(spec: dict) -> dict:
     rollout, _ = grpo.make_rollout(cfg, batch, passes, torch.tensor(first["rewards"]))
     everything = list(range(len(samples)))
     totals = {"n_sequences": float(len(samples)), "n_tokens": float(rollout.mask.sum()), "on_policy": True}
-    with torch.no_grad():
+    with torch.no_grad(), of_config(cfg, "cpu").autocast():  # as the update's step computes it
         loss, _ = grpo.grpo_loss(cfg, policy, rollout.rows(everything, **totals), cfg.beta)
     # The same rows as TRL trained on: its prompt ids (its chat template) and completions, as multisets.
     same = sorted(zip(prompt_ids, first["completion_ids"])) == sorted(
@@ -313,6 +318,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--micro-batch-size", type=int, default=8, help="alignkit rows per forward/backward")
     ap.add_argument("--threads", type=int, default=None, help="torch threads, both sides (default: all cores)")
     ap.add_argument("--model", default=MODEL, help="embedded name or local model dir (both sides)")
+    ap.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                    help="fp32 on both sides, or bf16: alignkit's mixed precision against TRL's bf16=True")  # fmt: skip
     ap.add_argument("--sides", default="trl,alignkit",
                     help="trl,alignkit and optionally alignkit-plain (share_prompt_cache=false)")  # fmt: skip
     add_child_arguments(ap)
@@ -342,7 +349,7 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"arithmetic task, {args.steps} iterations x {PROMPTS_PER_STEP} prompts x {NUM_GENERATIONS} samples, "
             f"max_new_tokens {MAX_NEW_TOKENS}, beta {BETA}, loss dapo/token, lr {args.learning_rate}, "
-            f"{args.rounds} round(s), fp32, {os.cpu_count()} CPUs, OMP_NUM_THREADS="
+            f"{args.rounds} round(s), {args.precision}, {os.cpu_count()} CPUs, OMP_NUM_THREADS="
             f"{os.environ.get('OMP_NUM_THREADS', 'unset')}",
             flush=True,
         )
@@ -357,10 +364,10 @@ def main(argv: list[str] | None = None) -> int:
         loss = run_child("loss", workdir, 0, args.threads, __file__)
         first = json.loads((workdir / "trl-0.json").read_text())["first"]
         flops = lever_flops(spec["model_dir"], first, args.micro_batch_size)
-    return report(rows, loss, flops)
+    return report(rows, loss, flops, args.precision)
 
 
-def report(rows: list[dict], loss: dict, flops: dict) -> int:
+def report(rows: list[dict], loss: dict, flops: dict, precision: str = "fp32") -> int:
     def med(side: str, key: str) -> float:
         return statistics.median(r[key] for r in rows if r["side"] == side)
 
@@ -399,7 +406,8 @@ def report(rows: list[dict], loss: dict, flops: dict) -> int:
           f"alignkit {loss['loss']:.8f}; the same token ids as TRL trained on: {loss['same_rows']}")  # fmt: skip
     speedup = med("trl", "s_per_step") / med("alignkit", "s_per_step")
     memory_ratio = med("alignkit", "peak_rss_mb") / med("trl", "peak_rss_mb")
-    print(f"speedup={speedup:.2f} memory_ratio={memory_ratio:.2f} max_loss_diff={abs(loss['loss'] - loss['trl_loss']):.1e}")
+    print(f"speedup={speedup:.2f} memory_ratio={memory_ratio:.2f} max_loss_diff={abs(loss['loss'] - loss['trl_loss']):.1e}"
+          + ("" if precision == "fp32" else f" precision={precision}"))
     return 0
 
 

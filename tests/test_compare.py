@@ -10,6 +10,7 @@ import pytest
 from alignkit.cli import main
 from alignkit.config import ConfigError, load_config
 from alignkit.pipelines.compare import CompareConfig, markdown_table, method_rows
+from alignkit.training.snapshots import list_snapshots as snapshot_steps
 
 PAIRS = [
     {"prompt": "what is the capital of france?", "chosen": "paris.", "rejected": "i cannot help."},
@@ -20,14 +21,18 @@ PAIRS = [
 ] * 2
 
 
-def test_quick_compare_two_methods_two_seeds_then_resume(tiny_model_dir, tmp_path, capsys):
+def _quick_compare(model_dir, tmp_path, *settings: str) -> tuple:
+    """The output folder and the command line of a quick compare on PAIRS, scored by the length reward."""
     pairs = tmp_path / "pairs.jsonl"
     pairs.write_text("".join(json.dumps(r) + "\n" for r in PAIRS))
     out = tmp_path / "cmp"
-    args = [
-        "compare", f"model={tiny_model_dir}", f"output_dir={out}", f"pairs={pairs}", "gold=_ppo_rewards:length",
-        "methods=[dpo,grpo]", "seeds=[0,1]", "quick=true", "progress=false",
-    ]  # fmt: skip
+    args = ["compare", f"model={model_dir}", f"output_dir={out}", f"pairs={pairs}", "gold=_ppo_rewards:length",
+            "quick=true", "progress=false", *settings]  # fmt: skip
+    return out, args
+
+
+def test_quick_compare_two_methods_two_seeds_then_resume(tiny_model_dir, tmp_path, capsys):
+    out, args = _quick_compare(tiny_model_dir, tmp_path, "methods=[dpo,grpo]", "seeds=[0,1]")
     assert main(args) == 0
     printed = capsys.readouterr().out
     assert "gold win rate [95% CI]" in printed and "| dpo |" in printed and "| grpo |" in printed
@@ -69,6 +74,53 @@ def test_quick_compare_two_methods_two_seeds_then_resume(tiny_model_dir, tmp_pat
     first, rerun = again["invocations"]
     assert first == result["invocations"][0] and first["trained"] == result["trained_now"] and rerun["trained"] == []
     assert again["wall_seconds"] == first["seconds"] + rerun["seconds"]
+
+
+def test_quick_compare_with_frontier_points_evaluates_each_run_along_its_way(tiny_model_dir, tmp_path, capsys):
+    """frontier_points=2: every run (offline DPO, online PPO) writes a snapshot at step 1 of 2, which is evaluated
+    as eval-step-000001.json; the run's path in compare.json goes from step 1 to the final model
+    (step 2), and the page draws one line per run. A rerun evaluates nothing again."""
+    import base64
+    import re
+
+    out, args = _quick_compare(tiny_model_dir, tmp_path, "methods=[dpo,ppo]", "seeds=[0]", "frontier_points=2")
+    assert main(args) == 0
+    result = json.loads((out / "compare.json").read_text())
+    assert result["evaluated_now"] == ["dpo-seed0", "dpo-seed0/step-000001", "ppo-seed0", "ppo-seed0/step-000001"]
+    for run in result["runs"]:
+        run_dir = out / run["run_dir"]
+        assert [s for s, _ in snapshot_steps(run_dir)] == [1, 2]  # snapshot_every = 2 // 2
+        step1 = json.loads((run_dir / "eval-step-000001.json").read_text())
+        final = json.loads((run_dir / "eval.json").read_text())
+        assert [p["step"] for p in run["path"]] == [1, 2]
+        assert run["path"][0]["kl"] == step1["kl"]["k1_per_token"]
+        assert run["path"][0]["gold_mean"] == step1["policy"]["score"]["mean"]
+        assert run["path"][1]["gold_mean"] == final["policy"]["score"]["mean"] == run["gold_mean"]
+        assert step1["reference_from_cache"] and step1["reference_stats"] == final["reference_stats"]
+    page = (out / "compare.html").read_text()
+    svg = base64.b64decode(re.search(r"data:image/svg\+xml;base64,([A-Za-z0-9+/=]+)", page).group(1)).decode()
+    assert svg.count("<polyline") == 2
+    mtimes = {p: p.stat().st_mtime_ns for p in out.glob("*/eval*.json")}
+    assert main(args) == 0
+    assert json.loads((out / "compare.json").read_text())["evaluated_now"] == []
+    assert {p: p.stat().st_mtime_ns for p in out.glob("*/eval*.json")} == mtimes
+
+
+def test_frontier_paths_join_the_base_the_snapshots_and_the_final_model():
+    import xml.etree.ElementTree as ET
+
+    from alignkit.reporting.frontier import frontier_paths, frontier_points, frontier_svg
+
+    walked = _run("dpo", 0, 0.5, [], []) | {"path": [{"step": 2, "kl": 0.05, "gold_mean": 0.8},
+                                                      {"step": 4, "kl": 0.1, "gold_mean": 1.0}]}  # fmt: skip
+    final_only = _run("ppo", 0, 0.5, [], []) | {"path": [{"step": 4, "kl": 0.1, "gold_mean": 1.0}]}
+    paths = frontier_paths([walked, final_only])
+    assert paths == {"dpo": [[(0.0, 0.5), (0.05, 0.8), (0.1, 1.0)]]}  # a run without snapshots has no line
+    svg = ET.fromstring(frontier_svg(frontier_points([walked, final_only]), paths=paths))
+    ns = "{http://www.w3.org/2000/svg}"
+    assert len(svg.findall(f".//{ns}polyline")) == 1
+    small = [c for c in svg.findall(f".//{ns}circle") if c.get("r") == "2.5"]
+    assert len(small) == 1  # the one snapshot between the base and the final model
 
 
 def _run(method: str, seed: int, win: float, policy: list[float], reference: list[float], stopped=False) -> dict:

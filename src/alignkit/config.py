@@ -471,6 +471,20 @@ class LoRAFields(Fields):
 
 
 @dataclass
+class SnapshotFields(Fields):
+    """Loadable copies of the policy along the way (``training.snapshots``)."""
+
+    # --- snapshots ---
+    snapshot_every: int | None = doc_field(
+        None,
+        "Every N optimizer steps (ppo, grpo: iterations; online-dpo: rounds) also write the policy as a loadable "
+        "model to snapshots/step-NNNNNN/, every one kept: with LoRA its adapter alone (on its recorded base), "
+        "else the whole model; `alignkit eval model=<run>/snapshots/step-...` judges it. None: none.",
+        ge=1,
+    )
+
+
+@dataclass
 class RunFolderFields(Fields):
     """The run folder: logs, checkpoints, resuming."""
 
@@ -691,6 +705,7 @@ class GoldFields(Fields):
 
 @dataclass
 class OnlineTrainConfig(
+    SnapshotFields,
     OnlineBatchFields,
     OnlineRemedyFields,
     GoldFields,

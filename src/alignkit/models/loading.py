@@ -452,7 +452,8 @@ def save_final(
                 raise ModelLoadError(
                     "cannot save an adapter without knowing its base model; pass base_model="
                 )
-            model.save_pretrained(tmp, safe_serialization=True)
+            # The active adapter alone: the policy's, not PPO's value adapter beside it (a snapshot mid-run).
+            model.save_pretrained(tmp, safe_serialization=True, selected_adapters=[model.active_adapter])
             record = {
                 "base_model": base,
                 # The embedded model's name too, so load_final can re-prepare it if the cache was cleared.

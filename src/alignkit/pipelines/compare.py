@@ -118,6 +118,13 @@ class CompareConfig:
         ge=2,
     )
     seeds: list[int] = doc_field([0, 1, 2], "Training seeds; each method runs once per seed.")
+    frontier_points: int = doc_field(
+        1,
+        "Evaluations per run along its training: 1, its final model only; k > 1 also the snapshots every budget/k "
+        "steps (online: iterations) before the end (snapshot_every), each a point of gold score against KL, "
+        "joined on the frontier from the base to the final model. Runs trained before it was raised have none.",
+        ge=1,
+    )
     eval_samples: int = doc_field(4, "Responses per held-out prompt and model in the evaluation.", ge=1)
     eval_temperature: float = doc_field(0.7, "Sampling temperature of the evaluation.", ge=0)
     eval_prompts_max: int | None = doc_field(None, "Evaluate on the first N held-out prompts only.", ge=1)
@@ -131,7 +138,9 @@ class CompareConfig:
         "float32", "Dtype of every run; float32 gives the same figures on every CPU kind."
     )
     quick: bool = doc_field(
-        False, "Run the whole machinery in seconds: 2 steps, 1 iteration, 6 tokens, 4 held-out prompts x 1."
+        False,
+        "Run the whole machinery in seconds: 2 steps, 1 iteration (with frontier_points=k: k of each), 6 tokens, "
+        "4 held-out prompts x 1.",
     )
     progress: bool = doc_field(True, "Show progress bars.")
 
@@ -180,9 +189,11 @@ def _say(msg: str) -> None:
 
 
 def quick_settings(cfg: CompareConfig) -> CompareConfig:
-    """quick=true: the smallest budget that still runs every step of every method."""
+    """quick=true: the smallest budget that still runs every step of every method (with frontier_points=k, k
+    steps and iterations: a snapshot to evaluate at each but the last)."""
+    k = cfg.frontier_points
     return replace(
-        cfg, steps=2, iterations=1, max_new_tokens=6, eval_samples=1, eval_prompts_max=4, batch_size=4,
+        cfg, steps=max(2, k), iterations=k, max_new_tokens=6, eval_samples=1, eval_prompts_max=4, batch_size=4,
         micro_batch_size=2, lora_r=4, build_pairs=2 if cfg.build_pairs else None,
     )  # fmt: skip
 
@@ -328,6 +339,9 @@ def stage_settings(cfg: CompareConfig, method: str, seed: int, model: str, data:
         "progress": cfg.progress, "report_to": ["none"],
         "resume_from": "latest" if (run_dir / "checkpoints").is_dir() else None,
     }  # fmt: skip
+    if cfg.frontier_points > 1:  # loadable snapshots along the way, each evaluated as a point of the frontier
+        budget = cfg.iterations if m.online else cfg.steps
+        settings["snapshot_every"] = max(1, budget // cfg.frontier_points)
     if cfg.learning_rate is not None:
         settings["learning_rate"] = cfg.learning_rate
     if m.online:
@@ -369,22 +383,36 @@ def train(cfg: CompareConfig, method: str, seed: int, model: str, data: dict, ru
     stage.main(load_config(stage.config, None, overrides, **settings))
 
 
-def evaluate(cfg: CompareConfig, model: str, heldout_prompts: Path, run_dir: Path) -> None:
-    """`eval`: the run's final model against the base on the held-out prompts, scored by the gold scorer. The
-    base's side (its samples, scores, entropies) is the same for every run: sampled once, then read from
-    output_dir/reference-eval.json."""
+def evaluate(cfg: CompareConfig, model: str, heldout_prompts: Path, run_dir: Path, which: Path | None = None) -> None:
+    """`eval`: the run's final model (or ``which``, one of its snapshots, into eval-step-NNNNNN.json) against the
+    base on the held-out prompts, scored by the gold scorer. The base's side (its samples, scores, entropies) is
+    the same for every evaluation: sampled once, then read from output_dir/reference-eval.json."""
     from alignkit.stages import eval as eval_stage
 
     eval_stage.run(
         load_config(
-            eval_stage.EvalConfig, None, [], model=str(run_dir / "final"), reference=model, dtype=cfg.dtype,
+            eval_stage.EvalConfig, None, [], model=str(which or run_dir / "final"), reference=model, dtype=cfg.dtype,
             prompts=str(heldout_prompts), prompts_max_rows=cfg.eval_prompts_max, reward=cfg.gold,
             temperature=cfg.eval_temperature, samples_per_prompt=cfg.eval_samples,
-            max_new_tokens=cfg.max_new_tokens, seed=cfg.eval_seed, output=str(run_dir / "eval.json"),
+            max_new_tokens=cfg.max_new_tokens, seed=cfg.eval_seed, output=str(eval_file(run_dir, which)),
             **({} if cfg.max_prompt_length is None else {"max_prompt_length": cfg.max_prompt_length}),
             progress=cfg.progress, reference_cache=str(run_dir.parent / "reference-eval.json"),
         )
     )  # fmt: skip
+
+
+def eval_file(run_dir: Path, snapshot: Path | None = None) -> Path:
+    """Where the evaluation of the run's final model (or of its snapshot ``snapshots/step-N``) is written."""
+    return run_dir / ("eval.json" if snapshot is None else f"eval-{snapshot.name}.json")
+
+
+def snapshots_to_evaluate(run_dir: Path) -> list[tuple[int, Path]]:
+    """The run's snapshots before its last step (the last one is its final model, evaluated already)."""
+    from alignkit.training.snapshots import list_snapshots
+
+    summary = json.loads((run_dir / "summary.json").read_text())
+    last = next((summary[k] for k in ("steps", "iterations", "rounds") if k in summary), None)
+    return [(step, path) for step, path in list_snapshots(run_dir) if last is None or step < last]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -410,6 +438,16 @@ def run_row(method: str, seed: int, run_dir: Path) -> dict:
         for side in ("policy", "reference")
     }
     pol, ref = ev["policy"], ev["reference_stats"]
+    # The run's way along the frontier: each evaluated snapshot, then the final model.
+    path = []
+    for step, snapshot in snapshots_to_evaluate(run_dir):
+        if eval_file(run_dir, snapshot).is_file():
+            e = json.loads(eval_file(run_dir, snapshot).read_text())
+            path.append({"step": step, "kl": e["kl"]["k1_per_token"], "gold_mean": e["policy"]["score"]["mean"],
+                         "win_rate": e["win_rate"]["value"]})  # fmt: skip
+    last = next((summary[k] for k in ("steps", "iterations", "rounds") if k in summary), None)
+    path.append({"step": last, "kl": ev["kl"]["k1_per_token"], "gold_mean": pol["score"]["mean"],
+                 "win_rate": ev["win_rate"]["value"]})  # fmt: skip
     return {
         "method": method,
         "seed": seed,
@@ -429,6 +467,7 @@ def run_row(method: str, seed: int, run_dir: Path) -> dict:
         "length_change": pol["length_tokens"]["mean"] - ref["length_tokens"]["mean"],
         "distinct_2": pol["distinct_2"],
         "stopped": bool(summary.get("stopped_by")) or any(e.get("action") == "stop" for e in events),
+        "path": path,
         "per_prompt": per_prompt,
     }
 
@@ -549,6 +588,11 @@ def _run(cfg: CompareConfig, root: Path, model: str, started: float) -> dict:
                 _say(f"evaluating {run_dir.name} against the base with {cfg.gold}")
                 evaluate(cfg, model, data["heldout_prompts"], run_dir)
                 evaluated.append(run_dir.name)
+            for step, snapshot in snapshots_to_evaluate(run_dir):
+                if not eval_file(run_dir, snapshot).is_file():
+                    _say(f"evaluating {run_dir.name} at step {step} against the base with {cfg.gold}")
+                    evaluate(cfg, model, data["heldout_prompts"], run_dir, snapshot)
+                    evaluated.append(f"{run_dir.name}/{snapshot.name}")
             runs.append(run_row(method, seed, run_dir))
     reward_is_model = Path(cfg.reward or cfg.gold).is_dir()
     table = method_rows(runs, reward_is_model)

@@ -15,7 +15,14 @@ from typing import Literal
 
 import torch
 
-from alignkit.config import ConfigError, PairLossFields, PreparedDataFields, TrainConfig, doc_field
+from alignkit.config import (
+    ConfigError,
+    PairLossFields,
+    PreparedDataFields,
+    SnapshotFields,
+    TrainConfig,
+    doc_field,
+)
 from alignkit.data.collate import collate_pairs, length_sorted_batches, pair_length
 from alignkit.data.prepared import EncodedRows
 from alignkit.evaluation.monitors import default_monitors
@@ -24,7 +31,7 @@ from alignkit.models.forward import supports_chunked_head
 from alignkit.models.loading import load_tokenizer, resolve_model
 from alignkit.models.precision import in_training_precision, of_config
 from alignkit.stages import Stage
-from alignkit.training import distributed, offline
+from alignkit.training import distributed, offline, snapshots
 from alignkit.training.loop import StepOutput, train, visited_indices
 from alignkit.training.preference import PairExample, PairExamples, PairLogprobs, pair_logprobs, pair_outputs
 from alignkit.training.preference import collate_pair_examples as collate
@@ -40,7 +47,7 @@ from alignkit.training.sample_watch import SampleWatch, SampleWatchFields
 
 
 @dataclass
-class DPOConfig(PairLossFields, PreparedDataFields, SampleWatchFields, TrainConfig):
+class DPOConfig(PairLossFields, PreparedDataFields, SampleWatchFields, SnapshotFields, TrainConfig):
     """Pairwise preference optimisation. Data: prompt/chosen/rejected, or HH-RLHF-style transcripts."""
 
     loss: Literal["dpo", "ipo", "orpo"] = doc_field("dpo", "Which objective: DPO, IPO or ORPO.")
@@ -195,8 +202,9 @@ def _run(cfg: DPOConfig, run_dir: RunDir, started: float) -> dict:
     collate_fn = partial(collate, pad_id=pad_id)
     eval_fn = evaluation if eval_examples else None
     result = train(
-        cfg, model, train_examples, collate_fn, step_fn, run_dir, eval_fn, monitors=monitors, sample_fn=watch
-    )
+        cfg, model, train_examples, collate_fn, step_fn, run_dir, eval_fn, monitors=monitors, sample_fn=watch,
+        snapshot=snapshots.writer(cfg, model, tokenizer, run_dir.path),
+    )  # fmt: skip
 
     # 4. Held-out accuracy with a bootstrap interval, the final model, the summary.
     summary = {

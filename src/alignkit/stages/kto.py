@@ -24,7 +24,14 @@ from typing import Literal
 import numpy as np
 import torch
 
-from alignkit.config import ConfigError, PreparedDataFields, TrainConfig, doc_field, validate_config
+from alignkit.config import (
+    ConfigError,
+    PreparedDataFields,
+    SnapshotFields,
+    TrainConfig,
+    doc_field,
+    validate_config,
+)
 from alignkit.data.collate import collate_unpaired, length_sorted_batches
 from alignkit.data.tokenize import EncodedUnpaired
 from alignkit.evaluation.monitors import default_monitors
@@ -33,7 +40,7 @@ from alignkit.models.forward import sequence_logprobs
 from alignkit.models.loading import load_tokenizer
 from alignkit.models.precision import in_training_precision
 from alignkit.stages import Stage
-from alignkit.training import distributed, offline
+from alignkit.training import distributed, offline, snapshots
 from alignkit.training.loop import StepOutput, train, visited_indices
 from alignkit.training.reference import (
     Reference,
@@ -48,7 +55,7 @@ from alignkit.training.sample_watch import SampleWatch, SampleWatchFields
 
 
 @dataclass
-class KTOConfig(PreparedDataFields, SampleWatchFields, TrainConfig):
+class KTOConfig(PreparedDataFields, SampleWatchFields, SnapshotFields, TrainConfig):
     """KTO. Data: prompt/completion/label rows (unpaired feedback), or prompt/chosen/rejected pairs."""
 
     beta: float = doc_field(0.1, "Temperature on the log-ratios (KL strength), as in DPO.", gt=0)
@@ -407,8 +414,9 @@ def _run(cfg: KTOConfig, run_dir: RunDir, started: float) -> dict:
     step_fn = partial(kto_step, cfg=cfg, reference=reference)
     collate_fn = partial(collate, pad_id=pad_id)
     result = train(
-        cfg, model, train_examples, collate_fn, step_fn, run_dir, eval_fn, monitors=monitors, sample_fn=watch
-    )
+        cfg, model, train_examples, collate_fn, step_fn, run_dir, eval_fn, monitors=monitors, sample_fn=watch,
+        snapshot=snapshots.writer(cfg, model, tokenizer, run_dir.path),
+    )  # fmt: skip
 
     # 4. Held-out metrics (pair accuracy with a bootstrap interval), the final model, the summary.
     summary = {

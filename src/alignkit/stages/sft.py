@@ -17,7 +17,7 @@ from itertools import islice
 
 import torch
 
-from alignkit.config import PreparedDataFields, TrainConfig, doc_field
+from alignkit.config import PreparedDataFields, SnapshotFields, TrainConfig, doc_field
 from alignkit.data.collate import collate_sft
 from alignkit.data.tokenize import Encoded
 from alignkit.evaluation.monitors import default_monitors
@@ -25,14 +25,14 @@ from alignkit.models.forward import sequence_logprobs
 from alignkit.models.loading import load_tokenizer
 from alignkit.models.precision import TrainPrecision, of_config
 from alignkit.stages import Stage
-from alignkit.training import distributed, offline
+from alignkit.training import distributed, offline, snapshots
 from alignkit.training.loop import StepOutput, train
 from alignkit.training.run import RunDir
 from alignkit.training.sample_watch import SampleWatch, SampleWatchFields
 
 
 @dataclass
-class SFTConfig(PreparedDataFields, SampleWatchFields, TrainConfig):
+class SFTConfig(PreparedDataFields, SampleWatchFields, SnapshotFields, TrainConfig):
     """Supervised fine-tuning. Data: prompt/completion columns, or a `messages` list."""
 
     learning_rate: float = doc_field(2e-5, "Peak AdamW learning rate.")
@@ -133,6 +133,7 @@ def _run(cfg: SFTConfig, run_dir: RunDir, started: float) -> dict:
         monitors=monitors,
         eval_fn=(lambda m: {"loss": measure(m, eval_encoded)}) if eval_encoded else None,
         sample_fn=watch,
+        snapshot=snapshots.writer(cfg, model, tokenizer, run_dir.path),
     )
 
     # 4. Measure, save the final model, write the summary.

@@ -136,6 +136,7 @@ def train(
     on_log: LogCallback | Sequence[LogCallback] | None = None,
     monitors=None,
     sample_fn: Callable[[torch.nn.Module, int], dict] | None = None,
+    snapshot: Callable[[int], None] | None = None,
 ) -> TrainResult:
     """Train ``model`` (already on its device) on ``examples``; see docs/architecture.md for the contract.
 
@@ -145,7 +146,8 @@ def train(
     callbacks may return "stop" to end training early (with the final evaluation and checkpoint). ``monitors``
     (an ``alignkit.evaluation.monitors.MonitorSet``) sees every logged row; its events are written to
     metrics.jsonl and a "stop" action ends the run. ``sample_fn(model, step)`` (``training.sample_watch``) adds
-    the metrics of the policy's samples to a logged row when they are due.
+    the metrics of the policy's samples to a logged row when they are due. ``snapshot(step)``, called after every
+    step in every process, writes a loadable copy of the model when one is due (``training.snapshots``).
 
     In several processes each rank trains on its share of every global batch (``rank_microbatches``). A rank
     whose share of a micro-step is empty runs a stand-in instead: the batch's first example with ``n_items``
@@ -220,6 +222,9 @@ def train(
             if received:
                 reason = f"interrupted by {signal.Signals(received).name}"
                 raise TrainingInterrupted(checkpoint=progress.last_checkpoint or "", reason=reason)
+            # 10. A loadable snapshot of the model where due (snapshot_every; training.snapshots).
+            if snapshot is not None:
+                snapshot(step)
             if stop_requested:
                 break
 

@@ -46,7 +46,7 @@ from alignkit.models.loading import (
 )
 from alignkit.models.precision import weights_dtype
 from alignkit.scoring import PartScores, Scorer, check_columns, check_scorer, reward_scorer, score_parts
-from alignkit.training import distributed
+from alignkit.training import distributed, snapshots
 from alignkit.training.checkpoint import (
     NonFiniteState,
     checkpoint_dir,
@@ -389,6 +389,7 @@ class OnlineRun:
         # transformers' generate on the policy itself.
         use_vllm = self.cfg.generation_backend == "vllm"
         self.sampler = vllm_sampler(self.cfg, setup.tokenizer, setup.device) if use_vllm else None
+        self.snapshot = snapshots.writer(self.cfg, setup.policy, setup.tokenizer, self.run_dir.path)
         self.samples_path = self.run_dir.path / "samples.jsonl"
         # The held-out gold evaluation (gold_reward=...; None without), its samples in gold_samples.jsonl.
         self.gold_samples_path = self.run_dir.path / "gold_samples.jsonl"
@@ -501,7 +502,11 @@ class OnlineRun:
                     self.log(row | {"elapsed_s": self.elapsed()}, samples, batch)
                     # 7. Checkpoint every save_every units (not inside a non-finite streak), and on SIGINT/SIGTERM
                     #    before raising. The processes agree first: a signal or a stop seen by any stops them all.
-                    if self.checkpoint_or_stop(signals.received):
+                    #    A loadable snapshot of the policy where due (snapshot_every; training.snapshots).
+                    stop = self.checkpoint_or_stop(signals.received)
+                    if self.snapshot is not None:
+                        self.snapshot(self.unit)
+                    if stop:
                         break
                 if self.saved != self.unit:
                     self.save()

@@ -52,7 +52,7 @@ RESUMES_NAME = "resumes.jsonl"  # a row per resume that changed settings: {"step
 RESUME_MAY_CHANGE = frozenset(
     {
         "max_steps", "epochs", "iterations", "rounds",
-        "save_every", "keep_checkpoints", "log_every", "eval_every",
+        "save_every", "keep_checkpoints", "log_every", "eval_every", "snapshot_every",
         "progress", "report_to", "tracker_project", "num_threads", "merge_lora", "allow_zero_learning_rate",
         # the same numbers computed another way (tested equal): recomputed activations, sampling on the shards
         "gradient_checkpointing", "fsdp_generation",
