@@ -68,6 +68,7 @@ def prepare(args, workdir: Path) -> dict:
         "steps": args.steps,
         "learning_rate": args.learning_rate,
         "micro_batch_size": args.micro_batch_size,
+        "trl_micro_batch_size": args.trl_micro_batch_size,
         "precision": args.precision,
         "trl_rows": [{"prompt": [{"role": "user", "content": rows[i]["prompt"]}], "answer": rows[i]["answer"]}
                      for i in order],  # fmt: skip
@@ -151,14 +152,26 @@ def child_trl(spec: dict) -> dict:
                         for p, c in zip(prompts, completions)])  # fmt: skip
         return rewards[-1]
 
+    rows = PROMPTS_PER_STEP * NUM_GENERATIONS  # completions per step
+    accumulation = rows // spec["trl_micro_batch_size"]
+    micro: list[float] = []  # the first optimizer step's micro-batch losses
+
     class FirstStep(GRPOTrainer):
         def compute_loss(self, model, inputs, *args, **kwargs):
             loss = super().compute_loss(model, inputs, *args, **kwargs)
-            if "loss" not in first:  # TRL's loss on the first step, and its rows (shuffled by TRL), unpadded
+            if len(micro) < accumulation:  # TRL's first step, and its rows (shuffled by TRL), unpadded
                 pm, cm = inputs["prompt_mask"].bool(), inputs["completion_mask"].bool()
-                first["trained_prompt_ids"] = [row[m].tolist() for row, m in zip(inputs["prompt_ids"], pm)]
-                first["trained_completion_ids"] = [row[m].tolist() for row, m in zip(inputs["completion_ids"], cm)]
-                first["loss"] = float(loss.detach())
+                first.setdefault("trained_prompt_ids", []).extend(
+                    row[m].tolist() for row, m in zip(inputs["prompt_ids"], pm)
+                )
+                first.setdefault("trained_completion_ids", []).extend(
+                    row[m].tolist() for row, m in zip(inputs["completion_ids"], cm)
+                )
+                # DAPO divides each micro-batch's token sum by the whole step's token count (TRL's
+                # num_items_in_batch), so the step's loss is the sum of its micro-batches'.
+                micro.append(float(loss.detach()))
+                if len(micro) == accumulation:
+                    first["loss"] = sum(micro)
             return loss
 
     class Timer(TrainerCallback):
@@ -172,8 +185,10 @@ def child_trl(spec: dict) -> dict:
     with tempfile.TemporaryDirectory(prefix="trl-bench-") as out:
         args = GRPOConfig(
             output_dir=out,
-            per_device_train_batch_size=PROMPTS_PER_STEP * NUM_GENERATIONS,  # completions per step
-            **trl_run_args(spec),
+            # One optimizer step over the 16 completions: in one forward (TRL's layout, the default), or in
+            # micro-batches of --trl-micro-batch-size, accumulated.
+            per_device_train_batch_size=spec["trl_micro_batch_size"],
+            **(trl_run_args(spec) | {"gradient_accumulation_steps": accumulation}),
             num_generations=NUM_GENERATIONS,
             max_completion_length=MAX_NEW_TOKENS,
             temperature=1.0,
@@ -316,6 +331,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=None, help="iterations per side (default 5; quick: 2)")
     ap.add_argument("--learning-rate", type=float, default=1e-6)
     ap.add_argument("--micro-batch-size", type=int, default=8, help="alignkit rows per forward/backward")
+    ap.add_argument("--trl-micro-batch-size", type=int, default=16,
+                    help="TRL rows per forward/backward (per_device_train_batch_size, accumulated to 16)")  # fmt: skip
     ap.add_argument("--threads", type=int, default=None, help="torch threads, both sides (default: all cores)")
     ap.add_argument("--model", default=MODEL, help="embedded name or local model dir (both sides)")
     ap.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
@@ -338,6 +355,10 @@ def main(argv: list[str] | None = None) -> int:
     args.steps = args.steps or (2 if args.quick else 5)
     if args.steps < 2:
         raise SystemExit("--steps must be at least 2 (iteration 1 is the warm-up)")
+    rows = PROMPTS_PER_STEP * NUM_GENERATIONS
+    for name in ("micro_batch_size", "trl_micro_batch_size"):
+        if getattr(args, name) < 1 or rows % getattr(args, name):
+            raise SystemExit(f"--{name.replace('_', '-')} must divide the {rows} completions of a step")
     sides = args.sides.split(",")
     if not {"trl", "alignkit"} <= set(sides) <= {"trl", "alignkit", "alignkit-plain"}:
         raise SystemExit(f"--sides {args.sides}: trl, alignkit and optionally alignkit-plain, comma-separated")
@@ -349,7 +370,8 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"arithmetic task, {args.steps} iterations x {PROMPTS_PER_STEP} prompts x {NUM_GENERATIONS} samples, "
             f"max_new_tokens {MAX_NEW_TOKENS}, beta {BETA}, loss dapo/token, lr {args.learning_rate}, "
-            f"{args.rounds} round(s), {args.precision}, {os.cpu_count()} CPUs, OMP_NUM_THREADS="
+            f"{args.rounds} round(s), {args.precision}, micro-batches alignkit {args.micro_batch_size} / TRL "
+            f"{args.trl_micro_batch_size}, {os.cpu_count()} CPUs, OMP_NUM_THREADS="
             f"{os.environ.get('OMP_NUM_THREADS', 'unset')}",
             flush=True,
         )
