@@ -406,12 +406,16 @@ def eval_file(run_dir: Path, snapshot: Path | None = None) -> Path:
     return run_dir / ("eval.json" if snapshot is None else f"eval-{snapshot.name}.json")
 
 
+def last_step(summary: dict) -> int | None:
+    """The steps (iterations, rounds) a finished run trained, from its summary."""
+    return next((summary[k] for k in ("steps", "iterations", "rounds") if k in summary), None)
+
+
 def snapshots_to_evaluate(run_dir: Path) -> list[tuple[int, Path]]:
     """The run's snapshots before its last step (the last one is its final model, evaluated already)."""
     from alignkit.training.snapshots import list_snapshots
 
-    summary = json.loads((run_dir / "summary.json").read_text())
-    last = next((summary[k] for k in ("steps", "iterations", "rounds") if k in summary), None)
+    last = last_step(json.loads((run_dir / "summary.json").read_text()))
     return [(step, path) for step, path in list_snapshots(run_dir) if last is None or step < last]
 
 
@@ -445,8 +449,7 @@ def run_row(method: str, seed: int, run_dir: Path) -> dict:
             e = json.loads(eval_file(run_dir, snapshot).read_text())
             path.append({"step": step, "kl": e["kl"]["k1_per_token"], "gold_mean": e["policy"]["score"]["mean"],
                          "win_rate": e["win_rate"]["value"]})  # fmt: skip
-    last = next((summary[k] for k in ("steps", "iterations", "rounds") if k in summary), None)
-    path.append({"step": last, "kl": ev["kl"]["k1_per_token"], "gold_mean": pol["score"]["mean"],
+    path.append({"step": last_step(summary), "kl": ev["kl"]["k1_per_token"], "gold_mean": pol["score"]["mean"],
                  "win_rate": ev["win_rate"]["value"]})  # fmt: skip
     return {
         "method": method,
