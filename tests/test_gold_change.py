@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from alignkit.evaluation.gold_change import gold_changes, gold_summary, read_gold_samples
+from alignkit.evaluation.gold_change import change_between, gold_changes, gold_summary, read_gold_samples
 
 
 def _rows(step: int, golds: list[float], proxies: list[float], prompts=("a", "b", "c", "d")) -> list[dict]:
@@ -29,6 +29,30 @@ def test_gold_changes_by_hand():
     assert 0 <= first["win_rate_ci95"][0] <= 0.625 <= first["win_rate_ci95"][1] <= 1
     assert second["change"] == pytest.approx(1.0) and second["win_rate"] == pytest.approx((1 + 1 + 1 + 0.5) / 4)
     assert second["proxy"] == pytest.approx(2.5) and first["prompts"] == 4
+    # The proxy on the same samples, paired: step 5 is +1 on every prompt (an interval of one point), step 9 +2.5.
+    assert first["proxy_change"] == pytest.approx(1.0) and first["proxy_change_ci95"] == pytest.approx([1.0, 1.0])
+    assert second["proxy_change"] == pytest.approx(2.5)
+
+
+def test_over_optimisation_since_the_best_gold_evaluation(tmp_path):
+    """Step 4 is the best mean gold (3.5); step 8, the last, falls back on every prompt while the proxy rises:
+    gold differences (-1, -2, -1, -2), mean -1.5, every bootstrap mean in [-2, -1]; proxy (+2, +2, +2, +2)."""
+    by_step = {
+        0: _rows(0, [1, 2, 3, 4], [0, 0, 0, 0]),
+        4: _rows(4, [3, 4, 3, 4], [1, 1, 1, 1]),
+        8: _rows(8, [2, 2, 2, 2], [3, 3, 3, 3]),
+    }
+    since = change_between(by_step, 4, 8)
+    assert since["gold_change"] == pytest.approx(-1.5) and -2 <= since["gold_change_ci95"][0] <= since["gold_change_ci95"][1] <= -1
+    assert since["proxy_change"] == pytest.approx(2.0) and since["proxy_change_ci95"] == pytest.approx([2.0, 2.0])
+    assert since["length_change"] == 0.0 and (since["from_step"], since["to_step"]) == (4, 8)
+    path = tmp_path / "gold_samples.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for step in sorted(by_step) for r in by_step[step]))
+    summary = gold_summary(path)
+    assert summary["best"]["step"] == 4 and summary["since_best"] == since
+    del by_step[8]
+    path.write_text("".join(json.dumps(r) + "\n" for step in sorted(by_step) for r in by_step[step]))
+    assert gold_summary(path)["since_best"] is None  # the last evaluation is the best: nothing since
 
 
 def test_a_gain_that_length_explains_is_taken_out():

@@ -229,6 +229,9 @@ def test_report_with_runs_draws_every_runs_gold_and_tabulates_the_changes(tmp_pa
     assert {"ppo gold", "ppo proxy", "odpo gold", "odpo proxy"} <= {t.text for t in svg.iter(f"{SVG}text")}
     assert '<td>ppo</td><td class="num">2</td><td class="num">4</td><td class="num">1.5</td>' in page
     assert "<td>+0.500 [" in page and "<td>0.750 [" in page and "length-adjusted change [95% CI]" in page
+    assert "proxy change vs step 0 [95% CI]" in page
+    # ppo's best gold is step 2 (1.5); step 4 falls back by (-1, 0, -1, 0): -0.5, the proxy unchanged.
+    assert "ppo: step 2 (its best gold) to step 4: gold -0.500 [" in page and "proxy +0.000 [+0.000, +0.000]" in page
     assert info["gold_change"]["ppo"]["step"] == 4 and info["gold_change"]["ppo"]["change"] == 0
     assert info["gold_change"]["odpo"]["win_rate"] == pytest.approx(0.625)
 

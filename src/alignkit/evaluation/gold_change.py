@@ -53,7 +53,8 @@ def gold_changes(by_step: dict[int, list[dict]], seed: int = 0) -> list[dict]:
     difference minus ``length_slope`` of step 0 x its difference in characters; a reward model that likes longer
     replies rewards a policy that writes longer ones), the mean length change (``length_change``, characters) and
     the gold win rate against step 0's sample of the same prompt (``win_rate``, ``win_rate_ci95``; a tie counts
-    half). Empty without a step-0 evaluation (a run resumed past it keeps its rows; one started without gold has
+    half), and the change of the mean proxy score on the same samples (``proxy_change``, ``proxy_change_ci95``).
+    Empty without a step-0 evaluation (a run resumed past it keeps its rows; one started without gold has
     none). An evaluation whose prompts differ from step 0's (another gold_prompts) is an error, not a silent
     mismatch."""
     reference = by_step.get(0)
@@ -61,6 +62,7 @@ def gold_changes(by_step: dict[int, list[dict]], seed: int = 0) -> list[dict]:
         return []
     ref_prompts = [r["prompt"] for r in reference]
     ref_gold = np.array([float(r["gold"]) for r in reference])
+    ref_proxy = np.array([float(r["proxy"]) for r in reference])
     ref_len = np.array([len(r["response"]) for r in reference], dtype=np.float64)
     slope = length_slope(reference)
     out = []
@@ -73,6 +75,7 @@ def gold_changes(by_step: dict[int, list[dict]], seed: int = 0) -> list[dict]:
         change = mean_ci((gold - ref_gold).tolist(), seed=seed)
         adjusted = mean_ci((gold - ref_gold - slope * (length - ref_len)).tolist(), seed=seed)
         wins = win_rate(gold.tolist(), ref_gold.tolist(), seed=seed)
+        proxy = mean_ci((np.array([float(r["proxy"]) for r in rows]) - ref_proxy).tolist(), seed=seed)
         out.append(
             {
                 "step": step,
@@ -85,26 +88,56 @@ def gold_changes(by_step: dict[int, list[dict]], seed: int = 0) -> list[dict]:
                 "length_adjusted_change_ci95": [adjusted.low, adjusted.high],
                 "win_rate": wins.value,
                 "win_rate_ci95": [wins.low, wins.high],
+                "proxy_change": proxy.value,
+                "proxy_change_ci95": [proxy.low, proxy.high],
                 "prompts": len(rows),
             }
         )
     return out
 
 
+def change_between(by_step: dict[int, list[dict]], start: int, end: int, seed: int = 0) -> dict:
+    """Evaluation ``end`` against evaluation ``start`` of the same run, paired per prompt: the change of the mean
+    gold score and of the mean proxy score, each with its 95% bootstrap interval over the prompts, and of the
+    mean reply length (characters). Over-optimisation reads as a gold change below 0 with a proxy change above."""
+    a, b = by_step[start], by_step[end]
+    if [r["prompt"] for r in a] != [r["prompt"] for r in b]:
+        raise ValueError(f"gold samples of steps {start} and {end} answer other prompts: not comparable")
+
+    def diff(key: str) -> list[float]:
+        return [float(y[key]) - float(x[key]) for x, y in zip(a, b)]
+
+    gold, proxy = mean_ci(diff("gold"), seed=seed), mean_ci(diff("proxy"), seed=seed)
+    return {
+        "from_step": start,
+        "to_step": end,
+        "gold_change": gold.value,
+        "gold_change_ci95": [gold.low, gold.high],
+        "proxy_change": proxy.value,
+        "proxy_change_ci95": [proxy.low, proxy.high],
+        "length_change": float(np.mean([len(y["response"]) - len(x["response"]) for x, y in zip(a, b)])),
+    }
+
+
 def gold_summary(path: Path | None, seed: int = 0) -> dict | None:
     """The summary's view of a run's gold samples (``path``): step 0's mean gold score, every evaluation's
-    ``gold_changes``, and the last and the best (highest mean gold) of them. None without the file or a step-0
-    evaluation."""
+    ``gold_changes``, the last and the best (highest mean gold) of them, and ``since_best``: the last evaluation
+    against the best one (``change_between``; None when the last is the best). The best is picked after seeing
+    every evaluation, so its score is the highest of several noisy ones and a fall from it reads larger than the
+    policy's true change: a fall that later evaluations repeat, with the proxy rising, is the evidence of
+    over-optimisation, not one interval. None without the file or a step-0 evaluation."""
     if path is None or not Path(path).is_file():
         return None
     by_step = read_gold_samples(path)
     changes = gold_changes(by_step, seed=seed)
     if not changes:
         return None
+    best, last = max(changes, key=lambda c: c["gold"]), changes[-1]
     return {
         "reference_gold": float(np.mean([float(r["gold"]) for r in by_step[0]])),
         "length_slope": length_slope(by_step[0]),  # gold per character, step 0's replies
         "evaluations": changes,
-        "last": changes[-1],
-        "best": max(changes, key=lambda c: c["gold"]),
+        "last": last,
+        "best": best,
+        "since_best": None if best is last else change_between(by_step, best["step"], last["step"], seed=seed),
     }

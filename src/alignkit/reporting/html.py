@@ -449,16 +449,33 @@ def gold_change_html(runs: list[tuple[str, dict, list[dict]]]) -> str:
             win = f"{c['win_rate']:.3f} [{c['win_rate_ci95'][0]:.3f}, {c['win_rate_ci95'][1]:.3f}]"
             adjusted = _interval(c["length_adjusted_change"], c["length_adjusted_change_ci95"])
             change = _interval(c["change"], c["change_ci95"])
-            rows.append((name, c["step"], kl.get(c["step"]), c["gold"], change, c["length_change"], adjusted, win))
+            proxy = _interval(c["proxy_change"], c["proxy_change_ci95"])
+            rows.append(
+                (name, c["step"], kl.get(c["step"]), c["gold"], change, c["length_change"], adjusted, win, proxy)
+            )
     head = (
         "run", "step", "KL / response", "gold mean", "gold change vs step 0 [95% CI]", "Δ length (chars)",
-        "length-adjusted change [95% CI]", "gold win rate [95% CI]",
+        "length-adjusted change [95% CI]", "gold win rate [95% CI]", "proxy change vs step 0 [95% CI]",
     )  # fmt: skip
+    since = [
+        f"{_esc(name) or 'this run'}: step {b['from_step']} (its best gold) to step {b['to_step']}: gold "
+        f"{_interval(b['gold_change'], b['gold_change_ci95'])}, proxy {_interval(b['proxy_change'], b['proxy_change_ci95'])}"
+        for name, gold, _ in runs
+        if (b := gold.get("since_best"))
+    ]
     return (
         "<p class='meta'>Each evaluation against the starting policy's (step 0) on the same held-out prompts, one "
         "sample each at temperature 1: the change of the mean gold score, the same less what the change in reply "
-        "length predicts (step 0's slope of gold on length), and the gold win rate (ties half), each with a 95% "
-        "percentile-bootstrap interval over the prompts, paired per prompt.</p>" + _table(rows, head)
+        "length predicts (step 0's slope of gold on length), the gold win rate (ties half) and the change of the "
+        "proxy on the same samples, each with a 95% percentile-bootstrap interval over the prompts, paired per "
+        "prompt.</p>"
+        + _table(rows, head)
+        + (
+            "<p class='meta'>Since the best gold evaluation (picked after the fact, so the fall from it reads "
+            "larger than it is), paired per prompt: " + "; ".join(since) + ".</p>"
+            if since
+            else ""
+        )
     )
 
 
