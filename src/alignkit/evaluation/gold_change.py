@@ -60,36 +60,31 @@ def gold_changes(by_step: dict[int, list[dict]], seed: int = 0) -> list[dict]:
     reference = by_step.get(0)
     if not reference:
         return []
-    ref_prompts = [r["prompt"] for r in reference]
     ref_gold = np.array([float(r["gold"]) for r in reference])
-    ref_proxy = np.array([float(r["proxy"]) for r in reference])
     ref_len = np.array([len(r["response"]) for r in reference], dtype=np.float64)
     slope = length_slope(reference)
     out = []
     for step in sorted(s for s in by_step if s > 0):
         rows = by_step[step]
-        if [r["prompt"] for r in rows] != ref_prompts:
-            raise ValueError(f"gold samples of step {step} answer other prompts than step 0's: not comparable")
+        moved = change_between(by_step, 0, step, seed=seed)  # gold, proxy and length against step 0, paired
         gold = np.array([float(r["gold"]) for r in rows])
         length = np.array([len(r["response"]) for r in rows], dtype=np.float64)
-        change = mean_ci((gold - ref_gold).tolist(), seed=seed)
         adjusted = mean_ci((gold - ref_gold - slope * (length - ref_len)).tolist(), seed=seed)
         wins = win_rate(gold.tolist(), ref_gold.tolist(), seed=seed)
-        proxy = mean_ci((np.array([float(r["proxy"]) for r in rows]) - ref_proxy).tolist(), seed=seed)
         out.append(
             {
                 "step": step,
                 "gold": float(gold.mean()),
                 "proxy": float(np.mean([float(r["proxy"]) for r in rows])),
-                "change": change.value,
-                "change_ci95": [change.low, change.high],
-                "length_change": float((length - ref_len).mean()),
+                "change": moved["gold_change"],
+                "change_ci95": moved["gold_change_ci95"],
+                "length_change": moved["length_change"],
                 "length_adjusted_change": adjusted.value,
                 "length_adjusted_change_ci95": [adjusted.low, adjusted.high],
                 "win_rate": wins.value,
                 "win_rate_ci95": [wins.low, wins.high],
-                "proxy_change": proxy.value,
-                "proxy_change_ci95": [proxy.low, proxy.high],
+                "proxy_change": moved["proxy_change"],
+                "proxy_change_ci95": moved["proxy_change_ci95"],
                 "prompts": len(rows),
             }
         )
@@ -102,7 +97,7 @@ def change_between(by_step: dict[int, list[dict]], start: int, end: int, seed: i
     mean reply length (characters). Over-optimisation reads as a gold change below 0 with a proxy change above."""
     a, b = by_step[start], by_step[end]
     if [r["prompt"] for r in a] != [r["prompt"] for r in b]:
-        raise ValueError(f"gold samples of steps {start} and {end} answer other prompts: not comparable")
+        raise ValueError(f"gold samples of step {end} answer other prompts than step {start}'s: not comparable")
 
     def diff(key: str) -> list[float]:
         return [float(y[key]) - float(x[key]) for x, y in zip(a, b)]
