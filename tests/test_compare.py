@@ -348,3 +348,16 @@ def test_length_limits_reach_every_method_s_stage(method, tmp_path):
         assert stage_cfg.max_prompt_length == 200 and "max_length" not in settings
     else:
         assert stage_cfg.max_length == 300 and "max_prompt_length" not in settings
+
+
+def test_sft_in_a_comparison_skips_the_held_in_loss(tmp_path):
+    """The table reads no held-in loss, so compare's sft does not pay for its two passes over the training set;
+    a method_settings item still turns it on."""
+    from alignkit.pipelines.compare import stage_settings
+    from alignkit.stages import load_stage
+
+    cfg = load_config(CompareConfig, None, ["gold=x:y"])
+    data = {k: tmp_path / f"{k}.jsonl" for k in ("prompts", "pairs", "heldout_pairs", "demonstrations")}
+    settings = stage_settings(cfg, "sft", 0, "m", data, tmp_path / "run")
+    assert load_config(load_stage("sft").config, None, [], **settings).measure_train_loss is False
+    assert "measure_train_loss" not in stage_settings(cfg, "dpo", 0, "m", data, tmp_path / "run")
