@@ -351,8 +351,8 @@ def test_length_limits_reach_every_method_s_stage(method, tmp_path):
 
 
 def test_sft_in_a_comparison_skips_the_held_in_loss(tmp_path):
-    """The table reads no held-in loss, so compare's sft does not pay for its two passes over the training set;
-    a method_settings item still turns it on."""
+    """The table reads no held-in loss, so compare's sft does not pay for its two passes over the training set
+    (and no other method is given the key)."""
     from alignkit.pipelines.compare import stage_settings
     from alignkit.stages import load_stage
 
