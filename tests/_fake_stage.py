@@ -70,5 +70,17 @@ def run(cfg: FakeConfig) -> dict:
     return {"stage": "fake", "config": config_to_dict(cfg)}
 
 
+@dataclass
+class PipelineConfig:
+    """A pipeline's config (as compare's): no resume_from, since rerunning the command resumes it."""
+
+    output_dir: str = doc_field("runs/p", "Folder of the runs.")
+
+
+def run_pipeline(cfg: PipelineConfig) -> dict:
+    raise TrainingInterrupted(str(Path(cfg.output_dir) / "sft-seed0" / "checkpoints" / "step-3"))
+
+
 STAGE = Stage("fake", FakeConfig, run)
+PIPELINE = Stage("fake-pipeline", PipelineConfig, run_pipeline)
 OTHER = Stage("fake-other", OtherConfig, run)  # as ipo next to dpo: another config, the same run

@@ -35,9 +35,7 @@ RUN_MAIN_WITH_FAKE = (
 @pytest.fixture
 def fake(monkeypatch):
     monkeypatch.setitem(cli.STAGES, "fake", ("_fake_stage", "A stage for tests"))
-    monkeypatch.setitem(
-        cli.STAGES, "fake-other", ("_fake_stage:OTHER", "The same stage, other defaults")
-    )
+    monkeypatch.setitem(cli.STAGES, "fake-other", ("_fake_stage:OTHER", "The same stage, other defaults"))
     _fake_stage.LAST_CONFIG.clear()
 
 
@@ -108,10 +106,15 @@ def test_console_script_points_at_console():
 
 
 @pytest.mark.parametrize(("world", "code", "exits_hard"), [("2", 0, True), ("2", 2, False), ("1", 0, False)])
-def test_console_ends_a_finished_rank_of_a_multi_process_launch_with_os_exit(monkeypatch, world, code, exits_hard):
+def test_console_ends_a_finished_rank_of_a_multi_process_launch_with_os_exit(
+    monkeypatch, world, code, exits_hard
+):
     """A rank whose multi-process run finished leaves through os._exit (interpreter shutdown is where Gloo's
     threads can abort it); a failed run and a one-process run exit as usual, with main()'s code."""
-    class HardExit(BaseException):  # what the patched os._exit raises: nothing after it runs, as in the real one
+
+    class HardExit(
+        BaseException
+    ):  # what the patched os._exit raises: nothing after it runs, as in the real one
         pass
 
     def hard_exit(status: int):
@@ -249,6 +252,19 @@ def test_interrupted_run_says_where_the_checkpoint_is_and_how_to_resume(fake, tm
     assert capsys.readouterr().err == (
         f"training interrupted; checkpoint saved at {checkpoint}\n"
         f"resume with: alignkit fake {path} output_dir=runs/x mode=interrupt resume_from={checkpoint}\n"
+    )
+
+
+def test_an_interrupted_pipeline_is_resumed_by_its_own_command(monkeypatch, tmp_path, capsys):
+    """compare and quickstart have no resume_from: they resume their interrupted stage when rerun as they were."""
+    monkeypatch.setitem(cli.STAGES, "fake-pipeline", ("_fake_stage:PIPELINE", "A pipeline for tests"))
+    path = tmp_path / "p.yaml"
+    path.write_text("output_dir: runs/p\n")
+    assert cli.main(["fake-pipeline", str(path), "output_dir=runs/q"]) == 130
+    checkpoint = os.path.join("runs/q", "sft-seed0", "checkpoints", "step-3")
+    assert capsys.readouterr().err == (
+        f"training interrupted; checkpoint saved at {checkpoint}\n"
+        f"resume with: alignkit fake-pipeline {path} output_dir=runs/q\n"
     )
 
 

@@ -7,6 +7,7 @@ errors users cause into a message and an exit code.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shlex
@@ -63,6 +64,21 @@ def console() -> None:
     sys.exit(code)
 
 
+def _resume_command(
+    stage: str, spec: Stage, yaml_path: str | None, overrides: list[str], checkpoint: str
+) -> list[str]:
+    """The arguments that continue an interrupted run.
+
+    A training stage continues from ``resume_from=<checkpoint>``. A pipeline (compare, quickstart) has no such
+    setting: it resumes its interrupted stage by itself, so the same command, unchanged, is the way back.
+    """
+    command = [stage, *([yaml_path] if yaml_path else [])]
+    if "resume_from" not in {f.name for f in dataclasses.fields(spec.config)}:
+        return [*command, *overrides]
+    kept = [o for o in overrides if not o.startswith("resume_from=")]
+    return [*command, *kept, f"resume_from={checkpoint}"]
+
+
 def _main(argv: list[str] | None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     debug = DEBUG_FLAG in args or os.environ.get("ALIGNKIT_DEBUG", "").strip().lower() in ("1", "true", "yes")
@@ -93,9 +109,10 @@ def _main(argv: list[str] | None) -> int:
     except TrainingInterrupted as e:
         print(e, file=sys.stderr)
         if e.checkpoint:
-            kept = [o for o in overrides if not o.startswith("resume_from=")]
-            resume = [stage, *([yaml_path] if yaml_path else []), *kept, f"resume_from={e.checkpoint}"]
-            print(f"resume with: alignkit {shlex.join(resume)}", file=sys.stderr)
+            print(
+                f"resume with: alignkit {shlex.join(_resume_command(stage, spec, yaml_path, overrides, e.checkpoint))}",
+                file=sys.stderr,
+            )
         return EXIT_INTERRUPTED
     except KeyboardInterrupt:
         # Ctrl-C before the training loop took over SIGINT (loading, tokenizing): nothing new to resume. (The
@@ -173,7 +190,7 @@ def stage_help(stage: str, cls: type) -> str:
 
 
 def _path_message(error: OSError) -> str:
-    """"data.jsonl: permission denied" rather than "[Errno 13] Permission denied: 'data.jsonl'"; an error
+    """ "data.jsonl: permission denied" rather than "[Errno 13] Permission denied: 'data.jsonl'"; an error
     raised with its own message (no filename) keeps it."""
     if error.filename is None or error.strerror is None:
         return str(error)
