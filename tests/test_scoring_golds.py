@@ -34,7 +34,11 @@ def test_on_topic_reads_the_user_turns_of_a_chat_prompt():
 
 def test_positive_on_topic_is_the_mean_of_vader_and_on_topic():
     prompt = "How do I bake bread?"
-    for reply in ("Baking bread is a wonderful, happy hobby!", "I'd be delighted to help you!", "Bread is awful."):
+    for reply in (
+        "Baking bread is a wonderful, happy hobby!",
+        "I'd be delighted to help you!",
+        "Bread is awful.",
+    ):
         expected = 0.5 * sentiment(prompt, reply) + 0.5 * on_topic(prompt, reply)
         assert positive_on_topic(prompt, reply) == pytest.approx(expected)
     # Off-topic cheer loses to on-topic cheer though VADER likes both.

@@ -30,6 +30,8 @@ from alignkit.pipelines.methods import METHODS, models_in_memory
 from alignkit.stages import Stage
 
 PROMPTS = str(files("alignkit") / "assets" / "prompts.jsonl")
+# Invocations that stopped before the table (SIGTERM, Ctrl-C, an error), kept until one finishes it.
+INTERRUPTED_INVOCATIONS = "invocations-interrupted.jsonl"
 
 
 @dataclass
@@ -103,7 +105,9 @@ class CompareConfig:
     iterations: int = doc_field(10, "Budget of the online methods: iterations (online DPO: rounds).", ge=1)
     lora: bool = doc_field(True, "Train LoRA adapters (the reference is the base with adapters off).")
     lora_r: int = doc_field(16, "LoRA rank.", ge=1)
-    learning_rate: float | None = doc_field(None, "Learning rate of every method; unset: each stage's own.", gt=0)
+    learning_rate: float | None = doc_field(
+        None, "Learning rate of every method; unset: each stage's own.", gt=0
+    )
     batch_size: int = doc_field(8, "Offline methods' batch size (items per optimizer step).", ge=1)
     micro_batch_size: int = doc_field(2, "Items per forward/backward pass.", ge=1)
     max_new_tokens: int = doc_field(48, "Longest response, in training (online) and in the evaluation.", ge=1)
@@ -147,11 +151,15 @@ class CompareConfig:
     def check(self) -> None:
         unknown = [m for m in self.methods if m not in METHODS]
         if unknown or not self.methods:
-            raise ConfigError(f"config key 'methods': unknown {unknown or 'none given'}; from {list(METHODS)}")
+            raise ConfigError(
+                f"config key 'methods': unknown {unknown or 'none given'}; from {list(METHODS)}"
+            )
         if not self.seeds:
             raise ConfigError("config key 'seeds': give at least one seed")
         if self.pairs is not None and self.build_pairs is not None:
-            raise ConfigError("config keys 'pairs' and 'build_pairs': give one (a file, or responses to sample)")
+            raise ConfigError(
+                "config keys 'pairs' and 'build_pairs': give one (a file, or responses to sample)"
+            )
         for name in ("pairs_rows", "heldout_pairs_rows", "prompts_rows", "heldout_prompts_rows"):
             check_row_range(self, name)
         for rows, source in (("pairs_rows", "pairs"), ("heldout_pairs_rows", "heldout_pairs"),
@@ -365,7 +373,9 @@ def stage_settings(cfg: CompareConfig, method: str, seed: int, model: str, data:
             settings["max_length"] = cfg.max_length
         if m.preference_accuracy:
             settings["eval_data"] = str(data["heldout_pairs"])
-        if method == "sft":  # the table reads no held-in loss; on 1,800 demonstrations its two passes cost more
+        if (
+            method == "sft"
+        ):  # the table reads no held-in loss; on 1,800 demonstrations its two passes cost more
             settings["measure_train_loss"] = False  # than the training (20 min against 3 on HH, 2 CPU cores)
     return settings
 
@@ -381,11 +391,15 @@ def train(cfg: CompareConfig, method: str, seed: int, model: str, data: dict, ru
     stage = load_stage(METHODS[method].stage)
     overrides = method_overrides(cfg, method)
     given = {item.split("=", 1)[0] for item in overrides}
-    settings = {k: v for k, v in stage_settings(cfg, method, seed, model, data, run_dir).items() if k not in given}
+    settings = {
+        k: v for k, v in stage_settings(cfg, method, seed, model, data, run_dir).items() if k not in given
+    }
     stage.main(load_config(stage.config, None, overrides, **settings))
 
 
-def evaluate(cfg: CompareConfig, model: str, heldout_prompts: Path, run_dir: Path, which: Path | None = None) -> None:
+def evaluate(
+    cfg: CompareConfig, model: str, heldout_prompts: Path, run_dir: Path, which: Path | None = None
+) -> None:
     """`eval`: the run's final model (or ``which``, one of its snapshots, into eval-step-NNNNNN.json) against the
     base on the held-out prompts, scored by the gold scorer. The base's side (its samples, scores, entropies) is
     the same for every evaluation: sampled once, then read from output_dir/reference-eval.json."""
@@ -440,7 +454,10 @@ def run_row(method: str, seed: int, run_dir: Path) -> dict:
     events = summary.get("monitor_events", []) + summary.get("events", [])
     k = ev["samples_per_prompt"]
     per_prompt = {
-        side: [sum(s[f"{side}_score"] for s in ev["samples"][i : i + k]) / k for i in range(0, len(ev["samples"]), k)]
+        side: [
+            sum(s[f"{side}_score"] for s in ev["samples"][i : i + k]) / k
+            for i in range(0, len(ev["samples"]), k)
+        ]
         for side in ("policy", "reference")
     }
     pol, ref = ev["policy"], ev["reference_stats"]
@@ -490,7 +507,8 @@ def method_rows(runs: list[dict], reward_is_model: bool) -> list[dict]:
     for method in dict.fromkeys(r["method"] for r in runs):
         rs = [r for r in runs if r["method"] == method]
         w = win_rate(
-            [v for r in rs for v in r["per_prompt"]["policy"]], [v for r in rs for v in r["per_prompt"]["reference"]]
+            [v for r in rs for v in r["per_prompt"]["policy"]],
+            [v for r in rs for v in r["per_prompt"]["reference"]],
         )
         wins = [r["win_rate"]["value"] for r in rs]
         out.append(
@@ -498,7 +516,9 @@ def method_rows(runs: list[dict], reward_is_model: bool) -> list[dict]:
                 "method": method,
                 "seeds": len(rs),
                 "models_in_memory": models_in_memory(method, reward_is_model),
-                "peak_rss_mb": max((r["peak_rss_mb"] for r in rs if r["peak_rss_mb"] is not None), default=None),
+                "peak_rss_mb": max(
+                    (r["peak_rss_mb"] for r in rs if r["peak_rss_mb"] is not None), default=None
+                ),
                 "wall_seconds": _mean([r["wall_seconds"] for r in rs]),
                 "tokens_per_s": _mean([r["tokens_per_s"] for r in rs]),
                 "preference_accuracy": _mean([r["preference_accuracy"] for r in rs]),
@@ -582,23 +602,31 @@ def run(cfg: CompareConfig) -> dict:
 def _run(cfg: CompareConfig, root: Path, model: str, started: float) -> dict:
     data = split_data(cfg, root, model)
     trained, evaluated, runs = [], [], []
-    for method in cfg.methods:
-        for seed in cfg.seeds:
-            run_dir = root / f"{method}-seed{seed}"
-            if not (run_dir / "summary.json").is_file():
-                _say(f"training {method} seed {seed} into {run_dir}")
-                train(cfg, method, seed, model, data, run_dir)
-                trained.append(run_dir.name)
-            if not (run_dir / "eval.json").is_file():
-                _say(f"evaluating {run_dir.name} against the base with {cfg.gold}")
-                evaluate(cfg, model, data["heldout_prompts"], run_dir)
-                evaluated.append(run_dir.name)
-            for step, snapshot in snapshots_to_evaluate(run_dir):
-                if not eval_file(run_dir, snapshot).is_file():
-                    _say(f"evaluating {run_dir.name} at step {step} against the base with {cfg.gold}")
-                    evaluate(cfg, model, data["heldout_prompts"], run_dir, snapshot)
-                    evaluated.append(f"{run_dir.name}/{snapshot.name}")
-            runs.append(run_row(method, seed, run_dir))
+    try:
+        for method in cfg.methods:
+            for seed in cfg.seeds:
+                run_dir = root / f"{method}-seed{seed}"
+                if not (run_dir / "summary.json").is_file():
+                    _say(f"training {method} seed {seed} into {run_dir}")
+                    train(cfg, method, seed, model, data, run_dir)
+                    trained.append(run_dir.name)
+                if not (run_dir / "eval.json").is_file():
+                    _say(f"evaluating {run_dir.name} against the base with {cfg.gold}")
+                    evaluate(cfg, model, data["heldout_prompts"], run_dir)
+                    evaluated.append(run_dir.name)
+                for step, snapshot in snapshots_to_evaluate(run_dir):
+                    if not eval_file(run_dir, snapshot).is_file():
+                        _say(f"evaluating {run_dir.name} at step {step} against the base with {cfg.gold}")
+                        evaluate(cfg, model, data["heldout_prompts"], run_dir, snapshot)
+                        evaluated.append(f"{run_dir.name}/{snapshot.name}")
+                runs.append(run_row(method, seed, run_dir))
+    except BaseException:
+        # Interrupted (SIGTERM, Ctrl-C) or failed: the time it spent is part of what the comparison costs, so it
+        # is kept for the invocation that finishes the table.
+        invocation = {"seconds": time.time() - started, "trained": trained, "evaluated": evaluated}
+        with open(root / INTERRUPTED_INVOCATIONS, "a") as f:
+            f.write(json.dumps(invocation | {"interrupted": True}) + "\n")
+        raise
     reward_is_model = Path(cfg.reward or cfg.gold).is_dir()
     table = method_rows(runs, reward_is_model)
     result = {
@@ -612,7 +640,10 @@ def _run(cfg: CompareConfig, root: Path, model: str, started: float) -> dict:
         "evaluated_now": evaluated,
         # Every invocation on this folder (a rerun that reuses the runs adds a short one); wall_seconds, their sum,
         # is what the whole comparison cost.
-        "invocations": [*_invocations(root), {"seconds": time.time() - started, "trained": trained, "evaluated": evaluated}],
+        "invocations": [
+            *_invocations(root),
+            {"seconds": time.time() - started, "trained": trained, "evaluated": evaluated},
+        ],
     }
     result["wall_seconds"] = sum(i["seconds"] for i in result["invocations"])
     markdown = markdown_table(table)
@@ -621,20 +652,25 @@ def _run(cfg: CompareConfig, root: Path, model: str, started: float) -> dict:
     from alignkit.reporting.frontier import compare_page
 
     (root / "compare.html").write_text(compare_page(cfg.model, cfg.gold, runs, markdown_rows(table)))
+    (root / INTERRUPTED_INVOCATIONS).unlink(missing_ok=True)  # now in compare.json's invocations
     print(markdown)
     print(f"\n{TABLE_NOTES}\n\nruns trained now: {len(trained)}; page: {root / 'compare.html'}")
     return result
 
 
 def _invocations(root: Path) -> list[dict]:
-    """The earlier invocations recorded in root/compare.json (one, for a file written before they were kept)."""
-    path = root / "compare.json"
-    if not path.is_file():
-        return []
-    old = json.loads(path.read_text())
-    if "invocations" in old:
-        return old["invocations"]
-    return [{"seconds": old["wall_seconds"], "trained": old["trained_now"], "evaluated": old["evaluated_now"]}]
+    """The earlier invocations: those recorded in root/compare.json (one, for a file written before they were
+    kept), then the interrupted ones since."""
+    path, interrupted = root / "compare.json", root / INTERRUPTED_INVOCATIONS
+    earlier = []
+    if path.is_file():
+        old = json.loads(path.read_text())
+        earlier = old.get("invocations") or [
+            {"seconds": old["wall_seconds"], "trained": old["trained_now"], "evaluated": old["evaluated_now"]}
+        ]
+    if interrupted.is_file():
+        earlier += [json.loads(line) for line in interrupted.read_text().splitlines() if line.strip()]
+    return earlier
 
 
 def markdown_rows(rows: list[dict]) -> tuple[list[str], list[list[str]]]:

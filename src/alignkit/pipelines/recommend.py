@@ -71,8 +71,8 @@ REASONS: dict[str, str] = {
 
 
 # The shipped comparisons (issue #21) whose measured tables recommend cites, by file: (name, its compare.json
-# as shipped in the package, the config that produces it). None is measured yet: recommend says so and
-# names the file it will cite, and never shows a figure it did not read from one.
+# as shipped in the package, the config that produces it). Both are measured; one missing from an install is
+# named as the file it would cite, and recommend never shows a figure it did not read from one.
 ASSETS = files("alignkit") / "assets"
 SHIPPED_COMPARISONS = [
     ("controlled sentiment", "compare-sentiment.json", "configs/compare_sentiment.yaml"),
