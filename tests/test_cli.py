@@ -35,7 +35,9 @@ RUN_MAIN_WITH_FAKE = (
 @pytest.fixture
 def fake(monkeypatch):
     monkeypatch.setitem(cli.STAGES, "fake", ("_fake_stage", "A stage for tests"))
-    monkeypatch.setitem(cli.STAGES, "fake-other", ("_fake_stage:OTHER", "The same stage, other defaults"))
+    monkeypatch.setitem(
+        cli.STAGES, "fake-other", ("_fake_stage:OTHER", "The same stage, other defaults")
+    )
     _fake_stage.LAST_CONFIG.clear()
 
 
@@ -106,15 +108,10 @@ def test_console_script_points_at_console():
 
 
 @pytest.mark.parametrize(("world", "code", "exits_hard"), [("2", 0, True), ("2", 2, False), ("1", 0, False)])
-def test_console_ends_a_finished_rank_of_a_multi_process_launch_with_os_exit(
-    monkeypatch, world, code, exits_hard
-):
+def test_console_ends_a_finished_rank_of_a_multi_process_launch_with_os_exit(monkeypatch, world, code, exits_hard):
     """A rank whose multi-process run finished leaves through os._exit (interpreter shutdown is where Gloo's
     threads can abort it); a failed run and a one-process run exit as usual, with main()'s code."""
-
-    class HardExit(
-        BaseException
-    ):  # what the patched os._exit raises: nothing after it runs, as in the real one
+    class HardExit(BaseException):  # what the patched os._exit raises: nothing after it runs, as in the real one
         pass
 
     def hard_exit(status: int):

@@ -60,9 +60,7 @@ def test_quick_compare_two_methods_two_seeds_then_resume(tiny_model_dir, tmp_pat
     assert (out / "compare.md").read_text().startswith("| method | models |")
     assert json.loads((out / ".alignkit-run.json").read_text())["stage"] == "compare"  # its own: resumable
     # The base's side of the evaluation is sampled once, by the first run's, and read by the other three.
-    evals = [
-        json.loads((out / f"{m}-seed{k}" / "eval.json").read_text()) for m in ("dpo", "grpo") for k in (0, 1)
-    ]
+    evals = [json.loads((out / f"{m}-seed{k}" / "eval.json").read_text()) for m in ("dpo", "grpo") for k in (0, 1)]
     assert [e["reference_from_cache"] for e in evals] == [False, True, True, True]
     assert all(e["reference_stats"] == evals[0]["reference_stats"] for e in evals)
 
@@ -75,11 +73,7 @@ def test_quick_compare_two_methods_two_seeds_then_resume(tiny_model_dir, tmp_pat
     assert {p: p.stat().st_mtime_ns for p in out.glob("*/eval.json")} == mtimes
     # Both invocations are kept, and the comparison's cost is their sum (the first's, plus a short rerun).
     first, rerun = again["invocations"]
-    assert (
-        first == result["invocations"][0]
-        and first["trained"] == result["trained_now"]
-        and rerun["trained"] == []
-    )
+    assert first == result["invocations"][0] and first["trained"] == result["trained_now"] and rerun["trained"] == []
     assert again["wall_seconds"] == first["seconds"] + rerun["seconds"]
 
 
@@ -105,36 +99,23 @@ def test_an_interrupted_compare_counts_its_time_when_rerun(tiny_model_dir, tmp_p
     assert main(args) == 0
     result = json.loads((out / "compare.json").read_text())
     stopped, finished = result["invocations"]
-    assert (
-        stopped["interrupted"]
-        and stopped["trained"] == ["dpo-seed0"]
-        and stopped["evaluated"] == ["dpo-seed0"]
-    )
+    assert stopped["interrupted"] and stopped["trained"] == stopped["evaluated"] == ["dpo-seed0"]
     assert finished["trained"] == result["trained_now"] == ["dpo-seed1"] and "interrupted" not in finished
     assert result["wall_seconds"] == stopped["seconds"] + finished["seconds"] and stopped["seconds"] > 0
     assert not (out / compare.INTERRUPTED_INVOCATIONS).exists()  # folded into compare.json
 
 
-def test_quick_compare_with_frontier_points_evaluates_each_run_along_its_way(
-    tiny_model_dir, tmp_path, capsys
-):
+def test_quick_compare_with_frontier_points_evaluates_each_run_along_its_way(tiny_model_dir, tmp_path, capsys):
     """frontier_points=2: every run (offline DPO, online PPO) writes a snapshot at step 1 of 2, which is evaluated
     as eval-step-000001.json; the run's path in compare.json goes from step 1 to the final model
     (step 2), and the page draws one line per run. A rerun evaluates nothing again."""
     import base64
     import re
 
-    out, args = _quick_compare(
-        tiny_model_dir, tmp_path, "methods=[dpo,ppo]", "seeds=[0]", "frontier_points=2"
-    )
+    out, args = _quick_compare(tiny_model_dir, tmp_path, "methods=[dpo,ppo]", "seeds=[0]", "frontier_points=2")
     assert main(args) == 0
     result = json.loads((out / "compare.json").read_text())
-    assert result["evaluated_now"] == [
-        "dpo-seed0",
-        "dpo-seed0/step-000001",
-        "ppo-seed0",
-        "ppo-seed0/step-000001",
-    ]
+    assert result["evaluated_now"] == ["dpo-seed0", "dpo-seed0/step-000001", "ppo-seed0", "ppo-seed0/step-000001"]
     for run in result["runs"]:
         run_dir = out / run["run_dir"]
         assert [s for s, _ in snapshot_steps(run_dir)] == [1, 2]  # snapshot_every = 2 // 2
@@ -171,9 +152,7 @@ def test_frontier_paths_join_the_base_the_snapshots_and_the_final_model():
     assert len(small) == 1  # the one snapshot between the base and the final model
 
 
-def _run(
-    method: str, seed: int, win: float, policy: list[float], reference: list[float], stopped=False
-) -> dict:
+def _run(method: str, seed: int, win: float, policy: list[float], reference: list[float], stopped=False) -> dict:
     return {
         "method": method, "seed": seed, "peak_rss_mb": 100.0 + seed, "wall_seconds": 10.0 * (seed + 1),
         "tokens_per_s": None, "preference_accuracy": 0.5 + 0.1 * seed, "win_rate": {"value": win},
@@ -215,10 +194,7 @@ def test_config_mistakes_are_config_errors(settings, message):
 @pytest.mark.parametrize(
     ("settings", "message"),
     [
-        (
-            ["methods=[grpo,dpo]", "gold=_ppo_rewards:length"],
-            "config key 'pairs': ['dpo'] train on preference",
-        ),
+        (["methods=[grpo,dpo]", "gold=_ppo_rewards:length"], "config key 'pairs': ['dpo'] train on preference"),
         (["methods=[grpo]", "gold=no_such_module_xyz:f"], "gold: no module named 'no_such_module_xyz'"),
         (["methods=[grpo]", "gold=_ppo_rewards:length", "reward=/no/rm"], "reward: '/no/rm' is neither"),
     ],
@@ -240,9 +216,7 @@ def test_frontier_has_one_point_per_run_and_the_base_at_kl_zero():
     svg = ET.fromstring(frontier_svg(points))
     circles = svg.findall(".//{http://www.w3.org/2000/svg}circle")
     assert len(circles) == 4 + 3  # a point per run and the base, and a legend mark per series
-    legend = [
-        t.text for t in svg.findall(".//{http://www.w3.org/2000/svg}text") if t.get("class") == "legend"
-    ]
+    legend = [t.text for t in svg.findall(".//{http://www.w3.org/2000/svg}text") if t.get("class") == "legend"]
     assert legend == ["dpo", "ppo", "base"]
 
 
@@ -278,9 +252,7 @@ def test_frontier_with_every_kl_zero_centres_the_points_on_both_axes():
     assert coords == [(286.0, 196.0)] * 3
 
 
-def test_an_existing_folder_alignkit_did_not_make_is_refused_and_left_untouched(
-    tiny_model_dir, tmp_path, capsys
-):
+def test_an_existing_folder_alignkit_did_not_make_is_refused_and_left_untouched(tiny_model_dir, tmp_path, capsys):
     """compare writes only into a new or empty folder, or one a compare made (resumed): a folder of the user's
     is refused, naming what it holds, before anything is written into it."""
     pairs = tmp_path / "pairs.jsonl"
@@ -296,9 +268,7 @@ def test_an_existing_folder_alignkit_did_not_make_is_refused_and_left_untouched(
     assert (out / "notes.txt").read_text(encoding="utf-8") == "my notes\n"
 
 
-def test_build_pairs_samples_the_base_on_training_prompts_only_and_is_reused(
-    tiny_model_dir, tmp_path, capsys
-):
+def test_build_pairs_samples_the_base_on_training_prompts_only_and_is_reused(tiny_model_dir, tmp_path, capsys):
     """build_pairs=N: compare samples the base on its training prompts (never on the held-out ones it evaluates
     on), pairs best against worst by the reward, trains on those pairs, and a rerun reuses the file."""
     prompts = tmp_path / "prompts.jsonl"

@@ -109,10 +109,8 @@ def _main(argv: list[str] | None) -> int:
     except TrainingInterrupted as e:
         print(e, file=sys.stderr)
         if e.checkpoint:
-            print(
-                f"resume with: alignkit {shlex.join(_resume_command(stage, spec, yaml_path, overrides, e.checkpoint))}",
-                file=sys.stderr,
-            )
+            resume = _resume_command(stage, spec, yaml_path, overrides, e.checkpoint)
+            print(f"resume with: alignkit {shlex.join(resume)}", file=sys.stderr)
         return EXIT_INTERRUPTED
     except KeyboardInterrupt:
         # Ctrl-C before the training loop took over SIGINT (loading, tokenizing): nothing new to resume. (The
@@ -190,7 +188,7 @@ def stage_help(stage: str, cls: type) -> str:
 
 
 def _path_message(error: OSError) -> str:
-    """ "data.jsonl: permission denied" rather than "[Errno 13] Permission denied: 'data.jsonl'"; an error
+    """"data.jsonl: permission denied" rather than "[Errno 13] Permission denied: 'data.jsonl'"; an error
     raised with its own message (no filename) keeps it."""
     if error.filename is None or error.strerror is None:
         return str(error)

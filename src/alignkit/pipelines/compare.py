@@ -105,9 +105,7 @@ class CompareConfig:
     iterations: int = doc_field(10, "Budget of the online methods: iterations (online DPO: rounds).", ge=1)
     lora: bool = doc_field(True, "Train LoRA adapters (the reference is the base with adapters off).")
     lora_r: int = doc_field(16, "LoRA rank.", ge=1)
-    learning_rate: float | None = doc_field(
-        None, "Learning rate of every method; unset: each stage's own.", gt=0
-    )
+    learning_rate: float | None = doc_field(None, "Learning rate of every method; unset: each stage's own.", gt=0)
     batch_size: int = doc_field(8, "Offline methods' batch size (items per optimizer step).", ge=1)
     micro_batch_size: int = doc_field(2, "Items per forward/backward pass.", ge=1)
     max_new_tokens: int = doc_field(48, "Longest response, in training (online) and in the evaluation.", ge=1)
@@ -151,15 +149,11 @@ class CompareConfig:
     def check(self) -> None:
         unknown = [m for m in self.methods if m not in METHODS]
         if unknown or not self.methods:
-            raise ConfigError(
-                f"config key 'methods': unknown {unknown or 'none given'}; from {list(METHODS)}"
-            )
+            raise ConfigError(f"config key 'methods': unknown {unknown or 'none given'}; from {list(METHODS)}")
         if not self.seeds:
             raise ConfigError("config key 'seeds': give at least one seed")
         if self.pairs is not None and self.build_pairs is not None:
-            raise ConfigError(
-                "config keys 'pairs' and 'build_pairs': give one (a file, or responses to sample)"
-            )
+            raise ConfigError("config keys 'pairs' and 'build_pairs': give one (a file, or responses to sample)")
         for name in ("pairs_rows", "heldout_pairs_rows", "prompts_rows", "heldout_prompts_rows"):
             check_row_range(self, name)
         for rows, source in (("pairs_rows", "pairs"), ("heldout_pairs_rows", "heldout_pairs"),
@@ -373,9 +367,7 @@ def stage_settings(cfg: CompareConfig, method: str, seed: int, model: str, data:
             settings["max_length"] = cfg.max_length
         if m.preference_accuracy:
             settings["eval_data"] = str(data["heldout_pairs"])
-        if (
-            method == "sft"
-        ):  # the table reads no held-in loss; on 1,800 demonstrations its two passes cost more
+        if method == "sft":  # the table reads no held-in loss; on 1,800 demonstrations its two passes cost more
             settings["measure_train_loss"] = False  # than the training (20 min against 3 on HH, 2 CPU cores)
     return settings
 
@@ -391,15 +383,11 @@ def train(cfg: CompareConfig, method: str, seed: int, model: str, data: dict, ru
     stage = load_stage(METHODS[method].stage)
     overrides = method_overrides(cfg, method)
     given = {item.split("=", 1)[0] for item in overrides}
-    settings = {
-        k: v for k, v in stage_settings(cfg, method, seed, model, data, run_dir).items() if k not in given
-    }
+    settings = {k: v for k, v in stage_settings(cfg, method, seed, model, data, run_dir).items() if k not in given}
     stage.main(load_config(stage.config, None, overrides, **settings))
 
 
-def evaluate(
-    cfg: CompareConfig, model: str, heldout_prompts: Path, run_dir: Path, which: Path | None = None
-) -> None:
+def evaluate(cfg: CompareConfig, model: str, heldout_prompts: Path, run_dir: Path, which: Path | None = None) -> None:
     """`eval`: the run's final model (or ``which``, one of its snapshots, into eval-step-NNNNNN.json) against the
     base on the held-out prompts, scored by the gold scorer. The base's side (its samples, scores, entropies) is
     the same for every evaluation: sampled once, then read from output_dir/reference-eval.json."""
@@ -454,10 +442,7 @@ def run_row(method: str, seed: int, run_dir: Path) -> dict:
     events = summary.get("monitor_events", []) + summary.get("events", [])
     k = ev["samples_per_prompt"]
     per_prompt = {
-        side: [
-            sum(s[f"{side}_score"] for s in ev["samples"][i : i + k]) / k
-            for i in range(0, len(ev["samples"]), k)
-        ]
+        side: [sum(s[f"{side}_score"] for s in ev["samples"][i : i + k]) / k for i in range(0, len(ev["samples"]), k)]
         for side in ("policy", "reference")
     }
     pol, ref = ev["policy"], ev["reference_stats"]
@@ -507,8 +492,7 @@ def method_rows(runs: list[dict], reward_is_model: bool) -> list[dict]:
     for method in dict.fromkeys(r["method"] for r in runs):
         rs = [r for r in runs if r["method"] == method]
         w = win_rate(
-            [v for r in rs for v in r["per_prompt"]["policy"]],
-            [v for r in rs for v in r["per_prompt"]["reference"]],
+            [v for r in rs for v in r["per_prompt"]["policy"]], [v for r in rs for v in r["per_prompt"]["reference"]]
         )
         wins = [r["win_rate"]["value"] for r in rs]
         out.append(
@@ -516,9 +500,7 @@ def method_rows(runs: list[dict], reward_is_model: bool) -> list[dict]:
                 "method": method,
                 "seeds": len(rs),
                 "models_in_memory": models_in_memory(method, reward_is_model),
-                "peak_rss_mb": max(
-                    (r["peak_rss_mb"] for r in rs if r["peak_rss_mb"] is not None), default=None
-                ),
+                "peak_rss_mb": max((r["peak_rss_mb"] for r in rs if r["peak_rss_mb"] is not None), default=None),
                 "wall_seconds": _mean([r["wall_seconds"] for r in rs]),
                 "tokens_per_s": _mean([r["tokens_per_s"] for r in rs]),
                 "preference_accuracy": _mean([r["preference_accuracy"] for r in rs]),
@@ -640,10 +622,7 @@ def _run(cfg: CompareConfig, root: Path, model: str, started: float) -> dict:
         "evaluated_now": evaluated,
         # Every invocation on this folder (a rerun that reuses the runs adds a short one); wall_seconds, their sum,
         # is what the whole comparison cost.
-        "invocations": [
-            *_invocations(root),
-            {"seconds": time.time() - started, "trained": trained, "evaluated": evaluated},
-        ],
+        "invocations": [*_invocations(root), {"seconds": time.time() - started, "trained": trained, "evaluated": evaluated}],
     }
     result["wall_seconds"] = sum(i["seconds"] for i in result["invocations"])
     markdown = markdown_table(table)
