@@ -587,27 +587,12 @@ def _run(cfg: CompareConfig, root: Path, model: str, started: float) -> dict:
     try:
         for method in cfg.methods:
             for seed in cfg.seeds:
-                run_dir = root / f"{method}-seed{seed}"
-                if not (run_dir / "summary.json").is_file():
-                    _say(f"training {method} seed {seed} into {run_dir}")
-                    train(cfg, method, seed, model, data, run_dir)
-                    trained.append(run_dir.name)
-                if not (run_dir / "eval.json").is_file():
-                    _say(f"evaluating {run_dir.name} against the base with {cfg.gold}")
-                    evaluate(cfg, model, data["heldout_prompts"], run_dir)
-                    evaluated.append(run_dir.name)
-                for step, snapshot in snapshots_to_evaluate(run_dir):
-                    if not eval_file(run_dir, snapshot).is_file():
-                        _say(f"evaluating {run_dir.name} at step {step} against the base with {cfg.gold}")
-                        evaluate(cfg, model, data["heldout_prompts"], run_dir, snapshot)
-                        evaluated.append(f"{run_dir.name}/{snapshot.name}")
-                runs.append(run_row(method, seed, run_dir))
+                runs.append(_train_and_evaluate(cfg, method, seed, model, data, root, trained, evaluated))
     except BaseException:
         # Interrupted (SIGTERM, Ctrl-C) or failed: the time it spent is part of what the comparison costs, so it
         # is kept for the invocation that finishes the table.
-        invocation = {"seconds": time.time() - started, "trained": trained, "evaluated": evaluated}
         with open(root / INTERRUPTED_INVOCATIONS, "a") as f:
-            f.write(json.dumps(invocation | {"interrupted": True}) + "\n")
+            f.write(json.dumps(_invocation(started, trained, evaluated) | {"interrupted": True}) + "\n")
         raise
     reward_is_model = Path(cfg.reward or cfg.gold).is_dir()
     table = method_rows(runs, reward_is_model)
@@ -622,7 +607,7 @@ def _run(cfg: CompareConfig, root: Path, model: str, started: float) -> dict:
         "evaluated_now": evaluated,
         # Every invocation on this folder (a rerun that reuses the runs adds a short one); wall_seconds, their sum,
         # is what the whole comparison cost.
-        "invocations": [*_invocations(root), {"seconds": time.time() - started, "trained": trained, "evaluated": evaluated}],
+        "invocations": [*_invocations(root), _invocation(started, trained, evaluated)],
     }
     result["wall_seconds"] = sum(i["seconds"] for i in result["invocations"])
     markdown = markdown_table(table)
@@ -635,6 +620,34 @@ def _run(cfg: CompareConfig, root: Path, model: str, started: float) -> dict:
     print(markdown)
     print(f"\n{TABLE_NOTES}\n\nruns trained now: {len(trained)}; page: {root / 'compare.html'}")
     return result
+
+
+def _train_and_evaluate(
+    cfg: CompareConfig, method: str, seed: int, model: str, data: dict[str, Path | None], root: Path,
+    trained: list[str], evaluated: list[str],
+) -> dict:
+    """One run: train it and evaluate it (the final model, then its snapshots) where not done yet, appending what
+    it did to ``trained`` and ``evaluated``; its table row."""
+    run_dir = root / f"{method}-seed{seed}"
+    if not (run_dir / "summary.json").is_file():
+        _say(f"training {method} seed {seed} into {run_dir}")
+        train(cfg, method, seed, model, data, run_dir)
+        trained.append(run_dir.name)
+    if not (run_dir / "eval.json").is_file():
+        _say(f"evaluating {run_dir.name} against the base with {cfg.gold}")
+        evaluate(cfg, model, data["heldout_prompts"], run_dir)
+        evaluated.append(run_dir.name)
+    for step, snapshot in snapshots_to_evaluate(run_dir):
+        if not eval_file(run_dir, snapshot).is_file():
+            _say(f"evaluating {run_dir.name} at step {step} against the base with {cfg.gold}")
+            evaluate(cfg, model, data["heldout_prompts"], run_dir, snapshot)
+            evaluated.append(f"{run_dir.name}/{snapshot.name}")
+    return run_row(method, seed, run_dir)
+
+
+def _invocation(started: float, trained: list[str], evaluated: list[str]) -> dict:
+    """This invocation's record: its seconds so far and the runs it trained and evaluated."""
+    return {"seconds": time.time() - started, "trained": trained, "evaluated": evaluated}
 
 
 def _invocations(root: Path) -> list[dict]:
