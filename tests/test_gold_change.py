@@ -3,10 +3,17 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 
-from alignkit.evaluation.gold_change import change_between, gold_changes, gold_summary, read_gold_samples
+from alignkit.evaluation.gold_change import (
+    change_between,
+    gold_changes,
+    gold_summary,
+    read_gold_samples,
+    sqrt_kl_fit,
+)
 
 
 def _rows(step: int, golds: list[float], proxies: list[float], prompts=("a", "b", "c", "d")) -> list[dict]:
@@ -106,3 +113,30 @@ def test_no_step_zero_other_prompts_and_the_file(tmp_path):
     path.write_text(json.dumps(rows[0]) + "\n" + '{"step": 0, "prompt": "a"}\n')
     with pytest.raises(ValueError, match="line 2 is not a gold sample row .*response, gold, proxy"):
         read_gold_samples(path)
+
+
+def test_sqrt_kl_fit_by_hand():
+    """Gold changes 2d - 0.5d^2 at d = 1, 2, 3 (KL 1, 4, 9) for every prompt: a = 2, b = -0.5 exactly, the peak at
+    d = -a / 2b = 2, KL 4; every prompt alike, so every bootstrap resample fits the same b. The proxy rises as d^2
+    (a = 0, b = 1: no peak, inf). Pooling a second run with the same changes fits the same curve; a run on other prompts
+    is refused; step 7, without a KL, is left out."""
+    golds = {1: 1.5, 2: 2.0, 3: 1.5}
+    by_step = {0: _rows(0, [0, 0, 0, 0], [0, 0, 0, 0])}
+    by_step |= {d: _rows(d, [g] * 4, [float(d * d)] * 4) for d, g in golds.items()}
+    by_step[7] = _rows(7, [9, 9, 9, 9], [9, 9, 9, 9])
+    kl = {1: 1.0, 2: 4.0, 3: 9.0}
+    fit = sqrt_kl_fit([(by_step, kl)], boots=50)
+    assert fit["a"] == pytest.approx(2.0) and fit["b"] == pytest.approx(-0.5) and fit["peak_kl"] == pytest.approx(4.0)
+    assert fit["b_ci95"] == pytest.approx([-0.5, -0.5]) and fit["evaluations"] == 3
+    proxy = sqrt_kl_fit([(by_step, kl)], key="proxy", boots=50)
+    assert proxy["a"] == pytest.approx(0.0, abs=1e-9) and proxy["b"] == pytest.approx(1.0)
+    assert proxy["peak_kl"] == float("inf")
+    pooled = sqrt_kl_fit([(by_step, kl), (by_step, kl)], boots=50)
+    assert pooled["b"] == pytest.approx(-0.5) and pooled["evaluations"] == 6
+    # Gao et al.'s RL form: changes d (1 - 0.5 log d) give alpha 1, beta 0.5 exactly.
+    gao = {0: by_step[0]} | {d: _rows(d, [d * (1 - 0.5 * math.log(d))] * 4, [0.0] * 4) for d in (1, 2, 3)}
+    fit = sqrt_kl_fit([(gao, kl)], boots=50)
+    assert fit["gao_beta"] == pytest.approx(0.5) and fit["gao_beta_ci95"] == pytest.approx([0.5, 0.5])
+    other = {s: _rows(s, [0] * 4, [0] * 4, prompts=("w", "x", "y", "z")) for s in (0, 1, 2)}
+    with pytest.raises(ValueError, match="other prompts"):
+        sqrt_kl_fit([(by_step, kl), (other, {1: 1.0, 2: 4.0})])

@@ -136,3 +136,54 @@ def gold_summary(path: Path | None, seed: int = 0) -> dict | None:
         "best": best,
         "since_best": None if best is last else change_between(by_step, best["step"], last["step"], seed=seed),
     }
+
+
+def sqrt_kl_fit(
+    runs: list[tuple[dict[int, list[dict]], dict[int, float]]], key: str = "gold", boots: int = 2000, seed: int = 0
+) -> dict:
+    """Does the change of the mean ``key`` score ("gold" or "proxy") bend down as the policy moves away from the
+    start? A least-squares fit of every evaluation's change from its run's step 0 against d = sqrt(KL per
+    response), change = a d + b d^2 (no intercept: no change at d = 0), pooled over ``runs`` (each its samples
+    ``read_gold_samples`` and its KL per response by step), with a 95% percentile-bootstrap interval on b over the
+    prompts (one resample of prompt indices applied to every run: they must answer the same prompts). b < 0 puts
+    the peak at d = -a / 2b (``peak_kl`` = its square, nats; inf when b >= 0). Also Gao, Schulman & Hilton's form
+    for RL, change = d (alpha - beta log d): ``gao_beta`` > 0 bends down, with its interval from the same
+    resamples. Unlike a fall from the best evaluation, this picks no evaluation after seeing them. Steps without a
+    KL are left out."""
+    ds, changes, prompts = [], [], None
+    for by_step, kl in runs:
+        steps = sorted(s for s in by_step if s > 0 and s in kl)
+        ref = np.array([float(r[key]) for r in by_step[0]])
+        for step in steps:
+            rows = by_step[step]
+            if prompts is None:
+                prompts = [r["prompt"] for r in rows]
+            if [r["prompt"] for r in rows] != prompts:
+                raise ValueError(f"gold samples of step {step} answer other prompts: the runs are not comparable")
+            ds.append(np.sqrt(max(kl[step], 0.0)))
+            changes.append(np.array([float(r[key]) for r in rows]) - ref)
+    if len(ds) < 2:
+        raise ValueError("a fit in sqrt(KL) needs at least two evaluations after step 0 with a KL")
+    d, y = np.array(ds), np.stack(changes)  # (evaluations,), (evaluations, prompts)
+    quadratic = np.stack([d, d**2], axis=1)
+    gao = np.stack([d, d * np.log(np.maximum(d, 1e-12))], axis=1)  # alpha d + (-beta) d log d
+
+    def fit(columns: np.ndarray) -> tuple[float, float, float]:
+        mean = y[:, columns].mean(axis=1)
+        a, b = np.linalg.lstsq(quadratic, mean, rcond=None)[0]
+        return float(a), float(b), -float(np.linalg.lstsq(gao, mean, rcond=None)[0][1])
+
+    n = y.shape[1]
+    a, b, beta = fit(np.arange(n))
+    rng = np.random.default_rng(seed)
+    resampled = np.array([fit(rng.integers(0, n, n))[1:] for _ in range(boots)])
+    (b_low, beta_low), (b_high, beta_high) = np.percentile(resampled, [2.5, 97.5], axis=0)
+    return {
+        "a": a,
+        "b": b,
+        "b_ci95": [float(b_low), float(b_high)],
+        "peak_kl": (a / (2 * b)) ** 2 if b < 0 else float("inf"),
+        "gao_beta": beta,
+        "gao_beta_ci95": [float(beta_low), float(beta_high)],
+        "evaluations": len(ds),
+    }
